@@ -1,0 +1,331 @@
+"""The OpenRouter HTTP client: the only module that speaks aiohttp.
+
+Every way a request can go wrong (an HTTP status, an error inside a 200, an empty answer,
+a dropped connection, a timeout) leaves this module as one of the ApiError classes of
+errors.py, decided once by `classify`. Everything else sees a `Completion` or an ApiError.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+
+from batchrunner.costs import to_decimal
+from batchrunner.errors import (
+    ApiError,
+    FatalApiError,
+    RateLimited,
+    RequestRejected,
+    TransientError,
+)
+
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 524, 529})
+REJECTED_STATUSES = frozenset({400, 404, 413, 422})
+BUDGET_LIMIT_SOURCES = frozenset(
+    {"openrouter_guardrail_budget", "openrouter_workspace_budget", "openrouter_key_limit", "openrouter_credits"}
+)
+FREE_DAILY_MARKERS = ("free-models-per-day", "openrouter_free_tier_daily")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: Decimal | None = None  # what OpenRouter charged (usage.cost); None when not reported
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A usable answer."""
+
+    text: str
+    model: str  # the model that answered, as the response says
+    finish_reason: str | None
+    usage: Usage
+    generation_id: str | None
+    provider: str | None
+    latency_s: float
+    tool_calls: list[dict[str, Any]] | None = None
+    refusal: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class Client:
+    """An async client for OpenRouter or any OpenAI-compatible server.
+
+    Use as `async with Client(...) as client:`; the session (and its connection pool) is
+    created inside the running event loop and closed on exit. The API key goes into the
+    Authorization header and nowhere else: it is never logged, printed or put in a repr.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout_s: float = 300.0,
+        max_connections: int = 100,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"Client(base_url={self.base_url!r})"
+
+    async def __aenter__(self) -> Client:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=self._max_connections)
+        self._session = aiohttp.ClientSession(headers=self._headers, connector=connector)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def chat(self, body: dict[str, Any], *, timeout_s: float | None = None) -> Completion:
+        """POST /chat/completions; a Completion, or an ApiError saying what to do about it."""
+        return await self._complete("/chat/completions", body, timeout_s)
+
+    async def text_completion(self, body: dict[str, Any], *, timeout_s: float | None = None) -> Completion:
+        """POST /completions (a raw `prompt`, answered in `choices[0].text`)."""
+        return await self._complete("/completions", body, timeout_s)
+
+    async def key_info(self) -> dict[str, Any]:
+        """GET /key (falling back to the older /auth/key): the key's limit and what remains."""
+        try:
+            payload, _ = await self._get("/key")
+        except RequestRejected as exc:
+            if exc.status != 404:
+                raise
+            payload, _ = await self._get("/auth/key")
+        return payload.get("data", payload) if isinstance(payload, dict) else {}
+
+    async def models(self) -> list[dict[str, Any]]:
+        """GET /models: every model with its pricing (USD per token, as strings)."""
+        payload, _ = await self._get("/models")
+        return list(payload.get("data", [])) if isinstance(payload, dict) else []
+
+    async def generation(self, generation_id: str) -> dict[str, Any]:
+        """GET /generation?id=...: the stats OpenRouter kept for one generation."""
+        payload, _ = await self._get("/generation", params={"id": generation_id})
+        return payload.get("data", payload) if isinstance(payload, dict) else {}
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use the client as `async with Client(...) as client:`")
+        return self._session
+
+    async def _complete(self, path: str, body: dict[str, Any], timeout_s: float | None) -> Completion:
+        started = time.monotonic()
+        payload, status = await self._request("POST", path, json_body=body, timeout_s=timeout_s)
+        return parse_completion(payload, status=status, latency_s=time.monotonic() - started)
+
+    async def _get(self, path: str, params: dict[str, str] | None = None) -> tuple[Any, int]:
+        return await self._request("GET", path, params=params, timeout_s=min(self.timeout_s, 60.0))
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        timeout_s: float | None,
+    ) -> tuple[Any, int]:
+        session = self._require_session()
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        try:
+            async with session.request(
+                method, self.base_url + path, json=json_body, params=params, timeout=timeout
+            ) as response:
+                text = await response.text()
+                status, headers = response.status, response.headers
+        except TimeoutError:
+            raise TransientError(f"no answer within {timeout.total:g} s", code="timeout") from None
+        except aiohttp.ClientError as exc:  # dropped connections, refused connections, bad payloads
+            detail = str(exc) or type(exc).__name__
+            raise TransientError(f"connection failed: {detail}", code="connection") from None
+        payload = _parse_json(text)
+        if status >= 400 or status < 200:
+            raise classify(status, payload, headers)
+        if payload is None:
+            raise TransientError(
+                f"HTTP {status} with a body that is not JSON: {text[:120]!r}", status=status, code="bad_body"
+            )
+        return payload, status
+
+
+def _parse_json(text: str) -> Any:
+    """JSON from a body that OpenRouter may precede with whitespace keep-alives."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _error_object(payload: Any) -> dict[str, Any]:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def retry_after_s(headers: Any, error: dict[str, Any] | None = None, *, now_s: float | None = None) -> float | None:
+    """How long the server asked us to wait, from whichever hint it gave, in seconds."""
+    headers = headers or {}
+    if (value := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    if (value := headers.get("Retry-After")) is not None:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            if parsed is not None:
+                return max(0.0, parsed.timestamp() - (now_s if now_s is not None else time.time()))
+    if (value := headers.get("X-RateLimit-Reset")) is not None:
+        try:
+            reset_ms = float(value)
+            return max(0.0, reset_ms / 1000 - (now_s if now_s is not None else time.time()))
+        except ValueError:
+            pass
+    error = error or {}
+    metadata = error.get("metadata") if isinstance(error.get("metadata"), dict) else {}
+    for hint in (metadata.get("retry_after_seconds"), (error.get("availability") or {}).get("retry_after")):
+        if isinstance(hint, (int, float)):
+            return max(0.0, float(hint))
+    return None
+
+
+def classify(status: int, payload: Any, headers: Any = None) -> ApiError:
+    """The one place an error answer becomes a kind of ApiError (see errors.py)."""
+    error = _error_object(payload)
+    metadata = error.get("metadata") if isinstance(error.get("metadata"), dict) else {}
+    message = str(error.get("message") or f"HTTP {status}")
+    raw = metadata.get("raw")
+    if raw and isinstance(raw, str) and raw not in message:
+        message = f"{message}: {raw[:200]}"
+    limit_source = str(metadata.get("limit_source") or "")
+    wait_s = retry_after_s(headers, error)
+    common: dict[str, Any] = {"status": status, "retry_after_s": wait_s, "metadata": metadata}
+    availability = error.get("availability") if isinstance(error.get("availability"), dict) else {}
+
+    if status == 401:
+        return FatalApiError(
+            f"{message}; check that the API key is right (OpenRouter keys start with sk-or-v1-)", code="auth", **common
+        )
+    if status == 402:
+        if limit_source == "openrouter_in_flight_budget":
+            return RateLimited(message, code="in_flight_budget", **common)
+        return FatalApiError(f"{message}; add credits, or lower max_tokens", code="credits", **common)
+    if status == 403:
+        if metadata.get("reasons") or metadata.get("flagged_input") is not None:
+            reasons = ", ".join(map(str, metadata.get("reasons") or [])) or "flagged"
+            return RequestRejected(f"moderation: {reasons}", code="moderation", **common)
+        if limit_source in BUDGET_LIMIT_SOURCES or "limit" in message.lower() or "budget" in message.lower():
+            return FatalApiError(
+                f"{message}; raise the key's limit or budget, or wait for it to reset", code="key_limit", **common
+            )
+        if "blocked" in message.lower() or availability:
+            return RequestRejected(message, code="forbidden", **common)
+        return FatalApiError(message, code="forbidden", **common)
+    if status == 429:
+        if any(marker in f"{message} {limit_source}" for marker in FREE_DAILY_MARKERS):
+            return FatalApiError(
+                f"{message}; the free-model daily cap resets at UTC midnight", code="free_daily_cap", **common
+            )
+        return RateLimited(message, code="rate_limited", **common)
+    if availability.get("retryable") is False and status in (400, 404, 403):
+        return RequestRejected(message, code=str(availability.get("code") or "unavailable"), **common)
+    if status in TRANSIENT_STATUSES or status >= 500:
+        return TransientError(message, code=f"http_{status}", **common)
+    if status in REJECTED_STATUSES or 400 <= status < 500:
+        return RequestRejected(message, code=str(metadata.get("error_type") or f"http_{status}"), **common)
+    return TransientError(message, code=f"http_{status}", **common)
+
+
+def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0) -> Completion:
+    """A Completion from a 2xx body, or the ApiError the body really is."""
+    if not isinstance(payload, dict):
+        raise TransientError("answer is not a JSON object", status=status, code="bad_body")
+    usage = _usage(payload.get("usage"))
+    charged = bool(usage.cost_usd)
+    error = _error_object(payload)
+    choices = payload.get("choices")
+    if error and not choices:  # a 200 whose body is only {"error": ...}
+        code = error.get("code")
+        inner = classify(code, payload) if isinstance(code, int) and code >= 400 else None
+        if inner is not None and not isinstance(inner, TransientError):
+            raise inner
+        raise TransientError(
+            f"error inside a {status} answer: {error.get('message', error)}",
+            status=status,
+            code="error_in_200",
+            charged=charged,
+        )
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise TransientError("answer has no choices", status=status, code="bad_body", charged=charged)
+    choice = choices[0]
+    finish_reason = choice.get("finish_reason")
+    if finish_reason == "error":
+        detail = _error_object(choice).get("message") or error.get("message") or "provider error"
+        raise TransientError(
+            f"the provider failed mid-answer: {detail}", status=status, code="finish_error", charged=charged
+        )
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    text = message.get("content") if message else choice.get("text")
+    if isinstance(text, list):  # content parts
+        text = "".join(str(part.get("text", "")) for part in text if isinstance(part, dict))
+    tool_calls = message.get("tool_calls") or None
+    refusal = message.get("refusal") or None
+    if not text and not tool_calls and not refusal:
+        raise TransientError(
+            "empty answer (no content and no tool calls)", status=status, code="empty_answer", charged=charged
+        )
+    return Completion(
+        text=text or "",
+        model=str(payload.get("model") or ""),
+        finish_reason=finish_reason,
+        usage=usage,
+        generation_id=payload.get("id"),
+        provider=payload.get("provider"),
+        latency_s=latency_s,
+        tool_calls=tool_calls,
+        refusal=refusal,
+        raw=payload,
+    )
+
+
+def _usage(usage: Any) -> Usage:
+    if not isinstance(usage, dict):
+        return Usage()
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return Usage(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        cached_tokens=int(prompt_details.get("cached_tokens") or 0),
+        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        cost_usd=to_decimal(usage.get("cost")),
+    )
+
+
+__all__ = ["Client", "Completion", "Usage", "classify", "parse_completion", "retry_after_s"]

@@ -1,0 +1,88 @@
+"""The one exception tree of batchrunner.
+
+    BatchrunnerError
+    ├── SpecError            the job spec, its input or the arguments are wrong: nothing was sent (exit 2)
+    ├── ApiError             an answer from the API that is not a usable completion (raised by client.py only)
+    │   ├── TransientError   worth retrying on the same model: 408, 429, 5xx, timeouts, dropped
+    │   │   │                connections, an error inside a 200, an empty answer
+    │   │   └── RateLimited  a 429 (or an in-flight-budget 402): slow down, honour `retry_after_s`
+    │   ├── RequestRejected  this request will fail again on this model (400, 404, 413, 422,
+    │   │                    moderation): the row goes to its fallbacks, then fails
+    │   └── FatalApiError    the account cannot go on (401, 402, key or budget 403, a free-model
+    │                        daily cap): the run stops dispatching and exits 3
+    └── RunHalted            the run stopped early for a reason the user must act on (exit 3)
+
+aiohttp's exceptions never leave client.py: they are mapped there, once. A failed row is
+data (`status: failed` with an `error` text), not an exception; only a FatalApiError or an
+interrupt stops a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class BatchrunnerError(Exception):
+    """Base of every error batchrunner raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec or its input: where, what, and how to fix it."""
+
+    where: str  # e.g. "jobs/triage.yaml:7: models[0]" or "input"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class SpecError(BatchrunnerError):
+    """The spec, its input or the command's arguments are invalid; nothing was sent."""
+
+    def __init__(self, problems: list[Problem] | Problem | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem("", problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass
+class ApiError(BatchrunnerError):
+    """An unusable answer from the API, already classified by the client."""
+
+    message: str
+    status: int | None = None  # HTTP status; None for connection errors and timeouts
+    code: str | None = None  # a short stable tag, e.g. "rate_limited", "moderation", "empty_answer"
+    retry_after_s: float | None = None  # what the server asked us to wait, if it said
+    charged: bool = False  # whether the failed attempt was billed (usage.cost present)
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        prefix = f"HTTP {self.status}: " if self.status else ""
+        return f"{prefix}{self.message}"
+
+
+class TransientError(ApiError):
+    """Worth another attempt on the same model after a backoff."""
+
+
+class RateLimited(TransientError):
+    """Told to slow down (429, or OpenRouter's in-flight budget 402)."""
+
+
+class RequestRejected(ApiError):
+    """This model will refuse this request again; try the row's fallbacks."""
+
+
+class FatalApiError(ApiError):
+    """The account cannot continue (key, credits, budget, daily cap); stop the run."""
+
+
+class RunHalted(BatchrunnerError):
+    """The run stopped before finishing; rerunning continues it (exit 3)."""

@@ -1,0 +1,125 @@
+"""Prompt templates: `{column}` placeholders over a row, `{{` and `}}` for literal braces.
+
+Pure: no I/O. A template is parsed once when the spec loads, so a placeholder naming a
+column the input lacks is refused before any request is sent, and rendering a row is a
+plain join of precomputed parts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class TemplateError(ValueError):
+    """A template that cannot be parsed; `position` is the 0-based offset of the fault."""
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    column: str
+
+
+@dataclass(frozen=True)
+class Template:
+    """A parsed template: literal text and placeholders, in order."""
+
+    source: str
+    parts: tuple[str | Placeholder, ...]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns the template reads, in order of first use."""
+        seen: dict[str, None] = {}
+        for part in self.parts:
+            if isinstance(part, Placeholder):
+                seen.setdefault(part.column)
+        return tuple(seen)
+
+    def render(self, row: Mapping[str, Any]) -> str:
+        return "".join(part if isinstance(part, str) else format_value(row[part.column]) for part in self.parts)
+
+
+def format_value(value: Any) -> str:
+    """How a cell appears in a prompt: null is empty, lists and structs are JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def parse_template(source: str) -> Template:
+    """Split `source` into literal text and `{column}` placeholders."""
+    parts: list[str | Placeholder] = []
+    literal: list[str] = []
+    i, n = 0, len(source)
+    while i < n:
+        char = source[i]
+        if char == "{":
+            if source.startswith("{{", i):
+                literal.append("{")
+                i += 2
+                continue
+            end = source.find("}", i + 1)
+            inner_open = source.find("{", i + 1)
+            if end == -1 or (inner_open != -1 and inner_open < end):
+                raise TemplateError("'{' is not closed; write '{{' for a literal brace", i)
+            column = source[i + 1 : end]
+            if not column.strip():
+                raise TemplateError("empty placeholder '{}'; name a column, or write '{{}}' for literal braces", i)
+            if literal:
+                parts.append("".join(literal))
+                literal = []
+            parts.append(Placeholder(column))
+            i = end + 1
+        elif char == "}":
+            if source.startswith("}}", i):
+                literal.append("}")
+                i += 2
+                continue
+            raise TemplateError("'}' without a matching '{'; write '}}' for a literal brace", i)
+        else:
+            literal.append(char)
+            i += 1
+    if literal:
+        parts.append("".join(literal))
+    return Template(source, tuple(parts))
+
+
+@dataclass(frozen=True)
+class MessageTemplate:
+    role: str
+    content: Template
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Everything a request's prompt is made of: chat messages, or one raw completion prompt."""
+
+    messages: tuple[MessageTemplate, ...] = ()
+    text: Template | None = None  # the `completions` endpoint's raw prompt
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        templates = [m.content for m in self.messages] + ([self.text] if self.text else [])
+        seen: dict[str, None] = {}
+        for template in templates:
+            for column in template.columns:
+                seen.setdefault(column)
+        return tuple(seen)
+
+    def render_messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.content.render(row)} for m in self.messages]
+
+    def render_text(self, row: Mapping[str, Any]) -> str:
+        assert self.text is not None, "render_text needs a completions template"
+        return self.text.render(row)

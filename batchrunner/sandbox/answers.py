@@ -1,0 +1,159 @@
+"""What the sandbox answers: deterministic text, schema-conforming JSON, token counts. Pure.
+
+Answers depend only on the model and the prompt, so a rerun of the same job gets the same
+answers, and a test can tell which prompt an answer belongs to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from typing import Any
+
+WORDS = [
+    "clear",
+    "concise",
+    "careful",
+    "direct",
+    "useful",
+    "plain",
+    "brief",
+    "thorough",
+    "measured",
+    "steady",
+    "precise",
+    "calm",
+    "likely",
+    "possible",
+    "urgent",
+    "routine",
+    "minor",
+    "major",
+    "customer",
+    "product",
+    "billing",
+    "shipping",
+    "account",
+]
+
+
+def seeded_rng(*parts: object) -> random.Random:
+    """A Random whose stream is fixed by `parts`: same inputs, same choices, any process."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def count_tokens(text: str) -> int:
+    """The sandbox's tokenizer: about four characters a token, at least one."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Tokens of a chat prompt: its text plus a few per message for the role markers."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        total += count_tokens(str(content or "")) + 4
+    return total
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            return str(content or "")
+    return ""
+
+
+def text_answer(model: str, prompt: str) -> str:
+    """A plain answer that quotes its prompt, so each answer can be traced to its row."""
+    rng = seeded_rng(model, prompt)
+    quoted = " ".join(prompt.split())
+    if len(quoted) > 80:
+        quoted = quoted[:77] + "..."
+    adjectives = " and ".join(rng.sample(WORDS[:12], 2))
+    return f"Simulated answer from {model}: a {adjectives} reply to “{quoted}”."
+
+
+def schema_answer(model: str, prompt: str, schema: dict[str, Any]) -> Any:
+    """A JSON value that satisfies `schema` (the subset of JSON Schema structured outputs use)."""
+    return _instance(schema, schema, seeded_rng(model, prompt, "json"), depth=0)
+
+
+def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        return target if isinstance(target, dict) else {}
+    return node
+
+
+def _instance(node: Any, root: dict[str, Any], rng: random.Random, depth: int) -> Any:
+    if not isinstance(node, dict):
+        return None
+    node = _resolve(node, root)
+    if "const" in node:
+        return node["const"]
+    if node.get("enum"):
+        return rng.choice(node["enum"])
+    for key in ("anyOf", "oneOf"):
+        options = [o for o in node.get(key, []) if isinstance(o, dict) and o.get("type") != "null"]
+        if options:
+            return _instance(rng.choice(options), root, rng, depth + 1)
+    if node.get("allOf"):
+        merged: dict[str, Any] = {}
+        for part in node["allOf"]:
+            merged.update(_resolve(part, root))
+        return _instance(merged, root, rng, depth + 1)
+    kind = node.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in node else "string"
+    if kind == "object":
+        properties = node.get("properties", {})
+        return {name: _instance(sub, root, rng, depth + 1) for name, sub in properties.items()}
+    if kind == "array":
+        low = int(node.get("minItems", 1))
+        high = max(low, min(int(node.get("maxItems", low + 2)), low + 3))
+        count = 0 if depth > 6 else rng.randint(low, high)
+        items = [_instance(node.get("items", {"type": "string"}), root, rng, depth + 1) for _ in range(count)]
+        if node.get("uniqueItems"):
+            unique: list[Any] = []
+            for item in items:
+                if item not in unique:
+                    unique.append(item)
+            items = unique
+        return items
+    if kind == "integer":
+        low = int(node.get("minimum", 0))
+        high = int(node.get("maximum", low + 10))
+        return rng.randint(low, max(low, high))
+    if kind == "number":
+        low = float(node.get("minimum", 0.0))
+        high = float(node.get("maximum", low + 1.0))
+        return round(rng.uniform(low, high), 3)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    # string
+    low = int(node.get("minLength", 0))
+    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+    while len(words) < low:
+        words += " " + rng.choice(WORDS)
+    if "maxLength" in node:
+        words = words[: int(node["maxLength"])]
+    return words
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)

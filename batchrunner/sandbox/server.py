@@ -1,0 +1,468 @@
+"""An OpenRouter-compatible server on 127.0.0.1: no key, no network, deterministic answers.
+
+It answers in OpenRouter's shapes (ChatResult, the error envelope, /key, /models,
+/generation) and refuses requests that break OpenRouter's ChatRequest schema. It can be
+told to simulate what the real service does to a batch job: credits and the rate limit
+they buy, free-model caps, latency, models that are down, and faults (429 with
+Retry-After, 402, 5xx, errors inside a 200, empty answers, invalid JSON, dropped
+connections). Faults are decided by a seeded hash of the request and of how many times
+that same request was seen, so a run's faults do not depend on the order requests arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+from aiohttp import web
+
+from batchrunner import openapi
+from batchrunner.costs import ZERO_USD, to_decimal
+from batchrunner.sandbox import answers, catalog
+
+FAULT_KINDS = (
+    "rate_limit",  # 429 with Retry-After
+    "in_flight_budget",  # 402 with limit_source openrouter_in_flight_budget and Retry-After
+    "server_error",  # 500
+    "bad_gateway",  # 502
+    "overloaded",  # 503
+    "error_in_200",  # a 200 whose body is only {"error": ...}
+    "finish_error",  # a 200 whose choice has finish_reason "error"
+    "empty",  # a 200 with empty content
+    "invalid_json",  # a json_schema answer that is not valid JSON
+    "drop",  # the connection is closed without an answer
+)
+FREE_PER_MINUTE = 20
+
+
+@dataclass
+class SandboxConfig:
+    """What the sandbox simulates. The defaults: instant, unlimited, faultless."""
+
+    seed: int = 0
+    latency_s: float | Callable[[dict[str, Any]], float] = 0.0  # a number, or a function of the request body
+    faults: dict[str, float] = field(default_factory=dict)  # kind -> probability per request
+    retry_after_s: float = 1.0  # what simulated 429s and 402s ask clients to wait
+    credits_usd: Decimal | None = None  # the key's limit; None is a key without a limit
+    rate_limit: float | Literal["credits"] | None = None  # requests/s, or OpenRouter's credits rule
+    down_models: set[str] = field(default_factory=set)  # models answering 502 "provider returned error"
+    require_key: bool = False  # answer 401 unless the key looks like an OpenRouter key
+    report_cost: bool = True  # include usage.cost (older deployments and other servers do not)
+    free_daily_cap: int = 200
+
+    def __post_init__(self) -> None:
+        unknown = set(self.faults) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown sandbox fault(s) {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+
+
+@dataclass
+class SandboxStats:
+    """What the sandbox saw, for tests and the run banner."""
+
+    requests: int = 0
+    statuses: collections.Counter[int] = field(default_factory=collections.Counter)
+    answered: collections.Counter[str] = field(default_factory=collections.Counter)  # request key -> 200 answers
+    charged_usd: Decimal = ZERO_USD
+    max_requests_in_one_second: int = 0
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """A stable digest of what a request asks (model and prompt), for counting duplicates."""
+    content = {"model": body.get("model"), "messages": body.get("messages"), "prompt": body.get("prompt")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **metadata: Any) -> web.Response:
+    body: dict[str, Any] = {"error": {"code": status, "message": message}}
+    if metadata:
+        body["error"]["metadata"] = metadata
+    return web.json_response(body, status=status, headers=headers)
+
+
+class Sandbox:
+    """The server. `async with Sandbox(config) as sandbox:` serves at `sandbox.base_url`."""
+
+    def __init__(self, config: SandboxConfig | None = None) -> None:
+        self.config = config or SandboxConfig()
+        self.stats = SandboxStats()
+        self._seen: collections.Counter[str] = collections.Counter()
+        self._window: collections.deque[float] = collections.deque()  # admit times in the last second
+        self._free_minute: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._free_today: collections.Counter[str] = collections.Counter()
+        self._generations: dict[str, dict[str, Any]] = {}
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes(
+            [
+                web.get("/api/v1/key", self.key),
+                web.get("/api/v1/auth/key", self.key),
+                web.get("/api/v1/models", self.models),
+                web.get("/api/v1/generation", self.generation),
+                web.post("/api/v1/chat/completions", self.chat_completions),
+                web.post("/api/v1/completions", self.completions),
+            ]
+        )
+        return app
+
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> str:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # aiohttp exposes no public accessor
+        bound_port = sockets[0].getsockname()[1] if sockets else port
+        self.base_url = f"http://{host}:{bound_port}/api/v1"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- accounts and limits --------------------------------------------------------------
+
+    def remaining_usd(self) -> Decimal | None:
+        if self.config.credits_usd is None:
+            return None
+        return self.config.credits_usd - self.stats.charged_usd
+
+    def rate_limit_rps(self) -> float | None:
+        """OpenRouter's rule: one request per second per credit remaining, 1 to 500."""
+        limit = self.config.rate_limit
+        if limit == "credits":
+            remaining = self.remaining_usd()
+            return 500.0 if remaining is None else float(min(500, max(1, int(remaining))))
+        return limit
+
+    def _auth_error(self, request: web.Request) -> web.Response | None:
+        if not self.config.require_key:
+            return None
+        header = request.headers.get("Authorization", "")
+        if not header:
+            return _error(401, "Missing Authentication header")
+        if not header.removeprefix("Bearer ").startswith("sk-or-v1-"):
+            return _error(401, "User not found.")
+        return None
+
+    def _rate_limited(self, model: str) -> web.Response | None:
+        now = time.monotonic()
+        if model.endswith(":free"):
+            minute = self._free_minute[model]
+            while minute and now - minute[0] >= 60:
+                minute.popleft()
+            if self._free_today[model] >= self.config.free_daily_cap:
+                return _error(
+                    429,
+                    "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day",
+                    headers=self._limit_headers(self.config.free_daily_cap, 0, _next_utc_midnight_ms()),
+                    limit_source="openrouter_free_tier_daily",
+                )
+            if len(minute) >= FREE_PER_MINUTE:
+                reset_ms = int((time.time() + 60 - (now - minute[0])) * 1000)
+                return _error(
+                    429,
+                    "Rate limit exceeded: free-models-per-min. ",
+                    headers=self._limit_headers(FREE_PER_MINUTE, 0, reset_ms),
+                    limit_source="openrouter_free_tier_per_minute",
+                )
+            minute.append(now)
+            self._free_today[model] += 1
+        limit = self.rate_limit_rps()
+        if limit is None:
+            return None
+        window = self._window
+        while window and now - window[0] >= 1.0:
+            window.popleft()
+        if len(window) >= limit:
+            wait_s = max(0.0, 1.0 - (now - window[0]))
+            headers = self._limit_headers(int(limit), 0, int((time.time() + wait_s) * 1000))
+            headers["Retry-After"] = str(max(1, round(wait_s)))
+            return _error(429, "Rate limit exceeded", headers=headers, error_type="rate_limit_exceeded")
+        window.append(now)
+        self.stats.max_requests_in_one_second = max(self.stats.max_requests_in_one_second, len(window))
+        return None
+
+    @staticmethod
+    def _limit_headers(limit: int, remaining: int, reset_ms: int) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(limit),
+            "X-RateLimit-Remaining": str(remaining),
+            "X-RateLimit-Reset": str(reset_ms),
+        }
+
+    def _fault(self, key: str) -> str | None:
+        """The fault (if any) for the n-th sighting of this request, decided by the seed alone."""
+        if not self.config.faults:
+            return None
+        draw = answers.seeded_rng(self.config.seed, key, self._seen[key]).random()
+        cumulative = 0.0
+        for kind in FAULT_KINDS:
+            cumulative += self.config.faults.get(kind, 0.0)
+            if draw < cumulative:
+                return kind
+        return None
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    async def key(self, request: web.Request) -> web.Response:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        remaining = self.remaining_usd()
+        usage = float(self.stats.charged_usd)
+        data = {
+            "label": "sk-or-v1-san...box",
+            "limit": None if self.config.credits_usd is None else float(self.config.credits_usd),
+            "limit_remaining": None if remaining is None else float(max(remaining, ZERO_USD)),
+            "limit_reset": None,
+            "usage": usage,
+            "usage_daily": usage,
+            "usage_weekly": usage,
+            "usage_monthly": usage,
+            "byok_usage": 0,
+            "byok_usage_daily": 0,
+            "byok_usage_weekly": 0,
+            "byok_usage_monthly": 0,
+            "include_byok_in_limit": False,
+            "is_free_tier": False,
+            "is_management_key": False,
+            "is_provisioning_key": False,
+            "creator_user_id": None,
+            "rate_limit": {"requests": -1, "interval": "10s", "note": "This field is deprecated and safe to ignore."},
+        }
+        return web.json_response({"data": data})
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = catalog.model_objects(created=1_700_000_000)
+        return web.json_response({"data": data, "total_count": len(data), "links": {"next": None}})
+
+    async def generation(self, request: web.Request) -> web.Response:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        found = self._generations.get(request.query.get("id", ""))
+        if found is None:
+            return _error(404, "Resource not found")
+        return web.json_response({"data": found})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=False)
+
+    async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        self.stats.requests += 1
+        response = await self._respond(request, chat=chat)
+        self.stats.statuses[response.status] += 1
+        return response
+
+    async def _respond(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        try:
+            body = json.loads(await request.text())
+        except ValueError:
+            return _error(400, "Invalid JSON body", error_type="invalid_request")
+        if not isinstance(body, dict):
+            return _error(400, "Request body must be a JSON object", error_type="invalid_request")
+        if chat:
+            problems = openapi.validation_errors("ChatRequest", body)
+            if problems:
+                path, message = problems[0]
+                where = ".".join(map(str, path)) or "body"
+                return _error(400, f"Invalid request: {where}: {message}", error_type="invalid_request")
+        elif not isinstance(body.get("prompt"), str):
+            return _error(400, "Invalid request: prompt: a string is required", error_type="invalid_request")
+
+        chain = [m for m in [body.get("model"), *(body.get("models") or [])] if isinstance(m, str)]
+        if not chain:
+            return _error(400, "No model specified", error_type="invalid_request")
+        for model in chain:
+            if not catalog.is_valid_slug(model) and model != catalog.AUTO_ROUTER:
+                return _error(400, f"{model} is not a valid model ID", error_type="invalid_request")
+
+        remaining = self.remaining_usd()
+        if remaining is not None and remaining <= 0:
+            return _error(
+                402,
+                "Insufficient credits. Add more using https://openrouter.ai/settings/credits",
+                error_type="payment_required",
+            )
+        if (limited := self._rate_limited(chain[0])) is not None:
+            return limited
+
+        key = request_key(body)
+        fault = self._fault(key)
+        self._seen[key] += 1
+        latency = self.config.latency_s(body) if callable(self.config.latency_s) else self.config.latency_s
+        if latency > 0:
+            await asyncio.sleep(latency)
+
+        retry_headers = {"Retry-After": f"{self.config.retry_after_s:g}"}
+        if fault == "drop":
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=499)  # never reaches the client: the connection is gone
+        if fault == "rate_limit":
+            return _error(
+                429,
+                "Provider returned error",
+                headers=retry_headers,
+                error_type="rate_limit_exceeded",
+                provider_name="Sandbox",
+            )
+        if fault == "in_flight_budget":
+            return _error(
+                402,
+                "In-flight spending budget exhausted; retry shortly",
+                headers=retry_headers,
+                limit_source="openrouter_in_flight_budget",
+            )
+        if fault in ("server_error", "bad_gateway", "overloaded"):
+            status = {"server_error": 500, "bad_gateway": 502, "overloaded": 503}[fault]
+            return _error(
+                status, "Provider returned error" if status == 502 else "Internal Server Error", error_type="server"
+            )
+        if fault == "error_in_200":
+            return web.json_response(
+                {
+                    "error": {
+                        "code": 502,
+                        "message": "Provider returned error",
+                        "metadata": {"error_type": "provider_unavailable"},
+                    },
+                    "user_id": "user_sandbox",
+                }
+            )
+
+        model = next((m for m in chain if m not in self.config.down_models), None)
+        if model is None:
+            return _error(
+                502,
+                f"Provider returned error: {chain[0]} is down (simulated)",
+                error_type="provider_unavailable",
+                provider_name=catalog.provider_name(chain[0]),
+            )
+        if model == catalog.AUTO_ROUTER:
+            model = catalog.AUTO_ROUTES_TO
+        return web.json_response(self._completion(body, model, chat=chat, fault=fault, key=key))
+
+    def _completion(
+        self, body: dict[str, Any], model: str, *, chat: bool, fault: str | None, key: str
+    ) -> dict[str, Any]:
+        messages = body.get("messages") or []
+        prompt = answers.last_user_text(messages) if chat else body["prompt"]
+        n_prompt = answers.prompt_tokens(messages) if chat else answers.count_tokens(prompt)
+        response_format = body.get("response_format") or {}
+        kind = response_format.get("type")
+        if kind == "json_schema":
+            schema = (response_format.get("json_schema") or {}).get("schema") or {}
+            text = answers.json_text(answers.schema_answer(model, prompt, schema))
+        elif kind == "json_object":
+            text = answers.json_text({"answer": answers.text_answer(model, prompt)})
+        else:
+            text = answers.text_answer(model, prompt)
+        if fault == "invalid_json":
+            text = text[: max(1, len(text) // 2)]
+        finish_reason = "stop"
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(max_tokens, int) and answers.count_tokens(text) > max_tokens:
+            text, finish_reason = text[: max(1, max_tokens * 4)], "length"
+        if fault == "empty":
+            text = ""
+        if fault == "finish_error":
+            finish_reason = "error"
+        n_completion = answers.count_tokens(text) if text else 0
+        cost = catalog.cost_usd(model, n_prompt, n_completion)
+        if finish_reason == "error" or n_completion == 0:
+            cost = ZERO_USD  # zero-completion insurance: empty and error answers are not billed
+        reported = float(cost)
+        self.stats.charged_usd += to_decimal(reported) or ZERO_USD
+        if not fault:
+            self.stats.answered[key] += 1
+
+        generation_id = f"gen-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        usage: dict[str, Any] = {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": n_completion,
+            "total_tokens": n_prompt + n_completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+            "is_byok": False,
+        }
+        if self.config.report_cost:
+            usage["cost"] = reported
+        self._generations[generation_id] = {
+            "id": generation_id,
+            "model": model,
+            "provider_name": catalog.provider_name(model),
+            "total_cost": reported,
+            "tokens_prompt": n_prompt,
+            "tokens_completion": n_completion,
+            "finish_reason": finish_reason,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+        }
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": finish_reason,
+            "native_finish_reason": finish_reason,
+            "logprobs": None,
+        }
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        if finish_reason == "error":
+            choice["error"] = {
+                "code": 502,
+                "message": "Provider disconnected mid-answer",
+                "metadata": {"error_type": "provider_unavailable"},
+            }
+        return {
+            "id": generation_id,
+            "provider": catalog.provider_name(model),
+            "model": model,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "choices": [choice],
+            "system_fingerprint": "fp_sandbox",
+            "usage": usage,
+        }
+
+
+def _next_utc_midnight_ms() -> int:
+    now = time.time()
+    return int((now - now % 86400 + 86400) * 1000)
+
+
+async def serve(config: SandboxConfig, port: int, ready: Callable[[str], None] | None = None) -> None:
+    """Serve until cancelled (the `batchrunner sandbox` command)."""
+    sandbox = Sandbox(config)
+    await sandbox.start(port=port)
+    try:
+        if ready is not None:
+            ready(sandbox.base_url)
+        await asyncio.Event().wait()
+    finally:
+        await sandbox.stop()

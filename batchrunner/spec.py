@@ -1,0 +1,307 @@
+"""The job spec: its YAML keys (the public interface), their validation, and the request it implies.
+
+Pure apart from reading the spec file itself. Every mistake becomes a SpecError whose
+problems name the field by its path in the spec and its line in the file, and say the fix,
+so the CLI can refuse the job (exit 2) before a single request is sent.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from batchrunner import openapi
+from batchrunner.errors import Problem, SpecError
+from batchrunner.prompt import MessageTemplate, PromptTemplate, TemplateError, parse_template
+
+OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
+OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
+# Request fields the spec sets through its own keys, so `params` may not set them too.
+SPEC_OWNED_FIELDS = {
+    "model": "models",
+    "models": "models and fallbacks",
+    "messages": "system/prompt or messages",
+    "prompt": "prompt",
+    "provider": "provider",
+    "response_format": "response_format",
+}
+
+Slug = Annotated[str, Field(min_length=1, pattern=r"^\S+$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSettings(_Strict):
+    """Where requests go and how they authenticate."""
+
+    base_url: str | None = None
+    api_key_env: str = "OPENROUTER_API_KEY"
+    headers: dict[str, str] = {}
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://", value):
+            raise ValueError("must start with http:// or https://, e.g. https://openrouter.ai/api/v1")
+        return value.rstrip("/") if value else value
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class JobSpec(_Strict):
+    """A batch job, as written in YAML. Paths are already resolved against the spec's folder."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    input: Path
+    id_column: str | None = None
+    output: Path
+    models: list[Slug] = Field(min_length=1)
+    fallbacks: list[Slug] = []
+    system: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    params: dict[str, Any] = {}
+    provider: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    concurrency: Annotated[int, Field(ge=1, le=4096)] = 16
+    endpoint: Literal["chat", "completions"] = "chat"
+    timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    api: ApiSettings = ApiSettings()
+
+    @field_validator("models", "fallbacks", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("input")
+    @classmethod
+    def _input_format(cls, value: Path) -> Path:
+        if value.suffix.lower() not in INPUT_SUFFIXES:
+            raise ValueError(
+                f"unsupported input format {value.suffix or '(none)'!r}; use one of {', '.join(INPUT_SUFFIXES)}"
+            )
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_format(cls, value: Path) -> Path:
+        if value.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ValueError(
+                f"unsupported output format {value.suffix or '(none)'!r}; use one of {', '.join(OUTPUT_SUFFIXES)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_shape(self) -> JobSpec:
+        if self.endpoint == "completions":
+            if self.messages is not None or self.system is not None:
+                raise ValueError("endpoint 'completions' takes a raw `prompt`; remove `system` and `messages`")
+            if self.prompt is None:
+                raise ValueError("endpoint 'completions' needs a `prompt` template")
+        elif self.messages is not None:
+            if self.prompt is not None or self.system is not None:
+                raise ValueError("give either `messages` or `system`/`prompt`, not both")
+            if not self.messages:
+                raise ValueError("`messages` is empty; add at least one {role: user, content: ...}")
+        elif self.prompt is None:
+            raise ValueError('no prompt: add `prompt: "... {column} ..."` (or a `messages` list)')
+        return self
+
+    # -- what the spec implies ------------------------------------------------------------
+
+    def prompt_template(self) -> PromptTemplate:
+        """The parsed prompt; raises SpecError naming the field whose template is malformed."""
+        if self.endpoint == "completions":
+            assert self.prompt is not None
+            return PromptTemplate(text=_parse_field("prompt", self.prompt))
+        if self.messages is not None:
+            pairs = [(f"messages[{i}].content", m.role, m.content) for i, m in enumerate(self.messages)]
+        else:
+            pairs = [("system", "system", self.system)] if self.system is not None else []
+            pairs.append(("prompt", "user", self.prompt or ""))
+        return PromptTemplate(
+            messages=tuple(MessageTemplate(role, _parse_field(where, text)) for where, role, text in pairs)
+        )
+
+    def model_chain(self, model: str) -> list[str]:
+        """The models a row requested for `model` may be answered by, in order."""
+        return [model, *(f for f in self.fallbacks if f != model)]
+
+    def request_body(self, model: str) -> dict[str, Any]:
+        """Everything in a request except its prompt: model, params, provider, response_format."""
+        body: dict[str, Any] = {"model": model, **self.params}
+        if self.provider is not None:
+            body["provider"] = self.provider
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
+        return body
+
+    def base_url(self) -> str:
+        return self.api.base_url or os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
+
+
+def _parse_field(where: str, text: str) -> Any:
+    try:
+        return parse_template(text)
+    except TemplateError as exc:
+        raise SpecError(Problem(where, f"{exc} (at character {exc.position + 1})")) from exc
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read, validate and resolve a job spec file; raise SpecError listing every problem.
+
+    `overrides` replace top-level keys after loading (command-line options); paths among
+    them resolve against the current directory, not the spec's.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(Problem(str(path), "no such job spec file")) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(Problem(str(path), f"cannot read the job spec: {exc}")) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        detail = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(Problem(where, f"malformed YAML: {detail}")) from None
+    if not isinstance(data, dict):
+        raise SpecError(
+            Problem(str(path), "a job spec is a YAML mapping of keys such as name, input, output, models, prompt")
+        )
+
+    folder = path.parent
+    for key in ("input", "output"):
+        if isinstance(data.get(key), str):
+            data[key] = str(folder / data[key])
+    for key, value in (overrides or {}).items():
+        data[key] = value
+
+    def where(loc: tuple[str | int, ...]) -> str:
+        line = _line_of(root, loc)
+        field = _dotted(loc)
+        return f"{path}:{line}: {field}" if line else f"{path}: {field}"
+
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([_problem(error, where) for error in exc.errors()]) from None
+
+    problems = _request_problems(spec, where)
+    try:
+        spec.prompt_template()
+    except SpecError as exc:
+        problems += [Problem(where(tuple(_split_dotted(p.where))), p.message) for p in exc.problems]
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _request_problems(spec: JobSpec, where: Any) -> list[Problem]:
+    """Check params, provider and response_format against OpenRouter's ChatRequest schema."""
+    problems = []
+    known = openapi.request_fields()
+    for key in spec.params:
+        if key in SPEC_OWNED_FIELDS:
+            problems.append(
+                Problem(
+                    where(("params", key)), f"set this with the spec's `{SPEC_OWNED_FIELDS[key]}` key, not in params"
+                )
+            )
+        elif key == "stream":
+            problems.append(Problem(where(("params", key)), "batchrunner reads whole answers; remove `stream`"))
+        elif key not in known:
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            fix = f"did you mean {hint[0]!r}?" if hint else "see OpenRouter's ChatRequest fields"
+            problems.append(Problem(where(("params", key)), f"unknown request parameter; {fix}"))
+    if problems or spec.endpoint != "chat":
+        return problems
+    probe = {**spec.request_body(spec.models[0]), "messages": [{"role": "user", "content": "probe"}]}
+    for loc, message in openapi.validation_errors("ChatRequest", probe):
+        top = loc[0] if loc else ""
+        prefix = () if top in ("provider", "response_format") else ("params",)
+        problems.append(Problem(where(prefix + loc), message))
+    return problems
+
+
+def _problem(error: Any, where: Any) -> Problem:
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = _fields_at(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), parent, n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(parent)}"
+        return Problem(where(loc), f"unknown key; {fix}")
+    if error["type"] == "missing":
+        return Problem(where(loc), "required key is missing")
+    message = error["msg"].removeprefix("Value error, ")
+    if loc and error["type"] not in ("value_error", "assertion_error"):
+        message += f" (got {error.get('input')!r})"
+    if not loc:
+        return Problem(where(()), message)
+    return Problem(where(loc), message)
+
+
+def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
+    model: Any = JobSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = next(
+            (
+                a
+                for a in getattr(annotation, "__args__", (annotation,))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            None,
+        )
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _split_dotted(text: str) -> list[str | int]:
+    return [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", text)]
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """The 1-based line of the spec where `loc` is written, or of its nearest written parent."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if pair is not None:
+                line, child = pair[0].start_mark.line + 1, pair[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line

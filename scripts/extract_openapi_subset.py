@@ -1,0 +1,55 @@
+"""Cut the schemas batchrunner needs out of OpenRouter's published OpenAPI document.
+
+The full document is 1.3 MB of YAML; the sandbox only needs `ChatRequest` (to refuse
+requests OpenRouter would refuse) and `ChatResult` (to answer in its shapes), with every
+schema they reference. Run it when OpenRouter publishes a new document:
+
+    python scripts/extract_openapi_subset.py ../shared/reference/openrouter-openapi.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOTS = ("ChatRequest", "ChatResult")
+TARGET = Path(__file__).resolve().parent.parent / "batchrunner" / "schemas" / "openrouter.json"
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield value.rsplit("/", 1)[-1]
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def main(source: str) -> None:
+    document = yaml.load(Path(source).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    schemas = document["components"]["schemas"]
+    needed: set[str] = set()
+    todo = list(ROOTS)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(_refs(schemas[name]))
+    subset = {
+        "$comment": f"Subset of OpenRouter's OpenAPI document ({document['info'].get('version', '?')}): {', '.join(ROOTS)} and what they reference. Regenerate with scripts/extract_openapi_subset.py.",
+        "components": {"schemas": {name: schemas[name] for name in sorted(needed)}},
+    }
+    TARGET.write_text(json.dumps(subset, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(needed)} schemas to {TARGET}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
