@@ -267,7 +267,7 @@ def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0)
     if not isinstance(payload, dict):
         raise TransientError("answer is not a JSON object", status=status, code="bad_body")
     usage = _usage(payload.get("usage"))
-    charged = bool(usage.cost_usd)
+    charged = usage.cost_usd
     error = _error_object(payload)
     choices = payload.get("choices")
     if error and not choices:  # a 200 whose body is only {"error": ...}
@@ -279,16 +279,16 @@ def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0)
             f"error inside a {status} answer: {error.get('message', error)}",
             status=status,
             code="error_in_200",
-            charged=charged,
+            cost_usd=charged,
         )
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise TransientError("answer has no choices", status=status, code="bad_body", charged=charged)
+        raise TransientError("answer has no choices", status=status, code="bad_body", cost_usd=charged)
     choice = choices[0]
     finish_reason = choice.get("finish_reason")
     if finish_reason == "error":
         detail = _error_object(choice).get("message") or error.get("message") or "provider error"
         raise TransientError(
-            f"the provider failed mid-answer: {detail}", status=status, code="finish_error", charged=charged
+            f"the provider failed mid-answer: {detail}", status=status, code="finish_error", cost_usd=charged
         )
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     text = message.get("content") if message else choice.get("text")
@@ -298,7 +298,7 @@ def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0)
     refusal = message.get("refusal") or None
     if not text and not tool_calls and not refusal:
         raise TransientError(
-            "empty answer (no content and no tool calls)", status=status, code="empty_answer", charged=charged
+            "empty answer (no content and no tool calls)", status=status, code="empty_answer", cost_usd=charged
         )
     return Completion(
         text=text or "",

@@ -99,7 +99,8 @@ def _check_ids(frame: pl.LazyFrame, id_column: str) -> None:
     column = pl.col(id_column)
     nulls, duplicated = (
         frame.select(
-            column.null_count(), column.filter(column.is_duplicated()).unique(maintain_order=True).head(3).implode()
+            column.null_count().alias("nulls"),
+            column.filter(column.is_duplicated()).unique(maintain_order=True).head(3).implode().alias("duplicated"),
         )
         .collect()
         .row(0)

@@ -20,6 +20,7 @@ interrupt stops a run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 
 class BatchrunnerError(Exception):
@@ -57,7 +58,7 @@ class ApiError(BatchrunnerError):
     status: int | None = None  # HTTP status; None for connection errors and timeouts
     code: str | None = None  # a short stable tag, e.g. "rate_limited", "moderation", "empty_answer"
     retry_after_s: float | None = None  # what the server asked us to wait, if it said
-    charged: bool = False  # whether the failed attempt was billed (usage.cost present)
+    cost_usd: Decimal | None = None  # what the failed attempt was billed, when the answer said
     metadata: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

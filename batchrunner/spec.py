@@ -191,7 +191,7 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
     folder = path.parent
     for key in ("input", "output"):
         if isinstance(data.get(key), str):
-            data[key] = str(folder / data[key])
+            data[key] = os.path.normpath(folder / data[key])
     for key, value in (overrides or {}).items():
         data[key] = value
 

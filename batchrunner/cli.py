@@ -1,0 +1,126 @@
+"""The command line: arguments in, exit codes out. Nothing else lives here.
+
+Exit codes: 0 every row answered; 1 finished but some rows failed; 2 invalid spec, input or
+arguments (nothing was sent); 3 stopped early for a reason to act on or wait out
+(credits, budget, key, interrupt), and rerunning continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from batchrunner.errors import SpecError
+from batchrunner.progress import Progress
+from batchrunner.runner import overrides, run_job
+from batchrunner.sandbox import SandboxConfig, serve
+from batchrunner.spec import load_spec
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+
+
+def _setup_logging(verbose: bool) -> None:
+    interactive = sys.stderr.isatty()
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s" if interactive else "%(asctime)s batchrunner %(levelname)s %(message)s",
+    )
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def _refuse(error: SpecError) -> None:
+    click.echo("error: the job was not started (nothing was sent):", err=True)
+    for problem in error.problems:
+        click.echo(f"  {problem}", err=True)
+    sys.exit(EXIT_INVALID)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="batchrunner")
+def main() -> None:
+    """Run a dataset of prompts through LLMs on OpenRouter as a batch job."""
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option(
+    "--input", "input_path", type=click.Path(path_type=Path), help="Input file instead of the spec's `input`."
+)
+@click.option(
+    "--output", "output_path", type=click.Path(path_type=Path), help="Output file instead of the spec's `output`."
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Run only the first N rows.")
+@click.option("--concurrency", type=click.IntRange(1, 4096), help="Most requests in flight.")
+@click.option(
+    "--sandbox", is_flag=True, help="Run against the built-in simulated OpenRouter: no key, no network, no cost."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every retry and fallback.")
+def run(
+    job: Path,
+    input_path: Path | None,
+    output_path: Path | None,
+    limit: int | None,
+    concurrency: int | None,
+    sandbox: bool,
+    verbose: bool,
+) -> None:
+    """Run JOB (a YAML job spec) and write its output file."""
+    _setup_logging(verbose)
+    try:
+        spec = load_spec(job, overrides=overrides(input=input_path, output=output_path, concurrency=concurrency))
+
+        def banner(sandbox_url: str | None) -> None:
+            if sandbox_url:
+                click.echo(
+                    f"SANDBOX: answers are simulated by batchrunner's built-in OpenRouter-compatible server at {sandbox_url}; nothing is sent to OpenRouter and nothing is billed.",
+                    err=True,
+                )
+
+        outcome = asyncio.run(
+            run_job(
+                spec,
+                limit=limit,
+                sandbox=SandboxConfig() if sandbox else None,
+                progress_factory=Progress,
+                on_start=banner,
+            )
+        )
+    except SpecError as error:
+        _refuse(error)
+        return
+    report = outcome.report
+    click.echo(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
+    for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending):
+        click.echo(f"  {line}")
+    if report.halted:
+        click.echo(f"stopped early: {report.halted}", err=True)
+        click.echo("rerun the same command to continue once that is resolved.", err=True)
+        sys.exit(EXIT_STOPPED)
+    sys.exit(EXIT_SOME_FAILED if report.summary.failed else EXIT_OK)
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=8089, show_default=True, help="Port on 127.0.0.1.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for simulated faults.")
+def sandbox(port: int, seed: int) -> None:
+    """Serve the simulated OpenRouter API on 127.0.0.1 until interrupted.
+
+    Point a job at it with `api: {base_url: http://127.0.0.1:PORT/api/v1}` or
+    OPENROUTER_BASE_URL; any key works.
+    """
+
+    def ready(url: str) -> None:
+        click.echo(f"sandbox: serving a simulated OpenRouter API at {url} (Ctrl-C to stop)", err=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(SandboxConfig(seed=seed), port, ready))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The engine: streams rows, fans (row, model) pairs out over a pool of async workers,
+retries and falls back per row, and hands every result to a sink as it arrives.
+
+A failed row is data (a RowResult with status "failed"). Only a FatalApiError (key,
+credits, budget, daily cap) or `stop()` ends a run early: dispatch stops, requests in
+flight finish and are recorded (they are paid for), and rows not reached stay pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from batchrunner.client import Client, Completion
+from batchrunner.costs import ZERO_USD
+from batchrunner.dataset import Dataset, Row
+from batchrunner.errors import ApiError, FatalApiError, RequestRejected, TransientError
+from batchrunner.progress import Progress
+from batchrunner.prompt import PromptTemplate
+from batchrunner.records import RowResult, Summary
+from batchrunner.retries import RetryPolicy
+from batchrunner.spec import JobSpec
+
+log = logging.getLogger("batchrunner")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    row: Row
+    model_position: int
+    requested_model: str
+    prompt: Any  # rendered messages (chat) or text (completions)
+
+
+@dataclass
+class RunReport:
+    summary: Summary
+    total: int  # (row, model) pairs the run set out to do
+    wall_s: float
+    halted: str | None = None  # why the run stopped early, if it did
+    halt_error: ApiError | None = None
+    results: list[RowResult] = field(default_factory=list)
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.summary.done
+
+
+class _Halt(Exception):
+    """Internal: the run is stopping; leave this row pending."""
+
+
+class Engine:
+    def __init__(
+        self,
+        spec: JobSpec,
+        client: Client,
+        *,
+        retry: RetryPolicy | None = None,
+        progress: Progress | None = None,
+        sink: Callable[[RowResult], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.client = client
+        self.retry = retry or RetryPolicy()
+        self.progress = progress
+        self.sink = sink
+        self.template: PromptTemplate = spec.prompt_template()
+        self._halt_reason: str | None = None
+        self._halt_error: ApiError | None = None
+        self._queue: asyncio.Queue[WorkItem | None] | None = None
+
+    # -- control --------------------------------------------------------------------------
+
+    def stop(self, reason: str, error: ApiError | None = None) -> None:
+        """Stop dispatching: requests in flight finish, rows not started stay pending."""
+        if self._halt_reason is not None:
+            return
+        self._halt_reason, self._halt_error = reason, error
+        log.warning("stopping: %s", reason)
+        queue = self._queue
+        if queue is not None:  # wake idle workers: drop queued work, then one sentinel per worker
+            while not queue.empty():
+                queue.get_nowait()
+            for _ in range(self.spec.concurrency):
+                queue.put_nowait(None)
+
+    @property
+    def stopping(self) -> bool:
+        return self._halt_reason is not None
+
+    # -- the run --------------------------------------------------------------------------
+
+    async def run(self, dataset: Dataset, *, limit: int | None = None) -> RunReport:
+        started = time.monotonic()
+        rows = dataset.count() if limit is None else min(limit, dataset.count())
+        total = rows * len(self.spec.models)
+        summary = Summary()
+        results: list[RowResult] = []
+        workers_n = self.spec.concurrency
+        self._queue = queue = asyncio.Queue(maxsize=2 * workers_n)
+
+        async def produce() -> None:
+            for batch in dataset.batches(limit=limit):
+                for row in batch:
+                    prompt = self._render(row)
+                    for position, model in enumerate(self.spec.models):
+                        if self.stopping:
+                            return
+                        await queue.put(WorkItem(row, position, model, prompt))
+            for _ in range(workers_n):
+                await queue.put(None)
+
+        async def work() -> None:
+            while not self.stopping:
+                item = await queue.get()
+                if item is None:
+                    return
+                try:
+                    result = await self._process(item)
+                except _Halt:
+                    continue
+                summary.add(result)
+                results.append(result)
+                if self.progress is not None:
+                    self.progress.finished(result)
+                if self.sink is not None:
+                    self.sink(result)
+
+        producer = asyncio.create_task(produce())
+        workers = [asyncio.create_task(work()) for _ in range(workers_n)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+            for worker in workers:
+                worker.cancel()
+            self._queue = None
+        return RunReport(summary, total, time.monotonic() - started, self._halt_reason, self._halt_error, results)
+
+    def _render(self, row: Row) -> Any:
+        if self.spec.endpoint == "completions":
+            return self.template.render_text(row.values)
+        return self.template.render_messages(row.values)
+
+    def _body(self, item: WorkItem, model: str) -> dict[str, Any]:
+        body = self.spec.request_body(model)
+        body["prompt" if self.spec.endpoint == "completions" else "messages"] = item.prompt
+        return body
+
+    async def _send(self, body: dict[str, Any]) -> Completion:
+        if self.spec.endpoint == "completions":
+            return await self.client.text_completion(body, timeout_s=self.spec.timeout_s)
+        return await self.client.chat(body, timeout_s=self.spec.timeout_s)
+
+    async def _process(self, item: WorkItem) -> RowResult:
+        """Answer one (row, model): retries on the model, then its fallbacks, in order."""
+        attempts = 0
+        cost = ZERO_USD
+        last_error: ApiError | None = None
+        for model in self.spec.model_chain(item.requested_model):
+            body = self._body(item, model)
+            for attempt in range(1, self.retry.max_attempts + 1):
+                if self.stopping:
+                    raise _Halt
+                attempts += 1
+                try:
+                    completion = await self._send(body)
+                except FatalApiError as exc:
+                    self.stop(str(exc), exc)
+                    raise _Halt from exc
+                except TransientError as exc:
+                    cost += exc.cost_usd or ZERO_USD
+                    last_error = exc
+                    if attempt == self.retry.max_attempts:
+                        break
+                    await self._backoff(attempt, exc)
+                    continue
+                except RequestRejected as exc:
+                    cost += exc.cost_usd or ZERO_USD
+                    last_error = exc
+                    break
+                return self._ok(item, completion, attempts, cost + (completion.usage.cost_usd or ZERO_USD))
+            if last_error is not None:
+                log.debug("row %s: %s failed: %s", item.row.id, model, last_error)
+        return self._failed(item, last_error, attempts, cost)
+
+    async def _backoff(self, attempt: int, error: TransientError) -> None:
+        delay = self.retry.delay_s(attempt, error.retry_after_s)
+        if self.progress is not None:
+            self.progress.retry(+1)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            if self.progress is not None:
+                self.progress.retry(-1)
+
+    @staticmethod
+    def _ok(item: WorkItem, completion: Completion, attempts: int, cost: Decimal) -> RowResult:
+        usage = completion.usage
+        return RowResult(
+            row_index=item.row.index,
+            row_id=item.row.id,
+            model_position=item.model_position,
+            requested_model=item.requested_model,
+            status="ok",
+            model=completion.model or None,
+            response=completion.text,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost_usd=cost,
+            latency_s=round(completion.latency_s, 4),
+            attempts=attempts,
+            generation_id=completion.generation_id,
+            provider=completion.provider,
+        )
+
+    @staticmethod
+    def _failed(item: WorkItem, error: ApiError | None, attempts: int, cost: Decimal) -> RowResult:
+        text = " ".join(str(error or "no model answered").split())
+        return RowResult(
+            row_index=item.row.index,
+            row_id=item.row.id,
+            model_position=item.model_position,
+            requested_model=item.requested_model,
+            status="failed",
+            error=text[:500],
+            cost_usd=cost,
+            attempts=attempts,
+        )

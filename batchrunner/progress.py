@@ -1,0 +1,68 @@
+"""Showing a run's progress: a tqdm bar on a terminal, plain log lines otherwise (cron).
+
+The engine reports each finished row and each retry here; nothing else writes to the
+terminal while a run is going.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+from batchrunner.costs import format_usd
+from batchrunner.records import RowResult, Summary
+
+log = logging.getLogger("batchrunner")
+
+
+class Progress:
+    """Counts rows done, ok, failed and retrying, and shows them."""
+
+    def __init__(
+        self, total: int, *, stream: TextIO | None = None, interactive: bool | None = None, every_s: float = 10.0
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self.total = total
+        self.summary = Summary()
+        self.retrying = 0
+        self.every_s = every_s
+        self._started = time.monotonic()
+        self._last_line = self._started
+        self._bar = (
+            tqdm(total=total, file=self.stream, unit="row", dynamic_ncols=True, smoothing=0.1)
+            if self.interactive
+            else None
+        )
+
+    def finished(self, result: RowResult) -> None:
+        self.summary.add(result)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+        elif time.monotonic() - self._last_line >= self.every_s:
+            self._log_line()
+
+    def retry(self, delta: int) -> None:
+        self.retrying += delta
+
+    def _postfix(self) -> str:
+        s = self.summary
+        retrying = f" retrying={self.retrying}" if self.retrying else ""
+        return f"ok={s.ok} failed={s.failed}{retrying} {format_usd(s.cost_usd)}"
+
+    def _log_line(self) -> None:
+        self._last_line = now = time.monotonic()
+        done = self.summary.done
+        rate = done / max(now - self._started, 1e-9)
+        eta = f", eta {(self.total - done) / rate:.0f} s" if rate > 0 and self.total > done else ""
+        log.info("progress: %d/%d rows, %.1f rows/s%s, %s", done, self.total, rate, eta, self._postfix())
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,155 @@
+"""One run of a job, start to finish: check everything, run the engine, write the output.
+
+Everything that can refuse the job (the spec, the input, the key) is checked before the
+first request. The output is written at every exit, complete or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchrunner.client import Client
+from batchrunner.dataset import Dataset, open_dataset
+from batchrunner.engine import Engine, RunReport
+from batchrunner.errors import Problem, SpecError
+from batchrunner.output import write_output
+from batchrunner.progress import Progress
+from batchrunner.records import RESULT_SCHEMA
+from batchrunner.retries import RetryPolicy
+from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.spec import JobSpec
+
+log = logging.getLogger("batchrunner")
+SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
+
+
+@dataclass
+class Outcome:
+    report: RunReport
+    output_path: Path
+    output_rows: int
+    sandbox_url: str | None = None
+
+
+def api_key(spec: JobSpec, base_url: str) -> str | None:
+    """The key from the environment; SpecError when OpenRouter needs one and it is missing or malformed."""
+    env = spec.api.api_key_env
+    key = os.environ.get(env, "").strip()
+    is_openrouter = base_url.startswith("https://openrouter.ai")
+    if not key:
+        if is_openrouter:
+            raise SpecError(
+                Problem(
+                    "api.api_key_env",
+                    f"${env} is not set; create a key at https://openrouter.ai/settings/keys and `export {env}=sk-or-v1-...`, or try the job on the sandbox with --sandbox",
+                )
+            )
+        return None
+    if is_openrouter and not key.startswith("sk-or-v1-"):
+        raise SpecError(
+            Problem(
+                "api.api_key_env",
+                f"${env} does not look like an OpenRouter key (they start with sk-or-v1-); check the variable",
+            )
+        )
+    return key
+
+
+def prepare(spec: JobSpec) -> Dataset:
+    """Open the input and check it against the spec: columns, ids, clashes."""
+    dataset = open_dataset(spec.input, id_column=spec.id_column, needed_columns=spec.prompt_template().columns)
+    clashes = [c for c in dataset.columns if c in RESULT_SCHEMA]
+    if clashes:
+        raise SpecError(
+            Problem(
+                "input",
+                f"input column(s) {', '.join(map(repr, clashes))} clash with output columns of the same name; rename them in the input",
+            )
+        )
+    return dataset
+
+
+async def run_job(
+    spec: JobSpec,
+    *,
+    limit: int | None = None,
+    sandbox: SandboxConfig | None = None,
+    retry: RetryPolicy | None = None,
+    progress_factory: Callable[[int], Progress] | None = None,
+    on_start: Callable[[str | None], None] | None = None,
+) -> Outcome:
+    """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL."""
+    dataset = prepare(spec)
+    server = Sandbox(sandbox) if sandbox is not None else None
+    if server is not None:
+        base_url, key = await server.start(), SANDBOX_KEY
+    else:
+        base_url = spec.base_url()
+        key = api_key(spec, base_url)
+    if on_start is not None:
+        on_start(server.base_url if server else None)
+    try:
+        async with Client(
+            base_url, api_key=key, headers=spec.api.headers, timeout_s=spec.timeout_s, max_connections=spec.concurrency
+        ) as client:
+            rows = dataset.count() if limit is None else min(limit, dataset.count())
+            progress = progress_factory(rows * len(spec.models)) if progress_factory else None
+            engine = Engine(spec, client, retry=retry, progress=progress)
+            restore = _install_signal_handlers(engine)
+            try:
+                report = await engine.run(dataset, limit=limit)
+            finally:
+                restore()
+                if progress is not None:
+                    progress.close()
+    finally:
+        if server is not None:
+            await server.stop()
+    started = time.monotonic()
+    written = write_output(dataset, report.results, spec.output)
+    log.debug("wrote %d rows to %s in %.2f s", written, spec.output, time.monotonic() - started)
+    return Outcome(report, spec.output, written, server.base_url if server else None)
+
+
+def _install_signal_handlers(engine: Engine) -> Callable[[], None]:
+    """First Ctrl-C or SIGTERM: stop dispatching and finish what is in flight. Second: exit now."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        if engine.stopping:
+            os._exit(3)
+        engine.stop(f"{signum.name}: finishing requests in flight (press Ctrl-C again to quit at once)")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+            pass
+
+    def restore() -> None:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+    return restore
+
+
+def overrides(*, input: Path | None, output: Path | None, concurrency: int | None) -> dict[str, Any]:
+    """Command-line options as spec overrides; paths resolve against the current directory."""
+    result: dict[str, Any] = {}
+    if input is not None:
+        result["input"] = str(input.resolve())
+    if output is not None:
+        result["output"] = str(output.resolve())
+    if concurrency is not None:
+        result["concurrency"] = concurrency
+    return result
