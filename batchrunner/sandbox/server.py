@@ -55,6 +55,8 @@ class SandboxConfig:
     rate_limit: float | Literal["credits"] | None = None  # requests/s, or OpenRouter's credits rule
     down_models: set[str] = field(default_factory=set)  # models answering 502 "provider returned error"
     require_key: bool = False  # answer 401 unless the key looks like an OpenRouter key
+    api_key: str | None = None  # with require_key: the only key accepted
+    record_bodies: bool = False  # keep every completion request body in stats.bodies (tests)
     report_cost: bool = True  # include usage.cost (older deployments and other servers do not)
     free_daily_cap: int = 200
 
@@ -73,6 +75,7 @@ class SandboxStats:
     answered: collections.Counter[str] = field(default_factory=collections.Counter)  # request key -> 200 answers
     charged_usd: Decimal = ZERO_USD
     max_requests_in_one_second: int = 0
+    bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
 def request_key(body: dict[str, Any]) -> str:
@@ -161,7 +164,8 @@ class Sandbox:
         header = request.headers.get("Authorization", "")
         if not header:
             return _error(401, "Missing Authentication header")
-        if not header.removeprefix("Bearer ").startswith("sk-or-v1-"):
+        key = header.removeprefix("Bearer ")
+        if not key.startswith("sk-or-v1-") or (self.config.api_key is not None and key != self.config.api_key):
             return _error(401, "User not found.")
         return None
 
@@ -285,6 +289,8 @@ class Sandbox:
             return _error(400, "Invalid JSON body", error_type="invalid_request")
         if not isinstance(body, dict):
             return _error(400, "Request body must be a JSON object", error_type="invalid_request")
+        if self.config.record_bodies:
+            self.stats.bodies.append(body)
         if chat:
             problems = openapi.validation_errors("ChatRequest", body)
             if problems:

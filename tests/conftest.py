@@ -1,0 +1,91 @@
+"""Shared fixtures: sample inputs, spec files, and sandboxes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+
+from batchrunner.sandbox import Sandbox, SandboxConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tickets_csv(tmp_path: Path) -> Path:
+    """A small input: 12 tickets with ids, subjects and text."""
+    path = tmp_path / "tickets.csv"
+    pl.DataFrame(
+        {
+            "ticket_id": [f"T-{i}" for i in range(12)],
+            "subject": [f"subject {i}" for i in range(12)],
+            "text": [f"ticket text number {i}" for i in range(12)],
+        }
+    ).write_csv(path)
+    return path
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path, tickets_csv: Path) -> Callable[..., Path]:
+    """Write a job spec (a valid one, with `changes` applied; None deletes a key) and return its path."""
+
+    def write(text: str | None = None, **changes: Any) -> Path:
+        path = tmp_path / "job.yaml"
+        if text is not None:
+            path.write_text(text)
+            return path
+        spec: dict[str, Any] = {
+            "name": "test-job",
+            "input": tickets_csv.name,
+            "id_column": "ticket_id",
+            "output": "out/result.parquet",
+            "models": ["openai/gpt-4o-mini"],
+            "prompt": "Ticket {ticket_id}: {text}",
+            "params": {"temperature": 0, "max_tokens": 50},
+            "concurrency": 4,
+        }
+        for key, value in changes.items():
+            if value is None:
+                spec.pop(key, None)
+            else:
+                spec[key] = value
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def sandbox_in_thread() -> Iterator[Callable[[SandboxConfig], Sandbox]]:
+    """Start sandboxes on their own event loop in a thread, for tests that drive the CLI."""
+    started: list[tuple[Sandbox, asyncio.AbstractEventLoop, threading.Thread]] = []
+
+    def start(config: SandboxConfig) -> Sandbox:
+        loop = asyncio.new_event_loop()
+        sandbox = Sandbox(config)
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(sandbox.start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(sandbox.stop())
+            loop.close()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        assert ready.wait(10), "sandbox did not start"
+        started.append((sandbox, loop, thread))
+        return sandbox
+
+    yield start
+    for _, loop, thread in started:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

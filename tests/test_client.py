@@ -1,0 +1,212 @@
+"""The client: every error shape OpenRouter returns becomes the right ApiError, once."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from batchrunner.client import Client, classify, parse_completion, retry_after_s
+from batchrunner.errors import FatalApiError, RateLimited, RequestRejected, TransientError
+from batchrunner.sandbox import Sandbox, SandboxConfig
+
+CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def envelope(code: int, message: str = "x", **metadata: Any) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if metadata:
+        error["metadata"] = metadata
+    return {"error": error}
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "kind", "code"),
+    [
+        (401, envelope(401, "User not found."), FatalApiError, "auth"),
+        (402, envelope(402, "Insufficient credits"), FatalApiError, "credits"),
+        (402, envelope(402, "busy", limit_source="openrouter_in_flight_budget"), RateLimited, "in_flight_budget"),
+        (403, envelope(403, "flagged", reasons=["violence"], flagged_input="..."), RequestRejected, "moderation"),
+        (403, envelope(403, "Key limit exceeded", limit_source="openrouter_key_limit"), FatalApiError, "key_limit"),
+        (403, envelope(403, "Request blocked: prompt injection patterns detected"), RequestRejected, "forbidden"),
+        (429, envelope(429, "Rate limit exceeded"), RateLimited, "rate_limited"),
+        (
+            429,
+            envelope(429, "Rate limit exceeded: free-models-per-day. Add 10 credits"),
+            FatalApiError,
+            "free_daily_cap",
+        ),
+        (429, envelope(429, "x", limit_source="openrouter_free_tier_daily"), FatalApiError, "free_daily_cap"),
+        (
+            400,
+            envelope(400, "context length exceeded", error_type="context_length_exceeded"),
+            RequestRejected,
+            "context_length_exceeded",
+        ),
+        (404, envelope(404, "No endpoints found for x:free."), RequestRejected, "http_404"),
+        (413, envelope(413), RequestRejected, "http_413"),
+        (422, envelope(422), RequestRejected, "http_422"),
+        (408, envelope(408), TransientError, "http_408"),
+        (500, envelope(500), TransientError, "http_500"),
+        (502, envelope(502, "Provider returned error", raw="upstream said no"), TransientError, "http_502"),
+        (503, envelope(503), TransientError, "http_503"),
+        (524, None, TransientError, "http_524"),
+        (529, envelope(529), TransientError, "http_529"),
+    ],
+)
+def test_classify_maps_each_status(status: int, payload: Any, kind: type, code: str) -> None:
+    """Each documented status and body maps to its action: retry, fall back, or halt."""
+    error = classify(status, payload)
+    assert type(error) is kind
+    assert error.code == code
+    assert error.status == status
+
+
+def test_classify_keeps_provider_raw_message() -> None:
+    """OpenRouter's generic 'Provider returned error' keeps metadata.raw, which says why."""
+    assert "upstream said no" in str(classify(502, envelope(502, "Provider returned error", raw="upstream said no")))
+
+
+def test_unauthorised_message_mentions_the_key_prefix() -> None:
+    """A 401 tells the user to check the key starts with sk-or-v1-."""
+    assert "sk-or-v1-" in str(classify(401, envelope(401, "User not found.")))
+
+
+def test_retry_after_sources() -> None:
+    """Retry-After seconds, retry-after-ms, X-RateLimit-Reset (epoch ms) and body hints are all read."""
+    assert retry_after_s({"Retry-After": "7"}) == 7.0
+    assert retry_after_s({"retry-after-ms": "1500"}) == 1.5
+    assert retry_after_s({"X-RateLimit-Reset": "1000012000"}, now_s=1_000_000.0) == pytest.approx(12.0)
+    assert retry_after_s({}, {"metadata": {"retry_after_seconds": 17}}) == 17.0
+    assert retry_after_s({}, {"availability": {"retry_after": 3}}) == 3.0
+    assert retry_after_s({}, {}) is None
+
+
+def test_error_inside_a_200_is_transient() -> None:
+    """A 200 whose body is only {"error": ...} is retried, not taken as an answer."""
+    with pytest.raises(TransientError, match="error inside a 200"):
+        parse_completion({"error": {"code": 502, "message": "Provider returned error"}, "user_id": "u"})
+
+
+def test_error_inside_a_200_keeps_fatal_codes_fatal() -> None:
+    """A 200 carrying a 402 error still halts the run rather than retrying forever."""
+    with pytest.raises(FatalApiError):
+        parse_completion({"error": {"code": 402, "message": "Insufficient credits"}})
+
+
+def test_finish_reason_error_and_empty_answers_are_transient() -> None:
+    """finish_reason "error" and an answer with no content and no tool calls are retried."""
+    base = {"id": "gen-1", "model": "m", "usage": {"cost": 0.5}}
+    with pytest.raises(TransientError, match="mid-answer") as info:
+        parse_completion({**base, "choices": [{"finish_reason": "error", "message": {"content": "part"}}]})
+    assert info.value.cost_usd == Decimal("0.5")
+    with pytest.raises(TransientError, match="empty answer"):
+        parse_completion({**base, "choices": [{"finish_reason": "stop", "message": {"content": ""}}]})
+
+
+def test_tool_calls_without_content_are_an_answer() -> None:
+    """An answer that is only tool calls is not 'empty'."""
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    completion = parse_completion(
+        {"model": "m", "choices": [{"finish_reason": "tool_calls", "message": {"content": None, "tool_calls": calls}}]}
+    )
+    assert completion.tool_calls == calls and completion.text == ""
+
+
+def test_usage_is_parsed_exactly() -> None:
+    """Token details and cost come through; cost is the Decimal that was written."""
+    completion = parse_completion(
+        {
+            "id": "gen-9",
+            "model": "openai/gpt-4o-mini",
+            "provider": "OpenAI",
+            "choices": [{"finish_reason": "stop", "message": {"content": "hi"}}],
+            "usage": {
+                "prompt_tokens": 10,
+                "completion_tokens": 5,
+                "prompt_tokens_details": {"cached_tokens": 4},
+                "completion_tokens_details": {"reasoning_tokens": 2},
+                "cost": 0.0000123,
+            },
+        }
+    )
+    assert completion.usage.cost_usd == Decimal("0.0000123")
+    assert (completion.usage.cached_tokens, completion.usage.reasoning_tokens) == (4, 2)
+    assert (completion.generation_id, completion.provider) == ("gen-9", "OpenAI")
+
+
+async def test_chat_against_the_sandbox() -> None:
+    """A real loopback request returns the answer, model, tokens and cost."""
+    async with Sandbox() as sandbox, Client(sandbox.base_url) as client:
+        completion = await client.chat(CHAT)
+    assert completion.text.startswith("Simulated answer from openai/gpt-4o-mini")
+    assert completion.model == "openai/gpt-4o-mini"
+    assert completion.usage.prompt_tokens > 0 and completion.usage.cost_usd and completion.usage.cost_usd > 0
+    assert completion.generation_id and completion.generation_id.startswith("gen-")
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind", "code"),
+    [
+        ("rate_limit", RateLimited, "rate_limited"),
+        ("in_flight_budget", RateLimited, "in_flight_budget"),
+        ("server_error", TransientError, "http_500"),
+        ("bad_gateway", TransientError, "http_502"),
+        ("overloaded", TransientError, "http_503"),
+        ("error_in_200", TransientError, "error_in_200"),
+        ("finish_error", TransientError, "finish_error"),
+        ("empty", TransientError, "empty_answer"),
+        ("drop", TransientError, "connection"),
+    ],
+)
+async def test_sandbox_faults_arrive_classified(fault: str, kind: type, code: str) -> None:
+    """Each simulated fault, over real HTTP, leaves the client as the right error."""
+    config = SandboxConfig(faults={fault: 1.0}, retry_after_s=2)
+    async with Sandbox(config) as sandbox, Client(sandbox.base_url) as client:
+        with pytest.raises(kind) as info:
+            await client.chat(CHAT)
+    assert info.value.code == code
+    if kind is RateLimited:
+        assert info.value.retry_after_s == 2.0
+
+
+async def test_timeout_is_transient() -> None:
+    """A request slower than timeout_s becomes a TransientError 'timeout'."""
+    async with Sandbox(SandboxConfig(latency_s=1.0)) as sandbox, Client(sandbox.base_url, timeout_s=0.05) as client:
+        with pytest.raises(TransientError) as info:
+            await client.chat(CHAT)
+    assert info.value.code == "timeout"
+
+
+async def test_connection_refused_is_transient() -> None:
+    """Nothing listening on the port is a connection error, not an aiohttp exception."""
+    async with Sandbox() as sandbox:
+        url = sandbox.base_url
+    async with Client(url) as client:
+        with pytest.raises(TransientError, match="connection failed"):
+            await client.chat(CHAT)
+
+
+async def test_key_info_and_models() -> None:
+    """GET /key reports the limit and what remains; GET /models lists prices as strings."""
+    async with Sandbox(SandboxConfig(credits_usd=Decimal("5"))) as sandbox, Client(sandbox.base_url) as client:
+        info = await client.key_info()
+        models = await client.models()
+    assert info["limit"] == 5 and info["limit_remaining"] == 5
+    prices = {m["id"]: m["pricing"] for m in models}
+    assert prices["openai/gpt-4o-mini"]["prompt"] == "0.00000015"
+
+
+async def test_bad_key_is_fatal() -> None:
+    """A rejected key (401) halts: retrying it would only repeat the refusal."""
+    config = SandboxConfig(require_key=True, api_key="sk-or-v1-right")
+    async with Sandbox(config) as sandbox, Client(sandbox.base_url, api_key="sk-or-v1-wrong") as client:
+        with pytest.raises(FatalApiError) as info:
+            await client.chat(CHAT)
+    assert info.value.code == "auth"
+
+
+def test_client_repr_hides_the_key() -> None:
+    """The API key never appears in the client's repr."""
+    assert "secret" not in repr(Client("http://x", api_key="sk-or-v1-secret"))

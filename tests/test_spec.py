@@ -1,0 +1,157 @@
+"""The job spec: what loads, and how each mistake is refused (field path, line, fix)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batchrunner.errors import SpecError
+from batchrunner.spec import OPENROUTER_BASE_URL, load_spec
+
+
+def problems(path: Path) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return str(info.value)
+
+
+def test_valid_spec_loads_with_paths_resolved_against_its_folder(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Relative input/output paths resolve against the spec file's folder, not the cwd."""
+    spec = load_spec(write_spec())
+    assert spec.input == tmp_path / "tickets.csv"
+    assert spec.output == tmp_path / "out" / "result.parquet"
+    assert spec.models == ["openai/gpt-4o-mini"]
+
+
+def test_single_model_string_is_accepted(write_spec: Callable[..., Path]) -> None:
+    """`models: slug` means a list of one, and suffixes such as :free pass through."""
+    spec = load_spec(write_spec(models="meta-llama/llama-3.3-70b-instruct:free", fallbacks="openrouter/auto"))
+    assert spec.models == ["meta-llama/llama-3.3-70b-instruct:free"]
+    assert spec.model_chain(spec.models[0]) == ["meta-llama/llama-3.3-70b-instruct:free", "openrouter/auto"]
+
+
+def test_misspelt_key_names_line_and_suggests_the_fix(write_spec: Callable[..., Path]) -> None:
+    """An unknown key is refused with its line and the closest known key."""
+    path = write_spec("name: x\ninput: t.csv\noutput: o.csv\nmodles: [a/b]\nprompt: hi\n")
+    message = problems(path)
+    assert f"{path}:4: modles: unknown key; did you mean 'models'?" in message
+    assert "models: required key is missing" in message
+
+
+def test_wrong_type_names_the_field_and_value(write_spec: Callable[..., Path]) -> None:
+    """A value of the wrong type names the field and shows what was given."""
+    message = problems(write_spec(concurrency="lots"))
+    assert "concurrency:" in message and "'lots'" in message
+
+
+def test_empty_models_is_refused(write_spec: Callable[..., Path]) -> None:
+    """An empty models list is an error on `models`."""
+    assert "models:" in problems(write_spec(models=[]))
+
+
+def test_malformed_yaml_names_the_line(write_spec: Callable[..., Path]) -> None:
+    """Broken YAML is refused with the line of the fault, never a traceback."""
+    path = write_spec("name: x\nmodels: [a/b\nprompt: hi\n")
+    message = problems(path)
+    assert "malformed YAML" in message and f"{path}:" in message
+
+
+def test_missing_spec_file_is_refused(tmp_path: Path) -> None:
+    """A spec path that does not exist is a SpecError, not an OSError."""
+    assert "no such job spec file" in problems(tmp_path / "nope.yaml")
+
+
+def test_params_typo_suggests_the_request_field(write_spec: Callable[..., Path]) -> None:
+    """params keys are checked against OpenRouter's ChatRequest fields before any request."""
+    message = problems(write_spec(params={"temprature": 0}))
+    assert "params.temprature: unknown request parameter; did you mean 'temperature'?" in message
+
+
+def test_params_of_the_wrong_type_are_refused_by_the_openapi_schema(write_spec: Callable[..., Path]) -> None:
+    """A params value OpenRouter would reject (a string temperature) is refused up front."""
+    message = problems(write_spec(params={"temperature": "hot"}))
+    assert "params.temperature" in message and "'hot' is not of type" in message
+
+
+def test_provider_is_checked_against_the_openapi_schema(write_spec: Callable[..., Path]) -> None:
+    """An unknown provider.sort value is named with OpenRouter's allowed values."""
+    message = problems(write_spec(provider={"sort": "cheapest"}))
+    assert "provider.sort" in message and "'price'" in message
+
+
+def test_params_may_not_set_what_the_spec_owns(write_spec: Callable[..., Path]) -> None:
+    """params.model or params.stream are refused with where to set them instead."""
+    message = problems(write_spec(params={"model": "a/b", "stream": True}))
+    assert "params.model: set this with the spec's `models` key" in message
+    assert "params.stream" in message
+
+
+def test_prompt_and_messages_together_are_refused(write_spec: Callable[..., Path]) -> None:
+    """Two ways to give the prompt at once is ambiguous and refused."""
+    message = problems(write_spec(messages=[{"role": "user", "content": "{text}"}]))
+    assert "either `messages` or `system`/`prompt`" in message
+
+
+def test_no_prompt_is_refused(write_spec: Callable[..., Path]) -> None:
+    """A spec without prompt or messages says how to add one."""
+    assert "no prompt" in problems(write_spec(prompt=None))
+
+
+def test_malformed_template_names_the_field_and_line(write_spec: Callable[..., Path]) -> None:
+    """A template with an unclosed brace is refused at load, naming the template's field."""
+    path = write_spec(prompt="Ticket {ticket_id")
+    message = problems(path)
+    assert "prompt: '{' is not closed" in message and f"{path}:" in message
+
+
+def test_messages_template_error_names_the_message(write_spec: Callable[..., Path]) -> None:
+    """In a messages list, the faulty message is named by index."""
+    message = problems(
+        write_spec(prompt=None, messages=[{"role": "user", "content": "ok"}, {"role": "user", "content": "bad }"}])
+    )
+    assert "messages[1].content" in message
+
+
+def test_completions_endpoint_takes_a_raw_prompt(write_spec: Callable[..., Path]) -> None:
+    """endpoint: completions refuses system/messages and renders the raw prompt text."""
+    assert "takes a raw `prompt`" in problems(write_spec(endpoint="completions", system="x"))
+    spec = load_spec(write_spec(endpoint="completions"))
+    assert spec.prompt_template().render_text({"ticket_id": "T", "text": "t"}) == "Ticket T: t"
+
+
+def test_unsupported_formats_are_refused(write_spec: Callable[..., Path]) -> None:
+    """An input or output extension polars cannot handle is refused with the supported list."""
+    message = problems(write_spec(input="data.xlsx", output="out.txt"))
+    assert "input:" in message and "'.xlsx'" in message and "output:" in message
+
+
+def test_base_url_precedence(write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """api.base_url wins over OPENROUTER_BASE_URL, which wins over OpenRouter's URL."""
+    monkeypatch.delenv("OPENROUTER_BASE_URL", raising=False)
+    assert load_spec(write_spec()).base_url() == OPENROUTER_BASE_URL
+    monkeypatch.setenv("OPENROUTER_BASE_URL", "http://localhost:8000/v1/")
+    assert load_spec(write_spec()).base_url() == "http://localhost:8000/v1"
+    assert (
+        load_spec(write_spec(api={"base_url": "http://127.0.0.1:9/api/v1"})).base_url() == "http://127.0.0.1:9/api/v1"
+    )
+
+
+def test_overrides_replace_keys(write_spec: Callable[..., Path]) -> None:
+    """Command-line overrides replace spec keys and are validated like them."""
+    spec = load_spec(write_spec(), overrides={"concurrency": 2})
+    assert spec.concurrency == 2
+    with pytest.raises(SpecError):
+        load_spec(write_spec(), overrides={"concurrency": 0})
+
+
+def test_example_jobs_are_valid() -> None:
+    """Every job in jobs/ loads: the examples in the README stay true."""
+    jobs = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs").glob("*.yaml"))
+    assert len(jobs) >= 3
+    for job in jobs:
+        spec = load_spec(job)
+        assert spec.input.exists(), job
