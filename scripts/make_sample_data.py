@@ -91,7 +91,7 @@ def tickets(rng: random.Random, n: int) -> pl.DataFrame:
     start = datetime(2026, 10, 1, 8, 0)
     rows = []
     for i in range(n):
-        category, pattern, urgency = rng.choice(ISSUES)
+        _category, pattern, _urgency = rng.choice(ISSUES)
         action = rng.choice(ACTIONS)
         product = rng.choice(PRODUCTS)
         sentence = f"{product[0].upper()}{product[1:]} {pattern.format(action=action)}"

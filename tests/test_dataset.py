@@ -77,5 +77,5 @@ def test_missing_and_unreadable_inputs_are_refused(tmp_path: Path) -> None:
         open_dataset(tmp_path / "absent.csv", id_column=None)
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"this is not parquet")
-    with pytest.raises(SpecError, match="cannot read it as .parquet"):
+    with pytest.raises(SpecError, match=r"cannot read it as \.parquet"):
         open_dataset(broken, id_column=None)
