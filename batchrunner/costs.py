@@ -7,7 +7,7 @@ written as and summed as Decimal, so a run's total never drifts from what was bi
 from __future__ import annotations
 
 from collections.abc import Iterable
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 ZERO_USD = Decimal(0)
@@ -38,5 +38,5 @@ def format_usd(amount: Decimal) -> str:
     if amount == 0:
         return "$0.00"
     if abs(amount) >= 1:
-        return f"${amount:,.2f}"
+        return f"${amount.quantize(Decimal('0.01'), rounding=ROUND_HALF_UP):,}"
     return f"${amount:.6f}".rstrip("0").rstrip(".") if abs(amount) >= Decimal("0.000001") else f"${amount:.2E}"

@@ -1,0 +1,180 @@
+"""The engine over real loopback HTTP: ordering, retries, fallbacks, halts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchrunner import openapi
+from batchrunner.client import Client
+from batchrunner.engine import Engine, RunReport
+from batchrunner.output import output_frame
+from batchrunner.retries import RetryPolicy
+from batchrunner.runner import prepare
+from batchrunner.sandbox import Sandbox, SandboxConfig, request_key
+from batchrunner.spec import JobSpec, load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def run(
+    spec: JobSpec,
+    sandbox: Sandbox,
+    *,
+    api_key: str | None = None,
+    retry: RetryPolicy | None = None,
+    limit: int | None = None,
+) -> RunReport:
+    dataset = prepare(spec)
+    async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.concurrency) as client:
+        engine = Engine(spec, client, retry=retry or RetryPolicy.immediate())
+        return await engine.run(dataset, limit=limit)
+
+
+async def test_answers_land_on_their_own_rows_when_they_complete_out_of_order(write_spec: Callable[..., Path]) -> None:
+    """Later rows answer first (latency falls with the row number), yet each answer is on its own row."""
+
+    def latency(body: dict[str, Any]) -> float:
+        number = int(body["messages"][-1]["content"].rsplit(" ", 1)[-1])
+        return 0.02 * (12 - number)
+
+    spec = load_spec(write_spec(concurrency=12))
+    async with Sandbox(SandboxConfig(latency_s=latency)) as sandbox:
+        report = await run(spec, sandbox)
+    finished = [r.row_index for r in report.results]
+    assert finished != sorted(finished), "answers should have completed out of order"
+    frame = output_frame(prepare(spec), report.results)
+    assert frame["ticket_id"].to_list() == [f"T-{i}" for i in range(12)]
+    for ticket_id, text, response in frame.select("ticket_id", "text", "response").iter_rows():
+        assert f"Ticket {ticket_id}: {text}" in response
+
+
+async def test_every_request_of_the_example_jobs_validates_against_chat_request() -> None:
+    """What the client sends for each example job conforms to OpenRouter's ChatRequest schema."""
+    jobs = sorted((REPO / "jobs").glob("*.yaml"))
+    for job in jobs:
+        spec = load_spec(job)
+        async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
+            report = await run(spec, sandbox, limit=3)
+        assert report.summary.ok == 3 * len(spec.models), job
+        assert sandbox.stats.statuses[400] == 0
+        for body in sandbox.stats.bodies:
+            assert openapi.validation_errors("ChatRequest", body) == [], (job, body)
+            assert set(body) <= openapi.request_fields(), (job, set(body) - openapi.request_fields())
+
+
+async def test_fault_mix_ends_with_every_row_answered_once(write_spec: Callable[..., Path]) -> None:
+    """429s, 5xx, errors in 200s, empty answers and dropped connections are retried until every row is answered, none twice."""
+    faults = {
+        "rate_limit": 0.1,
+        "bad_gateway": 0.1,
+        "overloaded": 0.1,
+        "error_in_200": 0.08,
+        "empty": 0.06,
+        "drop": 0.06,
+        "finish_error": 0.05,
+    }
+    spec = load_spec(write_spec(concurrency=6))
+    config = SandboxConfig(seed=3, faults=faults, retry_after_s=0)
+    async with Sandbox(config) as sandbox:
+        report = await run(spec, sandbox, retry=RetryPolicy.immediate(max_attempts=12))
+    assert report.summary.ok == 12 and report.summary.failed == 0
+    assert sum(r.attempts for r in report.results) == sandbox.stats.requests
+    assert sandbox.stats.requests > 12, "the seed should have produced some faults"
+    assert set(sandbox.stats.answered.values()) == {1}
+    assert len(sandbox.stats.answered) == 12
+
+
+async def test_rows_go_to_the_fallback_when_the_model_is_down(write_spec: Callable[..., Path]) -> None:
+    """A model that is down exhausts its retries, then the fallback answers; both are recorded."""
+    spec = load_spec(write_spec(fallbacks=["anthropic/claude-3.5-haiku"]))
+    async with Sandbox(SandboxConfig(down_models={"openai/gpt-4o-mini"})) as sandbox:
+        report = await run(spec, sandbox, retry=RetryPolicy.immediate(max_attempts=2))
+    assert report.summary.ok == 12
+    for result in report.results:
+        assert (result.requested_model, result.model, result.attempts) == (
+            "openai/gpt-4o-mini",
+            "anthropic/claude-3.5-haiku",
+            3,
+        )
+
+
+async def test_rejected_request_fails_the_row_without_retrying(write_spec: Callable[..., Path]) -> None:
+    """A 400 is not retried: the row fails after one attempt per model, with the reason."""
+    spec = load_spec(write_spec(models=["not-a-model-id"]))
+    async with Sandbox() as sandbox:
+        report = await run(spec, sandbox)
+    assert report.summary.failed == 12 and sandbox.stats.requests == 12
+    assert all(r.status == "failed" and r.attempts == 1 for r in report.results)
+    assert "not a valid model ID" in (report.results[0].error or "")
+
+
+async def test_bad_key_halts_within_the_requests_in_flight(write_spec: Callable[..., Path]) -> None:
+    """A 401 stops dispatch: no more requests than were in flight, every row left pending."""
+    spec = load_spec(write_spec(concurrency=3))
+    config = SandboxConfig(require_key=True, api_key="sk-or-v1-right")
+    async with Sandbox(config) as sandbox:
+        report = await run(spec, sandbox, api_key="sk-or-v1-wrong")
+    assert report.halted and "sk-or-v1-" in report.halted
+    assert sandbox.stats.requests <= spec.concurrency
+    assert report.summary.done == 0 and report.pending == 12
+
+
+async def test_out_of_credits_halts_and_keeps_what_was_answered(write_spec: Callable[..., Path]) -> None:
+    """A 402 stops the run; answers already paid for are kept, the rest stay pending."""
+    spec = load_spec(write_spec(concurrency=1, models=["openai/gpt-4o"]))
+    async with Sandbox(SandboxConfig(credits_usd=Decimal("0.0015"))) as sandbox:
+        report = await run(spec, sandbox)
+    assert report.halted and "credits" in report.halted
+    assert 0 < report.summary.ok < 12
+    assert report.pending == 12 - report.summary.ok
+    assert sandbox.stats.statuses[402] == 1
+
+
+async def test_each_row_runs_once_per_model(write_spec: Callable[..., Path]) -> None:
+    """With several models every row gets one result per model, and costs add up exactly."""
+    spec = load_spec(write_spec(models=["openai/gpt-4o-mini", "meta-llama/llama-3.1-8b-instruct"]))
+    async with Sandbox() as sandbox:
+        report = await run(spec, sandbox)
+    pairs = sorted((r.row_index, r.requested_model) for r in report.results)
+    assert len(pairs) == len(set(pairs)) == 24
+    assert report.summary.cost_usd == sandbox.stats.charged_usd
+
+
+async def test_stop_finishes_requests_in_flight_and_leaves_the_rest_pending(write_spec: Callable[..., Path]) -> None:
+    """stop() (Ctrl-C) lets in-flight answers land, sends nothing new, and reports pending rows."""
+    spec = load_spec(write_spec(concurrency=2))
+    async with Sandbox(SandboxConfig(latency_s=0.05)) as sandbox:
+        dataset = prepare(spec)
+        async with Client(sandbox.base_url) as client:
+            engine = Engine(spec, client, retry=RetryPolicy.immediate())
+            task = asyncio.create_task(engine.run(dataset))
+            while sandbox.stats.requests < 3:
+                await asyncio.sleep(0.005)
+            engine.stop("interrupted")
+            report = await task
+    assert report.halted == "interrupted"
+    assert report.summary.ok == sandbox.stats.statuses[200] == sandbox.stats.requests
+    assert report.pending == 12 - report.summary.ok > 0
+
+
+def test_request_key_ignores_params_that_do_not_change_the_question() -> None:
+    """The sandbox's duplicate counter keys on model and prompt."""
+    body = {"model": "a/b", "messages": [{"role": "user", "content": "x"}]}
+    assert request_key(body) == request_key({**body, "temperature": 1}) != request_key({**body, "model": "a/c"})
+
+
+@pytest.mark.parametrize("endpoint", ["completions"])
+async def test_completions_endpoint(write_spec: Callable[..., Path], endpoint: str) -> None:
+    """endpoint: completions sends a raw prompt to /completions and reads choices[0].text."""
+    spec = load_spec(write_spec(endpoint=endpoint))
+    async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
+        report = await run(spec, sandbox)
+    assert report.summary.ok == 12
+    assert sandbox.stats.bodies[0]["prompt"].startswith("Ticket T-")
+    assert all(r.response and "Ticket T-" in r.response for r in report.results)

@@ -1,0 +1,146 @@
+"""The sandbox answers in OpenRouter's shapes, refuses what OpenRouter refuses, and simulates limits."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import jsonschema
+import pytest
+
+from batchrunner import openapi
+from batchrunner.sandbox import Sandbox, SandboxConfig
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "category": {"type": "string", "enum": ["bug", "billing"]},
+        "score": {"type": "integer", "minimum": 1, "maximum": 5},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "urgent": {"type": "boolean"},
+        "detail": {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]},
+    },
+    "required": ["category", "score", "confidence", "tags", "urgent", "detail"],
+    "additionalProperties": False,
+}
+
+
+def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def post(
+    sandbox: Sandbox, body: dict[str, Any], path: str = "/chat/completions", **headers: str
+) -> tuple[int, dict[str, Any], Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(sandbox.base_url + path, json=body, headers=headers) as response,
+    ):
+        return response.status, dict(response.headers), json.loads(await response.text())
+
+
+async def test_answers_validate_against_chat_result() -> None:
+    """A chat answer has the shape of OpenRouter's ChatResult, with usage and cost."""
+    async with Sandbox() as sandbox:
+        status, _, payload = await post(sandbox, chat())
+    assert status == 200
+    assert openapi.validation_errors("ChatResult", payload) == []
+    assert payload["usage"]["cost"] > 0 and payload["provider"] == "OpenAI"
+
+
+async def test_json_schema_answers_satisfy_the_schema() -> None:
+    """With response_format json_schema, each answer is JSON that validates against the schema."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "t", "strict": True, "schema": SCHEMA}}
+    async with Sandbox() as sandbox:
+        for i in range(20):
+            _, _, payload = await post(sandbox, chat(f"ticket {i}", response_format=response_format))
+            jsonschema.validate(json.loads(payload["choices"][0]["message"]["content"]), SCHEMA)
+
+
+async def test_answers_are_deterministic() -> None:
+    """The same request gets the same answer, across sandboxes."""
+    async with Sandbox() as first, Sandbox() as second:
+        a = (await post(first, chat("same")))[2]["choices"][0]["message"]["content"]
+        b = (await post(second, chat("same")))[2]["choices"][0]["message"]["content"]
+    assert a == b
+
+
+async def test_invalid_requests_are_refused_like_openrouter() -> None:
+    """A body that breaks ChatRequest, or names no valid model, gets a 400 error envelope."""
+    async with Sandbox() as sandbox:
+        status, _, payload = await post(sandbox, chat(temperature="hot"))
+        assert status == 400 and "temperature" in payload["error"]["message"]
+        status, _, payload = await post(sandbox, {**chat(), "model": "gpt4"})
+        assert status == 400 and "not a valid model ID" in payload["error"]["message"]
+
+
+async def test_models_fallback_array_is_honoured() -> None:
+    """OpenRouter's own `models` array: the first model that is up answers, and says so."""
+    config = SandboxConfig(down_models={"openai/gpt-4o-mini"})
+    async with Sandbox(config) as sandbox:
+        _, _, payload = await post(sandbox, chat(models=["anthropic/claude-3.5-haiku"]))
+    assert payload["model"] == "anthropic/claude-3.5-haiku"
+
+
+async def test_max_tokens_cuts_the_answer() -> None:
+    """An answer longer than max_tokens is cut off with finish_reason length."""
+    async with Sandbox() as sandbox:
+        _, _, payload = await post(sandbox, chat(max_tokens=3))
+    assert payload["choices"][0]["finish_reason"] == "length"
+    assert payload["usage"]["completion_tokens"] <= 3
+
+
+async def test_rate_limit_answers_429_with_headers_past_the_rate() -> None:
+    """Past R requests in one second the sandbox answers 429 with Retry-After and X-RateLimit-*."""
+    async with Sandbox(SandboxConfig(rate_limit=3)) as sandbox:
+        statuses = [(await post(sandbox, chat(str(i)))) for i in range(5)]
+    assert [s for s, _, _ in statuses] == [200, 200, 200, 429, 429]
+    headers = statuses[3][1]
+    assert headers["X-RateLimit-Limit"] == "3" and "Retry-After" in headers and len(headers["X-RateLimit-Reset"]) == 13
+    assert sandbox.stats.max_requests_in_one_second == 3
+
+
+async def test_credits_rule_derives_the_rate_and_402s_when_spent() -> None:
+    """rate_limit 'credits' gives 1 request/s per credit left; a spent balance answers 402."""
+    sandbox = Sandbox(SandboxConfig(rate_limit="credits", credits_usd=Decimal("7.9")))
+    assert sandbox.rate_limit_rps() == 7.0
+    async with Sandbox(SandboxConfig(credits_usd=Decimal("0"))) as broke:
+        status, _, payload = await post(broke, chat())
+    assert status == 402 and payload["error"]["code"] == 402
+
+
+async def test_free_model_daily_cap() -> None:
+    """A :free model answers 429 free-models-per-day past its daily cap."""
+    async with Sandbox(SandboxConfig(free_daily_cap=2)) as sandbox:
+        body = {**chat(), "model": "meta-llama/llama-3.3-70b-instruct:free"}
+        statuses = [await post(sandbox, {**body, "seed": i}) for i in range(3)]
+    assert [s for s, _, _ in statuses] == [200, 200, 429]
+    assert "free-models-per-day" in statuses[2][2]["error"]["message"]
+
+
+async def test_usage_cost_can_be_withheld() -> None:
+    """report_cost=False simulates servers that do not report usage.cost."""
+    async with Sandbox(SandboxConfig(report_cost=False)) as sandbox:
+        _, _, payload = await post(sandbox, chat())
+    assert "cost" not in payload["usage"]
+
+
+async def test_generation_endpoint_returns_stats() -> None:
+    """GET /generation?id= returns what the answer cost, and 404 for an unknown id."""
+    async with Sandbox() as sandbox:
+        _, _, payload = await post(sandbox, chat())
+        async with aiohttp.ClientSession() as session:
+            async with session.get(sandbox.base_url + "/generation", params={"id": payload["id"]}) as response:
+                data = (await response.json())["data"]
+            async with session.get(sandbox.base_url + "/generation", params={"id": "gen-nope"}) as response:
+                assert response.status == 404
+    assert data["total_cost"] == payload["usage"]["cost"]
+
+
+def test_unknown_fault_kinds_are_refused() -> None:
+    """A typo in a fault name is an error, not a silently faultless sandbox."""
+    with pytest.raises(ValueError, match="unknown sandbox fault"):
+        SandboxConfig(faults={"ratelimit": 0.5})
