@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import click
@@ -18,7 +19,7 @@ import click
 from batchrunner.errors import SpecError
 from batchrunner.progress import Progress
 from batchrunner.runner import overrides, run_job
-from batchrunner.sandbox import SandboxConfig, serve
+from batchrunner.sandbox import FAULT_KINDS, SandboxConfig, serve
 from batchrunner.spec import load_spec
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
@@ -105,21 +106,75 @@ def run(
     sys.exit(EXIT_SOME_FAILED if report.summary.failed else EXIT_OK)
 
 
+def _fault(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    faults = {}
+    for value in values:
+        kind, _, probability = value.partition("=")
+        try:
+            faults[kind] = float(probability)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: write KIND=PROBABILITY, e.g. rate_limit=0.1") from None
+        if kind not in FAULT_KINDS:
+            raise click.BadParameter(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
+    return faults
+
+
 @main.command()
 @click.option("--port", type=click.IntRange(0, 65535), default=8089, show_default=True, help="Port on 127.0.0.1.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for simulated faults.")
-def sandbox(port: int, seed: int) -> None:
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    callback=_fault,
+    metavar="KIND=P",
+    help=f"Simulate a fault with probability P per request; repeatable. Kinds: {', '.join(FAULT_KINDS)}.",
+)
+@click.option(
+    "--latency",
+    "latency_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds before each answer.",
+)
+@click.option(
+    "--credits", "credits_usd", type=click.FloatRange(min=0), help="The key's credit limit in USD (default: no limit)."
+)
+@click.option(
+    "--rate-limit",
+    "rate_limit",
+    help="Requests per second before 429s, or 'credits' for OpenRouter's rule (1/s per credit left).",
+)
+def sandbox(
+    port: int, seed: int, faults: dict[str, float], latency_s: float, credits_usd: float | None, rate_limit: str | None
+) -> None:
     """Serve the simulated OpenRouter API on 127.0.0.1 until interrupted.
 
     Point a job at it with `api: {base_url: http://127.0.0.1:PORT/api/v1}` or
     OPENROUTER_BASE_URL; any key works.
     """
+    limit: float | str | None = rate_limit
+    if rate_limit not in (None, "credits"):
+        try:
+            limit = float(rate_limit)
+        except ValueError:
+            raise click.BadParameter(
+                "a number of requests per second, or 'credits'", param_hint="--rate-limit"
+            ) from None
+    config = SandboxConfig(
+        seed=seed,
+        faults=faults,
+        latency_s=latency_s,
+        credits_usd=None if credits_usd is None else Decimal(str(credits_usd)),
+        rate_limit=limit,  # type: ignore[arg-type]
+    )
 
     def ready(url: str) -> None:
         click.echo(f"sandbox: serving a simulated OpenRouter API at {url} (Ctrl-C to stop)", err=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(SandboxConfig(seed=seed), port, ready))
+        asyncio.run(serve(config, port, ready))
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([_problem(error, where) for error in exc.errors()]) from None
+        raise SpecError(_by_line([_problem(error, where) for error in exc.errors()])) from None
 
     problems = _request_problems(spec, where)
     try:
@@ -211,8 +211,18 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
     except SpecError as exc:
         problems += [Problem(where(tuple(_split_dotted(p.where))), p.message) for p in exc.problems]
     if problems:
-        raise SpecError(problems)
+        raise SpecError(_by_line(problems))
     return spec
+
+
+def _by_line(problems: list[Problem]) -> list[Problem]:
+    """Problems in the order they appear in the file, so the first one to fix comes first."""
+
+    def line(problem: Problem) -> int:
+        match = re.search(r":(\d+): ", problem.where + " ")
+        return int(match.group(1)) if match else 0
+
+    return sorted(problems, key=line)
 
 
 def _request_problems(spec: JobSpec, where: Any) -> list[Problem]:

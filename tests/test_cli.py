@@ -136,3 +136,9 @@ def test_python_dash_m_runs_the_cli() -> None:
         [sys.executable, "-m", "batchrunner", "run", "--help"], capture_output=True, text=True, check=False
     )
     assert completed.returncode == 0 and "--sandbox" in completed.stdout
+
+
+def test_sandbox_command_refuses_unknown_faults() -> None:
+    """`batchrunner sandbox --fault` names the known fault kinds when given an unknown one."""
+    result = CliRunner().invoke(main, ["sandbox", "--fault", "ratelimit=0.5"])
+    assert result.exit_code == 2 and "known: rate_limit" in result.output
