@@ -204,13 +204,19 @@ class Engine:
                 self.progress.retry(-1)
 
     @staticmethod
-    def _ok(item: WorkItem, completion: Completion, attempts: int, cost: Decimal) -> RowResult:
-        usage = completion.usage
+    def _result(item: WorkItem, **fields: Any) -> RowResult:
         return RowResult(
             row_index=item.row.index,
             row_id=item.row.id,
             model_position=item.model_position,
             requested_model=item.requested_model,
+            **fields,
+        )
+
+    def _ok(self, item: WorkItem, completion: Completion, attempts: int, cost: Decimal) -> RowResult:
+        usage = completion.usage
+        return self._result(
+            item,
             status="ok",
             model=completion.model or None,
             response=completion.text,
@@ -226,16 +232,6 @@ class Engine:
             provider=completion.provider,
         )
 
-    @staticmethod
-    def _failed(item: WorkItem, error: ApiError | None, attempts: int, cost: Decimal) -> RowResult:
+    def _failed(self, item: WorkItem, error: ApiError | None, attempts: int, cost: Decimal) -> RowResult:
         text = " ".join(str(error or "no model answered").split())
-        return RowResult(
-            row_index=item.row.index,
-            row_id=item.row.id,
-            model_position=item.model_position,
-            requested_model=item.requested_model,
-            status="failed",
-            error=text[:500],
-            cost_usd=cost,
-            attempts=attempts,
-        )
+        return self._result(item, status="failed", error=text[:500], cost_usd=cost, attempts=attempts)
