@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from batchrunner.errors import SpecError
+from batchrunner.errors import RunHalted, SpecError
 from batchrunner.progress import Progress
 from batchrunner.runner import overrides, run_job
 from batchrunner.sandbox import FAULT_KINDS, SandboxConfig, serve
@@ -95,13 +95,18 @@ def run(
     except SpecError as error:
         _refuse(error)
         return
+    except RunHalted as error:
+        click.echo(f"stopped before sending anything: {error}", err=True)
+        sys.exit(EXIT_STOPPED)
     report = outcome.report
     click.echo(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
     for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending):
         click.echo(f"  {line}")
-    if report.halted:
-        click.echo(f"stopped early: {report.halted}", err=True)
-        click.echo("rerun the same command to continue once that is resolved.", err=True)
+    if report.halted or report.deferred:
+        click.echo(f"stopped early: {report.halted or report.deferred}", err=True)
+        click.echo(
+            f"{report.pending} rows are pending; rerun the same command to continue once that is resolved.", err=True
+        )
         sys.exit(EXIT_STOPPED)
     sys.exit(EXIT_SOME_FAILED if report.summary.failed else EXIT_OK)
 

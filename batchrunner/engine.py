@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from batchrunner.breaker import Breaker
 from batchrunner.client import Client, Completion
 from batchrunner.costs import ZERO_USD
 from batchrunner.dataset import Dataset, Row
-from batchrunner.errors import ApiError, FatalApiError, RequestRejected, TransientError
+from batchrunner.errors import ApiError, FatalApiError, RateLimited, RequestRejected, TransientError
+from batchrunner.limits import FreeModelCapReached, Limits, is_free
 from batchrunner.progress import Progress
 from batchrunner.prompt import PromptTemplate
 from batchrunner.records import RowResult, Summary
@@ -46,6 +48,7 @@ class RunReport:
     halted: str | None = None  # why the run stopped early, if it did
     halt_error: ApiError | None = None
     results: list[RowResult] = field(default_factory=list)
+    deferred: str | None = None  # why some rows were left for a later run (a free-model daily cap)
 
     @property
     def pending(self) -> int:
@@ -63,12 +66,18 @@ class Engine:
         client: Client,
         *,
         retry: RetryPolicy | None = None,
+        limits: Limits | None = None,
+        breaker: Breaker | None = None,
         progress: Progress | None = None,
         sink: Callable[[RowResult], None] | None = None,
     ) -> None:
         self.spec = spec
         self.client = client
-        self.retry = retry or RetryPolicy()
+        settings = spec.retry
+        self.retry = retry or RetryPolicy(settings.max_attempts, settings.base_delay_s, settings.max_delay_s)
+        self.limits = limits or Limits(float("inf"), free_cap=spec.free_requests_per_day)
+        self.breaker = breaker or Breaker()
+        self.deferred: str | None = None
         self.progress = progress
         self.sink = sink
         self.template: PromptTemplate = spec.prompt_template()
@@ -144,7 +153,8 @@ class Engine:
             for worker in workers:
                 worker.cancel()
             self._queue = None
-        return RunReport(summary, total, time.monotonic() - started, self._halt_reason, self._halt_error, results)
+        wall_s = time.monotonic() - started
+        return RunReport(summary, total, wall_s, self._halt_reason, self._halt_error, results, self.deferred)
 
     def _render(self, row: Row) -> Any:
         if self.spec.endpoint == "completions":
@@ -156,41 +166,86 @@ class Engine:
         body["prompt" if self.spec.endpoint == "completions" else "messages"] = item.prompt
         return body
 
-    async def _send(self, body: dict[str, Any]) -> Completion:
+    async def _send(self, body: dict[str, Any], model: str) -> Completion:
+        timeout_s = self.spec.timeout_s * (2 if is_free(model) else 1)
         if self.spec.endpoint == "completions":
-            return await self.client.text_completion(body, timeout_s=self.spec.timeout_s)
-        return await self.client.chat(body, timeout_s=self.spec.timeout_s)
+            return await self.client.text_completion(body, timeout_s=timeout_s)
+        return await self.client.chat(body, timeout_s=timeout_s)
+
+    def _defer(self, model: str, cap: FreeModelCapReached) -> None:
+        """Leave this row for a later run: the free-model cap is not the row's fault."""
+        self.breaker.release(model)
+        self.deferred = str(cap)
 
     async def _process(self, item: WorkItem) -> RowResult:
-        """Answer one (row, model): retries on the model, then its fallbacks, in order."""
+        """Answer one (row, model): retries on the model, then its fallbacks, in order.
+
+        Raises _Halt to leave the row pending (the run is stopping, or free models are
+        capped for the day); every other outcome is a RowResult.
+        """
         attempts = 0
         cost = ZERO_USD
         last_error: ApiError | None = None
-        for model in self.spec.model_chain(item.requested_model):
+        chain = self.spec.model_chain(item.requested_model)
+        for position, model in enumerate(chain):
+            has_fallback = position + 1 < len(chain)
             body = self._body(item, model)
-            for attempt in range(1, self.retry.max_attempts + 1):
+            tries = 0
+            while tries < self.retry.max_attempts:
                 if self.stopping:
                     raise _Halt
+                decision = self.breaker.decide(model)
+                if decision == "skip":
+                    if has_fallback:
+                        last_error = TransientError(
+                            f"{model} skipped: it keeps failing (circuit open)", code="circuit_open"
+                        )
+                        break
+                    failed_probes = self.breaker.failed_probes(model)
+                    await self.breaker.wait(model)
+                    tries += self.breaker.failed_probes(model) - failed_probes
+                    last_error = TransientError(
+                        f"{model} is unavailable: every probe of it failed", code="circuit_open"
+                    )
+                    continue
+                try:
+                    await self.limits.acquire(model)
+                except FreeModelCapReached as cap:
+                    self._defer(model, cap)
+                    raise _Halt from cap
+                tries += 1
                 attempts += 1
                 try:
-                    completion = await self._send(body)
+                    completion = await self._send(body, model)
                 except FatalApiError as exc:
-                    self.stop(str(exc), exc)
+                    if exc.code == "free_daily_cap":
+                        self._defer(model, self.limits.cap_reached(model))
+                    else:
+                        self.breaker.release(model)
+                        self.stop(str(exc), exc)
                     raise _Halt from exc
                 except TransientError as exc:
                     cost += exc.cost_usd or ZERO_USD
                     last_error = exc
-                    if attempt == self.retry.max_attempts:
-                        break
-                    await self._backoff(attempt, exc)
+                    if isinstance(exc, RateLimited):
+                        self.breaker.release(model)
+                        self.limits.rate_limited()
+                    else:
+                        self.breaker.record(model, ok=False)
+                    if tries < self.retry.max_attempts and not self.breaker.is_open(model):
+                        await self._backoff(tries, exc)
                     continue
                 except RequestRejected as exc:
                     cost += exc.cost_usd or ZERO_USD
                     last_error = exc
+                    if exc.status == 404:  # no endpoints for this model: its problem, not the row's
+                        self.breaker.record(model, ok=False)
+                    else:
+                        self.breaker.release(model)
                     break
+                self.breaker.record(model, ok=True)
                 return self._ok(item, completion, attempts, cost + (completion.usage.cost_usd or ZERO_USD))
-            if last_error is not None:
-                log.debug("row %s: %s failed: %s", item.row.id, model, last_error)
+            log.debug("row %s: %s gave up: %s", item.row.id, model, last_error)
         return self._failed(item, last_error, attempts, cost)
 
     async def _backoff(self, attempt: int, error: TransientError) -> None:

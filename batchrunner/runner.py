@@ -19,13 +19,14 @@ from typing import Any
 from batchrunner.client import Client
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.engine import Engine, RunReport
-from batchrunner.errors import Problem, SpecError
+from batchrunner.errors import ApiError, FatalApiError, Problem, RunHalted, SpecError
+from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.output import write_output
 from batchrunner.progress import Progress
 from batchrunner.records import RESULT_SCHEMA
 from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import Sandbox, SandboxConfig
-from batchrunner.spec import JobSpec
+from batchrunner.spec import JobSpec, RateLimit
 
 log = logging.getLogger("batchrunner")
 SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
@@ -85,6 +86,7 @@ async def run_job(
     retry: RetryPolicy | None = None,
     progress_factory: Callable[[int], Progress] | None = None,
     on_start: Callable[[str | None], None] | None = None,
+    credit_refresh_s: float = 5.0,
 ) -> Outcome:
     """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL."""
     dataset = prepare(spec)
@@ -100,14 +102,22 @@ async def run_job(
         async with Client(
             base_url, api_key=key, headers=spec.api.headers, timeout_s=spec.timeout_s, max_connections=spec.concurrency
         ) as client:
+            limits, key_info = await plan_limits(spec, client, key)
             rows = dataset.count() if limit is None else min(limit, dataset.count())
             progress = progress_factory(rows * len(spec.models)) if progress_factory else None
-            engine = Engine(spec, client, retry=retry, progress=progress)
+            engine = Engine(spec, client, retry=retry, limits=limits, progress=progress)
             restore = _install_signal_handlers(engine)
+            follower = (
+                asyncio.create_task(follow_credits(client, limits, credit_refresh_s))
+                if key_info is not None and key_info.get("limit_remaining") is not None
+                else None
+            )
             try:
                 report = await engine.run(dataset, limit=limit)
             finally:
                 restore()
+                if follower is not None:
+                    follower.cancel()
                 if progress is not None:
                     progress.close()
     finally:
@@ -117,6 +127,53 @@ async def run_job(
     written = write_output(dataset, report.results, spec.output)
     log.debug("wrote %d rows to %s in %.2f s", written, spec.output, time.monotonic() - started)
     return Outcome(report, spec.output, written, server.base_url if server else None)
+
+
+async def plan_limits(spec: JobSpec, client: Client, api_key: str | None) -> tuple[Limits, dict[str, Any] | None]:
+    """The rate to run at, and why: the spec's, or OpenRouter's credit rule applied to GET /key.
+
+    A key the server rejects stops the job here, before any completion is requested.
+    """
+    key_info: dict[str, Any] | None = None
+    if isinstance(spec.rate_limit, RateLimit):
+        rps, why = spec.rate_limit.rps, "set by rate_limit in the spec"
+    else:
+        try:
+            key_info = await client.key_info()
+        except FatalApiError as exc:
+            raise RunHalted(str(exc)) from exc
+        except ApiError as exc:
+            rps, why = SURGE_LIMIT_RPS, f"the key's limits could not be read ({exc}); assuming the surge limit"
+        else:
+            rps, why = rate_from_key(key_info)
+    log.info("rate limit: %g requests/s (%s); at most %d in flight", rps, why, spec.concurrency)
+    usage = (
+        FreeUsage.load(state_dir(), api_key)
+        if any(m.endswith(":free") for m in [*spec.models, *spec.fallbacks])
+        else None
+    )
+    cap = spec.free_requests_per_day
+    daily = (key_info or {}).get("free_model_daily_requests")
+    if isinstance(daily, dict) and isinstance(daily.get("limit"), int):  # the server's own count beats ours
+        cap = daily["limit"]
+        if usage is not None and isinstance(daily.get("used"), int):
+            usage.used = max(usage.used, daily["used"])
+    return Limits(rps, free_cap=cap, free_usage=usage), key_info
+
+
+async def follow_credits(client: Client, limits: Limits, every_s: float) -> None:
+    """Re-read the key's credits as the run spends them, and re-apply the credit rule."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            info = await client.key_info()
+        except ApiError as exc:
+            log.debug("could not re-read the key's limits: %s", exc)
+            continue
+        rps, why = rate_from_key(info)
+        if abs(rps - limits.pacer.limit_rps) > 0.05 * limits.pacer.limit_rps:
+            log.info("rate limit now %g requests/s (%s)", rps, why)
+        limits.pacer.set_limit(rps)
 
 
 def _install_signal_handlers(engine: Engine) -> Callable[[], None]:

@@ -55,6 +55,35 @@ class ApiSettings(_Strict):
         return value.rstrip("/") if value else value
 
 
+class RateLimit(_Strict):
+    """An explicit rate instead of the one OpenRouter's credit rule gives."""
+
+    requests_per_second: Annotated[float, Field(gt=0)] | None = None
+    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RateLimit:
+        if (self.requests_per_second is None) == (self.requests_per_minute is None):
+            raise ValueError(
+                "give exactly one of requests_per_second or requests_per_minute (or write `rate_limit: auto`)"
+            )
+        return self
+
+    @property
+    def rps(self) -> float:
+        return (
+            self.requests_per_second if self.requests_per_second is not None else (self.requests_per_minute or 0) / 60
+        )
+
+
+class RetrySettings(_Strict):
+    """How hard to try one model before its fallbacks: attempts, and backoff between them."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=50)] = 5
+    base_delay_s: Annotated[float, Field(ge=0)] = 1.0
+    max_delay_s: Annotated[float, Field(ge=0)] = 60.0
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str
@@ -77,7 +106,10 @@ class JobSpec(_Strict):
     response_format: dict[str, Any] | None = None
     concurrency: Annotated[int, Field(ge=1, le=4096)] = 16
     endpoint: Literal["chat", "completions"] = "chat"
-    timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    timeout_s: Annotated[float, Field(gt=0)] = 300.0  # per request; doubled for :free models
+    rate_limit: Literal["auto"] | RateLimit = "auto"
+    free_requests_per_day: Annotated[int, Field(ge=1)] = 200
+    retry: RetrySettings = RetrySettings()
     api: ApiSettings = ApiSettings()
 
     @field_validator("models", "fallbacks", mode="before")
@@ -203,7 +235,7 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_by_line([_problem(error, where) for error in exc.errors()])) from None
+        raise SpecError(_by_line([_problem(error, where) for error in _without_union_noise(exc.errors())])) from None
 
     problems = _request_problems(spec, where)
     try:
@@ -250,6 +282,20 @@ def _request_problems(spec: JobSpec, where: Any) -> list[Problem]:
         prefix = () if top in ("provider", "response_format") else ("params",)
         problems.append(Problem(where(prefix + loc), message))
     return problems
+
+
+def _without_union_noise(errors: list[Any]) -> list[Any]:
+    """Pydantic reports a value that fits no branch of `"auto" | {...}` once per branch, under
+    tags such as "literal['auto']". Keep the branch the user was writing (a string or a
+    mapping) and drop the tags from the field path."""
+    kept = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        at_union = bool(loc) and isinstance(loc[-1], str) and "[" in loc[-1]
+        if at_union and (error["type"] == "literal_error") != isinstance(error.get("input"), str):
+            continue
+        kept.append({**error, "loc": tuple(p for p in loc if not (isinstance(p, str) and "[" in p))})
+    return kept
 
 
 def _problem(error: Any, where: Any) -> Problem:

@@ -17,6 +17,14 @@ from batchrunner.sandbox import Sandbox, SandboxConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep state that outlives a job (the free-model daily count) inside the test's folder."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("BATCHRUNNER_STATE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def tickets_csv(tmp_path: Path) -> Path:
     """A small input: 12 tickets with ids, subjects and text."""

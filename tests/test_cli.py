@@ -121,13 +121,14 @@ def test_malformed_key_for_openrouter_exits_2(write_spec: Callable[..., Path]) -
 def test_rejected_key_exits_3_and_keeps_the_key_secret(
     write_spec: Callable[..., Path], sandbox_in_thread: Callable[[SandboxConfig], object]
 ) -> None:
-    """A 401 from the server stops the run with exit 3, says what to check, and never shows the key."""
+    """A rejected key stops the job at GET /key (exit 3) before any completion, says what to check, never shows the key."""
     sandbox = sandbox_in_thread(SandboxConfig(require_key=True, api_key="sk-or-v1-right"))
     env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-wrong-secret"}  # type: ignore[attr-defined]
     result = invoke("run", str(write_spec()), env=env)
     assert result.exit_code == 3, result.output
-    assert "stopped early" in result.stderr and "sk-or-v1-" in result.stderr
+    assert "stopped before sending anything" in result.stderr and "sk-or-v1-" in result.stderr
     assert "wrong-secret" not in result.output
+    assert sandbox.stats.requests == 0  # type: ignore[attr-defined]
 
 
 def test_python_dash_m_runs_the_cli() -> None:

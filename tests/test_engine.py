@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from batchrunner import openapi
+from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.engine import Engine, RunReport
 from batchrunner.output import output_frame
@@ -91,17 +92,38 @@ async def test_fault_mix_ends_with_every_row_answered_once(write_spec: Callable[
 
 
 async def test_rows_go_to_the_fallback_when_the_model_is_down(write_spec: Callable[..., Path]) -> None:
-    """A model that is down exhausts its retries, then the fallback answers; both are recorded."""
-    spec = load_spec(write_spec(fallbacks=["anthropic/claude-3.5-haiku"]))
+    """A model that is down: every row is answered by the fallback, and the breaker caps calls to the dead model."""
+    spec = load_spec(write_spec(fallbacks=["anthropic/claude-3.5-haiku"], concurrency=3))
+    breaker = Breaker(threshold=4, cooldown_s=60)
     async with Sandbox(SandboxConfig(down_models={"openai/gpt-4o-mini"})) as sandbox:
-        report = await run(spec, sandbox, retry=RetryPolicy.immediate(max_attempts=2))
+        dataset = prepare(spec)
+        async with Client(sandbox.base_url) as client:
+            report = await Engine(spec, client, retry=RetryPolicy.immediate(max_attempts=3), breaker=breaker).run(
+                dataset
+            )
     assert report.summary.ok == 12
-    for result in report.results:
-        assert (result.requested_model, result.model, result.attempts) == (
-            "openai/gpt-4o-mini",
-            "anthropic/claude-3.5-haiku",
-            3,
-        )
+    assert {(r.requested_model, r.model) for r in report.results} == {
+        ("openai/gpt-4o-mini", "anthropic/claude-3.5-haiku")
+    }
+    assert sandbox.stats.by_model["openai/gpt-4o-mini"] <= breaker.threshold + spec.concurrency
+    assert sandbox.stats.by_model["anthropic/claude-3.5-haiku"] == 12
+    assert breaker.is_open("openai/gpt-4o-mini")
+
+
+async def test_without_a_fallback_rows_wait_for_the_probe_and_fail_when_it_fails(
+    write_spec: Callable[..., Path],
+) -> None:
+    """With no fallback, rows wait on the open circuit; failed probes count as their attempts, so they end failed."""
+    spec = load_spec(write_spec(concurrency=4))
+    breaker = Breaker(threshold=2, cooldown_s=0.01, max_cooldown_s=0.02)
+    async with Sandbox(SandboxConfig(down_models={"openai/gpt-4o-mini"})) as sandbox:
+        dataset = prepare(spec)
+        async with Client(sandbox.base_url) as client:
+            report = await Engine(spec, client, retry=RetryPolicy.immediate(max_attempts=3), breaker=breaker).run(
+                dataset
+            )
+    assert report.summary.failed == 12
+    assert sandbox.stats.requests < 12 * 3, "the breaker should have spared the dead model some requests"
 
 
 async def test_rejected_request_fails_the_row_without_retrying(write_spec: Callable[..., Path]) -> None:

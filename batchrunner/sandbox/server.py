@@ -73,6 +73,7 @@ class SandboxStats:
     requests: int = 0
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     answered: collections.Counter[str] = field(default_factory=collections.Counter)  # request key -> 200 answers
+    by_model: collections.Counter[str] = field(default_factory=collections.Counter)  # requests per `model`
     charged_usd: Decimal = ZERO_USD
     max_requests_in_one_second: int = 0
     bodies: list[dict[str, Any]] = field(default_factory=list)
@@ -303,6 +304,7 @@ class Sandbox:
         chain = [m for m in [body.get("model"), *(body.get("models") or [])] if isinstance(m, str)]
         if not chain:
             return _error(400, "No model specified", error_type="invalid_request")
+        self.stats.by_model[chain[0]] += 1
         for model in chain:
             if not catalog.is_valid_slug(model) and model != catalog.AUTO_ROUTER:
                 return _error(400, f"{model} is not a valid model ID", error_type="invalid_request")

@@ -1,0 +1,223 @@
+"""Rate limits: how fast requests may go, kept busy but never over.
+
+- The account's rate: OpenRouter's credit rule (one request/s per credit left, 1 to 500/s;
+  a key without a limit gets 500/s), or the spec's explicit rate. It is re-read while the
+  run spends, and lowered multiplicatively on a 429, then recovered gradually.
+- `:free` models: at most 20 requests a minute each, and a daily cap across free models that
+  persists between runs (a state file), so tomorrow's cron run knows what today used.
+
+Pacing uses aiolimiter with a bucket of one request (`AsyncLimiter(1, 1/R)`): requests are
+spaced 1/R apart and never burst. (`AsyncLimiter(R, 1)` would admit R at once and then R
+more in the same second.) The pace is 99% of the limit so that network jitter cannot push
+a one-second window on the server over it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiolimiter import AsyncLimiter
+
+log = logging.getLogger("batchrunner")
+
+SURGE_LIMIT_RPS = 500.0
+MIN_RPS = 1.0
+FREE_REQUESTS_PER_MINUTE = 20
+PACE_MARGIN = 0.99
+DECREASE_FACTOR = 0.5  # on a 429: halve the sending rate...
+MIN_FACTOR = 1 / 32
+RECOVERY_PER_S = 0.05  # ...then win back 5% of the limit per second without one
+
+
+def is_free(model: str) -> bool:
+    return model.endswith(":free")
+
+
+def rate_from_key(info: dict[str, Any]) -> tuple[float, str]:
+    """OpenRouter's credit rule applied to GET /key: (requests per second, why)."""
+    remaining = info.get("limit_remaining")
+    if remaining is None:
+        return SURGE_LIMIT_RPS, "the key has no credit limit: the surge limit of 500 requests/s"
+    try:
+        credits = float(remaining)
+    except (TypeError, ValueError):
+        return SURGE_LIMIT_RPS, f"limit_remaining {remaining!r} is not a number: the surge limit of 500 requests/s"
+    rps = min(SURGE_LIMIT_RPS, max(MIN_RPS, math.floor(credits)))
+    return rps, f"{credits:.2f} credits remaining: one request/s per credit, {rps:g} requests/s"
+
+
+class Pacer:
+    """Admits requests at most `rate_rps` per second, evenly spaced; the rate can change live."""
+
+    def __init__(self, rate_rps: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.limit_rps = rate_rps  # what we are allowed
+        self.factor = 1.0  # adaptive share of the limit we use, after 429s
+        self._factor_at = clock()
+        self._limiter = self._new_limiter()
+
+    @property
+    def rate_rps(self) -> float:
+        """The pace right now."""
+        return max(self.limit_rps * self.factor * PACE_MARGIN, 1e-3)
+
+    def _new_limiter(self) -> AsyncLimiter | None:
+        self._limiter_rate = self.rate_rps
+        return None if math.isinf(self._limiter_rate) else AsyncLimiter(1, 1 / self._limiter_rate)
+
+    def set_limit(self, rate_rps: float) -> None:
+        self.limit_rps = rate_rps
+
+    def slow_down(self) -> None:
+        """A 429 came anyway (a shared key, an upstream limit): halve the pace."""
+        self._recover()
+        self.factor = max(MIN_FACTOR, self.factor * DECREASE_FACTOR)
+        log.info("rate limited: pacing at %.1f requests/s for now", self.rate_rps)
+
+    def _recover(self) -> None:
+        now = self._clock()
+        self.factor = min(1.0, self.factor + RECOVERY_PER_S * (now - self._factor_at))
+        self._factor_at = now
+
+    async def acquire(self) -> None:
+        while True:
+            self._recover()
+            if (
+                self.rate_rps != self._limiter_rate
+                and not abs(self.rate_rps - self._limiter_rate) <= 0.005 * self.rate_rps
+            ):
+                # A new pace: a fresh limiter, charged as if a request had just gone (it may
+                # have, through the old one), so the swap itself never lets two through at once.
+                self._limiter = self._new_limiter()
+                if self._limiter is not None:
+                    await self._limiter.acquire()
+            limiter = self._limiter
+            if limiter is None:  # no limit at all
+                return
+            await limiter.acquire()
+            if limiter is self._limiter:  # admitted at the current pace, not by a replaced limiter
+                return
+
+
+class FreeModelCapReached(Exception):
+    """The daily cap on `:free` requests is used up; `resets_at` is the next UTC midnight."""
+
+    def __init__(self, model: str, cap: int, resets_at: dt.datetime) -> None:
+        self.model, self.cap, self.resets_at = model, cap, resets_at
+        wait = resets_at - dt.datetime.now(dt.UTC)
+        hours, minutes = divmod(max(0, int(wait.total_seconds())) // 60, 60)
+        super().__init__(
+            f"free-model daily cap of {cap} requests reached ({model}); it resets at {resets_at:%Y-%m-%d %H:%M} UTC (in {hours} h {minutes} min)"
+        )
+
+
+def next_utc_midnight(now: dt.datetime | None = None) -> dt.datetime:
+    now = now or dt.datetime.now(dt.UTC)
+    return dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+
+
+def state_dir() -> Path:
+    """Where batchrunner keeps state that outlives a job: $BATCHRUNNER_STATE_DIR, else XDG."""
+    if explicit := os.environ.get("BATCHRUNNER_STATE_DIR"):
+        return Path(explicit)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "batchrunner"
+
+
+@dataclass
+class FreeUsage:
+    """Today's count of `:free` requests for one key, persisted to a small JSON file.
+
+    OpenRouter's daily cap counts requests per account and resets at UTC midnight; the file
+    is keyed by a hash of the API key (never the key itself) and by the UTC date.
+    """
+
+    path: Path
+    account: str
+    day: str
+    used: int = 0
+
+    @classmethod
+    def load(cls, directory: Path, api_key: str | None, *, today: dt.date | None = None) -> FreeUsage:
+        account = hashlib.sha256((api_key or "no-key").encode()).hexdigest()[:16]
+        day = (today or dt.datetime.now(dt.UTC).date()).isoformat()
+        path = directory / "free-model-usage.json"
+        used = 0
+        try:
+            entry = json.loads(path.read_text()).get(account, {})
+            if entry.get("day") == day:
+                used = int(entry.get("used", 0))
+        except (OSError, ValueError, AttributeError):
+            pass
+        return cls(path, account, day, used)
+
+    def save(self) -> None:
+        try:
+            data = json.loads(self.path.read_text()) if self.path.exists() else {}
+            if not isinstance(data, dict):
+                data = {}
+        except (OSError, ValueError):
+            data = {}
+        data[self.account] = {"day": self.day, "used": self.used}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(data, indent=1))
+        os.replace(temporary, self.path)
+
+
+class Limits:
+    """Everything that decides when the next request to a model may go."""
+
+    def __init__(
+        self,
+        rate_rps: float,
+        *,
+        free_cap: int = 200,
+        free_usage: FreeUsage | None = None,
+        free_per_minute: float = FREE_REQUESTS_PER_MINUTE,
+    ) -> None:
+        self.pacer = Pacer(rate_rps)
+        self.free_cap = free_cap
+        self.free_usage = free_usage
+        self._free_interval_s = 60 / free_per_minute / PACE_MARGIN
+        self._free_pacers: dict[str, AsyncLimiter] = {}
+        self.free_cap_reached: FreeModelCapReached | None = None
+
+    def cap_reached(self, model: str) -> FreeModelCapReached:
+        """Stop sending to free models until UTC midnight (the server said so, or our count did)."""
+        if self.free_cap_reached is None:
+            self.free_cap_reached = FreeModelCapReached(model, self.free_cap, next_utc_midnight())
+            log.warning("%s", self.free_cap_reached)
+            if self.free_usage is not None and self.free_usage.used < self.free_cap:
+                self.free_usage.used = self.free_cap
+                self.free_usage.save()
+        return self.free_cap_reached
+
+    async def acquire(self, model: str) -> None:
+        """Wait for the next slot for `model`; FreeModelCapReached when free models are out for the day."""
+        if is_free(model):
+            if self.free_cap_reached is not None:
+                raise self.free_cap_reached
+            if model not in self._free_pacers:
+                self._free_pacers[model] = AsyncLimiter(1, self._free_interval_s)
+            await self._free_pacers[model].acquire()
+            usage = self.free_usage
+            if usage is not None:
+                if usage.used >= self.free_cap:
+                    raise self.cap_reached(model)
+                usage.used += 1
+                usage.save()
+        await self.pacer.acquire()
+
+    def rate_limited(self) -> None:
+        self.pacer.slow_down()
