@@ -184,12 +184,12 @@ class Limits:
         *,
         free_cap: int = 200,
         free_usage: FreeUsage | None = None,
-        free_per_minute: float = FREE_REQUESTS_PER_MINUTE,
+        free_per_minute: float | None = None,
     ) -> None:
         self.pacer = Pacer(rate_rps)
         self.free_cap = free_cap
         self.free_usage = free_usage
-        self._free_interval_s = 60 / free_per_minute / PACE_MARGIN
+        self._free_interval_s = 60 / (free_per_minute or FREE_REQUESTS_PER_MINUTE) / PACE_MARGIN
         self._free_pacers: dict[str, AsyncLimiter] = {}
         self.free_cap_reached: FreeModelCapReached | None = None
 

@@ -102,7 +102,7 @@ async def run_job(
         async with Client(
             base_url, api_key=key, headers=spec.api.headers, timeout_s=spec.timeout_s, max_connections=spec.concurrency
         ) as client:
-            limits, key_info = await plan_limits(spec, client, key)
+            limits, key_info = await plan_limits(spec, client, key, count_free_usage=server is None)
             rows = dataset.count() if limit is None else min(limit, dataset.count())
             progress = progress_factory(rows * len(spec.models)) if progress_factory else None
             engine = Engine(spec, client, retry=retry, limits=limits, progress=progress)
@@ -129,7 +129,9 @@ async def run_job(
     return Outcome(report, spec.output, written, server.base_url if server else None)
 
 
-async def plan_limits(spec: JobSpec, client: Client, api_key: str | None) -> tuple[Limits, dict[str, Any] | None]:
+async def plan_limits(
+    spec: JobSpec, client: Client, api_key: str | None, *, count_free_usage: bool = True
+) -> tuple[Limits, dict[str, Any] | None]:
     """The rate to run at, and why: the spec's, or OpenRouter's credit rule applied to GET /key.
 
     A key the server rejects stops the job here, before any completion is requested.

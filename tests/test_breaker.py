@@ -1,0 +1,69 @@
+"""The circuit breaker: opens after failures in a row, probes after a cooldown, closes on success."""
+
+from __future__ import annotations
+
+import asyncio
+
+from batchrunner.breaker import Breaker
+
+
+def make() -> tuple[Breaker, list[float]]:
+    now = [0.0]
+    return Breaker(threshold=3, cooldown_s=10, max_cooldown_s=25, clock=lambda: now[0]), now
+
+
+def test_opens_after_threshold_failures_in_a_row() -> None:
+    """Three failures in a row open the circuit; a success in between resets the count."""
+    breaker, _ = make()
+    for ok in (False, False, True, False, False):
+        assert breaker.decide("m") == "send"
+        breaker.record("m", ok=ok)
+    assert not breaker.is_open("m")
+    breaker.record("m", ok=False)
+    assert breaker.is_open("m") and breaker.decide("m") == "skip"
+
+
+def test_one_probe_after_cooldown_then_close_or_reopen_longer() -> None:
+    """After the cooldown exactly one probe goes; failure reopens for twice as long (capped), success closes."""
+    breaker, now = make()
+    for _ in range(3):
+        breaker.record("m", ok=False)
+    now[0] = 10.0
+    assert breaker.decide("m") == "probe"
+    assert breaker.decide("m") == "skip", "only one probe at a time"
+    breaker.record("m", ok=False)
+    assert breaker.failed_probes("m") == 1
+    now[0] = 29.0
+    assert breaker.decide("m") == "skip", "the second cooldown is 20 s"
+    now[0] = 30.0
+    assert breaker.decide("m") == "probe"
+    breaker.record("m", ok=False)
+    now[0] = 54.0
+    assert breaker.decide("m") == "skip", "cooldown capped at 25 s"
+    now[0] = 55.0
+    assert breaker.decide("m") == "probe"
+    breaker.record("m", ok=True)
+    assert not breaker.is_open("m") and breaker.decide("m") == "send"
+
+
+def test_release_frees_the_probe_without_a_verdict() -> None:
+    """A probe that was rate limited (no word on health) lets another probe go."""
+    breaker, now = make()
+    for _ in range(3):
+        breaker.record("m", ok=False)
+    now[0] = 10.0
+    assert breaker.decide("m") == "probe"
+    breaker.release("m")
+    assert breaker.decide("m") == "probe"
+
+
+async def test_waiters_wake_when_a_probe_reports() -> None:
+    """Rows waiting on an open circuit wake as soon as the probe's outcome is recorded."""
+    breaker = Breaker(threshold=1, cooldown_s=0)
+    breaker.record("m", ok=False)
+    assert breaker.decide("m") == "probe"
+    waiter = asyncio.create_task(breaker.wait("m"))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    breaker.record("m", ok=True)
+    await asyncio.wait_for(waiter, 1)

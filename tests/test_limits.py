@@ -1,0 +1,111 @@
+"""Rate limits: the credit rule, even pacing that never bursts, adaptation, free-model caps."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from batchrunner.limits import FreeModelCapReached, FreeUsage, Limits, Pacer, rate_from_key
+
+
+@pytest.mark.parametrize(
+    ("remaining", "rps"),
+    [(None, 500.0), (0.4, 1.0), (7.9, 7.0), (42, 42.0), (10_000, 500.0), ("junk", 500.0)],
+)
+def test_credit_rule(remaining: object, rps: float) -> None:
+    """One request/s per credit remaining, at least 1, at most the surge limit; no limit means the surge limit."""
+    assert rate_from_key({"limit_remaining": remaining})[0] == rps
+
+
+def max_in_any_window(times: list[float], window_s: float = 1.0) -> int:
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+async def test_pacer_spaces_requests_evenly_and_never_bursts() -> None:
+    """At 40 requests/s, 45 concurrent acquirers are let through one every ~1/40 s, never 41 in a second."""
+    pacer = Pacer(40)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def one() -> None:
+        await pacer.acquire()
+        times.append(loop.time())
+
+    await asyncio.gather(*(one() for _ in range(45)))
+    times.sort()
+    assert max_in_any_window(times) <= 40
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= 1 / 40 * 0.95
+    assert times[-1] - times[0] == pytest.approx(44 / (40 * 0.99), rel=0.1), "and it keeps the limit busy"
+
+
+async def test_pacer_follows_a_new_limit_live() -> None:
+    """set_limit takes effect for the next request without a restart."""
+    pacer = Pacer(1000)
+    loop = asyncio.get_running_loop()
+    for _ in range(3):
+        await pacer.acquire()
+    pacer.set_limit(20)
+    start = loop.time()
+    for _ in range(4):
+        await pacer.acquire()
+    assert loop.time() - start >= 3 / 20
+
+
+def test_slow_down_halves_then_recovers() -> None:
+    """A 429 halves the pace; it climbs back by 5% of the limit per second."""
+    now = [0.0]
+    pacer = Pacer(100, clock=lambda: now[0])
+    pacer.slow_down()
+    assert pacer.factor == 0.5
+    now[0] = 4.0
+    pacer._recover()
+    assert pacer.factor == pytest.approx(0.7)
+    now[0] = 100.0
+    pacer._recover()
+    assert pacer.factor == 1.0
+
+
+def test_free_usage_persists_per_key_and_day(tmp_path: Path) -> None:
+    """Today's free count survives a restart, is kept per key (hashed), and starts over on a new day."""
+    today = dt.date(2026, 11, 25)
+    usage = FreeUsage.load(tmp_path, "sk-or-v1-a", today=today)
+    usage.used = 17
+    usage.save()
+    assert FreeUsage.load(tmp_path, "sk-or-v1-a", today=today).used == 17
+    assert FreeUsage.load(tmp_path, "sk-or-v1-b", today=today).used == 0
+    assert FreeUsage.load(tmp_path, "sk-or-v1-a", today=today + dt.timedelta(days=1)).used == 0
+    assert "sk-or-v1-a" not in (tmp_path / "free-model-usage.json").read_text()
+    json.loads((tmp_path / "free-model-usage.json").read_text())
+
+
+async def test_free_cap_stops_free_models_only(tmp_path: Path) -> None:
+    """At the daily cap a free model raises FreeModelCapReached (saying when it resets); paid models go on."""
+    usage = FreeUsage.load(tmp_path, "k")
+    limits = Limits(float("inf"), free_cap=2, free_usage=usage, free_per_minute=60_000)
+    await limits.acquire("x/y:free")
+    await limits.acquire("x/z:free")
+    with pytest.raises(FreeModelCapReached, match="resets at .* UTC"):
+        await limits.acquire("x/y:free")
+    await limits.acquire("x/paid")
+    assert FreeUsage.load(tmp_path, "k").used == 2
+
+
+async def test_free_models_are_paced_per_minute() -> None:
+    """Each free model gets its own per-minute pace (here 600/min: 0.1 s apart)."""
+    limits = Limits(float("inf"), free_per_minute=600)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for _ in range(3):
+        await limits.acquire("x/y:free")
+    await limits.acquire("x/other:free")
+    assert 0.2 / 0.99 * 0.95 <= loop.time() - start < 0.6

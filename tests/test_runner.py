@@ -1,0 +1,113 @@
+"""A whole run against a sandbox on loopback: the rate it picks, keys, free-model caps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from batchrunner import limits as limits_module
+from batchrunner.client import Client
+from batchrunner.errors import SpecError
+from batchrunner.limits import Limits
+from batchrunner.retries import RetryPolicy
+from batchrunner.runner import api_key, follow_credits, run_job
+from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.spec import load_spec
+
+
+def rows_csv(tmp_path: Path, n: int) -> str:
+    path = tmp_path / f"rows{n}.csv"
+    pl.DataFrame({"ticket_id": [f"T-{i}" for i in range(n)], "text": [f"text {i}" for i in range(n)]}).write_csv(path)
+    return path.name
+
+
+async def test_credit_rate_is_used_fully_without_a_429(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """With R = 50 requests/s from 50.5 credits, 10·R rows get no 429 and take close to N/R seconds."""
+    config = SandboxConfig(rate_limit="credits", credits_usd=Decimal("50.5"))
+    async with Sandbox(config) as sandbox:
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 500), concurrency=16, api={"base_url": sandbox.base_url}))
+        outcome = await run_job(spec, retry=RetryPolicy.immediate())
+    report = outcome.report
+    assert report.summary.ok == 500
+    assert sandbox.stats.statuses[429] == 0
+    assert sandbox.stats.max_requests_in_one_second <= 50
+    assert 500 / 50 <= report.wall_s <= 500 / 50 * 1.15
+
+
+async def test_explicit_rate_limit_from_the_spec(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """rate_limit: {requests_per_minute: N} paces the run at N/60 per second, whatever the credits say."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(rate_limit={"requests_per_minute": 1200}, api={"base_url": sandbox.base_url}))
+        outcome = await run_job(spec)
+    assert outcome.report.summary.ok == 12
+    assert outcome.report.wall_s >= 11 / 20
+
+
+async def test_free_model_daily_cap_defers_rows_to_tomorrow(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the daily cap the run stops sending to free models, leaves their rows pending, and the next run knows."""
+    monkeypatch.setattr(limits_module, "FREE_REQUESTS_PER_MINUTE", 60_000)
+    async with Sandbox() as sandbox:
+        spec = load_spec(
+            write_spec(
+                models=["meta-llama/llama-3.3-70b-instruct:free"],
+                free_requests_per_day=5,
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        first = (await run_job(spec)).report
+        second = (await run_job(spec)).report
+    assert first.summary.ok == 5 and first.pending == 7
+    assert first.deferred and "resets at" in first.deferred
+    assert second.summary.ok == 0 and second.deferred, "the day's count persisted"
+    assert sandbox.stats.requests == 5
+
+
+async def test_server_daily_cap_defers_free_rows_and_paid_models_go_on(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A free-models-per-day 429 from the server leaves free rows pending; the paid model's rows all finish."""
+    monkeypatch.setattr(limits_module, "FREE_REQUESTS_PER_MINUTE", 60_000)
+    async with Sandbox(SandboxConfig(free_daily_cap=3)) as sandbox:
+        spec = load_spec(
+            write_spec(
+                models=["openai/gpt-4o-mini", "meta-llama/llama-3.3-70b-instruct:free"],
+                concurrency=1,
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        report = (await run_job(spec)).report
+    by_model = {m: sum(1 for r in report.results if r.requested_model == m) for m in spec.models}
+    assert by_model == {"openai/gpt-4o-mini": 12, "meta-llama/llama-3.3-70b-instruct:free": 3}
+    assert report.deferred and not report.halted
+    assert sandbox.stats.statuses[429] == 1, "one refusal is enough to stop asking"
+
+
+async def test_follow_credits_lowers_the_rate_as_credits_are_spent() -> None:
+    """The credit rule is re-applied while the run goes: fewer credits, a lower rate, no restart."""
+    async with Sandbox(SandboxConfig(credits_usd=Decimal("7.5"))) as sandbox, Client(sandbox.base_url) as client:
+        limits = Limits(100)
+        task = asyncio.create_task(follow_credits(client, limits, every_s=0.01))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if limits.pacer.limit_rps == 7:
+                break
+        task.cancel()
+    assert limits.pacer.limit_rps == 7
+
+
+def test_api_key_rules(write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenRouter needs an sk-or-v1- key; another server may go without one."""
+    spec = load_spec(write_spec(api={"api_key_env": "MY_KEY"}))
+    monkeypatch.delenv("MY_KEY", raising=False)
+    with pytest.raises(SpecError, match=r"\$MY_KEY is not set"):
+        api_key(spec, "https://openrouter.ai/api/v1")
+    assert api_key(spec, "http://localhost:8000/v1") is None
+    monkeypatch.setenv("MY_KEY", "sk-or-v1-abc")
+    assert api_key(spec, "https://openrouter.ai/api/v1") == "sk-or-v1-abc"
