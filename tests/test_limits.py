@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 from pathlib import Path
 
@@ -43,7 +44,7 @@ async def test_pacer_spaces_requests_evenly_and_never_bursts() -> None:
     await asyncio.gather(*(one() for _ in range(45)))
     times.sort()
     assert max_in_any_window(times) <= 40
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 1 / 40 * 0.95
     assert times[-1] - times[0] == pytest.approx(44 / (40 * 0.99), rel=0.1), "and it keeps the limit busy"
 
@@ -94,7 +95,7 @@ async def test_free_cap_stops_free_models_only(tmp_path: Path) -> None:
     limits = Limits(float("inf"), free_cap=2, free_usage=usage, free_per_minute=60_000)
     await limits.acquire("x/y:free")
     await limits.acquire("x/z:free")
-    with pytest.raises(FreeModelCapReached, match="resets at .* UTC"):
+    with pytest.raises(FreeModelCapReached, match=r"resets at .* UTC"):
         await limits.acquire("x/y:free")
     await limits.acquire("x/paid")
     assert FreeUsage.load(tmp_path, "k").used == 2
