@@ -143,3 +143,20 @@ def test_sandbox_command_refuses_unknown_faults() -> None:
     """`batchrunner sandbox --fault` names the known fault kinds when given an unknown one."""
     result = CliRunner().invoke(main, ["sandbox", "--fault", "ratelimit=0.5"])
     assert result.exit_code == 2 and "known: rate_limit" in result.output
+
+
+def test_free_daily_cap_exits_3_naming_the_reset(
+    write_spec: Callable[..., Path],
+    sandbox_in_thread: Callable[[SandboxConfig], object],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When free models hit their daily cap, the run writes what it has and exits 3 saying when the cap resets."""
+    from batchrunner import limits
+
+    monkeypatch.setattr(limits, "FREE_REQUESTS_PER_MINUTE", 60_000)
+    sandbox = sandbox_in_thread(SandboxConfig(free_daily_cap=4))
+    env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}  # type: ignore[attr-defined]
+    result = invoke("run", str(write_spec(models="meta-llama/llama-3.3-70b-instruct:free", concurrency=1)), env=env)
+    assert result.exit_code == 3, result.output
+    assert "free-model daily cap" in result.stderr and "UTC" in result.stderr
+    assert "rows: 4 ok, 0 failed, 8 pending" in result.stdout

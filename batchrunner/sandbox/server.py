@@ -118,6 +118,7 @@ class Sandbox:
                 web.get("/api/v1/generation", self.generation),
                 web.post("/api/v1/chat/completions", self.chat_completions),
                 web.post("/api/v1/completions", self.completions),
+                web.get("/sandbox/stats", self.stats_endpoint),
             ]
         )
         return app
@@ -268,6 +269,21 @@ class Sandbox:
         if found is None:
             return _error(404, "Resource not found")
         return web.json_response({"data": found})
+
+    async def stats_endpoint(self, request: web.Request) -> web.Response:
+        """What the sandbox saw (not part of OpenRouter's API): for benchmarks and rehearsals."""
+        stats = self.stats
+        return web.json_response(
+            {
+                "requests": stats.requests,
+                "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
+                "answered": sum(stats.answered.values()),
+                "answered_more_than_once": sum(1 for n in stats.answered.values() if n > 1),
+                "charged_usd": str(stats.charged_usd),
+                "max_requests_in_one_second": stats.max_requests_in_one_second,
+                "rate_limit_rps": self.rate_limit_rps(),
+            }
+        )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, chat=True)
