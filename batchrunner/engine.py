@@ -70,6 +70,7 @@ class Engine:
         breaker: Breaker | None = None,
         progress: Progress | None = None,
         sink: Callable[[RowResult], None] | None = None,
+        grace_s: float = 30.0,
     ) -> None:
         self.spec = spec
         self.client = client
@@ -78,6 +79,8 @@ class Engine:
         self.limits = limits or Limits(float("inf"), free_cap=spec.free_requests_per_day)
         self.breaker = breaker or Breaker()
         self.deferred: str | None = None
+        self.grace_s = grace_s  # how long requests in flight may finish once the run stops
+        self._stopped = asyncio.Event()
         self.progress = progress
         self.sink = sink
         self.template: PromptTemplate = spec.prompt_template()
@@ -92,6 +95,7 @@ class Engine:
         if self._halt_reason is not None:
             return
         self._halt_reason, self._halt_error = reason, error
+        self._stopped.set()
         log.warning("stopping: %s", reason)
         queue = self._queue
         if queue is not None:  # wake idle workers: drop queued work, then one sentinel per worker
@@ -145,7 +149,7 @@ class Engine:
         producer = asyncio.create_task(produce())
         workers = [asyncio.create_task(work()) for _ in range(workers_n)]
         try:
-            await asyncio.gather(*workers)
+            await self._join(workers)
         finally:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -155,6 +159,32 @@ class Engine:
             self._queue = None
         wall_s = time.monotonic() - started
         return RunReport(summary, total, wall_s, self._halt_reason, self._halt_error, results, self.deferred)
+
+    async def _join(self, workers: list[asyncio.Task[None]]) -> None:
+        """Wait for the workers; once the run is stopping, give requests in flight `grace_s` to land."""
+        pending: set[asyncio.Task[None]] = set(workers)
+        stopped = asyncio.create_task(self._stopped.wait())
+        try:
+            while pending and not self.stopping:
+                done, pending = await asyncio.wait(pending | {stopped}, return_when=asyncio.FIRST_COMPLETED)
+                done.discard(stopped)
+                pending.discard(stopped)
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=self.grace_s)
+            if pending:
+                log.warning(
+                    "gave up on %d requests still in flight after %g s; their rows stay pending",
+                    len(pending),
+                    self.grace_s,
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            stopped.cancel()
+        for task in workers:  # a bug in a worker must not pass silently
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
 
     def _render(self, row: Row) -> Any:
         if self.spec.endpoint == "completions":

@@ -200,3 +200,18 @@ async def test_completions_endpoint(write_spec: Callable[..., Path], endpoint: s
     assert report.summary.ok == 12
     assert sandbox.stats.bodies[0]["prompt"].startswith("Ticket T-")
     assert all(r.response and "Ticket T-" in r.response for r in report.results)
+
+
+async def test_requests_in_flight_past_the_grace_period_are_abandoned(write_spec: Callable[..., Path]) -> None:
+    """After stop(), requests still in flight when the grace period ends are cancelled; their rows stay pending."""
+    spec = load_spec(write_spec(concurrency=2))
+    async with Sandbox(SandboxConfig(latency_s=1.0)) as sandbox:
+        dataset = prepare(spec)
+        async with Client(sandbox.base_url) as client:
+            engine = Engine(spec, client, retry=RetryPolicy.immediate(), grace_s=0.05)
+            task = asyncio.create_task(engine.run(dataset))
+            while sandbox.stats.requests < 2:
+                await asyncio.sleep(0.005)
+            engine.stop("interrupted")
+            report = await asyncio.wait_for(task, 0.8)
+    assert report.summary.done == 0 and report.pending == 12
