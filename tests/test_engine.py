@@ -30,10 +30,11 @@ async def run(
     api_key: str | None = None,
     retry: RetryPolicy | None = None,
     limit: int | None = None,
+    **engine_options: Any,
 ) -> RunReport:
     dataset = prepare(spec)
     async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.concurrency) as client:
-        engine = Engine(spec, client, retry=retry or RetryPolicy.immediate())
+        engine = Engine(spec, client, retry=retry or RetryPolicy.immediate(), **engine_options)
         return await engine.run(dataset, limit=limit)
 
 
@@ -96,11 +97,7 @@ async def test_rows_go_to_the_fallback_when_the_model_is_down(write_spec: Callab
     spec = load_spec(write_spec(fallbacks=["anthropic/claude-3.5-haiku"], concurrency=3))
     breaker = Breaker(threshold=4, cooldown_s=60)
     async with Sandbox(SandboxConfig(down_models={"openai/gpt-4o-mini"})) as sandbox:
-        dataset = prepare(spec)
-        async with Client(sandbox.base_url) as client:
-            report = await Engine(spec, client, retry=RetryPolicy.immediate(max_attempts=3), breaker=breaker).run(
-                dataset
-            )
+        report = await run(spec, sandbox, retry=RetryPolicy.immediate(max_attempts=3), breaker=breaker)
     assert report.summary.ok == 12
     assert {(r.requested_model, r.model) for r in report.results} == {
         ("openai/gpt-4o-mini", "anthropic/claude-3.5-haiku")
@@ -117,11 +114,7 @@ async def test_without_a_fallback_rows_wait_for_the_probe_and_fail_when_it_fails
     spec = load_spec(write_spec(concurrency=4))
     breaker = Breaker(threshold=2, cooldown_s=0.01, max_cooldown_s=0.02)
     async with Sandbox(SandboxConfig(down_models={"openai/gpt-4o-mini"})) as sandbox:
-        dataset = prepare(spec)
-        async with Client(sandbox.base_url) as client:
-            report = await Engine(spec, client, retry=RetryPolicy.immediate(max_attempts=3), breaker=breaker).run(
-                dataset
-            )
+        report = await run(spec, sandbox, retry=RetryPolicy.immediate(max_attempts=3), breaker=breaker)
     assert report.summary.failed == 12
     assert sandbox.stats.requests < 12 * 3, "the breaker should have spared the dead model some requests"
 
