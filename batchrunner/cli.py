@@ -100,7 +100,7 @@ def run(
         sys.exit(EXIT_STOPPED)
     report = outcome.report
     click.echo(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
-    for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending):
+    for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
         click.echo(f"  {line}")
     if report.halted or report.deferred:
         click.echo(f"stopped early: {report.halted or report.deferred}", err=True)

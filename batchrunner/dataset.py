@@ -38,8 +38,8 @@ class Dataset:
     def count(self) -> int:
         return int(self.frame.select(pl.len()).collect().item())
 
-    def batches(self, *, limit: int | None = None, batch_size: int = 2048) -> Iterator[list[Row]]:
-        """The rows in input order, `batch_size` at a time."""
+    def chunks(self, *, limit: int | None = None, batch_size: int = 2048) -> Iterator[tuple[pl.DataFrame, list[Row]]]:
+        """The input in order, `batch_size` rows at a time: each chunk as a frame and as Rows."""
         frame = self.frame if limit is None else self.frame.head(limit)
         for chunk in frame.collect_batches(chunk_size=batch_size):
             rows = []
@@ -47,6 +47,11 @@ class Dataset:
                 index = values.pop(ROW_INDEX)
                 row_id = index if self.id_column is None else values[self.id_column]
                 rows.append(Row(index, str(row_id), values))
+            yield chunk, rows
+
+    def batches(self, *, limit: int | None = None, batch_size: int = 2048) -> Iterator[list[Row]]:
+        """The rows in input order, `batch_size` at a time."""
+        for _, rows in self.chunks(limit=limit, batch_size=batch_size):
             yield rows
 
 

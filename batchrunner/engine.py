@@ -1,5 +1,6 @@
 """The engine: streams rows, fans (row, model) pairs out over a pool of async workers,
-retries and falls back per row, and hands every result to a sink as it arrives.
+retries and falls back per row, and hands every result to the checkpoint store as it
+arrives. Pairs the store already answered (same fingerprint) are skipped.
 
 A failed row is data (a RowResult with status "failed"). Only a FatalApiError (key,
 credits, budget, daily cap) or `stop()` ends a run early: dispatch stops, requests in
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -24,10 +24,11 @@ from batchrunner.dataset import Dataset, Row
 from batchrunner.errors import ApiError, FatalApiError, RateLimited, RequestRejected, TransientError
 from batchrunner.limits import FreeModelCapReached, Limits, is_free
 from batchrunner.progress import Progress
-from batchrunner.prompt import PromptTemplate
 from batchrunner.records import RowResult, Summary
+from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
 from batchrunner.spec import JobSpec
+from batchrunner.store import Store
 
 log = logging.getLogger("batchrunner")
 
@@ -38,6 +39,7 @@ class WorkItem:
     model_position: int
     requested_model: str
     prompt: Any  # rendered messages (chat) or text (completions)
+    fingerprint: str
 
 
 @dataclass
@@ -47,12 +49,13 @@ class RunReport:
     wall_s: float
     halted: str | None = None  # why the run stopped early, if it did
     halt_error: ApiError | None = None
-    results: list[RowResult] = field(default_factory=list)
+    results: list[RowResult] = field(default_factory=list)  # only with keep_results
     deferred: str | None = None  # why some rows were left for a later run (a free-model daily cap)
+    resumed: int = 0  # pairs already answered by an earlier run, for the spec as it is now
 
     @property
     def pending(self) -> int:
-        return self.total - self.summary.done
+        return self.total - self.resumed - self.summary.done
 
 
 class _Halt(Exception):
@@ -69,7 +72,8 @@ class Engine:
         limits: Limits | None = None,
         breaker: Breaker | None = None,
         progress: Progress | None = None,
-        sink: Callable[[RowResult], None] | None = None,
+        store: Store | None = None,
+        keep_results: bool = False,
         grace_s: float = 30.0,
     ) -> None:
         self.spec = spec
@@ -82,8 +86,9 @@ class Engine:
         self.grace_s = grace_s  # how long requests in flight may finish once the run stops
         self._stopped = asyncio.Event()
         self.progress = progress
-        self.sink = sink
-        self.template: PromptTemplate = spec.prompt_template()
+        self.store = store
+        self.keep_results = keep_results
+        self.requests = RequestBuilder(spec)
         self._halt_reason: str | None = None
         self._halt_error: ApiError | None = None
         self._queue: asyncio.Queue[WorkItem | None] | None = None
@@ -119,14 +124,26 @@ class Engine:
         workers_n = self.spec.concurrency
         self._queue = queue = asyncio.Queue(maxsize=2 * workers_n)
 
+        resumed = 0
+
         async def produce() -> None:
+            nonlocal resumed
             for batch in dataset.batches(limit=limit):
+                items = []
                 for row in batch:
-                    prompt = self._render(row)
+                    prompt = self.requests.prompt(row)
                     for position, model in enumerate(self.spec.models):
-                        if self.stopping:
-                            return
-                        await queue.put(WorkItem(row, position, model, prompt))
+                        items.append(WorkItem(row, position, model, prompt, self.requests.fingerprint(prompt, model)))
+                if self.store is not None:
+                    todo = self._not_yet_answered(items)
+                    resumed += len(items) - len(todo)
+                    if self.progress is not None:
+                        self.progress.resumed(len(items) - len(todo))
+                    items = todo
+                for item in items:
+                    if self.stopping:
+                        return
+                    await queue.put(item)
             for _ in range(workers_n):
                 await queue.put(None)
 
@@ -140,11 +157,12 @@ class Engine:
                 except _Halt:
                     continue
                 summary.add(result)
-                results.append(result)
+                if self.keep_results:
+                    results.append(result)
                 if self.progress is not None:
                     self.progress.finished(result)
-                if self.sink is not None:
-                    self.sink(result)
+                if self.store is not None:
+                    self.store.add(result)
 
         producer = asyncio.create_task(produce())
         workers = [asyncio.create_task(work()) for _ in range(workers_n)]
@@ -158,7 +176,7 @@ class Engine:
                 worker.cancel()
             self._queue = None
         wall_s = time.monotonic() - started
-        return RunReport(summary, total, wall_s, self._halt_reason, self._halt_error, results, self.deferred)
+        return RunReport(summary, total, wall_s, self._halt_reason, self._halt_error, results, self.deferred, resumed)
 
     async def _join(self, workers: list[asyncio.Task[None]]) -> None:
         """Wait for the workers; once the run is stopping, give requests in flight `grace_s` to land."""
@@ -186,15 +204,18 @@ class Engine:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    def _render(self, row: Row) -> Any:
-        if self.spec.endpoint == "completions":
-            return self.template.render_text(row.values)
-        return self.template.render_messages(row.values)
-
-    def _body(self, item: WorkItem, model: str) -> dict[str, Any]:
-        body = self.spec.request_body(model)
-        body["prompt" if self.spec.endpoint == "completions" else "messages"] = item.prompt
-        return body
+    def _not_yet_answered(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Drop the pairs the store already holds an answer for, with the same fingerprint."""
+        assert self.store is not None
+        stored = self.store.lookup(sorted({item.row.id for item in items}))
+        return [
+            item
+            for item in items
+            if not any(
+                s.status == "ok" and s.fingerprint == item.fingerprint
+                for s in stored.get((item.row.id, item.requested_model), ())
+            )
+        ]
 
     async def _send(self, body: dict[str, Any], model: str) -> Completion:
         timeout_s = self.spec.timeout_s * (2 if is_free(model) else 1)
@@ -219,7 +240,7 @@ class Engine:
         chain = self.spec.model_chain(item.requested_model)
         for position, model in enumerate(chain):
             has_fallback = position + 1 < len(chain)
-            body = self._body(item, model)
+            body = self.requests.body(item.prompt, model)
             tries = 0
             while tries < self.retry.max_attempts:
                 if self.stopping:
@@ -295,6 +316,7 @@ class Engine:
             row_id=item.row.id,
             model_position=item.model_position,
             requested_model=item.requested_model,
+            fingerprint=item.fingerprint,
             **fields,
         )
 

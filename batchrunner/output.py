@@ -1,52 +1,82 @@
 """Writing the output file through polars: input columns, then the result columns.
 
-Written atomically (a temporary file beside the target, then a rename), so a reader or a
-crash never leaves half a file where the output should be.
+The output is rebuilt from the checkpoint store, streamed in batches: each input batch is
+joined with its stored answers and written as a part file, and the parts are then sunk
+into the target format. Memory stays bounded by the batch size, not the dataset. The
+target is replaced atomically (a temporary file, then a rename), so a reader or a crash
+never sees half a file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import polars as pl
 
 from batchrunner.dataset import ROW_INDEX, Dataset
-from batchrunner.records import RESULT_SCHEMA, RowResult
+from batchrunner.records import RESULT_SCHEMA
+from batchrunner.request import RequestBuilder
+from batchrunner.store import Store
 
 MODEL_POSITION = "__batchrunner_model"
+_KEYS_SCHEMA = {ROW_INDEX: pl.UInt32(), MODEL_POSITION: pl.Int32()}
 
 
-def results_frame(results: Iterable[RowResult]) -> pl.DataFrame:
-    """Results as a typed frame keyed by (row position, model position)."""
-    schema = {ROW_INDEX: pl.UInt32(), MODEL_POSITION: pl.Int32(), **RESULT_SCHEMA}
-    rows = [{ROW_INDEX: r.row_index, MODEL_POSITION: r.model_position, **r.columns()} for r in results]
-    return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+def _answers(rows_frame: pl.DataFrame, records: list[dict[str, object]]) -> pl.DataFrame:
+    """One input batch joined with its answers: input rows in order, then models in spec order."""
+    schema = {**_KEYS_SCHEMA, **RESULT_SCHEMA}
+    answers = pl.DataFrame(records, schema=schema, orient="row") if records else pl.DataFrame(schema=schema)
+    joined = rows_frame.join(answers, on=ROW_INDEX, how="inner")
+    return joined.sort(ROW_INDEX, MODEL_POSITION).drop(ROW_INDEX, MODEL_POSITION)
 
 
-def output_frame(dataset: Dataset, results: Iterable[RowResult]) -> pl.DataFrame:
-    """One row per answered (input row, model), in input order, then in the spec's model order."""
-    answered = results_frame(results).lazy()
-    joined = dataset.frame.join(answered, on=ROW_INDEX, how="inner")
-    return joined.sort(ROW_INDEX, MODEL_POSITION).drop(ROW_INDEX, MODEL_POSITION).collect()
+def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path, *, batch_size: int = 20_000) -> int:
+    """Write every answered (row, model) of the current spec to `path`; return the row count.
 
-
-def write_frame(frame: pl.DataFrame, path: Path) -> None:
-    """Write `frame` in the format `path`'s extension names, atomically."""
+    Rows without an answer for the spec as it is now (never run, or run before an edit to
+    their prompt or params) are left out: they are pending.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    written = 0
+    try:
+        for number, (frame, rows) in enumerate(dataset.chunks(batch_size=batch_size)):
+            keys = {}
+            for row in rows:
+                prompt = requests.prompt(row)
+                for position, model in enumerate(requests.spec.models):
+                    keys[(row.id, model, requests.fingerprint(prompt, model))] = (row.index, position)
+            stored = store.fetch(keys)
+            records = [
+                {ROW_INDEX: keys[key][0], MODEL_POSITION: keys[key][1], **values} for key, values in stored.items()
+            ]
+            part = _answers(frame, records)
+            written += part.height
+            part.write_parquet(parts / f"{number:08d}.parquet")
+        if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
+            _answers(dataset.frame.head(0).collect(), []).write_parquet(parts / "empty.parquet")
+        _sink(pl.scan_parquet(parts / "*.parquet"), path)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    return written
+
+
+def _sink(frame: pl.LazyFrame, path: Path) -> None:
+    """Stream `frame` into `path` in the format its extension names, atomically."""
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         suffix = path.suffix.lower()
         if suffix == ".parquet":
-            frame.write_parquet(temporary)
+            frame.sink_parquet(temporary)
         elif suffix == ".csv":
-            frame.write_csv(temporary)
+            frame.sink_csv(temporary)
         elif suffix in (".jsonl", ".ndjson"):
-            frame.write_ndjson(temporary)
+            frame.sink_ndjson(temporary)
         else:
             raise ValueError(f"unsupported output format {suffix!r}")
         os.replace(temporary, path)
@@ -54,10 +84,3 @@ def write_frame(frame: pl.DataFrame, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-
-
-def write_output(dataset: Dataset, results: Iterable[RowResult], path: Path) -> int:
-    """Write the output file; return how many rows it holds."""
-    frame = output_frame(dataset, results)
-    write_frame(frame, path)
-    return frame.height

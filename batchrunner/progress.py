@@ -30,6 +30,7 @@ class Progress:
         self.total = total
         self.summary = Summary()
         self.retrying = 0
+        self.already_done = 0
         self.every_s = every_s
         self._started = time.monotonic()
         self._last_line = self._started
@@ -47,6 +48,12 @@ class Progress:
         elif time.monotonic() - self._last_line >= self.every_s:
             self._log_line()
 
+    def resumed(self, count: int) -> None:
+        """Pairs an earlier run already answered: done, without a request."""
+        self.already_done += count
+        if self._bar is not None and count:
+            self._bar.update(count)
+
     def retry(self, delta: int) -> None:
         self.retrying += delta
 
@@ -59,8 +66,11 @@ class Progress:
         self._last_line = now = time.monotonic()
         done = self.summary.done
         rate = done / max(now - self._started, 1e-9)
-        eta = f", eta {(self.total - done) / rate:.0f} s" if rate > 0 and self.total > done else ""
-        log.info("progress: %d/%d rows, %.1f rows/s%s, %s", done, self.total, rate, eta, self._postfix())
+        left = self.total - self.already_done - done
+        eta = f", eta {left / rate:.0f} s" if rate > 0 and left > 0 else ""
+        log.info(
+            "progress: %d/%d rows, %.1f rows/s%s, %s", done + self.already_done, self.total, rate, eta, self._postfix()
+        )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -59,6 +59,7 @@ class RowResult:
     attempts: int = 0  # across all models tried
     generation_id: str | None = None
     provider: str | None = None
+    fingerprint: str = ""  # of the request, for the checkpoint key (see request.py)
 
     def columns(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in RESULT_SCHEMA}
@@ -92,10 +93,11 @@ class Summary:
     def done(self) -> int:
         return self.ok + self.failed
 
-    def lines(self, *, wall_s: float, pending: int) -> list[str]:
+    def lines(self, *, wall_s: float, pending: int, resumed: int = 0) -> list[str]:
         rate = f", {self.done / wall_s:.1f} rows/s" if wall_s > 0 and self.done else ""
+        earlier = f", {resumed} answered by earlier runs" if resumed else ""
         lines = [
-            f"rows: {self.ok} ok, {self.failed} failed, {pending} pending",
+            f"rows: {self.ok} ok, {self.failed} failed, {pending} pending{earlier}",
             f"tokens: {self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion",
             f"cost: {format_usd(self.cost_usd)}",
             f"wall time: {wall_s:.1f} s{rate}",

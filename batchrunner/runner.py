@@ -17,16 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from batchrunner.client import Client
+from batchrunner.costs import ZERO_USD
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.engine import Engine, RunReport
 from batchrunner.errors import ApiError, FatalApiError, Problem, RunHalted, SpecError
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
-from batchrunner.output import write_output
+from batchrunner.lock import job_lock
+from batchrunner.output import export
 from batchrunner.progress import Progress
 from batchrunner.records import RESULT_SCHEMA
+from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import JobSpec, RateLimit
+from batchrunner.store import Store
 
 log = logging.getLogger("batchrunner")
 SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
@@ -87,45 +91,71 @@ async def run_job(
     progress_factory: Callable[[int], Progress] | None = None,
     on_start: Callable[[str | None], None] | None = None,
     credit_refresh_s: float = 5.0,
+    fresh: bool = False,
+    flush_s: float = 0.2,
 ) -> Outcome:
-    """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL."""
+    """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL.
+
+    Pairs already answered in the checkpoint are not sent again; the output is rebuilt from
+    the checkpoint at every exit, complete or not.
+    """
     dataset = prepare(spec)
-    server = Sandbox(sandbox) if sandbox is not None else None
-    if server is not None:
-        base_url, key = await server.start(), SANDBOX_KEY
-    else:
-        base_url = spec.base_url()
+    base_url, key = ("", SANDBOX_KEY) if sandbox is not None else (spec.base_url(), None)
+    if sandbox is None:
         key = api_key(spec, base_url)
-    if on_start is not None:
-        on_start(server.base_url if server else None)
-    try:
-        async with Client(
-            base_url, api_key=key, headers=spec.api.headers, timeout_s=spec.timeout_s, max_connections=spec.concurrency
-        ) as client:
-            limits, key_info = await plan_limits(spec, client, key, count_free_usage=server is None)
-            rows = dataset.count() if limit is None else min(limit, dataset.count())
-            progress = progress_factory(rows * len(spec.models)) if progress_factory else None
-            engine = Engine(spec, client, retry=retry, limits=limits, progress=progress)
-            restore = _install_signal_handlers(engine)
-            follower = (
-                asyncio.create_task(follow_credits(client, limits, credit_refresh_s))
-                if key_info is not None and key_info.get("limit_remaining") is not None
-                else None
+    checkpoint = spec.checkpoint_path()
+    with job_lock(checkpoint.with_name(checkpoint.name + ".lock")):
+        store = Store.open(checkpoint)
+        server = Sandbox(sandbox) if sandbox is not None else None
+        report: RunReport | None = None
+        try:
+            if fresh:
+                store.delete_all()
+            store.begin_run()
+            if server is not None:
+                base_url = await server.start()
+            if on_start is not None:
+                on_start(server.base_url if server else None)
+            async with Client(
+                base_url,
+                api_key=key,
+                headers=spec.api.headers,
+                timeout_s=spec.timeout_s,
+                max_connections=spec.concurrency,
+            ) as client:
+                limits, key_info = await plan_limits(spec, client, key, count_free_usage=server is None)
+                rows = dataset.count() if limit is None else min(limit, dataset.count())
+                progress = progress_factory(rows * len(spec.models)) if progress_factory else None
+                engine = Engine(spec, client, retry=retry, limits=limits, progress=progress, store=store)
+                background = [asyncio.create_task(store.flush_every(flush_s))]
+                if key_info is not None and key_info.get("limit_remaining") is not None:
+                    background.append(asyncio.create_task(follow_credits(client, limits, credit_refresh_s)))
+                restore = _install_signal_handlers(engine)
+                try:
+                    report = await engine.run(dataset, limit=limit)
+                finally:
+                    restore()
+                    for task in background:
+                        task.cancel()
+                    await asyncio.gather(*background, return_exceptions=True)
+                    if progress is not None:
+                        progress.close()
+        finally:
+            if server is not None:
+                await server.stop()
+            outcome = "unfinished" if report is None else "stopped" if report.halted or report.deferred else "finished"
+            summary = report.summary if report is not None else None
+            store.end_run(
+                outcome,
+                ok=summary.ok if summary else 0,
+                failed=summary.failed if summary else 0,
+                cost_usd=summary.cost_usd if summary else ZERO_USD,
             )
-            try:
-                report = await engine.run(dataset, limit=limit)
-            finally:
-                restore()
-                if follower is not None:
-                    follower.cancel()
-                if progress is not None:
-                    progress.close()
-    finally:
-        if server is not None:
-            await server.stop()
-    started = time.monotonic()
-    written = write_output(dataset, report.results, spec.output)
-    log.debug("wrote %d rows to %s in %.2f s", written, spec.output, time.monotonic() - started)
+            started = time.monotonic()
+            written = export(dataset, RequestBuilder(spec), store, spec.output)
+            log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
+            store.close()
+    assert report is not None
     return Outcome(report, spec.output, written, server.base_url if server else None)
 
 

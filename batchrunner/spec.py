@@ -96,6 +96,7 @@ class JobSpec(_Strict):
     input: Path
     id_column: str | None = None
     output: Path
+    checkpoint: Path | None = None  # the SQLite checkpoint store; default: beside the output
     models: list[Slug] = Field(min_length=1)
     fallbacks: list[Slug] = []
     system: str | None = None
@@ -180,6 +181,10 @@ class JobSpec(_Strict):
             body["response_format"] = self.response_format
         return body
 
+    def checkpoint_path(self) -> Path:
+        """out/triage.parquet -> out/triage.checkpoint.sqlite, unless `checkpoint` says where."""
+        return self.checkpoint or self.output.with_name(self.output.stem + ".checkpoint.sqlite")
+
     def base_url(self) -> str:
         return self.api.base_url or os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
 
@@ -221,7 +226,7 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
         )
 
     folder = path.parent
-    for key in ("input", "output"):
+    for key in ("input", "output", "checkpoint"):
         if isinstance(data.get(key), str):
             data[key] = os.path.normpath(folder / data[key])
     for key, value in (overrides or {}).items():

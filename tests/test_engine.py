@@ -8,17 +8,20 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 
 from batchrunner import openapi
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.engine import Engine, RunReport
-from batchrunner.output import output_frame
+from batchrunner.output import export
+from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
 from batchrunner.runner import prepare
 from batchrunner.sandbox import Sandbox, SandboxConfig, request_key
 from batchrunner.spec import JobSpec, load_spec
+from batchrunner.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,11 +37,14 @@ async def run(
 ) -> RunReport:
     dataset = prepare(spec)
     async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.concurrency) as client:
+        engine_options.setdefault("keep_results", True)
         engine = Engine(spec, client, retry=retry or RetryPolicy.immediate(), **engine_options)
         return await engine.run(dataset, limit=limit)
 
 
-async def test_answers_land_on_their_own_rows_when_they_complete_out_of_order(write_spec: Callable[..., Path]) -> None:
+async def test_answers_land_on_their_own_rows_when_they_complete_out_of_order(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
     """Later rows answer first (latency falls with the row number), yet each answer is on its own row."""
 
     def latency(body: dict[str, Any]) -> float:
@@ -46,11 +52,14 @@ async def test_answers_land_on_their_own_rows_when_they_complete_out_of_order(wr
         return 0.02 * (12 - number)
 
     spec = load_spec(write_spec(concurrency=12))
+    store = Store.open(tmp_path / "checkpoint.sqlite")
     async with Sandbox(SandboxConfig(latency_s=latency)) as sandbox:
-        report = await run(spec, sandbox)
+        report = await run(spec, sandbox, store=store)
     finished = [r.row_index for r in report.results]
     assert finished != sorted(finished), "answers should have completed out of order"
-    frame = output_frame(prepare(spec), report.results)
+    store.flush()
+    export(prepare(spec), RequestBuilder(spec), store, tmp_path / "out.parquet")
+    frame = pl.read_parquet(tmp_path / "out.parquet")
     assert frame["ticket_id"].to_list() == [f"T-{i}" for i in range(12)]
     for ticket_id, text, response in frame.select("ticket_id", "text", "response").iter_rows():
         assert f"Ticket {ticket_id}: {text}" in response

@@ -1,69 +1,103 @@
-"""Writing the output: order, types, formats, and atomic replacement."""
+"""Writing the output from the checkpoint: order, types, formats, streaming, atomic replacement."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from batchrunner.dataset import open_dataset
-from batchrunner.output import write_output
+from batchrunner.output import export
 from batchrunner.records import RowResult
+from batchrunner.request import RequestBuilder
+from batchrunner.runner import prepare
+from batchrunner.spec import load_spec
+from batchrunner.store import Store
 
 
-def result(row: int, position: int, model: str, cost: str = "0.000001") -> RowResult:
-    return RowResult(
-        row_index=row,
-        row_id=str(row),
-        model_position=position,
-        requested_model=model,
-        status="ok",
-        model=model,
-        response=f"r{row}{model}",
-        cost_usd=Decimal(cost),
-        attempts=1,
-    )
+def store_answers(
+    spec_path: Path, rows: list[int], models: list[str] | None = None, cost: str = "0.000001"
+) -> tuple[RequestBuilder, Store]:
+    """A store holding answers for some rows of the spec, in scrambled order."""
+    spec = load_spec(spec_path)
+    requests = RequestBuilder(spec)
+    store = Store.open(spec.checkpoint_path())
+    dataset = prepare(spec)
+    by_index = {row.index: row for batch in dataset.batches() for row in batch}
+    for index in rows:
+        row = by_index[index]
+        prompt = requests.prompt(row)
+        for position, model in reversed(list(enumerate(models or spec.models))):
+            store.add(
+                RowResult(
+                    index,
+                    row.id,
+                    position,
+                    model,
+                    "ok",
+                    model=model,
+                    response=f"answer {row.id} {model}",
+                    cost_usd=Decimal(cost),
+                    attempts=1,
+                    fingerprint=requests.fingerprint(prompt, model),
+                )
+            )
+    store.flush()
+    return requests, store
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
-def test_output_is_in_input_then_model_order_and_omits_pending(tmp_path: Path, suffix: str) -> None:
-    """Results given in any order come out by input row, then by the spec's model order; unanswered rows are left out."""
-    source = tmp_path / "in.csv"
-    pl.DataFrame({"id": ["a", "b", "c"], "text": ["x", "y", "z"]}).write_csv(source)
-    dataset = open_dataset(source, id_column="id")
-    results = [result(2, 1, "m2"), result(0, 1, "m2"), result(2, 0, "m1"), result(0, 0, "m1")]
+def test_output_is_in_input_then_model_order_and_omits_pending(
+    write_spec: Callable[..., Path], tmp_path: Path, suffix: str
+) -> None:
+    """Answers stored in any order come out by input row, then by the spec's model order; unanswered rows are left out."""
+    spec_path = write_spec(models=["a/one", "b/two"])
+    requests, store = store_answers(spec_path, [5, 0, 2])
     target = tmp_path / f"out{suffix}"
-    assert write_output(dataset, results, target) == 4
+    assert export(prepare(requests.spec), requests, store, target, batch_size=2) == 6
     frame = {".parquet": pl.read_parquet, ".csv": pl.read_csv, ".jsonl": pl.read_ndjson}[suffix](target)
-    assert list(zip(frame["id"], frame["requested_model"], strict=True)) == [
-        ("a", "m1"),
-        ("a", "m2"),
-        ("c", "m1"),
-        ("c", "m2"),
+    assert list(zip(frame["ticket_id"], frame["requested_model"], strict=True)) == [
+        ("T-0", "a/one"),
+        ("T-0", "b/two"),
+        ("T-2", "a/one"),
+        ("T-2", "b/two"),
+        ("T-5", "a/one"),
+        ("T-5", "b/two"),
     ]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary file is left behind"
+    assert frame["response"][0] == "answer T-0 a/one"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file is left behind"
 
 
-def test_costs_are_exact_decimals(tmp_path: Path) -> None:
-    """cost_usd is a Decimal column: a thousand tiny costs sum without float drift."""
-    source = tmp_path / "in.parquet"
-    pl.DataFrame({"n": list(range(1000))}).write_parquet(source)
-    dataset = open_dataset(source, id_column=None)
-    target = tmp_path / "out.parquet"
-    write_output(dataset, [result(i, 0, "m", "0.0000001") for i in range(1000)], target)
-    assert pl.read_parquet(target)["cost_usd"].sum() == Decimal("0.0001")
+def test_answers_for_an_edited_prompt_are_pending(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """After the prompt changes, stored answers to the old prompt no longer count as the output."""
+    _, store = store_answers(write_spec(), [0, 1])
+    edited = RequestBuilder(load_spec(write_spec(prompt="Now: {text}")))
+    assert export(prepare(edited.spec), edited, store, tmp_path / "out.parquet") == 0
+    assert pl.read_parquet(tmp_path / "out.parquet").columns[:3] == ["ticket_id", "subject", "text"]
 
 
-def test_failed_write_leaves_the_previous_output(tmp_path: Path) -> None:
+def test_costs_are_exact_decimals(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """cost_usd is a Decimal column: tiny costs sum without float drift."""
+    requests, store = store_answers(write_spec(), list(range(12)), cost="0.0000001")
+    export(prepare(requests.spec), requests, store, tmp_path / "out.parquet")
+    assert pl.read_parquet(tmp_path / "out.parquet")["cost_usd"].sum() == Decimal("0.0000012")
+
+
+def test_failed_write_leaves_the_previous_output(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If writing fails midway, the old output stays whole and no temporary file remains."""
-    source = tmp_path / "in.csv"
-    pl.DataFrame({"id": ["a"]}).write_csv(source)
+    requests, store = store_answers(write_spec(), [0])
     target = tmp_path / "out.parquet"
     target.write_bytes(b"previous")
-    dataset = open_dataset(source, id_column=None)
-    with pytest.raises(TypeError):
-        write_output(dataset, [result(0, 0, "m", cost=object())], target)  # type: ignore[arg-type]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pl.LazyFrame, "sink_parquet", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export(prepare(requests.spec), requests, store, target)
     assert target.read_bytes() == b"previous"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.parquet"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

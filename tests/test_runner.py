@@ -83,7 +83,8 @@ async def test_server_daily_cap_defers_free_rows_and_paid_models_go_on(
             )
         )
         report = (await run_job(spec)).report
-    by_model = {m: sum(1 for r in report.results if r.requested_model == m) for m in spec.models}
+    output = pl.read_parquet(spec.output)
+    by_model = {m: output.filter(pl.col("requested_model") == m).height for m in spec.models}
     assert by_model == {"openai/gpt-4o-mini": 12, "meta-llama/llama-3.3-70b-instruct:free": 3}
     assert report.deferred and not report.halted
     assert sandbox.stats.statuses[429] == 1, "one refusal is enough to stop asking"

@@ -1,0 +1,231 @@
+"""The checkpoint store: every answer, committed to SQLite as it arrives.
+
+One SQLite file per job (WAL mode, synchronous=FULL): the results, keyed by (row id,
+requested model, fingerprint), with everything needed to rebuild the output without a
+request, and a row per run. Answers are buffered and committed by one writer in short
+transactions (every `flush_s`, off the event loop), so a kill -9 loses at most the
+requests in flight and the last fraction of a second of answers, and a reboot no more.
+
+Schema changes are numbered migrations, applied in order when the store opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from batchrunner.costs import ZERO_USD
+from batchrunner.records import RESULT_SCHEMA, RowResult
+
+RESULT_COLUMNS = list(RESULT_SCHEMA)
+_INSERT = (
+    "INSERT OR REPLACE INTO results (row_id, fingerprint, row_index, model_position, run_id, answered_at, "
+    + ", ".join(RESULT_COLUMNS)
+    + ") VALUES ("
+    + ", ".join("?" * (6 + len(RESULT_COLUMNS)))
+    + ")"
+)
+
+
+def _migration_1(db: sqlite3.Connection) -> None:
+    columns = ",\n".join(
+        f"{name} {'INTEGER' if name in ('prompt_tokens', 'completion_tokens', 'cached_tokens', 'reasoning_tokens', 'attempts') else 'REAL' if name == 'latency_s' else 'TEXT'}"
+        for name in RESULT_COLUMNS
+        if name != "requested_model"
+    )
+    statements = f"""
+        CREATE TABLE results (
+            row_id TEXT NOT NULL,
+            requested_model TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            row_index INTEGER NOT NULL,
+            model_position INTEGER NOT NULL,
+            run_id INTEGER,
+            answered_at TEXT NOT NULL,
+            {columns},
+            PRIMARY KEY (row_id, requested_model, fingerprint)
+        ) WITHOUT ROWID;
+        CREATE TABLE runs (
+            run_id INTEGER PRIMARY KEY,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            outcome TEXT,
+            rows_ok INTEGER DEFAULT 0,
+            rows_failed INTEGER DEFAULT 0,
+            cost_usd TEXT DEFAULT '0',
+            pid INTEGER,
+            host TEXT
+        );
+        """
+    for statement in statements.split(";"):  # not executescript: it would commit the migration's transaction
+        if statement.strip():
+            db.execute(statement)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What the store knows of one (row, requested model) for one fingerprint."""
+
+    fingerprint: str
+    status: str
+
+
+class Store:
+    """A job's checkpoint file. Use `Store.open(path)`; one writer, many short transactions."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = db
+        self._lock = threading.Lock()  # the connection is shared with the flush thread
+        self._buffer_lock = threading.Lock()  # add() on the loop, flush() on a thread
+        self._pending: list[tuple[Any, ...]] = []
+        self.run_id: int | None = None
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            db.close()
+            raise RuntimeError(f"{path} was written by a newer batchrunner (schema {version}); upgrade batchrunner")
+        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            db.execute("BEGIN IMMEDIATE")
+            migration(db)
+            db.execute(f"PRAGMA user_version={number}")
+            db.execute("COMMIT")
+        return cls(path, db)
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            self._db.close()
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def begin_run(self) -> int:
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO runs (started_at, pid, host) VALUES (?, ?, ?)", (_now(), os.getpid(), socket.gethostname())
+            )
+        self.run_id = int(cursor.lastrowid or 0)
+        return self.run_id
+
+    def end_run(self, outcome: str, *, ok: int, failed: int, cost_usd: Decimal) -> None:
+        self.flush()
+        with self._lock:
+            self._db.execute(
+                "UPDATE runs SET finished_at = ?, outcome = ?, rows_ok = ?, rows_failed = ?, cost_usd = ? WHERE run_id = ?",
+                (_now(), outcome, ok, failed, str(cost_usd), self.run_id),
+            )
+
+    def runs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self._db.execute("SELECT * FROM runs ORDER BY run_id")
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def spent_usd(self) -> Decimal:
+        """What every run of this job has cost, failed attempts included."""
+        return sum((Decimal(r["cost_usd"] or "0") for r in self.runs()), ZERO_USD)
+
+    # -- results ----------------------------------------------------------------------------
+
+    def add(self, result: RowResult) -> None:
+        """Buffer a result; `flush` (or the flusher task) commits it."""
+        values = result.columns()
+        values["cost_usd"] = str(result.cost_usd)
+        record = (result.row_id, result.fingerprint, result.row_index, result.model_position, self.run_id, _now())
+        record += tuple(values[name] for name in RESULT_COLUMNS)
+        with self._buffer_lock:
+            self._pending.append(record)
+
+    def flush(self) -> int:
+        """Commit what is buffered, in one transaction; safe to call from a worker thread."""
+        with self._buffer_lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(_INSERT, batch)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                with self._buffer_lock:
+                    self._pending[:0] = batch
+                raise
+            self._db.execute("COMMIT")
+        return len(batch)
+
+    async def flush_every(self, interval_s: float) -> None:
+        """Commit buffered answers every `interval_s`, off the event loop, until cancelled."""
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                await asyncio.to_thread(self.flush)
+        finally:
+            with contextlib.suppress(Exception):
+                self.flush()
+
+    def lookup(self, row_ids: Sequence[str]) -> dict[tuple[str, str], list[Stored]]:
+        """Every stored (fingerprint, status) for these rows, by (row id, requested model)."""
+        found: dict[tuple[str, str], list[Stored]] = {}
+        with self._lock:
+            for chunk in _chunks(row_ids, 900):
+                marks = ",".join("?" * len(chunk))
+                for row_id, model, fingerprint, status in self._db.execute(
+                    f"SELECT row_id, requested_model, fingerprint, status FROM results WHERE row_id IN ({marks})", chunk
+                ):
+                    found.setdefault((row_id, model), []).append(Stored(fingerprint, status))
+        return found
+
+    def fetch(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+        """The stored result columns for these (row id, requested model, fingerprint) keys."""
+        keys = list(keys)
+        wanted = set(keys)
+        rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+        with self._lock:
+            for chunk in _chunks(sorted({k[0] for k in keys}), 900):
+                marks = ",".join("?" * len(chunk))
+                cursor = self._db.execute(
+                    f"SELECT row_id, fingerprint, {', '.join(RESULT_COLUMNS)} FROM results WHERE row_id IN ({marks})",
+                    chunk,
+                )
+                for row in cursor:
+                    values = dict(zip(RESULT_COLUMNS, row[2:], strict=True))
+                    key = (row[0], values["requested_model"], row[1])
+                    if key in wanted:
+                        values["cost_usd"] = Decimal(values["cost_usd"]) if values["cost_usd"] is not None else None
+                        rows[key] = values
+        return rows
+
+    def delete_all(self) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM results")
+            self._db.execute("DELETE FROM runs")
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
