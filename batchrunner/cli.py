@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import json
 import sys
 from decimal import Decimal
 from pathlib import Path
 
 import click
 
+from batchrunner import logs
+from batchrunner.costs import format_usd
 from batchrunner.errors import RunHalted, SpecError
 from batchrunner.progress import Progress
-from batchrunner.runner import overrides, run_job
+from batchrunner.runner import export_job, job_status, overrides, run_job
 from batchrunner.sandbox import FAULT_KINDS, SandboxConfig, serve
 from batchrunner.spec import load_spec
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
-
-
-def _setup_logging(verbose: bool) -> None:
-    interactive = sys.stderr.isatty()
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s" if interactive else "%(asctime)s batchrunner %(levelname)s %(message)s",
-    )
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
 def _refuse(error: SpecError) -> None:
@@ -61,7 +53,10 @@ def main() -> None:
 @click.option(
     "--sandbox", is_flag=True, help="Run against the built-in simulated OpenRouter: no key, no network, no cost."
 )
+@click.option("--fresh", is_flag=True, help="Forget the checkpoint and start over (asks first).")
+@click.option("--yes", is_flag=True, help="Do not ask before --fresh deletes stored answers.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every retry and fallback.")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per event on stderr, for log collectors.")
 def run(
     job: Path,
     input_path: Path | None,
@@ -69,12 +64,27 @@ def run(
     limit: int | None,
     concurrency: int | None,
     sandbox: bool,
+    fresh: bool,
+    yes: bool,
     verbose: bool,
+    log_json: bool,
 ) -> None:
-    """Run JOB (a YAML job spec) and write its output file."""
-    _setup_logging(verbose)
+    """Run JOB (a YAML job spec) and write its output file.
+
+    Answers are checkpointed as they arrive; rerunning skips what is already answered.
+    """
+    logs.configure(verbose=verbose, json_lines=log_json)
     try:
         spec = load_spec(job, overrides=overrides(input=input_path, output=output_path, concurrency=concurrency))
+        if fresh and not yes and spec.checkpoint_path().exists():
+            if not sys.stdin.isatty():
+                raise SpecError(
+                    f"--fresh deletes every stored answer in {spec.checkpoint_path()}; add --yes to confirm"
+                )
+            if not click.confirm(
+                f"--fresh deletes every stored answer in {spec.checkpoint_path()}. Continue?", err=True
+            ):
+                sys.exit(EXIT_INVALID)
 
         def banner(sandbox_url: str | None) -> None:
             if sandbox_url:
@@ -90,6 +100,7 @@ def run(
                 sandbox=SandboxConfig() if sandbox else None,
                 progress_factory=Progress,
                 on_start=banner,
+                fresh=fresh,
             )
         )
     except SpecError as error:
@@ -97,6 +108,9 @@ def run(
         return
     except RunHalted as error:
         click.echo(f"stopped before sending anything: {error}", err=True)
+        sys.exit(EXIT_STOPPED)
+    except OSError as error:  # a full disk, a read-only folder: say so, keep what the checkpoint holds
+        click.echo(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
         sys.exit(EXIT_STOPPED)
     report = outcome.report
     click.echo(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
@@ -109,6 +123,46 @@ def run(
         )
         sys.exit(EXIT_STOPPED)
     sys.exit(EXIT_SOME_FAILED if report.summary.failed else EXIT_OK)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option(
+    "--output", "output_path", type=click.Path(path_type=Path), help="Write here instead of the spec's `output`."
+)
+def export(job: Path, output_path: Path | None) -> None:
+    """Rewrite JOB's output from its checkpoint, without sending anything."""
+    logs.configure()
+    try:
+        spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None))
+        written = export_job(spec)
+    except SpecError as error:
+        _refuse(error)
+        return
+    click.echo(f"{spec.name}: wrote {written} rows to {spec.output}")
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(job: Path, as_json: bool) -> None:
+    """Show JOB's progress: done, failed and pending per model, cost so far, last run. Sends nothing."""
+    logs.configure()
+    try:
+        report = job_status(load_spec(job))
+    except SpecError as error:
+        _refuse(error)
+        return
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo(f"{report['job']}: checkpoint {report['checkpoint']}")
+    for model, counts in report["models"].items():
+        click.echo(f"  {model}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
+    click.echo(f"  cost so far: {format_usd(Decimal(report['cost_usd']))} over {report['runs']} run(s)")
+    last = report["last_run"]
+    if last:
+        click.echo(f"  last run: started {last['started_at']}, {last['outcome'] or 'running or killed'}")
 
 
 def _fault(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:

@@ -242,3 +242,51 @@ def overrides(*, input: Path | None, output: Path | None, concurrency: int | Non
     if concurrency is not None:
         result["concurrency"] = concurrency
     return result
+
+
+def export_job(spec: JobSpec) -> int:
+    """Rewrite the output from the checkpoint, without sending anything."""
+    dataset = prepare(spec)
+    checkpoint = spec.checkpoint_path()
+    if not checkpoint.exists():
+        raise SpecError(Problem("checkpoint", f"{checkpoint}: no checkpoint yet; run the job first"))
+    store = Store.open(checkpoint)
+    try:
+        return export(dataset, RequestBuilder(spec), store, spec.output)
+    finally:
+        store.close()
+
+
+def job_status(spec: JobSpec) -> dict[str, Any]:
+    """Done, failed and pending per model, cost so far and the last run, without sending anything."""
+    dataset = prepare(spec)
+    requests = RequestBuilder(spec)
+    checkpoint = spec.checkpoint_path()
+    per_model = {model: {"ok": 0, "failed": 0, "pending": 0} for model in spec.models}
+    runs: list[dict[str, Any]] = []
+    spent = ZERO_USD
+    store = Store.open(checkpoint) if checkpoint.exists() else None
+    try:
+        for batch in dataset.batches(batch_size=20_000):
+            stored = store.lookup([row.id for row in batch]) if store else {}
+            for row in batch:
+                prompt = requests.prompt(row)
+                for model in spec.models:
+                    fingerprint = requests.fingerprint(prompt, model)
+                    statuses = {s.status for s in stored.get((row.id, model), ()) if s.fingerprint == fingerprint}
+                    state = "ok" if "ok" in statuses else "failed" if "failed" in statuses else "pending"
+                    per_model[model][state] += 1
+        if store is not None:
+            runs = store.runs()
+            spent = store.spent_usd()
+    finally:
+        if store is not None:
+            store.close()
+    return {
+        "job": spec.name,
+        "checkpoint": str(checkpoint),
+        "models": per_model,
+        "cost_usd": str(spent),
+        "runs": len(runs),
+        "last_run": runs[-1] if runs else None,
+    }

@@ -229,6 +229,10 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
     for key in ("input", "output", "checkpoint"):
         if isinstance(data.get(key), str):
             data[key] = os.path.normpath(folder / data[key])
+    if isinstance(data.get("output"), str) and data.get("checkpoint") is None:
+        # The checkpoint belongs to the job, not to where one run writes: --output does not move it.
+        output = Path(data["output"])
+        data["checkpoint"] = str(output.with_name(output.stem + ".checkpoint.sqlite"))
     for key, value in (overrides or {}).items():
         data[key] = value
 
