@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.costs import ZERO_USD
 from batchrunner.dataset import Dataset, open_dataset
@@ -93,6 +94,7 @@ async def run_job(
     credit_refresh_s: float = 5.0,
     fresh: bool = False,
     flush_s: float = 0.2,
+    breaker: Breaker | None = None,
 ) -> Outcome:
     """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL.
 
@@ -126,7 +128,9 @@ async def run_job(
                 limits, key_info = await plan_limits(spec, client, key, count_free_usage=server is None)
                 rows = dataset.count() if limit is None else min(limit, dataset.count())
                 progress = progress_factory(rows * len(spec.models)) if progress_factory else None
-                engine = Engine(spec, client, retry=retry, limits=limits, progress=progress, store=store)
+                engine = Engine(
+                    spec, client, retry=retry, limits=limits, breaker=breaker, progress=progress, store=store
+                )
                 background = [asyncio.create_task(store.flush_every(flush_s))]
                 if key_info is not None and key_info.get("limit_remaining") is not None:
                     background.append(asyncio.create_task(follow_credits(client, limits, credit_refresh_s)))

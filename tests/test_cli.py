@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,3 +165,90 @@ def test_free_daily_cap_exits_3_naming_the_reset(
     assert result.exit_code == 3, result.output
     assert "free-model daily cap" in result.stderr and "UTC" in result.stderr
     assert "rows: 4 ok, 0 failed, 8 pending" in result.stdout
+
+
+def test_second_run_of_a_running_job_exits_3_naming_it(write_spec: Callable[..., Path]) -> None:
+    """Cron safety: while a run holds the job's lock, another run exits 3 at once and names the holder."""
+    from batchrunner.lock import job_lock
+    from batchrunner.spec import load_spec
+
+    spec_path = write_spec()
+    checkpoint = load_spec(spec_path).checkpoint_path()
+    with job_lock(checkpoint.with_name(checkpoint.name + ".lock")):
+        result = invoke("run", str(spec_path), "--sandbox")
+    assert result.exit_code == 3
+    assert "already running" in result.stderr and f"pid {os.getpid()}" in result.stderr
+
+
+def test_fresh_without_yes_is_refused_when_not_interactive(write_spec: Callable[..., Path]) -> None:
+    """--fresh would delete paid-for answers: without a terminal to ask on, it needs --yes."""
+    spec_path = write_spec()
+    assert invoke("run", str(spec_path), "--sandbox").exit_code == 0
+    result = invoke("run", str(spec_path), "--sandbox", "--fresh")
+    assert result.exit_code == 2 and "--yes" in result.stderr
+    again = invoke("run", str(spec_path), "--sandbox", "--fresh", "--yes")
+    assert again.exit_code == 0 and "12 ok" in again.stdout
+
+
+def test_status_and_export(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """status reports done and pending per model without sending; export rewrites the output from the checkpoint."""
+    spec_path = write_spec()
+    invoke("run", str(spec_path), "--sandbox", "--limit", "5")
+    result = invoke("status", str(spec_path), "--json")
+    report = json.loads(result.stdout)
+    assert report["models"] == {"openai/gpt-4o-mini": {"ok": 5, "failed": 0, "pending": 7}}
+    assert report["runs"] == 1 and report["last_run"]["outcome"] == "finished"
+    assert invoke("export", str(spec_path), "--output", str(tmp_path / "copy.jsonl")).exit_code == 0
+    assert pl.read_ndjson(tmp_path / "copy.jsonl").height == 5
+
+
+def test_log_json_emits_one_object_per_line(write_spec: Callable[..., Path]) -> None:
+    """--log-json writes every log event on stderr as one JSON object."""
+    result = invoke("run", str(write_spec()), "--sandbox", "--log-json")
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert events and all({"time", "level", "message"} <= set(e) for e in events)
+    assert any("rate limit" in e["message"] for e in events)
+
+
+def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], object]
+) -> None:
+    """kill -9 at random moments, then a final run: every row exactly once, and few requests sent twice."""
+    rows = 150
+    pl.DataFrame(
+        {"ticket_id": [f"T-{i}" for i in range(rows)], "subject": ["s"] * rows, "text": [f"t {i}" for i in range(rows)]}
+    ).write_csv(tmp_path / "many.csv")
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.05))
+    spec_path = write_spec(input="many.csv", concurrency=4)
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}  # type: ignore[attr-defined]
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(3):
+        seen = sandbox.stats.requests  # type: ignore[attr-defined]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batchrunner", "run", str(spec_path)],
+            env=env,
+            stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while sandbox.stats.requests < seen + 5 and time.monotonic() < deadline and process.poll() is None:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.4))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+    final = subprocess.run(
+        [sys.executable, "-m", "batchrunner", "run", str(spec_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert final.returncode == 0, final.stderr
+    output = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert output.height == rows and output["ticket_id"].n_unique() == rows
+    twice = sum(n - 1 for n in sandbox.stats.answered.values())  # type: ignore[attr-defined]
+    per_kill = 4 + 0.25 * (4 / 0.05)  # in flight, plus a flush interval (0.2 s) of answers at ~80/s
+    assert kills >= 1 and twice <= kills * per_kill

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from batchrunner import limits as limits_module
+from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.errors import SpecError
 from batchrunner.limits import Limits
@@ -112,3 +113,62 @@ def test_api_key_rules(write_spec: Callable[..., Path], monkeypatch: pytest.Monk
     assert api_key(spec, "http://localhost:8000/v1") is None
     monkeypatch.setenv("MY_KEY", "sk-or-v1-abc")
     assert api_key(spec, "https://openrouter.ai/api/v1") == "sk-or-v1-abc"
+
+
+async def test_unchanged_rerun_sends_nothing_and_appended_rows_only_them(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The nightly pattern: a rerun sends nothing; rows appended to the input are the only new work."""
+    source = tmp_path / "tickets.csv"
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        assert sandbox.stats.requests == 12
+        again = (await run_job(spec)).report
+        assert sandbox.stats.requests == 12 and again.resumed == 12 and again.summary.done == 0
+        grown = pl.concat(
+            [
+                pl.read_csv(source),
+                pl.DataFrame({"ticket_id": ["T-new1", "T-new2"], "subject": ["s", "s"], "text": ["new a", "new b"]}),
+            ]
+        )
+        grown.write_csv(source)
+        await run_job(spec)
+    assert sandbox.stats.requests == 14
+    output = pl.read_parquet(spec.output)
+    assert output.height == 14 and output["ticket_id"].n_unique() == 14
+
+
+async def test_editing_params_or_one_row_reruns_exactly_what_changed(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Changing a row's text re-sends that row only; changing params re-sends every row."""
+    source = tmp_path / "tickets.csv"
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        frame = pl.read_csv(source)
+        frame.with_columns(
+            pl.when(pl.col("ticket_id") == "T-3").then(pl.lit("edited text")).otherwise(pl.col("text")).alias("text")
+        ).write_csv(source)
+        await run_job(spec)
+        assert sandbox.stats.requests == 13
+        edited = load_spec(
+            write_spec(params={"temperature": 0.5, "max_tokens": 50}, api={"base_url": sandbox.base_url})
+        )
+        await run_job(edited)
+    assert sandbox.stats.requests == 25
+    assert "edited text" in pl.read_parquet(spec.output).filter(pl.col("ticket_id") == "T-3")["response"][0]
+
+
+async def test_failed_rows_are_retried_on_the_next_run(write_spec: Callable[..., Path]) -> None:
+    """Rows that failed (a model down) are sent again next run; the ones answered are not."""
+    down = SandboxConfig(down_models={"openai/gpt-4o-mini"})
+    async with Sandbox(down) as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, retry={"max_attempts": 1}))
+        first = (await run_job(spec, retry=RetryPolicy.immediate(1), breaker=Breaker(threshold=1000))).report
+        assert first.summary.failed == 12
+        down.down_models.clear()
+        second = (await run_job(spec)).report
+    assert second.summary.ok == 12 and second.resumed == 0
+    assert pl.read_parquet(spec.output)["status"].to_list() == ["ok"] * 12

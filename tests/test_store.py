@@ -1,0 +1,100 @@
+"""The checkpoint store: migrations, durable commits, lookups, and run records."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from batchrunner.records import RowResult
+from batchrunner.store import MIGRATIONS, Store
+
+
+def result(row: int, status: str = "ok", fingerprint: str = "fp", cost: str = "0.000123") -> RowResult:
+    return RowResult(
+        row,
+        f"id{row}",
+        0,
+        "a/b",
+        status,
+        model="a/b",
+        response=f"r{row}",
+        cost_usd=Decimal(cost),
+        attempts=2,
+        fingerprint=fingerprint,
+    )  # type: ignore[arg-type]
+
+
+def test_migrations_apply_once_and_newer_schemas_are_refused(tmp_path: Path) -> None:
+    """Opening a new store applies every migration; reopening applies none; a newer schema is refused."""
+    path = tmp_path / "c.sqlite"
+    Store.open(path).close()
+    Store.open(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="newer batchrunner"):
+        Store.open(path)
+
+
+def test_results_round_trip_exactly(tmp_path: Path) -> None:
+    """A flushed result comes back with every column, cost as the exact Decimal."""
+    store = Store.open(tmp_path / "c.sqlite")
+    store.add(result(1))
+    store.flush()
+    again = Store.open(tmp_path / "c.sqlite")
+    assert {k: (s.fingerprint, s.status) for k, v in again.lookup(["id1", "id2"]).items() for s in v} == {
+        ("id1", "a/b"): ("fp", "ok")
+    }
+    values = again.fetch([("id1", "a/b", "fp")])[("id1", "a/b", "fp")]
+    assert values["cost_usd"] == Decimal("0.000123") and values["response"] == "r1" and values["attempts"] == 2
+
+
+def test_a_retried_row_replaces_its_failure(tmp_path: Path) -> None:
+    """A row that failed and then succeeded for the same request keeps only the success."""
+    store = Store.open(tmp_path / "c.sqlite")
+    store.add(result(1, "failed"))
+    store.flush()
+    store.add(result(1, "ok"))
+    store.flush()
+    assert [s.status for s in store.lookup(["id1"])[("id1", "a/b")]] == ["ok"]
+
+
+def test_answers_for_other_fingerprints_are_kept(tmp_path: Path) -> None:
+    """Answers to an earlier version of the request stay, so reverting an edit costs nothing."""
+    store = Store.open(tmp_path / "c.sqlite")
+    store.add(result(1, fingerprint="old"))
+    store.add(result(1, fingerprint="new"))
+    store.flush()
+    assert sorted(s.fingerprint for s in store.lookup(["id1"])[("id1", "a/b")]) == ["new", "old"]
+
+
+async def test_flusher_commits_while_the_run_goes(tmp_path: Path) -> None:
+    """Answers become visible to another connection within the flush interval, not at the end."""
+    store = Store.open(tmp_path / "c.sqlite")
+    flusher = asyncio.create_task(store.flush_every(0.01))
+    store.add(result(1))
+    reader = sqlite3.connect(tmp_path / "c.sqlite")
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if reader.execute("SELECT count(*) FROM results").fetchone()[0] == 1:
+            break
+    flusher.cancel()
+    assert reader.execute("SELECT count(*) FROM results").fetchone()[0] == 1
+    reader.close()
+
+
+def test_runs_record_outcome_and_cost(tmp_path: Path) -> None:
+    """Each run is recorded with its outcome and exact cost; spent_usd sums them."""
+    store = Store.open(tmp_path / "c.sqlite")
+    for cost in ("0.1", "0.2"):
+        store.begin_run()
+        store.end_run("finished", ok=1, failed=0, cost_usd=Decimal(cost))
+    assert [r["outcome"] for r in store.runs()] == ["finished", "finished"]
+    assert store.spent_usd() == Decimal("0.3")
