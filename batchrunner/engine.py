@@ -128,7 +128,7 @@ class Engine:
 
         async def produce() -> None:
             nonlocal resumed
-            for batch in dataset.batches(limit=limit):
+            for batch in dataset.batches(limit=limit, batch_size=8192):
                 items = []
                 for row in batch:
                     prompt = self.requests.prompt(row)

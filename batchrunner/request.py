@@ -58,5 +58,15 @@ class RequestBuilder:
 
     def fingerprint(self, prompt: Any, requested_model: str) -> str:
         digest = self._shape_digests[requested_model].copy()
-        digest.update(_canonical(prompt))
+        digest.update(_prompt_bytes(prompt))
         return digest.hexdigest()[:32]
+
+
+def _prompt_bytes(prompt: Any) -> bytes:
+    """An unambiguous encoding of a rendered prompt: length-prefixed parts, several times
+    faster than canonical JSON, which matters at a million rows per resume."""
+    if isinstance(prompt, str):
+        parts = [prompt]
+    else:
+        parts = [text for message in prompt for text in (message["role"], message["content"])]
+    return "".join(f"{len(part)}:{part}" for part in parts).encode()

@@ -188,11 +188,21 @@ class Store:
             with contextlib.suppress(Exception):
                 self.flush()
 
+    def answered(self, row_ids: Sequence[str]) -> set[tuple[str, str, str]]:
+        """(row id, requested model, fingerprint) of every answer stored for these rows."""
+        found: set[tuple[str, str, str]] = set()
+        with self._lock:
+            for chunk in _chunks(row_ids, 5000):
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT row_id, requested_model, fingerprint FROM results WHERE status = 'ok' AND row_id IN ({marks})"
+                found.update(self._db.execute(query, chunk).fetchall())
+        return found
+
     def lookup(self, row_ids: Sequence[str]) -> dict[tuple[str, str], list[Stored]]:
         """Every stored (fingerprint, status) for these rows, by (row id, requested model)."""
         found: dict[tuple[str, str], list[Stored]] = {}
         with self._lock:
-            for chunk in _chunks(row_ids, 900):
+            for chunk in _chunks(row_ids, 5000):
                 marks = ",".join("?" * len(chunk))
                 for row_id, model, fingerprint, status in self._db.execute(
                     f"SELECT row_id, requested_model, fingerprint, status FROM results WHERE row_id IN ({marks})", chunk
@@ -206,7 +216,7 @@ class Store:
         wanted = set(keys)
         rows: dict[tuple[str, str, str], dict[str, Any]] = {}
         with self._lock:
-            for chunk in _chunks(sorted({k[0] for k in keys}), 900):
+            for chunk in _chunks(sorted({k[0] for k in keys}), 5000):
                 marks = ",".join("?" * len(chunk))
                 cursor = self._db.execute(
                     f"SELECT row_id, fingerprint, {', '.join(RESULT_COLUMNS)} FROM results WHERE row_id IN ({marks})",
