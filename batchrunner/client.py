@@ -11,12 +11,11 @@ import email.utils
 import json
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import aiohttp
 
-from batchrunner.costs import to_decimal
+from batchrunner.costs import Usage, to_decimal
 from batchrunner.errors import (
     ApiError,
     FatalApiError,
@@ -31,15 +30,6 @@ BUDGET_LIMIT_SOURCES = frozenset(
     {"openrouter_guardrail_budget", "openrouter_workspace_budget", "openrouter_key_limit", "openrouter_credits"}
 )
 FREE_DAILY_MARKERS = ("free-models-per-day", "openrouter_free_tier_daily")
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: Decimal | None = None  # what OpenRouter charged (usage.cost); None when not reported
 
 
 @dataclass(frozen=True)
@@ -267,7 +257,6 @@ def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0)
     if not isinstance(payload, dict):
         raise TransientError("answer is not a JSON object", status=status, code="bad_body")
     usage = _usage(payload.get("usage"))
-    charged = usage.cost_usd
     error = _error_object(payload)
     choices = payload.get("choices")
     if error and not choices:  # a 200 whose body is only {"error": ...}
@@ -279,16 +268,16 @@ def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0)
             f"error inside a {status} answer: {error.get('message', error)}",
             status=status,
             code="error_in_200",
-            cost_usd=charged,
+            usage=usage,
         )
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise TransientError("answer has no choices", status=status, code="bad_body", cost_usd=charged)
+        raise TransientError("answer has no choices", status=status, code="bad_body", usage=usage)
     choice = choices[0]
     finish_reason = choice.get("finish_reason")
     if finish_reason == "error":
         detail = _error_object(choice).get("message") or error.get("message") or "provider error"
         raise TransientError(
-            f"the provider failed mid-answer: {detail}", status=status, code="finish_error", cost_usd=charged
+            f"the provider failed mid-answer: {detail}", status=status, code="finish_error", usage=usage
         )
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     text = message.get("content") if message else choice.get("text")
@@ -298,7 +287,7 @@ def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0)
     refusal = message.get("refusal") or None
     if not text and not tool_calls and not refusal:
         raise TransientError(
-            "empty answer (no content and no tool calls)", status=status, code="empty_answer", cost_usd=charged
+            "empty answer (no content and no tool calls)", status=status, code="empty_answer", usage=usage
         )
     return Completion(
         text=text or "",
@@ -323,6 +312,7 @@ def _usage(usage: Any) -> Usage:
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         cached_tokens=int(prompt_details.get("cached_tokens") or 0),
+        cache_write_tokens=int(prompt_details.get("cache_write_tokens") or 0),
         reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
         cost_usd=to_decimal(usage.get("cost")),
     )

@@ -7,10 +7,113 @@ written as and summed as Decimal, so a run's total never drifts from what was bi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 ZERO_USD = Decimal(0)
+MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one answer, and what OpenRouter said it cost."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # reasoning tokens included, as OpenRouter counts them
+    cached_tokens: int = 0  # prompt tokens read from the cache
+    cache_write_tokens: int = 0  # prompt tokens written to the cache
+    reasoning_tokens: int = 0
+    cost_usd: Decimal | None = None  # usage.cost; None when the server does not report it
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """A model's prices from GET /models: USD per token (per request for `request`)."""
+
+    prompt: Decimal = ZERO_USD
+    completion: Decimal = ZERO_USD
+    request: Decimal = ZERO_USD
+    internal_reasoning: Decimal | None = None  # defaults to the completion price
+    input_cache_read: Decimal | None = None  # defaults to the prompt price
+    input_cache_write: Decimal | None = None  # defaults to the prompt price
+    discount: Decimal = ZERO_USD  # prices are multiplied by (1 - discount)
+    max_completion_tokens: int | None = None  # the most a single answer can be
+    context_length: int | None = None
+
+    @classmethod
+    def from_model(cls, model: dict[str, Any]) -> Pricing | None:
+        """Prices from one GET /models entry; None when they are missing or not numbers ("-1" for routers)."""
+        prices = model.get("pricing")
+        if not isinstance(prices, dict):
+            return None
+        prompt, completion = to_decimal(prices.get("prompt")), to_decimal(prices.get("completion"))
+        if prompt is None or completion is None or prompt < 0 or completion < 0:
+            return None
+        top = model.get("top_provider") if isinstance(model.get("top_provider"), dict) else {}
+        return cls(
+            prompt=prompt,
+            completion=completion,
+            request=to_decimal(prices.get("request")) or ZERO_USD,
+            internal_reasoning=to_decimal(prices.get("internal_reasoning")),
+            input_cache_read=to_decimal(prices.get("input_cache_read")),
+            input_cache_write=to_decimal(prices.get("input_cache_write")),
+            discount=to_decimal(prices.get("discount")) or ZERO_USD,
+            max_completion_tokens=top.get("max_completion_tokens") or None,
+            context_length=model.get("context_length") or top.get("context_length") or None,
+        )
+
+    def cost_usd(self, usage: Usage) -> Decimal:
+        """What `usage` costs at these prices: cache reads and writes and reasoning at their own rates."""
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+        reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
+        cost = (
+            (usage.prompt_tokens - cached - written) * self.prompt
+            + cached * _or(self.input_cache_read, self.prompt)
+            + written * _or(self.input_cache_write, self.prompt)
+            + (usage.completion_tokens - reasoning) * self.completion
+            + reasoning * _or(self.internal_reasoning, self.completion)
+            + self.request
+        )
+        return cost * (1 - self.discount)
+
+    def worst_case_usd(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        """The most a request can cost: every prompt token uncached, the answer at its limit."""
+        return (
+            prompt_tokens * self.prompt
+            + completion_tokens * max(self.completion, _or(self.internal_reasoning, ZERO_USD))
+            + self.request
+        ) * (1 - self.discount)
+
+
+def _or(value: Decimal | None, default: Decimal) -> Decimal:
+    return default if value is None else value
+
+
+def per_million(price: Decimal) -> Decimal:
+    """USD per token as USD per million tokens, the unit people compare prices in."""
+    return (price * MILLION).normalize()
+
+
+class Budget:
+    """Spent plus reserved never exceeds the limit: each request reserves its worst case
+    before it goes, and settles to its real cost when it comes back."""
+
+    def __init__(self, limit_usd: Decimal) -> None:
+        self.limit_usd = limit_usd
+        self.spent_usd = ZERO_USD
+        self.reserved_usd = ZERO_USD
+
+    def reserve(self, amount_usd: Decimal) -> bool:
+        if self.spent_usd + self.reserved_usd + amount_usd > self.limit_usd:
+            return False
+        self.reserved_usd += amount_usd
+        return True
+
+    def settle(self, reserved_usd: Decimal, actual_usd: Decimal) -> None:
+        self.reserved_usd -= reserved_usd
+        self.spent_usd += actual_usd
 
 
 def to_decimal(value: Any) -> Decimal | None:

@@ -19,13 +19,13 @@ from typing import Any
 
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client, Completion
-from batchrunner.costs import ZERO_USD
+from batchrunner.costs import ZERO_USD, Budget, Pricing, Usage, format_usd
 from batchrunner.dataset import Dataset, Row
-from batchrunner.errors import ApiError, FatalApiError, RateLimited, RequestRejected, TransientError
+from batchrunner.errors import ApiError, FatalApiError, RateLimited, TransientError
 from batchrunner.limits import FreeModelCapReached, Limits, is_free
 from batchrunner.progress import Progress
 from batchrunner.records import RowResult, Summary
-from batchrunner.request import RequestBuilder
+from batchrunner.request import RequestBuilder, most_prompt_tokens
 from batchrunner.retries import RetryPolicy
 from batchrunner.spec import JobSpec
 from batchrunner.store import Store
@@ -62,6 +62,21 @@ class _Halt(Exception):
     """Internal: the run is stopping; leave this row pending."""
 
 
+@dataclass
+class _Bill:
+    """What one row's attempts cost, and how that is known."""
+
+    cost_usd: Decimal = ZERO_USD
+    sources: set[str] = field(default_factory=set)
+
+    @property
+    def source(self) -> str:
+        for source in ("unknown", "computed"):
+            if source in self.sources:
+                return source
+        return "reported"
+
+
 class Engine:
     def __init__(
         self,
@@ -73,6 +88,8 @@ class Engine:
         breaker: Breaker | None = None,
         progress: Progress | None = None,
         store: Store | None = None,
+        pricing: dict[str, Pricing] | None = None,
+        budget: Budget | None = None,
         keep_results: bool = False,
         grace_s: float = 30.0,
     ) -> None:
@@ -87,6 +104,8 @@ class Engine:
         self._stopped = asyncio.Event()
         self.progress = progress
         self.store = store
+        self.pricing = pricing or {}
+        self.budget = budget
         self.keep_results = keep_results
         self.requests = RequestBuilder(spec)
         self._halt_reason: str | None = None
@@ -235,7 +254,7 @@ class Engine:
         capped for the day); every other outcome is a RowResult.
         """
         attempts = 0
-        cost = ZERO_USD
+        bill = _Bill()
         last_error: ApiError | None = None
         chain = self.spec.model_chain(item.requested_model)
         for position, model in enumerate(chain):
@@ -259,45 +278,79 @@ class Engine:
                         f"{model} is unavailable: every probe of it failed", code="circuit_open"
                     )
                     continue
+                reserved = self._reserve(item.prompt, model)
                 try:
                     await self.limits.acquire(model)
                 except FreeModelCapReached as cap:
+                    self._settle(reserved, ZERO_USD)
                     self._defer(model, cap)
                     raise _Halt from cap
                 tries += 1
                 attempts += 1
                 try:
                     completion = await self._send(body, model)
-                except FatalApiError as exc:
-                    if exc.code == "free_daily_cap":
-                        self._defer(model, self.limits.cap_reached(model))
-                    else:
-                        self.breaker.release(model)
-                        self.stop(str(exc), exc)
-                    raise _Halt from exc
-                except TransientError as exc:
-                    cost += exc.cost_usd or ZERO_USD
+                except ApiError as exc:
+                    self._settle(reserved, self._charge(bill, exc.usage, model))
                     last_error = exc
-                    if isinstance(exc, RateLimited):
-                        self.breaker.release(model)
-                        self.limits.rate_limited()
-                    else:
-                        self.breaker.record(model, ok=False)
-                    if tries < self.retry.max_attempts and not self.breaker.is_open(model):
-                        await self._backoff(tries, exc)
-                    continue
-                except RequestRejected as exc:
-                    cost += exc.cost_usd or ZERO_USD
-                    last_error = exc
-                    if exc.status == 404:  # no endpoints for this model: its problem, not the row's
+                    if isinstance(exc, FatalApiError):
+                        if exc.code == "free_daily_cap":
+                            self._defer(model, self.limits.cap_reached(model))
+                        else:
+                            self.breaker.release(model)
+                            self.stop(str(exc), exc)
+                        raise _Halt from exc
+                    if isinstance(exc, TransientError):
+                        if isinstance(exc, RateLimited):
+                            self.breaker.release(model)
+                            self.limits.rate_limited()
+                        else:
+                            self.breaker.record(model, ok=False)
+                        if tries < self.retry.max_attempts and not self.breaker.is_open(model):
+                            await self._backoff(tries, exc)
+                        continue
+                    if exc.status == 404:  # RequestRejected: no endpoints is the model's problem, not the row's
                         self.breaker.record(model, ok=False)
                     else:
                         self.breaker.release(model)
                     break
+                self._settle(reserved, self._charge(bill, completion.usage, completion.model or model, model))
                 self.breaker.record(model, ok=True)
-                return self._ok(item, completion, attempts, cost + (completion.usage.cost_usd or ZERO_USD))
+                return self._ok(item, completion, attempts, bill, fallback_used=position > 0)
             log.debug("row %s: %s gave up: %s", item.row.id, model, last_error)
-        return self._failed(item, last_error, attempts, cost)
+        return self._failed(item, last_error, attempts, bill)
+
+    def _charge(self, bill: _Bill, usage: Usage | None, model: str, requested: str | None = None) -> Decimal:
+        """Add one attempt's cost to the row's bill: reported, else computed from prices, else unknown."""
+        if usage is None:  # no answer, no charge
+            return ZERO_USD
+        if usage.cost_usd is not None:
+            cost, source = usage.cost_usd, "reported"
+        elif (pricing := self.pricing.get(model) or self.pricing.get(requested or model)) is not None:
+            cost, source = pricing.cost_usd(usage), "computed"
+        else:
+            cost, source = ZERO_USD, "unknown"
+        bill.cost_usd += cost
+        bill.sources.add(source)
+        return cost
+
+    def _reserve(self, prompt: Any, model: str) -> Decimal:
+        """Reserve the request's worst case against the budget; stop the run when it does not fit."""
+        if self.budget is None:
+            return ZERO_USD
+        pricing = self.pricing[model]
+        worst = pricing.worst_case_usd(most_prompt_tokens(prompt), self.requests.max_completion_tokens(pricing))
+        if not self.budget.reserve(worst):
+            budget = self.budget
+            self.stop(
+                f"budget of {format_usd(budget.limit_usd)} reached: {format_usd(budget.spent_usd)} spent, "
+                f"and the next request could cost up to {format_usd(worst)}"
+            )
+            raise _Halt
+        return worst
+
+    def _settle(self, reserved: Decimal, actual: Decimal) -> None:
+        if self.budget is not None:
+            self.budget.settle(reserved, actual)
 
     async def _backoff(self, attempt: int, error: TransientError) -> None:
         delay = self.retry.delay_s(attempt, error.retry_after_s)
@@ -320,7 +373,9 @@ class Engine:
             **fields,
         )
 
-    def _ok(self, item: WorkItem, completion: Completion, attempts: int, cost: Decimal) -> RowResult:
+    def _ok(
+        self, item: WorkItem, completion: Completion, attempts: int, bill: _Bill, *, fallback_used: bool
+    ) -> RowResult:
         usage = completion.usage
         return self._result(
             item,
@@ -332,13 +387,17 @@ class Engine:
             completion_tokens=usage.completion_tokens,
             cached_tokens=usage.cached_tokens,
             reasoning_tokens=usage.reasoning_tokens,
-            cost_usd=cost,
+            cost_usd=bill.cost_usd,
+            cost_source=bill.source,
+            fallback_used=fallback_used,
             latency_s=round(completion.latency_s, 4),
             attempts=attempts,
             generation_id=completion.generation_id,
             provider=completion.provider,
         )
 
-    def _failed(self, item: WorkItem, error: ApiError | None, attempts: int, cost: Decimal) -> RowResult:
+    def _failed(self, item: WorkItem, error: ApiError | None, attempts: int, bill: _Bill) -> RowResult:
         text = " ".join(str(error or "no model answered").split())
-        return self._result(item, status="failed", error=text[:500], cost_usd=cost, attempts=attempts)
+        return self._result(
+            item, status="failed", error=text[:500], cost_usd=bill.cost_usd, cost_source=bill.source, attempts=attempts
+        )

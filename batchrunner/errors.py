@@ -20,7 +20,8 @@ interrupt stops a run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import Decimal
+
+from batchrunner.costs import Usage
 
 
 class BatchrunnerError(Exception):
@@ -58,7 +59,7 @@ class ApiError(BatchrunnerError):
     status: int | None = None  # HTTP status; None for connection errors and timeouts
     code: str | None = None  # a short stable tag, e.g. "rate_limited", "moderation", "empty_answer"
     retry_after_s: float | None = None  # what the server asked us to wait, if it said
-    cost_usd: Decimal | None = None  # what the failed attempt was billed, when the answer said
+    usage: Usage | None = None  # tokens (and cost) of a failed attempt that was answered, and so may be billed
     metadata: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "cached_tokens": pl.Int64(),
     "reasoning_tokens": pl.Int64(),
     "cost_usd": COST_DTYPE,
+    "cost_source": pl.String(),
     "latency_s": pl.Float64(),
     "attempts": pl.Int64(),
     "generation_id": pl.String(),
@@ -55,11 +56,13 @@ class RowResult:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: Decimal = ZERO_USD  # every billed attempt of this row, not just the last
+    cost_source: str = "reported"  # reported (usage.cost), computed (from /models prices) or unknown
     latency_s: float | None = None  # of the attempt that answered
     attempts: int = 0  # across all models tried
     generation_id: str | None = None
     provider: str | None = None
     fingerprint: str = ""  # of the request, for the checkpoint key (see request.py)
+    fallback_used: bool = False  # answered by a model from `fallbacks`
 
     def columns(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in RESULT_SCHEMA}

@@ -13,9 +13,12 @@ import json
 from functools import cached_property
 from typing import Any
 
+from batchrunner.costs import Pricing
 from batchrunner.dataset import Row
 from batchrunner.prompt import PromptTemplate
 from batchrunner.spec import JobSpec
+
+DEFAULT_MAX_COMPLETION_TOKENS = 16_384  # when neither the spec nor /models says
 
 
 def _canonical(value: Any) -> bytes:
@@ -56,6 +59,16 @@ class RequestBuilder:
         body[self.prompt_field] = prompt
         return body
 
+    def max_completion_tokens(self, pricing: Pricing | None = None) -> int:
+        """The longest answer a request allows: max_tokens, else the model's own limit."""
+        params = self.spec.params
+        for key in ("max_completion_tokens", "max_tokens"):
+            if isinstance(params.get(key), int):
+                return int(params[key])
+        if pricing is not None:
+            return pricing.max_completion_tokens or pricing.context_length or DEFAULT_MAX_COMPLETION_TOKENS
+        return DEFAULT_MAX_COMPLETION_TOKENS
+
     def fingerprint(self, prompt: Any, requested_model: str) -> str:
         digest = self._shape_digests[requested_model].copy()
         digest.update(_prompt_bytes(prompt))
@@ -70,3 +83,19 @@ def _prompt_bytes(prompt: Any) -> bytes:
     else:
         parts = [text for message in prompt for text in (message["role"], message["content"])]
     return "".join(f"{len(part)}:{part}" for part in parts).encode()
+
+
+def prompt_texts(prompt: Any) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+
+
+def estimated_prompt_tokens(prompt: Any) -> int:
+    """A tokenizer-free estimate: about four characters a token, plus a few per message."""
+    texts = prompt_texts(prompt)
+    return sum(len(t) for t in texts) // 4 + 4 * len(texts) + 1
+
+
+def most_prompt_tokens(prompt: Any) -> int:
+    """An upper bound for budgets: no tokenizer makes more tokens than UTF-8 bytes, plus role markers."""
+    texts = prompt_texts(prompt)
+    return sum(len(t.encode()) for t in texts) + 8 * len(texts) + 8

@@ -41,7 +41,7 @@ def _migration_1(db: sqlite3.Connection) -> None:
     columns = ",\n".join(
         f"{name} {'INTEGER' if name in ('prompt_tokens', 'completion_tokens', 'cached_tokens', 'reasoning_tokens', 'attempts') else 'REAL' if name == 'latency_s' else 'TEXT'}"
         for name in RESULT_COLUMNS
-        if name != "requested_model"
+        if name not in ("requested_model", "cost_source")  # cost_source came in migration 2
     )
     statements = f"""
         CREATE TABLE results (
@@ -72,7 +72,12 @@ def _migration_1(db: sqlite3.Connection) -> None:
             db.execute(statement)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1]
+def _migration_2(db: sqlite3.Connection) -> None:
+    """cost_source: whether cost_usd was reported by the server or computed from prices."""
+    db.execute("ALTER TABLE results ADD COLUMN cost_source TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
 
 
 def _now() -> str:

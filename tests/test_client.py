@@ -100,7 +100,7 @@ def test_finish_reason_error_and_empty_answers_are_transient() -> None:
     base = {"id": "gen-1", "model": "m", "usage": {"cost": 0.5}}
     with pytest.raises(TransientError, match="mid-answer") as info:
         parse_completion({**base, "choices": [{"finish_reason": "error", "message": {"content": "part"}}]})
-    assert info.value.cost_usd == Decimal("0.5")
+    assert info.value.usage is not None and info.value.usage.cost_usd == Decimal("0.5")
     with pytest.raises(TransientError, match="empty answer"):
         parse_completion({**base, "choices": [{"finish_reason": "stop", "message": {"content": ""}}]})
 
