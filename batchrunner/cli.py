@@ -20,7 +20,7 @@ from batchrunner import logs
 from batchrunner.costs import format_usd
 from batchrunner.errors import RunHalted, SpecError
 from batchrunner.progress import Progress
-from batchrunner.runner import export_job, job_status, overrides, run_job
+from batchrunner.runner import estimate_job, export_job, job_status, list_models, overrides, run_job
 from batchrunner.sandbox import FAULT_KINDS, SandboxConfig, serve
 from batchrunner.spec import load_spec
 
@@ -53,6 +53,12 @@ def main() -> None:
 @click.option(
     "--sandbox", is_flag=True, help="Run against the built-in simulated OpenRouter: no key, no network, no cost."
 )
+@click.option(
+    "--max-cost",
+    "max_cost_usd",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Spend at most USD in this run (overrides budget_usd).",
+)
 @click.option("--fresh", is_flag=True, help="Forget the checkpoint and start over (asks first).")
 @click.option("--yes", is_flag=True, help="Do not ask before --fresh deletes stored answers.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every retry and fallback.")
@@ -64,6 +70,7 @@ def run(
     limit: int | None,
     concurrency: int | None,
     sandbox: bool,
+    max_cost_usd: float | None,
     fresh: bool,
     yes: bool,
     verbose: bool,
@@ -101,6 +108,7 @@ def run(
                 progress_factory=Progress,
                 on_start=banner,
                 fresh=fresh,
+                max_cost_usd=None if max_cost_usd is None else Decimal(str(max_cost_usd)),
             )
         )
     except SpecError as error:
@@ -123,6 +131,61 @@ def run(
         )
         sys.exit(EXIT_STOPPED)
     sys.exit(EXIT_SOME_FAILED if report.summary.failed else EXIT_OK)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--limit", type=click.IntRange(min=1), help="Estimate only the first N rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--sandbox", is_flag=True, help="Price with the sandbox's catalog instead of OpenRouter's.")
+def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None:
+    """Estimate the cost and duration of JOB's remaining rows, without sending a completion."""
+    logs.configure()
+    try:
+        report = asyncio.run(estimate_job(load_spec(job), limit=limit, sandbox=SandboxConfig() if sandbox else None))
+    except SpecError as error:
+        _refuse(error)
+        return
+    except RunHalted as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_STOPPED)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+
+    def usd(value: str | None) -> str:
+        return "unknown (no prices)" if value is None else format_usd(Decimal(value))
+
+    click.echo(f"{report['job']}: {report['rows']} requests to send")
+    for model, entry in report["models"].items():
+        click.echo(
+            f"  {model}: {entry['rows']} rows, ~{entry['estimated_prompt_tokens']:,} prompt tokens, "
+            f"~{entry['expected_completion_tokens_per_row']:g} completion tokens a row ({entry['completion_estimate_basis']})"
+        )
+    click.echo(f"  expected cost: {usd(report['expected_cost_usd'])}   worst case: {usd(report['max_cost_usd'])}")
+    click.echo(f"  expected duration: {report['expected_duration_s']:g} s at {report['rate_rps']:g} requests/s")
+    click.echo(f"  ({report['prompt_tokens_note']})")
+
+
+@main.command()
+@click.option("--search", help="Only models whose id or name contains TEXT.")
+@click.option("--free", is_flag=True, help="Only free models.")
+@click.option("--sandbox", is_flag=True, help="List the sandbox's catalog.")
+def models(search: str | None, free: bool, sandbox: bool) -> None:
+    """List models with their prices per million tokens and context length, from /models."""
+    logs.configure()
+    try:
+        listing = asyncio.run(list_models(search=search, free_only=free, sandbox=SandboxConfig() if sandbox else None))
+    except RunHalted as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_STOPPED)
+    width = max((len(m["id"]) for m in listing), default=5)
+    click.echo(f"{'model'.ljust(width)}  {'prompt $/M':>11}  {'compl. $/M':>11}  {'context':>9}")
+    for model in listing:
+        context = model["context_length"] or "-"
+        click.echo(
+            f"{model['id'].ljust(width)}  {model['prompt_per_m']:>11}  {model['completion_per_m']:>11}  {context:>9}"
+        )
 
 
 @main.command()

@@ -78,13 +78,53 @@ class Pricing:
         )
         return cost * (1 - self.discount)
 
-    def worst_case_usd(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """The most a request can cost: every prompt token uncached, the answer at its limit."""
-        return (
-            prompt_tokens * self.prompt
-            + completion_tokens * max(self.completion, _or(self.internal_reasoning, ZERO_USD))
-            + self.request
-        ) * (1 - self.discount)
+    def estimate_usd(
+        self, prompt_tokens: Decimal | int, completion_tokens: Decimal | int, requests: int = 1
+    ) -> Decimal:
+        """What `requests` requests with these token totals should cost, nothing cached."""
+        return (prompt_tokens * self.prompt + completion_tokens * self.completion + requests * self.request) * (
+            1 - self.discount
+        )
+
+    def worst_case_usd(self, prompt_tokens: int, completion_tokens: int, requests: int = 1) -> Decimal:
+        """The most requests can cost: every prompt token uncached, every answer token at the
+        dearer of the completion and reasoning prices."""
+        completion = max(self.completion, _or(self.internal_reasoning, ZERO_USD))
+        return (prompt_tokens * self.prompt + completion_tokens * completion + requests * self.request) * (
+            1 - self.discount
+        )
+
+
+VARIANT_SUFFIXES = (":nitro", ":floor", ":exacto", ":thinking", ":extended", ":online")
+
+
+class PriceTable:
+    """Prices by model slug, from GET /models. A routing variant (`:nitro`, `:floor`, ...)
+    is priced as its base model; `:free` variants are listed as models of their own."""
+
+    def __init__(self, models: list[dict[str, Any]]) -> None:
+        self._prices: dict[str, Pricing] = {}
+        for model in models:
+            pricing = Pricing.from_model(model)
+            if pricing is not None and isinstance(model.get("id"), str):
+                self._prices[model["id"]] = pricing
+
+    def get(self, slug: str) -> Pricing | None:
+        if slug in self._prices:
+            return self._prices[slug]
+        for suffix in VARIANT_SUFFIXES:
+            if slug.endswith(suffix):
+                return self._prices.get(slug.removesuffix(suffix))
+        return None
+
+    def __contains__(self, slug: object) -> bool:
+        return isinstance(slug, str) and self.get(slug) is not None
+
+    def __getitem__(self, slug: str) -> Pricing:
+        pricing = self.get(slug)
+        if pricing is None:
+            raise KeyError(slug)
+        return pricing
 
 
 def _or(value: Decimal | None, default: Decimal) -> Decimal:

@@ -19,7 +19,7 @@ from typing import Any
 
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client, Completion
-from batchrunner.costs import ZERO_USD, Budget, Pricing, Usage, format_usd
+from batchrunner.costs import ZERO_USD, Budget, PriceTable, Usage, format_usd
 from batchrunner.dataset import Dataset, Row
 from batchrunner.errors import ApiError, FatalApiError, RateLimited, TransientError
 from batchrunner.limits import FreeModelCapReached, Limits, is_free
@@ -88,7 +88,7 @@ class Engine:
         breaker: Breaker | None = None,
         progress: Progress | None = None,
         store: Store | None = None,
-        pricing: dict[str, Pricing] | None = None,
+        pricing: PriceTable | None = None,
         budget: Budget | None = None,
         keep_results: bool = False,
         grace_s: float = 30.0,
@@ -104,7 +104,7 @@ class Engine:
         self._stopped = asyncio.Event()
         self.progress = progress
         self.store = store
-        self.pricing = pricing or {}
+        self.pricing = pricing or PriceTable([])
         self.budget = budget
         self.keep_results = keep_results
         self.requests = RequestBuilder(spec)

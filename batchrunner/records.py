@@ -6,6 +6,7 @@ store keeps; they are the one definition of an output row's extra columns.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
@@ -69,28 +70,87 @@ class RowResult:
 
 
 @dataclass
-class Summary:
-    """Totals of a run, kept exact: cost in Decimal, counts in ints."""
+class ModelStats:
+    """Totals for one requested model."""
 
     ok: int = 0
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
     cost_usd: Decimal = ZERO_USD
     attempts: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # first words of each error -> count
+    fallbacks: int = 0  # rows a fallback model answered
+    latencies_s: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row, for percentiles
 
     def add(self, result: RowResult) -> None:
         if result.status == "ok":
             self.ok += 1
+            if result.latency_s is not None:
+                self.latencies_s.append(result.latency_s)
         else:
             self.failed += 1
-            reason = (result.error or "unknown").split(":")[0][:60]
-            self.errors[reason] = self.errors.get(reason, 0) + 1
         self.prompt_tokens += result.prompt_tokens
         self.completion_tokens += result.completion_tokens
+        self.cached_tokens += result.cached_tokens
+        self.reasoning_tokens += result.reasoning_tokens
         self.cost_usd += result.cost_usd
         self.attempts += result.attempts
+        self.fallbacks += result.fallback_used
+
+    @property
+    def retries(self) -> int:
+        return self.attempts - self.ok - self.failed
+
+    def latency_percentile_s(self, q: float) -> float | None:
+        if not self.latencies_s:
+            return None
+        ordered = sorted(self.latencies_s)
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    def to_json(self) -> dict[str, object]:
+        p50, p95 = self.latency_percentile_s(0.5), self.latency_percentile_s(0.95)
+        return {
+            "ok": self.ok,
+            "failed": self.failed,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cost_usd": str(self.cost_usd),
+            "latency_p50_s": p50,
+            "latency_p95_s": p95,
+            "retries": self.retries,
+            "fallbacks_used": self.fallbacks,
+        }
+
+
+@dataclass
+class Summary:
+    """Totals of a run, per requested model and overall; cost exact in Decimal."""
+
+    by_model: dict[str, ModelStats] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # first words of each error -> count
+
+    def add(self, result: RowResult) -> None:
+        self.by_model.setdefault(result.requested_model, ModelStats()).add(result)
+        if result.status != "ok":
+            reason = (result.error or "unknown").split(":")[0][:60]
+            self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def _total(self, name: str) -> int:
+        return sum(getattr(stats, name) for stats in self.by_model.values())
+
+    ok = property(lambda self: self._total("ok"))
+    failed = property(lambda self: self._total("failed"))
+    prompt_tokens = property(lambda self: self._total("prompt_tokens"))
+    completion_tokens = property(lambda self: self._total("completion_tokens"))
+    attempts = property(lambda self: self._total("attempts"))
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return sum((stats.cost_usd for stats in self.by_model.values()), ZERO_USD)
 
     @property
     def done(self) -> int:
@@ -105,6 +165,64 @@ class Summary:
             f"cost: {format_usd(self.cost_usd)}",
             f"wall time: {wall_s:.1f} s{rate}",
         ]
+        if len(self.by_model) > 1 or any(s.fallbacks or s.retries or s.cached_tokens for s in self.by_model.values()):
+            lines += self.table()
         for reason, count in sorted(self.errors.items(), key=lambda kv: -kv[1])[:5]:
             lines.append(f"failed: {count} × {reason}")
         return lines
+
+    def table(self) -> list[str]:
+        """Per model: rows, tokens, cost, latency percentiles, retries and fallbacks, as aligned text."""
+        header = (
+            "model",
+            "ok",
+            "failed",
+            "prompt tok",
+            "compl. tok",
+            "cached",
+            "reasoning",
+            "cost",
+            "p50 s",
+            "p95 s",
+            "retries",
+            "fallbacks",
+        )
+        rows = [header]
+        for model, s in self.by_model.items():
+            p50, p95 = s.latency_percentile_s(0.5), s.latency_percentile_s(0.95)
+            rows.append(
+                (
+                    model,
+                    str(s.ok),
+                    str(s.failed),
+                    f"{s.prompt_tokens:,}",
+                    f"{s.completion_tokens:,}",
+                    f"{s.cached_tokens:,}",
+                    f"{s.reasoning_tokens:,}",
+                    format_usd(s.cost_usd),
+                    "-" if p50 is None else f"{p50:.2f}",
+                    "-" if p95 is None else f"{p95:.2f}",
+                    str(s.retries),
+                    str(s.fallbacks),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        return [
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in rows
+        ]
+
+    def to_json(self, *, wall_s: float, pending: int, resumed: int, stopped: str | None) -> dict[str, object]:
+        return {
+            "rows_ok": self.ok,
+            "rows_failed": self.failed,
+            "rows_pending": pending,
+            "rows_answered_by_earlier_runs": resumed,
+            "cost_usd": str(self.cost_usd),
+            "wall_s": round(wall_s, 3),
+            "stopped": stopped,
+            "models": {model: stats.to_json() for model, stats in self.by_model.items()},
+            "errors": self.errors,
+        }

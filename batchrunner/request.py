@@ -40,6 +40,7 @@ class RequestBuilder:
         for model in self.spec.models:
             shape = {
                 "endpoint": self.spec.endpoint,
+                "cache_system_prompt": self.spec.cache_system_prompt,
                 "chain": self.spec.model_chain(model),
                 "params": self.spec.params,
                 "provider": self.spec.provider,
@@ -56,6 +57,15 @@ class RequestBuilder:
 
     def body(self, prompt: Any, model: str) -> dict[str, Any]:
         body = self.spec.request_body(model)
+        if self.spec.cache_system_prompt and self.prompt_field == "messages":
+            # The shared system prompt as a content part marked for caching: providers that
+            # need an explicit breakpoint (Anthropic, Gemini) cache it; others cache implicitly.
+            prompt = [
+                {**m, "content": [{"type": "text", "text": m["content"], "cache_control": {"type": "ephemeral"}}]}
+                if m["role"] == "system"
+                else m
+                for m in prompt
+            ]
         body[self.prompt_field] = prompt
         return body
 
@@ -99,3 +109,42 @@ def most_prompt_tokens(prompt: Any) -> int:
     """An upper bound for budgets: no tokenizer makes more tokens than UTF-8 bytes, plus role markers."""
     texts = prompt_texts(prompt)
     return sum(len(t.encode()) for t in texts) + 8 * len(texts) + 8
+
+
+def expected_completion_tokens(spec: JobSpec, pricing: Pricing | None = None) -> tuple[float, str]:
+    """How long an answer should be, before any is seen: (tokens, why)."""
+    limit = RequestBuilder(spec).max_completion_tokens(pricing)
+    response_format = spec.response_format or {}
+    if response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema") or {}
+        return min(limit, _schema_tokens(schema, schema, 0)), "the size of a typical answer to the response schema"
+    has_limit = any(key in spec.params for key in ("max_tokens", "max_completion_tokens"))
+    return (
+        (limit / 2, "half of max_tokens")
+        if has_limit
+        else (256.0, "a guess of 256 tokens (set max_tokens for a better one)")
+    )
+
+
+def _schema_tokens(node: Any, root: dict[str, Any], depth: int) -> float:
+    """Rough tokens of a JSON value shaped by `node`: keys, punctuation and typical values."""
+    if not isinstance(node, dict) or depth > 8:
+        return 4.0
+    if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+        target: Any = root
+        for part in node["$ref"][2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        node = target if isinstance(target, dict) else {}
+    if node.get("enum"):
+        return max(len(json.dumps(v)) for v in node["enum"]) / 4 + 1
+    kind = node.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind == "object" or "properties" in node:
+        properties = node.get("properties") or {}
+        return 2 + sum(len(name) / 4 + 2 + _schema_tokens(sub, root, depth + 1) for name, sub in properties.items())
+    if kind == "array":
+        return 2 + 3 * _schema_tokens(node.get("items", {}), root, depth + 1)
+    if kind in ("integer", "number", "boolean", "null"):
+        return 2.0
+    return 12.0  # a free-text string: a short phrase

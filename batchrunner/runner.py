@@ -7,18 +7,20 @@ first request. The output is written at every exit, complete or not.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
-from batchrunner.costs import ZERO_USD
+from batchrunner.costs import ZERO_USD, Budget, PriceTable, Pricing, format_usd, per_million
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.engine import Engine, RunReport
 from batchrunner.errors import ApiError, FatalApiError, Problem, RunHalted, SpecError
@@ -27,10 +29,10 @@ from batchrunner.lock import job_lock
 from batchrunner.output import export
 from batchrunner.progress import Progress
 from batchrunner.records import RESULT_SCHEMA
-from batchrunner.request import RequestBuilder
+from batchrunner.request import RequestBuilder, estimated_prompt_tokens, expected_completion_tokens, most_prompt_tokens
 from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import Sandbox, SandboxConfig
-from batchrunner.spec import JobSpec, RateLimit
+from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec, RateLimit
 from batchrunner.store import Store
 
 log = logging.getLogger("batchrunner")
@@ -95,6 +97,7 @@ async def run_job(
     fresh: bool = False,
     flush_s: float = 0.2,
     breaker: Breaker | None = None,
+    max_cost_usd: Decimal | None = None,
 ) -> Outcome:
     """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL.
 
@@ -159,8 +162,58 @@ async def run_job(
             written = export(dataset, RequestBuilder(spec), store, spec.output)
             log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
             store.close()
+            if report is not None:
+                summary_json = report.summary.to_json(
+                    wall_s=report.wall_s,
+                    pending=report.pending,
+                    resumed=report.resumed,
+                    stopped=report.halted or report.deferred,
+                )
+                write_json(summary_path(spec.output), {"job": spec.name, **summary_json})
     assert report is not None
     return Outcome(report, spec.output, written, server.base_url if server else None)
+
+
+async def fetch_prices(client: Client) -> PriceTable:
+    """Model prices from GET /models, to cost answers the server does not price and to budget."""
+    try:
+        return PriceTable(await client.models())
+    except ApiError as exc:
+        log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
+        return PriceTable([])
+
+
+def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None) -> Budget | None:
+    """The run's budget (--max-cost wins over budget_usd); refused if a model has no price to budget with."""
+    if not any(key in spec.params for key in ("max_tokens", "max_completion_tokens")):
+        log.warning(
+            "params.max_tokens is not set: OpenRouter then reserves the model's whole output against your balance "
+            "for every request, which ends in 402s on a small balance; set max_tokens"
+        )
+    limit = max_cost_usd if max_cost_usd is not None else spec.budget_usd
+    if limit is None:
+        return None
+    unpriced = sorted({m for model in spec.models for m in spec.model_chain(model) if m not in prices})
+    if unpriced:
+        raise SpecError(
+            Problem(
+                "budget_usd",
+                f"no prices for {', '.join(unpriced)} at {spec.base_url()}/models; a budget needs them (or remove the budget)",
+            )
+        )
+    log.info("budget: %s for this run", format_usd(limit))
+    return Budget(limit)
+
+
+def summary_path(output: Path) -> Path:
+    """out/triage.parquet -> out/triage.summary.json"""
+    return output.with_name(output.stem + ".summary.json")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(temporary, path)
 
 
 async def plan_limits(
@@ -294,3 +347,131 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         "runs": len(runs),
         "last_run": runs[-1] if runs else None,
     }
+
+
+async def estimate_job(
+    spec: JobSpec, *, limit: int | None = None, sandbox: SandboxConfig | None = None
+) -> dict[str, Any]:
+    """What the rows still to do should cost and take, without sending a completion.
+
+    Prompt tokens are estimated without a tokenizer (about four characters a token); the
+    expected answer length comes from this job's answers so far, else from the response
+    schema, else half of max_tokens. The worst case prices every prompt byte as a token and
+    every answer at max_tokens.
+    """
+    dataset = prepare(spec)
+    requests = RequestBuilder(spec)
+    checkpoint = spec.checkpoint_path()
+    store = Store.open(checkpoint) if checkpoint.exists() else None
+    per_model = {
+        model: {"rows": 0, "prompt_tokens": 0, "most_prompt_tokens": 0, "answered": 0, "answered_completion_tokens": 0}
+        for model in spec.models
+    }
+    try:
+        for batch in dataset.batches(limit=limit, batch_size=20_000):
+            answered = store.answered([row.id for row in batch]) if store else set()
+            for row in batch:
+                prompt = requests.prompt(row)
+                for model in spec.models:
+                    counts = per_model[model]
+                    if (row.id, model, requests.fingerprint(prompt, model)) in answered:
+                        continue
+                    counts["rows"] += 1
+                    counts["prompt_tokens"] += estimated_prompt_tokens(prompt)
+                    counts["most_prompt_tokens"] += most_prompt_tokens(prompt)
+        history = store.completion_tokens_by_model() if store else {}
+    finally:
+        if store is not None:
+            store.close()
+
+    server = Sandbox(sandbox) if sandbox is not None else None
+    base_url, key = (await server.start(), SANDBOX_KEY) if server else (spec.base_url(), api_key(spec, spec.base_url()))
+    try:
+        async with Client(base_url, api_key=key, headers=spec.api.headers, timeout_s=60) as client:
+            prices = await fetch_prices(client)
+            limits, _ = await plan_limits(spec, client, key, count_free_usage=False)
+    finally:
+        if server is not None:
+            await server.stop()
+
+    models: dict[str, Any] = {}
+    expected_total: Decimal | None = ZERO_USD
+    worst_total: Decimal | None = ZERO_USD
+    for model, counts in per_model.items():
+        pricing = prices.get(model)
+        answered_n, answered_tokens = history.get(model, (0, 0))
+        if answered_n >= 10:
+            completion, basis = answered_tokens / answered_n, f"the average of {answered_n} answers so far"
+        else:
+            completion, basis = expected_completion_tokens(spec, pricing)
+        rows = counts["rows"]
+        entry: dict[str, Any] = {
+            "rows": rows,
+            "estimated_prompt_tokens": counts["prompt_tokens"],
+            "expected_completion_tokens_per_row": round(completion, 1),
+            "completion_estimate_basis": basis,
+            "expected_cost_usd": None,
+            "max_cost_usd": None,
+        }
+        if pricing is not None:
+            expected = pricing.estimate_usd(counts["prompt_tokens"], Decimal(str(round(completion * rows, 3))), rows)
+            worst = pricing.worst_case_usd(
+                counts["most_prompt_tokens"], rows * requests.max_completion_tokens(pricing), rows
+            )
+            entry["expected_cost_usd"] = str(expected.quantize(Decimal("1E-9")))
+            entry["max_cost_usd"] = str(worst.quantize(Decimal("1E-9")))
+        if entry["expected_cost_usd"] is None:
+            expected_total = worst_total = None
+        elif expected_total is not None and worst_total is not None:
+            expected_total += Decimal(entry["expected_cost_usd"])
+            worst_total += Decimal(entry["max_cost_usd"])
+        models[model] = entry
+    requests_n = sum(entry["rows"] for entry in models.values())
+    rate = limits.pacer.rate_rps
+    return {
+        "job": spec.name,
+        "rows": requests_n,
+        "expected_cost_usd": None if expected_total is None else str(expected_total),
+        "max_cost_usd": None if worst_total is None else str(worst_total),
+        "expected_duration_s": round(requests_n / rate, 1) if rate and rate != float("inf") else 0.0,
+        "rate_rps": rate,
+        "prompt_tokens_note": "estimated without a tokenizer: about 4 characters a token",
+        "models": models,
+    }
+
+
+async def list_models(
+    *, search: str | None, free_only: bool, sandbox: SandboxConfig | None = None
+) -> list[dict[str, Any]]:
+    """GET /models, filtered, with prices per million tokens (no key needed)."""
+    server = Sandbox(sandbox) if sandbox is not None else None
+    base_url = (
+        await server.start() if server else os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
+    )
+    try:
+        async with Client(base_url, timeout_s=60) as client:
+            try:
+                models = await client.models()
+            except ApiError as exc:
+                raise RunHalted(f"could not list models at {base_url}: {exc}") from exc
+    finally:
+        if server is not None:
+            await server.stop()
+    listing = []
+    for model in models:
+        pricing = Pricing.from_model(model)
+        text = f"{model.get('id', '')} {model.get('name', '')}".lower()
+        if search and search.lower() not in text:
+            continue
+        is_free = pricing is not None and pricing.prompt == 0 and pricing.completion == 0
+        if free_only and not is_free:
+            continue
+        listing.append(
+            {
+                "id": str(model.get("id")),
+                "prompt_per_m": "-" if pricing is None else f"{per_million(pricing.prompt):f}",
+                "completion_per_m": "-" if pricing is None else f"{per_million(pricing.completion):f}",
+                "context_length": model.get("context_length"),
+            }
+        )
+    return sorted(listing, key=lambda m: m["id"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -111,6 +112,8 @@ class JobSpec(_Strict):
     rate_limit: Literal["auto"] | RateLimit = "auto"
     free_requests_per_day: Annotated[int, Field(ge=1)] = 200
     retry: RetrySettings = RetrySettings()
+    budget_usd: Annotated[Decimal, Field(gt=0)] | None = None  # most a run may spend
+    cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
     api: ApiSettings = ApiSettings()
 
     @field_validator("models", "fallbacks", mode="before")

@@ -203,6 +203,14 @@ class Store:
                 found.update(self._db.execute(query, chunk).fetchall())
         return found
 
+    def completion_tokens_by_model(self) -> dict[str, tuple[int, int]]:
+        """(answers, completion tokens) per requested model: how long this job's answers run."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT requested_model, count(*), sum(completion_tokens) FROM results WHERE status = 'ok' GROUP BY requested_model"
+            ).fetchall()
+        return {model: (int(n), int(total or 0)) for model, n, total in rows}
+
     def lookup(self, row_ids: Sequence[str]) -> dict[tuple[str, str], list[Stored]]:
         """Every stored (fingerprint, status) for these rows, by (row id, requested model)."""
         found: dict[tuple[str, str], list[Stored]] = {}
