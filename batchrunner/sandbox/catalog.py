@@ -88,12 +88,17 @@ def pricing(model: str) -> dict[str, str]:
     entry = MODELS.get(slug)
     if entry is None:
         return dict(DEFAULT_PRICING)
-    return {"prompt": entry["prompt"], "completion": entry["completion"]}
+    return {key: entry[key] for key in ("prompt", "completion", "input_cache_read") if key in entry}
 
 
-def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> Decimal:
+def cost_usd(model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
     prices = pricing(model)
-    return Decimal(prices["prompt"]) * prompt_tokens + Decimal(prices["completion"]) * completion_tokens
+    cache_read = Decimal(prices.get("input_cache_read", prices["prompt"]))
+    return (
+        Decimal(prices["prompt"]) * (prompt_tokens - cached_tokens)
+        + cache_read * cached_tokens
+        + Decimal(prices["completion"]) * completion_tokens
+    )
 
 
 def provider_name(model: str) -> str:
@@ -120,7 +125,7 @@ def model_objects(created: int) -> list[dict[str, Any]]:
                     "tokenizer": "Other",
                     "instruct_type": None,
                 },
-                "pricing": {"prompt": entry["prompt"], "completion": entry["completion"], "request": "0"},
+                "pricing": {"request": "0", **pricing(slug)},
                 "top_provider": {
                     "context_length": entry["context_length"],
                     "max_completion_tokens": 16384,

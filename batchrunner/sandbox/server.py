@@ -58,6 +58,7 @@ class SandboxConfig:
     api_key: str | None = None  # with require_key: the only key accepted
     record_bodies: bool = False  # keep every completion request body in stats.bodies (tests)
     report_cost: bool = True  # include usage.cost (older deployments and other servers do not)
+    bill_failed_answers: bool = False  # charge empty and finish_reason "error" answers (some upstreams bill the prompt)
     free_daily_cap: int = 200
 
     def __post_init__(self) -> None:
@@ -103,6 +104,7 @@ class Sandbox:
         self._free_minute: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._free_today: collections.Counter[str] = collections.Counter()
         self._generations: dict[str, dict[str, Any]] = {}
+        self._cached_prefixes: set[tuple[str, str]] = set()  # (model, system prompt) seen: served from the cache
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -417,8 +419,9 @@ class Sandbox:
         if fault == "finish_error":
             finish_reason = "error"
         n_completion = answers.count_tokens(text) if text else 0
-        cost = catalog.cost_usd(model, n_prompt, n_completion)
-        if finish_reason == "error" or n_completion == 0:
+        n_cached = self._cached_tokens(model, messages) if chat else 0
+        cost = catalog.cost_usd(model, n_prompt, n_completion, n_cached)
+        if (finish_reason == "error" or n_completion == 0) and not self.config.bill_failed_answers:
             cost = ZERO_USD  # zero-completion insurance: empty and error answers are not billed
         reported = float(cost)
         self.stats.charged_usd += to_decimal(reported) or ZERO_USD
@@ -431,7 +434,7 @@ class Sandbox:
             "prompt_tokens": n_prompt,
             "completion_tokens": n_completion,
             "total_tokens": n_prompt + n_completion,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": n_cached},
             "completion_tokens_details": {"reasoning_tokens": 0},
             "is_byok": False,
         }
@@ -473,6 +476,18 @@ class Sandbox:
             "system_fingerprint": "fp_sandbox",
             "usage": usage,
         }
+
+    def _cached_tokens(self, model: str, messages: list[dict[str, Any]]) -> int:
+        """Prompt caching, simulated: a system prompt seen before for this model is read from
+        the cache (as providers do for a long shared prefix)."""
+        system = [m for m in messages if m.get("role") == "system"]
+        if not system:
+            return 0
+        key = (model, json.dumps(system, sort_keys=True))
+        if key not in self._cached_prefixes:
+            self._cached_prefixes.add(key)
+            return 0
+        return answers.prompt_tokens(system)
 
 
 def _next_utc_midnight_ms() -> int:
