@@ -129,10 +129,20 @@ async def run_job(
                 max_connections=spec.concurrency,
             ) as client:
                 limits, key_info = await plan_limits(spec, client, key, count_free_usage=server is None)
+                prices = await fetch_prices(client)
+                budget = plan_budget(spec, prices, max_cost_usd)
                 rows = dataset.count() if limit is None else min(limit, dataset.count())
                 progress = progress_factory(rows * len(spec.models)) if progress_factory else None
                 engine = Engine(
-                    spec, client, retry=retry, limits=limits, breaker=breaker, progress=progress, store=store
+                    spec,
+                    client,
+                    retry=retry,
+                    limits=limits,
+                    breaker=breaker,
+                    progress=progress,
+                    store=store,
+                    pricing=prices,
+                    budget=budget,
                 )
                 background = [asyncio.create_task(store.flush_every(flush_s))]
                 if key_info is not None and key_info.get("limit_remaining") is not None:
@@ -433,7 +443,7 @@ async def estimate_job(
         "rows": requests_n,
         "expected_cost_usd": None if expected_total is None else str(expected_total),
         "max_cost_usd": None if worst_total is None else str(worst_total),
-        "expected_duration_s": round(requests_n / rate, 1) if rate and rate != float("inf") else 0.0,
+        "expected_duration_s": round(requests_n / rate, 3) if rate and rate != float("inf") else 0.0,
         "rate_rps": rate,
         "prompt_tokens_note": "estimated without a tokenizer: about 4 characters a token",
         "models": models,

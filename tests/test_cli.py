@@ -252,3 +252,23 @@ def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
     twice = sum(n - 1 for n in sandbox.stats.answered.values())  # type: ignore[attr-defined]
     per_kill = 4 + 0.25 * (4 / 0.05)  # in flight, plus a flush interval (0.2 s) of answers at ~80/s
     assert kills >= 1 and twice <= kills * per_kill
+
+
+def test_estimate_json_and_models(write_spec: Callable[..., Path]) -> None:
+    """estimate --json prints rows, expected and worst-case cost and duration; models lists prices per million."""
+    result = invoke("estimate", str(write_spec()), "--sandbox", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["rows"] == 12
+    assert 0 < float(report["expected_cost_usd"]) <= float(report["max_cost_usd"])
+    assert report["expected_duration_s"] > 0
+    listing = invoke("models", "--sandbox", "--search", "gpt-4o-mini")
+    assert listing.exit_code == 0 and "openai/gpt-4o-mini" in listing.stdout and "0.15" in listing.stdout
+    assert "anthropic" not in listing.stdout
+
+
+def test_max_cost_stops_the_run_with_exit_3(write_spec: Callable[..., Path]) -> None:
+    """--max-cost: the run stops dispatching at the budget and exits 3 saying what was spent."""
+    result = invoke("run", str(write_spec(models=["openai/gpt-4o"])), "--sandbox", "--max-cost", "0.0004")
+    assert result.exit_code == 3
+    assert "budget of $0.0004 reached" in result.stderr and "pending" in result.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from batchrunner.costs import format_usd, to_decimal, total_usd
 from batchrunner.records import RowResult, Summary
 
 
@@ -20,18 +19,25 @@ def test_summary_counts_and_sums_exactly() -> None:
     assert "rows: 10 ok, 1 failed, 2 pending" in summary.lines(wall_s=1.0, pending=2)
 
 
-def test_to_decimal_reads_json_numbers_as_written() -> None:
-    """A float from JSON becomes the decimal it was written as; junk becomes None."""
-    assert to_decimal(0.000123) == Decimal("0.000123")
-    assert to_decimal(1.5e-05) == Decimal("0.000015")
-    assert to_decimal("0.0000025") == Decimal("0.0000025")
-    assert to_decimal(None) is None and to_decimal("n/a") is None and to_decimal(True) is None
-    assert to_decimal(float("nan")) is None
-
-
-def test_totals_and_formatting() -> None:
-    """Unknown costs are skipped in totals; small sums keep their significant digits."""
-    assert total_usd([Decimal("0.1"), None, Decimal("0.2")]) == Decimal("0.3")
-    assert format_usd(Decimal("12.345")) == "$12.35"
-    assert format_usd(Decimal("0.000675")) == "$0.000675"
-    assert format_usd(Decimal(0)) == "$0.00"
+def test_per_model_stats_for_the_summary() -> None:
+    """Per model: latency percentiles, retries and fallbacks used; JSON keeps cost as an exact string."""
+    summary = Summary()
+    for i in range(20):
+        summary.add(
+            RowResult(
+                i,
+                str(i),
+                0,
+                "m",
+                "ok",
+                latency_s=float(i + 1),
+                attempts=2 if i < 3 else 1,
+                fallback_used=i < 2,
+                cost_usd=Decimal("0.01"),
+            )
+        )
+    stats = summary.by_model["m"]
+    assert stats.latency_percentile_s(0.5) in (10.0, 11.0) and stats.latency_percentile_s(0.95) == 19.0
+    assert (stats.retries, stats.fallbacks) == (3, 2)
+    data = summary.to_json(wall_s=1.0, pending=0, resumed=0, stopped=None)
+    assert data["cost_usd"] == "0.20" and data["models"]["m"]["fallbacks_used"] == 2

@@ -46,3 +46,16 @@ def test_each_requested_model_has_its_own_key(write_spec: Callable[..., Path]) -
     assert key(write_spec, models=["a/one", "b/two"], model="a/one") != key(
         write_spec, models=["a/one", "b/two"], model="b/two"
     )
+
+
+def test_cached_system_prompt_is_marked_and_valid(write_spec: Callable[..., Path]) -> None:
+    """cache_system_prompt marks the system message with cache_control, in a shape ChatRequest accepts."""
+    from batchrunner import openapi
+
+    builder = RequestBuilder(load_spec(write_spec(system="Shared instructions.", cache_system_prompt=True)))
+    body = builder.body(builder.prompt(ROW), "openai/gpt-4o-mini")
+    assert body["messages"][0]["content"] == [
+        {"type": "text", "text": "Shared instructions.", "cache_control": {"type": "ephemeral"}}
+    ]
+    assert body["messages"][1] == {"role": "user", "content": "Ticket T-0: hello"}
+    assert openapi.validation_errors("ChatRequest", body) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +17,7 @@ from batchrunner.client import Client
 from batchrunner.errors import SpecError
 from batchrunner.limits import Limits
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import api_key, follow_credits, run_job
+from batchrunner.runner import api_key, estimate_job, follow_credits, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 
@@ -172,3 +173,85 @@ async def test_failed_rows_are_retried_on_the_next_run(write_spec: Callable[...,
         second = (await run_job(spec)).report
     assert second.summary.ok == 12 and second.resumed == 0
     assert pl.read_parquet(spec.output)["status"].to_list() == ["ok"] * 12
+
+
+@pytest.mark.parametrize("report_cost", [True, False])
+async def test_costs_add_up_to_what_was_charged(write_spec: Callable[..., Path], report_cost: bool) -> None:
+    """The run's cost_usd sums to what the sandbox charged, to the micro-dollar, whether usage.cost is
+    reported or computed from /models prices, billed failed attempts and cached prompts included."""
+    config = SandboxConfig(report_cost=report_cost, bill_failed_answers=True, faults={"finish_error": 0.3}, seed=5)
+    async with Sandbox(config) as sandbox:
+        spec = load_spec(
+            write_spec(
+                system="You are terse.",
+                models=["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"],
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec, retry=RetryPolicy.immediate(8))
+    output = pl.read_parquet(spec.output)
+    assert outcome.report.summary.ok == 24
+    assert sandbox.stats.statuses[200] > 24, "some attempts failed and were billed"
+    assert output["cost_source"].unique().to_list() == ["reported" if report_cost else "computed"]
+    assert output["cached_tokens"].sum() > 0
+    assert abs(output["cost_usd"].sum() - sandbox.stats.charged_usd) < Decimal("0.000001")
+    assert outcome.report.summary.cost_usd == output["cost_usd"].sum()
+
+
+async def test_budget_is_never_exceeded_and_mostly_used(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """A budget run stops dispatching before spent plus worst case passes the budget, having used most of it."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 300),
+                models=["openai/gpt-4o"],
+                concurrency=4,
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec, max_cost_usd=Decimal("0.05"))
+    report = outcome.report
+    assert report.halted and "budget of $0.05 reached" in report.halted
+    assert 0 < report.pending < 300
+    assert sandbox.stats.charged_usd <= Decimal("0.05")
+    assert sandbox.stats.charged_usd >= Decimal("0.045"), "most of the budget is used"
+
+
+async def test_budget_without_prices_is_refused(write_spec: Callable[..., Path]) -> None:
+    """A budget needs every model's price; a router without one is refused before sending."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(models=["openrouter/auto"], budget_usd=1, api={"base_url": sandbox.base_url}))
+        with pytest.raises(SpecError, match="no prices for openrouter/auto"):
+            await run_job(spec)
+    assert sandbox.stats.requests == 0
+
+
+async def test_estimate_is_within_a_factor_of_two_and_its_worst_case_holds(tmp_path: Path) -> None:
+    """For each example job: expected cost within 2x of what the sandbox charged; worst case never below it."""
+    jobs = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs").glob("*.yaml"))
+    for job in jobs:
+        overrides = {
+            "output": str(tmp_path / f"{job.stem}.parquet"),
+            "checkpoint": str(tmp_path / f"{job.stem}.sqlite"),
+        }
+        spec = load_spec(job, overrides=overrides)
+        estimate = await estimate_job(spec, limit=60, sandbox=SandboxConfig())
+        async with Sandbox() as sandbox:
+            await run_job(load_spec(job, overrides={**overrides, "api": {"base_url": sandbox.base_url}}), limit=60)
+        actual = sandbox.stats.charged_usd
+        expected, worst = Decimal(estimate["expected_cost_usd"]), Decimal(estimate["max_cost_usd"])
+        assert estimate["rows"] == 60 * len(spec.models)
+        assert actual / 2 <= expected <= actual * 2, (job.name, expected, actual)
+        assert worst >= actual, (job.name, worst, actual)
+        assert estimate["expected_duration_s"] > 0
+
+
+async def test_summary_json_is_written_beside_the_output(write_spec: Callable[..., Path]) -> None:
+    """<output>.summary.json has per-model rows, tokens, cost, latency percentiles, retries and fallbacks."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+    summary = json.loads(spec.output.with_name("result.summary.json").read_text())
+    model = summary["models"]["openai/gpt-4o-mini"]
+    assert summary["rows_ok"] == 12 and model["ok"] == 12 and model["latency_p95_s"] is not None
+    assert Decimal(summary["cost_usd"]) == sandbox.stats.charged_usd
