@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -27,11 +28,19 @@ from batchrunner.spec import load_spec
 EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 
 
-def _refuse(error: SpecError) -> None:
-    click.echo("error: the job was not started (nothing was sent):", err=True)
-    for problem in error.problems:
-        click.echo(f"  {problem}", err=True)
-    sys.exit(EXIT_INVALID)
+@contextlib.contextmanager
+def _exit_codes() -> Iterator[None]:
+    """Turn the errors a user acts on into a message and an exit code, never a traceback."""
+    try:
+        yield
+    except SpecError as error:
+        click.echo("error: the job was not started (nothing was sent):", err=True)
+        for problem in error.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(EXIT_INVALID)
+    except RunHalted as error:
+        click.echo(f"stopped before sending anything: {error}", err=True)
+        sys.exit(EXIT_STOPPED)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,7 +90,7 @@ def run(
     Answers are checkpointed as they arrive; rerunning skips what is already answered.
     """
     logs.configure(verbose=verbose, json_lines=log_json)
-    try:
+    with _exit_codes():
         spec = load_spec(job, overrides=overrides(input=input_path, output=output_path, concurrency=concurrency))
         if fresh and not yes and spec.checkpoint_path().exists():
             if not sys.stdin.isatty():
@@ -100,26 +109,21 @@ def run(
                     err=True,
                 )
 
-        outcome = asyncio.run(
-            run_job(
-                spec,
-                limit=limit,
-                sandbox=SandboxConfig() if sandbox else None,
-                progress_factory=Progress,
-                on_start=banner,
-                fresh=fresh,
-                max_cost_usd=None if max_cost_usd is None else Decimal(str(max_cost_usd)),
+        try:
+            outcome = asyncio.run(
+                run_job(
+                    spec,
+                    limit=limit,
+                    sandbox=SandboxConfig() if sandbox else None,
+                    progress_factory=Progress,
+                    on_start=banner,
+                    fresh=fresh,
+                    max_cost_usd=None if max_cost_usd is None else Decimal(str(max_cost_usd)),
+                )
             )
-        )
-    except SpecError as error:
-        _refuse(error)
-        return
-    except RunHalted as error:
-        click.echo(f"stopped before sending anything: {error}", err=True)
-        sys.exit(EXIT_STOPPED)
-    except OSError as error:  # a full disk, a read-only folder: say so, keep what the checkpoint holds
-        click.echo(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
-        sys.exit(EXIT_STOPPED)
+        except OSError as error:  # a full disk, a read-only folder: say so, keep what the checkpoint holds
+            click.echo(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
+            sys.exit(EXIT_STOPPED)
     report = outcome.report
     click.echo(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
     for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
@@ -141,14 +145,8 @@ def run(
 def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None:
     """Estimate the cost and duration of JOB's remaining rows, without sending a completion."""
     logs.configure()
-    try:
+    with _exit_codes():
         report = asyncio.run(estimate_job(load_spec(job), limit=limit, sandbox=SandboxConfig() if sandbox else None))
-    except SpecError as error:
-        _refuse(error)
-        return
-    except RunHalted as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_STOPPED)
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
@@ -174,11 +172,8 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
 def models(search: str | None, free: bool, sandbox: bool) -> None:
     """List models with their prices per million tokens and context length, from /models."""
     logs.configure()
-    try:
+    with _exit_codes():
         listing = asyncio.run(list_models(search=search, free_only=free, sandbox=SandboxConfig() if sandbox else None))
-    except RunHalted as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_STOPPED)
     width = max((len(m["id"]) for m in listing), default=5)
     click.echo(f"{'model'.ljust(width)}  {'prompt $/M':>11}  {'compl. $/M':>11}  {'context':>9}")
     for model in listing:
@@ -196,12 +191,9 @@ def models(search: str | None, free: bool, sandbox: bool) -> None:
 def export(job: Path, output_path: Path | None) -> None:
     """Rewrite JOB's output from its checkpoint, without sending anything."""
     logs.configure()
-    try:
+    with _exit_codes():
         spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None))
         written = export_job(spec)
-    except SpecError as error:
-        _refuse(error)
-        return
     click.echo(f"{spec.name}: wrote {written} rows to {spec.output}")
 
 
@@ -211,11 +203,8 @@ def export(job: Path, output_path: Path | None) -> None:
 def status(job: Path, as_json: bool) -> None:
     """Show JOB's progress: done, failed and pending per model, cost so far, last run. Sends nothing."""
     logs.configure()
-    try:
+    with _exit_codes():
         report = job_status(load_spec(job))
-    except SpecError as error:
-        _refuse(error)
-        return
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
