@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from batchrunner.breaker import Breaker
 from batchrunner.client import Client, Completion
 from batchrunner.costs import ZERO_USD, Budget, PriceTable, Usage, format_usd
 from batchrunner.dataset import Dataset, Row
-from batchrunner.errors import ApiError, FatalApiError, RateLimited, TransientError
+from batchrunner.errors import ApiError, FatalApiError, RateLimited, RequestRejected, TransientError
 from batchrunner.limits import FreeModelCapReached, Limits, is_free
 from batchrunner.progress import Progress
 from batchrunner.records import RowResult, Summary
@@ -29,6 +30,7 @@ from batchrunner.request import RequestBuilder, most_prompt_tokens
 from batchrunner.retries import RetryPolicy
 from batchrunner.spec import JobSpec
 from batchrunner.store import Store
+from batchrunner.structured import InvalidAnswer, Mode, parse_answer
 
 log = logging.getLogger("batchrunner")
 
@@ -60,6 +62,16 @@ class RunReport:
 
 class _Halt(Exception):
     """Internal: the run is stopping; leave this row pending."""
+
+
+@dataclass
+class _RowState:
+    """What happened to one row so far, across its models and attempts."""
+
+    attempts: int = 0
+    bill: _Bill = field(default_factory=lambda: _Bill())
+    last_error: ApiError | None = None
+    last_answer: Completion | None = None  # an answer that was refused or invalid, kept for the output
 
 
 @dataclass
@@ -108,6 +120,7 @@ class Engine:
         self.budget = budget
         self.keep_results = keep_results
         self.requests = RequestBuilder(spec)
+        self.mode = Mode.of(spec.response_format)
         self._halt_reason: str | None = None
         self._halt_error: ApiError | None = None
         self._queue: asyncio.Queue[WorkItem | None] | None = None
@@ -250,74 +263,99 @@ class Engine:
     async def _process(self, item: WorkItem) -> RowResult:
         """Answer one (row, model): retries on the model, then its fallbacks, in order.
 
-        Raises _Halt to leave the row pending (the run is stopping, or free models are
-        capped for the day); every other outcome is a RowResult.
+        For structured jobs an answer must also parse and validate; an invalid one is
+        repaired (the model is told what was wrong, given more room if it was cut off), then
+        handed to the fallbacks. Raises _Halt to leave the row pending (the run is stopping,
+        or free models are capped for the day); every other outcome is a RowResult.
         """
-        attempts = 0
-        bill = _Bill()
-        last_error: ApiError | None = None
+        row = _RowState()
         chain = self.spec.model_chain(item.requested_model)
         for position, model in enumerate(chain):
-            has_fallback = position + 1 < len(chain)
             body = self.requests.body(item.prompt, model)
-            tries = 0
-            while tries < self.retry.max_attempts:
-                if self.stopping:
-                    raise _Halt
-                decision = self.breaker.decide(model)
-                if decision == "skip":
-                    if has_fallback:
-                        last_error = TransientError(
-                            f"{model} skipped: it keeps failing (circuit open)", code="circuit_open"
-                        )
-                        break
-                    failed_probes = self.breaker.failed_probes(model)
-                    await self.breaker.wait(model)
-                    tries += self.breaker.failed_probes(model) - failed_probes
-                    last_error = TransientError(
-                        f"{model} is unavailable: every probe of it failed", code="circuit_open"
-                    )
+            for repair in range(self.spec.repair.same_model + 1):
+                completion = await self._attempt(item, model, body, row, has_fallback=position + 1 < len(chain))
+                if completion is None:
+                    break  # this model gave up: its fallbacks are next
+                if completion.refusal and not completion.text and not completion.tool_calls:
+                    row.last_error = RequestRejected(f"refusal: {completion.refusal}", code="refusal")
+                    row.last_answer = completion
+                    break
+                if not self.mode.structured:
+                    return self._ok(item, completion, row, parsed=None, fallback_used=position > 0)
+                try:
+                    parsed = parse_answer(completion.text, self.mode, finish_reason=completion.finish_reason)
+                except InvalidAnswer as exc:
+                    row.last_error = RequestRejected(f"invalid structured output: {exc}", code="invalid_output")
+                    row.last_answer = completion
+                    log.debug("row %s: %s answered invalid JSON (%s); repair %d", item.row.id, model, exc, repair + 1)
+                    cut_off = completion.finish_reason == "length"
+                    body = self.requests.repaired(body, completion.text, str(exc), cut_off=cut_off)
                     continue
-                reserved = self._reserve(item.prompt, model)
-                try:
-                    await self.limits.acquire(model)
-                except FreeModelCapReached as cap:
-                    self._settle(reserved, ZERO_USD)
-                    self._defer(model, cap)
-                    raise _Halt from cap
-                tries += 1
-                attempts += 1
-                try:
-                    completion = await self._send(body, model)
-                except ApiError as exc:
-                    self._settle(reserved, self._charge(bill, exc.usage, model))
-                    last_error = exc
-                    if isinstance(exc, FatalApiError):
-                        if exc.code == "free_daily_cap":
-                            self._defer(model, self.limits.cap_reached(model))
-                        else:
-                            self.breaker.release(model)
-                            self.stop(str(exc), exc)
-                        raise _Halt from exc
-                    if isinstance(exc, TransientError):
-                        if isinstance(exc, RateLimited):
-                            self.breaker.release(model)
-                            self.limits.rate_limited()
-                        else:
-                            self.breaker.record(model, ok=False)
-                        if tries < self.retry.max_attempts and not self.breaker.is_open(model):
-                            await self._backoff(tries, exc)
-                        continue
-                    if exc.status == 404:  # RequestRejected: no endpoints is the model's problem, not the row's
-                        self.breaker.record(model, ok=False)
+                return self._ok(item, completion, row, parsed=parsed, fallback_used=position > 0)
+            log.debug("row %s: %s gave up: %s", item.row.id, model, row.last_error)
+        return self._failed(item, row)
+
+    async def _attempt(
+        self, item: WorkItem, model: str, body: dict[str, Any], row: _RowState, *, has_fallback: bool
+    ) -> Completion | None:
+        """Send `body` to `model` until it answers or its attempts run out (None)."""
+        tries = 0
+        while tries < self.retry.max_attempts:
+            if self.stopping:
+                raise _Halt
+            decision = self.breaker.decide(model)
+            if decision == "skip":
+                if has_fallback:
+                    row.last_error = TransientError(
+                        f"{model} skipped: it keeps failing (circuit open)", code="circuit_open"
+                    )
+                    return None
+                failed_probes = self.breaker.failed_probes(model)
+                await self.breaker.wait(model)
+                tries += self.breaker.failed_probes(model) - failed_probes
+                row.last_error = TransientError(
+                    f"{model} is unavailable: every probe of it failed", code="circuit_open"
+                )
+                continue
+            reserved = self._reserve(item.prompt, model)
+            try:
+                await self.limits.acquire(model)
+            except FreeModelCapReached as cap:
+                self._settle(reserved, ZERO_USD)
+                self._defer(model, cap)
+                raise _Halt from cap
+            tries += 1
+            row.attempts += 1
+            try:
+                completion = await self._send(body, model)
+            except ApiError as exc:
+                self._settle(reserved, self._charge(row.bill, exc.usage, model))
+                row.last_error = exc
+                if isinstance(exc, FatalApiError):
+                    if exc.code == "free_daily_cap":
+                        self._defer(model, self.limits.cap_reached(model))
                     else:
                         self.breaker.release(model)
-                    break
-                self._settle(reserved, self._charge(bill, completion.usage, completion.model or model, model))
-                self.breaker.record(model, ok=True)
-                return self._ok(item, completion, attempts, bill, fallback_used=position > 0)
-            log.debug("row %s: %s gave up: %s", item.row.id, model, last_error)
-        return self._failed(item, last_error, attempts, bill)
+                        self.stop(str(exc), exc)
+                    raise _Halt from exc
+                if isinstance(exc, TransientError):
+                    if isinstance(exc, RateLimited):
+                        self.breaker.release(model)
+                        self.limits.rate_limited()
+                    else:
+                        self.breaker.record(model, ok=False)
+                    if tries < self.retry.max_attempts and not self.breaker.is_open(model):
+                        await self._backoff(tries, exc)
+                    continue
+                if exc.status == 404:  # RequestRejected: no endpoints is the model's problem, not the row's
+                    self.breaker.record(model, ok=False)
+                else:
+                    self.breaker.release(model)
+                return None
+            self._settle(reserved, self._charge(row.bill, completion.usage, completion.model or model, model))
+            self.breaker.record(model, ok=True)
+            return completion
+        return None
 
     def _charge(self, bill: _Bill, usage: Usage | None, model: str, requested: str | None = None) -> Decimal:
         """Add one attempt's cost to the row's bill: reported, else computed from prices, else unknown."""
@@ -374,30 +412,47 @@ class Engine:
         )
 
     def _ok(
-        self, item: WorkItem, completion: Completion, attempts: int, bill: _Bill, *, fallback_used: bool
+        self, item: WorkItem, completion: Completion, row: _RowState, *, parsed: Any, fallback_used: bool
     ) -> RowResult:
-        usage = completion.usage
         return self._result(
             item,
             status="ok",
-            model=completion.model or None,
             response=completion.text,
-            finish_reason=completion.finish_reason,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            cost_usd=bill.cost_usd,
-            cost_source=bill.source,
+            parsed=None if parsed is None else json.dumps(parsed, ensure_ascii=False),
             fallback_used=fallback_used,
-            latency_s=round(completion.latency_s, 4),
-            attempts=attempts,
-            generation_id=completion.generation_id,
-            provider=completion.provider,
+            **self._answer_fields(completion),
+            cost_usd=row.bill.cost_usd,
+            cost_source=row.bill.source,
+            attempts=row.attempts,
         )
 
-    def _failed(self, item: WorkItem, error: ApiError | None, attempts: int, bill: _Bill) -> RowResult:
-        text = " ".join(str(error or "no model answered").split())
+    def _failed(self, item: WorkItem, row: _RowState) -> RowResult:
+        """A row no model answered usably; an invalid or refused answer keeps its text and tokens."""
+        text = " ".join(str(row.last_error or "no model answered").split())
+        answer = row.last_answer
         return self._result(
-            item, status="failed", error=text[:500], cost_usd=bill.cost_usd, cost_source=bill.source, attempts=attempts
+            item,
+            status="failed",
+            error=text[:500],
+            response=None if answer is None else (answer.text or answer.refusal),
+            **({} if answer is None else self._answer_fields(answer)),
+            cost_usd=row.bill.cost_usd,
+            cost_source=row.bill.source,
+            attempts=row.attempts,
         )
+
+    @staticmethod
+    def _answer_fields(completion: Completion) -> dict[str, Any]:
+        usage = completion.usage
+        return {
+            "model": completion.model or None,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "latency_s": round(completion.latency_s, 4),
+            "generation_id": completion.generation_id,
+            "provider": completion.provider,
+            "tool_calls": json.dumps(completion.tool_calls, ensure_ascii=False) if completion.tool_calls else None,
+        }

@@ -10,25 +10,57 @@ never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder
+from batchrunner.spec import JobSpec
 from batchrunner.store import Store
+from batchrunner.structured import Mode, column_types, typed_value
 
 MODEL_POSITION = "__batchrunner_model"
 _KEYS_SCHEMA = {ROW_INDEX: pl.UInt32(), MODEL_POSITION: pl.Int32()}
 
 
-def _answers(rows_frame: pl.DataFrame, records: list[dict[str, object]]) -> pl.DataFrame:
+def extra_columns(spec: JobSpec) -> dict[str, pl.DataType]:
+    """Columns after the standard ones: the structured answer's, and tool calls when tools are offered."""
+    mode = Mode.of(spec.response_format)
+    columns: dict[str, pl.DataType] = {}
+    if mode.kind == "json_object":
+        columns["parsed"] = pl.String()
+    if "tools" in spec.params:
+        columns["tool_calls"] = pl.String()
+    if mode.kind == "json_schema" and mode.schema:
+        columns.update({spec.output_prefix + name: dtype for name, dtype in column_types(mode.schema).items()})
+    return columns
+
+
+def _typed(values: dict[str, Any], spec: JobSpec, extra: dict[str, pl.DataType]) -> dict[str, Any]:
+    """A stored result as an output record: the structured answer spread over its typed columns."""
+    if Mode.of(spec.response_format).kind != "json_schema":
+        return values
+    parsed = json.loads(values["parsed"]) if values.get("parsed") else {}
+    prefix = spec.output_prefix
+    typed = {
+        column: typed_value(parsed.get(column[len(prefix) :]) if isinstance(parsed, dict) else None, dtype)
+        for column, dtype in extra.items()
+        if column not in ("parsed", "tool_calls")
+    }
+    return {**values, **typed}
+
+
+def _answers(rows_frame: pl.DataFrame, records: list[dict[str, object]], extra: dict[str, pl.DataType]) -> pl.DataFrame:
     """One input batch joined with its answers: input rows in order, then models in spec order."""
-    schema = {**_KEYS_SCHEMA, **RESULT_SCHEMA}
+    schema = {**_KEYS_SCHEMA, **RESULT_SCHEMA, **extra}
+    records = [{name: record.get(name) for name in schema} for record in records]
     answers = pl.DataFrame(records, schema=schema, orient="row") if records else pl.DataFrame(schema=schema)
     joined = rows_frame.join(answers, on=ROW_INDEX, how="inner")
     return joined.sort(ROW_INDEX, MODEL_POSITION).drop(ROW_INDEX, MODEL_POSITION)
@@ -42,6 +74,7 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    extra = extra_columns(requests.spec)
     written = 0
     try:
         for number, (frame, rows) in enumerate(dataset.chunks(batch_size=batch_size)):
@@ -52,13 +85,14 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
                     keys[(row.id, model, requests.fingerprint(prompt, model))] = (row.index, position)
             stored = store.fetch(keys)
             records = [
-                {ROW_INDEX: keys[key][0], MODEL_POSITION: keys[key][1], **values} for key, values in stored.items()
+                {ROW_INDEX: keys[key][0], MODEL_POSITION: keys[key][1], **_typed(values, requests.spec, extra)}
+                for key, values in stored.items()
             ]
-            part = _answers(frame, records)
+            part = _answers(frame, records, extra)
             written += part.height
             part.write_parquet(parts / f"{number:08d}.parquet")
         if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
-            _answers(dataset.frame.head(0).collect(), []).write_parquet(parts / "empty.parquet")
+            _answers(dataset.frame.head(0).collect(), [], extra).write_parquet(parts / "empty.parquet")
         _sink(pl.scan_parquet(parts / "*.parquet"), path)
     finally:
         shutil.rmtree(parts, ignore_errors=True)

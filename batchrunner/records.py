@@ -64,9 +64,15 @@ class RowResult:
     provider: str | None = None
     fingerprint: str = ""  # of the request, for the checkpoint key (see request.py)
     fallback_used: bool = False  # answered by a model from `fallbacks`
+    parsed: str | None = None  # a structured answer, parsed and validated, as JSON text
+    tool_calls: str | None = None  # the answer's tool calls, as JSON text
 
     def columns(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in RESULT_SCHEMA}
+
+    def stored(self) -> dict[str, object]:
+        """Everything the checkpoint keeps of the result: the output columns, parsed, tool calls."""
+        return {**self.columns(), "parsed": self.parsed, "tool_calls": self.tool_calls}
 
 
 @dataclass

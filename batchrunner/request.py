@@ -17,6 +17,7 @@ from batchrunner.costs import Pricing
 from batchrunner.dataset import Row
 from batchrunner.prompt import PromptTemplate
 from batchrunner.spec import JobSpec
+from batchrunner.structured import repair_prompt
 
 DEFAULT_MAX_COMPLETION_TOKENS = 16_384  # when neither the spec nor /models says
 
@@ -67,6 +68,17 @@ class RequestBuilder:
                 for m in prompt
             ]
         body[self.prompt_field] = prompt
+        return body
+
+    def repaired(self, body: dict[str, Any], answer: str, error: str, *, cut_off: bool) -> dict[str, Any]:
+        """The request again, told what was wrong with its answer; with twice the room if it was cut off."""
+        body = dict(body)
+        if self.prompt_field == "messages":
+            feedback = [{"role": "assistant", "content": answer}, {"role": "user", "content": repair_prompt(error)}]
+            body["messages"] = [*body["messages"], *feedback]
+        if cut_off:
+            key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+            body[key] = 2 * int(body.get(key) or self.max_completion_tokens())
         return body
 
     def max_completion_tokens(self, pricing: Pricing | None = None) -> int:

@@ -26,7 +26,7 @@ from batchrunner.engine import Engine, RunReport
 from batchrunner.errors import ApiError, FatalApiError, Problem, RunHalted, SpecError
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
-from batchrunner.output import export
+from batchrunner.output import export, extra_columns
 from batchrunner.progress import Progress
 from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder, estimated_prompt_tokens, expected_completion_tokens, most_prompt_tokens
@@ -34,6 +34,7 @@ from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec, RateLimit
 from batchrunner.store import Store
+from batchrunner.structured import Mode, strict_mode_warnings
 
 log = logging.getLogger("batchrunner")
 SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
@@ -82,6 +83,18 @@ def prepare(spec: JobSpec) -> Dataset:
                 f"input column(s) {', '.join(map(repr, clashes))} clash with output columns of the same name; rename them in the input",
             )
         )
+    taken = set(dataset.columns) | set(RESULT_SCHEMA)
+    clashing = [c for c in extra_columns(spec) if c in taken]
+    if clashing:
+        raise SpecError(
+            Problem(
+                "response_format",
+                f"schema properties {', '.join(map(repr, clashing))} would be output columns that already exist; set output_prefix (e.g. output_prefix: label_)",
+            )
+        )
+    if spec.response_format:
+        for warning in strict_mode_warnings(Mode.of(spec.response_format).schema or {}):
+            log.warning("response_format: %s", warning)
     return dataset
 
 

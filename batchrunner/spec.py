@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from batchrunner import openapi
 from batchrunner.errors import Problem, SpecError
 from batchrunner.prompt import MessageTemplate, PromptTemplate, TemplateError, parse_template
+from batchrunner.structured import schema_problems
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
@@ -85,6 +86,12 @@ class RetrySettings(_Strict):
     max_delay_s: Annotated[float, Field(ge=0)] = 60.0
 
 
+class RepairSettings(_Strict):
+    """What to do with a structured answer that does not parse or validate."""
+
+    same_model: Annotated[int, Field(ge=0, le=5)] = 1  # re-asks on the same model, the error fed back
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str
@@ -114,6 +121,8 @@ class JobSpec(_Strict):
     retry: RetrySettings = RetrySettings()
     budget_usd: Annotated[Decimal, Field(gt=0)] | None = None  # most a run may spend
     cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
+    repair: RepairSettings = RepairSettings()
+    output_prefix: str = ""  # put before each structured-answer column's name
     api: ApiSettings = ApiSettings()
 
     @field_validator("models", "fallbacks", mode="before")
@@ -250,6 +259,10 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
         raise SpecError(_by_line([_problem(error, where) for error in _without_union_noise(exc.errors())])) from None
 
     problems = _request_problems(spec, where)
+    if spec.response_format and spec.response_format.get("type") == "json_schema":
+        schema = (spec.response_format.get("json_schema") or {}).get("schema")
+        loc = ("response_format", "json_schema", "schema")
+        problems += [Problem(where(loc), f"{message}; fix the schema") for message in schema_problems(schema)]
     try:
         spec.prompt_template()
     except SpecError as exc:

@@ -27,7 +27,7 @@ from typing import Any
 from batchrunner.costs import ZERO_USD
 from batchrunner.records import RESULT_SCHEMA, RowResult
 
-RESULT_COLUMNS = list(RESULT_SCHEMA)
+RESULT_COLUMNS = [*RESULT_SCHEMA, "parsed", "tool_calls"]
 _INSERT = (
     "INSERT OR REPLACE INTO results (row_id, fingerprint, row_index, model_position, run_id, answered_at, "
     + ", ".join(RESULT_COLUMNS)
@@ -38,12 +38,8 @@ _INSERT = (
 
 
 def _migration_1(db: sqlite3.Connection) -> None:
-    columns = ",\n".join(
-        f"{name} {'INTEGER' if name in ('prompt_tokens', 'completion_tokens', 'cached_tokens', 'reasoning_tokens', 'attempts') else 'REAL' if name == 'latency_s' else 'TEXT'}"
-        for name in RESULT_COLUMNS
-        if name not in ("requested_model", "cost_source")  # cost_source came in migration 2
-    )
-    statements = f"""
+    """The results and runs tables (columns as of version 1: later ones come in later migrations)."""
+    statements = """
         CREATE TABLE results (
             row_id TEXT NOT NULL,
             requested_model TEXT NOT NULL,
@@ -52,7 +48,9 @@ def _migration_1(db: sqlite3.Connection) -> None:
             model_position INTEGER NOT NULL,
             run_id INTEGER,
             answered_at TEXT NOT NULL,
-            {columns},
+            model TEXT, status TEXT, response TEXT, error TEXT, finish_reason TEXT,
+            prompt_tokens INTEGER, completion_tokens INTEGER, cached_tokens INTEGER, reasoning_tokens INTEGER,
+            cost_usd TEXT, latency_s REAL, attempts INTEGER, generation_id TEXT, provider TEXT,
             PRIMARY KEY (row_id, requested_model, fingerprint)
         ) WITHOUT ROWID;
         CREATE TABLE runs (
@@ -77,7 +75,13 @@ def _migration_2(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE results ADD COLUMN cost_source TEXT")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
+def _migration_3(db: sqlite3.Connection) -> None:
+    """Structured answers (parsed JSON) and tool calls."""
+    db.execute("ALTER TABLE results ADD COLUMN parsed TEXT")
+    db.execute("ALTER TABLE results ADD COLUMN tool_calls TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2, _migration_3]
 
 
 def _now() -> str:
@@ -158,7 +162,7 @@ class Store:
 
     def add(self, result: RowResult) -> None:
         """Buffer a result; `flush` (or the flusher task) commits it."""
-        values = result.columns()
+        values = result.stored()
         values["cost_usd"] = str(result.cost_usd)
         record = (result.row_id, result.fingerprint, result.row_index, result.model_position, self.run_id, _now())
         record += tuple(values[name] for name in RESULT_COLUMNS)
