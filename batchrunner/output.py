@@ -24,7 +24,7 @@ from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder
 from batchrunner.spec import JobSpec
 from batchrunner.store import Store
-from batchrunner.structured import Mode, column_types, typed_value
+from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
 
 MODEL_POSITION = "__batchrunner_model"
 _KEYS_SCHEMA = {ROW_INDEX: pl.UInt32(), MODEL_POSITION: pl.Int32()}
@@ -45,9 +45,14 @@ def extra_columns(spec: JobSpec) -> dict[str, pl.DataType]:
 
 def _typed(values: dict[str, Any], spec: JobSpec, extra: dict[str, pl.DataType]) -> dict[str, Any]:
     """A stored result as an output record: the structured answer spread over its typed columns."""
-    if Mode.of(spec.response_format).kind != "json_schema":
+    mode = Mode.of(spec.response_format)
+    if mode.kind != "json_schema":
         return values
-    parsed = json.loads(values["parsed"]) if values.get("parsed") else {}
+    parsed = json.loads(values["parsed"]) if values.get("parsed") else None
+    if parsed is None and values.get("status") == "ok" and values.get("response"):
+        # Answered before answers were parsed into the checkpoint: parse the stored text now.
+        with contextlib.suppress(InvalidAnswer):
+            parsed = parse_answer(str(values["response"]), mode)
     prefix = spec.output_prefix
     typed = {
         column: typed_value(parsed.get(column[len(prefix) :]) if isinstance(parsed, dict) else None, dtype)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 from click.testing import CliRunner, Result
 
 from batchrunner.cli import main
@@ -272,3 +273,46 @@ def test_max_cost_stops_the_run_with_exit_3(write_spec: Callable[..., Path]) -> 
     result = invoke("run", str(write_spec(models=["openai/gpt-4o"])), "--sandbox", "--max-cost", "0.0004")
     assert result.exit_code == 3
     assert "budget of $0.0004 reached" in result.stderr and "pending" in result.stderr
+
+
+def test_schema_property_clashing_with_a_column_needs_a_prefix(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """A schema property named like an input column (text) is refused with exit 2 until output_prefix is set."""
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "x",
+            "schema": {
+                "type": "object",
+                "properties": {"text": {"type": "string"}},
+                "required": ["text"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    refused = invoke("run", str(write_spec(response_format=response_format)), "--sandbox")
+    assert refused.exit_code == 2 and "set output_prefix" in refused.stderr
+    accepted = invoke("run", str(write_spec(response_format=response_format, output_prefix="label_")), "--sandbox")
+    assert accepted.exit_code == 0, accepted.output
+    assert "label_text" in pl.read_parquet(tmp_path / "out" / "result.parquet").columns
+
+
+def test_broken_schema_exits_2(write_spec: Callable[..., Path]) -> None:
+    """A response schema that is not valid JSON Schema is refused before any request."""
+    broken = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
+    result = invoke("run", str(write_spec(response_format=broken)), "--sandbox")
+    assert result.exit_code == 2 and "response_format.json_schema.schema" in result.stderr
+
+
+def test_labeling_example_writes_columns_typed_by_its_schema(tmp_path: Path) -> None:
+    """jobs/ticket_triage.yaml writes Parquet whose answer columns follow its JSON schema's types."""
+    job = yaml.safe_load((REPO / "jobs" / "ticket_triage.yaml").read_text())
+    job.update(input=str(REPO / "sample_data" / "tickets.csv"), output=str(tmp_path / "triage.parquet"))
+    (tmp_path / "triage.yaml").write_text(yaml.safe_dump(job))
+    target = tmp_path / "triage.parquet"
+    result = invoke("run", str(tmp_path / "triage.yaml"), "--sandbox", "--limit", "25")
+    assert result.exit_code == 0, result.output
+    frame = pl.read_parquet(target)
+    assert frame.schema["category"] == pl.Enum(["bug", "billing", "account", "feature_request", "question"])
+    assert frame.schema["urgency"] == pl.Enum(["low", "medium", "high"])
+    assert frame.schema["needs_human"] == pl.Boolean and frame.schema["summary"] == pl.String
+    assert frame["category"].null_count() == 0

@@ -255,3 +255,116 @@ async def test_summary_json_is_written_beside_the_output(write_spec: Callable[..
     model = summary["models"]["openai/gpt-4o-mini"]
     assert summary["rows_ok"] == 12 and model["ok"] == 12 and model["latency_p95_s"] is not None
     assert Decimal(summary["cost_usd"]) == sandbox.stats.charged_usd
+
+
+TRIAGE = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "triage",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "category": {"type": "string", "enum": ["bug", "billing", "account"]},
+                "urgency": {"type": "integer", "minimum": 1, "maximum": 5},
+                "confidence": {"type": "number"},
+                "needs_human": {"type": "boolean"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["category", "urgency", "confidence", "needs_human", "tags"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def test_invalid_json_a_quarter_of_the_time_ends_valid_or_failed_with_typed_columns(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """With a quarter of answers broken, every row ends valid (repaired or by a fallback) or failed with the
+    reason and its raw text, and the output columns carry the schema's types."""
+    faults = {"invalid_json": 0.15, "schema_violation": 0.10}
+    async with Sandbox(SandboxConfig(faults=faults, seed=11, record_bodies=True)) as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 80),
+                response_format=TRIAGE,
+                fallbacks=["google/gemini-2.0-flash-001"],
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        report = (await run_job(spec)).report
+    output = pl.read_parquet(spec.output)
+    assert output.height == 80 and report.summary.ok + report.summary.failed == 80
+    assert output.schema["category"] == pl.Enum(["bug", "billing", "account"])
+    assert (output.schema["urgency"], output.schema["confidence"], output.schema["needs_human"]) == (
+        pl.Int64,
+        pl.Float64,
+        pl.Boolean,
+    )
+    assert output.schema["tags"] == pl.List(pl.String)
+    ok = output.filter(pl.col("status") == "ok")
+    assert ok["category"].null_count() == 0 and ok["urgency"].is_between(1, 5).all()
+    failed = output.filter(pl.col("status") == "failed")
+    assert failed["error"].str.starts_with("invalid structured output").all()
+    assert failed["response"].null_count() == 0
+    repairs = [b for b in sandbox.stats.bodies if any("was not valid" in str(m.get("content")) for m in b["messages"])]
+    assert repairs, "invalid answers are re-asked with the error fed back"
+    assert (output["attempts"] > 1).sum() >= len(repairs) // 2
+
+
+async def test_cut_off_answers_are_retried_with_more_room(write_spec: Callable[..., Path]) -> None:
+    """An answer cut off at max_tokens is asked again with twice the max_tokens, and then validates."""
+    async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
+        spec = load_spec(
+            write_spec(response_format=TRIAGE, params={"max_tokens": 30}, api={"base_url": sandbox.base_url})
+        )
+        report = (await run_job(spec)).report
+    assert report.summary.failed == 0
+    sizes = [b["max_tokens"] for b in sandbox.stats.bodies]
+    assert set(sizes) == {30, 60}, "cut-off answers were asked again with twice the room"
+    assert pl.read_parquet(spec.output)["finish_reason"].to_list() == ["stop"] * 12
+
+
+async def test_refusals_are_recorded_and_go_to_the_fallback(write_spec: Callable[..., Path]) -> None:
+    """A refusal is not repaired on the same model; with no fallback left the row fails as 'refusal'."""
+    async with Sandbox(SandboxConfig(faults={"refusal": 1.0})) as sandbox:
+        spec = load_spec(write_spec(fallbacks=["anthropic/claude-3.5-haiku"], api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+    output = pl.read_parquet(spec.output)
+    assert output["error"].str.starts_with("refusal: I can't help").all()
+    assert output["attempts"].to_list() == [2] * 12, "one try per model: refusals are not retried"
+
+
+async def test_json_object_and_tool_calls_columns(write_spec: Callable[..., Path]) -> None:
+    """json_object answers land in `parsed`; tool calls are recorded as JSON in `tool_calls`."""
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "route",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"team": {"type": "string", "enum": ["a", "b"]}},
+                    "required": ["team"],
+                },
+            },
+        }
+    ]
+    async with Sandbox() as sandbox:
+        as_object = load_spec(write_spec(response_format={"type": "json_object"}, api={"base_url": sandbox.base_url}))
+        await run_job(as_object)
+        parsed = pl.read_parquet(as_object.output)["parsed"].to_list()
+        with_tools = load_spec(
+            write_spec(
+                params={"max_tokens": 50, "tools": tools},
+                output="out/tools.parquet",
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        await run_job(with_tools)
+    assert all(json.loads(p)["answer"].startswith("Simulated answer") for p in parsed)
+    calls = [json.loads(c) for c in pl.read_parquet(with_tools.output)["tool_calls"].to_list()]
+    assert all(
+        c[0]["function"]["name"] == "route" and json.loads(c[0]["function"]["arguments"])["team"] in "ab" for c in calls
+    )

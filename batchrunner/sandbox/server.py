@@ -38,6 +38,8 @@ FAULT_KINDS = (
     "finish_error",  # a 200 whose choice has finish_reason "error"
     "empty",  # a 200 with empty content
     "invalid_json",  # a json_schema answer that is not valid JSON
+    "schema_violation",  # a json_schema answer that is JSON but misses a required property
+    "refusal",  # the model refuses: message.refusal set, no content
     "drop",  # the connection is closed without an answer
 )
 FREE_PER_MINUTE = 20
@@ -410,6 +412,14 @@ class Sandbox:
             text = answers.text_answer(model, prompt)
         if fault == "invalid_json":
             text = text[: max(1, len(text) // 2)]
+        if fault == "schema_violation" and kind == "json_schema":
+            value = json.loads(text)
+            if isinstance(value, dict) and value:
+                value.pop(next(iter(value)))
+            text = answers.json_text(value if isinstance(value, dict) else {})
+        tool_calls = self._tool_calls(body, model, prompt) if chat and fault is None else None
+        if tool_calls:
+            text = ""
         finish_reason = "stop"
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(max_tokens, int) and answers.count_tokens(text) > max_tokens:
@@ -418,7 +428,10 @@ class Sandbox:
             text = ""
         if fault == "finish_error":
             finish_reason = "error"
-        n_completion = answers.count_tokens(text) if text else 0
+        produced = (
+            text or (answers.json_text(tool_calls) if tool_calls else "") or ("refusal" if fault == "refusal" else "")
+        )
+        n_completion = answers.count_tokens(produced) if produced else 0
         n_cached = self._cached_tokens(model, messages) if chat else 0
         cost = catalog.cost_usd(model, n_prompt, n_completion, n_cached)
         if (finish_reason == "error" or n_completion == 0) and not self.config.bill_failed_answers:
@@ -458,6 +471,11 @@ class Sandbox:
         }
         if chat:
             choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+            if fault == "refusal":
+                choice["message"].update(content=None, refusal="I can't help with that request.")
+            if tool_calls:
+                choice["message"].update(content=None, tool_calls=tool_calls)
+                choice["finish_reason"] = choice["native_finish_reason"] = "tool_calls"
         else:
             choice["text"] = text
         if finish_reason == "error":
@@ -476,6 +494,25 @@ class Sandbox:
             "system_fingerprint": "fp_sandbox",
             "usage": usage,
         }
+
+    @staticmethod
+    def _tool_calls(body: dict[str, Any], model: str, prompt: str) -> list[dict[str, Any]] | None:
+        """With tools offered (and tool_choice not "none"), call the first one with arguments fitting its schema."""
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+        if not tools or body.get("tool_choice") == "none":
+            return None
+        function = tools[0]["function"]
+        arguments = answers.schema_answer(
+            model, prompt, function.get("parameters") or {"type": "object", "properties": {}}
+        )
+        call_id = "call_" + request_key({"model": model, "prompt": prompt})[:16]
+        return [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": function.get("name", "tool"), "arguments": answers.json_text(arguments)},
+            }
+        ]
 
     def _cached_tokens(self, model: str, messages: list[dict[str, Any]]) -> int:
         """Prompt caching, simulated: a system prompt seen before for this model is read from
