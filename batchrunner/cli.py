@@ -20,8 +20,9 @@ import click
 from batchrunner import logs
 from batchrunner.costs import format_usd
 from batchrunner.errors import RunHalted, SpecError
+from batchrunner.offline import estimate_job, export_job, job_status, list_models
 from batchrunner.progress import Progress
-from batchrunner.runner import estimate_job, export_job, job_status, list_models, overrides, run_job
+from batchrunner.runner import overrides, run_job
 from batchrunner.sandbox import FAULT_KINDS, SandboxConfig, serve
 from batchrunner.spec import load_spec
 

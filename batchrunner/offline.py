@@ -1,0 +1,196 @@
+"""What can be known about a job without sending a completion: status, estimate, export, models.
+
+These read the spec, the input and the checkpoint, and at most GET /key and /models.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from typing import Any
+
+from batchrunner.client import Client
+from batchrunner.costs import ZERO_USD, Pricing, per_million
+from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
+from batchrunner.output import export
+from batchrunner.request import RequestBuilder, estimated_prompt_tokens, expected_completion_tokens, most_prompt_tokens
+from batchrunner.runner import SANDBOX_KEY, api_key, fetch_prices, plan_limits, prepare
+from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec
+from batchrunner.store import Store
+
+
+def export_job(spec: JobSpec) -> int:
+    """Rewrite the output from the checkpoint, without sending anything."""
+    dataset = prepare(spec)
+    checkpoint = spec.checkpoint_path()
+    if not checkpoint.exists():
+        raise SpecError(Problem("checkpoint", f"{checkpoint}: no checkpoint yet; run the job first"))
+    store = Store.open(checkpoint)
+    try:
+        return export(dataset, RequestBuilder(spec), store, spec.output)
+    finally:
+        store.close()
+
+
+def job_status(spec: JobSpec) -> dict[str, Any]:
+    """Done, failed and pending per model, cost so far and the last run, without sending anything."""
+    dataset = prepare(spec)
+    requests = RequestBuilder(spec)
+    checkpoint = spec.checkpoint_path()
+    per_model = {model: {"ok": 0, "failed": 0, "pending": 0} for model in spec.models}
+    runs: list[dict[str, Any]] = []
+    spent = ZERO_USD
+    store = Store.open(checkpoint) if checkpoint.exists() else None
+    try:
+        for batch in dataset.batches(batch_size=20_000):
+            stored = store.lookup([row.id for row in batch]) if store else {}
+            for row in batch:
+                prompt = requests.prompt(row)
+                for model in spec.models:
+                    fingerprint = requests.fingerprint(prompt, model)
+                    statuses = {s.status for s in stored.get((row.id, model), ()) if s.fingerprint == fingerprint}
+                    state = "ok" if "ok" in statuses else "failed" if "failed" in statuses else "pending"
+                    per_model[model][state] += 1
+        if store is not None:
+            runs = store.runs()
+            spent = store.spent_usd()
+    finally:
+        if store is not None:
+            store.close()
+    return {
+        "job": spec.name,
+        "checkpoint": str(checkpoint),
+        "models": per_model,
+        "cost_usd": str(spent),
+        "runs": len(runs),
+        "last_run": runs[-1] if runs else None,
+    }
+
+
+async def estimate_job(
+    spec: JobSpec, *, limit: int | None = None, sandbox: SandboxConfig | None = None
+) -> dict[str, Any]:
+    """What the rows still to do should cost and take, without sending a completion.
+
+    Prompt tokens are estimated without a tokenizer (about four characters a token); the
+    expected answer length comes from this job's answers so far, else from the response
+    schema, else half of max_tokens. The worst case prices every prompt byte as a token and
+    every answer at max_tokens.
+    """
+    dataset = prepare(spec)
+    requests = RequestBuilder(spec)
+    checkpoint = spec.checkpoint_path()
+    store = Store.open(checkpoint) if checkpoint.exists() else None
+    per_model = {
+        model: {"rows": 0, "prompt_tokens": 0, "most_prompt_tokens": 0, "answered": 0, "answered_completion_tokens": 0}
+        for model in spec.models
+    }
+    try:
+        for batch in dataset.batches(limit=limit, batch_size=20_000):
+            answered = store.answered([row.id for row in batch]) if store else set()
+            for row in batch:
+                prompt = requests.prompt(row)
+                for model in spec.models:
+                    counts = per_model[model]
+                    if (row.id, model, requests.fingerprint(prompt, model)) in answered:
+                        continue
+                    counts["rows"] += 1
+                    counts["prompt_tokens"] += estimated_prompt_tokens(prompt)
+                    counts["most_prompt_tokens"] += most_prompt_tokens(prompt)
+        history = store.completion_tokens_by_model() if store else {}
+    finally:
+        if store is not None:
+            store.close()
+
+    server = Sandbox(sandbox) if sandbox is not None else None
+    base_url, key = (await server.start(), SANDBOX_KEY) if server else (spec.base_url(), api_key(spec, spec.base_url()))
+    try:
+        async with Client(base_url, api_key=key, headers=spec.api.headers, timeout_s=60) as client:
+            prices = await fetch_prices(client)
+            limits, _ = await plan_limits(spec, client, key, count_free_usage=False)
+    finally:
+        if server is not None:
+            await server.stop()
+
+    models: dict[str, Any] = {}
+    expected_total: Decimal | None = ZERO_USD
+    worst_total: Decimal | None = ZERO_USD
+    for model, counts in per_model.items():
+        pricing = prices.get(model)
+        answered_n, answered_tokens = history.get(model, (0, 0))
+        if answered_n >= 10:
+            completion, basis = answered_tokens / answered_n, f"the average of {answered_n} answers so far"
+        else:
+            completion, basis = expected_completion_tokens(spec, pricing)
+        rows = counts["rows"]
+        entry: dict[str, Any] = {
+            "rows": rows,
+            "estimated_prompt_tokens": counts["prompt_tokens"],
+            "expected_completion_tokens_per_row": round(completion, 1),
+            "completion_estimate_basis": basis,
+            "expected_cost_usd": None,
+            "max_cost_usd": None,
+        }
+        if pricing is not None:
+            expected = pricing.estimate_usd(counts["prompt_tokens"], Decimal(str(round(completion * rows, 3))), rows)
+            worst = pricing.worst_case_usd(
+                counts["most_prompt_tokens"], rows * requests.max_completion_tokens(pricing), rows
+            )
+            entry["expected_cost_usd"] = str(expected.quantize(Decimal("1E-9")))
+            entry["max_cost_usd"] = str(worst.quantize(Decimal("1E-9")))
+        if entry["expected_cost_usd"] is None:
+            expected_total = worst_total = None
+        elif expected_total is not None and worst_total is not None:
+            expected_total += Decimal(entry["expected_cost_usd"])
+            worst_total += Decimal(entry["max_cost_usd"])
+        models[model] = entry
+    requests_n = sum(entry["rows"] for entry in models.values())
+    rate = limits.pacer.rate_rps
+    return {
+        "job": spec.name,
+        "rows": requests_n,
+        "expected_cost_usd": None if expected_total is None else str(expected_total),
+        "max_cost_usd": None if worst_total is None else str(worst_total),
+        "expected_duration_s": round(requests_n / rate, 3) if rate and rate != float("inf") else 0.0,
+        "rate_rps": rate,
+        "prompt_tokens_note": "estimated without a tokenizer: about 4 characters a token",
+        "models": models,
+    }
+
+
+async def list_models(
+    *, search: str | None, free_only: bool, sandbox: SandboxConfig | None = None
+) -> list[dict[str, Any]]:
+    """GET /models, filtered, with prices per million tokens (no key needed)."""
+    server = Sandbox(sandbox) if sandbox is not None else None
+    base_url = (
+        await server.start() if server else os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
+    )
+    try:
+        async with Client(base_url, timeout_s=60) as client:
+            try:
+                models = await client.models()
+            except ApiError as exc:
+                raise RunHalted(f"could not list models at {base_url}: {exc}") from exc
+    finally:
+        if server is not None:
+            await server.stop()
+    listing = []
+    for model in models:
+        pricing = Pricing.from_model(model)
+        text = f"{model.get('id', '')} {model.get('name', '')}".lower()
+        if search and search.lower() not in text:
+            continue
+        is_free = pricing is not None and pricing.prompt == 0 and pricing.completion == 0
+        if free_only and not is_free:
+            continue
+        listing.append(
+            {
+                "id": str(model.get("id")),
+                "prompt_per_m": "-" if pricing is None else f"{per_million(pricing.prompt):f}",
+                "completion_per_m": "-" if pricing is None else f"{per_million(pricing.completion):f}",
+                "context_length": model.get("context_length"),
+            }
+        )
+    return sorted(listing, key=lambda m: m["id"])

@@ -1,0 +1,31 @@
+"""Commands that send no completion: estimate (status, export and models are driven through the CLI tests)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+from batchrunner.offline import estimate_job
+from batchrunner.runner import run_job
+from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.spec import load_spec
+
+
+async def test_estimate_is_within_a_factor_of_two_and_its_worst_case_holds(tmp_path: Path) -> None:
+    """For each example job: expected cost within 2x of what the sandbox charged; worst case never below it."""
+    jobs = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs").glob("*.yaml"))
+    for job in jobs:
+        overrides = {
+            "output": str(tmp_path / f"{job.stem}.parquet"),
+            "checkpoint": str(tmp_path / f"{job.stem}.sqlite"),
+        }
+        spec = load_spec(job, overrides=overrides)
+        estimate = await estimate_job(spec, limit=60, sandbox=SandboxConfig())
+        async with Sandbox() as sandbox:
+            await run_job(load_spec(job, overrides={**overrides, "api": {"base_url": sandbox.base_url}}), limit=60)
+        actual = sandbox.stats.charged_usd
+        expected, worst = Decimal(estimate["expected_cost_usd"]), Decimal(estimate["max_cost_usd"])
+        assert estimate["rows"] == 60 * len(spec.models)
+        assert actual / 2 <= expected <= actual * 2, (job.name, expected, actual)
+        assert worst >= actual, (job.name, worst, actual)
+        assert estimate["expected_duration_s"] > 0
