@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from tqdm import tqdm
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per event: time, level, logger, message, and any `extra` fields."""
@@ -30,11 +32,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, default=str)
 
 
+class _AboveTheBar(logging.StreamHandler):  # type: ignore[type-arg]
+    """On a terminal, write log lines above tqdm's progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
+
+
 def configure(*, verbose: bool = False, json_lines: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    interactive = sys.stderr.isatty() and not json_lines
+    handler: logging.Handler = _AboveTheBar(sys.stderr) if interactive else logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JsonFormatter())
-    elif sys.stderr.isatty():
+    elif interactive:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s batchrunner %(levelname)s %(message)s"))

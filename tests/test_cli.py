@@ -316,3 +316,33 @@ def test_labeling_example_writes_columns_typed_by_its_schema(tmp_path: Path) -> 
     assert frame.schema["urgency"] == pl.Enum(["low", "medium", "high"])
     assert frame.schema["needs_human"] == pl.Boolean and frame.schema["summary"] == pl.String
     assert frame["category"].null_count() == 0
+
+
+def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], object]
+) -> None:
+    """SIGTERM (a scheduler's stop) stops dispatch, lets requests in flight land, writes the output, exits 3."""
+    rows = 200
+    pl.DataFrame(
+        {"ticket_id": [f"T-{i}" for i in range(rows)], "subject": ["s"] * rows, "text": [f"t {i}" for i in range(rows)]}
+    ).write_csv(tmp_path / "many.csv")
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.1))
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}  # type: ignore[attr-defined]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(write_spec(input="many.csv", concurrency=4))],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while sandbox.stats.requests < 10 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
+    assert "rows:" in stdout
+    assert process.returncode == 3, stderr
+    assert "SIGTERM" in stderr and "pending" in stderr
+    written = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert 0 < written.height < rows
+    assert written.height == sandbox.stats.statuses[200], "every answer that came back is in the output"  # type: ignore[attr-defined]
