@@ -161,17 +161,19 @@ class Engine:
         async def produce() -> None:
             nonlocal resumed
             for batch in dataset.batches(limit=limit, batch_size=8192):
+                # What the checkpoint already holds an answer for, with the same fingerprint, is skipped.
+                answered = self.store.answered([row.id for row in batch]) if self.store is not None else set()
                 items = []
                 for row in batch:
                     prompt = self.requests.prompt(row)
                     for position, model in enumerate(self.spec.models):
-                        items.append(WorkItem(row, position, model, prompt, self.requests.fingerprint(prompt, model)))
-                if self.store is not None:
-                    todo = self._not_yet_answered(items)
-                    resumed += len(items) - len(todo)
-                    if self.progress is not None:
-                        self.progress.resumed(len(items) - len(todo))
-                    items = todo
+                        fingerprint = self.requests.fingerprint(prompt, model)
+                        if (row.id, model, fingerprint) not in answered:
+                            items.append(WorkItem(row, position, model, prompt, fingerprint))
+                skipped = len(batch) * len(self.spec.models) - len(items)
+                resumed += skipped
+                if self.progress is not None and skipped:
+                    self.progress.resumed(skipped)
                 for item in items:
                     if self.stopping:
                         return
@@ -235,19 +237,6 @@ class Engine:
         for task in workers:  # a bug in a worker must not pass silently
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-
-    def _not_yet_answered(self, items: list[WorkItem]) -> list[WorkItem]:
-        """Drop the pairs the store already holds an answer for, with the same fingerprint."""
-        assert self.store is not None
-        stored = self.store.lookup(sorted({item.row.id for item in items}))
-        return [
-            item
-            for item in items
-            if not any(
-                s.status == "ok" and s.fingerprint == item.fingerprint
-                for s in stored.get((item.row.id, item.requested_model), ())
-            )
-        ]
 
     async def _send(self, body: dict[str, Any], model: str) -> Completion:
         timeout_s = self.spec.timeout_s * (2 if is_free(model) else 1)

@@ -23,7 +23,7 @@ from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder
 from batchrunner.spec import JobSpec
-from batchrunner.store import Store
+from batchrunner.store import RESULT_COLUMNS, Store
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
 
 MODEL_POSITION = "__batchrunner_model"
@@ -43,30 +43,45 @@ def extra_columns(spec: JobSpec) -> dict[str, pl.DataType]:
     return columns
 
 
-def _typed(values: dict[str, Any], spec: JobSpec, extra: dict[str, pl.DataType]) -> dict[str, Any]:
-    """A stored result as an output record: the structured answer spread over its typed columns."""
+def _structured_columns(
+    columns: dict[str, list[Any]], spec: JobSpec, extra: dict[str, pl.DataType]
+) -> dict[str, list[Any]]:
+    """The structured answers spread over their typed columns, one list per schema property."""
     mode = Mode.of(spec.response_format)
-    if mode.kind != "json_schema":
-        return values
-    parsed = json.loads(values["parsed"]) if values.get("parsed") else None
-    if parsed is None and values.get("status") == "ok" and values.get("response"):
-        # Answered before answers were parsed into the checkpoint: parse the stored text now.
-        with contextlib.suppress(InvalidAnswer):
-            parsed = parse_answer(str(values["response"]), mode)
-    prefix = spec.output_prefix
-    typed = {
-        column: typed_value(parsed.get(column[len(prefix) :]) if isinstance(parsed, dict) else None, dtype)
-        for column, dtype in extra.items()
-        if column not in ("parsed", "tool_calls")
-    }
-    return {**values, **typed}
+    wanted = {column: dtype for column, dtype in extra.items() if column not in ("parsed", "tool_calls")}
+    typed: dict[str, list[Any]] = {column: [] for column in wanted}
+    for parsed_text, status, response in zip(columns["parsed"], columns["status"], columns["response"], strict=True):
+        parsed = json.loads(parsed_text) if parsed_text else None
+        if parsed is None and status == "ok" and response:
+            # Answered before answers were parsed into the checkpoint: parse the stored text now.
+            with contextlib.suppress(InvalidAnswer):
+                parsed = parse_answer(str(response), mode)
+        for column, dtype in wanted.items():
+            value = parsed.get(column[len(spec.output_prefix) :]) if isinstance(parsed, dict) else None
+            typed[column].append(typed_value(value, dtype))
+    return typed
 
 
-def _answers(rows_frame: pl.DataFrame, records: list[dict[str, object]], extra: dict[str, pl.DataType]) -> pl.DataFrame:
+def _answers(
+    rows_frame: pl.DataFrame,
+    keys: list[tuple[int, int]],
+    stored: list[tuple[Any, ...]],
+    spec: JobSpec,
+    extra: dict[str, pl.DataType],
+) -> pl.DataFrame:
     """One input batch joined with its answers: input rows in order, then models in spec order."""
+    columns: dict[str, list[Any]] = (
+        {name: list(values) for name, values in zip(RESULT_COLUMNS, zip(*stored, strict=True), strict=True)}
+        if stored
+        else {name: [] for name in RESULT_COLUMNS}
+    )
+    columns[ROW_INDEX] = [index for index, _ in keys]
+    columns[MODEL_POSITION] = [position for _, position in keys]
+    columns.update(_structured_columns(columns, spec, extra))
     schema = {**_KEYS_SCHEMA, **RESULT_SCHEMA, **extra}
-    records = [{name: record.get(name) for name in schema} for record in records]
-    answers = pl.DataFrame(records, schema=schema, orient="row") if records else pl.DataFrame(schema=schema)
+    text_schema = {name: pl.String() if name == "cost_usd" else dtype for name, dtype in schema.items()}
+    answers = pl.DataFrame({name: columns[name] for name in schema}, schema=text_schema)
+    answers = answers.with_columns(pl.col("cost_usd").cast(RESULT_SCHEMA["cost_usd"]))
     joined = rows_frame.join(answers, on=ROW_INDEX, how="inner")
     return joined.sort(ROW_INDEX, MODEL_POSITION).drop(ROW_INDEX, MODEL_POSITION)
 
@@ -89,15 +104,13 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
                 for position, model in enumerate(requests.spec.models):
                     keys[(row.id, model, requests.fingerprint(prompt, model))] = (row.index, position)
             stored = store.fetch(keys)
-            records = [
-                {ROW_INDEX: keys[key][0], MODEL_POSITION: keys[key][1], **_typed(values, requests.spec, extra)}
-                for key, values in stored.items()
-            ]
-            part = _answers(frame, records, extra)
+            part = _answers(frame, [keys[key] for key in stored], list(stored.values()), requests.spec, extra)
             written += part.height
             part.write_parquet(parts / f"{number:08d}.parquet")
         if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
-            _answers(dataset.frame.head(0).collect(), [], extra).write_parquet(parts / "empty.parquet")
+            _answers(dataset.frame.head(0).collect(), [], [], requests.spec, extra).write_parquet(
+                parts / "empty.parquet"
+            )
         _sink(pl.scan_parquet(parts / "*.parquet"), path)
     finally:
         shutil.rmtree(parts, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 
@@ -42,16 +43,26 @@ class Template:
                 seen.setdefault(part.column)
         return tuple(seen)
 
+    @cached_property
+    def _compiled(self) -> tuple[str, tuple[str, ...]]:
+        """The template as a str.format pattern over positional values: rendering a million
+        rows is then one C-level format call each instead of a Python loop over parts."""
+        pattern = "".join(
+            part.replace("{", "{{").replace("}", "}}") if isinstance(part, str) else "{}" for part in self.parts
+        )
+        return pattern, tuple(part.column for part in self.parts if isinstance(part, Placeholder))
+
     def render(self, row: Mapping[str, Any]) -> str:
-        return "".join(part if isinstance(part, str) else format_value(row[part.column]) for part in self.parts)
+        pattern, columns = self._compiled
+        return pattern.format(*[format_value(row[column]) for column in columns])
 
 
 def format_value(value: Any) -> str:
     """How a cell appears in a prompt: null is empty, lists and structs are JSON."""
-    if value is None:
-        return ""
     if isinstance(value, str):
         return value
+    if value is None:
+        return ""
     if isinstance(value, (list, dict, tuple)):
         return json.dumps(value, ensure_ascii=False, default=str)
     return str(value)

@@ -227,11 +227,13 @@ class Store:
                     found.setdefault((row_id, model), []).append(Stored(fingerprint, status))
         return found
 
-    def fetch(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], dict[str, Any]]:
-        """The stored result columns for these (row id, requested model, fingerprint) keys."""
+    def fetch(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], tuple[Any, ...]]:
+        """The stored values (in RESULT_COLUMNS order, cost as text) for these (row id, requested model,
+        fingerprint) keys; tuples rather than dicts, since the output reads a million of them."""
         keys = list(keys)
         wanted = set(keys)
-        rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+        rows: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        model_at = 2 + RESULT_COLUMNS.index("requested_model")
         with self._lock:
             for chunk in _chunks(sorted({k[0] for k in keys}), 5000):
                 marks = ",".join("?" * len(chunk))
@@ -240,11 +242,9 @@ class Store:
                     chunk,
                 )
                 for row in cursor:
-                    values = dict(zip(RESULT_COLUMNS, row[2:], strict=True))
-                    key = (row[0], values["requested_model"], row[1])
+                    key = (row[0], row[model_at], row[1])
                     if key in wanted:
-                        values["cost_usd"] = Decimal(values["cost_usd"]) if values["cost_usd"] is not None else None
-                        rows[key] = values
+                        rows[key] = row[2:]
         return rows
 
     def delete_all(self) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchrunner.records import RowResult
-from batchrunner.store import MIGRATIONS, Store
+from batchrunner.store import MIGRATIONS, RESULT_COLUMNS, Store
 
 
 def result(row: int, status: str = "ok", fingerprint: str = "fp", cost: str = "0.000123") -> RowResult:
@@ -52,8 +52,8 @@ def test_results_round_trip_exactly(tmp_path: Path) -> None:
     assert {k: (s.fingerprint, s.status) for k, v in again.lookup(["id1", "id2"]).items() for s in v} == {
         ("id1", "a/b"): ("fp", "ok")
     }
-    values = again.fetch([("id1", "a/b", "fp")])[("id1", "a/b", "fp")]
-    assert values["cost_usd"] == Decimal("0.000123") and values["response"] == "r1" and values["attempts"] == 2
+    values = dict(zip(RESULT_COLUMNS, again.fetch([("id1", "a/b", "fp")])[("id1", "a/b", "fp")], strict=True))
+    assert Decimal(values["cost_usd"]) == Decimal("0.000123") and values["response"] == "r1" and values["attempts"] == 2
 
 
 def test_a_retried_row_replaces_its_failure(tmp_path: Path) -> None:
