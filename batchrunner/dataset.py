@@ -67,7 +67,7 @@ def scan(path: Path) -> pl.LazyFrame:
     raise SpecError(Problem("input", f"unsupported input format {suffix!r}; use .csv, .parquet, .jsonl or .ndjson"))
 
 
-def open_dataset(path: Path, *, id_column: str | None, needed_columns: tuple[str, ...] = ()) -> Dataset:
+def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
     """Open `path` and check what the job needs of it; raise SpecError otherwise."""
     if not path.exists():
         raise SpecError(Problem("input", f"{path}: no such file; check `input` in the spec or pass --input"))
@@ -81,13 +81,6 @@ def open_dataset(path: Path, *, id_column: str | None, needed_columns: tuple[str
     problems = []
     if ROW_INDEX in columns:
         problems.append(Problem("input", f"the column name {ROW_INDEX!r} is reserved; rename it"))
-    for column in needed_columns:
-        if column not in columns:
-            problems.append(
-                Problem(
-                    "prompt", f"placeholder {{{column}}} names no input column; the input has: {', '.join(columns)}"
-                )
-            )
     if id_column is not None and id_column not in columns:
         problems.append(
             Problem("id_column", f"{id_column!r} is not an input column; the input has: {', '.join(columns)}")

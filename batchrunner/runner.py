@@ -74,12 +74,26 @@ def api_key(spec: JobSpec, base_url: str) -> str | None:
 
 def prepare(spec: JobSpec) -> Dataset:
     """Open the input and check it against the spec: columns, ids, clashes."""
-    dataset = open_dataset(spec.input, id_column=spec.id_column, needed_columns=spec.prompt_template().columns)
+    try:
+        dataset = open_dataset(spec.input, id_column=spec.id_column)
+    except SpecError as exc:
+        raise SpecError([Problem(spec.locate(p.where), p.message) for p in exc.problems]) from None
+    missing = [
+        Problem(
+            spec.locate(field),
+            f"placeholder {{{column}}} names no input column; the input has: {', '.join(dataset.columns)}",
+        )
+        for field, template in spec.template_fields()
+        for column in template.columns
+        if column not in dataset.columns
+    ]
+    if missing:
+        raise SpecError(missing)
     clashes = [c for c in dataset.columns if c in RESULT_SCHEMA]
     if clashes:
         raise SpecError(
             Problem(
-                "input",
+                spec.locate("input"),
                 f"input column(s) {', '.join(map(repr, clashes))} clash with output columns of the same name; rename them in the input",
             )
         )
@@ -88,7 +102,7 @@ def prepare(spec: JobSpec) -> Dataset:
     if clashing:
         raise SpecError(
             Problem(
-                "response_format",
+                spec.locate("response_format"),
                 f"schema properties {', '.join(map(repr, clashing))} would be output columns that already exist; set output_prefix (e.g. output_prefix: label_)",
             )
         )

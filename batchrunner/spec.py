@@ -10,16 +10,17 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from batchrunner import openapi
 from batchrunner.errors import Problem, SpecError
-from batchrunner.prompt import MessageTemplate, PromptTemplate, TemplateError, parse_template
+from batchrunner.prompt import MessageTemplate, PromptTemplate, Template, TemplateError, parse_template
 from batchrunner.structured import schema_problems
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
@@ -124,6 +125,7 @@ class JobSpec(_Strict):
     repair: RepairSettings = RepairSettings()
     output_prefix: str = ""  # put before each structured-answer column's name
     api: ApiSettings = ApiSettings()
+    _locate: Callable[[str], str] | None = PrivateAttr(default=None)  # field -> "file:line: field"
 
     @field_validator("models", "fallbacks", mode="before")
     @classmethod
@@ -166,19 +168,30 @@ class JobSpec(_Strict):
 
     # -- what the spec implies ------------------------------------------------------------
 
+    def _template_sources(self) -> list[tuple[str, str, str]]:
+        """(field, role, template text) for each template the spec has."""
+        if self.endpoint == "completions" or self.messages is None:
+            pairs = [("system", "system", self.system)] if self.system is not None and self.endpoint == "chat" else []
+            return [*pairs, ("prompt", "user", self.prompt or "")]
+        return [(f"messages[{i}].content", m.role, m.content) for i, m in enumerate(self.messages)]
+
+    def template_fields(self) -> list[tuple[str, Template]]:
+        """Each template with the spec field it comes from, to name it in messages."""
+        return [(field, _parse_field(field, text)) for field, _, text in self._template_sources()]
+
     def prompt_template(self) -> PromptTemplate:
         """The parsed prompt; raises SpecError naming the field whose template is malformed."""
+        templates = self.template_fields()
         if self.endpoint == "completions":
-            assert self.prompt is not None
-            return PromptTemplate(text=_parse_field("prompt", self.prompt))
-        if self.messages is not None:
-            pairs = [(f"messages[{i}].content", m.role, m.content) for i, m in enumerate(self.messages)]
-        else:
-            pairs = [("system", "system", self.system)] if self.system is not None else []
-            pairs.append(("prompt", "user", self.prompt or ""))
+            return PromptTemplate(text=templates[0][1])
+        roles = [role for _, role, _ in self._template_sources()]
         return PromptTemplate(
-            messages=tuple(MessageTemplate(role, _parse_field(where, text)) for where, role, text in pairs)
+            messages=tuple(MessageTemplate(role, t) for role, (_, t) in zip(roles, templates, strict=True))
         )
+
+    def locate(self, field: str) -> str:
+        """Where `field` is written: "job.yaml:7: prompt", or the field alone for a spec built in code."""
+        return self._locate(field) if self._locate is not None else field
 
     def model_chain(self, model: str) -> list[str]:
         """The models a row requested for `model` may be answered by, in order."""
@@ -201,7 +214,7 @@ class JobSpec(_Strict):
         return self.api.base_url or os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
 
 
-def _parse_field(where: str, text: str) -> Any:
+def _parse_field(where: str, text: str) -> Template:
     try:
         return parse_template(text)
     except TemplateError as exc:
@@ -269,6 +282,7 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
         problems += [Problem(where(tuple(_split_dotted(p.where))), p.message) for p in exc.problems]
     if problems:
         raise SpecError(_by_line(problems))
+    spec._locate = lambda field: where(tuple(_split_dotted(field)))
     return spec
 
 

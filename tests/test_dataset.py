@@ -18,7 +18,7 @@ def test_every_format_streams_rows_in_order(tmp_path: Path, suffix: str) -> None
     """CSV, Parquet and JSONL inputs yield every row, in order, with position and id."""
     path = tmp_path / f"input{suffix}"
     {".csv": FRAME.write_csv, ".parquet": FRAME.write_parquet}.get(suffix, FRAME.write_ndjson)(path)
-    dataset = open_dataset(path, id_column="id", needed_columns=("text",))
+    dataset = open_dataset(path, id_column="id")
     rows = [row for batch in dataset.batches(batch_size=2) for row in batch]
     assert dataset.count() == 5
     assert [(r.index, r.id, r.values["text"]) for r in rows] == [
@@ -36,15 +36,6 @@ def test_batches_respect_limit_and_default_id_is_position(tmp_path: Path) -> Non
     FRAME.write_parquet(path)
     rows = [row for batch in open_dataset(path, id_column=None).batches(limit=3) for row in batch]
     assert [r.id for r in rows] == ["0", "1", "2"]
-
-
-def test_placeholder_for_a_missing_column_is_refused(tmp_path: Path) -> None:
-    """A template column the input lacks is named, with the columns the input has."""
-    path = tmp_path / "in.csv"
-    FRAME.write_csv(path)
-    with pytest.raises(SpecError) as info:
-        open_dataset(path, id_column=None, needed_columns=("body",))
-    assert "placeholder {body} names no input column; the input has: id, text" in str(info.value)
 
 
 def test_missing_id_column_is_refused(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from batchrunner.client import Client
 from batchrunner.errors import SpecError
 from batchrunner.limits import Limits
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import api_key, follow_credits, run_job
+from batchrunner.runner import api_key, follow_credits, prepare, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 
@@ -348,3 +348,16 @@ async def test_json_object_and_tool_calls_columns(write_spec: Callable[..., Path
     assert all(
         c[0]["function"]["name"] == "route" and json.loads(c[0]["function"]["arguments"])["team"] in "ab" for c in calls
     )
+
+
+def test_input_problems_name_the_spec_line(write_spec: Callable[..., Path]) -> None:
+    """A placeholder the input lacks names the template's field and line; an id problem names id_column's line."""
+    path = write_spec(
+        prompt=None, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "{body}"}]
+    )
+    with pytest.raises(SpecError) as info:
+        prepare(load_spec(path))
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "{body}" in text)
+    assert f"{path}:{line}: messages[1].content: placeholder {{body}} names no input column" in str(info.value)
+    with pytest.raises(SpecError, match=rf"{path}:3: id_column: 'nope' is not an input column"):
+        prepare(load_spec(write_spec(id_column="nope")))
