@@ -279,7 +279,7 @@ def sandbox(
         faults=faults,
         latency_s=latency_s,
         credits_usd=None if credits_usd is None else Decimal(str(credits_usd)),
-        rate_limit=limit,  # type: ignore[arg-type]
+        rate_limit=limit,  # type: ignore[arg-type]  # a str here is always "credits", checked above
     )
 
     def ready(url: str) -> None:

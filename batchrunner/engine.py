@@ -236,7 +236,7 @@ class Engine:
             stopped.cancel()
         for task in workers:  # a bug in a worker must not pass silently
             if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+                raise task.exception()  # type: ignore[misc]  # narrowed by the test just above
 
     async def _send(self, body: dict[str, Any], model: str) -> Completion:
         timeout_s = self.spec.timeout_s * (2 if is_free(model) else 1)

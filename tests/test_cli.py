@@ -18,7 +18,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from batchrunner.cli import main
-from batchrunner.sandbox import SandboxConfig
+from batchrunner.sandbox import Sandbox, SandboxConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,16 +125,16 @@ def test_malformed_key_for_openrouter_exits_2(write_spec: Callable[..., Path]) -
 
 
 def test_rejected_key_exits_3_and_keeps_the_key_secret(
-    write_spec: Callable[..., Path], sandbox_in_thread: Callable[[SandboxConfig], object]
+    write_spec: Callable[..., Path], sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
     """A rejected key stops the job at GET /key (exit 3) before any completion, says what to check, never shows the key."""
     sandbox = sandbox_in_thread(SandboxConfig(require_key=True, api_key="sk-or-v1-right"))
-    env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-wrong-secret"}  # type: ignore[attr-defined]
+    env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-wrong-secret"}
     result = invoke("run", str(write_spec()), env=env)
     assert result.exit_code == 3, result.output
     assert "stopped before sending anything" in result.stderr and "sk-or-v1-" in result.stderr
     assert "wrong-secret" not in result.output
-    assert sandbox.stats.requests == 0  # type: ignore[attr-defined]
+    assert sandbox.stats.requests == 0
 
 
 def test_python_dash_m_runs_the_cli() -> None:
@@ -153,7 +153,7 @@ def test_sandbox_command_refuses_unknown_faults() -> None:
 
 def test_free_daily_cap_exits_3_naming_the_reset(
     write_spec: Callable[..., Path],
-    sandbox_in_thread: Callable[[SandboxConfig], object],
+    sandbox_in_thread: Callable[[SandboxConfig], Sandbox],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """When free models hit their daily cap, the run writes what it has and exits 3 saying when the cap resets."""
@@ -161,7 +161,7 @@ def test_free_daily_cap_exits_3_naming_the_reset(
 
     monkeypatch.setattr(limits, "FREE_REQUESTS_PER_MINUTE", 60_000)
     sandbox = sandbox_in_thread(SandboxConfig(free_daily_cap=4))
-    env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}  # type: ignore[attr-defined]
+    env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
     result = invoke("run", str(write_spec(models="meta-llama/llama-3.3-70b-instruct:free", concurrency=1)), env=env)
     assert result.exit_code == 3, result.output
     assert "free-model daily cap" in result.stderr and "UTC" in result.stderr
@@ -212,7 +212,7 @@ def test_log_json_emits_one_object_per_line(write_spec: Callable[..., Path]) -> 
 
 
 def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
-    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], object]
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
     """kill -9 at random moments, then a final run: every row exactly once, and few requests sent twice."""
     rows = 150
@@ -221,11 +221,11 @@ def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
     ).write_csv(tmp_path / "many.csv")
     sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.05))
     spec_path = write_spec(input="many.csv", concurrency=4)
-    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}  # type: ignore[attr-defined]
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
     rng = random.Random(7)
     kills = 0
     for _ in range(3):
-        seen = sandbox.stats.requests  # type: ignore[attr-defined]
+        seen = sandbox.stats.requests
         process = subprocess.Popen(
             [sys.executable, "-m", "batchrunner", "run", str(spec_path)],
             env=env,
@@ -233,7 +233,7 @@ def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
-        while sandbox.stats.requests < seen + 5 and time.monotonic() < deadline and process.poll() is None:  # type: ignore[attr-defined]
+        while sandbox.stats.requests < seen + 5 and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.05, 0.4))
         if process.poll() is None:
@@ -250,7 +250,7 @@ def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
     assert final.returncode == 0, final.stderr
     output = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert output.height == rows and output["ticket_id"].n_unique() == rows
-    twice = sum(n - 1 for n in sandbox.stats.answered.values())  # type: ignore[attr-defined]
+    twice = sum(n - 1 for n in sandbox.stats.answered.values())
     per_kill = 4 + 0.25 * (4 / 0.05)  # in flight, plus a flush interval (0.2 s) of answers at ~80/s
     assert kills >= 1 and twice <= kills * per_kill
 
@@ -319,7 +319,7 @@ def test_labeling_example_writes_columns_typed_by_its_schema(tmp_path: Path) -> 
 
 
 def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
-    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], object]
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
     """SIGTERM (a scheduler's stop) stops dispatch, lets requests in flight land, writes the output, exits 3."""
     rows = 200
@@ -327,7 +327,7 @@ def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
         {"ticket_id": [f"T-{i}" for i in range(rows)], "subject": ["s"] * rows, "text": [f"t {i}" for i in range(rows)]}
     ).write_csv(tmp_path / "many.csv")
     sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.1))
-    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}  # type: ignore[attr-defined]
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
     process = subprocess.Popen(
         [sys.executable, "-m", "batchrunner", "run", str(write_spec(input="many.csv", concurrency=4))],
         env=env,
@@ -336,7 +336,7 @@ def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
         text=True,
     )
     deadline = time.monotonic() + 30
-    while sandbox.stats.requests < 10 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+    while sandbox.stats.requests < 10 and time.monotonic() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=30)
@@ -345,4 +345,4 @@ def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
     assert "SIGTERM" in stderr and "pending" in stderr
     written = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert 0 < written.height < rows
-    assert written.height == sandbox.stats.statuses[200], "every answer that came back is in the output"  # type: ignore[attr-defined]
+    assert written.height == sandbox.stats.statuses[200], "every answer that came back is in the output"

@@ -13,7 +13,7 @@ from batchrunner.records import RowResult
 
 
 def row(i: int, status: str = "ok") -> RowResult:
-    return RowResult(i, str(i), 0, "m", status, cost_usd=Decimal("0.001"), attempts=1)  # type: ignore[arg-type]
+    return RowResult(i, str(i), 0, "m", status, cost_usd=Decimal("0.001"), attempts=1)  # type: ignore[arg-type]  # status: str for a Literal
 
 
 def test_log_lines_when_not_a_terminal(caplog: pytest.LogCaptureFixture) -> None:

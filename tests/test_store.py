@@ -25,7 +25,7 @@ def result(row: int, status: str = "ok", fingerprint: str = "fp", cost: str = "0
         cost_usd=Decimal(cost),
         attempts=2,
         fingerprint=fingerprint,
-    )  # type: ignore[arg-type]
+    )  # type: ignore[arg-type]  # status is a plain str here, a Literal in RowResult
 
 
 def test_migrations_apply_once_and_newer_schemas_are_refused(tmp_path: Path) -> None:
@@ -98,3 +98,24 @@ def test_runs_record_outcome_and_cost(tmp_path: Path) -> None:
         store.end_run("finished", ok=1, failed=0, cost_usd=Decimal(cost))
     assert [r["outcome"] for r in store.runs()] == ["finished", "finished"]
     assert store.spent_usd() == Decimal("0.3")
+
+
+def test_an_older_checkpoint_is_migrated_keeping_its_answers(tmp_path: Path) -> None:
+    """A checkpoint written at schema 1 opens at the current schema with its answers intact."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("BEGIN")
+    MIGRATIONS[0](db)
+    db.execute("PRAGMA user_version=1")
+    db.execute(
+        "INSERT INTO results (row_id, requested_model, fingerprint, row_index, model_position, answered_at, status, response, cost_usd, attempts)"
+        " VALUES ('id1', 'a/b', 'fp', 0, 0, '2026-01-01', 'ok', 'old answer', '0.5', 1)"
+    )
+    db.execute("COMMIT")
+    db.close()
+    store = Store.open(path)
+    values = dict(zip(RESULT_COLUMNS, store.fetch([("id1", "a/b", "fp")])[("id1", "a/b", "fp")], strict=True))
+    assert values["response"] == "old answer" and values["parsed"] is None and values["cost_source"] is None
+    store.add(result(2))
+    store.flush()
+    assert ("id2", "a/b") in store.lookup(["id2"])
