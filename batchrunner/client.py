@@ -171,6 +171,11 @@ def _parse_json(text: str) -> Any:
         return None
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one: answers are not always what they should be."""
+    return value if isinstance(value, dict) else {}
+
+
 def _error_object(payload: Any) -> dict[str, Any]:
     error = payload.get("error") if isinstance(payload, dict) else None
     return error if isinstance(error, dict) else {}
@@ -198,7 +203,7 @@ def retry_after_s(headers: Any, error: dict[str, Any] | None = None, *, now_s: f
         except ValueError:
             pass
     error = error or {}
-    metadata = error.get("metadata") if isinstance(error.get("metadata"), dict) else {}
+    metadata = _mapping(error.get("metadata"))
     for hint in (metadata.get("retry_after_seconds"), (error.get("availability") or {}).get("retry_after")):
         if isinstance(hint, (int, float)):
             return max(0.0, float(hint))
@@ -208,7 +213,7 @@ def retry_after_s(headers: Any, error: dict[str, Any] | None = None, *, now_s: f
 def classify(status: int, payload: Any, headers: Any = None) -> ApiError:
     """The one place an error answer becomes a kind of ApiError (see errors.py)."""
     error = _error_object(payload)
-    metadata = error.get("metadata") if isinstance(error.get("metadata"), dict) else {}
+    metadata = _mapping(error.get("metadata"))
     message = str(error.get("message") or f"HTTP {status}")
     raw = metadata.get("raw")
     if raw and isinstance(raw, str) and raw not in message:
@@ -216,7 +221,7 @@ def classify(status: int, payload: Any, headers: Any = None) -> ApiError:
     limit_source = str(metadata.get("limit_source") or "")
     wait_s = retry_after_s(headers, error)
     common: dict[str, Any] = {"status": status, "retry_after_s": wait_s, "metadata": metadata}
-    availability = error.get("availability") if isinstance(error.get("availability"), dict) else {}
+    availability = _mapping(error.get("availability"))
 
     if status == 401:
         return FatalApiError(
@@ -279,7 +284,7 @@ def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0)
         raise TransientError(
             f"the provider failed mid-answer: {detail}", status=status, code="finish_error", usage=usage
         )
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    message = _mapping(choice.get("message"))
     text = message.get("content") if message else choice.get("text")
     if isinstance(text, list):  # content parts
         text = "".join(str(part.get("text", "")) for part in text if isinstance(part, dict))

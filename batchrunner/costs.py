@@ -50,7 +50,7 @@ class Pricing:
         prompt, completion = to_decimal(prices.get("prompt")), to_decimal(prices.get("completion"))
         if prompt is None or completion is None or prompt < 0 or completion < 0:
             return None
-        top = model.get("top_provider") if isinstance(model.get("top_provider"), dict) else {}
+        top: dict[str, Any] = model["top_provider"] if isinstance(model.get("top_provider"), dict) else {}
         return cls(
             prompt=prompt,
             completion=completion,

@@ -154,7 +154,8 @@ class Engine:
         summary = Summary()
         results: list[RowResult] = []
         workers_n = self.spec.concurrency
-        self._queue = queue = asyncio.Queue(maxsize=2 * workers_n)
+        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * workers_n)
+        self._queue = queue
 
         resumed = 0
 
@@ -214,7 +215,7 @@ class Engine:
 
     async def _join(self, workers: list[asyncio.Task[None]]) -> None:
         """Wait for the workers; once the run is stopping, give requests in flight `grace_s` to land."""
-        pending: set[asyncio.Task[None]] = set(workers)
+        pending: set[asyncio.Task[Any]] = set(workers)
         stopped = asyncio.create_task(self._stopped.wait())
         try:
             while pending and not self.stopping:

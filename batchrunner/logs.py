@@ -32,7 +32,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, default=str)
 
 
-class _AboveTheBar(logging.StreamHandler):  # type: ignore[type-arg]  # generic over the stream only in typeshed
+class _AboveTheBar(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]  # generic over its stream in some typeshed versions
     """On a terminal, write log lines above tqdm's progress bar instead of through it."""
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -242,9 +242,9 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        place = f"{path}:{mark.line + 1}" if mark else str(path)
         detail = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(Problem(where, f"malformed YAML: {detail}")) from None
+        raise SpecError(Problem(place, f"malformed YAML: {detail}")) from None
     if not isinstance(data, dict):
         raise SpecError(
             Problem(str(path), "a job spec is a YAML mapping of keys such as name, input, output, models, prompt")

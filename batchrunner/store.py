@@ -164,7 +164,14 @@ class Store:
         """Buffer a result; `flush` (or the flusher task) commits it."""
         values = result.stored()
         values["cost_usd"] = str(result.cost_usd)
-        record = (result.row_id, result.fingerprint, result.row_index, result.model_position, self.run_id, _now())
+        record: tuple[Any, ...] = (
+            result.row_id,
+            result.fingerprint,
+            result.row_index,
+            result.model_position,
+            self.run_id,
+            _now(),
+        )
         record += tuple(values[name] for name in RESULT_COLUMNS)
         with self._buffer_lock:
             self._pending.append(record)

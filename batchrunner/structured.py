@@ -153,6 +153,11 @@ def polars_type(node: Any, root: dict[str, Any]) -> pl.DataType:
     return pl.String()  # JSON text: free-form objects, unions, arrays of anything
 
 
+def _instance(dtype: Any) -> pl.DataType:
+    """polars may hand back a data type class (pl.String) where an instance (pl.String()) is meant."""
+    return dtype() if isinstance(dtype, type) else dtype
+
+
 def typed_value(value: Any, dtype: pl.DataType) -> Any:
     """A parsed JSON value shaped for its column: JSON text where the column holds JSON text."""
     if value is None:
@@ -160,9 +165,9 @@ def typed_value(value: Any, dtype: pl.DataType) -> Any:
     if isinstance(dtype, pl.String) and not isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(dtype, pl.List) and isinstance(value, list):
-        return [typed_value(v, dtype.inner) for v in value]
+        return [typed_value(v, _instance(dtype.inner)) for v in value]
     if isinstance(dtype, pl.Struct) and isinstance(value, dict):
-        return {field.name: typed_value(value.get(field.name), field.dtype) for field in dtype.fields}
+        return {field.name: typed_value(value.get(field.name), _instance(field.dtype)) for field in dtype.fields}
     if isinstance(dtype, pl.Float64) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value

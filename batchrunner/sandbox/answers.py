@@ -138,9 +138,9 @@ def _instance(node: Any, root: dict[str, Any], rng: random.Random, depth: int) -
         high = int(node.get("maximum", low + 10))
         return rng.randint(low, max(low, high))
     if kind == "number":
-        low = float(node.get("minimum", 0.0))
-        high = float(node.get("maximum", low + 1.0))
-        return round(rng.uniform(low, high), 3)
+        smallest = float(node.get("minimum", 0.0))
+        largest = float(node.get("maximum", smallest + 1.0))
+        return round(rng.uniform(smallest, largest), 3)
     if kind == "boolean":
         return rng.random() < 0.5
     if kind == "null":

@@ -132,7 +132,7 @@ class Sandbox:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # aiohttp exposes no public accessor
+        sockets = getattr(site._server, "sockets", None) or []  # aiohttp exposes no public accessor
         bound_port = sockets[0].getsockname()[1] if sockets else port
         self.base_url = f"http://{host}:{bound_port}/api/v1"
         return self.base_url
@@ -383,17 +383,17 @@ class Sandbox:
                 }
             )
 
-        model = next((m for m in chain if m not in self.config.down_models), None)
-        if model is None:
+        answering = next((m for m in chain if m not in self.config.down_models), None)
+        if answering is None:
             return _error(
                 502,
                 f"Provider returned error: {chain[0]} is down (simulated)",
                 error_type="provider_unavailable",
                 provider_name=catalog.provider_name(chain[0]),
             )
-        if model == catalog.AUTO_ROUTER:
-            model = catalog.AUTO_ROUTES_TO
-        return web.json_response(self._completion(body, model, chat=chat, fault=fault, key=key))
+        if answering == catalog.AUTO_ROUTER:
+            answering = catalog.AUTO_ROUTES_TO
+        return web.json_response(self._completion(body, answering, chat=chat, fault=fault, key=key))
 
     def _completion(
         self, body: dict[str, Any], model: str, *, chat: bool, fault: str | None, key: str
