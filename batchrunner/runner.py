@@ -23,7 +23,7 @@ from batchrunner.client import Client
 from batchrunner.costs import ZERO_USD, Budget, PriceTable, format_usd
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.engine import Engine, RunReport
-from batchrunner.errors import ApiError, FatalApiError, Problem, RunHalted, SpecError
+from batchrunner.errors import ApiError, FatalApiError, Problem, RunHalted, SpecError, TransientError
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
 from batchrunner.output import export, extra_columns
@@ -37,6 +37,7 @@ from batchrunner.store import Store
 from batchrunner.structured import Mode, strict_mode_warnings
 
 log = logging.getLogger("batchrunner")
+UNREACHABLE = ("connection", "timeout")  # a server that does not answer at all: stop before the first row
 SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
 
 
@@ -184,6 +185,7 @@ async def run_job(
                     await asyncio.gather(*background, return_exceptions=True)
                     if progress is not None:
                         progress.close()
+                concurrency_hint(spec, report, limits.pacer.rate_rps)
         finally:
             if server is not None:
                 await server.stop()
@@ -211,10 +213,36 @@ async def run_job(
     return Outcome(report, spec.output, written, server.base_url if server else None)
 
 
+def concurrency_hint(spec: JobSpec, report: RunReport, pace_rps: float) -> None:
+    """Say so when `concurrency` and not the rate limit held the run back: by Little's law,
+    requests in flight / latency is the most a run can do."""
+    latencies = sorted(s for stats in report.summary.by_model.values() for s in stats.latencies_s)
+    if report.summary.done < 4 * spec.concurrency or not latencies or report.wall_s <= 0:
+        return
+    latency_s = latencies[len(latencies) // 2]
+    ceiling_rps = spec.concurrency / latency_s if latency_s > 0 else float("inf")
+    if ceiling_rps < 0.5 * pace_rps:
+        wanted = min(4096, int(pace_rps * latency_s * 1.2) + 1)
+        log.info(
+            "concurrency %d held the run to about %.0f requests/s (answers take %.1f s); the rate limit allows %.0f/s: "
+            "concurrency: %d would use it",
+            spec.concurrency,
+            ceiling_rps,
+            latency_s,
+            pace_rps,
+            wanted,
+        )
+
+
 async def fetch_prices(client: Client) -> PriceTable:
     """Model prices from GET /models, to cost answers the server does not price and to budget."""
     try:
         return PriceTable(await client.models())
+    except TransientError as exc:
+        if exc.code in UNREACHABLE:
+            raise RunHalted(f"cannot reach {client.base_url} ({exc}); check the network or api.base_url") from exc
+        log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
+        return PriceTable([])
     except ApiError as exc:
         log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
         return PriceTable([])
@@ -268,6 +296,10 @@ async def plan_limits(
             key_info = await client.key_info()
         except FatalApiError as exc:
             raise RunHalted(str(exc)) from exc
+        except TransientError as exc:
+            if exc.code in UNREACHABLE:
+                raise RunHalted(f"cannot reach {client.base_url} ({exc}); check the network or api.base_url") from exc
+            rps, why = SURGE_LIMIT_RPS, f"the key's limits could not be read ({exc}); assuming the surge limit"
         except ApiError as exc:
             rps, why = SURGE_LIMIT_RPS, f"the key's limits could not be read ({exc}); assuming the surge limit"
         else:

@@ -14,7 +14,7 @@ import pytest
 from batchrunner import limits as limits_module
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
-from batchrunner.errors import SpecError
+from batchrunner.errors import RunHalted, SpecError
 from batchrunner.limits import Limits
 from batchrunner.retries import RetryPolicy
 from batchrunner.runner import api_key, follow_credits, prepare, run_job
@@ -361,3 +361,23 @@ def test_input_problems_name_the_spec_line(write_spec: Callable[..., Path]) -> N
     assert f"{path}:{line}: messages[1].content: placeholder {{body}} names no input column" in str(info.value)
     with pytest.raises(SpecError, match=rf"{path}:3: id_column: 'nope' is not an input column"):
         prepare(load_spec(write_spec(id_column="nope")))
+
+
+async def test_a_run_held_back_by_concurrency_says_so(
+    write_spec: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """When requests in flight, not the rate limit, set the pace, the run suggests a concurrency that would use the limit."""
+    async with Sandbox(SandboxConfig(latency_s=0.05)) as sandbox:
+        spec = load_spec(write_spec(concurrency=2, api={"base_url": sandbox.base_url}))
+        with caplog.at_level("INFO", logger="batchrunner"):
+            await run_job(spec)
+    assert "concurrency 2 held the run to about" in caplog.text and "concurrency: " in caplog.text
+
+
+async def test_an_unreachable_server_stops_the_run_before_the_first_row(write_spec: Callable[..., Path]) -> None:
+    """Nothing listening at the base URL: the run stops at once (exit 3) instead of retrying every row."""
+    async with Sandbox() as sandbox:
+        url = sandbox.base_url  # the port is free again once the sandbox stops
+    spec = load_spec(write_spec(api={"base_url": url}))
+    with pytest.raises(RunHalted, match="cannot reach"):
+        await run_job(spec)
