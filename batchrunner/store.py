@@ -28,6 +28,8 @@ from batchrunner.costs import ZERO_USD
 from batchrunner.records import RESULT_SCHEMA, RowResult
 
 RESULT_COLUMNS = [*RESULT_SCHEMA, "parsed", "tool_calls"]
+# Row ids per `IN (...)` query: SQLite before 3.32 allows 999 parameters a statement, later 32766.
+MAX_PARAMETERS = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 _INSERT = (
     "INSERT OR REPLACE INTO results (row_id, fingerprint, row_index, model_position, run_id, answered_at, "
     + ", ".join(RESULT_COLUMNS)
@@ -208,7 +210,7 @@ class Store:
         """(row id, requested model, fingerprint) of every answer stored for these rows."""
         found: set[tuple[str, str, str]] = set()
         with self._lock:
-            for chunk in _chunks(row_ids, 5000):
+            for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 query = f"SELECT row_id, requested_model, fingerprint FROM results WHERE status = 'ok' AND row_id IN ({marks})"
                 found.update(self._db.execute(query, chunk).fetchall())
@@ -226,7 +228,7 @@ class Store:
         """Every stored (fingerprint, status) for these rows, by (row id, requested model)."""
         found: dict[tuple[str, str], list[Stored]] = {}
         with self._lock:
-            for chunk in _chunks(row_ids, 5000):
+            for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 for row_id, model, fingerprint, status in self._db.execute(
                     f"SELECT row_id, requested_model, fingerprint, status FROM results WHERE row_id IN ({marks})", chunk
@@ -242,7 +244,7 @@ class Store:
         rows: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         model_at = 2 + RESULT_COLUMNS.index("requested_model")
         with self._lock:
-            for chunk in _chunks(sorted({k[0] for k in keys}), 5000):
+            for chunk in _chunks(sorted({k[0] for k in keys}), MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 cursor = self._db.execute(
                     f"SELECT row_id, fingerprint, {', '.join(RESULT_COLUMNS)} FROM results WHERE row_id IN ({marks})",
