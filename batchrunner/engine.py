@@ -271,7 +271,9 @@ class Engine:
                     row.last_answer = completion
                     break
                 if not self.mode.structured:
-                    return self._ok(item, completion, row, parsed=None, fallback_used=position > 0)
+                    return self._ok(
+                        item, completion, row, parsed=None, fallback_used=self._by_fallback(position, completion)
+                    )
                 try:
                     parsed = parse_answer(completion.text, self.mode, finish_reason=completion.finish_reason)
                 except InvalidAnswer as exc:
@@ -281,7 +283,9 @@ class Engine:
                     cut_off = completion.finish_reason == "length"
                     body = self.requests.repaired(body, completion.text, str(exc), cut_off=cut_off)
                     continue
-                return self._ok(item, completion, row, parsed=parsed, fallback_used=position > 0)
+                return self._ok(
+                    item, completion, row, parsed=parsed, fallback_used=self._by_fallback(position, completion)
+                )
             log.debug("row %s: %s gave up: %s", item.row.id, model, row.last_error)
         return self._failed(item, row)
 
@@ -347,6 +351,10 @@ class Engine:
             return completion
         return None
 
+    def _by_fallback(self, position: int, completion: Completion) -> bool:
+        """Answered by a fallback: ours (a later model in the chain) or OpenRouter's (`models` array)."""
+        return position > 0 or (self.spec.server_fallbacks and completion.model in self.spec.fallbacks)
+
     def _charge(self, bill: _Bill, usage: Usage | None, model: str, requested: str | None = None) -> Decimal:
         """Add one attempt's cost to the row's bill: reported, else computed from prices, else unknown."""
         if usage is None:  # no answer, no charge
@@ -365,8 +373,14 @@ class Engine:
         """Reserve the request's worst case against the budget; stop the run when it does not fit."""
         if self.budget is None:
             return ZERO_USD
-        pricing = self.pricing[model]
-        worst = pricing.worst_case_usd(most_prompt_tokens(prompt), self.requests.max_completion_tokens(pricing))
+        # With server-side fallbacks OpenRouter may answer with any model of the chain: reserve the dearest.
+        candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
+        worst = max(
+            self.pricing[m].worst_case_usd(
+                most_prompt_tokens(prompt), self.requests.max_completion_tokens(self.pricing[m])
+            )
+            for m in candidates
+        )
         if not self.budget.reserve(worst):
             budget = self.budget
             self.stop(

@@ -42,6 +42,7 @@ class RequestBuilder:
             shape = {
                 "endpoint": self.spec.endpoint,
                 "cache_system_prompt": self.spec.cache_system_prompt,
+                "server_fallbacks": self.spec.server_fallbacks,
                 "chain": self.spec.model_chain(model),
                 "params": self.spec.params,
                 "provider": self.spec.provider,

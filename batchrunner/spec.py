@@ -123,6 +123,7 @@ class JobSpec(_Strict):
     budget_usd: Annotated[Decimal, Field(gt=0)] | None = None  # most a run may spend
     cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
     repair: RepairSettings = RepairSettings()
+    server_fallbacks: bool = False  # also send `fallbacks` in OpenRouter's `models` array
     output_prefix: str = ""  # put before each structured-answer column's name
     api: ApiSettings = ApiSettings()
     _locate: Callable[[str], str] | None = PrivateAttr(default=None)  # field -> "file:line: field"
@@ -198,8 +199,15 @@ class JobSpec(_Strict):
         return [model, *(f for f in self.fallbacks if f != model)]
 
     def request_body(self, model: str) -> dict[str, Any]:
-        """Everything in a request except its prompt: model, params, provider, response_format."""
+        """Everything in a request except its prompt: model, params, provider, response_format.
+
+        With `server_fallbacks`, the models after `model` in its chain also go in OpenRouter's
+        `models` array, so OpenRouter itself falls back within the one request."""
         body: dict[str, Any] = {"model": model, **self.params}
+        if self.server_fallbacks:
+            rest = [m for m in self.fallbacks if m != model]
+            if rest:
+                body["models"] = [model, *rest]
         if self.provider is not None:
             body["provider"] = self.provider
         if self.response_format is not None:

@@ -217,3 +217,13 @@ async def test_requests_in_flight_past_the_grace_period_are_abandoned(write_spec
             engine.stop("interrupted")
             report = await asyncio.wait_for(task, 0.8)
     assert report.summary.done == 0 and report.pending == 12
+
+
+async def test_server_fallbacks_let_openrouter_fall_back_within_one_request(write_spec: Callable[..., Path]) -> None:
+    """server_fallbacks sends OpenRouter's `models` array; one request per row, the output says who answered."""
+    spec = load_spec(write_spec(fallbacks=["anthropic/claude-3.5-haiku"], server_fallbacks=True))
+    async with Sandbox(SandboxConfig(down_models={"openai/gpt-4o-mini"}, record_bodies=True)) as sandbox:
+        report = await run(spec, sandbox)
+    assert sandbox.stats.requests == 12
+    assert sandbox.stats.bodies[0]["models"] == ["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"]
+    assert all(r.model == "anthropic/claude-3.5-haiku" and r.attempts == 1 and r.fallback_used for r in report.results)
