@@ -335,7 +335,7 @@ class Engine:
                 if isinstance(exc, TransientError):
                     if isinstance(exc, RateLimited):
                         self.breaker.release(model)
-                        self.limits.rate_limited()
+                        self.limits.rate_limited(model, upstream=bool(exc.metadata.get("provider_name")))
                     else:
                         self.breaker.record(model, ok=False)
                     if tries < self.retry.max_attempts and not self.breaker.is_open(model):

@@ -64,8 +64,9 @@ def rate_from_key(info: dict[str, Any]) -> tuple[float, str]:
 class Pacer:
     """Admits requests at most `rate_rps` per second, evenly spaced; the rate can change live."""
 
-    def __init__(self, rate_rps: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate_rps: float, *, clock: Callable[[], float] = time.monotonic, label: str = "the run") -> None:
         self._clock = clock
+        self.label = label  # for log lines: what this pace is for
         self.limit_rps = rate_rps  # what we are allowed
         self.factor = 1.0  # adaptive share of the limit we use, after 429s
         self._factor_at = clock()
@@ -102,7 +103,7 @@ class Pacer:
         self._slowed_at = now
         self._recover()
         self.factor = max(MIN_FACTOR, self.factor * DECREASE_FACTOR)
-        log.info("rate limited: pacing at %.1f requests/s for now", self.rate_rps)
+        log.info("rate limited: pacing %s at %.1f requests/s for now", self.label, self.rate_rps)
 
     def _recover(self) -> None:
         now = self._clock()
@@ -212,6 +213,7 @@ class Limits:
         self._free_interval_s = 60 / (free_per_minute or FREE_REQUESTS_PER_MINUTE) / PACE_MARGIN
         self._free_pacers: dict[str, AsyncLimiter] = {}
         self.free_cap_reached: FreeModelCapReached | None = None
+        self._slowed: dict[str, Pacer] = {}  # per model, after an upstream provider's 429
 
     def cap_reached(self, model: str) -> FreeModelCapReached:
         """Stop sending to free models until UTC midnight (the server said so, or our count did)."""
@@ -237,7 +239,18 @@ class Limits:
                     raise self.cap_reached(model)
                 usage.used += 1
                 usage.save()
+        slowed = self._slowed.get(model)
+        if slowed is not None:
+            slowed.set_limit(self.pacer.limit_rps)
+            await slowed.acquire()
         await self.pacer.acquire()
 
-    def rate_limited(self) -> None:
-        self.pacer.slow_down()
+    def rate_limited(self, model: str, *, upstream: bool) -> None:
+        """A 429 anyway. OpenRouter's own limit slows the whole run; an upstream provider's
+        limit slows only the model it serves, so the other models of an evaluation go on."""
+        if not upstream:
+            self.pacer.slow_down()
+            return
+        if model not in self._slowed:
+            self._slowed[model] = Pacer(self.pacer.limit_rps, label=model)
+        self._slowed[model].slow_down()

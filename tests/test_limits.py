@@ -114,3 +114,22 @@ async def test_free_models_are_paced_per_minute() -> None:
         await limits.acquire("x/y:free")
     await limits.acquire("x/other:free")
     assert 0.2 / 0.97 * 0.95 <= loop.time() - start < 0.6
+
+
+async def test_an_upstream_429_slows_only_its_model() -> None:
+    """A provider's 429 slows the model it serves; OpenRouter's own 429 slows the whole run."""
+    limits = Limits(100)
+    limits.rate_limited("a/slow", upstream=True)
+    assert limits.pacer.factor == 1.0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for _ in range(12):
+        await limits.acquire("b/fine")
+    fine_s = loop.time() - start
+    start = loop.time()
+    for _ in range(12):
+        await limits.acquire("a/slow")
+    slow_s = loop.time() - start
+    assert slow_s > fine_s * 1.2, "the throttled model is paced slower than the others"
+    limits.rate_limited("b/fine", upstream=False)
+    assert limits.pacer.factor == pytest.approx(0.7)
