@@ -346,3 +346,16 @@ def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
     written = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert 0 < written.height < rows
     assert written.height == sandbox.stats.statuses[200], "every answer that came back is in the output"
+
+
+def test_an_empty_input_writes_an_empty_output_with_all_columns(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """No rows: nothing is sent, exit 0, and the output still has the input and result columns."""
+    pl.DataFrame(schema={"ticket_id": pl.String, "subject": pl.String, "text": pl.String}).write_csv(
+        tmp_path / "empty.csv"
+    )
+    result = invoke("run", str(write_spec(input="empty.csv")), "--sandbox")
+    assert result.exit_code == 0, result.output
+    frame = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert frame.height == 0 and {"ticket_id", "response", "cost_usd"} <= set(frame.columns)
