@@ -160,8 +160,18 @@ class Engine:
         resumed = 0
 
         async def produce() -> None:
-            nonlocal resumed
+            try:
+                await feed()
+            except Exception as exc:  # the input is unreadable past some row: stop, keep what was answered
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                self.stop(f"reading {dataset.path.name} failed after {read} rows: {detail}; fix the input and rerun")
+
+        read = 0
+
+        async def feed() -> None:
+            nonlocal resumed, read
             for batch in dataset.batches(limit=limit, batch_size=8192):
+                read += len(batch)
                 # What the checkpoint already holds an answer for, with the same fingerprint, is skipped.
                 answered = self.store.answered([row.id for row in batch]) if self.store is not None else set()
                 items = []

@@ -227,3 +227,18 @@ async def test_server_fallbacks_let_openrouter_fall_back_within_one_request(writ
     assert sandbox.stats.requests == 12
     assert sandbox.stats.bodies[0]["models"] == ["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"]
     assert all(r.model == "anthropic/claude-3.5-haiku" and r.attempts == 1 and r.fallback_used for r in report.results)
+
+
+async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A CSV whose column turns out not to be the type its first rows suggested stops the run with a reason."""
+    lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(12_000)], "not-a-number,s,text x"]
+    (tmp_path / "late.csv").write_text("\n".join(lines) + "\n")
+    spec = load_spec(write_spec(input="late.csv", id_column=None, concurrency=8))
+    async with Sandbox() as sandbox:
+        dataset = prepare(spec)
+        async with Client(sandbox.base_url) as client:
+            report = await asyncio.wait_for(Engine(spec, client, retry=RetryPolicy.immediate()).run(dataset), 60)
+    assert report.halted and "reading late.csv failed" in report.halted
+    assert report.summary.done >= 8192 - 2 * spec.concurrency, "the rows read before the bad one were answered"
