@@ -235,7 +235,7 @@ async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
     """A CSV whose column turns out not to be the type its first rows suggested stops the run with a reason."""
     lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(12_000)], "not-a-number,s,text x"]
     (tmp_path / "late.csv").write_text("\n".join(lines) + "\n")
-    spec = load_spec(write_spec(input="late.csv", id_column=None, concurrency=8))
+    spec = load_spec(write_spec(input="late.csv", id_column=None, concurrency=32))
     async with Sandbox() as sandbox:
         dataset = prepare(spec)
         async with Client(sandbox.base_url) as client:
