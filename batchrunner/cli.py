@@ -19,7 +19,7 @@ import click
 
 from batchrunner import logs
 from batchrunner.costs import format_usd
-from batchrunner.errors import RunHalted, SpecError
+from batchrunner.errors import OutputError, RunHalted, SpecError
 from batchrunner.offline import estimate_job, export_job, job_status, list_models
 from batchrunner.progress import Progress
 from batchrunner.runner import overrides, run_job
@@ -41,6 +41,9 @@ def _exit_codes() -> Iterator[None]:
         sys.exit(EXIT_INVALID)
     except RunHalted as error:
         click.echo(f"stopped before sending anything: {error}", err=True)
+        sys.exit(EXIT_STOPPED)
+    except OutputError as error:
+        click.echo(f"error: {error}; the checkpoint keeps every answer", err=True)
         sys.exit(EXIT_STOPPED)
 
 
@@ -126,11 +129,16 @@ def run(
             click.echo(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
             sys.exit(EXIT_STOPPED)
     report = outcome.report
-    click.echo(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
+    if outcome.output_rows is None:
+        click.echo(
+            f"{spec.name}: the output could not be written (see above); the checkpoint has every answer", err=True
+        )
+    else:
+        click.echo(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
     for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
         click.echo(f"  {line}")
-    if report.halted or report.deferred:
-        click.echo(f"stopped early: {report.halted or report.deferred}", err=True)
+    if report.halted or report.deferred or outcome.output_rows is None:
+        click.echo(f"stopped early: {report.halted or report.deferred or 'the output was not written'}", err=True)
         click.echo(
             f"{report.pending} rows are pending; rerun the same command to continue once that is resolved.", err=True
         )

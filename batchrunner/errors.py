@@ -10,7 +10,8 @@
     │   │                    moderation): the row goes to its fallbacks, then fails
     │   └── FatalApiError    the account cannot go on (401, 402, key or budget 403, a free-model
     │                        daily cap): the run stops dispatching and exits 3
-    └── RunHalted            the run stopped early for a reason the user must act on (exit 3)
+    ├── RunHalted            the run stopped early for a reason the user must act on (exit 3)
+    └── OutputError          the output file could not be written (the checkpoint keeps every answer)
 
 aiohttp's exceptions never leave client.py: they are mapped there, once. A failed row is
 data (`status: failed` with an `error` text), not an exception; only a FatalApiError or an
@@ -88,3 +89,7 @@ class FatalApiError(ApiError):
 
 class RunHalted(BatchrunnerError):
     """The run stopped before finishing; rerunning continues it (exit 3)."""
+
+
+class OutputError(BatchrunnerError):
+    """The output file could not be written; `batchrunner export` retries from the checkpoint."""

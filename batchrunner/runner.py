@@ -23,7 +23,7 @@ from batchrunner.client import Client
 from batchrunner.costs import ZERO_USD, Budget, PriceTable, format_usd
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.engine import Engine, RunReport
-from batchrunner.errors import ApiError, FatalApiError, Problem, RunHalted, SpecError, TransientError
+from batchrunner.errors import ApiError, FatalApiError, OutputError, Problem, RunHalted, SpecError, TransientError
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
 from batchrunner.output import export, extra_columns
@@ -45,7 +45,7 @@ SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
 class Outcome:
     report: RunReport
     output_path: Path
-    output_rows: int
+    output_rows: int | None  # None when the output could not be written (the checkpoint has the answers)
     sandbox_url: str | None = None
 
 
@@ -198,8 +198,12 @@ async def run_job(
                 cost_usd=summary.cost_usd if summary else ZERO_USD,
             )
             started = time.monotonic()
-            written = export(dataset, RequestBuilder(spec), store, spec.output)
-            log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
+            written: int | None = None
+            try:
+                written = export(dataset, RequestBuilder(spec), store, spec.output)
+                log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
+            except (OutputError, OSError) as exc:  # the answers are safe: say how to get the file
+                log.error("%s; every answer is in the checkpoint: fix that and run `batchrunner export`", exc)
             store.close()
             if report is not None:
                 summary_json = report.summary.to_json(

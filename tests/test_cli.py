@@ -359,3 +359,20 @@ def test_an_empty_input_writes_an_empty_output_with_all_columns(
     assert result.exit_code == 0, result.output
     frame = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert frame.height == 0 and {"ticket_id", "response", "cost_usd"} <= set(frame.columns)
+
+
+def test_an_input_unreadable_midway_exits_3_without_a_traceback(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A bad row deep in a CSV: the run keeps its answers, says what broke, and exits 3; export says it too."""
+    lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(10_500)], "oops,s,text"]
+    (tmp_path / "late.csv").write_text("\n".join(lines) + "\n")
+    spec_path = write_spec(
+        input="late.csv", id_column=None, concurrency=32, rate_limit={"requests_per_second": 100_000}
+    )
+    result = invoke("run", str(spec_path), "--sandbox")
+    assert result.exit_code == 3, result.output
+    assert "reading late.csv failed" in result.stderr and "Traceback" not in result.output
+    assert "could not write" in result.stderr and "batchrunner export" in result.stderr
+    exported = invoke("export", str(spec_path))
+    assert exported.exit_code == 3 and "checkpoint keeps every answer" in exported.stderr
