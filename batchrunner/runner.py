@@ -172,7 +172,14 @@ async def run_job(
                     pricing=prices,
                     budget=budget,
                 )
-                background = [asyncio.create_task(store.flush_every(flush_s))]
+                background = [
+                    asyncio.create_task(
+                        store.flush_every(
+                            flush_s,
+                            lambda exc: engine.stop(f"cannot write the checkpoint ({exc}); free disk space and rerun"),
+                        )
+                    )
+                ]
                 if key_info is not None and key_info.get("limit_remaining") is not None:
                     background.append(asyncio.create_task(follow_credits(client, limits, credit_refresh_s)))
                 restore = _install_signal_handlers(engine)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import socket
 import sqlite3
@@ -26,6 +27,8 @@ from typing import Any
 
 from batchrunner.costs import ZERO_USD
 from batchrunner.records import RESULT_SCHEMA, RowResult
+
+log = logging.getLogger("batchrunner")
 
 RESULT_COLUMNS = [*RESULT_SCHEMA, "parsed", "tool_calls"]
 # Row ids per `IN (...)` query: SQLite before 3.32 allows 999 parameters a statement, later 32766.
@@ -128,7 +131,13 @@ class Store:
         return cls(path, db)
 
     def close(self) -> None:
-        self.flush()
+        """Commit what is buffered and close; answers that still cannot be committed are reported, not raised."""
+        try:
+            self.flush()
+        except sqlite3.Error as exc:
+            log.error(
+                "%d answers could not be saved to %s (%s); free disk space and rerun", self.unsaved, self.path, exc
+            )
         with self._lock:
             self._db.close()
 
@@ -196,15 +205,28 @@ class Store:
             self._db.execute("COMMIT")
         return len(batch)
 
-    async def flush_every(self, interval_s: float) -> None:
-        """Commit buffered answers every `interval_s`, off the event loop, until cancelled."""
+    async def flush_every(self, interval_s: float, on_error: Callable[[sqlite3.Error], None] | None = None) -> None:
+        """Commit buffered answers every `interval_s`, off the event loop, until cancelled.
+
+        A failed commit (a full disk) keeps the answers buffered and is tried again; `on_error`
+        hears of it, so the run can stop paying for answers it cannot keep."""
         try:
             while True:
                 await asyncio.sleep(interval_s)
-                await asyncio.to_thread(self.flush)
+                try:
+                    await asyncio.to_thread(self.flush)
+                except sqlite3.Error as exc:
+                    if on_error is not None:
+                        on_error(exc)
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(sqlite3.Error):
                 self.flush()
+
+    @property
+    def unsaved(self) -> int:
+        """Answers received but not (yet) committed."""
+        with self._buffer_lock:
+            return len(self._pending)
 
     def answered(self, row_ids: Sequence[str]) -> set[tuple[str, str, str]]:
         """(row id, requested model, fingerprint) of every answer stored for these rows."""

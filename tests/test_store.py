@@ -119,3 +119,32 @@ def test_an_older_checkpoint_is_migrated_keeping_its_answers(tmp_path: Path) -> 
     store.add(result(2))
     store.flush()
     assert ("id2", "a/b") in store.lookup(["id2"])
+
+
+async def test_a_full_disk_keeps_answers_buffered_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that fails (disk full) keeps the answers in the buffer, tells the run, and succeeds once it can."""
+    store = Store.open(tmp_path / "c.sqlite")
+    real = store._db
+    failing = True
+
+    class FullDisk:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def executemany(self, *args: object) -> object:
+            if failing:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.executemany(*args)
+
+    monkeypatch.setattr(store, "_db", FullDisk())
+    errors: list[sqlite3.Error] = []
+    flusher = asyncio.create_task(store.flush_every(0.01, errors.append))
+    store.add(result(1))
+    while not errors:
+        await asyncio.sleep(0.01)
+    assert store.unsaved == 1 and "disk is full" in str(errors[0])
+    failing = False
+    while store.unsaved:
+        await asyncio.sleep(0.01)
+    flusher.cancel()
+    assert ("id1", "a/b") in store.lookup(["id1"])
