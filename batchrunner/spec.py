@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from batchrunner import openapi
 from batchrunner.errors import Problem, SpecError
@@ -133,21 +142,14 @@ class JobSpec(_Strict):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("input")
+    @field_validator("input", "output")
     @classmethod
-    def _input_format(cls, value: Path) -> Path:
-        if value.suffix.lower() not in INPUT_SUFFIXES:
+    def _file_format(cls, value: Path, info: ValidationInfo) -> Path:
+        """Only formats polars reads (input) or writes (output), named by the file's extension."""
+        allowed = INPUT_SUFFIXES if info.field_name == "input" else OUTPUT_SUFFIXES
+        if value.suffix.lower() not in allowed:
             raise ValueError(
-                f"unsupported input format {value.suffix or '(none)'!r}; use one of {', '.join(INPUT_SUFFIXES)}"
-            )
-        return value
-
-    @field_validator("output")
-    @classmethod
-    def _output_format(cls, value: Path) -> Path:
-        if value.suffix.lower() not in OUTPUT_SUFFIXES:
-            raise ValueError(
-                f"unsupported output format {value.suffix or '(none)'!r}; use one of {', '.join(OUTPUT_SUFFIXES)}"
+                f"unsupported {info.field_name} format {value.suffix or '(none)'!r}; use one of {', '.join(allowed)}"
             )
         return value
 
