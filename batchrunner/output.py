@@ -51,6 +51,8 @@ def _structured_columns(
     mode = Mode.of(spec.response_format)
     wanted = {column: dtype for column, dtype in extra.items() if column not in ("parsed", "tool_calls")}
     typed: dict[str, list[Any]] = {column: [] for column in wanted}
+    if mode.kind != "json_schema" or not wanted:
+        return typed
     for parsed_text, status, response in zip(columns["parsed"], columns["status"], columns["response"], strict=True):
         parsed = json.loads(parsed_text) if parsed_text else None
         if parsed is None and status == "ok" and response:
