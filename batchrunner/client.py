@@ -146,7 +146,7 @@ class Client:
             async with session.request(
                 method, self.base_url + path, json=json_body, params=params, timeout=timeout
             ) as response:
-                text = await response.text()
+                text = (await response.read()).decode("utf-8", errors="replace")  # a bad byte must not crash a row
                 status, headers = response.status, response.headers
         except TimeoutError:
             raise TransientError(f"no answer within {timeout.total:g} s", code="timeout") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import polars as pl
 import yaml
+from throughput import start_sandbox  # bench/ is on sys.path when a bench script runs
 
 from batchrunner.records import RowResult
 from batchrunner.request import RequestBuilder
@@ -49,7 +51,7 @@ MEASURE = textwrap.dedent(
 )
 
 
-def prepare_job(folder: Path, rows: int) -> Path:
+def prepare_job(folder: Path, rows: int, base_url: str) -> Path:
     source = folder / "input.parquet"
     pl.DataFrame(
         {
@@ -69,7 +71,7 @@ def prepare_job(folder: Path, rows: int) -> Path:
                 "prompt": "Classify this message: {text}",
                 "params": {"max_tokens": 20},
                 "rate_limit": {"requests_per_second": 100},
-                "api": {"base_url": "http://127.0.0.1:9/api/v1"},  # never contacted: nothing is left to send
+                "api": {"base_url": base_url},
             }
         )
     )
@@ -112,20 +114,32 @@ def main() -> None:
     print(
         f"{'rows':>9} {'setup s':>8} {'decide s':>9} {'total s':>8} {'sent':>5} {'output rows':>12} {'peak RSS MB':>12}"
     )
-    for rows in (int(r) for r in args.rows.split(",")):
-        with tempfile.TemporaryDirectory() as tmp:
-            started = time.monotonic()
-            spec_path = prepare_job(Path(tmp), rows)
-            setup_s = time.monotonic() - started
-            measured = subprocess.run(
-                [sys.executable, "-c", MEASURE, str(spec_path)], capture_output=True, text=True, check=True
-            )
-            result = json.loads(measured.stdout.strip().splitlines()[-1])
-        assert result["resumed"] == rows and result["sent"] == 0, result
-        print(
-            f"{rows:>9} {setup_s:>8.1f} {result['decide_s']:>9.1f} {result['total_s']:>8.1f} {result['sent']:>5.0f} "
-            f"{result['output_rows']:>12.0f} {result['peak_rss_mb']:>12.0f}"
-        )
+    sandbox, base_url = start_sandbox(credits=100.0, latency_s=0.0)  # answers /key and /models; nothing else is asked
+    try:
+        for rows in (int(r) for r in args.rows.split(",")):
+            with tempfile.TemporaryDirectory() as tmp:
+                started = time.monotonic()
+                spec_path = prepare_job(Path(tmp), rows, base_url + "/api/v1")
+                setup_s = time.monotonic() - started
+                runs = []
+                for _ in range(args.repeats):
+                    measured = subprocess.run(
+                        [sys.executable, "-c", MEASURE, str(spec_path)], capture_output=True, text=True, check=True
+                    )
+                    runs.append(json.loads(measured.stdout.strip().splitlines()[-1]))
+            assert all(r["resumed"] == rows and r["sent"] == 0 for r in runs), runs
+            result = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            report(rows, setup_s, result)
+    finally:
+        sandbox.terminate()
+        sandbox.wait()
+
+
+def report(rows: int, setup_s: float, result: dict[str, float]) -> None:
+    print(
+        f"{rows:>9} {setup_s:>8.1f} {result['decide_s']:>9.1f} {result['total_s']:>8.1f} {result['sent']:>5.0f} "
+        f"{result['output_rows']:>12.0f} {result['peak_rss_mb']:>12.0f}"
+    )
 
 
 if __name__ == "__main__":
