@@ -87,7 +87,7 @@ def one_run(rate: int, seconds: float, latency_s: float, folder: Path) -> dict[s
                 }
             )
         )
-        outcome = asyncio.run(run_job(load_spec(spec_path)))
+        outcome = asyncio.run(run_job(load_spec(spec_path), fresh=True))  # each repeat from scratch
         stats = json.loads(urllib.request.urlopen(base + "/sandbox/stats").read())
     finally:
         process.terminate()
