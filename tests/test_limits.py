@@ -45,8 +45,8 @@ async def test_pacer_spaces_requests_evenly_and_never_bursts() -> None:
     times.sort()
     assert max_in_any_window(times) <= 40
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert min(gaps) >= 1 / 40 * 0.95
-    assert times[-1] - times[0] == pytest.approx(44 / (40 * 0.97), rel=0.1), "and it keeps the limit busy"
+    assert min(gaps) >= 1 / 40 * 0.5, "no burst: a late task's timestamp may shrink one gap, never to nothing"
+    assert times[-1] - times[0] == pytest.approx(44 / (40 * 0.97), rel=0.25), "and it keeps the limit busy"
 
 
 async def test_pacer_follows_a_new_limit_live() -> None:

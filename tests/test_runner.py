@@ -29,16 +29,16 @@ def rows_csv(tmp_path: Path, n: int) -> str:
 
 
 async def test_credit_rate_is_used_fully_without_a_429(write_spec: Callable[..., Path], tmp_path: Path) -> None:
-    """With R = 50 requests/s from 50.5 credits, 10·R rows get no 429 and take close to N/R seconds."""
-    config = SandboxConfig(rate_limit="credits", credits_usd=Decimal("50.5"))
+    """With R = 100 requests/s from 100.5 credits, 10·R rows get no 429 and take close to N/R seconds."""
+    config = SandboxConfig(rate_limit="credits", credits_usd=Decimal("100.5"))
     async with Sandbox(config) as sandbox:
-        spec = load_spec(write_spec(input=rows_csv(tmp_path, 500), concurrency=16, api={"base_url": sandbox.base_url}))
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 1000), concurrency=16, api={"base_url": sandbox.base_url}))
         outcome = await run_job(spec, retry=RetryPolicy.immediate())
     report = outcome.report
-    assert report.summary.ok == 500
+    assert report.summary.ok == 1000
     assert sandbox.stats.statuses[429] == 0
-    assert sandbox.stats.max_requests_in_one_second <= 50
-    assert 500 / 50 <= report.wall_s <= 500 / 50 * 1.15
+    assert sandbox.stats.max_requests_in_one_second <= 100
+    assert 1000 / 100 <= report.wall_s <= 1000 / 100 * 1.15
 
 
 async def test_explicit_rate_limit_from_the_spec(write_spec: Callable[..., Path], tmp_path: Path) -> None:
