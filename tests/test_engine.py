@@ -232,7 +232,9 @@ async def test_server_fallbacks_let_openrouter_fall_back_within_one_request(writ
 async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """A CSV whose column turns out not to be the type its first rows suggested stops the run with a reason."""
+    """A CSV whose column turns out not to be the type its first rows suggested stops the run with a reason.
+
+    (polars parses ahead in parallel, so the error may surface before any batch or after the first.)"""
     lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(12_000)], "not-a-number,s,text x"]
     (tmp_path / "late.csv").write_text("\n".join(lines) + "\n")
     spec = load_spec(write_spec(input="late.csv", id_column=None, concurrency=32))
@@ -242,4 +244,4 @@ async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
             report = await asyncio.wait_for(Engine(spec, client, retry=RetryPolicy.immediate()).run(dataset), 60)
     assert report.halted and "reading late.csv failed after" in report.halted
     read = int(report.halted.split("failed after ")[1].split()[0])
-    assert read > 0 and report.summary.done >= read - 2 * spec.concurrency, "rows read before the bad one were answered"
+    assert report.summary.done >= read - 2 * spec.concurrency, "rows read before the bad one were answered"
