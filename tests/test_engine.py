@@ -232,9 +232,8 @@ async def test_server_fallbacks_let_openrouter_fall_back_within_one_request(writ
 async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """A CSV whose column turns out not to be the type its first rows suggested stops the run with a reason.
-
-    (polars parses ahead in parallel, so the error may surface before any batch or after the first.)"""
+    """A CSV whose column turns out not to be the type its first rows suggested stops the run with a reason."""
+    # polars parses ahead in parallel: the error may surface before the first batch or after it.
     lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(12_000)], "not-a-number,s,text x"]
     (tmp_path / "late.csv").write_text("\n".join(lines) + "\n")
     spec = load_spec(write_spec(input="late.csv", id_column=None, concurrency=32))
