@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ class Dataset:
     frame: pl.LazyFrame  # the input with ROW_INDEX prepended
     columns: list[str]  # the input's own columns, in order
 
-    def count(self) -> int:
+    @cached_property
+    def rows(self) -> int:
+        """How many rows the input has (a scan of the file, done once)."""
         return int(self.frame.select(pl.len()).collect().item())
 
     def chunks(self, *, limit: int | None = None, batch_size: int = 2048) -> Iterator[tuple[pl.DataFrame, list[Row]]]:

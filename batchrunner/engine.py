@@ -149,7 +149,7 @@ class Engine:
 
     async def run(self, dataset: Dataset, *, limit: int | None = None) -> RunReport:
         started = time.monotonic()
-        rows = dataset.count() if limit is None else min(limit, dataset.count())
+        rows = dataset.rows if limit is None else min(limit, dataset.rows)
         total = rows * len(self.spec.models)
         summary = Summary()
         results: list[RowResult] = []

@@ -159,7 +159,7 @@ async def run_job(
                 limits, key_info = await plan_limits(spec, client, key, count_free_usage=server is None)
                 prices = await fetch_prices(client)
                 budget = plan_budget(spec, prices, max_cost_usd)
-                rows = dataset.count() if limit is None else min(limit, dataset.count())
+                rows = dataset.rows if limit is None else min(limit, dataset.rows)
                 progress = progress_factory(rows * len(spec.models)) if progress_factory else None
                 engine = Engine(
                     spec,

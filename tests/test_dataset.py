@@ -20,7 +20,7 @@ def test_every_format_streams_rows_in_order(tmp_path: Path, suffix: str) -> None
     {".csv": FRAME.write_csv, ".parquet": FRAME.write_parquet}.get(suffix, FRAME.write_ndjson)(path)
     dataset = open_dataset(path, id_column="id")
     rows = [row for batch in dataset.batches(batch_size=2) for row in batch]
-    assert dataset.count() == 5
+    assert dataset.rows == 5
     assert [(r.index, r.id, r.values["text"]) for r in rows] == [
         (0, "10", "a"),
         (1, "11", "b"),
