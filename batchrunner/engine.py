@@ -21,27 +21,18 @@ from typing import Any
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client, Completion
 from batchrunner.costs import ZERO_USD, Budget, PriceTable, Usage, format_usd
-from batchrunner.dataset import Dataset, Row
+from batchrunner.dataset import Dataset
 from batchrunner.errors import ApiError, FatalApiError, RateLimited, RequestRejected, TransientError
 from batchrunner.limits import FreeModelCapReached, Limits, is_free
 from batchrunner.progress import Progress
 from batchrunner.records import RowResult, Summary
-from batchrunner.request import RequestBuilder, most_prompt_tokens
+from batchrunner.request import RequestBuilder, RowRequest, most_prompt_tokens
 from batchrunner.retries import RetryPolicy
 from batchrunner.spec import JobSpec
 from batchrunner.store import Store
 from batchrunner.structured import InvalidAnswer, Mode, parse_answer
 
 log = logging.getLogger("batchrunner")
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    row: Row
-    model_position: int
-    requested_model: str
-    prompt: Any  # rendered messages (chat) or text (completions)
-    fingerprint: str
 
 
 @dataclass
@@ -123,7 +114,7 @@ class Engine:
         self.mode = Mode.of(spec.response_format)
         self._halt_reason: str | None = None
         self._halt_error: ApiError | None = None
-        self._queue: asyncio.Queue[WorkItem | None] | None = None
+        self._queue: asyncio.Queue[RowRequest | None] | None = None
 
     # -- control --------------------------------------------------------------------------
 
@@ -154,7 +145,7 @@ class Engine:
         summary = Summary()
         results: list[RowResult] = []
         workers_n = self.spec.concurrency
-        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * workers_n)
+        queue: asyncio.Queue[RowRequest | None] = asyncio.Queue(maxsize=2 * workers_n)
         self._queue = queue
 
         resumed = 0
@@ -174,13 +165,7 @@ class Engine:
                 read += len(batch)
                 # What the checkpoint already holds an answer for, with the same fingerprint, is skipped.
                 answered = self.store.answered([row.id for row in batch]) if self.store is not None else set()
-                items = []
-                for row in batch:
-                    prompt = self.requests.prompt(row)
-                    for position, model in enumerate(self.spec.models):
-                        fingerprint = self.requests.fingerprint(prompt, model)
-                        if (row.id, model, fingerprint) not in answered:
-                            items.append(WorkItem(row, position, model, prompt, fingerprint))
+                items = [item for item in self.requests.for_rows(batch) if item.key not in answered]
                 skipped = len(batch) * len(self.spec.models) - len(items)
                 resumed += skipped
                 if self.progress is not None and skipped:
@@ -260,7 +245,7 @@ class Engine:
         self.breaker.release(model)
         self.deferred = str(cap)
 
-    async def _process(self, item: WorkItem) -> RowResult:
+    async def _process(self, item: RowRequest) -> RowResult:
         """Answer one (row, model): retries on the model, then its fallbacks, in order.
 
         For structured jobs an answer must also parse and validate; an invalid one is
@@ -300,7 +285,7 @@ class Engine:
         return self._failed(item, row)
 
     async def _attempt(
-        self, item: WorkItem, model: str, body: dict[str, Any], row: _RowState, *, has_fallback: bool
+        self, item: RowRequest, model: str, body: dict[str, Any], row: _RowState, *, has_fallback: bool
     ) -> Completion | None:
         """Send `body` to `model` until it answers or its attempts run out (None)."""
         tries = 0
@@ -415,7 +400,7 @@ class Engine:
                 self.progress.retry(-1)
 
     @staticmethod
-    def _result(item: WorkItem, **fields: Any) -> RowResult:
+    def _result(item: RowRequest, **fields: Any) -> RowResult:
         return RowResult(
             row_index=item.row.index,
             row_id=item.row.id,
@@ -426,7 +411,7 @@ class Engine:
         )
 
     def _ok(
-        self, item: WorkItem, completion: Completion, row: _RowState, *, parsed: Any, fallback_used: bool
+        self, item: RowRequest, completion: Completion, row: _RowState, *, parsed: Any, fallback_used: bool
     ) -> RowResult:
         return self._result(
             item,
@@ -440,7 +425,7 @@ class Engine:
             attempts=row.attempts,
         )
 
-    def _failed(self, item: WorkItem, row: _RowState) -> RowResult:
+    def _failed(self, item: RowRequest, row: _RowState) -> RowResult:
         """A row no model answered usably; an invalid or refused answer keeps its text and tokens."""
         text = " ".join(str(row.last_error or "no model answered").split())
         answer = row.last_answer

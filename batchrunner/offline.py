@@ -45,13 +45,11 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     try:
         for batch in dataset.batches(batch_size=20_000):
             stored = store.lookup([row.id for row in batch]) if store else {}
-            for row in batch:
-                prompt = requests.prompt(row)
-                for model in spec.models:
-                    fingerprint = requests.fingerprint(prompt, model)
-                    statuses = {s.status for s in stored.get((row.id, model), ()) if s.fingerprint == fingerprint}
-                    state = "ok" if "ok" in statuses else "failed" if "failed" in statuses else "pending"
-                    per_model[model][state] += 1
+            for request in requests.for_rows(batch):
+                found = stored.get((request.row.id, request.requested_model), ())
+                statuses = {s.status for s in found if s.fingerprint == request.fingerprint}
+                state = "ok" if "ok" in statuses else "failed" if "failed" in statuses else "pending"
+                per_model[request.requested_model][state] += 1
         if store is not None:
             runs = store.runs()
             spent = store.spent_usd()
@@ -89,15 +87,13 @@ async def estimate_job(
     try:
         for batch in dataset.batches(limit=limit, batch_size=20_000):
             answered = store.answered([row.id for row in batch]) if store else set()
-            for row in batch:
-                prompt = requests.prompt(row)
-                for model in spec.models:
-                    counts = per_model[model]
-                    if (row.id, model, requests.fingerprint(prompt, model)) in answered:
-                        continue
-                    counts["rows"] += 1
-                    counts["prompt_tokens"] += estimated_prompt_tokens(prompt)
-                    counts["most_prompt_tokens"] += most_prompt_tokens(prompt)
+            for request in requests.for_rows(batch):
+                if request.key in answered:
+                    continue
+                counts = per_model[request.requested_model]
+                counts["rows"] += 1
+                counts["prompt_tokens"] += estimated_prompt_tokens(request.prompt)
+                counts["most_prompt_tokens"] += most_prompt_tokens(request.prompt)
         history = store.completion_tokens_by_model() if store else {}
     finally:
         if store is not None:

@@ -101,11 +101,7 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
     written = 0
     try:
         for number, (frame, rows) in enumerate(dataset.chunks(batch_size=batch_size)):
-            keys = {}
-            for row in rows:
-                prompt = requests.prompt(row)
-                for position, model in enumerate(requests.spec.models):
-                    keys[(row.id, model, requests.fingerprint(prompt, model))] = (row.index, position)
+            keys = {request.key: (request.row.index, request.model_position) for request in requests.for_rows(rows)}
             stored = store.fetch(keys)
             part = _answers(frame, [keys[key] for key in stored], list(stored.values()), requests.spec, extra)
             written += part.height

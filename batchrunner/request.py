@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -24,6 +26,22 @@ DEFAULT_MAX_COMPLETION_TOKENS = 16_384  # when neither the spec nor /models says
 
 def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class RowRequest:
+    """One input row asked of one requested model: the unit of work, and of the checkpoint."""
+
+    row: Row
+    model_position: int  # in the spec's `models`
+    requested_model: str
+    prompt: Any  # rendered messages (chat) or text (completions)
+    fingerprint: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The checkpoint key: (row id, requested model, fingerprint)."""
+        return (self.row.id, self.requested_model, self.fingerprint)
 
 
 class RequestBuilder:
@@ -50,6 +68,14 @@ class RequestBuilder:
             }
             digests[model] = hashlib.sha256(_canonical(shape))
         return digests
+
+    def for_rows(self, rows: Iterable[Row]) -> Iterator[RowRequest]:
+        """Every (row, requested model) pair of `rows`, rendered and fingerprinted, in order."""
+        models = list(enumerate(self.spec.models))
+        for row in rows:
+            prompt = self.prompt(row)
+            for position, model in models:
+                yield RowRequest(row, position, model, prompt, self.fingerprint(prompt, model))
 
     def prompt(self, row: Row) -> Any:
         """The rendered messages (chat) or text (completions) for a row."""
