@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from batchrunner.errors import Problem, SpecError
+from batchrunner.errors import Problem, SpecError, first_line
 
 ROW_INDEX = "__batchrunner_row"  # the row's 0-based position in the input
 
@@ -78,8 +78,7 @@ def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
         frame = scan(path)
         columns = list(frame.collect_schema().names())
     except (pl.exceptions.PolarsError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(Problem("input", f"{path}: cannot read it as {path.suffix} ({first_line})")) from None
+        raise SpecError(Problem("input", f"{path}: cannot read it as {path.suffix} ({first_line(exc)})")) from None
 
     problems = []
     if ROW_INDEX in columns:

@@ -22,7 +22,7 @@ from batchrunner.breaker import Breaker
 from batchrunner.client import Client, Completion
 from batchrunner.costs import ZERO_USD, Budget, PriceTable, Usage, format_usd
 from batchrunner.dataset import Dataset
-from batchrunner.errors import ApiError, FatalApiError, RateLimited, RequestRejected, TransientError
+from batchrunner.errors import ApiError, FatalApiError, RateLimited, RequestRejected, TransientError, first_line
 from batchrunner.limits import FreeModelCapReached, Limits, is_free
 from batchrunner.progress import Progress
 from batchrunner.records import RowResult, Summary
@@ -154,8 +154,9 @@ class Engine:
             try:
                 await feed()
             except Exception as exc:  # the input is unreadable past some row: stop, keep what was answered
-                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                self.stop(f"reading {dataset.path.name} failed after {read} rows: {detail}; fix the input and rerun")
+                self.stop(
+                    f"reading {dataset.path.name} failed after {read} rows: {first_line(exc)}; fix the input and rerun"
+                )
 
         read = 0
 

@@ -87,6 +87,11 @@ class FatalApiError(ApiError):
     """The account cannot continue (key, credits, budget, daily cap); stop the run."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message for one line of output: its first line, or its type when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class RunHalted(BatchrunnerError):
     """The run stopped before finishing; rerunning continues it (exit 3)."""
 

@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from batchrunner.dataset import ROW_INDEX, Dataset
-from batchrunner.errors import OutputError
+from batchrunner.errors import OutputError, first_line
 from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder
 from batchrunner.spec import JobSpec
@@ -112,8 +112,7 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
             )
         _sink(pl.scan_parquet(parts / "*.parquet"), path)
     except pl.exceptions.PolarsError as exc:  # polars' errors stop here, as aiohttp's stop in client.py
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise OutputError(f"could not write {path}: {detail}") from exc
+        raise OutputError(f"could not write {path}: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return written

@@ -19,7 +19,7 @@ from batchrunner.costs import Pricing
 from batchrunner.dataset import Row
 from batchrunner.prompt import PromptTemplate
 from batchrunner.spec import JobSpec
-from batchrunner.structured import repair_prompt
+from batchrunner.structured import repair_prompt, resolve_ref
 
 DEFAULT_MAX_COMPLETION_TOKENS = 16_384  # when neither the spec nor /models says
 
@@ -169,11 +169,7 @@ def _schema_tokens(node: Any, root: dict[str, Any], depth: int) -> float:
     """Rough tokens of a JSON value shaped by `node`: keys, punctuation and typical values."""
     if not isinstance(node, dict) or depth > 8:
         return 4.0
-    if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
-        target: Any = root
-        for part in node["$ref"][2:].split("/"):
-            target = target.get(part, {}) if isinstance(target, dict) else {}
-        node = target if isinstance(target, dict) else {}
+    node = resolve_ref(node, root)
     if node.get("enum"):
         return max(len(json.dumps(v)) for v in node["enum"]) / 4 + 1
     kind = node.get("type")

@@ -109,7 +109,8 @@ def column_types(schema: dict[str, Any]) -> dict[str, pl.DataType]:
     return {name: polars_type(sub, schema) for name, sub in (properties or {}).items()}
 
 
-def _resolve(node: Any, root: dict[str, Any]) -> dict[str, Any]:
+def resolve_ref(node: Any, root: dict[str, Any]) -> dict[str, Any]:
+    """`node`, or the schema its local `$ref` ("#/$defs/...") points to within `root`."""
     if isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
         target: Any = root
         for part in node["$ref"][2:].split("/"):
@@ -133,7 +134,7 @@ def _kind(node: dict[str, Any]) -> str | None:
 def polars_type(node: Any, root: dict[str, Any]) -> pl.DataType:
     """string → String (an all-string enum → Enum), integer → Int64, number → Float64, boolean →
     Boolean, array → List, object with properties → Struct; anything whose shape varies → JSON text."""
-    node = _resolve(node, root)
+    node = resolve_ref(node, root)
     kind = _kind(node)
     if kind == "string":
         enum = node.get("enum")

@@ -12,6 +12,8 @@ import math
 import random
 from typing import Any
 
+from batchrunner.structured import resolve_ref
+
 WORDS = [
     "clear",
     "concise",
@@ -86,20 +88,10 @@ def schema_answer(model: str, prompt: str, schema: dict[str, Any]) -> Any:
     return _instance(schema, schema, seeded_rng(model, prompt, "json"), depth=0)
 
 
-def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
-    ref = node.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part, {}) if isinstance(target, dict) else {}
-        return target if isinstance(target, dict) else {}
-    return node
-
-
 def _instance(node: Any, root: dict[str, Any], rng: random.Random, depth: int) -> Any:
     if not isinstance(node, dict):
         return None
-    node = _resolve(node, root)
+    node = resolve_ref(node, root)
     if "const" in node:
         return node["const"]
     if node.get("enum"):
@@ -111,7 +103,7 @@ def _instance(node: Any, root: dict[str, Any], rng: random.Random, depth: int) -
     if node.get("allOf"):
         merged: dict[str, Any] = {}
         for part in node["allOf"]:
-            merged.update(_resolve(part, root))
+            merged.update(resolve_ref(part, root))
         return _instance(merged, root, rng, depth + 1)
     kind = node.get("type")
     if isinstance(kind, list):
