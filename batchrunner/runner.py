@@ -249,14 +249,16 @@ async def fetch_prices(client: Client) -> PriceTable:
     """Model prices from GET /models, to cost answers the server does not price and to budget."""
     try:
         return PriceTable(await client.models())
-    except TransientError as exc:
-        if exc.code in UNREACHABLE:
-            raise RunHalted(f"cannot reach {client.base_url} ({exc}); check the network or api.base_url") from exc
-        log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
-        return PriceTable([])
     except ApiError as exc:
+        _halt_if_unreachable(client, exc)
         log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
         return PriceTable([])
+
+
+def _halt_if_unreachable(client: Client, exc: ApiError) -> None:
+    """A server that does not answer at all stops the run before the first row."""
+    if isinstance(exc, TransientError) and exc.code in UNREACHABLE:
+        raise RunHalted(f"cannot reach {client.base_url} ({exc}); check the network or api.base_url") from exc
 
 
 def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None) -> Budget | None:
@@ -307,11 +309,8 @@ async def plan_limits(
             key_info = await client.key_info()
         except FatalApiError as exc:
             raise RunHalted(str(exc)) from exc
-        except TransientError as exc:
-            if exc.code in UNREACHABLE:
-                raise RunHalted(f"cannot reach {client.base_url} ({exc}); check the network or api.base_url") from exc
-            rps, why = SURGE_LIMIT_RPS, f"the key's limits could not be read ({exc}); assuming the surge limit"
         except ApiError as exc:
+            _halt_if_unreachable(client, exc)
             rps, why = SURGE_LIMIT_RPS, f"the key's limits could not be read ({exc}); assuming the surge limit"
         else:
             rps, why = rate_from_key(key_info)
