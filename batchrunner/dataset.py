@@ -2,14 +2,19 @@
 
 The whole input is never held as Python objects: rows are streamed in batches of dicts,
 each tagged with its position (`ROW_INDEX`) and its id. Checks that can refuse a job
-(a missing column, a duplicate id) run as lazy queries before anything is sent.
+(a missing column, a duplicate id, a row that cannot be read) run as one lazy pass over
+the whole file before anything is sent.
+
+CSV and JSONL cells are read as text, as written: `02134` stays `02134`, a `1` stays `1`
+when a `2.5` is appended below it, and nothing decided by inferring types from the first
+rows can fail at row 12,001. What the user wrote is what the model sees and what the
+checkpoint key is made of. Parquet files carry their own types and are read as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +41,7 @@ class Dataset:
     frame: pl.LazyFrame  # the input with ROW_INDEX prepended
     columns: list[str]  # the input's own columns, in order
 
-    @cached_property
-    def rows(self) -> int:
-        """How many rows the input has (a scan of the file, done once)."""
-        return int(self.frame.select(pl.len()).collect().item())
+    rows: int  # how many rows the input has (counted by the checking pass)
 
     def chunks(self, *, limit: int | None = None, batch_size: int = 2048) -> Iterator[tuple[pl.DataFrame, list[Row]]]:
         """The input in order, `batch_size` rows at a time: each chunk as a frame and as Rows."""
@@ -59,15 +61,28 @@ class Dataset:
 
 
 def scan(path: Path) -> pl.LazyFrame:
-    """A lazy scan of a CSV, Parquet or JSONL file, chosen by its extension."""
+    """A lazy scan of a CSV, Parquet or JSONL file, chosen by its extension; CSV and JSONL cells as text."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return pl.scan_csv(path, infer_schema_length=10_000)
+        return pl.scan_csv(path, infer_schema=False)
     if suffix == ".parquet":
         return pl.scan_parquet(path)
     if suffix in (".jsonl", ".ndjson"):
-        return pl.scan_ndjson(path, infer_schema_length=10_000)
+        # Every key of every line, then every value as its JSON text (nested values too).
+        names = pl.scan_ndjson(path, infer_schema_length=None).collect_schema().names()
+        return pl.scan_ndjson(path, schema=dict.fromkeys(names, pl.String()))
     raise SpecError(Problem("input", f"unsupported input format {suffix!r}; use .csv, .parquet, .jsonl or .ndjson"))
+
+
+def _unreadable(path: Path, exc: BaseException) -> SpecError:
+    detail = first_line(exc)
+    if "utf-8" in detail.lower() or "utf8" in detail.lower():
+        fix = "it is not UTF-8 text; re-save it as UTF-8"
+    elif "fields" in detail.lower() or "ragged" in detail.lower():
+        fix = "a line has more fields than the header; fix that line (a quote left open?)"
+    else:
+        fix = "fix the file, or check that its extension names its format"
+    return SpecError(Problem("input", f"{path}: cannot read it as {path.suffix} ({detail}); {fix}"))
 
 
 def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
@@ -78,7 +93,7 @@ def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
         frame = scan(path)
         columns = list(frame.collect_schema().names())
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise SpecError(Problem("input", f"{path}: cannot read it as {path.suffix} ({first_line(exc)})")) from None
+        raise _unreadable(path, exc) from None
 
     problems = []
     if ROW_INDEX in columns:
@@ -90,21 +105,35 @@ def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
     if problems:
         raise SpecError(problems)
 
+    rows, nulls, duplicated = _read_through(path, frame, id_column)
     if id_column is not None:
-        _check_ids(frame, id_column)
-    return Dataset(path, id_column, frame.with_row_index(ROW_INDEX), columns)
+        _check_ids(id_column, nulls, duplicated)
+    return Dataset(path, id_column, frame.with_row_index(ROW_INDEX), columns, rows)
 
 
-def _check_ids(frame: pl.LazyFrame, id_column: str) -> None:
-    column = pl.col(id_column)
-    nulls, duplicated = (
-        frame.select(
-            column.null_count().alias("nulls"),
-            column.filter(column.is_duplicated()).unique(maintain_order=True).head(3).implode().alias("duplicated"),
-        )
-        .collect()
-        .row(0)
-    )
+def _read_through(path: Path, frame: pl.LazyFrame, id_column: str | None) -> tuple[int, int, list[Any]]:
+    """One pass over every cell of the input: (rows, null ids, some duplicated ids).
+
+    Reading every column to the end here is what makes a file that breaks at its last
+    row fail now, before the first request, instead of after thousands were paid for."""
+    checks = [
+        pl.len().alias("__rows"),
+        *(pl.col(c).null_count().alias(f"__cell{i}") for i, c in enumerate(frame.collect_schema().names())),
+    ]
+    if id_column is not None:
+        column = pl.col(id_column)
+        checks += [
+            column.null_count().alias("__nulls"),
+            column.filter(column.is_duplicated()).unique(maintain_order=True).head(3).implode().alias("__duplicated"),
+        ]
+    try:
+        found = frame.select(checks).collect().row(0, named=True)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+    return int(found["__rows"]), int(found.get("__nulls") or 0), list(found.get("__duplicated") or [])
+
+
+def _check_ids(id_column: str, nulls: int, duplicated: list[Any]) -> None:
     if nulls:
         raise SpecError(Problem("id_column", f"{id_column!r} is empty in {nulls} row(s); every row needs an id"))
     if duplicated:

@@ -13,8 +13,9 @@ from batchrunner.client import Client
 from batchrunner.costs import ZERO_USD, Pricing, per_million
 from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
 from batchrunner.output import export
+from batchrunner.preflight import api_key, prepare
 from batchrunner.request import RequestBuilder, estimated_prompt_tokens, expected_completion_tokens, most_prompt_tokens
-from batchrunner.runner import SANDBOX_KEY, api_key, fetch_prices, plan_limits, prepare
+from batchrunner.runner import SANDBOX_KEY, fetch_prices, plan_limits
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec
 from batchrunner.store import Store

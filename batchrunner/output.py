@@ -31,6 +31,11 @@ MODEL_POSITION = "__batchrunner_model"
 _KEYS_SCHEMA = {ROW_INDEX: pl.UInt32(), MODEL_POSITION: pl.Int32()}
 
 
+def summary_path(output: Path) -> Path:
+    """out/triage.parquet -> out/triage.summary.json"""
+    return output.with_name(output.stem + ".summary.json")
+
+
 def extra_columns(spec: JobSpec) -> dict[str, pl.DataType]:
     """Columns after the standard ones: the structured answer's, and tool calls when tools are offered."""
     mode = Mode.of(spec.response_format)
@@ -107,15 +112,51 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
             written += part.height
             part.write_parquet(parts / f"{number:08d}.parquet")
         if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
-            _answers(dataset.frame.head(0).collect(), [], [], requests.spec, extra).write_parquet(
-                parts / "empty.parquet"
-            )
+            _empty(dataset, requests.spec).write_parquet(parts / "empty.parquet")
         _sink(pl.scan_parquet(parts / "*.parquet"), path)
     except pl.exceptions.PolarsError as exc:  # polars' errors stop here, as aiohttp's stop in client.py
         raise OutputError(f"could not write {path}: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return written
+
+
+def _empty(dataset: Dataset, spec: JobSpec) -> pl.DataFrame:
+    """The output with no rows: every column it will have, with its type."""
+    return _answers(dataset.frame.head(0).collect(), [], [], spec, extra_columns(spec))
+
+
+def probe_output(dataset: Dataset, spec: JobSpec, path: Path) -> None:
+    """Write the output's columns, without rows, beside `path` and remove it: a folder that cannot be
+    written or a column the format cannot hold is found before any request is paid for."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise OutputError(f"{path} is a folder")
+        probe = path.with_name(f".{path.stem}.probe{path.suffix}")
+        try:
+            _sink(_empty(dataset, spec).lazy(), probe)
+        finally:
+            probe.unlink(missing_ok=True)
+    except pl.exceptions.PolarsError as exc:
+        raise OutputError(first_line(exc)) from exc
+
+
+def _as_json_text(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Nested columns (lists, structs) as JSON text, for CSV, which cannot hold them."""
+
+    def encode(column: str) -> pl.Expr:
+        prefix = len("{" + json.dumps(column, ensure_ascii=False) + ":")
+        text = pl.struct(pl.col(column)).struct.json_encode()  # {"column":<value>}: cut the wrapper off
+        return (
+            pl.when(pl.col(column).is_null())
+            .then(None)
+            .otherwise(text.str.slice(prefix, text.str.len_chars() - prefix - 1))
+            .alias(column)
+        )
+
+    nested = [name for name, dtype in frame.collect_schema().items() if dtype.is_nested()]
+    return frame.with_columns([encode(name) for name in nested]) if nested else frame
 
 
 def _sink(frame: pl.LazyFrame, path: Path) -> None:
@@ -127,7 +168,7 @@ def _sink(frame: pl.LazyFrame, path: Path) -> None:
         if suffix == ".parquet":
             frame.sink_parquet(temporary)
         elif suffix == ".csv":
-            frame.sink_csv(temporary)
+            _as_json_text(frame).sink_csv(temporary)
         elif suffix in (".jsonl", ".ndjson"):
             frame.sink_ndjson(temporary)
         else:

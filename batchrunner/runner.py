@@ -21,20 +21,18 @@ from typing import Any
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.costs import ZERO_USD, Budget, PriceTable, format_usd
-from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.engine import Engine, RunReport
 from batchrunner.errors import ApiError, FatalApiError, OutputError, Problem, RunHalted, SpecError, TransientError
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
-from batchrunner.output import export, extra_columns
+from batchrunner.output import export, summary_path
+from batchrunner.preflight import api_key, check_output, prepare
 from batchrunner.progress import Progress
-from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import JobSpec, RateLimit
 from batchrunner.store import Store
-from batchrunner.structured import Mode, strict_mode_warnings
 
 log = logging.getLogger("batchrunner")
 UNREACHABLE = ("connection", "timeout")  # a server that does not answer at all: stop before the first row
@@ -47,70 +45,6 @@ class Outcome:
     output_path: Path
     output_rows: int | None  # None when the output could not be written (the checkpoint has the answers)
     sandbox_url: str | None = None
-
-
-def api_key(spec: JobSpec, base_url: str) -> str | None:
-    """The key from the environment; SpecError when OpenRouter needs one and it is missing or malformed."""
-    env = spec.api.api_key_env
-    key = os.environ.get(env, "").strip()
-    is_openrouter = base_url.startswith("https://openrouter.ai")
-    if not key:
-        if is_openrouter:
-            raise SpecError(
-                Problem(
-                    "api.api_key_env",
-                    f"${env} is not set; create a key at https://openrouter.ai/settings/keys and `export {env}=sk-or-v1-...`, or try the job on the sandbox with --sandbox",
-                )
-            )
-        return None
-    if is_openrouter and not key.startswith("sk-or-v1-"):
-        raise SpecError(
-            Problem(
-                "api.api_key_env",
-                f"${env} does not look like an OpenRouter key (they start with sk-or-v1-); check the variable",
-            )
-        )
-    return key
-
-
-def prepare(spec: JobSpec) -> Dataset:
-    """Open the input and check it against the spec: columns, ids, clashes."""
-    try:
-        dataset = open_dataset(spec.input, id_column=spec.id_column)
-    except SpecError as exc:
-        raise SpecError([Problem(spec.locate(p.where), p.message) for p in exc.problems]) from None
-    missing = [
-        Problem(
-            spec.locate(field),
-            f"placeholder {{{column}}} names no input column; the input has: {', '.join(dataset.columns)}",
-        )
-        for field, template in spec.template_fields()
-        for column in template.columns
-        if column not in dataset.columns
-    ]
-    if missing:
-        raise SpecError(missing)
-    clashes = [c for c in dataset.columns if c in RESULT_SCHEMA]
-    if clashes:
-        raise SpecError(
-            Problem(
-                spec.locate("input"),
-                f"input column(s) {', '.join(map(repr, clashes))} clash with output columns of the same name; rename them in the input",
-            )
-        )
-    taken = set(dataset.columns) | set(RESULT_SCHEMA)
-    clashing = [c for c in extra_columns(spec) if c in taken]
-    if clashing:
-        raise SpecError(
-            Problem(
-                spec.locate("response_format"),
-                f"schema properties {', '.join(map(repr, clashing))} would be output columns that already exist; set output_prefix (e.g. output_prefix: label_)",
-            )
-        )
-    if spec.response_format:
-        for warning in strict_mode_warnings(Mode.of(spec.response_format).schema or {}):
-            log.warning("response_format: %s", warning)
-    return dataset
 
 
 async def run_job(
@@ -133,6 +67,12 @@ async def run_job(
     the checkpoint at every exit, complete or not.
     """
     dataset = prepare(spec)
+    check_output(spec, dataset)
+    if spec.id_column is None:
+        log.warning(
+            "no id_column: rows are known by their position, so a row inserted, deleted or reordered in the input "
+            "re-sends every row after it; set id_column to a column that identifies each row"
+        )
     base_url, key = ("", SANDBOX_KEY) if sandbox is not None else (spec.base_url(), None)
     if sandbox is None:
         key = api_key(spec, base_url)
@@ -281,11 +221,6 @@ def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None)
         )
     log.info("budget: %s for this run", format_usd(limit))
     return Budget(limit)
-
-
-def summary_path(output: Path) -> Path:
-    """out/triage.parquet -> out/triage.summary.json"""
-    return output.with_name(output.stem + ".summary.json")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

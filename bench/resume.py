@@ -24,9 +24,9 @@ import polars as pl
 import yaml
 from throughput import start_sandbox  # bench/ is on sys.path when a bench script runs
 
+from batchrunner.preflight import prepare
 from batchrunner.records import RowResult
 from batchrunner.request import RequestBuilder
-from batchrunner.runner import prepare
 from batchrunner.spec import load_spec
 from batchrunner.store import Store
 

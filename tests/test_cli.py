@@ -361,18 +361,52 @@ def test_an_empty_input_writes_an_empty_output_with_all_columns(
     assert frame.height == 0 and {"ticket_id", "response", "cost_usd"} <= set(frame.columns)
 
 
-def test_an_input_unreadable_midway_exits_3_without_a_traceback(
+def test_an_input_that_breaks_at_its_last_row_is_refused_before_anything_is_sent(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """A bad row deep in a CSV: the run keeps its answers, says what broke, and exits 3; export says it too."""
-    lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(10_500)], "oops,s,text"]
+    """A malformed line at the end of a 10,500-row CSV: exit 2 naming the input and the fix; no checkpoint, no request."""
+    lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(10_500)], "oops,s,text,extra"]
     (tmp_path / "late.csv").write_text("\n".join(lines) + "\n")
+    spec_path = write_spec(input="late.csv", id_column=None)
+    result = invoke("run", str(spec_path), "--sandbox")
+    assert result.exit_code == 2, result.output
+    assert "late.csv" in result.stderr and "more fields than the header" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "result.checkpoint.sqlite").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_anything_is_sent(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An output folder that is a file: exit 2 naming `output` before a request, not after every row was paid for."""
+    (tmp_path / "blocked").write_text("a file where the output folder should be")
+    spec_path = write_spec(output="blocked/result.parquet", checkpoint="result.checkpoint.sqlite")
+    result = invoke("run", str(spec_path), "--sandbox")
+    assert result.exit_code == 2, result.output
+    assert "output" in result.stderr and "choose a folder you can write to" in result.stderr
+    assert not (tmp_path / "result.checkpoint.sqlite").exists()
+
+
+def test_nested_columns_reach_a_csv_output_as_json_text(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """A Parquet input with a list column and an array answer, written to .csv: JSON text, not a failure after paying."""
+    pl.DataFrame({"id": ["a", "b"], "text": ["x", "y"], "tags": [["red", "blue"], []]}).write_parquet(
+        tmp_path / "nested.parquet"
+    )
+    schema = {
+        "type": "object",
+        "properties": {"labels": {"type": "array", "items": {"type": "string"}}},
+        "required": ["labels"],
+        "additionalProperties": False,
+    }
     spec_path = write_spec(
-        input="late.csv", id_column=None, concurrency=32, rate_limit={"requests_per_second": 100_000}
+        input="nested.parquet",
+        id_column="id",
+        prompt="{text} {tags}",
+        output="out/result.csv",
+        response_format={"type": "json_schema", "json_schema": {"name": "t", "strict": True, "schema": schema}},
     )
     result = invoke("run", str(spec_path), "--sandbox")
-    assert result.exit_code == 3, result.output
-    assert "reading late.csv failed" in result.stderr and "Traceback" not in result.output
-    assert "could not write" in result.stderr and "batchrunner export" in result.stderr
-    exported = invoke("export", str(spec_path))
-    assert exported.exit_code == 3 and "checkpoint keeps every answer" in exported.stderr
+    assert result.exit_code == 0, result.output
+    frame = pl.read_csv(tmp_path / "out" / "result.csv")
+    assert frame["tags"].to_list() == ['["red","blue"]', "[]"]
+    assert all(isinstance(json.loads(v), list) for v in frame["labels"].to_list())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -50,7 +51,7 @@ def test_duplicate_ids_are_refused_and_shown(tmp_path: Path) -> None:
     """Duplicate id values are refused, showing some of them."""
     path = tmp_path / "in.csv"
     pl.DataFrame({"id": [1, 2, 2, 3, 3], "text": list("abcde")}).write_csv(path)
-    with pytest.raises(SpecError, match=r"duplicate values \(2, 3\)"):
+    with pytest.raises(SpecError, match=r"duplicate values \('2', '3'\)"):
         open_dataset(path, id_column="id")
 
 
@@ -70,3 +71,49 @@ def test_missing_and_unreadable_inputs_are_refused(tmp_path: Path) -> None:
     broken.write_bytes(b"this is not parquet")
     with pytest.raises(SpecError, match=r"cannot read it as \.parquet"):
         open_dataset(broken, id_column=None)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_values_are_read_as_written_whatever_comes_below(tmp_path: Path, suffix: str) -> None:
+    """Zero-padded ids and zip codes keep their zeros, and a 2.5 appended below does not turn 1 into 1.0."""
+    rows = [{"id": "0001", "zip": "02134", "score": 1}, {"id": "0002", "zip": "10001", "score": 3}]
+    path = tmp_path / f"in{suffix}"
+
+    def write(rows: list[dict[str, object]]) -> None:
+        if suffix == ".csv":
+            path.write_text("id,zip,score\n" + "".join(f"{r['id']},{r['zip']},{r['score']}\n" for r in rows))
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def read() -> list[tuple[str, dict[str, object]]]:
+        return [(row.id, row.values) for batch in open_dataset(path, id_column="id").batches() for row in batch]
+
+    write(rows)
+    before = read()
+    write([*rows, {"id": "A100", "zip": "x", "score": 2.5}])
+    after = read()
+    assert after[:2] == before
+    assert before[0][0] == "0001"
+    assert before[0][1]["zip"] == "02134" and before[0][1]["score"] == "1"
+
+
+def test_a_row_that_breaks_late_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    """A CSV whose 12,001st line is malformed, or that is not UTF-8, is refused when opened, naming the fix."""
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("id,text\n" + "".join(f"{i},text {i}\n" for i in range(12_000)) + "12000,a,b,c\n")
+    with pytest.raises(SpecError, match="more fields than the header"):
+        open_dataset(ragged, id_column="id")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"id,text\n" + b"".join(b"%d,ok\n" % i for i in range(12_000)) + b"12000,caf\xe9\n")
+    with pytest.raises(SpecError, match="not UTF-8 text; re-save it as UTF-8"):
+        open_dataset(latin1, id_column="id")
+
+
+def test_a_jsonl_key_that_first_appears_late_is_a_column(tmp_path: Path) -> None:
+    """A key seen only after the first 10,000 lines is still read (not silently dropped from the output)."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": i}) + "\n" for i in range(10_500)) + json.dumps({"id": 10_500, "late": "x"}) + "\n"
+    )
+    dataset = open_dataset(path, id_column="id")
+    assert dataset.columns == ["id", "late"] and dataset.rows == 10_501

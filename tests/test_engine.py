@@ -16,9 +16,9 @@ from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.engine import Engine, RunReport
 from batchrunner.output import export
+from batchrunner.preflight import prepare
 from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import prepare
 from batchrunner.sandbox import Sandbox, SandboxConfig, request_key
 from batchrunner.spec import JobSpec, load_spec
 from batchrunner.store import Store
@@ -232,13 +232,15 @@ async def test_server_fallbacks_let_openrouter_fall_back_within_one_request(writ
 async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """A CSV whose column turns out not to be the type its first rows suggested stops the run with a reason."""
+    """An input edited into an unreadable file after it was checked stops the run with a reason, instead of hanging."""
     # polars parses ahead in parallel: the error may surface before the first batch or after it.
-    lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(12_000)], "not-a-number,s,text x"]
+    lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(12_000)]]
     (tmp_path / "late.csv").write_text("\n".join(lines) + "\n")
     spec = load_spec(write_spec(input="late.csv", id_column=None, concurrency=32))
     async with Sandbox() as sandbox:
         dataset = prepare(spec)
+        with (tmp_path / "late.csv").open("a") as late:
+            late.write("12000,s,text,one field too many\n")
         async with Client(sandbox.base_url) as client:
             report = await asyncio.wait_for(Engine(spec, client, retry=RetryPolicy.immediate()).run(dataset), 60)
     assert report.halted and "reading late.csv failed after" in report.halted

@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 
 from batchrunner.output import export
+from batchrunner.preflight import prepare
 from batchrunner.records import RowResult
 from batchrunner.request import RequestBuilder
-from batchrunner.runner import prepare
 from batchrunner.spec import load_spec
 from batchrunner.store import Store
 

@@ -16,8 +16,9 @@ from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.errors import RunHalted, SpecError
 from batchrunner.limits import Limits
+from batchrunner.preflight import api_key, prepare
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import api_key, follow_credits, prepare, run_job
+from batchrunner.runner import follow_credits, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 

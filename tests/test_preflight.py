@@ -1,0 +1,61 @@
+"""The checks that refuse a job before the first request: the job's files, the input, the output."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batchrunner.errors import SpecError
+from batchrunner.preflight import prepare, same_file
+from batchrunner.spec import load_spec
+
+
+def test_output_equal_to_the_input_is_refused(write_spec: Callable[..., Path], tickets_csv: Path) -> None:
+    """`output:` naming the input (here through `..`) is refused before the input can be overwritten."""
+    spec = load_spec(write_spec(output=f"out/../{tickets_csv.name}"))
+    with pytest.raises(SpecError, match=r"output: .* is the job's input .* choose another output path"):
+        prepare(spec)
+    assert tickets_csv.read_text().startswith("ticket_id,"), "the input is untouched"
+
+
+def test_output_reaching_the_input_through_a_symlink_is_refused(
+    write_spec: Callable[..., Path], tickets_csv: Path, tmp_path: Path
+) -> None:
+    """A symlinked folder or file that leads to the input is the input."""
+    (tmp_path / "linked").symlink_to(tmp_path)
+    with pytest.raises(SpecError, match="is the job's input"):
+        prepare(load_spec(write_spec(output=f"linked/{tickets_csv.name}")))
+    os.symlink(tickets_csv, tmp_path / "alias.csv")
+    with pytest.raises(SpecError, match="is the job's input"):
+        prepare(load_spec(write_spec(output="alias.csv")))
+
+
+def test_command_line_output_equal_to_the_input_is_refused(write_spec: Callable[..., Path], tickets_csv: Path) -> None:
+    """`run --output` and `export --output` go through the same check as the spec's key."""
+    spec = load_spec(write_spec(), overrides={"output": str(tickets_csv)})
+    with pytest.raises(SpecError, match="is the job's input"):
+        prepare(spec)
+
+
+@pytest.mark.parametrize("target", ["input", "output"])
+def test_checkpoint_equal_to_the_input_or_the_output_is_refused(
+    write_spec: Callable[..., Path], tickets_csv: Path, target: str
+) -> None:
+    """The checkpoint (SQLite) may overwrite neither the input nor the output file."""
+    path = tickets_csv.name if target == "input" else "out/result.parquet"
+    spec = load_spec(write_spec(checkpoint=path))
+    with pytest.raises(SpecError, match=f"checkpoint: .* is the job's {target}"):
+        prepare(spec)
+
+
+def test_same_file_sees_hard_links_and_case(tmp_path: Path) -> None:
+    """Hard links are one file; paths differing only in case are treated as one (case-insensitive filesystems)."""
+    original = tmp_path / "data.csv"
+    original.write_text("x\n")
+    os.link(original, tmp_path / "hard.csv")
+    assert same_file(original, tmp_path / "hard.csv")
+    assert same_file(tmp_path / "out" / "Result.parquet", tmp_path / "out" / "result.parquet")
+    assert not same_file(original, tmp_path / "other.csv")
