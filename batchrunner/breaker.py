@@ -1,4 +1,5 @@
-"""A circuit breaker per model: a model that keeps failing is not hammered.
+"""A circuit breaker per model, so a model that keeps failing is not hammered; and a watch over
+the server, so a server that is gone stops the run instead of failing every row.
 
 After `threshold` failures in a row, the model's circuit opens for a cooldown: rows skip
 it (straight to their fallbacks), or, with no fallback left, wait. When the cooldown ends
@@ -109,3 +110,73 @@ class Breaker:
             timeout = None if circuit.probing else remaining
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout)
+
+
+class ServerWatch:
+    """The server as a whole, apart from its models: a dead server is not a dead model.
+
+    While the server refuses connections, rows do not burn their attempts or open their
+    models' circuits: they wait, and one probe a `probe_every_s` goes to see whether it is
+    back. When it has been unreachable for `give_up_s` with no answer in between, `gave_up`
+    turns true and the run stops (rows stay pending, exit 3). The clock is injectable."""
+
+    def __init__(
+        self, *, give_up_s: float = 60.0, probe_every_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.give_up_s = give_up_s
+        self.probe_every_s = probe_every_s
+        self._clock = clock
+        self.down_since: float | None = None
+        self.cause = ""  # the last connection error, for the message
+        self._probing = False
+        self._next_probe = 0.0
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def failed(self, cause: str) -> None:
+        """A request could not reach the server at all."""
+        now = self._clock()
+        if self.down_since is None:
+            self.down_since = now
+            self._next_probe = now + self.probe_every_s
+            log.warning(
+                "cannot reach the server (%s): rows wait for it; the run stops if it stays unreachable for %g s",
+                cause,
+                self.give_up_s,
+            )
+        self.cause = cause
+        self._probing = False
+        self._notify()
+
+    def answered(self) -> None:
+        """The server answered (anything, even an error): it is there."""
+        if self.down_since is not None:
+            log.info("the server answers again after %.0f s", self._clock() - self.down_since)
+            self.down_since = None
+        self._probing = False
+        self._notify()
+
+    @property
+    def gave_up(self) -> bool:
+        return self.down_since is not None and self._clock() - self.down_since >= self.give_up_s
+
+    async def admit(self) -> bool:
+        """Wait until a request may go: at once while the server is up, else as the next probe.
+        False once the server has been unreachable for `give_up_s`."""
+        while self.down_since is not None:
+            if self.gave_up:
+                return False
+            now = self._clock()
+            if not self._probing and now >= self._next_probe:
+                self._probing = True
+                self._next_probe = now + self.probe_every_s
+                return True
+            give_up_in_s = self.down_since + self.give_up_s - now
+            wait_s = give_up_in_s if self._probing else min(self._next_probe - now, give_up_in_s)
+            event = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), max(0.0, wait_s) + 0.001)
+        return True

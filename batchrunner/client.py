@@ -11,11 +11,12 @@ import email.utils
 import json
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
 
-from batchrunner.costs import Usage, to_decimal
+from batchrunner.costs import ZERO_USD, Usage, to_decimal
 from batchrunner.errors import (
     ApiError,
     FatalApiError,
@@ -30,6 +31,9 @@ BUDGET_LIMIT_SOURCES = frozenset(
     {"openrouter_guardrail_budget", "openrouter_workspace_budget", "openrouter_key_limit", "openrouter_credits"}
 )
 FREE_DAILY_MARKERS = ("free-models-per-day", "openrouter_free_tier_daily")
+CONNECT_TIMEOUT_S = 30.0  # a server that does not accept a connection in this time is unreachable
+MAX_TOKEN_COUNT = 2**31 - 1  # more tokens than any model's context: a reply claiming more is malformed
+MAX_REPORTED_COST_USD = Decimal(10_000)  # no single request costs this: a reported cost above it is not used
 
 
 @dataclass(frozen=True)
@@ -141,13 +145,17 @@ class Client:
         timeout_s: float | None,
     ) -> tuple[Any, int]:
         session = self._require_session()
-        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        total_s = timeout_s or self.timeout_s
+        timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=min(total_s, CONNECT_TIMEOUT_S))
         try:
             async with session.request(
                 method, self.base_url + path, json=json_body, params=params, timeout=timeout
             ) as response:
                 text = (await response.read()).decode("utf-8", errors="replace")  # a bad byte must not crash a row
                 status, headers = response.status, response.headers
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never reached the server
+            detail = str(exc) or type(exc).__name__
+            raise TransientError(f"cannot connect: {detail}", code="unreachable") from None
         except TimeoutError:
             raise TransientError(f"no answer within {timeout.total:g} s", code="timeout") from None
         except aiohttp.ClientError as exc:  # dropped connections, refused connections, bad payloads
@@ -164,11 +172,34 @@ class Client:
 
 
 def _parse_json(text: str) -> Any:
-    """JSON from a body that OpenRouter may precede with whitespace keep-alives."""
+    """JSON from a body that OpenRouter may precede with whitespace keep-alives; None if it is not
+    JSON, or nested too deeply to parse."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
+
+
+class _Malformed(Exception):
+    """Internal: a 2xx body whose fields are not what the API's schema says."""
+
+
+def _text(value: Any, name: str) -> str | None:
+    """A field that must be a string (or absent)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise _Malformed(f"{name} is a {type(value).__name__}, not a string")
+
+
+def _count(value: Any, name: str) -> int:
+    """A token count: a whole number from 0 to MAX_TOKEN_COUNT (absent is 0)."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKEN_COUNT:
+        raise _Malformed(f"{name} is {str(value)[:40]!r}, not a token count")
+    return value
 
 
 def _mapping(value: Any) -> dict[str, Any]:
@@ -258,7 +289,19 @@ def classify(status: int, payload: Any, headers: Any = None) -> ApiError:
 
 
 def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0) -> Completion:
-    """A Completion from a 2xx body, or the ApiError the body really is."""
+    """A Completion from a 2xx body, or the ApiError the body really is.
+
+    This is where a reply is validated, once: every field the rest of batchrunner reads is
+    checked for its type and range here, so a reply that does not fit (a token count of
+    2^70, content that is an object, an id that is a list) is a classified error for its
+    row, retried like any bad answer, and never an exception in a worker or the checkpoint."""
+    try:
+        return _completion(payload, status, latency_s)
+    except _Malformed as exc:
+        raise TransientError(f"malformed answer: {exc}", status=status, code="malformed") from None
+
+
+def _completion(payload: Any, status: int, latency_s: float) -> Completion:
     if not isinstance(payload, dict):
         raise TransientError("answer is not a JSON object", status=status, code="bad_body")
     usage = _usage(payload.get("usage"))
@@ -278,29 +321,36 @@ def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0)
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise TransientError("answer has no choices", status=status, code="bad_body", usage=usage)
     choice = choices[0]
-    finish_reason = choice.get("finish_reason")
+    finish_reason = _text(choice.get("finish_reason"), "finish_reason")
     if finish_reason == "error":
         detail = _error_object(choice).get("message") or error.get("message") or "provider error"
         raise TransientError(
             f"the provider failed mid-answer: {detail}", status=status, code="finish_error", usage=usage
         )
+    if "message" in choice and not isinstance(choice["message"], dict):
+        raise _Malformed("choices[0].message is not an object")
     message = _mapping(choice.get("message"))
     text = message.get("content") if message else choice.get("text")
     if isinstance(text, list):  # content parts
         text = "".join(str(part.get("text", "")) for part in text if isinstance(part, dict))
+    text = _text(text, "the answer's content")
     tool_calls = message.get("tool_calls") or None
-    refusal = message.get("refusal") or None
+    if tool_calls is not None and not (
+        isinstance(tool_calls, list) and all(isinstance(call, dict) for call in tool_calls)
+    ):
+        raise _Malformed("tool_calls is not a list of objects")
+    refusal = _text(message.get("refusal"), "refusal") or None
     if not text and not tool_calls and not refusal:
         raise TransientError(
             "empty answer (no content and no tool calls)", status=status, code="empty_answer", usage=usage
         )
     return Completion(
         text=text or "",
-        model=str(payload.get("model") or ""),
+        model=_text(payload.get("model"), "model") or "",
         finish_reason=finish_reason,
         usage=usage,
-        generation_id=payload.get("id"),
-        provider=payload.get("provider"),
+        generation_id=_text(payload.get("id"), "id"),
+        provider=_text(payload.get("provider"), "provider"),
         latency_s=latency_s,
         tool_calls=tool_calls,
         refusal=refusal,
@@ -309,17 +359,32 @@ def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0)
 
 
 def _usage(usage: Any) -> Usage:
+    """Token counts and cost, checked: counts must be counts; a cost that is not a finite,
+    non-negative, believable number is set aside (and said why) so the cost is computed instead."""
     if not isinstance(usage, dict):
         return Usage()
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
+    prompt_details = _mapping(usage.get("prompt_tokens_details"))
+    completion_details = _mapping(usage.get("completion_tokens_details"))
+    raw_cost = usage.get("cost")
+    cost = to_decimal(raw_cost)
+    rejected = None
+    if raw_cost is not None and cost is None:
+        rejected = f"usage.cost {str(raw_cost)[:40]!r} is not a finite number"
+    elif cost is not None and not ZERO_USD <= cost <= MAX_REPORTED_COST_USD:
+        rejected = f"usage.cost {str(raw_cost)[:40]} is {'negative' if cost < 0 else 'not believable'}"
+        cost = None
     return Usage(
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        cached_tokens=int(prompt_details.get("cached_tokens") or 0),
-        cache_write_tokens=int(prompt_details.get("cache_write_tokens") or 0),
-        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
-        cost_usd=to_decimal(usage.get("cost")),
+        prompt_tokens=_count(usage.get("prompt_tokens"), "usage.prompt_tokens"),
+        completion_tokens=_count(usage.get("completion_tokens"), "usage.completion_tokens"),
+        cached_tokens=_count(prompt_details.get("cached_tokens"), "usage.prompt_tokens_details.cached_tokens"),
+        cache_write_tokens=_count(
+            prompt_details.get("cache_write_tokens"), "usage.prompt_tokens_details.cache_write_tokens"
+        ),
+        reasoning_tokens=_count(
+            completion_details.get("reasoning_tokens"), "usage.completion_tokens_details.reasoning_tokens"
+        ),
+        cost_usd=cost,
+        cost_rejected=rejected,
     )
 
 

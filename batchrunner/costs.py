@@ -25,6 +25,7 @@ class Usage:
     cache_write_tokens: int = 0  # prompt tokens written to the cache
     reasoning_tokens: int = 0
     cost_usd: Decimal | None = None  # usage.cost; None when the server does not report it
+    cost_rejected: str | None = None  # why a reported usage.cost was not used (negative, not finite, absurd)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,21 @@ class PriceTable:
         if pricing is None:
             raise KeyError(slug)
         return pricing
+
+
+WEB_SEARCH_USD_PER_RESULT = Decimal("0.004")  # OpenRouter's web plugin: $4 per 1,000 results
+WEB_SEARCH_DEFAULT_RESULTS = 5
+
+
+def plugin_allowance_usd(plugins: Any, model: str) -> Decimal:
+    """The most a request's plugins may add to its token cost: web search results (the `web`
+    plugin, or a `:online` model), at $4 per 1,000 results, 5 results unless max_results says."""
+    results = WEB_SEARCH_DEFAULT_RESULTS if model.endswith(":online") else 0
+    for plugin in plugins if isinstance(plugins, list) else []:
+        if isinstance(plugin, dict) and plugin.get("id") == "web" and plugin.get("enabled", True) is not False:
+            wanted = plugin.get("max_results")
+            results = max(results, wanted if isinstance(wanted, int) and wanted > 0 else WEB_SEARCH_DEFAULT_RESULTS)
+    return results * WEB_SEARCH_USD_PER_RESULT
 
 
 def _or(value: Decimal | None, default: Decimal) -> Decimal:

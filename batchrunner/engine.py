@@ -18,21 +18,22 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from batchrunner.breaker import Breaker
+from batchrunner.breaker import Breaker, ServerWatch
 from batchrunner.client import Client, Completion
-from batchrunner.costs import ZERO_USD, Budget, PriceTable, Usage, format_usd
+from batchrunner.costs import ZERO_USD, Budget, PriceTable, Usage, format_usd, plugin_allowance_usd
 from batchrunner.dataset import Dataset
 from batchrunner.errors import ApiError, FatalApiError, RateLimited, RequestRejected, TransientError, first_line
 from batchrunner.limits import FreeModelCapReached, Limits, is_free
 from batchrunner.progress import Progress
-from batchrunner.records import RowResult, Summary
-from batchrunner.request import RequestBuilder, RowRequest, most_prompt_tokens
+from batchrunner.records import Bill, RowResult, Summary
+from batchrunner.request import RequestBuilder, RowRequest, body_prompt, most_prompt_tokens
 from batchrunner.retries import RetryPolicy
 from batchrunner.spec import JobSpec
 from batchrunner.store import Store
 from batchrunner.structured import InvalidAnswer, Mode, parse_answer
 
 log = logging.getLogger("batchrunner")
+UNREACHABLE = "unreachable"  # the client's code for a request that never reached the server
 
 
 @dataclass
@@ -59,25 +60,14 @@ class _Halt(Exception):
 class _RowState:
     """What happened to one row so far, across its models and attempts."""
 
-    attempts: int = 0
-    bill: _Bill = field(default_factory=lambda: _Bill())
+    earlier: Bill  # what earlier runs were billed for this row (it failed, or they stopped in it)
+    bill: Bill = field(default_factory=Bill)  # what this run was billed for it
     last_error: ApiError | None = None
     last_answer: Completion | None = None  # an answer that was refused or invalid, kept for the output
 
-
-@dataclass
-class _Bill:
-    """What one row's attempts cost, and how that is known."""
-
-    cost_usd: Decimal = ZERO_USD
-    sources: set[str] = field(default_factory=set)
-
     @property
-    def source(self) -> str:
-        for source in ("unknown", "computed"):
-            if source in self.sources:
-                return source
-        return "reported"
+    def total(self) -> Bill:
+        return self.earlier.plus(self.bill)
 
 
 class Engine:
@@ -89,6 +79,7 @@ class Engine:
         retry: RetryPolicy | None = None,
         limits: Limits | None = None,
         breaker: Breaker | None = None,
+        server: ServerWatch | None = None,
         progress: Progress | None = None,
         store: Store | None = None,
         pricing: PriceTable | None = None,
@@ -102,6 +93,7 @@ class Engine:
         self.retry = retry or RetryPolicy(settings.max_attempts, settings.base_delay_s, settings.max_delay_s)
         self.limits = limits or Limits(float("inf"), free_cap=spec.free_requests_per_day)
         self.breaker = breaker or Breaker()
+        self.server = server or ServerWatch(give_up_s=spec.unreachable_timeout_s)
         self.deferred: str | None = None
         self.grace_s = grace_s  # how long requests in flight may finish once the run stops
         self._stopped = asyncio.Event()
@@ -115,6 +107,8 @@ class Engine:
         self._halt_reason: str | None = None
         self._halt_error: ApiError | None = None
         self._queue: asyncio.Queue[RowRequest | None] | None = None
+        self._earlier: dict[tuple[str, str, str], Bill] = {}  # bills of rows earlier runs did not finish
+        self._settled = asyncio.Event()  # set (and replaced) whenever a reservation settles
 
     # -- control --------------------------------------------------------------------------
 
@@ -124,6 +118,7 @@ class Engine:
             return
         self._halt_reason, self._halt_error = reason, error
         self._stopped.set()
+        self._settled.set()  # wake rows waiting for budget to settle
         log.warning("stopping: %s", reason)
         queue = self._queue
         if queue is not None:  # wake idle workers: drop queued work, then one sentinel per worker
@@ -165,7 +160,10 @@ class Engine:
             for batch in dataset.batches(limit=limit, batch_size=8192):
                 read += len(batch)
                 # What the checkpoint already holds an answer for, with the same fingerprint, is skipped.
-                answered = self.store.answered([row.id for row in batch]) if self.store is not None else set()
+                ids = [row.id for row in batch]
+                answered = self.store.answered(ids) if self.store is not None else set()
+                if self.store is not None:
+                    self._earlier.update(self.store.unfinished_bills(ids))
                 items = [item for item in self.requests.for_rows(batch) if item.key not in answered]
                 skipped = len(batch) * len(self.spec.models) - len(items)
                 resumed += skipped
@@ -183,9 +181,8 @@ class Engine:
                 item = await queue.get()
                 if item is None:
                     return
-                try:
-                    result = await self._process(item)
-                except _Halt:
+                result = await self._process(item)
+                if result is None:
                     continue
                 summary.add(result)
                 if self.keep_results:
@@ -246,20 +243,32 @@ class Engine:
         self.breaker.release(model)
         self.deferred = str(cap)
 
-    async def _process(self, item: RowRequest) -> RowResult:
-        """Answer one (row, model): retries on the model, then its fallbacks, in order.
+    async def _process(self, item: RowRequest) -> RowResult | None:
+        """Answer one (row, model); None leaves the row pending without a record (nothing was paid).
+
+        A row the run stopped in the middle of, after paying for attempts, is recorded as
+        `pending` with its bill: the next run asks again, starting from that bill."""
+        row = _RowState(earlier=self._earlier.pop(item.key, Bill()))
+        try:
+            return await self._answer(item, row)
+        except _Halt:
+            if not row.bill.attempts:
+                return None
+            return self._result(item, row, status="pending", error=_one_line(row.last_error or "the run stopped"))
+
+    async def _answer(self, item: RowRequest, row: _RowState) -> RowResult:
+        """Retries on the model, then its fallbacks, in order.
 
         For structured jobs an answer must also parse and validate; an invalid one is
         repaired (the model is told what was wrong, given more room if it was cut off), then
         handed to the fallbacks. Raises _Halt to leave the row pending (the run is stopping,
         or free models are capped for the day); every other outcome is a RowResult.
         """
-        row = _RowState()
         chain = self.spec.model_chain(item.requested_model)
         for position, model in enumerate(chain):
             body = self.requests.body(item.prompt, model)
             for repair in range(self.spec.repair.same_model + 1):
-                completion = await self._attempt(item, model, body, row, has_fallback=position + 1 < len(chain))
+                completion = await self._attempt(model, body, row, has_fallback=position + 1 < len(chain))
                 if completion is None:
                     break  # this model gave up: its fallbacks are next
                 if completion.refusal and not completion.text and not completion.tool_calls:
@@ -286,7 +295,7 @@ class Engine:
         return self._failed(item, row)
 
     async def _attempt(
-        self, item: RowRequest, model: str, body: dict[str, Any], row: _RowState, *, has_fallback: bool
+        self, model: str, body: dict[str, Any], row: _RowState, *, has_fallback: bool
     ) -> Completion | None:
         """Send `body` to `model` until it answers or its attempts run out (None)."""
         tries = 0
@@ -304,21 +313,35 @@ class Engine:
                 await self.breaker.wait(model)
                 tries += self.breaker.failed_probes(model) - failed_probes
                 row.last_error = TransientError(
-                    f"{model} is unavailable: every probe of it failed", code="circuit_open"
+                    f"{model} is unavailable: every probe of it failed ({row.last_error})", code="circuit_open"
                 )
                 continue
-            reserved = self._reserve(item.prompt, model)
+            if not await self.server.admit():
+                self.breaker.release(model)
+                self.stop(
+                    f"the server has been unreachable for {self.server.give_up_s:g} s ({self.server.cause}); "
+                    "rows not answered stay pending: rerun once it is back"
+                )
+                raise _Halt
+            reserved = await self._reserve(body, model)
             try:
                 await self.limits.acquire(model)
             except FreeModelCapReached as cap:
                 self._settle(reserved, ZERO_USD)
                 self._defer(model, cap)
                 raise _Halt from cap
-            tries += 1
-            row.attempts += 1
             try:
                 completion = await self._send(body, model)
             except ApiError as exc:
+                if exc.code == UNREACHABLE:  # never reached the server: not billed, not the row's or model's fault
+                    self._settle(reserved, ZERO_USD)
+                    self.breaker.release(model)
+                    self.server.failed(str(exc))
+                    row.last_error = exc
+                    continue
+                self.server.answered()
+                tries += 1
+                row.bill.attempts += 1
                 self._settle(reserved, self._charge(row.bill, exc.usage, model))
                 row.last_error = exc
                 if isinstance(exc, FatalApiError):
@@ -342,7 +365,13 @@ class Engine:
                 else:
                     self.breaker.release(model)
                 return None
-            self._settle(reserved, self._charge(row.bill, completion.usage, completion.model or model, model))
+            self.server.answered()
+            tries += 1
+            row.bill.attempts += 1
+            self._settle(
+                reserved,
+                self._charge(row.bill, completion.usage, completion.model or model, model, completion.generation_id),
+            )
             self.breaker.record(model, ok=True)
             return completion
         return None
@@ -351,44 +380,84 @@ class Engine:
         """Answered by a fallback: ours (a later model in the chain) or OpenRouter's (`models` array)."""
         return position > 0 or (self.spec.server_fallbacks and completion.model in self.spec.fallbacks)
 
-    def _charge(self, bill: _Bill, usage: Usage | None, model: str, requested: str | None = None) -> Decimal:
-        """Add one attempt's cost to the row's bill: reported, else computed from prices, else unknown."""
+    def _charge(
+        self,
+        bill: Bill,
+        usage: Usage | None,
+        model: str,
+        requested: str | None = None,
+        generation_id: str | None = None,
+    ) -> Decimal:
+        """Add one attempt's cost and tokens to the row's bill: reported, else computed from prices, else unknown.
+
+        A reported cost is not used when it is not believable: negative or not a number
+        (the client set it aside), or far above what the model's prices allow for the
+        tokens (ten times the worst case, plus what plugins such as web search may add)."""
         if usage is None:  # no answer, no charge
             return ZERO_USD
-        if usage.cost_usd is not None:
-            cost, source = usage.cost_usd, "reported"
-        elif (pricing := self.pricing.get(model) or self.pricing.get(requested or model)) is not None:
+        pricing = self.pricing.get(model) or self.pricing.get(requested or model)
+        reported, rejected = usage.cost_usd, usage.cost_rejected
+        if reported is not None and pricing is not None:
+            ceiling = 10 * pricing.worst_case_usd(usage.prompt_tokens, usage.completion_tokens) + self._allowance(
+                requested or model
+            )
+            if reported > ceiling:
+                reported, rejected = None, f"usage.cost {reported} is far above what {model}'s prices allow"
+        if rejected is not None:
+            log.warning(
+                "%s (generation %s): the cost is %s instead",
+                rejected,
+                generation_id or "unknown",
+                "computed from prices" if pricing else "unknown",
+            )
+        if reported is not None:
+            cost, source = reported, "reported"
+        elif pricing is not None:
             cost, source = pricing.cost_usd(usage), "computed"
         else:
             cost, source = ZERO_USD, "unknown"
-        bill.cost_usd += cost
-        bill.sources.add(source)
+        bill.add(cost, source, usage.prompt_tokens, usage.completion_tokens)
         return cost
 
-    def _reserve(self, prompt: Any, model: str) -> Decimal:
-        """Reserve the request's worst case against the budget; stop the run when it does not fit."""
+    def _allowance(self, model: str) -> Decimal:
+        """What a request may cost beyond its tokens (web search results)."""
+        return plugin_allowance_usd(self.spec.params.get("plugins"), model)
+
+    async def _reserve(self, body: dict[str, Any], model: str) -> Decimal:
+        """Reserve this request's worst case (its own prompt and max_tokens, repairs included) against the budget.
+
+        When it does not fit, wait for requests in flight to settle and free what they did
+        not use; stop the run only when nothing is in flight and it still does not fit."""
         if self.budget is None:
             return ZERO_USD
         # With server-side fallbacks OpenRouter may answer with any model of the chain: reserve the dearest.
         candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
+        prompt_tokens = most_prompt_tokens(body_prompt(body))
         worst = max(
-            self.pricing[m].worst_case_usd(
-                most_prompt_tokens(prompt), self.requests.max_completion_tokens(self.pricing[m])
-            )
+            self.pricing[m].worst_case_usd(prompt_tokens, self.requests.max_completion_tokens(self.pricing[m], body))
+            + self._allowance(m)
             for m in candidates
         )
-        if not self.budget.reserve(worst):
-            budget = self.budget
-            self.stop(
-                f"budget of {format_usd(budget.limit_usd)} reached: {format_usd(budget.spent_usd)} spent, "
-                f"and the next request could cost up to {format_usd(worst)}"
-            )
-            raise _Halt
-        return worst
+        budget = self.budget
+        while True:
+            settled = self._settled
+            if self.stopping:
+                raise _Halt
+            if budget.reserve(worst):
+                return worst
+            if budget.reserved_usd <= 0:
+                self.stop(
+                    f"budget of {format_usd(budget.limit_usd)} reached: {format_usd(budget.spent_usd)} spent, "
+                    f"and the next request could cost up to {format_usd(worst)}"
+                )
+                raise _Halt
+            await settled.wait()
 
     def _settle(self, reserved: Decimal, actual: Decimal) -> None:
         if self.budget is not None:
             self.budget.settle(reserved, actual)
+            self._settled.set()
+            self._settled = asyncio.Event()
 
     async def _backoff(self, attempt: int, error: TransientError) -> None:
         delay = self.retry.delay_s(attempt, error.retry_after_s)
@@ -401,13 +470,20 @@ class Engine:
                 self.progress.retry(-1)
 
     @staticmethod
-    def _result(item: RowRequest, **fields: Any) -> RowResult:
+    def _result(item: RowRequest, row: _RowState, **fields: Any) -> RowResult:
+        total = row.total
         return RowResult(
             row_index=item.row.index,
             row_id=item.row.id,
             model_position=item.model_position,
             requested_model=item.requested_model,
             fingerprint=item.fingerprint,
+            cost_usd=total.cost_usd,
+            cost_source=total.source,
+            billed_prompt_tokens=total.prompt_tokens,
+            billed_completion_tokens=total.completion_tokens,
+            attempts=total.attempts,
+            this_run=row.bill,
             **fields,
         )
 
@@ -416,29 +492,24 @@ class Engine:
     ) -> RowResult:
         return self._result(
             item,
+            row,
             status="ok",
             response=completion.text,
             parsed=None if parsed is None else json.dumps(parsed, ensure_ascii=False),
             fallback_used=fallback_used,
             **self._answer_fields(completion),
-            cost_usd=row.bill.cost_usd,
-            cost_source=row.bill.source,
-            attempts=row.attempts,
         )
 
     def _failed(self, item: RowRequest, row: _RowState) -> RowResult:
         """A row no model answered usably; an invalid or refused answer keeps its text and tokens."""
-        text = " ".join(str(row.last_error or "no model answered").split())
         answer = row.last_answer
         return self._result(
             item,
+            row,
             status="failed",
-            error=text[:500],
+            error=_one_line(row.last_error or "no model answered"),
             response=None if answer is None else (answer.text or answer.refusal),
             **({} if answer is None else self._answer_fields(answer)),
-            cost_usd=row.bill.cost_usd,
-            cost_source=row.bill.source,
-            attempts=row.attempts,
         )
 
     @staticmethod
@@ -456,3 +527,8 @@ class Engine:
             "provider": completion.provider,
             "tool_calls": json.dumps(completion.tool_calls, ensure_ascii=False) if completion.tool_calls else None,
         }
+
+
+def _one_line(error: object) -> str:
+    """An error for the output's `error` column: one line, at most 500 characters."""
+    return " ".join(str(error).split())[:500]

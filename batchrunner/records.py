@@ -15,7 +15,7 @@ import polars as pl
 
 from batchrunner.costs import ZERO_USD, format_usd
 
-Status = Literal["ok", "failed"]
+Status = Literal["ok", "failed", "pending"]  # pending: the run stopped mid-row, after paying for attempts
 COST_DTYPE = pl.Decimal(precision=38, scale=12)  # exact to a millionth of a micro-dollar
 
 # The columns added to every input row, in output order, with their types.
@@ -30,6 +30,8 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "completion_tokens": pl.Int64(),
     "cached_tokens": pl.Int64(),
     "reasoning_tokens": pl.Int64(),
+    "billed_prompt_tokens": pl.Int64(),
+    "billed_completion_tokens": pl.Int64(),
     "cost_usd": COST_DTYPE,
     "cost_source": pl.String(),
     "latency_s": pl.Float64(),
@@ -37,6 +39,43 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "generation_id": pl.String(),
     "provider": pl.String(),
 }
+
+
+@dataclass
+class Bill:
+    """What one row's attempts were billed: cost, how the cost is known, tokens, attempts.
+
+    A row's bill grows across its attempts, its models and its runs: a row retried
+    tomorrow starts from what it was billed today, so nothing paid for drops out."""
+
+    cost_usd: Decimal = ZERO_USD
+    sources: set[str] = field(default_factory=set)  # reported, computed, unknown
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 0
+
+    def add(self, cost_usd: Decimal, source: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.cost_usd += cost_usd
+        self.sources.add(source)
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+    def plus(self, other: Bill) -> Bill:
+        return Bill(
+            self.cost_usd + other.cost_usd,
+            self.sources | other.sources,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.attempts + other.attempts,
+        )
+
+    @property
+    def source(self) -> str:
+        """The least certain source among the attempts: unknown, then computed, then reported."""
+        for source in ("unknown", "computed"):
+            if source in self.sources:
+                return source
+        return "reported"
 
 
 @dataclass(frozen=True)
@@ -56,16 +95,19 @@ class RowResult:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
-    cost_usd: Decimal = ZERO_USD  # every billed attempt of this row, not just the last
+    billed_prompt_tokens: int = 0  # every billed attempt's, in every run (prompt_tokens is the answer's own)
+    billed_completion_tokens: int = 0
+    cost_usd: Decimal = ZERO_USD  # every billed attempt of this row, in every run, not just the last
     cost_source: str = "reported"  # reported (usage.cost), computed (from /models prices) or unknown
     latency_s: float | None = None  # of the attempt that answered
-    attempts: int = 0  # across all models tried
+    attempts: int = 0  # across all models tried, in every run
     generation_id: str | None = None
     provider: str | None = None
     fingerprint: str = ""  # of the request, for the checkpoint key (see request.py)
     fallback_used: bool = False  # answered by a model from `fallbacks`
     parsed: str | None = None  # a structured answer, parsed and validated, as JSON text
     tool_calls: str | None = None  # the answer's tool calls, as JSON text
+    this_run: Bill = field(default_factory=Bill)  # what this run paid for the row (the rest, earlier runs)
 
     def columns(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in RESULT_SCHEMA}
@@ -81,6 +123,7 @@ class ModelStats:
 
     ok: int = 0
     failed: int = 0
+    unfinished: int = 0  # rows the run stopped in the middle of, after paying for attempts
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -91,23 +134,27 @@ class ModelStats:
     latencies_s: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row, for percentiles
 
     def add(self, result: RowResult) -> None:
+        """Count a row, and what this run was billed for it: every attempt's tokens and cost."""
         if result.status == "ok":
             self.ok += 1
             if result.latency_s is not None:
                 self.latencies_s.append(result.latency_s)
-        else:
+        elif result.status == "failed":
             self.failed += 1
-        self.prompt_tokens += result.prompt_tokens
-        self.completion_tokens += result.completion_tokens
+        else:
+            self.unfinished += 1
+        bill = result.this_run
+        self.prompt_tokens += bill.prompt_tokens
+        self.completion_tokens += bill.completion_tokens
         self.cached_tokens += result.cached_tokens
         self.reasoning_tokens += result.reasoning_tokens
-        self.cost_usd += result.cost_usd
-        self.attempts += result.attempts
+        self.cost_usd += bill.cost_usd
+        self.attempts += bill.attempts
         self.fallbacks += result.fallback_used
 
     @property
     def retries(self) -> int:
-        return self.attempts - self.ok - self.failed
+        return max(0, self.attempts - self.ok - self.failed - self.unfinished)
 
     def latency_percentile_s(self, q: float) -> float | None:
         if not self.latencies_s:
@@ -141,7 +188,7 @@ class Summary:
 
     def add(self, result: RowResult) -> None:
         self.by_model.setdefault(result.requested_model, ModelStats()).add(result)
-        if result.status != "ok":
+        if result.status == "failed":
             reason = (result.error or "unknown").split(":")[0][:60]
             self.errors[reason] = self.errors.get(reason, 0) + 1
 

@@ -108,9 +108,10 @@ class RequestBuilder:
             body[key] = 2 * int(body.get(key) or self.max_completion_tokens())
         return body
 
-    def max_completion_tokens(self, pricing: Pricing | None = None) -> int:
-        """The longest answer a request allows: max_tokens, else the model's own limit."""
-        params = self.spec.params
+    def max_completion_tokens(self, pricing: Pricing | None = None, body: dict[str, Any] | None = None) -> int:
+        """The longest answer a request allows: its max_tokens (the spec's, or a repaired body's), else
+        the model's own limit."""
+        params = self.spec.params if body is None else body
         for key in ("max_completion_tokens", "max_tokens"):
             if isinstance(params.get(key), int):
                 return int(params[key])
@@ -134,8 +135,22 @@ def _prompt_bytes(prompt: Any) -> bytes:
     return "".join(f"{len(part)}:{part}" for part in parts).encode()
 
 
+def body_prompt(body: dict[str, Any]) -> Any:
+    """The prompt a request body carries: its messages (chat) or its raw prompt (completions)."""
+    return body["messages"] if "messages" in body else body.get("prompt", "")
+
+
 def prompt_texts(prompt: Any) -> list[str]:
-    return [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    """The texts of a prompt: a raw prompt, or each message's content (a string, or text parts)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    texts = []
+    for message in prompt:
+        content = message["content"]
+        if isinstance(content, list):
+            content = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+        texts.append(content)
+    return texts
 
 
 def estimated_prompt_tokens(prompt: Any) -> int:

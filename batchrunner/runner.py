@@ -35,7 +35,11 @@ from batchrunner.spec import JobSpec, RateLimit
 from batchrunner.store import Store
 
 log = logging.getLogger("batchrunner")
-UNREACHABLE = ("connection", "timeout")  # a server that does not answer at all: stop before the first row
+UNREACHABLE = (
+    "unreachable",
+    "connection",
+    "timeout",
+)  # a server that does not answer at all: stop before the first row
 SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
 
 

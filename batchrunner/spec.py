@@ -126,6 +126,7 @@ class JobSpec(_Strict):
     concurrency: Annotated[int, Field(ge=1, le=4096)] = 16
     endpoint: Literal["chat", "completions"] = "chat"
     timeout_s: Annotated[float, Field(gt=0)] = 300.0  # per request; doubled for :free models
+    unreachable_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0  # stop when the server is gone this long
     rate_limit: Literal["auto"] | RateLimit = "auto"
     free_requests_per_day: Annotated[int, Field(ge=1)] = 200
     retry: RetrySettings = RetrySettings()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrunner.costs import ZERO_USD
-from batchrunner.records import RESULT_SCHEMA, RowResult
+from batchrunner.records import RESULT_SCHEMA, Bill, RowResult
 
 log = logging.getLogger("batchrunner")
 
@@ -86,7 +86,17 @@ def _migration_3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE results ADD COLUMN tool_calls TEXT")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2, _migration_3]
+def _migration_4(db: sqlite3.Connection) -> None:
+    """Tokens of every billed attempt, and which server answered (sandbox answers are never real ones).
+
+    Rows answered before this kept only the answering attempt's tokens: they are its bill."""
+    db.execute("ALTER TABLE results ADD COLUMN billed_prompt_tokens INTEGER")
+    db.execute("ALTER TABLE results ADD COLUMN billed_completion_tokens INTEGER")
+    db.execute("UPDATE results SET billed_prompt_tokens = prompt_tokens, billed_completion_tokens = completion_tokens")
+    db.execute("ALTER TABLE results ADD COLUMN server TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
 
 
 def _now() -> str:
@@ -166,8 +176,17 @@ class Store:
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def spent_usd(self) -> Decimal:
-        """What every run of this job has cost, failed attempts included."""
-        return sum((Decimal(r["cost_usd"] or "0") for r in self.runs()), ZERO_USD)
+        """What this checkpoint's answers cost, failed and unfinished rows' billed attempts included.
+
+        Read from the answers themselves, not from per-run totals written at the end, so it
+        is right while a run is going and after one was killed. Each record carries its row's
+        whole bill (a retried row starts from what it was billed before), so the sum counts
+        every billed attempt once."""
+        total = ZERO_USD
+        with self._lock:
+            for (cost,) in self._db.execute("SELECT cost_usd FROM results WHERE cost_usd IS NOT NULL"):
+                total += Decimal(cost)
+        return total
 
     # -- results ----------------------------------------------------------------------------
 
@@ -238,6 +257,24 @@ class Store:
                 found.update(self._db.execute(query, chunk).fetchall())
         return found
 
+    def unfinished_bills(self, row_ids: Sequence[str]) -> dict[tuple[str, str, str], Bill]:
+        """The bills of these rows' failed and unfinished records, by checkpoint key: a retry starts from them."""
+        found: dict[tuple[str, str, str], Bill] = {}
+        with self._lock:
+            for chunk in _chunks(row_ids, MAX_PARAMETERS):
+                marks = ",".join("?" * len(chunk))
+                query = (
+                    "SELECT row_id, requested_model, fingerprint, cost_usd, cost_source, billed_prompt_tokens, "
+                    f"billed_completion_tokens, attempts FROM results WHERE status != 'ok' AND row_id IN ({marks})"
+                )
+                for row_id, model, fingerprint, cost, source, prompt, completion, attempts in self._db.execute(
+                    query, chunk
+                ):
+                    found[(row_id, model, fingerprint)] = Bill(
+                        Decimal(cost or "0"), {source or "reported"}, prompt or 0, completion or 0, attempts or 0
+                    )
+        return found
+
     def completion_tokens_by_model(self) -> dict[str, tuple[int, int]]:
         """(answers, completion tokens) per requested model: how long this job's answers run."""
         with self._lock:
@@ -269,7 +306,8 @@ class Store:
             for chunk in _chunks(sorted({k[0] for k in keys}), MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 cursor = self._db.execute(
-                    f"SELECT row_id, fingerprint, {', '.join(RESULT_COLUMNS)} FROM results WHERE row_id IN ({marks})",
+                    f"SELECT row_id, fingerprint, {', '.join(RESULT_COLUMNS)} FROM results "
+                    f"WHERE status != 'pending' AND row_id IN ({marks})",
                     chunk,
                 )
                 for row in cursor:

@@ -180,12 +180,13 @@ async def test_timeout_is_transient() -> None:
 
 
 async def test_connection_refused_is_transient() -> None:
-    """Nothing listening on the port is a connection error, not an aiohttp exception."""
+    """Nothing listening on the port is an `unreachable` TransientError (the server, not the row), not an aiohttp exception."""
     async with Sandbox() as sandbox:
         url = sandbox.base_url
     async with Client(url) as client:
-        with pytest.raises(TransientError, match="connection failed"):
+        with pytest.raises(TransientError, match="cannot connect") as caught:
             await client.chat(CHAT)
+    assert caught.value.code == "unreachable"
 
 
 async def test_key_info_and_models() -> None:

@@ -9,11 +9,12 @@ from decimal import Decimal
 import pytest
 
 from batchrunner.progress import Progress
-from batchrunner.records import RowResult
+from batchrunner.records import Bill, RowResult
 
 
 def row(i: int, status: str = "ok") -> RowResult:
-    return RowResult(i, str(i), 0, "m", status, cost_usd=Decimal("0.001"), attempts=1)  # type: ignore[arg-type]  # status: str for a Literal
+    bill = Bill(Decimal("0.001"), {"reported"}, 0, 0, 1)
+    return RowResult(i, str(i), 0, "m", status, cost_usd=bill.cost_usd, attempts=1, this_run=bill)  # type: ignore[arg-type]  # status: str for a Literal
 
 
 def test_log_lines_when_not_a_terminal(caplog: pytest.LogCaptureFixture) -> None:

@@ -91,13 +91,26 @@ async def test_flusher_commits_while_the_run_goes(tmp_path: Path) -> None:
 
 
 def test_runs_record_outcome_and_cost(tmp_path: Path) -> None:
-    """Each run is recorded with its outcome and exact cost; spent_usd sums them."""
+    """Each run is recorded with its outcome and exact cost."""
     store = Store.open(tmp_path / "c.sqlite")
     for cost in ("0.1", "0.2"):
         store.begin_run()
         store.end_run("finished", ok=1, failed=0, cost_usd=Decimal(cost))
     assert [r["outcome"] for r in store.runs()] == ["finished", "finished"]
-    assert store.spent_usd() == Decimal("0.3")
+    assert [r["cost_usd"] for r in store.runs()] == ["0.1", "0.2"]
+
+
+def test_spent_is_read_from_the_answers_even_when_no_run_ended(tmp_path: Path) -> None:
+    """spent_usd sums the stored answers (ok, failed and unfinished), so a killed run's spending shows."""
+    store = Store.open(tmp_path / "c.sqlite")
+    store.begin_run()  # never ended: killed
+    for i, (status, cost) in enumerate([("ok", "0.1"), ("failed", "0.02"), ("pending", "0.003")]):
+        store.add(RowResult(i, str(i), 0, "m", status, cost_usd=Decimal(cost), fingerprint="f"))  # type: ignore[arg-type]  # status: str for a Literal
+    store.flush()
+    assert store.spent_usd() == Decimal("0.123")
+    unfinished = store.unfinished_bills(["0", "1", "2"])
+    assert {key[0]: bill.cost_usd for key, bill in unfinished.items()} == {"1": Decimal("0.02"), "2": Decimal("0.003")}
+    assert store.answered(["0", "1", "2"]) == {("0", "m", "f")}
 
 
 def test_an_older_checkpoint_is_migrated_keeping_its_answers(tmp_path: Path) -> None:
