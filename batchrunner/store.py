@@ -140,6 +140,12 @@ class Store:
             db.execute("COMMIT")
         return cls(path, db)
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Commit what is buffered and close; answers that still cannot be committed are reported, not raised."""
         try:

@@ -16,11 +16,13 @@ from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.errors import RunHalted, SpecError
 from batchrunner.limits import Limits
+from batchrunner.offline import job_status
 from batchrunner.preflight import api_key, prepare
 from batchrunner.retries import RetryPolicy
 from batchrunner.runner import follow_credits, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
+from batchrunner.store import Store
 
 
 def rows_csv(tmp_path: Path, n: int) -> str:
@@ -382,3 +384,129 @@ async def test_an_unreachable_server_stops_the_run_before_the_first_row(write_sp
     spec = load_spec(write_spec(api={"base_url": url}))
     with pytest.raises(RunHalted, match="cannot reach"):
         await run_job(spec)
+
+
+# -- the money promises at the edges ----------------------------------------------------
+
+
+async def test_cut_off_repairs_are_reserved_and_stay_within_the_budget(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Repairs of cut-off answers (a longer prompt, twice the max_tokens) reserve their own worst case: never over budget."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 200),
+                response_format=TRIAGE,
+                params={"max_tokens": 30},
+                concurrency=8,
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec, max_cost_usd=Decimal("0.002"))
+    assert outcome.report.halted and "budget" in outcome.report.halted
+    assert sandbox.stats.charged_usd <= Decimal("0.002")
+    assert outcome.report.summary.cost_usd == sandbox.stats.charged_usd
+
+
+async def test_a_run_stopped_mid_row_records_the_attempts_it_paid_for(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Rows the budget stopped between an answer and its repair are kept as pending with their bill:
+    the summary, the checkpoint and `status` all say what the account was charged."""
+    config = SandboxConfig(faults={"schema_violation": 1.0})
+    async with Sandbox(config) as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 200),
+                response_format=TRIAGE,
+                concurrency=8,
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec, max_cost_usd=Decimal("0.0015"))
+    assert outcome.report.halted
+    with Store.open(spec.checkpoint_path()) as store:
+        pending = store.unfinished_bills([f"T-{i}" for i in range(200)])
+        spent = store.spent_usd()
+    assert any(bill.attempts == 1 and bill.cost_usd > 0 for bill in pending.values()), "a row stopped mid-repair"
+    assert outcome.report.summary.cost_usd == sandbox.stats.charged_usd == spent
+    assert Decimal(job_status(spec)["cost_usd"]) == sandbox.stats.charged_usd
+
+
+async def test_a_budget_is_not_stranded_by_the_reservations_in_flight(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """With max_tokens 4000 the worst cases in flight exceed the budget; the run waits for them to settle
+    and uses at least 80% of the budget, never more than all of it."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 2000),
+                params={"max_tokens": 4000},
+                concurrency=16,
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec, max_cost_usd=Decimal("0.02"))
+    assert outcome.report.halted and "budget of $0.02 reached" in outcome.report.halted
+    assert Decimal("0.016") <= sandbox.stats.charged_usd <= Decimal("0.02")
+
+
+async def test_hostile_reported_costs_are_replaced_by_computed_ones(
+    write_spec: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A usage.cost of -15 or 1e30 is not used: the cost is computed from prices (and matches what was
+    charged), cost_source says so, a warning names the generation, and the output is still written."""
+    config = SandboxConfig(faults={"negative_cost": 0.25, "absurd_cost": 0.25}, seed=3)
+    async with Sandbox(config) as sandbox:
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 40), api={"base_url": sandbox.base_url}))
+        outcome = await run_job(spec)
+    output = pl.read_parquet(spec.output)
+    assert output.height == 40 and outcome.output_rows == 40
+    assert set(output["cost_source"]) == {"reported", "computed"}
+    assert (output["cost_usd"] >= 0).all()
+    assert abs(output["cost_usd"].sum() - sandbox.stats.charged_usd) < Decimal("0.000001")
+    assert "is negative (generation gen-" in caplog.text and "is not believable (generation gen-" in caplog.text
+
+
+async def test_malformed_replies_are_retried_and_every_answer_is_saved(write_spec: Callable[..., Path]) -> None:
+    """Replies claiming 2^70 prompt tokens or content that is an object are errors for their row, retried;
+    the checkpoint writer never sees them, and every row is saved."""
+    config = SandboxConfig(faults={"huge_tokens": 0.2, "content_object": 0.2}, seed=1)
+    async with Sandbox(config) as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        outcome = await run_job(spec, retry=RetryPolicy.immediate(10))
+    assert outcome.report.summary.ok == 12
+    assert sandbox.stats.requests > 12, "some replies were malformed"
+    assert pl.read_parquet(spec.output)["prompt_tokens"].max() < 1000
+
+
+async def test_a_retried_row_keeps_what_its_failed_attempts_cost(write_spec: Callable[..., Path]) -> None:
+    """A row that failed yesterday after billed attempts and is answered today shows both days' cost and attempts."""
+    config = SandboxConfig(faults={"empty": 1.0}, bill_failed_answers=True)
+    async with Sandbox(config) as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, retry={"max_attempts": 2}))
+        first = (await run_job(spec, retry=RetryPolicy.immediate(2), breaker=Breaker(threshold=1000))).report
+        charged_first = sandbox.stats.charged_usd
+        config.faults.clear()
+        await run_job(spec)
+    assert first.summary.failed == 12 and charged_first > 0
+    output = pl.read_parquet(spec.output)
+    assert output["status"].to_list() == ["ok"] * 12 and output["attempts"].to_list() == [3] * 12
+    assert abs(output["cost_usd"].sum() - sandbox.stats.charged_usd) < Decimal("0.000001")
+    assert Decimal(job_status(spec)["cost_usd"]) == sandbox.stats.charged_usd
+
+
+async def test_tokens_of_every_billed_attempt_are_counted(write_spec: Callable[..., Path]) -> None:
+    """Cut-off answers and their repairs: billed_*_tokens hold every attempt's tokens, and so does the summary."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(
+            write_spec(response_format=TRIAGE, params={"max_tokens": 30}, api={"base_url": sandbox.base_url})
+        )
+        report = (await run_job(spec)).report
+    output = pl.read_parquet(spec.output)
+    assert (output["billed_prompt_tokens"] > output["prompt_tokens"]).all(), "every row was repaired once"
+    assert output["billed_prompt_tokens"].sum() == sandbox.stats.prompt_tokens == report.summary.prompt_tokens
+    assert output["billed_completion_tokens"].sum() == sandbox.stats.completion_tokens
+    assert report.summary.completion_tokens == sandbox.stats.completion_tokens

@@ -41,6 +41,10 @@ FAULT_KINDS = (
     "schema_violation",  # a json_schema answer that is JSON but misses a required property
     "refusal",  # the model refuses: message.refusal set, no content
     "drop",  # the connection is closed without an answer
+    "huge_tokens",  # a 200 whose usage.prompt_tokens is 2^70 (a malformed reply)
+    "content_object",  # a 200 whose message.content is an object, not a string (a malformed reply)
+    "negative_cost",  # a 200 whose usage.cost is -15
+    "absurd_cost",  # a 200 whose usage.cost is 1e30
 )
 FREE_PER_MINUTE = 20
 
@@ -77,7 +81,9 @@ class SandboxStats:
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     answered: collections.Counter[str] = field(default_factory=collections.Counter)  # request key -> 200 answers
     by_model: collections.Counter[str] = field(default_factory=collections.Counter)  # requests per `model`
-    charged_usd: Decimal = ZERO_USD
+    charged_usd: Decimal = ZERO_USD  # what a real account would be billed (hostile costs aside)
+    prompt_tokens: int = 0  # of every answer that was billed
+    completion_tokens: int = 0
     max_requests_in_one_second: int = 0
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
@@ -438,6 +444,9 @@ class Sandbox:
             cost = ZERO_USD  # zero-completion insurance: empty and error answers are not billed
         reported = float(cost)
         self.stats.charged_usd += to_decimal(reported) or ZERO_USD
+        if cost > 0:
+            self.stats.prompt_tokens += n_prompt
+            self.stats.completion_tokens += n_completion
         if not fault:
             self.stats.answered[key] += 1
 
@@ -452,7 +461,9 @@ class Sandbox:
             "is_byok": False,
         }
         if self.config.report_cost:
-            usage["cost"] = reported
+            usage["cost"] = {"negative_cost": -15.0, "absurd_cost": 1e30}.get(fault or "", reported)
+        if fault == "huge_tokens":
+            usage["prompt_tokens"] = 2**70
         self._generations[generation_id] = {
             "id": generation_id,
             "model": model,
@@ -473,6 +484,8 @@ class Sandbox:
             choice["message"] = {"role": "assistant", "content": text, "refusal": None}
             if fault == "refusal":
                 choice["message"].update(content=None, refusal="I can't help with that request.")
+            if fault == "content_object":
+                choice["message"]["content"] = {"text": text}
             if tool_calls:
                 choice["message"].update(content=None, tool_calls=tool_calls)
                 choice["finish_reason"] = choice["native_finish_reason"] = "tool_calls"
