@@ -137,8 +137,11 @@ def run(
         click.echo(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
     for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
         click.echo(f"  {line}")
-    if report.halted or report.deferred or outcome.output_rows is None:
-        click.echo(f"stopped early: {report.halted or report.deferred or 'the output was not written'}", err=True)
+    if report.halted or report.deferred or outcome.output_rows is None or outcome.unsaved:
+        reason = report.halted or report.deferred
+        if reason is None:
+            reason = "the output was not written" if outcome.output_rows is None else "the checkpoint was not written"
+        click.echo(f"stopped early: {reason}", err=True)
         click.echo(
             f"{report.pending} rows are pending; rerun the same command to continue once that is resolved.", err=True
         )
@@ -197,29 +200,34 @@ def models(search: str | None, free: bool, sandbox: bool) -> None:
 @click.option(
     "--output", "output_path", type=click.Path(path_type=Path), help="Write here instead of the spec's `output`."
 )
-def export(job: Path, output_path: Path | None) -> None:
+@click.option("--sandbox", is_flag=True, help="Export the sandbox's simulated answers instead of the real ones.")
+def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
     """Rewrite JOB's output from its checkpoint, without sending anything."""
     logs.configure()
     with _exit_codes():
         spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None))
-        written = export_job(spec)
+        written = export_job(spec, sandbox=sandbox)
     click.echo(f"{spec.name}: wrote {written} rows to {spec.output}")
 
 
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(job: Path, as_json: bool) -> None:
+@click.option("--sandbox", is_flag=True, help="Count the sandbox's simulated answers instead of the real ones.")
+def status(job: Path, as_json: bool, sandbox: bool) -> None:
     """Show JOB's progress: done, failed and pending per model, cost so far, last run. Sends nothing."""
     logs.configure()
     with _exit_codes():
-        report = job_status(load_spec(job))
+        report = job_status(load_spec(job), sandbox=sandbox)
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
-    click.echo(f"{report['job']}: checkpoint {report['checkpoint']}")
+    click.echo(f"{report['job']}: checkpoint {report['checkpoint']}, answers from {report['server']}")
     for model, counts in report["models"].items():
         click.echo(f"  {model}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
+    for server, count in report["answers_from_other_servers"].items():
+        hint = " (simulated; see them with --sandbox)" if server == "sandbox" else ""
+        click.echo(f"  also {count} answers from {server}{hint}, not used for {report['server']}")
     click.echo(f"  cost so far: {format_usd(Decimal(report['cost_usd']))} over {report['runs']} run(s)")
     last = report["last_run"]
     if last:

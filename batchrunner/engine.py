@@ -84,6 +84,7 @@ class Engine:
         store: Store | None = None,
         pricing: PriceTable | None = None,
         budget: Budget | None = None,
+        requests: RequestBuilder | None = None,
         keep_results: bool = False,
         grace_s: float = 30.0,
     ) -> None:
@@ -102,7 +103,7 @@ class Engine:
         self.pricing = pricing or PriceTable([])
         self.budget = budget
         self.keep_results = keep_results
-        self.requests = RequestBuilder(spec)
+        self.requests = requests or RequestBuilder(spec)
         self.mode = Mode.of(spec.response_format)
         self._halt_reason: str | None = None
         self._halt_error: ApiError | None = None

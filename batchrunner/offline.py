@@ -21,27 +21,29 @@ from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec
 from batchrunner.store import Store
 
 
-def export_job(spec: JobSpec) -> int:
-    """Rewrite the output from the checkpoint, without sending anything."""
+def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
+    """Rewrite the output from the checkpoint (the sandbox's answers with `sandbox`), without sending anything."""
     dataset = prepare(spec)
     checkpoint = spec.checkpoint_path()
     if not checkpoint.exists():
         raise SpecError(Problem("checkpoint", f"{checkpoint}: no checkpoint yet; run the job first"))
     store = Store.open(checkpoint)
     try:
-        return export(dataset, RequestBuilder(spec), store, spec.output)
+        return export(dataset, RequestBuilder(spec, server=spec.server(sandbox=sandbox)), store, spec.output)
     finally:
         store.close()
 
 
-def job_status(spec: JobSpec) -> dict[str, Any]:
-    """Done, failed and pending per model, cost so far and the last run, without sending anything."""
+def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
+    """Done, failed and pending per model for the job's server (the sandbox with `sandbox`), what the
+    checkpoint holds from other servers, cost so far and the last run, without sending anything."""
     dataset = prepare(spec)
-    requests = RequestBuilder(spec)
+    requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox))
     checkpoint = spec.checkpoint_path()
     per_model = {model: {"ok": 0, "failed": 0, "pending": 0} for model in spec.models}
     runs: list[dict[str, Any]] = []
     spent = ZERO_USD
+    by_server: dict[str, int] = {}
     store = Store.open(checkpoint) if checkpoint.exists() else None
     try:
         for batch in dataset.batches(batch_size=20_000):
@@ -54,13 +56,18 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         if store is not None:
             runs = store.runs()
             spent = store.spent_usd()
+            by_server = store.answers_by_server()
     finally:
         if store is not None:
             store.close()
     return {
         "job": spec.name,
         "checkpoint": str(checkpoint),
+        "server": requests.server or "openrouter",
         "models": per_model,
+        "answers_from_other_servers": {
+            (server or "openrouter"): n for server, n in by_server.items() if server != requests.server
+        },
         "cost_usd": str(spent),
         "runs": len(runs),
         "last_run": runs[-1] if runs else None,
@@ -78,7 +85,7 @@ async def estimate_job(
     every answer at max_tokens.
     """
     dataset = prepare(spec)
-    requests = RequestBuilder(spec)
+    requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox is not None))
     checkpoint = spec.checkpoint_path()
     store = Store.open(checkpoint) if checkpoint.exists() else None
     per_model = {

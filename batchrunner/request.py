@@ -1,7 +1,8 @@
 """Each row's request: its prompt, its body for a model, and its fingerprint. Pure.
 
 The fingerprint is the checkpoint key's memory of everything that shapes a request: the
-rendered prompt, the endpoint, params, provider, response_format and the model chain. A
+rendered prompt, the endpoint, params, provider, response_format, the model chain, and the
+server that answers (so a sandbox answer never stands in for a real one). A
 rerun skips a (row, model) whose stored answer has the same fingerprint; editing the
 prompt or params changes the fingerprint of exactly the rows whose request changes.
 """
@@ -47,8 +48,11 @@ class RowRequest:
 class RequestBuilder:
     """Builds what the engine sends and the store keys, from one spec."""
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, *, server: str = "") -> None:
         self.spec = spec
+        self.server = (
+            server  # who answers (spec.server()): part of the fingerprint, so a sandbox answer is never a real one
+        )
         self.template: PromptTemplate = spec.prompt_template()
         self.prompt_field = "prompt" if spec.endpoint == "completions" else "messages"
 
@@ -57,7 +61,7 @@ class RequestBuilder:
         """Per requested model: a hash already fed with everything but the prompt."""
         digests = {}
         for model in self.spec.models:
-            shape = {
+            shape: dict[str, Any] = {
                 "endpoint": self.spec.endpoint,
                 "cache_system_prompt": self.spec.cache_system_prompt,
                 "server_fallbacks": self.spec.server_fallbacks,
@@ -66,6 +70,8 @@ class RequestBuilder:
                 "provider": self.spec.provider,
                 "response_format": self.spec.response_format,
             }
+            if self.server:  # OpenRouter's answers keep the fingerprints they had before servers were told apart
+                shape["server"] = self.server
             digests[model] = hashlib.sha256(_canonical(shape))
         return digests
 

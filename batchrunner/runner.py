@@ -49,6 +49,7 @@ class Outcome:
     output_path: Path
     output_rows: int | None  # None when the output could not be written (the checkpoint has the answers)
     sandbox_url: str | None = None
+    unsaved: int = 0  # answers the checkpoint could not take (in its spill file, for the next run, or lost)
 
 
 async def run_job(
@@ -81,8 +82,9 @@ async def run_job(
     if sandbox is None:
         key = api_key(spec, base_url)
     checkpoint = spec.checkpoint_path()
+    requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox is not None))
     with job_lock(checkpoint.with_name(checkpoint.name + ".lock")):
-        store = Store.open(checkpoint)
+        store = Store.open(checkpoint, server=requests.server)
         server = Sandbox(sandbox) if sandbox is not None else None
         report: RunReport | None = None
         try:
@@ -115,6 +117,7 @@ async def run_job(
                     store=store,
                     pricing=prices,
                     budget=budget,
+                    requests=requests,
                 )
                 background = [
                     asyncio.create_task(
@@ -151,7 +154,7 @@ async def run_job(
             started = time.monotonic()
             written: int | None = None
             try:
-                written = export(dataset, RequestBuilder(spec), store, spec.output)
+                written = export(dataset, requests, store, spec.output)
                 log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
             except (OutputError, OSError) as exc:  # the answers are safe: say how to get the file
                 log.error("%s; every answer is in the checkpoint: fix that and run `batchrunner export`", exc)
@@ -165,7 +168,7 @@ async def run_job(
                 )
                 write_json(summary_path(spec.output), {"job": spec.name, **summary_json})
     assert report is not None
-    return Outcome(report, spec.output, written, server.base_url if server else None)
+    return Outcome(report, spec.output, written, server.base_url if server else None, store.spilled + store.lost)
 
 
 def concurrency_hint(spec: JobSpec, report: RunReport, pace_rps: float) -> None:

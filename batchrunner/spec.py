@@ -33,6 +33,7 @@ from batchrunner.prompt import MessageTemplate, PromptTemplate, Template, Templa
 from batchrunner.structured import schema_problems
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+SANDBOX_SERVER = "sandbox"
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
 # Request fields the spec sets through its own keys, so `params` may not set them too.
@@ -223,6 +224,14 @@ class JobSpec(_Strict):
 
     def base_url(self) -> str:
         return self.api.base_url or os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
+
+    def server(self, *, sandbox: bool) -> str:
+        """Who answers this job's requests, as the checkpoint tells answers apart: "" for OpenRouter,
+        "sandbox" for the built-in sandbox, else the base URL. Answers from one are never another's."""
+        if sandbox:
+            return SANDBOX_SERVER
+        base_url = self.base_url()
+        return "" if base_url == OPENROUTER_BASE_URL else base_url
 
 
 def _parse_field(where: str, text: str) -> Template:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -34,12 +36,14 @@ RESULT_COLUMNS = [*RESULT_SCHEMA, "parsed", "tool_calls"]
 # Row ids per `IN (...)` query: SQLite before 3.32 allows 999 parameters a statement, later 32766.
 MAX_PARAMETERS = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 _INSERT = (
-    "INSERT OR REPLACE INTO results (row_id, fingerprint, row_index, model_position, run_id, answered_at, "
+    "INSERT OR REPLACE INTO results (row_id, fingerprint, row_index, model_position, run_id, answered_at, server, "
     + ", ".join(RESULT_COLUMNS)
     + ") VALUES ("
-    + ", ".join("?" * (6 + len(RESULT_COLUMNS)))
+    + ", ".join("?" * (7 + len(RESULT_COLUMNS)))
     + ")"
 )
+CLOSE_TRIES = 3  # commits tried at close before unsaved answers go to the spill file
+SPILL_SUFFIX = ".unsaved.jsonl"
 
 
 def _migration_1(db: sqlite3.Connection) -> None:
@@ -121,9 +125,16 @@ class Store:
         self._buffer_lock = threading.Lock()  # add() on the loop, flush() on a thread
         self._pending: list[tuple[Any, ...]] = []
         self.run_id: int | None = None
+        self.server = ""
+        self.spilled = 0  # answers the checkpoint could not take, written to the spill file at close
+        self.lost = 0  # answers that could be saved nowhere (reported, never silent)
 
     @classmethod
-    def open(cls, path: Path) -> Store:
+    def open(cls, path: Path, *, server: str = "") -> Store:
+        """Open (or create) the checkpoint, migrate it, and merge answers an earlier run had to spill.
+
+        `server` names who answers this run's requests ("" for OpenRouter, "sandbox", or a
+        base URL); it is recorded with each answer, for `status`."""
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
@@ -138,7 +149,10 @@ class Store:
             migration(db)
             db.execute(f"PRAGMA user_version={number}")
             db.execute("COMMIT")
-        return cls(path, db)
+        store = cls(path, db)
+        store.server = server
+        store._merge_spilled()
+        return store
 
     def __enter__(self) -> Store:
         return self
@@ -147,15 +161,74 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Commit what is buffered and close; answers that still cannot be committed are reported, not raised."""
-        try:
-            self.flush()
-        except sqlite3.Error as exc:
-            log.error(
-                "%d answers could not be saved to %s (%s); free disk space and rerun", self.unsaved, self.path, exc
-            )
-        with self._lock:
+        """Commit what is buffered and close. Answers the checkpoint still cannot take (a full disk) are
+        written to the spill file beside it, which the next open merges; never raised, never silent."""
+        for attempt in range(CLOSE_TRIES):
+            try:
+                self.flush()
+                break
+            except (sqlite3.Error, OSError) as exc:
+                if attempt + 1 < CLOSE_TRIES:
+                    time.sleep(0.2)
+                    continue
+                self._spill(exc)
+        with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()
+
+    @property
+    def spill_path(self) -> Path:
+        """out/triage.checkpoint.sqlite -> out/triage.checkpoint.sqlite.unsaved.jsonl"""
+        return self.path.with_name(self.path.name + SPILL_SUFFIX)
+
+    def _spill(self, error: BaseException) -> None:
+        with self._buffer_lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            with open(self.spill_path, "a", encoding="utf-8") as spill:
+                for record in batch:
+                    spill.write(json.dumps(record, ensure_ascii=False) + "\n")
+                spill.flush()
+                os.fsync(spill.fileno())
+        except OSError as exc:
+            self.lost = len(batch)
+            log.error(
+                "%d answers could be saved neither to %s (%s) nor to %s (%s); they are lost",
+                len(batch),
+                self.path,
+                error,
+                self.spill_path,
+                exc,
+            )
+            return
+        self.spilled = len(batch)
+        log.error(
+            "%d answers could not be saved to %s (%s); they are in %s, and the next run adds them to the checkpoint",
+            len(batch),
+            self.path,
+            error,
+            self.spill_path,
+        )
+
+    def _merge_spilled(self) -> None:
+        """Take in what a run could not save to the checkpoint (see `_spill`), then delete the spill file."""
+        if not self.spill_path.exists():
+            return
+        records = []
+        for number, line in enumerate(self.spill_path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut off by the disk filling up: everything before it is kept
+                log.warning("%s: line %d is incomplete and was skipped", self.spill_path, number)
+                continue
+            if isinstance(record, list) and len(record) == 7 + len(RESULT_COLUMNS):
+                records.append(tuple(record))
+        with self._buffer_lock:
+            self._pending[:0] = records
+        self.flush()
+        self.spill_path.unlink()
+        log.info("added %d answers an earlier run could not save from %s", len(records), self.spill_path)
 
     # -- runs -------------------------------------------------------------------------------
 
@@ -168,12 +241,17 @@ class Store:
         return self.run_id
 
     def end_run(self, outcome: str, *, ok: int, failed: int, cost_usd: Decimal) -> None:
-        self.flush()
-        with self._lock:
-            self._db.execute(
-                "UPDATE runs SET finished_at = ?, outcome = ?, rows_ok = ?, rows_failed = ?, cost_usd = ? WHERE run_id = ?",
-                (_now(), outcome, ok, failed, str(cost_usd), self.run_id),
-            )
+        """Record how the run ended; a checkpoint that cannot be written is left to `close`, not raised."""
+        try:
+            self.flush()
+            with self._lock:
+                self._db.execute(
+                    "UPDATE runs SET finished_at = ?, outcome = ?, rows_ok = ?, rows_failed = ?, cost_usd = ? "
+                    "WHERE run_id = ?",
+                    (_now(), outcome, ok, failed, str(cost_usd), self.run_id),
+                )
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("could not record the end of the run in %s (%s)", self.path, exc)
 
     def runs(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -207,6 +285,7 @@ class Store:
             result.model_position,
             self.run_id,
             _now(),
+            self.server,
         )
         record += tuple(values[name] for name in RESULT_COLUMNS)
         with self._buffer_lock:
@@ -219,32 +298,35 @@ class Store:
         if not batch:
             return 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany(_INSERT, batch)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 with self._buffer_lock:
                     self._pending[:0] = batch
                 raise
-            self._db.execute("COMMIT")
         return len(batch)
 
-    async def flush_every(self, interval_s: float, on_error: Callable[[sqlite3.Error], None] | None = None) -> None:
+    async def flush_every(self, interval_s: float, on_error: Callable[[Exception], None] | None = None) -> None:
         """Commit buffered answers every `interval_s`, off the event loop, until cancelled.
 
-        A failed commit (a full disk) keeps the answers buffered and is tried again; `on_error`
-        hears of it, so the run can stop paying for answers it cannot keep."""
+        A failed commit (a full disk, or anything else) keeps the answers buffered and is
+        tried again; `on_error` hears of it, so the run stops paying for answers it cannot
+        keep. This task never dies of an error: a dead flusher would save nothing more."""
         try:
             while True:
                 await asyncio.sleep(interval_s)
                 try:
                     await asyncio.to_thread(self.flush)
-                except sqlite3.Error as exc:
+                except Exception as exc:
                     if on_error is not None:
                         on_error(exc)
         finally:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(Exception):
                 self.flush()
 
     @property
@@ -280,6 +362,14 @@ class Store:
                         Decimal(cost or "0"), {source or "reported"}, prompt or 0, completion or 0, attempts or 0
                     )
         return found
+
+    def answers_by_server(self) -> dict[str, int]:
+        """How many answers each server gave ("" is OpenRouter; answers from before servers were recorded count as it)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT coalesce(server, ''), count(*) FROM results WHERE status = 'ok' GROUP BY 1"
+            ).fetchall()
+        return {server: int(n) for server, n in rows}
 
     def completion_tokens_by_model(self) -> dict[str, tuple[int, int]]:
         """(answers, completion tokens) per requested model: how long this job's answers run."""

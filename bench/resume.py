@@ -76,7 +76,7 @@ def prepare_job(folder: Path, rows: int, base_url: str) -> Path:
         )
     )
     spec = load_spec(spec_path)
-    requests = RequestBuilder(spec)
+    requests = RequestBuilder(spec, server=spec.server(sandbox=False))
     store = Store.open(spec.checkpoint_path())
     for batch in prepare(spec).batches(batch_size=50_000):
         for row in batch:

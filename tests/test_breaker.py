@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from batchrunner.breaker import Breaker
+from batchrunner.breaker import Breaker, ServerWatch
 
 
 def make() -> tuple[Breaker, list[float]]:
@@ -67,3 +67,26 @@ async def test_waiters_wake_when_a_probe_reports() -> None:
     assert not waiter.done()
     breaker.record("m", ok=True)
     await asyncio.wait_for(waiter, 1)
+
+
+async def test_server_watch_probes_one_at_a_time_and_gives_up_after_its_timeout() -> None:
+    """While the server refuses connections one probe goes per interval, an answer reopens it,
+    and an unbroken outage of give_up_s makes admit() say no."""
+    now = [0.0]
+    watch = ServerWatch(give_up_s=60, probe_every_s=1.0, clock=lambda: now[0])
+    assert await watch.admit()  # up: at once
+    watch.failed("connection refused")
+    now[0] = 1.0
+    assert await watch.admit(), "the first probe"
+    waiter = asyncio.create_task(watch.admit())
+    await asyncio.sleep(0)
+    assert not waiter.done(), "a second request waits while the probe is out"
+    watch.answered()
+    assert await asyncio.wait_for(waiter, 1) and watch.down_since is None
+    now[0] = 10.0
+    watch.failed("connection refused")  # down again, from t=10
+    now[0] = 69.5
+    assert not watch.gave_up
+    now[0] = 70.0
+    assert watch.gave_up and not await watch.admit()
+    assert watch.cause == "connection refused"

@@ -195,12 +195,30 @@ def test_status_and_export(write_spec: Callable[..., Path], tmp_path: Path) -> N
     """status reports done and pending per model without sending; export rewrites the output from the checkpoint."""
     spec_path = write_spec()
     invoke("run", str(spec_path), "--sandbox", "--limit", "5")
-    result = invoke("status", str(spec_path), "--json")
+    result = invoke("status", str(spec_path), "--json", "--sandbox")
     report = json.loads(result.stdout)
     assert report["models"] == {"openai/gpt-4o-mini": {"ok": 5, "failed": 0, "pending": 7}}
     assert report["runs"] == 1 and report["last_run"]["outcome"] == "finished"
-    assert invoke("export", str(spec_path), "--output", str(tmp_path / "copy.jsonl")).exit_code == 0
+    assert invoke("export", str(spec_path), "--sandbox", "--output", str(tmp_path / "copy.jsonl")).exit_code == 0
     assert pl.read_ndjson(tmp_path / "copy.jsonl").height == 5
+
+
+def test_sandbox_answers_never_stand_in_for_real_ones(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """After a --sandbox run, a real run sends every row again and its output holds only real answers;
+    status tells the two apart."""
+    spec_path = write_spec()
+    assert invoke("run", str(spec_path), "--sandbox").exit_code == 0
+    real = sandbox_in_thread(SandboxConfig())  # stands in for OpenRouter: a server that is not the sandbox
+    env = {"OPENROUTER_BASE_URL": real.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    result = invoke("run", str(spec_path), env=env)
+    assert result.exit_code == 0, result.output
+    assert real.stats.requests == 12, "no simulated answer was reused"
+    assert "12 ok" in result.stdout
+    status = invoke("status", str(spec_path), env=env)
+    assert "12 ok, 0 failed, 0 pending" in status.stdout
+    assert "also 12 answers from sandbox (simulated" in status.stdout
 
 
 def test_log_json_emits_one_object_per_line(write_spec: Callable[..., Path]) -> None:
@@ -410,3 +428,47 @@ def test_nested_columns_reach_a_csv_output_as_json_text(write_spec: Callable[...
     frame = pl.read_csv(tmp_path / "out" / "result.csv")
     assert frame["tags"].to_list() == ['["red","blue"]', "[]"]
     assert all(isinstance(json.loads(v), list) for v in frame["labels"].to_list())
+
+
+def test_a_server_killed_mid_run_stops_the_run_with_exit_3(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """The sandbox in its own process is killed mid-run: the run stops within its unreachable timeout
+    (plus the grace), exits 3 naming the cause, and leaves the unanswered rows pending, not failed."""
+    rows = 3000
+    pl.DataFrame(
+        {"ticket_id": [f"T-{i}" for i in range(rows)], "subject": ["s"] * rows, "text": [f"t {i}" for i in range(rows)]}
+    ).write_csv(tmp_path / "many.csv")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "sandbox", "--port", "0", "--latency", "0.05"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready = server.stderr.readline() if server.stderr else ""
+        base_url = ready.split(" at ")[1].split()[0]
+        spec_path = write_spec(input="many.csv", concurrency=4, unreachable_timeout_s=3)
+        env = {**os.environ, "OPENROUTER_BASE_URL": base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+        run = subprocess.Popen(
+            [sys.executable, "-m", "batchrunner", "run", str(spec_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        checkpoint = tmp_path / "out" / "result.checkpoint.sqlite"
+        deadline = time.monotonic() + 30
+        while not checkpoint.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+    finally:
+        server.kill()
+        server.wait()
+        if server.stderr:
+            server.stderr.close()
+    killed_at = time.monotonic()
+    _, stderr = run.communicate(timeout=90)
+    assert run.returncode == 3, stderr
+    assert time.monotonic() - killed_at < 30
+    assert "unreachable for 3 s" in stderr and "Traceback" not in stderr
+    output = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert 0 < output.height < rows
+    assert output["status"].to_list() == ["ok"] * output.height, "no row failed because the server went away"

@@ -510,3 +510,32 @@ async def test_tokens_of_every_billed_attempt_are_counted(write_spec: Callable[.
     assert output["billed_prompt_tokens"].sum() == sandbox.stats.prompt_tokens == report.summary.prompt_tokens
     assert output["billed_completion_tokens"].sum() == sandbox.stats.completion_tokens
     assert report.summary.completion_tokens == sandbox.stats.completion_tokens
+
+
+async def test_a_full_disk_stops_the_run_and_keeps_every_paid_answer(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint fills up (SQLite: database or disk is full): dispatch stops at once, the answers it
+    could not save go to a spill file beside it, and the next run merges them, paying for no answer twice."""
+    open_store = Store.open
+
+    def full_soon(path: Path, **options: str) -> Store:
+        store = open_store(path, **options)
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages + 4}")  # a few pages more, then SQLITE_FULL
+        return store
+
+    async with Sandbox(SandboxConfig(latency_s=0.005)) as sandbox:
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 400), concurrency=8, api={"base_url": sandbox.base_url}))
+        spill = spec.checkpoint_path().with_name(spec.checkpoint_path().name + ".unsaved.jsonl")
+        monkeypatch.setattr(Store, "open", full_soon)
+        first = await run_job(spec)
+        assert first.report.halted and "cannot write the checkpoint" in first.report.halted
+        assert first.unsaved > 0 and spill.exists()
+        assert first.report.pending > 0, "dispatch stopped instead of buying answers it could not keep"
+        monkeypatch.setattr(Store, "open", open_store)
+        second = await run_job(spec)
+    assert not spill.exists()
+    assert second.report.resumed >= first.unsaved
+    assert pl.read_parquet(spec.output).height == 400
+    assert max(sandbox.stats.answered.values()) == 1, "no answer was paid for twice"
