@@ -6,6 +6,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from batchrunner.client import Client, classify, parse_completion, retry_after_s
 from batchrunner.errors import FatalApiError, RateLimited, RequestRejected, TransientError
@@ -211,3 +212,74 @@ async def test_bad_key_is_fatal() -> None:
 def test_client_repr_hides_the_key() -> None:
     """The API key never appears in the client's repr."""
     assert "secret" not in repr(Client("http://x", api_key="sk-or-v1-secret"))
+
+
+def answer(**changes: Any) -> dict[str, Any]:
+    """A well-formed chat answer, with `changes` applied at the top level, in `usage` or in the message."""
+    payload: dict[str, Any] = {
+        "id": "gen-1",
+        "model": "openai/gpt-4o-mini",
+        "provider": "OpenAI",
+        "choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "cost": 0.00001},
+    }
+    for key, value in changes.items():
+        if key in ("prompt_tokens", "completion_tokens", "cost"):
+            payload["usage"][key] = value
+        elif key in ("content", "tool_calls", "refusal"):
+            payload["choices"][0]["message"][key] = value
+        else:
+            payload[key] = value
+    return payload
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"prompt_tokens": 2**70},
+        {"completion_tokens": -1},
+        {"prompt_tokens": "12"},
+        {"content": {"text": "hi"}},
+        {"id": {"x": 1}},
+        {"provider": ["OpenAI"]},
+        {"model": 7},
+        {"tool_calls": "call it"},
+        {"choices": [{"finish_reason": "stop", "message": "hi"}]},
+    ],
+)
+def test_a_reply_that_does_not_fit_is_a_malformed_transient_error(changes: dict[str, Any]) -> None:
+    """Each field the rest of batchrunner reads is checked once here; one of the wrong type or range is a
+    `malformed` TransientError for the row, never a value that crashes a worker or the checkpoint later."""
+    with pytest.raises(TransientError, match="malformed answer") as caught:
+        parse_completion(answer(**changes))
+    assert caught.value.code == "malformed"
+
+
+@pytest.mark.parametrize("cost", [-15, float("nan"), float("inf"), 1e30, "lots"])
+def test_an_unbelievable_reported_cost_is_set_aside_with_the_reason(cost: Any) -> None:
+    """A negative, non-finite, absurd or non-numeric usage.cost is not used; the reason travels with the usage."""
+    usage = parse_completion(answer(cost=cost)).usage
+    assert usage.cost_usd is None and usage.cost_rejected and "usage.cost" in usage.cost_rejected
+    assert parse_completion(answer(cost=0.00001)).usage.cost_usd == Decimal("0.00001")
+
+
+async def test_a_body_nested_too_deeply_to_parse_is_a_bad_body() -> None:
+    """A 200 whose JSON is nested 100,000 deep (Python's parser gives up) is a classified error, not a RecursionError."""
+
+    async def deep(_: web.Request) -> web.Response:
+        return web.Response(text="[" * 100_000 + "]" * 100_000, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/chat/completions", deep)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # aiohttp exposes no public accessor
+    try:
+        async with Client(f"http://127.0.0.1:{port}") as client:
+            with pytest.raises(TransientError) as caught:
+                await client.chat(CHAT)
+        assert caught.value.code == "bad_body"
+    finally:
+        await runner.cleanup()

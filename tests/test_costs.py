@@ -6,7 +6,17 @@ from decimal import Decimal
 
 import pytest
 
-from batchrunner.costs import Budget, PriceTable, Pricing, Usage, format_usd, per_million, to_decimal, total_usd
+from batchrunner.costs import (
+    Budget,
+    PriceTable,
+    Pricing,
+    Usage,
+    format_usd,
+    per_million,
+    plugin_allowance_usd,
+    to_decimal,
+    total_usd,
+)
 
 
 def model(slug: str, **prices: object) -> dict[str, object]:
@@ -99,3 +109,12 @@ def test_money_helpers() -> None:
     assert total_usd([Decimal("0.1"), None, Decimal("0.2")]) == Decimal("0.3")
     assert format_usd(Decimal("12.345")) == "$12.35" and format_usd(Decimal("0.000675")) == "$0.000675"
     assert per_million(Decimal("0.00000015")) == Decimal("0.15")
+
+
+def test_web_search_plugins_are_reserved_for() -> None:
+    """The web plugin (or an :online model) may add $4 per 1,000 results to a request: 5 by default, or max_results."""
+    assert plugin_allowance_usd(None, "openai/gpt-4o-mini") == 0
+    assert plugin_allowance_usd(None, "openai/gpt-4o-mini:online") == Decimal("0.02")
+    assert plugin_allowance_usd([{"id": "web", "max_results": 10}], "m") == Decimal("0.04")
+    assert plugin_allowance_usd([{"id": "web", "enabled": False}], "m") == 0
+    assert plugin_allowance_usd([{"id": "file-parser"}], "m") == 0

@@ -539,3 +539,25 @@ async def test_a_full_disk_stops_the_run_and_keeps_every_paid_answer(
     assert second.report.resumed >= first.unsaved
     assert pl.read_parquet(spec.output).height == 400
     assert max(sandbox.stats.answered.values()) == 1, "no answer was paid for twice"
+
+
+async def test_an_appended_row_that_widens_a_column_re_sends_nothing_else(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Appending a row with `2.5` under integers and `A100` under zero-padded ids sends that row only,
+    and the model sees `02134` and `1` as written."""
+    data = tmp_path / "scores.csv"
+    data.write_text("id,zip,score\n0001,02134,1\n0002,10001,3\n")
+    async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
+        spec = load_spec(
+            write_spec(
+                input="scores.csv", id_column="id", prompt="{zip} scored {score}", api={"base_url": sandbox.base_url}
+            )
+        )
+        await run_job(spec)
+        with data.open("a") as appended:
+            appended.write("A100,x,2.5\n")
+        await run_job(spec)
+    assert sandbox.stats.requests == 3
+    assert sandbox.stats.bodies[0]["messages"][-1]["content"] in ("02134 scored 1", "10001 scored 3")
+    assert pl.read_parquet(spec.output)["id"].to_list() == ["0001", "0002", "A100"]
