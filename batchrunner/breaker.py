@@ -30,6 +30,7 @@ class _Circuit:
     cooldown_s: float = 0.0
     probing: bool = False
     failed_probes: int = 0
+    last_failure: str = ""  # why the model last failed, for rows that end waiting on it
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -75,9 +76,14 @@ class Breaker:
             circuit.changed.set()
             circuit.changed = asyncio.Event()
 
-    def record(self, model: str, *, ok: bool) -> None:
+    def last_failure(self, model: str) -> str:
+        return self._circuit(model).last_failure
+
+    def record(self, model: str, *, ok: bool, failure: str = "") -> None:
         """The outcome of a request that tells about the model's health (not 429s, not bad rows)."""
         circuit = self._circuit(model)
+        if failure:
+            circuit.last_failure = failure
         was_probe = circuit.probing
         circuit.probing = False
         if ok:

@@ -313,8 +313,10 @@ class Engine:
                 failed_probes = self.breaker.failed_probes(model)
                 await self.breaker.wait(model)
                 tries += self.breaker.failed_probes(model) - failed_probes
+                cause = self.breaker.last_failure(model)
                 row.last_error = TransientError(
-                    f"{model} is unavailable: every probe of it failed ({row.last_error})", code="circuit_open"
+                    f"{model} is unavailable: every probe of it failed" + (f" (last: {cause})" if cause else ""),
+                    code="circuit_open",
                 )
                 continue
             if not await self.server.admit():
@@ -357,12 +359,12 @@ class Engine:
                         self.breaker.release(model)
                         self.limits.rate_limited(model, upstream=bool(exc.metadata.get("provider_name")))
                     else:
-                        self.breaker.record(model, ok=False)
+                        self.breaker.record(model, ok=False, failure=str(exc))
                     if tries < self.retry.max_attempts and not self.breaker.is_open(model):
                         await self._backoff(tries, exc)
                     continue
                 if exc.status == 404:  # RequestRejected: no endpoints is the model's problem, not the row's
-                    self.breaker.record(model, ok=False)
+                    self.breaker.record(model, ok=False, failure=str(exc))
                 else:
                     self.breaker.release(model)
                 return None

@@ -126,6 +126,8 @@ async def test_without_a_fallback_rows_wait_for_the_probe_and_fail_when_it_fails
         report = await run(spec, sandbox, retry=RetryPolicy.immediate(max_attempts=3), breaker=breaker)
     assert report.summary.failed == 12
     assert sandbox.stats.requests < 12 * 3, "the breaker should have spared the dead model some requests"
+    probed = [r.error or "" for r in report.results if "every probe" in (r.error or "")]
+    assert probed and all("(last: HTTP 502" in error and error.count("every probe") == 1 for error in probed)
 
 
 async def test_rejected_request_fails_the_row_without_retrying(write_spec: Callable[..., Path]) -> None:
