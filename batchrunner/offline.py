@@ -55,7 +55,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
                 per_model[request.requested_model][state] += 1
         if store is not None:
             runs = store.runs()
-            spent = store.spent_usd()
+            spent = store.spent_usd(requests.server)
             by_server = store.answers_by_server()
     finally:
         if store is not None:

@@ -259,8 +259,9 @@ class Store:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-    def spent_usd(self) -> Decimal:
-        """What this checkpoint's answers cost, failed and unfinished rows' billed attempts included.
+    def spent_usd(self, server: str = "") -> Decimal:
+        """What this checkpoint's answers from `server` cost ("" is OpenRouter), failed and unfinished
+        rows' billed attempts included.
 
         Read from the answers themselves, not from per-run totals written at the end, so it
         is right while a run is going and after one was killed. Each record carries its row's
@@ -268,7 +269,9 @@ class Store:
         every billed attempt once."""
         total = ZERO_USD
         with self._lock:
-            for (cost,) in self._db.execute("SELECT cost_usd FROM results WHERE cost_usd IS NOT NULL"):
+            for (cost,) in self._db.execute(
+                "SELECT cost_usd FROM results WHERE cost_usd IS NOT NULL AND coalesce(server, '') = ?", (server,)
+            ):
                 total += Decimal(cost)
         return total
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
@@ -219,6 +220,8 @@ def test_sandbox_answers_never_stand_in_for_real_ones(
     status = invoke("status", str(spec_path), env=env)
     assert "12 ok, 0 failed, 0 pending" in status.stdout
     assert "also 12 answers from sandbox (simulated" in status.stdout
+    real_cost = json.loads(invoke("status", str(spec_path), "--json", env=env).stdout)["cost_usd"]
+    assert Decimal(real_cost) == real.stats.charged_usd, "simulated costs are not counted as spent"
 
 
 def test_log_json_emits_one_object_per_line(write_spec: Callable[..., Path]) -> None:
