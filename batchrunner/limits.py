@@ -32,6 +32,8 @@ from typing import Any
 
 from aiolimiter import AsyncLimiter
 
+from batchrunner.files import write_text_atomically
+
 log = logging.getLogger("batchrunner")
 
 SURGE_LIMIT_RPS = 500.0
@@ -190,10 +192,7 @@ class FreeUsage:
         except (OSError, ValueError):
             data = {}
         data[self.account] = {"day": self.day, "used": self.used}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(data, indent=1))
-        os.replace(temporary, self.path)
+        write_text_atomically(self.path, json.dumps(data, indent=1))
 
 
 class Limits:

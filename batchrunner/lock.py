@@ -16,13 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batchrunner.errors import RunHalted
+from batchrunner.files import open_no_follow
 
 
 @contextlib.contextmanager
 def job_lock(path: Path) -> Iterator[None]:
     """Hold the job's lock for the block; RunHalted naming the holder if another run has it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise RunHalted(
+                f"the lock file {path} is a symlink, which a run will not write through; remove it and rerun"
+            ) from None
+        raise RunHalted(f"cannot open the lock file {path} ({exc}); check the folder's permissions") from None
+    handle = os.fdopen(fd, "r+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

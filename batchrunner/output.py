@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ import polars as pl
 
 from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import OutputError, first_line
+from batchrunner.files import replacing
 from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder
 from batchrunner.spec import JobSpec
@@ -161,10 +161,8 @@ def _as_json_text(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 def _sink(frame: pl.LazyFrame, path: Path) -> None:
     """Stream `frame` into `path` in the format its extension names, atomically."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        suffix = path.suffix.lower()
+    suffix = path.suffix.lower()
+    with replacing(path) as temporary:
         if suffix == ".parquet":
             frame.sink_parquet(temporary)
         elif suffix == ".csv":
@@ -173,8 +171,3 @@ def _sink(frame: pl.LazyFrame, path: Path) -> None:
             frame.sink_ndjson(temporary)
         else:
             raise ValueError(f"unsupported output format {suffix!r}")
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise

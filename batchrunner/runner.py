@@ -23,6 +23,7 @@ from batchrunner.client import Client
 from batchrunner.costs import ZERO_USD, Budget, PriceTable, format_usd
 from batchrunner.engine import Engine, RunReport
 from batchrunner.errors import ApiError, FatalApiError, OutputError, Problem, RunHalted, SpecError, TransientError
+from batchrunner.files import write_text_atomically
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
 from batchrunner.output import export, summary_path
@@ -231,9 +232,7 @@ def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 async def plan_limits(

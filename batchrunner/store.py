@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from batchrunner.costs import ZERO_USD
+from batchrunner.errors import Problem, SpecError
+from batchrunner.files import open_no_follow
 from batchrunner.records import RESULT_SCHEMA, Bill, RowResult
 
 log = logging.getLogger("batchrunner")
@@ -135,20 +137,44 @@ class Store:
 
         `server` names who answers this run's requests ("" for OpenRouter, "sandbox", or a
         base URL); it is recorded with each answer, for `status`."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=5000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
+        planted = [p for p in (path, *(path.with_name(path.name + s) for s in _COMPANIONS)) if p.is_symlink()]
+        if planted:
+            raise SpecError(
+                Problem(
+                    "checkpoint",
+                    f"{planted[0]} is a symlink, which batchrunner will not write through; remove it "
+                    "(or point `checkpoint:` at the real file)",
+                )
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise _unusable(path, exc) from None
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise SpecError(
+                    Problem(
+                        "checkpoint",
+                        f"{path} was written by a newer batchrunner (schema {version}, this one knows "
+                        f"{len(MIGRATIONS)}); upgrade batchrunner",
+                    )
+                )
+            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                db.execute("BEGIN IMMEDIATE")
+                migration(db)
+                db.execute(f"PRAGMA user_version={number}")
+                db.execute("COMMIT")
+            db.execute("SELECT count(*) FROM results WHERE 0").fetchone()  # the tables are ours
+        except (sqlite3.Error, OSError, SpecError) as exc:
             db.close()
-            raise RuntimeError(f"{path} was written by a newer batchrunner (schema {version}); upgrade batchrunner")
-        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-            db.execute("BEGIN IMMEDIATE")
-            migration(db)
-            db.execute(f"PRAGMA user_version={number}")
-            db.execute("COMMIT")
+            if isinstance(exc, SpecError):
+                raise
+            raise _unusable(path, exc) from None
         store = cls(path, db)
         store.server = server
         store._merge_spilled()
@@ -186,7 +212,8 @@ class Store:
         if not batch:
             return
         try:
-            with open(self.spill_path, "a", encoding="utf-8") as spill:
+            fd = open_no_follow(self.spill_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as spill:
                 for record in batch:
                     spill.write(json.dumps(record, ensure_ascii=False) + "\n")
                 spill.flush()
@@ -419,6 +446,21 @@ class Store:
         with self._lock:
             self._db.execute("DELETE FROM results")
             self._db.execute("DELETE FROM runs")
+
+
+_COMPANIONS = ("-wal", "-shm", "-journal", SPILL_SUFFIX)  # files SQLite (and the spill) keep beside the checkpoint
+
+
+def _unusable(path: Path, exc: BaseException) -> SpecError:
+    """A checkpoint SQLite cannot open or write, as a one-line problem with the fix."""
+    detail = str(exc).strip() or type(exc).__name__
+    if "readonly" in detail or "read-only" in detail or isinstance(exc, PermissionError):
+        fix = "it is read-only: make it and its folder writable, or point `checkpoint:` elsewhere"
+    elif "not a database" in detail or "malformed" in detail or "no such table" in detail:
+        fix = "it is not a batchrunner checkpoint (or it is damaged): move it away, or point `checkpoint:` elsewhere"
+    else:
+        fix = "check the file and its folder, or point `checkpoint:` elsewhere"
+    return SpecError(Problem("checkpoint", f"{path}: cannot use it as the checkpoint ({detail}); {fix}"))
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:

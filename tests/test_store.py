@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from batchrunner.errors import SpecError
 from batchrunner.records import RowResult
 from batchrunner.store import MIGRATIONS, RESULT_COLUMNS, Store
 
@@ -39,8 +40,29 @@ def test_migrations_apply_once_and_newer_schemas_are_refused(tmp_path: Path) -> 
     db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="newer batchrunner"):
+    with pytest.raises(SpecError, match=r"newer batchrunner .* upgrade batchrunner"):
         Store.open(path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "folder", "symlink"])
+def test_an_unusable_checkpoint_is_a_spec_error_naming_the_fix(tmp_path: Path, damage: str) -> None:
+    """Garbage, a truncated file, a folder and a planted symlink are refused with the file and the fix."""
+    path = tmp_path / "c.sqlite"
+    if damage == "garbage":
+        path.write_bytes(b"this is not sqlite at all" * 100)
+    elif damage == "truncated":
+        Store.open(path).close()
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "folder":
+        path.mkdir()
+    else:
+        target = tmp_path / "precious.txt"
+        target.write_text("keep me")
+        path.symlink_to(target)
+    with pytest.raises(SpecError, match=r"checkpoint: .*c\.sqlite"):
+        Store.open(path).close()
+    if damage == "symlink":
+        assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
 def test_results_round_trip_exactly(tmp_path: Path) -> None:

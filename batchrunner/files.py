@@ -1,0 +1,56 @@
+"""Creating files safely in folders other people may write to (a shared output folder, a cron job's).
+
+Every file batchrunner writes goes through here: a new file is created beside its target
+under a name no one can predict (`mkstemp`), then renamed over the target, so a symlink
+planted at the target or at a temporary name is replaced, never written through. Files we
+open in place (the lock, the spill file) are opened with O_NOFOLLOW. New files get the
+permissions the process umask allows, like any other tool's, not mkstemp's private 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process umask: what open() would give a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A fresh temporary path beside `path`; when the block succeeds, it atomically replaces `path`.
+
+    The temporary file exists (empty, with umask permissions) when the block starts; writers
+    may truncate and rewrite it. On failure it is removed and `path` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = Path(name)
+    try:
+        os.fchmod(fd, umask_mode())
+        os.close(fd)
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`, durably (fsync) and atomically."""
+    with replacing(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def open_no_follow(path: Path, flags: int, mode: int = 0o666) -> int:
+    """os.open that refuses a symlink at `path` (OSError ELOOP) instead of writing where it points."""
+    return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
