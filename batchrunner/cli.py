@@ -29,21 +29,27 @@ from batchrunner.spec import load_spec
 EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 
 
+def say(text: str, *, err: bool = False) -> None:
+    """Print one line; what came from outside in it (server errors, model names, cells) cannot
+    drive the terminal (see logs.printable)."""
+    click.echo(logs.printable(text), err=err)
+
+
 @contextlib.contextmanager
 def _exit_codes() -> Iterator[None]:
     """Turn the errors a user acts on into a message and an exit code, never a traceback."""
     try:
         yield
     except SpecError as error:
-        click.echo("error: the job was not started (nothing was sent):", err=True)
+        say("error: the job was not started (nothing was sent):", err=True)
         for problem in error.problems:
-            click.echo(f"  {problem}", err=True)
+            say(f"  {problem}", err=True)
         sys.exit(EXIT_INVALID)
     except RunHalted as error:
-        click.echo(f"stopped before sending anything: {error}", err=True)
+        say(f"stopped before sending anything: {error}", err=True)
         sys.exit(EXIT_STOPPED)
     except OutputError as error:
-        click.echo(f"error: {error}; the checkpoint keeps every answer", err=True)
+        say(f"error: {error}; the checkpoint keeps every answer", err=True)
         sys.exit(EXIT_STOPPED)
 
 
@@ -108,7 +114,7 @@ def run(
 
         def banner(sandbox_url: str | None) -> None:
             if sandbox_url:
-                click.echo(
+                say(
                     f"SANDBOX: answers are simulated by batchrunner's built-in OpenRouter-compatible server at {sandbox_url}; nothing is sent to OpenRouter and nothing is billed.",
                     err=True,
                 )
@@ -126,25 +132,21 @@ def run(
                 )
             )
         except OSError as error:  # a full disk, a read-only folder: say so, keep what the checkpoint holds
-            click.echo(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
+            say(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
             sys.exit(EXIT_STOPPED)
     report = outcome.report
     if outcome.output_rows is None:
-        click.echo(
-            f"{spec.name}: the output could not be written (see above); the checkpoint has every answer", err=True
-        )
+        say(f"{spec.name}: the output could not be written (see above); the checkpoint has every answer", err=True)
     else:
-        click.echo(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
+        say(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
     for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
-        click.echo(f"  {line}")
+        say(f"  {line}")
     if report.halted or report.deferred or outcome.output_rows is None or outcome.unsaved:
         reason = report.halted or report.deferred
         if reason is None:
             reason = "the output was not written" if outcome.output_rows is None else "the checkpoint was not written"
-        click.echo(f"stopped early: {reason}", err=True)
-        click.echo(
-            f"{report.pending} rows are pending; rerun the same command to continue once that is resolved.", err=True
-        )
+        say(f"stopped early: {reason}", err=True)
+        say(f"{report.pending} rows are pending; rerun the same command to continue once that is resolved.", err=True)
         sys.exit(EXIT_STOPPED)
     sys.exit(EXIT_SOME_FAILED if report.summary.failed else EXIT_OK)
 
@@ -160,21 +162,21 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
     with _exit_codes():
         report = asyncio.run(estimate_job(load_spec(job), limit=limit, sandbox=SandboxConfig() if sandbox else None))
     if as_json:
-        click.echo(json.dumps(report, indent=1))
+        click.echo(json.dumps(report, indent=1))  # JSON escapes control characters itself
         return
 
     def usd(value: str | None) -> str:
         return "unknown (no prices)" if value is None else format_usd(Decimal(value))
 
-    click.echo(f"{report['job']}: {report['rows']} requests to send")
+    say(f"{report['job']}: {report['rows']} requests to send")
     for model, entry in report["models"].items():
-        click.echo(
+        say(
             f"  {model}: {entry['rows']} rows, ~{entry['estimated_prompt_tokens']:,} prompt tokens, "
             f"~{entry['expected_completion_tokens_per_row']:g} completion tokens a row ({entry['completion_estimate_basis']})"
         )
-    click.echo(f"  expected cost: {usd(report['expected_cost_usd'])}   worst case: {usd(report['max_cost_usd'])}")
-    click.echo(f"  expected duration: {report['expected_duration_s']:g} s at {report['rate_rps']:g} requests/s")
-    click.echo(f"  ({report['prompt_tokens_note']})")
+    say(f"  expected cost: {usd(report['expected_cost_usd'])}   worst case: {usd(report['max_cost_usd'])}")
+    say(f"  expected duration: {report['expected_duration_s']:g} s at {report['rate_rps']:g} requests/s")
+    say(f"  ({report['prompt_tokens_note']})")
 
 
 @main.command()
@@ -187,12 +189,10 @@ def models(search: str | None, free: bool, sandbox: bool) -> None:
     with _exit_codes():
         listing = asyncio.run(list_models(search=search, free_only=free, sandbox=SandboxConfig() if sandbox else None))
     width = max((len(m["id"]) for m in listing), default=5)
-    click.echo(f"{'model'.ljust(width)}  {'prompt $/M':>11}  {'compl. $/M':>11}  {'context':>9}")
+    say(f"{'model'.ljust(width)}  {'prompt $/M':>11}  {'compl. $/M':>11}  {'context':>9}")
     for model in listing:
         context = model["context_length"] or "-"
-        click.echo(
-            f"{model['id'].ljust(width)}  {model['prompt_per_m']:>11}  {model['completion_per_m']:>11}  {context:>9}"
-        )
+        say(f"{model['id'].ljust(width)}  {model['prompt_per_m']:>11}  {model['completion_per_m']:>11}  {context:>9}")
 
 
 @main.command()
@@ -207,7 +207,7 @@ def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
     with _exit_codes():
         spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None))
         written = export_job(spec, sandbox=sandbox)
-    click.echo(f"{spec.name}: wrote {written} rows to {spec.output}")
+    say(f"{spec.name}: wrote {written} rows to {spec.output}")
 
 
 @main.command()
@@ -220,18 +220,18 @@ def status(job: Path, as_json: bool, sandbox: bool) -> None:
     with _exit_codes():
         report = job_status(load_spec(job), sandbox=sandbox)
     if as_json:
-        click.echo(json.dumps(report, indent=1))
+        click.echo(json.dumps(report, indent=1))  # JSON escapes control characters itself
         return
-    click.echo(f"{report['job']}: checkpoint {report['checkpoint']}, answers from {report['server']}")
+    say(f"{report['job']}: checkpoint {report['checkpoint']}, answers from {report['server']}")
     for model, counts in report["models"].items():
-        click.echo(f"  {model}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
+        say(f"  {model}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
     for server, count in report["answers_from_other_servers"].items():
         hint = " (simulated; see them with --sandbox)" if server == "sandbox" else ""
-        click.echo(f"  also {count} answers from {server}{hint}, not used for {report['server']}")
-    click.echo(f"  cost so far: {format_usd(Decimal(report['cost_usd']))} over {report['runs']} run(s)")
+        say(f"  also {count} answers from {server}{hint}, not used for {report['server']}")
+    say(f"  cost so far: {format_usd(Decimal(report['cost_usd']))} over {report['runs']} run(s)")
     last = report["last_run"]
     if last:
-        click.echo(f"  last run: started {last['started_at']}, {last['outcome'] or 'running or killed'}")
+        say(f"  last run: started {last['started_at']}, {last['outcome'] or 'running or killed'}")
 
 
 def _fault(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
@@ -299,7 +299,7 @@ def sandbox(
     )
 
     def ready(url: str) -> None:
-        click.echo(f"sandbox: serving a simulated OpenRouter API at {url} (Ctrl-C to stop)", err=True)
+        say(f"sandbox: serving a simulated OpenRouter API at {url} (Ctrl-C to stop)", err=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, port, ready))

@@ -8,10 +8,35 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 from tqdm import tqdm
+
+MAX_MESSAGE_CHARS = 2000  # a log line or printed message longer than this is cut: a 10 MB error is not logged per row
+# Characters that move the cursor, rewrite the title or the clipboard, clear the screen, or forge log lines:
+# C0 controls (newline and escape among them), DEL, C1 controls, and Unicode line and bidi overrides.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Text that came from outside (a server's error, an answer, a cell), safe to print on a terminal:
+    control characters shown as escapes, and at most `limit` characters."""
+    text = str(text)
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+    return _UNPRINTABLE.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text
+    )
+
+
+class _Printable(logging.Filter):
+    """Every log message made printable (see `printable`) before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = printable(record.getMessage()), None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,6 +76,7 @@ def configure(*, verbose: bool = False, json_lines: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s batchrunner %(levelname)s %(message)s"))
+    handler.addFilter(_Printable())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

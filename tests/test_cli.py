@@ -475,3 +475,19 @@ def test_a_server_killed_mid_run_stops_the_run_with_exit_3(write_spec: Callable[
     output = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert 0 < output.height < rows
     assert output["status"].to_list() == ["ok"] * output.height, "no row failed because the server went away"
+
+
+def test_hostile_error_text_cannot_drive_the_terminal_or_flood_the_log(
+    write_spec: Callable[..., Path], sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """A server error carrying OSC 0/52, ESC[2J, CR/LF and 2 MB of text reaches stderr and stdout escaped and cut,
+    even with -v logging every row."""
+    sandbox = sandbox_in_thread(SandboxConfig(faults={"hostile_error": 1.0}))
+    env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    result = invoke("run", str(write_spec()), "-v", env=env)
+    assert result.exit_code == 1, result.output[-2000:]
+    for stream in (result.stdout, result.stderr):
+        assert "\x1b" not in stream and "\x07" not in stream and "\r" not in stream
+        assert "\nFAKE LOG LINE" not in stream
+    assert "\\x1b]52;c;" in result.stderr, "the escape is shown, not executed"
+    assert len(result.stderr) < 200_000, "a 2 MB message is not logged in full for every row"

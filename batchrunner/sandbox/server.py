@@ -45,7 +45,9 @@ FAULT_KINDS = (
     "content_object",  # a 200 whose message.content is an object, not a string (a malformed reply)
     "negative_cost",  # a 200 whose usage.cost is -15
     "absurd_cost",  # a 200 whose usage.cost is 1e30
+    "hostile_error",  # a 400 whose message carries terminal escapes (title, clipboard, clear screen) and 2 MB of text
 )
+HOSTILE_TEXT = "\x1b]0;pwned\x07\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\nFAKE LOG LINE"
 FREE_PER_MINUTE = 20
 
 
@@ -377,6 +379,8 @@ class Sandbox:
             return _error(
                 status, "Provider returned error" if status == 502 else "Internal Server Error", error_type="server"
             )
+        if fault == "hostile_error":
+            return _error(400, HOSTILE_TEXT + "A" * 2_000_000, error_type="invalid_request")
         if fault == "error_in_200":
             return web.json_response(
                 {
