@@ -58,7 +58,12 @@ def rate_from_key(info: dict[str, Any]) -> tuple[float, str]:
     try:
         credits = float(remaining)
     except (TypeError, ValueError):
-        return SURGE_LIMIT_RPS, f"limit_remaining {remaining!r} is not a number: the surge limit of 500 requests/s"
+        credits = math.nan
+    if not math.isfinite(credits):
+        return (
+            SURGE_LIMIT_RPS,
+            f"limit_remaining {str(remaining)[:40]!r} is not a number: the surge limit of 500 requests/s",
+        )
     rps = min(SURGE_LIMIT_RPS, max(MIN_RPS, math.floor(credits)))
     return rps, f"{credits:.2f} credits remaining: one request/s per credit, {rps:g} requests/s"
 

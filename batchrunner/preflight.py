@@ -25,6 +25,10 @@ def api_key(spec: JobSpec, base_url: str) -> str | None:
     """The key from the environment; SpecError when OpenRouter needs one and it is missing or malformed."""
     env = spec.api.api_key_env
     key = os.environ.get(env, "").strip()
+    if any(ord(char) < 32 or ord(char) == 127 for char in key):
+        raise SpecError(
+            Problem("api.api_key_env", f"${env} contains a line break or control character; set it to the key alone")
+        )
     is_openrouter = base_url.startswith("https://openrouter.ai")
     if not key:
         if is_openrouter:

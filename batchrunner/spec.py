@@ -34,6 +34,8 @@ from batchrunner.structured import schema_problems
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 SANDBOX_SERVER = "sandbox"
+MAX_SPEC_NODES = 100_000  # values in a spec once YAML aliases are expanded
+MAX_SPEC_DEPTH = 64  # levels of nesting (a deep JSON schema needs a dozen)
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
 # Request fields the spec sets through its own keys, so `params` may not set them too.
@@ -60,6 +62,17 @@ class ApiSettings(_Strict):
     api_key_env: str = "OPENROUTER_API_KEY"
     headers: dict[str, str] = {}
 
+    @field_validator("headers")
+    @classmethod
+    def _header_lines(cls, value: dict[str, str]) -> dict[str, str]:
+        """A header name is a token, and no value may carry a line break: it would forge headers."""
+        for name, text in value.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{name!r} is not a valid header name (letters, digits and -)")
+            if re.search(r"[\x00-\x1f\x7f]", text):
+                raise ValueError(f"the value of {name!r} contains a line break or control character; remove it")
+        return value
+
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
@@ -71,8 +84,8 @@ class ApiSettings(_Strict):
 class RateLimit(_Strict):
     """An explicit rate instead of the one OpenRouter's credit rule gives."""
 
-    requests_per_second: Annotated[float, Field(gt=0)] | None = None
-    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
+    requests_per_second: Annotated[float, Field(gt=0, le=10_000, allow_inf_nan=False)] | None = None
+    requests_per_minute: Annotated[float, Field(gt=0, le=600_000, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RateLimit:
@@ -93,8 +106,8 @@ class RetrySettings(_Strict):
     """How hard to try one model before its fallbacks: attempts, and backoff between them."""
 
     max_attempts: Annotated[int, Field(ge=1, le=50)] = 5
-    base_delay_s: Annotated[float, Field(ge=0)] = 1.0
-    max_delay_s: Annotated[float, Field(ge=0)] = 60.0
+    base_delay_s: Annotated[float, Field(ge=0, le=3_600, allow_inf_nan=False)] = 1.0
+    max_delay_s: Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)] = 60.0
 
 
 class RepairSettings(_Strict):
@@ -111,7 +124,7 @@ class Message(_Strict):
 class JobSpec(_Strict):
     """A batch job, as written in YAML. Paths are already resolved against the spec's folder."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)]
     input: Path
     id_column: str | None = None
     output: Path
@@ -126,12 +139,14 @@ class JobSpec(_Strict):
     response_format: dict[str, Any] | None = None
     concurrency: Annotated[int, Field(ge=1, le=4096)] = 16
     endpoint: Literal["chat", "completions"] = "chat"
-    timeout_s: Annotated[float, Field(gt=0)] = 300.0  # per request; doubled for :free models
-    unreachable_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0  # stop when the server is gone this long
+    timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0  # per request; doubled for :free
+    unreachable_timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = (
+        60.0  # stop when the server is gone this long
+    )
     rate_limit: Literal["auto"] | RateLimit = "auto"
-    free_requests_per_day: Annotated[int, Field(ge=1)] = 200
+    free_requests_per_day: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     retry: RetrySettings = RetrySettings()
-    budget_usd: Annotated[Decimal, Field(gt=0)] | None = None  # most a run may spend
+    budget_usd: Annotated[Decimal, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | None = None  # most a run may spend
     cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
     repair: RepairSettings = RepairSettings()
     server_fallbacks: bool = False  # also send `fallbacks` in OpenRouter's `models` array
@@ -259,7 +274,10 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
         raise SpecError(Problem(str(path), f"cannot read the job spec: {exc}")) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_size(path, root)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(Problem(str(path), f"nested too deeply (at most {MAX_SPEC_DEPTH} levels)")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         place = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -304,6 +322,41 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
         raise SpecError(_by_line(problems))
     spec._locate = lambda field: where(tuple(_split_dotted(field)))
     return spec
+
+
+def _check_size(path: Path, root: yaml.Node | None) -> None:
+    """Refuse a spec whose aliases expand it past MAX_SPEC_NODES values, or nested past MAX_SPEC_DEPTH:
+    `&a [*b, *b, ...]` ten levels deep is a few lines that expand to billions of values."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values once expanded, depth): each node measured once
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(
+                Problem(f"{path}:{node.start_mark.line + 1}", f"nested deeper than {MAX_SPEC_DEPTH} levels")
+            )
+        if id(node) in sizes:
+            return sizes[id(node)]
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        size, deepest = 1, 0
+        for child in children:
+            child_size, child_depth = measure(child, depth + 1)
+            size, deepest = size + child_size, max(deepest, child_depth + 1)
+            if size > MAX_SPEC_NODES:
+                raise SpecError(
+                    Problem(
+                        f"{path}:{node.start_mark.line + 1}",
+                        f"the spec expands to more than {MAX_SPEC_NODES:,} values (YAML aliases?); write it out plainly",
+                    )
+                )
+        sizes[id(node)] = (size, deepest)
+        return size, deepest
+
+    if root is not None:
+        measure(root, 0)
 
 
 def _by_line(problems: list[Problem]) -> list[Problem]:

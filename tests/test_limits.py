@@ -133,3 +133,10 @@ async def test_an_upstream_429_slows_only_its_model() -> None:
     assert slow_s > fine_s * 1.2, "the throttled model is paced slower than the others"
     limits.rate_limited("b/fine", upstream=False)
     assert limits.pacer.factor == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("remaining", [float("nan"), float("inf"), "NaN", "Infinity", {"x": 1}])
+def test_a_limit_remaining_that_is_not_a_finite_number_falls_back_to_the_surge_limit(remaining: object) -> None:
+    """GET /key answering NaN or Infinity (or an object) is not a crash: the surge limit, saying why."""
+    rps, why = rate_from_key({"limit_remaining": remaining})
+    assert rps == 500 and "is not a number" in why
