@@ -14,9 +14,10 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from batchrunner.breaker import Breaker, ServerWatch
 from batchrunner.client import Client, Completion
@@ -33,6 +34,7 @@ from batchrunner.store import Store
 from batchrunner.structured import InvalidAnswer, Mode, parse_answer
 
 log = logging.getLogger("batchrunner")
+_T = TypeVar("_T")
 UNREACHABLE = "unreachable"  # the client's code for a request that never reached the server
 
 
@@ -311,7 +313,7 @@ class Engine:
                     )
                     return None
                 failed_probes = self.breaker.failed_probes(model)
-                await self.breaker.wait(model)
+                await self._unless_stopped(self.breaker.wait(model))
                 tries += self.breaker.failed_probes(model) - failed_probes
                 cause = self.breaker.last_failure(model)
                 row.last_error = TransientError(
@@ -319,7 +321,7 @@ class Engine:
                     code="circuit_open",
                 )
                 continue
-            if not await self.server.admit():
+            if not await self._unless_stopped(self.server.admit()):
                 self.breaker.release(model)
                 self.stop(
                     f"the server has been unreachable for {self.server.give_up_s:g} s ({self.server.cause}); "
@@ -328,7 +330,10 @@ class Engine:
                 raise _Halt
             reserved = await self._reserve(body, model)
             try:
-                await self.limits.acquire(model)
+                # A free model's slot can be minutes away; any other's is a fraction of a second.
+                await (
+                    self._unless_stopped(self.limits.acquire(model)) if is_free(model) else self.limits.acquire(model)
+                )
             except FreeModelCapReached as cap:
                 self._settle(reserved, ZERO_USD)
                 self._defer(model, cap)
@@ -456,6 +461,26 @@ class Engine:
                 raise _Halt
             await settled.wait()
 
+    async def _unless_stopped(self, waiting: Coroutine[Any, Any, _T]) -> _T:
+        """Wait for `waiting` (a backoff, a breaker, a slot), but leave the row pending as soon as the run
+        stops: only requests on the wire get the grace period, rows merely waiting are released at once."""
+        if self.stopping:
+            waiting.close()
+            raise _Halt
+        task = asyncio.ensure_future(waiting)
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise _Halt
+        return task.result()
+
     def _settle(self, reserved: Decimal, actual: Decimal) -> None:
         if self.budget is not None:
             self.budget.settle(reserved, actual)
@@ -467,7 +492,7 @@ class Engine:
         if self.progress is not None:
             self.progress.retry(+1)
         try:
-            await asyncio.sleep(delay)
+            await self._unless_stopped(asyncio.sleep(delay))
         finally:
             if self.progress is not None:
                 self.progress.retry(-1)

@@ -6,6 +6,7 @@ terminal while a run is going.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -64,13 +65,34 @@ class Progress:
 
     def _log_line(self) -> None:
         self._last_line = now = time.monotonic()
-        done = self.summary.done
+        s = self.summary
+        done = s.done
         rate = done / max(now - self._started, 1e-9)
         left = self.total - self.already_done - done
         eta = f", eta {left / rate:.0f} s" if rate > 0 and left > 0 else ""
+        retrying = f", {self.retrying} waiting to retry" if self.retrying else ""
         log.info(
-            "progress: %d/%d rows, %.1f rows/s%s, %s", done + self.already_done, self.total, rate, eta, self._postfix()
+            "progress: %d/%d rows (%d ok, %d failed, %d pending%s), %.1f rows/s%s, %s spent",
+            done + self.already_done,
+            self.total,
+            s.ok,
+            s.failed,
+            left,
+            retrying,
+            rate,
+            eta,
+            format_usd(s.cost_usd),
         )
+
+    async def heartbeat(self) -> None:
+        """Until cancelled: a log line at least every `every_s` without a terminal (cron), even while
+        no row finishes (backoff, a paused model, a slow answer); on a terminal, keep the bar's clock moving."""
+        while True:
+            await asyncio.sleep(self.every_s)
+            if self._bar is not None:
+                self._bar.refresh()
+            elif time.monotonic() - self._last_line >= self.every_s * 0.99:
+                self._log_line()
 
     def close(self) -> None:
         if self._bar is not None:

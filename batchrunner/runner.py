@@ -128,6 +128,8 @@ async def run_job(
                         )
                     )
                 ]
+                if progress is not None:
+                    background.append(asyncio.create_task(progress.heartbeat()))
                 if key_info is not None and key_info.get("limit_remaining") is not None:
                     background.append(asyncio.create_task(follow_credits(client, limits, credit_refresh_s)))
                 restore = _install_signal_handlers(engine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -248,3 +249,24 @@ async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
     assert report.halted and "reading late.csv failed after" in report.halted
     read = int(report.halted.split("failed after ")[1].split()[0])
     assert report.summary.done >= read - 2 * spec.concurrency, "rows read before the bad one were answered"
+
+
+async def test_stop_releases_rows_waiting_on_backoff_at_once(
+    write_spec: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows told to wait 60 s (429 with Retry-After) are not on the wire: a stop releases them at once,
+    without the 30 s grace, and nothing is reported as abandoned in flight."""
+    spec = load_spec(write_spec(concurrency=4))
+    async with Sandbox(SandboxConfig(faults={"rate_limit": 1.0}, retry_after_s=60)) as sandbox:
+        dataset = prepare(spec)
+        async with Client(sandbox.base_url) as client:
+            engine = Engine(spec, client, retry=RetryPolicy(), grace_s=30)
+            running = asyncio.create_task(engine.run(dataset))
+            while sandbox.stats.requests < 4:
+                await asyncio.sleep(0.01)
+            stopped_at = time.monotonic()
+            engine.stop("SIGTERM")
+            report = await asyncio.wait_for(running, 10)
+    assert time.monotonic() - stopped_at < 2
+    assert report.pending == 12
+    assert "gave up on" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from decimal import Decimal
@@ -23,7 +24,19 @@ def test_log_lines_when_not_a_terminal(caplog: pytest.LogCaptureFixture) -> None
     with caplog.at_level(logging.INFO, logger="batchrunner"):
         progress.finished(row(0))
         progress.finished(row(1, "failed"))
-    assert "progress: 2/3 rows" in caplog.text and "ok=1 failed=1" in caplog.text and "$0.002" in caplog.text
+    assert "progress: 2/3 rows (1 ok, 1 failed, 1 pending)" in caplog.text and "$0.002 spent" in caplog.text
+
+
+async def test_a_heartbeat_line_comes_while_no_row_finishes(caplog: pytest.LogCaptureFixture) -> None:
+    """In cron mode a line is logged every interval even when nothing finishes (a long backoff, a paused model)."""
+    progress = Progress(5, stream=io.StringIO(), interactive=False, every_s=0.01)
+    progress.retry(+2)
+    with caplog.at_level(logging.INFO, logger="batchrunner"):
+        beat = asyncio.create_task(progress.heartbeat())
+        await asyncio.sleep(0.05)
+        beat.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert len(lines) >= 2 and "0/5 rows (0 ok, 0 failed, 5 pending, 2 waiting to retry)" in lines[0]
 
 
 def test_bar_on_a_terminal_shows_counts_and_retries() -> None:
