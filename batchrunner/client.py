@@ -24,6 +24,7 @@ from batchrunner.errors import (
     RequestRejected,
     TransientError,
 )
+from batchrunner.spec import is_openrouter
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 524, 529})
 REJECTED_STATUSES = frozenset({400, 404, 413, 422})
@@ -70,6 +71,7 @@ class Client:
         max_connections: int = 100,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.openrouter = is_openrouter(self.base_url + "/")  # its key format and hints apply
         self._headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -163,7 +165,10 @@ class Client:
             raise TransientError(f"connection failed: {detail}", code="connection") from None
         payload = _parse_json(text)
         if status >= 400 or status < 200:
-            raise classify(status, payload, headers)
+            error = classify(status, payload, headers)
+            if error.code == "auth" and self.openrouter:
+                error.message += " (OpenRouter keys start with sk-or-v1-)"
+            raise error
         if payload is None:
             raise TransientError(
                 f"HTTP {status} with a body that is not JSON: {text[:120]!r}", status=status, code="bad_body"
@@ -255,9 +260,7 @@ def classify(status: int, payload: Any, headers: Any = None) -> ApiError:
     availability = _mapping(error.get("availability"))
 
     if status == 401:
-        return FatalApiError(
-            f"{message}; check that the API key is right (OpenRouter keys start with sk-or-v1-)", code="auth", **common
-        )
+        return FatalApiError(f"{message}; check that the API key is right", code="auth", **common)
     if status == 402:
         if limit_source == "openrouter_in_flight_budget":
             return RateLimited(message, code="in_flight_budget", **common)

@@ -15,7 +15,7 @@ from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.errors import OutputError, Problem, SpecError
 from batchrunner.output import extra_columns, probe_output, summary_path
 from batchrunner.records import RESULT_SCHEMA
-from batchrunner.spec import JobSpec
+from batchrunner.spec import JobSpec, is_openrouter
 from batchrunner.structured import Mode, strict_mode_warnings
 
 log = logging.getLogger("batchrunner")
@@ -29,9 +29,9 @@ def api_key(spec: JobSpec, base_url: str) -> str | None:
         raise SpecError(
             Problem("api.api_key_env", f"${env} contains a line break or control character; set it to the key alone")
         )
-    is_openrouter = base_url.startswith("https://openrouter.ai")
+    openrouter = is_openrouter(base_url)
     if not key:
-        if is_openrouter:
+        if openrouter:
             raise SpecError(
                 Problem(
                     "api.api_key_env",
@@ -39,7 +39,7 @@ def api_key(spec: JobSpec, base_url: str) -> str | None:
                 )
             )
         return None
-    if is_openrouter and not key.startswith("sk-or-v1-"):
+    if openrouter and not key.startswith("sk-or-v1-"):
         raise SpecError(
             Problem(
                 "api.api_key_env",

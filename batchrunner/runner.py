@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -22,7 +23,16 @@ from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.costs import ZERO_USD, Budget, PriceTable, format_usd
 from batchrunner.engine import Engine, RunReport
-from batchrunner.errors import ApiError, FatalApiError, OutputError, Problem, RunHalted, SpecError, TransientError
+from batchrunner.errors import (
+    ApiError,
+    FatalApiError,
+    OutputError,
+    Problem,
+    RequestRejected,
+    RunHalted,
+    SpecError,
+    TransientError,
+)
 from batchrunner.files import write_text_atomically
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
@@ -178,7 +188,7 @@ def concurrency_hint(spec: JobSpec, report: RunReport, pace_rps: float) -> None:
     """Say so when `concurrency` and not the rate limit held the run back: by Little's law,
     requests in flight / latency is the most a run can do."""
     latencies = sorted(s for stats in report.summary.by_model.values() for s in stats.latencies_s)
-    if report.summary.done < 4 * spec.concurrency or not latencies or report.wall_s <= 0:
+    if report.summary.done < 4 * spec.concurrency or not latencies or report.wall_s <= 0 or math.isinf(pace_rps):
         return
     latency_s = latencies[len(latencies) // 2]
     ceiling_rps = spec.concurrency / latency_s if latency_s > 0 else float("inf")
@@ -254,10 +264,16 @@ async def plan_limits(
             raise RunHalted(str(exc)) from exc
         except ApiError as exc:
             _halt_if_unreachable(client, exc)
-            rps, why = SURGE_LIMIT_RPS, f"the key's limits could not be read ({exc}); assuming the surge limit"
+            if isinstance(exc, RequestRejected) and exc.status == 404:  # not OpenRouter: vLLM, llama.cpp, a proxy
+                rps, why = math.inf, f"{client.base_url} has no /key endpoint, so no rate limit could be read"
+            else:
+                rps, why = SURGE_LIMIT_RPS, f"the key's limits could not be read ({exc}); assuming the surge limit"
         else:
             rps, why = rate_from_key(key_info)
-    log.info("rate limit: %g requests/s (%s); at most %d in flight", rps, why, spec.concurrency)
+    if math.isinf(rps):
+        log.info("rate limit: none (%s); only concurrency limits the run: at most %d in flight", why, spec.concurrency)
+    else:
+        log.info("rate limit: %g requests/s (%s); at most %d in flight", rps, why, spec.concurrency)
     usage = (
         FreeUsage.load(state_dir(), api_key)
         if any(m.endswith(":free") for m in [*spec.models, *spec.fallbacks])

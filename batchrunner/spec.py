@@ -8,6 +8,7 @@ so the CLI can refuse the job (exit 2) before a single request is sent.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from batchrunner import openapi
 from batchrunner.errors import Problem, SpecError
 from batchrunner.prompt import MessageTemplate, PromptTemplate, Template, TemplateError, parse_template
 from batchrunner.structured import schema_problems
+
+log = logging.getLogger("batchrunner")
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 SANDBOX_SERVER = "sandbox"
@@ -370,9 +373,12 @@ def _by_line(problems: list[Problem]) -> list[Problem]:
 
 
 def _request_problems(spec: JobSpec, where: Any) -> list[Problem]:
-    """Check params, provider and response_format against OpenRouter's ChatRequest schema."""
+    """Check params, provider and response_format: against OpenRouter's ChatRequest schema when the job
+    goes to OpenRouter; another server takes parameters OpenRouter does not know (llama.cpp's
+    `cache_prompt`, vLLM's `guided_json`), so there an unknown key is a warning and is sent."""
     problems = []
     known = openapi.request_fields()
+    strict = is_openrouter(spec.base_url())
     for key in spec.params:
         if key in SPEC_OWNED_FIELDS:
             problems.append(
@@ -384,9 +390,18 @@ def _request_problems(spec: JobSpec, where: Any) -> list[Problem]:
             problems.append(Problem(where(("params", key)), "batchrunner reads whole answers; remove `stream`"))
         elif key not in known:
             hint = difflib.get_close_matches(key, sorted(known), n=1)
-            fix = f"did you mean {hint[0]!r}?" if hint else "see OpenRouter's ChatRequest fields"
-            problems.append(Problem(where(("params", key)), f"unknown request parameter; {fix}"))
-    if problems or spec.endpoint != "chat":
+            if strict:
+                fix = f"did you mean {hint[0]!r}?" if hint else "see OpenRouter's ChatRequest fields"
+                problems.append(Problem(where(("params", key)), f"unknown request parameter; {fix}"))
+            else:
+                maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+                log.warning(
+                    "%s: not an OpenRouter request parameter%s; sent as it is to %s",
+                    where(("params", key)),
+                    maybe,
+                    spec.base_url(),
+                )
+    if problems or spec.endpoint != "chat" or not strict:
         return problems
     probe = {**spec.request_body(spec.models[0]), "messages": [{"role": "user", "content": "probe"}]}
     for loc, message in openapi.validation_errors("ChatRequest", probe):
@@ -394,6 +409,11 @@ def _request_problems(spec: JobSpec, where: Any) -> list[Problem]:
         prefix = () if top in ("provider", "response_format") else ("params",)
         problems.append(Problem(where(prefix + loc), message))
     return problems
+
+
+def is_openrouter(base_url: str) -> bool:
+    """Whether requests go to OpenRouter itself (its key format, its schema, its model list apply)."""
+    return base_url.startswith("https://openrouter.ai/")
 
 
 def _without_union_noise(errors: list[Any]) -> list[Any]:

@@ -133,7 +133,8 @@ def test_rejected_key_exits_3_and_keeps_the_key_secret(
     env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-wrong-secret"}
     result = invoke("run", str(write_spec()), env=env)
     assert result.exit_code == 3, result.output
-    assert "stopped before sending anything" in result.stderr and "sk-or-v1-" in result.stderr
+    assert "stopped before sending anything" in result.stderr and "check that the API key is right" in result.stderr
+    assert "sk-or-v1-" not in result.stderr, "OpenRouter's key format is not suggested for another server"
     assert "wrong-secret" not in result.output
     assert sandbox.stats.requests == 0
 

@@ -69,9 +69,16 @@ def test_classify_keeps_provider_raw_message() -> None:
     assert "upstream said no" in str(classify(502, envelope(502, "Provider returned error", raw="upstream said no")))
 
 
-def test_unauthorised_message_mentions_the_key_prefix() -> None:
-    """A 401 tells the user to check the key starts with sk-or-v1-."""
-    assert "sk-or-v1-" in str(classify(401, envelope(401, "User not found.")))
+async def test_unauthorised_message_mentions_the_key_prefix_only_for_openrouter() -> None:
+    """A 401 says to check the key; OpenRouter's sk-or-v1- format is mentioned only when the server is OpenRouter."""
+    assert Client("https://openrouter.ai/api/v1").openrouter and not Client("http://127.0.0.1:8000/v1").openrouter
+    async with Sandbox(SandboxConfig(require_key=True)) as sandbox:
+        for openrouter in (False, True):
+            async with Client(sandbox.base_url, api_key="wrong") as client:
+                client.openrouter = openrouter  # as if the sandbox were openrouter.ai
+                with pytest.raises(FatalApiError, match="check that the API key is right") as caught:
+                    await client.chat(CHAT)
+            assert ("sk-or-v1-" in str(caught.value)) == openrouter
 
 
 def test_retry_after_sources() -> None:
