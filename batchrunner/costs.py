@@ -105,6 +105,7 @@ class PriceTable:
 
     def __init__(self, models: list[dict[str, Any]]) -> None:
         self._prices: dict[str, Pricing] = {}
+        self.ids = {model["id"] for model in models if isinstance(model.get("id"), str)}  # priced or not
         for model in models:
             pricing = Pricing.from_model(model)
             if pricing is not None and isinstance(model.get("id"), str):
@@ -117,6 +118,10 @@ class PriceTable:
             if slug.endswith(suffix):
                 return self._prices.get(slug.removesuffix(suffix))
         return None
+
+    def lists(self, slug: str) -> bool:
+        """Whether GET /models named this model (or the model a routing variant of it is)."""
+        return slug in self.ids or any(slug.endswith(s) and slug.removesuffix(s) in self.ids for s in VARIANT_SUFFIXES)
 
     def __contains__(self, slug: object) -> bool:
         return isinstance(slug, str) and self.get(slug) is not None

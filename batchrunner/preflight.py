@@ -7,10 +7,12 @@ A job refused here costs nothing: each problem is a SpecError naming the field a
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
 
+from batchrunner.costs import PriceTable
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.errors import OutputError, Problem, SpecError
 from batchrunner.output import extra_columns, probe_output, summary_path
@@ -138,3 +140,27 @@ def check_output(spec: JobSpec, dataset: Dataset) -> None:
                 f"cannot write {spec.output} ({exc}); choose a folder you can write to, or pass --output",
             )
         ) from None
+
+
+def check_models(spec: JobSpec, catalog: PriceTable, *, strict: bool) -> None:
+    """Every model of the job is one the server lists at /models. Against OpenRouter (or the sandbox) a
+    model it does not list is refused, with the closest slugs; another server may answer any name
+    (llama-server ignores it), so there it is a warning. Nothing to check when /models was not read."""
+    if not catalog.ids:
+        return
+    named = [(f"models[{i}]", m) for i, m in enumerate(spec.models)]
+    named += [(f"fallbacks[{i}]", m) for i, m in enumerate(spec.fallbacks)]
+    problems = []
+    for field, model in named:
+        if catalog.lists(model):
+            continue
+        close = difflib.get_close_matches(model, sorted(catalog.ids), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(map(repr, close))}?" if close else "`batchrunner models` lists them"
+        if strict:
+            problems.append(Problem(spec.locate(field), f"{model!r} is not a model the server lists; {hint}"))
+        else:
+            log.warning(
+                "%s: %r is not listed at %s/models; sending it anyway", spec.locate(field), model, spec.base_url()
+            )
+    if problems:
+        raise SpecError(problems)

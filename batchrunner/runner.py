@@ -37,7 +37,7 @@ from batchrunner.files import write_text_atomically
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
 from batchrunner.output import export, summary_path
-from batchrunner.preflight import api_key, check_output, prepare
+from batchrunner.preflight import api_key, check_models, check_output, prepare
 from batchrunner.progress import Progress
 from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
@@ -115,6 +115,7 @@ async def run_job(
             ) as client:
                 limits, key_info = await plan_limits(spec, client, key, count_free_usage=server is None)
                 prices = await fetch_prices(client)
+                check_models(spec, prices, strict=server is not None or client.openrouter)
                 budget = plan_budget(spec, prices, max_cost_usd)
                 rows = dataset.rows if limit is None else min(limit, dataset.rows)
                 progress = progress_factory(rows * len(spec.models)) if progress_factory else None

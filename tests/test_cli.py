@@ -65,13 +65,27 @@ def test_limit_and_output_override(write_spec: Callable[..., Path], tmp_path: Pa
     assert pl.read_ndjson(target)["ticket_id"].to_list() == [f"T-{i}" for i in range(5)]
 
 
-def test_failed_rows_exit_1(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+def test_failed_rows_exit_1(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
     """Rows that fail are in the output with status failed, and the exit code is 1."""
-    result = invoke("run", str(write_spec(models=["no-such-model"], output="out/r.csv")), "--sandbox")
+    sandbox = sandbox_in_thread(SandboxConfig(faults={"hostile_error": 1.0}))
+    env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    result = invoke("run", str(write_spec(output="out/r.csv")), env=env)
     assert result.exit_code == 1
     frame = pl.read_csv(tmp_path / "out" / "r.csv")
     assert frame["status"].unique().to_list() == ["failed"]
     assert frame["error"][0].startswith("HTTP 400")
+
+
+def test_a_model_the_server_does_not_list_is_refused_with_suggestions(write_spec: Callable[..., Path]) -> None:
+    """Against OpenRouter (here the sandbox) a model missing from GET /models is exit 2, naming the field and
+    the closest slugs, before any completion; with a budget or without."""
+    result = invoke("run", str(write_spec(models=["openai/gpt-4o-mni"])), "--sandbox")
+    assert result.exit_code == 2, result.output
+    assert "models[0]: 'openai/gpt-4o-mni' is not a model the server lists; did you mean 'openai/gpt-4o-mini'" in (
+        result.stderr
+    )
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from batchrunner.costs import PriceTable
 from batchrunner.errors import SpecError
-from batchrunner.preflight import prepare, same_file
+from batchrunner.preflight import check_models, prepare, same_file
 from batchrunner.spec import load_spec
 
 
@@ -59,3 +60,17 @@ def test_same_file_sees_hard_links_and_case(tmp_path: Path) -> None:
     assert same_file(original, tmp_path / "hard.csv")
     assert same_file(tmp_path / "out" / "Result.parquet", tmp_path / "out" / "result.parquet")
     assert not same_file(original, tmp_path / "other.csv")
+
+
+def test_an_unlisted_model_on_another_server_is_a_warning(
+    write_spec: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that is not OpenRouter may answer any model name (llama-server does): warn, do not refuse;
+    against OpenRouter the same model is refused with suggestions."""
+    spec = load_spec(write_spec(models=["my-local-model"], api={"base_url": "http://127.0.0.1:8080/v1"}))
+    catalog = PriceTable([{"id": "llama-3.2-1b", "pricing": {"prompt": "0", "completion": "0"}}])
+    check_models(spec, catalog, strict=False)
+    assert "'my-local-model' is not listed at http://127.0.0.1:8080/v1/models; sending it anyway" in caplog.text
+    with pytest.raises(SpecError, match="not a model the server lists"):
+        check_models(spec, catalog, strict=True)
+    check_models(spec, PriceTable([]), strict=True)  # /models could not be read: nothing to check against

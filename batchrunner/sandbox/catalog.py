@@ -1,16 +1,15 @@
 """The sandbox's model catalog: slugs, prices (USD per token, as strings) and context lengths.
 
-Prices follow OpenRouter's listed prices for these models at the time of writing; they are
-only there so that costs in the sandbox look like real ones. Any other `author/model` slug
-is served too, at DEFAULT_PRICING, so users can dry-run jobs naming models not listed here.
+Prices follow OpenRouter's listed prices for these models at the time of writing (roughly:
+they are only there so that costs in the sandbox look like real ones). Like OpenRouter, the
+sandbox refuses a model it does not list (400 "... is not a valid model ID"); routing
+variants (`:nitro`, `:floor`, ...) of a listed model are served at its price.
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
 from typing import Any
-
-DEFAULT_PRICING = {"prompt": "0.0000005", "completion": "0.0000015"}
 
 MODELS: dict[str, dict[str, Any]] = {
     "openai/gpt-4o-mini": {
@@ -58,6 +57,146 @@ MODELS: dict[str, dict[str, Any]] = {
         "context_length": 131072,
         "provider": "Mistral",
     },
+    "openai/gpt-4.1": {
+        "name": "OpenAI: GPT-4.1",
+        "prompt": "0.000002",
+        "completion": "0.000008",
+        "context_length": 1047576,
+        "provider": "OpenAI",
+    },
+    "openai/gpt-4.1-mini": {
+        "name": "OpenAI: GPT-4.1 Mini",
+        "prompt": "0.0000004",
+        "completion": "0.0000016",
+        "context_length": 1047576,
+        "provider": "OpenAI",
+    },
+    "openai/gpt-4.1-nano": {
+        "name": "OpenAI: GPT-4.1 Nano",
+        "prompt": "0.0000001",
+        "completion": "0.0000004",
+        "context_length": 1047576,
+        "provider": "OpenAI",
+    },
+    "openai/gpt-5": {
+        "name": "OpenAI: GPT-5",
+        "prompt": "0.00000125",
+        "completion": "0.00001",
+        "context_length": 400000,
+        "provider": "OpenAI",
+    },
+    "openai/gpt-5-mini": {
+        "name": "OpenAI: GPT-5 Mini",
+        "prompt": "0.00000025",
+        "completion": "0.000002",
+        "context_length": 400000,
+        "provider": "OpenAI",
+    },
+    "openai/o4-mini": {
+        "name": "OpenAI: o4 Mini",
+        "prompt": "0.0000011",
+        "completion": "0.0000044",
+        "context_length": 200000,
+        "provider": "OpenAI",
+    },
+    "anthropic/claude-3.7-sonnet": {
+        "name": "Anthropic: Claude 3.7 Sonnet",
+        "prompt": "0.000003",
+        "completion": "0.000015",
+        "context_length": 200000,
+        "provider": "Anthropic",
+    },
+    "anthropic/claude-sonnet-4": {
+        "name": "Anthropic: Claude Sonnet 4",
+        "prompt": "0.000003",
+        "completion": "0.000015",
+        "context_length": 200000,
+        "provider": "Anthropic",
+    },
+    "anthropic/claude-haiku-4.5": {
+        "name": "Anthropic: Claude Haiku 4.5",
+        "prompt": "0.000001",
+        "completion": "0.000005",
+        "context_length": 200000,
+        "provider": "Anthropic",
+    },
+    "google/gemini-2.5-flash": {
+        "name": "Google: Gemini 2.5 Flash",
+        "prompt": "0.0000003",
+        "completion": "0.0000025",
+        "context_length": 1048576,
+        "provider": "Google",
+    },
+    "google/gemini-2.5-flash-lite": {
+        "name": "Google: Gemini 2.5 Flash Lite",
+        "prompt": "0.0000001",
+        "completion": "0.0000004",
+        "context_length": 1048576,
+        "provider": "Google",
+    },
+    "google/gemini-2.5-pro": {
+        "name": "Google: Gemini 2.5 Pro",
+        "prompt": "0.00000125",
+        "completion": "0.00001",
+        "context_length": 1048576,
+        "provider": "Google",
+    },
+    "deepseek/deepseek-chat-v3-0324": {
+        "name": "DeepSeek: DeepSeek V3 0324",
+        "prompt": "0.00000027",
+        "completion": "0.0000011",
+        "context_length": 163840,
+        "provider": "DeepSeek",
+    },
+    "deepseek/deepseek-r1": {
+        "name": "DeepSeek: R1",
+        "prompt": "0.0000005",
+        "completion": "0.00000215",
+        "context_length": 163840,
+        "provider": "DeepSeek",
+    },
+    "qwen/qwen3-32b": {
+        "name": "Qwen: Qwen3 32B",
+        "prompt": "0.0000001",
+        "completion": "0.0000003",
+        "context_length": 40960,
+        "provider": "DeepInfra",
+    },
+    "qwen/qwen-2.5-72b-instruct": {
+        "name": "Qwen2.5 72B Instruct",
+        "prompt": "0.00000012",
+        "completion": "0.00000039",
+        "context_length": 32768,
+        "provider": "DeepInfra",
+    },
+    "meta-llama/llama-3.3-70b-instruct": {
+        "name": "Meta: Llama 3.3 70B Instruct",
+        "prompt": "0.0000001",
+        "completion": "0.00000025",
+        "context_length": 131072,
+        "provider": "DeepInfra",
+    },
+    "meta-llama/llama-4-maverick": {
+        "name": "Meta: Llama 4 Maverick",
+        "prompt": "0.00000015",
+        "completion": "0.0000006",
+        "context_length": 1048576,
+        "provider": "DeepInfra",
+    },
+    "mistralai/mistral-nemo": {
+        "name": "Mistral: Mistral Nemo",
+        "prompt": "0.00000002",
+        "completion": "0.00000004",
+        "context_length": 131072,
+        "provider": "Mistral",
+    },
+    "x-ai/grok-3-mini": {
+        "name": "xAI: Grok 3 Mini",
+        "prompt": "0.0000003",
+        "completion": "0.0000005",
+        "context_length": 131072,
+        "provider": "xAI",
+    },
     "meta-llama/llama-3.3-70b-instruct:free": {
         "name": "Meta: Llama 3.3 70B Instruct (free)",
         "prompt": "0",
@@ -79,18 +218,16 @@ def base_slug(model: str) -> str:
     return model
 
 
-def is_valid_slug(model: str) -> bool:
-    author, _, name = model.partition("/")
-    return bool(author and name and " " not in model)
+def is_listed(model: str) -> bool:
+    """Whether the sandbox serves `model` (a listed slug, a routing variant of one, or the auto router)."""
+    return base_slug(model) in MODELS or model == AUTO_ROUTER
 
 
 def pricing(model: str) -> dict[str, str]:
     slug = base_slug(model)
     if slug.endswith(":free"):
         return {"prompt": "0", "completion": "0"}
-    entry = MODELS.get(slug)
-    if entry is None:
-        return dict(DEFAULT_PRICING)
+    entry = MODELS[slug]
     return {key: entry[key] for key in ("prompt", "completion", "input_cache_read") if key in entry}
 
 
@@ -110,8 +247,8 @@ def provider_name(model: str) -> str:
 
 
 def model_objects(created: int) -> list[dict[str, Any]]:
-    """The catalog in the shape of OpenRouter's GET /models."""
-    objects = []
+    """The catalog in the shape of OpenRouter's GET /models; the auto router has no price ("-1"), as there."""
+    objects = [_auto_router(created)]
     for slug, entry in MODELS.items():
         objects.append(
             {
@@ -151,3 +288,28 @@ def model_objects(created: int) -> list[dict[str, Any]]:
             }
         )
     return objects
+
+
+def _auto_router(created: int) -> dict[str, Any]:
+    return {
+        "id": AUTO_ROUTER,
+        "canonical_slug": AUTO_ROUTER,
+        "name": "Auto Router",
+        "created": created,
+        "description": f"Routes each request to a model; in the sandbox, always {AUTO_ROUTES_TO}.",
+        "context_length": 2000000,
+        "architecture": {
+            "modality": "text->text",
+            "input_modalities": ["text"],
+            "output_modalities": ["text"],
+            "tokenizer": "Router",
+            "instruct_type": None,
+        },
+        "pricing": {"prompt": "-1", "completion": "-1"},
+        "top_provider": {"context_length": None, "max_completion_tokens": None, "is_moderated": False},
+        "per_request_limits": None,
+        "supported_parameters": ["max_tokens", "temperature", "response_format", "tools"],
+        "default_parameters": None,
+        "supported_voices": None,
+        "links": {"details": f"/api/v1/models/{AUTO_ROUTER}/endpoints"},
+    }

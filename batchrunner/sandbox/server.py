@@ -334,7 +334,7 @@ class Sandbox:
             return _error(400, "No model specified", error_type="invalid_request")
         self.stats.by_model[chain[0]] += 1
         for model in chain:
-            if not catalog.is_valid_slug(model) and model != catalog.AUTO_ROUTER:
+            if not catalog.is_listed(model):
                 return _error(400, f"{model} is not a valid model ID", error_type="invalid_request")
 
         remaining = self.remaining_usd()
