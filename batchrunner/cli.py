@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from batchrunner import logs
-from batchrunner.costs import format_usd
+from batchrunner.costs import format_cost, format_usd
 from batchrunner.errors import OutputError, RunHalted, SpecError
 from batchrunner.offline import estimate_job, export_job, job_status, list_models
 from batchrunner.progress import Progress
@@ -228,7 +228,8 @@ def status(job: Path, as_json: bool, sandbox: bool) -> None:
     for server, count in report["answers_from_other_servers"].items():
         hint = " (simulated; see them with --sandbox)" if server == "sandbox" else ""
         say(f"  also {count} answers from {server}{hint}, not used for {report['server']}")
-    say(f"  cost so far: {format_usd(Decimal(report['cost_usd']))} over {report['runs']} run(s)")
+    cost = format_cost(Decimal(report["cost_usd"]), report["cost_unknown_rows"])
+    say(f"  cost so far: {cost} over {report['runs']} run(s)")
     last = report["last_run"]
     if last:
         say(f"  last run: started {last['started_at']}, {last['outcome'] or 'running or killed'}")

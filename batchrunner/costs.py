@@ -204,3 +204,11 @@ def format_usd(amount: Decimal) -> str:
     if abs(amount) >= 1:
         return f"${amount.quantize(Decimal('0.01'), rounding=ROUND_HALF_UP):,}"
     return f"${amount:.6f}".rstrip("0").rstrip(".") if abs(amount) >= Decimal("0.000001") else f"${amount:.2E}"
+
+
+def format_cost(amount: Decimal, unpriced: int) -> str:
+    """A total for people that never shows an unknown cost as $0.00: "unknown" when nothing was
+    priced, "at least $X" when `unpriced` attempts had no price."""
+    if not unpriced:
+        return format_usd(amount)
+    return "unknown" if amount == 0 else f"at least {format_usd(amount)}"

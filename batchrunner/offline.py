@@ -43,6 +43,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
     per_model = {model: {"ok": 0, "failed": 0, "pending": 0} for model in spec.models}
     runs: list[dict[str, Any]] = []
     spent = ZERO_USD
+    unpriced = 0
     by_server: dict[str, int] = {}
     store = Store.open(checkpoint) if checkpoint.exists() else None
     try:
@@ -56,6 +57,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
         if store is not None:
             runs = store.runs()
             spent = store.spent_usd(requests.server)
+            unpriced = store.unpriced(requests.server)
             by_server = store.answers_by_server()
     finally:
         if store is not None:
@@ -69,6 +71,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
             (server or "openrouter"): n for server, n in by_server.items() if server != requests.server
         },
         "cost_usd": str(spent),
+        "cost_unknown_rows": unpriced,  # when not 0, cost_usd is a lower bound
         "runs": len(runs),
         "last_run": runs[-1] if runs else None,
     }

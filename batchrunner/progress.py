@@ -14,7 +14,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from batchrunner.costs import format_usd
+from batchrunner.costs import format_cost
 from batchrunner.records import RowResult, Summary
 
 log = logging.getLogger("batchrunner")
@@ -61,7 +61,7 @@ class Progress:
     def _postfix(self) -> str:
         s = self.summary
         retrying = f" retrying={self.retrying}" if self.retrying else ""
-        return f"ok={s.ok} failed={s.failed}{retrying} {format_usd(s.cost_usd)}"
+        return f"ok={s.ok} failed={s.failed}{retrying} {format_cost(s.cost_usd, s.unpriced)}"
 
     def _log_line(self) -> None:
         self._last_line = now = time.monotonic()
@@ -81,7 +81,7 @@ class Progress:
             retrying,
             rate,
             eta,
-            format_usd(s.cost_usd),
+            format_cost(s.cost_usd, s.unpriced),
         )
 
     async def heartbeat(self) -> None:

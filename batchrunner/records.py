@@ -13,7 +13,7 @@ from typing import Literal
 
 import polars as pl
 
-from batchrunner.costs import ZERO_USD, format_usd
+from batchrunner.costs import ZERO_USD, format_cost
 
 Status = Literal["ok", "failed", "pending"]  # pending: the run stopped mid-row, after paying for attempts
 COST_DTYPE = pl.Decimal(precision=38, scale=12)  # exact to a millionth of a micro-dollar
@@ -129,6 +129,7 @@ class ModelStats:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: Decimal = ZERO_USD
+    unpriced: int = 0  # rows with an attempt whose cost is unknown (not reported, no price)
     attempts: int = 0
     fallbacks: int = 0  # rows a fallback model answered
     latencies_s: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row, for percentiles
@@ -149,6 +150,7 @@ class ModelStats:
         self.cached_tokens += result.cached_tokens
         self.reasoning_tokens += result.reasoning_tokens
         self.cost_usd += bill.cost_usd
+        self.unpriced += "unknown" in bill.sources
         self.attempts += bill.attempts
         self.fallbacks += result.fallback_used
 
@@ -172,6 +174,7 @@ class ModelStats:
             "cached_tokens": self.cached_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "cost_usd": str(self.cost_usd),
+            "cost_unknown_rows": self.unpriced,
             "latency_p50_s": p50,
             "latency_p95_s": p95,
             "retries": self.retries,
@@ -205,6 +208,8 @@ class Summary:
     def cost_usd(self) -> Decimal:
         return sum((stats.cost_usd for stats in self.by_model.values()), ZERO_USD)
 
+    unpriced = property(lambda self: self._total("unpriced"))
+
     @property
     def done(self) -> int:
         return self.ok + self.failed
@@ -215,7 +220,7 @@ class Summary:
         lines = [
             f"rows: {self.ok} ok, {self.failed} failed, {pending} pending{earlier}",
             f"tokens: {self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion",
-            f"cost: {format_usd(self.cost_usd)}",
+            f"cost: {format_cost(self.cost_usd, self.unpriced)}",
             f"wall time: {wall_s:.1f} s{rate}",
         ]
         if len(self.by_model) > 1 or any(s.fallbacks or s.retries or s.cached_tokens for s in self.by_model.values()):
@@ -252,7 +257,7 @@ class Summary:
                     f"{s.completion_tokens:,}",
                     f"{s.cached_tokens:,}",
                     f"{s.reasoning_tokens:,}",
-                    format_usd(s.cost_usd),
+                    format_cost(s.cost_usd, s.unpriced),
                     "-" if p50 is None else f"{p50:.2f}",
                     "-" if p95 is None else f"{p95:.2f}",
                     str(s.retries),
@@ -274,6 +279,7 @@ class Summary:
             "rows_pending": pending,
             "rows_answered_by_earlier_runs": resumed,
             "cost_usd": str(self.cost_usd),
+            "cost_unknown_rows": self.unpriced,  # when not 0, cost_usd is a lower bound
             "wall_s": round(wall_s, 3),
             "stopped": stopped,
             "models": {model: stats.to_json() for model, stats in self.by_model.items()},

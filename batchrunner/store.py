@@ -302,6 +302,14 @@ class Store:
                 total += Decimal(cost)
         return total
 
+    def unpriced(self, server: str = "") -> int:
+        """Answers from `server` with an attempt whose cost is unknown: while not 0, spent_usd is a lower bound."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT count(*) FROM results WHERE cost_source = 'unknown' AND coalesce(server, '') = ?", (server,)
+            ).fetchone()
+        return int(row[0])
+
     # -- results ----------------------------------------------------------------------------
 
     def add(self, result: RowResult) -> None:

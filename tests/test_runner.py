@@ -12,8 +12,10 @@ import polars as pl
 import pytest
 
 from batchrunner import limits as limits_module
+from batchrunner import runner as runner_module
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
+from batchrunner.costs import PriceTable, format_cost
 from batchrunner.errors import RunHalted, SpecError
 from batchrunner.limits import Limits
 from batchrunner.offline import job_status
@@ -561,3 +563,24 @@ async def test_an_appended_row_that_widens_a_column_re_sends_nothing_else(
     assert sandbox.stats.requests == 3
     assert sandbox.stats.bodies[0]["messages"][-1]["content"] in ("02134 scored 1", "10001 scored 3")
     assert pl.read_parquet(spec.output)["id"].to_list() == ["0001", "0002", "A100"]
+
+
+async def test_an_unknown_cost_is_never_shown_as_zero(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No usage.cost and no prices: the summary, summary.json and status say the cost is unknown, not $0.00."""
+
+    async def no_prices(client: Client) -> PriceTable:
+        return PriceTable([])
+
+    monkeypatch.setattr(runner_module, "fetch_prices", no_prices)
+    async with Sandbox(SandboxConfig(report_cost=False)) as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        report = (await run_job(spec)).report
+    assert "cost: unknown" in report.summary.lines(wall_s=1.0, pending=0)
+    summary = json.loads(spec.output.with_name("result.summary.json").read_text())
+    assert summary["cost_unknown_rows"] == 12
+    status = job_status(spec)
+    assert status["cost_unknown_rows"] == 12
+    assert format_cost(Decimal(status["cost_usd"]), status["cost_unknown_rows"]) == "unknown"
+    assert format_cost(Decimal("1.5"), 1) == "at least $1.50"
