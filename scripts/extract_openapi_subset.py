@@ -1,8 +1,10 @@
 """Cut the schemas batchrunner needs out of OpenRouter's published OpenAPI document.
 
-The full document is 1.3 MB of YAML; the sandbox only needs `ChatRequest` (to refuse
-requests OpenRouter would refuse) and `ChatResult` (to answer in its shapes), with every
-schema they reference. Run it when OpenRouter publishes a new document:
+The full document is 1.3 MB of YAML; batchrunner needs `ChatRequest` (to refuse requests
+OpenRouter would refuse) and the responses the sandbox imitates (`ChatResult`,
+`GenerationResponse`, `ModelsListResponse`, and GET /key's, which the document writes inline
+and is kept here as `KeyResponse`), with every schema they reference. Run it when OpenRouter
+publishes a new document:
 
     python scripts/extract_openapi_subset.py ../shared/reference/openrouter-openapi.yaml
 """
@@ -17,7 +19,8 @@ from typing import Any
 
 import yaml
 
-ROOTS = ("ChatRequest", "ChatResult")
+ROOTS = ("ChatRequest", "ChatResult", "GenerationResponse", "ModelsListResponse")
+INLINE = {"KeyResponse": ("/key", "get")}  # response schemas written inline in `paths`, given a name here
 TARGET = Path(__file__).resolve().parent.parent / "batchrunner" / "schemas" / "openrouter.json"
 
 
@@ -35,16 +38,18 @@ def _refs(node: Any) -> Iterator[str]:
 
 def main(source: str) -> None:
     document = yaml.load(Path(source).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    schemas = document["components"]["schemas"]
+    schemas = dict(document["components"]["schemas"])
+    for name, (path, method) in INLINE.items():
+        schemas[name] = document["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
     needed: set[str] = set()
-    todo = list(ROOTS)
+    todo = [*ROOTS, *INLINE]
     while todo:
         name = todo.pop()
         if name not in needed:
             needed.add(name)
             todo.extend(_refs(schemas[name]))
     subset = {
-        "$comment": f"Subset of OpenRouter's OpenAPI document ({document['info'].get('version', '?')}): {', '.join(ROOTS)} and what they reference. Regenerate with scripts/extract_openapi_subset.py.",
+        "$comment": f"Subset of OpenRouter's OpenAPI document ({document['info'].get('version', '?')}): {', '.join([*ROOTS, *INLINE])} and what they reference. Regenerate with scripts/extract_openapi_subset.py.",
         "components": {"schemas": {name: schemas[name] for name in sorted(needed)}},
     }
     TARGET.write_text(json.dumps(subset, indent=1, sort_keys=True) + "\n")

@@ -144,3 +144,40 @@ def test_unknown_fault_kinds_are_refused() -> None:
     """A typo in a fault name is an error, not a silently faultless sandbox."""
     with pytest.raises(ValueError, match="unknown sandbox fault"):
         SandboxConfig(faults={"ratelimit": 0.5})
+
+
+async def get(sandbox: Sandbox, path: str, **params: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.get(sandbox.base_url + path, params=params) as response:
+        return response.status, json.loads(await response.text())
+
+
+@pytest.mark.parametrize("credits_usd", [None, Decimal("12.5")])
+async def test_every_response_validates_against_openrouters_documented_shapes(credits_usd: Decimal | None) -> None:
+    """GET /key, GET /models, GET /generation and chat answers (plain, json_schema, tools, fallbacks) each validate
+    against the OpenAPI document's response schema, with and without a credit limit."""
+    async with Sandbox(SandboxConfig(credits_usd=credits_usd)) as sandbox:
+        status, key = await get(sandbox, "/key")
+        assert status == 200 and openapi.validation_errors("KeyResponse", key) == []
+        status, models = await get(sandbox, "/models")
+        assert status == 200 and openapi.validation_errors("ModelsListResponse", models) == []
+        tool = {"type": "function", "function": {"name": "label", "parameters": SCHEMA}}
+        response_format = {"type": "json_schema", "json_schema": {"name": "t", "strict": True, "schema": SCHEMA}}
+        for body in (
+            chat(),
+            chat(response_format=response_format),
+            chat(tools=[tool]),
+            chat(models=["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"]),
+        ):
+            status, _, answer = await post(sandbox, body)
+            assert status == 200 and openapi.validation_errors("ChatResult", answer) == []
+            status, generation = await get(sandbox, "/generation", id=answer["id"])
+            assert status == 200 and openapi.validation_errors("GenerationResponse", generation) == []
+
+
+async def test_unknown_models_and_streaming_are_refused_as_openrouter_does() -> None:
+    """A well-formed model the catalog lacks gets OpenRouter's 400; so does `stream: true`, which it does not take."""
+    async with Sandbox() as sandbox:
+        status, _, payload = await post(sandbox, chat(model="acme/imaginary-model"))
+        assert status == 400 and "acme/imaginary-model is not a valid model ID" in payload["error"]["message"]
+        status, _, payload = await post(sandbox, chat(stream=True))
+        assert status == 400 and "stream" in payload["error"]["message"]

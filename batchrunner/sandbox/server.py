@@ -248,7 +248,7 @@ class Sandbox:
             return denied
         remaining = self.remaining_usd()
         usage = float(self.stats.charged_usd)
-        data = {
+        data: dict[str, Any] = {
             "label": "sk-or-v1-san...box",
             "limit": None if self.config.credits_usd is None else float(self.config.credits_usd),
             "limit_remaining": None if remaining is None else float(max(remaining, ZERO_USD)),
@@ -267,7 +267,25 @@ class Sandbox:
             "is_provisioning_key": False,
             "creator_user_id": None,
             "rate_limit": {"requests": -1, "interval": "10s", "note": "This field is deprecated and safe to ignore."},
+            "expires_at": None,
+            "allowed_data_regions": ["global"],
+            "organization_id": None,
+            "workspace_id": None,
         }
+        budget: dict[str, Any] | None = None
+        if self.config.credits_usd is not None:
+            budget = {
+                "budget_id": None,
+                "guardrail_id": None,
+                "include_byok": False,
+                "limit_usd": float(self.config.credits_usd),
+                "remaining_usd": data["limit_remaining"],
+                "reset_interval": None,
+                "resets_at": None,
+                "scope": "key_limit",
+                "spend_usd": usage,
+            }
+        data.update(budgets=[budget] if budget else [], effective_budget=budget)
         return web.json_response({"data": data})
 
     async def models(self, request: web.Request) -> web.Response:
@@ -320,6 +338,10 @@ class Sandbox:
             return _error(400, "Request body must be a JSON object", error_type="invalid_request")
         if self.config.record_bodies:
             self.stats.bodies.append(body)
+        if body.get("stream"):  # answers are whole JSON documents here, never server-sent events
+            return _error(
+                400, "Invalid request: stream: streaming is not simulated by the sandbox", error_type="invalid_request"
+            )
         if chat:
             problems = openapi.validation_errors("ChatRequest", body)
             if problems:
@@ -468,16 +490,9 @@ class Sandbox:
             usage["cost"] = {"negative_cost": -15.0, "absurd_cost": 1e30}.get(fault or "", reported)
         if fault == "huge_tokens":
             usage["prompt_tokens"] = 2**70
-        self._generations[generation_id] = {
-            "id": generation_id,
-            "model": model,
-            "provider_name": catalog.provider_name(model),
-            "total_cost": reported,
-            "tokens_prompt": n_prompt,
-            "tokens_completion": n_completion,
-            "finish_reason": finish_reason,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
-        }
+        self._generations[generation_id] = _generation(
+            generation_id, model, float(cost), n_prompt, n_completion, n_cached, finish_reason, created
+        )
         choice: dict[str, Any] = {
             "index": 0,
             "finish_reason": finish_reason,
@@ -542,6 +557,77 @@ class Sandbox:
             self._cached_prefixes.add(key)
             return 0
         return answers.prompt_tokens(system)
+
+
+def _generation(
+    generation_id: str,
+    model: str,
+    cost_usd: float,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    finish_reason: str,
+    created: int,
+) -> dict[str, Any]:
+    """What GET /generation says of one answer, in the full shape of OpenRouter's GenerationResponse."""
+    provider = catalog.provider_name(model)
+    return {
+        "id": generation_id,
+        "upstream_id": f"chatcmpl-{generation_id.removeprefix('gen-')}",
+        "request_id": None,
+        "session_id": None,
+        "total_cost": cost_usd,
+        "usage": cost_usd,
+        "cache_discount": None,
+        "upstream_inference_cost": None,
+        "is_byok": False,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+        "model": model,
+        "provider_name": provider,
+        "provider_responses": [
+            {
+                "id": f"chatcmpl-{generation_id.removeprefix('gen-')}",
+                "endpoint_id": f"ep_sandbox_{provider.lower()}",
+                "model_permaslug": model,
+                "provider_name": provider,
+                "status": 200,
+                "latency": 0,
+                "is_byok": False,
+            }
+        ],
+        "router": None,
+        "service_tier": None,
+        "api_type": "completions",
+        "app_id": None,
+        "preset_id": None,
+        "streamed": False,
+        "cancelled": False,
+        "latency": 0,
+        "moderation_latency": None,
+        "generation_time": 0,
+        "finish_reason": finish_reason,
+        "native_finish_reason": finish_reason,
+        "tokens_prompt": prompt_tokens,
+        "tokens_completion": completion_tokens,
+        "native_tokens_prompt": prompt_tokens,
+        "native_tokens_completion": completion_tokens,
+        "native_tokens_completion_images": 0,
+        "native_tokens_reasoning": 0,
+        "native_tokens_cached": cached_tokens,
+        "num_media_prompt": None,
+        "num_input_audio_prompt": None,
+        "num_media_completion": None,
+        "num_search_results": None,
+        "num_fetches": None,
+        "web_search_engine": None,
+        "origin": "",
+        "http_referer": None,
+        "user_agent": None,
+        "external_user": None,
+        "response_cache_source_id": None,
+        "data_region": "global",
+        "workspace_id": None,
+    }
 
 
 def _next_utc_midnight_ms() -> int:
