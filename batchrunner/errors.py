@@ -67,7 +67,7 @@ class ApiError(BatchrunnerError):
         super().__init__(self.message)
 
     def __str__(self) -> str:
-        prefix = f"HTTP {self.status}: " if self.status else ""
+        prefix = f"HTTP {self.status}: " if self.status and not self.message.startswith(f"HTTP {self.status}") else ""
         return f"{prefix}{self.message}"
 
 

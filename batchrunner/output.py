@@ -89,7 +89,10 @@ def _answers(
     schema = {**_KEYS_SCHEMA, **RESULT_SCHEMA, **extra}
     text_schema = {name: pl.String() if name == "cost_usd" else dtype for name, dtype in schema.items()}
     answers = pl.DataFrame({name: columns[name] for name in schema}, schema=text_schema)
-    answers = answers.with_columns(pl.col("cost_usd").cast(RESULT_SCHEMA["cost_usd"]))
+    unknown = (pl.col("cost_source") == "unknown") & (pl.col("cost_usd").cast(pl.Float64) == 0)
+    answers = answers.with_columns(  # an unknown cost is null, never $0
+        pl.when(unknown).then(None).otherwise(pl.col("cost_usd")).cast(RESULT_SCHEMA["cost_usd"]).alias("cost_usd")
+    )
     joined = rows_frame.join(answers, on=ROW_INDEX, how="inner")
     return joined.sort(ROW_INDEX, MODEL_POSITION).drop(ROW_INDEX, MODEL_POSITION)
 

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -506,3 +507,44 @@ def test_hostile_error_text_cannot_drive_the_terminal_or_flood_the_log(
         assert "\nFAKE LOG LINE" not in stream
     assert "\\x1b]52;c;" in result.stderr, "the escape is shown, not executed"
     assert len(result.stderr) < 200_000, "a 2 MB message is not logged in full for every row"
+
+
+def test_any_openai_compatible_server_runs_the_job(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """Against a third-party OpenAI-compatible server (fakellm, in its own process; no /key, no /models, no
+    usage.cost): its own parameters are sent with a warning, only concurrency limits the run, every row is
+    answered with its tokens, and the cost is unknown (null in the output, 'unknown' in the summary and status)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "fakellm.yaml"
+    config.write_text("version: 1\ndefaults:\n  fallback: deterministic_echo\nrules: []\n")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fakellm.cli", "serve", "--port", str(port), "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as attempt:
+                if attempt.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        spec_path = write_spec(
+            models=["llama-3.2-1b"],
+            params={"max_tokens": 20, "cache_prompt": True},
+            api={"base_url": f"http://127.0.0.1:{port}/v1"},
+        )
+        result = invoke("run", str(spec_path), env={"OPENROUTER_API_KEY": ""})
+        status = invoke("status", str(spec_path))
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert result.exit_code == 0, result.output
+    assert "params.cache_prompt: not an OpenRouter request parameter" in result.stderr
+    assert "rate limit: none" in result.stderr and "only concurrency limits the run" in result.stderr
+    assert "cost: unknown" in result.stdout
+    output = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert output["status"].to_list() == ["ok"] * 12 and (output["prompt_tokens"] > 0).all()
+    assert output["cost_usd"].null_count() == 12 and set(output["cost_source"]) == {"unknown"}
+    assert "cost so far: unknown" in status.stdout
