@@ -19,7 +19,21 @@ from typing import Any
 
 import yaml
 
-ROOTS = ("ChatRequest", "ChatResult", "GenerationResponse", "ModelsListResponse")
+ROOTS = (
+    "ChatRequest",
+    "ChatResult",
+    "GenerationResponse",
+    "ModelsListResponse",
+    # the error envelopes the sandbox sends, by status
+    "BadRequestResponse",
+    "UnauthorizedResponse",
+    "PaymentRequiredResponse",
+    "NotFoundResponse",
+    "TooManyRequestsResponse",
+    "InternalServerResponse",
+    "BadGatewayResponse",
+    "ServiceUnavailableResponse",
+)
 INLINE = {"KeyResponse": ("/key", "get")}  # response schemas written inline in `paths`, given a name here
 TARGET = Path(__file__).resolve().parent.parent / "batchrunner" / "schemas" / "openrouter.json"
 

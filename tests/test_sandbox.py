@@ -181,3 +181,33 @@ async def test_unknown_models_and_streaming_are_refused_as_openrouter_does() -> 
         assert status == 400 and "acme/imaginary-model is not a valid model ID" in payload["error"]["message"]
         status, _, payload = await post(sandbox, chat(stream=True))
         assert status == 400 and "stream" in payload["error"]["message"]
+
+
+ERROR_SCHEMAS = {
+    400: "BadRequestResponse",
+    401: "UnauthorizedResponse",
+    402: "PaymentRequiredResponse",
+    429: "TooManyRequestsResponse",
+    500: "InternalServerResponse",
+    502: "BadGatewayResponse",
+    503: "ServiceUnavailableResponse",
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "body"),
+    [
+        (SandboxConfig(), chat(model="acme/imaginary-model")),
+        (SandboxConfig(require_key=True), chat()),
+        (SandboxConfig(faults={"in_flight_budget": 1.0}), chat()),
+        (SandboxConfig(faults={"rate_limit": 1.0}), chat()),
+        (SandboxConfig(faults={"server_error": 1.0}), chat()),
+        (SandboxConfig(faults={"bad_gateway": 1.0}), chat()),
+        (SandboxConfig(faults={"overloaded": 1.0}), chat()),
+    ],
+)
+async def test_error_answers_validate_against_openrouters_error_envelopes(config: SandboxConfig, body: Any) -> None:
+    """Each error status the sandbox sends has the envelope OpenRouter documents for that status."""
+    async with Sandbox(config) as sandbox:
+        status, _, payload = await post(sandbox, body)
+    assert status in ERROR_SCHEMAS and openapi.validation_errors(ERROR_SCHEMAS[status], payload) == []
