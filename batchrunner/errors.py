@@ -11,6 +11,7 @@
     │   └── FatalApiError    the account cannot go on (401, 402, key or budget 403, a free-model
     │                        daily cap): the run stops dispatching and exits 3
     ├── RunHalted            the run stopped early for a reason the user must act on (exit 3)
+    ├── FreeModelCapReached  `:free` models are out for the day: their rows wait for tomorrow
     └── OutputError          the output file could not be written (the checkpoint keeps every answer)
 
 aiohttp's exceptions never leave client.py: they are mapped there, once. A failed row is
@@ -20,6 +21,7 @@ interrupt stops a run.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 from batchrunner.costs import Usage
@@ -98,3 +100,15 @@ class RunHalted(BatchrunnerError):
 
 class OutputError(BatchrunnerError):
     """The output file could not be written; `batchrunner export` retries from the checkpoint."""
+
+
+class FreeModelCapReached(BatchrunnerError):
+    """The daily cap on `:free` requests is used up; `resets_at` is the next UTC midnight."""
+
+    def __init__(self, model: str, cap: int, resets_at: dt.datetime) -> None:
+        self.model, self.cap, self.resets_at = model, cap, resets_at
+        wait = resets_at - dt.datetime.now(dt.UTC)
+        hours, minutes = divmod(max(0, int(wait.total_seconds())) // 60, 60)
+        super().__init__(
+            f"free-model daily cap of {cap} requests reached ({model}); it resets at {resets_at:%Y-%m-%d %H:%M} UTC (in {hours} h {minutes} min)"
+        )

@@ -18,13 +18,13 @@ same second.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 
 from aiolimiter import AsyncLimiter
 
+from batchrunner.errors import FreeModelCapReached
 from batchrunner.files import write_text_atomically
 
 log = logging.getLogger("batchrunner")
@@ -71,12 +72,14 @@ def rate_from_key(info: dict[str, Any]) -> tuple[float, str]:
 class Pacer:
     """Admits requests at most `rate_rps` per second, evenly spaced; the rate can change live."""
 
-    def __init__(self, rate_rps: float, *, clock: Callable[[], float] = time.monotonic, label: str = "the run") -> None:
-        self._clock = clock
+    def __init__(self, rate_rps: float, *, clock: Callable[[], float] | None = None, label: str = "the run") -> None:
+        # The event loop's clock, which aiolimiter paces by too: tests that run the loop on virtual
+        # time (looptime) then judge pacing exactly, in milliseconds.
+        self._clock = clock or asyncio.get_running_loop().time
         self.label = label  # for log lines: what this pace is for
         self.limit_rps = rate_rps  # what we are allowed
         self.factor = 1.0  # adaptive share of the limit we use, after 429s
-        self._factor_at = clock()
+        self._factor_at = self._clock()
         self._slowed_at = float("-inf")
         self._limiter = self._new_limiter()
 
@@ -135,18 +138,6 @@ class Pacer:
             await limiter.acquire()
             if limiter is self._limiter:  # admitted at the current pace, not by a replaced limiter
                 return
-
-
-class FreeModelCapReached(Exception):
-    """The daily cap on `:free` requests is used up; `resets_at` is the next UTC midnight."""
-
-    def __init__(self, model: str, cap: int, resets_at: dt.datetime) -> None:
-        self.model, self.cap, self.resets_at = model, cap, resets_at
-        wait = resets_at - dt.datetime.now(dt.UTC)
-        hours, minutes = divmod(max(0, int(wait.total_seconds())) // 60, 60)
-        super().__init__(
-            f"free-model daily cap of {cap} requests reached ({model}); it resets at {resets_at:%Y-%m-%d %H:%M} UTC (in {hours} h {minutes} min)"
-        )
 
 
 def next_utc_midnight(now: dt.datetime | None = None) -> dt.datetime:

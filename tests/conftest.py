@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import looptime
 import polars as pl
 import pytest
 import yaml
@@ -15,6 +17,23 @@ import yaml
 from batchrunner.sandbox import Sandbox, SandboxConfig
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def on_virtual_time(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on an event loop whose clock is virtual (looptime): sleeps and rate-limiter
+    waits take no real time, and the loop's time() moves exactly by them, so a pacing test judges
+    time precisely and deterministically, in milliseconds, on however loaded a machine."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        loop = looptime.new_event_loop(resolution=1e-12)  # finer than aiolimiter's float drift, or time stalls
+        try:
+            loop.run_until_complete(test(*args, **kwargs))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    return run
 
 
 @pytest.fixture(autouse=True)

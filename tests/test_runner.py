@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -33,26 +34,32 @@ def rows_csv(tmp_path: Path, n: int) -> str:
     return path.name
 
 
-async def test_credit_rate_is_used_fully_without_a_429(write_spec: Callable[..., Path], tmp_path: Path) -> None:
-    """With R = 100 requests/s from 100.5 credits, 10·R rows get no 429 and take close to N/R seconds."""
+async def test_the_rate_comes_from_the_credits_and_no_429_follows(
+    write_spec: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With 100.5 credits the run paces at OpenRouter's rule, 100 requests/s, and the sandbox (enforcing
+    the same rule) never answers 429. How fully the rate is used is measured on virtual time
+    (test_limits.py) and end to end by bench/throughput.py."""
+    caplog.set_level(logging.INFO, logger="batchrunner")
     config = SandboxConfig(rate_limit="credits", credits_usd=Decimal("100.5"))
     async with Sandbox(config) as sandbox:
-        spec = load_spec(write_spec(input=rows_csv(tmp_path, 1000), concurrency=16, api={"base_url": sandbox.base_url}))
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 200), concurrency=16, api={"base_url": sandbox.base_url}))
         outcome = await run_job(spec, retry=RetryPolicy.immediate())
-    report = outcome.report
-    assert report.summary.ok == 1000
+    assert outcome.report.summary.ok == 200
+    assert "rate limit: 100 requests/s (100.50 credits remaining" in caplog.text
     assert sandbox.stats.statuses[429] == 0
-    assert sandbox.stats.max_requests_in_one_second <= 100
-    assert 1000 / 100 <= report.wall_s <= 1000 / 100 * 1.15
 
 
-async def test_explicit_rate_limit_from_the_spec(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+async def test_explicit_rate_limit_from_the_spec(
+    write_spec: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
     """rate_limit: {requests_per_minute: N} paces the run at N/60 per second, whatever the credits say."""
-    async with Sandbox() as sandbox:
+    caplog.set_level(logging.INFO, logger="batchrunner")
+    async with Sandbox(SandboxConfig(credits_usd=Decimal("3"))) as sandbox:
         spec = load_spec(write_spec(rate_limit={"requests_per_minute": 1200}, api={"base_url": sandbox.base_url}))
         outcome = await run_job(spec)
     assert outcome.report.summary.ok == 12
-    assert outcome.report.wall_s >= 11 / 20
+    assert "rate limit: 20 requests/s (set by rate_limit in the spec)" in caplog.text
 
 
 async def test_free_model_daily_cap_defers_rows_to_tomorrow(

@@ -1,0 +1,40 @@
+"""The public surface: what `import batchrunner` offers is deliberate, and changes only on purpose."""
+
+from __future__ import annotations
+
+import batchrunner
+from batchrunner.errors import BatchrunnerError
+
+
+def test_all_is_pinned() -> None:
+    """__all__ lists exactly these names (a change here is a change to the public API), and each exists."""
+    assert sorted(batchrunner.__all__) == [
+        "ApiError",
+        "BatchrunnerError",
+        "FatalApiError",
+        "FreeModelCapReached",
+        "JobSpec",
+        "Outcome",
+        "OutputError",
+        "RateLimited",
+        "RequestRejected",
+        "RunHalted",
+        "Sandbox",
+        "SandboxConfig",
+        "SpecError",
+        "TransientError",
+        "__version__",
+        "load_spec",
+        "run_job",
+    ]
+    assert all(hasattr(batchrunner, name) for name in batchrunner.__all__)
+
+
+def test_every_public_error_is_in_the_one_tree() -> None:
+    """Every exception batchrunner exports derives from BatchrunnerError, so one except clause catches them all."""
+    errors = [
+        getattr(batchrunner, name)
+        for name in batchrunner.__all__
+        if name.endswith(("Error", "Reached", "Halted", "Limited", "Rejected"))
+    ]
+    assert errors and all(issubclass(error, BatchrunnerError) for error in errors)
