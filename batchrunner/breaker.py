@@ -34,6 +34,39 @@ class _Circuit:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class Attempt:
+    """One request's standing with the breaker, as a context (`with breaker.attempt(model) as health`).
+
+    `decision` says whether to send (or probe) or skip. A request whose outcome tells about the
+    model's health reports it (`healthy()`, `failed(why)`); one that tells nothing (a 429, a
+    rejected row, a request that never went) just leaves the block, and its probe, if it was
+    one, is released for another row: no branch has to remember to."""
+
+    def __init__(self, breaker: Breaker, model: str) -> None:
+        self._breaker, self._model = breaker, model
+        self.decision: Decision = breaker.decide(model)
+        self._reported = False
+
+    @property
+    def skip(self) -> bool:
+        return self.decision == "skip"
+
+    def healthy(self) -> None:
+        self._reported = True
+        self._breaker.record(self._model, ok=True)
+
+    def failed(self, why: str) -> None:
+        self._reported = True
+        self._breaker.record(self._model, ok=False, failure=why)
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._reported and self.decision == "probe":
+            self._breaker.release(self._model)
+
+
 class Breaker:
     def __init__(
         self,
@@ -57,6 +90,10 @@ class Breaker:
 
     def failed_probes(self, model: str) -> int:
         return self._circuit(model).failed_probes
+
+    def attempt(self, model: str) -> Attempt:
+        """The breaker's verdict for one request to `model`, releasing itself (see Attempt)."""
+        return Attempt(self, model)
 
     def decide(self, model: str) -> Decision:
         """May a request go to `model` now? 'probe' means: go, as the one test of an open circuit."""

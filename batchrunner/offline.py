@@ -5,19 +5,19 @@ These read the spec, the input and the checkpoint, and at most GET /key and /mod
 
 from __future__ import annotations
 
-import os
 from decimal import Decimal
 from typing import Any
 
-from batchrunner.client import Client
+from batchrunner.connect import Connection
 from batchrunner.costs import ZERO_USD, Pricing, per_million
 from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
 from batchrunner.output import export
-from batchrunner.preflight import api_key, prepare
+from batchrunner.pending import pending
+from batchrunner.preflight import prepare
 from batchrunner.request import RequestBuilder, estimated_prompt_tokens, expected_completion_tokens, most_prompt_tokens
-from batchrunner.runner import SANDBOX_KEY, fetch_prices, plan_limits
-from batchrunner.sandbox import Sandbox, SandboxConfig
-from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec
+from batchrunner.runner import fetch_prices, plan_limits
+from batchrunner.sandbox import SandboxConfig
+from batchrunner.spec import JobSpec
 from batchrunner.store import Store
 
 
@@ -47,13 +47,12 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
     by_server: dict[str, int] = {}
     store = Store.open(checkpoint) if checkpoint.exists() else None
     try:
-        for batch in dataset.batches(batch_size=20_000):
-            stored = store.lookup([row.id for row in batch]) if store else {}
-            for request in requests.for_rows(batch):
-                found = stored.get((request.row.id, request.requested_model), ())
-                statuses = {s.status for s in found if s.fingerprint == request.fingerprint}
-                state = "ok" if "ok" in statuses else "failed" if "failed" in statuses else "pending"
-                per_model[request.requested_model][state] += 1
+        for batch in pending(dataset, requests, store, batch_size=20_000):
+            for model, count in batch.answered.items():
+                per_model[model]["ok"] += count
+            for todo in batch.todo:
+                state = "failed" if todo.earlier_status == "failed" else "pending"
+                per_model[todo.request.requested_model][state] += 1
         if store is not None:
             runs = store.runs()
             spent = store.spent_usd(requests.server)
@@ -88,7 +87,8 @@ async def estimate_job(
     every answer at max_tokens.
     """
     dataset = prepare(spec)
-    requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox is not None))
+    connection = Connection(spec, sandbox=sandbox, timeout_s=60)
+    requests = RequestBuilder(spec, server=connection.server)
     checkpoint = spec.checkpoint_path()
     store = Store.open(checkpoint) if checkpoint.exists() else None
     per_model = {
@@ -96,29 +96,20 @@ async def estimate_job(
         for model in spec.models
     }
     try:
-        for batch in dataset.batches(limit=limit, batch_size=20_000):
-            answered = store.answered([row.id for row in batch]) if store else set()
-            for request in requests.for_rows(batch):
-                if request.key in answered:
-                    continue
-                counts = per_model[request.requested_model]
+        for batch in pending(dataset, requests, store, limit=limit, batch_size=20_000):
+            for todo in batch.todo:
+                counts = per_model[todo.request.requested_model]
                 counts["rows"] += 1
-                counts["prompt_tokens"] += estimated_prompt_tokens(request.prompt)
-                counts["most_prompt_tokens"] += most_prompt_tokens(request.prompt)
+                counts["prompt_tokens"] += estimated_prompt_tokens(todo.request.prompt)
+                counts["most_prompt_tokens"] += most_prompt_tokens(todo.request.prompt)
         history = store.completion_tokens_by_model() if store else {}
     finally:
         if store is not None:
             store.close()
 
-    server = Sandbox(sandbox) if sandbox is not None else None
-    base_url, key = (await server.start(), SANDBOX_KEY) if server else (spec.base_url(), api_key(spec, spec.base_url()))
-    try:
-        async with Client(base_url, api_key=key, headers=spec.api.headers, timeout_s=60) as client:
-            prices = await fetch_prices(client)
-            limits, _ = await plan_limits(spec, client, key, count_free_usage=False)
-    finally:
-        if server is not None:
-            await server.stop()
+    async with connection:
+        prices = await fetch_prices(connection.client)
+        limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
 
     models: dict[str, Any] = {}
     expected_total: Decimal | None = ZERO_USD
@@ -170,19 +161,11 @@ async def list_models(
     *, search: str | None, free_only: bool, sandbox: SandboxConfig | None = None
 ) -> list[dict[str, Any]]:
     """GET /models, filtered, with prices per million tokens (no key needed)."""
-    server = Sandbox(sandbox) if sandbox is not None else None
-    base_url = (
-        await server.start() if server else os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
-    )
-    try:
-        async with Client(base_url, timeout_s=60) as client:
-            try:
-                models = await client.models()
-            except ApiError as exc:
-                raise RunHalted(f"could not list models at {base_url}: {exc}") from exc
-    finally:
-        if server is not None:
-            await server.stop()
+    async with Connection(None, sandbox=sandbox) as connection:
+        try:
+            models = await connection.client.models()
+        except ApiError as exc:
+            raise RunHalted(f"could not list models at {connection.base_url}: {exc}") from exc
     listing = []
     for model in models:
         pricing = Pricing.from_model(model)

@@ -1,7 +1,8 @@
 """Showing a run's progress: a tqdm bar on a terminal, plain log lines otherwise (cron).
 
-The engine reports each finished row and each retry here; nothing else writes to the
-terminal while a run is going.
+A result sink (records.ResultSink): it reads the run's summary, which the sinks feed
+before it, and counts rows waiting to retry; nothing else writes to the terminal while a
+run is going.
 """
 
 from __future__ import annotations
@@ -24,12 +25,19 @@ class Progress:
     """Counts rows done, ok, failed and retrying, and shows them."""
 
     def __init__(
-        self, total: int, *, stream: TextIO | None = None, interactive: bool | None = None, every_s: float = 10.0
+        self,
+        total: int,
+        *,
+        summary: Summary | None = None,
+        stream: TextIO | None = None,
+        interactive: bool | None = None,
+        every_s: float = 10.0,
     ) -> None:
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.total = total
-        self.summary = Summary()
+        self.summary = summary or Summary()  # the run's own, fed before this display (records.Sinks)
+        self._counts_own = summary is None
         self.retrying = 0
         self.already_done = 0
         self.every_s = every_s
@@ -41,8 +49,10 @@ class Progress:
             else None
         )
 
-    def finished(self, result: RowResult) -> None:
-        self.summary.add(result)
+    def add(self, result: RowResult) -> None:
+        """A result arrived: move the bar, or log a line if one is due."""
+        if self._counts_own:
+            self.summary.add(result)
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(self._postfix(), refresh=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, Protocol
 
 import polars as pl
 
@@ -117,6 +117,30 @@ class RowResult:
         return {**self.columns(), "parsed": self.parsed, "tool_calls": self.tool_calls}
 
 
+class ResultSink(Protocol):
+    """Whatever takes each result as it arrives: the checkpoint store, the summary, the progress display."""
+
+    def add(self, result: RowResult) -> None: ...
+
+    def resumed(self, count: int) -> None:
+        """`count` pairs an earlier run already answered were skipped."""
+
+
+class Sinks:
+    """Several sinks as one, fed in order (the summary first, so the progress display reads it current)."""
+
+    def __init__(self, *sinks: ResultSink) -> None:
+        self.sinks = sinks
+
+    def add(self, result: RowResult) -> None:
+        for sink in self.sinks:
+            sink.add(result)
+
+    def resumed(self, count: int) -> None:
+        for sink in self.sinks:
+            sink.resumed(count)
+
+
 @dataclass
 class ModelStats:
     """Totals for one requested model."""
@@ -188,6 +212,9 @@ class Summary:
 
     by_model: dict[str, ModelStats] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)  # first words of each error -> count
+
+    def resumed(self, count: int) -> None:
+        """Pairs answered by earlier runs are counted by the run report, not here."""
 
     def add(self, result: RowResult) -> None:
         self.by_model.setdefault(result.requested_model, ModelStats()).add(result)

@@ -1,7 +1,10 @@
-"""One run of a job, start to finish: check everything, run the engine, write the output.
+"""One run of a job, start to finish: check, connect, execute, write the output.
 
-Everything that can refuse the job (the spec, the input, the key) is checked before the
-first request. The output is written at every exit, complete or not.
+Everything that can refuse the job is checked first (preflight.py). Then the run holds the
+job's lock, opens its checkpoint, connects (connect.py), plans the rate and the budget, and
+hands the pairs still to answer (pending.py) to an executor (executor.py) with the row
+policy (policy.py), the result sinks and the run's one halt (halt.py). The output is
+rebuilt from the checkpoint at every exit, complete or not.
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
-from batchrunner.costs import ZERO_USD, Budget, PriceTable, format_usd
-from batchrunner.engine import Engine, RunReport
+from batchrunner.connect import Connection
+from batchrunner.costs import Budget, PriceTable, format_usd
 from batchrunner.errors import (
     ApiError,
     FatalApiError,
@@ -33,15 +36,20 @@ from batchrunner.errors import (
     SpecError,
     TransientError,
 )
+from batchrunner.executor import Executor, LiveExecutor
 from batchrunner.files import write_text_atomically
+from batchrunner.halt import Halt, Stop, StopReason
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
 from batchrunner.output import export, summary_path
-from batchrunner.preflight import api_key, check_models, check_output, prepare
+from batchrunner.pending import pending
+from batchrunner.policy import RowPolicy
+from batchrunner.preflight import check_models, check_output, prepare
 from batchrunner.progress import Progress
+from batchrunner.records import ResultSink, RowResult, Sinks, Summary
 from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
-from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import JobSpec, RateLimit
 from batchrunner.store import Store
 
@@ -51,7 +59,47 @@ UNREACHABLE = (
     "connection",
     "timeout",
 )  # a server that does not answer at all: stop before the first row
-SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
+
+
+@dataclass
+class RunReport:
+    summary: Summary
+    total: int  # (row, model) pairs the run set out to do
+    wall_s: float
+    stop: Stop | None = None  # why the run ended early, if it did (halt.py)
+    resumed: int = 0  # pairs already answered by an earlier run, for the spec as it is now
+    results: list[RowResult] = field(default_factory=list)  # only with keep_results
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.resumed - self.summary.done
+
+    @property
+    def halted(self) -> str | None:
+        """Why dispatch stopped, if it did."""
+        return self.stop.message if self.stop is not None and self.stop.stops_dispatch else None
+
+    @property
+    def deferred(self) -> str | None:
+        """Why some rows were left for a later run without stopping it (free models out for the day)."""
+        return self.stop.message if self.stop is not None and not self.stop.stops_dispatch else None
+
+    @property
+    def halt_error(self) -> ApiError | None:
+        return self.stop.error if self.stop is not None else None
+
+
+class _Kept:
+    """A sink keeping every result in memory (keep_results: tests and small scripts)."""
+
+    def __init__(self, results: list[RowResult]) -> None:
+        self.results = results
+
+    def add(self, result: RowResult) -> None:
+        self.results.append(result)
+
+    def resumed(self, count: int) -> None:
+        pass
 
 
 @dataclass
@@ -69,15 +117,18 @@ async def run_job(
     limit: int | None = None,
     sandbox: SandboxConfig | None = None,
     retry: RetryPolicy | None = None,
-    progress_factory: Callable[[int], Progress] | None = None,
+    progress_factory: Callable[..., Progress] | None = None,
     on_start: Callable[[str | None], None] | None = None,
     credit_refresh_s: float = 5.0,
     fresh: bool = False,
     flush_s: float = 0.2,
     breaker: Breaker | None = None,
     max_cost_usd: Decimal | None = None,
+    executor: Executor | None = None,
+    keep_results: bool = False,
 ) -> Outcome:
-    """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL.
+    """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL; with
+    `executor`, scheduled by it instead of the live worker pool.
 
     Pairs already answered in the checkpoint are not sent again; the output is rebuilt from
     the checkpoint at every exit, complete or not.
@@ -89,53 +140,55 @@ async def run_job(
             "no id_column: rows are known by their position, so a row inserted, deleted or reordered in the input "
             "re-sends every row after it; set id_column to a column that identifies each row"
         )
-    base_url, key = ("", SANDBOX_KEY) if sandbox is not None else (spec.base_url(), None)
-    if sandbox is None:
-        key = api_key(spec, base_url)
+    connection = Connection(spec, sandbox=sandbox)  # checks the key: refused before anything is opened
     checkpoint = spec.checkpoint_path()
-    requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox is not None))
+    requests = RequestBuilder(spec, server=connection.server)
+    halt = Halt()
+    summary = Summary()
+    results: list[RowResult] = []
+    report: RunReport | None = None
     with job_lock(checkpoint.with_name(checkpoint.name + ".lock")):
         store = Store.open(checkpoint, server=requests.server)
-        server = Sandbox(sandbox) if sandbox is not None else None
-        report: RunReport | None = None
         try:
             if fresh:
                 store.delete_all()
             store.begin_run()
-            if server is not None:
-                base_url = await server.start()
-            if on_start is not None:
-                on_start(server.base_url if server else None)
-            async with Client(
-                base_url,
-                api_key=key,
-                headers=spec.api.headers,
-                timeout_s=spec.timeout_s,
-                max_connections=spec.concurrency,
-            ) as client:
-                limits, key_info = await plan_limits(spec, client, key, count_free_usage=server is None)
+            async with connection:
+                client = connection.client
+                if on_start is not None:
+                    on_start(connection.sandbox.base_url if connection.sandbox else None)
+                limits, key_info = await plan_limits(spec, client, connection.key, count_free_usage=sandbox is None)
                 prices = await fetch_prices(client)
-                check_models(spec, prices, strict=server is not None or client.openrouter)
+                check_models(spec, prices, strict=connection.strict)
                 budget = plan_budget(spec, prices, max_cost_usd)
                 rows = dataset.rows if limit is None else min(limit, dataset.rows)
-                progress = progress_factory(rows * len(spec.models)) if progress_factory else None
-                engine = Engine(
+                total = rows * len(spec.models)
+                progress = progress_factory(total, summary=summary) if progress_factory else None
+                sinks: list[ResultSink] = [summary, store]
+                if progress is not None:
+                    sinks.append(progress)
+                if keep_results:
+                    sinks.append(_Kept(results))
+                policy = RowPolicy(
                     spec,
                     client,
+                    halt,
+                    requests=requests,
                     retry=retry,
                     limits=limits,
                     breaker=breaker,
-                    progress=progress,
-                    store=store,
                     pricing=prices,
                     budget=budget,
-                    requests=requests,
+                    on_wait=progress.retry if progress is not None else None,
                 )
                 background = [
                     asyncio.create_task(
                         store.flush_every(
                             flush_s,
-                            lambda exc: engine.stop(f"cannot write the checkpoint ({exc}); free disk space and rerun"),
+                            lambda exc: halt.stop(
+                                StopReason.CHECKPOINT,
+                                f"cannot write the checkpoint ({exc}); free disk space and rerun",
+                            ),
                         )
                     )
                 ]
@@ -143,9 +196,11 @@ async def run_job(
                     background.append(asyncio.create_task(progress.heartbeat()))
                 if key_info is not None and key_info.get("limit_remaining") is not None:
                     background.append(asyncio.create_task(follow_credits(client, limits, credit_refresh_s)))
-                restore = _install_signal_handlers(engine)
+                restore = _install_signal_handlers(halt)
                 try:
-                    report = await engine.run(dataset, limit=limit)
+                    execution = await (executor or LiveExecutor(spec.concurrency)).execute(
+                        pending(dataset, requests, store, limit=limit), policy, Sinks(*sinks), halt
+                    )
                 finally:
                     restore()
                     for task in background:
@@ -153,18 +208,11 @@ async def run_job(
                     await asyncio.gather(*background, return_exceptions=True)
                     if progress is not None:
                         progress.close()
+                report = RunReport(summary, total, execution.wall_s, halt.outcome, execution.resumed, results)
                 concurrency_hint(spec, report, limits.pacer.rate_rps)
         finally:
-            if server is not None:
-                await server.stop()
-            outcome = "unfinished" if report is None else "stopped" if report.halted or report.deferred else "finished"
-            summary = report.summary if report is not None else None
-            store.end_run(
-                outcome,
-                ok=summary.ok if summary else 0,
-                failed=summary.failed if summary else 0,
-                cost_usd=summary.cost_usd if summary else ZERO_USD,
-            )
+            outcome = "unfinished" if report is None else "stopped" if report.stop else "finished"
+            store.end_run(outcome, ok=summary.ok, failed=summary.failed, cost_usd=summary.cost_usd)
             started = time.monotonic()
             written: int | None = None
             try:
@@ -178,11 +226,12 @@ async def run_job(
                     wall_s=report.wall_s,
                     pending=report.pending,
                     resumed=report.resumed,
-                    stopped=report.halted or report.deferred,
+                    stopped=report.stop.message if report.stop else None,
                 )
                 write_json(summary_path(spec.output), {"job": spec.name, **summary_json})
     assert report is not None
-    return Outcome(report, spec.output, written, server.base_url if server else None, store.spilled + store.lost)
+    sandbox_url = connection.sandbox.base_url if connection.sandbox else None
+    return Outcome(report, spec.output, written, sandbox_url, store.spilled + store.lost)
 
 
 def concurrency_hint(spec: JobSpec, report: RunReport, pace_rps: float) -> None:
@@ -304,15 +353,17 @@ async def follow_credits(client: Client, limits: Limits, every_s: float) -> None
         limits.pacer.set_limit(rps)
 
 
-def _install_signal_handlers(engine: Engine) -> Callable[[], None]:
+def _install_signal_handlers(halt: Halt) -> Callable[[], None]:
     """First Ctrl-C or SIGTERM: stop dispatching and finish what is in flight. Second: exit now."""
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
 
     def on_signal(signum: signal.Signals) -> None:
-        if engine.stopping:
+        if halt.stopping:
             os._exit(3)
-        engine.stop(f"{signum.name}: finishing requests in flight (press Ctrl-C again to quit at once)")
+        halt.stop(
+            StopReason.INTERRUPTED, f"{signum.name}: finishing requests in flight (press Ctrl-C again to quit at once)"
+        )
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:

@@ -312,6 +312,9 @@ class Store:
 
     # -- results ----------------------------------------------------------------------------
 
+    def resumed(self, count: int) -> None:
+        """Nothing to keep: those answers are already here."""
+
     def add(self, result: RowResult) -> None:
         """Buffer a result; `flush` (or the flusher task) commits it."""
         values = result.stored()
@@ -383,22 +386,24 @@ class Store:
                 found.update(self._db.execute(query, chunk).fetchall())
         return found
 
-    def unfinished_bills(self, row_ids: Sequence[str]) -> dict[tuple[str, str, str], Bill]:
-        """The bills of these rows' failed and unfinished records, by checkpoint key: a retry starts from them."""
-        found: dict[tuple[str, str, str], Bill] = {}
+    def unfinished(self, row_ids: Sequence[str]) -> dict[tuple[str, str, str], tuple[str, Bill]]:
+        """The status ("failed" or "pending") and bill of these rows' unanswered records, by checkpoint key:
+        a retry starts from the bill."""
+        found: dict[tuple[str, str, str], tuple[str, Bill]] = {}
         with self._lock:
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 query = (
                     "SELECT row_id, requested_model, fingerprint, cost_usd, cost_source, billed_prompt_tokens, "
-                    f"billed_completion_tokens, attempts FROM results WHERE status != 'ok' AND row_id IN ({marks})"
+                    f"billed_completion_tokens, attempts, status FROM results WHERE status != 'ok' AND row_id IN ({marks})"
                 )
-                for row_id, model, fingerprint, cost, source, prompt, completion, attempts in self._db.execute(
+                for row_id, model, fingerprint, cost, source, prompt, completion, attempts, status in self._db.execute(
                     query, chunk
                 ):
-                    found[(row_id, model, fingerprint)] = Bill(
+                    bill = Bill(
                         Decimal(cost or "0"), {source or "reported"}, prompt or 0, completion or 0, attempts or 0
                     )
+                    found[(row_id, model, fingerprint)] = (status, bill)
         return found
 
     def answers_by_server(self) -> dict[str, int]:

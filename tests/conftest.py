@@ -116,3 +116,51 @@ def sandbox_in_thread() -> Iterator[Callable[[SandboxConfig], Sandbox]]:
     for _, loop, thread in started:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+async def run_pairs(
+    spec: Any,
+    sandbox: Sandbox,
+    *,
+    api_key: str | None = None,
+    retry: Any = None,
+    limit: int | None = None,
+    store: Any = None,
+    breaker: Any = None,
+    halt: Any = None,
+    executor: Any = None,
+    grace_s: float = 30.0,
+) -> Any:
+    """Answer a spec's pairs against `sandbox` through the executor seam (the live pool unless
+    `executor` is given), without the runner around it; the RunReport keeps every result."""
+    from batchrunner.client import Client
+    from batchrunner.executor import LiveExecutor
+    from batchrunner.halt import Halt
+    from batchrunner.pending import pending
+    from batchrunner.policy import RowPolicy
+    from batchrunner.preflight import prepare
+    from batchrunner.records import Sinks, Summary
+    from batchrunner.request import RequestBuilder
+    from batchrunner.retries import RetryPolicy
+    from batchrunner.runner import RunReport
+
+    dataset = prepare(spec)
+    halt = halt or Halt()
+    summary, results = Summary(), []
+
+    class Kept:
+        def add(self, result: Any) -> None:
+            results.append(result)
+
+        def resumed(self, count: int) -> None:
+            pass
+
+    async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.concurrency) as client:
+        policy = RowPolicy(spec, client, halt, retry=retry or RetryPolicy.immediate(), breaker=breaker)
+        sinks = Sinks(summary, *([store] if store is not None else []), Kept())
+        work = pending(dataset, RequestBuilder(spec), store, limit=limit)
+        execution = await (executor or LiveExecutor(spec.concurrency, grace_s=grace_s)).execute(
+            work, policy, sinks, halt
+        )
+    rows = dataset.rows if limit is None else min(limit, dataset.rows)
+    return RunReport(summary, rows * len(spec.models), execution.wall_s, halt.outcome, execution.resumed, results)

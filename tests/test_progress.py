@@ -22,8 +22,8 @@ def test_log_lines_when_not_a_terminal(caplog: pytest.LogCaptureFixture) -> None
     """Without a terminal, progress goes to the log as plain lines with counts, rate and cost."""
     progress = Progress(3, stream=io.StringIO(), interactive=False, every_s=0.0)
     with caplog.at_level(logging.INFO, logger="batchrunner"):
-        progress.finished(row(0))
-        progress.finished(row(1, "failed"))
+        progress.add(row(0))
+        progress.add(row(1, "failed"))
     assert "progress: 2/3 rows (1 ok, 1 failed, 1 pending)" in caplog.text and "$0.002 spent" in caplog.text
 
 
@@ -44,7 +44,7 @@ def test_bar_on_a_terminal_shows_counts_and_retries() -> None:
     stream = io.StringIO()
     progress = Progress(2, stream=stream, interactive=True)
     progress.retry(+1)
-    progress.finished(row(0))
+    progress.add(row(0))
     progress.close()
     text = stream.getvalue()
     assert "1/2" in text and "ok=1" in text and "retrying=1" in text

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from batchrunner import openapi
-from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.sandbox import Sandbox, SandboxConfig, request_key
 
 SCHEMA = {
     "type": "object",
@@ -211,3 +211,9 @@ async def test_error_answers_validate_against_openrouters_error_envelopes(config
     async with Sandbox(config) as sandbox:
         status, _, payload = await post(sandbox, body)
     assert status in ERROR_SCHEMAS and openapi.validation_errors(ERROR_SCHEMAS[status], payload) == []
+
+
+def test_request_key_ignores_params_that_do_not_change_the_question() -> None:
+    """The sandbox's duplicate counter keys on model and prompt."""
+    body = {"model": "a/b", "messages": [{"role": "user", "content": "x"}]}
+    assert request_key(body) == request_key({**body, "temperature": 1}) != request_key({**body, "model": "a/c"})

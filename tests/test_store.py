@@ -130,8 +130,11 @@ def test_spent_is_read_from_the_answers_even_when_no_run_ended(tmp_path: Path) -
         store.add(RowResult(i, str(i), 0, "m", status, cost_usd=Decimal(cost), fingerprint="f"))  # type: ignore[arg-type]  # status: str for a Literal
     store.flush()
     assert store.spent_usd() == Decimal("0.123")
-    unfinished = store.unfinished_bills(["0", "1", "2"])
-    assert {key[0]: bill.cost_usd for key, bill in unfinished.items()} == {"1": Decimal("0.02"), "2": Decimal("0.003")}
+    unfinished = store.unfinished(["0", "1", "2"])
+    assert {key[0]: (status, bill.cost_usd) for key, (status, bill) in unfinished.items()} == {
+        "1": ("failed", Decimal("0.02")),
+        "2": ("pending", Decimal("0.003")),
+    }
     assert store.answered(["0", "1", "2"]) == {("0", "m", "f")}
 
 

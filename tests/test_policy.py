@@ -1,4 +1,4 @@
-"""The engine over real loopback HTTP: ordering, retries, fallbacks, halts."""
+"""The row policy over real loopback HTTP: retries, the breaker, fallbacks, repairs, halts, prompt release."""
 
 from __future__ import annotations
 
@@ -9,61 +9,22 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
+from conftest import run_pairs
 
 from batchrunner import openapi
 from batchrunner.breaker import Breaker
-from batchrunner.client import Client
-from batchrunner.engine import Engine, RunReport
-from batchrunner.output import export
-from batchrunner.preflight import prepare
-from batchrunner.request import RequestBuilder
+from batchrunner.halt import Halt, StopReason
 from batchrunner.retries import RetryPolicy
-from batchrunner.sandbox import Sandbox, SandboxConfig, request_key
+from batchrunner.runner import RunReport
+from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import JobSpec, load_spec
-from batchrunner.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def run(
-    spec: JobSpec,
-    sandbox: Sandbox,
-    *,
-    api_key: str | None = None,
-    retry: RetryPolicy | None = None,
-    limit: int | None = None,
-    **engine_options: Any,
-) -> RunReport:
-    dataset = prepare(spec)
-    async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.concurrency) as client:
-        engine_options.setdefault("keep_results", True)
-        engine = Engine(spec, client, retry=retry or RetryPolicy.immediate(), **engine_options)
-        return await engine.run(dataset, limit=limit)
-
-
-async def test_answers_land_on_their_own_rows_when_they_complete_out_of_order(
-    write_spec: Callable[..., Path], tmp_path: Path
-) -> None:
-    """Later rows answer first (latency falls with the row number), yet each answer is on its own row."""
-
-    def latency(body: dict[str, Any]) -> float:
-        number = int(body["messages"][-1]["content"].rsplit(" ", 1)[-1])
-        return 0.02 * (12 - number)
-
-    spec = load_spec(write_spec(concurrency=12))
-    store = Store.open(tmp_path / "checkpoint.sqlite")
-    async with Sandbox(SandboxConfig(latency_s=latency)) as sandbox:
-        report = await run(spec, sandbox, store=store)
-    finished = [r.row_index for r in report.results]
-    assert finished != sorted(finished), "answers should have completed out of order"
-    store.flush()
-    export(prepare(spec), RequestBuilder(spec), store, tmp_path / "out.parquet")
-    frame = pl.read_parquet(tmp_path / "out.parquet")
-    assert frame["ticket_id"].to_list() == [f"T-{i}" for i in range(12)]
-    for ticket_id, text, response in frame.select("ticket_id", "text", "response").iter_rows():
-        assert f"Ticket {ticket_id}: {text}" in response
+async def run(spec: JobSpec, sandbox: Sandbox, **options: Any) -> RunReport:
+    return await run_pairs(spec, sandbox, **options)
 
 
 async def test_every_request_of_the_example_jobs_validates_against_chat_request() -> None:
@@ -163,39 +124,6 @@ async def test_out_of_credits_halts_and_keeps_what_was_answered(write_spec: Call
     assert sandbox.stats.statuses[402] == 1
 
 
-async def test_each_row_runs_once_per_model(write_spec: Callable[..., Path]) -> None:
-    """With several models every row gets one result per model, and costs add up exactly."""
-    spec = load_spec(write_spec(models=["openai/gpt-4o-mini", "meta-llama/llama-3.1-8b-instruct"]))
-    async with Sandbox() as sandbox:
-        report = await run(spec, sandbox)
-    pairs = sorted((r.row_index, r.requested_model) for r in report.results)
-    assert len(pairs) == len(set(pairs)) == 24
-    assert report.summary.cost_usd == sandbox.stats.charged_usd
-
-
-async def test_stop_finishes_requests_in_flight_and_leaves_the_rest_pending(write_spec: Callable[..., Path]) -> None:
-    """stop() (Ctrl-C) lets in-flight answers land, sends nothing new, and reports pending rows."""
-    spec = load_spec(write_spec(concurrency=2))
-    async with Sandbox(SandboxConfig(latency_s=0.05)) as sandbox:
-        dataset = prepare(spec)
-        async with Client(sandbox.base_url) as client:
-            engine = Engine(spec, client, retry=RetryPolicy.immediate())
-            task = asyncio.create_task(engine.run(dataset))
-            while sandbox.stats.requests < 3:
-                await asyncio.sleep(0.005)
-            engine.stop("interrupted")
-            report = await task
-    assert report.halted == "interrupted"
-    assert report.summary.ok == sandbox.stats.statuses[200] == sandbox.stats.requests
-    assert report.pending == 12 - report.summary.ok > 0
-
-
-def test_request_key_ignores_params_that_do_not_change_the_question() -> None:
-    """The sandbox's duplicate counter keys on model and prompt."""
-    body = {"model": "a/b", "messages": [{"role": "user", "content": "x"}]}
-    assert request_key(body) == request_key({**body, "temperature": 1}) != request_key({**body, "model": "a/c"})
-
-
 @pytest.mark.parametrize("endpoint", ["completions"])
 async def test_completions_endpoint(write_spec: Callable[..., Path], endpoint: str) -> None:
     """endpoint: completions sends a raw prompt to /completions and reads choices[0].text."""
@@ -205,21 +133,6 @@ async def test_completions_endpoint(write_spec: Callable[..., Path], endpoint: s
     assert report.summary.ok == 12
     assert sandbox.stats.bodies[0]["prompt"].startswith("Ticket T-")
     assert all(r.response and "Ticket T-" in r.response for r in report.results)
-
-
-async def test_requests_in_flight_past_the_grace_period_are_abandoned(write_spec: Callable[..., Path]) -> None:
-    """After stop(), requests still in flight when the grace period ends are cancelled; their rows stay pending."""
-    spec = load_spec(write_spec(concurrency=2))
-    async with Sandbox(SandboxConfig(latency_s=1.0)) as sandbox:
-        dataset = prepare(spec)
-        async with Client(sandbox.base_url) as client:
-            engine = Engine(spec, client, retry=RetryPolicy.immediate(), grace_s=0.05)
-            task = asyncio.create_task(engine.run(dataset))
-            while sandbox.stats.requests < 2:
-                await asyncio.sleep(0.005)
-            engine.stop("interrupted")
-            report = await asyncio.wait_for(task, 0.8)
-    assert report.summary.done == 0 and report.pending == 12
 
 
 async def test_server_fallbacks_let_openrouter_fall_back_within_one_request(write_spec: Callable[..., Path]) -> None:
@@ -232,25 +145,6 @@ async def test_server_fallbacks_let_openrouter_fall_back_within_one_request(writ
     assert all(r.model == "anthropic/claude-3.5-haiku" and r.attempts == 1 and r.fallback_used for r in report.results)
 
 
-async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
-    write_spec: Callable[..., Path], tmp_path: Path
-) -> None:
-    """An input edited into an unreadable file after it was checked stops the run with a reason, instead of hanging."""
-    # polars parses ahead in parallel: the error may surface before the first batch or after it.
-    lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(12_000)]]
-    (tmp_path / "late.csv").write_text("\n".join(lines) + "\n")
-    spec = load_spec(write_spec(input="late.csv", id_column=None, concurrency=32))
-    async with Sandbox() as sandbox:
-        dataset = prepare(spec)
-        with (tmp_path / "late.csv").open("a") as late:
-            late.write("12000,s,text,one field too many\n")
-        async with Client(sandbox.base_url) as client:
-            report = await asyncio.wait_for(Engine(spec, client, retry=RetryPolicy.immediate()).run(dataset), 60)
-    assert report.halted and "reading late.csv failed after" in report.halted
-    read = int(report.halted.split("failed after ")[1].split()[0])
-    assert report.summary.done >= read - 2 * spec.concurrency, "rows read before the bad one were answered"
-
-
 async def test_stop_releases_rows_waiting_on_backoff_at_once(
     write_spec: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -258,15 +152,13 @@ async def test_stop_releases_rows_waiting_on_backoff_at_once(
     without the 30 s grace, and nothing is reported as abandoned in flight."""
     spec = load_spec(write_spec(concurrency=4))
     async with Sandbox(SandboxConfig(faults={"rate_limit": 1.0}, retry_after_s=60)) as sandbox:
-        dataset = prepare(spec)
-        async with Client(sandbox.base_url) as client:
-            engine = Engine(spec, client, retry=RetryPolicy(), grace_s=30)
-            running = asyncio.create_task(engine.run(dataset))
-            while sandbox.stats.requests < 4:
-                await asyncio.sleep(0.01)
-            stopped_at = time.monotonic()
-            engine.stop("SIGTERM")
-            report = await asyncio.wait_for(running, 10)
+        halt = Halt()
+        running = asyncio.create_task(run(spec, sandbox, halt=halt, retry=RetryPolicy()))
+        while sandbox.stats.requests < 4:
+            await asyncio.sleep(0.01)
+        stopped_at = time.monotonic()
+        halt.stop(StopReason.INTERRUPTED, "SIGTERM")
+        report = await asyncio.wait_for(running, 10)
     assert time.monotonic() - stopped_at < 2
     assert report.pending == 12
     assert "gave up on" not in caplog.text

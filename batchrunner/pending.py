@@ -1,0 +1,76 @@
+"""Which (row, model) pairs are still to answer: one generator for the executors, `status` and `estimate`.
+
+The input is read in batches; each batch's pairs are rendered and fingerprinted
+(request.py), and the checkpoint says which are already answered for the spec as it is
+now (skipped), and which failed or were stopped half-way in an earlier run (to do again,
+starting from what they were billed).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from batchrunner.dataset import Dataset
+from batchrunner.errors import RunHalted, first_line
+from batchrunner.records import Bill
+from batchrunner.request import RequestBuilder, RowRequest
+from batchrunner.store import Store
+
+BATCH_ROWS = 8192  # input rows per batch: one checkpoint query each, memory bounded by it
+
+
+@dataclass(frozen=True, slots=True)
+class Todo:
+    """A pair to answer, with what earlier runs already spent on it."""
+
+    request: RowRequest
+    earlier: Bill | None = None  # the bill of an earlier failed or unfinished attempt at this exact request
+    earlier_status: str | None = None  # "failed" or "pending" (stopped half-way), with `earlier`
+
+
+@dataclass
+class Batch:
+    """One batch of input rows: the pairs still to answer, and how many per model were answered already."""
+
+    todo: list[Todo]
+    answered: collections.Counter[str] = field(default_factory=collections.Counter)  # per requested model
+    rows: int = 0  # input rows read in this batch
+
+
+def pending(
+    dataset: Dataset,
+    requests: RequestBuilder,
+    store: Store | None,
+    *,
+    limit: int | None = None,
+    batch_size: int = BATCH_ROWS,
+) -> Iterator[Batch]:
+    """The pairs of the input (its first `limit` rows) that the checkpoint has no answer for, batch by batch."""
+    read = 0
+    batches = dataset.batches(limit=limit, batch_size=batch_size)
+    while True:
+        try:
+            rows = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # the input changed under the run (it was read to its end before it began)
+            raise RunHalted(
+                f"reading {dataset.path.name} failed after {read} rows: {first_line(exc)}; fix the input and rerun"
+            ) from exc
+        read += len(rows)
+        ids = [row.id for row in rows]
+        answered = store.answered(ids) if store is not None else set()
+        unfinished = store.unfinished(ids) if store is not None else {}
+        batch = Batch([], rows=len(rows))
+        for request in requests.for_rows(rows):
+            key = request.key
+            if key in answered:
+                batch.answered[request.requested_model] += 1
+            elif key in unfinished:
+                status, bill = unfinished[key]
+                batch.todo.append(Todo(request, bill, status))
+            else:
+                batch.todo.append(Todo(request))
+        yield batch

@@ -1,0 +1,427 @@
+"""The row policy: how one (row, model) pair is answered, whoever schedules it.
+
+Retries with backoff on the same model, the circuit breaker, the server watch, fallbacks,
+repairs of invalid structured answers, the budget's reservations and every attempt's bill
+live here, and nowhere else. An executor (executor.py for the live worker pool; the Batch
+API's will be another) decides when `answer()` runs; the policy decides what one answer
+takes, and returns it as a RowResult: a failed row is data, not an exception.
+
+`answer()` returns None to leave a pair pending without a record (the run is stopping, and
+nothing was paid for it), or a `pending` RowResult when attempts were already paid for:
+the checkpoint keeps that bill, and the next run starts from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from batchrunner.breaker import Breaker, ServerWatch
+from batchrunner.client import Client, Completion
+from batchrunner.costs import ZERO_USD, Budget, PriceTable, Usage, format_usd, plugin_allowance_usd
+from batchrunner.errors import (
+    ApiError,
+    FatalApiError,
+    FreeModelCapReached,
+    RateLimited,
+    RequestRejected,
+    TransientError,
+)
+from batchrunner.halt import Halt, StopReason
+from batchrunner.limits import Limits, is_free
+from batchrunner.pending import Todo
+from batchrunner.records import Bill, RowResult
+from batchrunner.request import RequestBuilder, RowRequest, body_prompt, most_prompt_tokens
+from batchrunner.retries import RetryPolicy
+from batchrunner.spec import JobSpec
+from batchrunner.structured import InvalidAnswer, Mode, parse_answer
+
+log = logging.getLogger("batchrunner")
+_T = TypeVar("_T")
+UNREACHABLE = "unreachable"  # the client's code for a request that never reached the server
+
+
+class _Stopped(Exception):
+    """Internal: the run is stopping (or free models are out for the day); leave this pair pending."""
+
+
+@dataclass
+class _RowState:
+    """What happened to one pair so far, across its models and attempts."""
+
+    earlier: Bill  # what earlier runs were billed for it (it failed, or they stopped in it)
+    bill: Bill = field(default_factory=Bill)  # what this run was billed for it
+    last_error: ApiError | None = None
+    last_answer: Completion | None = None  # an answer that was refused or invalid, kept for the output
+
+    @property
+    def total(self) -> Bill:
+        return self.earlier.plus(self.bill)
+
+
+class RowPolicy:
+    """Answers one (row, model) pair: `await policy.answer(todo)`."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        client: Client,
+        halt: Halt,
+        *,
+        requests: RequestBuilder | None = None,
+        retry: RetryPolicy | None = None,
+        limits: Limits | None = None,
+        breaker: Breaker | None = None,
+        server: ServerWatch | None = None,
+        pricing: PriceTable | None = None,
+        budget: Budget | None = None,
+        on_wait: Callable[[int], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.client = client
+        self.halt = halt
+        self.requests = requests or RequestBuilder(spec)
+        settings = spec.retry
+        self.retry = retry or RetryPolicy(settings.max_attempts, settings.base_delay_s, settings.max_delay_s)
+        self.limits = limits or Limits(float("inf"), free_cap=spec.free_requests_per_day)
+        self.breaker = breaker or Breaker()
+        self.server = server or ServerWatch(give_up_s=spec.unreachable_timeout_s)
+        self.pricing = pricing or PriceTable([])
+        self.budget = budget
+        self.on_wait = on_wait  # +1 when a pair starts waiting to retry, -1 when it stops (progress)
+        self.mode = Mode.of(spec.response_format)
+        self._settled = asyncio.Event()  # set (and replaced) whenever a reservation settles
+        halt.on_stop(self._settled.set)  # wake pairs waiting for budget
+
+    # -- one pair ---------------------------------------------------------------------------
+
+    async def answer(self, todo: Todo) -> RowResult | None:
+        """The pair's result; None leaves it pending without a record (nothing was paid for it)."""
+        row = _RowState(earlier=todo.earlier or Bill())
+        try:
+            return await self._answer(todo.request, row)
+        except _Stopped:
+            if not row.bill.attempts:
+                return None
+            return self._result(
+                todo.request, row, status="pending", error=_one_line(row.last_error or "the run stopped")
+            )
+
+    async def _answer(self, item: RowRequest, row: _RowState) -> RowResult:
+        """Retries on the model, then its fallbacks, in order. For structured jobs an answer must also
+        parse and validate; an invalid one is repaired (the model is told what was wrong, given more
+        room if it was cut off), then handed to the fallbacks."""
+        chain = self.spec.model_chain(item.requested_model)
+        for position, model in enumerate(chain):
+            body = self.requests.body(item.prompt, model)
+            for repair in range(self.spec.repair.same_model + 1):
+                completion = await self._on_model(model, body, row, has_fallback=position + 1 < len(chain))
+                if completion is None:
+                    break  # this model gave up: its fallbacks are next
+                if completion.refusal and not completion.text and not completion.tool_calls:
+                    row.last_error = RequestRejected(f"refusal: {completion.refusal}", code="refusal")
+                    row.last_answer = completion
+                    break
+                fallback_used = position > 0 or (
+                    self.spec.server_fallbacks and completion.model in self.spec.fallbacks
+                )  # ours (a later model in the chain), or OpenRouter's (the `models` array)
+                if not self.mode.structured:
+                    return self._ok(item, completion, row, parsed=None, fallback_used=fallback_used)
+                try:
+                    parsed = parse_answer(completion.text, self.mode, finish_reason=completion.finish_reason)
+                except InvalidAnswer as exc:
+                    row.last_error = RequestRejected(f"invalid structured output: {exc}", code="invalid_output")
+                    row.last_answer = completion
+                    log.debug("row %s: %s answered invalid JSON (%s); repair %d", item.row.id, model, exc, repair + 1)
+                    cut_off = completion.finish_reason == "length"
+                    body = self.requests.repaired(body, completion.text, str(exc), cut_off=cut_off)
+                    continue
+                return self._ok(item, completion, row, parsed=parsed, fallback_used=fallback_used)
+            log.debug("row %s: %s gave up: %s", item.row.id, model, row.last_error)
+        return self._result(
+            item,
+            row,
+            status="failed",
+            error=_one_line(row.last_error or "no model answered"),
+            **({} if row.last_answer is None else _answer_fields(row.last_answer, failed=True)),
+        )
+
+    async def _on_model(
+        self, model: str, body: dict[str, Any], row: _RowState, *, has_fallback: bool
+    ) -> Completion | None:
+        """Send `body` to `model` until it answers or its attempts run out (None)."""
+        tries = 0
+        while tries < self.retry.max_attempts:
+            if self.halt.stopping:
+                raise _Stopped
+            retry_after: TransientError | None = None
+            with self.breaker.attempt(model) as health:
+                if health.skip:
+                    if has_fallback:
+                        row.last_error = TransientError(
+                            f"{model} skipped: it keeps failing (circuit open)", code="circuit_open"
+                        )
+                        return None
+                    failed_probes = self.breaker.failed_probes(model)
+                    await self._unless_stopped(self.breaker.wait(model))
+                    tries += self.breaker.failed_probes(model) - failed_probes
+                    cause = self.breaker.last_failure(model)
+                    row.last_error = TransientError(
+                        f"{model} is unavailable: every probe of it failed" + (f" (last: {cause})" if cause else ""),
+                        code="circuit_open",
+                    )
+                    continue
+                try:
+                    completion = await self._send(model, body, row)
+                except ApiError as exc:
+                    if exc.code == UNREACHABLE:  # never reached the server: not billed, not the row's fault
+                        continue
+                    tries += 1
+                    if isinstance(exc, RateLimited):  # says nothing of the model's health
+                        self.limits.rate_limited(model, upstream=bool(exc.metadata.get("provider_name")))
+                        retry_after = exc
+                    elif isinstance(exc, TransientError):
+                        health.failed(str(exc))
+                        retry_after = exc
+                    else:  # RequestRejected: another model may take it; a 404 is the model's problem
+                        if exc.status == 404:
+                            health.failed(str(exc))
+                        return None
+                else:
+                    health.healthy()
+                    return completion
+            if tries < self.retry.max_attempts and not self.breaker.is_open(model):
+                await self._backoff(tries, retry_after)
+        return None
+
+    async def _send(self, model: str, body: dict[str, Any], row: _RowState) -> Completion:
+        """One request, start to end: the server watch, the budget's reservation, the rate limit,
+        the request, and its bill. Raises the ApiError the client classified (a fatal one, having
+        stopped the run)."""
+        if not await self._unless_stopped(self.server.admit()):
+            self.halt.stop(
+                StopReason.SERVER_GONE,
+                f"the server has been unreachable for {self.server.give_up_s:g} s ({self.server.cause}); "
+                "rows not answered stay pending: rerun once it is back",
+            )
+            raise _Stopped
+        reserved = await self._reserve(body, model)
+        try:
+            # A free model's slot can be minutes away; any other's is a fraction of a second.
+            await (self._unless_stopped(self.limits.acquire(model)) if is_free(model) else self.limits.acquire(model))
+        except FreeModelCapReached as cap:
+            self._settle(reserved, ZERO_USD)
+            self.halt.stop(StopReason.FREE_CAP, str(cap))
+            raise _Stopped from cap
+        except BaseException:
+            self._settle(reserved, ZERO_USD)
+            raise
+        timeout_s = self.spec.timeout_s * (2 if is_free(model) else 1)
+        try:
+            if self.spec.endpoint == "completions":
+                completion = await self.client.text_completion(body, timeout_s=timeout_s)
+            else:
+                completion = await self.client.chat(body, timeout_s=timeout_s)
+        except ApiError as exc:
+            if exc.code == UNREACHABLE:
+                self._settle(reserved, ZERO_USD)
+                self.server.failed(str(exc))
+                row.last_error = exc
+                raise
+            self.server.answered()
+            row.bill.attempts += 1
+            row.last_error = exc
+            self._settle(reserved, self._charge(row.bill, exc.usage, model))
+            if isinstance(exc, FatalApiError):
+                if exc.code == "free_daily_cap":
+                    self.halt.stop(StopReason.FREE_CAP, str(self.limits.cap_reached(model)))
+                else:
+                    self.halt.stop(StopReason.ACCOUNT, str(exc), exc)
+                raise _Stopped from exc
+            raise
+        except BaseException:
+            self._settle(reserved, ZERO_USD)
+            raise
+        self.server.answered()
+        row.bill.attempts += 1
+        self._settle(
+            reserved,
+            self._charge(row.bill, completion.usage, completion.model or model, model, completion.generation_id),
+        )
+        return completion
+
+    # -- money ------------------------------------------------------------------------------
+
+    def _charge(
+        self,
+        bill: Bill,
+        usage: Usage | None,
+        model: str,
+        requested: str | None = None,
+        generation_id: str | None = None,
+    ) -> Decimal:
+        """Add one attempt's cost and tokens to the row's bill: reported, else computed from prices, else unknown.
+
+        A reported cost is not used when it is not believable: negative or not a number
+        (the client set it aside), or far above what the model's prices allow for the
+        tokens (ten times the worst case, plus what plugins such as web search may add)."""
+        if usage is None:  # no answer, no charge
+            return ZERO_USD
+        pricing = self.pricing.get(model) or self.pricing.get(requested or model)
+        reported, rejected = usage.cost_usd, usage.cost_rejected
+        if reported is not None and pricing is not None:
+            ceiling = 10 * pricing.worst_case_usd(usage.prompt_tokens, usage.completion_tokens) + self._allowance(
+                requested or model
+            )
+            if reported > ceiling:
+                reported, rejected = None, f"usage.cost {reported} is far above what {model}'s prices allow"
+        if rejected is not None:
+            log.warning(
+                "%s (generation %s): the cost is %s instead",
+                rejected,
+                generation_id or "unknown",
+                "computed from prices" if pricing else "unknown",
+            )
+        if reported is not None:
+            cost, source = reported, "reported"
+        elif pricing is not None:
+            cost, source = pricing.cost_usd(usage), "computed"
+        else:
+            cost, source = ZERO_USD, "unknown"
+        bill.add(cost, source, usage.prompt_tokens, usage.completion_tokens)
+        return cost
+
+    def _allowance(self, model: str) -> Decimal:
+        """What a request may cost beyond its tokens (web search results)."""
+        return plugin_allowance_usd(self.spec.params.get("plugins"), model)
+
+    async def _reserve(self, body: dict[str, Any], model: str) -> Decimal:
+        """Reserve this request's worst case (its own prompt and max_tokens, repairs included) against the budget.
+
+        When it does not fit, wait for requests in flight to settle and free what they did
+        not use; stop the run only when nothing is in flight and it still does not fit."""
+        if self.budget is None:
+            return ZERO_USD
+        # With server-side fallbacks OpenRouter may answer with any model of the chain: reserve the dearest.
+        candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
+        prompt_tokens = most_prompt_tokens(body_prompt(body))
+        worst = max(
+            self.pricing[m].worst_case_usd(prompt_tokens, self.requests.max_completion_tokens(self.pricing[m], body))
+            + self._allowance(m)
+            for m in candidates
+        )
+        budget = self.budget
+        while True:
+            settled = self._settled
+            if self.halt.stopping:
+                raise _Stopped
+            if budget.reserve(worst):
+                return worst
+            if budget.reserved_usd <= 0:
+                self.halt.stop(
+                    StopReason.BUDGET,
+                    f"budget of {format_usd(budget.limit_usd)} reached: {format_usd(budget.spent_usd)} spent, "
+                    f"and the next request could cost up to {format_usd(worst)}",
+                )
+                raise _Stopped
+            await settled.wait()
+
+    def _settle(self, reserved: Decimal, actual: Decimal) -> None:
+        if self.budget is not None:
+            self.budget.settle(reserved, actual)
+            self._settled.set()
+            self._settled = asyncio.Event()
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    async def _backoff(self, attempt: int, error: TransientError | None) -> None:
+        delay = self.retry.delay_s(attempt, error.retry_after_s if error else None)
+        if self.on_wait is not None:
+            self.on_wait(+1)
+        try:
+            await self._unless_stopped(asyncio.sleep(delay))
+        finally:
+            if self.on_wait is not None:
+                self.on_wait(-1)
+
+    async def _unless_stopped(self, waiting: Coroutine[Any, Any, _T]) -> _T:
+        """Wait for `waiting` (a backoff, a breaker, a slot), but leave the pair pending as soon as the run
+        stops: only requests on the wire get the grace period, pairs merely waiting are released at once."""
+        if self.halt.stopping:
+            waiting.close()
+            raise _Stopped
+        task = asyncio.ensure_future(waiting)
+        stopped = asyncio.ensure_future(self.halt.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise _Stopped
+        return task.result()
+
+    # -- results ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _result(item: RowRequest, row: _RowState, **fields: Any) -> RowResult:
+        """The one place a RowResult is made: the pair's identity, its whole bill, and `fields`."""
+        total = row.total
+        return RowResult(
+            row_index=item.row.index,
+            row_id=item.row.id,
+            model_position=item.model_position,
+            requested_model=item.requested_model,
+            fingerprint=item.fingerprint,
+            cost_usd=total.cost_usd,
+            cost_source=total.source,
+            billed_prompt_tokens=total.prompt_tokens,
+            billed_completion_tokens=total.completion_tokens,
+            attempts=total.attempts,
+            this_run=row.bill,
+            **fields,
+        )
+
+    def _ok(
+        self, item: RowRequest, completion: Completion, row: _RowState, *, parsed: Any, fallback_used: bool
+    ) -> RowResult:
+        return self._result(
+            item,
+            row,
+            status="ok",
+            parsed=None if parsed is None else json.dumps(parsed, ensure_ascii=False),
+            fallback_used=fallback_used,
+            **_answer_fields(completion),
+        )
+
+
+def _answer_fields(completion: Completion, *, failed: bool = False) -> dict[str, Any]:
+    """The columns an answer fills; a failed row keeps its refused or invalid answer's text."""
+    usage = completion.usage
+    return {
+        "response": (completion.text or completion.refusal) if failed else completion.text,
+        "model": completion.model or None,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "latency_s": round(completion.latency_s, 4),
+        "generation_id": completion.generation_id,
+        "provider": completion.provider,
+        "tool_calls": json.dumps(completion.tool_calls, ensure_ascii=False) if completion.tool_calls else None,
+    }
+
+
+def _one_line(error: object) -> str:
+    """An error for the output's `error` column: one line, at most 500 characters."""
+    return " ".join(str(error).split())[:500]

@@ -1,0 +1,113 @@
+"""The live executor over real loopback HTTP: answers on their own rows, once each, stopping with a grace."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from conftest import run_pairs
+
+from batchrunner import preflight
+from batchrunner.halt import Halt, StopReason
+from batchrunner.output import export
+from batchrunner.preflight import prepare
+from batchrunner.request import RequestBuilder
+from batchrunner.runner import RunReport
+from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.spec import JobSpec, load_spec
+from batchrunner.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def run(spec: JobSpec, sandbox: Sandbox, **options: Any) -> RunReport:
+    return await run_pairs(spec, sandbox, **options)
+
+
+async def test_answers_land_on_their_own_rows_when_they_complete_out_of_order(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Later rows answer first (latency falls with the row number), yet each answer is on its own row."""
+
+    def latency(body: dict[str, Any]) -> float:
+        number = int(body["messages"][-1]["content"].rsplit(" ", 1)[-1])
+        return 0.02 * (12 - number)
+
+    spec = load_spec(write_spec(concurrency=12))
+    store = Store.open(tmp_path / "checkpoint.sqlite")
+    async with Sandbox(SandboxConfig(latency_s=latency)) as sandbox:
+        report = await run(spec, sandbox, store=store)
+    finished = [r.row_index for r in report.results]
+    assert finished != sorted(finished), "answers should have completed out of order"
+    store.flush()
+    export(prepare(spec), RequestBuilder(spec), store, tmp_path / "out.parquet")
+    frame = pl.read_parquet(tmp_path / "out.parquet")
+    assert frame["ticket_id"].to_list() == [f"T-{i}" for i in range(12)]
+    for ticket_id, text, response in frame.select("ticket_id", "text", "response").iter_rows():
+        assert f"Ticket {ticket_id}: {text}" in response
+
+
+async def test_each_row_runs_once_per_model(write_spec: Callable[..., Path]) -> None:
+    """With several models every row gets one result per model, and costs add up exactly."""
+    spec = load_spec(write_spec(models=["openai/gpt-4o-mini", "meta-llama/llama-3.1-8b-instruct"]))
+    async with Sandbox() as sandbox:
+        report = await run(spec, sandbox)
+    pairs = sorted((r.row_index, r.requested_model) for r in report.results)
+    assert len(pairs) == len(set(pairs)) == 24
+    assert report.summary.cost_usd == sandbox.stats.charged_usd
+
+
+async def test_stop_finishes_requests_in_flight_and_leaves_the_rest_pending(write_spec: Callable[..., Path]) -> None:
+    """stop() (Ctrl-C) lets in-flight answers land, sends nothing new, and reports pending rows."""
+    spec = load_spec(write_spec(concurrency=2))
+    async with Sandbox(SandboxConfig(latency_s=0.05)) as sandbox:
+        halt = Halt()
+        task = asyncio.create_task(run(spec, sandbox, halt=halt))
+        while sandbox.stats.requests < 3:
+            await asyncio.sleep(0.005)
+        halt.stop(StopReason.INTERRUPTED, "interrupted")
+        report = await task
+    assert report.halted == "interrupted"
+    assert report.summary.ok == sandbox.stats.statuses[200] == sandbox.stats.requests
+    assert report.pending == 12 - report.summary.ok > 0
+
+
+async def test_requests_in_flight_past_the_grace_period_are_abandoned(write_spec: Callable[..., Path]) -> None:
+    """After stop(), requests still in flight when the grace period ends are cancelled; their rows stay pending."""
+    spec = load_spec(write_spec(concurrency=2))
+    async with Sandbox(SandboxConfig(latency_s=1.0)) as sandbox:
+        halt = Halt()
+        task = asyncio.create_task(run(spec, sandbox, halt=halt, grace_s=0.05))
+        while sandbox.stats.requests < 2:
+            await asyncio.sleep(0.005)
+        halt.stop(StopReason.INTERRUPTED, "interrupted")
+        report = await asyncio.wait_for(task, 0.8)
+    assert report.summary.done == 0 and report.pending == 12
+
+
+async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input edited into an unreadable file after it was checked stops the run with a reason, instead of hanging."""
+    # polars parses ahead in parallel: the error may surface before the first batch or after it.
+    lines = ["ticket_id,subject,text", *[f"{i},s,text {i}" for i in range(12_000)]]
+    (tmp_path / "late.csv").write_text("\n".join(lines) + "\n")
+    spec = load_spec(write_spec(input="late.csv", id_column=None, concurrency=32))
+    async with Sandbox() as sandbox:
+        real_prepare = prepare
+
+        def prepare_then_edit(spec: JobSpec) -> Any:  # checked whole, then edited under the run
+            dataset = real_prepare(spec)
+            with (tmp_path / "late.csv").open("a") as late:
+                late.write("12000,s,text,one field too many\n")
+            return dataset
+
+        monkeypatch.setattr(preflight, "prepare", prepare_then_edit)
+        report = await asyncio.wait_for(run(spec, sandbox), 60)
+    assert report.halted and "reading late.csv failed after" in report.halted
+    read = int(report.halted.split("failed after ")[1].split()[0])
+    assert report.summary.done >= read - 2 * spec.concurrency, "rows read before the bad one were answered"
