@@ -141,9 +141,10 @@ def run(
         say(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
     for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
         say(f"  {line}")
-    if report.halted or report.deferred or outcome.output_rows is None or outcome.unsaved:
-        reason = report.halted or report.deferred
-        if reason is None:
+    if report.stop is not None or outcome.output_rows is None or outcome.unsaved:
+        if report.stop is not None:
+            reason = report.stop.message
+        else:
             reason = "the output was not written" if outcome.output_rows is None else "the checkpoint was not written"
         say(f"stopped early: {reason}", err=True)
         say(f"{report.pending} rows are pending; rerun the same command to continue once that is resolved.", err=True)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,10 @@ import polars as pl
 from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
-from batchrunner.records import RESULT_SCHEMA
-from batchrunner.request import RequestBuilder
+from batchrunner.records import RESULT_SCHEMA, STORED_EXTRAS, STORED_SCHEMA
+from batchrunner.request import RequestBuilder, RowRequest
 from batchrunner.spec import JobSpec
-from batchrunner.store import RESULT_COLUMNS, Store
+from batchrunner.store import KEY_COLUMNS, Store
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
 
 MODEL_POSITION = "__batchrunner_model"
@@ -49,52 +50,62 @@ def extra_columns(spec: JobSpec) -> dict[str, pl.DataType]:
     return columns
 
 
-def _structured_columns(
-    columns: dict[str, list[Any]], spec: JobSpec, extra: dict[str, pl.DataType]
-) -> dict[str, list[Any]]:
-    """The structured answers spread over their typed columns, one list per schema property."""
+def _structured_columns(answers: pl.DataFrame, spec: JobSpec, extra: dict[str, pl.DataType]) -> list[pl.Series]:
+    """The structured answers spread over their typed columns, one per schema property."""
     mode = Mode.of(spec.response_format)
-    wanted = {column: dtype for column, dtype in extra.items() if column not in ("parsed", "tool_calls")}
+    wanted = {column: dtype for column, dtype in extra.items() if column not in STORED_EXTRAS}
     typed: dict[str, list[Any]] = {column: [] for column in wanted}
-    if mode.kind != "json_schema" or not wanted:
-        return typed
-    for parsed_text, status, response in zip(columns["parsed"], columns["status"], columns["response"], strict=True):
-        parsed = json.loads(parsed_text) if parsed_text else None
-        if parsed is None and status == "ok" and response:
-            # Answered before answers were parsed into the checkpoint: parse the stored text now.
-            with contextlib.suppress(InvalidAnswer):
-                parsed = parse_answer(str(response), mode)
-        for column, dtype in wanted.items():
-            value = parsed.get(column[len(spec.output_prefix) :]) if isinstance(parsed, dict) else None
-            typed[column].append(typed_value(value, dtype))
-    return typed
+    if mode.kind == "json_schema" and wanted:
+        for parsed_text, status, response in answers.select("parsed", "status", "response").iter_rows():
+            parsed = json.loads(parsed_text) if parsed_text else None
+            if parsed is None and status == "ok" and response:
+                # Answered before answers were parsed into the checkpoint: parse the stored text now.
+                with contextlib.suppress(InvalidAnswer):
+                    parsed = parse_answer(str(response), mode)
+            for column, dtype in wanted.items():
+                value = parsed.get(column[len(spec.output_prefix) :]) if isinstance(parsed, dict) else None
+                typed[column].append(typed_value(value, dtype))
+    return [pl.Series(column, values, dtype=wanted[column]) for column, values in typed.items()]
 
 
 def _answers(
-    rows_frame: pl.DataFrame,
-    keys: list[tuple[int, int]],
-    stored: list[tuple[Any, ...]],
-    spec: JobSpec,
-    extra: dict[str, pl.DataType],
+    rows_frame: pl.DataFrame, keys: pl.DataFrame, stored: pl.DataFrame, spec: JobSpec, extra: dict[str, pl.DataType]
 ) -> pl.DataFrame:
-    """One input batch joined with its answers: input rows in order, then models in spec order."""
-    columns: dict[str, list[Any]] = (
-        {name: list(values) for name, values in zip(RESULT_COLUMNS, zip(*stored, strict=True), strict=True)}
-        if stored
-        else {name: [] for name in RESULT_COLUMNS}
-    )
-    columns[ROW_INDEX] = [index for index, _ in keys]
-    columns[MODEL_POSITION] = [position for _, position in keys]
-    columns.update(_structured_columns(columns, spec, extra))
-    schema = {**_KEYS_SCHEMA, **RESULT_SCHEMA, **extra}
-    text_schema = {name: pl.String() if name == "cost_usd" else dtype for name, dtype in schema.items()}
-    answers = pl.DataFrame({name: columns[name] for name in schema}, schema=text_schema)
+    """One input batch joined with its answers (by checkpoint key, by name): input rows in order, then
+    models in spec order. `keys` maps each pair's checkpoint key to its row and model position."""
+    answers = keys.join(stored, on=list(KEY_COLUMNS), how="inner")
     unknown = (pl.col("cost_source") == "unknown") & (pl.col("cost_usd").cast(pl.Float64) == 0)
     answers = answers.with_columns(  # an unknown cost is null, never $0
         pl.when(unknown).then(None).otherwise(pl.col("cost_usd")).cast(RESULT_SCHEMA["cost_usd"]).alias("cost_usd")
-    )
+    ).with_columns(_structured_columns(answers, spec, extra))
+    answers = answers.select(ROW_INDEX, MODEL_POSITION, *RESULT_SCHEMA, *extra)
     joined = rows_frame.join(answers, on=ROW_INDEX, how="inner")
     return joined.sort(ROW_INDEX, MODEL_POSITION).drop(ROW_INDEX, MODEL_POSITION)
+
+
+def _keys(requests: Iterable[RowRequest]) -> pl.DataFrame:
+    """Each pair's checkpoint key with its row position and model position, as a frame to join on."""
+    columns: dict[str, list[Any]] = {name: [] for name in (ROW_INDEX, MODEL_POSITION, *KEY_COLUMNS)}
+    for request in requests:
+        columns[ROW_INDEX].append(request.row.index)
+        columns[MODEL_POSITION].append(request.model_position)
+        columns["row_id"].append(request.row.id)
+        columns["requested_model"].append(request.requested_model)
+        columns["fingerprint"].append(request.fingerprint)
+    return pl.DataFrame(columns, schema={**_KEYS_SCHEMA, **dict.fromkeys(KEY_COLUMNS, pl.String())})
+
+
+def results(
+    dataset: Dataset, requests: RequestBuilder, store: Store, *, batch_size: int = 20_000
+) -> Iterator[pl.DataFrame]:
+    """The output, batch by batch: every answered (row, model) of the current spec, input columns first.
+
+    Rows without an answer for the spec as it is now (never run, or run before an edit to
+    their prompt or params) are left out: they are pending. The report reads these frames too."""
+    extra = extra_columns(requests.spec)
+    for frame, rows in dataset.chunks(batch_size=batch_size):
+        stored = store.fetch([row.id for row in rows])
+        yield _answers(frame, _keys(requests.for_rows(rows)), stored, requests.spec, extra)
 
 
 def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path, *, batch_size: int = 20_000) -> int:
@@ -105,13 +116,9 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    extra = extra_columns(requests.spec)
     written = 0
     try:
-        for number, (frame, rows) in enumerate(dataset.chunks(batch_size=batch_size)):
-            keys = {request.key: (request.row.index, request.model_position) for request in requests.for_rows(rows)}
-            stored = store.fetch(keys)
-            part = _answers(frame, [keys[key] for key in stored], list(stored.values()), requests.spec, extra)
+        for number, part in enumerate(results(dataset, requests, store, batch_size=batch_size)):
             written += part.height
             part.write_parquet(parts / f"{number:08d}.parquet")
         if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
@@ -126,7 +133,8 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
 
 def _empty(dataset: Dataset, spec: JobSpec) -> pl.DataFrame:
     """The output with no rows: every column it will have, with its type."""
-    return _answers(dataset.frame.head(0).collect(), [], [], spec, extra_columns(spec))
+    stored = pl.DataFrame(schema={"fingerprint": pl.String(), "row_id": pl.String(), **STORED_SCHEMA})
+    return _answers(dataset.frame.head(0).collect(), _keys([]), stored, spec, extra_columns(spec))
 
 
 def probe_output(dataset: Dataset, spec: JobSpec, path: Path) -> None:

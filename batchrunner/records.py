@@ -1,7 +1,8 @@
 """The result of one (row, model) pair, and the run's summary. Pure: no I/O.
 
-These records are what the engine produces, the output writes, and (later) the checkpoint
-store keeps; they are the one definition of an output row's extra columns.
+These records are what the row policy produces, the checkpoint keeps and the output writes;
+RESULT_SCHEMA is the one definition of an output row's result columns, by name and type:
+adding one is a RowResult field, an entry here, and a numbered migration in store.py.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "attempts": pl.Int64(),
     "generation_id": pl.String(),
     "provider": pl.String(),
+}
+
+
+# What the checkpoint keeps besides the output columns: a structured answer, parsed; tool calls as JSON.
+STORED_EXTRAS: dict[str, pl.DataType] = {"parsed": pl.String(), "tool_calls": pl.String()}
+# Every stored result column with its type as the checkpoint returns it (money as exact decimal text).
+STORED_SCHEMA: dict[str, pl.DataType] = {
+    **{name: pl.String() if name == "cost_usd" else dtype for name, dtype in RESULT_SCHEMA.items()},
+    **STORED_EXTRAS,
 }
 
 
@@ -113,8 +123,8 @@ class RowResult:
         return {name: getattr(self, name) for name in RESULT_SCHEMA}
 
     def stored(self) -> dict[str, object]:
-        """Everything the checkpoint keeps of the result: the output columns, parsed, tool calls."""
-        return {**self.columns(), "parsed": self.parsed, "tool_calls": self.tool_calls}
+        """Everything the checkpoint keeps of the result, by STORED_SCHEMA's names; money as exact text."""
+        return {name: str(self.cost_usd) if name == "cost_usd" else getattr(self, name) for name in STORED_SCHEMA}
 
 
 class ResultSink(Protocol):

@@ -22,19 +22,21 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from batchrunner.costs import ZERO_USD
 from batchrunner.errors import Problem, SpecError
 from batchrunner.files import open_no_follow
-from batchrunner.records import RESULT_SCHEMA, Bill, RowResult
+from batchrunner.records import STORED_SCHEMA, Bill, RowResult
 
 log = logging.getLogger("batchrunner")
 
-RESULT_COLUMNS = [*RESULT_SCHEMA, "parsed", "tool_calls"]
+RESULT_COLUMNS = list(STORED_SCHEMA)  # every result column the table has, by name
+KEY_COLUMNS = ("row_id", "requested_model", "fingerprint")
 # Row ids per `IN (...)` query: SQLite before 3.32 allows 999 parameters a statement, later 32766.
 MAX_PARAMETERS = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 _INSERT = (
@@ -107,14 +109,6 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migrati
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-@dataclass(frozen=True)
-class Stored:
-    """What the store knows of one (row, requested model) for one fingerprint."""
-
-    fingerprint: str
-    status: str
 
 
 class Store:
@@ -318,7 +312,6 @@ class Store:
     def add(self, result: RowResult) -> None:
         """Buffer a result; `flush` (or the flusher task) commits it."""
         values = result.stored()
-        values["cost_usd"] = str(result.cost_usd)
         record: tuple[Any, ...] = (
             result.row_id,
             result.fingerprint,
@@ -422,38 +415,19 @@ class Store:
             ).fetchall()
         return {model: (int(n), int(total or 0)) for model, n, total in rows}
 
-    def lookup(self, row_ids: Sequence[str]) -> dict[tuple[str, str], list[Stored]]:
-        """Every stored (fingerprint, status) for these rows, by (row id, requested model)."""
-        found: dict[tuple[str, str], list[Stored]] = {}
+    def fetch(self, row_ids: Sequence[str]) -> pl.DataFrame:
+        """Every answered or failed record of these rows (not the unfinished ones), as a frame with named
+        columns: `fingerprint`, `row_id` and the RESULT_COLUMNS (money as exact decimal text)."""
+        names = ["fingerprint", "row_id", *RESULT_COLUMNS]
+        rows: list[tuple[Any, ...]] = []
         with self._lock:
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
-                for row_id, model, fingerprint, status in self._db.execute(
-                    f"SELECT row_id, requested_model, fingerprint, status FROM results WHERE row_id IN ({marks})", chunk
-                ):
-                    found.setdefault((row_id, model), []).append(Stored(fingerprint, status))
-        return found
-
-    def fetch(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], tuple[Any, ...]]:
-        """The stored values (in RESULT_COLUMNS order, cost as text) for these (row id, requested model,
-        fingerprint) keys; tuples rather than dicts, since the output reads a million of them."""
-        keys = list(keys)
-        wanted = set(keys)
-        rows: dict[tuple[str, str, str], tuple[Any, ...]] = {}
-        model_at = 2 + RESULT_COLUMNS.index("requested_model")
-        with self._lock:
-            for chunk in _chunks(sorted({k[0] for k in keys}), MAX_PARAMETERS):
-                marks = ",".join("?" * len(chunk))
-                cursor = self._db.execute(
-                    f"SELECT row_id, fingerprint, {', '.join(RESULT_COLUMNS)} FROM results "
-                    f"WHERE status != 'pending' AND row_id IN ({marks})",
-                    chunk,
-                )
-                for row in cursor:
-                    key = (row[0], row[model_at], row[1])
-                    if key in wanted:
-                        rows[key] = row[2:]
-        return rows
+                rows += self._db.execute(
+                    f"SELECT {', '.join(names)} FROM results WHERE status != 'pending' AND row_id IN ({marks})", chunk
+                ).fetchall()
+        schema = {"fingerprint": pl.String(), "row_id": pl.String(), **STORED_SCHEMA}
+        return pl.DataFrame(rows, schema=schema, orient="row")
 
     def delete_all(self) -> None:
         with self._lock:

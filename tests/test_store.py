@@ -71,10 +71,10 @@ def test_results_round_trip_exactly(tmp_path: Path) -> None:
     store.add(result(1))
     store.flush()
     again = Store.open(tmp_path / "c.sqlite")
-    assert {k: (s.fingerprint, s.status) for k, v in again.lookup(["id1", "id2"]).items() for s in v} == {
-        ("id1", "a/b"): ("fp", "ok")
-    }
-    values = dict(zip(RESULT_COLUMNS, again.fetch([("id1", "a/b", "fp")])[("id1", "a/b", "fp")], strict=True))
+    assert again.answered(["id1", "id2"]) == {("id1", "a/b", "fp")}
+    fetched = again.fetch(["id1", "id2"])
+    assert fetched.columns == ["fingerprint", "row_id", *RESULT_COLUMNS], "named columns, in one order"
+    values = fetched.row(0, named=True)
     assert Decimal(values["cost_usd"]) == Decimal("0.000123") and values["response"] == "r1" and values["attempts"] == 2
 
 
@@ -85,7 +85,8 @@ def test_a_retried_row_replaces_its_failure(tmp_path: Path) -> None:
     store.flush()
     store.add(result(1, "ok"))
     store.flush()
-    assert [s.status for s in store.lookup(["id1"])[("id1", "a/b")]] == ["ok"]
+    assert store.fetch(["id1"])["status"].to_list() == ["ok"]
+    assert store.unfinished(["id1"]) == {}
 
 
 def test_answers_for_other_fingerprints_are_kept(tmp_path: Path) -> None:
@@ -94,7 +95,7 @@ def test_answers_for_other_fingerprints_are_kept(tmp_path: Path) -> None:
     store.add(result(1, fingerprint="old"))
     store.add(result(1, fingerprint="new"))
     store.flush()
-    assert sorted(s.fingerprint for s in store.lookup(["id1"])[("id1", "a/b")]) == ["new", "old"]
+    assert sorted(store.fetch(["id1"])["fingerprint"].to_list()) == ["new", "old"]
 
 
 async def test_flusher_commits_while_the_run_goes(tmp_path: Path) -> None:
@@ -152,11 +153,12 @@ def test_an_older_checkpoint_is_migrated_keeping_its_answers(tmp_path: Path) -> 
     db.execute("COMMIT")
     db.close()
     store = Store.open(path)
-    values = dict(zip(RESULT_COLUMNS, store.fetch([("id1", "a/b", "fp")])[("id1", "a/b", "fp")], strict=True))
+    values = store.fetch(["id1"]).row(0, named=True)
     assert values["response"] == "old answer" and values["parsed"] is None and values["cost_source"] is None
+    assert values["billed_prompt_tokens"] == values["prompt_tokens"], "migration 4 gave old rows their bill"
     store.add(result(2))
     store.flush()
-    assert ("id2", "a/b") in store.lookup(["id2"])
+    assert store.answered(["id2"]) == {("id2", "a/b", "fp")}
 
 
 async def test_a_full_disk_keeps_answers_buffered_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,4 +187,4 @@ async def test_a_full_disk_keeps_answers_buffered_and_says_so(tmp_path: Path, mo
     while store.unsaved:
         await asyncio.sleep(0.01)
     flusher.cancel()
-    assert ("id1", "a/b") in store.lookup(["id1"])
+    assert store.answered(["id1"]) == {("id1", "a/b", "fp")}
