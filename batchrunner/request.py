@@ -46,7 +46,7 @@ class RowRequest:
 
 
 class RequestBuilder:
-    """Builds what the engine sends and the store keys, from one spec."""
+    """Builds what the row policy sends and the checkpoint keys, from one spec."""
 
     def __init__(self, spec: JobSpec, *, server: str = "") -> None:
         self.spec = spec

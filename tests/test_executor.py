@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ import pytest
 from conftest import run_pairs
 
 from batchrunner import preflight
+from batchrunner.executor import Execution
 from batchrunner.halt import Halt, StopReason
 from batchrunner.output import export
 from batchrunner.preflight import prepare
 from batchrunner.request import RequestBuilder
-from batchrunner.runner import RunReport
+from batchrunner.runner import RunReport, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import JobSpec, load_spec
 from batchrunner.store import Store
@@ -111,3 +113,46 @@ async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
     assert report.halted and "reading late.csv failed after" in report.halted
     read = int(report.halted.split("failed after ")[1].split()[0])
     assert report.summary.done >= read - 2 * spec.concurrency, "rows read before the bad one were answered"
+
+
+class OneAtATime:
+    """A second executor, written here to prove the seam is real: it answers every pair in turn, no pool."""
+
+    def __init__(self) -> None:
+        self.answered: list[str] = []
+
+    async def execute(self, work: Any, policy: Any, sinks: Any, halt: Any) -> Execution:
+        resumed = 0
+        for batch in work:
+            resumed += sum(batch.answered.values())
+            for todo in batch.todo:
+                if halt.stopping:
+                    return Execution(resumed, 0.0)
+                result = await policy.answer(todo)
+                if result is not None:
+                    self.answered.append(todo.request.row.id)
+                    sinks.add(result)
+        return Execution(resumed, 0.0)
+
+
+async def test_a_job_runs_the_same_through_another_executor(write_spec: Callable[..., Path]) -> None:
+    """The same job through a sequential executor: the same rows answered, checkpointed and written, the same
+    output as the live pool gives; a rerun through it sends nothing; its budget stop comes through the same halt."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        sequential = OneAtATime()
+        first = await run_job(spec, executor=sequential)
+        sequential_output = pl.read_parquet(spec.output)
+        again = await run_job(spec, executor=OneAtATime())
+        live_spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, output="live/result.parquet"))
+        await run_job(live_spec)
+        budgeted = await run_job(
+            load_spec(write_spec(api={"base_url": sandbox.base_url}, output="budget/result.parquet")),
+            executor=OneAtATime(),
+            max_cost_usd=Decimal("0.0001"),
+        )
+    assert first.report.summary.ok == 12 and sequential.answered == [f"T-{i}" for i in range(12)]
+    assert again.report.resumed == 12 and again.report.summary.done == 0
+    live_output = pl.read_parquet(live_spec.output)
+    assert sequential_output.drop("latency_s", "generation_id").equals(live_output.drop("latency_s", "generation_id"))
+    assert budgeted.report.stop is not None and budgeted.report.stop.reason is StopReason.BUDGET
