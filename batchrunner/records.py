@@ -119,9 +119,6 @@ class RowResult:
     tool_calls: str | None = None  # the answer's tool calls, as JSON text
     this_run: Bill = field(default_factory=Bill)  # what this run paid for the row (the rest, earlier runs)
 
-    def columns(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in RESULT_SCHEMA}
-
     def stored(self) -> dict[str, object]:
         """Everything the checkpoint keeps of the result, by STORED_SCHEMA's names; money as exact text."""
         return {name: str(self.cost_usd) if name == "cost_usd" else getattr(self, name) for name in STORED_SCHEMA}
@@ -149,6 +146,16 @@ class Sinks:
     def resumed(self, count: int) -> None:
         for sink in self.sinks:
             sink.resumed(count)
+
+
+class KeptResults(list[RowResult]):
+    """A sink that keeps every result in memory (keep_results: tests and small scripts)."""
+
+    def add(self, result: RowResult) -> None:
+        self.append(result)
+
+    def resumed(self, count: int) -> None:
+        pass
 
 
 @dataclass

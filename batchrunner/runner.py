@@ -46,7 +46,7 @@ from batchrunner.pending import pending
 from batchrunner.policy import RowPolicy
 from batchrunner.preflight import check_models, check_output, prepare
 from batchrunner.progress import Progress
-from batchrunner.records import ResultSink, RowResult, Sinks, Summary
+from batchrunner.records import KeptResults, ResultSink, RowResult, Sinks, Summary
 from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import SandboxConfig
@@ -87,19 +87,6 @@ class RunReport:
     @property
     def halt_error(self) -> ApiError | None:
         return self.stop.error if self.stop is not None else None
-
-
-class _Kept:
-    """A sink keeping every result in memory (keep_results: tests and small scripts)."""
-
-    def __init__(self, results: list[RowResult]) -> None:
-        self.results = results
-
-    def add(self, result: RowResult) -> None:
-        self.results.append(result)
-
-    def resumed(self, count: int) -> None:
-        pass
 
 
 @dataclass
@@ -145,7 +132,7 @@ async def run_job(
     requests = RequestBuilder(spec, server=connection.server)
     halt = Halt()
     summary = Summary()
-    results: list[RowResult] = []
+    results = KeptResults()
     report: RunReport | None = None
     with job_lock(checkpoint.with_name(checkpoint.name + ".lock")):
         store = Store.open(checkpoint, server=requests.server)
@@ -168,7 +155,7 @@ async def run_job(
                 if progress is not None:
                     sinks.append(progress)
                 if keep_results:
-                    sinks.append(_Kept(results))
+                    sinks.append(results)
                 policy = RowPolicy(
                     spec,
                     client,

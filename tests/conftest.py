@@ -139,25 +139,18 @@ async def run_pairs(
     from batchrunner.pending import pending
     from batchrunner.policy import RowPolicy
     from batchrunner.preflight import prepare
-    from batchrunner.records import Sinks, Summary
+    from batchrunner.records import KeptResults, Sinks, Summary
     from batchrunner.request import RequestBuilder
     from batchrunner.retries import RetryPolicy
     from batchrunner.runner import RunReport
 
     dataset = prepare(spec)
     halt = halt or Halt()
-    summary, results = Summary(), []
-
-    class Kept:
-        def add(self, result: Any) -> None:
-            results.append(result)
-
-        def resumed(self, count: int) -> None:
-            pass
+    summary, results = Summary(), KeptResults()
 
     async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.concurrency) as client:
         policy = RowPolicy(spec, client, halt, retry=retry or RetryPolicy.immediate(), breaker=breaker)
-        sinks = Sinks(summary, *([store] if store is not None else []), Kept())
+        sinks = Sinks(summary, *([store] if store is not None else []), results)
         work = pending(dataset, RequestBuilder(spec), store, limit=limit)
         execution = await (executor or LiveExecutor(spec.concurrency, grace_s=grace_s)).execute(
             work, policy, sinks, halt

@@ -32,10 +32,8 @@ def max_in_any_window(times: list[float], window_s: float = 1.0) -> int:
     return best
 
 
-@on_virtual_time
-async def test_pacer_spaces_requests_evenly_and_never_bursts() -> None:
-    """At 40 requests/s, 45 concurrent acquirers are let through one every ~1/40 s, never 41 in a second."""
-    pacer = Pacer(40)
+async def admission_times(pacer: Pacer, n: int) -> list[float]:
+    """When each of `n` concurrent acquirers got through, in order (the loop's clock)."""
     loop = asyncio.get_running_loop()
     times: list[float] = []
 
@@ -43,8 +41,14 @@ async def test_pacer_spaces_requests_evenly_and_never_bursts() -> None:
         await pacer.acquire()
         times.append(loop.time())
 
-    await asyncio.gather(*(one() for _ in range(45)))
-    times.sort()
+    await asyncio.gather(*(one() for _ in range(n)))
+    return sorted(times)
+
+
+@on_virtual_time
+async def test_pacer_spaces_requests_evenly_and_never_bursts() -> None:
+    """At 40 requests/s, 45 concurrent acquirers are let through one every ~1/40 s, never 41 in a second."""
+    times = await admission_times(Pacer(40), 45)
     assert max_in_any_window(times) <= 40
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 1 / 40 * 0.5, "no burst: a late task's timestamp may shrink one gap, never to nothing"
@@ -151,15 +155,6 @@ def test_a_limit_remaining_that_is_not_a_finite_number_falls_back_to_the_surge_l
 async def test_pacer_uses_the_rate_fully_and_never_exceeds_it() -> None:
     """1,000 requests at R = 100/s: no one-second window admits more than R, and the whole takes
     1,000 / (0.97 R) seconds to within 1% (the 3% margin is what keeps network jitter under R)."""
-    pacer = Pacer(100)
-    loop = asyncio.get_running_loop()
-    times: list[float] = []
-
-    async def one() -> None:
-        await pacer.acquire()
-        times.append(loop.time())
-
-    await asyncio.gather(*(one() for _ in range(1000)))
-    times.sort()
+    times = await admission_times(Pacer(100), 1000)
     assert max_in_any_window(times) <= 100
     assert times[-1] - times[0] == pytest.approx(999 / (100 * 0.97), rel=0.01)
