@@ -24,6 +24,7 @@ from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
 from batchrunner.records import RESULT_SCHEMA, STORED_EXTRAS, STORED_SCHEMA
 from batchrunner.request import RequestBuilder, RowRequest
+from batchrunner.scoring import metrics_of, score_rows
 from batchrunner.spec import JobSpec
 from batchrunner.store import KEY_COLUMNS, Store
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
@@ -47,13 +48,15 @@ def extra_columns(spec: JobSpec) -> dict[str, pl.DataType]:
         columns["tool_calls"] = pl.String()
     if mode.kind == "json_schema" and mode.schema:
         columns.update({spec.output_prefix + name: dtype for name, dtype in column_types(mode.schema).items()})
+    columns.update(score_columns(spec))
     return columns
 
 
 def _structured_columns(answers: pl.DataFrame, spec: JobSpec, extra: dict[str, pl.DataType]) -> list[pl.Series]:
     """The structured answers spread over their typed columns, one per schema property."""
     mode = Mode.of(spec.response_format)
-    wanted = {column: dtype for column, dtype in extra.items() if column not in STORED_EXTRAS}
+    scored = score_columns(spec)
+    wanted = {column: dtype for column, dtype in extra.items() if column not in STORED_EXTRAS and column not in scored}
     typed: dict[str, list[Any]] = {column: [] for column in wanted}
     if mode.kind == "json_schema" and wanted:
         for parsed_text, status, response in answers.select("parsed", "status", "response").iter_rows():
@@ -78,9 +81,32 @@ def _answers(
     answers = answers.with_columns(  # an unknown cost is null, never $0
         pl.when(unknown).then(None).otherwise(pl.col("cost_usd")).cast(RESULT_SCHEMA["cost_usd"]).alias("cost_usd")
     ).with_columns(_structured_columns(answers, spec, extra))
-    answers = answers.select(ROW_INDEX, MODEL_POSITION, *RESULT_SCHEMA, *extra)
-    joined = rows_frame.join(answers, on=ROW_INDEX, how="inner")
-    return joined.sort(ROW_INDEX, MODEL_POSITION).drop(ROW_INDEX, MODEL_POSITION)
+    scored = score_columns(spec)
+    keep = [*RESULT_SCHEMA, *(c for c in extra if c not in scored and c != "parsed"), "parsed"]
+    joined = rows_frame.join(answers.select(ROW_INDEX, MODEL_POSITION, *keep), on=ROW_INDEX, how="inner")
+    joined = joined.sort(ROW_INDEX, MODEL_POSITION)
+    if spec.evaluate is not None:  # scores are computed here, from what is stored: no request, rerun any time
+        values = score_rows(
+            joined.select(pl.exclude(ROW_INDEX, MODEL_POSITION)).to_dicts(),
+            metrics_of(spec.evaluate.rules()),
+            reference=spec.evaluate.reference,
+            field=spec.evaluate.field,
+            input_columns=[c for c in rows_frame.columns if c != ROW_INDEX],
+        )
+        joined = joined.with_columns(pl.Series(name, values[name], dtype=scored[name]) for name in scored)
+    columns = [c for c in rows_frame.columns if c != ROW_INDEX] + [*RESULT_SCHEMA, *extra]
+    return joined.select(columns)
+
+
+def score_columns(spec: JobSpec) -> dict[str, pl.DataType]:
+    """The score columns an evaluation job's output ends with."""
+    if spec.evaluate is None:
+        return {}
+    metrics = metrics_of(spec.evaluate.rules())
+    columns: dict[str, pl.DataType] = {metric.name: pl.Float64() for metric in metrics}
+    if any(metric.kind == "python" for metric in metrics):
+        columns["score_error"] = pl.String()
+    return columns
 
 
 def _keys(requests: Iterable[RowRequest]) -> pl.DataFrame:

@@ -119,6 +119,61 @@ class RepairSettings(_Strict):
     same_model: Annotated[int, Field(ge=0, le=5)] = 1  # re-asks on the same model, the error fed back
 
 
+MetricName = Literal["exact", "numeric", "f1", "regex", "contains", "json_match", "python"]
+
+
+class MetricSettings(_Strict):
+    """One scoring rule: a metric and its options (see scoring.py)."""
+
+    metric: MetricName | None = None  # may be left out when `python:` names the function
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$", max_length=40)] | None = None  # column score_<name>
+    ignore_case: bool = True
+    strip: bool = True
+    normalize: bool = False  # unicode NFKC, punctuation removed, whitespace collapsed
+    abs_tol: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    rel_tol: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
+    python: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None  # module:function
+
+    @model_validator(mode="after")
+    def _python_names_a_function(self) -> MetricSettings:
+        if (self.metric == "python" or self.metric is None) and self.python is None:
+            raise ValueError(
+                "name the metric (exact, numeric, f1, regex, contains, json_match), or give python: module:function"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return self.metric or "python"
+
+
+class EvaluateSettings(_Strict):
+    """Scoring each answer against a reference column (an evaluation run)."""
+
+    reference: Annotated[str, Field(min_length=1)]  # the input column holding the expected answer
+    field: str | None = None  # the structured-answer property to compare; absent: the whole answer text
+    metric: MetricName | MetricSettings | list[MetricName | MetricSettings] = "exact"
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _python_shorthand(cls, value: Any) -> Any:
+        """`metric: {python: mod:fn}` and `- python: mod:fn` are metrics of kind python."""
+
+        def one(item: Any) -> Any:
+            return (
+                {**item, "metric": item.get("metric", "python")}
+                if isinstance(item, dict) and "python" in item
+                else item
+            )
+
+        return [one(item) for item in value] if isinstance(value, list) else one(value)
+
+    def rules(self) -> list[MetricSettings]:
+        """The metrics, each with its options; a bare name is the metric with default options."""
+        items = self.metric if isinstance(self.metric, list) else [self.metric]
+        return [MetricSettings(metric=item) if isinstance(item, str) else item for item in items]
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str
@@ -152,6 +207,7 @@ class JobSpec(_Strict):
     budget_usd: Annotated[Decimal, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | None = None  # most a run may spend
     cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
     repair: RepairSettings = RepairSettings()
+    evaluate: EvaluateSettings | None = None  # score answers against a reference column
     server_fallbacks: bool = False  # also send `fallbacks` in OpenRouter's `models` array
     output_prefix: str = ""  # put before each structured-answer column's name
     api: ApiSettings = ApiSettings()
