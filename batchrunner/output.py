@@ -24,7 +24,7 @@ from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
 from batchrunner.records import RESULT_SCHEMA, STORED_EXTRAS, STORED_SCHEMA
 from batchrunner.request import RequestBuilder, RowRequest
-from batchrunner.scoring import metrics_of, score_rows
+from batchrunner.scoring import error_column, metrics_of, score_rows
 from batchrunner.spec import JobSpec
 from batchrunner.store import KEY_COLUMNS, Store
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
@@ -88,7 +88,7 @@ def _answers(
     if spec.evaluate is not None:  # scores are computed here, from what is stored: no request, rerun any time
         values = score_rows(
             joined.select(pl.exclude(ROW_INDEX, MODEL_POSITION)).to_dicts(),
-            metrics_of(spec.evaluate.rules()),
+            metrics_of(spec.evaluate.rules(), spec.output_prefix),
             reference=spec.evaluate.reference,
             field=spec.evaluate.field,
             input_columns=[c for c in rows_frame.columns if c != ROW_INDEX],
@@ -102,10 +102,10 @@ def score_columns(spec: JobSpec) -> dict[str, pl.DataType]:
     """The score columns an evaluation job's output ends with."""
     if spec.evaluate is None:
         return {}
-    metrics = metrics_of(spec.evaluate.rules())
+    metrics = metrics_of(spec.evaluate.rules(), spec.output_prefix)
     columns: dict[str, pl.DataType] = {metric.name: pl.Float64() for metric in metrics}
     if any(metric.kind == "python" for metric in metrics):
-        columns["score_error"] = pl.String()
+        columns[error_column(metrics)] = pl.String()
     return columns
 
 

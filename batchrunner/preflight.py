@@ -14,9 +14,10 @@ from pathlib import Path
 
 from batchrunner.costs import PriceTable
 from batchrunner.dataset import Dataset, open_dataset
-from batchrunner.errors import OutputError, Problem, SpecError
-from batchrunner.output import extra_columns, probe_output, summary_path
+from batchrunner.errors import OutputError, Problem, SpecError, first_line
+from batchrunner.output import extra_columns, probe_output, score_columns, summary_path
 from batchrunner.records import RESULT_SCHEMA
+from batchrunner.scoring import load_function, metrics_of
 from batchrunner.spec import JobSpec, is_openrouter
 from batchrunner.structured import Mode, strict_mode_warnings
 
@@ -78,7 +79,7 @@ def prepare(spec: JobSpec) -> Dataset:
             )
         )
     taken = set(dataset.columns) | set(RESULT_SCHEMA)
-    clashing = [c for c in extra_columns(spec) if c in taken]
+    clashing = [c for c in extra_columns(spec) if c in taken and c not in score_columns(spec)]
     if clashing:
         raise SpecError(
             Problem(
@@ -89,7 +90,67 @@ def prepare(spec: JobSpec) -> Dataset:
     if spec.response_format:
         for warning in strict_mode_warnings(Mode.of(spec.response_format).schema or {}):
             log.warning("response_format: %s", warning)
+    check_evaluation(spec, dataset.columns)
     return dataset
+
+
+def check_evaluation(spec: JobSpec, input_columns: list[str]) -> None:
+    """An `evaluate:` block names an input column, a property the answers have, metrics that can run,
+    and score columns no other column is named like."""
+    evaluate = spec.evaluate
+    if evaluate is None:
+        return
+    problems = []
+    if evaluate.reference not in input_columns:
+        problems.append(
+            Problem(
+                spec.locate("evaluate.reference"),
+                f"{evaluate.reference!r} names no input column; the input has: {', '.join(input_columns)}",
+            )
+        )
+    mode = Mode.of(spec.response_format)
+    if evaluate.field is not None:
+        properties = list(((mode.schema or {}).get("properties") or {}).keys())
+        if mode.kind == "text":
+            problems.append(
+                Problem(spec.locate("evaluate.field"), "compares a structured answer's property: set response_format")
+            )
+        elif mode.kind == "json_schema" and evaluate.field not in properties:
+            problems.append(
+                Problem(
+                    spec.locate("evaluate.field"),
+                    f"{evaluate.field!r} is not a property of the response schema; it has: {', '.join(properties)}",
+                )
+            )
+    metrics = metrics_of(evaluate.rules(), spec.output_prefix)
+    names = [metric.name for metric in metrics]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(
+            Problem(spec.locate("evaluate.metric"), f"two metrics make the column {name!r}; give them `name:`s")
+        )
+    for metric in metrics:
+        if metric.kind == "python":
+            try:
+                load_function(metric.function or "")
+            except (ImportError, AttributeError) as exc:
+                problems.append(
+                    Problem(
+                        spec.locate("evaluate.metric"),
+                        f"cannot import {metric.function} ({first_line(exc)}); check the module is on PYTHONPATH and the name",
+                    )
+                )
+    structured = set(extra_columns(spec)) - set(score_columns(spec))
+    clashing = [name for name in score_columns(spec) if name in input_columns or name in structured]
+    if clashing:
+        problems.append(
+            Problem(
+                spec.locate("evaluate.metric"),
+                f"score column(s) {', '.join(map(repr, clashing))} clash with columns of the same name; name the metrics "
+                "(`name:`) or set output_prefix",
+            )
+        )
+    if problems:
+        raise SpecError(problems)
 
 
 def check_files(spec: JobSpec) -> None:

@@ -170,15 +170,15 @@ def _call(target: str, row: Mapping[str, Any], answer: Any) -> float:
     raise ScoreError(f"{target} returned {value!r}; return a number from 0 to 1, or a bool")
 
 
-def metrics_of(rules: list[Any]) -> list[Metric]:
+def metrics_of(rules: list[Any], prefix: str = "") -> list[Metric]:
     """The spec's metric settings as Metrics, each named for its column: `score` when there is one,
-    `score_<name>` (its name, else its kind) when there are several."""
+    `score_<name>` (its name, else its kind) when there are several; after the output prefix."""
     metrics = []
     for rule in rules:
         name = rule.name or rule.kind
         metrics.append(
             Metric(
-                name="score" if len(rules) == 1 else f"score_{name}",
+                name=prefix + ("score" if len(rules) == 1 else f"score_{name}"),
                 kind=rule.kind,
                 ignore_case=rule.ignore_case,
                 strip=rule.strip,
@@ -220,5 +220,10 @@ def score_rows(
             scores[metric.name].append(value)
         errors.append("; ".join(problems)[:500] or None)
     if any(metric.kind == "python" for metric in metrics):
-        scores["score_error"] = errors
+        scores[error_column(metrics)] = errors
     return scores
+
+
+def error_column(metrics: list[Metric]) -> str:
+    """`score_error`, after the same prefix as the score columns."""
+    return metrics[0].name[: metrics[0].name.index("score")] + "score_error"

@@ -91,7 +91,7 @@ def tickets(rng: random.Random, n: int) -> pl.DataFrame:
     start = datetime(2026, 10, 1, 8, 0)
     rows = []
     for i in range(n):
-        _category, pattern, _urgency = rng.choice(ISSUES)
+        category, pattern, _urgency = rng.choice(ISSUES)
         action = rng.choice(ACTIONS)
         product = rng.choice(PRODUCTS)
         sentence = f"{product[0].upper()}{product[1:]} {pattern.format(action=action)}"
@@ -105,6 +105,7 @@ def tickets(rng: random.Random, n: int) -> pl.DataFrame:
                 "channel": rng.choice(CHANNELS),
                 "subject": f"{product[0].upper()}{product[1:]}: {action}",
                 "text": body,
+                "expected_category": category,  # the reference for the evaluation example (jobs/ticket_eval.yaml)
             }
         )
     return pl.DataFrame(rows)

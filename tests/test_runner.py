@@ -515,7 +515,11 @@ async def test_tokens_of_every_billed_attempt_are_counted(write_spec: Callable[.
         )
         report = (await run_job(spec)).report
     output = pl.read_parquet(spec.output)
-    assert (output["billed_prompt_tokens"] > output["prompt_tokens"]).all(), "every row was repaired once"
+    repaired = output.filter(pl.col("attempts") > 1)
+    assert repaired.height >= 6, "most rows were cut off and repaired"
+    assert (repaired["billed_prompt_tokens"] > repaired["prompt_tokens"]).all()
+    once = output.filter(pl.col("attempts") == 1)
+    assert (once["billed_prompt_tokens"] == once["prompt_tokens"]).all()
     assert output["billed_prompt_tokens"].sum() == sandbox.stats.prompt_tokens == report.summary.prompt_tokens
     assert output["billed_completion_tokens"].sum() == sandbox.stats.completion_tokens
     assert report.summary.completion_tokens == sandbox.stats.completion_tokens
