@@ -20,8 +20,10 @@ import click
 from batchrunner import logs
 from batchrunner.costs import format_cost, format_usd
 from batchrunner.errors import OutputError, RunHalted, SpecError
-from batchrunner.offline import estimate_job, export_job, job_status, list_models
+from batchrunner.files import write_text_atomically
+from batchrunner.offline import estimate_job, evaluation, export_job, job_status, list_models
 from batchrunner.progress import Progress
+from batchrunner.report import score_text, to_markdown
 from batchrunner.runner import overrides, run_job
 from batchrunner.sandbox import FAULT_KINDS, SandboxConfig, serve
 from batchrunner.spec import load_spec
@@ -141,6 +143,10 @@ def run(
         say(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
     for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
         say(f"  {line}")
+    if spec.evaluate is not None and outcome.output_rows is not None:
+        with _exit_codes():
+            for model in evaluation(spec, sandbox=sandbox).models:
+                say(f"  score {model.model}: {score_text(model)}")
     if report.stop is not None or outcome.output_rows is None or outcome.unsaved:
         if report.stop is not None:
             reason = report.stop.message
@@ -209,6 +215,28 @@ def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
         spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None))
         written = export_job(spec, sandbox=sandbox)
     say(f"{spec.name}: wrote {written} rows to {spec.output}")
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option(
+    "--format", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True, help="Markdown or JSON."
+)
+@click.option("--out", "out_path", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
+@click.option("--sandbox", is_flag=True, help="Report the sandbox's simulated answers instead of the real ones.")
+def report(job: Path, fmt: str, out_path: Path | None, sandbox: bool) -> None:
+    """Compare JOB's models from its checkpoint: scores with 95% intervals, paired differences, cost, latency.
+
+    Sends nothing. Markdown for CI logs and pull requests; JSON for scripts."""
+    logs.configure()
+    with _exit_codes():
+        figures = evaluation(load_spec(job), sandbox=sandbox)
+    text = json.dumps(figures.to_json(), indent=1) if fmt == "json" else to_markdown(figures)
+    if out_path is None:
+        click.echo(text, nl=False)  # markdown and JSON of our own making; cells were escaped where they came in
+    else:
+        write_text_atomically(out_path, text)
+        say(f"{figures.job}: wrote the report to {out_path}")
 
 
 @main.command()

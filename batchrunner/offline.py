@@ -8,12 +8,16 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import polars as pl
+
 from batchrunner.connect import Connection
 from batchrunner.costs import ZERO_USD, Pricing, per_million
+from batchrunner.dataset import ROW_INDEX
 from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
-from batchrunner.output import export
+from batchrunner.output import export, results, score_columns
 from batchrunner.pending import pending
 from batchrunner.preflight import prepare
+from batchrunner.report import Report, build
 from batchrunner.request import RequestBuilder, estimated_prompt_tokens, expected_completion_tokens, most_prompt_tokens
 from batchrunner.runner import fetch_prices, plan_limits
 from batchrunner.sandbox import SandboxConfig
@@ -32,6 +36,19 @@ def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
         return export(dataset, RequestBuilder(spec, server=spec.server(sandbox=sandbox)), store, spec.output)
     finally:
         store.close()
+
+
+def evaluation(spec: JobSpec, *, sandbox: bool = False) -> Report:
+    """The evaluation report's figures, from the checkpoint alone (the sandbox's answers with `sandbox`)."""
+    dataset = prepare(spec)
+    checkpoint = spec.checkpoint_path()
+    if not checkpoint.exists():
+        raise SpecError(Problem("checkpoint", f"{checkpoint}: no checkpoint yet; run the job first"))
+    requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox))
+    scores = [name for name, dtype in score_columns(spec).items() if dtype == pl.Float64()]
+    with Store.open(checkpoint) as store:
+        frames = results(dataset, requests, store, row_index=True)
+        return build(spec.name, frames, id_column=ROW_INDEX, score_column=scores[0] if scores else None)
 
 
 def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:

@@ -72,7 +72,13 @@ def _structured_columns(answers: pl.DataFrame, spec: JobSpec, extra: dict[str, p
 
 
 def _answers(
-    rows_frame: pl.DataFrame, keys: pl.DataFrame, stored: pl.DataFrame, spec: JobSpec, extra: dict[str, pl.DataType]
+    rows_frame: pl.DataFrame,
+    keys: pl.DataFrame,
+    stored: pl.DataFrame,
+    spec: JobSpec,
+    extra: dict[str, pl.DataType],
+    *,
+    row_index: bool = False,
 ) -> pl.DataFrame:
     """One input batch joined with its answers (by checkpoint key, by name): input rows in order, then
     models in spec order. `keys` maps each pair's checkpoint key to its row and model position."""
@@ -94,7 +100,7 @@ def _answers(
             input_columns=[c for c in rows_frame.columns if c != ROW_INDEX],
         )
         joined = joined.with_columns(pl.Series(name, values[name], dtype=scored[name]) for name in scored)
-    columns = [c for c in rows_frame.columns if c != ROW_INDEX] + [*RESULT_SCHEMA, *extra]
+    columns = [c for c in rows_frame.columns if c != ROW_INDEX or row_index] + [*RESULT_SCHEMA, *extra]
     return joined.select(columns)
 
 
@@ -122,16 +128,17 @@ def _keys(requests: Iterable[RowRequest]) -> pl.DataFrame:
 
 
 def results(
-    dataset: Dataset, requests: RequestBuilder, store: Store, *, batch_size: int = 20_000
+    dataset: Dataset, requests: RequestBuilder, store: Store, *, batch_size: int = 20_000, row_index: bool = False
 ) -> Iterator[pl.DataFrame]:
-    """The output, batch by batch: every answered (row, model) of the current spec, input columns first.
+    """The output, batch by batch: every answered (row, model) of the current spec, input columns first
+    (and, with `row_index`, the row's position in the input as ROW_INDEX, to pair models' answers).
 
     Rows without an answer for the spec as it is now (never run, or run before an edit to
     their prompt or params) are left out: they are pending. The report reads these frames too."""
     extra = extra_columns(requests.spec)
     for frame, rows in dataset.chunks(batch_size=batch_size):
         stored = store.fetch([row.id for row in rows])
-        yield _answers(frame, _keys(requests.for_rows(rows)), stored, requests.spec, extra)
+        yield _answers(frame, _keys(requests.for_rows(rows)), stored, requests.spec, extra, row_index=row_index)
 
 
 def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path, *, batch_size: int = 20_000) -> int:

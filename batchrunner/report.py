@@ -1,0 +1,249 @@
+"""The evaluation report's figures: per model, and per pair of models on the same rows. Pure.
+
+Everything is computed from the output frames (output.results()): no request is sent. A
+failed row is a wrong answer (it scores 0) and is counted. Intervals are 95%: Wilson's for
+0/1 scores, the normal approximation of the mean otherwise; pairs are compared on the rows
+both models answered (paired differences), with McNemar's test for 0/1 scores. See
+../shared/reference/eval-statistics.md (Miller, "Adding Error Bars to Evals").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import polars as pl
+
+Z95 = 1.959964
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+
+@dataclass
+class ModelFigures:
+    model: str
+    rows: int
+    ok: int
+    failed: int
+    scored: int  # rows with a reference (the rest have no score)
+    score: Interval | None
+    binary: bool  # every score is 0 or 1 (accuracy)
+    cost_usd: str
+    cost_per_1k_rows_usd: str | None
+    cost_per_correct_usd: str | None
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    retries: int
+    fallbacks: int
+    errors: dict[str, int] = field(default_factory=dict)  # error class -> rows
+
+
+@dataclass
+class PairFigures:
+    a: str
+    b: str
+    rows: int  # rows both models have a score for
+    difference: Interval  # mean of score(a) - score(b), in score units
+    a_only_right: int | None = None  # McNemar's b: a right, b wrong (0/1 scores)
+    b_only_right: int | None = None  # McNemar's c
+    p_value: float | None = None
+    sentence: str = ""
+
+
+@dataclass
+class Report:
+    job: str
+    score_column: str | None
+    models: list[ModelFigures]
+    pairs: list[PairFigures]
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def wilson(successes: float, n: int) -> Interval:
+    """Wilson's score interval for a proportion: never outside [0, 1], sound at 0 and 1."""
+    p = successes / n
+    denominator = 1 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denominator
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denominator
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_interval(values: list[float]) -> Interval:
+    """The mean with its normal-approximation 95% interval (CLT standard error)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return Interval(mean, mean, mean)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = Z95 * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half)
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided p-value of McNemar's test on the discordant counts: exact binomial below 25, else chi-square
+    with continuity correction."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    if n < 25:
+        tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+        return min(1.0, 2 * tail)
+    statistic = (abs(b - c) - 1) ** 2 / n
+    return math.erfc(math.sqrt(statistic / 2))
+
+
+def build(job: str, frames: Iterable[pl.DataFrame], *, id_column: str, score_column: str | None) -> Report:
+    """The report's figures from the output frames of an evaluation (or any multi-model) job."""
+    collected = [frame for frame in frames if frame.height]
+    data = pl.concat(collected, how="vertical_relaxed") if collected else pl.DataFrame()
+    models = [] if data.is_empty() else list(dict.fromkeys(data["requested_model"].to_list()))
+    figures = [_model(data.filter(pl.col("requested_model") == m), m, score_column) for m in models]
+    pairs = []
+    if score_column is not None:
+        for i, a in enumerate(models):
+            for b in models[i + 1 :]:
+                pair = _pair(data, a, b, id_column, score_column)
+                if pair is not None:
+                    pairs.append(pair)
+    notes = ["A failed row counts as a wrong answer (score 0)."] if score_column else []
+    if len(pairs) > 1:
+        notes.append(
+            f"{len(pairs)} pairwise comparisons: their intervals are descriptive, not adjusted for multiple comparisons."
+        )
+    if figures and score_column and all(f.binary for f in figures) and figures[0].scored:
+        n = figures[0].scored
+        notes.append(f"With {n} rows, an accuracy near 50% is known to within about ±{100 / math.sqrt(n):.0f} points.")
+    return Report(job, score_column, figures, pairs, notes)
+
+
+def _model(frame: pl.DataFrame, model: str, score_column: str | None) -> ModelFigures:
+    ok = frame.filter(pl.col("status") == "ok")
+    rows = frame.height
+    cost = sum((Decimal(str(v)) for v in frame["cost_usd"].drop_nulls().to_list()), Decimal(0))
+    scores = frame[score_column].drop_nulls().to_list() if score_column else []
+    binary = bool(scores) and all(s in (0.0, 1.0) for s in scores)
+    interval = None
+    if scores:
+        interval = wilson(sum(scores), len(scores)) if binary else mean_interval(scores)
+    correct = sum(scores)
+    latencies = sorted(ok["latency_s"].drop_nulls().to_list())
+    errors: dict[str, int] = {}
+    for error in frame.filter(pl.col("status") == "failed")["error"].to_list():
+        kind = (error or "unknown").split(":")[0][:60]
+        errors[kind] = errors.get(kind, 0) + 1
+    return ModelFigures(
+        model=model,
+        rows=rows,
+        ok=ok.height,
+        failed=rows - ok.height,
+        scored=len(scores),
+        score=interval,
+        binary=binary,
+        cost_usd=str(cost),
+        cost_per_1k_rows_usd=str((cost * 1000 / rows).quantize(Decimal("1e-6"))) if rows else None,
+        cost_per_correct_usd=str((cost / Decimal(str(correct))).quantize(Decimal("1e-6"))) if correct else None,
+        latency_p50_s=_percentile(latencies, 0.5),
+        latency_p95_s=_percentile(latencies, 0.95),
+        prompt_tokens=int(frame["billed_prompt_tokens"].sum()),
+        completion_tokens=int(frame["billed_completion_tokens"].sum()),
+        retries=int(frame["attempts"].sum()) - rows,
+        fallbacks=frame.filter(pl.col("model").is_not_null() & (pl.col("model") != pl.col("requested_model"))).height,
+        errors=errors,
+    )
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _pair(data: pl.DataFrame, a: str, b: str, id_column: str, score: str) -> PairFigures | None:
+    left = data.filter(pl.col("requested_model") == a).select(id_column, pl.col(score).alias("a"))
+    right = data.filter(pl.col("requested_model") == b).select(id_column, pl.col(score).alias("b"))
+    both = left.join(right, on=id_column, how="inner").drop_nulls()
+    if both.is_empty():
+        return None
+    differences = (both["a"] - both["b"]).to_list()
+    interval = mean_interval(differences)
+    pair = PairFigures(a, b, both.height, interval)
+    scores = both["a"].to_list() + both["b"].to_list()
+    binary = all(s in (0.0, 1.0) for s in scores)
+    if binary:
+        pair.a_only_right = both.filter((pl.col("a") == 1) & (pl.col("b") == 0)).height
+        pair.b_only_right = both.filter((pl.col("a") == 0) & (pl.col("b") == 1)).height
+        pair.p_value = mcnemar_p(pair.a_only_right, pair.b_only_right)
+    pair.sentence = _sentence(pair, binary)
+    return pair
+
+
+def _sentence(pair: PairFigures, binary: bool) -> str:
+    """The comparison in words: who wins and by how much, or that these rows cannot tell them apart."""
+    scale, unit = (100, " points") if binary else (1, "")
+    d, low, high = (round(v * scale, 1) for v in (pair.difference.mean, pair.difference.low, pair.difference.high))
+    if pair.difference.low > 0 or pair.difference.high < 0:
+        winner, loser = (pair.a, pair.b) if pair.difference.mean > 0 else (pair.b, pair.a)
+        d, low, high = (d, low, high) if pair.difference.mean > 0 else (-d, -high, -low)
+        return f"{winner} beats {loser} by {d:g}{unit} (95% CI {low:g} to {high:g})"
+    return (
+        f"{pair.a} and {pair.b} cannot be told apart on these {pair.rows} rows "
+        f"(difference {d:g}{unit}, 95% CI {low:g} to {high:g})"
+    )
+
+
+def to_markdown(report: Report) -> str:
+    """The per-model table and the pairwise sentences, for CI logs and pull requests."""
+    binary = bool(report.models) and all(m.binary for m in report.models)
+    score_head = "accuracy (95% CI)" if binary else "mean score (95% CI)"
+    lines = [
+        f"# {report.job}",
+        "",
+        f"| model | rows | ok | {score_head} | cost | per 1k rows | per correct | p50 s | p95 s | retries | fallbacks |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in report.models:
+        lines.append(
+            f"| {m.model} | {m.rows} | {m.ok} | {_score(m.score, binary)} | ${Decimal(m.cost_usd):.6f} | "
+            f"{_usd(m.cost_per_1k_rows_usd)} | {_usd(m.cost_per_correct_usd)} | {_seconds(m.latency_p50_s)} | "
+            f"{_seconds(m.latency_p95_s)} | {m.retries} | {m.fallbacks} |"
+        )
+    if report.pairs:
+        lines += ["", "## Is the difference real?", ""]
+        lines += [f"- {pair.sentence}" for pair in report.pairs]
+    if report.notes:
+        lines += ["", *(f"_{note}_" for note in report.notes)]
+    return "\n".join(lines) + "\n"
+
+
+def score_text(model: ModelFigures) -> str:
+    """One model's score for the end-of-run summary: "91.3% (88.1 to 94.0)", "-" without references."""
+    return _score(model.score, model.binary)
+
+
+def _score(interval: Interval | None, binary: bool) -> str:
+    if interval is None:
+        return "-"
+    if binary:
+        return f"{100 * interval.mean:.1f}% ({100 * interval.low:.1f} to {100 * interval.high:.1f})"
+    return f"{interval.mean:.3f} ({interval.low:.3f} to {interval.high:.3f})"
+
+
+def _usd(value: str | None) -> str:
+    return "-" if value is None else f"${Decimal(value):.6f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

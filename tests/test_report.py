@@ -1,0 +1,92 @@
+"""The evaluation report's figures: intervals, paired comparisons, and the same numbers in every format."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from batchrunner.cli import main
+from batchrunner.report import build, mcnemar_p, mean_interval, to_markdown, wilson
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_wilson_interval_stays_in_bounds_and_matches_the_formula() -> None:
+    """0 of 10 gives [0, 0.278] (not the collapsed 0 ± 0), and 50 of 100 is symmetric around 0.5."""
+    none = wilson(0, 10)
+    assert none.low == 0 and none.high == pytest.approx(0.2775, abs=1e-4)
+    half = wilson(50, 100)
+    assert (
+        half.mean == 0.5
+        and half.low == pytest.approx(0.4038, abs=1e-4)
+        and half.high == pytest.approx(0.5962, abs=1e-4)
+    )
+
+
+def test_mcnemar_uses_only_discordant_rows() -> None:
+    """Exact binomial below 25 discordant rows, chi-square with continuity correction above; no discord is p = 1."""
+    assert mcnemar_p(0, 10) == pytest.approx(2 / 2**10)
+    assert mcnemar_p(20, 10) == pytest.approx(math.erfc(math.sqrt((10 - 1) ** 2 / 30 / 2)))
+    assert mcnemar_p(0, 0) == 1.0
+
+
+def test_paired_differences_tell_real_gaps_from_noise() -> None:
+    """Model a right on 90 of 100 rows and b on 60: a beats b; a and a copy of it cannot be told apart."""
+    rows = 100
+    a = [1.0] * 90 + [0.0] * 10
+    b = [1.0] * 60 + [0.0] * 40
+    frames = [
+        pl.DataFrame(
+            {
+                "row": list(range(rows)) * 3,
+                "requested_model": ["a"] * rows + ["b"] * rows + ["a2"] * rows,
+                "model": ["a"] * rows + ["b"] * rows + ["a2"] * rows,
+                "status": ["ok"] * 3 * rows,
+                "error": [None] * 3 * rows,
+                "score": a + b + a[5:] + a[:5],
+                "cost_usd": ["0.001"] * 3 * rows,
+                "latency_s": [0.5] * 3 * rows,
+                "billed_prompt_tokens": [10] * 3 * rows,
+                "billed_completion_tokens": [5] * 3 * rows,
+                "attempts": [1] * 3 * rows,
+            }
+        )
+    ]
+    report = build("job", frames, id_column="row", score_column="score")
+    by_pair = {(p.a, p.b): p for p in report.pairs}
+    assert by_pair[("a", "b")].sentence.startswith("a beats b by 30 points")
+    assert by_pair[("a", "b")].a_only_right == 30 and by_pair[("a", "b")].b_only_right == 0
+    assert "cannot be told apart on these 100 rows" in by_pair[("a", "a2")].sentence
+    assert mean_interval([1.0, 1.0]).low == 1.0
+
+
+def test_the_evaluation_example_reports_the_same_numbers_as_markdown_and_json(
+    tmp_path: Path, write_spec: Callable[..., Path]
+) -> None:
+    """jobs/ticket_eval.yaml on the sandbox: every row scored, three models; `report --format md` shows
+    exactly the accuracies and differences `--format json` gives; the run's summary shows each model's score."""
+    spec = tmp_path / "ticket_eval.yaml"
+    text = (REPO / "jobs" / "ticket_eval.yaml").read_text()
+    spec.write_text(text.replace("../sample_data/", f"{REPO}/sample_data/").replace("../out/", "out/"))
+    runner = CliRunner()
+    run = runner.invoke(main, ["run", str(spec), "--sandbox"])
+    assert run.exit_code == 0, run.output
+    assert run.stdout.count("  score ") == 3
+    output = pl.read_parquet(tmp_path / "out" / "ticket_eval.parquet")
+    assert output.height == 900 and output["score"].null_count() == 0
+    as_json = json.loads(runner.invoke(main, ["report", str(spec), "--sandbox", "--format", "json"]).stdout)
+    as_md = runner.invoke(main, ["report", str(spec), "--sandbox"]).stdout
+    assert len(as_json["models"]) == 3
+    for model in as_json["models"]:
+        accuracy = output.filter(pl.col("requested_model") == model["model"])["score"].mean()
+        assert model["score"]["mean"] == pytest.approx(accuracy)
+        assert f"| {model['model']} | 300 | 300 | {100 * model['score']['mean']:.1f}% (" in as_md
+    for pair in as_json["pairs"]:
+        assert pair["sentence"] in as_md
+    assert to_markdown(build("x", [], id_column="row", score_column=None)).startswith("# x")
