@@ -19,7 +19,7 @@ import click
 
 from batchrunner import logs
 from batchrunner.costs import format_cost, format_usd
-from batchrunner.errors import OutputError, RunHalted, SpecError
+from batchrunner.errors import OutputError, Problem, RunHalted, SpecError
 from batchrunner.files import write_text_atomically
 from batchrunner.offline import estimate_job, evaluation, export_job, job_status, list_models
 from batchrunner.progress import Progress
@@ -215,6 +215,25 @@ def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
         spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None))
         written = export_job(spec, sandbox=sandbox)
     say(f"{spec.name}: wrote {written} rows to {spec.output}")
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--sandbox", is_flag=True, help="Score the sandbox's simulated answers instead of the real ones.")
+def score(job: Path, sandbox: bool) -> None:
+    """Score JOB's answers again (after editing its `evaluate:` block) and rewrite the output. Sends nothing."""
+    logs.configure()
+    with _exit_codes():
+        spec = load_spec(job)
+        if spec.evaluate is None:
+            raise SpecError(
+                Problem(spec.locate("evaluate"), "the job has no evaluate: block; add one to score answers")
+            )
+        written = export_job(spec, sandbox=sandbox)
+        figures = evaluation(spec, sandbox=sandbox)
+    say(f"{spec.name}: scored {written} rows in {spec.output}")
+    for model in figures.models:
+        say(f"  score {model.model}: {score_text(model)}")
 
 
 @main.command()

@@ -90,3 +90,22 @@ def test_the_evaluation_example_reports_the_same_numbers_as_markdown_and_json(
     for pair in as_json["pairs"]:
         assert pair["sentence"] in as_md
     assert to_markdown(build("x", [], id_column="row", score_column=None)).startswith("# x")
+
+
+def test_score_rescoring_after_an_edit_to_evaluate_sends_nothing(tmp_path: Path) -> None:
+    """Changing the evaluate: block and running `score` rewrites the score columns from the checkpoint alone:
+    no run is recorded and no request could be sent (there is no server to send it to)."""
+    spec = tmp_path / "ticket_eval.yaml"
+    text = (REPO / "jobs" / "ticket_eval.yaml").read_text()
+    text = text.replace("../sample_data/", f"{REPO}/sample_data/").replace("../out/", "out/")
+    spec.write_text(text)
+    runner = CliRunner()
+    assert runner.invoke(main, ["run", str(spec), "--sandbox", "--limit", "20"]).exit_code == 0
+    spec.write_text(text.replace("  metric: exact", "  metric: [exact, {name: loose, metric: contains}]"))
+    scored = runner.invoke(main, ["score", str(spec), "--sandbox"])
+    assert scored.exit_code == 0, scored.output
+    output = pl.read_parquet(tmp_path / "out" / "ticket_eval.parquet")
+    assert {"score_exact", "score_loose"} <= set(output.columns) and "score" not in output.columns
+    assert (output["score_loose"] >= output["score_exact"]).all()
+    status = json.loads(runner.invoke(main, ["status", str(spec), "--sandbox", "--json"]).stdout)
+    assert status["runs"] == 1, "scoring is not a run"
