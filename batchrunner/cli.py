@@ -21,7 +21,7 @@ from batchrunner import logs
 from batchrunner.costs import format_cost, format_usd
 from batchrunner.errors import OutputError, Problem, RunHalted, SpecError
 from batchrunner.files import write_text_atomically
-from batchrunner.offline import estimate_job, evaluation, export_job, job_status, list_models
+from batchrunner.offline import estimate_job, evaluation, export_job, job_status, list_models, report_html
 from batchrunner.progress import Progress
 from batchrunner.report import score_text, to_markdown
 from batchrunner.runner import overrides, run_job
@@ -239,23 +239,40 @@ def score(job: Path, sandbox: bool) -> None:
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
 @click.option(
-    "--format", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True, help="Markdown or JSON."
+    "--format",
+    "fmt",
+    type=click.Choice(["html", "md", "json"]),
+    default="html",
+    show_default=True,
+    help="One self-contained HTML file, markdown, or JSON.",
 )
-@click.option("--out", "out_path", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(path_type=Path),
+    help="Write here (default: HTML beside the output, else stdout).",
+)
+@click.option("--by", "by", help="Also chart the scores by this input column (HTML).")
 @click.option("--sandbox", is_flag=True, help="Report the sandbox's simulated answers instead of the real ones.")
-def report(job: Path, fmt: str, out_path: Path | None, sandbox: bool) -> None:
+def report(job: Path, fmt: str, out_path: Path | None, by: str | None, sandbox: bool) -> None:
     """Compare JOB's models from its checkpoint: scores with 95% intervals, paired differences, cost, latency.
 
-    Sends nothing. Markdown for CI logs and pull requests; JSON for scripts."""
+    Sends nothing. HTML to look at (charts and a row explorer, one file that opens anywhere),
+    markdown for CI logs and pull requests, JSON for scripts."""
     logs.configure()
     with _exit_codes():
-        figures = evaluation(load_spec(job), sandbox=sandbox)
-    text = json.dumps(figures.to_json(), indent=1) if fmt == "json" else to_markdown(figures)
+        spec = load_spec(job)
+        if fmt == "html":
+            text = report_html(spec, sandbox=sandbox, by=by)
+            out_path = out_path or spec.output.with_name(spec.output.stem + ".report.html")
+        else:
+            figures = evaluation(spec, sandbox=sandbox)
+            text = json.dumps(figures.to_json(), indent=1) if fmt == "json" else to_markdown(figures)
     if out_path is None:
-        click.echo(text, nl=False)  # markdown and JSON of our own making; cells were escaped where they came in
+        click.echo(text, nl=False)  # markdown and JSON of our own making; outside text is escaped in them
     else:
         write_text_atomically(out_path, text)
-        say(f"{figures.job}: wrote the report to {out_path}")
+        say(f"{spec.name}: wrote the report to {out_path}")
 
 
 @main.command()

@@ -17,7 +17,8 @@ from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
 from batchrunner.output import export, results, score_columns
 from batchrunner.pending import pending
 from batchrunner.preflight import prepare
-from batchrunner.report import Report, build
+from batchrunner.report import Report, build, gather
+from batchrunner.report_html import render
 from batchrunner.request import RequestBuilder, estimated_prompt_tokens, expected_completion_tokens, most_prompt_tokens
 from batchrunner.runner import fetch_prices, plan_limits
 from batchrunner.sandbox import SandboxConfig
@@ -40,6 +41,11 @@ def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
 
 def evaluation(spec: JobSpec, *, sandbox: bool = False) -> Report:
     """The evaluation report's figures, from the checkpoint alone (the sandbox's answers with `sandbox`)."""
+    return evaluation_data(spec, sandbox=sandbox)[0]
+
+
+def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl.DataFrame]:
+    """The report's figures and the rows they come from (the output, with each row's input position)."""
     dataset = prepare(spec)
     checkpoint = spec.checkpoint_path()
     if not checkpoint.exists():
@@ -47,8 +53,26 @@ def evaluation(spec: JobSpec, *, sandbox: bool = False) -> Report:
     requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox))
     scores = [name for name, dtype in score_columns(spec).items() if dtype == pl.Float64()]
     with Store.open(checkpoint) as store:
-        frames = results(dataset, requests, store, row_index=True)
-        return build(spec.name, frames, id_column=ROW_INDEX, score_column=scores[0] if scores else None)
+        data = gather(results(dataset, requests, store, row_index=True))
+    return build(spec.name, data, id_column=ROW_INDEX, score_column=scores[0] if scores else None), data
+
+
+def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) -> str:
+    """The self-contained HTML report (report_html.py) of the job's checkpoint."""
+    figures, data = evaluation_data(spec, sandbox=sandbox)
+    if by is not None and by not in data.columns:
+        raise SpecError(Problem("--by", f"{by!r} is not an input column; the input has: {', '.join(data.columns)}"))
+    evaluate = spec.evaluate
+    answer = spec.output_prefix + evaluate.field if evaluate and evaluate.field else "response"
+    id_column = spec.id_column or ROW_INDEX
+    return render(
+        figures,
+        data,
+        id_column=id_column,
+        reference=evaluate.reference if evaluate else None,
+        answer_column=answer,
+        by=by,
+    )
 
 
 def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:

@@ -105,10 +105,17 @@ def mcnemar_p(b: int, c: int) -> float:
     return math.erfc(math.sqrt(statistic / 2))
 
 
-def build(job: str, frames: Iterable[pl.DataFrame], *, id_column: str, score_column: str | None) -> Report:
-    """The report's figures from the output frames of an evaluation (or any multi-model) job."""
+def gather(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
+    """The output frames as one frame (an evaluation's rows fit in memory: the pairs need them all)."""
     collected = [frame for frame in frames if frame.height]
-    data = pl.concat(collected, how="vertical_relaxed") if collected else pl.DataFrame()
+    return pl.concat(collected, how="vertical_relaxed") if collected else pl.DataFrame()
+
+
+def build(
+    job: str, frames: pl.DataFrame | Iterable[pl.DataFrame], *, id_column: str, score_column: str | None
+) -> Report:
+    """The report's figures from the output frames of an evaluation (or any multi-model) job."""
+    data = frames if isinstance(frames, pl.DataFrame) else gather(frames)
     models = [] if data.is_empty() else list(dict.fromkeys(data["requested_model"].to_list()))
     figures = [_model(data.filter(pl.col("requested_model") == m), m, score_column) for m in models]
     pairs = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,7 +83,7 @@ def test_the_evaluation_example_reports_the_same_numbers_as_markdown_and_json(
     output = pl.read_parquet(tmp_path / "out" / "ticket_eval.parquet")
     assert output.height == 900 and output["score"].null_count() == 0
     as_json = json.loads(runner.invoke(main, ["report", str(spec), "--sandbox", "--format", "json"]).stdout)
-    as_md = runner.invoke(main, ["report", str(spec), "--sandbox"]).stdout
+    as_md = runner.invoke(main, ["report", str(spec), "--sandbox", "--format", "md"]).stdout
     assert len(as_json["models"]) == 3
     for model in as_json["models"]:
         accuracy = output.filter(pl.col("requested_model") == model["model"])["score"].mean()
@@ -109,3 +111,45 @@ def test_score_rescoring_after_an_edit_to_evaluate_sends_nothing(tmp_path: Path)
     assert (output["score_loose"] >= output["score_exact"]).all()
     status = json.loads(runner.invoke(main, ["status", str(spec), "--sandbox", "--json"]).stdout)
     assert status["runs"] == 1, "scoring is not a run"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_html_report_renders_in_a_browser_and_its_filters_work(tmp_path: Path) -> None:
+    """The example's HTML report in headless Chromium: no script errors, the charts drawn, and the row
+    filters (disagreements, one model wrong where another was right, search, permalink) show the right rows."""
+    spec = tmp_path / "ticket_eval.yaml"
+    text = (REPO / "jobs" / "ticket_eval.yaml").read_text()
+    spec.write_text(text.replace("../sample_data/", f"{REPO}/sample_data/").replace("../out/", "out/"))
+    runner = CliRunner()
+    assert runner.invoke(main, ["run", str(spec), "--sandbox", "--limit", "60"]).exit_code == 0
+    made = runner.invoke(main, ["report", str(spec), "--sandbox", "--by", "customer_tier"])
+    assert made.exit_code == 0, made.output
+    page = tmp_path / "out" / "ticket_eval.report.html"
+    output = pl.read_parquet(tmp_path / "out" / "ticket_eval.parquet")
+    by_row = output.group_by("ticket_id").agg(pl.col("score"), pl.col("requested_model"))
+    disagree = sum(1 for scores in by_row["score"] if len(set(scores)) > 1)
+    llama_wrong = output.pivot("requested_model", index="ticket_id", values="score")
+    llama_only_wrong = llama_wrong.filter(
+        (pl.col("meta-llama/llama-3.1-8b-instruct") == 0)
+        & ((pl.col("anthropic/claude-3.5-haiku") == 1) | (pl.col("openai/gpt-4o-mini") == 1))
+    ).height
+
+    def dom(fragment: str) -> str:
+        shown = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", f"{page.as_uri()}#{fragment}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return shown.stdout
+
+    everything = dom("")
+    assert 'data-ready="1"' in everything and "data-errors" not in everything
+    assert everything.count("<svg") >= 4 and everything.count('class="dot"') >= 6, "the charts are drawn"
+    assert 'data-shown="60"' in everything
+    assert f'data-shown="{disagree}"' in dom("filter=disagree")
+    assert f'data-shown="{llama_only_wrong}"' in dom("filter=wrong:2")
+    assert 'data-shown="1"' in dom("q=T-10007")
+    focused = dom("row=T-10042")
+    assert 'id="row-T-10042" class="focus"' in focused, "a permalink opens the row's page, highlighted"
