@@ -143,6 +143,11 @@ def run(
         say(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
     for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
         say(f"  {line}")
+    if report.judging is not None:
+        grading = report.judging
+        say(
+            f"  grading: {grading.ok} grades, {grading.failed} failed, cost {format_cost(grading.cost_usd, grading.unpriced)}"
+        )
     if spec.evaluate is not None and outcome.output_rows is not None:
         with _exit_codes():
             for model in evaluation(spec, sandbox=sandbox).models:

@@ -22,6 +22,7 @@ import polars as pl
 from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
+from batchrunner.judging import grade_keys, score_of
 from batchrunner.records import RESULT_SCHEMA, STORED_EXTRAS, STORED_SCHEMA
 from batchrunner.request import RequestBuilder, RowRequest
 from batchrunner.scoring import error_column, metrics_of, score_rows
@@ -135,10 +136,47 @@ def results(
 
     Rows without an answer for the spec as it is now (never run, or run before an edit to
     their prompt or params) are left out: they are pending. The report reads these frames too."""
-    extra = extra_columns(requests.spec)
+    spec = requests.spec
+    extra = extra_columns(spec)
+    judges = spec.evaluate.judges() if spec.evaluate is not None else []
     for frame, rows in dataset.chunks(batch_size=batch_size):
         stored = store.fetch([row.id for row in rows])
-        yield _answers(frame, _keys(requests.for_rows(rows)), stored, requests.spec, extra, row_index=row_index)
+        answers = _answers(
+            frame, _keys(requests.for_rows(rows)), stored, spec, extra, row_index=row_index or bool(judges)
+        )
+        for rule, column in zip(judges, _judge_columns(spec) if judges else [], strict=True):
+            answers = answers.with_columns(
+                _grades(answers, spec, rule, requests.server, dataset.columns, store).alias(column)
+            )
+        yield answers if row_index or not judges else answers.drop(ROW_INDEX)
+
+
+def _judge_columns(spec: JobSpec) -> list[str]:
+    """The score column of each judge metric, in order."""
+    assert spec.evaluate is not None
+    metrics = metrics_of(spec.evaluate.rules(), spec.output_prefix)
+    return [metric.name for metric in metrics if metric.kind == "judge"]
+
+
+def _grades(
+    answers: pl.DataFrame, spec: JobSpec, rule: Any, server: str, input_columns: list[str], store: Store
+) -> pl.Series:
+    """A judge metric's scores: each answered row's grade from the checkpoint (null while ungraded), 0 for a
+    failed row."""
+    keys = grade_keys(answers, spec, rule, server, input_columns)
+    wanted = [key for key in keys if key is not None]
+    graded: dict[tuple[str, str, str], str | None] = {}
+    if wanted:
+        found = store.fetch(sorted({key[0] for key in wanted})).filter(pl.col("status") == "ok")
+        graded = {
+            (r[0], r[1], r[2]): r[3]
+            for r in found.select("row_id", "requested_model", "fingerprint", "parsed").iter_rows()
+        }
+    scores = [
+        (0.0 if status != "ok" else None) if key is None else score_of(graded.get(key), rule.judge.scale)
+        for key, status in zip(keys, answers["status"].to_list(), strict=True)
+    ]
+    return pl.Series(scores, dtype=pl.Float64())
 
 
 def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path, *, batch_size: int = 20_000) -> int:

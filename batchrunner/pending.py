@@ -11,8 +11,10 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
-from batchrunner.dataset import Dataset
+from batchrunner.dataset import Row
 from batchrunner.errors import RunHalted, first_line
 from batchrunner.records import Bill
 from batchrunner.request import RequestBuilder, RowRequest
@@ -39,8 +41,16 @@ class Batch:
     rows: int = 0  # input rows read in this batch
 
 
+class Source(Protocol):
+    """What pending() reads rows from: an input file (dataset.Dataset), or answers to grade (judging.Items)."""
+
+    path: Path
+
+    def batches(self, *, limit: int | None = None, batch_size: int = ...) -> Iterator[list[Row]]: ...
+
+
 def pending(
-    dataset: Dataset,
+    dataset: Source,
     requests: RequestBuilder,
     store: Store | None,
     *,

@@ -15,10 +15,12 @@ from pathlib import Path
 from batchrunner.costs import PriceTable
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.errors import OutputError, Problem, SpecError, first_line
+from batchrunner.judging import ANSWER, REFERENCE
 from batchrunner.output import extra_columns, probe_output, score_columns, summary_path
+from batchrunner.prompt import TemplateError, parse_template
 from batchrunner.records import RESULT_SCHEMA
 from batchrunner.scoring import load_function, metrics_of
-from batchrunner.spec import JobSpec, is_openrouter
+from batchrunner.spec import JobSpec, MetricSettings, is_openrouter
 from batchrunner.structured import Mode, strict_mode_warnings
 
 log = logging.getLogger("batchrunner")
@@ -101,7 +103,7 @@ def check_evaluation(spec: JobSpec, input_columns: list[str]) -> None:
     if evaluate is None:
         return
     problems = []
-    if evaluate.reference not in input_columns:
+    if evaluate.reference is not None and evaluate.reference not in input_columns:
         problems.append(
             Problem(
                 spec.locate("evaluate.reference"),
@@ -122,6 +124,22 @@ def check_evaluation(spec: JobSpec, input_columns: list[str]) -> None:
                     f"{evaluate.field!r} is not a property of the response schema; it has: {', '.join(properties)}",
                 )
             )
+    for rule in evaluate.judges():
+        assert rule.judge is not None
+        try:
+            rubric = parse_template(rule.judge.rubric)
+        except TemplateError as exc:
+            problems.append(Problem(spec.locate("evaluate.metric"), f"judge rubric: {exc}"))
+            continue
+        known = {*input_columns, ANSWER, REFERENCE}
+        for column in rubric.columns:
+            if column not in known:
+                problems.append(
+                    Problem(
+                        spec.locate("evaluate.metric"),
+                        f"judge rubric placeholder {{{column}}} is neither {{answer}}, {{reference}} nor an input column",
+                    )
+                )
     metrics = metrics_of(evaluate.rules(), spec.output_prefix)
     names = [metric.name for metric in metrics]
     for name in sorted({n for n in names if names.count(n) > 1}):
@@ -203,6 +221,10 @@ def check_output(spec: JobSpec, dataset: Dataset) -> None:
         ) from None
 
 
+def judge_rules(spec: JobSpec) -> list[MetricSettings]:
+    return spec.evaluate.judges() if spec.evaluate is not None else []
+
+
 def check_models(spec: JobSpec, catalog: PriceTable, *, strict: bool) -> None:
     """Every model of the job is one the server lists at /models. Against OpenRouter (or the sandbox) a
     model it does not list is refused, with the closest slugs; another server may answer any name
@@ -211,6 +233,7 @@ def check_models(spec: JobSpec, catalog: PriceTable, *, strict: bool) -> None:
         return
     named = [(f"models[{i}]", m) for i, m in enumerate(spec.models)]
     named += [(f"fallbacks[{i}]", m) for i, m in enumerate(spec.fallbacks)]
+    named += [("evaluate.metric", rule.judge.model) for rule in judge_rules(spec) if rule.judge]
     problems = []
     for field, model in named:
         if catalog.lists(model):

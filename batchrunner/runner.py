@@ -39,9 +39,12 @@ from batchrunner.errors import (
 from batchrunner.executor import Executor, LiveExecutor
 from batchrunner.files import write_text_atomically
 from batchrunner.halt import Halt, Stop, StopReason
+from batchrunner.judging import items as judge_items
+from batchrunner.judging import judge_spec
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
 from batchrunner.output import export, summary_path
+from batchrunner.output import results as results_of
 from batchrunner.pending import pending
 from batchrunner.policy import RowPolicy
 from batchrunner.preflight import check_models, check_output, prepare
@@ -69,6 +72,7 @@ class RunReport:
     stop: Stop | None = None  # why the run ended early, if it did (halt.py)
     resumed: int = 0  # pairs already answered by an earlier run, for the spec as it is now
     results: list[RowResult] = field(default_factory=list)  # only with keep_results
+    judging: Summary | None = None  # the judge metrics' grades, when the job has any
 
     @property
     def pending(self) -> int:
@@ -132,22 +136,23 @@ async def run_job(
     requests = RequestBuilder(spec, server=connection.server)
     halt = Halt()
     summary = Summary()
+    judging = Summary()  # what grading the answers cost, reported apart from the answers' own cost
     results = KeptResults()
     report: RunReport | None = None
     with job_lock(checkpoint.with_name(checkpoint.name + ".lock")):
-        store = Store.open(checkpoint, server=requests.server)
-        try:
-            if fresh:
-                store.delete_all()
-            store.begin_run()
-            async with connection:
-                client = connection.client
-                if on_start is not None:
-                    on_start(connection.sandbox.base_url if connection.sandbox else None)
-                limits, key_info = await plan_limits(spec, client, connection.key, count_free_usage=sandbox is None)
-                prices = await fetch_prices(client)
-                check_models(spec, prices, strict=connection.strict)
-                budget = plan_budget(spec, prices, max_cost_usd)
+        async with connection:
+            client = connection.client
+            if on_start is not None:
+                on_start(connection.sandbox.base_url if connection.sandbox else None)
+            limits, key_info = await plan_limits(spec, client, connection.key, count_free_usage=sandbox is None)
+            prices = await fetch_prices(client)
+            check_models(spec, prices, strict=connection.strict)
+            budget = plan_budget(spec, prices, max_cost_usd)
+            store = Store.open(checkpoint, server=requests.server)  # only once nothing can refuse the job
+            try:
+                if fresh:
+                    store.delete_all()
+                store.begin_run()
                 rows = dataset.rows if limit is None else min(limit, dataset.rows)
                 total = rows * len(spec.models)
                 progress = progress_factory(total, summary=summary) if progress_factory else None
@@ -188,6 +193,9 @@ async def run_job(
                     execution = await (executor or LiveExecutor(spec.concurrency)).execute(
                         pending(dataset, requests, store, limit=limit), policy, Sinks(*sinks), halt
                     )
+                    judged = await judge(
+                        spec, dataset, requests, store, connection, halt, policy, executor, progress, judging
+                    )
                 finally:
                     restore()
                     for task in background:
@@ -196,29 +204,78 @@ async def run_job(
                     if progress is not None:
                         progress.close()
                 report = RunReport(summary, total, execution.wall_s, halt.outcome, execution.resumed, results)
+                report.judging = judged
                 concurrency_hint(spec, report, limits.pacer.rate_rps)
-        finally:
-            outcome = "unfinished" if report is None else "stopped" if report.stop else "finished"
-            store.end_run(outcome, ok=summary.ok, failed=summary.failed, cost_usd=summary.cost_usd)
-            started = time.monotonic()
-            written: int | None = None
-            try:
-                written = export(dataset, requests, store, spec.output)
-                log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
-            except (OutputError, OSError) as exc:  # the answers are safe: say how to get the file
-                log.error("%s; every answer is in the checkpoint: fix that and run `batchrunner export`", exc)
-            store.close()
-            if report is not None:
-                summary_json = report.summary.to_json(
-                    wall_s=report.wall_s,
-                    pending=report.pending,
-                    resumed=report.resumed,
-                    stopped=report.stop.message if report.stop else None,
-                )
-                write_json(summary_path(spec.output), {"job": spec.name, **summary_json})
+            finally:
+                outcome = "unfinished" if report is None else "stopped" if report.stop else "finished"
+                store.end_run(outcome, ok=summary.ok, failed=summary.failed, cost_usd=summary.cost_usd)
+                started = time.monotonic()
+                written: int | None = None
+                try:
+                    written = export(dataset, requests, store, spec.output)
+                    log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
+                except (OutputError, OSError) as exc:  # the answers are safe: say how to get the file
+                    log.error("%s; every answer is in the checkpoint: fix that and run `batchrunner export`", exc)
+                store.close()
+                if report is not None:
+                    summary_json = report.summary.to_json(
+                        wall_s=report.wall_s,
+                        pending=report.pending,
+                        resumed=report.resumed,
+                        stopped=report.stop.message if report.stop else None,
+                    )
+                    if report.judging is not None:
+                        summary_json["grading"] = report.judging.to_json(
+                            wall_s=report.wall_s, pending=0, resumed=0, stopped=None
+                        )
+                    write_json(summary_path(spec.output), {"job": spec.name, **summary_json})
     assert report is not None
     sandbox_url = connection.sandbox.base_url if connection.sandbox else None
     return Outcome(report, spec.output, written, sandbox_url, store.spilled + store.lost)
+
+
+async def judge(
+    spec: JobSpec,
+    dataset: Any,
+    requests: RequestBuilder,
+    store: Store,
+    connection: Connection,
+    halt: Halt,
+    policy: RowPolicy,
+    executor: Executor | None,
+    progress: Progress | None,
+    judging: Summary,
+) -> Summary | None:
+    """Grade the answers with each judge metric (judging.py): the same executor, policy settings, rate
+    limit, budget, halt and checkpoint as the answers; grades already in the checkpoint are not asked again."""
+    rules = spec.evaluate.judges() if spec.evaluate is not None else []
+    if not rules:
+        return None
+    for rule in rules:
+        if halt.stopping:
+            break
+        store.flush()  # the answers to grade are read back from the checkpoint
+        judged = judge_spec(spec, rule)
+        graders = RequestBuilder(judged, server=connection.server)
+        answers = judge_items(spec, results_of(dataset, requests, store, row_index=True), dataset.columns)
+        log.info("judging %d answers with %s", answers.rows, judged.models[0])
+        grader = RowPolicy(
+            judged,
+            connection.client,
+            halt,
+            requests=graders,
+            retry=policy.retry,
+            limits=policy.limits,
+            breaker=policy.breaker,
+            server=policy.server,
+            pricing=policy.pricing,
+            budget=policy.budget,
+            on_wait=progress.retry if progress is not None else None,
+        )
+        await (executor or LiveExecutor(spec.concurrency)).execute(
+            pending(answers, graders, store), grader, Sinks(judging, store), halt
+        )
+    return judging
 
 
 def concurrency_hint(spec: JobSpec, report: RunReport, pace_rps: float) -> None:
@@ -268,7 +325,9 @@ def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None)
     limit = max_cost_usd if max_cost_usd is not None else spec.budget_usd
     if limit is None:
         return None
-    unpriced = sorted({m for model in spec.models for m in spec.model_chain(model) if m not in prices})
+    judges = [rule.judge.model for rule in (spec.evaluate.judges() if spec.evaluate else []) if rule.judge]
+    wanted = {m for model in spec.models for m in spec.model_chain(model)} | set(judges)
+    unpriced = sorted(m for m in wanted if m not in prices)
     if unpriced:
         raise SpecError(
             Problem(

@@ -38,6 +38,8 @@ class Metric:
 
     def score(self, answer: Any, reference: Any, row: Mapping[str, Any]) -> float | None:
         """The score of one answer; None when there is no reference to compare with."""
+        if self.kind == "judge":  # graded by another model: judging.py reads the grade back
+            return None
         if reference is None or (isinstance(reference, str) and not reference.strip() and self.kind != "python"):
             return None
         if answer is None:
@@ -192,7 +194,12 @@ def metrics_of(rules: list[Any], prefix: str = "") -> list[Metric]:
 
 
 def score_rows(
-    rows: list[dict[str, Any]], metrics: list[Metric], *, reference: str, field: str | None, input_columns: list[str]
+    rows: list[dict[str, Any]],
+    metrics: list[Metric],
+    *,
+    reference: str | None,
+    field: str | None,
+    input_columns: list[str],
 ) -> dict[str, list[Any]]:
     """Every metric's score for each output row (status, response, parsed and the input columns in
     `rows`), plus `score_error` when a python metric failed on a row. A failed row scores 0."""
@@ -206,14 +213,14 @@ def score_rows(
         failed = row.get("status") != "ok"
         inputs = {name: row.get(name) for name in input_columns}
         problems = []
+        expected = row.get(reference) if reference else None
         for metric in metrics:
             value: float | None
             try:
-                value = (
-                    0.0
-                    if failed and row.get(reference) is not None
-                    else metric.score(answer, row.get(reference), inputs)
-                )
+                if metric.kind == "judge":
+                    value = 0.0 if failed else None  # a grade is filled in from the checkpoint (judging.py)
+                else:
+                    value = 0.0 if failed and expected is not None else metric.score(answer, expected, inputs)
             except ScoreError as exc:
                 value = None
                 problems.append(str(exc))

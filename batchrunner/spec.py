@@ -119,7 +119,15 @@ class RepairSettings(_Strict):
     same_model: Annotated[int, Field(ge=0, le=5)] = 1  # re-asks on the same model, the error fed back
 
 
-MetricName = Literal["exact", "numeric", "f1", "regex", "contains", "json_match", "python"]
+MetricName = Literal["exact", "numeric", "f1", "regex", "contains", "json_match", "python", "judge"]
+
+
+class JudgeSettings(_Strict):
+    """Another model grades each answer with a rubric you write (see judging.py)."""
+
+    model: Slug
+    rubric: Annotated[str, Field(min_length=1)]  # a template: {answer}, {reference} and the input columns
+    scale: Annotated[int, Field(ge=2, le=100)] = 5  # grades 1..scale; the score is (grade - 1) / (scale - 1)
 
 
 class MetricSettings(_Strict):
@@ -133,10 +141,13 @@ class MetricSettings(_Strict):
     abs_tol: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     rel_tol: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
     python: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None  # module:function
+    judge: JudgeSettings | None = None
 
     @model_validator(mode="after")
     def _python_names_a_function(self) -> MetricSettings:
-        if (self.metric == "python" or self.metric is None) and self.python is None:
+        if self.kind == "judge" and self.judge is None:
+            raise ValueError("a judge metric needs judge: {model: ..., rubric: ..., scale: 5}")
+        if self.kind == "python" and self.python is None:
             raise ValueError(
                 "name the metric (exact, numeric, f1, regex, contains, json_match), or give python: module:function"
             )
@@ -144,13 +155,13 @@ class MetricSettings(_Strict):
 
     @property
     def kind(self) -> str:
-        return self.metric or "python"
+        return self.metric or ("judge" if self.judge is not None else "python")
 
 
 class EvaluateSettings(_Strict):
     """Scoring each answer against a reference column (an evaluation run)."""
 
-    reference: Annotated[str, Field(min_length=1)]  # the input column holding the expected answer
+    reference: Annotated[str, Field(min_length=1)] | None = None  # the input column with the expected answer
     field: str | None = None  # the structured-answer property to compare; absent: the whole answer text
     metric: MetricName | MetricSettings | list[MetricName | MetricSettings] = "exact"
 
@@ -167,6 +178,16 @@ class EvaluateSettings(_Strict):
             )
 
         return [one(item) for item in value] if isinstance(value, list) else one(value)
+
+    @model_validator(mode="after")
+    def _reference_unless_only_judges(self) -> EvaluateSettings:
+        if self.reference is None and any(rule.kind != "judge" for rule in self.rules()):
+            raise ValueError("name the input column with the expected answers: reference: COLUMN")
+        return self
+
+    def judges(self) -> list[MetricSettings]:
+        """The metrics another model grades."""
+        return [rule for rule in self.rules() if rule.judge is not None]
 
     def rules(self) -> list[MetricSettings]:
         """The metrics, each with its options; a bare name is the metric with default options."""

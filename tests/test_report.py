@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -153,3 +154,86 @@ def test_the_html_report_renders_in_a_browser_and_its_filters_work(tmp_path: Pat
     assert 'data-shown="1"' in dom("q=T-10007")
     focused = dom("row=T-10042")
     assert 'id="row-T-10042" class="focus"' in focused, "a permalink opens the row's page, highlighted"
+
+
+JUDGED = """
+name: judged
+input: {input}
+id_column: ticket_id
+output: out/judged.parquet
+models: [openai/gpt-4o-mini, meta-llama/llama-3.1-8b-instruct]
+prompt: "Summarise: {{text}}"
+params: {{max_tokens: 60}}
+evaluate:
+  metric:
+    - judge: {{model: openai/gpt-4o, rubric: "Ticket: {{text}}\\nSummary: {{answer}}\\nGrade the summary.", scale: 5}}
+concurrency: 4
+"""
+
+
+async def test_a_judge_grades_every_answer_once_and_reports_its_cost_apart(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Each answer is graded by the judge model through the same machinery; the score is (grade - 1) / 4;
+    the grades' cost is reported apart; a rerun asks no grade again; a stop half-way through the grading,
+    then a rerun, pays for no grade twice."""
+    from batchrunner.halt import StopReason
+    from batchrunner.runner import run_job
+    from batchrunner.sandbox import Sandbox, SandboxConfig
+    from batchrunner.spec import load_spec
+
+    rows = tmp_path / "rows.csv"
+    pl.DataFrame({"ticket_id": [f"T-{i}" for i in range(30)], "text": [f"text {i}" for i in range(30)]}).write_csv(rows)
+    spec_path = tmp_path / "judged.yaml"
+    spec_path.write_text(JUDGED.format(input=rows.name))
+    async with Sandbox(SandboxConfig(latency_s=0.01)) as sandbox:
+        spec = load_spec(spec_path, overrides={"api": {"base_url": sandbox.base_url}})
+        halted = {"done": False}
+
+        def stop_while_grading(result: Any) -> None:
+            if result.requested_model == "openai/gpt-4o" and not halted["done"]:
+                halted["done"] = True
+                raise_stop()
+
+        first_halt: list[Any] = []
+
+        def raise_stop() -> None:
+            first_halt[0].stop(StopReason.INTERRUPTED, "SIGTERM")
+
+        from batchrunner import runner as runner_module
+
+        real_halt = runner_module.Halt
+
+        class RecordingHalt(real_halt):  # type: ignore[misc,valid-type]  # a Halt the test can reach
+            def __init__(self) -> None:
+                super().__init__()
+                first_halt.append(self)
+
+        from batchrunner.store import Store
+
+        real_add = Store.add
+
+        def add(store: Store, result: Any) -> None:
+            real_add(store, result)
+            stop_while_grading(result)
+
+        runner_module.Halt = RecordingHalt
+        Store.add = add  # type: ignore[method-assign]  # the stop comes in the middle of the grading
+        try:
+            stopped = await run_job(spec)
+        finally:
+            runner_module.Halt = real_halt
+            Store.add = real_add  # type: ignore[method-assign]
+        assert stopped.report.stop is not None and stopped.report.judging is not None
+        finished = await run_job(spec)
+        again = await run_job(spec)
+    grades_asked = sum(n for key, n in sandbox.stats.answered.items())
+    assert max(sandbox.stats.answered.values()) == 1, "no answer and no grade was paid for twice"
+    assert sandbox.stats.by_model["openai/gpt-4o"] == 60
+    assert grades_asked == 60 + 60
+    output = pl.read_parquet(spec.output)
+    assert output["score"].null_count() == 0 and set(output["score"].to_list()) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert finished.report.judging is not None and finished.report.judging.cost_usd > 0
+    assert again.report.judging is not None and again.report.judging.done == 0, "a rerun grades nothing again"
+    assert stopped.report.summary.by_model.keys() == {"openai/gpt-4o-mini", "meta-llama/llama-3.1-8b-instruct"}
+    assert set(stopped.report.judging.by_model) == {"openai/gpt-4o"}, "grades are counted apart from answers"
