@@ -237,3 +237,39 @@ async def test_a_judge_grades_every_answer_once_and_reports_its_cost_apart(
     assert again.report.judging is not None and again.report.judging.done == 0, "a rerun grades nothing again"
     assert stopped.report.summary.by_model.keys() == {"openai/gpt-4o-mini", "meta-llama/llama-3.1-8b-instruct"}
     assert set(stopped.report.judging.by_model) == {"openai/gpt-4o"}, "grades are counted apart from answers"
+
+
+def test_the_html_report_shows_the_json_figures_and_stays_small_at_100k_rows() -> None:
+    """The HTML shows the same accuracies, intervals and sentences as the JSON figures; with 100,000 rows
+    and three models it embeds at most MAX_ROWS rows of the explorer, says so, and stays under 5 MB."""
+    from batchrunner.report_html import MAX_ROWS, render
+
+    rows, models = 100_000, ["a/one", "b/two", "c/three"]
+    data = pl.DataFrame(
+        {
+            "row": list(range(rows)) * 3,
+            "id": [f"R-{i}" for i in range(rows)] * 3,
+            "expected": ["yes"] * rows * 3,
+            "requested_model": [m for m in models for _ in range(rows)],
+            "model": [m for m in models for _ in range(rows)],
+            "status": (["ok"] * (rows - 50) + ["failed"] * 50) * 3,
+            "error": ([None] * (rows - 50) + ["HTTP 502: down"] * 50) * 3,
+            "response": ["x" * 400] * rows * 3,
+            "score": [float(i % 3 != k) for k in range(3) for i in range(rows)],
+            "cost_usd": ["0.0001"] * rows * 3,
+            "latency_s": [0.25] * rows * 3,
+            "billed_prompt_tokens": [10] * rows * 3,
+            "billed_completion_tokens": [5] * rows * 3,
+            "attempts": [1] * rows * 3,
+        }
+    )
+    figures = build("big", data, id_column="row", score_column="score")
+    page = render(figures, data, id_column="id", reference="expected", answer_column="response")
+    assert len(page.encode()) < 5_000_000
+    assert f"The row explorer holds {MAX_ROWS:,} of {rows:,} rows" in page
+    as_json = figures.to_json()
+    for model in as_json["models"]:
+        mean, low, high = (model["score"][k] for k in ("mean", "low", "high"))
+        assert f"{100 * mean:.1f}% ({100 * low:.1f} to {100 * high:.1f})" in page
+    for pair in as_json["pairs"]:
+        assert pair["sentence"] in page
