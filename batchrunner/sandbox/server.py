@@ -27,6 +27,7 @@ from aiohttp import web
 from batchrunner import openapi
 from batchrunner.costs import ZERO_USD, to_decimal
 from batchrunner.sandbox import answers, catalog
+from batchrunner.sandbox.batches import BatchDesk
 
 FAULT_KINDS = (
     "rate_limit",  # 429 with Retry-After
@@ -68,6 +69,9 @@ class SandboxConfig:
     report_cost: bool = True  # include usage.cost (older deployments and other servers do not)
     bill_failed_answers: bool = False  # charge empty and finish_reason "error" answers (some upstreams bill the prompt)
     free_daily_cap: int = 200
+    batch_turnaround_s: float = 0.0  # how long a submitted batch takes to complete
+    batch_price_factor: Decimal = Decimal("0.5")  # batch answers cost this share of the realtime price
+    batch_expire_s: float | None = None  # a batch not completed this long after submission expires
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULT_KINDS)
@@ -117,6 +121,7 @@ class Sandbox:
         self._cached_prefixes: set[tuple[str, str]] = set()  # (model, system prompt) seen: served from the cache
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.batches = BatchDesk(self)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -130,6 +135,10 @@ class Sandbox:
                 web.get("/api/v1/generation", self.generation),
                 web.post("/api/v1/chat/completions", self.chat_completions),
                 web.post("/api/v1/completions", self.completions),
+                web.post("/api/v1/batches", self.batches.submit),
+                web.get("/api/v1/batches", self.batches.listing),
+                web.get("/api/v1/batches/{id}", self.batches.retrieve),
+                web.delete("/api/v1/batches/{id}", self.batches.cancel),
                 web.get("/sandbox/stats", self.stats_endpoint),
             ]
         )
@@ -428,7 +437,14 @@ class Sandbox:
         return web.json_response(self._completion(body, answering, chat=chat, fault=fault, key=key))
 
     def _completion(
-        self, body: dict[str, Any], model: str, *, chat: bool, fault: str | None, key: str
+        self,
+        body: dict[str, Any],
+        model: str,
+        *,
+        chat: bool,
+        fault: str | None,
+        key: str,
+        price_factor: Decimal = Decimal(1),
     ) -> dict[str, Any]:
         messages = body.get("messages") or []
         prompt = answers.last_user_text(messages) if chat else body["prompt"]
@@ -465,7 +481,7 @@ class Sandbox:
         )
         n_completion = answers.count_tokens(produced) if produced else 0
         n_cached = self._cached_tokens(model, messages) if chat else 0
-        cost = catalog.cost_usd(model, n_prompt, n_completion, n_cached)
+        cost = catalog.cost_usd(model, n_prompt, n_completion, n_cached) * price_factor
         if (finish_reason == "error" or n_completion == 0) and not self.config.bill_failed_answers:
             cost = ZERO_USD  # zero-completion insurance: empty and error answers are not billed
         reported = float(cost)
@@ -526,6 +542,31 @@ class Sandbox:
             "system_fingerprint": "fp_sandbox",
             "usage": usage,
         }
+
+    def batch_answer(self, body: dict[str, Any], model: str, price_factor: Decimal) -> dict[str, Any]:
+        """One request of a batch: a chat answer at the batch price, or an error object (a seeded fault)."""
+        self.stats.requests += 1
+        key = request_key({**body, "model": model})
+        fault = self._fault(key)
+        self._seen[key] += 1
+        if fault in (
+            "rate_limit",
+            "server_error",
+            "bad_gateway",
+            "overloaded",
+            "error_in_200",
+            "drop",
+            "in_flight_budget",
+        ):
+            self.stats.statuses[502] += 1
+            return {"error": {"message": "Provider returned error", "type": "server_error", "param": None}}
+        if fault == "hostile_error":
+            return {"error": {"message": "Invalid request (simulated)", "type": "invalid_request_error", "param": None}}
+        self.stats.statuses[200] += 1
+        self.stats.by_model[model] += 1
+        return self._completion(
+            {**body, "model": model}, model, chat=True, fault=fault, key=key, price_factor=price_factor
+        )
 
     @staticmethod
     def _tool_calls(body: dict[str, Any], model: str, prompt: str) -> list[dict[str, Any]] | None:
