@@ -80,6 +80,10 @@ def main() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Spend at most USD in this run (overrides budget_usd).",
 )
+@click.option(
+    "--mode", type=click.Choice(["live", "batch"]), help="Live requests, or OpenRouter's Batch API (about half price)."
+)
+@click.option("--no-wait", is_flag=True, help="Batch mode: submit and exit; the next run collects the answers.")
 @click.option("--fresh", is_flag=True, help="Forget the checkpoint and start over (asks first).")
 @click.option("--yes", is_flag=True, help="Do not ask before --fresh deletes stored answers.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every retry and fallback.")
@@ -92,6 +96,8 @@ def run(
     concurrency: int | None,
     sandbox: bool,
     max_cost_usd: float | None,
+    mode: str | None,
+    no_wait: bool,
     fresh: bool,
     yes: bool,
     verbose: bool,
@@ -103,7 +109,9 @@ def run(
     """
     logs.configure(verbose=verbose, json_lines=log_json)
     with _exit_codes():
-        spec = load_spec(job, overrides=overrides(input=input_path, output=output_path, concurrency=concurrency))
+        spec = load_spec(
+            job, overrides=overrides(input=input_path, output=output_path, concurrency=concurrency, mode=mode)
+        )
         if fresh and not yes and spec.checkpoint_path().exists():
             if not sys.stdin.isatty():
                 raise SpecError(
@@ -131,6 +139,7 @@ def run(
                     on_start=banner,
                     fresh=fresh,
                     max_cost_usd=None if max_cost_usd is None else Decimal(str(max_cost_usd)),
+                    wait=not no_wait,
                 )
             )
         except OSError as error:  # a full disk, a read-only folder: say so, keep what the checkpoint holds

@@ -122,6 +122,32 @@ class Client:
         payload, _ = await self._get("/generation", params={"id": generation_id})
         return payload.get("data", payload) if isinstance(payload, dict) else {}
 
+    # -- the Batch API ----------------------------------------------------------------------
+
+    async def submit_batch(
+        self, model: str, requests: list[dict[str, Any]], *, timeout_s: float = 300.0
+    ) -> dict[str, Any]:
+        """POST /batches: `endpoint` and `model` written before `requests`, as OpenRouter stream-parses the body."""
+        head = json.dumps({"endpoint": "/v1/chat/completions", "model": model})[:-1]
+        text = f'{head}, "requests": {json.dumps(requests, ensure_ascii=False)}}}'
+        payload, _ = await self._request("POST", "/batches", raw_body=text, timeout_s=timeout_s)
+        return _batch_object(payload)
+
+    async def batch(self, batch_id: str) -> dict[str, Any]:
+        """GET /batches/{id}: its status and counts, and its results once completed."""
+        payload, _ = await self._request("GET", f"/batches/{batch_id}", timeout_s=min(self.timeout_s, 120.0))
+        return _batch_object(payload)
+
+    async def batches(self) -> list[dict[str, Any]]:
+        """GET /batches: the workspace's batches, newest first (without results)."""
+        payload, _ = await self._get("/batches")
+        data = payload.get("data") if isinstance(payload, dict) else None
+        return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        payload, _ = await self._request("DELETE", f"/batches/{batch_id}", timeout_s=min(self.timeout_s, 60.0))
+        return _batch_object(payload)
+
     # -- plumbing -------------------------------------------------------------------------
 
     def _require_session(self) -> aiohttp.ClientSession:
@@ -143,6 +169,7 @@ class Client:
         path: str,
         *,
         json_body: dict[str, Any] | None = None,
+        raw_body: str | None = None,
         params: dict[str, str] | None = None,
         timeout_s: float | None,
     ) -> tuple[Any, int]:
@@ -151,7 +178,12 @@ class Client:
         timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=min(total_s, CONNECT_TIMEOUT_S))
         try:
             async with session.request(
-                method, self.base_url + path, json=json_body, params=params, timeout=timeout
+                method,
+                self.base_url + path,
+                json=json_body,
+                data=raw_body.encode() if raw_body is not None else None,
+                params=params,
+                timeout=timeout,
             ) as response:
                 text = (await response.read()).decode("utf-8", errors="replace")  # a bad byte must not crash a row
                 status, headers = response.status, response.headers
@@ -174,6 +206,20 @@ class Client:
                 f"HTTP {status} with a body that is not JSON: {text[:120]!r}", status=status, code="bad_body"
             )
         return payload, status
+
+
+def _batch_object(payload: Any) -> dict[str, Any]:
+    """A batch object from the API, checked for what batchrunner reads: an id, a status, counts."""
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("id"), str)
+        or not isinstance(payload.get("status"), str)
+    ):
+        raise TransientError("a batch answer without an id and a status", code="malformed")
+    results = payload.get("results")
+    if results is not None and not (isinstance(results, list) and all(isinstance(r, dict) for r in results)):
+        raise TransientError("a batch's results are not a list of objects", code="malformed")
+    return payload
 
 
 def _parse_json(text: str) -> Any:

@@ -30,6 +30,7 @@ class StopReason(enum.Enum):
     SERVER_GONE = "server_gone"  # every connection refused for unreachable_timeout_s
     CHECKPOINT = "checkpoint"  # answers cannot be saved (a full disk)
     INPUT = "input"  # the input became unreadable during the run
+    BATCH_API = "batch_api"  # a batch submission got no answer: the next run reconciles it
     FREE_CAP = "free_cap"  # a deferral: free models are out for the day, the others go on
 
 

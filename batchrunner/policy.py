@@ -52,13 +52,14 @@ class _Stopped(Exception):
 
 
 @dataclass
-class _RowState:
+class RowState:
     """What happened to one pair so far, across its models and attempts."""
 
     earlier: Bill  # what earlier runs were billed for it (it failed, or they stopped in it)
     bill: Bill = field(default_factory=Bill)  # what this run was billed for it
     last_error: ApiError | None = None
     last_answer: Completion | None = None  # an answer that was refused or invalid, kept for the output
+    repairs: int = 0  # invalid structured answers asked again (batches)
 
     @property
     def total(self) -> Bill:
@@ -103,7 +104,7 @@ class RowPolicy:
 
     async def answer(self, todo: Todo) -> RowResult | None:
         """The pair's result; None leaves it pending without a record (nothing was paid for it)."""
-        row = _RowState(earlier=todo.earlier or Bill())
+        row = RowState(earlier=todo.earlier or Bill())
         try:
             return await self._answer(todo.request, row)
         except _Stopped:
@@ -113,7 +114,7 @@ class RowPolicy:
                 todo.request, row, status="pending", error=_one_line(row.last_error or "the run stopped")
             )
 
-    async def _answer(self, item: RowRequest, row: _RowState) -> RowResult:
+    async def _answer(self, item: RowRequest, row: RowState) -> RowResult:
         """Retries on the model, then its fallbacks, in order. For structured jobs an answer must also
         parse and validate; an invalid one is repaired (the model is told what was wrong, given more
         room if it was cut off), then handed to the fallbacks."""
@@ -153,7 +154,7 @@ class RowPolicy:
         )
 
     async def _on_model(
-        self, model: str, body: dict[str, Any], row: _RowState, *, has_fallback: bool
+        self, model: str, body: dict[str, Any], row: RowState, *, has_fallback: bool
     ) -> Completion | None:
         """Send `body` to `model` until it answers or its attempts run out (None)."""
         tries = 0
@@ -200,7 +201,7 @@ class RowPolicy:
                 await self._backoff(tries, retry_after)
         return None
 
-    async def _send(self, model: str, body: dict[str, Any], row: _RowState) -> Completion:
+    async def _send(self, model: str, body: dict[str, Any], row: RowState) -> Completion:
         """One request, start to end: the server watch, the budget's reservation, the rate limit,
         the request, and its bill. Raises the ApiError the client classified (a fatal one, having
         stopped the run)."""
@@ -255,6 +256,61 @@ class RowPolicy:
             self._charge(row.bill, completion.usage, completion.model or model, model, completion.generation_id),
         )
         return completion
+
+    # -- for executors that send many requests at once (the Batch API) ---------------------
+
+    def begin(self, todo: Todo) -> RowState:
+        """A pair's state across the batches it takes, starting from what earlier runs were billed."""
+        return RowState(earlier=todo.earlier or Bill())
+
+    def body(self, todo: Todo) -> dict[str, Any]:
+        """The request body of a pair on its requested model (fallbacks are not sent in batches)."""
+        return self.requests.body(todo.request.prompt, todo.request.requested_model)
+
+    async def reserve(self, body: dict[str, Any], model: str) -> Decimal | None:
+        """Reserve one request's worst case against the budget; None when the run stops (or the budget is spent)."""
+        try:
+            return await self._reserve(body, model)
+        except _Stopped:
+            return None
+
+    def settle(self, reserved: Decimal, actual: Decimal) -> None:
+        self._settle(reserved, actual)
+
+    def take(self, todo: Todo, row: RowState, answer: Completion | ApiError) -> tuple[RowResult | None, Decimal]:
+        """One answer collected from a batch: the pair's result, or None to ask it again in a later batch
+        (a transient error within its attempts, an invalid structured answer within its repairs); and
+        what the answer cost. The same classification, bill and repair rules as a live request."""
+        item, model = todo.request, todo.request.requested_model
+        row.bill.attempts += 1
+        if isinstance(answer, ApiError):
+            cost = self._charge(row.bill, answer.usage, model)
+            row.last_error = answer
+            if isinstance(answer, FatalApiError):
+                self.halt.stop(StopReason.ACCOUNT, str(answer), answer)
+                return None, cost
+            if isinstance(answer, TransientError) and row.bill.attempts < self.retry.max_attempts:
+                return None, cost
+            return self._result(item, row, status="failed", error=_one_line(answer)), cost
+        cost = self._charge(row.bill, answer.usage, answer.model or model, model, answer.generation_id)
+        if answer.refusal and not answer.text and not answer.tool_calls:
+            row.last_error = RequestRejected(f"refusal: {answer.refusal}", code="refusal")
+            return self._result(
+                item, row, status="failed", error=_one_line(row.last_error), **_answer_fields(answer, failed=True)
+            ), cost
+        if not self.mode.structured:
+            return self._ok(item, answer, row, parsed=None, fallback_used=False), cost
+        try:
+            parsed = parse_answer(answer.text, self.mode, finish_reason=answer.finish_reason)
+        except InvalidAnswer as exc:
+            row.last_error = RequestRejected(f"invalid structured output: {exc}", code="invalid_output")
+            if row.repairs < self.spec.repair.same_model:
+                row.repairs += 1
+                return None, cost
+            return self._result(
+                item, row, status="failed", error=_one_line(row.last_error), **_answer_fields(answer, failed=True)
+            ), cost
+        return self._ok(item, answer, row, parsed=parsed, fallback_used=False), cost
 
     # -- money ------------------------------------------------------------------------------
 
@@ -373,7 +429,7 @@ class RowPolicy:
     # -- results ----------------------------------------------------------------------------
 
     @staticmethod
-    def _result(item: RowRequest, row: _RowState, **fields: Any) -> RowResult:
+    def _result(item: RowRequest, row: RowState, **fields: Any) -> RowResult:
         """The one place a RowResult is made: the pair's identity, its whole bill, and `fields`."""
         total = row.total
         return RowResult(
@@ -392,7 +448,7 @@ class RowPolicy:
         )
 
     def _ok(
-        self, item: RowRequest, completion: Completion, row: _RowState, *, parsed: Any, fallback_used: bool
+        self, item: RowRequest, completion: Completion, row: RowState, *, parsed: Any, fallback_used: bool
     ) -> RowResult:
         return self._result(
             item,

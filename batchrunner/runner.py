@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from batchrunner.batch import BatchExecutor
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.connect import Connection
@@ -117,6 +118,7 @@ async def run_job(
     max_cost_usd: Decimal | None = None,
     executor: Executor | None = None,
     keep_results: bool = False,
+    wait: bool = True,
 ) -> Outcome:
     """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL; with
     `executor`, scheduled by it instead of the live worker pool.
@@ -190,7 +192,15 @@ async def run_job(
                     background.append(asyncio.create_task(follow_credits(client, limits, credit_refresh_s)))
                 restore = _install_signal_handlers(halt)
                 try:
-                    execution = await (executor or LiveExecutor(spec.concurrency)).execute(
+                    if executor is None:
+                        executor = (
+                            BatchExecutor(
+                                client, store, poll_s=spec.batch.poll_s, max_poll_s=spec.batch.max_poll_s, wait=wait
+                            )
+                            if spec.mode == "batch"
+                            else LiveExecutor(spec.concurrency)
+                        )
+                    execution = await executor.execute(
                         pending(dataset, requests, store, limit=limit), policy, Sinks(*sinks), halt
                     )
                     judged = await judge(
@@ -425,7 +435,9 @@ def _install_signal_handlers(halt: Halt) -> Callable[[], None]:
     return restore
 
 
-def overrides(*, input: Path | None, output: Path | None, concurrency: int | None) -> dict[str, Any]:
+def overrides(
+    *, input: Path | None, output: Path | None, concurrency: int | None, mode: str | None = None
+) -> dict[str, Any]:
     """Command-line options as spec overrides; paths resolve against the current directory."""
     result: dict[str, Any] = {}
     if input is not None:
@@ -434,4 +446,6 @@ def overrides(*, input: Path | None, output: Path | None, concurrency: int | Non
         result["output"] = str(output.resolve())
     if concurrency is not None:
         result["concurrency"] = concurrency
+    if mode is not None:
+        result["mode"] = mode
     return result

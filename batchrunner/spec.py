@@ -195,6 +195,13 @@ class EvaluateSettings(_Strict):
         return [MetricSettings(metric=item) if isinstance(item, str) else item for item in items]
 
 
+class BatchSettings(_Strict):
+    """How `mode: batch` waits for OpenRouter's Batch API."""
+
+    poll_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 5.0  # first wait between looks
+    max_poll_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0  # waits double up to this
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str
@@ -229,6 +236,8 @@ class JobSpec(_Strict):
     cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
     repair: RepairSettings = RepairSettings()
     evaluate: EvaluateSettings | None = None  # score answers against a reference column
+    mode: Literal["live", "batch"] = "live"  # batch: OpenRouter's Batch API, about half the price, within 24 h
+    batch: BatchSettings = BatchSettings()
     server_fallbacks: bool = False  # also send `fallbacks` in OpenRouter's `models` array
     output_prefix: str = ""  # put before each structured-answer column's name
     api: ApiSettings = ApiSettings()
@@ -249,6 +258,22 @@ class JobSpec(_Strict):
                 f"unsupported {info.field_name} format {value.suffix or '(none)'!r}; use one of {', '.join(allowed)}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _batchable(self) -> JobSpec:
+        """What the Batch API cannot take, refused before anything is sent."""
+        if self.mode != "batch":
+            return self
+        if self.endpoint != "chat":
+            raise ValueError("mode batch sends chat requests; remove `endpoint: completions` or use mode live")
+        if self.fallbacks or self.server_fallbacks:
+            raise ValueError("mode batch does not run fallbacks yet; remove `fallbacks` or use mode live")
+        extra = sorted(set(self.provider or {}) - {"only", "allow_fallbacks"})
+        if extra:
+            raise ValueError(
+                f"mode batch takes only provider.only and provider.allow_fallbacks, not {', '.join(extra)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _prompt_shape(self) -> JobSpec:

@@ -104,7 +104,29 @@ def _migration_4(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE results ADD COLUMN server TEXT")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+def _migration_5(db: sqlite3.Connection) -> None:
+    """Batches submitted to the Batch API: written before the submit call, so nothing is submitted twice."""
+    db.execute(
+        """CREATE TABLE batches (
+            intent_id TEXT PRIMARY KEY,
+            batch_id TEXT,
+            model TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            keys TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            created_s REAL NOT NULL
+        )"""
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+]
 
 
 def _now() -> str:
@@ -428,6 +450,51 @@ class Store:
                 ).fetchall()
         schema = {"fingerprint": pl.String(), "row_id": pl.String(), **STORED_SCHEMA}
         return pl.DataFrame(rows, schema=schema, orient="row")
+
+    # -- batches --------------------------------------------------------------------------
+
+    def record_batch(self, intent_id: str, model: str, keys: dict[str, list[str]], created_s: float) -> None:
+        """A batch about to be submitted: its custom ids and the checkpoint keys they stand for, committed
+        before the submit call, so a lost answer to it can be reconciled instead of submitted again."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO batches (intent_id, batch_id, model, requests, keys, state, created_at, created_s) "
+                "VALUES (?, NULL, ?, ?, ?, 'submitting', ?, ?)",
+                (intent_id, model, len(keys), json.dumps(keys), _now(), created_s),
+            )
+
+    def batch_submitted(self, intent_id: str, batch_id: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE batches SET batch_id = ?, state = 'submitted' WHERE intent_id = ?", (batch_id, intent_id)
+            )
+
+    def batch_state(self, intent_id: str, state: str) -> None:
+        """`collected`, `requeued` (expired, cancelled, failed or never submitted), or `submitted`."""
+        with self._lock:
+            self._db.execute("UPDATE batches SET state = ? WHERE intent_id = ?", (state, intent_id))
+
+    def open_batches(self) -> list[dict[str, Any]]:
+        """Batches submitted (or being submitted) and not yet collected, oldest first."""
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT intent_id, batch_id, model, requests, keys, state, created_s FROM batches "
+                "WHERE state IN ('submitting', 'submitted') ORDER BY created_s"
+            )
+            names = [d[0] for d in cursor.description]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        for row in rows:
+            row["keys"] = json.loads(row["keys"])
+        return rows
+
+    def all_batches(self) -> list[dict[str, Any]]:
+        """Every batch this job submitted, for `status`."""
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT intent_id, batch_id, model, requests, state, created_at FROM batches ORDER BY created_s"
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def delete_all(self) -> None:
         with self._lock:

@@ -1,0 +1,315 @@
+"""The Batch API executor: the same pairs, policy, sinks and halt as the live pool, sent as batches.
+
+Pairs are grouped per requested model into batches of at most 5,000 requests and 200 MB.
+Before each submit call the batch's custom ids and the checkpoint keys they stand for are
+committed to the checkpoint; the batch id is committed as soon as the answer comes back. A
+run that finds a batch from an earlier run collects it; one whose submit answer was lost
+(a kill, a timeout) is reconciled with the workspace's batches (same model, same number of
+requests, submitted since), so nothing is submitted twice. Batches are polled with backoff
+until they end; each result goes through the row policy (policy.RowPolicy.take), exactly as
+a live answer would: what must be asked again (a transient error, an invalid structured
+answer) goes into a later batch, and an expired or cancelled batch's pairs are asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from batchrunner.client import Client, parse_completion
+from batchrunner.errors import ApiError, RequestRejected, TransientError, first_line
+from batchrunner.executor import Execution
+from batchrunner.halt import Halt, StopReason
+from batchrunner.pending import Batch, Todo
+from batchrunner.policy import RowPolicy, RowState
+from batchrunner.records import ResultSink
+from batchrunner.store import Store
+
+log = logging.getLogger("batchrunner")
+
+MAX_REQUESTS = 5000
+MAX_BYTES = 190 * 1024 * 1024  # under the API's 200 MB, for the envelope
+ENDED = ("completed", "failed", "expired", "cancelled")
+RECONCILE_WINDOW_S = 600.0  # a lost submission is looked for among batches created since it, less this
+
+
+def custom_id(key: tuple[str, str, str]) -> str:
+    """A pair's id in a batch, from its checkpoint key."""
+    return hashlib.sha256("\x1f".join(key).encode()).hexdigest()[:32]
+
+
+@dataclass
+class _Open:
+    """A batch this run waits for: its record, and the reservations made for it."""
+
+    intent_id: str
+    batch_id: str | None
+    model: str
+    keys: dict[str, list[str]]  # custom id -> checkpoint key
+    reserved: dict[str, Decimal] = field(default_factory=dict)
+
+
+class BatchExecutor:
+    """Submit, poll, collect, and submit again what must be asked again, until every pair is done."""
+
+    def __init__(
+        self,
+        client: Client,
+        store: Store,
+        *,
+        poll_s: float = 5.0,
+        max_poll_s: float = 300.0,
+        wait: bool = True,
+        sleep: Any = asyncio.sleep,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.poll_s = poll_s
+        self.max_poll_s = max_poll_s
+        self.wait = wait  # False: submit and return (--no-wait); the next run collects
+        self._sleep = sleep
+        self.submitted: list[str] = []  # batch ids submitted by this run
+
+    async def execute(self, work: Iterable[Batch], policy: Any, sinks: ResultSink, halt: Halt) -> Execution:
+        started = time.monotonic()
+        assert isinstance(policy, RowPolicy), "batches need the row policy's take()"
+        todos: dict[tuple[str, str, str], Todo] = {}
+        resumed = 0
+        for batch in work:
+            skipped = sum(batch.answered.values())
+            resumed += skipped
+            if skipped:
+                sinks.resumed(skipped)
+            todos.update((todo.request.key, todo) for todo in batch.todo)
+        states = {key: policy.begin(todo) for key, todo in todos.items()}
+        waiting = await self._reopen(todos)
+        queued = [key for key in todos if not any(key_in(key, o) for o in waiting)]
+        while (queued or waiting) and not halt.stopping:
+            for model, chunk in self._chunks(queued, todos, policy):
+                opened = await self._submit(model, chunk, todos, policy, halt)
+                if opened is None:
+                    break
+                waiting.append(opened)
+            queued = []
+            if not self.wait:
+                log.info("submitted %d batches; run the job again to collect them", len(self.submitted))
+                break
+            queued = await self._collect(waiting, todos, states, policy, sinks, halt)
+            waiting = []
+        return Execution(resumed, time.monotonic() - started)
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def _chunks(
+        self, keys: list[tuple[str, str, str]], todos: dict[tuple[str, str, str], Todo], policy: RowPolicy
+    ) -> Iterable[tuple[str, list[tuple[tuple[str, str, str], dict[str, Any]]]]]:
+        """Per requested model, runs of at most MAX_REQUESTS requests and MAX_BYTES."""
+        by_model: dict[str, list[tuple[str, str, str]]] = {}
+        for key in keys:
+            by_model.setdefault(key[1], []).append(key)
+        for model, model_keys in by_model.items():
+            chunk: list[tuple[tuple[str, str, str], dict[str, Any]]] = []
+            size = 0
+            for key in model_keys:
+                body = policy.body(todos[key])
+                body.pop("model", None)
+                length = len(json.dumps(body, ensure_ascii=False).encode()) + 80
+                if chunk and (len(chunk) >= MAX_REQUESTS or size + length > MAX_BYTES):
+                    yield model, chunk
+                    chunk, size = [], 0
+                chunk.append((key, body))
+                size += length
+            if chunk:
+                yield model, chunk
+
+    async def _submit(
+        self,
+        model: str,
+        chunk: list[tuple[tuple[str, str, str], dict[str, Any]]],
+        todos: dict[tuple[str, str, str], Todo],
+        policy: RowPolicy,
+        halt: Halt,
+    ) -> _Open | None:
+        opened = _Open(f"intent-{uuid.uuid4().hex}", None, model, {})
+        requests = []
+        for key, body in chunk:
+            reserved = await policy.reserve({**body, "model": model}, model)
+            if reserved is None:  # the budget is spent (the policy stopped the run): submit what fits
+                break
+            cid = custom_id(key)
+            opened.keys[cid] = list(key)
+            opened.reserved[cid] = reserved
+            requests.append({"custom_id": cid, "body": {**body, "model": model}})
+        if not requests:
+            return None
+        self.store.record_batch(opened.intent_id, model, opened.keys, time.time())  # before the call: see _reopen
+        try:
+            submitted = await self.client.submit_batch(model, requests)
+        except ApiError as exc:
+            for reserved in opened.reserved.values():
+                policy.settle(reserved, Decimal(0))
+            if isinstance(exc, TransientError):
+                log.warning(
+                    "submitting a batch of %d for %s failed (%s); it is looked for on the next run",
+                    len(requests),
+                    model,
+                    exc,
+                )
+                halt.stop(
+                    StopReason.BATCH_API,
+                    f"submitting a batch for {model} got no answer ({first_line(exc)}); the next run looks for it "
+                    "among the workspace's batches before submitting anything",
+                )
+                return None
+            self.store.batch_state(opened.intent_id, "requeued")
+            halt.stop(StopReason.ACCOUNT, f"the Batch API refused a batch for {model}: {first_line(exc)}", exc)
+            return None
+        opened.batch_id = submitted["id"]
+        self.store.batch_submitted(opened.intent_id, opened.batch_id)
+        self.submitted.append(opened.batch_id)
+        log.info("submitted batch %s: %d requests to %s", opened.batch_id, len(requests), model)
+        return opened
+
+    async def _reopen(self, todos: dict[tuple[str, str, str], Todo]) -> list[_Open]:
+        """Batches an earlier run submitted and did not collect; a submission whose answer was lost is matched
+        with the workspace's batches (same model and size, created since), or else known never to have gone."""
+        records = self.store.open_batches()
+        if not records:
+            return []
+        known = {r["batch_id"] for r in records if r["batch_id"]}
+        listed: list[dict[str, Any]] | None = None
+        reopened = []
+        for record in records:
+            batch_id = record["batch_id"]
+            if batch_id is None:
+                if listed is None:
+                    listed = await self.client.batches()
+                candidates = [
+                    item
+                    for item in listed
+                    if item.get("model") == record["model"]
+                    and (item.get("request_counts") or {}).get("total") == record["requests"]
+                    and float(item.get("created_at") or 0) >= record["created_s"] - RECONCILE_WINDOW_S
+                    and item["id"] not in known
+                ]
+                if len(candidates) == 1:
+                    batch_id = candidates[0]["id"]
+                    known.add(batch_id)
+                    self.store.batch_submitted(record["intent_id"], batch_id)
+                    log.info("found batch %s, whose submission's answer was lost", batch_id)
+                elif not candidates:
+                    self.store.batch_state(record["intent_id"], "requeued")  # it never reached the API
+                    continue
+                else:
+                    raise TransientError(
+                        f"{len(candidates)} batches could be the one submitted for {record['model']} at "
+                        f"{record['created_s']:.0f}; cancel the wrong ones with `batchrunner cancel` and rerun",
+                        code="ambiguous_batch",
+                    )
+            reopened.append(_Open(record["intent_id"], batch_id, record["model"], record["keys"]))
+        return reopened
+
+    # -- collecting ---------------------------------------------------------------------------
+
+    async def _collect(
+        self,
+        waiting: list[_Open],
+        todos: dict[tuple[str, str, str], Todo],
+        states: dict[tuple[str, str, str], RowState],
+        policy: RowPolicy,
+        sinks: ResultSink,
+        halt: Halt,
+    ) -> list[tuple[str, str, str]]:
+        """Poll until every batch ends; feed each result to the policy; return the pairs to ask again."""
+        again: list[tuple[str, str, str]] = []
+        delay = self.poll_s
+        while waiting and not halt.stopping:
+            still = []
+            for opened in waiting:
+                assert opened.batch_id is not None
+                try:
+                    batch = await self.client.batch(opened.batch_id)
+                except ApiError as exc:
+                    log.warning("could not read batch %s (%s); trying again", opened.batch_id, exc)
+                    still.append(opened)
+                    continue
+                if batch["status"] not in ENDED:
+                    still.append(opened)
+                    continue
+                again += self._take(opened, batch, todos, states, policy, sinks)
+            waiting = still
+            if waiting:
+                counts = [f"{o.batch_id}" for o in waiting]
+                log.info("waiting for %d batches (%s); next look in %.0f s", len(waiting), ", ".join(counts), delay)
+                await self._sleep(delay)
+                delay = min(self.max_poll_s, delay * 2)
+        return again
+
+    def _take(
+        self,
+        opened: _Open,
+        batch: dict[str, Any],
+        todos: dict[tuple[str, str, str], Todo],
+        states: dict[tuple[str, str, str], RowState],
+        policy: RowPolicy,
+        sinks: ResultSink,
+    ) -> list[tuple[str, str, str]]:
+        """One ended batch's results into the checkpoint and the summary; the pairs to ask again."""
+        again = []
+        results = {r.get("custom_id"): r for r in batch.get("results") or [] if isinstance(r, dict)}
+        for cid, key_list in opened.keys.items():
+            key = (key_list[0], key_list[1], key_list[2])
+            reserved = opened.reserved.get(cid, Decimal(0))
+            todo = todos.get(key)
+            result = results.get(cid)
+            if todo is None:  # the spec changed since it was submitted: its answer is for another request
+                policy.settle(reserved, Decimal(0))
+                continue
+            if result is None:  # expired, cancelled or failed batch: ask again
+                policy.settle(reserved, Decimal(0))
+                again.append(key)
+                continue
+            answer = _answer(result)
+            row, cost = policy.take(todo, states[key], answer)
+            policy.settle(reserved, cost)
+            if row is None:
+                again.append(key)
+            else:
+                sinks.add(row)
+        self.store.batch_state(opened.intent_id, "collected" if batch["status"] == "completed" else "requeued")
+        log.info(
+            "batch %s %s: %d answered, %d to ask again",
+            opened.batch_id,
+            batch["status"],
+            len(opened.keys) - len(again),
+            len(again),
+        )
+        return again
+
+
+def key_in(key: tuple[str, str, str], opened: _Open) -> bool:
+    return custom_id(key) in opened.keys
+
+
+def _answer(result: dict[str, Any]) -> Any:
+    """A batch result as the client would have given it: a Completion, or the ApiError it classifies as."""
+    response = result.get("response")
+    if isinstance(response, dict) and isinstance(response.get("body"), dict):
+        try:
+            return parse_completion(response["body"], status=int(response.get("status_code") or 200))
+        except ApiError as exc:
+            return exc
+    found = result.get("error")
+    error: dict[str, Any] = found if isinstance(found, dict) else {}
+    message = str(error.get("message") or "the batch gave no answer")
+    if str(error.get("type") or "").startswith(("invalid_request", "not_found")):
+        return RequestRejected(message, code=str(error.get("type")))
+    return TransientError(message, code=str(error.get("type") or "batch_error"))

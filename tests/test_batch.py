@@ -1,0 +1,167 @@
+"""Batch mode over the sandbox's Batch API: grouping, the batch price, partial failures, and resuming after a
+kill without submitting anything twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from batchrunner.client import Client
+from batchrunner.errors import SpecError, TransientError
+from batchrunner.runner import run_job
+from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.spec import load_spec
+
+
+def rows_csv(tmp_path: Path, n: int) -> str:
+    path = tmp_path / f"rows{n}.csv"
+    pl.DataFrame({"ticket_id": [f"T-{i}" for i in range(n)], "text": [f"text {i}" for i in range(n)]}).write_csv(path)
+    return path.name
+
+
+async def test_twelve_thousand_rows_become_three_batches_at_the_batch_price(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """12,000 rows for one model: 3 batches (at most 5,000 each); every row answered, the output's columns
+    those of a live run, and the cost the sandbox's batch price (half of what the live run pays)."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 12_000), mode="batch", api={"base_url": sandbox.base_url}))
+        outcome = await run_job(spec)
+        batch_cost = sandbox.stats.charged_usd
+        live = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 12_000),
+                output="live/out.parquet",
+                concurrency=64,
+                rate_limit={"requests_per_second": 10_000},
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        await run_job(live)
+    assert sandbox.batches.submitted == 3
+    assert outcome.report.summary.ok == 12_000
+    batched, realtime = pl.read_parquet(spec.output), pl.read_parquet(live.output)
+    assert batched.columns == realtime.columns and batched.schema == realtime.schema
+    assert batched["response"].to_list() == realtime["response"].to_list()
+    assert batched["cost_usd"].sum() == batch_cost == outcome.report.summary.cost_usd
+    assert abs(realtime["cost_usd"].sum() - 2 * batch_cost) < Decimal("0.000001")
+
+
+async def test_partial_failures_are_asked_again_in_later_batches(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A completed batch holding failed results: each is classified as a live error would be; transient ones go
+    into a later batch; every row ends answered or failed with a reason."""
+    async with Sandbox(SandboxConfig(faults={"server_error": 0.3}, seed=4)) as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 200),
+                mode="batch",
+                retry={"max_attempts": 3},
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec)
+    output = pl.read_parquet(spec.output)
+    assert output.height == 200 and outcome.report.pending == 0
+    assert sandbox.batches.submitted >= 2, "failed results went into later batches"
+    failed = output.filter(pl.col("status") == "failed")
+    assert (failed["error"].str.contains("Provider returned error")).all()
+    assert output.filter(pl.col("status") == "ok").height > 190
+
+
+async def test_a_lost_submission_is_found_again_not_submitted_twice(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submit call's answer is lost (the batch was created): the run stops; the next run finds the batch
+    among the workspace's batches by model and size and collects it, submitting nothing again."""
+    real_submit = Client.submit_batch
+
+    async def submit_and_lose_the_answer(
+        self: Client, model: str, requests: list[dict[str, Any]], **options: Any
+    ) -> Any:
+        await real_submit(self, model, requests, **options)
+        raise TransientError("no answer within 300 s", code="timeout")
+
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 50), mode="batch", api={"base_url": sandbox.base_url}))
+        monkeypatch.setattr(Client, "submit_batch", submit_and_lose_the_answer)
+        first = await run_job(spec)
+        monkeypatch.setattr(Client, "submit_batch", real_submit)
+        second = await run_job(spec)
+    assert first.report.stop is not None and "the next run looks for it" in first.report.stop.message
+    assert sandbox.batches.submitted == 1
+    assert second.report.summary.ok == 50 and pl.read_parquet(spec.output).height == 50
+
+
+def test_a_run_killed_while_waiting_collects_on_the_next_run(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """kill -9 between submit and collect: the next run submits nothing and collects the batch; so does a
+    --no-wait run's successor."""
+    sandbox = sandbox_in_thread(SandboxConfig(batch_turnaround_s=1.5))
+    spec_path = write_spec(input=rows_csv(tmp_path, 40), mode="batch", batch={"poll_s": 0.2})
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(spec_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while sandbox.batches.submitted < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    final = subprocess.run(
+        [sys.executable, "-m", "batchrunner", "run", str(spec_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert final.returncode == 0, final.stderr
+    assert sandbox.batches.submitted == 1, "the batch was collected, not submitted again"
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 40
+    no_wait_spec = write_spec(
+        input=rows_csv(tmp_path, 10), mode="batch", output="later/out.parquet", batch={"poll_s": 0.2}
+    )
+    submitted = subprocess.run(
+        [sys.executable, "-m", "batchrunner", "run", str(no_wait_spec), "--no-wait"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert sandbox.batches.submitted == 2 and "run the job again to collect" in submitted.stderr
+    time.sleep(1.6)
+    collected = subprocess.run(
+        [sys.executable, "-m", "batchrunner", "run", str(no_wait_spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert collected.returncode == 0 and sandbox.batches.submitted == 2
+    assert pl.read_parquet(tmp_path / "later" / "out.parquet").height == 10
+
+
+def test_what_batches_cannot_take_is_refused_before_sending(write_spec: Callable[..., Path]) -> None:
+    """Fallbacks, provider preferences beyond only/allow_fallbacks, and the completions endpoint: exit 2 with the fix."""
+    for changes, expected in [
+        ({"fallbacks": ["anthropic/claude-3.5-haiku"]}, "does not run fallbacks yet"),
+        ({"provider": {"sort": "price"}}, "only provider.only and provider.allow_fallbacks"),
+        ({"endpoint": "completions", "prompt": "{text}"}, "sends chat requests"),
+    ]:
+        with pytest.raises(SpecError, match=expected):
+            load_spec(write_spec(mode="batch", **changes))
