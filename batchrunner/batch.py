@@ -90,6 +90,17 @@ class BatchExecutor:
                 sinks.resumed(skipped)
             todos.update((todo.request.key, todo) for todo in batch.todo)
         states = {key: policy.begin(todo) for key, todo in todos.items()}
+        if todos or self.store.open_batches():
+            try:
+                await self.client.batches()  # before anything is submitted: does this key reach the Batch API?
+            except ApiError as exc:
+                halt.stop(
+                    StopReason.BATCH_API,
+                    f"the Batch API does not answer for this key ({first_line(exc)}); nothing was submitted: "
+                    "use mode: live, or try again later",
+                    exc,
+                )
+                return Execution(resumed, time.monotonic() - started)
         waiting = await self._reopen(todos)
         queued = [key for key in todos if not any(key_in(key, o) for o in waiting)]
         while (queued or waiting) and not halt.stopping:

@@ -21,7 +21,15 @@ from batchrunner import logs
 from batchrunner.costs import format_cost, format_usd
 from batchrunner.errors import OutputError, Problem, RunHalted, SpecError
 from batchrunner.files import write_text_atomically
-from batchrunner.offline import estimate_job, evaluation, export_job, job_status, list_models, report_html
+from batchrunner.offline import (
+    cancel_batches,
+    estimate_job,
+    evaluation,
+    export_job,
+    job_status,
+    list_models,
+    report_html,
+)
 from batchrunner.progress import Progress
 from batchrunner.report import score_text, to_markdown
 from batchrunner.runner import overrides, run_job
@@ -233,6 +241,18 @@ def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
 
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
+@click.option("--sandbox", is_flag=True, help="Cancel at the sandbox (for trying batch mode out).")
+def cancel(job: Path, sandbox: bool) -> None:
+    """Cancel JOB's batches still open at the Batch API; the next run asks their rows again."""
+    logs.configure()
+    with _exit_codes():
+        spec = load_spec(job)
+        cancelled = asyncio.run(cancel_batches(spec, sandbox=SandboxConfig() if sandbox else None))
+    say(f"{spec.name}: cancelled {len(cancelled)} batch(es){': ' + ', '.join(cancelled) if cancelled else ''}")
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
 @click.option("--sandbox", is_flag=True, help="Score the sandbox's simulated answers instead of the real ones.")
 def score(job: Path, sandbox: bool) -> None:
     """Score JOB's answers again (after editing its `evaluate:` block) and rewrite the output. Sends nothing."""
@@ -309,6 +329,11 @@ def status(job: Path, as_json: bool, sandbox: bool) -> None:
         say(f"  also {count} answers from {server}{hint}, not used for {report['server']}")
     cost = format_cost(Decimal(report["cost_usd"]), report["cost_unknown_rows"])
     say(f"  cost so far: {cost} over {report['runs']} run(s)")
+    for batch in report["batches"]:
+        say(
+            f"  batch {batch['batch_id'] or '(submission unanswered)'}: {batch['requests']} requests to "
+            f"{batch['model']}, {batch['state']} (submitted {batch['created_at']})"
+        )
     last = report["last_run"]
     if last:
         say(f"  last run: started {last['started_at']}, {last['outcome'] or 'running or killed'}")

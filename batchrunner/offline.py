@@ -83,6 +83,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
     checkpoint = spec.checkpoint_path()
     per_model = {model: {"ok": 0, "failed": 0, "pending": 0} for model in spec.models}
     runs: list[dict[str, Any]] = []
+    batches: list[dict[str, Any]] = []
     spent = ZERO_USD
     unpriced = 0
     by_server: dict[str, int] = {}
@@ -96,6 +97,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
                 per_model[todo.request.requested_model][state] += 1
         if store is not None:
             runs = store.runs()
+            batches = store.all_batches()
             spent = store.spent_usd(requests.server)
             unpriced = store.unpriced(requests.server)
             by_server = store.answers_by_server()
@@ -114,7 +116,27 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
         "cost_unknown_rows": unpriced,  # when not 0, cost_usd is a lower bound
         "runs": len(runs),
         "last_run": runs[-1] if runs else None,
+        "batches": batches,
     }
+
+
+async def cancel_batches(spec: JobSpec, *, sandbox: SandboxConfig | None = None) -> list[str]:
+    """Cancel the job's batches still open at the Batch API; their pairs are asked again on the next run."""
+    checkpoint = spec.checkpoint_path()
+    if not checkpoint.exists():
+        raise SpecError(Problem("checkpoint", f"{checkpoint}: no checkpoint yet; nothing to cancel"))
+    cancelled = []
+    with Store.open(checkpoint) as store:
+        async with Connection(spec, sandbox=sandbox, timeout_s=60) as connection:
+            for record in store.open_batches():
+                if record["batch_id"] is not None:
+                    try:
+                        await connection.client.cancel_batch(record["batch_id"])
+                    except ApiError as exc:
+                        raise RunHalted(f"could not cancel batch {record['batch_id']}: {exc}") from exc
+                    cancelled.append(record["batch_id"])
+                store.batch_state(record["intent_id"], "requeued")
+    return cancelled
 
 
 async def estimate_job(

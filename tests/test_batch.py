@@ -165,3 +165,41 @@ def test_what_batches_cannot_take_is_refused_before_sending(write_spec: Callable
     ]:
         with pytest.raises(SpecError, match=expected):
             load_spec(write_spec(mode="batch", **changes))
+
+
+async def test_status_lists_batches_cancel_requeues_and_a_missing_batch_api_submits_nothing(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status shows each batch and its state; cancel cancels the open ones (the next run asks their rows again);
+    a key the Batch API does not answer for stops the run before anything is submitted."""
+    from batchrunner.errors import RequestRejected
+    from batchrunner.offline import cancel_batches, job_status
+
+    async with Sandbox(SandboxConfig(batch_turnaround_s=3600)) as sandbox:
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 20), mode="batch", api={"base_url": sandbox.base_url}))
+        await run_job(spec, wait=False)
+        listed = job_status(spec)["batches"]
+        assert [b["state"] for b in listed] == ["submitted"] and listed[0]["requests"] == 20
+        assert len(await cancel_batches(spec)) == 1
+        assert next(iter(sandbox.batches.batches.values())).status == "cancelled"
+        sandbox.config.batch_turnaround_s = 0
+        rerun = await run_job(spec)
+        assert rerun.report.summary.ok == 20 and sandbox.batches.submitted == 2
+
+        async def no_batch_api(self: Client) -> Any:
+            raise RequestRejected("Not Found", status=404)
+
+        monkeypatch.setattr(Client, "batches", no_batch_api)
+        other = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 5),
+                output="other/out.parquet",
+                mode="batch",
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        refused = await run_job(other)
+    assert (
+        refused.report.stop is not None and "the Batch API does not answer for this key" in refused.report.stop.message
+    )
+    assert sandbox.batches.submitted == 2
