@@ -100,6 +100,23 @@ class RowPolicy:
         self._settled = asyncio.Event()  # set (and replaced) whenever a reservation settles
         halt.on_stop(self._settled.set)  # wake pairs waiting for budget
 
+    def sibling(self, spec: JobSpec, requests: RequestBuilder) -> RowPolicy:
+        """A policy for another job's requests (a judge's grades) that shares this run's client, halt,
+        rate limits, breaker, server watch, prices and budget: one run, one set of limits."""
+        return RowPolicy(
+            spec,
+            self.client,
+            self.halt,
+            requests=requests,
+            retry=self.retry,
+            limits=self.limits,
+            breaker=self.breaker,
+            server=self.server,
+            pricing=self.pricing,
+            budget=self.budget,
+            on_wait=self.on_wait,
+        )
+
     # -- one pair ---------------------------------------------------------------------------
 
     async def answer(self, todo: Todo) -> RowResult | None:

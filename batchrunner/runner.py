@@ -203,9 +203,7 @@ async def run_job(
                     execution = await executor.execute(
                         pending(dataset, requests, store, limit=limit), policy, Sinks(*sinks), halt
                     )
-                    judged = await judge(
-                        spec, dataset, requests, store, connection, halt, policy, executor, progress, judging
-                    )
+                    judged = await judge(spec, dataset, requests, store, policy, executor, judging)
                 finally:
                     restore()
                     for task in background:
@@ -249,11 +247,8 @@ async def judge(
     dataset: Any,
     requests: RequestBuilder,
     store: Store,
-    connection: Connection,
-    halt: Halt,
     policy: RowPolicy,
     executor: Executor | None,
-    progress: Progress | None,
     judging: Summary,
 ) -> Summary | None:
     """Grade the answers with each judge metric (judging.py): the same executor, policy settings, rate
@@ -262,28 +257,16 @@ async def judge(
     if not rules:
         return None
     for rule in rules:
-        if halt.stopping:
+        if policy.halt.stopping:
             break
         store.flush()  # the answers to grade are read back from the checkpoint
         judged = judge_spec(spec, rule)
-        graders = RequestBuilder(judged, server=connection.server)
+        graders = RequestBuilder(judged, server=requests.server)
         answers = judge_items(spec, results_of(dataset, requests, store, row_index=True), dataset.columns)
         log.info("judging %d answers with %s", answers.rows, judged.models[0])
-        grader = RowPolicy(
-            judged,
-            connection.client,
-            halt,
-            requests=graders,
-            retry=policy.retry,
-            limits=policy.limits,
-            breaker=policy.breaker,
-            server=policy.server,
-            pricing=policy.pricing,
-            budget=policy.budget,
-            on_wait=progress.retry if progress is not None else None,
-        )
+        grader = policy.sibling(judged, graders)
         await (executor or LiveExecutor(spec.concurrency)).execute(
-            pending(answers, graders, store), grader, Sinks(judging, store), halt
+            pending(answers, graders, store), grader, Sinks(judging, store), policy.halt
         )
     return judging
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -157,3 +159,10 @@ async def run_pairs(
         )
     rows = dataset.rows if limit is None else min(limit, dataset.rows)
     return RunReport(summary, rows * len(spec.models), execution.wall_s, halt.outcome, execution.resumed, results)
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m batchrunner ARGS` in its own process, as cron would run it; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "batchrunner", *args], env=env, capture_output=True, text=True, check=False
+    )

@@ -15,6 +15,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from conftest import run_cli
 
 from batchrunner.client import Client
 from batchrunner.errors import SpecError, TransientError
@@ -123,35 +124,17 @@ def test_a_run_killed_while_waiting_collects_on_the_next_run(
         time.sleep(0.02)
     run.send_signal(signal.SIGKILL)
     run.wait()
-    final = subprocess.run(
-        [sys.executable, "-m", "batchrunner", "run", str(spec_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    final = run_cli("run", str(spec_path), env=env)
     assert final.returncode == 0, final.stderr
     assert sandbox.batches.submitted == 1, "the batch was collected, not submitted again"
     assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 40
     no_wait_spec = write_spec(
         input=rows_csv(tmp_path, 10), mode="batch", output="later/out.parquet", batch={"poll_s": 0.2}
     )
-    submitted = subprocess.run(
-        [sys.executable, "-m", "batchrunner", "run", str(no_wait_spec), "--no-wait"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    submitted = run_cli("run", str(no_wait_spec), "--no-wait", env=env)
     assert sandbox.batches.submitted == 2 and "run the job again to collect" in submitted.stderr
     time.sleep(1.6)
-    collected = subprocess.run(
-        [sys.executable, "-m", "batchrunner", "run", str(no_wait_spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    collected = run_cli("run", str(no_wait_spec), env=env)
     assert collected.returncode == 0 and sandbox.batches.submitted == 2
     assert pl.read_parquet(tmp_path / "later" / "out.parquet").height == 10
 

@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from conftest import run_cli
 
 from batchrunner.cli import main
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -277,13 +278,7 @@ def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
             process.send_signal(signal.SIGKILL)
             kills += 1
         process.wait()
-    final = subprocess.run(
-        [sys.executable, "-m", "batchrunner", "run", str(spec_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    final = run_cli("run", str(spec_path), env=env)
     assert final.returncode == 0, final.stderr
     output = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert output.height == rows and output["ticket_id"].n_unique() == rows
