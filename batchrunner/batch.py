@@ -104,16 +104,25 @@ class BatchExecutor:
         waiting = await self._reopen(todos)
         queued = [key for key in todos if not any(key_in(key, o) for o in waiting)]
         while (queued or waiting) and not halt.stopping:
+            later: list[tuple[str, str, str]] = []  # what the budget cannot cover until batches are collected
             for model, chunk in self._chunks(queued, todos, policy):
-                opened = await self._submit(model, chunk, todos, policy, halt)
-                if opened is None:
-                    break
-                waiting.append(opened)
-            queued = []
+                if later or halt.stopping:
+                    later += [key for key, _ in chunk]
+                    continue
+                opened, rest = await self._submit(model, chunk, policy, halt)
+                if opened is not None:
+                    waiting.append(opened)
+                later += rest
+            if later and not waiting:  # nothing in flight and the next request still does not fit
+                first = todos[later[0]]
+                await policy.reserve(
+                    policy.body(first) | {"model": first.request.requested_model}, first.request.requested_model
+                )
+                break
             if not self.wait:
                 log.info("submitted %d batches; run the job again to collect them", len(self.submitted))
                 break
-            queued = await self._collect(waiting, todos, states, policy, sinks, halt)
+            queued = await self._collect(waiting, todos, states, policy, sinks, halt) + later
             waiting = []
         return Execution(resumed, time.monotonic() - started)
 
@@ -145,22 +154,25 @@ class BatchExecutor:
         self,
         model: str,
         chunk: list[tuple[tuple[str, str, str], dict[str, Any]]],
-        todos: dict[tuple[str, str, str], Todo],
         policy: RowPolicy,
         halt: Halt,
-    ) -> _Open | None:
+    ) -> tuple[_Open | None, list[tuple[str, str, str]]]:
+        """Submit what of `chunk` the budget covers now; (the batch, or None) and the pairs left for later."""
         opened = _Open(f"intent-{uuid.uuid4().hex}", None, model, {})
         requests = []
-        for key, body in chunk:
-            reserved = await policy.reserve({**body, "model": model}, model)
-            if reserved is None:  # the budget is spent (the policy stopped the run): submit what fits
+        for position, (key, body) in enumerate(chunk):
+            reserved = policy.try_reserve({**body, "model": model}, model)
+            if reserved is None:  # settles only when batches are collected: the rest waits for that
+                rest = [k for k, _ in chunk[position:]]
                 break
             cid = custom_id(key)
             opened.keys[cid] = list(key)
             opened.reserved[cid] = reserved
             requests.append({"custom_id": cid, "body": {**body, "model": model}})
+        else:
+            rest = []
         if not requests:
-            return None
+            return None, rest
         self.store.record_batch(opened.intent_id, model, opened.keys, time.time())  # before the call: see _reopen
         try:
             submitted = await self.client.submit_batch(model, requests)
@@ -179,15 +191,15 @@ class BatchExecutor:
                     f"submitting a batch for {model} got no answer ({first_line(exc)}); the next run looks for it "
                     "among the workspace's batches before submitting anything",
                 )
-                return None
+                return None, rest
             self.store.batch_state(opened.intent_id, "requeued")
             halt.stop(StopReason.ACCOUNT, f"the Batch API refused a batch for {model}: {first_line(exc)}", exc)
-            return None
+            return None, rest
         opened.batch_id = submitted["id"]
         self.store.batch_submitted(opened.intent_id, opened.batch_id)
         self.submitted.append(opened.batch_id)
         log.info("submitted batch %s: %d requests to %s", opened.batch_id, len(requests), model)
-        return opened
+        return opened, rest
 
     async def _reopen(self, todos: dict[tuple[str, str, str], Todo]) -> list[_Open]:
         """Batches an earlier run submitted and did not collect; a submission whose answer was lost is matched

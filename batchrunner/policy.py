@@ -285,11 +285,20 @@ class RowPolicy:
         return self.requests.body(todo.request.prompt, todo.request.requested_model)
 
     async def reserve(self, body: dict[str, Any], model: str) -> Decimal | None:
-        """Reserve one request's worst case against the budget; None when the run stops (or the budget is spent)."""
+        """Reserve one request's worst case against the budget, waiting for settlements; None when the run
+        stops (the budget is spent with nothing in flight: the run is stopped, saying so)."""
         try:
             return await self._reserve(body, model)
         except _Stopped:
             return None
+
+    def try_reserve(self, body: dict[str, Any], model: str) -> Decimal | None:
+        """Reserve one request's worst case if it fits now; None if it does not (nothing is waited for:
+        a batch's reservations settle only when it is collected)."""
+        if self.budget is None:
+            return ZERO_USD
+        worst = self._worst_case(body, model)
+        return worst if self.budget.reserve(worst) else None
 
     def settle(self, reserved: Decimal, actual: Decimal) -> None:
         self._settle(reserved, actual)
@@ -381,14 +390,7 @@ class RowPolicy:
         not use; stop the run only when nothing is in flight and it still does not fit."""
         if self.budget is None:
             return ZERO_USD
-        # With server-side fallbacks OpenRouter may answer with any model of the chain: reserve the dearest.
-        candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
-        prompt_tokens = most_prompt_tokens(body_prompt(body))
-        worst = max(
-            self.pricing[m].worst_case_usd(prompt_tokens, self.requests.max_completion_tokens(self.pricing[m], body))
-            + self._allowance(m)
-            for m in candidates
-        )
+        worst = self._worst_case(body, model)
         budget = self.budget
         while True:
             settled = self._settled
@@ -404,6 +406,17 @@ class RowPolicy:
                 )
                 raise _Stopped
             await settled.wait()
+
+    def _worst_case(self, body: dict[str, Any], model: str) -> Decimal:
+        """The most one request can cost: its prompt, its max_tokens, and what plugins may add.
+        With server-side fallbacks OpenRouter may answer with any model of the chain: the dearest."""
+        candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
+        prompt_tokens = most_prompt_tokens(body_prompt(body))
+        return max(
+            self.pricing[m].worst_case_usd(prompt_tokens, self.requests.max_completion_tokens(self.pricing[m], body))
+            + self._allowance(m)
+            for m in candidates
+        )
 
     def _settle(self, reserved: Decimal, actual: Decimal) -> None:
         if self.budget is not None:

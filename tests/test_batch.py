@@ -186,3 +186,17 @@ async def test_status_lists_batches_cancel_requeues_and_a_missing_batch_api_subm
         refused.report.stop is not None and "the Batch API does not answer for this key" in refused.report.stop.message
     )
     assert sandbox.batches.submitted == 2
+
+
+async def test_a_budget_in_batch_mode_submits_what_fits_and_never_goes_over(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A batch's reservations settle only when it is collected: the run submits what the budget covers,
+    collects, submits more, and stops (exit 3, saying so) only when nothing is out and the next does not fit."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 300), mode="batch", api={"base_url": sandbox.base_url}))
+        outcome = await run_job(spec, max_cost_usd=Decimal("0.002"))
+    assert sandbox.batches.submitted >= 2, "the budget was used in several rounds"
+    assert sandbox.stats.charged_usd <= Decimal("0.002")
+    assert outcome.report.stop is not None and "budget of $0.002 reached" in outcome.report.stop.message
+    assert 0 < outcome.report.summary.ok < 300
