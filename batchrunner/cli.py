@@ -204,6 +204,7 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
             f"~{entry['expected_completion_tokens_per_row']:g} completion tokens a row ({entry['completion_estimate_basis']})"
         )
     say(f"  expected cost: {usd(report['expected_cost_usd'])}   worst case: {usd(report['max_cost_usd'])}")
+    say(f"  as a batch (mode: batch, typically half the price): {usd(report['expected_batch_cost_usd'])}")
     say(f"  expected duration: {report['expected_duration_s']:g} s at {report['rate_rps']:g} requests/s")
     say(f"  ({report['prompt_tokens_note']})")
 

@@ -26,6 +26,9 @@ from batchrunner.spec import JobSpec
 from batchrunner.store import Store
 
 
+BATCH_PRICE_SHARE = Decimal("0.5")  # what a batch typically costs, as a share of the live price
+
+
 def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
     """Rewrite the output from the checkpoint (the sandbox's answers with `sandbox`), without sending anything."""
     dataset = prepare(spec)
@@ -212,6 +215,8 @@ async def estimate_job(
         "job": spec.name,
         "rows": requests_n,
         "expected_cost_usd": None if expected_total is None else str(expected_total),
+        # OpenRouter's Batch API is "typically 50% of the sync per-token price": an estimate, not a quote
+        "expected_batch_cost_usd": None if expected_total is None else str(expected_total * BATCH_PRICE_SHARE),
         "max_cost_usd": None if worst_total is None else str(worst_total),
         "expected_duration_s": round(requests_n / rate, 3) if rate and rate != float("inf") else 0.0,
         "rate_rps": rate,

@@ -294,6 +294,7 @@ def test_estimate_json_and_models(write_spec: Callable[..., Path]) -> None:
     report = json.loads(result.stdout)
     assert report["rows"] == 12
     assert 0 < float(report["expected_cost_usd"]) <= float(report["max_cost_usd"])
+    assert Decimal(report["expected_batch_cost_usd"]) == Decimal(report["expected_cost_usd"]) / 2, "batch beside live"
     assert report["expected_duration_s"] > 0
     listing = invoke("models", "--sandbox", "--search", "gpt-4o-mini")
     assert listing.exit_code == 0 and "openai/gpt-4o-mini" in listing.stdout and "0.15" in listing.stdout
