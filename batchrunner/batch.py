@@ -105,7 +105,7 @@ class BatchExecutor:
         queued = [key for key in todos if not any(key_in(key, o) for o in waiting)]
         while (queued or waiting) and not halt.stopping:
             later: list[tuple[str, str, str]] = []  # what the budget cannot cover until batches are collected
-            for model, chunk in self._chunks(queued, todos, policy):
+            for model, chunk in self._chunks(queued, todos, states, policy):
                 if later or halt.stopping:
                     later += [key for key, _ in chunk]
                     continue
@@ -129,17 +129,22 @@ class BatchExecutor:
     # -- submitting ---------------------------------------------------------------------------
 
     def _chunks(
-        self, keys: list[tuple[str, str, str]], todos: dict[tuple[str, str, str], Todo], policy: RowPolicy
+        self,
+        keys: list[tuple[str, str, str]],
+        todos: dict[tuple[str, str, str], Todo],
+        states: dict[tuple[str, str, str], RowState],
+        policy: RowPolicy,
     ) -> Iterable[tuple[str, list[tuple[tuple[str, str, str], dict[str, Any]]]]]:
-        """Per requested model, runs of at most MAX_REQUESTS requests and MAX_BYTES."""
+        """Per model being asked (a pair's fallback once its model gave up), runs of at most MAX_REQUESTS
+        requests and MAX_BYTES."""
         by_model: dict[str, list[tuple[str, str, str]]] = {}
         for key in keys:
-            by_model.setdefault(key[1], []).append(key)
+            by_model.setdefault(policy.model_of(todos[key], states[key]), []).append(key)
         for model, model_keys in by_model.items():
             chunk: list[tuple[tuple[str, str, str], dict[str, Any]]] = []
             size = 0
             for key in model_keys:
-                body = policy.body(todos[key])
+                body = policy.body(todos[key], states[key])
                 body.pop("model", None)
                 length = len(json.dumps(body, ensure_ascii=False).encode()) + 80
                 if chunk and (len(chunk) >= MAX_REQUESTS or size + length > MAX_BYTES):

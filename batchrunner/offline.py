@@ -25,7 +25,6 @@ from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import JobSpec
 from batchrunner.store import Store
 
-
 BATCH_PRICE_SHARE = Decimal("0.5")  # what a batch typically costs, as a share of the live price
 
 

@@ -59,7 +59,9 @@ class RowState:
     bill: Bill = field(default_factory=Bill)  # what this run was billed for it
     last_error: ApiError | None = None
     last_answer: Completion | None = None  # an answer that was refused or invalid, kept for the output
-    repairs: int = 0  # invalid structured answers asked again (batches)
+    repairs: int = 0  # invalid structured answers asked again on the current model (batches)
+    position: int = 0  # the model of the chain being asked (batches: fallbacks are later batches)
+    tries: int = 0  # requests on the current model (batches)
 
     @property
     def total(self) -> Bill:
@@ -280,9 +282,21 @@ class RowPolicy:
         """A pair's state across the batches it takes, starting from what earlier runs were billed."""
         return RowState(earlier=todo.earlier or Bill())
 
-    def body(self, todo: Todo) -> dict[str, Any]:
-        """The request body of a pair on its requested model (fallbacks are not sent in batches)."""
-        return self.requests.body(todo.request.prompt, todo.request.requested_model)
+    def model_of(self, todo: Todo, row: RowState) -> str:
+        """The model a pair is being asked of: its requested model, then its fallbacks in turn."""
+        return self.spec.model_chain(todo.request.requested_model)[row.position]
+
+    def body(self, todo: Todo, row: RowState | None = None) -> dict[str, Any]:
+        """The request body of a pair on the model it is being asked of."""
+        model = todo.request.requested_model if row is None else self.model_of(todo, row)
+        return self.requests.body(todo.request.prompt, model)
+
+    def _next_model(self, todo: Todo, row: RowState) -> bool:
+        """Move a pair on to its next fallback; False when it has none left."""
+        if row.position + 1 >= len(self.spec.model_chain(todo.request.requested_model)):
+            return False
+        row.position, row.tries, row.repairs = row.position + 1, 0, 0
+        return True
 
     async def reserve(self, body: dict[str, Any], model: str) -> Decimal | None:
         """Reserve one request's worst case against the budget, waiting for settlements; None when the run
@@ -305,38 +319,50 @@ class RowPolicy:
 
     def take(self, todo: Todo, row: RowState, answer: Completion | ApiError) -> tuple[RowResult | None, Decimal]:
         """One answer collected from a batch: the pair's result, or None to ask it again in a later batch
-        (a transient error within its attempts, an invalid structured answer within its repairs); and
-        what the answer cost. The same classification, bill and repair rules as a live request."""
-        item, model = todo.request, todo.request.requested_model
+        (a transient error within its attempts, an invalid structured answer within its repairs, or its
+        next fallback); and what the answer cost. The same classification, bill and rules as live."""
+        item, model = todo.request, self.model_of(todo, row)
         row.bill.attempts += 1
+        row.tries += 1
         if isinstance(answer, ApiError):
             cost = self._charge(row.bill, answer.usage, model)
             row.last_error = answer
             if isinstance(answer, FatalApiError):
                 self.halt.stop(StopReason.ACCOUNT, str(answer), answer)
                 return None, cost
-            if isinstance(answer, TransientError) and row.bill.attempts < self.retry.max_attempts:
+            if isinstance(answer, TransientError) and row.tries < self.retry.max_attempts:
                 return None, cost
-            return self._result(item, row, status="failed", error=_one_line(answer)), cost
+            return self._done_with_model(todo, row), cost
         cost = self._charge(row.bill, answer.usage, answer.model or model, model, answer.generation_id)
         if answer.refusal and not answer.text and not answer.tool_calls:
             row.last_error = RequestRejected(f"refusal: {answer.refusal}", code="refusal")
-            return self._result(
-                item, row, status="failed", error=_one_line(row.last_error), **_answer_fields(answer, failed=True)
-            ), cost
+            row.last_answer = answer
+            return self._done_with_model(todo, row), cost
         if not self.mode.structured:
-            return self._ok(item, answer, row, parsed=None, fallback_used=False), cost
+            return self._ok(item, answer, row, parsed=None, fallback_used=row.position > 0), cost
         try:
             parsed = parse_answer(answer.text, self.mode, finish_reason=answer.finish_reason)
         except InvalidAnswer as exc:
             row.last_error = RequestRejected(f"invalid structured output: {exc}", code="invalid_output")
+            row.last_answer = answer
             if row.repairs < self.spec.repair.same_model:
                 row.repairs += 1
                 return None, cost
-            return self._result(
-                item, row, status="failed", error=_one_line(row.last_error), **_answer_fields(answer, failed=True)
-            ), cost
-        return self._ok(item, answer, row, parsed=parsed, fallback_used=False), cost
+            return self._done_with_model(todo, row), cost
+        return self._ok(item, answer, row, parsed=parsed, fallback_used=row.position > 0), cost
+
+    def _done_with_model(self, todo: Todo, row: RowState) -> RowResult | None:
+        """This model gave up on the pair: its next fallback (None: ask again), else the pair failed."""
+        if self._next_model(todo, row):
+            return None
+        answer = row.last_answer
+        return self._result(
+            todo.request,
+            row,
+            status="failed",
+            error=_one_line(row.last_error or "no model answered"),
+            **({} if answer is None else _answer_fields(answer, failed=True)),
+        )
 
     # -- money ------------------------------------------------------------------------------
 

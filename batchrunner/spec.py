@@ -266,8 +266,8 @@ class JobSpec(_Strict):
             return self
         if self.endpoint != "chat":
             raise ValueError("mode batch sends chat requests; remove `endpoint: completions` or use mode live")
-        if self.fallbacks or self.server_fallbacks:
-            raise ValueError("mode batch does not run fallbacks yet; remove `fallbacks` or use mode live")
+        if self.server_fallbacks:
+            raise ValueError("mode batch runs fallbacks as later batches, not within one; remove server_fallbacks")
         extra = sorted(set(self.provider or {}) - {"only", "allow_fallbacks"})
         if extra:
             raise ValueError(

@@ -140,9 +140,10 @@ def test_a_run_killed_while_waiting_collects_on_the_next_run(
 
 
 def test_what_batches_cannot_take_is_refused_before_sending(write_spec: Callable[..., Path]) -> None:
-    """Fallbacks, provider preferences beyond only/allow_fallbacks, and the completions endpoint: exit 2 with the fix."""
+    """Server-side fallbacks, provider preferences beyond only/allow_fallbacks, and the completions endpoint:
+    exit 2 with the fix."""
     for changes, expected in [
-        ({"fallbacks": ["anthropic/claude-3.5-haiku"]}, "does not run fallbacks yet"),
+        ({"fallbacks": ["anthropic/claude-3.5-haiku"], "server_fallbacks": True}, "fallbacks as later batches"),
         ({"provider": {"sort": "price"}}, "only provider.only and provider.allow_fallbacks"),
         ({"endpoint": "completions", "prompt": "{text}"}, "sends chat requests"),
     ]:
@@ -200,3 +201,24 @@ async def test_a_budget_in_batch_mode_submits_what_fits_and_never_goes_over(
     assert sandbox.stats.charged_usd <= Decimal("0.002")
     assert outcome.report.stop is not None and "budget of $0.002 reached" in outcome.report.stop.message
     assert 0 < outcome.report.summary.ok < 300
+
+
+async def test_fallbacks_run_as_later_batches(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """A model that fails every request of its batch: its pairs go to their fallback in a later batch, which
+    answers them; the output says which model answered and that a fallback was used."""
+    config = SandboxConfig(down_models={"openai/gpt-4o-mini"})
+    async with Sandbox(config) as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 20),
+                mode="batch",
+                fallbacks=["anthropic/claude-3.5-haiku"],
+                retry={"max_attempts": 1},
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec)
+    output = pl.read_parquet(spec.output)
+    assert outcome.report.summary.ok == 20 and sandbox.batches.submitted == 2
+    assert set(output["model"]) == {"anthropic/claude-3.5-haiku"} and (output["attempts"] == 2).all()
+    assert outcome.report.summary.by_model["openai/gpt-4o-mini"].fallbacks == 20

@@ -562,6 +562,14 @@ class Sandbox:
             return {"error": {"message": "Provider returned error", "type": "server_error", "param": None}}
         if fault == "hostile_error":
             return {"error": {"message": "Invalid request (simulated)", "type": "invalid_request_error", "param": None}}
+        if model in self.config.down_models:
+            return {
+                "error": {
+                    "message": f"Provider returned error: {model} is down (simulated)",
+                    "type": "server_error",
+                    "param": None,
+                }
+            }
         self.stats.statuses[200] += 1
         self.stats.by_model[model] += 1
         return self._completion(
