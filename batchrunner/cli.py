@@ -160,6 +160,8 @@ def run(
         say(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
     for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
         say(f"  {line}")
+    if report.batch_saved_usd is not None and report.batch_saved_usd > 0:
+        say(f"  batch discount: {format_usd(report.batch_saved_usd)} less than the same answers at live prices")
     if report.judging is not None:
         grading = report.judging
         say(

@@ -100,6 +100,7 @@ class RowPolicy:
         self.on_wait = on_wait  # +1 when a pair starts waiting to retry, -1 when it stops (progress)
         self.mode = Mode.of(spec.response_format)
         self._settled = asyncio.Event()  # set (and replaced) whenever a reservation settles
+        self.saved_usd = ZERO_USD  # batches: what their answers would have cost more at live prices
         halt.on_stop(self._settled.set)  # wake pairs waiting for budget
 
     def sibling(self, spec: JobSpec, requests: RequestBuilder) -> RowPolicy:
@@ -334,6 +335,9 @@ class RowPolicy:
                 return None, cost
             return self._done_with_model(todo, row), cost
         cost = self._charge(row.bill, answer.usage, answer.model or model, model, answer.generation_id)
+        pricing = self.pricing.get(answer.model or model) or self.pricing.get(model)
+        if pricing is not None:  # what the same answer costs live: the batch discount, for the summary
+            self.saved_usd += pricing.cost_usd(answer.usage) - cost
         if answer.refusal and not answer.text and not answer.tool_calls:
             row.last_error = RequestRejected(f"refusal: {answer.refusal}", code="refusal")
             row.last_answer = answer

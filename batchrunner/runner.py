@@ -74,6 +74,7 @@ class RunReport:
     resumed: int = 0  # pairs already answered by an earlier run, for the spec as it is now
     results: list[RowResult] = field(default_factory=list)  # only with keep_results
     judging: Summary | None = None  # the judge metrics' grades, when the job has any
+    batch_saved_usd: Decimal | None = None  # batch mode: the discount against live prices
 
     @property
     def pending(self) -> int:
@@ -213,6 +214,8 @@ async def run_job(
                         progress.close()
                 report = RunReport(summary, total, execution.wall_s, halt.outcome, execution.resumed, results)
                 report.judging = judged
+                if spec.mode == "batch":
+                    report.batch_saved_usd = policy.saved_usd
                 concurrency_hint(spec, report, limits.pacer.rate_rps)
             finally:
                 outcome = "unfinished" if report is None else "stopped" if report.stop else "finished"
@@ -232,6 +235,8 @@ async def run_job(
                         resumed=report.resumed,
                         stopped=report.stop.message if report.stop else None,
                     )
+                    if report.batch_saved_usd is not None:
+                        summary_json["batch_saved_usd"] = str(report.batch_saved_usd)
                     if report.judging is not None:
                         summary_json["grading"] = report.judging.to_json(
                             wall_s=report.wall_s, pending=0, resumed=0, stopped=None

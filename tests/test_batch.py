@@ -56,6 +56,8 @@ async def test_twelve_thousand_rows_become_three_batches_at_the_batch_price(
     assert batched["response"].to_list() == realtime["response"].to_list()
     assert batched["cost_usd"].sum() == batch_cost == outcome.report.summary.cost_usd
     assert abs(realtime["cost_usd"].sum() - 2 * batch_cost) < Decimal("0.000001")
+    assert outcome.report.batch_saved_usd is not None
+    assert abs(outcome.report.batch_saved_usd - batch_cost) < Decimal("0.000001"), "half price: saved as much as paid"
 
 
 async def test_partial_failures_are_asked_again_in_later_batches(
