@@ -62,6 +62,7 @@ class RowState:
     repairs: int = 0  # invalid structured answers asked again on the current model (batches)
     position: int = 0  # the model of the chain being asked (batches: fallbacks are later batches)
     tries: int = 0  # requests on the current model (batches)
+    repaired: dict[str, Any] | None = None  # the next request on this model, told what was wrong (batches)
 
     @property
     def total(self) -> Bill:
@@ -288,7 +289,9 @@ class RowPolicy:
         return self.spec.model_chain(todo.request.requested_model)[row.position]
 
     def body(self, todo: Todo, row: RowState | None = None) -> dict[str, Any]:
-        """The request body of a pair on the model it is being asked of."""
+        """The request body of a pair on the model it is being asked of (a repair, once one is due)."""
+        if row is not None and row.repaired is not None:
+            return dict(row.repaired)
         model = todo.request.requested_model if row is None else self.model_of(todo, row)
         return self.requests.body(todo.request.prompt, model)
 
@@ -296,7 +299,7 @@ class RowPolicy:
         """Move a pair on to its next fallback; False when it has none left."""
         if row.position + 1 >= len(self.spec.model_chain(todo.request.requested_model)):
             return False
-        row.position, row.tries, row.repairs = row.position + 1, 0, 0
+        row.position, row.tries, row.repairs, row.repaired = row.position + 1, 0, 0, None
         return True
 
     async def reserve(self, body: dict[str, Any], model: str) -> Decimal | None:
@@ -351,6 +354,8 @@ class RowPolicy:
             row.last_answer = answer
             if row.repairs < self.spec.repair.same_model:
                 row.repairs += 1
+                cut_off = answer.finish_reason == "length"
+                row.repaired = self.requests.repaired(self.body(todo, row), answer.text, str(exc), cut_off=cut_off)
                 return None, cost
             return self._done_with_model(todo, row), cost
         return self._ok(item, answer, row, parsed=parsed, fallback_used=row.position > 0), cost

@@ -224,3 +224,37 @@ async def test_fallbacks_run_as_later_batches(write_spec: Callable[..., Path], t
     assert outcome.report.summary.ok == 20 and sandbox.batches.submitted == 2
     assert set(output["model"]) == {"anthropic/claude-3.5-haiku"} and (output["attempts"] == 2).all()
     assert outcome.report.summary.by_model["openai/gpt-4o-mini"].fallbacks == 20
+
+
+async def test_invalid_structured_answers_are_repaired_in_a_later_batch(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Answers cut off at max_tokens come back invalid; the next batch asks again with the error fed back and
+    twice the room, as a live repair would, and every row ends valid."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "category": {"type": "string", "enum": ["bug", "billing", "account"]},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["category", "tags"],
+        "additionalProperties": False,
+    }
+    async with Sandbox() as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 30),
+                mode="batch",
+                params={"max_tokens": 12},
+                repair={"same_model": 3},
+                response_format={"type": "json_schema", "json_schema": {"name": "t", "strict": True, "schema": schema}},
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec)
+    batches = list(sandbox.batches.batches.values())
+    repairs = [item["body"] for item in batches[1].requests]
+    assert outcome.report.summary.ok == 30 and len(batches) >= 2 and repairs
+    assert all(body["max_tokens"] == 24 and body["messages"][-2]["role"] == "assistant" for body in repairs)
+    assert all("was not valid" in body["messages"][-1]["content"] for body in repairs)
+    assert pl.read_parquet(spec.output)["category"].null_count() == 0
