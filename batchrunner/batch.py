@@ -68,6 +68,8 @@ class BatchExecutor:
         poll_s: float = 5.0,
         max_poll_s: float = 300.0,
         wait: bool = True,
+        realtime_fallback: bool = False,
+        live: Any = None,
         sleep: Any = asyncio.sleep,
     ) -> None:
         self.client = client
@@ -77,6 +79,9 @@ class BatchExecutor:
         self.wait = wait  # False: submit and return (--no-wait); the next run collects
         self._sleep = sleep
         self.submitted: list[str] = []  # batch ids submitted by this run
+        self.realtime_fallback = realtime_fallback  # a model the Batch API refuses runs live instead
+        self.live = live  # the live executor those rows run on
+        self.live_models: set[str] = set()
 
     async def execute(self, work: Iterable[Batch], policy: Any, sinks: ResultSink, halt: Halt) -> Execution:
         started = time.monotonic()
@@ -105,19 +110,24 @@ class BatchExecutor:
         queued = [key for key in todos if not any(key_in(key, o) for o in waiting)]
         while (queued or waiting) and not halt.stopping:
             later: list[tuple[str, str, str]] = []  # what the budget cannot cover until batches are collected
+            live: list[tuple[str, str, str]] = []  # rows of models the Batch API refused (fallback_to_realtime)
             for model, chunk in self._chunks(queued, todos, states, policy):
-                if later or halt.stopping:
+                if model in self.live_models:
+                    live += [key for key, _ in chunk]
+                elif later or halt.stopping:
                     later += [key for key, _ in chunk]
-                    continue
-                opened, rest = await self._submit(model, chunk, policy, halt)
-                if opened is not None:
-                    waiting.append(opened)
-                later += rest
+                else:
+                    opened, rest, refused = await self._submit(model, chunk, policy, halt)
+                    if opened is not None:
+                        waiting.append(opened)
+                    later += rest
+                    live += refused
+            if live and not halt.stopping:
+                await self.live.execute([Batch([todos[key] for key in live], rows=len(live))], policy, sinks, halt)
             if later and not waiting:  # nothing in flight and the next request still does not fit
-                first = todos[later[0]]
-                await policy.reserve(
-                    policy.body(first) | {"model": first.request.requested_model}, first.request.requested_model
-                )
+                first, state = todos[later[0]], states[later[0]]
+                model = policy.model_of(first, state)
+                await policy.reserve(policy.body(first, state) | {"model": model}, model)
                 break
             if not self.wait:
                 log.info("submitted %d batches; run the job again to collect them", len(self.submitted))
@@ -161,8 +171,9 @@ class BatchExecutor:
         chunk: list[tuple[tuple[str, str, str], dict[str, Any]]],
         policy: RowPolicy,
         halt: Halt,
-    ) -> tuple[_Open | None, list[tuple[str, str, str]]]:
-        """Submit what of `chunk` the budget covers now; (the batch, or None) and the pairs left for later."""
+    ) -> tuple[_Open | None, list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+        """Submit what of `chunk` the budget covers now: (the batch, or None), the pairs left for later, and
+        the pairs of a model the Batch API refused when they are to run live instead."""
         opened = _Open(f"intent-{uuid.uuid4().hex}", None, model, {})
         requests = []
         for position, (key, body) in enumerate(chunk):
@@ -177,7 +188,7 @@ class BatchExecutor:
         else:
             rest = []
         if not requests:
-            return None, rest
+            return None, rest, []
         self.store.record_batch(opened.intent_id, model, opened.keys, time.time())  # before the call: see _reopen
         try:
             submitted = await self.client.submit_batch(model, requests)
@@ -196,15 +207,24 @@ class BatchExecutor:
                     f"submitting a batch for {model} got no answer ({first_line(exc)}); the next run looks for it "
                     "among the workspace's batches before submitting anything",
                 )
-                return None, rest
+                return None, rest, []
             self.store.batch_state(opened.intent_id, "requeued")
-            halt.stop(StopReason.ACCOUNT, f"the Batch API refused a batch for {model}: {first_line(exc)}", exc)
-            return None, rest
+            if self.realtime_fallback:
+                log.warning("the Batch API refused %s (%s): its rows run as live requests", model, first_line(exc))
+                self.live_models.add(model)
+                return None, [], [(k[0], k[1], k[2]) for k in opened.keys.values()] + rest
+            halt.stop(
+                StopReason.BATCH_API,
+                f"the Batch API refused a batch for {model} ({first_line(exc)}); set batch: {{fallback_to_realtime: "
+                "true}} to run its rows live, or use mode: live",
+                exc,
+            )
+            return None, rest, []
         opened.batch_id = submitted["id"]
         self.store.batch_submitted(opened.intent_id, opened.batch_id)
         self.submitted.append(opened.batch_id)
         log.info("submitted batch %s: %d requests to %s", opened.batch_id, len(requests), model)
-        return opened, rest
+        return opened, rest, []
 
     async def _reopen(self, todos: dict[tuple[str, str, str], Todo]) -> list[_Open]:
         """Batches an earlier run submitted and did not collect; a submission whose answer was lost is matched

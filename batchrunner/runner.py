@@ -196,7 +196,13 @@ async def run_job(
                     if executor is None:
                         executor = (
                             BatchExecutor(
-                                client, store, poll_s=spec.batch.poll_s, max_poll_s=spec.batch.max_poll_s, wait=wait
+                                client,
+                                store,
+                                poll_s=spec.batch.poll_s,
+                                max_poll_s=spec.batch.max_poll_s,
+                                wait=wait,
+                                realtime_fallback=spec.batch.fallback_to_realtime,
+                                live=LiveExecutor(spec.concurrency),
                             )
                             if spec.mode == "batch"
                             else LiveExecutor(spec.concurrency)

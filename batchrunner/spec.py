@@ -200,6 +200,7 @@ class BatchSettings(_Strict):
 
     poll_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 5.0  # first wait between looks
     max_poll_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0  # waits double up to this
+    fallback_to_realtime: bool = False  # run a model the Batch API refuses as live requests instead
 
 
 class Message(_Strict):

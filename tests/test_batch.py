@@ -258,3 +258,33 @@ async def test_invalid_structured_answers_are_repaired_in_a_later_batch(
     assert all(body["max_tokens"] == 24 and body["messages"][-2]["role"] == "assistant" for body in repairs)
     assert all("was not valid" in body["messages"][-1]["content"] for body in repairs)
     assert pl.read_parquet(spec.output)["category"].null_count() == 0
+
+
+async def test_a_model_without_a_batch_endpoint_stops_the_run_or_runs_live(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The Batch API refuses one model: the run says so, naming it and the fix; with fallback_to_realtime its
+    rows run as live requests while the other model's go in a batch."""
+    config = SandboxConfig(no_batch_models={"anthropic/claude-3.5-haiku"})
+    models = ["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"]
+    async with Sandbox(config) as sandbox:
+        refused = load_spec(
+            write_spec(input=rows_csv(tmp_path, 10), models=models, mode="batch", api={"base_url": sandbox.base_url})
+        )
+        stopped = await run_job(refused)
+        mixed = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 10),
+                models=models,
+                mode="batch",
+                output="mixed/out.parquet",
+                batch={"fallback_to_realtime": True},
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(mixed)
+    assert stopped.report.stop is not None
+    assert "refused a batch for anthropic/claude-3.5-haiku" in stopped.report.stop.message
+    assert "fallback_to_realtime" in stopped.report.stop.message
+    assert outcome.report.stop is None and outcome.report.summary.ok == 20
+    assert sandbox.stats.by_model["anthropic/claude-3.5-haiku"] == 10, "its rows ran live"

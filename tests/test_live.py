@@ -22,3 +22,19 @@ async def test_live_chat_completion_reports_usage_and_cost() -> None:
     assert completion.text and completion.usage.prompt_tokens > 0
     assert completion.usage.cost_usd is not None and completion.generation_id
     assert "limit_remaining" in key
+
+
+async def test_live_two_row_batch_is_submitted_and_read_back() -> None:
+    """A two-request batch is accepted by the real Batch API, parses, and can be read back (and cancelled,
+    so the test costs nothing if it has not run yet)."""
+    requests = [
+        {"custom_id": f"live-{i}", "body": {"messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 5}}
+        for i in range(2)
+    ]
+    async with Client(OPENROUTER_BASE_URL, api_key=os.environ["OPENROUTER_API_KEY"], timeout_s=60) as client:
+        submitted = await client.submit_batch("openai/gpt-4o-mini", requests)
+        again = await client.batch(submitted["id"])
+        listed = await client.batches()
+        if again["status"] not in ("completed", "failed", "expired", "cancelled"):
+            await client.cancel_batch(submitted["id"])
+    assert again["id"] == submitted["id"] and any(item["id"] == submitted["id"] for item in listed)

@@ -75,6 +75,8 @@ class BatchDesk:
             return _error(400, f"endpoint must be one of {', '.join(ENDPOINTS)}")
         if not isinstance(model, str) or not catalog.is_listed(model):
             return _error(400, f"{model} is not a valid model ID")
+        if model in self.sandbox.config.no_batch_models:
+            return _error(400, f"No batch endpoint is available for {model}")
         if not isinstance(requests, list) or not 1 <= len(requests) <= MAX_REQUESTS:
             return _error(400, f"requests must be a list of 1 to {MAX_REQUESTS} items")
         ids = [item.get("custom_id") if isinstance(item, dict) else None for item in requests]

@@ -72,6 +72,7 @@ class SandboxConfig:
     batch_turnaround_s: float = 0.0  # how long a submitted batch takes to complete
     batch_price_factor: Decimal = Decimal("0.5")  # batch answers cost this share of the realtime price
     batch_expire_s: float | None = None  # a batch not completed this long after submission expires
+    no_batch_models: set[str] = field(default_factory=set)  # models the Batch API refuses (no batch endpoint)
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULT_KINDS)
