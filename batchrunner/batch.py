@@ -55,6 +55,7 @@ class _Open:
     model: str
     keys: dict[str, list[str]]  # custom id -> checkpoint key
     reserved: dict[str, Decimal] = field(default_factory=dict)
+    progress: str = "submitted"  # its status and requests done, as last seen
 
 
 class BatchExecutor:
@@ -130,7 +131,11 @@ class BatchExecutor:
                 await policy.reserve(policy.body(first, state) | {"model": model}, model)
                 break
             if not self.wait:
-                log.info("submitted %d batches; run the job again to collect them", len(self.submitted))
+                log.info(
+                    "submitted %d batches; run the job again to collect them (most batches finish within minutes, "
+                    "all within 24 hours)",
+                    len(self.submitted),
+                )
                 break
             queued = await self._collect(waiting, todos, states, policy, sinks, halt) + later
             waiting = []
@@ -290,13 +295,15 @@ class BatchExecutor:
                     still.append(opened)
                     continue
                 if batch["status"] not in ENDED:
+                    counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}
+                    opened.progress = f"{batch['status']} {counts.get('completed', 0) + counts.get('failed', 0)}/{counts.get('total', len(opened.keys))}"
                     still.append(opened)
                     continue
                 again += self._take(opened, batch, todos, states, policy, sinks)
             waiting = still
             if waiting:
-                counts = [f"{o.batch_id}" for o in waiting]
-                log.info("waiting for %d batches (%s); next look in %.0f s", len(waiting), ", ".join(counts), delay)
+                states_seen = ", ".join(f"{o.batch_id} {o.progress}" for o in waiting)
+                log.info("waiting for %d batches (%s); next look in %.0f s", len(waiting), states_seen, delay)
                 await self._sleep(delay)
                 delay = min(self.max_poll_s, delay * 2)
         return again
