@@ -295,7 +295,8 @@ class BatchExecutor:
                     still.append(opened)
                     continue
                 if batch["status"] not in ENDED:
-                    counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}
+                    found = batch.get("request_counts")
+                    counts: dict[str, Any] = found if isinstance(found, dict) else {}
                     opened.progress = f"{batch['status']} {counts.get('completed', 0) + counts.get('failed', 0)}/{counts.get('total', len(opened.keys))}"
                     still.append(opened)
                     continue
