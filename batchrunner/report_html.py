@@ -250,6 +250,7 @@ def _cost_score(report: Report, colour: dict[str, str]) -> str:
         f"<line x1={left} x2={left} y1=10 y2={bottom} stroke=#999 />",
         _label((WIDTH + left) / 2, bottom + 30, "cost per 1,000 rows (USD, square-root scale)", "middle", 11),
         _label(14, 20, "score", size=11),
+        *(_label(left - 6, y(t) + 4, f"{t:.2f}", "end", 10) for t in (low, (low + high) / 2, high)),
         f"<polyline class=frontier points='{line}' fill=none stroke=#888 stroke-dasharray='4 3' />",
     ]
     on_frontier = {p[2] for p in frontier}
