@@ -107,7 +107,11 @@ class BatchExecutor:
                     exc,
                 )
                 return Execution(resumed, time.monotonic() - started)
-        waiting = await self._reopen(todos)
+        try:
+            waiting = await self._reopen(todos)
+        except ApiError as exc:  # an earlier run's batch cannot be matched or read: stop before submitting more
+            halt.stop(StopReason.BATCH_API, f"{first_line(exc)}; nothing new was submitted", exc)
+            return Execution(resumed, time.monotonic() - started)
         queued = [key for key in todos if not any(key_in(key, o) for o in waiting)]
         while (queued or waiting) and not halt.stopping:
             later: list[tuple[str, str, str]] = []  # what the budget cannot cover until batches are collected

@@ -288,3 +288,30 @@ async def test_a_model_without_a_batch_endpoint_stops_the_run_or_runs_live(
     assert "fallback_to_realtime" in stopped.report.stop.message
     assert outcome.report.stop is None and outcome.report.summary.ok == 20
     assert sandbox.stats.by_model["anthropic/claude-3.5-haiku"] == 10, "its rows ran live"
+
+
+async def test_two_batches_that_could_be_the_lost_one_stop_the_run_and_say_what_to_do(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost submission matches two of the workspace's batches (same model and size): the run does not guess
+    and does not submit again; it stops (exit 3) saying to cancel the wrong one."""
+    real_submit = Client.submit_batch
+
+    async def submit_twice_and_lose_the_answer(
+        self: Client, model: str, requests: list[dict[str, Any]], **options: Any
+    ) -> Any:
+        await real_submit(self, model, requests, **options)
+        await real_submit(self, model, requests, **options)  # someone else's batch of the same shape
+        raise TransientError("no answer within 300 s", code="timeout")
+
+    async with Sandbox(SandboxConfig(batch_turnaround_s=3600)) as sandbox:
+        spec = load_spec(write_spec(input=rows_csv(tmp_path, 5), mode="batch", api={"base_url": sandbox.base_url}))
+        monkeypatch.setattr(Client, "submit_batch", submit_twice_and_lose_the_answer)
+        await run_job(spec)
+        monkeypatch.setattr(Client, "submit_batch", real_submit)
+        second = await run_job(spec)
+    assert (
+        second.report.stop is not None
+        and "cancel the wrong ones with `batchrunner cancel`" in second.report.stop.message
+    )
+    assert sandbox.batches.submitted == 2, "nothing more was submitted"
