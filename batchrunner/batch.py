@@ -112,7 +112,8 @@ class BatchExecutor:
         except ApiError as exc:  # an earlier run's batch cannot be matched or read: stop before submitting more
             halt.stop(StopReason.BATCH_API, f"{first_line(exc)}; nothing new was submitted", exc)
             return Execution(resumed, time.monotonic() - started)
-        queued = [key for key in todos if not any(key_in(key, o) for o in waiting)]
+        out = {cid for opened in waiting for cid in opened.keys}  # pairs already in a batch at the API
+        queued = [key for key in todos if custom_id(key) not in out]
         while (queued or waiting) and not halt.stopping:
             later: list[tuple[str, str, str]] = []  # what the budget cannot cover until batches are collected
             live: list[tuple[str, str, str]] = []  # rows of models the Batch API refused (fallback_to_realtime)
@@ -129,11 +130,15 @@ class BatchExecutor:
                     live += refused
             if live and not halt.stopping:
                 await self.live.execute([Batch([todos[key] for key in live], rows=len(live))], policy, sinks, halt)
-            if later and not waiting:  # nothing in flight and the next request still does not fit
+            if later and not waiting:  # nothing in flight: does the next request fit now?
                 first, state = todos[later[0]], states[later[0]]
                 model = policy.model_of(first, state)
-                await policy.reserve(policy.body(first, state) | {"model": model}, model)
-                break
+                reserved = await policy.reserve(policy.body(first, state) | {"model": model}, model)
+                if reserved is None:  # it does not: the policy stopped the run, saying the budget is spent
+                    break
+                policy.settle(reserved, Decimal(0))  # it does (live rows settled meanwhile): go round again
+                queued = later
+                continue
             if not self.wait:
                 log.info(
                     "submitted %d batches; run the job again to collect them (most batches finish within minutes, "
@@ -324,6 +329,7 @@ class BatchExecutor:
     ) -> list[tuple[str, str, str]]:
         """One ended batch's results into the checkpoint and the summary; the pairs to ask again."""
         again = []
+        stale = 0
         results = {r.get("custom_id"): r for r in batch.get("results") or [] if isinstance(r, dict)}
         for cid, key_list in opened.keys.items():
             key = (key_list[0], key_list[1], key_list[2])
@@ -332,6 +338,7 @@ class BatchExecutor:
             result = results.get(cid)
             if todo is None:  # the spec changed since it was submitted: its answer is for another request
                 policy.settle(reserved, Decimal(0))
+                stale += 1
                 continue
             if result is None:  # expired, cancelled or failed batch: ask again
                 policy.settle(reserved, Decimal(0))
@@ -344,6 +351,13 @@ class BatchExecutor:
                 again.append(key)
             else:
                 sinks.add(row)
+        if stale:
+            log.warning(
+                "batch %s: %d answers are for requests the spec no longer makes (it was edited since the batch was "
+                "submitted); they are not kept",
+                opened.batch_id,
+                stale,
+            )
         self.store.batch_state(opened.intent_id, "collected" if batch["status"] == "completed" else "requeued")
         log.info(
             "batch %s %s: %d answered, %d to ask again",
@@ -353,10 +367,6 @@ class BatchExecutor:
             len(again),
         )
         return again
-
-
-def key_in(key: tuple[str, str, str], opened: _Open) -> bool:
-    return custom_id(key) in opened.keys
 
 
 def _answer(result: dict[str, Any]) -> Any:
