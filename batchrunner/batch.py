@@ -69,19 +69,15 @@ class BatchExecutor:
         poll_s: float = 5.0,
         max_poll_s: float = 300.0,
         wait: bool = True,
-        realtime_fallback: bool = False,
-        live: Any = None,
-        sleep: Any = asyncio.sleep,
+        realtime: Any = None,
     ) -> None:
         self.client = client
         self.store = store
         self.poll_s = poll_s
         self.max_poll_s = max_poll_s
         self.wait = wait  # False: submit and return (--no-wait); the next run collects
-        self._sleep = sleep
         self.submitted: list[str] = []  # batch ids submitted by this run
-        self.realtime_fallback = realtime_fallback  # a model the Batch API refuses runs live instead
-        self.live = live  # the live executor those rows run on
+        self.realtime = realtime  # an executor for the rows of a model the Batch API refuses (fallback_to_realtime)
         self.live_models: set[str] = set()
 
     async def execute(self, work: Iterable[Batch], policy: Any, sinks: ResultSink, halt: Halt) -> Execution:
@@ -129,7 +125,7 @@ class BatchExecutor:
                     later += rest
                     live += refused
             if live and not halt.stopping:
-                await self.live.execute([Batch([todos[key] for key in live], rows=len(live))], policy, sinks, halt)
+                await self.realtime.execute([Batch([todos[key] for key in live], rows=len(live))], policy, sinks, halt)
             if later and not waiting:  # nothing in flight: does the next request fit now?
                 first, state = todos[later[0]], states[later[0]]
                 model = policy.model_of(first, state)
@@ -223,7 +219,7 @@ class BatchExecutor:
                 )
                 return None, rest, []
             self.store.batch_state(opened.intent_id, "requeued")
-            if self.realtime_fallback:
+            if self.realtime is not None:
                 log.warning("the Batch API refused %s (%s): its rows run as live requests", model, first_line(exc))
                 self.live_models.add(model)
                 return None, [], [(k[0], k[1], k[2]) for k in opened.keys.values()] + rest
@@ -314,7 +310,7 @@ class BatchExecutor:
             if waiting:
                 states_seen = ", ".join(f"{o.batch_id} {o.progress}" for o in waiting)
                 log.info("waiting for %d batches (%s); next look in %.0f s", len(waiting), states_seen, delay)
-                await self._sleep(delay)
+                await asyncio.sleep(delay)
                 delay = min(self.max_poll_s, delay * 2)
         return again
 

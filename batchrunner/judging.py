@@ -81,7 +81,7 @@ def items(spec: JobSpec, frames: Iterator[pl.DataFrame], input_columns: list[str
     values, the answer (the structured field, if `evaluate.field` says) and the reference."""
     evaluate = spec.evaluate
     assert evaluate is not None
-    answer_column = spec.output_prefix + evaluate.field if evaluate.field else "response"
+    answer_column = spec.answer_column()
     rows: list[Row] = []
     for frame in frames:
         for record in frame.filter(pl.col("status") == "ok").iter_rows(named=True):

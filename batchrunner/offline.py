@@ -6,6 +6,7 @@ These read the spec, the input and the checkpoint, and at most GET /key and /mod
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -28,12 +29,18 @@ from batchrunner.store import Store
 BATCH_PRICE_SHARE = Decimal("0.5")  # what a batch typically costs, as a share of the live price
 
 
-def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
-    """Rewrite the output from the checkpoint (the sandbox's answers with `sandbox`), without sending anything."""
-    dataset = prepare(spec)
+def existing_checkpoint(spec: JobSpec) -> Path:
+    """The job's checkpoint, which commands that only read it need; SpecError when there is none yet."""
     checkpoint = spec.checkpoint_path()
     if not checkpoint.exists():
         raise SpecError(Problem("checkpoint", f"{checkpoint}: no checkpoint yet; run the job first"))
+    return checkpoint
+
+
+def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
+    """Rewrite the output from the checkpoint (the sandbox's answers with `sandbox`), without sending anything."""
+    dataset = prepare(spec)
+    checkpoint = existing_checkpoint(spec)
     store = Store.open(checkpoint)
     try:
         return export(dataset, RequestBuilder(spec, server=spec.server(sandbox=sandbox)), store, spec.output)
@@ -49,9 +56,7 @@ def evaluation(spec: JobSpec, *, sandbox: bool = False) -> Report:
 def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl.DataFrame]:
     """The report's figures and the rows they come from (the output, with each row's input position)."""
     dataset = prepare(spec)
-    checkpoint = spec.checkpoint_path()
-    if not checkpoint.exists():
-        raise SpecError(Problem("checkpoint", f"{checkpoint}: no checkpoint yet; run the job first"))
+    checkpoint = existing_checkpoint(spec)
     requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox))
     scores = [name for name, dtype in score_columns(spec).items() if dtype == pl.Float64()]
     with Store.open(checkpoint) as store:
@@ -65,14 +70,12 @@ def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) 
     if by is not None and by not in data.columns:
         raise SpecError(Problem("--by", f"{by!r} is not an input column; the input has: {', '.join(data.columns)}"))
     evaluate = spec.evaluate
-    answer = spec.output_prefix + evaluate.field if evaluate and evaluate.field else "response"
-    id_column = spec.id_column or ROW_INDEX
     return render(
         figures,
         data,
-        id_column=id_column,
+        id_column=spec.id_column or ROW_INDEX,
         reference=evaluate.reference if evaluate else None,
-        answer_column=answer,
+        answer_column=spec.answer_column(),
         by=by,
     )
 
@@ -124,9 +127,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
 
 async def cancel_batches(spec: JobSpec, *, sandbox: SandboxConfig | None = None) -> list[str]:
     """Cancel the job's batches still open at the Batch API; their pairs are asked again on the next run."""
-    checkpoint = spec.checkpoint_path()
-    if not checkpoint.exists():
-        raise SpecError(Problem("checkpoint", f"{checkpoint}: no checkpoint yet; nothing to cancel"))
+    checkpoint = existing_checkpoint(spec)
     cancelled = []
     with Store.open(checkpoint) as store:
         async with Connection(spec, sandbox=sandbox, timeout_s=60) as connection:

@@ -23,11 +23,11 @@ from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
 from batchrunner.judging import grade_keys, score_of
-from batchrunner.records import RESULT_SCHEMA, STORED_EXTRAS, STORED_SCHEMA
+from batchrunner.records import RESULT_SCHEMA, STORED_EXTRAS
 from batchrunner.request import RequestBuilder, RowRequest
 from batchrunner.scoring import error_column, metrics_of, score_rows
 from batchrunner.spec import JobSpec
-from batchrunner.store import KEY_COLUMNS, Store
+from batchrunner.store import KEY_COLUMNS, Store, fetched_schema
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
 
 MODEL_POSITION = "__batchrunner_model"
@@ -204,7 +204,7 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
 
 def _empty(dataset: Dataset, spec: JobSpec) -> pl.DataFrame:
     """The output with no rows: every column it will have, with its type."""
-    stored = pl.DataFrame(schema={"fingerprint": pl.String(), "row_id": pl.String(), **STORED_SCHEMA})
+    stored = pl.DataFrame(schema=fetched_schema())
     return _answers(dataset.frame.head(0).collect(), _keys([]), stored, spec, extra_columns(spec))
 
 

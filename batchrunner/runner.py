@@ -201,8 +201,7 @@ async def run_job(
                                 poll_s=spec.batch.poll_s,
                                 max_poll_s=spec.batch.max_poll_s,
                                 wait=wait,
-                                realtime_fallback=spec.batch.fallback_to_realtime,
-                                live=LiveExecutor(spec.concurrency),
+                                realtime=LiveExecutor(spec.concurrency) if spec.batch.fallback_to_realtime else None,
                             )
                             if spec.mode == "batch"
                             else LiveExecutor(spec.concurrency)

@@ -339,6 +339,11 @@ class JobSpec(_Strict):
             body["response_format"] = self.response_format
         return body
 
+    def answer_column(self) -> str:
+        """The output column an evaluation scores: the structured answer's `evaluate.field`, else `response`."""
+        field = self.evaluate.field if self.evaluate is not None else None
+        return self.output_prefix + field if field else "response"
+
     def checkpoint_path(self) -> Path:
         """out/triage.parquet -> out/triage.checkpoint.sqlite, unless `checkpoint` says where."""
         return self.checkpoint or self.output.with_name(self.output.stem + ".checkpoint.sqlite")

@@ -37,6 +37,7 @@ log = logging.getLogger("batchrunner")
 
 RESULT_COLUMNS = list(STORED_SCHEMA)  # every result column the table has, by name
 KEY_COLUMNS = ("row_id", "requested_model", "fingerprint")
+# What fetch() returns: the key's fingerprint and row id, then every stored result column.
 # Row ids per `IN (...)` query: SQLite before 3.32 allows 999 parameters a statement, later 32766.
 MAX_PARAMETERS = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 _INSERT = (
@@ -448,7 +449,7 @@ class Store:
                 rows += self._db.execute(
                     f"SELECT {', '.join(names)} FROM results WHERE status != 'pending' AND row_id IN ({marks})", chunk
                 ).fetchall()
-        schema = {"fingerprint": pl.String(), "row_id": pl.String(), **STORED_SCHEMA}
+        schema = fetched_schema()
         return pl.DataFrame(rows, schema=schema, orient="row")
 
     # -- batches --------------------------------------------------------------------------
@@ -500,6 +501,11 @@ class Store:
         with self._lock:
             self._db.execute("DELETE FROM results")
             self._db.execute("DELETE FROM runs")
+
+
+def fetched_schema() -> dict[str, pl.DataType]:
+    """The columns, with their types, of the frame fetch() returns."""
+    return {"fingerprint": pl.String(), "row_id": pl.String(), **STORED_SCHEMA}
 
 
 _COMPANIONS = ("-wal", "-shm", "-journal", SPILL_SUFFIX)  # files SQLite (and the spill) keep beside the checkpoint
