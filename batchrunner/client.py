@@ -24,6 +24,7 @@ from batchrunner.errors import (
     RequestRejected,
     TransientError,
 )
+from batchrunner.media import encode_body
 from batchrunner.spec import is_openrouter
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 524, 529})
@@ -176,12 +177,19 @@ class Client:
         session = self._require_session()
         total_s = timeout_s or self.timeout_s
         timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=min(total_s, CONNECT_TIMEOUT_S))
+        # A body's files are streamed into it as base64 (media.py), never built whole in memory.
+        encoded = encode_body(json_body) if json_body is not None else None
+        data: Any = raw_body.encode() if raw_body is not None else None
+        sent_headers = {}
+        if encoded is not None:
+            data = encoded.chunks() if encoded.streamed else encoded.whole()
+            sent_headers["Content-Length"] = str(encoded.length)
         try:
             async with session.request(
                 method,
                 self.base_url + path,
-                json=json_body,
-                data=raw_body.encode() if raw_body is not None else None,
+                data=data,
+                headers=sent_headers,
                 params=params,
                 timeout=timeout,
             ) as response:
@@ -193,6 +201,8 @@ class Client:
         except TimeoutError:
             raise TransientError(f"no answer within {timeout.total:g} s", code="timeout") from None
         except aiohttp.ClientError as exc:  # dropped connections, refused connections, bad payloads
+            if encoded is not None and encoded.failure is not None:  # a file could not be sent: the body stopped short
+                raise encoded.failure from None
             detail = str(exc) or type(exc).__name__
             raise TransientError(f"connection failed: {detail}", code="connection") from None
         payload = _parse_json(text)

@@ -12,6 +12,8 @@
     │                        daily cap): the run stops dispatching and exits 3
     ├── RunHalted            the run stopped early for a reason the user must act on (exit 3)
     ├── FreeModelCapReached  `:free` models are out for the day: their rows wait for tomorrow
+    ├── MediaProblem         a row's image, file or audio cannot be sent (missing, wrong type, too
+    │                        large, changed): that row fails with nothing sent; the run goes on
     └── OutputError          the output file could not be written (the checkpoint keeps every answer)
 
 aiohttp's exceptions never leave client.py: they are mapped there, once. A failed row is
@@ -100,6 +102,10 @@ class RunHalted(BatchrunnerError):
 
 class OutputError(BatchrunnerError):
     """The output file could not be written; `batchrunner export` retries from the checkpoint."""
+
+
+class MediaProblem(BatchrunnerError):
+    """A row's media cannot be sent: the row fails, nothing is sent or paid for it."""
 
 
 class FreeModelCapReached(BatchrunnerError):

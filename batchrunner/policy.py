@@ -29,6 +29,7 @@ from batchrunner.errors import (
     ApiError,
     FatalApiError,
     FreeModelCapReached,
+    MediaProblem,
     RateLimited,
     RequestRejected,
     TransientError,
@@ -123,11 +124,21 @@ class RowPolicy:
 
     # -- one pair ---------------------------------------------------------------------------
 
+    def refused(self, todo: Todo) -> RowResult | None:
+        """The failed result of a pair whose row cannot be sent (its media), asking nothing; None if it can."""
+        if todo.request.problem is None:
+            return None
+        return self._result(todo.request, self.begin(todo), status="failed", error=_one_line(todo.request.problem))
+
     async def answer(self, todo: Todo) -> RowResult | None:
         """The pair's result; None leaves it pending without a record (nothing was paid for it)."""
+        if (refused := self.refused(todo)) is not None:
+            return refused
         row = RowState(earlier=todo.earlier or Bill())
         try:
             return await self._answer(todo.request, row)
+        except MediaProblem as exc:  # a file changed or vanished since it was fingerprinted: never sent whole
+            return self._result(todo.request, row, status="failed", error=_one_line(exc))
         except _Stopped:
             if not row.bill.attempts:
                 return None

@@ -56,6 +56,16 @@ class Template:
         pattern, columns = self._compiled
         return pattern.format(*[format_value(row[column]) for column in columns])
 
+    @property
+    def single_column(self) -> str | None:
+        """The column when the template is one placeholder and nothing else."""
+        return self.parts[0].column if len(self.parts) == 1 and isinstance(self.parts[0], Placeholder) else None
+
+    def value(self, row: Mapping[str, Any]) -> Any:
+        """The cell itself when the template is one placeholder (bytes stay bytes), else the rendered text."""
+        column = self.single_column
+        return row[column] if column is not None else self.render(row)
+
 
 def format_value(value: Any) -> str:
     """How a cell appears in a prompt: null is empty, lists and structs are JSON."""
@@ -106,10 +116,62 @@ def parse_template(source: str) -> Template:
     return Template(source, tuple(parts))
 
 
+MEDIA_PARTS = {  # a content part's type -> (the field of its object that holds the media, the kind of media)
+    "image_url": ("url", "image"),
+    "file": ("file_data", "file"),
+    "input_audio": ("data", "audio"),
+    "video_url": ("url", "video"),
+}
+
+
+@dataclass(frozen=True)
+class MediaValue:
+    """A media field rendered from a row, before media.py resolves it into a URL or file content."""
+
+    kind: str  # image, file, audio or video
+    value: Any  # the cell (bytes stay bytes), or the rendered text
+    column: str | None  # the column, when the field is one placeholder
+
+
+@dataclass(frozen=True)
+class PartTemplate:
+    """One content part of a message: `text`, or a media part whose fields are templates."""
+
+    type: str  # text, image_url, file, input_audio, video_url
+    fields: tuple[tuple[str, Template], ...]  # the part's fields (a media part: its object's fields)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(column for _, template in self.fields for column in template.columns)
+
+    def render(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        if self.type == "text":
+            return {"type": "text", "text": self.fields[0][1].render(row)}
+        media_field, kind = MEDIA_PARTS[self.type]
+        inner: dict[str, Any] = {}
+        for name, template in self.fields:
+            if name == media_field:
+                inner[name] = MediaValue(kind, template.value(row), template.single_column)
+            else:
+                inner[name] = template.render(row)
+        return {"type": self.type, self.type: inner}
+
+
 @dataclass(frozen=True)
 class MessageTemplate:
     role: str
-    content: Template
+    content: Template | tuple[PartTemplate, ...]  # text, or a list of content parts
+
+    @property
+    def templates(self) -> list[Template]:
+        if isinstance(self.content, Template):
+            return [self.content]
+        return [template for part in self.content for _, template in part.fields]
+
+    def render(self, row: Mapping[str, Any]) -> str | list[dict[str, Any]]:
+        if isinstance(self.content, Template):
+            return self.content.render(row)
+        return [part.render(row) for part in self.content]
 
 
 @dataclass(frozen=True)
@@ -121,15 +183,33 @@ class PromptTemplate:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        templates = [m.content for m in self.messages] + ([self.text] if self.text else [])
+        templates = [t for m in self.messages for t in m.templates] + ([self.text] if self.text else [])
         seen: dict[str, None] = {}
         for template in templates:
             for column in template.columns:
                 seen.setdefault(column)
         return tuple(seen)
 
-    def render_messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.content.render(row)} for m in self.messages]
+    @property
+    def media_kinds(self) -> set[str]:
+        """The kinds of media the prompt's parts carry (image, file, audio, video)."""
+        return {kind for kind, _ in self.media_fields()}
+
+    def media_fields(self) -> list[tuple[str, Template]]:
+        """(kind, template) of each media field of the prompt's parts."""
+        found = []
+        for m in self.messages:
+            if isinstance(m.content, Template):
+                continue
+            for part in m.content:
+                if part.type in MEDIA_PARTS:
+                    media_field, kind = MEDIA_PARTS[part.type]
+                    found += [(kind, template) for name, template in part.fields if name == media_field]
+        return found
+
+    def render_messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The messages for a row; a media part's field holds a MediaValue for media.py to resolve."""
+        return [{"role": m.role, "content": m.render(row)} for m in self.messages]
 
     def render_text(self, row: Mapping[str, Any]) -> str:
         assert self.text is not None, "render_text needs a completions template"

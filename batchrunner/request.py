@@ -18,7 +18,9 @@ from typing import Any
 
 from batchrunner.costs import Pricing
 from batchrunner.dataset import Row
-from batchrunner.prompt import PromptTemplate
+from batchrunner.errors import MediaProblem
+from batchrunner.media import MIB, Media, MediaLimitsBytes, MediaReader, audio_format
+from batchrunner.prompt import MEDIA_PARTS, MediaValue, PromptTemplate
 from batchrunner.spec import JobSpec
 from batchrunner.structured import repair_prompt, resolve_ref
 
@@ -36,8 +38,9 @@ class RowRequest:
     row: Row
     model_position: int  # in the spec's `models`
     requested_model: str
-    prompt: Any  # rendered messages (chat) or text (completions)
+    prompt: Any  # rendered messages (chat) or text (completions); media parts hold a URL or a media.Media
     fingerprint: str
+    problem: str | None = None  # why the row cannot be sent (a missing or unusable file): it fails, unsent
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -48,13 +51,22 @@ class RowRequest:
 class RequestBuilder:
     """Builds what the row policy sends and the checkpoint keys, from one spec."""
 
-    def __init__(self, spec: JobSpec, *, server: str = "") -> None:
+    def __init__(self, spec: JobSpec, *, server: str = "", media: MediaReader | None = None) -> None:
         self.spec = spec
         self.server = (
             server  # who answers (spec.server()): part of the fingerprint, so a sandbox answer is never a real one
         )
         self.template: PromptTemplate = spec.prompt_template()
         self.prompt_field = "prompt" if spec.endpoint == "completions" else "messages"
+        self.has_media = bool(self.template.media_kinds)
+        limits = spec.media_limits_mb
+        self.media = media or MediaReader(  # reads the files a row names (media.py does that I/O, not this module)
+            spec.input.parent,
+            limits=MediaLimitsBytes(
+                *(int(getattr(limits, kind) * MIB) for kind in ("image", "file", "audio", "video"))
+            ),
+            urls_only=spec.mode == "batch",
+        )
 
     @cached_property
     def _shape_digests(self) -> dict[str, hashlib._Hash]:
@@ -79,27 +91,49 @@ class RequestBuilder:
         """Every (row, requested model) pair of `rows`, rendered and fingerprinted, in order."""
         models = list(enumerate(self.spec.models))
         for row in rows:
-            prompt = self.prompt(row)
+            prompt, problem = self.prompt_of(row)
             for position, model in models:
-                yield RowRequest(row, position, model, prompt, self.fingerprint(prompt, model))
+                yield RowRequest(row, position, model, prompt, self.fingerprint(prompt, model), problem)
 
     def prompt(self, row: Row) -> Any:
         """The rendered messages (chat) or text (completions) for a row."""
+        return self.prompt_of(row)[0]
+
+    def prompt_of(self, row: Row) -> tuple[Any, str | None]:
+        """The row's prompt, and why it cannot be sent (None when it can): its media resolved into URLs
+        and file contents (hashed now, read again when sent), or into the problem with each."""
         if self.spec.endpoint == "completions":
-            return self.template.render_text(row.values)
-        return self.template.render_messages(row.values)
+            return self.template.render_text(row.values), None
+        messages = self.template.render_messages(row.values)
+        if not self.has_media:
+            return messages, None
+        problems = []
+        for message in messages:
+            if isinstance(message["content"], str):
+                continue
+            for part in message["content"]:
+                if part["type"] not in MEDIA_PARTS:
+                    continue
+                inner, name = part[part["type"]], MEDIA_PARTS[part["type"]][0]
+                wanted: MediaValue = inner[name]
+                try:
+                    inner[name] = media = self.media.resolve(wanted.kind, wanted.value, column=wanted.column)
+                except MediaProblem as exc:
+                    inner[name] = {"problem": str(exc)}  # the fingerprint of a row that failed for this reason
+                    problems.append(str(exc))
+                    continue
+                if isinstance(media, Media) and media.kind == "audio":
+                    inner.setdefault("format", audio_format(media))
+                if isinstance(media, Media) and media.kind == "file":
+                    inner.setdefault("filename", media.path.name if media.path else "document.pdf")
+        return messages, ("; ".join(problems) + "; nothing was sent") if problems else None
 
     def body(self, prompt: Any, model: str) -> dict[str, Any]:
         body = self.spec.request_body(model)
         if self.spec.cache_system_prompt and self.prompt_field == "messages":
             # The shared system prompt as a content part marked for caching: providers that
             # need an explicit breakpoint (Anthropic, Gemini) cache it; others cache implicitly.
-            prompt = [
-                {**m, "content": [{"type": "text", "text": m["content"], "cache_control": {"type": "ephemeral"}}]}
-                if m["role"] == "system"
-                else m
-                for m in prompt
-            ]
+            prompt = [{**m, "content": _cached(m["content"])} if m["role"] == "system" else m for m in prompt]
         body[self.prompt_field] = prompt
         return body
 
@@ -131,14 +165,36 @@ class RequestBuilder:
         return digest.hexdigest()[:32]
 
 
+def _cached(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A system message's content with its last part marked as a cache breakpoint."""
+    parts: list[dict[str, Any]] = (
+        [{"type": "text", "text": content}] if isinstance(content, str) else [dict(p) for p in content]
+    )
+    parts[-1]["cache_control"] = {"type": "ephemeral"}
+    return parts
+
+
 def _prompt_bytes(prompt: Any) -> bytes:
     """An unambiguous encoding of a rendered prompt: length-prefixed parts, several times
-    faster than canonical JSON, which matters at a million rows per resume."""
+    faster than canonical JSON, which matters at a million rows per resume. Content parts
+    are canonical JSON, a file by its content's hash (never its path)."""
     if isinstance(prompt, str):
         parts = [prompt]
     else:
-        parts = [text for message in prompt for text in (message["role"], message["content"])]
+        parts = [text for message in prompt for text in (message["role"], _content_text(message["content"]))]
     return "".join(f"{len(part)}:{part}" for part in parts).encode()
+
+
+def _content_text(content: str | list[dict[str, Any]]) -> str:
+    if isinstance(content, str):
+        return content
+    return "\x00parts:" + json.dumps(
+        content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_identity
+    )
+
+
+def _identity(value: Any) -> str:
+    return value.identity if isinstance(value, Media) else str(value)
 
 
 def body_prompt(body: dict[str, Any]) -> Any:

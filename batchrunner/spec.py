@@ -30,7 +30,7 @@ from pydantic import (
 
 from batchrunner import openapi
 from batchrunner.errors import Problem, SpecError
-from batchrunner.prompt import MessageTemplate, PromptTemplate, Template, TemplateError, parse_template
+from batchrunner.prompt import MessageTemplate, PartTemplate, PromptTemplate, Template, TemplateError, parse_template
 from batchrunner.structured import schema_problems
 
 log = logging.getLogger("batchrunner")
@@ -203,9 +203,91 @@ class BatchSettings(_Strict):
     fallback_to_realtime: bool = False  # run a model the Batch API refuses as live requests instead
 
 
+Detail = Literal["auto", "low", "high", "original"]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(_Strict):
+    url: str  # an https URL, a local path or a bytes column: usually "{column}"
+    detail: Detail | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class FileData(_Strict):
+    file_data: str  # a PDF: an https URL, a local path or a bytes column
+    filename: str | None = None  # default: the file's name
+
+
+class FilePart(_Strict):
+    type: Literal["file"]
+    file: FileData
+
+
+class AudioData(_Strict):
+    data: str  # a local path or a bytes column (OpenRouter takes audio as data only)
+    format: str | None = None  # default: read from the content (wav, mp3, flac, ...)
+
+    @field_validator("data")
+    @classmethod
+    def _not_a_url(cls, value: str) -> str:
+        if re.match(r"^\s*https?://", value):
+            raise ValueError(
+                "input_audio takes the audio itself, not a URL (OpenRouter does not fetch audio); "
+                "name a column of local files or bytes"
+            )
+        return value
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: AudioData
+
+
+class VideoUrl(_Strict):
+    url: str
+
+
+class VideoPart(_Strict):
+    type: Literal["video_url"]
+    video_url: VideoUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart | FilePart | AudioPart | VideoPart, Field(discriminator="type")]
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    content: str | Annotated[list[ContentPart], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _media_from_user(self) -> Message:
+        """Images, files and audio go in user messages; system and developer messages are text."""
+        if isinstance(self.content, list) and self.role != "user":
+            media = [part.type for part in self.content if part.type != "text"]
+            if media:
+                raise ValueError(
+                    f"a {self.role} message takes text parts only, not {media[0]}; move it to a user message"
+                )
+        return self
+
+
+class MediaLimitsMb(_Strict):
+    """The largest file of each kind a row may send, in MB; a larger one fails its row, unsent. The
+    defaults follow the providers' documented limits: 20 MB an image (OpenAI), 32 MB a PDF (Anthropic,
+    OpenAI), 20 MB inline audio and video (Gemini)."""
+
+    image: Annotated[float, Field(gt=0, le=2048, allow_inf_nan=False)] = 20
+    file: Annotated[float, Field(gt=0, le=2048, allow_inf_nan=False)] = 32
+    audio: Annotated[float, Field(gt=0, le=2048, allow_inf_nan=False)] = 20
+    video: Annotated[float, Field(gt=0, le=2048, allow_inf_nan=False)] = 20
 
 
 class JobSpec(_Strict):
@@ -221,6 +303,11 @@ class JobSpec(_Strict):
     system: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
+    images: list[str] = []  # columns whose images are added to the user message
+    files: list[str] = []  # columns whose PDFs are added to the user message
+    audio: list[str] = []  # columns whose audio is added to the user message
+    image_detail: Detail | None = None  # `detail` of the images added by `images:`
+    media_limits_mb: MediaLimitsMb = MediaLimitsMb()
     params: dict[str, Any] = {}
     provider: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -244,7 +331,7 @@ class JobSpec(_Strict):
     api: ApiSettings = ApiSettings()
     _locate: Callable[[str], str] | None = PrivateAttr(default=None)  # field -> "file:line: field"
 
-    @field_validator("models", "fallbacks", mode="before")
+    @field_validator("models", "fallbacks", "images", "files", "audio", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -281,6 +368,10 @@ class JobSpec(_Strict):
         if self.endpoint == "completions":
             if self.messages is not None or self.system is not None:
                 raise ValueError("endpoint 'completions' takes a raw `prompt`; remove `system` and `messages`")
+            if self.images or self.files or self.audio:
+                raise ValueError(
+                    "endpoint 'completions' takes text only; use endpoint chat for images, files and audio"
+                )
             if self.prompt is None:
                 raise ValueError("endpoint 'completions' needs a `prompt` template")
         elif self.messages is not None:
@@ -288,32 +379,84 @@ class JobSpec(_Strict):
                 raise ValueError("give either `messages` or `system`/`prompt`, not both")
             if not self.messages:
                 raise ValueError("`messages` is empty; add at least one {role: user, content: ...}")
+            if (self.images or self.files or self.audio) and not any(m.role == "user" for m in self.messages):
+                raise ValueError("images, files and audio are added to the last user message; `messages` has none")
         elif self.prompt is None:
             raise ValueError('no prompt: add `prompt: "... {column} ..."` (or a `messages` list)')
         return self
 
     # -- what the spec implies ------------------------------------------------------------
 
-    def _template_sources(self) -> list[tuple[str, str, str]]:
-        """(field, role, template text) for each template the spec has."""
-        if self.endpoint == "completions" or self.messages is None:
-            pairs = [("system", "system", self.system)] if self.system is not None and self.endpoint == "chat" else []
-            return [*pairs, ("prompt", "user", self.prompt or "")]
-        return [(f"messages[{i}].content", m.role, m.content) for i, m in enumerate(self.messages)]
+    def _message_sources(self) -> list[tuple[str, str, str | list[tuple[str, str, dict[str, str]]]]]:
+        """(field, role, content) of each message the spec makes: content is a template's text, or its parts
+        as (field, type, {name: template text}), the `images:`/`files:`/`audio:` columns added to the last
+        user message."""
+        if self.endpoint == "completions":
+            return [("prompt", "user", self.prompt or "")]
+        messages: list[tuple[str, str, str | list[tuple[str, str, dict[str, str]]]]] = []
+        if self.messages is None:
+            if self.system is not None:
+                messages.append(("system", "system", self.system))
+            messages.append(("prompt", "user", self.prompt or ""))
+        else:
+            for i, message in enumerate(self.messages):
+                field = f"messages[{i}].content"
+                if isinstance(message.content, str):
+                    messages.append((field, message.role, message.content))
+                else:
+                    messages.append(
+                        (field, message.role, [_part_source(f"{field}[{j}]", p) for j, p in enumerate(message.content)])
+                    )
+        added = self._added_parts()
+        if added:
+            last = max(i for i, (_, role, _) in enumerate(messages) if role == "user")
+            field, role, content = messages[last]
+            parts = [(field, "text", {"text": content})] if isinstance(content, str) else list(content)
+            messages[last] = (field, role, parts + added)
+        return messages
+
+    def _added_parts(self) -> list[tuple[str, str, dict[str, str]]]:
+        """The parts `images:`, `files:` and `audio:` add, each naming its column."""
+        added = []
+        for i, column in enumerate(self.images):
+            image = {"url": _placeholder(column), **({"detail": self.image_detail} if self.image_detail else {})}
+            added.append((f"images[{i}]", "image_url", image))
+        added += [(f"files[{i}]", "file", {"file_data": _placeholder(c)}) for i, c in enumerate(self.files)]
+        added += [(f"audio[{i}]", "input_audio", {"data": _placeholder(c)}) for i, c in enumerate(self.audio)]
+        return added
 
     def template_fields(self) -> list[tuple[str, Template]]:
         """Each template with the spec field it comes from, to name it in messages."""
-        return [(field, _parse_field(field, text)) for field, _, text in self._template_sources()]
+        fields = []
+        for field, _, content in self._message_sources():
+            if isinstance(content, str):
+                fields.append((field, _parse_field(field, content)))
+                continue
+            for part_field, kind, texts in content:
+                for name, text in texts.items():
+                    if part_field.startswith(("images", "files", "audio")):
+                        where = part_field
+                    else:
+                        where = f"{part_field}.text" if kind == "text" else f"{part_field}.{kind}.{name}"
+                    fields.append((where, _parse_field(where, text)))
+        return fields
 
     def prompt_template(self) -> PromptTemplate:
         """The parsed prompt; raises SpecError naming the field whose template is malformed."""
-        templates = self.template_fields()
+        sources = self._message_sources()
+        templates = iter(template for _, template in self.template_fields())
         if self.endpoint == "completions":
-            return PromptTemplate(text=templates[0][1])
-        roles = [role for _, role, _ in self._template_sources()]
-        return PromptTemplate(
-            messages=tuple(MessageTemplate(role, t) for role, (_, t) in zip(roles, templates, strict=True))
-        )
+            return PromptTemplate(text=next(templates))
+        messages = []
+        for _, role, content in sources:
+            if isinstance(content, str):
+                messages.append(MessageTemplate(role, next(templates)))
+            else:
+                parts = tuple(
+                    PartTemplate(kind, tuple((name, next(templates)) for name in texts)) for _, kind, texts in content
+                )
+                messages.append(MessageTemplate(role, parts))
+        return PromptTemplate(messages=tuple(messages))
 
     def locate(self, field: str) -> str:
         """Where `field` is written: "job.yaml:7: prompt", or the field alone for a spec built in code."""
@@ -358,6 +501,19 @@ class JobSpec(_Strict):
             return SANDBOX_SERVER
         base_url = self.base_url()
         return "" if base_url == OPENROUTER_BASE_URL else base_url
+
+
+def _placeholder(column: str) -> str:
+    """A template that is `column`'s value alone (braces in a name cannot be written, so none are)."""
+    return "{" + column + "}"
+
+
+def _part_source(field: str, part: Any) -> tuple[str, str, dict[str, str]]:
+    """(field, type, {name: template text}) of one content part of a message."""
+    if isinstance(part, TextPart):
+        return (field, "text", {"text": part.text})
+    inner = getattr(part, part.type)  # each part's object is named after its type
+    return (field, part.type, {name: value for name, value in inner.model_dump(exclude_none=True).items()})
 
 
 def _parse_field(where: str, text: str) -> Template:
