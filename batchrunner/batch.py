@@ -90,7 +90,12 @@ class BatchExecutor:
             resumed += skipped
             if skipped:
                 sinks.resumed(skipped)
-            todos.update((todo.request.key, todo) for todo in batch.todo)
+            for todo in batch.todo:
+                failed = policy.refused(todo)  # its media cannot go in a batch (or at all): failed, unsent
+                if failed is not None:
+                    sinks.add(failed)
+                else:
+                    todos[todo.request.key] = todo
         states = {key: policy.begin(todo) for key, todo in todos.items()}
         if todos or self.store.open_batches():
             try:

@@ -209,6 +209,18 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
     say(f"  as a batch (mode: batch, typically half the price): {usd(report['expected_batch_cost_usd'])}")
     say(f"  expected duration: {report['expected_duration_s']:g} s at {report['rate_rps']:g} requests/s")
     say(f"  ({report['prompt_tokens_note']})")
+    if "media" in report:
+        media = report["media"]
+        say(
+            f"  media (each model's requests): {media['images']:,} images, {media['pdfs']:,} PDFs ({media['pdf_pages']:,} pages counted, "
+            f"{media['pdfs_by_url']:,} by URL), {media['audio_files']:,} audio files ({media['audio_mb']:g} MB), "
+            f"{media['videos']:,} videos"
+        )
+        if media["rows_that_cannot_be_sent"]:
+            say(
+                f"  {media['rows_that_cannot_be_sent']:,} rows cannot be sent (a missing or unusable file): they will fail, unpaid"
+            )
+        say(f"  ({report['media_note']})")
 
 
 @main.command()

@@ -442,6 +442,7 @@ def _usage(usage: Any) -> Usage:
         reasoning_tokens=_count(
             completion_details.get("reasoning_tokens"), "usage.completion_tokens_details.reasoning_tokens"
         ),
+        audio_tokens=_count(prompt_details.get("audio_tokens"), "usage.prompt_tokens_details.audio_tokens"),
         cost_usd=cost,
         cost_rejected=rejected,
     )

@@ -24,6 +24,7 @@ class Usage:
     cached_tokens: int = 0  # prompt tokens read from the cache
     cache_write_tokens: int = 0  # prompt tokens written to the cache
     reasoning_tokens: int = 0
+    audio_tokens: int = 0  # prompt tokens that were audio
     cost_usd: Decimal | None = None  # usage.cost; None when the server does not report it
     cost_rejected: str | None = None  # why a reported usage.cost was not used (negative, not finite, absurd)
 
@@ -35,6 +36,8 @@ class Pricing:
     prompt: Decimal = ZERO_USD
     completion: Decimal = ZERO_USD
     request: Decimal = ZERO_USD
+    image: Decimal = ZERO_USD  # per input image
+    audio: Decimal | None = None  # per input audio token; defaults to the prompt price
     internal_reasoning: Decimal | None = None  # defaults to the completion price
     input_cache_read: Decimal | None = None  # defaults to the prompt price
     input_cache_write: Decimal | None = None  # defaults to the prompt price
@@ -55,7 +58,9 @@ class Pricing:
         return cls(
             prompt=prompt,
             completion=completion,
-            request=to_decimal(prices.get("request")) or ZERO_USD,
+            request=_price(prices.get("request")),
+            image=_price(prices.get("image")),
+            audio=to_decimal(prices.get("audio")),
             internal_reasoning=to_decimal(prices.get("internal_reasoning")),
             input_cache_read=to_decimal(prices.get("input_cache_read")),
             input_cache_write=to_decimal(prices.get("input_cache_write")),
@@ -64,18 +69,22 @@ class Pricing:
             context_length=model.get("context_length") or top.get("context_length") or None,
         )
 
-    def cost_usd(self, usage: Usage) -> Decimal:
-        """What `usage` costs at these prices: cache reads and writes and reasoning at their own rates."""
+    def cost_usd(self, usage: Usage, *, images: int = 0) -> Decimal:
+        """What `usage` costs at these prices: cache reads and writes, audio and reasoning at their own
+        rates, and the per-image price for each of the request's `images`."""
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+        audio = min(usage.audio_tokens, usage.prompt_tokens - cached - written)
         reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
         cost = (
-            (usage.prompt_tokens - cached - written) * self.prompt
+            (usage.prompt_tokens - cached - written - audio) * self.prompt
             + cached * _or(self.input_cache_read, self.prompt)
             + written * _or(self.input_cache_write, self.prompt)
+            + audio * _or(self.audio, self.prompt)
             + (usage.completion_tokens - reasoning) * self.completion
             + reasoning * _or(self.internal_reasoning, self.completion)
             + self.request
+            + images * self.image
         )
         return cost * (1 - self.discount)
 
@@ -87,13 +96,14 @@ class Pricing:
             1 - self.discount
         )
 
-    def worst_case_usd(self, prompt_tokens: int, completion_tokens: int, requests: int = 1) -> Decimal:
-        """The most requests can cost: every prompt token uncached, every answer token at the
-        dearer of the completion and reasoning prices."""
+    def worst_case_usd(self, prompt_tokens: int, completion_tokens: int, requests: int = 1, images: int = 0) -> Decimal:
+        """The most requests can cost: every prompt token uncached (at the dearer of the prompt and audio
+        prices), every answer token at the dearer of the completion and reasoning prices, and each image."""
+        prompt = max(self.prompt, _or(self.audio, ZERO_USD))
         completion = max(self.completion, _or(self.internal_reasoning, ZERO_USD))
-        return (prompt_tokens * self.prompt + completion_tokens * completion + requests * self.request) * (
-            1 - self.discount
-        )
+        return (
+            prompt_tokens * prompt + completion_tokens * completion + requests * self.request + images * self.image
+        ) * (1 - self.discount)
 
 
 VARIANT_SUFFIXES = (":nitro", ":floor", ":exacto", ":thinking", ":extended", ":online")
@@ -106,6 +116,12 @@ class PriceTable:
     def __init__(self, models: list[dict[str, Any]]) -> None:
         self._prices: dict[str, Pricing] = {}
         self.ids = {model["id"] for model in models if isinstance(model.get("id"), str)}  # priced or not
+        self._inputs: dict[str, frozenset[str]] = {}  # architecture.input_modalities: text, image, file, audio
+        for model in models:
+            architecture = model.get("architecture")
+            modalities = architecture.get("input_modalities") if isinstance(architecture, dict) else None
+            if isinstance(model.get("id"), str) and isinstance(modalities, list):
+                self._inputs[model["id"]] = frozenset(str(m) for m in modalities)
         for model in models:
             pricing = Pricing.from_model(model)
             if pricing is not None and isinstance(model.get("id"), str):
@@ -118,6 +134,17 @@ class PriceTable:
             if slug.endswith(suffix):
                 return self._prices.get(slug.removesuffix(suffix))
         return None
+
+    def inputs(self, slug: str) -> frozenset[str] | None:
+        """What the model takes (text, image, file, audio, video), or None when /models did not say."""
+        for candidate in (slug, *(slug.removesuffix(s) for s in VARIANT_SUFFIXES if slug.endswith(s))):
+            if candidate in self._inputs:
+                return self._inputs[candidate]
+        return None
+
+    def taking(self, kind: str) -> list[str]:
+        """The models that take `kind` of input."""
+        return sorted(slug for slug, kinds in self._inputs.items() if kind in kinds)
 
     def lists(self, slug: str) -> bool:
         """Whether GET /models named this model (or the model a routing variant of it is)."""
@@ -146,6 +173,15 @@ def plugin_allowance_usd(plugins: Any, model: str) -> Decimal:
             wanted = plugin.get("max_results")
             results = max(results, wanted if isinstance(wanted, int) and wanted > 0 else WEB_SEARCH_DEFAULT_RESULTS)
     return results * WEB_SEARCH_USD_PER_RESULT
+
+
+FILE_PARSER_USD_PER_PAGE = Decimal("0.002")  # OpenRouter's file-parser plugin (mistral-ocr): $2 per 1,000 pages
+
+
+def _price(value: Any) -> Decimal:
+    """A listed price that is a non-negative number, else nothing."""
+    price = to_decimal(value)
+    return price if price is not None and price > 0 else ZERO_USD
 
 
 def _or(value: Decimal | None, default: Decimal) -> Decimal:

@@ -5,6 +5,7 @@ These read the spec, the input and the checkpoint, and at most GET /key and /mod
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import polars as pl
 
 from batchrunner.connect import Connection
-from batchrunner.costs import ZERO_USD, Pricing, per_million
+from batchrunner.costs import FILE_PARSER_USD_PER_PAGE, ZERO_USD, Pricing, per_million
 from batchrunner.dataset import ROW_INDEX
 from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
 from batchrunner.output import export, results, score_columns
@@ -20,7 +21,18 @@ from batchrunner.pending import pending
 from batchrunner.preflight import prepare
 from batchrunner.report import Report, build, gather
 from batchrunner.report_html import render
-from batchrunner.request import RequestBuilder, estimated_prompt_tokens, expected_completion_tokens, most_prompt_tokens
+from batchrunner.request import (
+    MOST_TOKENS_PER_IMAGE,
+    TYPICAL_TOKENS_PER_IMAGE,
+    TYPICAL_TOKENS_PER_PAGE,
+    MediaTally,
+    RequestBuilder,
+    RowRequest,
+    estimated_prompt_tokens,
+    expected_completion_tokens,
+    media_tally,
+    most_prompt_tokens,
+)
 from batchrunner.runner import fetch_prices, plan_limits
 from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import JobSpec
@@ -157,25 +169,19 @@ async def estimate_job(
     requests = RequestBuilder(spec, server=connection.server)
     checkpoint = spec.checkpoint_path()
     store = Store.open(checkpoint) if checkpoint.exists() else None
-    per_model = {
-        model: {"rows": 0, "prompt_tokens": 0, "most_prompt_tokens": 0, "answered": 0, "answered_completion_tokens": 0}
-        for model in spec.models
-    }
+    async with connection:
+        prices = await fetch_prices(connection.client)
+        limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
+
+    per_model = {model: _Tally() for model in spec.models}
     try:
         for batch in pending(dataset, requests, store, limit=limit, batch_size=20_000):
             for todo in batch.todo:
-                counts = per_model[todo.request.requested_model]
-                counts["rows"] += 1
-                counts["prompt_tokens"] += estimated_prompt_tokens(todo.request.prompt)
-                counts["most_prompt_tokens"] += most_prompt_tokens(todo.request.prompt)
+                per_model[todo.request.requested_model].add(todo.request, prices.get(todo.request.requested_model))
         history = store.completion_tokens_by_model() if store else {}
     finally:
         if store is not None:
             store.close()
-
-    async with connection:
-        prices = await fetch_prices(connection.client)
-        limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
 
     models: dict[str, Any] = {}
     expected_total: Decimal | None = ZERO_USD
@@ -187,19 +193,24 @@ async def estimate_job(
             completion, basis = answered_tokens / answered_n, f"the average of {answered_n} answers so far"
         else:
             completion, basis = expected_completion_tokens(spec, pricing)
-        rows = counts["rows"]
+        rows = counts.rows
         entry: dict[str, Any] = {
             "rows": rows,
-            "estimated_prompt_tokens": counts["prompt_tokens"],
+            "estimated_prompt_tokens": counts.prompt_tokens,
             "expected_completion_tokens_per_row": round(completion, 1),
             "completion_estimate_basis": basis,
             "expected_cost_usd": None,
             "max_cost_usd": None,
         }
         if pricing is not None:
-            expected = pricing.estimate_usd(counts["prompt_tokens"], Decimal(str(round(completion * rows, 3))), rows)
-            worst = pricing.worst_case_usd(
-                counts["most_prompt_tokens"], rows * requests.max_completion_tokens(pricing), rows
+            expected = pricing.estimate_usd(
+                counts.prompt_tokens, Decimal(str(round(completion * rows, 3))), rows
+            ) + counts.media.images * pricing.image * (1 - pricing.discount)
+            worst = (
+                pricing.worst_case_usd(
+                    counts.most_prompt_tokens, rows * requests.max_completion_tokens(pricing), rows, counts.media.images
+                )
+                + counts.media.most_pages() * FILE_PARSER_USD_PER_PAGE
             )
             entry["expected_cost_usd"] = str(expected.quantize(Decimal("1E-9")))
             entry["max_cost_usd"] = str(worst.quantize(Decimal("1E-9")))
@@ -211,6 +222,8 @@ async def estimate_job(
         models[model] = entry
     requests_n = sum(entry["rows"] for entry in models.values())
     rate = limits.pacer.rate_rps
+    media = next(iter(per_model.values())).media if per_model else MediaTally()  # every model sends the same
+    unsendable = next(iter(per_model.values())).unsendable if per_model else 0
     return {
         "job": spec.name,
         "rows": requests_n,
@@ -222,6 +235,51 @@ async def estimate_job(
         "rate_rps": rate,
         "prompt_tokens_note": "estimated without a tokenizer: about 4 characters a token",
         "models": models,
+        **(_media_report(media, unsendable) if requests.has_media else {}),
+    }
+
+
+@dataclass
+class _Tally:
+    """What one model's pairs still to do add up to."""
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    most_prompt_tokens: int = 0
+    unsendable: int = 0  # rows whose media cannot be sent: they fail, unsent and unpaid
+    media: MediaTally = field(default_factory=MediaTally)
+
+    def add(self, request: RowRequest, pricing: Pricing | None) -> None:
+        if request.problem is not None:
+            self.unsendable += 1
+            return
+        self.rows += 1
+        self.prompt_tokens += estimated_prompt_tokens(request.prompt)
+        most = most_prompt_tokens(request.prompt)
+        self.most_prompt_tokens += min(most, pricing.context_length or most) if pricing else most
+        if isinstance(request.prompt, list):
+            self.media = self.media.plus(media_tally(request.prompt))
+
+
+def _media_report(media: MediaTally, unsendable: int) -> dict[str, Any]:
+    """What the estimate counted of the rows' media, and what it could not know."""
+    return {
+        "media": {
+            "images": media.images,
+            "pdfs": media.files,
+            "pdf_pages": media.pages,
+            "pdfs_by_url": media.unknown_pages,
+            "audio_files": media.audio,
+            "audio_mb": round(media.audio_bytes / 1_048_576, 1),
+            "videos": media.videos,
+            "rows_that_cannot_be_sent": unsendable,
+        },
+        "media_note": (
+            f"image tokens vary by provider and detail (85 to ~2,800 an image): assumed {TYPICAL_TOKENS_PER_IMAGE:,} "
+            "an image (85 at detail: low) and {TYPICAL_TOKENS_PER_PAGE:,} a PDF page, plus each model's per-image price; pages of PDFs "
+            "by URL, and video, are not known before they are sent; the worst case allows "
+            f"{MOST_TOKENS_PER_IMAGE:,} tokens an image and the file-parser's price for every page"
+        ),
     }
 
 

@@ -24,7 +24,15 @@ from typing import Any, TypeVar
 
 from batchrunner.breaker import Breaker, ServerWatch
 from batchrunner.client import Client, Completion
-from batchrunner.costs import ZERO_USD, Budget, PriceTable, Usage, format_usd, plugin_allowance_usd
+from batchrunner.costs import (
+    FILE_PARSER_USD_PER_PAGE,
+    ZERO_USD,
+    Budget,
+    PriceTable,
+    Usage,
+    format_usd,
+    plugin_allowance_usd,
+)
 from batchrunner.errors import (
     ApiError,
     FatalApiError,
@@ -38,7 +46,7 @@ from batchrunner.halt import Halt, StopReason
 from batchrunner.limits import Limits, is_free
 from batchrunner.pending import Todo
 from batchrunner.records import Bill, RowResult
-from batchrunner.request import RequestBuilder, RowRequest, body_prompt, most_prompt_tokens
+from batchrunner.request import MediaTally, RequestBuilder, RowRequest, body_prompt, media_tally, most_prompt_tokens
 from batchrunner.retries import RetryPolicy
 from batchrunner.spec import JobSpec
 from batchrunner.structured import InvalidAnswer, Mode, parse_answer
@@ -270,7 +278,7 @@ class RowPolicy:
             self.server.answered()
             row.bill.attempts += 1
             row.last_error = exc
-            self._settle(reserved, self._charge(row.bill, exc.usage, model))
+            self._settle(reserved, self._charge(row.bill, exc.usage, model, media=media_tally(body_prompt(body))))
             if isinstance(exc, FatalApiError):
                 if exc.code == "free_daily_cap":
                     self.halt.stop(StopReason.FREE_CAP, str(self.limits.cap_reached(model)))
@@ -285,7 +293,14 @@ class RowPolicy:
         row.bill.attempts += 1
         self._settle(
             reserved,
-            self._charge(row.bill, completion.usage, completion.model or model, model, completion.generation_id),
+            self._charge(
+                row.bill,
+                completion.usage,
+                completion.model or model,
+                model,
+                completion.generation_id,
+                media=media_tally(body_prompt(body)),
+            ),
         )
         return completion
 
@@ -340,7 +355,7 @@ class RowPolicy:
         row.bill.attempts += 1
         row.tries += 1
         if isinstance(answer, ApiError):
-            cost = self._charge(row.bill, answer.usage, model)
+            cost = self._charge(row.bill, answer.usage, model, media=media_tally(item.prompt))
             row.last_error = answer
             if isinstance(answer, FatalApiError):
                 self.halt.stop(StopReason.ACCOUNT, str(answer), answer)
@@ -348,7 +363,9 @@ class RowPolicy:
             if isinstance(answer, TransientError) and row.tries < self.retry.max_attempts:
                 return None, cost
             return self._done_with_model(todo, row), cost
-        cost = self._charge(row.bill, answer.usage, answer.model or model, model, answer.generation_id)
+        cost = self._charge(
+            row.bill, answer.usage, answer.model or model, model, answer.generation_id, media=media_tally(item.prompt)
+        )
         pricing = self.pricing.get(answer.model or model) or self.pricing.get(model)
         if pricing is not None:  # what the same answer costs live: the batch discount, for the summary
             self.saved_usd += pricing.cost_usd(answer.usage) - cost
@@ -393,6 +410,8 @@ class RowPolicy:
         model: str,
         requested: str | None = None,
         generation_id: str | None = None,
+        *,
+        media: MediaTally | None = None,
     ) -> Decimal:
         """Add one attempt's cost and tokens to the row's bill: reported, else computed from prices, else unknown.
 
@@ -402,11 +421,12 @@ class RowPolicy:
         if usage is None:  # no answer, no charge
             return ZERO_USD
         pricing = self.pricing.get(model) or self.pricing.get(requested or model)
+        media = media or MediaTally()
         reported, rejected = usage.cost_usd, usage.cost_rejected
         if reported is not None and pricing is not None:
-            ceiling = 10 * pricing.worst_case_usd(usage.prompt_tokens, usage.completion_tokens) + self._allowance(
-                requested or model
-            )
+            ceiling = 10 * pricing.worst_case_usd(
+                usage.prompt_tokens, usage.completion_tokens, images=media.images
+            ) + self._allowance(requested or model, media)
             if reported > ceiling:
                 reported, rejected = None, f"usage.cost {reported} is far above what {model}'s prices allow"
         if rejected is not None:
@@ -419,15 +439,16 @@ class RowPolicy:
         if reported is not None:
             cost, source = reported, "reported"
         elif pricing is not None:
-            cost, source = pricing.cost_usd(usage), "computed"
+            cost, source = pricing.cost_usd(usage, images=media.images), "computed"
         else:
             cost, source = ZERO_USD, "unknown"
         bill.add(cost, source, usage.prompt_tokens, usage.completion_tokens)
         return cost
 
-    def _allowance(self, model: str) -> Decimal:
-        """What a request may cost beyond its tokens (web search results)."""
-        return plugin_allowance_usd(self.spec.params.get("plugins"), model)
+    def _allowance(self, model: str, media: MediaTally | None = None) -> Decimal:
+        """What a request may cost beyond its tokens: web search results, and parsing its PDFs' pages."""
+        pages = media.most_pages() if media is not None else 0
+        return plugin_allowance_usd(self.spec.params.get("plugins"), model) + pages * FILE_PARSER_USD_PER_PAGE
 
     async def _reserve(self, body: dict[str, Any], model: str) -> Decimal:
         """Reserve this request's worst case (its own prompt and max_tokens, repairs included) against the budget.
@@ -457,12 +478,15 @@ class RowPolicy:
         """The most one request can cost: its prompt, its max_tokens, and what plugins may add.
         With server-side fallbacks OpenRouter may answer with any model of the chain: the dearest."""
         candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
-        prompt_tokens = most_prompt_tokens(body_prompt(body))
-        return max(
-            self.pricing[m].worst_case_usd(prompt_tokens, self.requests.max_completion_tokens(self.pricing[m], body))
-            + self._allowance(m)
-            for m in candidates
-        )
+        prompt = body_prompt(body)
+        prompt_tokens, media = most_prompt_tokens(prompt), media_tally(prompt)
+        worst = []
+        for name in candidates:
+            pricing = self.pricing[name]
+            tokens = min(prompt_tokens, pricing.context_length or prompt_tokens)  # a longer prompt is refused, unbilled
+            completion = self.requests.max_completion_tokens(pricing, body)
+            worst.append(pricing.worst_case_usd(tokens, completion, images=media.images) + self._allowance(name, media))
+        return max(worst)
 
     def _settle(self, reserved: Decimal, actual: Decimal) -> None:
         if self.budget is not None:

@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+import polars as pl
+
 from batchrunner.costs import PriceTable
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.errors import OutputError, Problem, SpecError, first_line
@@ -93,6 +95,7 @@ def prepare(spec: JobSpec) -> Dataset:
         for warning in strict_mode_warnings(Mode.of(spec.response_format).schema or {}):
             log.warning("response_format: %s", warning)
     check_evaluation(spec, dataset.columns)
+    check_media(spec, dataset)
     return dataset
 
 
@@ -231,9 +234,7 @@ def check_models(spec: JobSpec, catalog: PriceTable, *, strict: bool) -> None:
     (llama-server ignores it), so there it is a warning. Nothing to check when /models was not read."""
     if not catalog.ids:
         return
-    named = [(f"models[{i}]", m) for i, m in enumerate(spec.models)]
-    named += [(f"fallbacks[{i}]", m) for i, m in enumerate(spec.fallbacks)]
-    named += [("evaluate.metric", rule.judge.model) for rule in judge_rules(spec) if rule.judge]
+    named = [*_answering_models(spec), *(("evaluate.metric", r.judge.model) for r in judge_rules(spec) if r.judge)]
     problems = []
     for field, model in named:
         if catalog.lists(model):
@@ -245,6 +246,105 @@ def check_models(spec: JobSpec, catalog: PriceTable, *, strict: bool) -> None:
         else:
             log.warning(
                 "%s: %r is not listed at %s/models; sending it anyway", spec.locate(field), model, spec.base_url()
+            )
+    problems += _input_problems(spec, catalog, strict=strict)
+    if problems:
+        raise SpecError(problems)
+
+
+def _answering_models(spec: JobSpec) -> list[tuple[str, str]]:
+    """(spec field, model) of the models that answer the rows: models and fallbacks."""
+    return [(f"models[{i}]", m) for i, m in enumerate(spec.models)] + [
+        (f"fallbacks[{i}]", m) for i, m in enumerate(spec.fallbacks)
+    ]
+
+
+def _input_problems(spec: JobSpec, catalog: PriceTable, *, strict: bool) -> list[Problem]:
+    """A model whose endpoints take no image (audio, video) input would answer every row with a 404:
+    refused here instead, naming models that do. A PDF any model takes: OpenRouter's file-parser
+    plugin turns it into text for a model that cannot read files."""
+    kinds = sorted(spec.prompt_template().media_kinds - {"file"})
+    problems = []
+    for field, model in _answering_models(spec):
+        takes = catalog.inputs(model)
+        for kind in kinds:
+            if takes is None or kind in takes:
+                continue
+            vendor = model.split("/")[0] + "/"
+            others = sorted(catalog.taking(kind), key=lambda slug: (not slug.startswith(vendor), slug))[:3]
+            hint = f"e.g. {', '.join(others)}" if others else "`batchrunner models` lists what each takes"
+            message = f"{model!r} takes no {kind} input (it takes {', '.join(sorted(takes))}); choose a model that does, {hint}"
+            if strict:
+                problems.append(Problem(spec.locate(field), message))
+            else:
+                log.warning("%s: %s", spec.locate(field), message)
+    return problems
+
+
+def check_media(spec: JobSpec, dataset: Dataset) -> None:
+    """What can be known of the media columns before anything is sent: their type, audio given as URLs
+    (OpenRouter takes audio as data only), and, in batch mode, anything but https URLs (the Batch API
+    refuses file content). A missing or unusable file is a problem of its row alone: it fails, unsent."""
+    problems = []
+    schema = dataset.frame.collect_schema()
+    for field, kind, template in spec.media_fields():
+        column = template.single_column
+        if column is None:
+            first = template.parts[0] if template.parts else ""
+            literal_https = isinstance(first, str) and first.lower().startswith("https://")
+            if spec.mode == "batch" and not literal_https:
+                problems.append(
+                    Problem(
+                        spec.locate(field),
+                        "mode batch sends media as https URLs only; start the template with https://, or use mode: live",
+                    )
+                )
+            continue
+        dtype = schema.get(column)
+        if dtype is None:
+            continue  # a missing column is reported with the other placeholders
+        if dtype == pl.Binary():
+            if spec.mode == "batch":
+                problems.append(
+                    Problem(
+                        spec.locate(field),
+                        f"{column!r} holds bytes, and the Batch API takes media as https URLs only (OpenRouter refuses base64 in batches); use mode: live",
+                    )
+                )
+            continue
+        if dtype != pl.String():
+            problems.append(
+                Problem(
+                    spec.locate(field),
+                    f"{column!r} holds {dtype} values, not paths, https URLs or bytes; name a column that does",
+                )
+            )
+            continue
+        text = pl.col(column).str.strip_chars().str.to_lowercase()
+        url = text.str.starts_with("http://") | text.str.starts_with("https://")
+        found = (
+            dataset.frame.select(
+                url.sum().alias("urls"),
+                (~text.str.starts_with("https://")).sum().alias("not_https"),
+                pl.col(column).filter(~text.str.starts_with("https://")).first().alias("example"),
+                pl.col(column).filter(url).first().alias("url_example"),
+            )
+            .collect()
+            .row(0, named=True)
+        )
+        if kind == "audio" and found["urls"]:
+            problems.append(
+                Problem(
+                    spec.locate(field),
+                    f"{column!r} holds {found['urls']} URL(s) (e.g. {found['url_example']!r}); OpenRouter takes audio as data only: give local files or bytes",
+                )
+            )
+        if spec.mode == "batch" and found["not_https"]:
+            problems.append(
+                Problem(
+                    spec.locate(field),
+                    f"{found['not_https']} row(s) of {column!r} are not https URLs (e.g. {str(found['example'])[:80]!r}); the Batch API takes media as https URLs only (OpenRouter refuses base64 and data: URLs in batches): use URLs, or mode: live",
+                )
             )
     if problems:
         raise SpecError(problems)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import cached_property
 from typing import Any
 
@@ -215,16 +215,99 @@ def prompt_texts(prompt: Any) -> list[str]:
     return texts
 
 
+# What media may add to a prompt, in tokens, before any answer says. Providers count image and page
+# tokens their own way (and by `detail`); these bound them for budgets, and guess them for estimates.
+MOST_TOKENS_PER_IMAGE = 10_000  # above Anthropic's ~1,600, OpenAI's high-detail ~2,800, Gemini's tiles of 258
+MOST_TOKENS_PER_PAGE = 3_000  # a dense page, or a page sent as an image plus its text
+MOST_PAGES_UNKNOWN = 100  # a PDF by URL, whose pages are not known (the request's context bounds it anyway)
+AUDIO_BYTES_PER_TOKEN_LEAST = 32  # 32 tokens a second (Gemini) of 8 kbit/s audio
+VIDEO_TOKENS_MOST = 1_000_000  # a video: bounded only by the model's context
+TYPICAL_TOKENS_PER_IMAGE = 1_000  # a guess: 85 (low detail) to ~2,800 (high detail, large image)
+LOW_DETAIL_TOKENS_PER_IMAGE = 85  # OpenAI's fixed price of a low-detail image
+TYPICAL_TOKENS_PER_PAGE = 1_000
+AUDIO_BYTES_PER_TOKEN_TYPICAL = 500  # 32 tokens a second of 128 kbit/s mp3
+
+
+@dataclass(frozen=True)
+class MediaTally:
+    """The media one prompt carries: what costs and estimates count."""
+
+    images: int = 0
+    low_detail_images: int = 0  # of them, sent with detail: low (85 tokens each at OpenAI)
+    files: int = 0
+    pages: int = 0  # counted pages of the PDFs sent as content
+    unknown_pages: int = 0  # PDFs by URL, whose pages are not known
+    audio: int = 0
+    audio_bytes: int = 0
+    videos: int = 0
+
+    def most_tokens(self) -> int:
+        return (
+            self.images * MOST_TOKENS_PER_IMAGE
+            + (self.pages + self.unknown_pages * MOST_PAGES_UNKNOWN) * MOST_TOKENS_PER_PAGE
+            + self.audio_bytes // AUDIO_BYTES_PER_TOKEN_LEAST
+            + self.videos * VIDEO_TOKENS_MOST
+        )
+
+    def typical_tokens(self) -> int:
+        return (
+            (self.images - self.low_detail_images) * TYPICAL_TOKENS_PER_IMAGE
+            + self.low_detail_images * LOW_DETAIL_TOKENS_PER_IMAGE
+            + self.pages * TYPICAL_TOKENS_PER_PAGE
+            + self.audio_bytes // AUDIO_BYTES_PER_TOKEN_TYPICAL
+        )
+
+    def most_pages(self) -> int:
+        return self.pages + self.unknown_pages * MOST_PAGES_UNKNOWN
+
+    def plus(self, other: MediaTally) -> MediaTally:
+        return MediaTally(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+def media_tally(prompt: Any) -> MediaTally:
+    """Count the images, PDFs (and their pages), audio and video of a rendered prompt."""
+    counts: dict[str, int] = dict.fromkeys(
+        ("images", "low_detail_images", "files", "pages", "unknown_pages", "audio", "audio_bytes", "videos"), 0
+    )
+    if isinstance(prompt, str):
+        return MediaTally()
+    for message in prompt:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in MEDIA_PARTS:
+                continue
+            value = (part.get(kind) or {}).get(MEDIA_PARTS[kind][0])
+            if kind == "image_url":
+                counts["images"] += 1
+                counts["low_detail_images"] += part[kind].get("detail") == "low"
+            elif kind == "file":
+                counts["files"] += 1
+                if isinstance(value, Media):
+                    counts["pages"] += value.pages or 1
+                else:
+                    counts["unknown_pages"] += 1
+            elif kind == "input_audio":
+                counts["audio"] += 1
+                counts["audio_bytes"] += value.size if isinstance(value, Media) else 0
+            else:
+                counts["videos"] += 1
+    return MediaTally(**counts)
+
+
 def estimated_prompt_tokens(prompt: Any) -> int:
-    """A tokenizer-free estimate: about four characters a token, plus a few per message."""
+    """A tokenizer-free estimate: about four characters a token, plus a few per message, plus a guess for media."""
     texts = prompt_texts(prompt)
-    return sum(len(t) for t in texts) // 4 + 4 * len(texts) + 1
+    return sum(len(t) for t in texts) // 4 + 4 * len(texts) + 1 + media_tally(prompt).typical_tokens()
 
 
 def most_prompt_tokens(prompt: Any) -> int:
-    """An upper bound for budgets: no tokenizer makes more tokens than UTF-8 bytes, plus role markers."""
+    """An upper bound for budgets: no tokenizer makes more tokens than UTF-8 bytes, plus role markers,
+    plus the most its media may count (capped by the model's context where it is known)."""
     texts = prompt_texts(prompt)
-    return sum(len(t.encode()) for t in texts) + 8 * len(texts) + 8
+    return sum(len(t.encode()) for t in texts) + 8 * len(texts) + 8 + media_tally(prompt).most_tokens()
 
 
 def expected_completion_tokens(spec: JobSpec, pricing: Pricing | None = None) -> tuple[float, str]:

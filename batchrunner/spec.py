@@ -30,7 +30,15 @@ from pydantic import (
 
 from batchrunner import openapi
 from batchrunner.errors import Problem, SpecError
-from batchrunner.prompt import MessageTemplate, PartTemplate, PromptTemplate, Template, TemplateError, parse_template
+from batchrunner.prompt import (
+    MEDIA_PARTS,
+    MessageTemplate,
+    PartTemplate,
+    PromptTemplate,
+    Template,
+    TemplateError,
+    parse_template,
+)
 from batchrunner.structured import schema_problems
 
 log = logging.getLogger("batchrunner")
@@ -427,18 +435,27 @@ class JobSpec(_Strict):
 
     def template_fields(self) -> list[tuple[str, Template]]:
         """Each template with the spec field it comes from, to name it in messages."""
-        fields = []
+        return [(field, template) for field, _, template in self._templates()]
+
+    def media_fields(self) -> list[tuple[str, str, Template]]:
+        """(spec field, kind of media, template) of each field that names an image, file, audio or video."""
+        return [(field, kind, template) for field, kind, template in self._templates() if kind is not None]
+
+    def _templates(self) -> list[tuple[str, str | None, Template]]:
+        """(field, kind of media or None for text, template) of every template the spec has."""
+        fields: list[tuple[str, str | None, Template]] = []
         for field, _, content in self._message_sources():
             if isinstance(content, str):
-                fields.append((field, _parse_field(field, content)))
+                fields.append((field, None, _parse_field(field, content)))
                 continue
-            for part_field, kind, texts in content:
+            for part_field, part_type, texts in content:
+                media_field, kind = MEDIA_PARTS.get(part_type, ("", None))
                 for name, text in texts.items():
                     if part_field.startswith(("images", "files", "audio")):
                         where = part_field
                     else:
-                        where = f"{part_field}.text" if kind == "text" else f"{part_field}.{kind}.{name}"
-                    fields.append((where, _parse_field(where, text)))
+                        where = f"{part_field}.text" if part_type == "text" else f"{part_field}.{part_type}.{name}"
+                    fields.append((where, kind if name == media_field else None, _parse_field(where, text)))
         return fields
 
     def prompt_template(self) -> PromptTemplate:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from pathlib import Path
 
+from batchrunner.dataset import open_dataset
 from batchrunner.offline import estimate_job
 from batchrunner.runner import run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -25,7 +26,8 @@ async def test_estimate_is_within_a_factor_of_two_and_its_worst_case_holds(tmp_p
             await run_job(load_spec(job, overrides={**overrides, "api": {"base_url": sandbox.base_url}}), limit=60)
         actual = sandbox.stats.charged_usd
         expected, worst = Decimal(estimate["expected_cost_usd"]), Decimal(estimate["max_cost_usd"])
-        assert estimate["rows"] == 60 * len(spec.models)
+        rows = min(60, open_dataset(spec.input, id_column=spec.id_column).rows)
+        assert estimate["rows"] == rows * len(spec.models)
         assert actual / 2 <= expected <= actual * 2, (job.name, expected, actual)
         assert worst >= actual, (job.name, worst, actual)
         assert estimate["expected_duration_s"] > 0

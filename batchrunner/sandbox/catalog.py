@@ -205,6 +205,20 @@ MODELS: dict[str, dict[str, Any]] = {
         "provider": "Chutes",
     },
 }
+# What each model takes besides text (architecture.input_modalities), and its price per input image.
+VISION = ("text", "image", "file")
+INPUTS: dict[str, tuple[str, ...]] = {
+    **{slug: VISION for slug in MODELS if slug.startswith(("openai/", "anthropic/"))},
+    **{slug: (*VISION, "audio", "video") for slug in MODELS if slug.startswith("google/")},
+    "meta-llama/llama-4-maverick": ("text", "image"),
+}
+IMAGE_PRICES = {
+    "openai/gpt-4o": "0.003613",
+    "openai/gpt-4o-mini": "0.007225",
+    "openai/gpt-4.1": "0.001",
+    "anthropic/claude-3.5-haiku": "0.0008",
+    "google/gemini-2.0-flash-001": "0.0000258",
+}
 AUTO_ROUTER = "openrouter/auto"
 AUTO_ROUTES_TO = "openai/gpt-4o-mini"
 VARIANT_SUFFIXES = (":nitro", ":floor", ":exacto", ":thinking", ":extended", ":online")
@@ -228,16 +242,27 @@ def pricing(model: str) -> dict[str, str]:
     if slug.endswith(":free"):
         return {"prompt": "0", "completion": "0"}
     entry = MODELS[slug]
-    return {key: entry[key] for key in ("prompt", "completion", "input_cache_read") if key in entry}
+    prices: dict[str, str] = {key: entry[key] for key in ("prompt", "completion", "input_cache_read") if key in entry}
+    if slug in IMAGE_PRICES:
+        prices["image"] = IMAGE_PRICES[slug]
+    return prices
 
 
-def cost_usd(model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
+def inputs(model: str) -> tuple[str, ...]:
+    """What the model takes: text, and maybe image, file, audio, video."""
+    return INPUTS.get(base_slug(model).removesuffix(":free"), ("text",))
+
+
+def cost_usd(
+    model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, images: int = 0
+) -> Decimal:
     prices = pricing(model)
     cache_read = Decimal(prices.get("input_cache_read", prices["prompt"]))
     return (
         Decimal(prices["prompt"]) * (prompt_tokens - cached_tokens)
         + cache_read * cached_tokens
         + Decimal(prices["completion"]) * completion_tokens
+        + Decimal(prices.get("image", "0")) * images
     )
 
 
@@ -259,8 +284,8 @@ def model_objects(created: int) -> list[dict[str, Any]]:
                 "description": f"{entry['name']}, as simulated by the batchrunner sandbox.",
                 "context_length": entry["context_length"],
                 "architecture": {
-                    "modality": "text->text",
-                    "input_modalities": ["text"],
+                    "modality": "+".join(inputs(slug)) + "->text",
+                    "input_modalities": list(inputs(slug)),
                     "output_modalities": ["text"],
                     "tokenizer": "Other",
                     "instruct_type": None,

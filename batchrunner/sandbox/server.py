@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
+import aiohttp
 from aiohttp import web
 
 from batchrunner import openapi
 from batchrunner.costs import ZERO_USD, to_decimal
-from batchrunner.sandbox import answers, catalog
+from batchrunner.sandbox import answers, catalog, senses
 from batchrunner.sandbox.batches import BatchDesk
 
 FAULT_KINDS = (
@@ -73,6 +74,8 @@ class SandboxConfig:
     batch_price_factor: Decimal = Decimal("0.5")  # batch answers cost this share of the realtime price
     batch_expire_s: float | None = None  # a batch not completed this long after submission expires
     no_batch_models: set[str] = field(default_factory=set)  # models the Batch API refuses (no batch endpoint)
+    refuse_inputs: dict[str, set[str]] = field(default_factory=dict)  # model -> kinds (image, file, audio) its
+    # endpoints refuse with a 404, though it lists them (as when a provider of the model lacks vision)
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULT_KINDS)
@@ -92,6 +95,8 @@ class SandboxStats:
     prompt_tokens: int = 0  # of every answer that was billed
     completion_tokens: int = 0
     max_requests_in_one_second: int = 0
+    incomplete: int = 0  # requests whose body stopped before its end (nothing answered, nothing billed)
+    images: int = 0  # images in requests that were answered
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -191,6 +196,18 @@ class Sandbox:
         key = header.removeprefix("Bearer ")
         if not key.startswith("sk-or-v1-") or (self.config.api_key is not None and key != self.config.api_key):
             return _error(401, "User not found.")
+        return None
+
+    def _refused_input(self, body: dict[str, Any], model: str) -> web.Response | None:
+        """A 400 for a part no provider could read, a 404 for an input the model's endpoints do not take."""
+        try:
+            seen = senses.perceive(body.get("messages") or [])
+        except senses.Unreadable as exc:
+            return _error(400, f"Invalid request: {exc}", error_type="invalid_image")
+        takes = set(catalog.inputs(model)) | {"file"}  # a PDF any model takes: the file-parser plugin reads it
+        takes -= self.config.refuse_inputs.get(model, set())
+        for kind in sorted(seen.kinds - takes):
+            return _error(404, f"No endpoints found that support {kind} input", error_type="not_found")
         return None
 
     def _rate_limited(self, model: str) -> web.Response | None:
@@ -341,7 +358,12 @@ class Sandbox:
         if (denied := self._auth_error(request)) is not None:
             return denied
         try:
-            body = json.loads(await request.text())
+            text = await request.text()
+        except (ConnectionError, aiohttp.ClientPayloadError):
+            self.stats.incomplete += 1  # the client stopped sending: there is no request to answer
+            return web.Response(status=499)  # never reaches the client: the connection is gone
+        try:
+            body = json.loads(text)
         except ValueError:
             return _error(400, "Invalid JSON body", error_type="invalid_request")
         if not isinstance(body, dict):
@@ -368,6 +390,8 @@ class Sandbox:
         for model in chain:
             if not catalog.is_listed(model):
                 return _error(400, f"{model} is not a valid model ID", error_type="invalid_request")
+        if chat and (refused := self._refused_input(body, chain[0])) is not None:
+            return refused
 
         remaining = self.remaining_usd()
         if remaining is not None and remaining <= 0:
@@ -448,8 +472,10 @@ class Sandbox:
         price_factor: Decimal = Decimal(1),
     ) -> dict[str, Any]:
         messages = body.get("messages") or []
-        prompt = answers.last_user_text(messages) if chat else body["prompt"]
+        seen = senses.perceive(messages) if chat else senses.Perceived()
+        prompt = " ".join([answers.last_user_text(messages), *seen.text]) if chat else body["prompt"]
         n_prompt = answers.prompt_tokens(messages) if chat else answers.count_tokens(prompt)
+        n_prompt += seen.tokens + seen.audio_tokens
         response_format = body.get("response_format") or {}
         kind = response_format.get("type")
         if kind == "json_schema":
@@ -482,12 +508,13 @@ class Sandbox:
         )
         n_completion = answers.count_tokens(produced) if produced else 0
         n_cached = self._cached_tokens(model, messages) if chat else 0
-        cost = catalog.cost_usd(model, n_prompt, n_completion, n_cached) * price_factor
+        cost = catalog.cost_usd(model, n_prompt, n_completion, n_cached, images=seen.images) * price_factor
         if (finish_reason == "error" or n_completion == 0) and not self.config.bill_failed_answers:
             cost = ZERO_USD  # zero-completion insurance: empty and error answers are not billed
         reported = float(cost)
         self.stats.charged_usd += to_decimal(reported) or ZERO_USD
         if cost > 0:
+            self.stats.images += seen.images
             self.stats.prompt_tokens += n_prompt
             self.stats.completion_tokens += n_completion
         if not fault:
@@ -499,7 +526,7 @@ class Sandbox:
             "prompt_tokens": n_prompt,
             "completion_tokens": n_completion,
             "total_tokens": n_prompt + n_completion,
-            "prompt_tokens_details": {"cached_tokens": n_cached},
+            "prompt_tokens_details": {"cached_tokens": n_cached, "audio_tokens": seen.audio_tokens},
             "completion_tokens_details": {"reasoning_tokens": 0},
             "is_byok": False,
         }
