@@ -211,7 +211,7 @@ class MediaReader:
         limit = self.limits.of(kind)
         if size > limit:
             raise MediaProblem(
-                f"{where}{shown} is {size / MIB:.1f} MB, over the {limit / MIB:g} MB limit for {kind}s "
+                f"{where}{shown} is {size / MIB:.3g} MB, over the {limit / MIB:.3g} MB limit for {kind}s "
                 f"(media_limits_mb.{kind}); shrink it, or raise the limit if your provider takes more"
             )
         if size == 0:
@@ -326,15 +326,18 @@ class EncodedBody:
         yield held  # the last chunk goes only once the whole file is known to be the one fingerprinted
 
 
+_MARKER = f"\ue000media-{uuid.uuid4().hex}-"  # stands for a Media in the JSON text; no prompt can guess it
+_HOLE = re.compile(f'"{re.escape(_MARKER)}(\\d+)"')
+
+
 def encode_body(body: dict[str, Any]) -> EncodedBody:
     """`body` as JSON, each Media left as a hole to stream its base64 into."""
     found: list[Media] = []
-    marker = f"\ue000media-{uuid.uuid4().hex}-"
 
     def hole(value: Any) -> str:
         if isinstance(value, Media):
             found.append(value)
-            return f"{marker}{len(found) - 1}"
+            return f"{_MARKER}{len(found) - 1}"
         raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
     text = json.dumps(body, ensure_ascii=False, default=hole)
@@ -342,7 +345,7 @@ def encode_body(body: dict[str, Any]) -> EncodedBody:
         data = text.encode()
         return EncodedBody([data], len(data))
     parts: list[bytes | Media] = []
-    pieces = re.split(f'"{re.escape(marker)}(\\d+)"', text)
+    pieces = _HOLE.split(text)
     for position, piece in enumerate(pieces):
         if position % 2:
             parts.append(found[int(piece)])

@@ -276,7 +276,7 @@ def _media_report(media: MediaTally, unsendable: int) -> dict[str, Any]:
         },
         "media_note": (
             f"image tokens vary by provider and detail (85 to ~2,800 an image): assumed {TYPICAL_TOKENS_PER_IMAGE:,} "
-            "an image (85 at detail: low) and {TYPICAL_TOKENS_PER_PAGE:,} a PDF page, plus each model's per-image price; pages of PDFs "
+            f"an image (85 at detail: low) and {TYPICAL_TOKENS_PER_PAGE:,} a PDF page, plus each model's per-image price; pages of PDFs "
             "by URL, and video, are not known before they are sent; the worst case allows "
             f"{MOST_TOKENS_PER_IMAGE:,} tokens an image and the file-parser's price for every page"
         ),

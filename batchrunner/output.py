@@ -128,6 +128,9 @@ def _keys(requests: Iterable[RowRequest]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema={**_KEYS_SCHEMA, **dict.fromkeys(KEY_COLUMNS, pl.String())})
 
 
+MEDIA_EXPORT_ROWS = 1024
+
+
 def results(
     dataset: Dataset, requests: RequestBuilder, store: Store, *, batch_size: int = 20_000, row_index: bool = False
 ) -> Iterator[pl.DataFrame]:
@@ -139,6 +142,8 @@ def results(
     spec = requests.spec
     extra = extra_columns(spec)
     judges = spec.evaluate.judges() if spec.evaluate is not None else []
+    if requests.has_media:  # each row's files are hashed again to find its key; bytes cells are held per batch
+        batch_size = min(batch_size, MEDIA_EXPORT_ROWS)
     for frame, rows in dataset.chunks(batch_size=batch_size):
         stored = store.fetch([row.id for row in rows])
         answers = _answers(

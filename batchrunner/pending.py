@@ -21,6 +21,7 @@ from batchrunner.request import RequestBuilder, RowRequest
 from batchrunner.store import Store
 
 BATCH_ROWS = 8192  # input rows per batch: one checkpoint query each, memory bounded by it
+MEDIA_BATCH_ROWS = 256  # with media: each row's files are hashed (and bytes cells held) while its batch waits
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,8 @@ def pending(
 ) -> Iterator[Batch]:
     """The pairs of the input (its first `limit` rows) that the checkpoint has no answer for, batch by batch."""
     read = 0
+    if requests.has_media:
+        batch_size = min(batch_size, MEDIA_BATCH_ROWS)
     batches = dataset.batches(limit=limit, batch_size=batch_size)
     while True:
         try:

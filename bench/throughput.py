@@ -35,23 +35,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_sandbox(credits: float, latency_s: float) -> tuple[subprocess.Popen[bytes], str]:
+def start_sandbox(credits: float | None, latency_s: float) -> tuple[subprocess.Popen[bytes], str]:
+    """`batchrunner sandbox` in its own process: OpenRouter's credit rule with `credits`, else no rate limit."""
     port = free_port()
+    limits = ["--rate-limit", "credits", "--credits", str(credits)] if credits is not None else []
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "batchrunner",
-            "sandbox",
-            "--port",
-            str(port),
-            "--rate-limit",
-            "credits",
-            "--credits",
-            str(credits),
-            "--latency",
-            str(latency_s),
-        ],
+        [sys.executable, "-m", "batchrunner", "sandbox", "--port", str(port), *limits, "--latency", str(latency_s)],
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"

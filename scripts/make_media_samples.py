@@ -108,7 +108,13 @@ def main() -> None:
     lines = ["id,scan,expected_category"]
     for number, (vendor, category, item, total) in enumerate(INVOICES, start=1):
         path = f"invoices/inv_{number:03d}.pdf"
-        body = ["INVOICE", f"Invoice number: 2026-{number:04d}", f"Vendor: {vendor}", f"Item: {item}", f"Total: {total} USD"]
+        body = [
+            "INVOICE",
+            f"Invoice number: 2026-{number:04d}",
+            f"Vendor: {vendor}",
+            f"Item: {item}",
+            f"Total: {total} USD",
+        ]
         (OUT / path).write_bytes(pdf(body))
         lines.append(f"inv-{number:03d},{path},{category}")
     (OUT / "invoices.csv").write_text("\n".join(lines) + "\n")

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 
 from batchrunner import limits as limits_module
+from batchrunner import openapi
 from batchrunner import runner as runner_module
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
@@ -595,3 +599,195 @@ async def test_an_unknown_cost_is_never_shown_as_zero(
     assert status["cost_unknown_rows"] == 12
     assert format_cost(Decimal(status["cost_usd"]), status["cost_unknown_rows"]) == "unknown"
     assert format_cost(Decimal("1.5"), 1) == "at least $1.50"
+
+
+# -- images, documents and audio ------------------------------------------------------------
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
+
+
+def image_job(tmp_path: Path, rows: list[tuple[str, str]], **changes: object) -> Path:
+    """A one-model image job over `rows` of (id, photo) in tmp_path, its spec at tmp_path/job.yaml."""
+    pl.DataFrame({"id": [r[0] for r in rows], "photo": [r[1] for r in rows]}).write_csv(tmp_path / "photos.csv")
+    spec: dict[str, object] = {
+        "name": "photos",
+        "input": "photos.csv",
+        "id_column": "id",
+        "output": "out/photos.parquet",
+        "models": ["openai/gpt-4o-mini"],
+        "prompt": "What shape is this?",
+        "images": ["photo"],
+        "params": {"max_tokens": 40},
+        **changes,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def copy_shapes(folder: Path, count: int) -> list[tuple[str, str]]:
+    """The first `count` sample shape images copied into folder/img, as (id, relative path) rows."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for number in range(1, count + 1):
+        name = f"img_{number:03d}.png"
+        shutil.copy(SAMPLE / "shapes" / name, folder / "img" / name)
+        rows.append((f"p{number}", f"img/{name}"))
+    return rows
+
+
+async def test_the_image_labeling_job_sends_valid_parts_and_writes_typed_columns(tmp_path: Path) -> None:
+    """jobs/label_shapes.yaml on the sandbox: every body validates against ChatRequest with its image part
+    (a base64 PNG data URL), and the answers land in typed columns."""
+    job = SAMPLE.parent / "jobs" / "label_shapes.yaml"
+    async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
+        overrides = {
+            "output": str(tmp_path / "shapes.parquet"),
+            "checkpoint": str(tmp_path / "shapes.sqlite"),
+            "api": {"base_url": sandbox.base_url},
+        }
+        outcome = await run_job(load_spec(job, overrides=overrides))
+    assert outcome.report.summary.ok == 72 and sandbox.stats.images == 72
+    for body in sandbox.stats.bodies:
+        assert openapi.validation_errors("ChatRequest", body) == []
+        text, image = body["messages"][0]["content"]
+        assert text["type"] == "text" and image["type"] == "image_url"
+        assert image["image_url"]["detail"] == "low"
+        assert image["image_url"]["url"].startswith("data:image/png;base64,iVBORw0KGgo")
+    output = pl.read_parquet(tmp_path / "shapes.parquet")
+    assert output.schema["shape"] == pl.Enum(["circle", "square", "triangle"])
+    assert output.schema["colour"] == pl.Enum(["red", "green", "blue", "yellow", "other"])
+    right = output.filter(pl.col("shape").cast(pl.String) == pl.col("expected_shape")).height
+    assert right > 50  # the sandbox sees the shapes; each model gets most of them right
+
+
+async def test_replacing_one_image_resends_exactly_one_request_and_moving_the_folder_none(tmp_path: Path) -> None:
+    """The checkpoint knows images by content: a rerun sends nothing, replacing one file re-asks its row alone,
+    and the whole job moved to another folder re-asks nothing."""
+    folder = tmp_path / "job"
+    rows = copy_shapes(folder, 6)
+    async with Sandbox() as sandbox:
+        job = image_job(folder, rows, api={"base_url": sandbox.base_url})
+        await run_job(load_spec(job))
+        assert sandbox.stats.requests == 6
+        await run_job(load_spec(job))
+        assert sandbox.stats.requests == 6
+        shutil.copy(SAMPLE / "shapes" / "img_020.png", folder / "img" / "img_003.png")
+        outcome = await run_job(load_spec(job))
+        assert sandbox.stats.requests == 7 and outcome.report.summary.done == 1
+        moved = tmp_path / "elsewhere"
+        shutil.move(folder, moved)
+        outcome = await run_job(load_spec(moved / "job.yaml"))
+    assert sandbox.stats.requests == 7 and outcome.report.resumed == 6
+
+
+async def test_each_row_file_problem_fails_its_row_with_nothing_sent(tmp_path: Path) -> None:
+    """A missing file, a folder, a file that is no image, one over the size limit, an http URL and an empty
+    cell each fail their own row with a clear error, cost nothing and send nothing; the good row is answered."""
+    rows = copy_shapes(tmp_path, 1)
+    (tmp_path / "img" / "folder.png").mkdir()
+    (tmp_path / "img" / "bitmap.png").write_bytes(b"BM" + b"\x00" * 100)
+    (tmp_path / "img" / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 3000)
+    problems = {
+        "missing": ("img/nope.png", "img/nope.png: no such file"),
+        "folder": ("img/folder.png", "img/folder.png is a folder"),
+        "bitmap": ("img/bitmap.png", "is a image/bmp file, not a supported image; convert it to PNG"),
+        "huge": ("img/huge.png", "over the 0.002 MB limit for images (media_limits_mb.image)"),
+        "http": ("http://example.com/a.png", "is not https"),
+        "empty": ("", "no image in this row (the cell is empty)"),
+    }
+    rows += [(name, cell) for name, (cell, _) in problems.items()]
+    async with Sandbox() as sandbox:
+        job = image_job(tmp_path, rows, media_limits_mb={"image": 0.002}, api={"base_url": sandbox.base_url})
+        outcome = await run_job(load_spec(job))
+    assert sandbox.stats.requests == 1
+    assert outcome.report.summary.ok == 1 and outcome.report.summary.failed == len(problems)
+    output = pl.read_parquet(tmp_path / "out" / "photos.parquet")
+    for name, (_, says) in problems.items():
+        row = output.filter(pl.col("id") == name).row(0, named=True)
+        assert row["status"] == "failed" and says in row["error"] and "nothing was sent" in row["error"], row
+        assert row["error"].startswith("photo: ")
+        assert row["attempts"] == 0 and row["cost_usd"] == 0
+
+
+async def test_an_endpoint_refusing_images_sends_the_row_to_its_fallback(tmp_path: Path) -> None:
+    """A 404 "No endpoints found that support image input" is the model's problem: the fallback answers;
+    with no fallback the row fails with the provider's words."""
+    rows = copy_shapes(tmp_path, 3)
+    config = SandboxConfig(refuse_inputs={"openai/gpt-4o-mini": {"image"}})
+    async with Sandbox(config) as sandbox:
+        job = image_job(tmp_path, rows, fallbacks=["google/gemini-2.0-flash-001"], api={"base_url": sandbox.base_url})
+        outcome = await run_job(load_spec(job))
+        assert outcome.report.summary.ok == 3
+        output = pl.read_parquet(tmp_path / "out" / "photos.parquet")
+        assert set(output["model"]) == {"google/gemini-2.0-flash-001"}
+        job = image_job(
+            tmp_path,
+            rows,
+            output="out/alone.parquet",
+            checkpoint="out/alone.sqlite",
+            api={"base_url": sandbox.base_url},
+        )
+        outcome = await run_job(load_spec(job))
+    assert outcome.report.summary.failed == 3
+    errors = pl.read_parquet(tmp_path / "out" / "alone.parquet")["error"]
+    assert all("No endpoints found that support image input" in e for e in errors)
+
+
+async def test_a_model_that_takes_no_images_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    """/models says what each model takes: an image job on a text-only model is refused up front, naming
+    the model, the field and models that do take images."""
+    rows = copy_shapes(tmp_path, 2)
+    job = image_job(tmp_path, rows, models=["deepseek/deepseek-chat-v3-0324"])
+    with pytest.raises(SpecError) as caught:
+        await run_job(load_spec(job), sandbox=SandboxConfig())
+    assert not (tmp_path / "out" / "photos.checkpoint.sqlite").exists()  # refused before the checkpoint opened
+    message = str(caught.value)
+    assert "job.yaml:" in message and "models[0]" in message
+    assert "'deepseek/deepseek-chat-v3-0324' takes no image input (it takes text)" in message
+    assert "e.g. anthropic/" in message
+
+
+@pytest.mark.parametrize("report_cost", [True, False])
+async def test_image_costs_add_up_to_what_was_charged(tmp_path: Path, report_cost: bool) -> None:
+    """Per-image prices count: the run's cost equals what the sandbox charged, reported or computed from /models."""
+    rows = copy_shapes(tmp_path, 4)
+    async with Sandbox(SandboxConfig(report_cost=report_cost)) as sandbox:
+        outcome = await run_job(load_spec(image_job(tmp_path, rows, api={"base_url": sandbox.base_url})))
+    assert sandbox.stats.charged_usd > Decimal("0.007225") * 4  # the images are most of it
+    assert outcome.report.summary.cost_usd == sandbox.stats.charged_usd
+
+
+async def test_images_as_parquet_bytes_and_audio_files(tmp_path: Path) -> None:
+    """A Parquet binary column is sent as base64 images; a WAV file as input_audio with its format read from it."""
+    png = (SAMPLE / "shapes" / "img_001.png").read_bytes()
+    wav = (
+        b"RIFF"
+        + (36 + 32000).to_bytes(4, "little")
+        + b"WAVEfmt "
+        + bytes.fromhex("10000000010001003e0000007d00000200100064617461")
+        + (32000).to_bytes(4, "little")
+        + b"\x00" * 32000
+    )
+    (tmp_path / "call.wav").write_bytes(wav)
+    pl.DataFrame({"id": ["a", "b"], "photo": [png, png], "call": ["call.wav", "call.wav"]}).write_parquet(
+        tmp_path / "rows.parquet"
+    )
+    async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
+        job = image_job(
+            tmp_path,
+            [],
+            input="rows.parquet",
+            models=["google/gemini-2.0-flash-001"],
+            audio=["call"],
+            api={"base_url": sandbox.base_url},
+        )
+        outcome = await run_job(load_spec(job))
+    assert outcome.report.summary.ok == 2
+    parts = sandbox.stats.bodies[0]["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url", "input_audio"]
+    assert parts[1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(png).decode()
+    assert parts[2]["input_audio"]["format"] == "wav"
+    output = pl.read_parquet(tmp_path / "out" / "photos.parquet")
+    assert output["photo"].to_list() == [png, png]
+    assert output["prompt_tokens"][0] > 32  # a second of audio counts 32 tokens, on top of the text and image
