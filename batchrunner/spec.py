@@ -707,7 +707,12 @@ def _without_union_noise(errors: list[Any]) -> list[Any]:
         at_union = bool(loc) and isinstance(loc[-1], str) and "[" in loc[-1]
         if at_union and (error["type"] == "literal_error") != isinstance(error.get("input"), str):
             continue
-        kept.append({**error, "loc": tuple(p for p in loc if not (isinstance(p, str) and "[" in p))})
+        if loc and loc[-1] == "str" and error["type"] == "string_type" and isinstance(error.get("input"), list):
+            continue  # `content: str | [parts]` given parts: the parts' own errors say what is wrong
+        loc = tuple(p for p in loc if not (isinstance(p, str) and "[" in p) and p != "str")
+        # A tagged union names its branch after a list index: content[1].image_url.image_url.url -> .image_url.url
+        loc = tuple(p for i, p in enumerate(loc) if not (i >= 2 and isinstance(loc[i - 2], int) and loc[i - 1] == p))
+        kept.append({**error, "loc": loc})
     return kept
 
 

@@ -315,3 +315,24 @@ async def test_two_batches_that_could_be_the_lost_one_stop_the_run_and_say_what_
         and "cancel the wrong ones with `batchrunner cancel`" in second.report.stop.message
     )
     assert sandbox.batches.submitted == 2, "nothing more was submitted"
+
+
+async def test_image_urls_go_into_batches_as_they_are(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """Batch mode with an images column of https URLs: each request carries its URL unchanged (the Batch API
+    takes URLs only, as OpenRouter says), and every row is answered at the batch price."""
+    pl.DataFrame(
+        {
+            "ticket_id": [f"T-{i}" for i in range(5)],
+            "text": ["x"] * 5,
+            "photo": [f"https://cdn.example.com/{i}.png" for i in range(5)],
+        }
+    ).write_csv(tmp_path / "photos.csv")
+    async with Sandbox() as sandbox:
+        spec = load_spec(
+            write_spec(input="photos.csv", mode="batch", images=["photo"], api={"base_url": sandbox.base_url})
+        )
+        outcome = await run_job(spec)
+        submitted = [request for batch in sandbox.batches.batches.values() for request in batch.requests]
+    assert outcome.report.summary.ok == 5 and sandbox.stats.images == 5
+    urls = sorted(r["body"]["messages"][0]["content"][1]["image_url"]["url"] for r in submitted)
+    assert urls == [f"https://cdn.example.com/{i}.png" for i in range(5)]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
 from batchrunner.client import Client, classify, parse_completion, retry_after_s
-from batchrunner.errors import FatalApiError, RateLimited, RequestRejected, TransientError
+from batchrunner.errors import FatalApiError, MediaProblem, RateLimited, RequestRejected, TransientError
+from batchrunner.media import MediaReader
 from batchrunner.sandbox import Sandbox, SandboxConfig
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -290,3 +294,21 @@ async def test_a_body_nested_too_deeply_to_parse_is_a_bad_body() -> None:
         assert caught.value.code == "bad_body"
     finally:
         await runner.cleanup()
+
+
+async def test_a_file_changed_before_its_request_went_out_raises_media_problem(tmp_path: Path) -> None:
+    """Over real HTTP: the body stops before its last chunk, the sandbox never answers, and the client raises
+    MediaProblem (a row problem, not an ApiError to retry); an unchanged file is answered."""
+    (tmp_path / "a.png").write_bytes((SAMPLE / "shapes" / "img_001.png").read_bytes() + b"\x00" * 300_000)
+    image = MediaReader(tmp_path).resolve("image", "a.png", column="photo")
+    body = {
+        "model": "openai/gpt-4o-mini",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}],
+    }
+    async with Sandbox() as sandbox, Client(sandbox.base_url) as client:
+        answered = await client.chat(body)
+        assert answered.text and sandbox.stats.images == 1
+        (tmp_path / "a.png").write_bytes((SAMPLE / "shapes" / "img_002.png").read_bytes() + b"\x00" * 300_000)
+        with pytest.raises(MediaProblem, match="changed while the run was sending it"):
+            await client.chat(body)
+    assert sandbox.stats.statuses[200] == 1 and sandbox.stats.images == 1

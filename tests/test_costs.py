@@ -118,3 +118,33 @@ def test_web_search_plugins_are_reserved_for() -> None:
     assert plugin_allowance_usd([{"id": "web", "max_results": 10}], "m") == Decimal("0.04")
     assert plugin_allowance_usd([{"id": "web", "enabled": False}], "m") == 0
     assert plugin_allowance_usd([{"id": "file-parser"}], "m") == 0
+
+
+def test_images_and_audio_are_priced_at_their_own_rates() -> None:
+    """Each image adds pricing.image; audio tokens cost pricing.audio instead of the prompt price; the worst case
+    counts both, and a missing or negative image price is no price."""
+    pricing = Pricing.from_model(model("a/b", prompt="0.000001", completion="0.000002", image="0.005", audio="0.00001"))
+    assert pricing is not None
+    usage = Usage(prompt_tokens=1000, completion_tokens=10, audio_tokens=100)
+    text_cost = Decimal("0.000001") * 900 + Decimal("0.00001") * 100 + Decimal("0.000002") * 10
+    assert pricing.cost_usd(usage) == text_cost
+    assert pricing.cost_usd(usage, images=3) == text_cost + Decimal("0.015")
+    assert pricing.worst_case_usd(1000, 10, images=3) == Decimal("0.00001") * 1000 + Decimal("0.000002") * 10 + Decimal(
+        "0.015"
+    )
+    cheap = Pricing.from_model(model("a/c", prompt="0.000001", completion="0.000002", image="-1"))
+    assert cheap is not None and cheap.image == 0
+
+
+def test_price_table_knows_what_each_model_takes() -> None:
+    """architecture.input_modalities is kept per model (variants included); models that take images are listed."""
+    table = PriceTable(
+        [
+            {**model("v/see", prompt="0", completion="0"), "architecture": {"input_modalities": ["text", "image"]}},
+            {**model("t/text", prompt="0", completion="0"), "architecture": {"input_modalities": ["text"]}},
+            model("u/unknown", prompt="0", completion="0"),
+        ]
+    )
+    assert table.inputs("v/see:nitro") == {"text", "image"}
+    assert table.inputs("u/unknown") is None
+    assert table.taking("image") == ["v/see"]

@@ -6,7 +6,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 import pytest
+import yaml
 
 from batchrunner.costs import PriceTable
 from batchrunner.errors import SpecError
@@ -74,3 +76,28 @@ def test_an_unlisted_model_on_another_server_is_a_warning(
     with pytest.raises(SpecError, match="not a model the server lists"):
         check_models(spec, catalog, strict=True)
     check_models(spec, PriceTable([]), strict=True)  # /models could not be read: nothing to check against
+
+
+def test_media_columns_are_checked_before_anything_is_sent(tmp_path: Path) -> None:
+    """A media column of numbers is refused; in batch mode a bytes column, a local path and a template that is
+    not an https URL are refused (the Batch API takes URLs only); https URLs pass in both modes."""
+    pl.DataFrame(
+        {"id": ["1", "2"], "n": [1, 2], "raw": [b"\x89PNG", b"\x89PNG"], "url": ["https://x/a.png", "https://x/b.png"]}
+    ).write_parquet(tmp_path / "in.parquet")
+
+    def check(**changes: object) -> str:
+        spec = {"name": "m", "input": "in.parquet", "id_column": "id", "output": "out.parquet", "models": ["a/b"]}
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump({**spec, "prompt": "Describe", **changes}))
+        try:
+            prepare(load_spec(tmp_path / "job.yaml"))
+        except SpecError as exc:
+            return str(exc)
+        return ""
+
+    assert "'n' holds Int64 values, not paths, https URLs or bytes" in check(images=["n"])
+    assert check(images=["raw"]) == "" and check(images=["url"]) == ""
+    assert check(images=["url"], mode="batch") == ""
+    assert "'raw' holds bytes, and the Batch API takes media as https URLs only" in check(images=["raw"], mode="batch")
+    parts = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "images/{id}.png"}}]
+    templated = check(prompt=None, messages=[{"role": "user", "content": parts}], mode="batch")
+    assert "messages[0].content[1].image_url.url: mode batch sends media as https URLs only" in templated

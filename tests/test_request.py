@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
+from batchrunner import openapi
 from batchrunner.dataset import Row
-from batchrunner.request import RequestBuilder
+from batchrunner.media import EncodedBody, Media, encode_body
+from batchrunner.request import MOST_TOKENS_PER_IMAGE, RequestBuilder, media_tally, most_prompt_tokens
 from batchrunner.spec import load_spec
 
 ROW = Row(0, "T-0", {"ticket_id": "T-0", "subject": "s", "text": "hello"})
@@ -59,3 +65,99 @@ def test_cached_system_prompt_is_marked_and_valid(write_spec: Callable[..., Path
     ]
     assert body["messages"][1] == {"role": "user", "content": "Ticket T-0: hello"}
     assert openapi.validation_errors("ChatRequest", body) == []
+
+
+def test_text_fingerprints_are_those_earlier_versions_stored(tmp_path: Path) -> None:
+    """Multimodal prompts changed how parts are fingerprinted, not text: a text job's key is still the one
+    checkpoints written before hold (computed with the tree before content parts existed), so nothing is re-asked."""
+    (tmp_path / "in.csv").write_text("id,text\n1,hi\n")
+    (tmp_path / "job.yaml").write_text(
+        "name: fp\ninput: in.csv\noutput: out.parquet\nmodels: [openai/gpt-4o-mini]\n"
+        "system: Be brief.\nprompt: Say {text}\nparams: {max_tokens: 5}\n"
+    )
+    builder = RequestBuilder(load_spec(tmp_path / "job.yaml"))
+    prompt = builder.prompt(Row(0, "1", {"id": "1", "text": "hi"}))
+    assert builder.fingerprint(prompt, "openai/gpt-4o-mini") == "3b693096d5dac67130a7c9982f93676b"
+
+
+def media_builder(tmp_path: Path, **changes: object) -> RequestBuilder:
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"a" * 40)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"b" * 40)
+    (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4 /Type /Page >>")
+    spec = {
+        "name": "m",
+        "input": "in.csv",
+        "output": "out.parquet",
+        "models": ["openai/gpt-4o-mini"],
+        "prompt": "Label {title}",
+        "images": ["photo"],
+        "files": ["scan"],
+        "image_detail": "low",
+        **changes,
+    }
+    (tmp_path / "in.csv").write_text("title,photo,scan\nx,a.png,doc.pdf\n")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    return RequestBuilder(load_spec(tmp_path / "job.yaml"))
+
+
+def media_row(photo: object = "a.png", scan: object = "doc.pdf") -> Row:
+    return Row(0, "0", {"title": "x", "photo": photo, "scan": scan})
+
+
+def test_the_shorthand_adds_parts_after_the_text(tmp_path: Path) -> None:
+    """images:/files: append an image part (with image_detail) and a file part (named after the file) to the
+    user message, after its text; the body validates against ChatRequest once its files are streamed in."""
+    builder = media_builder(tmp_path)
+    prompt, problem = builder.prompt_of(media_row())
+    assert problem is None
+    text, image, document = prompt[0]["content"]
+    assert text == {"type": "text", "text": "Label x"}
+    assert image["image_url"]["detail"] == "low" and isinstance(image["image_url"]["url"], Media)
+    assert document["file"]["filename"] == "doc.pdf" and isinstance(document["file"]["file_data"], Media)
+    encoded = encode_body(builder.body(prompt, "openai/gpt-4o-mini"))
+    body = json.loads(asyncio.run(collect(encoded)))
+    assert openapi.validation_errors("ChatRequest", body) == []
+    assert body["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+async def collect(encoded: EncodedBody) -> bytes:
+    return b"".join([chunk async for chunk in encoded.chunks()])
+
+
+def test_media_fingerprints_follow_content_not_paths(tmp_path: Path) -> None:
+    """The same image under another name (or as bytes) keeps the key; other content, or another detail, changes it."""
+    builder = media_builder(tmp_path)
+    (tmp_path / "copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+
+    def key(row: Row, of: RequestBuilder = builder) -> str:
+        return of.fingerprint(of.prompt(row), "openai/gpt-4o-mini")
+
+    base = key(media_row())
+    assert key(media_row(photo="copy.png")) == base
+    assert key(media_row(photo=str(tmp_path / "a.png"))) == base
+    assert key(media_row(photo=(tmp_path / "a.png").read_bytes())) == base
+    assert key(media_row(photo="b.png")) != base
+    assert key(media_row(), media_builder(tmp_path, image_detail="high")) != base
+
+
+def test_a_row_whose_file_cannot_be_sent_carries_its_problem(tmp_path: Path) -> None:
+    """Every problem of the row is named; its key differs from a good row's, and changes once the file is there."""
+    builder = media_builder(tmp_path)
+    requests = list(builder.for_rows([media_row(photo="gone.png", scan="http://x/doc.pdf")]))
+    assert len(requests) == 1
+    problem = requests[0].problem or ""
+    assert "photo: gone.png: no such file" in problem and "scan: http://x/doc.pdf is not https" in problem
+    assert problem.endswith("; nothing was sent")
+    (tmp_path / "gone.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"c" * 40)
+    again = next(builder.for_rows([media_row(photo="gone.png", scan="doc.pdf")]))
+    assert again.problem is None and again.fingerprint != requests[0].fingerprint
+
+
+def test_media_tally_counts_what_prompts_carry(tmp_path: Path) -> None:
+    """Images (and low-detail ones), PDFs with their pages, and URL PDFs whose pages are unknown are counted."""
+    builder = media_builder(tmp_path)
+    tally = media_tally(builder.prompt(media_row()))
+    assert (tally.images, tally.low_detail_images, tally.files, tally.pages) == (1, 1, 1, 1)
+    tally = media_tally(builder.prompt(media_row(scan="https://x.example/doc.pdf")))
+    assert (tally.files, tally.pages, tally.unknown_pages) == (1, 0, 1)
+    assert most_prompt_tokens(builder.prompt(media_row())) > MOST_TOKENS_PER_IMAGE

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import csv
 import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,7 +14,7 @@ import jsonschema
 import pytest
 
 from batchrunner import openapi
-from batchrunner.sandbox import Sandbox, SandboxConfig, request_key
+from batchrunner.sandbox import Sandbox, SandboxConfig, request_key, senses
 
 SCHEMA = {
     "type": "object",
@@ -28,7 +31,7 @@ SCHEMA = {
 }
 
 
-def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
+def chat(content: Any = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}
 
 
@@ -217,3 +220,58 @@ def test_request_key_ignores_params_that_do_not_change_the_question() -> None:
     """The sandbox's duplicate counter keys on model and prompt."""
     body = {"model": "a/b", "messages": [{"role": "user", "content": "x"}]}
     assert request_key(body) == request_key({**body, "temperature": 1}) != request_key({**body, "model": "a/c"})
+
+
+SHAPES = Path(__file__).resolve().parent.parent / "sample_data"
+
+
+def image_part(data: bytes, mime: str = "image/png", detail: str | None = None) -> dict[str, Any]:
+    url = {"url": f"data:{mime};base64," + base64.b64encode(data).decode(), **({"detail": detail} if detail else {})}
+    return {"type": "image_url", "image_url": url}
+
+
+def test_the_sandbox_sees_every_sample_shape() -> None:
+    """senses.py reads each generated PNG as the shape and colour scripts/make_media_samples.py drew."""
+    with (SHAPES / "shapes.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        seen = senses.perceive([{"role": "user", "content": [image_part((SHAPES / row["photo"]).read_bytes())]}])
+        assert seen.text == [f"[image: a {row['expected_colour']} {row['expected_shape']}]"], row
+
+
+async def test_image_parts_count_tokens_and_image_prices() -> None:
+    """An image adds 85 tokens at low detail, OpenAI's tile rule otherwise, and the model's per-image price."""
+    png = (SHAPES / "shapes" / "img_001.png").read_bytes()
+    async with Sandbox() as sandbox:
+        _, _, text_only = await post(sandbox, chat("What is this?"))
+        content = [{"type": "text", "text": "What is this?"}]
+        _, _, low = await post(sandbox, chat([*content, image_part(png, detail="low")]))
+        _, _, high = await post(sandbox, chat([*content, image_part(png)]))
+    assert low["usage"]["prompt_tokens"] == text_only["usage"]["prompt_tokens"] + 85
+    assert high["usage"]["prompt_tokens"] == text_only["usage"]["prompt_tokens"] + 85 + 170  # 96 px: one tile
+    assert Decimal(str(low["usage"]["cost"])) - Decimal(str(text_only["usage"]["cost"])) >= Decimal("0.007225")
+    assert openapi.validation_errors("ChatResult", high) == []
+
+
+async def test_inputs_a_model_does_not_take_are_404s_and_unreadable_parts_400s() -> None:
+    """Like OpenRouter: an image to a text-only model (or one told to refuse them) is a 404 naming the input;
+    a data URL that is not an image is a 400; audio is counted in prompt_tokens_details.audio_tokens."""
+    png = (SHAPES / "shapes" / "img_001.png").read_bytes()
+    wav = (
+        b"RIFF" + (36 + 16000).to_bytes(4, "little") + b"WAVEfmt " + bytes(4) + bytes(8) + (16000).to_bytes(4, "little")
+    )
+    wav += bytes(44 - len(wav)) + b"\x00" * 16000
+    config = SandboxConfig(refuse_inputs={"openai/gpt-4o": {"image"}})
+    async with Sandbox(config) as sandbox:
+        body = chat([image_part(png)])
+        text_model = await post(sandbox, {**body, "model": "deepseek/deepseek-r1"})
+        refused = await post(sandbox, {**body, "model": "openai/gpt-4o"})
+        not_image = await post(sandbox, chat([image_part(b"%PDF-1.4 hello")]))
+        audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
+        heard = await post(sandbox, {**chat([audio]), "model": "google/gemini-2.0-flash-001"})
+    for status, _, payload in (text_model, refused):
+        assert status == 404 and payload["error"]["message"] == "No endpoints found that support image input"
+    assert not_image[0] == 400 and "invalid_image" in not_image[2]["error"]["message"]
+    assert (
+        heard[0] == 200 and heard[2]["usage"]["prompt_tokens_details"]["audio_tokens"] == 32
+    )  # 1 s (16,000 bytes at 16,000 a second) at 32 a second

@@ -87,3 +87,18 @@ async def test_turnaround_partial_failures_expiry_and_cancel() -> None:
         _, submitted = await call(sandbox, "POST", "/batches", batch_body(1))
         _, expired = await call(sandbox, "GET", f"/batches/{submitted['id']}")
         assert expired["status"] == "expired"
+
+
+async def test_media_as_data_is_refused_in_batches_urls_are_not() -> None:
+    """As OpenRouter's Batch API: an image as a data: URL (or any input_audio) fails the submission; a URL passes."""
+
+    def with_image(url: str) -> str:
+        content = [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": url}}]
+        request = {"custom_id": "r0", "body": {"messages": [{"role": "user", "content": content}]}}
+        return json.dumps({"endpoint": "/v1/chat/completions", "model": MODEL, "requests": [request]})
+
+    async with Sandbox() as sandbox:
+        inline, refused = await call(sandbox, "POST", "/batches", with_image("data:image/png;base64,iVBORw0KGgo="))
+        url, _ = await call(sandbox, "POST", "/batches", with_image("https://cdn.example.com/a.png"))
+    assert inline == 400 and "base64 and data: URIs are rejected" in refused["error"]["message"]
+    assert url == 202

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchrunner.errors import SpecError
+from batchrunner.prompt import Template
 from batchrunner.spec import OPENROUTER_BASE_URL, load_spec
 
 
@@ -155,3 +156,60 @@ def test_example_jobs_are_valid() -> None:
     for job in jobs:
         spec = load_spec(job)
         assert spec.input.exists(), job
+
+
+def test_content_parts_and_the_media_shorthand_name_their_fields(write_spec: Callable[..., Path]) -> None:
+    """Each templated field of a part, and each `images:`/`files:`/`audio:` column, is a field with its own
+    path and kind; the shorthand joins the last user message after its text."""
+    spec = load_spec(
+        write_spec(
+            prompt=None,
+            messages=[
+                {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Ticket {ticket_id}"},
+                        {"type": "image_url", "image_url": {"url": "https://cdn.example.com/{ticket_id}.png"}},
+                    ],
+                },
+            ],
+            files=["text"],
+            audio="subject",
+        )
+    )
+    assert [(field, kind) for field, kind, _ in spec.media_fields()] == [
+        ("messages[1].content[1].image_url.url", "image"),
+        ("files[0]", "file"),
+        ("audio[0]", "audio"),
+    ]
+    assert [field for field, _ in spec.template_fields()][:2] == [
+        "messages[0].content[0].text",
+        "messages[1].content[0].text",
+    ]
+    user = spec.prompt_template().messages[1]
+    assert not isinstance(user.content, Template)
+    assert [part.type for part in user.content] == ["text", "image_url", "file", "input_audio"]
+
+
+def test_media_mistakes_name_the_field(write_spec: Callable[..., Path]) -> None:
+    """A part of an unknown type, a malformed placeholder inside a part, an image in a system message, and
+    media with no user message to join are each refused at their field."""
+    unknown = problems(
+        write_spec(prompt=None, messages=[{"role": "user", "content": [{"type": "picture", "url": "x"}]}])
+    )
+    assert "messages[0].content[0]: Input tag 'picture'" in unknown
+    broken = problems(
+        write_spec(
+            prompt=None, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "{oops"}}]}]
+        )
+    )
+    assert "messages[0].content[0].image_url.url: '{' is not closed" in broken
+    system = problems(
+        write_spec(
+            prompt=None, messages=[{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "{x}"}}]}]
+        )
+    )
+    assert "a system message takes text parts only, not image_url" in system
+    lonely = problems(write_spec(prompt=None, messages=[{"role": "system", "content": "hi"}], images=["photo"]))
+    assert "`messages` has none" in lonely

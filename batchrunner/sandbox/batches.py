@@ -43,6 +43,21 @@ class Batch:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def _inline_media(body: dict[str, Any]) -> bool:
+    """Whether a request carries media as data (base64, a data: URL) rather than a URL."""
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "input_audio":
+                return True
+            inner = part.get(kind) if kind in ("image_url", "file", "video_url") else None
+            value = inner.get("url", inner.get("file_data")) if isinstance(inner, dict) else None
+            if isinstance(value, str) and not value.startswith(("https://", "http://")):
+                return True
+    return False
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"code": status, "message": message}}, status=status)
 
@@ -86,6 +101,12 @@ class BatchDesk:
             inner = item.get("body")
             if not isinstance(inner, dict) or inner.get("model", model) != model:
                 return _error(400, f"request {item['custom_id']}: body.model must be {model}")
+            if _inline_media(inner):
+                return _error(
+                    400,
+                    f"request {item['custom_id']}: batches take images and files as URLs only; "
+                    "base64 and data: URIs are rejected",
+                )
         batch = Batch(f"batch_{uuid.uuid4().hex[:20]}", model, endpoint, requests, time.time())
         self.batches[batch.id] = batch
         self.submitted += 1
