@@ -50,6 +50,9 @@ def judge_spec(spec: JobSpec, rule: MetricSettings) -> JobSpec:
             "system": JUDGE_SYSTEM.replace("SCALE", str(judge.scale)),
             "prompt": judge.rubric,
             "messages": None,
+            "images": [],  # a grade is asked of the answer and the rubric's columns, in text
+            "files": [],
+            "audio": [],
             "endpoint": "chat",
             "params": {"temperature": 0, "max_tokens": 200},
             "response_format": {

@@ -229,6 +229,12 @@ def probe_output(dataset: Dataset, spec: JobSpec, path: Path) -> None:
         raise OutputError(first_line(exc)) from exc
 
 
+def _as_text(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Bytes (a Parquet column of images) as base64 text, for CSV and JSONL, which cannot hold bytes."""
+    binary = [name for name, dtype in frame.collect_schema().items() if dtype == pl.Binary()]
+    return frame.with_columns(pl.col(binary).bin.encode("base64")) if binary else frame
+
+
 def _as_json_text(frame: pl.LazyFrame) -> pl.LazyFrame:
     """Nested columns (lists, structs) as JSON text, for CSV, which cannot hold them."""
 
@@ -253,8 +259,8 @@ def _sink(frame: pl.LazyFrame, path: Path) -> None:
         if suffix == ".parquet":
             frame.sink_parquet(temporary)
         elif suffix == ".csv":
-            _as_json_text(frame).sink_csv(temporary)
+            _as_json_text(_as_text(frame)).sink_csv(temporary)
         elif suffix in (".jsonl", ".ndjson"):
-            frame.sink_ndjson(temporary)
+            _as_text(frame).sink_ndjson(temporary)
         else:
             raise ValueError(f"unsupported output format {suffix!r}")

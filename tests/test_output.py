@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -101,3 +102,20 @@ def test_failed_write_leaves_the_previous_output(
         export(prepare(requests.spec), requests, store, target)
     assert target.read_bytes() == b"previous"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
+def test_a_bytes_column_is_kept_and_base64_where_the_format_holds_only_text(
+    write_spec: Callable[..., Path], tmp_path: Path, suffix: str
+) -> None:
+    """A Parquet input of image bytes: Parquet output keeps the bytes, CSV and JSONL get them as base64 text."""
+    photo = b"\x89PNG\r\n\x1a\n\x00\x01"
+    pl.DataFrame({"ticket_id": ["T-0", "T-1"], "text": ["a", "b"], "photo": [photo, photo]}).write_parquet(
+        tmp_path / "photos.parquet"
+    )
+    requests, store = store_answers(write_spec(input="photos.parquet", images=["photo"]), [0, 1])
+    target = tmp_path / f"out{suffix}"
+    assert export(prepare(requests.spec), requests, store, target) == 2
+    frame = {".parquet": pl.read_parquet, ".csv": pl.read_csv, ".jsonl": pl.read_ndjson}[suffix](target)
+    expected = photo if suffix == ".parquet" else base64.b64encode(photo).decode()
+    assert frame["photo"].to_list() == [expected, expected]
