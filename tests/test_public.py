@@ -14,6 +14,7 @@ def test_all_is_pinned() -> None:
         "FatalApiError",
         "FreeModelCapReached",
         "JobSpec",
+        "MediaProblem",
         "Outcome",
         "OutputError",
         "RateLimited",

@@ -682,14 +682,15 @@ async def test_replacing_one_image_resends_exactly_one_request_and_moving_the_fo
 
 
 async def test_each_row_file_problem_fails_its_row_with_nothing_sent(tmp_path: Path) -> None:
-    """A missing file, a folder, a file that is no image, one over the size limit, an http URL and an empty
-    cell each fail their own row with a clear error, cost nothing and send nothing; the good row is answered."""
+    """A missing file, one that cannot be read, a folder, a file that is no image, one over the size limit, an
+    http URL and an empty cell each fail their own row with a clear error, cost nothing and send nothing; the good row is answered."""
     rows = copy_shapes(tmp_path, 1)
     (tmp_path / "img" / "folder.png").mkdir()
     (tmp_path / "img" / "bitmap.png").write_bytes(b"BM" + b"\x00" * 100)
     (tmp_path / "img" / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 3000)
     problems = {
         "missing": ("img/nope.png", "img/nope.png: no such file"),
+        "unreadable": ("img/img_001.png/inside.png", "cannot read it (Not a directory)"),
         "folder": ("img/folder.png", "img/folder.png is a folder"),
         "bitmap": ("img/bitmap.png", "is a image/bmp file, not a supported image; convert it to PNG"),
         "huge": ("img/huge.png", "over the 0.002 MB limit for images (media_limits_mb.image)"),
