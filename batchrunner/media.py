@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from batchrunner.errors import MediaProblem
 
@@ -185,10 +185,10 @@ class MediaReader:
                 f"{where}{shown}: the Batch API takes media as https URLs only, not files; use mode: live"
             )
         try:
-            with open(path, "rb") as handle:
+            with open_regular(path) as handle:
                 info = os.fstat(handle.fileno())
                 if not stat.S_ISREG(info.st_mode):
-                    raise MediaProblem(f"{where}{shown} is not a file")
+                    raise MediaProblem(f"{where}{shown} is not a regular file (a pipe, a device?)")
                 self._check_size(kind, info.st_size, where, shown)
                 head = handle.read(64)
                 mime = self._check_type(kind, head, where, shown)
@@ -224,6 +224,19 @@ class MediaReader:
             found = f"a {mime} file" if mime else "not a file type batchrunner recognises"
             raise MediaProblem(f"{where}{shown} is {found}, not a supported {kind}; {FIX[kind]}")
         return mime
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a file for reading without blocking: a named pipe in a column would otherwise hang the run
+    waiting for a writer. The caller checks it is a regular file before reading."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 class _Content:
@@ -308,7 +321,7 @@ class EncodedBody:
         assert media.path is not None
         digest, size, held = hashlib.sha256(), 0, b""
         try:
-            with open(media.path, "rb") as handle:
+            with open_regular(media.path) as handle:
                 for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
                     digest.update(chunk)
                     size += len(chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,12 @@ def test_a_file_changed_after_its_fingerprint_never_goes_out_whole(tmp_path: Pat
         asyncio.run(drain())
     assert encoded.failure is not None
     assert len(b"".join(sent)) < encoded.length  # the server never got a whole request
+
+
+def test_a_named_pipe_or_device_is_refused_without_waiting(tmp_path: Path) -> None:
+    """A FIFO in a column (open() would wait forever for a writer) and /dev/zero (endless) are refused at once."""
+    os.mkfifo(tmp_path / "pipe.png")
+    media = MediaReader(tmp_path)
+    for value in ("pipe.png", "/dev/zero"):
+        with pytest.raises(MediaProblem, match="is not a regular file"):
+            media.resolve("image", value, column="photo")

@@ -165,11 +165,11 @@ def _png_pixels(data: bytes) -> tuple[int, int, list[list[tuple[int, int, int]]]
     channels = {0: 1, 2: 3, 6: 4}.get(colour_type)
     if depth != 8 or channels is None or interlace or width * height > 1024 * 1024:
         return None
-    try:
-        raw = zlib.decompress(b"".join(idat))
+    stride = width * channels
+    try:  # no more than the image holds: a zlib bomb stops here
+        raw = zlib.decompressobj().decompress(b"".join(idat), height * (stride + 1))
     except zlib.error:
         return None
-    stride = width * channels
     if len(raw) < height * (stride + 1):
         return None
     rows, previous = [], bytearray(stride)
