@@ -21,7 +21,7 @@ from batchrunner.request import RequestBuilder, RowRequest
 from batchrunner.store import Store
 
 BATCH_ROWS = 8192  # input rows per batch: one checkpoint query each, memory bounded by it
-MEDIA_BATCH_ROWS = 256  # with media: each row's files are hashed (and bytes cells held) while its batch waits
+MEDIA_BATCH_ROWS = 64  # with media: a batch's files are hashed in one go on the event loop (and bytes cells held)
 
 
 @dataclass(frozen=True, slots=True)
