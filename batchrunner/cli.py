@@ -202,7 +202,13 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
     say(f"{report['job']}: {report['rows']} requests to send")
     for model, entry in report["models"].items():
         say(
-            f"  {model}: {entry['rows']} rows, ~{entry['estimated_prompt_tokens']:,} prompt tokens, "
+            f"  {model}: {entry['rows']} requests"
+            + (
+                f" (+{entry['deduplicated_rows']} rows copied from identical ones)"
+                if entry["deduplicated_rows"]
+                else ""
+            )
+            + f", ~{entry['estimated_prompt_tokens']:,} prompt tokens, "
             f"~{entry['expected_completion_tokens_per_row']:g} completion tokens a row ({entry['completion_estimate_basis']})"
         )
     say(f"  expected cost: {usd(report['expected_cost_usd'])}   worst case: {usd(report['max_cost_usd'])}")

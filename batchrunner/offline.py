@@ -174,10 +174,19 @@ async def estimate_job(
         limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
 
     per_model = {model: _Tally() for model in spec.models}
+    asked: set[tuple[str, str]] = set()  # distinct requests (dedupe): each is sent once
     try:
         for batch in pending(dataset, requests, store, limit=limit, batch_size=20_000):
+            keys = {(todo.request.requested_model, todo.request.fingerprint) for todo in batch.todo}
+            stored = store.answers_to(keys - asked) if spec.dedupe and store is not None else {}
             for todo in batch.todo:
-                per_model[todo.request.requested_model].add(todo.request, prices.get(todo.request.requested_model))
+                request = todo.request
+                key = (request.requested_model, request.fingerprint)
+                if spec.dedupe and request.problem is None and (key in asked or key in stored):
+                    per_model[request.requested_model].copies += 1  # answered by a copy: nothing sent
+                    continue
+                asked.add(key)
+                per_model[request.requested_model].add(request, prices.get(request.requested_model))
         history = store.completion_tokens_by_model() if store else {}
     finally:
         if store is not None:
@@ -196,6 +205,7 @@ async def estimate_job(
         rows = counts.rows
         entry: dict[str, Any] = {
             "rows": rows,
+            "deduplicated_rows": counts.copies,
             "estimated_prompt_tokens": counts.prompt_tokens,
             "expected_completion_tokens_per_row": round(completion, 1),
             "completion_estimate_basis": basis,
@@ -247,6 +257,7 @@ class _Tally:
     prompt_tokens: int = 0
     most_prompt_tokens: int = 0
     unsendable: int = 0  # rows whose media cannot be sent: they fail, unsent and unpaid
+    copies: int = 0  # rows whose request another row (or the checkpoint) answers: copied, not sent
     media: MediaTally = field(default_factory=MediaTally)
 
     def add(self, request: RowRequest, pricing: Pricing | None) -> None:

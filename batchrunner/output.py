@@ -31,7 +31,8 @@ from batchrunner.store import KEY_COLUMNS, Store, fetched_schema
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
 
 MODEL_POSITION = "__batchrunner_model"
-_KEYS_SCHEMA = {ROW_INDEX: pl.UInt32(), MODEL_POSITION: pl.Int32()}
+SAMPLE = "sample"  # an output column only when the spec asks each pair several times
+_KEYS_SCHEMA = {ROW_INDEX: pl.UInt32(), MODEL_POSITION: pl.Int32(), SAMPLE: pl.Int64()}
 
 
 def summary_path(output: Path) -> Path:
@@ -90,18 +91,19 @@ def _answers(
     ).with_columns(_structured_columns(answers, spec, extra))
     scored = score_columns(spec)
     keep = [*RESULT_SCHEMA, *(c for c in extra if c not in scored and c != "parsed"), "parsed"]
-    joined = rows_frame.join(answers.select(ROW_INDEX, MODEL_POSITION, *keep), on=ROW_INDEX, how="inner")
-    joined = joined.sort(ROW_INDEX, MODEL_POSITION)
+    joined = rows_frame.join(answers.select(ROW_INDEX, MODEL_POSITION, SAMPLE, *keep), on=ROW_INDEX, how="inner")
+    joined = joined.sort(ROW_INDEX, MODEL_POSITION, SAMPLE)
     if spec.evaluate is not None:  # scores are computed here, from what is stored: no request, rerun any time
         values = score_rows(
-            joined.select(pl.exclude(ROW_INDEX, MODEL_POSITION)).to_dicts(),
+            joined.select(pl.exclude(ROW_INDEX, MODEL_POSITION, SAMPLE)).to_dicts(),
             metrics_of(spec.evaluate.rules(), spec.output_prefix),
             reference=spec.evaluate.reference,
             field=spec.evaluate.field,
             input_columns=[c for c in rows_frame.columns if c != ROW_INDEX],
         )
         joined = joined.with_columns(pl.Series(name, values[name], dtype=scored[name]) for name in scored)
-    columns = [c for c in rows_frame.columns if c != ROW_INDEX or row_index] + [*RESULT_SCHEMA, *extra]
+    samples = [SAMPLE] if spec.samples > 1 else []
+    columns = [c for c in rows_frame.columns if c != ROW_INDEX or row_index] + [*samples, *RESULT_SCHEMA, *extra]
     return joined.select(columns)
 
 
@@ -118,10 +120,11 @@ def score_columns(spec: JobSpec) -> dict[str, pl.DataType]:
 
 def _keys(requests: Iterable[RowRequest]) -> pl.DataFrame:
     """Each pair's checkpoint key with its row position and model position, as a frame to join on."""
-    columns: dict[str, list[Any]] = {name: [] for name in (ROW_INDEX, MODEL_POSITION, *KEY_COLUMNS)}
+    columns: dict[str, list[Any]] = {name: [] for name in (ROW_INDEX, MODEL_POSITION, SAMPLE, *KEY_COLUMNS)}
     for request in requests:
         columns[ROW_INDEX].append(request.row.index)
         columns[MODEL_POSITION].append(request.model_position)
+        columns[SAMPLE].append(request.sample)
         columns["row_id"].append(request.row.id)
         columns["requested_model"].append(request.requested_model)
         columns["fingerprint"].append(request.fingerprint)

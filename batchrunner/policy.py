@@ -160,7 +160,7 @@ class RowPolicy:
         room if it was cut off), then handed to the fallbacks."""
         chain = self.spec.model_chain(item.requested_model)
         for position, model in enumerate(chain):
-            body = self.requests.body(item.prompt, model)
+            body = self.requests.body(item.prompt, model, item.sample)
             for repair in range(self.spec.repair.same_model + 1):
                 completion = await self._on_model(model, body, row, has_fallback=position + 1 < len(chain))
                 if completion is None:
@@ -319,7 +319,7 @@ class RowPolicy:
         if row is not None and row.repaired is not None:
             return dict(row.repaired)
         model = todo.request.requested_model if row is None else self.model_of(todo, row)
-        return self.requests.body(todo.request.prompt, model)
+        return self.requests.body(todo.request.prompt, model, todo.request.sample)
 
     def _next_model(self, todo: Todo, row: RowState) -> bool:
         """Move a pair on to its next fallback; False when it has none left."""

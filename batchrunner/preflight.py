@@ -74,7 +74,7 @@ def prepare(spec: JobSpec) -> Dataset:
     ]
     if missing:
         raise SpecError(missing)
-    clashes = [c for c in dataset.columns if c in RESULT_SCHEMA]
+    clashes = [c for c in dataset.columns if c in RESULT_SCHEMA or (c == "sample" and spec.samples > 1)]
     if clashes:
         raise SpecError(
             Problem(

@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 import polars as pl
 
-from batchrunner.costs import ZERO_USD, format_cost
+from batchrunner.costs import ZERO_USD, format_cost, format_usd
 
 Status = Literal["ok", "failed", "pending"]  # pending: the run stopped mid-row, after paying for attempts
 COST_DTYPE = pl.Decimal(precision=38, scale=12)  # exact to a millionth of a micro-dollar
@@ -39,6 +39,7 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "attempts": pl.Int64(),
     "generation_id": pl.String(),
     "provider": pl.String(),
+    "deduped_from": pl.String(),
 }
 
 
@@ -117,7 +118,9 @@ class RowResult:
     fallback_used: bool = False  # answered by a model from `fallbacks`
     parsed: str | None = None  # a structured answer, parsed and validated, as JSON text
     tool_calls: str | None = None  # the answer's tool calls, as JSON text
+    deduped_from: str | None = None  # the row whose identical request paid for this answer (dedupe)
     this_run: Bill = field(default_factory=Bill)  # what this run paid for the row (the rest, earlier runs)
+    saved_usd: Decimal = ZERO_USD  # a copy: what its answer cost the row that paid (not stored)
 
     def stored(self) -> dict[str, object]:
         """Everything the checkpoint keeps of the result, by STORED_SCHEMA's names; money as exact text."""
@@ -173,6 +176,8 @@ class ModelStats:
     unpriced: int = 0  # rows with an attempt whose cost is unknown (not reported, no price)
     attempts: int = 0
     fallbacks: int = 0  # rows a fallback model answered
+    deduped: int = 0  # rows answered by copying an identical request's answer: nothing sent
+    dedupe_saved_usd: Decimal = ZERO_USD  # what those answers cost the rows that paid for them
     latencies_s: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row, for percentiles
 
     def add(self, result: RowResult) -> None:
@@ -194,10 +199,13 @@ class ModelStats:
         self.unpriced += "unknown" in bill.sources
         self.attempts += bill.attempts
         self.fallbacks += result.fallback_used
+        if result.deduped_from is not None:
+            self.deduped += 1
+            self.dedupe_saved_usd += result.saved_usd
 
     @property
     def retries(self) -> int:
-        return max(0, self.attempts - self.ok - self.failed - self.unfinished)
+        return max(0, self.attempts - (self.ok + self.failed + self.unfinished - self.deduped))
 
     def latency_percentile_s(self, q: float) -> float | None:
         if not self.latencies_s:
@@ -220,6 +228,8 @@ class ModelStats:
             "latency_p95_s": p95,
             "retries": self.retries,
             "fallbacks_used": self.fallbacks,
+            "deduped": self.deduped,
+            "dedupe_saved_usd": str(self.dedupe_saved_usd),
         }
 
 
@@ -247,6 +257,11 @@ class Summary:
     prompt_tokens = property(lambda self: self._total("prompt_tokens"))
     completion_tokens = property(lambda self: self._total("completion_tokens"))
     attempts = property(lambda self: self._total("attempts"))
+    deduped = property(lambda self: self._total("deduped"))
+
+    @property
+    def dedupe_saved_usd(self) -> Decimal:
+        return sum((stats.dedupe_saved_usd for stats in self.by_model.values()), ZERO_USD)
 
     @property
     def cost_usd(self) -> Decimal:
@@ -267,6 +282,11 @@ class Summary:
             f"cost: {format_cost(self.cost_usd, self.unpriced)}",
             f"wall time: {wall_s:.1f} s{rate}",
         ]
+        if self.deduped:
+            lines.insert(
+                3,
+                f"deduplicated: {self.deduped} rows answered from identical requests, saving {format_usd(self.dedupe_saved_usd)}",
+            )
         if len(self.by_model) > 1 or any(s.fallbacks or s.retries or s.cached_tokens for s in self.by_model.values()):
             lines += self.table()
         for reason, count in sorted(self.errors.items(), key=lambda kv: -kv[1])[:5]:
@@ -324,6 +344,8 @@ class Summary:
             "rows_answered_by_earlier_runs": resumed,
             "cost_usd": str(self.cost_usd),
             "cost_unknown_rows": self.unpriced,  # when not 0, cost_usd is a lower bound
+            "rows_deduped": self.deduped,
+            "dedupe_saved_usd": str(self.dedupe_saved_usd),
             "wall_s": round(wall_s, 3),
             "stopped": stopped,
             "models": {model: stats.to_json() for model, stats in self.by_model.items()},

@@ -117,7 +117,7 @@ def build(
     """The report's figures from the output frames of an evaluation (or any multi-model) job."""
     data = frames if isinstance(frames, pl.DataFrame) else gather(frames)
     models = [] if data.is_empty() else list(dict.fromkeys(data["requested_model"].to_list()))
-    figures = [_model(data.filter(pl.col("requested_model") == m), m, score_column) for m in models]
+    figures = [_model(data.filter(pl.col("requested_model") == m), m, score_column, id_column) for m in models]
     pairs = []
     if score_column is not None:
         for i, a in enumerate(models):
@@ -126,6 +126,8 @@ def build(
                 if pair is not None:
                     pairs.append(pair)
     notes = ["A failed row counts as a wrong answer (score 0)."] if score_column else []
+    if score_column and "sample" in data.columns:
+        notes.append("Each row's score is the mean of its samples; intervals count rows, not samples.")
     if len(pairs) > 1:
         notes.append(
             f"{len(pairs)} pairwise comparisons: their intervals are descriptive, not adjusted for multiple comparisons."
@@ -136,11 +138,19 @@ def build(
     return Report(job, score_column, figures, pairs, notes)
 
 
-def _model(frame: pl.DataFrame, model: str, score_column: str | None) -> ModelFigures:
+def _per_row(frame: pl.DataFrame, id_column: str, score: str) -> pl.DataFrame:
+    """One score per input row: with several samples of a row, their mean (the row, not the sample, is the
+    unit the intervals count)."""
+    if "sample" not in frame.columns:
+        return frame.select(id_column, score)
+    return frame.group_by(id_column, maintain_order=True).agg(pl.col(score).mean())
+
+
+def _model(frame: pl.DataFrame, model: str, score_column: str | None, id_column: str) -> ModelFigures:
     ok = frame.filter(pl.col("status") == "ok")
     rows = frame.height
     cost = sum((Decimal(str(v)) for v in frame["cost_usd"].drop_nulls().to_list()), Decimal(0))
-    scores = frame[score_column].drop_nulls().to_list() if score_column else []
+    scores = _per_row(frame, id_column, score_column)[score_column].drop_nulls().to_list() if score_column else []
     binary = bool(scores) and all(s in (0.0, 1.0) for s in scores)
     interval = None
     if scores:
@@ -179,8 +189,8 @@ def _percentile(ordered: list[float], q: float) -> float | None:
 
 
 def _pair(data: pl.DataFrame, a: str, b: str, id_column: str, score: str) -> PairFigures | None:
-    left = data.filter(pl.col("requested_model") == a).select(id_column, pl.col(score).alias("a"))
-    right = data.filter(pl.col("requested_model") == b).select(id_column, pl.col(score).alias("b"))
+    left = _per_row(data.filter(pl.col("requested_model") == a), id_column, score).rename({score: "a"})
+    right = _per_row(data.filter(pl.col("requested_model") == b), id_column, score).rename({score: "b"})
     both = left.join(right, on=id_column, how="inner").drop_nulls()
     if both.is_empty():
         return None

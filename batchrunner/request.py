@@ -41,6 +41,7 @@ class RowRequest:
     prompt: Any  # rendered messages (chat) or text (completions); media parts hold a URL or a media.Media
     fingerprint: str
     problem: str | None = None  # why the row cannot be sent (a missing or unusable file): it fails, unsent
+    sample: int = 0  # which of the spec's `samples` this asking is (0 to samples - 1)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -90,10 +91,13 @@ class RequestBuilder:
     def for_rows(self, rows: Iterable[Row]) -> Iterator[RowRequest]:
         """Every (row, requested model) pair of `rows`, rendered and fingerprinted, in order."""
         models = list(enumerate(self.spec.models))
+        samples = range(self.spec.samples)
         for row in rows:
             prompt, problem = self.prompt_of(row)
             for position, model in models:
-                yield RowRequest(row, position, model, prompt, self.fingerprint(prompt, model), problem)
+                for sample in samples:
+                    fingerprint = self.fingerprint(prompt, model, sample)
+                    yield RowRequest(row, position, model, prompt, fingerprint, problem, sample)
 
     def prompt(self, row: Row) -> Any:
         """The rendered messages (chat) or text (completions) for a row."""
@@ -128,8 +132,11 @@ class RequestBuilder:
                     inner.setdefault("filename", media.path.name if media.path else "document.pdf")
         return messages, ("; ".join(problems) + "; nothing was sent") if problems else None
 
-    def body(self, prompt: Any, model: str) -> dict[str, Any]:
+    def body(self, prompt: Any, model: str, sample: int = 0) -> dict[str, Any]:
+        """The request for `model`; sample i of several sends `seed + i`, so each sample is reproducible."""
         body = self.spec.request_body(model)
+        if sample and isinstance(body.get("seed"), int) and not isinstance(body["seed"], bool):
+            body["seed"] += sample
         if self.spec.cache_system_prompt and self.prompt_field == "messages":
             # The shared system prompt as a content part marked for caching: providers that
             # need an explicit breakpoint (Anthropic, Gemini) cache it; others cache implicitly.
@@ -159,9 +166,12 @@ class RequestBuilder:
             return pricing.max_completion_tokens or pricing.context_length or DEFAULT_MAX_COMPLETION_TOKENS
         return DEFAULT_MAX_COMPLETION_TOKENS
 
-    def fingerprint(self, prompt: Any, requested_model: str) -> str:
+    def fingerprint(self, prompt: Any, requested_model: str, sample: int = 0) -> str:
+        """The checkpoint's memory of the request; sample 0's is the key a single answer always had."""
         digest = self._shape_digests[requested_model].copy()
         digest.update(_prompt_bytes(prompt))
+        if sample:
+            digest.update(f"\x00sample:{sample}".encode())
         return digest.hexdigest()[:32]
 
 

@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +27,7 @@ from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.connect import Connection
 from batchrunner.costs import Budget, PriceTable, format_usd
+from batchrunner.dedupe import Dedupe
 from batchrunner.errors import (
     ApiError,
     FatalApiError,
@@ -46,7 +47,7 @@ from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key
 from batchrunner.lock import job_lock
 from batchrunner.output import export, summary_path
 from batchrunner.output import results as results_of
-from batchrunner.pending import pending
+from batchrunner.pending import Batch, pending
 from batchrunner.policy import RowPolicy
 from batchrunner.preflight import check_models, check_output, prepare
 from batchrunner.progress import Progress
@@ -206,9 +207,12 @@ async def run_job(
                             if spec.mode == "batch"
                             else LiveExecutor(spec.concurrency)
                         )
-                    execution = await executor.execute(
-                        pending(dataset, requests, store, limit=limit), policy, Sinks(*sinks), halt
-                    )
+                    work: Iterable[Batch] = pending(dataset, requests, store, limit=limit)
+                    into: ResultSink = Sinks(*sinks)
+                    if spec.dedupe:  # identical requests sent once: the copies wait for, or take, an answer
+                        dedupe = Dedupe(store, into)
+                        work, into = dedupe.work(work), dedupe
+                    execution = await executor.execute(work, policy, into, halt)
                     judged = await judge(spec, dataset, requests, store, policy, executor, judging)
                 finally:
                     restore()

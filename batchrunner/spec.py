@@ -335,6 +335,8 @@ class JobSpec(_Strict):
     mode: Literal["live", "batch"] = "live"  # batch: OpenRouter's Batch API, about half the price, within 24 h
     batch: BatchSettings = BatchSettings()
     server_fallbacks: bool = False  # also send `fallbacks` in OpenRouter's `models` array
+    dedupe: bool = True  # identical requests (same model, prompt, params) sent once, the answer copied
+    samples: Annotated[int, Field(ge=1, le=100)] = 1  # each (row, model) asked this many times (a `sample` column)
     output_prefix: str = ""  # put before each structured-answer column's name
     api: ApiSettings = ApiSettings()
     _locate: Callable[[str], str] | None = PrivateAttr(default=None)  # field -> "file:line: field"

@@ -121,12 +121,19 @@ def _migration_5(db: sqlite3.Connection) -> None:
     )
 
 
+def _migration_6(db: sqlite3.Connection) -> None:
+    """Deduplication: which row paid for a copied answer, and answers found by their request alone."""
+    db.execute("ALTER TABLE results ADD COLUMN deduped_from TEXT")
+    db.execute("CREATE INDEX results_by_request ON results (fingerprint, requested_model)")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 
 
@@ -437,6 +444,35 @@ class Store:
                 "SELECT requested_model, count(*), sum(completion_tokens) FROM results WHERE status = 'ok' GROUP BY requested_model"
             ).fetchall()
         return {model: (int(n), int(total or 0)) for model, n, total in rows}
+
+    def answers_to(self, requests: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The stored answer (any row's, `status: ok`, not itself a copy) to each (requested model, fingerprint),
+        as its row id and stored columns: what dedupe copies instead of asking again. Answers not yet
+        committed are seen too, so an answer is never asked for twice in the gap before a commit."""
+        wanted = set(requests)
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        names = ["row_id", "fingerprint", *RESULT_COLUMNS]
+        with self._buffer_lock:
+            buffered = list(self._pending)
+        for record in buffered:  # (row_id, fingerprint, row_index, model_position, run_id, answered_at, server, ...)
+            values = dict(zip(RESULT_COLUMNS, record[7:], strict=True))
+            key = (values["requested_model"], record[1])
+            if key in wanted and values["status"] == "ok" and values["deduped_from"] is None:
+                found.setdefault(key, {"row_id": record[0], "fingerprint": record[1], **values})
+        fingerprints = sorted({fingerprint for model, fingerprint in wanted if (model, fingerprint) not in found})
+        with self._lock:
+            for chunk in _chunks(fingerprints, MAX_PARAMETERS):
+                marks = ",".join("?" * len(chunk))
+                query = (
+                    f"SELECT {', '.join(names)} FROM results WHERE fingerprint IN ({marks}) "
+                    "AND status = 'ok' AND deduped_from IS NULL"
+                )
+                for row in self._db.execute(query, chunk):
+                    values = dict(zip(names, row, strict=True))
+                    key = (values["requested_model"], values["fingerprint"])
+                    if key in wanted:
+                        found.setdefault(key, values)
+        return found
 
     def fetch(self, row_ids: Sequence[str]) -> pl.DataFrame:
         """Every answered or failed record of these rows (not the unfinished ones), as a frame with named

@@ -273,3 +273,32 @@ def test_the_html_report_shows_the_json_figures_and_stays_small_at_100k_rows() -
         assert f"{100 * mean:.1f}% ({100 * low:.1f} to {100 * high:.1f})" in page
     for pair in as_json["pairs"]:
         assert pair["sentence"] in page
+
+
+def test_samples_are_averaged_per_row_before_intervals() -> None:
+    """With samples, a row's score is the mean of its samples: n counts rows (not rows x samples), and a model
+    right on 2 of 3 samples of every row scores 2/3 with a zero-width interval, not a binomial one over 3n."""
+    rows, samples = 20, 3
+    n = rows * samples
+    frame = pl.DataFrame(
+        {
+            "row": [r for r in range(rows) for _ in range(samples)] * 2,
+            "sample": list(range(samples)) * rows * 2,
+            "requested_model": ["a"] * n + ["b"] * n,
+            "model": ["a"] * n + ["b"] * n,
+            "status": ["ok"] * 2 * n,
+            "error": [None] * 2 * n,
+            "score": [1.0, 1.0, 0.0] * rows + [1.0, 0.0, 0.0] * rows,
+            "cost_usd": ["0.001"] * 2 * n,
+            "latency_s": [0.5] * 2 * n,
+            "billed_prompt_tokens": [10] * 2 * n,
+            "billed_completion_tokens": [5] * 2 * n,
+            "attempts": [1] * 2 * n,
+        }
+    )
+    report = build("job", frame, id_column="row", score_column="score")
+    a = report.models[0]
+    assert a.scored == rows and a.score is not None and a.score.mean == pytest.approx(2 / 3)
+    assert a.score.high - a.score.low == pytest.approx(0.0)
+    assert report.pairs[0].rows == rows and report.pairs[0].difference.mean == pytest.approx(1 / 3)
+    assert any("mean of its samples" in note for note in report.notes)

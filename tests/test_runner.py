@@ -792,3 +792,27 @@ async def test_images_as_parquet_bytes_and_audio_files(tmp_path: Path) -> None:
     output = pl.read_parquet(tmp_path / "out" / "photos.parquet")
     assert output["photo"].to_list() == [png, png]
     assert output["prompt_tokens"][0] > 32  # a second of audio counts 32 tokens, on top of the text and image
+
+
+async def test_samples_three_then_five_sends_three_n_then_two_n(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """samples: k asks each (row, model) k times, each its own checkpoint entry with its own seed; raising k
+    sends only the new samples; the output has a sample column; dedupe never merges samples."""
+    async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
+        changes = {
+            "input": rows_csv(tmp_path, 6),
+            "params": {"max_tokens": 20, "seed": 7},
+            "api": {"base_url": sandbox.base_url},
+        }
+        await run_job(load_spec(write_spec(samples=3, **changes)))
+        assert sandbox.stats.requests == 18
+        assert sorted({body["seed"] for body in sandbox.stats.bodies}) == [7, 8, 9]
+        spec = load_spec(write_spec(samples=5, **changes))
+        outcome = await run_job(spec)
+    assert sandbox.stats.requests == 18 + 12 and outcome.report.resumed == 18
+    assert sorted({body["seed"] for body in sandbox.stats.bodies[18:]}) == [10, 11]
+    output = pl.read_parquet(spec.output)
+    assert output.height == 30 and output["sample"].to_list()[:5] == [0, 1, 2, 3, 4]
+    assert output.columns.index("sample") < output.columns.index("model")
+    assert output.filter(pl.col("deduped_from").is_not_null()).is_empty()
