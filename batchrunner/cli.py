@@ -27,7 +27,9 @@ from batchrunner.offline import (
     evaluation,
     export_job,
     job_status,
+    list_endpoints,
     list_models,
+    lookup_generation,
     report_html,
 )
 from batchrunner.progress import Progress
@@ -232,17 +234,54 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
 @main.command()
 @click.option("--search", help="Only models whose id or name contains TEXT.")
 @click.option("--free", is_flag=True, help="Only free models.")
+@click.option("--endpoints", "endpoints_of", metavar="AUTHOR/SLUG", help="The providers serving one model instead.")
 @click.option("--sandbox", is_flag=True, help="List the sandbox's catalog.")
-def models(search: str | None, free: bool, sandbox: bool) -> None:
-    """List models with their prices per million tokens and context length, from /models."""
+def models(search: str | None, free: bool, endpoints_of: str | None, sandbox: bool) -> None:
+    """List models with their prices per million tokens and context length, from /models; or, with
+    --endpoints, one model's endpoints: provider, quantization, limits, prices, parameters, uptime."""
     logs.configure()
+    config = SandboxConfig() if sandbox else None
+    if endpoints_of is not None:
+        with _exit_codes():
+            rows = asyncio.run(list_endpoints(endpoints_of, sandbox=config))
+        _table(rows)
+        return
     with _exit_codes():
-        listing = asyncio.run(list_models(search=search, free_only=free, sandbox=SandboxConfig() if sandbox else None))
+        listing = asyncio.run(list_models(search=search, free_only=free, sandbox=config))
     width = max((len(m["id"]) for m in listing), default=5)
     say(f"{'model'.ljust(width)}  {'prompt $/M':>11}  {'compl. $/M':>11}  {'context':>9}")
     for model in listing:
         context = model["context_length"] or "-"
         say(f"{model['id'].ljust(width)}  {model['prompt_per_m']:>11}  {model['completion_per_m']:>11}  {context:>9}")
+
+
+@main.command()
+@click.argument("generation_id")
+@click.option("--json", "as_json", is_flag=True, help="Print OpenRouter's record as JSON.")
+def generation(generation_id: str, as_json: bool) -> None:
+    """What OpenRouter kept for one answer (GET /generation): native tokens, cost, provider, latency.
+    GENERATION_ID is the output's generation_id column. Needs $OPENROUTER_API_KEY."""
+    logs.configure()
+    with _exit_codes():
+        record = asyncio.run(lookup_generation(generation_id))
+    if as_json:
+        click.echo(json.dumps(record, indent=1))
+        return
+    for key, value in record.items():
+        if value is not None and not isinstance(value, (dict, list)):
+            say(f"{key}: {value}")
+
+
+def _table(rows: list[dict[str, str]]) -> None:
+    """Rows of text as aligned columns, the first row's keys as the header."""
+    if not rows:
+        say("(none)")
+        return
+    names = list(rows[0])
+    widths = {name: max(len(name), *(len(row[name]) for row in rows)) for name in names}
+    say("  ".join(name.ljust(widths[name]) for name in names).rstrip())
+    for row in rows:
+        say("  ".join(row[name].ljust(widths[name]) for name in names).rstrip())
 
 
 @main.command()

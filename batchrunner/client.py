@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -117,6 +118,13 @@ class Client:
         """GET /models: every model with its pricing (USD per token, as strings)."""
         payload, _ = await self._get("/models")
         return list(payload.get("data", [])) if isinstance(payload, dict) else []
+
+    async def endpoints(self, model: str) -> list[dict[str, Any]]:
+        """GET /models/{author}/{slug}/endpoints: the providers that serve `model`, with what each supports."""
+        payload, _ = await self._get(f"/models/{quote(model, safe='/:')}/endpoints")
+        data = payload.get("data") if isinstance(payload, dict) else None
+        found = data.get("endpoints") if isinstance(data, dict) else None
+        return [item for item in found if isinstance(item, dict)] if isinstance(found, list) else []
 
     async def generation(self, generation_id: str) -> dict[str, Any]:
         """GET /generation?id=...: the stats OpenRouter kept for one generation."""

@@ -5,6 +5,7 @@ These read the spec, the input and the checkpoint, and at most GET /key and /mod
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -12,13 +13,14 @@ from typing import Any
 
 import polars as pl
 
+from batchrunner.client import Client
 from batchrunner.connect import Connection
 from batchrunner.costs import FILE_PARSER_USD_PER_PAGE, ZERO_USD, Pricing, per_million
 from batchrunner.dataset import ROW_INDEX
 from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
 from batchrunner.output import export, results, score_columns
 from batchrunner.pending import pending
-from batchrunner.preflight import prepare
+from batchrunner.preflight import check_endpoints, prepare
 from batchrunner.report import Report, build, gather
 from batchrunner.report_html import render
 from batchrunner.request import (
@@ -33,9 +35,9 @@ from batchrunner.request import (
     media_tally,
     most_prompt_tokens,
 )
-from batchrunner.runner import fetch_prices, plan_limits
+from batchrunner.runner import fetch_endpoints, fetch_prices, plan_limits
 from batchrunner.sandbox import SandboxConfig
-from batchrunner.spec import JobSpec
+from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec, is_openrouter
 from batchrunner.store import Store
 
 BATCH_PRICE_SHARE = Decimal("0.5")  # what a batch typically costs, as a share of the live price
@@ -171,6 +173,7 @@ async def estimate_job(
     store = Store.open(checkpoint) if checkpoint.exists() else None
     async with connection:
         prices = await fetch_prices(connection.client)
+        check_endpoints(spec, await fetch_endpoints(connection.client, spec))
         limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
 
     per_model = {model: _Tally() for model in spec.models}
@@ -321,3 +324,50 @@ async def list_models(
             }
         )
     return sorted(listing, key=lambda m: m["id"])
+
+
+async def list_endpoints(model: str, *, sandbox: SandboxConfig | None = None) -> list[dict[str, str]]:
+    """GET /models/{model}/endpoints, as text rows: provider, quantization, limits, prices, parameters, uptime."""
+    if model.count("/") != 1 or not all(model.split("/")):
+        raise SpecError(
+            Problem("--endpoints", f"{model!r} is not a model slug; write AUTHOR/SLUG, e.g. openai/gpt-4o-mini")
+        )
+    async with Connection(None, sandbox=sandbox) as connection:
+        try:
+            listed = await connection.client.endpoints(model)
+        except ApiError as exc:
+            raise RunHalted(f"could not read the endpoints of {model} at {connection.base_url}: {exc}") from exc
+    rows = []
+    for endpoint in listed:
+        pricing = Pricing.from_model({"pricing": endpoint.get("pricing")})
+        uptime = endpoint.get("uptime_last_30m")
+        rows.append(
+            {
+                "provider": str(endpoint.get("provider_name") or "-"),
+                "tag": str(endpoint.get("tag") or "-"),
+                "quant.": str(endpoint.get("quantization") or "-"),
+                "context": str(endpoint.get("context_length") or "-"),
+                "max out": str(endpoint.get("max_completion_tokens") or "-"),
+                "prompt $/M": "-" if pricing is None else f"{per_million(pricing.prompt):f}",
+                "compl. $/M": "-" if pricing is None else f"{per_million(pricing.completion):f}",
+                "uptime 30m": "-" if not isinstance(uptime, (int, float)) else f"{uptime:.1f}%",
+                "status": str(endpoint.get("status", "-")),
+                "parameters": ",".join(str(p) for p in endpoint.get("supported_parameters") or []),
+            }
+        )
+    return rows
+
+
+async def lookup_generation(generation_id: str) -> dict[str, Any]:
+    """GET /generation?id=: what OpenRouter kept of one answer. Uses $OPENROUTER_API_KEY."""
+    key = os.environ.get("OPENROUTER_API_KEY", "").strip()
+    base_url = os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
+    if not key and is_openrouter(base_url):
+        raise SpecError(
+            Problem("OPENROUTER_API_KEY", "is not set; GET /generation needs the key that made the request")
+        )
+    async with Client(base_url, api_key=key or None, timeout_s=60) as client:
+        try:
+            return await client.generation(generation_id)
+        except ApiError as exc:
+            raise RunHalted(f"could not read generation {generation_id!r} at {base_url}: {exc}") from exc

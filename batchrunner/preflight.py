@@ -11,10 +11,11 @@ import difflib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
-from batchrunner.costs import PriceTable
+from batchrunner.costs import PriceTable, to_decimal
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.errors import OutputError, Problem, SpecError, first_line
 from batchrunner.judging import ANSWER, REFERENCE
@@ -348,3 +349,109 @@ def check_media(spec: JobSpec, dataset: Dataset) -> None:
             )
     if problems:
         raise SpecError(problems)
+
+
+def check_endpoints(spec: JobSpec, endpoints: dict[str, list[dict[str, Any]]]) -> None:
+    """Every model of the job has an endpoint (a provider) that can serve the job as written: one the
+    `provider` settings allow (`only`, `ignore`, `quantizations`, `max_price`) that supports what the
+    job needs (`response_format`, `tools`; every parameter with `require_parameters`). Otherwise
+    its first request would be OpenRouter's 404 "No endpoints found that support ...": refused here
+    (exit 2), naming what is missing. Where only some endpoints can serve it, a warning says so.
+    Models whose endpoints were not read (another server) are not checked."""
+    needed = _needed_parameters(spec, endpoints)
+    problems = []
+    for field, model in _answering_models(spec):
+        listed = endpoints.get(model)
+        if not listed:
+            continue
+        allowed = [endpoint for endpoint in listed if _allowed(endpoint, spec.provider or {})]
+        if not allowed:
+            names = ", ".join(sorted({str(e.get("tag") or e.get("provider_name")) for e in listed}))
+            problems.append(
+                Problem(
+                    spec.locate("provider"),
+                    f"{model!r}: the `provider` settings (only, ignore, quantizations, max_price) leave none of its "
+                    f"endpoints ({names}); loosen them or choose another model",
+                )
+            )
+            continue
+        missing = [needed - _supported(endpoint) for endpoint in allowed]
+        if all(missing):
+            lacking = sorted(set.intersection(*missing)) or sorted(set.union(*missing))
+            problems.append(
+                Problem(
+                    spec.locate(field),
+                    f"{model!r}: none of its endpoints supports {', '.join(lacking)}, which the job needs "
+                    f"({_why(lacking, spec)}); choose another model, or drop what it cannot do",
+                )
+            )
+        elif any(missing):
+            serving = sum(1 for gaps in missing if not gaps)
+            log.warning(
+                "%s: only %d of %r's %d endpoints support %s; OpenRouter sends the job's requests to those",
+                spec.locate(field),
+                serving,
+                model,
+                len(allowed),
+                ", ".join(sorted(set.union(*missing))),
+            )
+    if problems:
+        raise SpecError(problems)
+
+
+def _needed_parameters(spec: JobSpec, endpoints: dict[str, list[dict[str, Any]]]) -> set[str]:
+    """The supported_parameters an endpoint must list to serve the job: what OpenRouter routes by even
+    without require_parameters (response_format, tools), and with it every parameter the job sets."""
+    needed = set()
+    kind = (spec.response_format or {}).get("type")
+    if kind == "json_schema":
+        needed.add("structured_outputs")
+    elif kind == "json_object":
+        needed.add("response_format")
+    if "tools" in spec.params:
+        needed.add("tools")
+    if (spec.provider or {}).get("require_parameters"):
+        vocabulary = {p for listed in endpoints.values() for e in listed for p in e.get("supported_parameters") or []}
+        named = {"max_tokens" if key == "max_completion_tokens" else key for key in spec.params}
+        needed |= named & vocabulary
+    return needed
+
+
+def _supported(endpoint: dict[str, Any]) -> set[str]:
+    """What an endpoint lists in supported_parameters."""
+    return {str(p) for p in endpoint.get("supported_parameters") or []}
+
+
+def _why(lacking: list[str], spec: JobSpec) -> str:
+    reasons = {
+        "structured_outputs": "response_format json_schema",
+        "response_format": "response_format json_object",
+        "tools": "params.tools",
+    }
+    return ", ".join(reasons.get(name, f"params.{name} with provider.require_parameters") for name in lacking)
+
+
+def _allowed(endpoint: dict[str, Any], provider: dict[str, Any]) -> bool:
+    """Whether the `provider` settings let requests go to this endpoint."""
+    tag = str(endpoint.get("tag") or "").lower()
+    name = str(endpoint.get("provider_name") or "").lower()
+
+    def named(slugs: Any) -> bool:
+        return any(str(s).lower() in (tag, name, tag.split("/")[0]) for s in slugs or [])
+
+    if provider.get("only") and not named(provider["only"]):
+        return False
+    if provider.get("ignore") and named(provider["ignore"]):
+        return False
+    if (
+        provider.get("quantizations")
+        and str(endpoint.get("quantization") or "unknown") not in provider["quantizations"]
+    ):
+        return False
+    limits: dict[str, Any] = provider["max_price"] if isinstance(provider.get("max_price"), dict) else {}
+    prices: dict[str, Any] = endpoint["pricing"] if isinstance(endpoint.get("pricing"), dict) else {}
+    for key in ("prompt", "completion"):
+        price, limit = to_decimal(prices.get(key)), to_decimal(limits.get(key))
+        if price is not None and limit is not None and price * 1_000_000 > limit:
+            return False
+    return True

@@ -49,7 +49,7 @@ from batchrunner.output import export, summary_path
 from batchrunner.output import results as results_of
 from batchrunner.pending import Batch, pending
 from batchrunner.policy import RowPolicy
-from batchrunner.preflight import check_models, check_output, prepare
+from batchrunner.preflight import check_endpoints, check_models, check_output, prepare
 from batchrunner.progress import Progress
 from batchrunner.records import KeptResults, ResultSink, RowResult, Sinks, Summary
 from batchrunner.request import RequestBuilder
@@ -151,6 +151,7 @@ async def run_job(
             limits, key_info = await plan_limits(spec, client, connection.key, count_free_usage=sandbox is None)
             prices = await fetch_prices(client)
             check_models(spec, prices, strict=connection.strict)
+            check_endpoints(spec, await fetch_endpoints(client, spec))
             budget = plan_budget(spec, prices, max_cost_usd)
             store = Store.open(checkpoint, server=requests.server)  # only once nothing can refuse the job
             try:
@@ -314,6 +315,14 @@ async def fetch_prices(client: Client) -> PriceTable:
         _halt_if_unreachable(client, exc)
         log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
         return PriceTable([])
+
+
+async def fetch_endpoints(client: Client, spec: JobSpec) -> dict[str, list[dict[str, Any]]]:
+    """Each model's endpoints (GET /models/{model}/endpoints), to check before the first request that one
+    can serve the job; a model whose endpoints cannot be read (another server) is left out."""
+    models = list(dict.fromkeys([*spec.models, *spec.fallbacks]))
+    found = await asyncio.gather(*(client.endpoints(model) for model in models), return_exceptions=True)
+    return {model: listed for model, listed in zip(models, found, strict=True) if isinstance(listed, list) and listed}
 
 
 def _halt_if_unreachable(client: Client, exc: ApiError) -> None:

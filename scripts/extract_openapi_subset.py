@@ -2,8 +2,9 @@
 
 The full document is 1.3 MB of YAML; batchrunner needs `ChatRequest` (to refuse requests
 OpenRouter would refuse) and the responses the sandbox imitates (`ChatResult`,
-`GenerationResponse`, `ModelsListResponse`, and GET /key's, which the document writes inline
-and is kept here as `KeyResponse`), with every schema they reference. Run it when OpenRouter
+`GenerationResponse`, `ModelsListResponse`, and the responses of GET /key and GET
+/models/{author}/{slug}/endpoints, which the document writes inline and are kept here as
+`KeyResponse` and `EndpointsResponse`), with every schema they reference. Run it when OpenRouter
 publishes a new document:
 
     python scripts/extract_openapi_subset.py ../shared/reference/openrouter-openapi.yaml
@@ -24,6 +25,7 @@ ROOTS = (
     "ChatResult",
     "GenerationResponse",
     "ModelsListResponse",
+    "ListEndpointsResponse",
     # the error envelopes the sandbox sends, by status
     "BadRequestResponse",
     "UnauthorizedResponse",
@@ -34,7 +36,10 @@ ROOTS = (
     "BadGatewayResponse",
     "ServiceUnavailableResponse",
 )
-INLINE = {"KeyResponse": ("/key", "get")}  # response schemas written inline in `paths`, given a name here
+INLINE = {
+    "KeyResponse": ("/key", "get"),
+    "EndpointsResponse": ("/models/{author}/{slug}/endpoints", "get"),
+}  # response schemas written inline in `paths`, given a name here
 TARGET = Path(__file__).resolve().parent.parent / "batchrunner" / "schemas" / "openrouter.json"
 
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -544,3 +545,31 @@ def test_any_openai_compatible_server_runs_the_job(write_spec: Callable[..., Pat
     assert output["status"].to_list() == ["ok"] * 12 and (output["prompt_tokens"] > 0).all()
     assert output["cost_usd"].null_count() == 12 and set(output["cost_source"]) == {"unknown"}
     assert "cost so far: unknown" in status.stdout
+
+
+def test_endpoints_and_generation_lookups(sandbox_in_thread: Callable[[SandboxConfig], Sandbox]) -> None:
+    """`models --endpoints` lists a model's providers with what each supports; `generation ID` prints what the
+    server kept for one answer (the output's generation_id), with the key from the environment."""
+    listing = invoke("models", "--sandbox", "--endpoints", "meta-llama/llama-3.3-70b-instruct")
+    assert listing.exit_code == 0
+    lines = listing.stdout.splitlines()
+    assert lines[0].split()[:3] == ["provider", "tag", "quant."]
+    assert lines[1].startswith("DeepInfra") and "structured_outputs" in lines[1]
+    assert lines[2].startswith("Together") and "structured_outputs" not in lines[2]
+    assert invoke("models", "--endpoints", "not-a-slug").exit_code == 2
+
+    sandbox = sandbox_in_thread(SandboxConfig())
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+    request = urllib.request.Request(
+        sandbox.base_url + "/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    answer = json.loads(urllib.request.urlopen(request, timeout=10).read())
+    env = {"OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    shown = invoke("generation", answer["id"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert f"id: {answer['id']}" in shown.stdout and "model: openai/gpt-4o-mini" in shown.stdout
+    assert "tokens_prompt:" in shown.stdout and "total_cost:" in shown.stdout
+    missing = invoke("generation", "gen-nope", env=env)
+    assert missing.exit_code == 3 and "could not read generation 'gen-nope'" in missing.stderr

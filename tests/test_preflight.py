@@ -12,8 +12,10 @@ import yaml
 
 from batchrunner.costs import PriceTable
 from batchrunner.errors import SpecError
-from batchrunner.preflight import check_models, prepare, same_file
-from batchrunner.spec import load_spec
+from batchrunner.preflight import check_endpoints, check_models, prepare, same_file
+from batchrunner.runner import run_job
+from batchrunner.sandbox import Sandbox
+from batchrunner.spec import JobSpec, load_spec
 
 
 def test_output_equal_to_the_input_is_refused(write_spec: Callable[..., Path], tickets_csv: Path) -> None:
@@ -101,3 +103,53 @@ def test_media_columns_are_checked_before_anything_is_sent(tmp_path: Path) -> No
     parts = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "images/{id}.png"}}]
     templated = check(prompt=None, messages=[{"role": "user", "content": parts}], mode="batch")
     assert "messages[0].content[1].image_url.url: mode batch sends media as https URLs only" in templated
+
+
+async def test_a_model_with_no_endpoint_for_the_job_is_refused_before_any_completion(
+    write_spec: Callable[..., Path],
+) -> None:
+    """The sandbox lists deepseek-r1's endpoints without structured outputs: a json_schema job on it is refused
+    (exit 2) naming the missing capability, before any completion request; `provider.only` naming no provider
+    of the model is refused too; a model only one of whose two providers can serve the job is a warning."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "string"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": schema}}
+    async with Sandbox() as sandbox:
+        api = {"base_url": sandbox.base_url}
+
+        async def refusal(**changes: object) -> str:
+            with pytest.raises(SpecError) as caught:
+                await run_job(load_spec(write_spec(api=api, **changes)))
+            return str(caught.value)
+
+        missing = await refusal(models=["deepseek/deepseek-r1"], response_format=response_format)
+        only = await refusal(provider={"only": ["groq"]})
+        cheap = await refusal(provider={"max_price": {"prompt": 0.01}})
+        assert sandbox.stats.requests == 0
+        warned = await run_job(
+            load_spec(
+                write_spec(api=api, models=["meta-llama/llama-3.3-70b-instruct"], response_format=response_format)
+            )
+        )
+    assert "models[0]: 'deepseek/deepseek-r1': none of its endpoints supports structured_outputs" in missing
+    assert "(response_format json_schema)" in missing
+    assert "provider: 'openai/gpt-4o-mini': the `provider` settings" in only and "(openai)" in only
+    assert "leave none of its endpoints" in cheap
+    assert warned.report.summary.ok == 12
+
+
+def test_require_parameters_needs_every_parameter_on_one_endpoint() -> None:
+    """With provider.require_parameters, a parameter no endpoint lists is missing; without it, only
+    response_format and tools are routed by."""
+    spec_fields = {"name": "x", "input": "in.csv", "output": "out.csv", "models": ["a/b"], "prompt": "hi"}
+    endpoints = {"a/b": [{"tag": "p", "provider_name": "P", "supported_parameters": ["max_tokens", "seed"]}]}
+    other = {"c/d": [{"tag": "q", "supported_parameters": ["top_k"]}]}  # the vocabulary: what any endpoint lists
+    lenient = JobSpec.model_validate({**spec_fields, "params": {"top_k": 3, "seed": 1}})
+    check_endpoints(lenient, {**endpoints, **other})
+    strict = JobSpec.model_validate({**spec_fields, "params": {"top_k": 3}, "provider": {"require_parameters": True}})
+    with pytest.raises(SpecError, match="none of its endpoints supports top_k"):
+        check_endpoints(strict, {**endpoints, **other})

@@ -219,6 +219,11 @@ IMAGE_PRICES = {
     "anthropic/claude-3.5-haiku": "0.0008",
     "google/gemini-2.0-flash-001": "0.0000258",
 }
+# The parameters each model's endpoints take (supported_parameters). A reasoning model without structured
+# outputs, and a model one of whose two providers lacks them, as real listings have.
+PARAMETERS = ["max_tokens", "temperature", "top_p", "seed", "stop", "response_format", "structured_outputs", "tools"]
+NO_STRUCTURED = ["max_tokens", "temperature", "top_p", "seed", "stop", "reasoning", "include_reasoning"]
+SECOND_PROVIDER = {"meta-llama/llama-3.3-70b-instruct": ("Together", "together", "fp8", NO_STRUCTURED)}
 AUTO_ROUTER = "openrouter/auto"
 AUTO_ROUTES_TO = "openai/gpt-4o-mini"
 VARIANT_SUFFIXES = (":nitro", ":floor", ":exacto", ":thinking", ":extended", ":online")
@@ -271,6 +276,45 @@ def provider_name(model: str) -> str:
     return entry["provider"] if entry else "Sandbox"
 
 
+def supported_parameters(model: str) -> list[str]:
+    """What every endpoint of `model` takes, at least (the model's own list at /models)."""
+    return NO_STRUCTURED if base_slug(model) == "deepseek/deepseek-r1" else PARAMETERS
+
+
+def endpoints(model: str) -> list[dict[str, Any]]:
+    """GET /models/{model}/endpoints' endpoints, in OpenRouter's shape: one per provider serving it."""
+    slug = base_slug(model)
+    entry = MODELS[slug]
+    tag = entry["provider"].lower().replace(" ", "-")
+    closed = slug.startswith(("openai/", "anthropic/", "google/", "x-ai/"))
+    providers = [(entry["provider"], tag, "unknown" if closed else "bf16", supported_parameters(slug))]
+    if slug in SECOND_PROVIDER:
+        providers.append(SECOND_PROVIDER[slug])
+    return [
+        {
+            "name": f"{provider} | {slug}",
+            "model_id": slug,
+            "model_name": entry["name"],
+            "context_length": entry["context_length"],
+            "pricing": {"request": "0", **pricing(model)},
+            "provider_name": provider,
+            "tag": provider_tag,
+            "quantization": quantization,
+            "max_completion_tokens": 16384,
+            "max_prompt_tokens": None,
+            "status": 0,
+            "supported_parameters": parameters,
+            "uptime_last_5m": 100.0,
+            "uptime_last_30m": 99.9,
+            "uptime_last_1d": 99.7,
+            "supports_implicit_caching": slug.startswith(("openai/", "google/", "deepseek/")),
+            "latency_last_30m": None,
+            "throughput_last_30m": None,
+        }
+        for provider, provider_tag, quantization, parameters in providers
+    ]
+
+
 def model_objects(created: int) -> list[dict[str, Any]]:
     """The catalog in the shape of OpenRouter's GET /models; the auto router has no price ("-1"), as there."""
     objects = [_auto_router(created)]
@@ -297,16 +341,7 @@ def model_objects(created: int) -> list[dict[str, Any]]:
                     "is_moderated": False,
                 },
                 "per_request_limits": None,
-                "supported_parameters": [
-                    "max_tokens",
-                    "temperature",
-                    "top_p",
-                    "seed",
-                    "stop",
-                    "response_format",
-                    "structured_outputs",
-                    "tools",
-                ],
+                "supported_parameters": supported_parameters(slug),
                 "default_parameters": None,
                 "supported_voices": None,
                 "links": {"details": f"/api/v1/models/{slug}/endpoints"},

@@ -138,6 +138,7 @@ class Sandbox:
                 web.get("/api/v1/key", self.key),
                 web.get("/api/v1/auth/key", self.key),
                 web.get("/api/v1/models", self.models),
+                web.get("/api/v1/models/{author}/{slug}/endpoints", self.endpoints),
                 web.get("/api/v1/generation", self.generation),
                 web.post("/api/v1/chat/completions", self.chat_completions),
                 web.post("/api/v1/completions", self.completions),
@@ -318,6 +319,15 @@ class Sandbox:
     async def models(self, request: web.Request) -> web.Response:
         data = catalog.model_objects(created=1_700_000_000)
         return web.json_response({"data": data, "total_count": len(data), "links": {"next": None}})
+
+    async def endpoints(self, request: web.Request) -> web.Response:
+        """GET /models/{author}/{slug}/endpoints: the providers serving a model, with what each supports."""
+        model = f"{request.match_info['author']}/{request.match_info['slug']}"
+        if not catalog.is_listed(model) or model == catalog.AUTO_ROUTER:
+            return _error(404, f"Model {model} not found")
+        listed = next(m for m in catalog.model_objects(0) if m["id"] == catalog.base_slug(model))
+        data = {key: listed[key] for key in ("id", "name", "created", "description", "architecture")}
+        return web.json_response({"data": {**data, "endpoints": catalog.endpoints(model)}})
 
     async def generation(self, request: web.Request) -> web.Response:
         if (denied := self._auth_error(request)) is not None:
