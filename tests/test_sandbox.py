@@ -156,13 +156,17 @@ async def get(sandbox: Sandbox, path: str, **params: str) -> tuple[int, Any]:
 
 @pytest.mark.parametrize("credits_usd", [None, Decimal("12.5")])
 async def test_every_response_validates_against_openrouters_documented_shapes(credits_usd: Decimal | None) -> None:
-    """GET /key, GET /models, GET /generation and chat answers (plain, json_schema, tools, fallbacks) each validate
+    """GET /key, GET /models, every model's GET /models/{model}/endpoints, GET /generation and chat answers (plain, json_schema, tools, fallbacks) each validate
     against the OpenAPI document's response schema, with and without a credit limit."""
     async with Sandbox(SandboxConfig(credits_usd=credits_usd)) as sandbox:
         status, key = await get(sandbox, "/key")
         assert status == 200 and openapi.validation_errors("KeyResponse", key) == []
         status, models = await get(sandbox, "/models")
         assert status == 200 and openapi.validation_errors("ModelsListResponse", models) == []
+        for model in models["data"]:
+            if model["id"] != "openrouter/auto":
+                status, endpoints = await get(sandbox, f"/models/{model['id']}/endpoints")
+                assert status == 200 and openapi.validation_errors("EndpointsResponse", endpoints) == [], model["id"]
         tool = {"type": "function", "function": {"name": "label", "parameters": SCHEMA}}
         response_format = {"type": "json_schema", "json_schema": {"name": "t", "strict": True, "schema": SCHEMA}}
         for body in (
