@@ -7,6 +7,7 @@ errors.py, decided once by `classify`. Everything else sees a `Completion` or an
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import time
@@ -36,7 +37,10 @@ BUDGET_LIMIT_SOURCES = frozenset(
 FREE_DAILY_MARKERS = ("free-models-per-day", "openrouter_free_tier_daily")
 CONNECT_TIMEOUT_S = 30.0  # a server that does not accept a connection in this time is unreachable
 MAX_TOKEN_COUNT = 2**31 - 1  # more tokens than any model's context: a reply claiming more is malformed
-MAX_REPORTED_COST_USD = Decimal(10_000)  # no single request costs this: a reported cost above it is not used
+MAX_REPORTED_COST_USD = Decimal(10_000)
+MAX_STREAM_BYTES = (
+    64 * 2**20
+)  # a streamed answer longer than this is not an answer  # no single request costs this: a reported cost above it is not used
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Completion:
     tool_calls: list[dict[str, Any]] | None = None
     refusal: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    ttft_s: float | None = None  # streamed: seconds from sending to the first token
 
 
 class Client:
@@ -166,8 +171,12 @@ class Client:
 
     async def _complete(self, path: str, body: dict[str, Any], timeout_s: float | None) -> Completion:
         started = time.monotonic()
-        payload, status = await self._request("POST", path, json_body=body, timeout_s=timeout_s)
-        return parse_completion(payload, status=status, latency_s=time.monotonic() - started)
+        stream = _Stream(started) if body.get("stream") is True else None
+        payload, status = await self._request("POST", path, json_body=body, timeout_s=timeout_s, stream=stream)
+        completion = parse_completion(payload, status=status, latency_s=time.monotonic() - started)
+        if stream is not None and stream.first_token_s is not None:
+            completion = dataclasses.replace(completion, ttft_s=stream.first_token_s - started)
+        return completion
 
     async def _get(self, path: str, params: dict[str, str] | None = None) -> tuple[Any, int]:
         return await self._request("GET", path, params=params, timeout_s=min(self.timeout_s, 60.0))
@@ -181,10 +190,15 @@ class Client:
         raw_body: str | None = None,
         params: dict[str, str] | None = None,
         timeout_s: float | None,
+        stream: _Stream | None = None,
     ) -> tuple[Any, int]:
         session = self._require_session()
         total_s = timeout_s or self.timeout_s
         timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=min(total_s, CONNECT_TIMEOUT_S))
+        if (
+            stream is not None
+        ):  # a stream may run long: what must not pass is `total_s` without a byte (keep-alives count)
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(total_s, CONNECT_TIMEOUT_S), sock_read=total_s)
         # A body's files are streamed into it as base64 (media.py), never built whole in memory.
         encoded = encode_body(json_body) if json_body is not None else None
         data: Any = raw_body.encode() if raw_body is not None else None
@@ -201,13 +215,15 @@ class Client:
                 params=params,
                 timeout=timeout,
             ) as response:
-                text = (await response.read()).decode("utf-8", errors="replace")  # a bad byte must not crash a row
                 status, headers = response.status, response.headers
+                if stream is not None and status == 200 and "text/event-stream" in headers.get("Content-Type", ""):
+                    return await stream.read(response), status
+                text = (await response.read()).decode("utf-8", errors="replace")  # a bad byte must not crash a row
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never reached the server
             detail = str(exc) or type(exc).__name__
             raise TransientError(f"cannot connect: {detail}", code="unreachable") from None
         except TimeoutError:
-            raise TransientError(f"no answer within {timeout.total:g} s", code="timeout") from None
+            raise TransientError(f"no answer within {total_s:g} s", code="timeout") from None
         except aiohttp.ClientError as exc:  # dropped connections, refused connections, bad payloads
             if encoded is not None and encoded.failure is not None:  # a file could not be sent: the body stopped short
                 raise encoded.failure from None
@@ -224,6 +240,94 @@ class Client:
                 f"HTTP {status} with a body that is not JSON: {text[:120]!r}", status=status, code="bad_body"
             )
         return payload, status
+
+
+class _Stream:
+    """Reads an answer sent as server-sent events into the shape of a whole answer, for parse_completion.
+
+    `: OPENROUTER PROCESSING` comments keep the connection alive and are skipped; `delta`s are
+    joined (content, refusal, tool calls by index); an `error` chunk (a 200 already sent) and
+    the final chunk's `usage` are kept; a stream that ends without a finish_reason was cut off."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.first_token_s: float | None = None  # monotonic time of the first content
+
+    async def read(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
+        payload: dict[str, Any] = {}
+        text: list[str] = []
+        refusal: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": None}
+        received, done = 0, False
+        lines = aiter(response.content)
+        while True:
+            try:
+                raw = await anext(lines)
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientPayloadError, ConnectionError):  # the connection closed mid-answer
+                break
+            received += len(raw)
+            if received > MAX_STREAM_BYTES:
+                raise TransientError(f"the stream passed {MAX_STREAM_BYTES // 2**20} MB", code="stream_too_long")
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if not line.startswith("data:"):
+                continue  # a blank line between events, or a `:` comment (a keep-alive)
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = _parse_json(data)
+            if not isinstance(chunk, dict):
+                raise TransientError(f"a stream chunk that is not a JSON object: {data[:120]!r}", code="malformed")
+            for key in ("id", "model", "provider"):
+                if chunk.get(key) is not None:
+                    payload[key] = chunk[key]
+            if chunk.get("usage") is not None:
+                payload["usage"] = chunk["usage"]
+            if chunk.get("error") is not None:
+                payload["error"] = chunk["error"]
+            choices = chunk.get("choices")
+            first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+            delta = _mapping(first.get("delta"))
+            if isinstance(delta.get("content"), str) and delta["content"]:
+                text.append(delta["content"])
+                if self.first_token_s is None:
+                    self.first_token_s = time.monotonic()
+            if isinstance(delta.get("refusal"), str):
+                refusal.append(delta["refusal"])
+            for call in delta.get("tool_calls") or []:
+                if isinstance(call, dict):
+                    _merge_call(calls, call)
+                    if self.first_token_s is None:
+                        self.first_token_s = time.monotonic()
+            if first.get("finish_reason") is not None:
+                choice["finish_reason"] = first["finish_reason"]
+            if first.get("error") is not None:
+                choice["error"] = first["error"]
+        if not done and choice["finish_reason"] is None and "error" not in payload:
+            usage = _usage(payload.get("usage")) if isinstance(payload.get("usage"), dict) else None
+            raise TransientError("the stream was cut off before the answer ended", code="stream_cut", usage=usage)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text), "refusal": "".join(refusal) or None}
+        if calls:
+            message["tool_calls"] = [calls[index] for index in sorted(calls)]
+        payload["choices"] = [{**choice, "message": message}] if choice["finish_reason"] or text or calls else []
+        return payload
+
+
+def _merge_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """A tool call arrives in pieces: its id, type and name once, its arguments in fragments."""
+    index = delta["index"] if isinstance(delta.get("index"), int) else len(calls)
+    call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+    for key in ("id", "type"):
+        if isinstance(delta.get(key), str):
+            call[key] = delta[key]
+    function = _mapping(delta.get("function"))
+    if isinstance(function.get("name"), str):
+        call["function"]["name"] += function["name"]
+    if isinstance(function.get("arguments"), str):
+        call["function"]["arguments"] += function["arguments"]
 
 
 def _batch_object(payload: Any) -> dict[str, Any]:

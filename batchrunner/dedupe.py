@@ -101,6 +101,7 @@ def _copy(todo: Todo, paid: RowResult) -> RowResult:
         billed_completion_tokens=earlier.completion_tokens,
         attempts=earlier.attempts,
         latency_s=None,
+        ttft_s=None,
         deduped_from=paid.row_id,
         this_run=Bill(),
         saved_usd=paid.cost_usd,

@@ -36,6 +36,7 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "cost_usd": COST_DTYPE,
     "cost_source": pl.String(),
     "latency_s": pl.Float64(),
+    "ttft_s": pl.Float64(),
     "attempts": pl.Int64(),
     "generation_id": pl.String(),
     "provider": pl.String(),
@@ -111,6 +112,7 @@ class RowResult:
     cost_usd: Decimal = ZERO_USD  # every billed attempt of this row, in every run, not just the last
     cost_source: str = "reported"  # reported (usage.cost), computed (from /models prices) or unknown
     latency_s: float | None = None  # of the attempt that answered
+    ttft_s: float | None = None  # streamed: from sending to the first token, of the attempt that answered
     attempts: int = 0  # across all models tried, in every run
     generation_id: str | None = None
     provider: str | None = None

@@ -206,7 +206,7 @@ async def run_job(
                                 realtime=LiveExecutor(spec.concurrency) if spec.batch.fallback_to_realtime else None,
                             )
                             if spec.mode == "batch"
-                            else LiveExecutor(spec.concurrency)
+                            else LiveExecutor(spec.concurrency, grace_s=grace_s(spec))
                         )
                     work: Iterable[Batch] = pending(dataset, requests, store, limit=limit)
                     into: ResultSink = Sinks(*sinks)
@@ -315,6 +315,13 @@ async def fetch_prices(client: Client) -> PriceTable:
         _halt_if_unreachable(client, exc)
         log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
         return PriceTable([])
+
+
+def grace_s(spec: JobSpec) -> float:
+    """How long requests in flight may finish once the run stops: a whole answer is paid for anyway, so it
+    is waited for; a stream is cancelled at once, which stops its billing (the tokens it had generated
+    are paid for and not kept)."""
+    return 0.0 if spec.params.get("stream") is True else 30.0
 
 
 async def fetch_endpoints(client: Client, spec: JobSpec) -> dict[str, list[dict[str, Any]]]:

@@ -669,8 +669,10 @@ def _request_problems(spec: JobSpec, where: Any) -> list[Problem]:
                     where(("params", key)), f"set this with the spec's `{SPEC_OWNED_FIELDS[key]}` key, not in params"
                 )
             )
-        elif key == "stream":
-            problems.append(Problem(where(("params", key)), "batchrunner reads whole answers; remove `stream`"))
+        elif key == "stream" and spec.params[key] is True and (spec.mode == "batch" or spec.endpoint != "chat"):
+            problems.append(
+                Problem(where(("params", key)), "only live chat requests stream; remove `stream` (or use mode: live)")
+            )
         elif key not in known:
             hint = difflib.get_close_matches(key, sorted(known), n=1)
             if strict:

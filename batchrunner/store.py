@@ -127,6 +127,11 @@ def _migration_6(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX results_by_request ON results (fingerprint, requested_model)")
 
 
+def _migration_7(db: sqlite3.Connection) -> None:
+    """Streamed answers: the time to their first token."""
+    db.execute("ALTER TABLE results ADD COLUMN ttft_s REAL")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
@@ -134,6 +139,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 
 

@@ -23,6 +23,7 @@ import yaml
 ROOTS = (
     "ChatRequest",
     "ChatResult",
+    "ChatStreamChunk",
     "GenerationResponse",
     "ModelsListResponse",
     "ListEndpointsResponse",

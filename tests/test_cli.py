@@ -573,3 +573,29 @@ def test_endpoints_and_generation_lookups(sandbox_in_thread: Callable[[SandboxCo
     assert "tokens_prompt:" in shown.stdout and "total_cost:" in shown.stdout
     missing = invoke("generation", "gen-nope", env=env)
     assert missing.exit_code == 3 and "could not read generation 'gen-nope'" in missing.stderr
+
+
+def test_sigterm_cancels_streams_in_flight_at_once(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """A streamed answer can be stopped (which stops its billing): on SIGTERM the run cancels its streams at once
+    instead of waiting up to 30 s for answers that take 20 s, and exits 3 with the rows pending."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=20.0))
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    job = write_spec(params={"max_tokens": 20, "stream": True}, concurrency=4)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(job)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while sandbox.stats.requests < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 3, stderr
+    assert time.monotonic() - signalled < 10, "the streams were cancelled, not waited for"
+    assert "12 rows are pending" in stderr or "pending" in stderr

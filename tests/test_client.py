@@ -312,3 +312,45 @@ async def test_a_file_changed_before_its_request_went_out_raises_media_problem(t
         with pytest.raises(MediaProblem, match="changed while the run was sending it"):
             await client.chat(body)
     assert sandbox.stats.statuses[200] == 1 and sandbox.stats.images == 1
+
+
+async def test_a_streamed_answer_reads_as_the_whole_one_with_its_time_to_first_token() -> None:
+    """Streamed: the joined deltas, model, provider, finish_reason, usage and cost equal the whole answer's, and
+    ttft_s is set (and within the latency); tool calls arriving in pieces are put back together."""
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
+    tools = [{"type": "function", "function": {"name": "label", "parameters": {"type": "object", "properties": {}}}}]
+    async with Sandbox() as sandbox, Client(sandbox.base_url) as client:
+        whole = await client.chat(body)
+        streamed = await client.chat({**body, "stream": True})
+        called = await client.chat({**body, "stream": True, "tools": tools})
+    assert (streamed.text, streamed.model, streamed.provider, streamed.finish_reason) == (
+        whole.text,
+        whole.model,
+        whole.provider,
+        whole.finish_reason,
+    )
+    assert streamed.usage == whole.usage and whole.ttft_s is None
+    assert streamed.ttft_s is not None and 0 <= streamed.ttft_s <= streamed.latency_s
+    assert called.tool_calls and called.tool_calls[0]["function"]["name"] == "label"
+
+
+@pytest.mark.parametrize(("fault", "code"), [("stream_error", "finish_error"), ("stream_cut", "stream_cut")])
+async def test_a_stream_that_breaks_is_a_transient_error(fault: str, code: str) -> None:
+    """An error chunk after the 200 (finish_reason "error"), or a connection closed before the answer ended, is a
+    TransientError to retry, like the same failure of a whole answer."""
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 400}], "stream": True}
+    async with Sandbox(SandboxConfig(faults={fault: 1.0})) as sandbox, Client(sandbox.base_url) as client:
+        with pytest.raises(TransientError) as caught:
+            await client.chat(body)
+    assert caught.value.code == code
+
+
+async def test_keep_alive_comments_keep_a_slow_stream_under_the_idle_timeout() -> None:
+    """An answer that takes 0.6 s: a whole one times out at a 0.25 s timeout; streamed, the keep-alive comments
+    OpenRouter sends while it works keep the connection alive and the answer arrives."""
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "slow"}]}
+    async with Sandbox(SandboxConfig(latency_s=0.6)) as sandbox, Client(sandbox.base_url) as client:
+        with pytest.raises(TransientError, match=r"no answer within 0\.25 s"):
+            await client.chat(body, timeout_s=0.25)
+        streamed = await client.chat({**body, "stream": True}, timeout_s=0.25)
+    assert streamed.text and streamed.latency_s >= 0.6

@@ -816,3 +816,29 @@ async def test_samples_three_then_five_sends_three_n_then_two_n(
     assert output.height == 30 and output["sample"].to_list()[:5] == [0, 1, 2, 3, 4]
     assert output.columns.index("sample") < output.columns.index("model")
     assert output.filter(pl.col("deduped_from").is_not_null()).is_empty()
+
+
+async def test_a_streamed_run_with_broken_streams_ends_every_row_with_costs_equal_to_the_ledger(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """stream: true with a fifth of the streams breaking mid-answer (an error chunk) and a tenth cut off: every row
+    ends answered or failed with a reason, answered rows have ttft_s, and the cost is what the sandbox charged."""
+    config = SandboxConfig(faults={"stream_error": 0.2, "stream_cut": 0.1}, seed=3)
+    async with Sandbox(config) as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 60),
+                params={"max_tokens": 60, "stream": True},
+                retry={"max_attempts": 3},
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec, retry=RetryPolicy.immediate(max_attempts=3))
+    output = pl.read_parquet(spec.output)
+    assert output.height == 60 and outcome.report.pending == 0
+    assert sandbox.stats.statuses[200] > 60, "broken streams were asked again"
+    ok = output.filter(pl.col("status") == "ok")
+    assert ok.height > 50 and ok["ttft_s"].is_not_null().all() and (ok["ttft_s"] <= ok["latency_s"]).all()
+    failed = output.filter(pl.col("status") == "failed")
+    assert failed["error"].str.contains("mid-answer|cut off").all()
+    assert outcome.report.summary.cost_usd == sandbox.stats.charged_usd

@@ -181,13 +181,46 @@ async def test_every_response_validates_against_openrouters_documented_shapes(cr
             assert status == 200 and openapi.validation_errors("GenerationResponse", generation) == []
 
 
-async def test_unknown_models_and_streaming_are_refused_as_openrouter_does() -> None:
-    """A well-formed model the catalog lacks gets OpenRouter's 400; so does `stream: true`, which it does not take."""
+async def test_unknown_models_are_refused_as_openrouter_does() -> None:
+    """A well-formed model the catalog lacks gets OpenRouter's 400; so does `stream: true` on /completions."""
     async with Sandbox() as sandbox:
         status, _, payload = await post(sandbox, chat(model="acme/imaginary-model"))
         assert status == 400 and "acme/imaginary-model is not a valid model ID" in payload["error"]["message"]
-        status, _, payload = await post(sandbox, chat(stream=True))
+        status, _, payload = await post(
+            sandbox, {"model": "openai/gpt-4o-mini", "prompt": "x", "stream": True}, "/completions"
+        )
         assert status == 400 and "stream" in payload["error"]["message"]
+
+
+async def stream_lines(sandbox: Sandbox, body: dict[str, Any]) -> list[str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(sandbox.base_url + "/chat/completions", json=body) as response,
+    ):
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+        return (await response.text()).split("\n")
+
+
+async def test_a_streamed_answer_is_openrouters_chunks_then_usage_then_done() -> None:
+    """Keep-alive comments, chunks that validate as ChatStreamChunk and join to the whole answer, a last chunk with
+    usage and no choices, then [DONE]; a stream_error fault ends in an error chunk instead, unbilled."""
+    async with Sandbox(SandboxConfig(latency_s=0.12)) as sandbox:
+        _, _, whole = await post(sandbox, chat("stream me"))
+        lines = await stream_lines(sandbox, chat("stream me", stream=True))
+    assert lines.count(": OPENROUTER PROCESSING") >= 3  # while it "thinks": 0.12 s at one comment every 0.05 s
+    data = [line[6:] for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(item) for item in data[:-1]]
+    for chunk in chunks:
+        assert openapi.validation_errors("ChatStreamChunk", chunk) == []
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"] | {"cost": chunks[-1]["usage"]["cost"]}
+    async with Sandbox(SandboxConfig(faults={"stream_error": 1.0})) as sandbox:
+        lines = await stream_lines(sandbox, chat("break", stream=True))
+        assert sandbox.stats.charged_usd == 0
+    last = json.loads([line for line in lines if line.startswith("data: ")][-1][6:])
+    assert last["choices"][0]["finish_reason"] == "error" and last["error"]["code"] == 502
 
 
 ERROR_SCHEMAS = {

@@ -85,10 +85,13 @@ def test_provider_is_checked_against_the_openapi_schema(write_spec: Callable[...
 
 
 def test_params_may_not_set_what_the_spec_owns(write_spec: Callable[..., Path]) -> None:
-    """params.model or params.stream are refused with where to set them instead."""
-    message = problems(write_spec(params={"model": "a/b", "stream": True}))
+    """params.model is refused with where to set it instead; params.stream only where requests can stream."""
+    message = problems(write_spec(params={"model": "a/b"}))
     assert "params.model: set this with the spec's `models` key" in message
-    assert "params.stream" in message
+    assert load_spec(write_spec(params={"stream": True})).params["stream"] is True
+    assert "params.stream: only live chat requests stream" in problems(
+        write_spec(params={"stream": True}, mode="batch")
+    )
 
 
 def test_prompt_and_messages_together_are_refused(write_spec: Callable[..., Path]) -> None:

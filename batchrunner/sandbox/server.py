@@ -48,7 +48,11 @@ FAULT_KINDS = (
     "negative_cost",  # a 200 whose usage.cost is -15
     "absurd_cost",  # a 200 whose usage.cost is 1e30
     "hostile_error",  # a 400 whose message carries terminal escapes (title, clipboard, clear screen) and 2 MB of text
+    "stream_error",  # a streamed answer that breaks halfway with an error chunk (finish_reason "error"), unbilled
+    "stream_cut",  # a streamed answer whose connection closes halfway, without a finish_reason or [DONE], unbilled
 )
+STREAM_FAULTS = ("stream_error", "stream_cut")
+KEEPALIVE_S = 0.05  # between keep-alive comments while a streamed answer waits
 HOSTILE_TEXT = "\x1b]0;pwned\x07\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\nFAKE LOG LINE"
 FREE_PER_MINUTE = 20
 
@@ -380,9 +384,10 @@ class Sandbox:
             return _error(400, "Request body must be a JSON object", error_type="invalid_request")
         if self.config.record_bodies:
             self.stats.bodies.append(body)
-        if body.get("stream"):  # answers are whole JSON documents here, never server-sent events
+        streaming = body.get("stream") is True
+        if streaming and not chat:
             return _error(
-                400, "Invalid request: stream: streaming is not simulated by the sandbox", error_type="invalid_request"
+                400, "Invalid request: stream: the sandbox streams chat answers only", error_type="invalid_request"
             )
         if chat:
             problems = openapi.validation_errors("ChatRequest", body)
@@ -416,8 +421,10 @@ class Sandbox:
         key = request_key(body)
         fault = self._fault(key)
         self._seen[key] += 1
+        if fault in STREAM_FAULTS and not streaming:
+            fault = None  # a whole answer cannot break mid-stream
         latency = self.config.latency_s(body) if callable(self.config.latency_s) else self.config.latency_s
-        if latency > 0:
+        if latency > 0 and not streaming:  # a stream waits after its headers, sending keep-alives
             await asyncio.sleep(latency)
 
         retry_headers = {"Retry-After": f"{self.config.retry_after_s:g}"}
@@ -469,7 +476,66 @@ class Sandbox:
             )
         if answering == catalog.AUTO_ROUTER:
             answering = catalog.AUTO_ROUTES_TO
+        if streaming:  # a stream that breaks is not billed: zero-completion insurance, as for an error finish
+            broken = "finish_error" if fault in STREAM_FAULTS else fault
+            completion = self._completion(body, answering, chat=chat, fault=broken, key=key)
+            return await self._stream(request, completion, fault, latency)
         return web.json_response(self._completion(body, answering, chat=chat, fault=fault, key=key))
+
+    async def _stream(
+        self, request: web.Request, completion: dict[str, Any], fault: str | None, latency_s: float
+    ) -> web.StreamResponse:
+        """The answer as OpenRouter streams it: keep-alive comments while it "thinks", content deltas, the
+        finish_reason, a last chunk with the usage and no choices, then [DONE]. A `stream_error` fault sends an
+        error chunk (finish_reason "error") halfway; `stream_cut` closes the connection halfway."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        waited = 0.0
+        while True:  # OpenRouter's keep-alive comment, which clients must skip
+            await response.write(b": OPENROUTER PROCESSING\n\n")
+            if waited >= latency_s:
+                break
+            step = min(KEEPALIVE_S, latency_s - waited)
+            await asyncio.sleep(step)
+            waited += step
+        head = {key: completion[key] for key in ("id", "provider", "model", "created")}
+        head["object"] = "chat.completion.chunk"
+        choice = completion["choices"][0]
+        message = choice["message"]
+
+        async def send(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> None:
+            chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        text = message.get("content") or ""
+        pieces = [text[i : i + 16] for i in range(0, len(text), 16)]
+        if fault in STREAM_FAULTS:
+            pieces = pieces[: max(1, len(pieces) // 2)]
+        await send({"role": "assistant", "content": ""})
+        for piece in pieces:
+            await send({"content": piece})
+        if fault == "stream_cut":
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        if fault == "stream_error":
+            error = {
+                "code": 502,
+                "message": "Provider disconnected mid-stream",
+                "metadata": {"error_type": "provider_unavailable"},
+            }
+            await send({"content": ""}, "error", error=error)
+            await response.write_eof()
+            return response
+        if message.get("refusal"):
+            await send({"refusal": message["refusal"]})
+        for index, call in enumerate(message.get("tool_calls") or []):
+            await send({"tool_calls": [{"index": index, **call}]})
+        await send({}, choice["finish_reason"])
+        usage_chunk = {**head, "choices": [], "usage": completion["usage"]}
+        await response.write(f"data: {json.dumps(usage_chunk)}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+        return response
 
     def _completion(
         self,
