@@ -8,7 +8,9 @@ surface for using it from Python. Everything not listed here is internal.
     outcome = asyncio.run(run_job(load_spec("jobs/quickstart.yaml"), sandbox=SandboxConfig()))
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from batchrunner.errors import (
     ApiError,
@@ -23,14 +25,36 @@ from batchrunner.errors import (
     SpecError,
     TransientError,
 )
-from batchrunner.runner import Outcome, run_job
-from batchrunner.sandbox import Sandbox, SandboxConfig
-from batchrunner.spec import JobSpec, load_spec
 
-try:
-    __version__ = version("batchrunner")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+if TYPE_CHECKING:
+    from batchrunner.runner import Outcome, run_job
+    from batchrunner.sandbox import Sandbox, SandboxConfig
+    from batchrunner.spec import JobSpec, load_spec
+
+_LAZY = {  # imported on first use: `import batchrunner` (and the CLI's start-up) stays light
+    "Outcome": "batchrunner.runner",
+    "run_job": "batchrunner.runner",
+    "Sandbox": "batchrunner.sandbox",
+    "SandboxConfig": "batchrunner.sandbox",
+    "JobSpec": "batchrunner.spec",
+    "load_spec": "batchrunner.spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("batchrunner")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            return "0+unknown"
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ApiError",

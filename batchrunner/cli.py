@@ -21,22 +21,10 @@ from batchrunner import logs
 from batchrunner.costs import format_cost, format_usd
 from batchrunner.errors import OutputError, Problem, RunHalted, SpecError
 from batchrunner.files import write_text_atomically
-from batchrunner.offline import (
-    cancel_batches,
-    estimate_job,
-    evaluation,
-    export_job,
-    job_status,
-    list_endpoints,
-    list_models,
-    lookup_generation,
-    report_html,
-)
-from batchrunner.progress import Progress
-from batchrunner.report import score_text, to_markdown
-from batchrunner.runner import overrides, run_job
-from batchrunner.sandbox import FAULT_KINDS, SandboxConfig, serve
-from batchrunner.spec import load_spec
+from batchrunner.sandbox.faults import FAULT_KINDS
+
+# Each command imports what it needs when it runs: `--help` and `status` start in a fraction of the
+# time importing everything (aiohttp, polars, jsonschema) would take. See bench/startup.py.
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -117,6 +105,13 @@ def run(
 
     Answers are checkpointed as they arrive; rerunning skips what is already answered.
     """
+    from batchrunner.offline import evaluation
+    from batchrunner.progress import Progress
+    from batchrunner.report import score_text
+    from batchrunner.runner import overrides, run_job
+    from batchrunner.sandbox import SandboxConfig
+    from batchrunner.spec import load_spec
+
     logs.configure(verbose=verbose, json_lines=log_json)
     with _exit_codes():
         spec = load_spec(
@@ -191,6 +186,10 @@ def run(
 @click.option("--sandbox", is_flag=True, help="Price with the sandbox's catalog instead of OpenRouter's.")
 def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None:
     """Estimate the cost and duration of JOB's remaining rows, without sending a completion."""
+    from batchrunner.queries import estimate_job
+    from batchrunner.sandbox import SandboxConfig
+    from batchrunner.spec import load_spec
+
     logs.configure()
     with _exit_codes():
         report = asyncio.run(estimate_job(load_spec(job), limit=limit, sandbox=SandboxConfig() if sandbox else None))
@@ -239,6 +238,9 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
 def models(search: str | None, free: bool, endpoints_of: str | None, sandbox: bool) -> None:
     """List models with their prices per million tokens and context length, from /models; or, with
     --endpoints, one model's endpoints: provider, quantization, limits, prices, parameters, uptime."""
+    from batchrunner.queries import list_endpoints, list_models
+    from batchrunner.sandbox import SandboxConfig
+
     logs.configure()
     config = SandboxConfig() if sandbox else None
     if endpoints_of is not None:
@@ -261,6 +263,8 @@ def models(search: str | None, free: bool, endpoints_of: str | None, sandbox: bo
 def generation(generation_id: str, as_json: bool) -> None:
     """What OpenRouter kept for one answer (GET /generation): native tokens, cost, provider, latency.
     GENERATION_ID is the output's generation_id column. Needs $OPENROUTER_API_KEY."""
+    from batchrunner.queries import lookup_generation
+
     logs.configure()
     with _exit_codes():
         record = asyncio.run(lookup_generation(generation_id))
@@ -292,6 +296,10 @@ def _table(rows: list[dict[str, str]]) -> None:
 @click.option("--sandbox", is_flag=True, help="Export the sandbox's simulated answers instead of the real ones.")
 def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
     """Rewrite JOB's output from its checkpoint, without sending anything."""
+    from batchrunner.offline import export_job
+    from batchrunner.runner import overrides
+    from batchrunner.spec import load_spec
+
     logs.configure()
     with _exit_codes():
         spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None))
@@ -304,6 +312,10 @@ def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
 @click.option("--sandbox", is_flag=True, help="Cancel at the sandbox (for trying batch mode out).")
 def cancel(job: Path, sandbox: bool) -> None:
     """Cancel JOB's batches still open at the Batch API; the next run asks their rows again."""
+    from batchrunner.queries import cancel_batches
+    from batchrunner.sandbox import SandboxConfig
+    from batchrunner.spec import load_spec
+
     logs.configure()
     with _exit_codes():
         spec = load_spec(job)
@@ -316,6 +328,10 @@ def cancel(job: Path, sandbox: bool) -> None:
 @click.option("--sandbox", is_flag=True, help="Score the sandbox's simulated answers instead of the real ones.")
 def score(job: Path, sandbox: bool) -> None:
     """Score JOB's answers again (after editing its `evaluate:` block) and rewrite the output. Sends nothing."""
+    from batchrunner.offline import evaluation, export_job
+    from batchrunner.report import score_text
+    from batchrunner.spec import load_spec
+
     logs.configure()
     with _exit_codes():
         spec = load_spec(job)
@@ -353,6 +369,10 @@ def report(job: Path, fmt: str, out_path: Path | None, by: str | None, sandbox: 
 
     Sends nothing. HTML to look at (charts and a row explorer, one file that opens anywhere),
     markdown for CI logs and pull requests, JSON for scripts."""
+    from batchrunner.offline import evaluation, report_html
+    from batchrunner.report import to_markdown
+    from batchrunner.spec import load_spec
+
     logs.configure()
     with _exit_codes():
         spec = load_spec(job)
@@ -375,6 +395,9 @@ def report(job: Path, fmt: str, out_path: Path | None, by: str | None, sandbox: 
 @click.option("--sandbox", is_flag=True, help="Count the sandbox's simulated answers instead of the real ones.")
 def status(job: Path, as_json: bool, sandbox: bool) -> None:
     """Show JOB's progress: done, failed and pending per model, cost so far, last run. Sends nothing."""
+    from batchrunner.offline import job_status
+    from batchrunner.spec import load_spec
+
     logs.configure()
     with _exit_codes():
         report = job_status(load_spec(job), sandbox=sandbox)
@@ -447,6 +470,8 @@ def sandbox(
     Point a job at it with `api: {base_url: http://127.0.0.1:PORT/api/v1}` or
     OPENROUTER_BASE_URL; any key works.
     """
+    from batchrunner.sandbox import SandboxConfig, serve
+
     limit: float | str | None = rate_limit
     if rate_limit not in (None, "credits"):
         try:

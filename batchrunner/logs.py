@@ -12,8 +12,6 @@ import re
 import sys
 import time
 
-from tqdm import tqdm
-
 MAX_MESSAGE_CHARS = 2000  # a log line or printed message longer than this is cut: a 10 MB error is not logged per row
 # Characters that move the cursor, rewrite the title or the clipboard, clear the screen, or forge log lines:
 # C0 controls (newline and escape among them), DEL, C1 controls, and Unicode line and bidi overrides.
@@ -62,6 +60,8 @@ class _AboveTheBar(logging.StreamHandler):  # type: ignore[type-arg,unused-ignor
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            from tqdm import tqdm  # only once there is a bar to write above
+
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # logging must never take the run down
             self.handleError(record)

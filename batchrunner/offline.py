@@ -1,46 +1,28 @@
-"""What can be known about a job without sending a completion: status, estimate, export, models.
+"""What can be known about a job from its files alone: status, export, scores, the report.
 
-These read the spec, the input and the checkpoint, and at most GET /key and /models.
+These read the spec, the input and the checkpoint, and send nothing; they import nothing of
+HTTP, so `batchrunner status` starts quickly. What asks the server (estimate, models,
+endpoints, generations, cancelling batches) is in queries.py.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from batchrunner.client import Client
-from batchrunner.connect import Connection
-from batchrunner.costs import FILE_PARSER_USD_PER_PAGE, ZERO_USD, Pricing, per_million
+from batchrunner.costs import ZERO_USD
 from batchrunner.dataset import ROW_INDEX
-from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
+from batchrunner.errors import Problem, SpecError
 from batchrunner.output import export, results, score_columns
 from batchrunner.pending import pending
-from batchrunner.preflight import check_endpoints, prepare
+from batchrunner.preflight import prepare
 from batchrunner.report import Report, build, gather
 from batchrunner.report_html import render
-from batchrunner.request import (
-    MOST_TOKENS_PER_IMAGE,
-    TYPICAL_TOKENS_PER_IMAGE,
-    TYPICAL_TOKENS_PER_PAGE,
-    MediaTally,
-    RequestBuilder,
-    RowRequest,
-    estimated_prompt_tokens,
-    expected_completion_tokens,
-    media_tally,
-    most_prompt_tokens,
-)
-from batchrunner.runner import fetch_endpoints, fetch_prices, plan_limits
-from batchrunner.sandbox import SandboxConfig
-from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec, is_openrouter
+from batchrunner.request import RequestBuilder
+from batchrunner.spec import JobSpec
 from batchrunner.store import Store
-
-BATCH_PRICE_SHARE = Decimal("0.5")  # what a batch typically costs, as a share of the live price
 
 
 def existing_checkpoint(spec: JobSpec) -> Path:
@@ -137,237 +119,3 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
         "last_run": runs[-1] if runs else None,
         "batches": batches,
     }
-
-
-async def cancel_batches(spec: JobSpec, *, sandbox: SandboxConfig | None = None) -> list[str]:
-    """Cancel the job's batches still open at the Batch API; their pairs are asked again on the next run."""
-    checkpoint = existing_checkpoint(spec)
-    cancelled = []
-    with Store.open(checkpoint) as store:
-        async with Connection(spec, sandbox=sandbox, timeout_s=60) as connection:
-            for record in store.open_batches():
-                if record["batch_id"] is not None:
-                    try:
-                        await connection.client.cancel_batch(record["batch_id"])
-                    except ApiError as exc:
-                        raise RunHalted(f"could not cancel batch {record['batch_id']}: {exc}") from exc
-                    cancelled.append(record["batch_id"])
-                store.batch_state(record["intent_id"], "requeued")
-    return cancelled
-
-
-async def estimate_job(
-    spec: JobSpec, *, limit: int | None = None, sandbox: SandboxConfig | None = None
-) -> dict[str, Any]:
-    """What the rows still to do should cost and take, without sending a completion.
-
-    Prompt tokens are estimated without a tokenizer (about four characters a token); the
-    expected answer length comes from this job's answers so far, else from the response
-    schema, else half of max_tokens. The worst case prices every prompt byte as a token and
-    every answer at max_tokens.
-    """
-    dataset = prepare(spec)
-    connection = Connection(spec, sandbox=sandbox, timeout_s=60)
-    requests = RequestBuilder(spec, server=connection.server)
-    checkpoint = spec.checkpoint_path()
-    store = Store.open(checkpoint) if checkpoint.exists() else None
-    async with connection:
-        prices = await fetch_prices(connection.client)
-        check_endpoints(spec, await fetch_endpoints(connection.client, spec))
-        limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
-
-    per_model = {model: _Tally() for model in spec.models}
-    asked: set[tuple[str, str]] = set()  # distinct requests (dedupe): each is sent once
-    try:
-        for batch in pending(dataset, requests, store, limit=limit, batch_size=20_000):
-            keys = {(todo.request.requested_model, todo.request.fingerprint) for todo in batch.todo}
-            stored = store.answers_to(keys - asked) if spec.dedupe and store is not None else {}
-            for todo in batch.todo:
-                request = todo.request
-                key = (request.requested_model, request.fingerprint)
-                if spec.dedupe and request.problem is None and (key in asked or key in stored):
-                    per_model[request.requested_model].copies += 1  # answered by a copy: nothing sent
-                    continue
-                asked.add(key)
-                per_model[request.requested_model].add(request, prices.get(request.requested_model))
-        history = store.completion_tokens_by_model() if store else {}
-    finally:
-        if store is not None:
-            store.close()
-
-    models: dict[str, Any] = {}
-    expected_total: Decimal | None = ZERO_USD
-    worst_total: Decimal | None = ZERO_USD
-    for model, counts in per_model.items():
-        pricing = prices.get(model)
-        answered_n, answered_tokens = history.get(model, (0, 0))
-        if answered_n >= 10:
-            completion, basis = answered_tokens / answered_n, f"the average of {answered_n} answers so far"
-        else:
-            completion, basis = expected_completion_tokens(spec, pricing)
-        rows = counts.rows
-        entry: dict[str, Any] = {
-            "rows": rows,
-            "deduplicated_rows": counts.copies,
-            "estimated_prompt_tokens": counts.prompt_tokens,
-            "expected_completion_tokens_per_row": round(completion, 1),
-            "completion_estimate_basis": basis,
-            "expected_cost_usd": None,
-            "max_cost_usd": None,
-        }
-        if pricing is not None:
-            expected = pricing.estimate_usd(
-                counts.prompt_tokens, Decimal(str(round(completion * rows, 3))), rows
-            ) + counts.media.images * pricing.image * (1 - pricing.discount)
-            worst = (
-                pricing.worst_case_usd(
-                    counts.most_prompt_tokens, rows * requests.max_completion_tokens(pricing), rows, counts.media.images
-                )
-                + counts.media.most_pages() * FILE_PARSER_USD_PER_PAGE
-            )
-            entry["expected_cost_usd"] = str(expected.quantize(Decimal("1E-9")))
-            entry["max_cost_usd"] = str(worst.quantize(Decimal("1E-9")))
-        if entry["expected_cost_usd"] is None:
-            expected_total = worst_total = None
-        elif expected_total is not None and worst_total is not None:
-            expected_total += Decimal(entry["expected_cost_usd"])
-            worst_total += Decimal(entry["max_cost_usd"])
-        models[model] = entry
-    requests_n = sum(entry["rows"] for entry in models.values())
-    rate = limits.pacer.rate_rps
-    media = next(iter(per_model.values())).media if per_model else MediaTally()  # every model sends the same
-    unsendable = next(iter(per_model.values())).unsendable if per_model else 0
-    return {
-        "job": spec.name,
-        "rows": requests_n,
-        "expected_cost_usd": None if expected_total is None else str(expected_total),
-        # OpenRouter's Batch API is "typically 50% of the sync per-token price": an estimate, not a quote
-        "expected_batch_cost_usd": None if expected_total is None else str(expected_total * BATCH_PRICE_SHARE),
-        "max_cost_usd": None if worst_total is None else str(worst_total),
-        "expected_duration_s": round(requests_n / rate, 3) if rate and rate != float("inf") else 0.0,
-        "rate_rps": rate,
-        "prompt_tokens_note": "estimated without a tokenizer: about 4 characters a token",
-        "models": models,
-        **(_media_report(media, unsendable) if requests.has_media else {}),
-    }
-
-
-@dataclass
-class _Tally:
-    """What one model's pairs still to do add up to."""
-
-    rows: int = 0
-    prompt_tokens: int = 0
-    most_prompt_tokens: int = 0
-    unsendable: int = 0  # rows whose media cannot be sent: they fail, unsent and unpaid
-    copies: int = 0  # rows whose request another row (or the checkpoint) answers: copied, not sent
-    media: MediaTally = field(default_factory=MediaTally)
-
-    def add(self, request: RowRequest, pricing: Pricing | None) -> None:
-        if request.problem is not None:
-            self.unsendable += 1
-            return
-        self.rows += 1
-        self.prompt_tokens += estimated_prompt_tokens(request.prompt)
-        most = most_prompt_tokens(request.prompt)
-        self.most_prompt_tokens += min(most, pricing.context_length or most) if pricing else most
-        if isinstance(request.prompt, list):
-            self.media = self.media.plus(media_tally(request.prompt))
-
-
-def _media_report(media: MediaTally, unsendable: int) -> dict[str, Any]:
-    """What the estimate counted of the rows' media, and what it could not know."""
-    return {
-        "media": {
-            "images": media.images,
-            "pdfs": media.files,
-            "pdf_pages": media.pages,
-            "pdfs_by_url": media.unknown_pages,
-            "audio_files": media.audio,
-            "audio_mb": round(media.audio_bytes / 1_048_576, 1),
-            "videos": media.videos,
-            "rows_that_cannot_be_sent": unsendable,
-        },
-        "media_note": (
-            f"image tokens vary by provider and detail (85 to ~2,800 an image): assumed {TYPICAL_TOKENS_PER_IMAGE:,} "
-            f"an image (85 at detail: low) and {TYPICAL_TOKENS_PER_PAGE:,} a PDF page, plus each model's per-image price; pages of PDFs "
-            "by URL, and video, are not known before they are sent; the worst case allows "
-            f"{MOST_TOKENS_PER_IMAGE:,} tokens an image and the file-parser's price for every page"
-        ),
-    }
-
-
-async def list_models(
-    *, search: str | None, free_only: bool, sandbox: SandboxConfig | None = None
-) -> list[dict[str, Any]]:
-    """GET /models, filtered, with prices per million tokens (no key needed)."""
-    async with Connection(None, sandbox=sandbox) as connection:
-        try:
-            models = await connection.client.models()
-        except ApiError as exc:
-            raise RunHalted(f"could not list models at {connection.base_url}: {exc}") from exc
-    listing = []
-    for model in models:
-        pricing = Pricing.from_model(model)
-        text = f"{model.get('id', '')} {model.get('name', '')}".lower()
-        if search and search.lower() not in text:
-            continue
-        is_free = pricing is not None and pricing.prompt == 0 and pricing.completion == 0
-        if free_only and not is_free:
-            continue
-        listing.append(
-            {
-                "id": str(model.get("id")),
-                "prompt_per_m": "-" if pricing is None else f"{per_million(pricing.prompt):f}",
-                "completion_per_m": "-" if pricing is None else f"{per_million(pricing.completion):f}",
-                "context_length": model.get("context_length"),
-            }
-        )
-    return sorted(listing, key=lambda m: m["id"])
-
-
-async def list_endpoints(model: str, *, sandbox: SandboxConfig | None = None) -> list[dict[str, str]]:
-    """GET /models/{model}/endpoints, as text rows: provider, quantization, limits, prices, parameters, uptime."""
-    if model.count("/") != 1 or not all(model.split("/")):
-        raise SpecError(
-            Problem("--endpoints", f"{model!r} is not a model slug; write AUTHOR/SLUG, e.g. openai/gpt-4o-mini")
-        )
-    async with Connection(None, sandbox=sandbox) as connection:
-        try:
-            listed = await connection.client.endpoints(model)
-        except ApiError as exc:
-            raise RunHalted(f"could not read the endpoints of {model} at {connection.base_url}: {exc}") from exc
-    rows = []
-    for endpoint in listed:
-        pricing = Pricing.from_model({"pricing": endpoint.get("pricing")})
-        uptime = endpoint.get("uptime_last_30m")
-        rows.append(
-            {
-                "provider": str(endpoint.get("provider_name") or "-"),
-                "tag": str(endpoint.get("tag") or "-"),
-                "quant.": str(endpoint.get("quantization") or "-"),
-                "context": str(endpoint.get("context_length") or "-"),
-                "max out": str(endpoint.get("max_completion_tokens") or "-"),
-                "prompt $/M": "-" if pricing is None else f"{per_million(pricing.prompt):f}",
-                "compl. $/M": "-" if pricing is None else f"{per_million(pricing.completion):f}",
-                "uptime 30m": "-" if not isinstance(uptime, (int, float)) else f"{uptime:.1f}%",
-                "status": str(endpoint.get("status", "-")),
-                "parameters": ",".join(str(p) for p in endpoint.get("supported_parameters") or []),
-            }
-        )
-    return rows
-
-
-async def lookup_generation(generation_id: str) -> dict[str, Any]:
-    """GET /generation?id=: what OpenRouter kept of one answer. Uses $OPENROUTER_API_KEY."""
-    key = os.environ.get("OPENROUTER_API_KEY", "").strip()
-    base_url = os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
-    if not key and is_openrouter(base_url):
-        raise SpecError(
-            Problem("OPENROUTER_API_KEY", "is not set; GET /generation needs the key that made the request")
-        )
-    async with Client(base_url, api_key=key or None, timeout_s=60) as client:
-        try:
-            return await client.generation(generation_id)
-        except ApiError as exc:
-            raise RunHalted(f"could not read generation {generation_id!r} at {base_url}: {exc}") from exc

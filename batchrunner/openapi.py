@@ -13,8 +13,6 @@ import json
 from importlib import resources
 from typing import Any
 
-import jsonschema
-
 # Request fields OpenRouter documents that its OpenAPI document does not (yet) list;
 # they pass through unchanged ("SDK users ask for extra_body-style passthrough").
 DOCUMENTED_EXTRA_FIELDS = frozenset(
@@ -38,17 +36,17 @@ def _one_of(validator: Any, one_of: Any, instance: Any, schema: dict[str, Any]) 
         if isinstance(target, str):
             yield from validator.descend(instance, {"$ref": target})
             return
-    yield from _ONE_OF(validator, one_of, instance, schema)
+    import jsonschema
 
-
-_ONE_OF = jsonschema.Draft202012Validator.VALIDATORS["oneOf"]
-_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"oneOf": _one_of})
+    yield from jsonschema.Draft202012Validator.VALIDATORS["oneOf"](validator, one_of, instance, schema)
 
 
 @functools.cache
 def _validator(name: str) -> Any:
-    schema = {**_document(), "$ref": f"#/components/schemas/{name}"}
-    return _Validator(schema)
+    import jsonschema  # imported when first needed: commands that validate nothing start faster
+
+    extended = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"oneOf": _one_of})
+    return extended({**_document(), "$ref": f"#/components/schemas/{name}"})
 
 
 def schema(name: str) -> dict[str, Any]:
@@ -63,6 +61,8 @@ def request_fields() -> frozenset[str]:
 
 def validation_errors(name: str, instance: Any) -> list[tuple[tuple[str | int, ...], str]]:
     """(path, message) for each way `instance` breaks schema `name`; empty when it conforms."""
+    import jsonschema
+
     errors = []
     for error in _validator(name).iter_errors(instance):
         best = jsonschema.exceptions.best_match([error])

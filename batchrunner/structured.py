@@ -7,12 +7,12 @@ answer to a `json_schema` job becomes one typed output column per top-level prop
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
 import polars as pl
 
 FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n?\s*```\s*$", re.DOTALL)
@@ -37,6 +37,24 @@ class Mode:
     def structured(self) -> bool:
         return self.kind != "text"
 
+    def errors(self, value: Any) -> Any:
+        """The schema's most telling complaint about `value`, or None; the validator is built once per schema
+        (building one per answer cost more than validating)."""
+        return _best_error(json.dumps(self.schema, sort_keys=True), value)
+
+
+@functools.lru_cache(maxsize=64)
+def _validator(schema_text: str) -> Any:
+    import jsonschema  # only jobs with a schema pay for it
+
+    return jsonschema.Draft202012Validator(json.loads(schema_text))
+
+
+def _best_error(schema_text: str, value: Any) -> Any:
+    import jsonschema
+
+    return jsonschema.exceptions.best_match(_validator(schema_text).iter_errors(value))
+
 
 class InvalidAnswer(ValueError):
     """An answer that is not the JSON the job asked for; the message says what is wrong."""
@@ -46,6 +64,8 @@ def schema_problems(schema: Any) -> list[str]:
     """Why `schema` is not a usable JSON Schema (empty when it is)."""
     if not isinstance(schema, dict):
         return ["json_schema.schema must be a JSON Schema object"]
+    import jsonschema  # only jobs with a schema pay for it
+
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -85,7 +105,7 @@ def parse_answer(text: str, mode: Mode, *, finish_reason: str | None = None) -> 
     if mode.kind == "json_object" and not isinstance(value, dict):
         raise InvalidAnswer(f"expected a JSON object, got {type(value).__name__}")
     if mode.kind == "json_schema" and mode.schema:
-        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(mode.schema).iter_errors(value))
+        error = mode.errors(value)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             raise InvalidAnswer(f"fails the schema at {where}: {error.message}")

@@ -159,7 +159,8 @@ async def test_status_lists_batches_cancel_requeues_and_a_missing_batch_api_subm
     """status shows each batch and its state; cancel cancels the open ones (the next run asks their rows again);
     a key the Batch API does not answer for stops the run before anything is submitted."""
     from batchrunner.errors import RequestRejected
-    from batchrunner.offline import cancel_batches, job_status
+    from batchrunner.offline import job_status
+    from batchrunner.queries import cancel_batches
 
     async with Sandbox(SandboxConfig(batch_turnaround_s=3600)) as sandbox:
         spec = load_spec(write_spec(input=rows_csv(tmp_path, 20), mode="batch", api={"base_url": sandbox.base_url}))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from batchrunner.offline import estimate_job
+from batchrunner.queries import estimate_job
 from batchrunner.retries import RetryPolicy
 from batchrunner.runner import run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig

@@ -1,4 +1,4 @@
-"""Commands that send no completion: estimate (status, export and models are driven through the CLI tests)."""
+"""queries.py: the estimate, against what the sandbox then charges."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from batchrunner.dataset import open_dataset
-from batchrunner.offline import estimate_job
+from batchrunner.queries import estimate_job
 from batchrunner.runner import run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
