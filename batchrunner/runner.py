@@ -10,6 +10,7 @@ rebuilt from the checkpoint at every exit, complete or not.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -47,7 +48,7 @@ from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key
 from batchrunner.lock import job_lock
 from batchrunner.output import export, summary_path
 from batchrunner.output import results as results_of
-from batchrunner.pending import Batch, pending
+from batchrunner.pending import COMPLETE, Batch, job_state, mark_complete, nothing_left, pending
 from batchrunner.policy import RowPolicy
 from batchrunner.preflight import check_endpoints, check_models, check_output, prepare
 from batchrunner.progress import Progress
@@ -154,12 +155,16 @@ async def run_job(
             check_endpoints(spec, await fetch_endpoints(client, spec))
             budget = plan_budget(spec, prices, max_cost_usd)
             store = Store.open(checkpoint, server=requests.server)  # only once nothing can refuse the job
+            state = job_state(spec, requests) if limit is None else None
+            known: dict[str, Any] | None = None
             try:
                 if fresh:
                     store.delete_all()
+                known = nothing_left(store, spec, state)  # unchanged since a run that left nothing to do
+                store.set_meta(COMPLETE, None)  # until this run ends the same way
                 store.begin_run()
                 rows = dataset.rows if limit is None else min(limit, dataset.rows)
-                total = rows * len(spec.models)
+                total = rows * len(spec.models) * spec.samples
                 progress = progress_factory(total, summary=summary) if progress_factory else None
                 sinks: list[ResultSink] = [summary, store]
                 if progress is not None:
@@ -209,6 +214,9 @@ async def run_job(
                             else LiveExecutor(spec.concurrency, grace_s=grace_s(spec))
                         )
                     work: Iterable[Batch] = pending(dataset, requests, store, limit=limit)
+                    if known is not None:  # every pair answered, as the last complete run left them: read no row
+                        log.info("nothing to send: the input and the spec are as the last complete run left them")
+                        work = [Batch([], collections.Counter(known["answered"]), rows)]
                     into: ResultSink = Sinks(*sinks)
                     if spec.dedupe:  # identical requests sent once: the copies wait for, or take, an answer
                         dedupe = Dedupe(store, into)
@@ -233,8 +241,15 @@ async def run_job(
                 started = time.monotonic()
                 written: int | None = None
                 try:
-                    written = export(dataset, requests, store, spec.output)
-                    log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
+                    if known is not None and known["output_unchanged"] and summary.done == 0:
+                        written = int(known["written"])  # the output is the file the last run wrote: not rewritten
+                        log.info("%s is unchanged since the last complete run: not rewritten", spec.output)
+                    else:
+                        written = export(dataset, requests, store, spec.output)
+                        log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
+                    if report is not None and report.stop is None and report.pending == 0 and summary.failed == 0:
+                        answered = {model: rows * spec.samples for model in spec.models}
+                        mark_complete(store, spec, state, answered, written)
                 except (OutputError, OSError) as exc:  # the answers are safe: say how to get the file
                     log.error("%s; every answer is in the checkpoint: fix that and run `batchrunner export`", exc)
                 store.close()

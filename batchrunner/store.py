@@ -132,6 +132,11 @@ def _migration_7(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE results ADD COLUMN ttft_s REAL")
 
 
+def _migration_8(db: sqlite3.Connection) -> None:
+    """Facts about the job as a whole (e.g. that a run left nothing to do, and the state it left)."""
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
@@ -140,6 +145,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 ]
 
 
@@ -309,6 +315,19 @@ class Store:
                 )
         except (sqlite3.Error, OSError) as exc:
             log.warning("could not record the end of the run in %s (%s)", self.path, exc)
+
+    def meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Set (or, with None, forget) a fact about the job."""
+        with self._lock:
+            if value is None:
+                self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def runs(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -543,6 +562,7 @@ class Store:
         with self._lock:
             self._db.execute("DELETE FROM results")
             self._db.execute("DELETE FROM runs")
+            self._db.execute("DELETE FROM meta")
 
 
 def fetched_schema() -> dict[str, pl.DataType]:
