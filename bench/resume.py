@@ -1,10 +1,16 @@
-"""Resume at scale: how long a rerun of a fully answered job takes to decide there is
-nothing left (and to rewrite the output), and its peak memory, for 100k and 1M rows.
+"""Resume at scale: how long a rerun of a fully answered job takes to decide there is nothing left
+(and to write the output), and its peak memory, for 100k and 1M rows; and a rerun after 1% more rows
+were appended.
 
-The checkpoint is filled directly (as if every row had been answered); the measured rerun
-runs in a fresh process so its peak RSS is its own.
+The checkpoint is filled directly (as if every row had been answered by a run that was killed before it
+could record that it finished). Each measured rerun runs in a fresh process, so its peak RSS is its own:
+- `cold`: the first rerun reads, renders and hashes every row to find nothing left, and writes the output;
+- `unchanged`: later reruns, after one that left nothing to do, know it without reading a row and keep
+  the output (medians of --repeats);
+- `appended`: 1% more rows appended to the input: only they are sent (the sandbox has no rate limit),
+  and `overhead s` is the whole rerun minus the time the sends took.
 
-    python bench/resume.py [--rows 100000,1000000]
+    python bench/resume.py [--rows 100000,1000000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ MEASURE = textwrap.dedent(
 )
 
 
-def prepare_job(folder: Path, rows: int, base_url: str) -> Path:
+def prepare_job(folder: Path, rows: int, base_url: str, *, answered: bool = True) -> Path:
     source = folder / "input.parquet"
     pl.DataFrame(
         {
@@ -70,11 +76,14 @@ def prepare_job(folder: Path, rows: int, base_url: str) -> Path:
                 "models": ["openai/gpt-4o-mini"],
                 "prompt": "Classify this message: {text}",
                 "params": {"max_tokens": 20},
-                "rate_limit": {"requests_per_second": 100},
+                "rate_limit": {"requests_per_second": 5000},
+                "concurrency": 64,
                 "api": {"base_url": base_url},
             }
         )
     )
+    if not answered:
+        return spec_path
     spec = load_spec(spec_path)
     requests = RequestBuilder(spec, server=spec.server(sandbox=False))
     store = Store.open(spec.checkpoint_path())
@@ -109,36 +118,62 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measured reruns per size; medians are printed")
     args = parser.parse_args()
     print(
-        f"bench/resume.py: rerun of a fully answered job (nothing to send), in a fresh process; medians of {args.repeats}"
+        f"bench/resume.py: reruns of a fully answered job, each in a fresh process; `unchanged` medians of {args.repeats}"
     )
     print(
-        f"{'rows':>9} {'setup s':>8} {'decide s':>9} {'total s':>8} {'sent':>5} {'output rows':>12} {'peak RSS MB':>12}"
+        f"{'rows':>9} {'rerun':>9} {'setup s':>8} {'decide s':>9} {'total s':>8} {'sent':>5} {'output rows':>12} "
+        f"{'peak RSS MB':>12} {'overhead s':>11}"
     )
-    sandbox, base_url = start_sandbox(credits=100.0, latency_s=0.0)  # answers /key and /models; nothing else is asked
+    sandbox, base_url = start_sandbox(credits=None, latency_s=0.0)
     try:
         for rows in (int(r) for r in args.rows.split(",")):
             with tempfile.TemporaryDirectory() as tmp:
                 started = time.monotonic()
                 spec_path = prepare_job(Path(tmp), rows, base_url + "/api/v1")
                 setup_s = time.monotonic() - started
-                runs = []
-                for _ in range(args.repeats):
-                    measured = subprocess.run(
-                        [sys.executable, "-c", MEASURE, str(spec_path)], capture_output=True, text=True, check=True
-                    )
-                    runs.append(json.loads(measured.stdout.strip().splitlines()[-1]))
-            assert all(r["resumed"] == rows and r["sent"] == 0 for r in runs), runs
-            result = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-            report(rows, setup_s, result)
+                cold = measure(spec_path)
+                assert cold["resumed"] == rows and cold["sent"] == 0, cold
+                report(rows, "cold", setup_s, cold)
+                runs = [measure(spec_path) for _ in range(args.repeats)]
+                assert all(r["resumed"] == rows and r["sent"] == 0 for r in runs), runs
+                report(rows, "unchanged", setup_s, {key: statistics.median(r[key] for r in runs) for key in runs[0]})
+                added = append_rows(Path(tmp), rows, rows // 100)
+                grown = measure(spec_path)
+                assert grown["sent"] == added and grown["resumed"] == rows, grown
+                with tempfile.TemporaryDirectory() as alone:  # the same sends in a job of only those rows
+                    grown["send_s"] = measure(prepare_job(Path(alone), added, base_url + "/api/v1", answered=False))[
+                        "total_s"
+                    ]
+                report(rows, "appended", setup_s, grown)
     finally:
         sandbox.terminate()
         sandbox.wait()
 
 
-def report(rows: int, setup_s: float, result: dict[str, float]) -> None:
+def measure(spec_path: Path) -> dict[str, float]:
+    measured = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(spec_path)], capture_output=True, text=True, check=True
+    )
+    return json.loads(measured.stdout.strip().splitlines()[-1])
+
+
+def append_rows(folder: Path, rows: int, added: int) -> int:
+    source = folder / "input.parquet"
+    more = pl.DataFrame(
+        {
+            "id": [f"row-{i}" for i in range(rows, rows + added)],
+            "text": [f"Customer message number {i}: the app crashes on export." for i in range(rows, rows + added)],
+        }
+    )
+    pl.concat([pl.read_parquet(source), more]).write_parquet(source)
+    return added
+
+
+def report(rows: int, kind: str, setup_s: float, result: dict[str, float]) -> None:
+    overhead = result["total_s"] - result.get("send_s", 0.0)
     print(
-        f"{rows:>9} {setup_s:>8.1f} {result['decide_s']:>9.1f} {result['total_s']:>8.1f} {result['sent']:>5.0f} "
-        f"{result['output_rows']:>12.0f} {result['peak_rss_mb']:>12.0f}"
+        f"{rows:>9} {kind:>9} {setup_s:>8.1f} {result['decide_s']:>9.1f} {result['total_s']:>8.1f} {result['sent']:>5.0f} "
+        f"{result['output_rows']:>12.0f} {result['peak_rss_mb']:>12.0f} {overhead:>11.2f}"
     )
 
 

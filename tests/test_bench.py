@@ -25,11 +25,16 @@ def test_throughput_bench_reports_every_rate() -> None:
     assert 0.3 < float(median_ratio) <= 1.05 and int(busiest) <= 40
 
 
-def test_resume_bench_sends_nothing_and_writes_every_row() -> None:
-    """bench/resume.py reruns a fully answered job: nothing sent, every row in the output."""
+def test_resume_bench_sends_nothing_then_only_the_appended_rows() -> None:
+    """bench/resume.py reruns a fully answered job (cold, then unchanged): nothing sent, every row in the output;
+    then 1% more rows appended: only they are sent."""
     lines = run_bench("resume.py", "--rows", "300", "--repeats", "2")
-    rows, _setup, _decide, _total, sent, output_rows, _rss = lines[-1].split()
-    assert (rows, sent, output_rows) == ("300", "0", "300")
+    found = {line.split()[1]: line.split() for line in lines[-3:]}
+    assert [found[kind][4:6] for kind in ("cold", "unchanged", "appended")] == [
+        ["0", "300"],
+        ["0", "300"],
+        ["3", "303"],
+    ]
 
 
 def test_memory_stays_flat_over_20000_image_rows() -> None:
