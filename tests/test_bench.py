@@ -30,7 +30,7 @@ def test_resume_bench_sends_nothing_then_only_the_appended_rows() -> None:
     then 1% more rows appended: only they are sent."""
     lines = run_bench("resume.py", "--rows", "300", "--repeats", "2")
     found = {line.split()[1]: line.split() for line in lines[-3:]}
-    assert [found[kind][4:6] for kind in ("cold", "unchanged", "appended")] == [
+    assert [found[kind][5:7] for kind in ("cold", "unchanged", "appended")] == [
         ["0", "300"],
         ["0", "300"],
         ["3", "303"],
