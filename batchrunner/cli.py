@@ -105,7 +105,6 @@ def run(
 
     Answers are checkpointed as they arrive; rerunning skips what is already answered.
     """
-    from batchrunner.offline import evaluation
     from batchrunner.progress import Progress
     from batchrunner.report import score_text
     from batchrunner.runner import overrides, run_job
@@ -165,6 +164,8 @@ def run(
             f"  grading: {grading.ok} grades, {grading.failed} failed, cost {format_cost(grading.cost_usd, grading.unpriced)}"
         )
     if spec.evaluate is not None and outcome.output_rows is not None:
+        from batchrunner.offline import evaluation
+
         with _exit_codes():
             for model in evaluation(spec, sandbox=sandbox).models:
                 say(f"  score {model.model}: {score_text(model)}")

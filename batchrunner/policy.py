@@ -245,7 +245,8 @@ class RowPolicy:
         """One request, start to end: the server watch, the budget's reservation, the rate limit,
         the request, and its bill. Raises the ApiError the client classified (a fatal one, having
         stopped the run)."""
-        if not await self._unless_stopped(self.server.admit()):
+        up = self.server.down_since is None  # the common case: no wait, so no tasks to watch it
+        if not up and not await self._unless_stopped(self.server.admit()):
             self.halt.stop(
                 StopReason.SERVER_GONE,
                 f"the server has been unreachable for {self.server.give_up_s:g} s ({self.server.cause}); "

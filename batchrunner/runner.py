@@ -23,7 +23,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from batchrunner.batch import BatchExecutor
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.connect import Connection
@@ -201,6 +200,8 @@ async def run_job(
                 restore = _install_signal_handlers(halt)
                 try:
                     if executor is None:
+                        from batchrunner.batch import BatchExecutor  # batch mode's machinery, when it is asked for
+
                         executor = (
                             BatchExecutor(
                                 client,

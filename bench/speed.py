@@ -1,0 +1,194 @@
+"""Throughput when the rate limit is not the bottleneck: batchrunner end to end against a bare aiohttp loop,
+both against the same zero-latency OpenAI-compatible server in its own process, in the same run.
+
+- `server alone`: the canned server's capacity, driven by the bare loop at concurrency 256 (it must be
+  well above what is measured against it, or the server is the bottleneck);
+- `bare loop`: aiohttp sending N chat requests at concurrency 64 and parsing each answer: the floor;
+- `batchrunner`: `batchrunner run` of an N-row job (start-up, read, template, send, parse, checkpoint,
+  write the output) in a fresh process, wall time from start to exit, CPU time of the process.
+
+    python bench/speed.py [--rows 20000] [--repeats 3]
+
+Prints rows/s and CPU-ms per row for each (medians), and batchrunner's ratio to the bare loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import yaml
+
+SERVER = textwrap.dedent(
+    r"""
+    import asyncio, json, sys
+    ANSWER = json.dumps({
+        "id": "gen-bench", "provider": "Bench", "model": "openai/gpt-4o-mini", "object": "chat.completion",
+        "created": 1, "choices": [{"index": 0, "finish_reason": "stop", "native_finish_reason": "stop",
+        "message": {"role": "assistant", "content": "bug", "refusal": None}}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21, "cost": 0.0000036},
+    }).encode()
+    EMPTY = b'{"data": []}'
+
+    def reply(body):
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class Http(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.buffer = transport, b""
+        def data_received(self, data):
+            self.buffer += data
+            while True:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head = self.buffer[:end].decode("latin-1")
+                length = 0
+                for line in head.split("\r\n")[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                if len(self.buffer) < end + 4 + length:
+                    return
+                self.buffer = self.buffer[end + 4 + length:]
+                self.transport.write(reply(ANSWER if head.startswith("POST") else EMPTY))
+
+    async def main():
+        server = await asyncio.get_running_loop().create_server(Http, "127.0.0.1", int(sys.argv[1]))
+        async with server:
+            await server.serve_forever()
+    asyncio.run(main())
+    """
+)
+BARE = textwrap.dedent(
+    """
+    import asyncio, json, resource, sys, time
+    import aiohttp
+    async def main(url, n, concurrency):
+        body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Classify: the app crashes"}]}
+        queue = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(i)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+            async def worker():
+                while not queue.empty():
+                    queue.get_nowait()
+                    async with session.post(url, json=body) as response:
+                        json.loads(await response.read())["choices"][0]["message"]["content"]
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return time.perf_counter() - started
+    wall = asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime}))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_server() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("the bench server did not start")
+
+
+def bare(url: str, rows: int, concurrency: int) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, "-c", BARE, url + "/v1/chat/completions", str(rows), str(concurrency)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
+def ours(url: str, rows: int, folder: Path) -> dict[str, float]:
+    """`batchrunner run` in a fresh process: wall from start to exit, its CPU time (from wait4)."""
+    for stale in folder.glob("out*"):
+        stale.unlink()
+    job = folder / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "name": "speed",
+                "input": "input.csv",
+                "id_column": "id",
+                "output": "out.parquet",
+                "models": ["openai/gpt-4o-mini"],
+                "prompt": "Classify: {text}",
+                "params": {"max_tokens": 5},
+                "concurrency": 64,
+                "rate_limit": {"requests_per_second": 10_000},
+                "api": {"base_url": url + "/v1"},
+            }
+        )
+    )
+    env = {**os.environ, "OPENROUTER_API_KEY": "sk-or-v1-bench"}
+    started = time.perf_counter()
+    with (folder / "stderr.txt").open("w") as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batchrunner", "run", str(job)], env=env, stdout=subprocess.DEVNULL, stderr=errors
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(
+            f"batchrunner exited {os.waitstatus_to_exitcode(status)}: {(folder / 'stderr.txt').read_text()[-500:]}"
+        )
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    server, url = start_server()
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            lines = ["id,text", *(f"r{i},the app crashes when I export report {i}" for i in range(args.rows))]
+            (folder / "input.csv").write_text("\n".join(lines) + "\n")
+            results: dict[str, list[dict[str, float]]] = {"server alone": [], "bare loop": [], "batchrunner": []}
+            for _ in range(args.repeats):
+                results["server alone"].append(bare(url, args.rows, 256))
+                results["bare loop"].append(bare(url, args.rows, 64))
+                results["batchrunner"].append(ours(url, args.rows, folder))
+    finally:
+        server.terminate()
+        server.wait()
+    print(f"bench/speed.py: {args.rows:,} rows, medians of {args.repeats}, {os.cpu_count()} cores")
+    print("what          rows/s  cpu_ms/row")
+    rates = {}
+    for name, runs in results.items():
+        rate = statistics.median(args.rows / run["wall_s"] for run in runs)
+        cpu = statistics.median(1000 * run["cpu_s"] / args.rows for run in runs)
+        rates[name] = rate
+        print(f"{name.replace(' ', '_'):<13} {rate:>7.0f} {cpu:>10.3f}")
+    print(f"ratio batchrunner/bare_loop {rates['batchrunner'] / rates['bare loop']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
