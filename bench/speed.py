@@ -31,11 +31,12 @@ import yaml
 SERVER = textwrap.dedent(
     r"""
     import asyncio, json, sys
+    CONTENT = "bug " * max(1, int(sys.argv[2]) // 4) if len(sys.argv) > 2 else "bug"
     ANSWER = json.dumps({
         "id": "gen-bench", "provider": "Bench", "model": "openai/gpt-4o-mini", "object": "chat.completion",
         "created": 1, "choices": [{"index": 0, "finish_reason": "stop", "native_finish_reason": "stop",
-        "message": {"role": "assistant", "content": "bug", "refusal": None}}],
-        "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21, "cost": 0.0000036},
+        "message": {"role": "assistant", "content": CONTENT, "refusal": None}}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": len(CONTENT) // 4, "total_tokens": 21, "cost": 0.0000036},
     }).encode()
     EMPTY = b'{"data": []}'
 
@@ -101,9 +102,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server() -> tuple[subprocess.Popen[bytes], str]:
+def start_server(answer_chars: int = 3) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
+    process = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(answer_chars)])
     for _ in range(200):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -124,7 +125,7 @@ def bare(url: str, rows: int, concurrency: int) -> dict[str, float]:
     return json.loads(done.stdout)
 
 
-def ours(url: str, rows: int, folder: Path) -> dict[str, float]:
+def ours(url: str, rows: int, folder: Path, max_tokens: int = 5) -> dict[str, float]:
     """`batchrunner run` in a fresh process: wall from start to exit, its CPU time (from wait4)."""
     for stale in folder.glob("out*"):
         stale.unlink()
@@ -138,7 +139,7 @@ def ours(url: str, rows: int, folder: Path) -> dict[str, float]:
                 "output": "out.parquet",
                 "models": ["openai/gpt-4o-mini"],
                 "prompt": "Classify: {text}",
-                "params": {"max_tokens": 5},
+                "params": {"max_tokens": max_tokens},
                 "concurrency": 64,
                 "rate_limit": {"requests_per_second": 10_000},
                 "api": {"base_url": url + "/v1"},
@@ -164,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long-rows", type=int, default=1_000, help="rows of 16k-token answers (0: skip)")
     args = parser.parse_args()
     server, url = start_server()
     try:
@@ -188,6 +190,29 @@ def main() -> None:
         rates[name] = rate
         print(f"{name.replace(' ', '_'):<13} {rate:>7.0f} {cpu:>10.3f}")
     print(f"ratio batchrunner/bare_loop {rates['batchrunner'] / rates['bare loop']:.2f}")
+    if args.long_rows:
+        long_answers(args.long_rows, args.repeats, rates)
+
+
+def long_answers(rows: int, repeats: int, short: dict[str, float]) -> None:
+    """16k-token answers (64 KB each) at concurrency 64: how much of the short-answer rate each keeps."""
+    server, url = start_server(answer_chars=16_384 * 4)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            lines = ["id,text", *(f"r{i},write a long report {i}" for i in range(rows))]
+            (folder / "input.csv").write_text("\n".join(lines) + "\n")
+            bare_runs = [bare(url, rows, 64) for _ in range(repeats)]
+            our_runs = [ours(url, rows, folder, max_tokens=20_000) for _ in range(repeats)]
+    finally:
+        server.terminate()
+        server.wait()
+    bare_rate = statistics.median(rows / run["wall_s"] for run in bare_runs)
+    our_rate = statistics.median(rows / run["wall_s"] for run in our_runs)
+    print(f"16k-token answers, {rows:,} rows: bare_loop {bare_rate:.0f} rows/s, batchrunner {our_rate:.0f} rows/s")
+    print(
+        f"ratio batchrunner/bare_loop at 16k tokens {our_rate / bare_rate:.2f} (at short answers {short['batchrunner'] / short['bare loop']:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -44,3 +44,19 @@ def test_memory_stays_flat_over_20000_image_rows() -> None:
     small, large = (line.split() for line in lines[-2:])
     assert (small[0], small[1], large[0], large[1]) == ("2000", "2000", "20000", "20000")
     assert float(large[3]) - float(small[3]) < 64, (small, large)
+
+
+def test_speed_bench_compares_with_the_bare_loop() -> None:
+    """bench/speed.py prints rows/s and CPU-ms a row for the server alone, the bare loop and batchrunner, and the
+    ratios at short and at 16k-token answers."""
+    lines = run_bench("speed.py", "--rows", "300", "--repeats", "1", "--long-rows", "30")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:5]}
+    assert set(rows) == {"server_alone", "bare_loop", "batchrunner"}
+    assert all(float(rate) > 0 and float(cpu) > 0 for rate, cpu in rows.values())
+    assert lines[5].startswith("ratio batchrunner/bare_loop ") and "at 16k tokens" in lines[-1]
+
+
+def test_startup_bench_times_each_command() -> None:
+    """bench/startup.py runs --help, a 10-row sandbox job and status, each in a fresh process."""
+    lines = run_bench("startup.py", "--repeats", "1")
+    assert [line.split()[0] for line in lines[1:]] == ["help", "run_10_rows_sandbox", "status"]
