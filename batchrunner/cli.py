@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,6 +23,9 @@ from batchrunner.costs import format_cost, format_usd
 from batchrunner.errors import OutputError, Problem, RunHalted, SpecError
 from batchrunner.files import write_text_atomically
 from batchrunner.sandbox.faults import FAULT_KINDS
+
+if TYPE_CHECKING:
+    from batchrunner.spec import JobSpec
 
 # Each command imports what it needs when it runs: `--help` and `status` start in a fraction of the
 # time importing everything (aiohttp, polars, jsonschema) would take. See bench/startup.py.
@@ -86,6 +90,14 @@ def main() -> None:
 @click.option("--yes", is_flag=True, help="Do not ask before --fresh deletes stored answers.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every retry and fallback.")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per event on stderr, for log collectors.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the exact requests of the first rows still to do (--limit, default 3), send nothing.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Of --dry-run."
+)
 def run(
     job: Path,
     input_path: Path | None,
@@ -100,10 +112,13 @@ def run(
     yes: bool,
     verbose: bool,
     log_json: bool,
+    dry_run: bool,
+    fmt: str,
 ) -> None:
     """Run JOB (a YAML job spec) and write its output file.
 
     Answers are checkpointed as they arrive; rerunning skips what is already answered.
+    With --dry-run, print the requests instead, and the estimate, sending nothing.
     """
     from batchrunner.progress import Progress
     from batchrunner.report import score_text
@@ -116,6 +131,9 @@ def run(
         spec = load_spec(
             job, overrides=overrides(input=input_path, output=output_path, concurrency=concurrency, mode=mode)
         )
+        if dry_run:
+            _dry_run(spec, rows=limit or 3, sandbox=sandbox, fmt=fmt)
+            return
         if fresh and not yes and spec.checkpoint_path().exists():
             if not sys.stdin.isatty():
                 raise SpecError(
@@ -275,6 +293,86 @@ def generation(generation_id: str, as_json: bool) -> None:
     for key, value in record.items():
         if value is not None and not isinstance(value, (dict, list)):
             say(f"{key}: {value}")
+
+
+def _dry_run(spec: JobSpec, *, rows: int, sandbox: bool, fmt: str) -> None:
+    """The requests the first rows would send, then the estimate (when prices can be read)."""
+    from batchrunner.queries import dry_run, estimate_job
+    from batchrunner.sandbox import SandboxConfig
+
+    shown = dry_run(spec, rows=rows, server=spec.server(sandbox=sandbox))
+    try:
+        estimate: dict[str, object] | str = asyncio.run(
+            estimate_job(spec, sandbox=SandboxConfig() if sandbox else None)
+        )
+    except (SpecError, RunHalted) as exc:  # no key yet, or no server: the requests are still worth seeing
+        estimate = f"not available ({str(exc).strip().splitlines()[-1].strip()})"
+    if fmt == "json":
+        click.echo(json.dumps({"requests": shown, "estimate": estimate, "sent": 0}, indent=1, ensure_ascii=False))
+        return
+    say(f"{spec.name}: the first {rows} row(s) still to do would send (dry run: nothing is sent)")
+    for entry in shown:
+        chain = " -> ".join(entry["models_chain"])
+        sample = f", sample {entry['sample']}" if "sample" in entry else ""
+        say("")
+        say(f"# row {entry['row_id']}, {chain}{sample}, checkpoint key {entry['checkpoint_key']}")
+        if "fails_unsent" in entry:
+            say(f"fails unsent: {entry['fails_unsent']}")
+        else:
+            for line in json.dumps(entry["body"], indent=1, ensure_ascii=False).splitlines():
+                say(line)
+    if not shown:
+        say("nothing: every row is answered (see `batchrunner status`)")
+    if isinstance(estimate, str):
+        say(f"\nestimate: {estimate}")
+    else:
+        say(
+            f"\nestimate: {estimate['rows']} requests, expected {estimate['expected_cost_usd']} USD, worst case {estimate['max_cost_usd']} USD"
+        )
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--sandbox", is_flag=True, help="Check the models against the sandbox's catalog.")
+def validate(job: Path, sandbox: bool) -> None:
+    """Every check `run` makes before its first request (spec, input, output path, key, models, endpoints);
+    exit 0 when the job would start, 2 naming each problem. For CI pipelines that lint job specs."""
+    from batchrunner.queries import validate as check
+    from batchrunner.sandbox import SandboxConfig
+    from batchrunner.spec import load_spec
+
+    logs.configure()
+    with _exit_codes():
+        checked = asyncio.run(check(load_spec(job), sandbox=SandboxConfig() if sandbox else None))
+    say(f"{job}: ok")
+    for line in checked:
+        say(f"  {line}")
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of a job spec (for editors: `# yaml-language-server: $schema=...`)."""
+    from batchrunner.spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=1))
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("job.yaml"), show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing spec.")
+def init(data: Path, out_path: Path, force: bool) -> None:
+    """Write a commented starter job spec for DATA (a .csv, .parquet or .jsonl file): its columns read,
+    an id column and the text columns guessed. Try it with `batchrunner run job.yaml --sandbox`."""
+    from batchrunner.starter import starter_spec
+
+    logs.configure()
+    with _exit_codes():
+        if out_path.exists() and not force:
+            raise SpecError(Problem(str(out_path), "exists; choose another --out, or add --force to overwrite it"))
+        text = starter_spec(data, out_path)
+        write_text_atomically(out_path, text)
+    say(f"wrote {out_path}; try: batchrunner run {out_path} --sandbox  (or --dry-run to see the requests)")
 
 
 def _table(rows: list[dict[str, str]]) -> None:

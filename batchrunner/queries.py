@@ -4,6 +4,7 @@ each model's endpoints), the model list, one model's endpoints, one generation, 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -13,9 +14,10 @@ from batchrunner.client import Client
 from batchrunner.connect import Connection
 from batchrunner.costs import FILE_PARSER_USD_PER_PAGE, ZERO_USD, Pricing, per_million
 from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
+from batchrunner.media import Media
 from batchrunner.offline import existing_checkpoint
 from batchrunner.pending import pending
-from batchrunner.preflight import check_endpoints, prepare
+from batchrunner.preflight import check_endpoints, check_models, check_output, prepare
 from batchrunner.request import (
     MOST_TOKENS_PER_IMAGE,
     TYPICAL_TOKENS_PER_IMAGE,
@@ -268,3 +270,69 @@ async def lookup_generation(generation_id: str) -> dict[str, Any]:
             return await client.generation(generation_id)
         except ApiError as exc:
             raise RunHalted(f"could not read generation {generation_id!r} at {base_url}: {exc}") from exc
+
+
+def dry_run(spec: JobSpec, *, rows: int, server: str) -> list[dict[str, Any]]:
+    """The exact requests the first `rows` rows still to do would send, with their checkpoint keys; nothing is
+    sent, and no file is created (the checkpoint is read only when it exists). Files are shown by name, size
+    and type, never as base64."""
+    dataset = prepare(spec)
+    requests = RequestBuilder(spec, server=server)
+    checkpoint = spec.checkpoint_path()
+    store = Store.open(checkpoint) if checkpoint.exists() else None
+    shown: list[dict[str, Any]] = []
+    seen_rows: set[str] = set()
+    try:
+        for batch in pending(dataset, requests, store):
+            for todo in batch.todo:
+                request = todo.request
+                if request.row.id not in seen_rows and len(seen_rows) == rows:
+                    return shown
+                seen_rows.add(request.row.id)
+                entry: dict[str, Any] = {
+                    "row_id": request.row.id,
+                    "model": request.requested_model,
+                    "models_chain": spec.model_chain(request.requested_model),
+                    "checkpoint_key": request.fingerprint,
+                }
+                if spec.samples > 1:
+                    entry["sample"] = request.sample
+                if request.problem is not None:
+                    entry["fails_unsent"] = request.problem
+                else:
+                    body = requests.body(request.prompt, request.requested_model, request.sample)
+                    entry["body"] = json.loads(json.dumps(body, default=_described))
+                shown.append(entry)
+    finally:
+        if store is not None:
+            store.close()
+    return shown
+
+
+def _described(value: Any) -> Any:
+    """A file in a request body, as the dry run shows it: what it is, not its bytes."""
+    if isinstance(value, Media):
+        where = value.path.name if value.path is not None else "bytes from the input"
+        pages = f", {value.pages} pages" if value.pages else ""
+        return f"<{value.mime}, {value.size:,} bytes{pages}: {where}>"
+    return str(value)
+
+
+async def validate(spec: JobSpec, *, sandbox: SandboxConfig | None = None) -> list[str]:
+    """Every check `run` makes before its first request: the spec, the input, the output path, the key, the
+    models and their endpoints (where the server lists them). SpecError if one fails; warnings are logged.
+    Returns what was checked, for the user."""
+    dataset = prepare(spec)
+    check_output(spec, dataset)
+    async with Connection(spec, sandbox=sandbox, timeout_s=60) as connection:
+        prices = await fetch_prices(connection.client)
+        check_models(spec, prices, strict=connection.strict)
+        endpoints = await fetch_endpoints(connection.client, spec)
+        check_endpoints(spec, endpoints)
+    return [
+        f"spec: {len(spec.models)} model(s), {len(spec.template_fields())} template field(s)",
+        f"input: {dataset.rows:,} rows, columns {', '.join(dataset.columns)}",
+        f"output: {spec.output} can be written",
+        "models: " + ("listed by the server" if prices.ids else "not checked (the server lists none)"),
+        f"endpoints: read for {len(endpoints)} of {len({*spec.models, *spec.fallbacks})} model(s)",
+    ]

@@ -522,6 +522,62 @@ class JobSpec(_Strict):
         return "" if base_url == OPENROUTER_BASE_URL else base_url
 
 
+FIELD_HELP = {  # each top-level key's description in the JSON Schema (`batchrunner schema`), for editors
+    "name": "The job's name: letters, digits, . _ - (used in logs and the summary).",
+    "input": "The input file (.csv, .parquet, .jsonl, .ndjson), relative to this spec's folder.",
+    "id_column": "A column whose values identify each row (unique, never empty); default: the row's position.",
+    "output": "The output file (.parquet, .csv, .jsonl), relative to this spec's folder.",
+    "checkpoint": "The SQLite checkpoint; default: beside the output, named after it.",
+    "models": "One model slug or a list; each row is asked of each (e.g. openai/gpt-4o-mini).",
+    "fallbacks": "Models tried in order for a row whose model fails.",
+    "system": "The system message (a template over the row's columns).",
+    "prompt": "The user message: {column} placeholders over the row; {{ and }} are literal braces.",
+    "messages": "Instead of system/prompt: chat messages; a content may be a list of parts (text, image_url, file, input_audio, video_url).",
+    "images": "Columns of images (paths, https URLs, bytes) added to the user message.",
+    "files": "Columns of PDFs added to the user message.",
+    "audio": "Columns of audio (paths, bytes) added to the user message.",
+    "image_detail": "`detail` of the images added by `images`.",
+    "media_limits_mb": "The largest file of each kind a row may send, in MB; larger ones fail their row, unsent.",
+    "params": "Request parameters: any of OpenRouter's ChatRequest fields (temperature, max_tokens, seed, tools, stream, ...).",
+    "provider": "OpenRouter provider routing (order, only, ignore, sort, require_parameters, max_price, ...).",
+    "response_format": "Structured answers: {type: json_schema, json_schema: {name, strict, schema}} or {type: json_object}.",
+    "concurrency": "Most requests in flight.",
+    "endpoint": "chat (default) or completions (then `prompt` is the raw prompt).",
+    "timeout_s": "Seconds a request may take (for streams: may stay silent); doubled for :free models.",
+    "unreachable_timeout_s": "Stop the run when the server has refused every connection this long.",
+    "rate_limit": "auto (OpenRouter's credit rule, from GET /key) or {requests_per_second: N} / {requests_per_minute: N}.",
+    "free_requests_per_day": "The daily cap on :free model requests.",
+    "retry": "Attempts per model before its fallbacks, and the backoff between them.",
+    "budget_usd": "The most one run may spend, in USD; requests reserve their worst case before they go.",
+    "cache_system_prompt": "Mark the system message for prompt caching (cache_control).",
+    "repair": "Re-asks of an invalid structured answer on the same model, before the fallbacks.",
+    "evaluate": "Score answers against a reference column (see `batchrunner report`).",
+    "mode": "live (default) or batch: OpenRouter's Batch API, about half price, within 24 h.",
+    "batch": "How batch mode waits and what it does with models the Batch API refuses.",
+    "server_fallbacks": "Also send `fallbacks` in OpenRouter's `models` array (it falls back within one request).",
+    "dedupe": "Send identical requests once and copy the answer to each row (deduped_from).",
+    "samples": "Ask each (row, model) this many times (a `sample` column; seed + i each).",
+    "output_prefix": "Put before each structured-answer column's name.",
+    "api": "Where requests go (base_url), the variable holding the key, and extra headers.",
+}
+ONE_OR_MANY = ("models", "fallbacks", "images", "files", "audio")
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a job spec, for editors (yaml-language-server) and `batchrunner schema`."""
+    schema = JobSpec.model_json_schema()
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "batchrunner job spec"}
+    for name, text in FIELD_HELP.items():
+        schema["properties"][name]["description"] = text
+    for name in ONE_OR_MANY:  # a single string is accepted where a list is
+        listed = schema["properties"][name]
+        schema["properties"][name] = {
+            "description": listed.pop("description", ""),
+            "anyOf": [{"type": "string", "minLength": 1}, listed],
+        }
+    return schema
+
+
 def _placeholder(column: str) -> str:
     """A template that is `column`'s value alone (braces in a name cannot be written, so none are)."""
     return "{" + column + "}"
