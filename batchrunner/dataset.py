@@ -122,15 +122,19 @@ def _read_through(path: Path, frame: pl.LazyFrame, id_column: str | None) -> tup
     ]
     if id_column is not None:
         column = pl.col(id_column)
-        checks += [
-            column.null_count().alias("__nulls"),
-            column.filter(column.is_duplicated()).unique(maintain_order=True).head(3).implode().alias("__duplicated"),
-        ]
+        checks += [column.null_count().alias("__nulls"), column.n_unique().alias("__distinct")]
     try:
         found = frame.select(checks).collect().row(0, named=True)
+        duplicated: list[Any] = []
+        nulls = int(found.get("__nulls") or 0)
+        if id_column is not None and int(found["__distinct"]) < int(found["__rows"]) - nulls + (1 if nulls else 0):
+            # Some id repeats: a second pass finds which (only then: listing them costs more than counting).
+            column = pl.col(id_column)
+            repeated = column.filter(column.is_duplicated()).unique(maintain_order=True).head(3)
+            duplicated = frame.select(repeated).collect().to_series().to_list()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
-    return int(found["__rows"]), int(found.get("__nulls") or 0), list(found.get("__duplicated") or [])
+    return int(found["__rows"]), nulls, duplicated
 
 
 def _check_ids(id_column: str, nulls: int, duplicated: list[Any]) -> None:
