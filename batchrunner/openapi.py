@@ -49,6 +49,11 @@ def _validator(name: str) -> Any:
     return extended({**_document(), "$ref": f"#/components/schemas/{name}"})
 
 
+def warm_up(name: str) -> None:
+    """Import jsonschema and build the validator for `name` now (a server does this before it serves)."""
+    _validator(name)
+
+
 def schema(name: str) -> dict[str, Any]:
     """One named schema of the document, e.g. `ChatRequest`."""
     return _document()["components"]["schemas"][name]

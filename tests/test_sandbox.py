@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -312,3 +314,22 @@ async def test_inputs_a_model_does_not_take_are_404s_and_unreadable_parts_400s()
     assert (
         heard[0] == 200 and heard[2]["usage"]["prompt_tokens_details"]["audio_tokens"] == 32
     )  # 1 s (16,000 bytes at 16,000 a second) at 32 a second
+
+
+def test_the_request_check_is_built_before_the_first_request() -> None:
+    """A sandbox is ready to answer when it starts: the ChatRequest check (jsonschema and the document) is built
+    then, not while the first request waits (that stall bunched the requests behind it into one second and set
+    off 429s at 100 requests/s in bench/throughput.py)."""
+    script = (
+        "import asyncio, sys\n"
+        "from batchrunner import openapi\n"
+        "from batchrunner.sandbox import Sandbox\n"
+        "async def main():\n"
+        "    sandbox = Sandbox()\n"
+        "    await sandbox.start()\n"
+        "    print(openapi._validator.cache_info().currsize, 'jsonschema' in sys.modules)\n"
+        "    await sandbox.stop()\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "True"]

@@ -135,6 +135,9 @@ class Sandbox:
         return app
 
     async def start(self, port: int = 0, host: str = "127.0.0.1") -> str:
+        # Build the request check before the first request, not during it: a first answer that stalls while
+        # jsonschema loads would bunch the requests behind it into one second and trip the rate limit.
+        openapi.warm_up("ChatRequest")
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
