@@ -76,10 +76,15 @@ class LiveExecutor:
                         if halt.stopping:
                             return
                         await queue.put(todo)
-            except Exception as exc:  # the input became unreadable past some row: stop, keep what was answered
-                detail = first_line(exc)
+            except BatchrunnerError as exc:  # the input (or the checkpoint) failed past some row: already a sentence
+                halt.stop(StopReason.INPUT, first_line(exc))
+                return
+            except Exception as exc:  # a bug: the run still stops (workers must not wait forever), saying so
+                log.debug("preparing the next rows failed", exc_info=exc)
                 halt.stop(
-                    StopReason.INPUT, detail if isinstance(exc, BatchrunnerError) else f"reading the input: {detail}"
+                    StopReason.INPUT,
+                    f"preparing the next rows failed ({type(exc).__name__}: {first_line(exc)}); this is a bug in "
+                    "batchrunner (rerun with -v for its trace, and please report it); answered rows are kept",
                 )
                 return
             for _ in range(self.concurrency):

@@ -29,7 +29,7 @@ class StopReason(enum.Enum):
     BUDGET = "budget"  # budget_usd or --max-cost spent
     SERVER_GONE = "server_gone"  # every connection refused for unreachable_timeout_s
     CHECKPOINT = "checkpoint"  # answers cannot be saved (a full disk)
-    INPUT = "input"  # the input became unreadable during the run
+    INPUT = "input"  # the rows still to do could not be prepared during the run (the input or the checkpoint failed)
     BATCH_API = "batch_api"  # a batch submission got no answer: the next run reconciles it
     FREE_CAP = "free_cap"  # a deferral: free models are out for the day, the others go on
 

@@ -21,7 +21,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import polars as pl
 
 from batchrunner.costs import ZERO_USD
-from batchrunner.errors import Problem, SpecError
+from batchrunner.errors import Problem, RunHalted, SpecError
 from batchrunner.files import open_no_follow
 from batchrunner.records import STORED_SCHEMA, Bill, RowResult
 
@@ -424,10 +424,23 @@ class Store:
         with self._buffer_lock:
             return len(self._pending)
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The lock, for the queries a run makes as it reads its rows; a checkpoint that fails them mid-run (a
+        disk error) stops the run with a sentence naming it, not as an input or internal error."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise RunHalted(
+                    f"cannot read the checkpoint {self.path} ({str(exc).strip() or type(exc).__name__}); "
+                    "check the disk, then rerun"
+                ) from exc
+
     def answered(self, row_ids: Sequence[str]) -> set[tuple[str, str, str]]:
         """(row id, requested model, fingerprint) of every answer stored for these rows."""
         found: set[tuple[str, str, str]] = set()
-        with self._lock:
+        with self._reading():
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 query = f"SELECT row_id, requested_model, fingerprint FROM results WHERE status = 'ok' AND row_id IN ({marks})"
@@ -438,7 +451,7 @@ class Store:
         """The status ("failed" or "pending") and bill of these rows' unanswered records, by checkpoint key:
         a retry starts from the bill."""
         found: dict[tuple[str, str, str], tuple[str, Bill]] = {}
-        with self._lock:
+        with self._reading():
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 query = (
@@ -485,7 +498,7 @@ class Store:
             if key in wanted and values["status"] == "ok" and values["deduped_from"] is None:
                 found.setdefault(key, {"row_id": record[0], "fingerprint": record[1], **values})
         fingerprints = sorted({fingerprint for model, fingerprint in wanted if (model, fingerprint) not in found})
-        with self._lock:
+        with self._reading():
             for chunk in _chunks(fingerprints, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 query = (

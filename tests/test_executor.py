@@ -13,10 +13,12 @@ import pytest
 from conftest import run_pairs
 
 from batchrunner import preflight
-from batchrunner.executor import Execution
+from batchrunner.executor import Execution, LiveExecutor
 from batchrunner.halt import Halt, StopReason
 from batchrunner.output import export
+from batchrunner.pending import Todo, pending
 from batchrunner.preflight import prepare
+from batchrunner.records import KeptResults, RowResult
 from batchrunner.request import RequestBuilder
 from batchrunner.runner import RunReport, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -156,3 +158,26 @@ async def test_a_job_runs_the_same_through_another_executor(write_spec: Callable
     live_output = pl.read_parquet(live_spec.output)
     assert sequential_output.drop("latency_s", "generation_id").equals(live_output.drop("latency_s", "generation_id"))
     assert budgeted.report.stop is not None and budgeted.report.stop.reason is StopReason.BUDGET
+
+
+async def test_a_bug_while_preparing_rows_stops_the_run_saying_it_is_a_bug(write_spec: Callable[..., Path]) -> None:
+    """An unexpected error from the work (not the input, not the checkpoint) still stops the run instead of leaving
+    the workers waiting, and says it is a bug rather than blaming the input; what was answered is kept (pairs still
+    queued are left pending, unpaid)."""
+    spec = load_spec(write_spec())
+    first = next(pending(prepare(spec), RequestBuilder(spec), None))
+
+    def work() -> Any:
+        yield first
+        raise ValueError("an unexpected state")
+
+    class Answer:
+        async def answer(self, todo: Todo) -> RowResult:
+            return RowResult(todo.request.row.index, todo.request.row.id, 0, todo.request.requested_model, "ok")
+
+    halt, kept = Halt(), KeptResults()
+    await asyncio.wait_for(LiveExecutor(4).execute(work(), Answer(), kept, halt), 5)
+    assert halt.outcome is not None and halt.outcome.reason is StopReason.INPUT
+    assert "preparing the next rows failed (ValueError: an unexpected state); this is a bug" in halt.outcome.message
+    assert "reading the input" not in halt.outcome.message
+    assert 0 < len(kept) <= len(first.todo) and all(result.status == "ok" for result in kept)

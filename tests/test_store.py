@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.errors import SpecError
+from batchrunner.errors import RunHalted, SpecError
 from batchrunner.records import RowResult
 from batchrunner.store import MIGRATIONS, RESULT_COLUMNS, Store
 
@@ -188,3 +188,17 @@ async def test_a_full_disk_keeps_answers_buffered_and_says_so(tmp_path: Path, mo
         await asyncio.sleep(0.01)
     flusher.cancel()
     assert store.answered(["id1"]) == {("id1", "a/b", "fp")}
+
+
+def test_a_checkpoint_that_fails_a_query_mid_run_stops_the_run_naming_it(tmp_path: Path) -> None:
+    """The queries a run makes as it reads its rows turn a SQLite failure into a RunHalted naming the checkpoint and
+    the fix (a sentence and exit 3), not an error blamed on the input or a traceback."""
+    store = Store.open(tmp_path / "c.sqlite")
+    store._db.close()  # the connection fails from here on, as a disk error would make it
+    for query in (
+        lambda: store.answered(["a"]),
+        lambda: store.unfinished(["a"]),
+        lambda: store.answers_to([("m", "f")]),
+    ):
+        with pytest.raises(RunHalted, match=r"cannot read the checkpoint .*c\.sqlite .*check the disk, then rerun"):
+            query()
