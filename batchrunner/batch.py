@@ -26,7 +26,7 @@ from typing import Any
 
 from batchrunner.client import Client, parse_completion
 from batchrunner.errors import ApiError, RequestRejected, TransientError, first_line
-from batchrunner.executor import Execution
+from batchrunner.executor import Execution, count_resumed
 from batchrunner.halt import Halt, StopReason
 from batchrunner.pending import Batch, Todo
 from batchrunner.policy import RowPolicy, RowState
@@ -86,10 +86,7 @@ class BatchExecutor:
         todos: dict[tuple[str, str, str], Todo] = {}
         resumed = 0
         for batch in work:
-            skipped = sum(batch.answered.values())
-            resumed += skipped
-            if skipped:
-                sinks.resumed(skipped)
+            resumed += count_resumed(batch, sinks)
             for todo in batch.todo:
                 failed = policy.refused(todo)  # its media cannot go in a batch (or at all): failed, unsent
                 if failed is not None:

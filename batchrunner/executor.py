@@ -38,6 +38,14 @@ class Execution:
     wall_s: float
 
 
+def count_resumed(batch: Batch, sinks: ResultSink) -> int:
+    """Tell the sinks how many of the batch's pairs earlier runs answered (skipped), and return it."""
+    skipped = sum(batch.answered.values())
+    if skipped:
+        sinks.resumed(skipped)
+    return skipped
+
+
 class Executor(Protocol):
     async def execute(self, work: Iterable[Batch], policy: Answerer, sinks: ResultSink, halt: Halt) -> Execution: ...
 
@@ -68,10 +76,7 @@ class LiveExecutor:
             nonlocal resumed
             try:
                 for batch in work:
-                    skipped = sum(batch.answered.values())
-                    resumed += skipped
-                    if skipped:
-                        sinks.resumed(skipped)
+                    resumed += count_resumed(batch, sinks)
                     for todo in batch.todo:
                         if halt.stopping:
                             return

@@ -142,7 +142,7 @@ class RowPolicy:
         """The pair's result; None leaves it pending without a record (nothing was paid for it)."""
         if (refused := self.refused(todo)) is not None:
             return refused
-        row = RowState(earlier=todo.earlier or Bill())
+        row = self.begin(todo)
         try:
             return await self._answer(todo.request, row)
         except MediaProblem as exc:  # a file changed or vanished since it was fingerprinted: never sent whole
