@@ -17,7 +17,7 @@ from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
 from batchrunner.media import Media
 from batchrunner.offline import existing_checkpoint
 from batchrunner.pending import pending
-from batchrunner.preflight import check_endpoints, check_models, check_output, prepare
+from batchrunner.preflight import check_endpoints, check_output, prepare
 from batchrunner.request import (
     MOST_TOKENS_PER_IMAGE,
     TYPICAL_TOKENS_PER_IMAGE,
@@ -30,7 +30,7 @@ from batchrunner.request import (
     media_tally,
     most_prompt_tokens,
 )
-from batchrunner.runner import fetch_endpoints, fetch_prices, plan_limits
+from batchrunner.runner import check_on_server, fetch_endpoints, fetch_prices, plan_limits
 from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec, is_openrouter
 from batchrunner.store import Store
@@ -320,15 +320,12 @@ def _described(value: Any) -> Any:
 
 async def validate(spec: JobSpec, *, sandbox: SandboxConfig | None = None) -> list[str]:
     """Every check `run` makes before its first request: the spec, the input, the output path, the key, the
-    models and their endpoints (where the server lists them). SpecError if one fails; warnings are logged.
-    Returns what was checked, for the user."""
+    models and their endpoints (where the server lists them), the budget. SpecError if one fails; warnings are
+    logged. Returns what was checked, for the user."""
     dataset = prepare(spec)
     check_output(spec, dataset)
     async with Connection(spec, sandbox=sandbox, timeout_s=60) as connection:
-        prices = await fetch_prices(connection.client)
-        check_models(spec, prices, strict=connection.strict)
-        endpoints = await fetch_endpoints(connection.client, spec)
-        check_endpoints(spec, endpoints)
+        prices, _, endpoints = await check_on_server(spec, connection)
     return [
         f"spec: {len(spec.models)} model(s), {len(spec.template_fields())} template field(s)",
         f"input: {dataset.rows:,} rows, columns {', '.join(dataset.columns)}",

@@ -149,10 +149,7 @@ async def run_job(
             if on_start is not None:
                 on_start(connection.sandbox.base_url if connection.sandbox else None)
             limits, key_info = await plan_limits(spec, client, connection.key, count_free_usage=sandbox is None)
-            prices = await fetch_prices(client)
-            check_models(spec, prices, strict=connection.strict)
-            check_endpoints(spec, await fetch_endpoints(client, spec))
-            budget = plan_budget(spec, prices, max_cost_usd)
+            prices, budget, _ = await check_on_server(spec, connection, max_cost_usd)
             store = Store.open(checkpoint, server=requests.server)  # only once nothing can refuse the job
             state = job_state(spec, requests) if limit is None else None
             known: dict[str, Any] | None = None
@@ -331,6 +328,18 @@ async def fetch_prices(client: Client) -> PriceTable:
         _halt_if_unreachable(client, exc)
         log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
         return PriceTable([])
+
+
+async def check_on_server(
+    spec: JobSpec, connection: Connection, max_cost_usd: Decimal | None = None
+) -> tuple[PriceTable, Budget | None, dict[str, list[dict[str, Any]]]]:
+    """The checks that need the server's lists, as `run` makes them before its first request (and `validate`
+    with it): the models it lists, their endpoints, and a budget it can price. SpecError if one fails."""
+    prices = await fetch_prices(connection.client)
+    check_models(spec, prices, strict=connection.strict)
+    endpoints = await fetch_endpoints(connection.client, spec)
+    check_endpoints(spec, endpoints)
+    return prices, plan_budget(spec, prices, max_cost_usd), endpoints
 
 
 def grace_s(spec: JobSpec) -> float:

@@ -110,4 +110,8 @@ def test_validate_exits_0_for_a_good_job_and_2_naming_each_problem(tmp_path: Pat
     (copy / "bad.yaml").write_text(yaml.safe_dump(spec))
     bad = invoke("validate", str(copy / "bad.yaml"), "--sandbox")
     assert bad.exit_code == 2 and "none of its endpoints supports structured_outputs" in bad.stderr
+    spec.update(models=["openrouter/auto"], response_format=None, budget_usd=1)  # a budget with no price to keep it
+    (copy / "unpriced.yaml").write_text(yaml.safe_dump({k: v for k, v in spec.items() if v is not None}))
+    unpriced = invoke("validate", str(copy / "unpriced.yaml"), "--sandbox")
+    assert unpriced.exit_code == 2 and "a budget needs them" in unpriced.stderr
     assert not list((tmp_path / "out").glob("*")), "the output was only probed: no checkpoint, no output"
