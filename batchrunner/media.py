@@ -260,14 +260,22 @@ def _short(text: str) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _data_url(text: str, where: str) -> bytes:
+def decode_data_url(text: str) -> bytes:
+    """The bytes of a `data:<type>;base64,...` URL; else a ValueError whose text completes "a data: URL ..."."""
     header, comma, payload = text.partition(",")
     if not comma or not header.lower().endswith(";base64"):
-        raise MediaProblem(f"{where}a data: URL that is not base64 (data:<type>;base64,...)")
+        raise ValueError("that is not base64 (data:<type>;base64,...)")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise MediaProblem(f"{where}a data: URL whose base64 is malformed") from None
+        raise ValueError("whose base64 is malformed") from None
+
+
+def _data_url(text: str, where: str) -> bytes:
+    try:
+        return decode_data_url(text)
+    except ValueError as exc:
+        raise MediaProblem(f"{where}a data: URL {exc}") from None
 
 
 def audio_format(media: Media) -> str:

@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchrunner.media import IMAGE_TYPES, sniff
+from batchrunner.media import IMAGE_TYPES, decode_data_url, sniff
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -81,13 +81,10 @@ def _data(url: str, what: str) -> bytes | None:
         return None
     if not url.startswith("data:"):
         raise Unreadable(f"{what} must be an https URL or a base64 data: URL")
-    header, _, payload = url.partition(",")
-    if not header.endswith(";base64"):
-        raise Unreadable(f"{what}: the data: URL is not base64")
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise Unreadable(f"{what}: the data: URL's base64 is malformed") from None
+        return decode_data_url(url)
+    except ValueError as exc:
+        raise Unreadable(f"{what}: a data: URL {exc}") from None
 
 
 def _see_image(seen: Perceived, url: str, detail: Any) -> None:
