@@ -73,10 +73,10 @@ class Items:
         self.path = path
         self.rows = len(rows)
 
-    def batches(self, *, limit: int | None = None, batch_size: int = 8192) -> Iterator[list[Row]]:
+    def batches(self, *, limit: int | None = None, batch_size: int = 8192, start: int = 0) -> Iterator[list[Row]]:
         rows = self._rows if limit is None else self._rows[:limit]
-        for start in range(0, len(rows), batch_size):
-            yield rows[start : start + batch_size]
+        for first in range(start, len(rows), batch_size):
+            yield rows[first : first + batch_size]
 
 
 def items(spec: JobSpec, frames: Iterator[pl.DataFrame], input_columns: list[str]) -> Items:

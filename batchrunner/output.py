@@ -135,10 +135,17 @@ MEDIA_EXPORT_ROWS = 1024
 
 
 def results(
-    dataset: Dataset, requests: RequestBuilder, store: Store, *, batch_size: int = 20_000, row_index: bool = False
+    dataset: Dataset,
+    requests: RequestBuilder,
+    store: Store,
+    *,
+    batch_size: int = 20_000,
+    row_index: bool = False,
+    start: int = 0,
 ) -> Iterator[pl.DataFrame]:
-    """The output, batch by batch: every answered (row, model) of the current spec, input columns first
-    (and, with `row_index`, the row's position in the input as ROW_INDEX, to pair models' answers).
+    """The output, batch by batch: every answered (row, model) of the current spec (from input row `start`),
+    input columns first (and, with `row_index`, the row's position in the input as ROW_INDEX, to pair
+    models' answers).
 
     Rows without an answer for the spec as it is now (never run, or run before an edit to
     their prompt or params) are left out: they are pending. The report reads these frames too."""
@@ -147,7 +154,7 @@ def results(
     judges = spec.evaluate.judges() if spec.evaluate is not None else []
     if requests.has_media:  # each row's files are hashed again to find its key; bytes cells are held per batch
         batch_size = min(batch_size, MEDIA_EXPORT_ROWS)
-    for frame, rows in dataset.chunks(batch_size=batch_size):
+    for frame, rows in dataset.chunks(batch_size=batch_size, start=start):
         stored = store.fetch([row.id for row in rows])
         answers = _answers(
             frame, _keys(requests.for_rows(rows)), stored, spec, extra, row_index=row_index or bool(judges)
@@ -208,6 +215,49 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return written
+
+
+def extend(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path, *, start: int) -> int | None:
+    """Add the answers of input rows from `start` on to the end of `path`, an output of the same job's rows
+    before them, instead of rewriting it; return the rows added. None when `path` cannot be extended
+    (its columns are not what the new rows' are): then it must be rewritten with `export`.
+
+    Parquet is rewritten as the old file's row groups followed by the new rows (no row is rebuilt from
+    the checkpoint); CSV and JSONL are copied and appended to. Atomic as `export` is."""
+    parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    added = 0
+    try:
+        for number, part in enumerate(results(dataset, requests, store, start=start)):
+            added += part.height
+            part.write_parquet(parts / f"{number:08d}.parquet")
+        if not added:
+            return 0
+        new = pl.scan_parquet(parts / "*.parquet")
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            old = pl.scan_parquet(path)
+            if old.collect_schema() != new.collect_schema():
+                return None
+            _sink(pl.concat([old, new]), path)
+            return added
+        tail = parts / f"tail{suffix}"
+        if suffix == ".csv":
+            text = _as_json_text(_as_text(new))
+            with path.open(encoding="utf-8", newline="") as old_file:
+                if old_file.readline() != text.head(0).collect().write_csv():
+                    return None  # not the columns the new rows have
+            text.sink_csv(tail, include_header=False)
+        else:
+            _as_text(new).sink_ndjson(tail)
+        with replacing(path) as temporary, tail.open("rb") as source:
+            shutil.copyfile(path, temporary)
+            with temporary.open("ab") as target:
+                shutil.copyfileobj(source, target)
+        return added
+    except pl.exceptions.PolarsError as exc:
+        raise OutputError(f"could not write {path}: {first_line(exc)}") from exc
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 def _empty(dataset: Dataset, spec: JobSpec) -> pl.DataFrame:

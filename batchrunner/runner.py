@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import math
@@ -45,14 +46,15 @@ from batchrunner.judging import items as judge_items
 from batchrunner.judging import judge_spec
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
-from batchrunner.output import export, summary_path
+from batchrunner.output import export, extend, summary_path
 from batchrunner.output import results as results_of
-from batchrunner.pending import COMPLETE, Batch, job_state, mark_complete, nothing_left, pending
+from batchrunner.pending import Batch, pending
 from batchrunner.policy import RowPolicy
 from batchrunner.preflight import check_endpoints, check_models, check_output, prepare
 from batchrunner.progress import Progress
 from batchrunner.records import KeptResults, ResultSink, RowResult, Sinks, Summary
 from batchrunner.request import RequestBuilder
+from batchrunner.rerun import LastRun, forget, job_state, last_run, mark_complete
 from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import JobSpec, RateLimit
@@ -151,13 +153,13 @@ async def run_job(
             limits, key_info = await plan_limits(spec, client, connection.key, count_free_usage=sandbox is None)
             prices, budget, _ = await check_on_server(spec, connection, max_cost_usd)
             store = Store.open(checkpoint, server=requests.server)  # only once nothing can refuse the job
-            state = job_state(spec, requests) if limit is None else None
-            known: dict[str, Any] | None = None
+            state = job_state(spec, requests, dataset) if limit is None else None
+            known: LastRun | None = None
             try:
                 if fresh:
                     store.delete_all()
-                known = nothing_left(store, spec, state)  # unchanged since a run that left nothing to do
-                store.set_meta(COMPLETE, None)  # until this run ends the same way
+                known = last_run(store, spec, state, dataset)  # unchanged, or grown, since a complete run
+                forget(store)  # until this run ends the same way
                 store.begin_run()
                 rows = dataset.rows if limit is None else min(limit, dataset.rows)
                 total = rows * len(spec.models) * spec.samples
@@ -212,9 +214,16 @@ async def run_job(
                             else LiveExecutor(spec.concurrency, grace_s=grace_s(spec))
                         )
                     work: Iterable[Batch] = pending(dataset, requests, store, limit=limit)
-                    if known is not None:  # every pair answered, as the last complete run left them: read no row
-                        log.info("nothing to send: the input and the spec are as the last complete run left them")
-                        work = [Batch([], collections.Counter(known["answered"]), rows)]
+                    if known is not None:  # the rows the last complete run answered are not read again
+                        earlier = Batch([], collections.Counter(known.answered), known.rows)
+                        if known.grown:
+                            log.info(
+                                "%d rows appended since the last complete run: only they are read", rows - known.rows
+                            )
+                            work = itertools.chain([earlier], pending(dataset, requests, store, start=known.rows))
+                        else:
+                            log.info("nothing to send: the input and the spec are as the last complete run left them")
+                            work = [earlier]
                     into: ResultSink = Sinks(*sinks)
                     if spec.dedupe:  # identical requests sent once: the copies wait for, or take, an answer
                         dedupe = Dedupe(store, into)
@@ -239,10 +248,15 @@ async def run_job(
                 started = time.monotonic()
                 written: int | None = None
                 try:
-                    if known is not None and known["output_unchanged"] and summary.done == 0:
-                        written = int(known["written"])  # the output is the file the last run wrote: not rewritten
+                    if known is not None and known.output_unchanged and not known.grown and summary.done == 0:
+                        written = known.written  # the output is the file the last run wrote: not rewritten
                         log.info("%s is unchanged since the last complete run: not rewritten", spec.output)
-                    else:
+                    elif known is not None and known.output_unchanged and known.grown:  # add the new rows' answers
+                        added = extend(dataset, requests, store, spec.output, start=known.rows)
+                        if added is not None:
+                            written = known.written + added
+                            log.info("added %d rows to %s in %.1f s", added, spec.output, time.monotonic() - started)
+                    if written is None:
                         written = export(dataset, requests, store, spec.output)
                         log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
                     if report is not None and report.stop is None and report.pending == 0 and summary.failed == 0:

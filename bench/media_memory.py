@@ -23,7 +23,8 @@ import textwrap
 from pathlib import Path
 
 import yaml
-from throughput import start_sandbox  # bench/ is on sys.path when a bench script runs
+from shell import user_env  # bench/ is on sys.path when a bench script runs
+from throughput import start_sandbox
 
 FILES = 200
 FILE_BYTES = 24 * 1024
@@ -79,7 +80,7 @@ def prepare_job(folder: Path, rows: int, tag: str, base_url: str, names: list[st
 
 def measure(job: Path) -> dict[str, float]:
     """Run the job in a fresh process; its own peak RSS, from wait4."""
-    env = {**os.environ, "OPENROUTER_API_KEY": "sk-or-v1-bench"}
+    env = user_env(OPENROUTER_API_KEY="sk-or-v1-bench")
     process = subprocess.Popen([sys.executable, "-c", MEASURE, str(job)], stdout=subprocess.PIPE, env=env)
     assert process.stdout is not None
     output = process.stdout.read()

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import polars as pl
 import yaml
-from throughput import start_sandbox  # bench/ is on sys.path when a bench script runs
+from shell import user_env  # bench/ is on sys.path when a bench script runs
+from throughput import start_sandbox
 
 from batchrunner.preflight import prepare
 from batchrunner.records import RowResult
@@ -152,7 +153,7 @@ def main() -> None:
 
 def measure(spec_path: Path) -> dict[str, float]:
     measured = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(spec_path)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", MEASURE, str(spec_path)], capture_output=True, text=True, check=True, env=user_env()
     )
     return json.loads(measured.stdout.strip().splitlines()[-1])
 

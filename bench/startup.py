@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shell import user_env  # bench/ is on sys.path when a bench script runs
+
 SPEC = """name: startup
 input: rows.csv
 id_column: id
@@ -27,8 +29,9 @@ params: {max_tokens: 10}
 
 
 def timed(args: list[str], folder: Path) -> float:
+    env = user_env()
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "batchrunner", *args], cwd=folder, capture_output=True, check=True)
+    subprocess.run([sys.executable, "-m", "batchrunner", *args], cwd=folder, capture_output=True, check=True, env=env)
     return time.perf_counter() - started
 
 

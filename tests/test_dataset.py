@@ -117,3 +117,22 @@ def test_a_jsonl_key_that_first_appears_late_is_a_column(tmp_path: Path) -> None
     )
     dataset = open_dataset(path, id_column="id")
     assert dataset.columns == ["id", "late"] and dataset.rows == 10_501
+
+
+def test_digests_name_the_rows_and_their_places_whatever_the_format(tmp_path: Path) -> None:
+    """The digest of a file's first n rows equals that of a file of only those rows, in any format; a changed
+    cell, or two rows swapped, changes it."""
+    rows = {"id": [f"r{i}" for i in range(50)], "text": [f"text {i}" for i in range(50)]}
+    pl.DataFrame(rows).write_csv(tmp_path / "all.csv")
+    pl.DataFrame(rows).head(40).write_ndjson(tmp_path / "first.jsonl")
+    swapped = {name: [*values[:10], values[11], values[10], *values[12:40]] for name, values in rows.items()}
+    pl.DataFrame(swapped).write_csv(tmp_path / "swapped.csv")
+    edited = {"id": rows["id"][:40], "text": [*rows["text"][:39], "text 39!"]}
+    pl.DataFrame(edited).write_csv(tmp_path / "edited.csv")
+
+    def digest(name: str, rows: int) -> str:
+        return open_dataset(tmp_path / name, id_column="id").digests(rows)[0]
+
+    assert digest("all.csv", 40) == digest("first.jsonl", 40) != digest("all.csv", 50)
+    assert digest("swapped.csv", 40) != digest("first.jsonl", 40) != digest("edited.csv", 40)
+    assert digest("edited.csv", 39) == digest("all.csv", 39)

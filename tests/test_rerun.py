@@ -1,0 +1,169 @@
+"""rerun.py: the rerun that knows without reading a row that none are left, or that only appended rows are new."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from batchrunner.dataset import Row
+from batchrunner.offline import export_job
+from batchrunner.request import RequestBuilder, RowRequest
+from batchrunner.retries import RetryPolicy
+from batchrunner.runner import run_job
+from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.spec import load_spec
+
+
+def no_rows_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("a row was rendered")
+
+    monkeypatch.setattr(RequestBuilder, "for_rows", refuse)
+
+
+def rendered_rows(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the rows rendered into requests from now on (to send, or to find their answers for the output)."""
+    seen: list[str] = []
+    render = RequestBuilder.for_rows
+
+    def counting(self: RequestBuilder, rows: list[Row]) -> Iterator[RowRequest]:
+        seen.extend(row.id for row in rows)
+        return render(self, rows)
+
+    monkeypatch.setattr(RequestBuilder, "for_rows", counting)
+    return seen
+
+
+def write_tickets(path: Path, ids: range, *, edited: int | None = None) -> None:
+    """The tickets fixture's rows with these ids, in the format `path` names; row `edited` with other text."""
+    frame = pl.DataFrame(
+        {
+            "ticket_id": [f"T-{i}" for i in ids],
+            "subject": [f"subject {i}" for i in ids],
+            "text": [f"ticket text number {i}" + (" (edited)" if i == edited else "") for i in ids],
+        }
+    )
+    {".csv": frame.write_csv, ".parquet": frame.write_parquet, ".jsonl": frame.write_ndjson}[path.suffix](path)
+
+
+async def test_an_unchanged_complete_job_is_rerun_without_reading_a_row_or_rewriting_the_output(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a run that left every pair answered, a rerun of the same input and spec renders no row, sends
+    nothing and leaves the output file as it was; every pair counts as answered by earlier runs."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        written = spec.output.stat().st_mtime_ns
+        with monkeypatch.context() as patch:
+            no_rows_read(patch)
+            outcome = await run_job(spec)
+    assert sandbox.stats.requests == 12 and outcome.report.resumed == 12 and outcome.report.pending == 0
+    assert outcome.output_rows == 12 and spec.output.stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize(
+    ("source_name", "output"),
+    [
+        ("tickets.csv", "out/result.parquet"),
+        ("tickets.parquet", "out/result.csv"),
+        ("tickets.jsonl", "out/result.jsonl"),
+    ],
+)
+async def test_rows_appended_are_the_only_rows_read_and_the_output_grows_by_their_answers(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source_name: str, output: str
+) -> None:
+    """After a complete run, an input with rows added at its end (a CSV or JSONL appended to, a Parquet file
+    rewritten with more rows): the rerun renders only the new rows, sends only them, and the output it extends
+    is the output a full rewrite from the checkpoint gives; a third run reads nothing."""
+    source = tmp_path / source_name
+    write_tickets(source, range(12))
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(input=source_name, output=output, api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        if source.suffix == ".parquet":
+            write_tickets(source, range(15))
+        else:
+            with source.open("a") as handle:
+                handle.write(
+                    "".join(
+                        f"T-{i},subject {i},ticket text number {i}\n"
+                        if source.suffix == ".csv"
+                        else f'{{"ticket_id":"T-{i}","subject":"subject {i}","text":"ticket text number {i}"}}\n'
+                        for i in range(12, 15)
+                    )
+                )
+        with monkeypatch.context() as patch:
+            seen = rendered_rows(patch)
+            outcome = await run_job(spec)
+        assert set(seen) == {"T-12", "T-13", "T-14"}, "only the appended rows were read"
+        assert sandbox.stats.requests == 15 and outcome.report.resumed == 12 and outcome.output_rows == 15
+        extended = spec.output.read_bytes()
+        with monkeypatch.context() as patch:
+            no_rows_read(patch)
+            third = await run_job(spec)
+        assert third.report.resumed == 15 and sandbox.stats.requests == 15
+    export_job(spec)  # the whole output, rebuilt from the checkpoint
+    assert spec.output.read_bytes() == extended or pl.read_parquet(spec.output).equals(pl.read_parquet(extended))
+
+
+@pytest.mark.parametrize("change", ["edited", "inserted", "removed"])
+async def test_rows_appended_with_any_other_change_go_the_long_way(
+    write_spec: Callable[..., Path], tmp_path: Path, change: str
+) -> None:
+    """Rows appended along with an edited row, a row inserted before the end, or a row removed: every row is
+    read again, exactly what changed is sent, and the output holds every row."""
+    source = tmp_path / "tickets.csv"
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        ids = {"edited": range(14), "inserted": [*range(5), 99, *range(5, 14)], "removed": [*range(5), *range(6, 14)]}
+        write_tickets(source, ids[change], edited=3 if change == "edited" else None)  # type: ignore[arg-type]
+        outcome = await run_job(spec)
+    sent = {"edited": 3, "inserted": 3, "removed": 2}[change]
+    assert sandbox.stats.requests == 12 + sent and outcome.report.summary.done == sent
+    assert pl.read_parquet(spec.output).height == len(ids[change])
+
+
+@pytest.mark.parametrize("change", ["append", "touch", "prompt", "output deleted"])
+async def test_any_change_goes_the_long_way(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """An input appended to (or only touched), an edited prompt, or a deleted output: the rerun reads the rows
+    again, sends exactly what changed, and writes the output."""
+    source = tmp_path / "tickets.csv"
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        if change == "append":
+            with source.open("a") as handle:
+                handle.write("T-new,s,a new ticket\n")
+        elif change == "touch":
+            source.touch()
+        elif change == "prompt":
+            spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, prompt="Other {text}"))
+        else:
+            spec.output.unlink()
+        outcome = await run_job(spec)
+    sent = {"append": 1, "touch": 0, "prompt": 12, "output deleted": 0}[change]
+    assert sandbox.stats.requests == 12 + sent and outcome.report.summary.done == sent
+    assert pl.read_parquet(spec.output).height == (13 if change == "append" else 12)
+
+
+async def test_a_run_that_left_failures_or_ran_a_limit_is_not_complete(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed rows are asked again by the next run, and a --limit run says nothing of the rows it did not read."""
+    async with Sandbox(SandboxConfig(faults={"hostile_error": 1.0})) as sandbox:  # a 400 for every request
+        spec = load_spec(write_spec(retry={"max_attempts": 1}, api={"base_url": sandbox.base_url}))
+        await run_job(spec, retry=RetryPolicy.immediate(max_attempts=1))
+        await run_job(spec, retry=RetryPolicy.immediate(max_attempts=1))
+    assert sandbox.stats.requests == 24, "the failed rows were asked again"
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(checkpoint="out/limited.sqlite", api={"base_url": sandbox.base_url}))
+        await run_job(spec, limit=5)
+        outcome = await run_job(spec)
+    assert sandbox.stats.requests == 12 and outcome.report.resumed == 5
