@@ -12,6 +12,8 @@ admits at most k + 0.97 R requests, never more than R (with room for network jit
 R = 50 up; bench/throughput.py counts the sandbox's busiest second), and the
 small bucket lets a late wake-up catch up instead of losing its slot for good (with a
 bucket of one, every millisecond of event-loop lateness is lost throughput).
+A bucket starts full (at the start, and at every change of pace: after a 429, and while the
+pace climbs back), so a new bucket never adds a burst to what the old one just admitted.
 `AsyncLimiter(R, 1)`, the obvious choice, would admit R at once and R more within the
 same second.
 """
@@ -43,6 +45,8 @@ FREE_REQUESTS_PER_MINUTE = 20
 PACE_MARGIN = 0.97
 BURST_SHARE = 0.02  # the bucket, as a share of the rate: room for late wake-ups to catch up
 DECREASE_FACTOR = 0.7  # on a 429: send 30% slower (at most once a second: one incident, one cut)...
+FIRST_DECREASE_FACTOR = 0.9  # ...10% for the first in a while at a limit we know: jitter at the limit, not a wrong one
+REPEAT_WINDOW_S = 10.0  # a 429 this soon after the last cut is a repeat
 MIN_FACTOR = 1 / 32
 RECOVERY_PER_S = 0.1  # ...then win back 10% of the limit per second
 
@@ -82,6 +86,7 @@ class Pacer:
         self._factor_at = self._clock()
         self._slowed_at = float("-inf")
         self._limiter = self._new_limiter()
+        self._full = False  # the first limiter starts as a swapped one does: charged full, no burst at the start
 
     @property
     def rate_rps(self) -> float:
@@ -105,14 +110,18 @@ class Pacer:
     def set_limit(self, rate_rps: float) -> None:
         self.limit_rps = rate_rps
 
-    def slow_down(self) -> None:
-        """A 429 came anyway (a shared key, an upstream limit): slow down, once per incident."""
+    def slow_down(self, *, known_limit: bool = True) -> None:
+        """A 429 came anyway (network jitter at the limit, a shared key, an upstream limit): slow down, once per
+        incident. At a limit we know (the account's), the first incident in a while is most likely requests
+        bunched on the way, so it cuts gently; a repeat, or a limit we cannot know (a provider's), cuts hard."""
         now = self._clock()
         if now - self._slowed_at < 1.0:  # the other requests in flight saw the same incident
             return
+        repeat = now - self._slowed_at < REPEAT_WINDOW_S
         self._slowed_at = now
         self._recover()
-        self.factor = max(MIN_FACTOR, self.factor * DECREASE_FACTOR)
+        gentle = known_limit and not repeat
+        self.factor = max(MIN_FACTOR, self.factor * (FIRST_DECREASE_FACTOR if gentle else DECREASE_FACTOR))
         log.info("rate limited: pacing %s at %.1f requests/s for now", self.label, self.rate_rps)
 
     def _recover(self) -> None:
@@ -123,15 +132,15 @@ class Pacer:
     async def acquire(self) -> None:
         while True:
             self._recover()
-            if (
-                self.rate_rps != self._limiter_rate
-                and not abs(self.rate_rps - self._limiter_rate) <= 0.005 * self.rate_rps
-            ):
-                # A new pace: a fresh limiter, charged as if a request had just gone (it may
-                # have, through the old one), so the swap itself never lets two through at once.
-                self._limiter = self._new_limiter()
+            if self._pace_changed() or not self._full:
+                # A new pace: a fresh limiter, charged full, as if its whole bucket had just gone
+                # (it may have, through the old one): a swap never lets a burst through on top of
+                # what the old limiter just admitted, so no second ever admits more than the limit.
+                # The run's first requests get no burst either: they open new connections, whose
+                # setup delays them unevenly, and the server counts them when they arrive.
+                self._limiter, self._full = self._new_limiter(), True
                 if self._limiter is not None:
-                    await self._limiter.acquire()
+                    await self._limiter.acquire(self._burst)
             limiter = self._limiter
             if limiter is None:  # no limit at all
                 return
@@ -248,4 +257,4 @@ class Limits:
             return
         if model not in self._slowed:
             self._slowed[model] = Pacer(self.pacer.limit_rps, label=model)
-        self._slowed[model].slow_down()
+        self._slowed[model].slow_down(known_limit=False)

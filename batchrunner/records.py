@@ -7,6 +7,7 @@ adding one is a RowResult field, an entry here, and a numbered migration in stor
 
 from __future__ import annotations
 
+import operator
 from array import array
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -90,6 +91,10 @@ class Bill:
         return "reported"
 
 
+_STORED = operator.attrgetter(*STORED_SCHEMA)
+_COST_AT = list(STORED_SCHEMA).index("cost_usd")
+
+
 @dataclass(frozen=True)
 class RowResult:
     """What happened to one input row for one requested model."""
@@ -124,9 +129,11 @@ class RowResult:
     this_run: Bill = field(default_factory=Bill)  # what this run paid for the row (the rest, earlier runs)
     saved_usd: Decimal = ZERO_USD  # a copy: what its answer cost the row that paid (not stored)
 
-    def stored(self) -> dict[str, object]:
-        """Everything the checkpoint keeps of the result, by STORED_SCHEMA's names; money as exact text."""
-        return {name: str(self.cost_usd) if name == "cost_usd" else getattr(self, name) for name in STORED_SCHEMA}
+    def stored(self) -> tuple[object, ...]:
+        """Everything the checkpoint keeps of the result, in STORED_SCHEMA's order; money as exact text.
+        (A tuple, not a dict by name: the checkpoint takes one per answer, on the event loop.)"""
+        values = _STORED(self)
+        return (*values[:_COST_AT], str(self.cost_usd), *values[_COST_AT + 1 :])
 
 
 class ResultSink(Protocol):

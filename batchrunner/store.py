@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -150,7 +151,13 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return _timestamp(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _timestamp(epoch_s: int) -> str:
+    """The second's ISO 8601 text, made once a second rather than once an answer."""
+    return dt.datetime.fromtimestamp(epoch_s, dt.UTC).isoformat(timespec="seconds")
 
 
 class Store:
@@ -366,8 +373,7 @@ class Store:
 
     def add(self, result: RowResult) -> None:
         """Buffer a result; `flush` (or the flusher task) commits it."""
-        values = result.stored()
-        record: tuple[Any, ...] = (
+        record = (
             result.row_id,
             result.fingerprint,
             result.row_index,
@@ -375,8 +381,8 @@ class Store:
             self.run_id,
             _now(),
             self.server,
+            *result.stored(),
         )
-        record += tuple(values[name] for name in RESULT_COLUMNS)
         with self._buffer_lock:
             self._pending.append(record)
 

@@ -70,21 +70,27 @@ async def test_pacer_follows_a_new_limit_live() -> None:
 
 
 def test_slow_down_once_per_incident_then_recover() -> None:
-    """A 429 cuts the pace by 30% (once for 429s within a second); it climbs back 10% of the limit per second."""
+    """A first 429 cuts the pace by 10% (once for 429s within a second: one incident), a repeat within 10 s by 30%;
+    it climbs back 10% of the limit per second, and after 10 quiet seconds a 429 is a first one again."""
     now = [0.0]
     pacer = Pacer(100, clock=lambda: now[0])
     pacer.slow_down()
     pacer.slow_down()
-    assert pacer.factor == pytest.approx(0.7)
+    assert pacer.factor == pytest.approx(0.9)
+    now[0] = 0.5
+    pacer._recover()
+    assert pacer.factor == pytest.approx(0.95)
     now[0] = 1.5
     pacer.slow_down()
-    assert pacer.factor == pytest.approx((0.7 + 0.15) * 0.7)
+    assert pacer.factor == pytest.approx(1.0 * 0.7), "a repeat: 30%, from where it had climbed back to"
     now[0] = 3.0
     pacer._recover()
-    assert pacer.factor == pytest.approx(0.595 + 0.15)
+    assert pacer.factor == pytest.approx(0.7 + 0.15)
     now[0] = 100.0
     pacer._recover()
     assert pacer.factor == 1.0
+    pacer.slow_down()
+    assert pacer.factor == pytest.approx(0.9)
 
 
 def test_free_usage_persists_per_key_and_day(tmp_path: Path) -> None:
@@ -141,7 +147,7 @@ async def test_an_upstream_429_slows_only_its_model() -> None:
     slow_s = loop.time() - start
     assert slow_s > fine_s * 1.2, "the throttled model is paced slower than the others"
     limits.rate_limited("b/fine", upstream=False)
-    assert limits.pacer.factor == pytest.approx(0.7)
+    assert limits.pacer.factor == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize("remaining", [float("nan"), float("inf"), "NaN", "Infinity", {"x": 1}])
@@ -158,3 +164,27 @@ async def test_pacer_uses_the_rate_fully_and_never_exceeds_it() -> None:
     times = await admission_times(Pacer(100), 1000)
     assert max_in_any_window(times) <= 100
     assert times[-1] - times[0] == pytest.approx(999 / (100 * 0.97), rel=0.01)
+
+
+@on_virtual_time
+async def test_the_pace_climbing_back_after_a_429_never_lets_a_window_exceed_the_rate() -> None:
+    """At R = 200/s, one 429 (a slow-down) after 1 s, then 3 s of the pace climbing back under full load: each
+    time the pace changes the new bucket starts full, so no one-second window admits more than R. (A fresh
+    bucket let its burst through at once, on top of what the old one had just admitted, every few dozen
+    milliseconds: 524 in a second at R = 500.)"""
+    pacer = Pacer(200)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def worker() -> None:
+        while loop.time() < 4:
+            await pacer.acquire()
+            times.append(loop.time())
+
+    async def incident() -> None:
+        await asyncio.sleep(1)
+        pacer.slow_down()
+
+    await asyncio.gather(incident(), *(worker() for _ in range(20)))
+    assert max_in_any_window(sorted(times)) <= 200
+    assert len(times) > 0.75 * 200 * 4, "and the pace did climb back"
