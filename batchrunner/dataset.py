@@ -42,6 +42,7 @@ class Dataset:
     columns: list[str]  # the input's own columns, in order
 
     rows: int  # how many rows the input has (counted by the checking pass)
+    digest: str = ""  # of every row's content with its position (see digests), from the checking pass
 
     def chunks(
         self, *, limit: int | None = None, batch_size: int = 2048, start: int = 0
@@ -67,17 +68,23 @@ class Dataset:
         """For each n, a digest of the first n rows' content with their positions, in one pass: equal digests
         mean the same rows in the same places, whatever the file's format or bytes. 128 bits of polars' row
         hash (four seeds, 32 bits each, summed), so digests compare only within one polars version."""
-        row = pl.struct(pl.all())
-        sums = [
-            (row.hash(seed=seed) % (1 << 32)).filter(pl.col(ROW_INDEX) < count).sum().alias(f"d{number}_{seed}")
-            for number, count in enumerate(counts)
-            for seed in range(4)
-        ]
+        sums = [sum_expression.filter(pl.col(ROW_INDEX) < count) for count in counts for sum_expression in _HASHES]
         try:
-            found = self.frame.select(sums).collect().row(0)
+            found = (
+                self.frame.select(expression.sum().alias(f"d{number}") for number, expression in enumerate(sums))
+                .collect()
+                .row(0)
+            )
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise _unreadable(self.path, exc) from None
-        return ["-".join(f"{value:x}" for value in found[4 * n : 4 * n + 4]) for n in range(len(counts))]
+        return [_digest_text(found[4 * n : 4 * n + 4]) for n in range(len(counts))]
+
+
+_HASHES = [pl.struct(pl.all()).hash(seed=seed) % (1 << 32) for seed in range(4)]  # a row's digest, in four parts
+
+
+def _digest_text(sums: tuple[Any, ...]) -> str:
+    return "-".join(f"{value:x}" for value in sums)
 
 
 def scan(path: Path) -> pl.LazyFrame:
@@ -125,20 +132,23 @@ def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
     if problems:
         raise SpecError(problems)
 
-    rows, nulls, duplicated = _read_through(path, frame, id_column)
+    indexed = frame.with_row_index(ROW_INDEX)
+    rows, nulls, duplicated, digest = _read_through(path, indexed, id_column)
     if id_column is not None:
         _check_ids(id_column, nulls, duplicated)
-    return Dataset(path, id_column, frame.with_row_index(ROW_INDEX), columns, rows)
+    return Dataset(path, id_column, indexed, columns, rows, digest)
 
 
-def _read_through(path: Path, frame: pl.LazyFrame, id_column: str | None) -> tuple[int, int, list[Any]]:
-    """One pass over every cell of the input: (rows, null ids, some duplicated ids).
+def _read_through(path: Path, frame: pl.LazyFrame, id_column: str | None) -> tuple[int, int, list[Any], str]:
+    """One pass over every cell of the input (with ROW_INDEX): (rows, null ids, some duplicated ids, the
+    rows' digest).
 
     Reading every column to the end here is what makes a file that breaks at its last
     row fail now, before the first request, instead of after thousands were paid for."""
     checks = [
         pl.len().alias("__rows"),
         *(pl.col(c).null_count().alias(f"__cell{i}") for i, c in enumerate(frame.collect_schema().names())),
+        *(expression.sum().alias(f"__digest{i}") for i, expression in enumerate(_HASHES)),
     ]
     if id_column is not None:
         column = pl.col(id_column)
@@ -154,7 +164,8 @@ def _read_through(path: Path, frame: pl.LazyFrame, id_column: str | None) -> tup
             duplicated = frame.select(repeated).collect().to_series().to_list()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
-    return int(found["__rows"]), nulls, duplicated
+    digest = _digest_text(tuple(found[f"__digest{i}"] for i in range(len(_HASHES))))
+    return int(found["__rows"]), nulls, duplicated, digest
 
 
 def _check_ids(id_column: str, nulls: int, duplicated: list[Any]) -> None:

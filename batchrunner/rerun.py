@@ -88,7 +88,7 @@ def job_state(spec: JobSpec, requests: RequestBuilder, dataset: Dataset) -> JobS
         **shape,
         "input": [str(spec.input.resolve()), found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino],
     }
-    return JobState(_digest(whole), _digest(shape), dataset.rows, dataset.digests(dataset.rows)[0])
+    return JobState(_digest(whole), _digest(shape), dataset.rows, dataset.digest)
 
 
 def last_run(store: Store, spec: JobSpec, state: JobState | None, dataset: Dataset) -> LastRun | None:

@@ -136,3 +136,5 @@ def test_digests_name_the_rows_and_their_places_whatever_the_format(tmp_path: Pa
     assert digest("all.csv", 40) == digest("first.jsonl", 40) != digest("all.csv", 50)
     assert digest("swapped.csv", 40) != digest("first.jsonl", 40) != digest("edited.csv", 40)
     assert digest("edited.csv", 39) == digest("all.csv", 39)
+    whole = open_dataset(tmp_path / "all.csv", id_column="id")
+    assert whole.digest == digest("all.csv", 50), "the checking pass computes the whole file's digest on the way"
