@@ -21,6 +21,7 @@ from batchrunner.request import RequestBuilder, RowRequest
 from batchrunner.store import Store
 
 BATCH_ROWS = 8192  # input rows per batch: one checkpoint query each, memory bounded by it
+FIRST_BATCH_ROWS = 256  # the first batch is split: rendering 8,192 rows first delayed the first request ~0.1 s
 MEDIA_BATCH_ROWS = 64  # with media: a batch's files are hashed in one go on the event loop (and bytes cells held)
 
 
@@ -74,18 +75,27 @@ def pending(
             raise RunHalted(
                 f"reading {dataset.path.name} failed after {read} rows: {first_line(exc)}; fix the input and rerun"
             ) from exc
+        first = read == start
         read += len(rows)
-        ids = [row.id for row in rows]
-        answered = store.answered(ids) if store is not None else set()
-        unfinished = store.unfinished(ids) if store is not None else {}
-        batch = Batch([], rows=len(rows))
-        for request in requests.for_rows(rows):
-            key = request.key
-            if key in answered:
-                batch.answered[request.requested_model] += 1
-            elif key in unfinished:
-                status, bill = unfinished[key]
-                batch.todo.append(Todo(request, bill, status))
-            else:
-                batch.todo.append(Todo(request))
-        yield batch
+        if first and len(rows) > FIRST_BATCH_ROWS:  # the first requests go out before the rest are rendered
+            yield _batch(rows[:FIRST_BATCH_ROWS], requests, store)
+            rows = rows[FIRST_BATCH_ROWS:]
+        yield _batch(rows, requests, store)
+
+
+def _batch(rows: list[Row], requests: RequestBuilder, store: Store | None) -> Batch:
+    """These rows' pairs, less those the checkpoint has answered for the spec as it is now."""
+    ids = [row.id for row in rows]
+    answered = store.answered(ids) if store is not None else set()
+    unfinished = store.unfinished(ids) if store is not None else {}
+    batch = Batch([], rows=len(rows))
+    for request in requests.for_rows(rows):
+        key = request.key
+        if key in answered:
+            batch.answered[request.requested_model] += 1
+        elif key in unfinished:
+            status, bill = unfinished[key]
+            batch.todo.append(Todo(request, bill, status))
+        else:
+            batch.todo.append(Todo(request))
+    return batch

@@ -48,7 +48,7 @@ async def admission_times(pacer: Pacer, n: int) -> list[float]:
 @on_virtual_time
 async def test_pacer_spaces_requests_evenly_and_never_bursts() -> None:
     """At 40 requests/s, 45 concurrent acquirers are let through one every ~1/40 s, never 41 in a second."""
-    times = await admission_times(Pacer(40), 45)
+    times = await admission_times(Pacer(40, start_factor=1.0), 45)
     assert max_in_any_window(times) <= 40
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 1 / 40 * 0.5, "no burst: a late task's timestamp may shrink one gap, never to nothing"
@@ -73,7 +73,7 @@ def test_slow_down_once_per_incident_then_recover() -> None:
     """A first 429 cuts the pace by 10% (once for 429s within a second: one incident), a repeat within 10 s by 30%;
     it climbs back 10% of the limit per second, and after 10 quiet seconds a 429 is a first one again."""
     now = [0.0]
-    pacer = Pacer(100, clock=lambda: now[0])
+    pacer = Pacer(100, clock=lambda: now[0], start_factor=1.0)
     pacer.slow_down()
     pacer.slow_down()
     assert pacer.factor == pytest.approx(0.9)
@@ -134,6 +134,7 @@ async def test_free_models_are_paced_per_minute() -> None:
 async def test_an_upstream_429_slows_only_its_model() -> None:
     """A provider's 429 slows the model it serves; OpenRouter's own 429 slows the whole run."""
     limits = Limits(100)
+    limits.pacer.factor = 1.0  # past the start's climb
     limits.rate_limited("a/slow", upstream=True)
     assert limits.pacer.factor == 1.0
     loop = asyncio.get_running_loop()
@@ -161,7 +162,7 @@ def test_a_limit_remaining_that_is_not_a_finite_number_falls_back_to_the_surge_l
 async def test_pacer_uses_the_rate_fully_and_never_exceeds_it() -> None:
     """1,000 requests at R = 100/s: no one-second window admits more than R, and the whole takes
     1,000 / (0.97 R) seconds to within 1% (the 3% margin is what keeps network jitter under R)."""
-    times = await admission_times(Pacer(100), 1000)
+    times = await admission_times(Pacer(100, start_factor=1.0), 1000)
     assert max_in_any_window(times) <= 100
     assert times[-1] - times[0] == pytest.approx(999 / (100 * 0.97), rel=0.01)
 
@@ -188,3 +189,23 @@ async def test_the_pace_climbing_back_after_a_429_never_lets_a_window_exceed_the
     await asyncio.gather(incident(), *(worker() for _ in range(20)))
     assert max_in_any_window(sorted(times)) <= 200
     assert len(times) > 0.75 * 200 * 4, "and the pace did climb back"
+
+
+@on_virtual_time
+async def test_the_run_starts_at_90_percent_and_climbs_back_to_the_whole_pace() -> None:
+    """The first second climbs from 90% of the pace (its requests open connections, whose setup bunches them
+    on the way), in steps, all the way back: the second second is paced at 97% of R, not a step short of it."""
+    pacer = Pacer(200)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def worker() -> None:
+        while loop.time() < 2:
+            await pacer.acquire()
+            times.append(loop.time())
+
+    await asyncio.gather(*(worker() for _ in range(20)))
+    first = sum(1 for t in times if t < 1)
+    second = sum(1 for t in times if 1 <= t < 2)
+    assert 0.9 * 194 <= first < 0.97 * 194
+    assert second == pytest.approx(194, abs=2)
