@@ -44,11 +44,11 @@ class Dedupe:
     def work(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """The batches without the pairs that are copies: answered from the checkpoint now, or waiting."""
         for batch in batches:
-            keys = {_key(todo) for todo in batch.todo if todo.request.problem is None}
-            stored = self.store.answers_to(keys - set(self._asked)) if keys else {}
+            keyed = [(_key(todo), todo) for todo in batch.todo]
+            keys = {key for key, todo in keyed if todo.request.problem is None}
+            stored = self.store.answers_to(keys - self._asked.keys()) if keys else {}
             kept = []
-            for todo in batch.todo:
-                key = _key(todo)
+            for key, todo in keyed:
                 if todo.request.problem is not None:
                     kept.append(todo)  # it fails unsent, on its own
                 elif key in stored:

@@ -46,7 +46,15 @@ from batchrunner.halt import Halt, StopReason
 from batchrunner.limits import Limits, is_free
 from batchrunner.pending import Todo
 from batchrunner.records import Bill, RowResult
-from batchrunner.request import MediaTally, RequestBuilder, RowRequest, body_prompt, media_tally, most_prompt_tokens
+from batchrunner.request import (
+    NO_MEDIA,
+    MediaTally,
+    RequestBuilder,
+    RowRequest,
+    body_prompt,
+    media_tally,
+    most_prompt_tokens,
+)
 from batchrunner.retries import RetryPolicy
 from batchrunner.spec import JobSpec
 from batchrunner.structured import InvalidAnswer, Mode, parse_answer
@@ -422,7 +430,7 @@ class RowPolicy:
         if usage is None:  # no answer, no charge
             return ZERO_USD
         pricing = self.pricing.get(model) or self.pricing.get(requested or model)
-        media = media or MediaTally()
+        media = media or NO_MEDIA
         reported, rejected = usage.cost_usd, usage.cost_rejected
         if reported is not None and pricing is not None:
             ceiling = 10 * pricing.worst_case_usd(

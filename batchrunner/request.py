@@ -274,13 +274,17 @@ class MediaTally:
         return MediaTally(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
+NO_MEDIA = MediaTally()
+
+
 def media_tally(prompt: Any) -> MediaTally:
     """Count the images, PDFs (and their pages), audio and video of a rendered prompt."""
+    if isinstance(prompt, str):
+        return NO_MEDIA
     counts: dict[str, int] = dict.fromkeys(
         ("images", "low_detail_images", "files", "pages", "unknown_pages", "audio", "audio_bytes", "videos"), 0
     )
-    if isinstance(prompt, str):
-        return MediaTally()
+    found = False
     for message in prompt:
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
@@ -289,6 +293,7 @@ def media_tally(prompt: Any) -> MediaTally:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind not in MEDIA_PARTS:
                 continue
+            found = True
             value = (part.get(kind) or {}).get(MEDIA_PARTS[kind][0])
             if kind == "image_url":
                 counts["images"] += 1
@@ -304,7 +309,7 @@ def media_tally(prompt: Any) -> MediaTally:
                 counts["audio_bytes"] += value.size if isinstance(value, Media) else 0
             else:
                 counts["videos"] += 1
-    return MediaTally(**counts)
+    return MediaTally(**counts) if found else NO_MEDIA  # one shared tally for the common case: text alone
 
 
 def estimated_prompt_tokens(prompt: Any) -> int:

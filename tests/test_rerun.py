@@ -167,3 +167,21 @@ async def test_a_run_that_left_failures_or_ran_a_limit_is_not_complete(
         await run_job(spec, limit=5)
         outcome = await run_job(spec)
     assert sandbox.stats.requests == 12 and outcome.report.resumed == 5
+
+
+async def test_appended_lines_with_a_new_key_rewrite_the_output_with_the_new_column(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A JSONL input appended with a line that has a key no earlier line had: the input's columns changed, so the
+    output is rewritten whole (every row gets the new column) rather than extended."""
+    source = tmp_path / "tickets.jsonl"
+    write_tickets(source, range(12))
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(input=source.name, api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        with source.open("a") as handle:
+            handle.write('{"ticket_id":"T-12","subject":"s","text":"new","priority":"high"}\n')
+        outcome = await run_job(spec)
+    output = pl.read_parquet(spec.output)
+    assert sandbox.stats.requests == 13 and outcome.output_rows == 13
+    assert output["priority"].to_list() == [None] * 12 + ["high"]
