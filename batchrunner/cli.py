@@ -401,7 +401,7 @@ def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
 
     logs.configure()
     with _exit_codes():
-        spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None))
+        spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None), sending=False)
         written = export_job(spec, sandbox=sandbox)
     say(f"{spec.name}: wrote {written} rows to {spec.output}")
 
@@ -417,7 +417,7 @@ def cancel(job: Path, sandbox: bool) -> None:
 
     logs.configure()
     with _exit_codes():
-        spec = load_spec(job)
+        spec = load_spec(job, sending=False)
         cancelled = asyncio.run(cancel_batches(spec, sandbox=SandboxConfig() if sandbox else None))
     say(f"{spec.name}: cancelled {len(cancelled)} batch(es){': ' + ', '.join(cancelled) if cancelled else ''}")
 
@@ -433,7 +433,7 @@ def score(job: Path, sandbox: bool) -> None:
 
     logs.configure()
     with _exit_codes():
-        spec = load_spec(job)
+        spec = load_spec(job, sending=False)
         if spec.evaluate is None:
             raise SpecError(
                 Problem(spec.locate("evaluate"), "the job has no evaluate: block; add one to score answers")
@@ -474,7 +474,7 @@ def report(job: Path, fmt: str, out_path: Path | None, by: str | None, sandbox: 
 
     logs.configure()
     with _exit_codes():
-        spec = load_spec(job)
+        spec = load_spec(job, sending=False)
         if fmt == "html":
             text = report_html(spec, sandbox=sandbox, by=by)
             out_path = out_path or spec.output.with_name(spec.output.stem + ".report.html")
@@ -499,7 +499,7 @@ def status(job: Path, as_json: bool, sandbox: bool) -> None:
 
     logs.configure()
     with _exit_codes():
-        report = job_status(load_spec(job), sandbox=sandbox)
+        report = job_status(load_spec(job, sending=False), sandbox=sandbox)
     if as_json:
         click.echo(json.dumps(report, indent=1))  # JSON escapes control characters itself
         return

@@ -601,12 +601,14 @@ def _parse_field(where: str, text: str) -> Template:
 # -- loading ------------------------------------------------------------------------------
 
 
-def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> JobSpec:
+def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None, sending: bool = True) -> JobSpec:
     """Read, validate and resolve a job spec file; raise SpecError listing every problem.
 
     `overrides` replace top-level keys after loading (command-line options); paths among
-    them resolve against the current directory, not the spec's.
-    """
+    them resolve against the current directory, not the spec's. Commands that send nothing
+    (status, export, score, report) pass `sending=False`: the request body is not checked
+    against OpenRouter's ChatRequest schema, which costs them a jsonschema import and a
+    validator build for a check that only matters to a request."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -651,7 +653,7 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
     except ValidationError as exc:
         raise SpecError(_by_line([_problem(error, where) for error in _without_union_noise(exc.errors())])) from None
 
-    problems = _request_problems(spec, where)
+    problems = _request_problems(spec, where, against_schema=sending)
     if spec.response_format and spec.response_format.get("type") == "json_schema":
         schema = (spec.response_format.get("json_schema") or {}).get("schema")
         loc = ("response_format", "json_schema", "schema")
@@ -711,7 +713,7 @@ def _by_line(problems: list[Problem]) -> list[Problem]:
     return sorted(problems, key=line)
 
 
-def _request_problems(spec: JobSpec, where: Any) -> list[Problem]:
+def _request_problems(spec: JobSpec, where: Any, *, against_schema: bool = True) -> list[Problem]:
     """Check params, provider and response_format: against OpenRouter's ChatRequest schema when the job
     goes to OpenRouter; another server takes parameters OpenRouter does not know (llama.cpp's
     `cache_prompt`, vLLM's `guided_json`), so there an unknown key is a warning and is sent."""
@@ -742,7 +744,7 @@ def _request_problems(spec: JobSpec, where: Any) -> list[Problem]:
                     maybe,
                     spec.base_url(),
                 )
-    if problems or spec.endpoint != "chat" or not strict:
+    if problems or spec.endpoint != "chat" or not strict or not against_schema:
         return problems
     probe = {**spec.request_body(spec.models[0]), "messages": [{"role": "user", "content": "probe"}]}
     for loc, message in openapi.validation_errors("ChatRequest", probe):

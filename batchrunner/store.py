@@ -11,7 +11,6 @@ Schema changes are numbered migrations, applied in order when the store opens.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import functools
@@ -412,6 +411,8 @@ class Store:
         A failed commit (a full disk, or anything else) keeps the answers buffered and is
         tried again; `on_error` hears of it, so the run stops paying for answers it cannot
         keep. This task never dies of an error: a dead flusher would save nothing more."""
+        import asyncio  # here, not at the top: commands that only read the checkpoint never need it
+
         try:
             while True:
                 await asyncio.sleep(interval_s)
