@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -122,14 +122,14 @@ def run(
     """
     from batchrunner.progress import Progress
     from batchrunner.report import score_text
-    from batchrunner.runner import overrides, run_job
+    from batchrunner.runner import run_job
     from batchrunner.sandbox import SandboxConfig
     from batchrunner.spec import load_spec
 
     logs.configure(verbose=verbose, json_lines=log_json)
     with _exit_codes():
         spec = load_spec(
-            job, overrides=overrides(input=input_path, output=output_path, concurrency=concurrency, mode=mode)
+            job, overrides=_overrides(input=input_path, output=output_path, concurrency=concurrency, mode=mode)
         )
         if dry_run:
             _dry_run(spec, rows=limit or 3, sandbox=sandbox, fmt=fmt)
@@ -396,12 +396,11 @@ def _table(rows: list[dict[str, str]]) -> None:
 def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
     """Rewrite JOB's output from its checkpoint, without sending anything."""
     from batchrunner.offline import export_job
-    from batchrunner.runner import overrides
     from batchrunner.spec import load_spec
 
     logs.configure()
     with _exit_codes():
-        spec = load_spec(job, overrides=overrides(input=None, output=output_path, concurrency=None), sending=False)
+        spec = load_spec(job, overrides=_overrides(input=None, output=output_path, concurrency=None), sending=False)
         written = export_job(spec, sandbox=sandbox)
     say(f"{spec.name}: wrote {written} rows to {spec.output}")
 
@@ -596,3 +595,19 @@ def sandbox(
 
 if __name__ == "__main__":
     main()
+
+
+def _overrides(
+    *, input: Path | None, output: Path | None, concurrency: int | None, mode: str | None = None
+) -> dict[str, Any]:
+    """Command-line options as spec overrides; paths resolve against the current directory."""
+    result: dict[str, Any] = {}
+    if input is not None:
+        result["input"] = str(input.resolve())
+    if output is not None:
+        result["output"] = str(output.resolve())
+    if concurrency is not None:
+        result["concurrency"] = concurrency
+    if mode is not None:
+        result["mode"] = mode
+    return result

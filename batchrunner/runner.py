@@ -485,19 +485,3 @@ def _install_signal_handlers(halt: Halt) -> Callable[[], None]:
             loop.remove_signal_handler(signum)
 
     return restore
-
-
-def overrides(
-    *, input: Path | None, output: Path | None, concurrency: int | None, mode: str | None = None
-) -> dict[str, Any]:
-    """Command-line options as spec overrides; paths resolve against the current directory."""
-    result: dict[str, Any] = {}
-    if input is not None:
-        result["input"] = str(input.resolve())
-    if output is not None:
-        result["output"] = str(output.resolve())
-    if concurrency is not None:
-        result["concurrency"] = concurrency
-    if mode is not None:
-        result["mode"] = mode
-    return result
