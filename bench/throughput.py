@@ -4,7 +4,9 @@ For each rate R, a sandbox in its own process derives R requests/s from credits 
 rule: one request/s per credit, at most 500), and batchrunner runs R x SECONDS rows against it.
 Prints, per rate, the median over repeats of the achieved sending rate / R (rows over the wall time
 less one answer's latency: the last answer cannot land sooner), the wall time, the 429s the sandbox
-had to send (the target: none) and the most requests it saw in one second (the target: at most R).
+had to send (the target: none), the most requests it saw in one second (the target: at most R), and
+the most batchrunner sent in any one-second window (send times recorded in this process: the pacer's
+own bound, apart from what the network and the server's queue do to arrival times).
 
     python bench/throughput.py [--rates 20,100,300] [--seconds 10] [--repeats 3]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import socket
 import statistics
@@ -22,12 +25,30 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import yaml
 
+from batchrunner import client
 from batchrunner.runner import run_job
 from batchrunner.spec import load_spec
+
+SENT: list[float] = []  # when each completion request left the pacer, in this process
+
+
+def _recording(request: Any) -> Any:
+    async def recorded(self: client.Client, method: str, path: str, **kwargs: Any) -> Any:
+        if path.endswith("/completions"):
+            SENT.append(time.monotonic())
+        return await request(self, method, path, **kwargs)
+
+    return recorded
+
+
+def most_in_one_second(times: list[float]) -> int:
+    times = sorted(times)
+    return max((bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times)), default=0)
 
 
 def free_port() -> int:
@@ -77,6 +98,7 @@ def one_run(rate: int, seconds: float, latency_s: float, folder: Path) -> dict[s
                 }
             )
         )
+        SENT.clear()
         outcome = asyncio.run(run_job(load_spec(spec_path), fresh=True))  # each repeat from scratch
         stats = json.loads(urllib.request.urlopen(base + "/sandbox/stats").read())
     finally:
@@ -89,6 +111,7 @@ def one_run(rate: int, seconds: float, latency_s: float, folder: Path) -> dict[s
         "ok": report.summary.ok,
         "http_429": stats["statuses"].get("429", 0),
         "max_in_one_second": stats["max_requests_in_one_second"],
+        "max_sent_in_one_second": most_in_one_second(SENT),
     }
 
 
@@ -99,11 +122,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency", type=float, default=0.05, help="simulated seconds per answer")
     args = parser.parse_args()
+    client.Client._request = _recording(client.Client._request)  # type: ignore[method-assign]
     print(
         f"bench/throughput.py: {args.seconds:g} s of rows per run, {args.repeats} runs per rate, {args.latency:g} s simulated latency"
     )
     print(
         f"{'rate/s':>7} {'rows':>6} {'median ratio':>13} {'min ratio':>10} {'median wall s':>14} {'429s':>5} {'max in 1 s':>11}"
+        f" {'max sent in 1 s':>16}"
     )
     for rate in (int(r) for r in args.rates.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
@@ -113,6 +138,7 @@ def main() -> None:
             f"{rate:>7} {int(rate * args.seconds):>6} {statistics.median(r['ratio'] for r in runs):>13.3f} "
             f"{min(r['ratio'] for r in runs):>10.3f} {statistics.median(r['wall_s'] for r in runs):>14.2f} "
             f"{sum(r['http_429'] for r in runs):>5} {max(r['max_in_one_second'] for r in runs):>11}"
+            f" {max(r['max_sent_in_one_second'] for r in runs):>16}"
         )
 
 

@@ -18,11 +18,12 @@ def run_bench(script: str, *args: str) -> list[str]:
 
 
 def test_throughput_bench_reports_every_rate() -> None:
-    """bench/throughput.py runs each repeat from scratch and prints one line per rate with no 429s."""
+    """bench/throughput.py runs each repeat from scratch and prints one line per rate with no 429s, and what it
+    sent in its busiest second (all 20 rows fit in one)."""
     lines = run_bench("throughput.py", "--rates", "40", "--seconds", "0.5", "--repeats", "2", "--latency", "0")
-    rate, rows, median_ratio, _min_ratio, _wall, http_429, busiest = lines[-1].split()
+    rate, rows, median_ratio, _min_ratio, _wall, http_429, busiest, sent = lines[-1].split()
     assert (rate, rows, http_429) == ("40", "20", "0")
-    assert 0.3 < float(median_ratio) <= 1.05 and int(busiest) <= 40
+    assert 0.3 < float(median_ratio) <= 1.05 and int(busiest) <= 40 and int(sent) == 20
 
 
 def test_resume_bench_sends_nothing_then_only_the_appended_rows() -> None:
