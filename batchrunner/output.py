@@ -13,7 +13,7 @@ import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,13 @@ from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
 from batchrunner.judging import grade_keys, score_of
+from batchrunner.keylog import MODEL_POSITION, SAMPLE, KeyLog, keys_frame
 from batchrunner.records import RESULT_SCHEMA, STORED_EXTRAS
-from batchrunner.request import RequestBuilder, RowRequest
+from batchrunner.request import RequestBuilder
 from batchrunner.scoring import error_column, metrics_of, score_rows
 from batchrunner.spec import JobSpec
 from batchrunner.store import KEY_COLUMNS, Store, fetched_schema
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
-
-MODEL_POSITION = "__batchrunner_model"
-SAMPLE = "sample"  # an output column only when the spec asks each pair several times
-_KEYS_SCHEMA = {ROW_INDEX: pl.UInt32(), MODEL_POSITION: pl.Int32(), SAMPLE: pl.Int64()}
 
 
 def summary_path(output: Path) -> Path:
@@ -118,19 +115,6 @@ def score_columns(spec: JobSpec) -> dict[str, pl.DataType]:
     return columns
 
 
-def _keys(requests: Iterable[RowRequest]) -> pl.DataFrame:
-    """Each pair's checkpoint key with its row position and model position, as a frame to join on."""
-    columns: dict[str, list[Any]] = {name: [] for name in (ROW_INDEX, MODEL_POSITION, SAMPLE, *KEY_COLUMNS)}
-    for request in requests:
-        columns[ROW_INDEX].append(request.row.index)
-        columns[MODEL_POSITION].append(request.model_position)
-        columns[SAMPLE].append(request.sample)
-        columns["row_id"].append(request.row.id)
-        columns["requested_model"].append(request.requested_model)
-        columns["fingerprint"].append(request.fingerprint)
-    return pl.DataFrame(columns, schema={**_KEYS_SCHEMA, **dict.fromkeys(KEY_COLUMNS, pl.String())})
-
-
 MEDIA_EXPORT_ROWS = 1024
 ROW_GROUP_ROWS = 20_000  # a Parquet output's row groups: polars decodes a whole group to read any of it (1M rows in
 # one group took 370 MB to copy into a longer output; in groups of 20,000, 130 MB)
@@ -144,23 +128,25 @@ def results(
     batch_size: int = 20_000,
     row_index: bool = False,
     start: int = 0,
+    keys: KeyLog | None = None,
 ) -> Iterator[pl.DataFrame]:
     """The output, batch by batch: every answered (row, model) of the current spec (from input row `start`),
     input columns first (and, with `row_index`, the row's position in the input as ROW_INDEX, to pair
     models' answers).
 
     Rows without an answer for the spec as it is now (never run, or run before an edit to
-    their prompt or params) are left out: they are pending. The report reads these frames too."""
+    their prompt or params) are left out: they are pending. The report reads these frames too.
+    With `keys`, a run's complete KeyLog, the rows' keys are read from it instead of computed again."""
     spec = requests.spec
     extra = extra_columns(spec)
     judges = spec.evaluate.judges() if spec.evaluate is not None else []
     if requests.has_media:  # each row's files are hashed again to find its key; bytes cells are held per batch
         batch_size = min(batch_size, MEDIA_EXPORT_ROWS)
+    cursor = keys.cursor() if keys is not None and keys.covers(start) else None
     for frame, rows in dataset.chunks(batch_size=batch_size, start=start):
         stored = store.fetch([row.id for row in rows])
-        answers = _answers(
-            frame, _keys(requests.for_rows(rows)), stored, spec, extra, row_index=row_index or bool(judges)
-        )
+        known = cursor.upto(rows[-1].index) if cursor is not None else keys_frame(requests.for_rows(rows))
+        answers = _answers(frame, known, stored, spec, extra, row_index=row_index or bool(judges))
         for rule, column in zip(judges, _judge_columns(spec) if judges else [], strict=True):
             answers = answers.with_columns(
                 _grades(answers, spec, rule, requests.server, dataset.columns, store).alias(column)
@@ -196,7 +182,15 @@ def _grades(
     return pl.Series(scores, dtype=pl.Float64())
 
 
-def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path, *, batch_size: int = 20_000) -> int:
+def export(
+    dataset: Dataset,
+    requests: RequestBuilder,
+    store: Store,
+    path: Path,
+    *,
+    batch_size: int = 20_000,
+    keys: KeyLog | None = None,
+) -> int:
     """Write every answered (row, model) of the current spec to `path`; return the row count.
 
     Rows without an answer for the spec as it is now (never run, or run before an edit to
@@ -206,7 +200,7 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
     parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     written = 0
     try:
-        for number, part in enumerate(results(dataset, requests, store, batch_size=batch_size)):
+        for number, part in enumerate(results(dataset, requests, store, batch_size=batch_size, keys=keys)):
             written += part.height
             part.write_parquet(parts / f"{number:08d}.parquet")
         if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
@@ -219,7 +213,9 @@ def export(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
     return written
 
 
-def extend(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path, *, start: int) -> int | None:
+def extend(
+    dataset: Dataset, requests: RequestBuilder, store: Store, path: Path, *, start: int, keys: KeyLog | None = None
+) -> int | None:
     """Add the answers of input rows from `start` on to the end of `path`, an output of the same job's rows
     before them, instead of rewriting it; return the rows added. None when `path` cannot be extended
     (its columns are not what the new rows' are): then it must be rewritten with `export`.
@@ -229,7 +225,7 @@ def extend(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
     parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     added = 0
     try:
-        for number, part in enumerate(results(dataset, requests, store, start=start)):
+        for number, part in enumerate(results(dataset, requests, store, start=start, keys=keys)):
             added += part.height
             part.write_parquet(parts / f"{number:08d}.parquet")
         if not added:
@@ -265,7 +261,7 @@ def extend(dataset: Dataset, requests: RequestBuilder, store: Store, path: Path,
 def _empty(dataset: Dataset, spec: JobSpec) -> pl.DataFrame:
     """The output with no rows: every column it will have, with its type."""
     stored = pl.DataFrame(schema=fetched_schema())
-    return _answers(dataset.frame.head(0).collect(), _keys([]), stored, spec, extra_columns(spec))
+    return _answers(dataset.frame.head(0).collect(), keys_frame([]), stored, spec, extra_columns(spec))
 
 
 def probe_output(dataset: Dataset, spec: JobSpec, path: Path) -> None:

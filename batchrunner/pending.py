@@ -9,7 +9,7 @@ starting from what they were billed).
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -59,9 +59,10 @@ def pending(
     limit: int | None = None,
     batch_size: int = BATCH_ROWS,
     start: int = 0,
+    on_keys: Callable[[list[RowRequest], int], None] | None = None,
 ) -> Iterator[Batch]:
     """The pairs of the input (its first `limit` rows; from row `start`) that the checkpoint has no answer
-    for, batch by batch."""
+    for, batch by batch. `on_keys` hears each batch's pairs, answered or not, and its row count (a KeyLog)."""
     read = start
     if requests.has_media:
         batch_size = min(batch_size, MEDIA_BATCH_ROWS)
@@ -78,18 +79,26 @@ def pending(
         first = read == start
         read += len(rows)
         if first and len(rows) > FIRST_BATCH_ROWS:  # the first requests go out before the rest are rendered
-            yield _batch(rows[:FIRST_BATCH_ROWS], requests, store)
+            yield _batch(rows[:FIRST_BATCH_ROWS], requests, store, on_keys)
             rows = rows[FIRST_BATCH_ROWS:]
-        yield _batch(rows, requests, store)
+        yield _batch(rows, requests, store, on_keys)
 
 
-def _batch(rows: list[Row], requests: RequestBuilder, store: Store | None) -> Batch:
+def _batch(
+    rows: list[Row],
+    requests: RequestBuilder,
+    store: Store | None,
+    on_keys: Callable[[list[RowRequest], int], None] | None,
+) -> Batch:
     """These rows' pairs, less those the checkpoint has answered for the spec as it is now."""
     ids = [row.id for row in rows]
     answered = store.answered(ids) if store is not None else set()
     unfinished = store.unfinished(ids) if store is not None else {}
     batch = Batch([], rows=len(rows))
-    for request in requests.for_rows(rows):
+    made = list(requests.for_rows(rows))
+    if on_keys is not None:
+        on_keys(made, len(rows))
+    for request in made:
         key = request.key
         if key in answered:
             batch.answered[request.requested_model] += 1

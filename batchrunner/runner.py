@@ -44,6 +44,7 @@ from batchrunner.files import write_text_atomically
 from batchrunner.halt import Halt, Stop, StopReason
 from batchrunner.judging import items as judge_items
 from batchrunner.judging import judge_spec
+from batchrunner.keylog import KeyLog
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.lock import job_lock
 from batchrunner.output import export, extend, summary_path
@@ -155,6 +156,7 @@ async def run_job(
             store = Store.open(checkpoint, server=requests.server)  # only once nothing can refuse the job
             state = job_state(spec, requests, dataset) if limit is None else None
             known: LastRun | None = None
+            keylog: KeyLog | None = None
             try:
                 if fresh:
                     store.delete_all()
@@ -213,14 +215,20 @@ async def run_job(
                             if spec.mode == "batch"
                             else LiveExecutor(spec.concurrency, grace_s=grace_s(spec))
                         )
-                    work: Iterable[Batch] = pending(dataset, requests, store, limit=limit)
+                    first = known.rows if known is not None and known.grown else 0
+                    if limit is None and (known is None or known.grown):  # each row's keys, kept for the output
+                        keylog = KeyLog(spec.output, spec.input, first_row=first, rows=rows)
+                    record = keylog.record if keylog is not None else None
+                    work: Iterable[Batch] = pending(dataset, requests, store, limit=limit, on_keys=record)
                     if known is not None:  # the rows the last complete run answered are not read again
                         earlier = Batch([], collections.Counter(known.answered), known.rows)
                         if known.grown:
                             log.info(
                                 "%d rows appended since the last complete run: only they are read", rows - known.rows
                             )
-                            work = itertools.chain([earlier], pending(dataset, requests, store, start=known.rows))
+                            work = itertools.chain(
+                                [earlier], pending(dataset, requests, store, start=known.rows, on_keys=record)
+                            )
                         else:
                             log.info("nothing to send: the input and the spec are as the last complete run left them")
                             work = [earlier]
@@ -229,7 +237,7 @@ async def run_job(
                         dedupe = Dedupe(store, into)
                         work, into = dedupe.work(work), dedupe
                     execution = await executor.execute(work, policy, into, halt)
-                    judged = await judge(spec, dataset, requests, store, policy, executor, judging)
+                    judged = await judge(spec, dataset, requests, store, policy, executor, judging, keylog)
                 finally:
                     restore()
                     for task in background:
@@ -252,18 +260,21 @@ async def run_job(
                         written = known.written  # the output is the file the last run wrote: not rewritten
                         log.info("%s is unchanged since the last complete run: not rewritten", spec.output)
                     elif known is not None and known.output_unchanged and known.grown:  # add the new rows' answers
-                        added = extend(dataset, requests, store, spec.output, start=known.rows)
+                        added = extend(dataset, requests, store, spec.output, start=known.rows, keys=keylog)
                         if added is not None:
                             written = known.written + added
                             log.info("added %d rows to %s in %.1f s", added, spec.output, time.monotonic() - started)
                     if written is None:
-                        written = export(dataset, requests, store, spec.output)
+                        written = export(dataset, requests, store, spec.output, keys=keylog)
                         log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
                     if report is not None and report.stop is None and report.pending == 0 and summary.failed == 0:
                         answered = {model: rows * spec.samples for model in spec.models}
                         mark_complete(store, spec, state, answered, written)
                 except (OutputError, OSError) as exc:  # the answers are safe: say how to get the file
                     log.error("%s; every answer is in the checkpoint: fix that and run `batchrunner export`", exc)
+                finally:
+                    if keylog is not None:
+                        keylog.close()
                 store.close()
                 if report is not None:
                     summary_json = report.summary.to_json(
@@ -292,6 +303,7 @@ async def judge(
     policy: RowPolicy,
     executor: Executor | None,
     judging: Summary,
+    keys: KeyLog | None = None,
 ) -> Summary | None:
     """Grade the answers with each judge metric (judging.py): the same executor, policy settings, rate
     limit, budget, halt and checkpoint as the answers; grades already in the checkpoint are not asked again."""
@@ -304,7 +316,7 @@ async def judge(
         store.flush()  # the answers to grade are read back from the checkpoint
         judged = judge_spec(spec, rule)
         graders = RequestBuilder(judged, server=requests.server)
-        answers = judge_items(spec, results_of(dataset, requests, store, row_index=True), dataset.columns)
+        answers = judge_items(spec, results_of(dataset, requests, store, row_index=True, keys=keys), dataset.columns)
         log.info("judging %d answers with %s", answers.rows, judged.models[0])
         grader = policy.sibling(judged, graders)
         await (executor or LiveExecutor(spec.concurrency)).execute(

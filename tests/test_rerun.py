@@ -185,3 +185,19 @@ async def test_appended_lines_with_a_new_key_rewrite_the_output_with_the_new_col
     output = pl.read_parquet(spec.output)
     assert sandbox.stats.requests == 13 and outcome.output_rows == 13
     assert output["priority"].to_list() == [None] * 12 + ["high"]
+
+
+async def test_rows_appended_after_the_output_was_deleted_give_an_output_of_every_row(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Rows appended and the output deleted: only the new rows are sent, and the output written whole holds
+    every row (the new rows' keys, kept from this run, cover only them: the old rows' are computed again)."""
+    source = tmp_path / "tickets.csv"
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        write_tickets(source, range(15))
+        spec.output.unlink()
+        outcome = await run_job(spec)
+    assert sandbox.stats.requests == 15 and outcome.output_rows == 15
+    assert pl.read_parquet(spec.output)["ticket_id"].to_list() == [f"T-{i}" for i in range(15)]
