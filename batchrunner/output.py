@@ -13,7 +13,7 @@ import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,11 +198,8 @@ def export(
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    written = 0
     try:
-        for number, part in enumerate(results(dataset, requests, store, batch_size=batch_size, keys=keys)):
-            written += part.height
-            part.write_parquet(parts / f"{number:08d}.parquet")
+        written = _write_parts(results(dataset, requests, store, batch_size=batch_size, keys=keys), parts)
         if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
             _empty(dataset, requests.spec).write_parquet(parts / "empty.parquet")
         _sink(pl.scan_parquet(parts / "*.parquet"), path)
@@ -211,6 +208,15 @@ def export(
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return written
+
+
+def _write_parts(frames: Iterable[pl.DataFrame], folder: Path) -> int:
+    """Each frame as a numbered Parquet part in `folder`, in order; the rows written."""
+    rows = 0
+    for number, frame in enumerate(frames):
+        rows += frame.height
+        frame.write_parquet(folder / f"{number:08d}.parquet")
+    return rows
 
 
 def extend(
@@ -223,11 +229,8 @@ def extend(
     Parquet is rewritten as the old file's row groups followed by the new rows (no row is rebuilt from
     the checkpoint); CSV and JSONL are copied and appended to. Atomic as `export` is."""
     parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    added = 0
     try:
-        for number, part in enumerate(results(dataset, requests, store, start=start, keys=keys)):
-            added += part.height
-            part.write_parquet(parts / f"{number:08d}.parquet")
+        added = _write_parts(results(dataset, requests, store, start=start, keys=keys), parts)
         if not added:
             return 0
         new = pl.scan_parquet(parts / "*.parquet")

@@ -166,3 +166,20 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [sys.executable, "-m", "batchrunner", *args], env=env, capture_output=True, text=True, check=False
     )
+
+
+@pytest.fixture
+def rendered_rows(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the rows rendered into requests while the test runs (to send, or to find answers for the output)."""
+    from batchrunner.request import RequestBuilder
+
+    seen: list[str] = []
+    render = RequestBuilder.for_rows
+
+    def counting(self: RequestBuilder, rows: Any) -> Any:
+        rows = list(rows)
+        seen.extend(row.id for row in rows)
+        return render(self, rows)
+
+    monkeypatch.setattr(RequestBuilder, "for_rows", counting)
+    return seen

@@ -6,7 +6,9 @@ import asyncio
 import datetime as dt
 import itertools
 import json
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import on_virtual_time
@@ -167,6 +169,22 @@ async def test_pacer_uses_the_rate_fully_and_never_exceeds_it() -> None:
     assert times[-1] - times[0] == pytest.approx(999 / (100 * 0.97), rel=0.01)
 
 
+async def admissions_under_load(
+    pacer: Pacer, *, until_s: float, alongside: Coroutine[Any, Any, None] | None = None
+) -> list[float]:
+    """When 20 workers that always want the next slot are admitted, until `until_s` (virtual time), in order."""
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def worker() -> None:
+        while loop.time() < until_s:
+            await pacer.acquire()
+            times.append(loop.time())
+
+    await asyncio.gather(*([alongside] if alongside is not None else []), *(worker() for _ in range(20)))
+    return sorted(times)
+
+
 @on_virtual_time
 async def test_the_pace_climbing_back_after_a_429_never_lets_a_window_exceed_the_rate() -> None:
     """At R = 200/s, one 429 (a slow-down) after 1 s, then 3 s of the pace climbing back under full load: each
@@ -174,20 +192,13 @@ async def test_the_pace_climbing_back_after_a_429_never_lets_a_window_exceed_the
     bucket let its burst through at once, on top of what the old one had just admitted, every few dozen
     milliseconds: 524 in a second at R = 500.)"""
     pacer = Pacer(200)
-    loop = asyncio.get_running_loop()
-    times: list[float] = []
-
-    async def worker() -> None:
-        while loop.time() < 4:
-            await pacer.acquire()
-            times.append(loop.time())
 
     async def incident() -> None:
         await asyncio.sleep(1)
         pacer.slow_down()
 
-    await asyncio.gather(incident(), *(worker() for _ in range(20)))
-    assert max_in_any_window(sorted(times)) <= 200
+    times = await admissions_under_load(pacer, until_s=4, alongside=incident())
+    assert max_in_any_window(times) <= 200
     assert len(times) > 0.75 * 200 * 4, "and the pace did climb back"
 
 
@@ -195,16 +206,7 @@ async def test_the_pace_climbing_back_after_a_429_never_lets_a_window_exceed_the
 async def test_the_run_starts_at_90_percent_and_climbs_back_to_the_whole_pace() -> None:
     """The first second climbs from 90% of the pace (its requests open connections, whose setup bunches them
     on the way), in steps, all the way back: the second second is paced at 97% of R, not a step short of it."""
-    pacer = Pacer(200)
-    loop = asyncio.get_running_loop()
-    times: list[float] = []
-
-    async def worker() -> None:
-        while loop.time() < 2:
-            await pacer.acquire()
-            times.append(loop.time())
-
-    await asyncio.gather(*(worker() for _ in range(20)))
+    times = await admissions_under_load(Pacer(200), until_s=2)
     first = sum(1 for t in times if t < 1)
     second = sum(1 for t in times if 1 <= t < 2)
     assert 0.9 * 194 <= first < 0.97 * 194

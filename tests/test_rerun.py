@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from batchrunner.dataset import Row
 from batchrunner.offline import export_job
-from batchrunner.request import RequestBuilder, RowRequest
+from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
 from batchrunner.runner import run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -22,19 +21,6 @@ def no_rows_read(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a row was rendered")
 
     monkeypatch.setattr(RequestBuilder, "for_rows", refuse)
-
-
-def rendered_rows(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The ids of the rows rendered into requests from now on (to send, or to find their answers for the output)."""
-    seen: list[str] = []
-    render = RequestBuilder.for_rows
-
-    def counting(self: RequestBuilder, rows: list[Row]) -> Iterator[RowRequest]:
-        seen.extend(row.id for row in rows)
-        return render(self, rows)
-
-    monkeypatch.setattr(RequestBuilder, "for_rows", counting)
-    return seen
 
 
 def write_tickets(path: Path, ids: range, *, edited: int | None = None) -> None:
@@ -74,7 +60,12 @@ async def test_an_unchanged_complete_job_is_rerun_without_reading_a_row_or_rewri
     ],
 )
 async def test_rows_appended_are_the_only_rows_read_and_the_output_grows_by_their_answers(
-    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source_name: str, output: str
+    write_spec: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    rendered_rows: list[str],
+    source_name: str,
+    output: str,
 ) -> None:
     """After a complete run, an input with rows added at its end (a CSV or JSONL appended to, a Parquet file
     rewritten with more rows): the rerun renders only the new rows, sends only them, and the output it extends
@@ -96,10 +87,9 @@ async def test_rows_appended_are_the_only_rows_read_and_the_output_grows_by_thei
                         for i in range(12, 15)
                     )
                 )
-        with monkeypatch.context() as patch:
-            seen = rendered_rows(patch)
-            outcome = await run_job(spec)
-        assert set(seen) == {"T-12", "T-13", "T-14"}, "only the appended rows were read"
+        rendered_rows.clear()
+        outcome = await run_job(spec)
+        assert set(rendered_rows) == {"T-12", "T-13", "T-14"}, "only the appended rows were read"
         assert sandbox.stats.requests == 15 and outcome.report.resumed == 12 and outcome.output_rows == 15
         extended = spec.output.read_bytes()
         with monkeypatch.context() as patch:
