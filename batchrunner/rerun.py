@@ -96,13 +96,13 @@ def last_run(store: Store, spec: JobSpec, state: JobState | None, dataset: Datas
     (grown); None otherwise, or when there was none."""
     if state is None:
         return None
-    text = store.meta(COMPLETE)
-    record = json.loads(text) if text else None
-    if not isinstance(record, dict):
+    try:  # a record that is not what this module writes (edited, damaged) is no record: the long way is safe
+        record = json.loads(store.meta(COMPLETE) or "null")
+        answered = {str(model): int(count) for model, count in dict(record["answered"]).items()}
+        written = int(record["written"])
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
-    answered = {str(model): int(count) for model, count in dict(record.get("answered") or {}).items()}
     output_unchanged = record.get("output") == _output_stat(spec)
-    written = int(record.get("written") or 0)
     if record.get("state") == state.whole:
         return LastRun(state.rows, answered, written, output_unchanged, grown=False)
     rows = record.get("rows")

@@ -191,3 +191,19 @@ async def test_rows_appended_after_the_output_was_deleted_give_an_output_of_ever
         outcome = await run_job(spec)
     assert sandbox.stats.requests == 15 and outcome.output_rows == 15
     assert pl.read_parquet(spec.output)["ticket_id"].to_list() == [f"T-{i}" for i in range(15)]
+
+
+@pytest.mark.parametrize("record", ["{not json", '{"state": 1, "answered": [1, 2], "written": "x"}', "[]", "null"])
+async def test_a_damaged_complete_run_record_means_the_long_way(write_spec: Callable[..., Path], record: str) -> None:
+    """A checkpoint whose record of the last complete run is not what batchrunner writes (edited by hand, damaged):
+    the rerun reads every row and sends nothing already answered, instead of failing."""
+    from batchrunner.rerun import COMPLETE
+    from batchrunner.store import Store
+
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        with Store.open(spec.checkpoint_path()) as store:
+            store.set_meta(COMPLETE, record)
+        outcome = await run_job(spec)
+    assert sandbox.stats.requests == 12 and outcome.report.resumed == 12 and outcome.output_rows == 12
