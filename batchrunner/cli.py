@@ -553,6 +553,14 @@ def _fault(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
     help="Seconds before each answer.",
 )
 @click.option(
+    "--round-trip",
+    "round_trip_s",
+    type=click.FloatRange(min=0, max=60),
+    default=0.0,
+    show_default=True,
+    help="Seconds every request waits first, as over the network to a far server.",
+)
+@click.option(
     "--credits", "credits_usd", type=click.FloatRange(min=0), help="The key's credit limit in USD (default: no limit)."
 )
 @click.option(
@@ -561,7 +569,13 @@ def _fault(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
     help="Requests per second before 429s, or 'credits' for OpenRouter's rule (1/s per credit left).",
 )
 def sandbox(
-    port: int, seed: int, faults: dict[str, float], latency_s: float, credits_usd: float | None, rate_limit: str | None
+    port: int,
+    seed: int,
+    faults: dict[str, float],
+    latency_s: float,
+    round_trip_s: float,
+    credits_usd: float | None,
+    rate_limit: str | None,
 ) -> None:
     """Serve the simulated OpenRouter API on 127.0.0.1 until interrupted.
 
@@ -582,6 +596,7 @@ def sandbox(
         seed=seed,
         faults=faults,
         latency_s=latency_s,
+        round_trip_s=round_trip_s,
         credits_usd=None if credits_usd is None else Decimal(str(credits_usd)),
         rate_limit=limit,  # type: ignore[arg-type]  # a str here is always "credits", checked above
     )

@@ -151,8 +151,16 @@ async def run_job(
             client = connection.client
             if on_start is not None:
                 on_start(connection.sandbox.base_url if connection.sandbox else None)
-            limits, key_info = await plan_limits(spec, client, connection.key, count_free_usage=sandbox is None)
-            prices, budget, _ = await check_on_server(spec, connection, max_cost_usd)
+            # The key, the model list and the endpoints are asked for at once (one round trip, not three); the
+            # key's verdict still comes first, then the models' and the endpoints', as when asked in turn.
+            checked = asyncio.ensure_future(check_on_server(spec, connection, max_cost_usd))
+            try:
+                limits, key_info = await plan_limits(spec, client, connection.key, count_free_usage=sandbox is None)
+            except BaseException:
+                checked.cancel()
+                await asyncio.gather(checked, return_exceptions=True)
+                raise
+            prices, budget, _ = await checked
             store = Store.open(checkpoint, server=requests.server)  # only once nothing can refuse the job
             state = job_state(spec, requests, dataset) if limit is None else None
             known: LastRun | None = None
@@ -361,9 +369,8 @@ async def check_on_server(
 ) -> tuple[PriceTable, Budget | None, dict[str, list[dict[str, Any]]]]:
     """The checks that need the server's lists, as `run` makes them before its first request (and `validate`
     with it): the models it lists, their endpoints, and a budget it can price. SpecError if one fails."""
-    prices = await fetch_prices(connection.client)
+    prices, endpoints = await asyncio.gather(fetch_prices(connection.client), fetch_endpoints(connection.client, spec))
     check_models(spec, prices, strict=connection.strict)
-    endpoints = await fetch_endpoints(connection.client, spec)
     check_endpoints(spec, endpoints)
     return prices, plan_budget(spec, prices, max_cost_usd), endpoints
 

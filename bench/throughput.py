@@ -57,12 +57,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_sandbox(credits: float | None, latency_s: float) -> tuple[subprocess.Popen[bytes], str]:
-    """`batchrunner sandbox` in its own process: OpenRouter's credit rule with `credits`, else no rate limit."""
+def start_sandbox(
+    credits: float | None, latency_s: float, *, round_trip_s: float = 0.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`batchrunner sandbox` in its own process: OpenRouter's credit rule with `credits`, else no rate limit;
+    every request `round_trip_s` away."""
     port = free_port()
     limits = ["--rate-limit", "credits", "--credits", str(credits)] if credits is not None else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", "sandbox", "--port", str(port), *limits, "--latency", str(latency_s)],
+        [
+            *(sys.executable, "-m", "batchrunner", "sandbox", "--port", str(port), *limits),
+            *("--latency", str(latency_s), "--round-trip", str(round_trip_s)),
+        ],
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"

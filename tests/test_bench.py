@@ -58,6 +58,12 @@ def test_speed_bench_compares_with_the_bare_loop() -> None:
 
 
 def test_startup_bench_times_each_command() -> None:
-    """bench/startup.py runs --help, a 10-row sandbox job and status, each in a fresh process."""
+    """bench/startup.py runs --help, a 10-row sandbox job and status, each in a fresh process, then the 10-row job
+    against a sandbox 0.1 s away."""
     lines = run_bench("startup.py", "--repeats", "1")
-    assert [line.split()[0] for line in lines[1:]] == ["help", "run_10_rows_sandbox", "status"]
+    assert [line.split()[0] for line in lines[1:]] == [
+        "help",
+        "run_10_rows_sandbox",
+        "status",
+        "run_10_rows_0.1s_away",
+    ]

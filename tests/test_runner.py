@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -842,3 +843,34 @@ async def test_a_streamed_run_with_broken_streams_ends_every_row_with_costs_equa
     failed = output.filter(pl.col("status") == "failed")
     assert failed["error"].str.contains("mid-answer|cut off").all()
     assert outcome.report.summary.cost_usd == sandbox.stats.charged_usd
+
+
+async def test_the_key_the_models_and_the_endpoints_are_asked_for_in_one_round_trip(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before its first completion a run asks GET /key, /models and each model's endpoints: with every request
+    0.3 s away (a far server), all three leave before any answer is back, so the run waits one round trip for
+    them, not three; and a rejected key still stops the run with the key's own message."""
+    from aiohttp import web
+
+    arrived: list[tuple[float, str]] = []
+    network = Sandbox._network
+
+    @web.middleware
+    async def recording(self: Sandbox, request: web.Request, handler: Any) -> web.StreamResponse:
+        arrived.append((asyncio.get_running_loop().time(), request.path))
+        return await network(self, request, handler)
+
+    monkeypatch.setattr(Sandbox, "_network", recording)
+    async with Sandbox(SandboxConfig(round_trip_s=0.3)) as sandbox:
+        spec = load_spec(
+            write_spec(models=["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"], api={"base_url": sandbox.base_url})
+        )
+        await run_job(spec)
+    first = [when for when, path in arrived if not path.endswith("/completions")]
+    assert len(first) == 4 and max(first) - min(first) < 0.3, arrived[:4]
+    async with Sandbox(SandboxConfig(round_trip_s=0.05, require_key=True)) as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        monkeypatch.setenv("OPENROUTER_API_KEY", "not-a-key")
+        with pytest.raises(RunHalted, match="API key"):
+            await run_job(spec)

@@ -42,6 +42,7 @@ class SandboxConfig:
 
     seed: int = 0
     latency_s: float | Callable[[dict[str, Any]], float] = 0.0  # a number, or a function of the request body
+    round_trip_s: float = 0.0  # every request, of any route, waits this long first: the network to a far server
     faults: dict[str, float] = field(default_factory=dict)  # kind -> probability per request
     retry_after_s: float = 1.0  # what simulated 429s and 402s ask clients to wait
     credits_usd: Decimal | None = None  # the key's limit; None is a key without a limit
@@ -114,8 +115,15 @@ class Sandbox:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    @web.middleware
+    async def _network(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The round trip to a server far away (round_trip_s), before any route answers."""
+        if self.config.round_trip_s > 0:
+            await asyncio.sleep(self.config.round_trip_s)
+        return await handler(request)
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._network])
         app.add_routes(
             [
                 web.get("/api/v1/key", self.key),
