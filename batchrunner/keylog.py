@@ -13,6 +13,7 @@ otherwise the output renders the rows itself, as it always could.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ import polars as pl
 from batchrunner.dataset import ROW_INDEX
 from batchrunner.request import RowRequest
 from batchrunner.store import KEY_COLUMNS
+
+log = logging.getLogger("batchrunner")
 
 MODEL_POSITION = "__batchrunner_model"
 SAMPLE = "sample"  # an output column only when the spec asks each pair several times
@@ -61,18 +64,34 @@ class KeyLog:
         self._wanted = rows - first_row
         self._covered = 0
         self._parts: list[Path] = []
+        self._broken = False
 
     def record(self, requests: list[RowRequest], rows: int) -> None:
-        """One batch of `rows` input rows, whose pairs are `requests` (answered or not), in input order."""
+        """One batch of `rows` input rows, whose pairs are `requests` (answered or not), in input order.
+
+        A part that cannot be written (a full disk) ends the log, never the run: the output then computes
+        the keys itself."""
+        if self._broken:
+            return
         part = self.folder / f"{len(self._parts):08d}.parquet"
-        keys_frame(requests).write_parquet(part)
+        try:
+            keys_frame(requests).write_parquet(part)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            log.debug("the key log stops at row %d (%s); the output will compute keys itself", self._covered, exc)
+            self._broken = True
+            return
         self._parts.append(part)
         self._covered += rows
 
     def covers(self, first_row: int) -> bool:
         """Every row from input row `first_row` on was recorded (the log starts there), and the input is still
         the file they were read from."""
-        return first_row == self.first_row and self._covered == self._wanted and _identity(self.source) == self._read_as
+        return (
+            not self._broken
+            and first_row == self.first_row
+            and self._covered == self._wanted
+            and _identity(self.source) == self._read_as
+        )
 
     def cursor(self) -> KeyCursor:
         return KeyCursor(self._parts)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import pytest
 
 from batchrunner.dataset import ROW_INDEX, Row
 from batchrunner.keylog import KeyLog
@@ -75,3 +77,22 @@ async def test_a_run_renders_each_row_once_and_its_output_is_the_one_export_writ
     export_job(spec)
     assert written.equals(pl.read_parquet(spec.output))
     assert not [p for p in spec.output.parent.iterdir() if ".keys." in p.name], "the log's parts are removed"
+
+
+async def test_a_key_log_the_disk_cannot_take_never_stops_the_run(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing the log's parts fails (a full disk): the run goes on, and its output, its keys computed again,
+    holds every row."""
+    write = pl.DataFrame.write_parquet
+
+    def full_disk(self: pl.DataFrame, path: Any, *args: Any, **kwargs: Any) -> None:
+        if ".keys." in str(path):
+            raise OSError(28, "No space left on device")
+        write(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", full_disk)
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        outcome = await run_job(spec)
+    assert outcome.report.stop is None and outcome.output_rows == 12 and sandbox.stats.requests == 12
