@@ -21,6 +21,7 @@ from batchrunner.preflight import prepare
 from batchrunner.report import Report, build, gather
 from batchrunner.report_html import render
 from batchrunner.request import RequestBuilder
+from batchrunner.rerun import job_state, last_run
 from batchrunner.spec import JobSpec
 from batchrunner.store import Store
 
@@ -90,7 +91,12 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
     by_server: dict[str, int] = {}
     store = Store.open(checkpoint) if checkpoint.exists() else None
     try:
-        for batch in pending(dataset, requests, store, batch_size=20_000):
+        known = last_run(store, spec, job_state(spec, requests, dataset), dataset) if store is not None else None
+        start = 0 if known is None else known.rows  # rows the last complete run answered, as they still are
+        for model, count in (known.answered if known is not None else {}).items():
+            if model in per_model:
+                per_model[model]["ok"] += count
+        for batch in pending(dataset, requests, store, batch_size=20_000, start=start):
             for model, count in batch.answered.items():
                 per_model[model]["ok"] += count
             for todo in batch.todo:

@@ -207,3 +207,23 @@ async def test_a_damaged_complete_run_record_means_the_long_way(write_spec: Call
             store.set_meta(COMPLETE, record)
         outcome = await run_job(spec)
     assert sandbox.stats.requests == 12 and outcome.report.resumed == 12 and outcome.output_rows == 12
+
+
+async def test_status_of_a_complete_job_reads_only_rows_appended_since(
+    write_spec: Callable[..., Path], tmp_path: Path, rendered_rows: list[str]
+) -> None:
+    """`status` after a complete run renders no row (the checkpoint's record counts them), and after rows were
+    appended renders only those, counting them pending."""
+    from batchrunner.offline import job_status
+
+    source = tmp_path / "tickets.csv"
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+    rendered_rows.clear()
+    status = job_status(spec)
+    assert status["models"] == {"openai/gpt-4o-mini": {"ok": 12, "failed": 0, "pending": 0}} and not rendered_rows
+    write_tickets(source, range(15))
+    status = job_status(spec)
+    assert status["models"] == {"openai/gpt-4o-mini": {"ok": 12, "failed": 0, "pending": 3}}
+    assert sorted(rendered_rows) == ["T-12", "T-13", "T-14"]
