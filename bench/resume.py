@@ -10,6 +10,9 @@ could record that it finished). Each measured rerun runs in a fresh process, so 
 - `appended`: 1% more rows appended to the input: only they are sent (the sandbox has no rate limit),
   and `overhead s` is the whole rerun minus the time the sends took.
 
+`status s` is `batchrunner status` in a fresh process just before that rerun: with no record of a
+complete run (cold) it reads every row; with one, only the rows appended since.
+
     python bench/resume.py [--rows 100000,1000000] [--repeats 3]
 """
 
@@ -123,7 +126,7 @@ def main() -> None:
     )
     print(
         f"{'rows':>9} {'rerun':>9} {'setup s':>8} {'decide s':>9} {'total s':>8} {'sent':>5} {'output rows':>12} "
-        f"{'peak RSS MB':>12} {'overhead s':>11}"
+        f"{'peak RSS MB':>12} {'overhead s':>11} {'status s':>9}"
     )
     sandbox, base_url = start_sandbox(credits=None, latency_s=0.0)
     try:
@@ -132,14 +135,18 @@ def main() -> None:
                 started = time.monotonic()
                 spec_path = prepare_job(Path(tmp), rows, base_url + "/api/v1")
                 setup_s = time.monotonic() - started
+                before = status_s(spec_path)
                 cold = measure(spec_path)
+                cold["status_s"] = before
                 assert cold["resumed"] == rows and cold["sent"] == 0, cold
                 report(rows, "cold", setup_s, cold)
-                runs = [measure(spec_path) for _ in range(args.repeats)]
+                runs = [{"status_s": status_s(spec_path), **measure(spec_path)} for _ in range(args.repeats)]
                 assert all(r["resumed"] == rows and r["sent"] == 0 for r in runs), runs
                 report(rows, "unchanged", setup_s, {key: statistics.median(r[key] for r in runs) for key in runs[0]})
                 added = append_rows(Path(tmp), rows, rows // 100)
+                before = status_s(spec_path)
                 grown = measure(spec_path)
+                grown["status_s"] = before
                 assert grown["sent"] == added and grown["resumed"] == rows, grown
                 with tempfile.TemporaryDirectory() as alone:  # the same sends in a job of only those rows
                     grown["send_s"] = measure(prepare_job(Path(alone), added, base_url + "/api/v1", answered=False))[
@@ -149,6 +156,16 @@ def main() -> None:
     finally:
         sandbox.terminate()
         sandbox.wait()
+
+
+def status_s(spec_path: Path) -> float:
+    """`batchrunner status` from start to exit, in a fresh process."""
+    env = user_env()
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "batchrunner", "status", str(spec_path)], capture_output=True, check=True, env=env
+    )
+    return time.perf_counter() - started
 
 
 def measure(spec_path: Path) -> dict[str, float]:
@@ -174,7 +191,7 @@ def report(rows: int, kind: str, setup_s: float, result: dict[str, float]) -> No
     overhead = result["total_s"] - result.get("send_s", 0.0)
     print(
         f"{rows:>9} {kind:>9} {setup_s:>8.1f} {result['decide_s']:>9.1f} {result['total_s']:>8.1f} {result['sent']:>5.0f} "
-        f"{result['output_rows']:>12.0f} {result['peak_rss_mb']:>12.0f} {overhead:>11.2f}"
+        f"{result['output_rows']:>12.0f} {result['peak_rss_mb']:>12.0f} {overhead:>11.2f} {result['status_s']:>9.2f}"
     )
 
 
