@@ -5,6 +5,7 @@ under a name no one can predict (`mkstemp`), then renamed over the target, so a 
 planted at the target or at a temporary name is replaced, never written through. Files we
 open in place (the lock, the spill file) are opened with O_NOFOLLOW. New files get the
 permissions the process umask allows, like any other tool's, not mkstemp's private 0600.
+`identity` tells whether a file is still the one a run read or wrote.
 """
 
 from __future__ import annotations
@@ -54,3 +55,13 @@ def write_text_atomically(path: Path, text: str) -> None:
 def open_no_follow(path: Path, flags: int, mode: int = 0o666) -> int:
     """os.open that refuses a symlink at `path` (OSError ELOOP) instead of writing where it points."""
     return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+
+
+def identity(path: Path) -> list[int] | None:
+    """A file as the filesystem knows it (size, modification time to the nanosecond, inode), to tell later
+    whether it is still the same file; None when there is none. A list, as it is kept in JSON records."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return [found.st_size, found.st_mtime_ns, found.st_ino]

@@ -14,7 +14,6 @@ otherwise the output renders the rows itself, as it always could.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from typing import Any
 import polars as pl
 
 from batchrunner.dataset import ROW_INDEX
+from batchrunner.files import identity
 from batchrunner.request import RowRequest
 from batchrunner.store import KEY_COLUMNS
 
@@ -60,7 +60,7 @@ class KeyLog:
         self.folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}.keys.", dir=beside.parent))
         self.source = source
         self.first_row = first_row
-        self._read_as = _identity(source)
+        self._read_as = identity(source)
         self._wanted = rows - first_row
         self._covered = 0
         self._parts: list[Path] = []
@@ -90,7 +90,7 @@ class KeyLog:
             not self._broken
             and first_row == self.first_row
             and self._covered == self._wanted
-            and _identity(self.source) == self._read_as
+            and identity(self.source) == self._read_as
         )
 
     def cursor(self) -> KeyCursor:
@@ -117,11 +117,3 @@ class KeyCursor:
         position = self._buffer[ROW_INDEX].search_sorted(last_row, side="right")
         taken, self._buffer = self._buffer.head(position), self._buffer.slice(position)
         return taken
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return (found.st_size, found.st_mtime_ns, found.st_ino)

@@ -28,6 +28,7 @@ from typing import Any
 import polars as pl
 
 from batchrunner.dataset import Dataset
+from batchrunner.files import identity
 from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder
 from batchrunner.spec import JobSpec
@@ -102,7 +103,7 @@ def last_run(store: Store, spec: JobSpec, state: JobState | None, dataset: Datas
         written = int(record["written"])
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
-    output_unchanged = record.get("output") == _output_stat(spec)
+    output_unchanged = record.get("output") == identity(spec.output)
     if record.get("state") == state.whole:
         return LastRun(state.rows, answered, written, output_unchanged, grown=False)
     rows = record.get("rows")
@@ -127,7 +128,7 @@ def mark_complete(store: Store, spec: JobSpec, state: JobState | None, answered:
             "digest": state.digest,
             "answered": answered,
             "written": written,
-            "output": _output_stat(spec),
+            "output": identity(spec.output),
         }
         store.set_meta(COMPLETE, json.dumps(record))
 
@@ -139,11 +140,3 @@ def forget(store: Store) -> None:
 
 def _digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _output_stat(spec: JobSpec) -> list[object] | None:
-    try:
-        found = os.stat(spec.output)
-    except OSError:
-        return None
-    return [found.st_size, found.st_mtime_ns, found.st_ino]

@@ -227,16 +227,14 @@ async def run_job(
                     if limit is None and (known is None or known.grown):  # each row's keys, kept for the output
                         keylog = KeyLog(spec.output, spec.input, first_row=first, rows=rows)
                     record = keylog.record if keylog is not None else None
-                    work: Iterable[Batch] = pending(dataset, requests, store, limit=limit, on_keys=record)
+                    work: Iterable[Batch] = pending(dataset, requests, store, limit=limit, start=first, on_keys=record)
                     if known is not None:  # the rows the last complete run answered are not read again
                         earlier = Batch([], collections.Counter(known.answered), known.rows)
                         if known.grown:
                             log.info(
                                 "%d rows appended since the last complete run: only they are read", rows - known.rows
                             )
-                            work = itertools.chain(
-                                [earlier], pending(dataset, requests, store, start=known.rows, on_keys=record)
-                            )
+                            work = itertools.chain([earlier], work)
                         else:
                             log.info("nothing to send: the input and the spec are as the last complete run left them")
                             work = [earlier]
