@@ -369,6 +369,26 @@ def test_labeling_example_writes_columns_typed_by_its_schema(tmp_path: Path) -> 
     assert frame["category"].null_count() == 0
 
 
+def sigterm_after(job: Path, sandbox: Sandbox, *, requests: int) -> tuple[subprocess.Popen[str], str, str, float]:
+    """`batchrunner run job` in its own process against `sandbox`, sent SIGTERM once the sandbox has seen
+    `requests` requests: the process, its stdout and stderr, and the seconds it took to exit after the signal."""
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(job)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while sandbox.stats.requests < requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
+    return process, stdout, stderr, time.monotonic() - signalled
+
+
 def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
     write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
@@ -378,19 +398,7 @@ def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
         {"ticket_id": [f"T-{i}" for i in range(rows)], "subject": ["s"] * rows, "text": [f"t {i}" for i in range(rows)]}
     ).write_csv(tmp_path / "many.csv")
     sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.1))
-    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", "run", str(write_spec(input="many.csv", concurrency=4))],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while sandbox.stats.requests < 10 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=30)
+    process, stdout, stderr, _ = sigterm_after(write_spec(input="many.csv", concurrency=4), sandbox, requests=10)
     assert "rows:" in stdout
     assert process.returncode == 3, stderr
     assert "SIGTERM" in stderr and "pending" in stderr
@@ -598,21 +606,8 @@ def test_sigterm_cancels_streams_in_flight_at_once(
     """A streamed answer can be stopped (which stops its billing): on SIGTERM the run cancels its streams at once
     instead of waiting up to 30 s for answers that take 20 s, and exits 3 with the rows pending."""
     sandbox = sandbox_in_thread(SandboxConfig(latency_s=20.0))
-    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
     job = write_spec(params={"max_tokens": 20, "stream": True}, concurrency=4)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", "run", str(job)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while sandbox.stats.requests < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    signalled = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=30)
+    process, _, stderr, stopping_s = sigterm_after(job, sandbox, requests=4)
     assert process.returncode == 3, stderr
-    assert time.monotonic() - signalled < 10, "the streams were cancelled, not waited for"
+    assert stopping_s < 10, "the streams were cancelled, not waited for"
     assert "12 rows are pending" in stderr or "pending" in stderr

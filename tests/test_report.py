@@ -20,6 +20,26 @@ from batchrunner.report import build, mcnemar_p, mean_interval, to_markdown, wil
 REPO = Path(__file__).resolve().parent.parent
 
 
+def answers(rows: list[int], models: list[str], scores: list[float], **columns: list[Any]) -> pl.DataFrame:
+    """Answers for `build`: each row's position, model (asked and answering) and score; every answer ok, $0.001,
+    0.5 s, 10 + 5 tokens and one attempt, unless `columns` says otherwise (or adds columns)."""
+    n = len(rows)
+    made: dict[str, list[Any]] = {
+        "row": rows,
+        "requested_model": models,
+        "model": models,
+        "status": ["ok"] * n,
+        "error": [None] * n,
+        "score": scores,
+        "cost_usd": ["0.001"] * n,
+        "latency_s": [0.5] * n,
+        "billed_prompt_tokens": [10] * n,
+        "billed_completion_tokens": [5] * n,
+        "attempts": [1] * n,
+    }
+    return pl.DataFrame({**made, **columns})
+
+
 def test_wilson_interval_stays_in_bounds_and_matches_the_formula() -> None:
     """0 of 10 gives [0, 0.278] (not the collapsed 0 ± 0), and 50 of 100 is symmetric around 0.5."""
     none = wilson(0, 10)
@@ -44,23 +64,7 @@ def test_paired_differences_tell_real_gaps_from_noise() -> None:
     rows = 100
     a = [1.0] * 90 + [0.0] * 10
     b = [1.0] * 60 + [0.0] * 40
-    frames = [
-        pl.DataFrame(
-            {
-                "row": list(range(rows)) * 3,
-                "requested_model": ["a"] * rows + ["b"] * rows + ["a2"] * rows,
-                "model": ["a"] * rows + ["b"] * rows + ["a2"] * rows,
-                "status": ["ok"] * 3 * rows,
-                "error": [None] * 3 * rows,
-                "score": a + b + a[5:] + a[:5],
-                "cost_usd": ["0.001"] * 3 * rows,
-                "latency_s": [0.5] * 3 * rows,
-                "billed_prompt_tokens": [10] * 3 * rows,
-                "billed_completion_tokens": [5] * 3 * rows,
-                "attempts": [1] * 3 * rows,
-            }
-        )
-    ]
+    frames = [answers(list(range(rows)) * 3, ["a"] * rows + ["b"] * rows + ["a2"] * rows, a + b + a[5:] + a[:5])]
     report = build("job", frames, id_column="row", score_column="score")
     by_pair = {(p.a, p.b): p for p in report.pairs}
     assert by_pair[("a", "b")].sentence.startswith("a beats b by 30 points")
@@ -245,23 +249,17 @@ def test_the_html_report_shows_the_json_figures_and_stays_small_at_100k_rows() -
     from batchrunner.report_html import MAX_ROWS, render
 
     rows, models = 100_000, ["a/one", "b/two", "c/three"]
-    data = pl.DataFrame(
-        {
-            "row": list(range(rows)) * 3,
-            "id": [f"R-{i}" for i in range(rows)] * 3,
-            "expected": ["yes"] * rows * 3,
-            "requested_model": [m for m in models for _ in range(rows)],
-            "model": [m for m in models for _ in range(rows)],
-            "status": (["ok"] * (rows - 50) + ["failed"] * 50) * 3,
-            "error": ([None] * (rows - 50) + ["HTTP 502: down"] * 50) * 3,
-            "response": ["x" * 400] * rows * 3,
-            "score": [float(i % 3 != k) for k in range(3) for i in range(rows)],
-            "cost_usd": ["0.0001"] * rows * 3,
-            "latency_s": [0.25] * rows * 3,
-            "billed_prompt_tokens": [10] * rows * 3,
-            "billed_completion_tokens": [5] * rows * 3,
-            "attempts": [1] * rows * 3,
-        }
+    data = answers(
+        list(range(rows)) * 3,
+        [m for m in models for _ in range(rows)],
+        [float(i % 3 != k) for k in range(3) for i in range(rows)],
+        id=[f"R-{i}" for i in range(rows)] * 3,
+        expected=["yes"] * rows * 3,
+        status=(["ok"] * (rows - 50) + ["failed"] * 50) * 3,
+        error=([None] * (rows - 50) + ["HTTP 502: down"] * 50) * 3,
+        response=["x" * 400] * rows * 3,
+        cost_usd=["0.0001"] * rows * 3,
+        latency_s=[0.25] * rows * 3,
     )
     figures = build("big", data, id_column="row", score_column="score")
     page = render(figures, data, id_column="id", reference="expected", answer_column="response")
@@ -280,21 +278,11 @@ def test_samples_are_averaged_per_row_before_intervals() -> None:
     right on 2 of 3 samples of every row scores 2/3 with a zero-width interval, not a binomial one over 3n."""
     rows, samples = 20, 3
     n = rows * samples
-    frame = pl.DataFrame(
-        {
-            "row": [r for r in range(rows) for _ in range(samples)] * 2,
-            "sample": list(range(samples)) * rows * 2,
-            "requested_model": ["a"] * n + ["b"] * n,
-            "model": ["a"] * n + ["b"] * n,
-            "status": ["ok"] * 2 * n,
-            "error": [None] * 2 * n,
-            "score": [1.0, 1.0, 0.0] * rows + [1.0, 0.0, 0.0] * rows,
-            "cost_usd": ["0.001"] * 2 * n,
-            "latency_s": [0.5] * 2 * n,
-            "billed_prompt_tokens": [10] * 2 * n,
-            "billed_completion_tokens": [5] * 2 * n,
-            "attempts": [1] * 2 * n,
-        }
+    frame = answers(
+        [r for r in range(rows) for _ in range(samples)] * 2,
+        ["a"] * n + ["b"] * n,
+        [1.0, 1.0, 0.0] * rows + [1.0, 0.0, 0.0] * rows,
+        sample=list(range(samples)) * rows * 2,
     )
     report = build("job", frame, id_column="row", score_column="score")
     a = report.models[0]
