@@ -132,9 +132,11 @@ async def run_pairs(
     halt: Any = None,
     executor: Any = None,
     grace_s: float = 30.0,
+    pricing: Any = None,
 ) -> Any:
     """Answer a spec's pairs against `sandbox` through the executor seam (the live pool unless
-    `executor` is given), without the runner around it; the RunReport keeps every result."""
+    `executor` is given), without the runner around it; the RunReport keeps every result. `sandbox` is
+    anything serving chat completions at its `base_url` (tests/helpers/scripted.py's Scripted too)."""
     from batchrunner.client import Client
     from batchrunner.executor import LiveExecutor
     from batchrunner.halt import Halt
@@ -151,7 +153,7 @@ async def run_pairs(
     summary, results = Summary(), KeptResults()
 
     async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.concurrency) as client:
-        policy = RowPolicy(spec, client, halt, retry=retry or RetryPolicy.immediate(), breaker=breaker)
+        policy = RowPolicy(spec, client, halt, retry=retry or RetryPolicy.immediate(), breaker=breaker, pricing=pricing)
         sinks = Sinks(summary, *([store] if store is not None else []), results)
         work = pending(dataset, RequestBuilder(spec), store, limit=limit)
         execution = await (executor or LiveExecutor(spec.concurrency, grace_s=grace_s)).execute(

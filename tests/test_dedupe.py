@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -122,3 +123,53 @@ async def test_batch_mode_submits_each_distinct_request_once(write_spec: Callabl
         outcome = await run_job(spec)
     submitted = sum(len(batch.requests) for batch in sandbox.batches.batches.values())
     assert submitted == 25 and outcome.report.summary.ok == 40 and outcome.report.summary.deduped == 15
+
+
+async def test_a_stop_while_the_paid_request_is_in_flight_leaves_its_copies_pending(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The budget stops the run between a request's paid answer and its repair: the request's copies stay
+    pending (no record, no copy of an unfinished answer), and the summary's saving counts only real copies."""
+    triage = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "triage",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "category": {"type": "string", "enum": ["bug", "billing"]},
+                    "urgency": {"type": "integer"},
+                },
+                "required": ["category", "urgency"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    config = SandboxConfig(faults={"schema_violation": 1.0}, latency_s=0.01)
+    async with Sandbox(config) as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=texts_csv(tmp_path, with_duplicates(80, 20)),
+                prompt="{text}",
+                response_format=triage,
+                concurrency=4,
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec, max_cost_usd=Decimal("0.00012"))
+    assert outcome.report.halted and "budget" in outcome.report.halted
+    with sqlite3.connect(spec.checkpoint_path()) as db:
+        records = {row[0]: row[1:] for row in db.execute("SELECT row_id, status, deduped_from, cost_usd FROM results")}
+    stopped = [row for row, (status, _, cost) in records.items() if status == "pending" and Decimal(cost) > 0]
+    assert stopped, "a paid request was stopped before its repair"
+    copies = {row: payer for row, (_, payer, _) in records.items() if payer is not None}
+    assert all(records[payer][0] != "pending" for payer in copies.values()), "a copy of an unfinished answer"
+    text_of = dict(enumerate(with_duplicates(80, 20)))
+    stopped_texts = {text_of[int(row.removeprefix("T-"))] for row in stopped}
+    waiting = [f"T-{i}" for i, text in text_of.items() if text in stopped_texts and f"T-{i}" not in stopped]
+    assert waiting and all(row not in records for row in waiting), "the stopped request's copies stay unrecorded"
+    summary = outcome.report.summary
+    saved = sum((Decimal(records[payer][2]) for payer in copies.values()), Decimal(0))
+    assert summary.deduped == len(copies) and summary.dedupe_saved_usd == saved
+    assert summary.cost_usd == sandbox.stats.charged_usd

@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 from conftest import run_pairs
+from helpers.scripted import Reply, Scripted, answer
 
 from batchrunner import openapi
 from batchrunner.breaker import Breaker
+from batchrunner.costs import PriceTable
 from batchrunner.halt import Halt, StopReason
 from batchrunner.retries import RetryPolicy
 from batchrunner.runner import RunReport
@@ -162,3 +164,55 @@ async def test_stop_releases_rows_waiting_on_backoff_at_once(
     assert time.monotonic() - stopped_at < 2
     assert report.pending == 12
     assert "gave up on" not in caplog.text
+
+
+HINT_S = 0.3
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (429, {"Retry-After": str(HINT_S)}),
+        (429, {"retry-after-ms": str(int(HINT_S * 1000))}),
+        (429, lambda now_s: {"X-RateLimit-Reset": str(int((now_s + HINT_S) * 1000))}),
+        (503, {"Retry-After": str(HINT_S)}),
+    ],
+    ids=["retry-after", "retry-after-ms", "x-ratelimit-reset", "503-retry-after"],
+)
+async def test_a_row_waits_what_the_server_asked_before_its_next_attempt(
+    write_spec: Callable[..., Path], tickets_csv: Path, status: int, headers: Any
+) -> None:
+    """The policy waits the server's hint before the next attempt, though its own backoff would not wait at all."""
+    tickets_csv.write_text("ticket_id,subject,text\nT-0,s,t\n")
+    spec = load_spec(write_spec())
+    body = {"error": {"code": status, "message": "slow down"}}
+    async with Scripted([Reply(status, body, headers)]) as server:
+        no_backoff = RetryPolicy(max_attempts=3, base_delay_s=0.0, max_delay_s=0.0)
+        report = await run(spec, server, retry=no_backoff)  # type: ignore[arg-type]
+    assert [r.status for r in report.results] == ["ok"]
+    first, second = server.arrivals_s
+    assert HINT_S - 0.001 <= second - first < HINT_S + 1.0  # X-RateLimit-Reset is in whole milliseconds
+
+
+@pytest.mark.parametrize(
+    ("reported_usd", "cost_usd", "source"),
+    [
+        ("0.02", "0.00104", "computed"),  # 19x what 1,000 + 10 tokens at $1/$4 per million cost: set aside
+        ("0.0105", "0.00104", "computed"),  # just above ten times the worst case
+        ("0.0104", "0.0104", "reported"),  # ten times: unusual, but believable
+        ("0.00104", "0.00104", "reported"),
+        ("0.0009", "0.0009", "reported"),  # cheaper than the list price (a discount, a cache): believed
+    ],
+)
+async def test_a_reported_cost_above_ten_times_what_the_prices_allow_is_set_aside(
+    write_spec: Callable[..., Path], tickets_csv: Path, reported_usd: str, cost_usd: str, source: str
+) -> None:
+    """usage.cost is the bill unless it is more than ten times what the model's prices allow for its tokens."""
+    tickets_csv.write_text("ticket_id,subject,text\nT-0,s,t\n")
+    spec = load_spec(write_spec())
+    prices = PriceTable([{"id": "openai/gpt-4o-mini", "pricing": {"prompt": "0.000001", "completion": "0.000004"}}])
+    reply = answer(prompt_tokens=1000, completion_tokens=10, cost_usd=float(reported_usd))
+    async with Scripted([Reply(200, reply)]) as server:
+        report = await run(spec, server, pricing=prices)  # type: ignore[arg-type]
+    [result] = report.results
+    assert (result.cost_usd, result.cost_source) == (Decimal(cost_usd), source)

@@ -45,6 +45,21 @@ def test_command_line_output_equal_to_the_input_is_refused(write_spec: Callable[
         prepare(spec)
 
 
+@pytest.mark.parametrize("link", [os.symlink, os.link])
+def test_a_summary_path_that_is_the_input_is_refused(
+    write_spec: Callable[..., Path], tickets_csv: Path, tmp_path: Path, link: Callable[[Path, Path], None]
+) -> None:
+    """The summary written beside the output (out/result.summary.json) may not be the input either: here the
+    input is a symbolic or hard link to that file, which writing the summary would overwrite."""
+    (tmp_path / "out").mkdir()
+    summary = tmp_path / "out" / "result.summary.json"
+    summary.write_bytes(tickets_csv.read_bytes())
+    link(summary, tmp_path / "linked.csv")
+    with pytest.raises(SpecError, match=r"output: .*result\.summary\.json is the job's input .* choose another output"):
+        prepare(load_spec(write_spec(input="linked.csv")))
+    assert summary.read_bytes() == tickets_csv.read_bytes(), "the input is untouched"
+
+
 @pytest.mark.parametrize("target", ["input", "output"])
 def test_checkpoint_equal_to_the_input_or_the_output_is_refused(
     write_spec: Callable[..., Path], tickets_csv: Path, target: str

@@ -73,6 +73,25 @@ def test_paired_differences_tell_real_gaps_from_noise() -> None:
     assert mean_interval([1.0, 1.0]).low == 1.0
 
 
+def test_paired_differences_use_only_the_rows_both_models_answered() -> None:
+    """b never answered rows 7-9 and has no score for row 4: the pair is the 6 rows both scored, b's two
+    failed rows among them counting as wrong, and its difference is over those rows only."""
+    a = answers(list(range(10)), ["a"] * 10, [1.0] * 8 + [0.0] * 2)
+    b = answers(
+        list(range(7)),
+        ["b"] * 7,
+        [1.0, 0.0, 1.0, 0.0, None, 0.0, 0.0],  # type: ignore[list-item]
+        status=["ok"] * 5 + ["failed"] * 2,
+        error=[None] * 5 + ["provider error: boom"] * 2,
+    )
+    report = build("job", [a, b], id_column="row", score_column="score")
+    [pair] = report.pairs
+    assert pair.rows == 6
+    assert pair.difference.mean == pytest.approx(4 / 6)  # rows 1, 3, 5, 6: a right, b wrong; 0 and 2: both right
+    assert (pair.a_only_right, pair.b_only_right) == (4, 0)
+    assert [(m.model, m.rows, m.failed, m.scored) for m in report.models] == [("a", 10, 0, 10), ("b", 7, 2, 6)]
+
+
 def test_the_evaluation_example_reports_the_same_numbers_as_markdown_and_json(
     tmp_path: Path, write_spec: Callable[..., Path]
 ) -> None:
