@@ -59,7 +59,7 @@ from batchrunner.rerun import LastRun, forget, job_state, last_run, mark_complet
 from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import JobSpec, RateLimit
-from batchrunner.store import Store
+from batchrunner.store import COMMIT_INTERVAL_S, Store
 
 log = logging.getLogger("batchrunner")
 UNREACHABLE = (
@@ -118,7 +118,7 @@ async def run_job(
     on_start: Callable[[str | None], None] | None = None,
     credit_refresh_s: float = 5.0,
     fresh: bool = False,
-    flush_s: float = 0.2,
+    flush_s: float = COMMIT_INTERVAL_S,
     breaker: Breaker | None = None,
     max_cost_usd: Decimal | None = None,
     executor: Executor | None = None,

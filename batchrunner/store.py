@@ -3,7 +3,7 @@
 One SQLite file per job (WAL mode, synchronous=FULL): the results, keyed by (row id,
 requested model, fingerprint), with everything needed to rebuild the output without a
 request, and a row per run. Answers are buffered and committed by one writer in short
-transactions (every `flush_s`, off the event loop), so a kill -9 loses at most the
+transactions (every COMMIT_INTERVAL_S, off the event loop), so a kill -9 loses at most the
 requests in flight and the last fraction of a second of answers, and a reboot no more.
 
 Schema changes are numbered migrations, applied in order when the store opens.
@@ -32,6 +32,8 @@ from batchrunner.costs import ZERO_USD
 from batchrunner.errors import Problem, RunHalted, SpecError
 from batchrunner.files import open_no_follow
 from batchrunner.records import STORED_SCHEMA, Bill, RowResult
+
+COMMIT_INTERVAL_S = 0.2  # how often answers are committed: what a kill -9 can lose, beyond those in flight
 
 log = logging.getLogger("batchrunner")
 

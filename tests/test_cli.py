@@ -23,6 +23,7 @@ from conftest import run_cli
 
 from batchrunner.cli import main
 from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.store import COMMIT_INTERVAL_S
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -270,13 +271,15 @@ def test_log_json_emits_one_object_per_line(write_spec: Callable[..., Path]) -> 
 def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
     write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
-    """kill -9 at random moments, then a final run: every row exactly once, and few requests sent twice."""
-    rows = 150
+    """kill -9 at random moments, each about a second into a run, then a final run: every row exactly once,
+    and no kill re-sends more than was in flight plus one commit interval of answers (a commit interval ten
+    times longer would lose every answer of the second)."""
+    rows, concurrency, latency_s = 300, 8, 0.1
     pl.DataFrame(
         {"ticket_id": [f"T-{i}" for i in range(rows)], "subject": ["s"] * rows, "text": [f"t {i}" for i in range(rows)]}
     ).write_csv(tmp_path / "many.csv")
-    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.05))
-    spec_path = write_spec(input="many.csv", concurrency=4)
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=latency_s))
+    spec_path = write_spec(input="many.csv", concurrency=concurrency)
     env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
     rng = random.Random(7)
     kills = 0
@@ -289,9 +292,9 @@ def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
-        while sandbox.stats.requests < seen + 5 and time.monotonic() < deadline and process.poll() is None:
+        while sandbox.stats.requests < seen + concurrency and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.05, 0.4))
+        time.sleep(rng.uniform(0.8, 1.2))  # several commit intervals into the run
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
@@ -301,8 +304,9 @@ def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
     output = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert output.height == rows and output["ticket_id"].n_unique() == rows
     twice = sum(n - 1 for n in sandbox.stats.answered.values())
-    per_kill = 4 + 0.25 * (4 / 0.05)  # in flight, plus a flush interval (0.2 s) of answers at ~80/s
-    assert kills >= 1 and twice <= kills * per_kill
+    answers_per_s = concurrency / latency_s
+    per_kill = concurrency + answers_per_s * 2 * COMMIT_INTERVAL_S  # in flight, the interval, the commit itself
+    assert kills == 3 and twice <= kills * per_kill, (twice, per_kill)
 
 
 def test_estimate_json_and_models(write_spec: Callable[..., Path]) -> None:
@@ -610,4 +614,5 @@ def test_sigterm_cancels_streams_in_flight_at_once(
     process, _, stderr, stopping_s = sigterm_after(job, sandbox, requests=4)
     assert process.returncode == 3, stderr
     assert stopping_s < 10, "the streams were cancelled, not waited for"
-    assert "12 rows are pending" in stderr or "pending" in stderr
+    assert "gave up on 4 requests still in flight" in stderr
+    assert "\n12 rows are pending; rerun the same command" in stderr

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,10 +26,37 @@ def key(write_spec: Callable[..., Path], row: Row = ROW, model: str = "openai/gp
     return builder.fingerprint(builder.prompt(row), model)
 
 
+KEY_IN_A_PROCESS = """
+import sys
+from batchrunner.dataset import Row
+from batchrunner.request import RequestBuilder
+from batchrunner.spec import load_spec
+builder = RequestBuilder(load_spec(sys.argv[1]))
+print(builder.fingerprint(builder.prompt(Row(0, "T-0", {"ticket_id": "T-0", "subject": "s", "text": "hello"})), sys.argv[2]))
+"""
+
+
 def test_fingerprint_is_stable(write_spec: Callable[..., Path]) -> None:
-    """Two builders from the same spec give the same key (across processes: no hash randomisation)."""
-    assert key(write_spec) == key(write_spec)
-    assert len(key(write_spec)) == 32
+    """The same request keeps its key in other processes with other string-hash seeds (a key built from hash()
+    or from a set's order would change), and two builders in one process agree."""
+    shaped = {
+        "params": {"temperature": 0, "max_tokens": 50, "top_p": 0.9, "seed": 7, "stop": ["x", "y"]},
+        "provider": {"order": ["openai", "azure"], "ignore": ["deepinfra", "together"]},
+        "fallbacks": ["anthropic/claude-3.5-haiku", "google/gemini-2.0-flash-001"],
+    }
+    here = key(write_spec, **shaped)
+    assert key(write_spec, **shaped) == here and len(here) == 32
+    elsewhere = {
+        subprocess.run(
+            [sys.executable, "-c", KEY_IN_A_PROCESS, str(write_spec(**shaped)), "openai/gpt-4o-mini"],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in (1, 2)
+    }
+    assert elsewhere == {here}
 
 
 def test_everything_that_shapes_the_request_changes_it(write_spec: Callable[..., Path]) -> None:
