@@ -11,6 +11,7 @@ from batchrunner.costs import (
     PriceTable,
     Pricing,
     Usage,
+    format_cost,
     format_usd,
     per_million,
     plugin_allowance_usd,
@@ -148,3 +149,257 @@ def test_price_table_knows_what_each_model_takes() -> None:
     assert table.inputs("v/see:nitro") == {"text", "image"}
     assert table.inputs("u/unknown") is None
     assert table.taking("image") == ["v/see"]
+
+
+# Hand-computed tables. Prices per token: $1 per million prompt tokens, $4 per million completion tokens.
+PROMPT, COMPLETION = Decimal("0.000001"), Decimal("0.000004")
+EVERY_RATE = Pricing(
+    prompt=PROMPT,
+    completion=COMPLETION,
+    input_cache_read=Decimal("0.0000001"),  # $0.10 per million
+    input_cache_write=Decimal("0.000002"),  # $2 per million
+    audio=Decimal("0.000008"),  # $8 per million
+    internal_reasoning=Decimal("0.000016"),  # $16 per million
+)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"id": "a/b"},
+        {"id": "a/b", "pricing": "free"},
+        {"id": "a/b", "pricing": {"completion": "0.000004"}},
+        {"id": "a/b", "pricing": {"prompt": "0.000001"}},
+        {"id": "a/b", "pricing": {"prompt": "-1", "completion": "0.000004"}},
+        {"id": "a/b", "pricing": {"prompt": "0.000001", "completion": "-1"}},
+        {"id": "a/b", "pricing": {"prompt": "n/a", "completion": "0.000004"}},
+    ],
+)
+def test_a_model_without_both_base_prices_has_no_pricing(entry: dict[str, object]) -> None:
+    """Unless both the prompt and the completion price are non-negative numbers, a /models entry is unpriced."""
+    assert Pricing.from_model(entry) is None
+
+
+@pytest.mark.parametrize(
+    ("limits", "max_completion_tokens", "context_length"),
+    [
+        ({"context_length": 8000, "top_provider": {"max_completion_tokens": 500, "context_length": 4000}}, 500, 8000),
+        ({"top_provider": {"context_length": 4000}}, None, 4000),
+        ({"context_length": 8000}, None, 8000),
+        ({"context_length": 0, "top_provider": {"max_completion_tokens": 0}}, None, None),
+        ({"top_provider": None}, None, None),
+        ({}, None, None),
+    ],
+)
+def test_limits_come_from_the_model_then_its_top_provider(
+    limits: dict[str, object], max_completion_tokens: int | None, context_length: int | None
+) -> None:
+    """The model's context length wins over its top provider's; zero or missing limits are no limits."""
+    pricing = Pricing.from_model({"id": "a/b", "pricing": {"prompt": "0.000001", "completion": "0.000004"}, **limits})
+    assert pricing is not None
+    assert (pricing.max_completion_tokens, pricing.context_length) == (max_completion_tokens, context_length)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        (Usage(prompt_tokens=1000, completion_tokens=500), "0.003"),
+        (Usage(prompt_tokens=100, cached_tokens=150), "0.00001"),  # cached capped at the prompt: 100 x $0.10/M
+        (Usage(prompt_tokens=100, cached_tokens=60, cache_write_tokens=70), "0.000086"),  # 60 read, only 40 written
+        (Usage(prompt_tokens=100, cached_tokens=30, cache_write_tokens=20, audio_tokens=80), "0.000443"),  # 50 audio
+        (Usage(completion_tokens=10, reasoning_tokens=20), "0.00016"),  # reasoning capped at the answer: 10 x $16/M
+        (
+            Usage(
+                prompt_tokens=1000,
+                completion_tokens=500,
+                cached_tokens=200,
+                cache_write_tokens=100,
+                audio_tokens=50,
+                reasoning_tokens=300,
+            ),
+            "0.00687",  # 650 x $1 + 200 x $0.10 + 100 x $2 + 50 x $8 + 200 x $4 + 300 x $16, per million
+        ),
+    ],
+)
+def test_cost_splits_tokens_between_rates_without_counting_any_twice(usage: Usage, expected: str) -> None:
+    """Cached, written and audio tokens are carved out of the prompt, reasoning out of the answer, each capped."""
+    assert EVERY_RATE.cost_usd(usage) == Decimal(expected)
+
+
+@pytest.mark.parametrize(
+    ("pricing", "kwargs", "expected"),
+    [
+        (Pricing(prompt=PROMPT, completion=COMPLETION), {}, "0.003"),
+        (Pricing(prompt=PROMPT, completion=COMPLETION, request=Decimal("0.001"), image=Decimal("0.005")), {}, "0.004"),
+        (
+            Pricing(prompt=PROMPT, completion=COMPLETION, request=Decimal("0.001"), image=Decimal("0.005")),
+            {"requests": 3, "images": 2},
+            "0.016",  # 0.003 + 3 x 0.001 + 2 x 0.005
+        ),
+        (
+            Pricing(prompt=PROMPT, completion=COMPLETION, request=Decimal("0.001"), discount=Decimal("0.25")),
+            {},
+            "0.003",
+        ),
+        (Pricing(prompt=PROMPT, completion=COMPLETION, audio=Decimal("0.000008")), {}, "0.01"),  # audio is dearer
+        (Pricing(prompt=PROMPT, completion=COMPLETION, audio=Decimal("0.0000005")), {}, "0.003"),  # audio is cheaper
+        (Pricing(prompt=PROMPT, completion=COMPLETION, internal_reasoning=Decimal("0.000016")), {}, "0.009"),
+    ],
+)
+def test_worst_case_of_1000_prompt_and_500_answer_tokens(
+    pricing: Pricing, kwargs: dict[str, int], expected: str
+) -> None:
+    """The worst case takes the dearer rates, one request and no image by default, fees and the discount."""
+    assert pricing.worst_case_usd(1000, 500, **kwargs) == Decimal(expected)
+
+
+@pytest.mark.parametrize(
+    ("pricing", "requests", "expected"),
+    [
+        (Pricing(prompt=PROMPT, completion=COMPLETION), None, "0.003"),
+        (Pricing(prompt=PROMPT, completion=COMPLETION, request=Decimal("0.001")), None, "0.004"),
+        (Pricing(prompt=PROMPT, completion=COMPLETION, request=Decimal("0.001")), 3, "0.006"),
+        (Pricing(prompt=PROMPT, completion=COMPLETION, request=Decimal("0.001"), discount=Decimal("0.25")), 1, "0.003"),
+    ],
+)
+def test_estimate_of_1000_prompt_and_500_answer_tokens(pricing: Pricing, requests: int | None, expected: str) -> None:
+    """An estimate is tokens at the base rates plus each request's fee (one by default), less the discount."""
+    estimate = pricing.estimate_usd(1000, 500) if requests is None else pricing.estimate_usd(1000, 500, requests)
+    assert estimate == Decimal(expected)
+
+
+def listed() -> PriceTable:
+    """Built inside each test (not at import), so mutation testing sees the tests that depend on __init__."""
+    return PriceTable(
+        [
+            model("a/b", prompt="0.000001", completion="0.000004"),
+            model("openrouter/auto", prompt="-1", completion="-1"),
+            {"pricing": {"prompt": "0.000001", "completion": "0.000004"}},  # no id: ignored
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("slug", "named", "priced"),
+    [
+        ("a/b", True, True),
+        ("a/b:nitro", True, True),
+        ("openrouter/auto", True, False),
+        ("openrouter/auto:floor", True, False),
+        ("x/y", False, False),
+        ("x/y:nitro", False, False),
+        (":nitro", False, False),
+    ],
+)
+def test_price_table_lists_every_named_model_and_prices_only_priced_ones(slug: str, named: bool, priced: bool) -> None:
+    """A model /models named is listed even when unpriced; a routing variant counts as its base model."""
+    table = listed()
+    assert table.lists(slug) is named
+    assert (slug in table) is priced
+
+
+def test_looking_up_an_unpriced_model_names_it() -> None:
+    """The KeyError for a model without prices carries its slug."""
+    with pytest.raises(KeyError) as raised:
+        listed()["openrouter/auto"]
+    assert raised.value.args == ("openrouter/auto",)
+
+
+@pytest.mark.parametrize(
+    ("plugins", "model_slug", "expected"),
+    [
+        ([{"id": "web"}], "m", "0.02"),
+        ([{"id": "web", "max_results": 1}], "m", "0.004"),
+        ([{"id": "web", "max_results": 0}], "m", "0.02"),
+        ([{"id": "web", "max_results": -3}], "m", "0.02"),
+        ([{"id": "web", "max_results": "10"}], "m", "0.02"),
+        ([{"id": "web", "enabled": True, "max_results": 2}], "m", "0.008"),
+        ([{"id": "web", "max_results": 3}], "m:online", "0.02"),
+        ([{"id": "web", "max_results": 10}], "m:online", "0.04"),
+        ([{"id": "file-parser"}, {"id": "web", "max_results": 2}], "m", "0.008"),
+        (["web"], "m", "0"),
+        ({"id": "web"}, "m", "0"),
+    ],
+)
+def test_web_search_allowance_by_plugin_settings(plugins: object, model_slug: str, expected: str) -> None:
+    """$0.004 a result: max_results when it is a positive int, else 5; an :online model reserves at least 5."""
+    assert plugin_allowance_usd(plugins, model_slug) == Decimal(expected)
+
+
+@pytest.mark.parametrize(
+    ("amounts", "granted", "reserved"),
+    [
+        (["1.00"], [True], "1.00"),
+        (["0.30", "0.30", "0.30"], [True, True, True], "0.90"),
+        (["0.60", "0.40"], [True, True], "1.00"),
+        (["0.60", "0.41", "0.40"], [True, False, True], "1.00"),
+    ],
+)
+def test_reservations_add_up_to_the_limit_and_no_further(
+    amounts: list[str], granted: list[bool], reserved: str
+) -> None:
+    """Reservations accumulate; one that brings the total to exactly the limit is granted, one past it is not."""
+    budget = Budget(Decimal("1.00"))
+    assert [budget.reserve(Decimal(amount)) for amount in amounts] == granted
+    assert budget.reserved_usd == Decimal(reserved)
+
+
+@pytest.mark.parametrize(
+    ("actual_costs", "spent", "reserved"),
+    [
+        (["0.10"], "0.10", "0.60"),
+        (["0.10", "0.25"], "0.35", "0.30"),
+        (["0.10", "0.25", "0.30"], "0.65", "0"),
+    ],
+)
+def test_settling_swaps_each_reservation_for_its_real_cost(actual_costs: list[str], spent: str, reserved: str) -> None:
+    """Each settlement releases its $0.30 reservation and adds its real cost to what was spent."""
+    budget = Budget(Decimal("1.00"))
+    assert all(budget.reserve(Decimal("0.30")) for _ in range(3))
+    for actual in actual_costs:
+        budget.settle(Decimal("0.30"), Decimal(actual))
+    assert (budget.spent_usd, budget.reserved_usd) == (Decimal(spent), Decimal(reserved))
+
+
+@pytest.mark.parametrize(
+    ("costs", "expected"),
+    [([], "0"), ([None], "0"), ([Decimal("0.1"), None, Decimal("0.2")], "0.3")],
+)
+def test_total_is_always_a_decimal(costs: list[Decimal | None], expected: str) -> None:
+    """The total of no known costs is Decimal zero, not the int 0, so callers can quantize it."""
+    total = total_usd(costs)
+    assert type(total) is Decimal and total == Decimal(expected)
+
+
+@pytest.mark.parametrize(
+    ("amount", "shown"),
+    [
+        ("0", "$0.00"),
+        ("1", "$1.00"),
+        ("1.5", "$1.50"),
+        ("1234.5", "$1,234.50"),
+        ("0.5", "$0.5"),
+        ("0.000001", "$0.000001"),
+        ("0.0000015", "$0.000002"),
+        ("0.0000001", "$1.00E-7"),
+        ("0.9999999", "$1"),  # rounds up to a whole dollar at six places: the trailing point goes too
+    ],
+)
+def test_format_usd(amount: str, shown: str) -> None:
+    """Cents from a dollar up, micro-dollars without trailing zeros below it, scientific below a micro-dollar."""
+    assert format_usd(Decimal(amount)) == shown
+
+
+@pytest.mark.parametrize(
+    ("amount", "unpriced", "shown"),
+    [
+        ("0", 0, "$0.00"),
+        ("0.5", 0, "$0.5"),
+        ("0", 3, "unknown"),
+        ("0.5", 2, "at least $0.5"),
+        ("1", 1, "at least $1.00"),
+    ],
+)
+def test_format_cost_never_shows_an_unknown_cost_as_zero(amount: str, unpriced: int, shown: str) -> None:
+    """With unpriced attempts the total is "unknown" (nothing priced) or "at least" what was priced."""
+    assert format_cost(Decimal(amount), unpriced) == shown
