@@ -30,6 +30,7 @@ def rows_csv(tmp_path: Path, n: int) -> str:
     return path.name
 
 
+@pytest.mark.slow
 async def test_twelve_thousand_rows_become_three_batches_at_the_batch_price(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:

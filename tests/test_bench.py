@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+pytestmark = pytest.mark.slow  # each starts processes and runs for seconds: the long set (`pytest -m slow`)
 
 
 def run_bench(script: str, *args: str) -> list[str]:

@@ -137,6 +137,7 @@ def test_score_rescoring_after_an_edit_to_evaluate_sends_nothing(tmp_path: Path)
     assert status["runs"] == 1, "scoring is not a run"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_the_html_report_renders_in_a_browser_and_its_filters_work(tmp_path: Path) -> None:
     """The example's HTML report in headless Chromium: no script errors, the charts drawn, and the row
@@ -262,6 +263,7 @@ async def test_a_judge_grades_every_answer_once_and_reports_its_cost_apart(
     assert set(stopped.report.judging.by_model) == {"openai/gpt-4o"}, "grades are counted apart from answers"
 
 
+@pytest.mark.slow
 def test_the_html_report_shows_the_json_figures_and_stays_small_at_100k_rows() -> None:
     """The HTML shows the same accuracies, intervals and sentences as the JSON figures; with 100,000 rows
     and three models it embeds at most MAX_ROWS rows of the explorer, says so, and stays under 5 MB."""
