@@ -8,6 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
+from helpers.formats import strict_object
 
 from batchrunner.queries import estimate_job
 from batchrunner.retries import RetryPolicy
@@ -130,22 +131,7 @@ async def test_a_stop_while_the_paid_request_is_in_flight_leaves_its_copies_pend
 ) -> None:
     """The budget stops the run between a request's paid answer and its repair: the request's copies stay
     pending (no record, no copy of an unfinished answer), and the summary's saving counts only real copies."""
-    triage = {
-        "type": "json_schema",
-        "json_schema": {
-            "name": "triage",
-            "strict": True,
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "category": {"type": "string", "enum": ["bug", "billing"]},
-                    "urgency": {"type": "integer"},
-                },
-                "required": ["category", "urgency"],
-                "additionalProperties": False,
-            },
-        },
-    }
+    triage = strict_object({"category": {"type": "string", "enum": ["bug", "billing"]}, "urgency": {"type": "integer"}})
     config = SandboxConfig(faults={"schema_violation": 1.0}, latency_s=0.01)
     async with Sandbox(config) as sandbox:
         spec = load_spec(

@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from helpers.formats import strict_object
 
 from batchrunner.costs import Budget
 from batchrunner.runner import run_job
@@ -27,19 +28,10 @@ from batchrunner.spec import load_spec
 ROOMY_BUDGET_USD = Decimal(100)
 MARKER_TOKENS = 16  # the most a message's role markers may add, per message, and once per request
 
-LONG_ANSWER = {  # an answer of about 150 tokens: cut off at max_tokens 40, and at 80 again
-    "type": "json_schema",
-    "json_schema": {
-        "name": "triage",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {f"category_of_part_{i}": {"type": "string", "enum": ["bug", "billing"]} for i in range(12)},
-            "required": [f"category_of_part_{i}" for i in range(12)],
-            "additionalProperties": False,
-        },
-    },
-}
+# an answer of about 150 tokens: cut off at max_tokens 40, and at 80 again
+LONG_ANSWER = strict_object(
+    {f"category_of_part_{i}": {"type": "string", "enum": ["bug", "billing"]} for i in range(12)}
+)
 
 
 @pytest.fixture

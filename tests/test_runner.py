@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
+from helpers.formats import strict_object
 
 from batchrunner import limits as limits_module
 from batchrunner import openapi
@@ -254,25 +255,16 @@ async def test_summary_json_is_written_beside_the_output(write_spec: Callable[..
     assert Decimal(summary["cost_usd"]) == sandbox.stats.charged_usd
 
 
-TRIAGE = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "triage",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {
-                "category": {"type": "string", "enum": ["bug", "billing", "account"]},
-                "urgency": {"type": "integer", "minimum": 1, "maximum": 5},
-                "confidence": {"type": "number"},
-                "needs_human": {"type": "boolean"},
-                "tags": {"type": "array", "items": {"type": "string"}},
-            },
-            "required": ["category", "urgency", "confidence", "needs_human", "tags"],
-            "additionalProperties": False,
-        },
+TRIAGE = strict_object(
+    {
+        "category": {"type": "string", "enum": ["bug", "billing", "account"]},
+        "urgency": {"type": "integer", "minimum": 1, "maximum": 5},
+        "confidence": {"type": "number"},
+        "needs_human": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string"}},
     },
-}
+    name="triage",
+)
 
 
 async def test_invalid_json_a_quarter_of_the_time_ends_valid_or_failed_with_typed_columns(
