@@ -7,17 +7,21 @@ errors.py, decided once by `classify`. Everything else sees a `Completion` or an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email.utils
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
+from batchrunner.clock import within
 from batchrunner.costs import ZERO_USD, Usage, to_decimal
 from batchrunner.errors import (
     ApiError,
@@ -25,8 +29,9 @@ from batchrunner.errors import (
     RateLimited,
     RequestRejected,
     TransientError,
+    first_line,
 )
-from batchrunner.media import encode_body
+from batchrunner.media import EncodedBody, encode_body
 from batchrunner.spec import is_openrouter
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 524, 529})
@@ -37,10 +42,12 @@ BUDGET_LIMIT_SOURCES = frozenset(
 FREE_DAILY_MARKERS = ("free-models-per-day", "openrouter_free_tier_daily")
 CONNECT_TIMEOUT_S = 30.0  # a server that does not accept a connection in this time is unreachable
 MAX_TOKEN_COUNT = 2**31 - 1  # more tokens than any model's context: a reply claiming more is malformed
-MAX_REPORTED_COST_USD = Decimal(10_000)
-MAX_STREAM_BYTES = (
-    64 * 2**20
-)  # a streamed answer longer than this is not an answer  # no single request costs this: a reported cost above it is not used
+MAX_REPORTED_COST_USD = Decimal(10_000)  # no single request costs this: a reported cost above it is not used
+MAX_REPLY_BYTES = 64 * 2**20  # a completion (whole or streamed) longer than this is not an answer (max_reply_mb)
+MAX_LISTING_BYTES = 256 * 2**20  # /models, a batch and its results: large, never gigabytes
+MAX_REDIRECTS = 5  # same-origin redirects followed for one request
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+READ_CHUNK_BYTES = 2**16
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,8 @@ class Client:
         headers: dict[str, str] | None = None,
         timeout_s: float = 300.0,
         max_connections: int = 100,
+        stream_max_s: float = 3600.0,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.openrouter = is_openrouter(self.base_url + "/")  # its key format and hints apply
@@ -83,6 +92,8 @@ class Client:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self.timeout_s = timeout_s
+        self.stream_max_s = stream_max_s  # the longest a streamed answer may take, keep-alives or not
+        self.max_reply_bytes = max_reply_bytes
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -144,12 +155,16 @@ class Client:
         """POST /batches: `endpoint` and `model` written before `requests`, as OpenRouter stream-parses the body."""
         head = json.dumps({"endpoint": "/v1/chat/completions", "model": model})[:-1]
         text = f'{head}, "requests": {json.dumps(requests, ensure_ascii=False)}}}'
-        payload, _ = await self._request("POST", "/batches", raw_body=text, timeout_s=timeout_s)
+        payload, _ = await self._request(
+            "POST", "/batches", raw_body=text, timeout_s=timeout_s, max_bytes=MAX_LISTING_BYTES
+        )
         return _batch_object(payload)
 
     async def batch(self, batch_id: str) -> dict[str, Any]:
         """GET /batches/{id}: its status and counts, and its results once completed."""
-        payload, _ = await self._request("GET", f"/batches/{batch_id}", timeout_s=min(self.timeout_s, 120.0))
+        payload, _ = await self._request(
+            "GET", f"/batches/{batch_id}", timeout_s=min(self.timeout_s, 120.0), max_bytes=MAX_LISTING_BYTES
+        )
         return _batch_object(payload)
 
     async def batches(self) -> list[dict[str, Any]]:
@@ -159,7 +174,9 @@ class Client:
         return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
 
     async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        payload, _ = await self._request("DELETE", f"/batches/{batch_id}", timeout_s=min(self.timeout_s, 60.0))
+        payload, _ = await self._request(
+            "DELETE", f"/batches/{batch_id}", timeout_s=min(self.timeout_s, 60.0), max_bytes=MAX_LISTING_BYTES
+        )
         return _batch_object(payload)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -172,14 +189,18 @@ class Client:
     async def _complete(self, path: str, body: dict[str, Any], timeout_s: float | None) -> Completion:
         started = time.monotonic()
         stream = _Stream(started) if body.get("stream") is True else None
-        payload, status = await self._request("POST", path, json_body=body, timeout_s=timeout_s, stream=stream)
+        payload, status = await self._request(
+            "POST", path, json_body=body, timeout_s=timeout_s, stream=stream, max_bytes=self.max_reply_bytes
+        )
         completion = parse_completion(payload, status=status, latency_s=time.monotonic() - started)
         if stream is not None and stream.first_token_s is not None:
             completion = dataclasses.replace(completion, ttft_s=stream.first_token_s - started)
         return completion
 
     async def _get(self, path: str, params: dict[str, str] | None = None) -> tuple[Any, int]:
-        return await self._request("GET", path, params=params, timeout_s=min(self.timeout_s, 60.0))
+        return await self._request(
+            "GET", path, params=params, timeout_s=min(self.timeout_s, 60.0), max_bytes=MAX_LISTING_BYTES
+        )
 
     async def _request(
         self,
@@ -191,44 +212,78 @@ class Client:
         params: dict[str, str] | None = None,
         timeout_s: float | None,
         stream: _Stream | None = None,
+        max_bytes: int = MAX_REPLY_BYTES,
     ) -> tuple[Any, int]:
+        """One request and its whole reply, within `timeout_s` of running time (clock.py: a suspended process
+        is not a slow server); a stream within `stream_max_s`, silent at most `timeout_s` at a time. A reply
+        may expand to `max_bytes` at most. Redirects are followed within the base URL's origin only: a
+        prompt never goes to a host the job did not name."""
         session = self._require_session()
         total_s = timeout_s or self.timeout_s
-        timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=min(total_s, CONNECT_TIMEOUT_S))
-        if (
-            stream is not None
-        ):  # a stream may run long: what must not pass is `total_s` without a byte (keep-alives count)
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(total_s, CONNECT_TIMEOUT_S), sock_read=total_s)
-        # A body's files are streamed into it as base64 (media.py), never built whole in memory.
-        encoded = encode_body(json_body) if json_body is not None else None
-        data: Any = raw_body.encode() if raw_body is not None else None
-        sent_headers = {}
-        if encoded is not None:
-            data = encoded.chunks() if encoded.streamed else encoded.whole()
-            sent_headers["Content-Length"] = str(encoded.length)
+        connect = aiohttp.ClientTimeout(total=None, sock_connect=min(total_s, CONNECT_TIMEOUT_S))
+        url = self.base_url + path
+        encoded: EncodedBody | None = None
         try:
-            async with session.request(
-                method,
-                self.base_url + path,
-                data=data,
-                headers=sent_headers,
-                params=params,
-                timeout=timeout,
-            ) as response:
-                status, headers = response.status, response.headers
-                if stream is not None and status == 200 and "text/event-stream" in headers.get("Content-Type", ""):
-                    return await stream.read(response), status
-                text = (await response.read()).decode("utf-8", errors="replace")  # a bad byte must not crash a row
+            async with within(self.stream_max_s if stream is not None else total_s):
+                for _ in range(MAX_REDIRECTS + 1):
+                    # A body's files are streamed into it as base64 (media.py), never built whole in memory.
+                    encoded = encode_body(json_body) if json_body is not None else None
+                    data: Any = raw_body.encode() if raw_body is not None else None
+                    sent_headers = {}
+                    if encoded is not None:
+                        data = encoded.chunks() if encoded.streamed else encoded.whole()
+                        sent_headers["Content-Length"] = str(encoded.length)
+                    async with (
+                        within(total_s) if stream is not None else contextlib.nullcontext()
+                    ):  # a stream's first bytes come within the silence a stream may keep
+                        response = await session.request(
+                            method,
+                            url,
+                            data=data,
+                            headers=sent_headers,
+                            params=params,
+                            timeout=connect,
+                            allow_redirects=False,
+                        )
+                    async with response:
+                        status, headers = response.status, response.headers
+                        if status in REDIRECT_STATUSES:
+                            url = self._redirected(url, status, headers.get("Location"))
+                            params = None  # the Location carries its own query
+                            continue
+                        if (
+                            stream is not None
+                            and status == 200
+                            and "text/event-stream" in headers.get("Content-Type", "")
+                        ):
+                            return await stream.read(response, idle_s=total_s, max_bytes=max_bytes), status
+                        text = (await _read_capped(response, max_bytes)).decode("utf-8", errors="replace")
+                    break
+                else:
+                    raise RequestRejected(f"more than {MAX_REDIRECTS} redirects", status=status, code="redirect")
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never reached the server
             detail = str(exc) or type(exc).__name__
             raise TransientError(f"cannot connect: {detail}", code="unreachable") from None
+        except _StreamSilent:
+            raise TransientError(
+                f"the stream was silent for {total_s:g} s (timeout_s)", code="timeout", abandoned=True
+            ) from None
         except TimeoutError:
-            raise TransientError(f"no answer within {total_s:g} s", code="timeout") from None
+            if stream is not None:
+                raise TransientError(
+                    f"the stream went on past {self.stream_max_s:g} s (stream_max_s)",
+                    code="stream_too_long",
+                    abandoned=True,
+                ) from None
+            raise TransientError(f"no answer within {total_s:g} s", code="timeout", abandoned=True) from None
         except aiohttp.ClientError as exc:  # dropped connections, refused connections, bad payloads
             if encoded is not None and encoded.failure is not None:  # a file could not be sent: the body stopped short
                 raise encoded.failure from None
             detail = str(exc) or type(exc).__name__
             raise TransientError(f"connection failed: {detail}", code="connection") from None
+        except HttpProcessingError as exc:  # a reply that is not HTTP as aiohttp reads it (a header line too long)
+            detail = first_line(exc) or type(exc).__name__
+            raise TransientError(f"the reply is not valid HTTP ({detail})", code="bad_reply", abandoned=True) from None
         payload = _parse_json(text)
         if status >= 400 or status < 200:
             error = classify(status, payload, headers)
@@ -241,10 +296,59 @@ class Client:
             )
         return payload, status
 
+    def _redirected(self, url: str, status: int, location: str | None) -> str:
+        """Where a redirect points, if it stays on the base URL's origin; else the request's error, naming it."""
+        target = urljoin(url, location or "")
+        if not location or _origin(target) != _origin(self.base_url):
+            where = _origin(target) if location else "nowhere (no Location)"
+            raise RequestRejected(
+                f"the server redirected to {where}; not followed, as prompts go only to {_origin(self.base_url)}: "
+                "if that server is yours, set api.base_url to it",
+                status=status,
+                code="redirect",
+            )
+        return target
+
+
+class _StreamSilent(Exception):
+    """Internal: a stream sent nothing for its whole idle allowance."""
+
+
+async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """A reply's body, decompressed, if it fits in `max_bytes`: a gzip bomb is cut off, not held in memory."""
+    declared = response.content_length
+    if declared is not None and declared > max_bytes and not response.headers.get("Content-Encoding"):
+        raise _too_large(max_bytes)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(max_bytes: int) -> RequestRejected:
+    return RequestRejected(
+        f"the reply passed {max_bytes / 2**20:g} MB (max_reply_mb); the rest was not read",
+        code="reply_too_large",
+        abandoned=True,
+    )
+
+
+def _origin(url: str) -> str:
+    """scheme://host[:port], as a browser's same-origin rule compares them (the default port made explicit)."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
 
 class _Stream:
     """Reads an answer sent as server-sent events into the shape of a whole answer, for parse_completion.
 
+    The body is read as bytes and split into lines here (a `data:` line may be as long as the stream's
+    cap: large tool-call arguments, image deltas), each read waiting at most the idle allowance.
     `: OPENROUTER PROCESSING` comments keep the connection alive and are skipped; `delta`s are
     joined (content, refusal, tool calls by index); an `error` chunk (a 200 already sent) and
     the final chunk's `usage` are kept; a stream that ends without a finish_reason was cut off."""
@@ -253,25 +357,39 @@ class _Stream:
         self.started = started
         self.first_token_s: float | None = None  # monotonic time of the first content
 
-    async def read(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
+    async def _lines(self, response: aiohttp.ClientResponse, idle_s: float, max_bytes: int) -> AsyncIterator[bytes]:
+        """The body's lines (without their ends), until it ends or the connection closes."""
+        buffered = b""
+        received = 0
+        while True:
+            try:
+                async with within(idle_s):
+                    chunk = await response.content.readany()
+            except TimeoutError:
+                raise _StreamSilent from None
+            except (aiohttp.ClientPayloadError, ConnectionError):  # the connection closed mid-answer
+                return
+            if not chunk:
+                break
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes)
+            lines = (buffered + chunk).splitlines(keepends=True)
+            buffered = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else b""
+            for line in lines:
+                yield line.rstrip(b"\r\n")
+        if buffered:
+            yield buffered
+
+    async def read(self, response: aiohttp.ClientResponse, *, idle_s: float, max_bytes: int) -> dict[str, Any]:
         payload: dict[str, Any] = {}
         text: list[str] = []
         refusal: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
         choice: dict[str, Any] = {"index": 0, "finish_reason": None}
-        received, done = 0, False
-        lines = aiter(response.content)
-        while True:
-            try:
-                raw = await anext(lines)
-            except StopAsyncIteration:
-                break
-            except (aiohttp.ClientPayloadError, ConnectionError):  # the connection closed mid-answer
-                break
-            received += len(raw)
-            if received > MAX_STREAM_BYTES:
-                raise TransientError(f"the stream passed {MAX_STREAM_BYTES // 2**20} MB", code="stream_too_long")
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        done = False
+        async for raw in self._lines(response, idle_s, max_bytes):
+            line = raw.decode("utf-8", errors="replace")
             if not line.startswith("data:"):
                 continue  # a blank line between events, or a `:` comment (a keep-alive)
             data = line[5:].strip()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from types import TracebackType
 
-from batchrunner.client import Client
+from batchrunner.client import MAX_REPLY_BYTES, Client
 from batchrunner.preflight import api_key
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import OPENROUTER_BASE_URL, SANDBOX_SERVER, JobSpec
@@ -71,6 +71,8 @@ class Connection:
                 headers=self.spec.api.headers if self.spec else None,
                 timeout_s=self._timeout_s,
                 max_connections=self._max_connections,
+                stream_max_s=self.spec.stream_max_s if self.spec else 3600.0,
+                max_reply_bytes=int(self.spec.max_reply_mb * 2**20) if self.spec else MAX_REPLY_BYTES,
             ).__aenter__()
         except BaseException:
             await self._stop_sandbox()

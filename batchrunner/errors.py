@@ -66,6 +66,9 @@ class ApiError(BatchrunnerError):
     retry_after_s: float | None = None  # what the server asked us to wait, if it said
     usage: Usage | None = None  # tokens (and cost) of a failed attempt that was answered, and so may be billed
     metadata: dict[str, object] = field(default_factory=dict)
+    # The request went out and its reply was not read to its end (a timeout, a cap, a cancelled stream, a
+    # connection we closed): the server may have billed it, so the attempt is charged at its estimate.
+    abandoned: bool = False
 
     def __post_init__(self) -> None:
         super().__init__(self.message)

@@ -29,6 +29,9 @@ log = logging.getLogger("batchrunner")
 class Answerer(Protocol):
     """The row policy as an executor sees it (policy.RowPolicy)."""
 
+    # The tasks whose request is on the wire now: once a run stops, only they get the grace period.
+    sending: set[asyncio.Task[Any]]
+
     def answer(self, todo: Todo) -> Awaitable[RowResult | None]: ...
 
 
@@ -55,7 +58,7 @@ class LiveExecutor:
 
     Once the run stops, queued pairs are dropped, workers waiting for work leave, and requests
     on the wire get `grace_s` to land (they are paid for); pairs merely waiting (on a backoff,
-    a breaker, the server) are released by the policy at once."""
+    a breaker, the server, the rate limit, the budget) are released at once."""
 
     def __init__(self, concurrency: int, *, grace_s: float = 30.0) -> None:
         self.concurrency = concurrency
@@ -103,22 +106,30 @@ class LiveExecutor:
                 result = await policy.answer(todo)
                 if result is not None:
                     sinks.add(result)
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():  # the policy kept a bill; the cancel stands
+                    raise asyncio.CancelledError
 
         halt.on_stop(wake_workers)
         producer = asyncio.create_task(feed())
         workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         try:
-            await self._join(workers, halt)
+            await self._join(workers, halt, policy.sending)
         finally:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
             for task in workers:
                 task.cancel()
+            # A worker cancelled mid-request records what that request may have cost (policy.answer): let it,
+            # before the run closes the checkpoint.
+            await asyncio.gather(*workers, return_exceptions=True)
         return Execution(resumed, time.monotonic() - started)
 
-    async def _join(self, workers: list[asyncio.Task[None]], halt: Halt) -> None:
-        """Wait for the workers; once the run is stopping, give requests in flight `grace_s` to land."""
+    async def _join(self, workers: list[asyncio.Task[None]], halt: Halt, sending: set[asyncio.Task[Any]]) -> None:
+        """Wait for the workers; once the run is stopping, give requests on the wire `grace_s` to land, and
+        release at once the workers that are only waiting (for a slot, a backoff, the budget): nothing of
+        theirs was sent."""
         pending: set[asyncio.Task[Any]] = set(workers)
         stopped = asyncio.create_task(halt.wait())
         try:
@@ -126,6 +137,11 @@ class LiveExecutor:
                 done, pending = await asyncio.wait(pending | {stopped}, return_when=asyncio.FIRST_COMPLETED)
                 done.discard(stopped)
                 pending.discard(stopped)
+            waiting = pending - sending
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            pending -= waiting
             if pending:
                 _, pending = await asyncio.wait(pending, timeout=self.grace_s)
             if pending:

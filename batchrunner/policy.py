@@ -52,8 +52,9 @@ from batchrunner.request import (
     RequestBuilder,
     RowRequest,
     body_prompt,
+    least_prompt_tokens,
     media_tally,
-    most_prompt_tokens,
+    most_text_tokens,
 )
 from batchrunner.retries import RetryPolicy
 from batchrunner.spec import JobSpec
@@ -119,6 +120,7 @@ class RowPolicy:
         self.mode = Mode.of(spec.response_format)
         self._settled = asyncio.Event()  # set (and replaced) whenever a reservation settles
         self.saved_usd = ZERO_USD  # batches: what their answers would have cost more at live prices
+        self.sending: set[asyncio.Task[Any]] = set()  # the tasks whose request is on the wire (a stop's grace)
         halt.on_stop(self._settled.set)  # wake pairs waiting for budget
 
     def sibling(self, spec: JobSpec, requests: RequestBuilder) -> RowPolicy:
@@ -158,6 +160,12 @@ class RowPolicy:
         except _Stopped:
             if not row.bill.attempts:
                 return None
+            return self._result(
+                todo.request, row, status="pending", error=_one_line(row.last_error or "the run stopped")
+            )
+        except asyncio.CancelledError:  # the run gave up on it (a stop, past the grace): keep what it was billed
+            if not row.bill.attempts:
+                raise
             return self._result(
                 todo.request, row, status="pending", error=_one_line(row.last_error or "the run stopped")
             )
@@ -261,7 +269,8 @@ class RowPolicy:
                 "rows not answered stay pending: rerun once it is back",
             )
             raise _Stopped
-        reserved = await self._reserve(body, model)
+        self._check_context(body, model, row)
+        reserved = await self._reserve(body, model, row)
         try:
             # A free model's slot can be minutes away; any other's is a fraction of a second.
             await (self._unless_stopped(self.limits.acquire(model)) if is_free(model) else self.limits.acquire(model))
@@ -273,11 +282,20 @@ class RowPolicy:
             self._settle(reserved, ZERO_USD)
             raise
         timeout_s = self.spec.timeout_s * (2 if is_free(model) else 1)
+        if self.halt.stopping:  # the slot came after the stop: nothing goes out now
+            self._settle(reserved, ZERO_USD)
+            raise _Stopped
+        task = asyncio.current_task()
         try:
-            if self.spec.endpoint == "completions":
-                completion = await self.client.text_completion(body, timeout_s=timeout_s)
-            else:
-                completion = await self.client.chat(body, timeout_s=timeout_s)
+            if task is not None:
+                self.sending.add(task)
+            try:
+                if self.spec.endpoint == "completions":
+                    completion = await self.client.text_completion(body, timeout_s=timeout_s)
+                else:
+                    completion = await self.client.chat(body, timeout_s=timeout_s)
+            finally:
+                self.sending.discard(task)
         except ApiError as exc:
             if exc.code == UNREACHABLE:
                 self._settle(reserved, ZERO_USD)
@@ -287,13 +305,25 @@ class RowPolicy:
             self.server.answered()
             row.bill.attempts += 1
             row.last_error = exc
-            self._settle(reserved, self._charge(row.bill, exc.usage, model, media=media_tally(body_prompt(body))))
+            if exc.abandoned and exc.usage is None:
+                self._settle(reserved, self._estimate(row.bill, body, model, reserved))
+            else:
+                self._settle(reserved, self._charge(row.bill, exc.usage, model, media=media_tally(body_prompt(body))))
             if isinstance(exc, FatalApiError):
                 if exc.code == "free_daily_cap":
                     self.halt.stop(StopReason.FREE_CAP, str(self.limits.cap_reached(model)))
                 else:
                     self.halt.stop(StopReason.ACCOUNT, str(exc), exc)
                 raise _Stopped from exc
+            raise
+        except asyncio.CancelledError:  # given up on while on the wire: it may have been billed
+            row.bill.attempts += 1
+            row.last_error = TransientError(
+                "the run stopped with this request in flight (it may have been billed)",
+                code="abandoned",
+                abandoned=True,
+            )
+            self._settle(reserved, self._estimate(row.bill, body, model, reserved))
             raise
         except BaseException:
             self._settle(reserved, ZERO_USD)
@@ -454,20 +484,59 @@ class RowPolicy:
         bill.add(cost, source, usage.prompt_tokens, usage.completion_tokens)
         return cost
 
+    def _estimate(self, bill: Bill, body: dict[str, Any], model: str, reserved: Decimal) -> Decimal:
+        """Charge an attempt whose reply was abandoned (a timeout, a cap, a stop) at its worst case, marked
+        as estimated: the server may have billed it, and counting too much is safer than counting nothing."""
+        worst = reserved if self.budget is not None else self._worst_case_if_priced(body, model)
+        if worst is None:
+            bill.add(ZERO_USD, "unknown", 0, 0)
+            return ZERO_USD
+        bill.add(worst, "estimated", 0, 0)
+        return worst
+
+    def _worst_case_if_priced(self, body: dict[str, Any], model: str) -> Decimal | None:
+        try:
+            return self._worst_case(body, model)
+        except KeyError:  # a model without prices
+            return None
+
+    def _check_context(self, body: dict[str, Any], model: str, row: RowState) -> None:
+        """Refuse, unsent, a prompt that even its fewest possible tokens would not fit in the model's context
+        (unless OpenRouter's middle-out transform is asked to make it fit)."""
+        pricing = self.pricing.get(model)
+        if pricing is None or not pricing.context_length or _middle_out(body):
+            return
+        least = least_prompt_tokens(body_prompt(body))
+        if least > pricing.context_length:
+            row.last_error = RequestRejected(
+                f"the prompt is at least {least:,} tokens, more than {model}'s context of {pricing.context_length:,} "
+                "(nothing was sent): shorten it, or ask for params.transforms: [middle-out]",
+                code="context_length",
+            )
+            raise row.last_error
+
     def _allowance(self, model: str, media: MediaTally | None = None) -> Decimal:
         """What a request may cost beyond its tokens: web search results, and parsing its PDFs' pages."""
         pages = media.most_pages() if media is not None else 0
         return plugin_allowance_usd(self.spec.params.get("plugins"), model) + pages * FILE_PARSER_USD_PER_PAGE
 
-    async def _reserve(self, body: dict[str, Any], model: str) -> Decimal:
+    async def _reserve(self, body: dict[str, Any], model: str, row: RowState | None = None) -> Decimal:
         """Reserve this request's worst case (its own prompt and max_tokens, repairs included) against the budget.
 
         When it does not fit, wait for requests in flight to settle and free what they did
-        not use; stop the run only when nothing is in flight and it still does not fit."""
+        not use; stop the run only when nothing is in flight and it still does not fit. A request
+        whose worst case is more than the whole budget can never go: its row fails, unsent."""
         if self.budget is None:
             return ZERO_USD
         worst = self._worst_case(body, model)
         budget = self.budget
+        if worst > budget.limit_usd and row is not None:
+            row.last_error = RequestRejected(
+                f"this request could cost up to {format_usd(worst)}, more than the whole budget of "
+                f"{format_usd(budget.limit_usd)} (nothing was sent): shorten the prompt or lower max_tokens",
+                code="over_budget",
+            )
+            raise row.last_error
         while True:
             settled = self._settled
             if self.halt.stopping:
@@ -488,11 +557,17 @@ class RowPolicy:
         With server-side fallbacks OpenRouter may answer with any model of the chain: the dearest."""
         candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
         prompt = body_prompt(body)
-        prompt_tokens, media = most_prompt_tokens(prompt), media_tally(prompt)
+        text_tokens, media = most_text_tokens(prompt), media_tally(prompt)
+        fitted = _middle_out(body)  # OpenRouter cuts the prompt to the context: it bills no more than that
         worst = []
         for name in candidates:
             pricing = self.pricing[name]
-            tokens = min(prompt_tokens, pricing.context_length or prompt_tokens)  # a longer prompt is refused, unbilled
+            context = pricing.context_length
+            # Servers bill the prompt they were sent, longer than the context or not: the text is never capped.
+            # What media adds is a guess; a provider resizes images and pages to what the model takes.
+            tokens = text_tokens + min(media.most_tokens(), context or media.most_tokens())
+            if fitted and context:
+                tokens = min(tokens, context)
             completion = self.requests.max_completion_tokens(pricing, body)
             worst.append(pricing.worst_case_usd(tokens, completion, images=media.images) + self._allowance(name, media))
         return max(worst)
@@ -586,6 +661,12 @@ def _answer_fields(completion: Completion, *, failed: bool = False) -> dict[str,
         "provider": completion.provider,
         "tool_calls": json.dumps(completion.tool_calls, ensure_ascii=False) if completion.tool_calls else None,
     }
+
+
+def _middle_out(body: dict[str, Any]) -> bool:
+    """Whether the request asks OpenRouter to cut its prompt to fit the context (transforms: [middle-out])."""
+    transforms = body.get("transforms")
+    return isinstance(transforms, list) and "middle-out" in transforms
 
 
 def _one_line(error: object) -> str:

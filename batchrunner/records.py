@@ -62,7 +62,7 @@ class Bill:
     tomorrow starts from what it was billed today, so nothing paid for drops out."""
 
     cost_usd: Decimal = ZERO_USD
-    sources: set[str] = field(default_factory=set)  # reported, computed, unknown
+    sources: set[str] = field(default_factory=set)  # reported, computed, estimated (a reply abandoned), unknown
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 0
@@ -84,8 +84,8 @@ class Bill:
 
     @property
     def source(self) -> str:
-        """The least certain source among the attempts: unknown, then computed, then reported."""
-        for source in ("unknown", "computed"):
+        """The least certain source among the attempts: unknown, then estimated, then computed, then reported."""
+        for source in ("unknown", "estimated", "computed"):
             if source in self.sources:
                 return source
         return "reported"
@@ -115,7 +115,7 @@ class RowResult:
     billed_prompt_tokens: int = 0  # every billed attempt's, in every run (prompt_tokens is the answer's own)
     billed_completion_tokens: int = 0
     cost_usd: Decimal = ZERO_USD  # every billed attempt of this row, in every run, not just the last
-    cost_source: str = "reported"  # reported (usage.cost), computed (from /models prices) or unknown
+    cost_source: str = "reported"  # reported (usage.cost), computed (from /models prices), estimated, or unknown
     latency_s: float | None = None  # of the attempt that answered
     ttft_s: float | None = None  # streamed: from sending to the first token, of the attempt that answered
     attempts: int = 0  # across all models tried, in every run

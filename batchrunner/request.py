@@ -321,8 +321,22 @@ def estimated_prompt_tokens(prompt: Any) -> int:
 def most_prompt_tokens(prompt: Any) -> int:
     """An upper bound for budgets: no tokenizer makes more tokens than UTF-8 bytes, plus role markers,
     plus the most its media may count (capped by the model's context where it is known)."""
+    return most_text_tokens(prompt) + media_tally(prompt).most_tokens()
+
+
+def most_text_tokens(prompt: Any) -> int:
+    """The most tokens a prompt's text can be: no tokenizer makes more tokens than UTF-8 bytes, plus role markers."""
     texts = prompt_texts(prompt)
-    return sum(len(t.encode()) for t in texts) + 8 * len(texts) + 8 + media_tally(prompt).most_tokens()
+    return sum(len(t.encode()) for t in texts) + 8 * len(texts) + 8
+
+
+MOST_BYTES_PER_TOKEN = 32  # longer than any common tokenizer's longest usual token (runs of spaces, dashes)
+
+
+def least_prompt_tokens(prompt: Any) -> int:
+    """The fewest tokens a prompt's text can be: a prompt longer than a model's context even by this bound is
+    refused unsent (the byte count, an upper bound, would refuse prompts that fit)."""
+    return sum(len(t.encode()) for t in prompt_texts(prompt)) // MOST_BYTES_PER_TOKEN
 
 
 def expected_completion_tokens(spec: JobSpec, pricing: Pricing | None = None) -> tuple[float, str]:

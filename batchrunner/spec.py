@@ -325,6 +325,11 @@ class JobSpec(_Strict):
     unreachable_timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = (
         60.0  # stop when the server is gone this long
     )
+    # A streamed answer, keep-alives and all, ends within this: long reasoning answers think for minutes
+    stream_max_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 3600.0
+    max_reply_mb: Annotated[float, Field(gt=0, le=4096, allow_inf_nan=False)] = (
+        64.0  # one completion's reply, decompressed
+    )
     rate_limit: Literal["auto"] | RateLimit = "auto"
     free_requests_per_day: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     retry: RetrySettings = RetrySettings()
@@ -545,6 +550,8 @@ FIELD_HELP = {  # each top-level key's description in the JSON Schema (`batchrun
     "endpoint": "chat (default) or completions (then `prompt` is the raw prompt).",
     "timeout_s": "Seconds a request may take (for streams: may stay silent); doubled for :free models.",
     "unreachable_timeout_s": "Stop the run when the server has refused every connection this long.",
+    "stream_max_s": "Seconds a streamed answer may take in all, keep-alives included (default 3600); then the row's error.",
+    "max_reply_mb": "The most one completion's reply may be, decompressed, in MB (default 64); a larger one is the row's error.",
     "rate_limit": "auto (OpenRouter's credit rule, from GET /key) or {requests_per_second: N} / {requests_per_minute: N}.",
     "free_requests_per_day": "The daily cap on :free model requests.",
     "retry": "Attempts per model before its fallbacks, and the backoff between them.",

@@ -172,6 +172,9 @@ async def test_a_bug_while_preparing_rows_stops_the_run_saying_it_is_a_bug(write
         raise ValueError("an unexpected state")
 
     class Answer:
+        def __init__(self) -> None:
+            self.sending: set[asyncio.Task[Any]] = set()
+
         async def answer(self, todo: Todo) -> RowResult:
             return RowResult(todo.request.row.index, todo.request.row.id, 0, todo.request.requested_model, "ok")
 

@@ -9,7 +9,7 @@ plain answer, and notes when each request arrived and what it asked.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,9 @@ class Reply:
     status: int = 200
     body: dict[str, Any] | None = None  # None: a plain answer
     headers: dict[str, str] | Callable[[float], dict[str, str]] = field(default_factory=dict)
+    # Writes the reply itself (a stream, a bomb, a body that never ends), given the request and a prepared
+    # response; `status` and `headers` are already set on it.
+    write: Callable[[web.Request, web.StreamResponse], Awaitable[None]] | None = None
 
 
 def answer(
@@ -61,11 +64,17 @@ class Scripted:
         self.bodies.append(await request.json())
         reply = self.replies.pop(0) if self.replies else Reply()
         headers = reply.headers(time.time()) if callable(reply.headers) else reply.headers
+        if reply.write is not None:
+            response = web.StreamResponse(status=reply.status, headers=headers)
+            await response.prepare(request)
+            await reply.write(request, response)
+            return response
         return web.json_response(reply.body or answer(), status=reply.status, headers=headers)
 
     async def __aenter__(self) -> Scripted:
         app = web.Application()
         app.router.add_post("/api/v1/chat/completions", self._chat)
+        app.router.add_post("/elsewhere/chat/completions", self._chat)  # a redirect's target on the same origin
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
