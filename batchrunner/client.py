@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import email.utils
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -269,8 +270,8 @@ class Client:
                 f"the stream was silent for {total_s:g} s (timeout_s)", code="timeout", abandoned=True
             ) from None
         except TimeoutError:
-            if stream is not None:
-                raise TransientError(
+            if stream is not None:  # not retried: the same answer would take as long again, and be paid again
+                raise RequestRejected(
                     f"the stream went on past {self.stream_max_s:g} s (stream_max_s)",
                     code="stream_too_long",
                     abandoned=True,
@@ -506,30 +507,36 @@ def _error_object(payload: Any) -> dict[str, Any]:
 def retry_after_s(headers: Any, error: dict[str, Any] | None = None, *, now_s: float | None = None) -> float | None:
     """How long the server asked us to wait, from whichever hint it gave, in seconds."""
     headers = headers or {}
-    if (value := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(value) / 1000)
-        except ValueError:
-            pass
+    now = now_s if now_s is not None else time.time()
+    if (wait := _seconds(headers.get("retry-after-ms"), scale=1000)) is not None:
+        return wait
     if (value := headers.get("Retry-After")) is not None:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if value else None
-            if parsed is not None:
-                return max(0.0, parsed.timestamp() - (now_s if now_s is not None else time.time()))
-    if (value := headers.get("X-RateLimit-Reset")) is not None:
-        try:
-            reset_ms = float(value)
-            return max(0.0, reset_ms / 1000 - (now_s if now_s is not None else time.time()))
-        except ValueError:
-            pass
+        if (wait := _seconds(value)) is not None:
+            return wait
+        try:  # an HTTP date
+            return _seconds(email.utils.parsedate_to_datetime(value).timestamp() - now)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass  # neither: no hint, the usual backoff
+    if (reset := _seconds(headers.get("X-RateLimit-Reset"), scale=1000)) is not None:
+        return max(0.0, reset - now)
     error = error or {}
     metadata = _mapping(error.get("metadata"))
-    for hint in (metadata.get("retry_after_seconds"), (error.get("availability") or {}).get("retry_after")):
-        if isinstance(hint, (int, float)):
-            return max(0.0, float(hint))
+    for hint in (metadata.get("retry_after_seconds"), _mapping(error.get("availability")).get("retry_after")):
+        if not isinstance(hint, bool) and (wait := _seconds(hint)) is not None:
+            return wait
     return None
+
+
+def _seconds(value: Any, *, scale: float = 1.0) -> float | None:
+    """A header's or field's number of seconds (given in 1/scale units), at least 0; None if it is not a
+    finite number."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value) / scale
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def classify(status: int, payload: Any, headers: Any = None) -> ApiError:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import math
+import time
+import zlib
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from helpers.scripted import Reply, Scripted
 
 from batchrunner.client import Client, classify, parse_completion, retry_after_s
 from batchrunner.errors import FatalApiError, MediaProblem, RateLimited, RequestRejected, TransientError
@@ -354,3 +362,142 @@ async def test_keep_alive_comments_keep_a_slow_stream_under_the_idle_timeout() -
             await client.chat(body, timeout_s=0.25)
         streamed = await client.chat({**body, "stream": True}, timeout_s=0.25)
     assert streamed.text and streamed.latency_s >= 0.6
+
+
+# -- hostile servers and a stopped process ------------------------------------------------------
+
+
+def sse(*chunks: dict[str, Any]) -> bytes:
+    """Server-sent events as OpenRouter streams them, ending with [DONE]."""
+    return b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n"
+
+
+def delta(content: str, finish_reason: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "gen-1",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish_reason}],
+    }
+
+
+def writing(body: bytes) -> Any:
+    async def write(request: web.Request, response: web.StreamResponse) -> None:
+        await response.write(body)
+
+    return write
+
+
+async def test_an_answer_that_arrived_while_the_process_was_stopped_is_an_answer(
+    sandbox_in_thread: Callable[[SandboxConfig], Sandbox],
+) -> None:
+    """The process stops (Ctrl-Z) for three times timeout_s with a request on the wire; the answer that came
+    meanwhile is the answer, not a timeout to pay for again."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.2))
+    async with Client(sandbox.base_url, timeout_s=0.5) as client:
+        asyncio.get_running_loop().call_later(0.05, time.sleep, 1.5)  # the whole event loop stands still
+        completion = await client.chat(CHAT)
+    assert completion.text and sandbox.stats.requests == 1
+
+
+async def test_a_stream_line_longer_than_aiohttps_line_limit_is_read_whole() -> None:
+    """One `data:` line of 1 MB (a large tool call or image delta) is part of the answer, not a traceback."""
+    big = "x" * 2**20
+    stream = sse(delta(big), delta("", "stop"), {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}})
+    headers = {"Content-Type": "text/event-stream"}
+    async with (
+        Scripted([Reply(200, headers=headers, write=writing(stream))]) as server,
+        Client(server.base_url) as client,
+    ):
+        completion = await client.chat({**CHAT, "stream": True})
+    assert completion.text == big and completion.usage.completion_tokens == 9
+
+
+async def test_a_gzip_bomb_is_cut_off_at_the_reply_cap_and_marked_as_maybe_billed() -> None:
+    """A 1 MB gzip reply that would expand to 256 MB is read only to max_reply_bytes: the request's error,
+    not the process's memory; and its reply was abandoned, so it may have been billed."""
+
+    async def bomb(request: web.Request, response: web.StreamResponse) -> None:
+        packer = zlib.compressobj(wbits=31)  # gzip
+        zeros = bytes(2**20)
+        for _ in range(256):
+            await response.write(packer.compress(zeros))
+        await response.write(packer.flush())
+
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with (
+        Scripted([Reply(200, headers=headers, write=bomb)]) as server,
+        Client(server.base_url, max_reply_bytes=2**20) as client,
+    ):
+        with pytest.raises(RequestRejected) as caught:
+            await client.chat(CHAT)
+    assert caught.value.code == "reply_too_large" and caught.value.abandoned
+    assert "max_reply_mb" in str(caught.value)
+
+
+async def test_a_stream_of_keep_alives_ends_at_stream_max_s() -> None:
+    """A server that only ever sends `: OPENROUTER PROCESSING` proves the connection lives, not that an answer
+    comes: the stream ends at stream_max_s as the row's error (not retried: it would pay again)."""
+
+    async def forever(request: web.Request, response: web.StreamResponse) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(b": OPENROUTER PROCESSING\n\n")
+                await asyncio.sleep(0.05)
+
+    headers = {"Content-Type": "text/event-stream"}
+    async with (
+        Scripted([Reply(200, headers=headers, write=forever)]) as server,
+        Client(server.base_url, timeout_s=0.3, stream_max_s=0.8) as client,
+    ):
+        started = time.monotonic()
+        with pytest.raises(RequestRejected) as caught:
+            await client.chat({**CHAT, "stream": True})
+    assert caught.value.code == "stream_too_long" and caught.value.abandoned
+    assert 0.8 <= time.monotonic() - started < 3
+
+
+async def test_a_silent_stream_times_out_after_timeout_s_and_may_have_been_billed() -> None:
+    """A stream that sends its headers and then nothing for timeout_s is a timeout, retried, with its reply
+    abandoned (the server may have billed what it generated)."""
+
+    async def silent(request: web.Request, response: web.StreamResponse) -> None:
+        await response.write(sse(delta("partial"))[:40])
+        await asyncio.sleep(5)
+
+    headers = {"Content-Type": "text/event-stream"}
+    async with (
+        Scripted([Reply(200, headers=headers, write=silent)]) as server,
+        Client(server.base_url, timeout_s=0.3) as client,
+    ):
+        with pytest.raises(TransientError) as caught:
+            await client.chat({**CHAT, "stream": True})
+    assert caught.value.code == "timeout" and caught.value.abandoned
+
+
+async def test_a_redirect_to_another_origin_is_not_followed() -> None:
+    """A 307 to another host would carry every prompt there: the request fails naming where it pointed, and the
+    other host receives nothing."""
+    async with Scripted([]) as elsewhere:
+        target = elsewhere.base_url.replace("127.0.0.1", "localhost") + "/chat/completions"
+        async with Scripted([Reply(307, {}, {"Location": target})]) as server, Client(server.base_url) as client:
+            with pytest.raises(RequestRejected) as caught:
+                await client.chat(CHAT)
+    assert caught.value.code == "redirect" and "localhost" in str(caught.value)
+    assert elsewhere.bodies == [] and len(server.bodies) == 1
+
+
+async def test_a_redirect_within_the_same_origin_is_followed_with_the_body() -> None:
+    """A 308 to another path on the same server is followed, the body sent again, and its answer kept."""
+    async with Scripted([]) as server:
+        server.replies.append(Reply(308, {}, {"Location": "/elsewhere/chat/completions"}))
+        async with Client(server.base_url) as client:
+            completion = await client.chat(CHAT)
+    assert completion.text == "ok" and server.bodies == [CHAT, CHAT]
+
+
+@pytest.mark.parametrize("value", ["soon-ish", "", "Mon, 99 Foo 2026 99:99:99 GMT", "1e999", "nan", "-5"])
+def test_an_unreadable_retry_after_is_no_hint(value: str) -> None:
+    """A Retry-After that is neither seconds nor an HTTP date means 'no hint' (the usual backoff), never a traceback."""
+    hint = retry_after_s({"Retry-After": value})
+    assert hint is None or (hint >= 0 and math.isfinite(hint))
+    assert isinstance(classify(429, envelope(429), {"Retry-After": value}), RateLimited)
