@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import email.utils
+import io
 import json
 import math
 import time
@@ -49,6 +50,7 @@ MAX_LISTING_BYTES = 256 * 2**20  # /models, a batch and its results: large, neve
 MAX_REDIRECTS = 5  # same-origin redirects followed for one request
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK_BYTES = 2**16
+LARGE_BODY_BYTES = 2**20  # aiohttp writes a larger bytes body in one go, holding up the event loop
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,8 @@ class Client:
                     sent_headers = {}
                     if encoded is not None:
                         data = encoded.chunks() if encoded.streamed else encoded.whole()
+                        if isinstance(data, bytes) and len(data) > LARGE_BODY_BYTES:  # sent in pieces, not at once
+                            data = io.BytesIO(data)
                         sent_headers["Content-Length"] = str(encoded.length)
                     async with (
                         within(total_s) if stream is not None else contextlib.nullcontext()

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -609,7 +610,8 @@ def test_sigterm_cancels_streams_in_flight_at_once(
     write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
     """A streamed answer can be stopped (which stops its billing): on SIGTERM the run cancels its streams at once
-    instead of waiting up to 30 s for answers that take 20 s, and exits 3 with the rows pending."""
+    instead of waiting up to 30 s for answers that take 20 s, and exits 3 with the rows pending. The cancelled
+    streams may have been billed: each counts as an attempt at its worst case, in the checkpoint and `status`."""
     sandbox = sandbox_in_thread(SandboxConfig(latency_s=20.0))
     job = write_spec(params={"max_tokens": 20, "stream": True}, concurrency=4)
     process, _, stderr, stopping_s = sigterm_after(job, sandbox, requests=4)
@@ -617,3 +619,24 @@ def test_sigterm_cancels_streams_in_flight_at_once(
     assert stopping_s < 10, "the streams were cancelled, not waited for"
     assert "gave up on 4 requests still in flight" in stderr
     assert "\n12 rows are pending; rerun the same command" in stderr
+    with sqlite3.connect(job.parent / "out" / "result.checkpoint.sqlite") as db:
+        kept = db.execute("SELECT status, attempts, cost_source, cost_usd FROM results").fetchall()
+    assert len(kept) == 4 and all(row[:3] == ("pending", 1, "estimated") and Decimal(row[3]) > 0 for row in kept)
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    status = json.loads(run_cli("status", str(job), "--json", env=env).stdout)
+    assert Decimal(status["cost_usd"]) == sum(Decimal(row[3]) for row in kept)
+
+
+def test_sigterm_releases_rows_waiting_on_the_rate_limit_at_once(
+    write_spec: Callable[..., Path], sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """Rows waiting for a rate-limit slot were never sent: a stop releases them at once (no 30 s grace, no
+    'gave up on requests in flight'), and nothing goes out after the stop."""
+    sandbox = sandbox_in_thread(SandboxConfig())
+    job = write_spec(rate_limit={"requests_per_second": 1}, concurrency=6)
+    process, _, stderr, stopping_s = sigterm_after(job, sandbox, requests=1)
+    sent = sandbox.stats.requests
+    assert process.returncode == 3, stderr
+    assert stopping_s < 5 and "gave up on" not in stderr
+    time.sleep(1.2)
+    assert sandbox.stats.requests == sent <= 2

@@ -216,3 +216,24 @@ async def test_a_reported_cost_above_ten_times_what_the_prices_allow_is_set_asid
         report = await run(spec, server, pricing=prices)  # type: ignore[arg-type]
     [result] = report.results
     assert (result.cost_usd, result.cost_source) == (Decimal(cost_usd), source)
+
+
+async def test_a_timed_out_attempt_is_counted_and_charged_at_its_worst_case(
+    write_spec: Callable[..., Path], tickets_csv: Path
+) -> None:
+    """A reply abandoned after the request went out may have been billed: the attempt counts, at its worst case
+    (marked estimated), beside the retry that answered."""
+    tickets_csv.write_text("ticket_id,subject,text\nT-0,s,t\n")
+    spec = load_spec(write_spec(timeout_s=0.3, params={"max_tokens": 100}))
+
+    async def slow(request: Any, response: Any) -> None:
+        await asyncio.sleep(0.6)
+
+    prices = PriceTable([{"id": "openai/gpt-4o-mini", "pricing": {"prompt": "0.000001", "completion": "0.000004"}}])
+    answered = answer(prompt_tokens=10, completion_tokens=2, cost_usd=0.00002)
+    async with Scripted([Reply(200, write=slow), Reply(200, answered)]) as server:
+        report = await run(spec, server, pricing=prices)  # type: ignore[arg-type]
+    [result] = report.results
+    assert result.status == "ok" and result.attempts == 2 and result.cost_source == "estimated"
+    worst = (len("Ticket T-0: t") + 8 + 8) * Decimal("0.000001") + 100 * Decimal("0.000004")  # bytes, markers
+    assert result.cost_usd == Decimal("0.00002") + worst

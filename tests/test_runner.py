@@ -866,3 +866,23 @@ async def test_the_key_the_models_and_the_endpoints_are_asked_for_in_one_round_t
         monkeypatch.setenv("OPENROUTER_API_KEY", "not-a-key")
         with pytest.raises(RunHalted, match="API key"):
             await run_job(spec)
+
+
+async def test_a_prompt_longer_than_the_context_is_reserved_at_what_it_would_be_billed(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Servers bill the prompt they were sent: a 700 KB cell may cost $0.10 at gpt-4o-mini's price, more than the
+    $0.05 budget, so that row fails unsent; a 5 MB cell (at least 160k tokens, past the 128k context) is refused
+    unsent; the short rows are answered; the sandbox charges within the budget."""
+    texts = ["short one", "x" * 700_000, "y " * 2_600_000, "short two"]
+    pl.DataFrame({"ticket_id": [f"T-{i}" for i in range(4)], "text": texts}).write_csv(tmp_path / "long.csv")
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(input="long.csv", prompt="{text}", api={"base_url": sandbox.base_url}))
+        outcome = await run_job(spec, max_cost_usd=Decimal("0.05"))
+    assert sandbox.stats.requests == 2 and sandbox.stats.charged_usd <= Decimal("0.05")
+    output = pl.read_parquet(spec.output).sort("ticket_id")
+    assert output["status"].to_list() == ["ok", "failed", "failed", "ok"]
+    over_budget, past_context = output["error"].to_list()[1:3]
+    assert "more than the whole budget of $0.05 (nothing was sent)" in over_budget
+    assert "more than openai/gpt-4o-mini's context of 128,000" in past_context
+    assert output["attempts"].to_list() == [1, 0, 0, 1] and outcome.report.summary.cost_usd == sandbox.stats.charged_usd
