@@ -8,13 +8,12 @@ knows the server's identity for the checkpoint (spec.server()). `run`, `estimate
 
 from __future__ import annotations
 
-import os
 from types import TracebackType
 
 from batchrunner.client import MAX_REPLY_BYTES, Client
 from batchrunner.preflight import api_key
 from batchrunner.sandbox import Sandbox, SandboxConfig
-from batchrunner.spec import OPENROUTER_BASE_URL, SANDBOX_SERVER, JobSpec
+from batchrunner.spec import SANDBOX_SERVER, JobSpec, env_base_url
 
 SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
 
@@ -39,7 +38,7 @@ class Connection:
             self.base_url = spec.base_url()
             self.key = api_key(spec, self.base_url)
         else:  # `batchrunner models`: no job, no key needed
-            self.base_url = os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
+            self.base_url = env_base_url()
             self.key = None
         self.server = (
             spec.server(sandbox=sandbox is not None) if spec else (SANDBOX_SERVER if sandbox is not None else "")

@@ -32,7 +32,7 @@ from batchrunner.request import (
 )
 from batchrunner.runner import check_on_server, fetch_endpoints, fetch_prices, plan_limits
 from batchrunner.sandbox import SandboxConfig
-from batchrunner.spec import OPENROUTER_BASE_URL, JobSpec, is_openrouter
+from batchrunner.spec import JobSpec, env_base_url, is_openrouter
 from batchrunner.store import Store
 
 BATCH_PRICE_SHARE = Decimal("0.5")  # what a batch typically costs, as a share of the live price
@@ -260,7 +260,7 @@ async def list_endpoints(model: str, *, sandbox: SandboxConfig | None = None) ->
 async def lookup_generation(generation_id: str) -> dict[str, Any]:
     """GET /generation?id=: what OpenRouter kept of one answer. Uses $OPENROUTER_API_KEY."""
     key = os.environ.get("OPENROUTER_API_KEY", "").strip()
-    base_url = os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
+    base_url = env_base_url()
     if not key and is_openrouter(base_url):
         raise SpecError(
             Problem("OPENROUTER_API_KEY", "is not set; GET /generation needs the key that made the request")

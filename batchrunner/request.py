@@ -21,7 +21,7 @@ from batchrunner.dataset import Row
 from batchrunner.errors import MediaProblem
 from batchrunner.media import MIB, Media, MediaLimitsBytes, MediaReader, audio_format
 from batchrunner.prompt import MEDIA_PARTS, MediaValue, PromptTemplate
-from batchrunner.spec import JobSpec
+from batchrunner.spec import SANDBOX_SERVER, JobSpec
 from batchrunner.structured import repair_prompt, resolve_ref
 
 DEFAULT_MAX_COMPLETION_TOKENS = 16_384  # when neither the spec nor /models says
@@ -142,6 +142,9 @@ class RequestBuilder:
             # need an explicit breakpoint (Anthropic, Gemini) cache it; others cache implicitly.
             prompt = [{**m, "content": _cached(m["content"])} if m["role"] == "system" else m for m in prompt]
         body[self.prompt_field] = prompt
+        if body.get("stream") is True and self.server not in ("", SANDBOX_SERVER) and "stream_options" not in body:
+            # vLLM, LiteLLM and OpenAI-style servers report a stream's usage only when asked; OpenRouter always does
+            body["stream_options"] = {"include_usage": True}
         return body
 
     def repaired(self, body: dict[str, Any], answer: str, error: str, *, cut_off: bool) -> dict[str, Any]:

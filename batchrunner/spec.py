@@ -15,6 +15,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -87,9 +88,41 @@ class ApiSettings(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://", value):
-            raise ValueError("must start with http:// or https://, e.g. https://openrouter.ai/api/v1")
+        if value is not None and (problem := base_url_problem(value)):
+            raise ValueError(problem)
         return value.rstrip("/") if value else value
+
+
+def base_url_problem(url: str) -> str | None:
+    """What is wrong with a base URL (api.base_url, $OPENROUTER_BASE_URL), or None. A user name or password in
+    it would be printed in messages, logged and stored in the checkpoint with the URL: refused, with the way
+    to send it instead."""
+    if not re.match(r"^https?://", url):
+        return "must start with http:// or https://, e.g. https://openrouter.ai/api/v1"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # a port that is not a number raises here
+    except ValueError:
+        return "is not a URL batchrunner can use; check its host and port"
+    if parts.username is not None or parts.password is not None:
+        host = parts.hostname or ""
+        safe = urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
+        return (
+            f"carries a user name or password ({parts.scheme}://***@{host}...), which would be printed and "
+            f"stored with the URL: use {safe} and send the credential as a header, e.g. api.headers: "
+            "{Proxy-Authorization: Basic ...} (or Authorization, when the server needs no API key)"
+        )
+    return None
+
+
+def env_base_url() -> str:
+    """$OPENROUTER_BASE_URL, checked as api.base_url is, else OpenRouter's own."""
+    value = os.environ.get("OPENROUTER_BASE_URL", "").strip().rstrip("/")
+    if not value:
+        return OPENROUTER_BASE_URL
+    if problem := base_url_problem(value):
+        raise SpecError(Problem("$OPENROUTER_BASE_URL", problem))
+    return value
 
 
 class RateLimit(_Strict):
@@ -516,7 +549,7 @@ class JobSpec(_Strict):
         return self.checkpoint or self.output.with_name(self.output.stem + ".checkpoint.sqlite")
 
     def base_url(self) -> str:
-        return self.api.base_url or os.environ.get("OPENROUTER_BASE_URL", "").rstrip("/") or OPENROUTER_BASE_URL
+        return self.api.base_url or env_base_url()
 
     def server(self, *, sandbox: bool) -> str:
         """Who answers this job's requests, as the checkpoint tells answers apart: "" for OpenRouter,

@@ -640,3 +640,17 @@ def test_sigterm_releases_rows_waiting_on_the_rate_limit_at_once(
     assert stopping_s < 5 and "gave up on" not in stderr
     time.sleep(1.2)
     assert sandbox.stats.requests == sent <= 2
+
+
+@pytest.mark.parametrize("where", ["spec", "environment"])
+def test_a_password_in_the_base_url_is_refused_and_never_printed(write_spec: Callable[..., Path], where: str) -> None:
+    """http://user:pass@proxy/... in api.base_url or $OPENROUTER_BASE_URL: exit 2 before anything is sent, saying
+    how to send the credential instead; the password appears nowhere (it was printed, stored, then a traceback)."""
+    url = "http://alice:s3cr3t-pw@127.0.0.1:9/api/v1"
+    spec = write_spec(api={"base_url": url}) if where == "spec" else write_spec()
+    env = {"OPENROUTER_API_KEY": "sk-or-v1-test", **({"OPENROUTER_BASE_URL": url} if where == "environment" else {})}
+    for command in ("run", "status", "validate"):
+        result = invoke(command, str(spec), env=env)
+        assert result.exit_code == 2, (command, result.output)
+        assert "carries a user name or password" in result.stderr and "Proxy-Authorization" in result.stderr
+        assert "s3cr3t" not in result.output + result.stderr and "Traceback" not in result.stderr

@@ -191,3 +191,17 @@ def test_media_tally_counts_what_prompts_carry(tmp_path: Path) -> None:
     tally = media_tally(builder.prompt(media_row(scan="https://x.example/doc.pdf")))
     assert (tally.files, tally.pages, tally.unknown_pages) == (1, 0, 1)
     assert most_prompt_tokens(builder.prompt(media_row())) > MOST_TOKENS_PER_IMAGE
+
+
+def test_a_stream_asks_other_servers_for_its_usage(write_spec: Callable[..., Path]) -> None:
+    """vLLM, LiteLLM and OpenAI-style servers report a stream's tokens only when asked (stream_options.include_usage);
+    OpenRouter and the sandbox always report them and get the body as the spec wrote it."""
+    spec = load_spec(write_spec(params={"max_tokens": 20, "stream": True}))
+    for server, asked in [("http://127.0.0.1:8000/v1", True), ("", False), ("sandbox", False)]:
+        builder = RequestBuilder(spec, server=server)
+        body = builder.body(builder.prompt(ROW), "openai/gpt-4o-mini")
+        assert ("stream_options" in body) is asked and body.get("stream_options", {"include_usage": True}) == {
+            "include_usage": True
+        }
+    unstreamed = RequestBuilder(load_spec(write_spec()), server="http://127.0.0.1:8000/v1")
+    assert "stream_options" not in unstreamed.body(unstreamed.prompt(ROW), "openai/gpt-4o-mini")
