@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+from batchrunner.clock import running_s
 
 log = logging.getLogger("batchrunner")
 
@@ -74,7 +75,7 @@ class Breaker:
         threshold: int = 5,
         cooldown_s: float = 30.0,
         max_cooldown_s: float = 300.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = running_s,
     ) -> None:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
@@ -164,7 +165,7 @@ class ServerWatch:
     turns true and the run stops (rows stay pending, exit 3). The clock is injectable."""
 
     def __init__(
-        self, *, give_up_s: float = 60.0, probe_every_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+        self, *, give_up_s: float = 60.0, probe_every_s: float = 1.0, clock: Callable[[], float] = running_s
     ) -> None:
         self.give_up_s = give_up_s
         self.probe_every_s = probe_every_s

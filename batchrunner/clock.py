@@ -47,8 +47,8 @@ class _LoopClock:
 
     def running_s(self) -> float:
         now = self.loop.time()
-        in_progress = max(0.0, now - self.last_beat - HEARTBEAT_S - STALL_SLACK_S)
-        return now - self.stalled_s - in_progress
+        late = now - self.last_beat - HEARTBEAT_S  # a stall the heartbeat has not woken from yet
+        return now - self.stalled_s - (late if late > STALL_SLACK_S else 0.0)
 
 
 _clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClock] = weakref.WeakKeyDictionary()

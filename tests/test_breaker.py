@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from batchrunner.breaker import Breaker, ServerWatch
+from batchrunner.clock import running_s
 
 
 def make() -> tuple[Breaker, list[float]]:
@@ -90,3 +92,17 @@ async def test_server_watch_probes_one_at_a_time_and_gives_up_after_its_timeout(
     now[0] = 70.0
     assert watch.gave_up and not await watch.admit()
     assert watch.cause == "connection refused"
+
+
+async def test_a_stopped_process_is_not_time_the_server_was_unreachable() -> None:
+    """The server watch and the breaker count running time (clock.py): a process suspended past give_up_s, here
+    a loop blocked for 1.5 s, neither gives up on a server that failed just before nor ends a model's pause."""
+    watch, breaker = ServerWatch(give_up_s=1.0), Breaker(threshold=1, cooldown_s=1.0)
+    running_s()  # the clock's heartbeat starts
+    watch.failed("connection refused")
+    with breaker.attempt("m") as health:
+        health.failed("boom")
+    await asyncio.sleep(0.3)
+    time.sleep(1.5)  # what SIGSTOP, then SIGCONT, looks like from inside
+    assert not watch.gave_up
+    assert breaker.decide("m") == "skip", "the pause still has most of its second to run"

@@ -654,3 +654,30 @@ def test_a_password_in_the_base_url_is_refused_and_never_printed(write_spec: Cal
         assert result.exit_code == 2, (command, result.output)
         assert "carries a user name or password" in result.stderr and "Proxy-Authorization" in result.stderr
         assert "s3cr3t" not in result.output + result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_process_stopped_longer_than_timeout_s_pays_for_nothing_twice(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """Ctrl-Z then `fg` (SIGSTOP, 3 s, SIGCONT) with 20 requests on the wire and timeout_s 1: the answers that
+    came during the stop are answers; no request is sent twice (before: every one of them was, as a timeout)."""
+    rows = 40
+    pl.DataFrame(
+        {"ticket_id": [f"T-{i}" for i in range(rows)], "subject": ["s"] * rows, "text": [f"t {i}" for i in range(rows)]}
+    ).write_csv(tmp_path / "many.csv")
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.5))
+    job = write_spec(input="many.csv", concurrency=20, timeout_s=1)
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 30
+    while sandbox.stats.requests < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGSTOP)
+    time.sleep(3)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert sum(n - 1 for n in sandbox.stats.answered.values()) == 0 and sandbox.stats.requests == rows
