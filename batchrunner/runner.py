@@ -161,7 +161,8 @@ async def run_job(
                 await asyncio.gather(checked, return_exceptions=True)
                 raise
             prices, budget, _ = await checked
-            store = Store.open(checkpoint, server=requests.server)  # only once nothing can refuse the job
+            # Opened once nothing else can refuse the job: only another job's checkpoint still can.
+            store = Store.open(checkpoint, server=requests.server, job=spec.name)
             state = job_state(spec, requests, dataset) if limit is None else None
             known: LastRun | None = None
             keylog: KeyLog | None = None
