@@ -71,7 +71,7 @@ async def estimate_job(
     checkpoint = spec.checkpoint_path()
     store = Store.open(checkpoint, job=spec.name) if checkpoint.exists() else None
     async with connection:
-        prices = await fetch_prices(connection.client)
+        prices = await fetch_prices(connection.client, spec)
         check_endpoints(spec, await fetch_endpoints(connection.client, spec))
         limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
 

@@ -353,14 +353,28 @@ def concurrency_hint(spec: JobSpec, report: RunReport, pace_rps: float) -> None:
         )
 
 
-async def fetch_prices(client: Client) -> PriceTable:
-    """Model prices from GET /models, to cost answers the server does not price and to budget."""
+async def fetch_prices(client: Client, spec: JobSpec | None = None) -> PriceTable:
+    """Model prices from GET /models, to cost answers the server does not price and to budget; the spec's
+    `prices:` for the models the server lists no price for (a listed price wins: it is what the server bills,
+    and a price written in a spec can go stale, which would let a budget's reservations fall short)."""
+    fallback = spec.pricing() if spec is not None else {}
     try:
-        return PriceTable(await client.models())
+        models = await client.models()
     except ApiError as exc:
         _halt_if_unreachable(client, exc)
         log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
-        return PriceTable([])
+        models = []
+    prices = PriceTable(models, fallback)
+    for model in prices.overridden:
+        if prices[model] != fallback[model]:
+            log.warning(
+                "%s: %s lists its own price for %s, and the server's price is used (it is what it bills); "
+                "remove the model from `prices:`",
+                spec.locate(f"prices.{model}") if spec is not None else "prices",
+                client.base_url,
+                model,
+            )
+    return prices
 
 
 async def check_on_server(
@@ -368,7 +382,9 @@ async def check_on_server(
 ) -> tuple[PriceTable, Budget | None, dict[str, list[dict[str, Any]]]]:
     """The checks that need the server's lists, as `run` makes them before its first request (and `validate`
     with it): the models it lists, their endpoints, and a budget it can price. SpecError if one fails."""
-    prices, endpoints = await asyncio.gather(fetch_prices(connection.client), fetch_endpoints(connection.client, spec))
+    prices, endpoints = await asyncio.gather(
+        fetch_prices(connection.client, spec), fetch_endpoints(connection.client, spec)
+    )
     check_models(spec, prices, strict=connection.strict)
     check_endpoints(spec, endpoints)
     return prices, plan_budget(spec, prices, max_cost_usd), endpoints
@@ -412,7 +428,8 @@ def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None)
         raise SpecError(
             Problem(
                 "budget_usd",
-                f"no prices for {', '.join(unpriced)} at {spec.base_url()}/models; a budget needs them (or remove the budget)",
+                f"no prices for {', '.join(unpriced)} at {spec.base_url()}/models; a budget needs them: give them "
+                "under `prices:` ({MODEL: {prompt_per_mtok_usd: ..., completion_per_mtok_usd: ...}}), or remove the budget",
             )
         )
     log.info("budget: %s for this run", format_usd(limit))
