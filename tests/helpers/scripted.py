@@ -20,11 +20,13 @@ from aiohttp import web
 
 @dataclass
 class Reply:
-    """One scripted reply: a status, a JSON body, headers (a function of the arrival time, for reset times)."""
+    """One scripted reply: a status, a JSON body, headers (a function of the arrival time, for reset times);
+    or, with `drop`, none: the connection is closed."""
 
     status: int = 200
     body: dict[str, Any] | None = None  # None: a plain answer
     headers: dict[str, str] | Callable[[float], dict[str, str]] = field(default_factory=dict)
+    drop: bool = False  # close the connection without an answer (the client sees a dropped connection)
 
 
 def answer(
@@ -67,6 +69,10 @@ class Scripted:
         if not script:
             return web.json_response({"error": {"code": 404, "message": f"no route {path}"}}, status=404)
         reply = script.pop(0) if len(script) > 1 else script[0]
+        if reply.drop:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()  # never reaches the client: its connection is gone
         headers = reply.headers(time.time()) if callable(reply.headers) else reply.headers
         return web.json_response(reply.body or {}, status=reply.status, headers=headers)
 
