@@ -6,7 +6,7 @@ written as and summed as Decimal, so a run's total never drifts from what was bi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
@@ -44,6 +44,11 @@ class Pricing:
     discount: Decimal = ZERO_USD  # prices are multiplied by (1 - discount)
     max_completion_tokens: int | None = None  # the most a single answer can be
     context_length: int | None = None
+
+    @classmethod
+    def per_million(cls, prompt_usd: Decimal, completion_usd: Decimal) -> Pricing:
+        """Prices given as people write them, in USD per million tokens."""
+        return cls(prompt=prompt_usd / MILLION, completion=completion_usd / MILLION)
 
     @classmethod
     def from_model(cls, model: dict[str, Any]) -> Pricing | None:
@@ -111,9 +116,13 @@ VARIANT_SUFFIXES = (":nitro", ":floor", ":exacto", ":thinking", ":extended", ":o
 
 class PriceTable:
     """Prices by model slug, from GET /models. A routing variant (`:nitro`, `:floor`, ...)
-    is priced as its base model; `:free` variants are listed as models of their own."""
+    is priced as its base model; `:free` variants are listed as models of their own.
 
-    def __init__(self, models: list[dict[str, Any]]) -> None:
+    `fallback` prices models the server does not price (a spec's `prices:`): a price the server
+    lists wins, since it is what the server bills, and a spec's price can go stale. A fallback
+    price does not make a model listed (`ids`, `lists`)."""
+
+    def __init__(self, models: list[dict[str, Any]], fallback: Mapping[str, Pricing] | None = None) -> None:
         self._prices: dict[str, Pricing] = {}
         self.ids = {model["id"] for model in models if isinstance(model.get("id"), str)}  # priced or not
         self._inputs: dict[str, frozenset[str]] = {}  # architecture.input_modalities: text, image, file, audio
@@ -126,6 +135,9 @@ class PriceTable:
             pricing = Pricing.from_model(model)
             if pricing is not None and isinstance(model.get("id"), str):
                 self._prices[model["id"]] = pricing
+        unpriced = {slug: pricing for slug, pricing in (fallback or {}).items() if self.get(slug) is None}
+        self._prices.update(unpriced)
+        self.overridden = sorted(set(fallback or {}) - set(unpriced))  # fallback prices the server's replaced
 
     def get(self, slug: str) -> Pricing | None:
         if slug in self._prices:

@@ -1,11 +1,12 @@
 """The `judge` metric: another model grades each answer with the rubric the user wrote.
 
 A grade is a request like any other: it goes through the same executor, row policy, rate
-limit, retries, budget and checkpoint as the job's own requests. Each answered (row, model)
-pair becomes one item to grade, known in the checkpoint as `<row id>\\x1f<answering model>`
+limit, retries, budget and checkpoint as the job's own requests. Each answer, a (row, model,
+sample), becomes one item to grade, asked once whatever the job's `samples`, and known in the
+checkpoint as `<row id>\\x1f<requested model>` (`...\\x1f<sample>` for samples after the first)
 under the judge model, with a fingerprint of the rubric rendered over the answer: a rerun
 never pays for a grade twice, and a changed rubric or answer is graded again. Grades are
-read back into the output's score column when it is built (output.results()).
+read back into the output's score column when it is built (output.results()), by the same key.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import polars as pl
 
 from batchrunner.dataset import ROW_INDEX, Row
+from batchrunner.keylog import SAMPLE
 from batchrunner.request import RequestBuilder
 from batchrunner.spec import JobSpec, MetricSettings
 
@@ -61,6 +63,7 @@ def judge_spec(spec: JobSpec, rule: MetricSettings) -> JobSpec:
             },
             "evaluate": None,
             "cache_system_prompt": False,
+            "samples": 1,  # one grade per answer: the answers' samples are items of their own
         }
     )
 
@@ -92,8 +95,14 @@ def items(spec: JobSpec, frames: Iterator[pl.DataFrame], input_columns: list[str
             values: dict[str, Any] = {column: record.get(column) for column in input_columns}
             values[ANSWER] = record.get(answer_column)
             values[REFERENCE] = record.get(evaluate.reference) if evaluate.reference else None
-            rows.append(Row(len(rows), f"{row_id}{SEPARATOR}{record['requested_model']}", values))
+            rows.append(Row(len(rows), item_id(row_id, record["requested_model"], record.get(SAMPLE) or 0), values))
     return Items(rows, spec.input)
+
+
+def item_id(row_id: str, requested_model: str, sample: int) -> str:
+    """The checkpoint's row id of one answer's grade. Sample 0 keeps the id a single answer's grade always had."""
+    item = f"{row_id}{SEPARATOR}{requested_model}"
+    return f"{item}{SEPARATOR}{sample}" if sample else item
 
 
 def grade_keys(
@@ -108,8 +117,11 @@ def grade_keys(
         for request in requests.for_rows(batch)
     }
     found: list[tuple[str, str, str] | None] = []
-    for record in frame.select(spec.id_column or ROW_INDEX, "requested_model").iter_rows():
-        found.append(keys.get(f"{record[0]}{SEPARATOR}{record[1]}"))
+    samples = frame[SAMPLE].to_list() if SAMPLE in frame.columns else [0] * frame.height
+    for (row_id, model), sample in zip(
+        frame.select(spec.id_column or ROW_INDEX, "requested_model").iter_rows(), samples, strict=True
+    ):
+        found.append(keys.get(item_id(str(row_id), model, sample)))
     return found
 
 

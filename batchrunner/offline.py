@@ -38,7 +38,7 @@ def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
     """Rewrite the output from the checkpoint (the sandbox's answers with `sandbox`), without sending anything."""
     dataset = prepare(spec)
     checkpoint = existing_checkpoint(spec)
-    store = Store.open(checkpoint)
+    store = Store.open(checkpoint, job=spec.name)
     try:
         return export(dataset, RequestBuilder(spec, server=spec.server(sandbox=sandbox)), store, spec.output)
     finally:
@@ -56,7 +56,7 @@ def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl
     checkpoint = existing_checkpoint(spec)
     requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox))
     scores = [name for name, dtype in score_columns(spec).items() if dtype == pl.Float64()]
-    with Store.open(checkpoint) as store:
+    with Store.open(checkpoint, job=spec.name) as store:
         data = gather(results(dataset, requests, store, row_index=True))
     return build(spec.name, data, id_column=ROW_INDEX, score_column=scores[0] if scores else None), data
 
@@ -89,7 +89,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
     spent = ZERO_USD
     unpriced = 0
     by_server: dict[str, int] = {}
-    store = Store.open(checkpoint) if checkpoint.exists() else None
+    store = Store.open(checkpoint, job=spec.name) if checkpoint.exists() else None
     try:
         known = last_run(store, spec, job_state(spec, requests, dataset), dataset) if store is not None else None
         start = 0 if known is None else known.rows  # rows the last complete run answered, as they still are

@@ -42,7 +42,7 @@ async def cancel_batches(spec: JobSpec, *, sandbox: SandboxConfig | None = None)
     """Cancel the job's batches still open at the Batch API; their pairs are asked again on the next run."""
     checkpoint = existing_checkpoint(spec)
     cancelled = []
-    with Store.open(checkpoint) as store:
+    with Store.open(checkpoint, job=spec.name) as store:
         async with Connection(spec, sandbox=sandbox, timeout_s=60) as connection:
             for record in store.open_batches():
                 if record["batch_id"] is not None:
@@ -69,9 +69,9 @@ async def estimate_job(
     connection = Connection(spec, sandbox=sandbox, timeout_s=60)
     requests = RequestBuilder(spec, server=connection.server)
     checkpoint = spec.checkpoint_path()
-    store = Store.open(checkpoint) if checkpoint.exists() else None
+    store = Store.open(checkpoint, job=spec.name) if checkpoint.exists() else None
     async with connection:
-        prices = await fetch_prices(connection.client)
+        prices = await fetch_prices(connection.client, spec)
         check_endpoints(spec, await fetch_endpoints(connection.client, spec))
         limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
 
@@ -279,7 +279,7 @@ def dry_run(spec: JobSpec, *, rows: int, server: str) -> list[dict[str, Any]]:
     dataset = prepare(spec)
     requests = RequestBuilder(spec, server=server)
     checkpoint = spec.checkpoint_path()
-    store = Store.open(checkpoint) if checkpoint.exists() else None
+    store = Store.open(checkpoint, job=spec.name) if checkpoint.exists() else None
     shown: list[dict[str, Any]] = []
     seen_rows: set[str] = set()
     try:

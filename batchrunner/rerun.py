@@ -43,6 +43,7 @@ NOT_REQUEST_SHAPING = {  # spec fields that change how a run goes, never which p
     "free_requests_per_day",
     "retry",
     "budget_usd",
+    "prices",  # what computed costs and reservations use, for answers still to come
     "batch",
     "mode",
 }

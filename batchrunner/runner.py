@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -18,11 +20,11 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
@@ -62,11 +64,14 @@ from batchrunner.spec import JobSpec, RateLimit
 from batchrunner.store import COMMIT_INTERVAL_S, Store
 
 log = logging.getLogger("batchrunner")
+T = TypeVar("T")
 UNREACHABLE = (
     "unreachable",
     "connection",
     "timeout",
 )  # a server that does not answer at all: stop before the first row
+NOT_ASKED_AGAIN = ("unreachable", "timeout")  # start-up calls to a server that cannot be reached are not repeated
+START_UP_ATTEMPTS = 4  # GET /key, /models and the endpoints, each: the first try and up to three more
 
 
 @dataclass
@@ -153,15 +158,18 @@ async def run_job(
                 on_start(connection.sandbox.base_url if connection.sandbox else None)
             # The key, the model list and the endpoints are asked for at once (one round trip, not three); the
             # key's verdict still comes first, then the models' and the endpoints', as when asked in turn.
-            checked = asyncio.ensure_future(check_on_server(spec, connection, max_cost_usd))
+            checked = asyncio.ensure_future(check_on_server(spec, connection, max_cost_usd, retry))
             try:
-                limits, key_info = await plan_limits(spec, client, connection.key, count_free_usage=sandbox is None)
+                limits, key_info = await plan_limits(
+                    spec, client, connection.key, count_free_usage=sandbox is None, retry=retry
+                )
             except BaseException:
                 checked.cancel()
                 await asyncio.gather(checked, return_exceptions=True)
                 raise
             prices, budget, _ = await checked
-            store = Store.open(checkpoint, server=requests.server)  # only once nothing can refuse the job
+            # Opened once nothing else can refuse the job: only another job's checkpoint still can.
+            store = Store.open(checkpoint, server=requests.server, job=spec.name)
             state = job_state(spec, requests, dataset) if limit is None else None
             known: LastRun | None = None
             keylog: KeyLog | None = None
@@ -352,22 +360,38 @@ def concurrency_hint(spec: JobSpec, report: RunReport, pace_rps: float) -> None:
         )
 
 
-async def fetch_prices(client: Client) -> PriceTable:
-    """Model prices from GET /models, to cost answers the server does not price and to budget."""
+async def fetch_prices(client: Client, spec: JobSpec | None = None, retry: RetryPolicy | None = None) -> PriceTable:
+    """Model prices from GET /models, to cost answers the server does not price and to budget; the spec's
+    `prices:` for the models the server lists no price for (a listed price wins: it is what the server bills,
+    and a price written in a spec can go stale, which would let a budget's reservations fall short)."""
+    fallback = spec.pricing() if spec is not None else {}
     try:
-        return PriceTable(await client.models())
+        models = await ask_at_start(client.models, start_up_retry(spec, retry), "GET /models")
     except ApiError as exc:
         _halt_if_unreachable(client, exc)
         log.warning("could not read model prices (%s): costs the server does not report will be unknown", exc)
-        return PriceTable([])
+        models = []
+    prices = PriceTable(models, fallback)
+    for model in prices.overridden:
+        if prices[model] != fallback[model]:
+            log.warning(
+                "%s: %s lists its own price for %s, and the server's price is used (it is what it bills); "
+                "remove the model from `prices:`",
+                spec.locate(f"prices.{model}") if spec is not None else "prices",
+                client.base_url,
+                model,
+            )
+    return prices
 
 
 async def check_on_server(
-    spec: JobSpec, connection: Connection, max_cost_usd: Decimal | None = None
+    spec: JobSpec, connection: Connection, max_cost_usd: Decimal | None = None, retry: RetryPolicy | None = None
 ) -> tuple[PriceTable, Budget | None, dict[str, list[dict[str, Any]]]]:
     """The checks that need the server's lists, as `run` makes them before its first request (and `validate`
     with it): the models it lists, their endpoints, and a budget it can price. SpecError if one fails."""
-    prices, endpoints = await asyncio.gather(fetch_prices(connection.client), fetch_endpoints(connection.client, spec))
+    prices, endpoints = await asyncio.gather(
+        fetch_prices(connection.client, spec, retry), fetch_endpoints(connection.client, spec, retry)
+    )
     check_models(spec, prices, strict=connection.strict)
     check_endpoints(spec, endpoints)
     return prices, plan_budget(spec, prices, max_cost_usd), endpoints
@@ -380,11 +404,20 @@ def grace_s(spec: JobSpec) -> float:
     return 0.0 if spec.params.get("stream") is True else 30.0
 
 
-async def fetch_endpoints(client: Client, spec: JobSpec) -> dict[str, list[dict[str, Any]]]:
+async def fetch_endpoints(
+    client: Client, spec: JobSpec, retry: RetryPolicy | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Each model's endpoints (GET /models/{model}/endpoints), to check before the first request that one
     can serve the job; a model whose endpoints cannot be read (another server) is left out."""
     models = list(dict.fromkeys([*spec.models, *spec.fallbacks]))
-    found = await asyncio.gather(*(client.endpoints(model) for model in models), return_exceptions=True)
+    policy = start_up_retry(spec, retry)
+    found = await asyncio.gather(
+        *(
+            ask_at_start(functools.partial(client.endpoints, model), policy, f"GET {model}'s endpoints")
+            for model in models
+        ),
+        return_exceptions=True,
+    )
     return {model: listed for model, listed in zip(models, found, strict=True) if isinstance(listed, list) and listed}
 
 
@@ -392,6 +425,37 @@ def _halt_if_unreachable(client: Client, exc: ApiError) -> None:
     """A server that does not answer at all stops the run before the first row."""
     if isinstance(exc, TransientError) and exc.code in UNREACHABLE:
         raise RunHalted(f"cannot reach {client.base_url} ({exc}); check the network or api.base_url") from exc
+
+
+def start_up_retry(spec: JobSpec | None, retry: RetryPolicy | None = None) -> RetryPolicy:
+    """How the start-up calls are asked again: START_UP_ATTEMPTS times, waiting as `retry` (the run's) or the
+    spec's `retry:` says between them."""
+    if retry is not None:
+        return dataclasses.replace(retry, max_attempts=START_UP_ATTEMPTS)
+    settings = spec.retry if spec is not None else None
+    if settings is None:
+        return RetryPolicy(max_attempts=START_UP_ATTEMPTS)
+    return RetryPolicy(START_UP_ATTEMPTS, settings.base_delay_s, settings.max_delay_s)
+
+
+async def ask_at_start(call: Callable[[], Awaitable[T]], retry: RetryPolicy, what: str) -> T:
+    """A start-up call (GET /key, /models, a model's endpoints) asked again after a 429, a 5xx or a dropped
+    connection, waiting what the server asked (Retry-After) or backing off, at most `retry.max_attempts`
+    times in all; then its last error is raised. A server that cannot be reached at all (refused, or
+    silent past the timeout) is not asked again: the run stops at once (see _halt_if_unreachable)."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except TransientError as exc:
+            attempt += 1
+            if exc.code in NOT_ASKED_AGAIN or attempt >= retry.max_attempts:
+                raise
+            delay_s = retry.delay_s(attempt, exc.retry_after_s)
+            log.info(
+                "%s: %s; asking again in %.1f s (attempt %d of %d)", what, exc, delay_s, attempt + 1, retry.max_attempts
+            )
+            await asyncio.sleep(delay_s)
 
 
 def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None) -> Budget | None:
@@ -411,7 +475,8 @@ def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None)
         raise SpecError(
             Problem(
                 "budget_usd",
-                f"no prices for {', '.join(unpriced)} at {spec.base_url()}/models; a budget needs them (or remove the budget)",
+                f"no prices for {', '.join(unpriced)} at {spec.base_url()}/models; a budget needs them: give them "
+                "under `prices:` ({MODEL: {prompt_per_mtok_usd: ..., completion_per_mtok_usd: ...}}), or remove the budget",
             )
         )
     log.info("budget: %s for this run", format_usd(limit))
@@ -423,9 +488,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 async def plan_limits(
-    spec: JobSpec, client: Client, api_key: str | None, *, count_free_usage: bool = True
+    spec: JobSpec,
+    client: Client,
+    api_key: str | None,
+    *,
+    count_free_usage: bool = True,
+    retry: RetryPolicy | None = None,
 ) -> tuple[Limits, dict[str, Any] | None]:
-    """The rate to run at, and why: the spec's, or OpenRouter's credit rule applied to GET /key.
+    """The rate to run at, and why: the spec's, or OpenRouter's credit rule applied to GET /key (asked again
+    after a 429, a 5xx or a dropped connection). When the key cannot be read, OpenRouter's surge limit is
+    assumed only for OpenRouter; another server's limits are unknown, so none is assumed.
 
     A key the server rejects stops the job here, before any completion is requested.
     """
@@ -434,15 +506,17 @@ async def plan_limits(
         rps, why = spec.rate_limit.rps, "set by rate_limit in the spec"
     else:
         try:
-            key_info = await client.key_info()
+            key_info = await ask_at_start(client.key_info, start_up_retry(spec, retry), "GET /key")
         except FatalApiError as exc:
             raise RunHalted(str(exc)) from exc
         except ApiError as exc:
             _halt_if_unreachable(client, exc)
             if isinstance(exc, RequestRejected) and exc.status == 404:  # not OpenRouter: vLLM, llama.cpp, a proxy
                 rps, why = math.inf, f"{client.base_url} has no /key endpoint, so no rate limit could be read"
-            else:
+            elif client.openrouter:
                 rps, why = SURGE_LIMIT_RPS, f"the key's limits could not be read ({exc}); assuming the surge limit"
+            else:  # OpenRouter's limits are OpenRouter's: another server's are not known
+                rps, why = math.inf, f"{client.base_url} did not say the key's limits ({exc}), and it is not OpenRouter"
         else:
             rps, why = rate_from_key(key_info)
     if math.isinf(rps):

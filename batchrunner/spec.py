@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from batchrunner import openapi
+from batchrunner.costs import Pricing
 from batchrunner.errors import Problem, SpecError
 from batchrunner.prompt import (
     MEDIA_PARTS,
@@ -331,6 +332,18 @@ class MediaLimitsMb(_Strict):
     video: Annotated[float, Field(gt=0, le=2048, allow_inf_nan=False)] = 20
 
 
+class ModelPrices(_Strict):
+    """What a model costs, for a server that does not list its price at /models (LiteLLM, vLLM,
+    llama-server): used to reserve a budget and to compute costs the server does not report. A price
+    the server lists wins (see costs.PriceTable)."""
+
+    prompt_per_mtok_usd: Annotated[Decimal, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+    completion_per_mtok_usd: Annotated[Decimal, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+
+    def pricing(self) -> Pricing:
+        return Pricing.per_million(self.prompt_per_mtok_usd, self.completion_per_mtok_usd)
+
+
 class JobSpec(_Strict):
     """A batch job, as written in YAML. Paths are already resolved against the spec's folder."""
 
@@ -367,6 +380,7 @@ class JobSpec(_Strict):
     free_requests_per_day: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     retry: RetrySettings = RetrySettings()
     budget_usd: Annotated[Decimal, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | None = None  # most a run may spend
+    prices: dict[Slug, ModelPrices] = {}  # for models the server does not price
     cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
     repair: RepairSettings = RepairSettings()
     evaluate: EvaluateSettings | None = None  # score answers against a reference column
@@ -548,6 +562,10 @@ class JobSpec(_Strict):
         """out/triage.parquet -> out/triage.checkpoint.sqlite, unless `checkpoint` says where."""
         return self.checkpoint or self.output.with_name(self.output.stem + ".checkpoint.sqlite")
 
+    def pricing(self) -> dict[str, Pricing]:
+        """The spec's prices (`prices:`), per model, for a costs.PriceTable."""
+        return {model: prices.pricing() for model, prices in self.prices.items()}
+
     def base_url(self) -> str:
         return self.api.base_url or env_base_url()
 
@@ -589,6 +607,7 @@ FIELD_HELP = {  # each top-level key's description in the JSON Schema (`batchrun
     "free_requests_per_day": "The daily cap on :free model requests.",
     "retry": "Attempts per model before its fallbacks, and the backoff between them.",
     "budget_usd": "The most one run may spend, in USD; requests reserve their worst case before they go.",
+    "prices": "Per model, {prompt_per_mtok_usd, completion_per_mtok_usd}: USD per million tokens, for models the server lists no price for (a listed price wins).",
     "cache_system_prompt": "Mark the system message for prompt caching (cache_control).",
     "repair": "Re-asks of an invalid structured answer on the same model, before the fallbacks.",
     "evaluate": "Score answers against a reference column (see `batchrunner report`).",
@@ -837,10 +856,15 @@ def _problem(error: Any, where: Any) -> Problem:
 
 def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
     model: Any = JobSpec
+    keyed = False  # the field before was a mapping (`prices:`): this part is one of its keys, not a field
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:
+            keyed = False
             continue
+        if part not in model.model_fields:
+            return []
         annotation = model.model_fields[part].annotation
+        keyed = get_origin(annotation) is dict
         model = next(
             (
                 a

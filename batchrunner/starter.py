@@ -53,6 +53,10 @@ params:
   temperature: 0
   max_tokens: 200                 # also bounds what each request can cost
 budget_usd: 5.00                  # the most one run may spend
+# A budget needs each model's prices. OpenRouter lists them; for a server that does not (LiteLLM, vLLM,
+# llama-server: `api: {{base_url: ...}}`), give them here, in USD per million tokens (a listed price wins):
+# prices:
+#   openai/gpt-4o-mini: {{prompt_per_mtok_usd: 0.15, completion_per_mtok_usd: 0.60}}
 # For typed answers in their own columns, describe them:
 # response_format:
 #   type: json_schema

@@ -139,6 +139,13 @@ def _migration_8(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+def _migration_9(db: sqlite3.Connection) -> None:
+    """The job the checkpoint belongs to (its spec's `name`), one row, written by the first job to open it.
+
+    A checkpoint from before this has none: the first job to open it adopts it, answers and all."""
+    db.execute("CREATE TABLE job (only INTEGER PRIMARY KEY CHECK (only = 1), name TEXT NOT NULL, since TEXT NOT NULL)")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
@@ -148,6 +155,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_6,
     _migration_7,
     _migration_8,
+    _migration_9,
 ]
 
 
@@ -176,11 +184,14 @@ class Store:
         self.lost = 0  # answers that could be saved nowhere (reported, never silent)
 
     @classmethod
-    def open(cls, path: Path, *, server: str = "") -> Store:
+    def open(cls, path: Path, *, server: str = "", job: str | None = None) -> Store:
         """Open (or create) the checkpoint, migrate it, and merge answers an earlier run had to spill.
 
         `server` names who answers this run's requests ("" for OpenRouter, "sandbox", or a
-        base URL); it is recorded with each answer, for `status`."""
+        base URL); it is recorded with each answer, for `status`. `job` is the spec's name: the
+        checkpoint belongs to the first job that opens it, and another job is refused (a SpecError),
+        so one job's status never counts another's spending and its --fresh never deletes another's
+        answers. None (tests, tools that act for no job) checks nothing."""
         planted = [p for p in (path, *(path.with_name(path.name + s) for s in _COMPANIONS)) if p.is_symlink()]
         if planted:
             raise SpecError(
@@ -214,6 +225,8 @@ class Store:
                 db.execute(f"PRAGMA user_version={number}")
                 db.execute("COMMIT")
             db.execute("SELECT count(*) FROM results WHERE 0").fetchone()  # the tables are ours
+            if job is not None:
+                _claim(db, path, job)
         except (sqlite3.Error, OSError, SpecError) as exc:
             db.close()
             if isinstance(exc, SpecError):
@@ -593,6 +606,24 @@ def fetched_schema() -> dict[str, pl.DataType]:
 
 
 _COMPANIONS = ("-wal", "-shm", "-journal", SPILL_SUFFIX)  # files SQLite (and the spill) keep beside the checkpoint
+
+
+def _claim(db: sqlite3.Connection, path: Path, job: str) -> None:
+    """Record `job` as the checkpoint's owner if it has none (new, or written before owners were recorded);
+    refuse it if the checkpoint is another job's. One transaction: of two jobs opening it at once, one owns it."""
+    db.execute("BEGIN IMMEDIATE")  # on an error the caller closes the connection, which rolls it back
+    row = db.execute("SELECT name FROM job").fetchone()
+    if row is None:
+        db.execute("INSERT INTO job (only, name, since) VALUES (1, ?, ?)", (job, _now()))
+    db.execute("COMMIT")
+    if row is not None and row[0] != job:
+        raise SpecError(
+            Problem(
+                "checkpoint",
+                f"{path} holds the answers of job {row[0]!r}, not of this job {job!r}; give this job its own "
+                f"file with `checkpoint:` (or, if this job is {row[0]!r} renamed, set `name: {row[0]}` back)",
+            )
+        )
 
 
 def _unusable(path: Path, exc: BaseException) -> SpecError:

@@ -681,3 +681,43 @@ def test_a_process_stopped_longer_than_timeout_s_pays_for_nothing_twice(
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert sum(n - 1 for n in sandbox.stats.answered.values()) == 0 and sandbox.stats.requests == rows
+
+
+def test_a_checkpoint_belongs_to_one_job(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """Another job pointed at a job's checkpoint is refused by run, run --fresh --yes and status (exit 2, both
+    named, the fix given) and buys nothing; the owner's answers survive, moving its spec, renaming its input and
+    editing it keep the checkpoint its own, and a checkpoint from before owners were recorded is adopted."""
+    server = sandbox_in_thread(SandboxConfig())
+    env = {"OPENROUTER_BASE_URL": server.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    owner = write_spec(checkpoint="shared.sqlite")
+    assert invoke("run", str(owner), env=env).exit_code == 0
+    paid = server.stats.charged_usd
+    other = tmp_path / "other.yaml"
+    other.write_text(owner.read_text().replace("name: test-job", "name: other-job").replace("out/result", "out/other"))
+    for args in (["run", str(other)], ["run", str(other), "--fresh", "--yes"], ["status", str(other)]):
+        refused = invoke(*args, env=env)
+        assert refused.exit_code == 2, refused.output
+        assert "'test-job'" in refused.stderr and "'other-job'" in refused.stderr and "checkpoint:" in refused.stderr
+    assert server.stats.requests == 12, "the other job bought nothing"
+    status = json.loads(invoke("status", str(owner), "--json", env=env).stdout)
+    assert status["models"]["openai/gpt-4o-mini"]["ok"] == 12 and Decimal(status["cost_usd"]) == paid
+    moved = tmp_path / "specs" / "job.yaml"  # moved, its input renamed, concurrency edited: the same job
+    moved.parent.mkdir()
+    (tmp_path / "tickets.csv").rename(tmp_path / "tickets-v2.csv")
+    spec = yaml.safe_load(owner.read_text())
+    spec.update(input="../tickets-v2.csv", output="../out/result.parquet", checkpoint="../shared.sqlite", concurrency=2)
+    moved.write_text(yaml.safe_dump(spec))
+    owner.unlink()
+    again = invoke("run", str(moved), env=env)
+    assert again.exit_code == 0, again.output
+    assert server.stats.requests == 12, "its own answers were found"
+    db = sqlite3.connect(tmp_path / "shared.sqlite")  # as written before checkpoints recorded their job
+    db.execute("DROP TABLE job")
+    db.execute("PRAGMA user_version=8")
+    db.commit()
+    db.close()
+    adopted = invoke("run", str(moved), env=env)
+    assert adopted.exit_code == 0 and server.stats.requests == 12, adopted.output
+    assert invoke("run", str(other), env=env).exit_code == 2, "adopted by the job that opened it"

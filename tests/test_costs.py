@@ -268,15 +268,17 @@ def test_estimate_of_1000_prompt_and_500_answer_tokens(pricing: Pricing, request
     assert estimate == Decimal(expected)
 
 
+def listed_models() -> list[dict[str, object]]:
+    return [
+        model("a/b", prompt="0.000001", completion="0.000004"),
+        model("openrouter/auto", prompt="-1", completion="-1"),
+        {"pricing": {"prompt": "0.000001", "completion": "0.000004"}},  # no id: ignored
+    ]
+
+
 def listed() -> PriceTable:
     """Built inside each test (not at import), so mutation testing sees the tests that depend on __init__."""
-    return PriceTable(
-        [
-            model("a/b", prompt="0.000001", completion="0.000004"),
-            model("openrouter/auto", prompt="-1", completion="-1"),
-            {"pricing": {"prompt": "0.000001", "completion": "0.000004"}},  # no id: ignored
-        ]
-    )
+    return PriceTable(listed_models())
 
 
 @pytest.mark.parametrize(
@@ -296,6 +298,54 @@ def test_price_table_lists_every_named_model_and_prices_only_priced_ones(slug: s
     table = listed()
     assert table.lists(slug) is named
     assert (slug in table) is priced
+
+
+SPEC_PRICE = Pricing(prompt=Decimal("0.000009"), completion=Decimal("0.000009"))  # $9 per million, both
+
+
+@pytest.mark.parametrize(
+    ("slug", "prompt", "overridden", "named"),
+    [
+        ("a/b", "0.000001", True, True),  # the server prices it: its price wins
+        ("a/b:nitro", "0.000001", True, True),  # a variant of a priced model is priced by the server
+        ("openrouter/auto", "0.000009", False, True),  # listed without a price: the spec's
+        ("x/y", "0.000009", False, False),  # not listed at all: priced by the spec, still not listed
+        ("x/y:nitro", "0.000009", False, False),
+    ],
+)
+def test_a_fallback_price_applies_only_where_the_server_has_none(
+    slug: str, prompt: str, overridden: bool, named: bool
+) -> None:
+    """A spec's price prices a model the server does not; the server's own price wins; it lists nothing."""
+    table = PriceTable(listed_models(), {slug: SPEC_PRICE})
+    assert table[slug].prompt == Decimal(prompt)
+    assert table.overridden == ([slug] if overridden else [])
+    assert table.lists(slug) is named
+    assert "q/r" not in table
+
+
+def test_a_table_without_fallback_prices_overrides_nothing() -> None:
+    """No spec prices: nothing was replaced, and an unpriced model stays unpriced."""
+    table = PriceTable(listed_models())
+    assert table.overridden == [] and "openrouter/auto" not in table
+
+
+@pytest.mark.parametrize(
+    ("prompt_per_mtok", "completion_per_mtok", "prompt", "completion"),
+    [
+        ("0.15", "0.60", "0.00000015", "0.0000006"),
+        ("1", "4", "0.000001", "0.000004"),
+        ("0", "2.5", "0", "0.0000025"),
+        ("1000000", "3000000", "1", "3"),
+    ],
+)
+def test_prices_per_million_tokens_are_read_per_token(
+    prompt_per_mtok: str, completion_per_mtok: str, prompt: str, completion: str
+) -> None:
+    """$0.15 per million prompt tokens is $0.00000015 a token, exactly; nothing else is priced."""
+    pricing = Pricing.per_million(Decimal(prompt_per_mtok), Decimal(completion_per_mtok))
+    assert (pricing.prompt, pricing.completion) == (Decimal(prompt), Decimal(completion))
+    assert pricing == Pricing(prompt=Decimal(prompt), completion=Decimal(completion))
 
 
 def test_looking_up_an_unpriced_model_names_it() -> None:

@@ -578,7 +578,7 @@ async def test_an_unknown_cost_is_never_shown_as_zero(
 ) -> None:
     """No usage.cost and no prices: the summary, summary.json and status say the cost is unknown, not $0.00."""
 
-    async def no_prices(client: Client) -> PriceTable:
+    async def no_prices(client: Client, *_: object) -> PriceTable:
         return PriceTable([])
 
     monkeypatch.setattr(runner_module, "fetch_prices", no_prices)

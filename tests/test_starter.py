@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from decimal import Decimal
 from pathlib import Path
 
 import jsonschema
@@ -44,6 +45,20 @@ def test_init_from_the_sample_reviews_runs_on_the_sandbox_unedited(
     again = invoke("init", "reviews.parquet")
     assert again.exit_code == 2 and "--force" in again.stderr
     assert invoke("init", "reviews.parquet", "--force").exit_code == 0
+
+
+def test_inits_prices_comment_uncommented_is_a_valid_spec(tmp_path: Path) -> None:
+    """The starter says how to give prices to a server that lists none; uncommented, its example loads."""
+    from batchrunner.spec import load_spec
+
+    shutil.copy(ROOT / "sample_data" / "reviews.parquet", tmp_path / "reviews.parquet")
+    assert invoke("init", str(tmp_path / "reviews.parquet"), "--out", str(tmp_path / "job.yaml")).exit_code == 0
+    text = (tmp_path / "job.yaml").read_text()
+    assert "LiteLLM" in text and "# prices:" in text
+    uncommented = text.replace("# prices:", "prices:").replace("#   openai/gpt-4o-mini: {", "  openai/gpt-4o-mini: {")
+    (tmp_path / "priced.yaml").write_text(uncommented)
+    spec = load_spec(tmp_path / "priced.yaml")
+    assert spec.prices["openai/gpt-4o-mini"].completion_per_mtok_usd == Decimal("0.60")
 
 
 def test_init_without_a_unique_column_says_rows_are_known_by_position(tmp_path: Path) -> None:

@@ -202,3 +202,47 @@ def test_a_checkpoint_that_fails_a_query_mid_run_stops_the_run_naming_it(tmp_pat
     ):
         with pytest.raises(RunHalted, match=r"cannot read the checkpoint .*c\.sqlite .*check the disk, then rerun"):
             query()
+
+
+def _legacy_checkpoint(path: Path) -> None:
+    """A checkpoint as batchrunner wrote it before checkpoints recorded their job: migrations 1-8, one paid answer."""
+    db = sqlite3.connect(path, isolation_level=None)
+    for number, migration in enumerate(MIGRATIONS[:8], start=1):
+        migration(db)
+        db.execute(f"PRAGMA user_version={number}")
+    db.execute(
+        "INSERT INTO results (row_id, requested_model, fingerprint, row_index, model_position, answered_at, "
+        "status, cost_usd) VALUES ('id1', 'a/b', 'fp', 1, 0, '2026-01-01T00:00:00+00:00', 'ok', '0.5')"
+    )
+    db.close()
+
+
+def test_a_checkpoint_is_claimed_by_its_first_job_and_refused_to_another(tmp_path: Path) -> None:
+    """The first job to open a checkpoint owns it; another job is refused naming both jobs and the fix."""
+    path = tmp_path / "c.sqlite"
+    Store.open(path, job="triage").close()
+    Store.open(path, job="triage").close()
+    with pytest.raises(SpecError) as refused:
+        Store.open(path, job="labels")
+    message = str(refused.value)
+    assert "'triage'" in message and "'labels'" in message and str(path) in message and "`checkpoint:`" in message
+
+
+def test_a_checkpoint_from_before_owners_is_adopted_with_its_answers(tmp_path: Path) -> None:
+    """A checkpoint written before jobs were recorded is adopted by the first job that opens it, answers kept."""
+    path = tmp_path / "c.sqlite"
+    _legacy_checkpoint(path)
+    with Store.open(path, job="triage") as store:
+        assert store.answered(["id1"]) == {("id1", "a/b", "fp")}
+        assert store.spent_usd() == Decimal("0.5")
+    with pytest.raises(SpecError, match="'triage'"):
+        Store.open(path, job="labels")
+
+
+def test_fresh_keeps_the_owner(tmp_path: Path) -> None:
+    """Deleting a job's answers (--fresh) leaves the checkpoint its job's: another job is still refused."""
+    path = tmp_path / "c.sqlite"
+    with Store.open(path, job="triage") as store:
+        store.delete_all()
+    with pytest.raises(SpecError, match="'triage'"):
+        Store.open(path, job="labels")
