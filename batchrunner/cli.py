@@ -608,10 +608,6 @@ def sandbox(
         asyncio.run(serve(config, port, ready))
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _overrides(
     *, input: Path | None, output: Path | None, concurrency: int | None, mode: str | None = None
 ) -> dict[str, Any]:
@@ -626,3 +622,7 @@ def _overrides(
     if mode is not None:
         result["mode"] = mode
     return result
+
+
+if __name__ == "__main__":  # `python -m batchrunner.cli`: last, once every helper a command uses is defined
+    main()

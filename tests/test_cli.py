@@ -157,12 +157,15 @@ def test_rejected_key_exits_3_and_keeps_the_key_secret(
     assert sandbox.stats.requests == 0
 
 
-def test_python_dash_m_runs_the_cli() -> None:
-    """`python -m batchrunner` is the same command."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "batchrunner", "run", "--help"], capture_output=True, text=True, check=False
-    )
-    assert completed.returncode == 0 and "--sandbox" in completed.stdout
+@pytest.mark.parametrize("module", ["batchrunner", "batchrunner.cli"])
+def test_python_dash_m_runs_the_cli(module: str, write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """`python -m batchrunner` and `python -m batchrunner.cli` are the same command: a run and an export both work."""
+    spec_path = str(write_spec())
+    for args in (["run", spec_path, "--sandbox"], ["export", spec_path, "--sandbox"]):
+        done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "wrote 12 rows" in done.stdout and "Traceback" not in done.stderr
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 12
 
 
 def test_sandbox_command_refuses_unknown_faults() -> None:
