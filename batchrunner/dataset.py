@@ -119,10 +119,10 @@ def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
     try:
         frame = scan(path)
         columns = list(frame.collect_schema().names())
+        problems = _header_problems(path) if path.suffix.lower() == ".csv" else []
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
 
-    problems = []
     if ROW_INDEX in columns:
         problems.append(Problem("input", f"the column name {ROW_INDEX!r} is reserved; rename it"))
     if id_column is not None and id_column not in columns:
@@ -137,6 +137,31 @@ def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
     if id_column is not None:
         _check_ids(id_column, nulls, duplicated)
     return Dataset(path, id_column, indexed, columns, rows, digest)
+
+
+def _header_problems(path: Path) -> list[Problem]:
+    """A CSV header that names a column twice: polars would rename the second (`text_duplicated_0`) and `{text}`
+    would quietly mean the first, so it is refused. The header is read as polars reads it (quotes, separators),
+    as a row of plain values; empty names are left alone (no placeholder can name them)."""
+    header = pl.scan_csv(path, has_header=False, infer_schema=False, n_rows=1).collect()
+    names = list(header.row(0)) if header.height else []
+    problems = []
+    for name in dict.fromkeys(n for n in names if n):
+        places = [str(position + 1) for position, other in enumerate(names) if other == name]
+        if len(places) > 1:
+            problems.append(
+                Problem(
+                    "input",
+                    f"{path}: the header names the column {name!r} {_times(len(places))} (columns "
+                    f"{', '.join(places[:-1])} and {places[-1]}), so a placeholder or the output could not tell "
+                    "them apart; rename all but one",
+                )
+            )
+    return problems
+
+
+def _times(count: int) -> str:
+    return "twice" if count == 2 else f"{count} times"
 
 
 def _read_through(path: Path, frame: pl.LazyFrame, id_column: str | None) -> tuple[int, int, list[Any], str]:

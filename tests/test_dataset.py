@@ -138,3 +138,17 @@ def test_digests_name_the_rows_and_their_places_whatever_the_format(tmp_path: Pa
     assert digest("edited.csv", 39) == digest("all.csv", 39)
     whole = open_dataset(tmp_path / "all.csv", id_column="id")
     assert whole.digest == digest("all.csv", 50), "the checking pass computes the whole file's digest on the way"
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    """A header that names a column twice is refused, naming the file and the column, instead of polars
+    renaming the second one (`text_duplicated_0`) so that `{text}` quietly means the first."""
+    path = tmp_path / "in.csv"
+    path.write_text('id,text,"te\nxt",text\n1,first,x,second\n')
+    with pytest.raises(SpecError) as refused:
+        open_dataset(path, id_column="id")
+    message = str(refused.value)
+    assert str(path) in message and "'text' twice (columns 2 and 4)" in message
+    unique = tmp_path / "unique.csv"
+    unique.write_text("id,text,text_duplicated_0,,\n1,a,b,c,d\n")  # a name like polars' renaming is a name
+    assert open_dataset(unique, id_column="id").columns[:3] == ["id", "text", "text_duplicated_0"]
