@@ -408,10 +408,11 @@ def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None)
     wanted = {m for model in spec.models for m in spec.model_chain(model)} | set(judges)
     unpriced = sorted(m for m in wanted if m not in prices)
     if unpriced:
+        named = ", ".join(m if (why := prices.unusable(m)) is None else f"{m} ({why})" for m in unpriced)
         raise SpecError(
             Problem(
                 "budget_usd",
-                f"no prices for {', '.join(unpriced)} at {spec.base_url()}/models; a budget needs them (or remove the budget)",
+                f"no prices for {named} at {spec.base_url()}/models; a budget needs them (or remove the budget)",
             )
         )
     log.info("budget: %s for this run", format_usd(limit))

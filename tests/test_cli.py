@@ -333,6 +333,34 @@ def test_max_cost_stops_the_run_with_exit_3(write_spec: Callable[..., Path]) -> 
     assert "budget of $0.0004 reached" in result.stderr and "pending" in result.stderr
 
 
+@pytest.mark.parametrize("price", ["1e400", "1e999999999", "inf", "NaN", "-1"])
+def test_a_price_that_is_not_a_number_of_dollars_leaves_the_model_unpriced(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, price: str
+) -> None:
+    """A /models prompt price of 1e400 (or inf, NaN, -1, an exponent that overflows) makes the model unpriced with
+    a warning naming it and the price: a budget then refuses it up front (exit 2), and a run without one goes on."""
+    from batchrunner.sandbox import catalog
+
+    listed = catalog.model_objects
+
+    def hostile(created: int) -> list[dict[str, object]]:
+        models = listed(created)
+        for entry in models:
+            if entry["id"] == "openai/gpt-4o-mini":
+                entry["pricing"] = {**entry["pricing"], "prompt": price}
+        return models
+
+    monkeypatch.setattr(catalog, "model_objects", hostile)
+    spec_path = str(write_spec())
+    warning = f"openai/gpt-4o-mini is unpriced: its prompt price {price!r} is not a number of dollars from 0 to 1,000"
+    budgeted = CliRunner().invoke(main, ["run", spec_path, "--sandbox", "--max-cost", "1"])
+    assert budgeted.exit_code == 2, budgeted.output
+    assert warning in budgeted.stderr and "a budget needs them" in budgeted.stderr
+    unbudgeted = CliRunner().invoke(main, ["run", spec_path, "--sandbox"])
+    assert unbudgeted.exit_code == 0, unbudgeted.output
+    assert warning in unbudgeted.stderr and "12 ok" in unbudgeted.stdout
+
+
 def test_schema_property_clashing_with_a_column_needs_a_prefix(write_spec: Callable[..., Path], tmp_path: Path) -> None:
     """A schema property named like an input column (text) is refused with exit 2 until output_prefix is set."""
     response_format = {
