@@ -503,11 +503,19 @@ def status(job: Path, as_json: bool, sandbox: bool) -> None:
         click.echo(json.dumps(report, indent=1))  # JSON escapes control characters itself
         return
     say(f"{report['job']}: checkpoint {report['checkpoint']}, answers from {report['server']}")
-    for model, counts in report["models"].items():
-        say(f"  {model}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
-    for server, count in report["answers_from_other_servers"].items():
-        hint = " (simulated; see them with --sandbox)" if server == "sandbox" else ""
-        say(f"  also {count} answers from {server}{hint}, not used for {report['server']}")
+    others = report["elsewhere"]
+    if others is not None and not any(counts["ok"] or counts["failed"] for counts in report["models"].values()):
+        # None of this server's, all another's (a --sandbox run's): say whose, not "0 ok, 200 pending"
+        how = f"with `batchrunner status {job} {others['option']}`" if others["option"] else others["how"]
+        say(f"  no answers from {report['server']} yet: {others['sentence']}; see them {how}")
+        for model, counts in report["models"].items():
+            say(f"  {model}: {counts['pending']} rows to send to {report['server']}")
+    else:
+        for model, counts in report["models"].items():
+            say(f"  {model}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
+        for server, count in report["answers_from_other_servers"].items():
+            hint = " (simulated; see them with --sandbox)" if server == "sandbox" else ""
+            say(f"  also {count} answers from {server}{hint}, not used for {report['server']}")
     cost = format_cost(Decimal(report["cost_usd"]), report["cost_unknown_rows"])
     say(f"  cost so far: {cost} over {report['runs']} run(s)")
     for batch in report["batches"]:

@@ -13,7 +13,7 @@ import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,16 +190,20 @@ def export(
     *,
     batch_size: int = 20_000,
     keys: KeyLog | None = None,
+    check: Callable[[int], None] | None = None,
 ) -> int:
     """Write every answered (row, model) of the current spec to `path`; return the row count.
 
     Rows without an answer for the spec as it is now (never run, or run before an edit to
-    their prompt or params) are left out: they are pending.
+    their prompt or params) are left out: they are pending. `check` is called with the number of rows
+    about to be written, before `path` is replaced: it may refuse by raising, and `path` is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         written = _write_parts(results(dataset, requests, store, batch_size=batch_size, keys=keys), parts)
+        if check is not None:
+            check(written)
         if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
             _empty(dataset, requests.spec).write_parquet(parts / "empty.parquet")
         _sink(pl.scan_parquet(parts / "*.parquet"), path)
@@ -259,6 +263,23 @@ def extend(
         raise OutputError(f"could not write {path}: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(parts, ignore_errors=True)
+
+
+def rows_in(path: Path) -> int | None:
+    """How many rows an output file holds: 0 when there is no file, None when it cannot be read as its format."""
+    if not path.exists():
+        return 0
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            frame = pl.scan_parquet(path)
+        elif suffix == ".csv":
+            frame = pl.scan_csv(path, infer_schema=False)
+        else:
+            frame = pl.scan_ndjson(path, infer_schema_length=None)
+        return int(frame.select(pl.len()).collect().item())
+    except (pl.exceptions.PolarsError, OSError):
+        return None
 
 
 def _empty(dataset: Dataset, spec: JobSpec) -> pl.DataFrame:

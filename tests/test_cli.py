@@ -263,6 +263,62 @@ def test_sandbox_answers_never_stand_in_for_real_ones(
     assert Decimal(real_cost) == real.stats.charged_usd, "simulated costs are not counted as spent"
 
 
+def test_after_a_sandbox_run_export_and_status_point_at_the_sandbox_answers(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """After a --sandbox run, `export` without --sandbox (no answers for OpenRouter) refuses to replace the output
+    holding the sandbox's answers (exit 2, naming the file and --sandbox), and `status` says whose the answers are
+    and how to see them instead of "0 ok, 12 pending"; with --sandbox, or into a new file, export works."""
+    spec_path = str(write_spec())
+    assert invoke("run", spec_path, "--sandbox").exit_code == 0
+    output = tmp_path / "out" / "result.parquet"
+    before = output.read_bytes()
+    status = invoke("status", spec_path)
+    assert status.exit_code == 0, status.output
+    assert "0 ok" not in status.stdout and "12 pending" not in status.stdout
+    assert "no answers from openrouter yet: the checkpoint's 12 answers are the sandbox's (simulated)" in status.stdout
+    assert f"batchrunner status {spec_path} --sandbox" in status.stdout
+    refused = invoke("export", spec_path)
+    assert refused.exit_code == 2, refused.output
+    assert f"{output} holds 12 rows and this export has no answers from openrouter" in refused.stderr
+    assert "--sandbox" in refused.stderr and output.read_bytes() == before, "the sandbox's output is left as it was"
+    assert invoke("export", spec_path, "--sandbox").exit_code == 0
+    assert pl.read_parquet(output).height == 12
+    elsewhere = invoke("export", spec_path, "--output", str(tmp_path / "real.csv"))
+    assert elsewhere.exit_code == 0 and "wrote 0 rows" in elsewhere.stdout
+    assert "the checkpoint's 12 answers are the sandbox's" in elsewhere.stderr
+
+
+@pytest.mark.parametrize(
+    ("by_server", "server", "sentence", "how"),
+    [
+        ({"sandbox": 12}, "", "the checkpoint's 12 answers are the sandbox's (simulated)", "with --sandbox"),
+        ({"": 5}, "sandbox", "the checkpoint's 5 answers are from openrouter (5)", "without --sandbox"),
+        (
+            {"http://127.0.0.1:8000/v1": 3},
+            "",
+            "the checkpoint's 3 answers are from http://127.0.0.1:8000/v1 (3)",
+            "with api.base_url: http://127.0.0.1:8000/v1 in the spec",
+        ),
+        (
+            {"http://x": 3, "sandbox": 2},
+            "",
+            "the checkpoint's 5 answers are from http://x (3) and sandbox (2)",
+            "with --sandbox",
+        ),
+        ({"": 4, "sandbox": 0}, "", None, None),
+    ],
+)
+def test_whose_answers_the_checkpoint_holds_and_how_to_see_them(
+    by_server: dict[str, int], server: str, sentence: str | None, how: str | None
+) -> None:
+    """Answers from other servers than the one asked about are named with the option (or base URL) that shows them."""
+    from batchrunner.offline import elsewhere
+
+    found = elsewhere(by_server, server)
+    assert (found and found.sentence, found and found.how()) == (sentence, how)
+
+
 def test_log_json_emits_one_object_per_line(write_spec: Callable[..., Path]) -> None:
     """--log-json writes every log event on stderr as one JSON object."""
     result = invoke("run", str(write_spec()), "--sandbox", "--log-json")
