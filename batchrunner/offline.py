@@ -15,9 +15,10 @@ from typing import Any
 
 import polars as pl
 
+from batchrunner import interrupts
 from batchrunner.costs import ZERO_USD
 from batchrunner.dataset import ROW_INDEX
-from batchrunner.errors import Problem, SpecError
+from batchrunner.errors import Problem, RunHalted, SpecError
 from batchrunner.output import export, results, rows_in, score_columns
 from batchrunner.pending import pending
 from batchrunner.preflight import prepare
@@ -87,6 +88,10 @@ def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
         hint = f"{others.sentence}: export them {others.how()}" if others is not None else None
 
         def keep_answers(rows: int) -> None:
+            if (stop := interrupts.received()) is not None:  # Ctrl-C or SIGTERM came while the rows were read
+                raise RunHalted(
+                    f"{stop.name} before {spec.output} was rewritten: it is as it was; rerun the same command to write it"
+                )
             held = rows_in(spec.output) if rows == 0 else 0
             if held != 0:
                 what = "rows" if held is None else f"{held} rows"

@@ -498,6 +498,84 @@ def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
     assert written.height == sandbox.stats.statuses[200], "every answer that came back is in the output"
 
 
+def signalled_at(at: str, signals: list[signal.Signals], *args: str) -> subprocess.CompletedProcess[str]:
+    """`batchrunner ARGS` in its own process, which sends itself `signals` when `at` (module:function) is first
+    called: a scheduler's stop arriving at that exact moment, every time."""
+    probe = (
+        "import importlib, os, sys\n"
+        f"module_name, _, name = {at!r}.partition(':')\n"
+        "module = importlib.import_module(module_name)\n"
+        "original, sent = getattr(module, name), []\n"
+        "def arriving(*args, **kwargs):\n"
+        "    if not sent:\n"
+        "        sent.append(True)\n"
+        f"        for signum in {[int(s) for s in signals]!r}:\n"
+        "            os.kill(os.getpid(), signum)\n"
+        "    return original(*args, **kwargs)\n"
+        "setattr(module, name, arriving)\n"
+        "from batchrunner.cli import main\n"
+        f"sys.argv = ['batchrunner', *{list(args)!r}]\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=60)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_run_writes_its_output_finishes_the_output_and_exits_3(
+    write_spec: Callable[..., Path], tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM or Ctrl-C while a run writes its output (no longer dispatching) lets the output be written in full,
+    then exits 3 with the sentence, not 143 or a KeyboardInterrupt traceback."""
+    done = signalled_at("batchrunner.output:_write_parts", [signum], "run", str(write_spec()), "--sandbox")
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr and "rows: 12 ok, 0 failed, 0 pending" in done.stdout
+    assert f"stopped early: {signum.name} while the output was being written (it was written in full)" in done.stderr
+    assert "rerun the same command to continue" in done.stderr
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 12
+
+
+def test_a_stop_before_the_run_dispatches_sends_nothing_and_exits_3(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """SIGTERM while a run is still reading its input (before its handlers of old were installed) stops it before
+    the first request: exit 3, every row pending, instead of a kill."""
+    done = signalled_at("batchrunner.runner:prepare", [signal.SIGTERM], "run", str(write_spec()), "--sandbox")
+    assert done.returncode == 3, done.stderr
+    assert "rows: 0 ok, 0 failed, 12 pending" in done.stdout and "SIGTERM" in done.stderr
+    assert "12 rows are pending; rerun the same command" in done.stderr
+
+
+def test_a_second_stop_while_the_output_is_written_quits_at_once_with_a_sentence(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A second SIGTERM quits at once, as a second Ctrl-C does: exit 3 and a sentence saying so, no output half-written."""
+    signals = [signal.SIGTERM, signal.SIGTERM]
+    done = signalled_at("batchrunner.output:_write_parts", signals, "run", str(write_spec()), "--sandbox")
+    assert done.returncode == 3, done.stderr
+    assert "SIGTERM again: quitting at once" in done.stderr and "rerun to continue" in done.stderr
+    assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+def test_a_stop_during_export_exits_3_with_the_output_whole(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """SIGTERM while export builds the output leaves the old file as it was; while it replaces the file, lets the
+    replacement finish: exit 3 with a sentence naming the file either way, never 143."""
+    spec_path = str(write_spec())
+    assert invoke("run", spec_path, "--sandbox").exit_code == 0
+    output = tmp_path / "out" / "result.parquet"
+    before = output.stat().st_ino
+    building = signalled_at("batchrunner.output:_write_parts", [signal.SIGTERM], "export", spec_path, "--sandbox")
+    assert building.returncode == 3, building.stderr
+    assert f"SIGTERM before {output} was rewritten: it is as it was" in building.stderr
+    assert "rerun the same command to write it" in building.stderr
+    assert output.stat().st_ino == before
+    replacing = signalled_at("batchrunner.output:_sink", [signal.SIGTERM], "export", spec_path, "--sandbox")
+    assert replacing.returncode == 3, replacing.stderr
+    assert f"stopped early: SIGTERM while {output} was being written (it was written in full: 12 rows)" in (
+        replacing.stderr
+    )
+    assert output.stat().st_ino != before and pl.read_parquet(output).height == 12
+
+
 def test_an_empty_input_writes_an_empty_output_with_all_columns(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
