@@ -17,9 +17,10 @@ import polars as pl
 
 from batchrunner import interrupts
 from batchrunner.costs import ZERO_USD
-from batchrunner.dataset import ROW_INDEX
+from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import Problem, RunHalted, SpecError
-from batchrunner.output import export, results, rows_in, score_columns
+from batchrunner.lock import job_lock, lock_path
+from batchrunner.output import export, remove_leftovers, results, rows_in, score_columns
 from batchrunner.pending import pending
 from batchrunner.preflight import prepare
 from batchrunner.report import Report, build, gather
@@ -77,11 +78,21 @@ def elsewhere(by_server: dict[str, int], server: str) -> Elsewhere | None:
 def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
     """Rewrite the output from the checkpoint (the sandbox's answers with `sandbox`), without sending anything.
 
-    An export with no answers for this server never replaces an output that holds rows (after a --sandbox run,
-    the sandbox's answers): SpecError naming the file and whose the checkpoint's answers are."""
+    It holds the job's lock (RunHalted while a run of the job is going: that run writes the output itself), and
+    first removes what a killed run or export left beside the output. An export with no answers for this server
+    never replaces an output that holds rows (after a --sandbox run, the sandbox's answers): SpecError naming the
+    file and whose the checkpoint's answers are."""
     dataset = prepare(spec)
     checkpoint = existing_checkpoint(spec)
     server = spec.server(sandbox=sandbox)
+    with job_lock(lock_path(checkpoint)):  # one writer of the job's output at a time: a run, or an export
+        if removed := remove_leftovers(spec.output):
+            log.info("removed what a killed run or export left beside %s: %s", spec.output, ", ".join(removed))
+        return _export(spec, dataset, checkpoint, server)
+
+
+def _export(spec: JobSpec, dataset: Dataset, checkpoint: Path, server: str) -> int:
+    """export_job's work, under the job's lock."""
     store = Store.open(checkpoint)
     try:
         others = elsewhere(store.answers_by_server(), server)

@@ -46,8 +46,8 @@ from batchrunner.judging import items as judge_items
 from batchrunner.judging import judge_spec
 from batchrunner.keylog import KeyLog
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
-from batchrunner.lock import job_lock
-from batchrunner.output import export, extend, summary_path
+from batchrunner.lock import job_lock, lock_path
+from batchrunner.output import export, extend, remove_leftovers, summary_path
 from batchrunner.output import results as results_of
 from batchrunner.pending import Batch, pending
 from batchrunner.policy import RowPolicy
@@ -146,7 +146,9 @@ async def run_job(
     judging = Summary()  # what grading the answers cost, reported apart from the answers' own cost
     results = KeptResults()
     report: RunReport | None = None
-    with interrupts.caught() as caught, job_lock(checkpoint.with_name(checkpoint.name + ".lock")):
+    with interrupts.caught() as caught, job_lock(lock_path(checkpoint)):
+        if removed := remove_leftovers(spec.output):  # a killed run's or export's; none is live while we hold the lock
+            log.info("removed what a killed run left beside %s: %s", spec.output, ", ".join(removed))
         async with connection:
             client = connection.client
             if on_start is not None:

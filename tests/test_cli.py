@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from conftest import run_cli
+from conftest import run_cli, signalled_at
 
 from batchrunner.cli import main
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -496,28 +496,6 @@ def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
     written = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert 0 < written.height < rows
     assert written.height == sandbox.stats.statuses[200], "every answer that came back is in the output"
-
-
-def signalled_at(at: str, signals: list[signal.Signals], *args: str) -> subprocess.CompletedProcess[str]:
-    """`batchrunner ARGS` in its own process, which sends itself `signals` when `at` (module:function) is first
-    called: a scheduler's stop arriving at that exact moment, every time."""
-    probe = (
-        "import importlib, os, sys\n"
-        f"module_name, _, name = {at!r}.partition(':')\n"
-        "module = importlib.import_module(module_name)\n"
-        "original, sent = getattr(module, name), []\n"
-        "def arriving(*args, **kwargs):\n"
-        "    if not sent:\n"
-        "        sent.append(True)\n"
-        f"        for signum in {[int(s) for s in signals]!r}:\n"
-        "            os.kill(os.getpid(), signum)\n"
-        "    return original(*args, **kwargs)\n"
-        "setattr(module, name, arriving)\n"
-        "from batchrunner.cli import main\n"
-        f"sys.argv = ['batchrunner', *{list(args)!r}]\n"
-        "main()\n"
-    )
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=60)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
