@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from batchrunner import logs
+from batchrunner import interrupts, logs
 from batchrunner.costs import format_cost, format_usd
 from batchrunner.errors import OutputError, Problem, RunHalted, SpecError
 from batchrunner.files import write_text_atomically
@@ -54,6 +55,30 @@ def _exit_codes() -> Iterator[None]:
         sys.exit(EXIT_STOPPED)
     except OutputError as error:
         say(f"error: {error}; the checkpoint keeps every answer", err=True)
+        sys.exit(EXIT_STOPPED)
+
+
+def _stoppable(command: Callable[..., None]) -> Callable[..., None]:
+    """A command that writes files: Ctrl-C and SIGTERM are a stop with exit 3 and a sentence, never a kill (143)
+    or a traceback, from its first line to its exit (interrupts.py)."""
+
+    @functools.wraps(command)
+    def stoppable(*args: Any, **kwargs: Any) -> None:
+        with interrupts.caught() as caught:
+            command(*args, **kwargs)  # a command that exits says why itself; one that returns is told here
+            if caught.received is not None:
+                say(f"stopped early: {caught.received.name}; rerun the same command to continue", err=True)
+                sys.exit(EXIT_STOPPED)
+
+    return stoppable
+
+
+def _stopped_after_writing(path: Path, rows: int) -> None:
+    """Exit 3 when Ctrl-C or SIGTERM came while `path` was being written, which was finished all the same."""
+    if (stop := interrupts.received()) is not None:
+        say(
+            f"stopped early: {stop.name} while {path} was being written (it was written in full: {rows} rows)", err=True
+        )
         sys.exit(EXIT_STOPPED)
 
 
@@ -98,6 +123,7 @@ def main() -> None:
 @click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Of --dry-run."
 )
+@_stoppable
 def run(
     job: Path,
     input_path: Path | None,
@@ -139,9 +165,11 @@ def run(
                 raise SpecError(
                     f"--fresh deletes every stored answer in {spec.checkpoint_path()}; add --yes to confirm"
                 )
-            if not click.confirm(
-                f"--fresh deletes every stored answer in {spec.checkpoint_path()}. Continue?", err=True
-            ):
+            with interrupts.paused():  # Ctrl-C at the question aborts it at once
+                confirmed = click.confirm(
+                    f"--fresh deletes every stored answer in {spec.checkpoint_path()}. Continue?", err=True
+                )
+            if not confirmed:
                 sys.exit(EXIT_INVALID)
 
         def banner(sandbox_url: str | None) -> None:
@@ -187,9 +215,12 @@ def run(
         with _exit_codes():
             for model in evaluation(spec, sandbox=sandbox).models:
                 say(f"  score {model.model}: {score_text(model)}")
-    if report.stop is not None or outcome.output_rows is None or outcome.unsaved:
+    late = interrupts.received()  # Ctrl-C or SIGTERM after the run's report was made: while this was printed
+    if report.stop is not None or outcome.output_rows is None or outcome.unsaved or late is not None:
         if report.stop is not None:
             reason = report.stop.message
+        elif late is not None and outcome.output_rows is not None and not outcome.unsaved:
+            reason = f"{late.name} after the output was written"
         else:
             reason = "the output was not written" if outcome.output_rows is None else "the checkpoint was not written"
         say(f"stopped early: {reason}", err=True)
@@ -393,6 +424,7 @@ def _table(rows: list[dict[str, str]]) -> None:
     "--output", "output_path", type=click.Path(path_type=Path), help="Write here instead of the spec's `output`."
 )
 @click.option("--sandbox", is_flag=True, help="Export the sandbox's simulated answers instead of the real ones.")
+@_stoppable
 def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
     """Rewrite JOB's output from its checkpoint, without sending anything."""
     from batchrunner.offline import export_job
@@ -403,6 +435,7 @@ def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
         spec = load_spec(job, overrides=_overrides(input=None, output=output_path, concurrency=None), sending=False)
         written = export_job(spec, sandbox=sandbox)
     say(f"{spec.name}: wrote {written} rows to {spec.output}")
+    _stopped_after_writing(spec.output, written)
 
 
 @main.command()
@@ -424,6 +457,7 @@ def cancel(job: Path, sandbox: bool) -> None:
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
 @click.option("--sandbox", is_flag=True, help="Score the sandbox's simulated answers instead of the real ones.")
+@_stoppable
 def score(job: Path, sandbox: bool) -> None:
     """Score JOB's answers again (after editing its `evaluate:` block) and rewrite the output. Sends nothing."""
     from batchrunner.offline import evaluation, export_job
@@ -442,6 +476,7 @@ def score(job: Path, sandbox: bool) -> None:
     say(f"{spec.name}: scored {written} rows in {spec.output}")
     for model in figures.models:
         say(f"  score {model.model}: {score_text(model)}")
+    _stopped_after_writing(spec.output, written)
 
 
 @main.command()
@@ -503,11 +538,19 @@ def status(job: Path, as_json: bool, sandbox: bool) -> None:
         click.echo(json.dumps(report, indent=1))  # JSON escapes control characters itself
         return
     say(f"{report['job']}: checkpoint {report['checkpoint']}, answers from {report['server']}")
-    for model, counts in report["models"].items():
-        say(f"  {model}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
-    for server, count in report["answers_from_other_servers"].items():
-        hint = " (simulated; see them with --sandbox)" if server == "sandbox" else ""
-        say(f"  also {count} answers from {server}{hint}, not used for {report['server']}")
+    others = report["elsewhere"]
+    if others is not None and not any(counts["ok"] or counts["failed"] for counts in report["models"].values()):
+        # None of this server's, all another's (a --sandbox run's): say whose, not "0 ok, 200 pending"
+        how = f"with `batchrunner status {job} {others['option']}`" if others["option"] else others["how"]
+        say(f"  no answers from {report['server']} yet: {others['sentence']}; see them {how}")
+        for model, counts in report["models"].items():
+            say(f"  {model}: {counts['pending']} rows to send to {report['server']}")
+    else:
+        for model, counts in report["models"].items():
+            say(f"  {model}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
+        for server, count in report["answers_from_other_servers"].items():
+            hint = " (simulated; see them with --sandbox)" if server == "sandbox" else ""
+            say(f"  also {count} answers from {server}{hint}, not used for {report['server']}")
     cost = format_cost(Decimal(report["cost_usd"]), report["cost_unknown_rows"])
     say(f"  cost so far: {cost} over {report['runs']} run(s)")
     for batch in report["batches"]:
@@ -608,10 +651,6 @@ def sandbox(
         asyncio.run(serve(config, port, ready))
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _overrides(
     *, input: Path | None, output: Path | None, concurrency: int | None, mode: str | None = None
 ) -> dict[str, Any]:
@@ -626,3 +665,7 @@ def _overrides(
     if mode is not None:
         result["mode"] = mode
     return result
+
+
+if __name__ == "__main__":  # `python -m batchrunner.cli`: last, once every helper a command uses is defined
+    main()

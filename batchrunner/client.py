@@ -322,8 +322,10 @@ class _StreamSilent(Exception):
 async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     """A reply's body, decompressed, if it fits in `max_bytes`: a gzip bomb is cut off, not held in memory."""
     declared = response.content_length
-    if declared is not None and declared > max_bytes and not response.headers.get("Content-Encoding"):
-        raise _too_large(max_bytes)
+    if declared is not None and not response.headers.get("Content-Encoding"):
+        if declared > max_bytes:
+            raise _too_large(max_bytes)
+        return await response.read()  # as long as it says: aiohttp reads no further
     parts: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeVar
 
 ZERO_USD = Decimal(0)
 MILLION = Decimal(1_000_000)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,26 +53,27 @@ class Pricing:
 
     @classmethod
     def from_model(cls, model: dict[str, Any]) -> Pricing | None:
-        """Prices from one GET /models entry; None when they are missing or not numbers ("-1" for routers)."""
+        """Prices from one GET /models entry; None when the prompt or completion price is missing, or when any
+        price it lists is not one (see `unusable_price`: "-1" for routers, "1e400", "NaN")."""
         prices = model.get("pricing")
-        if not isinstance(prices, dict):
+        if not isinstance(prices, dict) or unusable_price(prices) is not None:
             return None
         prompt, completion = to_decimal(prices.get("prompt")), to_decimal(prices.get("completion"))
-        if prompt is None or completion is None or prompt < 0 or completion < 0:
+        if prompt is None or completion is None:
             return None
         top: dict[str, Any] = model["top_provider"] if isinstance(model.get("top_provider"), dict) else {}
         return cls(
             prompt=prompt,
             completion=completion,
-            request=_price(prices.get("request")),
-            image=_price(prices.get("image")),
+            request=to_decimal(prices.get("request")) or ZERO_USD,
+            image=to_decimal(prices.get("image")) or ZERO_USD,
             audio=to_decimal(prices.get("audio")),
             internal_reasoning=to_decimal(prices.get("internal_reasoning")),
             input_cache_read=to_decimal(prices.get("input_cache_read")),
             input_cache_write=to_decimal(prices.get("input_cache_write")),
             discount=to_decimal(prices.get("discount")) or ZERO_USD,
-            max_completion_tokens=top.get("max_completion_tokens") or None,
-            context_length=model.get("context_length") or top.get("context_length") or None,
+            max_completion_tokens=_tokens(top.get("max_completion_tokens")),
+            context_length=_tokens(model.get("context_length")) or _tokens(top.get("context_length")),
         )
 
     def cost_usd(self, usage: Usage, *, images: int = 0) -> Decimal:
@@ -131,21 +133,25 @@ class PriceTable:
             modalities = architecture.get("input_modalities") if isinstance(architecture, dict) else None
             if isinstance(model.get("id"), str) and isinstance(modalities, list):
                 self._inputs[model["id"]] = frozenset(str(m) for m in modalities)
+        self._unusable: dict[str, str] = {}  # why a model that lists prices is unpriced all the same
         for model in models:
+            if not isinstance(model.get("id"), str):
+                continue
             pricing = Pricing.from_model(model)
-            if pricing is not None and isinstance(model.get("id"), str):
+            if pricing is not None:
                 self._prices[model["id"]] = pricing
+            elif isinstance(model.get("pricing"), dict) and (why := unusable_price(model["pricing"])) is not None:
+                self._unusable[model["id"]] = why
         unpriced = {slug: pricing for slug, pricing in (fallback or {}).items() if self.get(slug) is None}
         self._prices.update(unpriced)
         self.overridden = sorted(set(fallback or {}) - set(unpriced))  # fallback prices the server's replaced
 
     def get(self, slug: str) -> Pricing | None:
-        if slug in self._prices:
-            return self._prices[slug]
-        for suffix in VARIANT_SUFFIXES:
-            if slug.endswith(suffix):
-                return self._prices.get(slug.removesuffix(suffix))
-        return None
+        return _by_slug(self._prices, slug)
+
+    def unusable(self, slug: str) -> str | None:
+        """Why the model's listed prices could not be used (its prompt price '1e400' is not ...), if they could not."""
+        return _by_slug(self._unusable, slug)
 
     def inputs(self, slug: str) -> frozenset[str] | None:
         """What the model takes (text, image, file, audio, video), or None when /models did not say."""
@@ -172,6 +178,63 @@ class PriceTable:
         return pricing
 
 
+def _by_slug(table: dict[str, T], slug: str) -> T | None:
+    """The entry for `slug`, or for the model a routing variant of it is (`a/b:nitro` is `a/b`)."""
+    if slug in table:
+        return table[slug]
+    for suffix in VARIANT_SUFFIXES:
+        if slug.endswith(suffix):
+            return table.get(slug.removesuffix(suffix))
+    return None
+
+
+MAX_PRICE_USD = Decimal(1000)  # the dearest a token, a request or an image may be listed at (the dearest sold
+# are fractions of a cent a token, cents a request or an image): above it, or below 0, a price is not one, and
+# figures made from it (1e400 per token) could not even be rounded to cents
+PRICE_KEYS = (
+    "prompt",
+    "completion",
+    "request",
+    "image",
+    "audio",
+    "internal_reasoning",
+    "input_cache_read",
+    "input_cache_write",
+)  # the prices the cost arithmetic uses; a discount is checked apart
+
+
+def unusable_price(prices: dict[str, Any]) -> str | None:
+    """Why a /models `pricing` object cannot price answers: the first price it lists (one the arithmetic uses)
+    that is not a number of dollars from 0 to MAX_PRICE_USD, or a discount that is not a number from 0 to 1.
+    None when every listed one can be used; a price not listed (absent or null) is not a reason."""
+    for key in PRICE_KEYS:
+        value = prices.get(key)
+        price = to_decimal(value)
+        if value is not None and (price is None or not ZERO_USD <= price <= MAX_PRICE_USD):
+            return f"its {key} price {_shown(value)} is not a number of dollars from 0 to {MAX_PRICE_USD:,}"
+    value = prices.get("discount")
+    discount = to_decimal(value)
+    if value is not None and (discount is None or not ZERO_USD <= discount <= 1):
+        return f"its discount price {_shown(value)} is not a number from 0 to 1"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A value from the server, for a message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+MAX_TOKENS = 100_000_000  # the most tokens a context or an answer may be listed at: a larger count is no count
+
+
+def _tokens(value: Any) -> int | None:
+    """A listed context length or answer limit: a count of tokens from 1 to MAX_TOKENS, else no limit."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_TOKENS:
+        return value
+    return None
+
+
 WEB_SEARCH_USD_PER_RESULT = Decimal("0.004")  # OpenRouter's web plugin: $4 per 1,000 results
 WEB_SEARCH_DEFAULT_RESULTS = 5
 
@@ -188,12 +251,6 @@ def plugin_allowance_usd(plugins: Any, model: str) -> Decimal:
 
 
 FILE_PARSER_USD_PER_PAGE = Decimal("0.002")  # OpenRouter's file-parser plugin (mistral-ocr): $2 per 1,000 pages
-
-
-def _price(value: Any) -> Decimal:
-    """A listed price that is a non-negative number, else nothing."""
-    price = to_decimal(value)
-    return price if price is not None and price > 0 else ZERO_USD
 
 
 def _or(value: Decimal | None, default: Decimal) -> Decimal:

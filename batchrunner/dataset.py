@@ -13,6 +13,8 @@ checkpoint key is made of. Parquet files carry their own types and are read as t
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,12 +119,14 @@ def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
     if not path.exists():
         raise SpecError(Problem("input", f"{path}: no such file; check `input` in the spec or pass --input"))
     try:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):  # before polars, which fails on some of them
+            _refuse_lone_surrogates(path)
         frame = scan(path)
         columns = list(frame.collect_schema().names())
+        problems = _header_problems(path) if path.suffix.lower() == ".csv" else []
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
 
-    problems = []
     if ROW_INDEX in columns:
         problems.append(Problem("input", f"the column name {ROW_INDEX!r} is reserved; rename it"))
     if id_column is not None and id_column not in columns:
@@ -137,6 +141,97 @@ def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
     if id_column is not None:
         _check_ids(id_column, nulls, duplicated)
     return Dataset(path, id_column, indexed, columns, rows, digest)
+
+
+def _header_problems(path: Path) -> list[Problem]:
+    """A CSV header that names a column twice: polars would rename the second (`text_duplicated_0`) and `{text}`
+    would quietly mean the first, so it is refused. The header is read as polars reads it (quotes, separators),
+    as a row of plain values; empty names are left alone (no placeholder can name them)."""
+    header = pl.scan_csv(path, has_header=False, infer_schema=False, n_rows=1).collect()
+    names = list(header.row(0)) if header.height else []
+    problems = []
+    for name in dict.fromkeys(n for n in names if n):
+        places = [str(position + 1) for position, other in enumerate(names) if other == name]
+        if len(places) > 1:
+            problems.append(
+                Problem(
+                    "input",
+                    f"{path}: the header names the column {name!r} {_times(len(places))} (columns "
+                    f"{', '.join(places[:-1])} and {places[-1]}), so a placeholder or the output could not tell "
+                    "them apart; rename all but one",
+                )
+            )
+    return problems
+
+
+def _times(count: int) -> str:
+    return "twice" if count == 2 else f"{count} times"
+
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # \ud800 to \udfff: half of a UTF-16 pair
+SCAN_BYTES = 8 << 20
+
+
+def _refuse_lone_surrogates(path: Path) -> None:
+    """A JSON string may hold half of a UTF-16 surrogate pair (`"bad\\ud800x"`), which no text can hold: polars
+    reads a lone high half as NUL (`bad\\x00x`, a changed id) and fails on a lone low half. Such values are refused,
+    naming each line and column. The file is searched in blocks of whole lines for escapes in the surrogate
+    range; only a line with one is parsed (json, which keeps lone halves), to tell a lone half from a pair or
+    an escaped backslash."""
+    problems: list[Problem] = []
+    line = 1  # the number of the first line in `block`
+    carry = b""
+    with path.open("rb") as handle:
+        while True:
+            read = handle.read(SCAN_BYTES)
+            block = carry + read
+            cut = block.rfind(b"\n") + 1 if read else len(block)  # whole lines; the rest waits for the next read
+            if read and cut == 0:
+                carry = block
+                continue
+            block, carry = block[:cut], block[cut:]
+            at = 0
+            while (found := SURROGATE_ESCAPE.search(block, at)) is not None:
+                start = block.rfind(b"\n", 0, found.start()) + 1
+                end = block.find(b"\n", found.end())
+                end = len(block) if end < 0 else end
+                number = line + block.count(b"\n", 0, start)
+                problems += [Problem("input", f"{path}:{number}: {what}") for what in _lone_halves(block[start:end])]
+                at = end
+            line += block.count(b"\n")
+            if not read:
+                break
+    if problems:
+        shown = problems[:5]
+        if len(problems) > len(shown):
+            shown.append(Problem("input", f"{path}: and {len(problems) - len(shown)} more such values"))
+        raise SpecError(shown)
+
+
+def _lone_halves(line: bytes) -> list[str]:
+    """What in one JSON line holds a lone surrogate: one sentence per column (or key). Nothing for a line that is
+    not JSON (polars says what is wrong with it)."""
+    try:
+        parsed = json.loads(line.decode("utf-8-sig"), object_pairs_hook=lambda pairs: pairs)
+    except (ValueError, RecursionError):
+        return []
+    fix = "so it could not be kept as written; write the character it stands for (or remove it) on that line"
+    found = []
+    for key, value in parsed if isinstance(parsed, list) and all(isinstance(p, tuple) for p in parsed) else []:
+        if (half := _lone_half(key)) is not None:
+            found.append(f"a key holds {half}, a lone UTF-16 surrogate that no text can hold, {fix}")
+        elif (half := _lone_half(value)) is not None:
+            found.append(f"the value of {key!r} holds {half}, a lone UTF-16 surrogate that no text can hold, {fix}")
+    return found
+
+
+def _lone_half(value: Any) -> str | None:
+    """The first lone surrogate in a parsed JSON value (strings inside lists and objects too), as its escape."""
+    if isinstance(value, str):
+        return next((f"\\u{ord(char):04x}" for char in value if 0xD800 <= ord(char) <= 0xDFFF), None)
+    if isinstance(value, (list, tuple)):
+        return next((half for item in value if (half := _lone_half(item)) is not None), None)
+    return None
 
 
 def _read_through(path: Path, frame: pl.LazyFrame, id_column: str | None) -> tuple[int, int, list[Any], str]:

@@ -39,6 +39,11 @@ KEYS_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+def folder_prefix(beside: Path) -> str:
+    """A key log's folder is named this and eight random characters (output.remove_leftovers finds a killed run's)."""
+    return f".{beside.name}.keys."
+
+
 def keys_frame(requests: Iterable[RowRequest]) -> pl.DataFrame:
     """Each pair's checkpoint key with its row position, model position and sample, as a frame to join on."""
     columns: dict[str, list[Any]] = {name: [] for name in KEYS_SCHEMA}
@@ -57,7 +62,7 @@ class KeyLog:
 
     def __init__(self, beside: Path, source: Path, *, first_row: int, rows: int) -> None:
         beside.parent.mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}.keys.", dir=beside.parent))
+        self.folder = Path(tempfile.mkdtemp(prefix=folder_prefix(beside), dir=beside.parent))
         self.source = source
         self.first_row = first_row
         self._read_as = identity(source)

@@ -19,6 +19,11 @@ from batchrunner.errors import RunHalted
 from batchrunner.files import open_no_follow
 
 
+def lock_path(checkpoint: Path) -> Path:
+    """The job's lock file: beside its checkpoint, named after it."""
+    return checkpoint.with_name(checkpoint.name + ".lock")
+
+
 @contextlib.contextmanager
 def job_lock(path: Path) -> Iterator[None]:
     """Hold the job's lock for the block; RunHalted naming the holder if another run has it."""

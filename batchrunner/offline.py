@@ -7,23 +7,30 @@ endpoints, generations, cancelling batches) is in queries.py.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from batchrunner import interrupts
 from batchrunner.costs import ZERO_USD
-from batchrunner.dataset import ROW_INDEX
-from batchrunner.errors import Problem, SpecError
-from batchrunner.output import export, results, score_columns
+from batchrunner.dataset import ROW_INDEX, Dataset
+from batchrunner.errors import Problem, RunHalted, SpecError
+from batchrunner.lock import job_lock, lock_path
+from batchrunner.output import export, remove_leftovers, results, rows_in, score_columns
 from batchrunner.pending import pending
 from batchrunner.preflight import prepare
 from batchrunner.report import Report, build, gather
 from batchrunner.report_html import render
 from batchrunner.request import RequestBuilder
 from batchrunner.rerun import job_state, last_run
-from batchrunner.spec import JobSpec
+from batchrunner.spec import SANDBOX_SERVER, JobSpec
 from batchrunner.store import Store
+
+log = logging.getLogger("batchrunner")
 
 
 def existing_checkpoint(spec: JobSpec) -> Path:
@@ -34,15 +41,85 @@ def existing_checkpoint(spec: JobSpec) -> Path:
     return checkpoint
 
 
+@dataclass(frozen=True)
+class Elsewhere:
+    """The checkpoint's answers that are another server's than the one asked about (the sandbox's, when a real
+    export or status follows a --sandbox run), and how to ask for them."""
+
+    answers: int
+    sentence: str  # "the checkpoint's 12 answers are the sandbox's (simulated)"
+    option: str | None  # the option that shows them: "--sandbox"; "" to drop it (OpenRouter's); None: another URL
+    url: str | None = None  # with option None: the server whose answers they are
+
+    def how(self) -> str:
+        """How to see them, after "see them" or "export them"."""
+        if self.option:
+            return f"with {self.option}"
+        return "without --sandbox" if self.option == "" else f"with api.base_url: {self.url} in the spec"
+
+
+def elsewhere(by_server: dict[str, int], server: str) -> Elsewhere | None:
+    """The answers in the checkpoint from servers other than `server` ("" is OpenRouter), if it has any."""
+    others = {name: count for name, count in by_server.items() if name != server and count}
+    if not others:
+        return None
+    total = sum(others.values())
+    if list(others) == [SANDBOX_SERVER]:
+        return Elsewhere(total, f"the checkpoint's {total} answers are the sandbox's (simulated)", "--sandbox")
+    named = " and ".join(f"{name or 'openrouter'} ({count})" for name, count in sorted(others.items()))
+    sentence = f"the checkpoint's {total} answers are from {named}"
+    if SANDBOX_SERVER in others:
+        return Elsewhere(total, sentence, "--sandbox")
+    if "" in others:
+        return Elsewhere(total, sentence, "" if server == SANDBOX_SERVER else None, "https://openrouter.ai/api/v1")
+    return Elsewhere(total, sentence, None, sorted(others)[0])
+
+
 def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
-    """Rewrite the output from the checkpoint (the sandbox's answers with `sandbox`), without sending anything."""
+    """Rewrite the output from the checkpoint (the sandbox's answers with `sandbox`), without sending anything.
+
+    It holds the job's lock (RunHalted while a run of the job is going: that run writes the output itself), and
+    first removes what a killed run or export left beside the output. An export with no answers for this server
+    never replaces an output that holds rows (after a --sandbox run, the sandbox's answers): SpecError naming the
+    file and whose the checkpoint's answers are."""
     dataset = prepare(spec)
     checkpoint = existing_checkpoint(spec)
+    server = spec.server(sandbox=sandbox)
+    with job_lock(lock_path(checkpoint)):  # one writer of the job's output at a time: a run, or an export
+        if removed := remove_leftovers(spec.output):
+            log.info("removed what a killed run or export left beside %s: %s", spec.output, ", ".join(removed))
+        return _export(spec, dataset, checkpoint, server)
+
+
+def _export(spec: JobSpec, dataset: Dataset, checkpoint: Path, server: str) -> int:
+    """export_job's work, under the job's lock."""
     store = Store.open(checkpoint, job=spec.name)
     try:
-        return export(dataset, RequestBuilder(spec, server=spec.server(sandbox=sandbox)), store, spec.output)
+        others = elsewhere(store.answers_by_server(), server)
+        hint = f"{others.sentence}: export them {others.how()}" if others is not None else None
+
+        def keep_answers(rows: int) -> None:
+            if (stop := interrupts.received()) is not None:  # Ctrl-C or SIGTERM came while the rows were read
+                raise RunHalted(
+                    f"{stop.name} before {spec.output} was rewritten: it is as it was; rerun the same command to write it"
+                )
+            held = rows_in(spec.output) if rows == 0 else 0
+            if held != 0:
+                what = "rows" if held is None else f"{held} rows"
+                raise SpecError(
+                    Problem(
+                        spec.locate("output"),
+                        f"{spec.output} holds {what} and this export has no answers from {server or 'openrouter'}, "
+                        f"so it was left as it is; {hint or 'write elsewhere with --output'}",
+                    )
+                )
+
+        written = export(dataset, RequestBuilder(spec, server=server), store, spec.output, check=keep_answers)
     finally:
         store.close()
+    if written == 0 and hint is not None:
+        log.warning("no answers from %s to export: %s", server or "openrouter", hint)
+    return written
 
 
 def evaluation(spec: JobSpec, *, sandbox: bool = False) -> Report:
@@ -111,6 +188,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
     finally:
         if store is not None:
             store.close()
+    others = elsewhere(by_server, requests.server)
     return {
         "job": spec.name,
         "checkpoint": str(checkpoint),
@@ -119,6 +197,7 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
         "answers_from_other_servers": {
             (server or "openrouter"): n for server, n in by_server.items() if server != requests.server
         },
+        "elsewhere": None if others is None else {**dataclasses.asdict(others), "how": others.how()},
         "cost_usd": str(spent),
         "cost_unknown_rows": unpriced,  # when not 0, cost_usd is a lower bound
         "runs": len(runs),

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +27,15 @@ from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
 from batchrunner.judging import grade_keys, score_of
-from batchrunner.keylog import MODEL_POSITION, SAMPLE, KeyLog, keys_frame
+from batchrunner.keylog import MODEL_POSITION, SAMPLE, KeyLog, folder_prefix, keys_frame
 from batchrunner.records import RESULT_SCHEMA, STORED_EXTRAS
 from batchrunner.request import RequestBuilder
 from batchrunner.scoring import error_column, metrics_of, score_rows
 from batchrunner.spec import JobSpec
 from batchrunner.store import KEY_COLUMNS, Store, fetched_schema
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
+
+log = logging.getLogger("batchrunner")
 
 
 def summary_path(output: Path) -> Path:
@@ -182,6 +188,55 @@ def _grades(
     return pl.Series(scores, dtype=pl.Float64())
 
 
+PART = re.compile(r"(\d{8}|empty)\.parquet|tail\.(csv|jsonl|ndjson)")  # what _write_parts, extend and a KeyLog put
+# in their folders
+RANDOM = "[a-z0-9_]{8}"  # the eight characters tempfile's mkdtemp and mkstemp add to a prefix
+
+
+def remove_leftovers(path: Path) -> list[str]:
+    """Remove what a killed run or export of the output `path` left beside it, and return the names removed:
+    parts folders (`.result.parquet.k2_9abcd`, `.result.parquet.keys.k2_9abcd`) holding nothing but parts,
+    temporary copies of the output and its summary (`.result.parquet.k2_9abcd.tmp`), the probe. Only names
+    batchrunner makes, owned by this user, never through a symlink; a folder holding anything else is left.
+
+    Call it holding the job's lock (lock.py): then no live run or export of the job is using what it removes."""
+    name, summary = re.escape(path.name), re.escape(summary_path(path).name)
+    folders = re.compile(rf"({re.escape(_parts_prefix(path))}|{re.escape(folder_prefix(path))}){RANDOM}")
+    files = re.compile(rf"\.({name}|{summary})\.{RANDOM}\.tmp|\.{re.escape(path.stem)}\.probe{re.escape(path.suffix)}")
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            found = entry.stat(follow_symlinks=False)
+            if found.st_uid != os.getuid():
+                continue
+            if stat.S_ISDIR(found.st_mode) and folders.fullmatch(entry.name) and _only_parts(Path(entry.path)):
+                shutil.rmtree(entry.path)
+            elif stat.S_ISREG(found.st_mode) and files.fullmatch(entry.name):
+                os.unlink(entry.path)
+            else:
+                continue
+        except OSError as exc:  # gone meanwhile, or not ours to remove: left as it is
+            log.debug("left %s beside %s (%s)", entry.name, path, exc)
+            continue
+        removed.append(entry.name)
+    return removed
+
+
+def _parts_prefix(path: Path) -> str:
+    """The output's parts are written in a folder named this and eight random characters."""
+    return f".{path.name}."
+
+
+def _only_parts(folder: Path) -> bool:
+    """Whether a folder holds nothing but files named as batchrunner names its parts (no folder, no link)."""
+    with os.scandir(folder) as entries:
+        return all(entry.is_file(follow_symlinks=False) and PART.fullmatch(entry.name) for entry in entries)
+
+
 def export(
     dataset: Dataset,
     requests: RequestBuilder,
@@ -190,16 +245,20 @@ def export(
     *,
     batch_size: int = 20_000,
     keys: KeyLog | None = None,
+    check: Callable[[int], None] | None = None,
 ) -> int:
     """Write every answered (row, model) of the current spec to `path`; return the row count.
 
     Rows without an answer for the spec as it is now (never run, or run before an edit to
-    their prompt or params) are left out: they are pending.
+    their prompt or params) are left out: they are pending. `check` is called with the number of rows
+    about to be written, before `path` is replaced: it may refuse by raising, and `path` is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    parts = Path(tempfile.mkdtemp(prefix=_parts_prefix(path), dir=path.parent))
     try:
         written = _write_parts(results(dataset, requests, store, batch_size=batch_size, keys=keys), parts)
+        if check is not None:
+            check(written)
         if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
             _empty(dataset, requests.spec).write_parquet(parts / "empty.parquet")
         _sink(pl.scan_parquet(parts / "*.parquet"), path)
@@ -228,7 +287,7 @@ def extend(
 
     Parquet is rewritten as the old file's row groups followed by the new rows (no row is rebuilt from
     the checkpoint); CSV and JSONL are copied and appended to. Atomic as `export` is."""
-    parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    parts = Path(tempfile.mkdtemp(prefix=_parts_prefix(path), dir=path.parent))
     try:
         added = _write_parts(results(dataset, requests, store, start=start, keys=keys), parts)
         if not added:
@@ -259,6 +318,23 @@ def extend(
         raise OutputError(f"could not write {path}: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(parts, ignore_errors=True)
+
+
+def rows_in(path: Path) -> int | None:
+    """How many rows an output file holds: 0 when there is no file, None when it cannot be read as its format."""
+    if not path.exists():
+        return 0
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            frame = pl.scan_parquet(path)
+        elif suffix == ".csv":
+            frame = pl.scan_csv(path, infer_schema=False)
+        else:
+            frame = pl.scan_ndjson(path, infer_schema_length=None)
+        return int(frame.select(pl.len()).collect().item())
+    except (pl.exceptions.PolarsError, OSError):
+        return None
 
 
 def _empty(dataset: Dataset, spec: JobSpec) -> pl.DataFrame:

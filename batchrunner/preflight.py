@@ -238,6 +238,13 @@ def check_models(spec: JobSpec, catalog: PriceTable, *, strict: bool) -> None:
     named = [*_answering_models(spec), *(("evaluate.metric", r.judge.model) for r in judge_rules(spec) if r.judge)]
     problems = []
     for field, model in named:
+        if (why := catalog.unusable(model)) is not None:
+            log.warning(
+                "%s: %s is unpriced: %s; costs the server does not report will be unknown, and a budget cannot price it",
+                spec.locate(field),
+                model,
+                why,
+            )
         if catalog.lists(model):
             continue
         close = difflib.get_close_matches(model, sorted(catalog.ids), n=3, cutoff=0.5)

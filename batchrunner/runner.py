@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -26,6 +25,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
+from batchrunner import interrupts
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.connect import Connection
@@ -48,8 +48,8 @@ from batchrunner.judging import items as judge_items
 from batchrunner.judging import judge_spec
 from batchrunner.keylog import KeyLog
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
-from batchrunner.lock import job_lock
-from batchrunner.output import export, extend, summary_path
+from batchrunner.lock import job_lock, lock_path
+from batchrunner.output import export, extend, remove_leftovers, summary_path
 from batchrunner.output import results as results_of
 from batchrunner.pending import Batch, pending
 from batchrunner.policy import RowPolicy
@@ -151,7 +151,9 @@ async def run_job(
     judging = Summary()  # what grading the answers cost, reported apart from the answers' own cost
     results = KeptResults()
     report: RunReport | None = None
-    with job_lock(checkpoint.with_name(checkpoint.name + ".lock")):
+    with interrupts.caught() as caught, job_lock(lock_path(checkpoint)):
+        if removed := remove_leftovers(spec.output):  # a killed run's or export's; none is live while we hold the lock
+            log.info("removed what a killed run left beside %s: %s", spec.output, ", ".join(removed))
         async with connection:
             client = connection.client
             if on_start is not None:
@@ -214,7 +216,7 @@ async def run_job(
                     background.append(asyncio.create_task(progress.heartbeat()))
                 if key_info is not None and key_info.get("limit_remaining") is not None:
                     background.append(asyncio.create_task(follow_credits(client, limits, credit_refresh_s)))
-                restore = _install_signal_handlers(halt)
+                restore = _stop_on_signal(halt, caught)
                 try:
                     if executor is None:
                         from batchrunner.batch import BatchExecutor  # batch mode's machinery, when it is asked for
@@ -290,6 +292,10 @@ async def run_job(
                     if keylog is not None:
                         keylog.close()
                 store.close()
+                if report is not None and report.stop is None and caught.received is not None:
+                    # after dispatch ended: the output was written in full all the same, and the run stops here
+                    message = f"{caught.received.name} while the output was being written (it was written in full)"
+                    report.stop = Stop(StopReason.INTERRUPTED, message)
                 if report is not None:
                     summary_json = report.summary.to_json(
                         wall_s=report.wall_s,
@@ -472,11 +478,12 @@ def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None)
     wanted = {m for model in spec.models for m in spec.model_chain(model)} | set(judges)
     unpriced = sorted(m for m in wanted if m not in prices)
     if unpriced:
+        named = ", ".join(m if (why := prices.unusable(m)) is None else f"{m} ({why})" for m in unpriced)
         raise SpecError(
             Problem(
                 "budget_usd",
-                f"no prices for {', '.join(unpriced)} at {spec.base_url()}/models; a budget needs them: give them "
-                "under `prices:` ({MODEL: {prompt_per_mtok_usd: ..., completion_per_mtok_usd: ...}}), or remove the budget",
+                f"no prices for {named} at {spec.base_url()}/models; a budget needs them: give them under `prices:` "
+                "({MODEL: {prompt_per_mtok_usd: ..., completion_per_mtok_usd: ...}}), or remove the budget",
             )
         )
     log.info("budget: %s for this run", format_usd(limit))
@@ -552,27 +559,17 @@ async def follow_credits(client: Client, limits: Limits, every_s: float) -> None
         limits.pacer.set_limit(rps)
 
 
-def _install_signal_handlers(halt: Halt) -> Callable[[], None]:
-    """First Ctrl-C or SIGTERM: stop dispatching and finish what is in flight. Second: exit now."""
+def _stop_on_signal(halt: Halt, caught: interrupts.Interrupts) -> Callable[[], None]:
+    """First Ctrl-C or SIGTERM (interrupts.py): stop dispatching and finish what is in flight; a second quits at
+    once. The halt is stopped on the event loop, woken from the signal handler. Returns what stops listening."""
     loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
 
     def on_signal(signum: signal.Signals) -> None:
-        if halt.stopping:
-            os._exit(3)
         halt.stop(
             StopReason.INTERRUPTED, f"{signum.name}: finishing requests in flight (press Ctrl-C again to quit at once)"
         )
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, on_signal, signum)
-            installed.append(signum)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
-            pass
+    def wake(signum: signal.Signals) -> None:  # in the signal handler: the loop may be waiting in select
+        loop.call_soon_threadsafe(on_signal, signum)
 
-    def restore() -> None:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
-
-    return restore
+    return caught.listen(wake)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import signal
 import subprocess
 import sys
 import threading
@@ -168,6 +169,28 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [sys.executable, "-m", "batchrunner", *args], env=env, capture_output=True, text=True, check=False
     )
+
+
+def signalled_at(at: str, signals: list[signal.Signals], *args: str) -> subprocess.CompletedProcess[str]:
+    """`batchrunner ARGS` in its own process, which sends itself `signals` when `at` (module:function) is first
+    called: a scheduler's stop arriving at that exact moment, every time."""
+    probe = (
+        "import importlib, os, sys\n"
+        f"module_name, _, name = {at!r}.partition(':')\n"
+        "module = importlib.import_module(module_name)\n"
+        "original, sent = getattr(module, name), []\n"
+        "def arriving(*args, **kwargs):\n"
+        "    if not sent:\n"
+        "        sent.append(True)\n"
+        f"        for signum in {[int(s) for s in signals]!r}:\n"
+        "            os.kill(os.getpid(), signum)\n"
+        "    return original(*args, **kwargs)\n"
+        "setattr(module, name, arriving)\n"
+        "from batchrunner.cli import main\n"
+        f"sys.argv = ['batchrunner', *{list(args)!r}]\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=60)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from conftest import run_cli
+from conftest import run_cli, signalled_at
 
 from batchrunner.cli import main
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -158,12 +158,15 @@ def test_rejected_key_exits_3_and_keeps_the_key_secret(
     assert sandbox.stats.requests == 0
 
 
-def test_python_dash_m_runs_the_cli() -> None:
-    """`python -m batchrunner` is the same command."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "batchrunner", "run", "--help"], capture_output=True, text=True, check=False
-    )
-    assert completed.returncode == 0 and "--sandbox" in completed.stdout
+@pytest.mark.parametrize("module", ["batchrunner", "batchrunner.cli"])
+def test_python_dash_m_runs_the_cli(module: str, write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """`python -m batchrunner` and `python -m batchrunner.cli` are the same command: a run works (with the helpers
+    every command uses defined)."""
+    args = ["run", str(write_spec()), "--sandbox"]
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "wrote 12 rows" in done.stdout
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 12
 
 
 def test_sandbox_command_refuses_unknown_faults() -> None:
@@ -261,6 +264,62 @@ def test_sandbox_answers_never_stand_in_for_real_ones(
     assert Decimal(real_cost) == real.stats.charged_usd, "simulated costs are not counted as spent"
 
 
+def test_after_a_sandbox_run_export_and_status_point_at_the_sandbox_answers(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """After a --sandbox run, `export` without --sandbox (no answers for OpenRouter) refuses to replace the output
+    holding the sandbox's answers (exit 2, naming the file and --sandbox), and `status` says whose the answers are
+    and how to see them instead of "0 ok, 12 pending"; with --sandbox, or into a new file, export works."""
+    spec_path = str(write_spec())
+    assert invoke("run", spec_path, "--sandbox").exit_code == 0
+    output = tmp_path / "out" / "result.parquet"
+    before = output.read_bytes()
+    status = invoke("status", spec_path)
+    assert status.exit_code == 0, status.output
+    assert "0 ok" not in status.stdout and "12 pending" not in status.stdout
+    assert "no answers from openrouter yet: the checkpoint's 12 answers are the sandbox's (simulated)" in status.stdout
+    assert f"batchrunner status {spec_path} --sandbox" in status.stdout
+    refused = invoke("export", spec_path)
+    assert refused.exit_code == 2, refused.output
+    assert f"{output} holds 12 rows and this export has no answers from openrouter" in refused.stderr
+    assert "--sandbox" in refused.stderr and output.read_bytes() == before, "the sandbox's output is left as it was"
+    assert invoke("export", spec_path, "--sandbox").exit_code == 0
+    assert pl.read_parquet(output).height == 12
+    elsewhere = invoke("export", spec_path, "--output", str(tmp_path / "real.csv"))
+    assert elsewhere.exit_code == 0 and "wrote 0 rows" in elsewhere.stdout
+    assert "the checkpoint's 12 answers are the sandbox's" in elsewhere.stderr
+
+
+@pytest.mark.parametrize(
+    ("by_server", "server", "sentence", "how"),
+    [
+        ({"sandbox": 12}, "", "the checkpoint's 12 answers are the sandbox's (simulated)", "with --sandbox"),
+        ({"": 5}, "sandbox", "the checkpoint's 5 answers are from openrouter (5)", "without --sandbox"),
+        (
+            {"http://127.0.0.1:8000/v1": 3},
+            "",
+            "the checkpoint's 3 answers are from http://127.0.0.1:8000/v1 (3)",
+            "with api.base_url: http://127.0.0.1:8000/v1 in the spec",
+        ),
+        (
+            {"http://x": 3, "sandbox": 2},
+            "",
+            "the checkpoint's 5 answers are from http://x (3) and sandbox (2)",
+            "with --sandbox",
+        ),
+        ({"": 4, "sandbox": 0}, "", None, None),
+    ],
+)
+def test_whose_answers_the_checkpoint_holds_and_how_to_see_them(
+    by_server: dict[str, int], server: str, sentence: str | None, how: str | None
+) -> None:
+    """Answers from other servers than the one asked about are named with the option (or base URL) that shows them."""
+    from batchrunner.offline import elsewhere
+
+    found = elsewhere(by_server, server)
+    assert (found and found.sentence, found and found.how()) == (sentence, how)
+
+
 def test_log_json_emits_one_object_per_line(write_spec: Callable[..., Path]) -> None:
     """--log-json writes every log event on stderr as one JSON object."""
     result = invoke("run", str(write_spec()), "--sandbox", "--log-json")
@@ -330,6 +389,34 @@ def test_max_cost_stops_the_run_with_exit_3(write_spec: Callable[..., Path]) -> 
     result = invoke("run", str(write_spec(models=["openai/gpt-4o"])), "--sandbox", "--max-cost", "0.002")
     assert result.exit_code == 3
     assert "budget of $0.002 reached" in result.stderr and "pending" in result.stderr
+
+
+@pytest.mark.parametrize("price", ["1e400", "1e999999999", "inf", "NaN", "-1"])
+def test_a_price_that_is_not_a_number_of_dollars_leaves_the_model_unpriced(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, price: str
+) -> None:
+    """A /models prompt price of 1e400 (or inf, NaN, -1, an exponent that overflows) makes the model unpriced with
+    a warning naming it and the price: a budget then refuses it up front (exit 2), and a run without one goes on."""
+    from batchrunner.sandbox import catalog
+
+    listed = catalog.model_objects
+
+    def hostile(created: int) -> list[dict[str, object]]:
+        models = listed(created)
+        for entry in models:
+            if entry["id"] == "openai/gpt-4o-mini":
+                entry["pricing"] = {**entry["pricing"], "prompt": price}
+        return models
+
+    monkeypatch.setattr(catalog, "model_objects", hostile)
+    spec_path = str(write_spec())
+    warning = f"openai/gpt-4o-mini is unpriced: its prompt price {price!r} is not a number of dollars from 0 to 1,000"
+    budgeted = CliRunner().invoke(main, ["run", spec_path, "--sandbox", "--max-cost", "1"])
+    assert budgeted.exit_code == 2, budgeted.output
+    assert warning in budgeted.stderr and "a budget needs them" in budgeted.stderr
+    unbudgeted = CliRunner().invoke(main, ["run", spec_path, "--sandbox"])
+    assert unbudgeted.exit_code == 0, unbudgeted.output
+    assert warning in unbudgeted.stderr and "12 ok" in unbudgeted.stdout
 
 
 def test_schema_property_clashing_with_a_column_needs_a_prefix(write_spec: Callable[..., Path], tmp_path: Path) -> None:
@@ -411,6 +498,62 @@ def test_sigterm_finishes_in_flight_writes_the_output_and_exits_3(
     written = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert 0 < written.height < rows
     assert written.height == sandbox.stats.statuses[200], "every answer that came back is in the output"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_run_writes_its_output_finishes_the_output_and_exits_3(
+    write_spec: Callable[..., Path], tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM or Ctrl-C while a run writes its output (no longer dispatching) lets the output be written in full,
+    then exits 3 with the sentence, not 143 or a KeyboardInterrupt traceback."""
+    done = signalled_at("batchrunner.output:_write_parts", [signum], "run", str(write_spec()), "--sandbox")
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr and "rows: 12 ok, 0 failed, 0 pending" in done.stdout
+    assert f"stopped early: {signum.name} while the output was being written (it was written in full)" in done.stderr
+    assert "rerun the same command to continue" in done.stderr
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 12
+
+
+def test_a_stop_before_the_run_dispatches_sends_nothing_and_exits_3(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """SIGTERM while a run is still reading its input (before its handlers of old were installed) stops it before
+    the first request: exit 3, every row pending, instead of a kill."""
+    done = signalled_at("batchrunner.runner:prepare", [signal.SIGTERM], "run", str(write_spec()), "--sandbox")
+    assert done.returncode == 3, done.stderr
+    assert "rows: 0 ok, 0 failed, 12 pending" in done.stdout and "SIGTERM" in done.stderr
+    assert "12 rows are pending; rerun the same command" in done.stderr
+
+
+def test_a_second_stop_while_the_output_is_written_quits_at_once_with_a_sentence(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A second SIGTERM quits at once, as a second Ctrl-C does: exit 3 and a sentence saying so, no output half-written."""
+    signals = [signal.SIGTERM, signal.SIGTERM]
+    done = signalled_at("batchrunner.output:_write_parts", signals, "run", str(write_spec()), "--sandbox")
+    assert done.returncode == 3, done.stderr
+    assert "SIGTERM again: quitting at once" in done.stderr and "rerun to continue" in done.stderr
+    assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+def test_a_stop_during_export_exits_3_with_the_output_whole(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """SIGTERM while export builds the output leaves the old file as it was; while it replaces the file, lets the
+    replacement finish: exit 3 with a sentence naming the file either way, never 143."""
+    spec_path = str(write_spec())
+    assert invoke("run", spec_path, "--sandbox").exit_code == 0
+    output = tmp_path / "out" / "result.parquet"
+    before = output.stat().st_ino
+    building = signalled_at("batchrunner.output:_write_parts", [signal.SIGTERM], "export", spec_path, "--sandbox")
+    assert building.returncode == 3, building.stderr
+    assert f"SIGTERM before {output} was rewritten: it is as it was" in building.stderr
+    assert "rerun the same command to write it" in building.stderr
+    assert output.stat().st_ino == before
+    replacing = signalled_at("batchrunner.output:_sink", [signal.SIGTERM], "export", spec_path, "--sandbox")
+    assert replacing.returncode == 3, replacing.stderr
+    assert f"stopped early: SIGTERM while {output} was being written (it was written in full: 12 rows)" in (
+        replacing.stderr
+    )
+    assert output.stat().st_ino != before and pl.read_parquet(output).height == 12
 
 
 def test_an_empty_input_writes_an_empty_output_with_all_columns(

@@ -123,7 +123,7 @@ def test_web_search_plugins_are_reserved_for() -> None:
 
 def test_images_and_audio_are_priced_at_their_own_rates() -> None:
     """Each image adds pricing.image; audio tokens cost pricing.audio instead of the prompt price; the worst case
-    counts both, and a missing or negative image price is no price."""
+    counts both; a missing image price is free, a negative one leaves the model unpriced."""
     pricing = Pricing.from_model(model("a/b", prompt="0.000001", completion="0.000002", image="0.005", audio="0.00001"))
     assert pricing is not None
     usage = Usage(prompt_tokens=1000, completion_tokens=10, audio_tokens=100)
@@ -133,8 +133,9 @@ def test_images_and_audio_are_priced_at_their_own_rates() -> None:
     assert pricing.worst_case_usd(1000, 10, images=3) == Decimal("0.00001") * 1000 + Decimal("0.000002") * 10 + Decimal(
         "0.015"
     )
-    cheap = Pricing.from_model(model("a/c", prompt="0.000001", completion="0.000002", image="-1"))
-    assert cheap is not None and cheap.image == 0
+    free = Pricing.from_model(model("a/c", prompt="0.000001", completion="0.000002"))
+    assert free is not None and free.image == 0
+    assert Pricing.from_model(model("a/c", prompt="0.000001", completion="0.000002", image="-1")) is None
 
 
 def test_price_table_knows_what_each_model_takes() -> None:
@@ -453,3 +454,113 @@ def test_format_usd(amount: str, shown: str) -> None:
 def test_format_cost_never_shows_an_unknown_cost_as_zero(amount: str, unpriced: int, shown: str) -> None:
     """With unpriced attempts the total is "unknown" (nothing priced) or "at least" what was priced."""
     assert format_cost(Decimal(amount), unpriced) == shown
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("prompt", "1e400"),  # finite as a Decimal, but no price: its dollar figure cannot be rounded to cents
+        ("prompt", "1e999999999"),  # multiplying overflows
+        ("prompt", "inf"),
+        ("completion", "NaN"),
+        ("prompt", "-1"),  # routers (openrouter/auto) list -1: the price is not known
+        ("completion", "-0.000001"),
+        ("prompt", "1000.000001"),  # above any price a token, request or image is sold at
+        ("request", "1e400"),
+        ("image", "-1"),
+        ("audio", "-1"),
+        ("internal_reasoning", "NaN"),
+        ("input_cache_read", "n/a"),
+        ("input_cache_write", True),
+        ("discount", 5),  # prices times (1 - 5): negative
+        ("discount", -0.5),
+        ("discount", "1.000001"),
+        ("discount", "NaN"),
+    ],
+)
+def test_a_listed_price_that_is_not_a_usable_number_leaves_the_model_unpriced(key: str, value: object) -> None:
+    """Any price the cost arithmetic uses must be a number of dollars from 0 to 1,000 (a discount from 0 to 1):
+    otherwise the model is unpriced, and the table says which price, and what it was, for the warning."""
+    entry = model("a/b", **{"prompt": "0.000001", "completion": "0.000004", key: value})
+    assert Pricing.from_model(entry) is None
+    table = PriceTable([entry, model("c/d", prompt="0.000001", completion="0.000004")])
+    assert "a/b" not in table and table.lists("a/b") and "c/d" in table
+    assert (
+        table.unusable("a/b:nitro")
+        == table.unusable("a/b")
+        == f"its {key} price {value!r} is not "
+        + ("a number from 0 to 1" if key == "discount" else "a number of dollars from 0 to 1,000")
+    )
+    assert table.unusable("c/d") is None and table.unusable("x/y") is None
+
+
+@pytest.mark.parametrize(
+    ("prices", "expected"),
+    [
+        ({}, "0.003"),  # 1000 x $1/M + 500 x $4/M
+        ({"prompt": "0"}, "0.002"),
+        ({"prompt": "1000"}, "1000000.002"),  # the dearest price a token may be listed at: 1000 x $1,000
+        ({"request": "1000"}, "1000.003"),
+        ({"request": "0", "image": "0", "audio": "0"}, "0.003"),
+        ({"prompt": "1e-7", "completion": "4E-6"}, "0.0021"),
+        ({"discount": 0}, "0.003"),
+        ({"discount": "0.5"}, "0.0015"),
+        ({"discount": 1}, "0"),
+        ({"request": None, "audio": None, "discount": None}, "0.003"),  # null is not listed
+    ],
+)
+def test_prices_from_0_to_1000_and_discounts_from_0_to_1_are_used(prices: dict[str, object], expected: str) -> None:
+    """The bounds themselves are prices: a free prompt, $1,000 a token or a request, a whole discount."""
+    entry = model("a/b", **{"prompt": "0.000001", "completion": "0.000004", **prices})
+    pricing = Pricing.from_model(entry)
+    assert pricing is not None and PriceTable([entry]).unusable("a/b") is None
+    assert pricing.worst_case_usd(1000, 500) == Decimal(expected)
+
+
+@pytest.mark.parametrize(
+    ("limits", "max_completion_tokens", "context_length"),
+    [
+        ({"context_length": "8000", "top_provider": {"max_completion_tokens": 500.5}}, None, None),
+        ({"context_length": True, "top_provider": {"max_completion_tokens": 10**400}}, None, None),
+        ({"context_length": -5, "top_provider": {"max_completion_tokens": -1}}, None, None),
+        ({"context_length": 100_000_001, "top_provider": {"context_length": 4000}}, None, 4000),
+        ({"context_length": 100_000_000, "top_provider": {"max_completion_tokens": 1}}, 1, 100_000_000),
+    ],
+)
+def test_limits_that_are_not_token_counts_are_no_limits(
+    limits: dict[str, object], max_completion_tokens: int | None, context_length: int | None
+) -> None:
+    """A context length or answer limit that is not a count from 1 to 100 million tokens is no limit."""
+    pricing = Pricing.from_model({"id": "a/b", "pricing": {"prompt": "0.000001", "completion": "0.000004"}, **limits})
+    assert pricing is not None
+    assert (pricing.max_completion_tokens, pricing.context_length) == (max_completion_tokens, context_length)
+
+
+@pytest.mark.parametrize(
+    ("listed_value", "shown"),
+    [
+        ("x" * 38, "'" + "x" * 38 + "'"),  # 40 characters: shown whole
+        ("x" * 39, "'" + "x" * 36 + "..."),  # 41: cut to 37 and an ellipsis
+        (-1, "-1"),
+        ([1, 2], "[1, 2]"),
+    ],
+)
+def test_an_unusable_price_is_shown_as_listed_and_cut_short(listed_value: object, shown: str) -> None:
+    """The reason names the price as the server listed it (its repr), at most 40 characters of it."""
+    table = PriceTable([model("a/b", prompt="0.000001", completion="0.000004", request=listed_value)])
+    assert table.unusable("a/b") == f"its request price {shown} is not a number of dollars from 0 to 1,000"
+
+
+def test_an_entry_without_an_id_is_skipped_and_the_rest_are_read() -> None:
+    """A /models entry with no id (or a number for one) does not stop the entries after it being priced."""
+    table = PriceTable(
+        [
+            {"pricing": {"prompt": "-1", "completion": "-1"}},
+            {"id": 7, "pricing": {"prompt": "0.000001", "completion": "0.000004"}},
+            model("a/b", prompt="0.000001", completion="0.000004"),
+            model("c/d", prompt="-1", completion="0.000004"),
+        ]
+    )
+    assert (
+        "a/b" in table and table.unusable("c/d") == "its prompt price '-1' is not a number of dollars from 0 to 1,000"
+    )

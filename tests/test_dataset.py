@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from batchrunner import dataset
 from batchrunner.dataset import open_dataset
 from batchrunner.errors import SpecError
 
@@ -138,3 +139,50 @@ def test_digests_name_the_rows_and_their_places_whatever_the_format(tmp_path: Pa
     assert digest("edited.csv", 39) == digest("all.csv", 39)
     whole = open_dataset(tmp_path / "all.csv", id_column="id")
     assert whole.digest == digest("all.csv", 50), "the checking pass computes the whole file's digest on the way"
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    """A header that names a column twice is refused, naming the file and the column, instead of polars
+    renaming the second one (`text_duplicated_0`) so that `{text}` quietly means the first."""
+    path = tmp_path / "in.csv"
+    path.write_text('id,text,"te\nxt",text\n1,first,x,second\n')
+    with pytest.raises(SpecError) as refused:
+        open_dataset(path, id_column="id")
+    message = str(refused.value)
+    assert str(path) in message and "'text' twice (columns 2 and 4)" in message
+    unique = tmp_path / "unique.csv"
+    unique.write_text("id,text,text_duplicated_0,,\n1,a,b,c,d\n")  # a name like polars' renaming is a name
+    assert open_dataset(unique, id_column="id").columns[:3] == ["id", "text", "text_duplicated_0"]
+
+
+@pytest.mark.parametrize("block_bytes", [8 << 20, 16])
+def test_a_jsonl_value_with_a_lone_surrogate_is_refused_naming_its_line_and_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
+    """A lone UTF-16 surrogate escape (which polars reads as NUL, or fails on) is refused, naming each line and
+    column, so no id or prompt is ever changed; a surrogate pair and an escaped backslash are read exactly (the
+    file read in blocks of 8 MB, or of 16 bytes, shorter than its lines)."""
+    monkeypatch.setattr(dataset, "SCAN_BYTES", block_bytes)
+    path = tmp_path / "in.jsonl"
+    lines = [
+        r'{"id": "pair\ud83d\ude00", "text": "a"}',
+        r'{"id": "slash\\ud800", "text": "b"}',
+        r'{"id": "nul\u0000", "text": "c"}',
+        r'{"id": "bad\ud800x", "text": "d"}',
+        r'{"id": "e", "text": {"deep": ["\udc00"]}}',
+    ]
+    path.write_text("\n".join(lines[:3]) + "\n")
+    assert [row.id for rows in open_dataset(path, id_column="id").batches() for row in rows] == [
+        "pair\U0001f600",
+        "slash\\ud800",
+        "nul\x00",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SpecError) as refused:
+        open_dataset(path, id_column="id")
+    assert [str(problem) for problem in refused.value.problems] == [
+        f"input: {path}:4: the value of 'id' holds \\ud800, a lone UTF-16 surrogate that no text can hold, so it "
+        "could not be kept as written; write the character it stands for (or remove it) on that line",
+        f"input: {path}:5: the value of 'text' holds \\udc00, a lone UTF-16 surrogate that no text can hold, so it "
+        "could not be kept as written; write the character it stands for (or remove it) on that line",
+    ]

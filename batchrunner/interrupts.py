@@ -1,0 +1,106 @@
+"""Ctrl-C and SIGTERM for a command that writes files (run, export, score): a stop, never a kill.
+
+Python's defaults end the process at once on SIGTERM (exit 143, not a word said) and raise
+KeyboardInterrupt wherever the program is on SIGINT (a traceback). While `caught()` is held, the
+first SIGINT or SIGTERM is recorded and handed to whoever listens (a run's dispatch stops sending and
+lets the requests in flight land); whatever is being written is finished (every file is replaced
+atomically), and the command exits 3 saying so. A second one quits at once, exit 3, with a line
+saying so: what is half-written is a temporary file, which the next run or export removes.
+
+The handler runs in the main thread between bytecodes, and when a blocking call (the event loop's
+select) is interrupted (PEP 475), so a listener on a running event loop hands its work over with
+`loop.call_soon_threadsafe`, which wakes the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+from types import FrameType
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_STOPPED = 3  # the CLI's exit code for a run stopped early (cli.py)
+
+Listener = Callable[[signal.Signals], None]
+
+
+class Interrupts:
+    """The first SIGINT or SIGTERM of a command, once it has come, and who is told of it."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._listeners: list[Listener] = []
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` with the first signal (at once, if it has come); returns what stops the listening."""
+        self._listeners.append(listener)
+        if self.received is not None:
+            listener(self.received)
+
+        def stop_listening() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return stop_listening
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        received = signal.Signals(signum)
+        if self.received is not None:  # the second: the user wants out now
+            line = (
+                f"{received.name} again: quitting at once (exit 3); the checkpoint keeps every answer it had "
+                "committed and the output is as it was; rerun to continue\n"
+            )
+            os.write(2, line.encode())
+            os._exit(EXIT_STOPPED)
+        self.received = received
+        for listener in list(self._listeners):
+            listener(received)
+
+
+_held: Interrupts | None = None  # the Interrupts of the `caught()` block the process is in
+
+
+@contextlib.contextmanager
+def caught() -> Iterator[Interrupts]:
+    """SIGINT and SIGTERM recorded for the block, the handlers before it put back after it. Reentrant: a block
+    inside another shares the outer one's Interrupts. Outside the main thread nothing can be installed (and
+    signals go to the main thread): the Interrupts then never receives one."""
+    global _held
+    if _held is not None:
+        yield _held
+        return
+    interrupts = Interrupts()
+    previous: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
+    with contextlib.suppress(ValueError):  # not the main thread
+        for signum in SIGNALS:
+            previous[signum] = signal.signal(signum, interrupts._on_signal)
+    _held = interrupts
+    try:
+        yield interrupts
+    finally:
+        _held = None
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Python's own handlers for the block (a question asked on the terminal, which Ctrl-C should abort at once),
+    then the `caught()` block's again."""
+    previous: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
+    with contextlib.suppress(ValueError):  # not the main thread
+        if _held is not None:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def received() -> signal.Signals | None:
+    """The signal the current `caught()` block received, if it has received one."""
+    return _held.received if _held is not None else None
