@@ -226,6 +226,7 @@ class Client:
         connect = aiohttp.ClientTimeout(total=None, sock_connect=min(total_s, CONNECT_TIMEOUT_S))
         url = self.base_url + path
         encoded: EncodedBody | None = None
+        got_headers = False
         try:
             async with within(self.stream_max_s if stream is not None else total_s):
                 for _ in range(MAX_REDIRECTS + 1):
@@ -239,7 +240,7 @@ class Client:
                             data = io.BytesIO(data)
                         sent_headers["Content-Length"] = str(encoded.length)
                     async with (
-                        within(total_s) if stream is not None else contextlib.nullcontext()
+                        _silence(total_s) if stream is not None else contextlib.nullcontext()
                     ):  # a stream's first bytes come within the silence a stream may keep
                         response = await session.request(
                             method,
@@ -262,7 +263,11 @@ class Client:
                             and "text/event-stream" in headers.get("Content-Type", "")
                         ):
                             return await stream.read(response, idle_s=total_s, max_bytes=max_bytes), status
-                        text = (await _read_capped(response, max_bytes)).decode("utf-8", errors="replace")
+                        got_headers = True  # from here a failure abandons a reply the server may have billed
+                        async with (
+                            _silence(total_s) if stream is not None else contextlib.nullcontext()
+                        ):  # a stream asked for and a whole reply sent: it too may be silent at most timeout_s
+                            text = (await _read_capped(response, max_bytes)).decode("utf-8", errors="replace")
                     break
                 else:
                     raise RequestRejected(f"more than {MAX_REDIRECTS} redirects", status=status, code="redirect")
@@ -285,7 +290,7 @@ class Client:
             if encoded is not None and encoded.failure is not None:  # a file could not be sent: the body stopped short
                 raise encoded.failure from None
             detail = str(exc) or type(exc).__name__
-            raise TransientError(f"connection failed: {detail}", code="connection") from None
+            raise TransientError(f"connection failed: {detail}", code="connection", abandoned=got_headers) from None
         except HttpProcessingError as exc:  # a reply that is not HTTP as aiohttp reads it (a header line too long)
             detail = first_line(exc) or type(exc).__name__
             raise TransientError(f"the reply is not valid HTTP ({detail})", code="bad_reply", abandoned=True) from None
@@ -317,6 +322,17 @@ class Client:
 
 class _StreamSilent(Exception):
     """Internal: a stream sent nothing for its whole idle allowance."""
+
+
+@contextlib.asynccontextmanager
+async def _silence(idle_s: float) -> AsyncIterator[None]:
+    """A wait on a stream that may last `idle_s` at most: past it, _StreamSilent (within the stream's whole
+    bound, whose own TimeoutError says the stream went on too long)."""
+    try:
+        async with within(idle_s):
+            yield
+    except TimeoutError:
+        raise _StreamSilent from None
 
 
 async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
@@ -363,30 +379,34 @@ class _Stream:
     def __init__(self, started: float) -> None:
         self.started = started
         self.first_token_s: float | None = None  # monotonic time of the first content
+        self.cut = False  # the connection closed before the stream ended
 
     async def _lines(self, response: aiohttp.ClientResponse, idle_s: float, max_bytes: int) -> AsyncIterator[bytes]:
-        """The body's lines (without their ends), until it ends or the connection closes."""
-        buffered = b""
+        """The body's lines (without their ends), until it ends or the connection closes (`cut`). A line that
+        spans many chunks is kept as its pieces until its end comes: joined once, not once a chunk."""
+        pieces: list[bytes] = []  # the start of a line whose end has not come yet
         received = 0
         while True:
             try:
-                async with within(idle_s):
+                async with _silence(idle_s):
                     chunk = await response.content.readany()
-            except TimeoutError:
-                raise _StreamSilent from None
             except (aiohttp.ClientPayloadError, ConnectionError):  # the connection closed mid-answer
+                self.cut = True
                 return
             if not chunk:
                 break
             received += len(chunk)
             if received > max_bytes:
                 raise _too_large(max_bytes)
-            lines = (buffered + chunk).splitlines(keepends=True)
-            buffered = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else b""
+            if b"\n" not in chunk and b"\r" not in chunk:
+                pieces.append(chunk)
+                continue
+            lines = (b"".join(pieces) + chunk if pieces else chunk).splitlines(keepends=True)
+            pieces = [lines.pop()] if not lines[-1].endswith((b"\n", b"\r")) else []
             for line in lines:
                 yield line.rstrip(b"\r\n")
-        if buffered:
-            yield buffered
+        if pieces:
+            yield b"".join(pieces)
 
     async def read(self, response: aiohttp.ClientResponse, *, idle_s: float, max_bytes: int) -> dict[str, Any]:
         payload: dict[str, Any] = {}
@@ -433,7 +453,9 @@ class _Stream:
                 choice["error"] = first["error"]
         if not done and choice["finish_reason"] is None and "error" not in payload:
             usage = _usage(payload.get("usage")) if isinstance(payload.get("usage"), dict) else None
-            raise TransientError("the stream was cut off before the answer ended", code="stream_cut", usage=usage)
+            raise TransientError(  # what it generated until then may have been billed
+                "the stream was cut off before the answer ended", code="stream_cut", usage=usage, abandoned=True
+            )
         message: dict[str, Any] = {"role": "assistant", "content": "".join(text), "refusal": "".join(refusal) or None}
         if calls:
             message["tool_calls"] = [calls[index] for index in sorted(calls)]

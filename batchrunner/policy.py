@@ -47,13 +47,16 @@ from batchrunner.limits import Limits, is_free
 from batchrunner.pending import Todo
 from batchrunner.records import Bill, RowResult
 from batchrunner.request import (
+    MOST_BYTES_PER_TOKEN,
     NO_MEDIA,
     MediaTally,
     RequestBuilder,
     RowRequest,
     body_prompt,
+    choices,
     least_prompt_tokens,
     media_tally,
+    most_field_tokens,
     most_text_tokens,
 )
 from batchrunner.retries import RetryPolicy
@@ -506,7 +509,7 @@ class RowPolicy:
         pricing = self.pricing.get(model)
         if pricing is None or not pricing.context_length or _middle_out(body):
             return
-        least = least_prompt_tokens(body_prompt(body))
+        least = least_prompt_tokens(body_prompt(body)) + (most_field_tokens(body) // MOST_BYTES_PER_TOKEN)
         if least > pricing.context_length:
             row.last_error = RequestRejected(
                 f"the prompt is at least {least:,} tokens, more than {model}'s context of {pricing.context_length:,} "
@@ -557,7 +560,7 @@ class RowPolicy:
         With server-side fallbacks OpenRouter may answer with any model of the chain: the dearest."""
         candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
         prompt = body_prompt(body)
-        text_tokens, media = most_text_tokens(prompt), media_tally(prompt)
+        text_tokens, media = most_text_tokens(prompt) + most_field_tokens(body), media_tally(prompt)
         fitted = _middle_out(body)  # OpenRouter cuts the prompt to the context: it bills no more than that
         worst = []
         for name in candidates:
@@ -568,7 +571,7 @@ class RowPolicy:
             tokens = text_tokens + min(media.most_tokens(), context or media.most_tokens())
             if fitted and context:
                 tokens = min(tokens, context)
-            completion = self.requests.max_completion_tokens(pricing, body)
+            completion = self.requests.max_completion_tokens(pricing, body) * choices(body)
             worst.append(pricing.worst_case_usd(tokens, completion, images=media.images) + self._allowance(name, media))
         return max(worst)
 

@@ -333,6 +333,35 @@ def most_text_tokens(prompt: Any) -> int:
     return sum(len(t.encode()) for t in texts) + 8 * len(texts) + 8
 
 
+# Fields beside the messages that a provider renders into the prompt: tool definitions, schemas. Each is at most
+# its JSON's bytes, plus the template it is wrapped in.
+PROMPT_FIELDS = ("tools", "tool_choice", "functions", "function_call", "response_format")
+MOST_PREAMBLE_TOKENS = 256  # a provider's words around tools or a schema ("You may call these functions: ...")
+_sizes: dict[int, tuple[Any, int]] = {}  # id(value) -> (value, its JSON's bytes): a spec's tools are one object
+
+
+def most_field_tokens(body: dict[str, Any]) -> int:
+    """The most tokens the fields beside the messages add to a request's prompt (tools, schemas)."""
+    total = 0
+    for name in PROMPT_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        known = _sizes.get(id(value))
+        if known is None or known[0] is not value:
+            if len(_sizes) >= 256:  # bodies made afresh each time: forget rather than hold them all
+                _sizes.clear()
+            known = _sizes[id(value)] = (value, len(json.dumps(value, ensure_ascii=False).encode()))
+        total += known[1] + MOST_PREAMBLE_TOKENS
+    return total
+
+
+def choices(body: dict[str, Any]) -> int:
+    """How many answers a request asks for (`n`): each is billed."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+
+
 MOST_BYTES_PER_TOKEN = 32  # longer than any common tokenizer's longest usual token (runs of spaces, dashes)
 
 

@@ -10,6 +10,7 @@ role markers the bound adds, never enough to hide a missing doubling or a charac
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -27,10 +28,11 @@ from batchrunner.spec import load_spec
 
 ROOMY_BUDGET_USD = Decimal(100)
 MARKER_TOKENS = 16  # the most a message's role markers may add, per message, and once per request
+PREAMBLE_TOKENS = 256  # the most a provider's template around a schema or tools may add
 
-# an answer of about 150 tokens: cut off at max_tokens 40, and at 80 again
+# an answer of about 500 tokens: cut off at max_tokens 150, and at 300 again
 LONG_ANSWER = strict_object(
-    {f"category_of_part_{i}": {"type": "string", "enum": ["bug", "billing"]} for i in range(12)}
+    {f"category_of_part_{i}": {"type": "string", "enum": ["bug", "billing"]} for i in range(60)}
 )
 
 
@@ -54,7 +56,9 @@ def one_row(tmp_path: Path, text: str) -> str:
 
 
 def prompt_bytes(body: dict[str, Any]) -> int:
-    return sum(len(message["content"].encode()) for message in body["messages"])
+    """The prompt's bytes: its messages' text, and the JSON of the schema and tools rendered into it."""
+    fields = [json.dumps(body[name], ensure_ascii=False) for name in ("response_format", "tools") if name in body]
+    return sum(len(message["content"].encode()) for message in body["messages"]) + sum(len(f.encode()) for f in fields)
 
 
 def worst_case_bounds(body: dict[str, Any], *, extra_usd: Decimal = Decimal(0)) -> tuple[Decimal, Decimal]:
@@ -63,7 +67,8 @@ def worst_case_bounds(body: dict[str, Any], *, extra_usd: Decimal = Decimal(0)) 
     prompt, completion = Decimal(listed["prompt"]), Decimal(listed["completion"])
     max_tokens = body.get("max_completion_tokens") or body["max_tokens"]
     least = prompt_bytes(body) * prompt + max_tokens * completion + extra_usd
-    return least, least + MARKER_TOKENS * (len(body["messages"]) + 1) * prompt
+    preamble = sum(PREAMBLE_TOKENS for name in ("response_format", "tools") if name in body)
+    return least, least + (MARKER_TOKENS * (len(body["messages"]) + 1) + preamble) * prompt
 
 
 async def run_one(spec_path: Path) -> tuple[Any, Sandbox]:
@@ -82,13 +87,13 @@ async def test_a_cut_off_repair_reserves_its_longer_prompt_at_twice_max_tokens(
         input=one_row(tmp_path, "the app crashes " * 20),
         prompt="{text}",
         response_format=LONG_ANSWER,
-        params={"max_tokens": 40},
+        params={"max_tokens": 150},
         concurrency=1,
     )
     outcome, sandbox = await run_one(spec_path)
     bodies = sandbox.stats.bodies
     assert len(bodies) >= 2 and len(reservations) == len(bodies), "the first answer was cut off and repaired"
-    assert [body["max_tokens"] for body in bodies[:2]] == [40, 80]
+    assert [body["max_tokens"] for body in bodies[:2]] == [150, 300]
     assert prompt_bytes(bodies[1]) > prompt_bytes(bodies[0]), "the repair carries the answer and what was wrong"
     for body, reserved in zip(bodies, reservations, strict=True):
         least, most = worst_case_bounds(body)
