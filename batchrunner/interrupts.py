@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import NoReturn
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_STOPPED = 3  # the CLI's exit code for a run stopped early (cli.py)
+QUIT_WITHIN_S = 3.0  # after a second signal, the process exits within this, whatever its last words were doing
 
 Listener = Callable[[signal.Signals], None]
 
@@ -32,6 +35,7 @@ class Interrupts:
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
         self._listeners: list[Listener] = []
+        self._last_words: Callable[[], None] | None = None
 
     def listen(self, listener: Listener) -> Callable[[], None]:
         """Call `listener` with the first signal (at once, if it has come); returns what stops the listening."""
@@ -45,6 +49,12 @@ class Interrupts:
 
         return stop_listening
 
+    def before_quitting(self, last_words: Callable[[], None] | None) -> None:
+        """What a second signal does before the process exits (a run records the requests on its wire and commits
+        them; it calls `quit()` when done). Without it, or if it takes longer than QUIT_WITHIN_S, the process
+        exits at once."""
+        self._last_words = last_words
+
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         received = signal.Signals(signum)
         if self.received is not None:  # the second: the user wants out now
@@ -53,10 +63,21 @@ class Interrupts:
                 "committed and the output is as it was; rerun to continue\n"
             )
             os.write(2, line.encode())
-            os._exit(EXIT_STOPPED)
+            if self._last_words is None:
+                quit_now()
+            deadline = threading.Timer(QUIT_WITHIN_S, quit_now)
+            deadline.daemon = True
+            deadline.start()
+            self._last_words()
+            return
         self.received = received
         for listener in list(self._listeners):
             listener(received)
+
+
+def quit_now() -> NoReturn:
+    """Exit at once (a second signal), exit 3."""
+    os._exit(EXIT_STOPPED)
 
 
 _held: Interrupts | None = None  # the Interrupts of the `caught()` block the process is in

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -158,18 +159,23 @@ async def run_job(
             client = connection.client
             if on_start is not None:
                 on_start(connection.sandbox.base_url if connection.sandbox else None)
-            # The key, the model list and the endpoints are asked for at once (one round trip, not three); the
-            # key's verdict still comes first, then the models' and the endpoints', as when asked in turn.
-            checked = asyncio.ensure_future(check_on_server(spec, connection, max_cost_usd, retry))
-            try:
-                limits, key_info = await plan_limits(
-                    spec, client, connection.key, count_free_usage=sandbox is None, retry=retry
-                )
-            except BaseException:
-                checked.cancel()
-                await asyncio.gather(checked, return_exceptions=True)
-                raise
-            prices, budget, _ = await checked
+
+            async def start_up() -> tuple[Limits, dict[str, Any] | None, PriceTable, Budget | None]:
+                # The key, the model list and the endpoints are asked for at once (one round trip, not three); the
+                # key's verdict still comes first, then the models' and the endpoints', as when asked in turn.
+                checked = asyncio.ensure_future(check_on_server(spec, connection, max_cost_usd, retry))
+                try:
+                    limits, key_info = await plan_limits(
+                        spec, client, connection.key, count_free_usage=sandbox is None, retry=retry
+                    )
+                except BaseException:
+                    checked.cancel()
+                    await asyncio.gather(checked, return_exceptions=True)
+                    raise
+                prices, budget, _ = await checked
+                return limits, key_info, prices, budget
+
+            limits, key_info, prices, budget = await _unless_interrupted(start_up(), caught)
             # Opened once nothing else can refuse the job: only another job's checkpoint still can.
             store = Store.open(checkpoint, server=requests.server, job=spec.name)
             state = job_state(spec, requests, dataset) if limit is None else None
@@ -217,6 +223,7 @@ async def run_job(
                 if key_info is not None and key_info.get("limit_remaining") is not None:
                     background.append(asyncio.create_task(follow_credits(client, limits, credit_refresh_s)))
                 restore = _stop_on_signal(halt, caught)
+                caught.before_quitting(_last_words(policy, store))
                 try:
                     if executor is None:
                         from batchrunner.batch import BatchExecutor  # batch mode's machinery, when it is asked for
@@ -256,6 +263,7 @@ async def run_job(
                     judged = await judge(spec, dataset, requests, store, policy, executor, judging, keylog)
                 finally:
                     restore()
+                    caught.before_quitting(None)
                     for task in background:
                         task.cancel()
                     await asyncio.gather(*background, return_exceptions=True)
@@ -557,6 +565,49 @@ async def follow_credits(client: Client, limits: Limits, every_s: float) -> None
         if abs(rps - limits.pacer.limit_rps) > 0.05 * limits.pacer.limit_rps:
             log.info("rate limit now %g requests/s (%s)", rps, why)
         limits.pacer.set_limit(rps)
+
+
+async def _unless_interrupted(work: Awaitable[T], caught: interrupts.Interrupts) -> T:
+    """Start-up's questions to the server (which may wait out a Retry-After of minutes), given up on at the first
+    Ctrl-C or SIGTERM: nothing has been sent yet, so the run stops at once, saying so."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+
+    def give_up(_signum: signal.Signals) -> None:  # in the signal handler: the loop may be waiting in select
+        loop.call_soon_threadsafe(task.cancel)
+
+    stop_listening = caught.listen(give_up)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if caught.received is None or not task.cancelled():
+            raise
+        raise RunHalted(
+            f"{caught.received.name} while the run was starting: nothing was sent; rerun the same command to start it"
+        ) from None
+    finally:
+        stop_listening()
+
+
+def _last_words(policy: RowPolicy, store: Store) -> Callable[[], None]:
+    """A second Ctrl-C or SIGTERM: the requests on the wire are given up on (each recorded at its worst case: it
+    may have been billed) and committed, then the process exits (interrupts.py bounds how long this may take)."""
+    loop = asyncio.get_running_loop()
+
+    async def record_and_quit() -> None:
+        wire = list(policy.sending)
+        for task in wire:
+            task.cancel()
+        if wire:
+            await asyncio.wait(wire, timeout=1.0)
+        with contextlib.suppress(Exception):
+            store.flush()
+        interrupts.quit_now()
+
+    def last_words() -> None:  # in the signal handler: the loop may be waiting in select
+        loop.call_soon_threadsafe(lambda: loop.create_task(record_and_quit()))
+
+    return last_words
 
 
 def _stop_on_signal(halt: Halt, caught: interrupts.Interrupts) -> Callable[[], None]:

@@ -518,11 +518,10 @@ def test_a_stop_before_the_run_dispatches_sends_nothing_and_exits_3(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
     """SIGTERM while a run is still reading its input (before its handlers of old were installed) stops it before
-    the first request: exit 3, every row pending, instead of a kill."""
+    the first request (start-up's questions to the server are not even asked): exit 3 and the sentence, not a kill."""
     done = signalled_at("batchrunner.runner:prepare", [signal.SIGTERM], "run", str(write_spec()), "--sandbox")
     assert done.returncode == 3, done.stderr
-    assert "rows: 0 ok, 0 failed, 12 pending" in done.stdout and "SIGTERM" in done.stderr
-    assert "12 rows are pending; rerun the same command" in done.stderr
+    assert "SIGTERM while the run was starting: nothing was sent; rerun the same command" in done.stderr
 
 
 def test_a_second_stop_while_the_output_is_written_quits_at_once_with_a_sentence(

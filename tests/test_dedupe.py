@@ -143,7 +143,7 @@ async def test_a_stop_while_the_paid_request_is_in_flight_leaves_its_copies_pend
                 api={"base_url": sandbox.base_url},
             )
         )
-        outcome = await run_job(spec, max_cost_usd=Decimal("0.00012"))
+        outcome = await run_job(spec, max_cost_usd=Decimal("0.0003"))
     assert outcome.report.halted and "budget" in outcome.report.halted
     with sqlite3.connect(spec.checkpoint_path()) as db:
         records = {row[0]: row[1:] for row in db.execute("SELECT row_id, status, deduped_from, cost_usd FROM results")}
