@@ -124,6 +124,7 @@ class RowPolicy:
         self._settled = asyncio.Event()  # set (and replaced) whenever a reservation settles
         self.saved_usd = ZERO_USD  # batches: what their answers would have cost more at live prices
         self.sending: set[asyncio.Task[Any]] = set()  # the tasks whose request is on the wire (a stop's grace)
+        self.underpriced = Decimal(1)  # how many times its worst case a request cost, at most: reservations scale
         halt.on_stop(self._settled.set)  # wake pairs waiting for budget
 
     def sibling(self, spec: JobSpec, requests: RequestBuilder) -> RowPolicy:
@@ -573,13 +574,34 @@ class RowPolicy:
                 tokens = min(tokens, context)
             completion = self.requests.max_completion_tokens(pricing, body) * choices(body)
             worst.append(pricing.worst_case_usd(tokens, completion, images=media.images) + self._allowance(name, media))
-        return max(worst)
+        return max(worst) * self.underpriced
 
     def _settle(self, reserved: Decimal, actual: Decimal) -> None:
-        if self.budget is not None:
-            self.budget.settle(reserved, actual)
-            self._settled.set()
-            self._settled = asyncio.Event()
+        """Turn a reservation into what was spent. A request that cost more than its worst case means the prices
+        it was reserved at are too low (a stale `prices:` entry, a provider dearer than listed): later requests
+        reserve that many times more, and once the budget is passed the run stops, saying why."""
+        if self.budget is None:
+            return
+        budget = self.budget
+        budget.settle(reserved, actual)
+        if actual > reserved > 0:
+            ratio = actual / reserved
+            if ratio > self.underpriced:
+                self.underpriced = ratio
+                log.warning(
+                    "a request cost %s, %.1f times its worst case at the model's prices: they are too low (a stale "
+                    "prices: entry?); later requests reserve that many times more",
+                    format_usd(actual),
+                    ratio,
+                )
+            if budget.spent_usd + budget.reserved_usd > budget.limit_usd and not self.halt.stopping:
+                self.halt.stop(
+                    StopReason.BUDGET,
+                    f"budget of {format_usd(budget.limit_usd)} passed: {format_usd(budget.spent_usd)} spent, as "
+                    f"requests cost up to {ratio:.1f} times what the model's prices allow; check its prices",
+                )
+        self._settled.set()
+        self._settled = asyncio.Event()
 
     # -- waiting ----------------------------------------------------------------------------
 

