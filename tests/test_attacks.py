@@ -1,5 +1,6 @@
-"""Hostile reproductions of broken promises (branch `attack`). Each test is xfail(strict): it fails on the
-code it was written against, and will start passing (and so fail the suite) once its defect is fixed."""
+"""Hostile reproductions of broken promises, found by attacking this session's fixes of issue #23 (a reply cut
+off mid-body, a silent reply to a stream request, tools and n in a request's worst case, a price too low, a second
+Ctrl-C, a stop during start-up): each failed on the code it was written against."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ async def test_a_silent_reply_to_a_stream_request_times_out_after_timeout_s() ->
 
     async def silent(request: Any, response: Any) -> None:
         await response.write(b" ")
-        await asyncio.sleep(3)
+        await asyncio.sleep(1.2)
         await response.write(b'{"choices":[{"index":0,"message":{"content":"late"},"finish_reason":"stop"}]}')
 
     reply = Reply(200, headers={"Content-Type": "application/json"}, write=silent)
