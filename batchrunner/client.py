@@ -47,6 +47,7 @@ MAX_TOKEN_COUNT = 2**31 - 1  # more tokens than any model's context: a reply cla
 MAX_REPORTED_COST_USD = Decimal(10_000)  # no single request costs this: a reported cost above it is not used
 MAX_REPLY_BYTES = 64 * 2**20  # a completion (whole or streamed) longer than this is not an answer (max_reply_mb)
 MAX_LISTING_BYTES = 256 * 2**20  # /models, a batch and its results: large, never gigabytes
+MAX_LISTING_PAGES = 1000  # pages of GET /batches read to find one batch
 MAX_REDIRECTS = 5  # same-origin redirects followed for one request
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK_BYTES = 2**16
@@ -170,15 +171,40 @@ class Client:
         )
         return _batch_object(payload)
 
-    async def batches(self) -> list[dict[str, Any]]:
-        """GET /batches: the workspace's batches, newest first (without results)."""
-        payload, _ = await self._get("/batches")
-        data = payload.get("data") if isinstance(payload, dict) else None
-        return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+    async def batches(self, *, max_pages: int = MAX_LISTING_PAGES) -> list[dict[str, Any]]:
+        """GET /batches, every page: the workspace's batches, newest first (without results). Paged by cursor
+        (`next_cursor`, `has_more`) or, as the SDK knows it, by `after` (the last id seen)."""
+        found: list[dict[str, Any]] = []
+        params: dict[str, str] = {}
+        for _ in range(max_pages):
+            payload, _ = await self._get("/batches", params=params or None)
+            page = _page(payload)
+            found += page.items
+            if page.next_cursor:
+                params = {"cursor": page.next_cursor}
+            elif page.more and page.items and isinstance(page.items[-1].get("id"), str):
+                params = {"after": page.items[-1]["id"]}
+            else:
+                return found
+        raise TransientError(f"the batch listing goes on past {max_pages} pages", code="listing_too_long")
+
+    async def batch_results(self, batch_id: str, cursor: str | None = None, *, limit: int = 1000) -> BatchPage:
+        """GET /batches/{id}/results: one page of a batch's results, from `cursor` (None: the first)."""
+        params = {"limit": str(limit), **({"cursor": cursor} if cursor else {})}
+        payload, _ = await self._request(
+            "GET",
+            f"/batches/{batch_id}/results",
+            params=params,
+            timeout_s=min(self.timeout_s, 120.0),
+            max_bytes=MAX_LISTING_BYTES,
+        )
+        return _page(payload)
 
     async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """POST /batches/{id}/cancel: the batch goes `cancelling`, then `cancelled` (no result rows; what
+        finished before is billed). Not DELETE, which deletes a final batch and its results."""
         payload, _ = await self._request(
-            "DELETE", f"/batches/{batch_id}", timeout_s=min(self.timeout_s, 60.0), max_bytes=MAX_LISTING_BYTES
+            "POST", f"/batches/{batch_id}/cancel", timeout_s=min(self.timeout_s, 60.0), max_bytes=MAX_LISTING_BYTES
         )
         return _batch_object(payload)
 
@@ -475,6 +501,25 @@ def _merge_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None
         call["function"]["name"] += function["name"]
     if isinstance(function.get("arguments"), str):
         call["function"]["arguments"] += function["arguments"]
+
+
+@dataclass(frozen=True)
+class BatchPage:
+    """One page of a paged listing (batches, or a batch's results): its items, and where the next one starts."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+    more: bool
+
+
+def _page(payload: Any) -> BatchPage:
+    """`{data, has_more, next_cursor}`, checked: a list of objects, a cursor that is a string."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise TransientError("a page whose data is not a list of objects", code="malformed")
+    cursor, more = payload.get("next_cursor"), payload.get("has_more")
+    follow = isinstance(cursor, str) and cursor and more is not False  # a cursor is followed unless told it ends
+    return BatchPage(data, cursor if follow else None, more is True)
 
 
 def _batch_object(payload: Any) -> dict[str, Any]:
