@@ -19,13 +19,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from batchrunner.client import Client, parse_completion
-from batchrunner.errors import ApiError, RequestRejected, TransientError, first_line
+from batchrunner.costs import format_usd, to_decimal
+from batchrunner.errors import ApiError, Problem, RequestRejected, SpecError, TransientError, first_line
 from batchrunner.executor import Execution, count_resumed
 from batchrunner.halt import Halt, StopReason
 from batchrunner.pending import Batch, Todo
@@ -56,6 +57,7 @@ class _Open:
     keys: dict[str, list[str]]  # custom id -> checkpoint key
     reserved: dict[str, Decimal] = field(default_factory=dict)
     progress: str = "submitted"  # its status and requests done, as last seen
+    cursor: str | None = None  # where the paged download of its results got to (None: the start)
 
 
 class BatchExecutor:
@@ -94,9 +96,10 @@ class BatchExecutor:
                 else:
                     todos[todo.request.key] = todo
         states = {key: policy.begin(todo) for key, todo in todos.items()}
+        listed: list[dict[str, Any]] | None = None
         if todos or self.store.open_batches():
             try:
-                await self.client.batches()  # before anything is submitted: does this key reach the Batch API?
+                listed = await self.client.batches()  # before anything is submitted: does this key reach it?
             except ApiError as exc:
                 halt.stop(
                     StopReason.BATCH_API,
@@ -105,13 +108,28 @@ class BatchExecutor:
                     exc,
                 )
                 return Execution(resumed, time.monotonic() - started)
+            if not self._openrouters(listed):
+                raise SpecError(
+                    Problem(
+                        "mode",
+                        f"{self.client.base_url}/batches answered, but not as OpenRouter's Batch API does (its "
+                        "batches have OpenAI's fields, input_file_id, or it is not OpenRouter): batch mode needs "
+                        "OpenRouter's Batch API; use mode: live (nothing was submitted)",
+                    )
+                )
         try:
-            waiting = await self._reopen(todos)
+            waiting = await self._reopen(todos, listed or [], policy)
         except ApiError as exc:  # an earlier run's batch cannot be matched or read: stop before submitting more
             halt.stop(StopReason.BATCH_API, f"{first_line(exc)}; nothing new was submitted", exc)
             return Execution(resumed, time.monotonic() - started)
-        out = {cid for opened in waiting for cid in opened.keys}  # pairs already in a batch at the API
-        queued = [key for key in todos if custom_id(key) not in out]
+        if waiting and not self.wait:  # a --no-wait run first collects what has ended, paying nothing new for it
+            waiting, again = await self._collect_ended(waiting, todos, states, policy, sinks, halt)
+        else:
+            again = []
+        out = {cid for opened in waiting for cid in opened.keys}  # pairs still in a batch at the API
+        queued = [key for key in todos if custom_id(key) not in out and key not in again] + again
+        if not self.wait:  # what stays at the API is this run's to leave there: only new batches are submitted
+            submitted_before, waiting = waiting, []
         while (queued or waiting) and not halt.stopping:
             later: list[tuple[str, str, str]] = []  # what the budget cannot cover until batches are collected
             live: list[tuple[str, str, str]] = []  # rows of models the Batch API refused (fallback_to_realtime)
@@ -139,9 +157,10 @@ class BatchExecutor:
                 continue
             if not self.wait:
                 log.info(
-                    "submitted %d batches; run the job again to collect them (most batches finish within minutes, "
-                    "all within 24 hours)",
+                    "submitted %d batches (%d still open from earlier runs); run the job again to collect them (most "
+                    "batches finish within minutes, all within 24 hours)",
                     len(self.submitted),
+                    len(submitted_before),
                 )
                 break
             queued = await self._collect(waiting, todos, states, policy, sinks, halt) + later
@@ -238,20 +257,27 @@ class BatchExecutor:
         log.info("submitted batch %s: %d requests to %s", opened.batch_id, len(requests), model)
         return opened, rest, []
 
-    async def _reopen(self, todos: dict[tuple[str, str, str], Todo]) -> list[_Open]:
-        """Batches an earlier run submitted and did not collect; a submission whose answer was lost is matched
-        with the workspace's batches (same model and size, created since), or else known never to have gone."""
+    def _openrouters(self, listed: list[dict[str, Any]]) -> bool:
+        """Whether the Batch API that answered is OpenRouter's: its URL, the sandbox's word, or batches in
+        OpenRouter's shape (an OpenAI-style server's have input_file_id; its submit then fails run after run)."""
+        if any("input_file_id" in item for item in listed):
+            return False
+        return self.client.openrouter or self.client.sandbox or any("request_counts" in item for item in listed)
+
+    async def _reopen(
+        self, todos: dict[tuple[str, str, str], Todo], listed: list[dict[str, Any]], policy: RowPolicy
+    ) -> list[_Open]:
+        """Batches an earlier run submitted and did not collect, their reservations held against this run's budget
+        again; a submission whose answer was lost is matched with the workspace's batches (every page: same
+        model and size, created since), or else known never to have gone, once the listing has had time to show it."""
         records = self.store.open_batches()
         if not records:
             return []
         known = {r["batch_id"] for r in records if r["batch_id"]}
-        listed: list[dict[str, Any]] | None = None
         reopened = []
         for record in records:
             batch_id = record["batch_id"]
             if batch_id is None:
-                if listed is None:
-                    listed = await self.client.batches()
                 candidates = [
                     item
                     for item in listed
@@ -265,19 +291,78 @@ class BatchExecutor:
                     known.add(batch_id)
                     self.store.batch_submitted(record["intent_id"], batch_id)
                     log.info("found batch %s, whose submission's answer was lost", batch_id)
-                elif not candidates:
+                elif not candidates and time.time() - record["created_s"] > RECONCILE_WINDOW_S:
+                    log.warning(
+                        "a batch for %s submitted at %s is not among the workspace's %d batches (every page read): "
+                        "it never arrived; its requests are submitted again",
+                        record["model"],
+                        time.strftime("%H:%M:%S", time.localtime(record["created_s"])),
+                        len(listed),
+                    )
                     self.store.batch_state(record["intent_id"], "requeued")  # it never reached the API
                     continue
+                elif not candidates:
+                    raise TransientError(
+                        f"a batch submitted for {record['model']} at {record['created_s']:.0f} (its answer was lost) "
+                        f"is not among the workspace's {len(listed)} batches yet; rerun in "
+                        f"{RECONCILE_WINDOW_S / 60:.0f} minutes: if it still is not there, it never arrived and is "
+                        "submitted again",
+                        code="lost_batch",
+                    )
                 else:
                     raise TransientError(
                         f"{len(candidates)} batches could be the one submitted for {record['model']} at "
                         f"{record['created_s']:.0f}; cancel the wrong ones with `batchrunner cancel` and rerun",
                         code="ambiguous_batch",
                     )
-            reopened.append(_Open(record["intent_id"], batch_id, record["model"], record["keys"]))
+            opened = _Open(record["intent_id"], batch_id, record["model"], record["keys"], cursor=record["cursor"])
+            held = record["reserved_usd"]
+            if held and policy.budget is not None:  # committed at the API: it counts whatever the budget says now
+                policy.budget.reserved_usd += held
+                opened.reserved = {cid: held / len(opened.keys) for cid in opened.keys}
+            reopened.append(opened)
         return reopened
 
     # -- collecting ---------------------------------------------------------------------------
+
+    async def _collect_ended(
+        self,
+        waiting: list[_Open],
+        todos: dict[tuple[str, str, str], Todo],
+        states: dict[tuple[str, str, str], RowState],
+        policy: RowPolicy,
+        sinks: ResultSink,
+        halt: Halt,
+    ) -> tuple[list[_Open], list[tuple[str, str, str]]]:
+        """One look at each open batch, no waiting: those that ended are collected (a --no-wait run's first step);
+        returns the batches still open and the pairs to ask again."""
+        still: list[_Open] = []
+        again: list[tuple[str, str, str]] = []
+        for opened in waiting:
+            if halt.stopping:
+                still.append(opened)
+                continue
+            batch = await self._look(opened)
+            if batch is None or batch["status"] not in ENDED:
+                still.append(opened)
+                continue
+            again += await self._take(opened, batch, todos, states, policy, sinks)
+        return still, again
+
+    async def _look(self, opened: _Open) -> dict[str, Any] | None:
+        """The batch as the API has it now, its progress noted; None if it cannot be read now."""
+        assert opened.batch_id is not None
+        try:
+            batch = await self.client.batch(opened.batch_id)
+        except ApiError as exc:
+            log.warning("could not read batch %s (%s); trying again", opened.batch_id, exc)
+            return None
+        if batch["status"] not in ENDED:
+            found = batch.get("request_counts")
+            counts: dict[str, Any] = found if isinstance(found, dict) else {}
+            done = counts.get("completed", 0) + counts.get("failed", 0)
+            opened.progress = f"{batch['status']} {done}/{counts.get('total', len(opened.keys))}"
+        return batch
 
     async def _collect(
         self,
@@ -292,31 +377,34 @@ class BatchExecutor:
         again: list[tuple[str, str, str]] = []
         delay = self.poll_s
         while waiting and not halt.stopping:
-            still = []
-            for opened in waiting:
-                assert opened.batch_id is not None
-                try:
-                    batch = await self.client.batch(opened.batch_id)
-                except ApiError as exc:
-                    log.warning("could not read batch %s (%s); trying again", opened.batch_id, exc)
-                    still.append(opened)
-                    continue
-                if batch["status"] not in ENDED:
-                    found = batch.get("request_counts")
-                    counts: dict[str, Any] = found if isinstance(found, dict) else {}
-                    opened.progress = f"{batch['status']} {counts.get('completed', 0) + counts.get('failed', 0)}/{counts.get('total', len(opened.keys))}"
-                    still.append(opened)
-                    continue
-                again += self._take(opened, batch, todos, states, policy, sinks)
-            waiting = still
-            if waiting:
+            waiting, ended = await self._collect_ended(waiting, todos, states, policy, sinks, halt)
+            again += ended
+            if waiting and not halt.stopping:
                 states_seen = ", ".join(f"{o.batch_id} {o.progress}" for o in waiting)
                 log.info("waiting for %d batches (%s); next look in %.0f s", len(waiting), states_seen, delay)
                 await asyncio.sleep(delay)
                 delay = min(self.max_poll_s, delay * 2)
         return again
 
-    def _take(
+    async def _results(self, opened: _Open, batch: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """An ended batch's results: inline when the batch carries them, else page by page from
+        GET /batches/{id}/results, from where an earlier download stopped (its cursor is in the checkpoint)."""
+        inline = batch.get("results")
+        if isinstance(inline, list):
+            yield [r for r in inline if isinstance(r, dict)]
+            return
+        if batch["status"] != "completed":  # failed, expired, cancelled: no result rows to read
+            return
+        assert opened.batch_id is not None
+        while True:
+            page = await self.client.batch_results(opened.batch_id, opened.cursor)
+            yield page.items
+            if page.next_cursor is None:
+                return
+            opened.cursor = page.next_cursor
+            self.store.batch_cursor(opened.intent_id, opened.cursor)  # after the page's answers are committed
+
+    async def _take(
         self,
         opened: _Open,
         batch: dict[str, Any],
@@ -325,34 +413,64 @@ class BatchExecutor:
         policy: RowPolicy,
         sinks: ResultSink,
     ) -> list[tuple[str, str, str]]:
-        """One ended batch's results into the checkpoint and the summary; the pairs to ask again."""
-        again = []
+        """One ended batch's results into the checkpoint and the summary; the pairs to ask again. A batch that
+        failed fails its pairs with its message (or asks them again, if the fault is passing); a cancelled one
+        has no result rows, but what it billed is recorded against the job."""
+        again: list[tuple[str, str, str]] = []
+        seen: set[str] = set()
         stale = 0
-        results = {r.get("custom_id"): r for r in batch.get("results") or [] if isinstance(r, dict)}
-        for cid, key_list in opened.keys.items():
-            key = (key_list[0], key_list[1], key_list[2])
-            reserved = opened.reserved.get(cid, Decimal(0))
-            todo = todos.get(key)
-            result = results.get(cid)
-            if todo is None:  # the spec changed since it was submitted: its answer is for another request
-                policy.settle(reserved, Decimal(0))
-                stale += 1
-                continue
-            if result is None:  # expired, cancelled or failed batch: ask again
-                policy.settle(reserved, Decimal(0))
-                again.append(key)
-                continue
-            answer = _answer(result)
-            row, cost = policy.take(todo, states[key], answer)
-            policy.settle(reserved, cost)
-            if row is None:
-                again.append(key)
-            else:
-                sinks.add(row)
-        if stale:
+        failure = _batch_failure(batch)
+        async for page in self._results(opened, batch):
+            for result in page:
+                cid = result.get("custom_id")
+                if not isinstance(cid, str) or cid not in opened.keys or cid in seen:
+                    continue
+                seen.add(cid)
+                key = _key(opened.keys[cid])
+                reserved = opened.reserved.pop(cid, Decimal(0))
+                todo = todos.get(key)
+                if todo is None:  # answered already (a download resumed), or the spec was edited since
+                    policy.settle(reserved, Decimal(0))
+                    stale += 1
+                    continue
+                row, cost = policy.take(todo, states[key], _answer(result))
+                policy.settle(reserved, cost)
+                if row is None:
+                    again.append(key)
+                else:
+                    sinks.add(row)
+        billed = _batch_cost(batch) if batch["status"] == "cancelled" else None
+        if billed:  # requests that finished before the cancel: billed, with no rows to carry the cost
+            self.store.batch_cost(opened.intent_id, billed)
             log.warning(
-                "batch %s: %d answers are for requests the spec no longer makes (it was edited since the batch was "
-                "submitted); they are not kept",
+                "batch %s was cancelled: %s was billed for requests that had finished",
+                opened.batch_id,
+                format_usd(billed),
+            )
+        for cid, key_list in opened.keys.items():  # no result for these: the batch ended without them
+            if cid in seen:
+                continue
+            key = _key(key_list)
+            reserved = opened.reserved.pop(cid, Decimal(0))
+            todo = todos.get(key)
+            if todo is None:
+                policy.settle(reserved, Decimal(0))
+                continue
+            if failure is not None:
+                row, _ = policy.take(todo, states[key], failure)
+                policy.settle(reserved, Decimal(0))
+                if row is not None:
+                    sinks.add(row)
+                    continue
+            else:
+                policy.settle(reserved, Decimal(0))
+            again.append(key)
+        if billed and policy.budget is not None:
+            policy.settle(Decimal(0), billed)
+        if stale:
+            log.info(
+                "batch %s: %d answers are not kept: answered already (an earlier download), or for requests the "
+                "spec no longer makes (it was edited since the batch was submitted)",
                 opened.batch_id,
                 stale,
             )
@@ -365,6 +483,42 @@ class BatchExecutor:
             len(again),
         )
         return again
+
+
+def _key(key_list: list[str]) -> tuple[str, str, str]:
+    return (key_list[0], key_list[1], key_list[2])
+
+
+TRANSIENT_FAILURE = (
+    "timeout",
+    "timed out",
+    "temporar",
+    "try again",
+    "overloaded",
+    "unavailable",
+    "rate limit",
+    "capacity",
+)
+
+
+def _batch_failure(batch: dict[str, Any]) -> ApiError | None:
+    """What a `failed` batch says went wrong, as each of its pairs' error: passing (ask again) or not (the pair
+    goes to its fallbacks, then fails with the message)."""
+    if batch["status"] != "failed":
+        return None
+    found = batch.get("error")
+    message = str(found.get("message") or "") if isinstance(found, dict) else ""
+    text = f"the batch failed: {message or 'no reason given'}"
+    if any(word in message.lower() for word in TRANSIENT_FAILURE):
+        return TransientError(text, code="batch_failed")
+    return RequestRejected(text, code="batch_failed")
+
+
+def _batch_cost(batch: dict[str, Any]) -> Decimal | None:
+    """A batch's usage.cost, as the decimal it was written as."""
+    usage = batch.get("usage")
+    cost = to_decimal(usage.get("cost")) if isinstance(usage, dict) else None
+    return cost if cost is not None and cost > 0 else None
 
 
 def _answer(result: dict[str, Any]) -> Any:

@@ -442,7 +442,9 @@ def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
 @click.argument("job", type=click.Path(path_type=Path))
 @click.option("--sandbox", is_flag=True, help="Cancel at the sandbox (for trying batch mode out).")
 def cancel(job: Path, sandbox: bool) -> None:
-    """Cancel JOB's batches still open at the Batch API; the next run asks their rows again."""
+    """Cancel JOB's batches still running at the Batch API. The requests a batch had finished are billed and lost
+    (a cancelled batch returns no answers); the next run records that cost and asks their rows again. A batch
+    that has already ended is not cancelled: the next run collects it."""
     from batchrunner.queries import cancel_batches
     from batchrunner.sandbox import SandboxConfig
     from batchrunner.spec import load_spec
@@ -450,8 +452,18 @@ def cancel(job: Path, sandbox: bool) -> None:
     logs.configure()
     with _exit_codes():
         spec = load_spec(job, sending=False)
-        cancelled = asyncio.run(cancel_batches(spec, sandbox=SandboxConfig() if sandbox else None))
-    say(f"{spec.name}: cancelled {len(cancelled)} batch(es){': ' + ', '.join(cancelled) if cancelled else ''}")
+        done = asyncio.run(cancel_batches(spec, sandbox=SandboxConfig() if sandbox else None))
+    for batch_id, status in done.ended:
+        say(
+            f"{spec.name}: batch {batch_id} has {status if status != 'ended' else 'ended'}: not cancelled; the next run collects its answers"
+        )
+    if done.cancelling:
+        say(
+            f"{spec.name}: asked to cancel {len(done.cancelling)} batch(es): {', '.join(done.cancelling)}; the requests "
+            "they had finished are billed and their answers lost; the next run records that cost and asks the rest again"
+        )
+    elif not done.ended:
+        say(f"{spec.name}: no batch is running")
 
 
 @main.command()

@@ -47,6 +47,7 @@ MAX_TOKEN_COUNT = 2**31 - 1  # more tokens than any model's context: a reply cla
 MAX_REPORTED_COST_USD = Decimal(10_000)  # no single request costs this: a reported cost above it is not used
 MAX_REPLY_BYTES = 64 * 2**20  # a completion (whole or streamed) longer than this is not an answer (max_reply_mb)
 MAX_LISTING_BYTES = 256 * 2**20  # /models, a batch and its results: large, never gigabytes
+SANDBOX_MARK = "x_batchrunner_sandbox"  # a key the built-in sandbox adds to its batch listing
 MAX_LISTING_PAGES = 1000  # pages of GET /batches read to find one batch
 MAX_REDIRECTS = 5  # same-origin redirects followed for one request
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -92,6 +93,7 @@ class Client:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.openrouter = is_openrouter(self.base_url + "/")  # its key format and hints apply
+        self.sandbox = False  # the built-in sandbox (it says so in its batch listing): OpenRouter's shapes
         self._headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -179,6 +181,7 @@ class Client:
         for _ in range(max_pages):
             payload, _ = await self._get("/batches", params=params or None)
             page = _page(payload)
+            self.sandbox = self.sandbox or payload.get(SANDBOX_MARK) is True
             found += page.items
             if page.next_cursor:
                 params = {"cursor": page.next_cursor}

@@ -76,6 +76,7 @@ class Connection:
         except BaseException:
             await self._stop_sandbox()
             raise
+        self._client.sandbox = self.sandbox is not None
         return self
 
     async def __aexit__(

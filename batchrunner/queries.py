@@ -13,7 +13,7 @@ from typing import Any
 from batchrunner.client import Client
 from batchrunner.connect import Connection
 from batchrunner.costs import FILE_PARSER_USD_PER_PAGE, ZERO_USD, Pricing, per_million
-from batchrunner.errors import ApiError, Problem, RunHalted, SpecError
+from batchrunner.errors import ApiError, Problem, RunHalted, SpecError, first_line
 from batchrunner.media import Media
 from batchrunner.offline import existing_checkpoint
 from batchrunner.pending import pending
@@ -38,21 +38,57 @@ from batchrunner.store import Store
 BATCH_PRICE_SHARE = Decimal("0.5")  # what a batch typically costs, as a share of the live price
 
 
-async def cancel_batches(spec: JobSpec, *, sandbox: SandboxConfig | None = None) -> list[str]:
-    """Cancel the job's batches still open at the Batch API; their pairs are asked again on the next run."""
+@dataclass
+class Cancelled:
+    """What `batchrunner cancel` did: batches asked to cancel, and batches that had ended (collected by the next
+    run, never discarded: their answers are paid for)."""
+
+    cancelling: list[str] = field(default_factory=list)
+    ended: list[tuple[str, str]] = field(default_factory=list)  # (batch id, its status)
+
+
+async def cancel_batches(spec: JobSpec, *, sandbox: SandboxConfig | None = None) -> Cancelled:
+    """Ask the Batch API to cancel the job's batches still running (POST .../cancel). A cancelled batch returns no
+    result rows, while the requests it had finished are billed: the next run records that cost and asks its pairs
+    again. A batch that has already ended is left for the next run to collect."""
+    from batchrunner.batch import ENDED
+
+    if sandbox is not None:
+        raise SpecError(
+            Problem(
+                "--sandbox",
+                "the built-in sandbox ends with each command, and its batches with it: there is nothing of an "
+                "earlier run's to cancel; start `batchrunner sandbox --port 8080 --batch-turnaround 60` and point "
+                "OPENROUTER_BASE_URL at it to try cancel",
+            )
+        )
     checkpoint = existing_checkpoint(spec)
-    cancelled = []
+    done = Cancelled()
     with Store.open(checkpoint, job=spec.name) as store:
-        async with Connection(spec, sandbox=sandbox, timeout_s=60) as connection:
+        async with Connection(spec, timeout_s=60) as connection:
             for record in store.open_batches():
-                if record["batch_id"] is not None:
-                    try:
-                        await connection.client.cancel_batch(record["batch_id"])
-                    except ApiError as exc:
-                        raise RunHalted(f"could not cancel batch {record['batch_id']}: {exc}") from exc
-                    cancelled.append(record["batch_id"])
-                store.batch_state(record["intent_id"], "requeued")
-    return cancelled
+                batch_id = record["batch_id"]
+                if batch_id is None or record["state"] == "cancelling":  # lost (the next run looks), or asked already
+                    continue
+                try:
+                    batch = await connection.client.batch(batch_id)
+                    if batch["status"] in ENDED:
+                        done.ended.append((batch_id, batch["status"]))
+                        continue
+                    await connection.client.cancel_batch(batch_id)
+                except ApiError as exc:
+                    if exc.status == 409:  # it ended meanwhile: collected by the next run
+                        done.ended.append((batch_id, "ended"))
+                        continue
+                    if exc.status in (403, 404, 405):
+                        raise RunHalted(
+                            f"the Batch API would not cancel batch {batch_id} (HTTP {exc.status}): cancelling is "
+                            "enabled per organization; the batch runs on and the next run collects it"
+                        ) from exc
+                    raise RunHalted(f"could not cancel batch {batch_id}: {first_line(exc)}; rerun cancel") from exc
+                store.batch_state(record["intent_id"], "cancelling")
+                done.cancelling.append(batch_id)
+    return done
 
 
 async def estimate_job(

@@ -137,6 +137,15 @@ async def run_job(
     Pairs already answered in the checkpoint are not sent again; the output is rebuilt from
     the checkpoint at every exit, complete or not.
     """
+    if sandbox is not None and spec.mode == "batch" and not wait:
+        raise SpecError(
+            Problem(
+                "--no-wait",
+                "the built-in sandbox ends with this run, and the batches it holds with it, so the next run could "
+                "never collect them: drop --no-wait, or start `batchrunner sandbox --port 8080` and point "
+                "OPENROUTER_BASE_URL at it (without --sandbox)",
+            )
+        )
     dataset = prepare(spec)
     check_output(spec, dataset)
     if spec.id_column is None:

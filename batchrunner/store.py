@@ -146,6 +146,15 @@ def _migration_9(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE job (only INTEGER PRIMARY KEY CHECK (only = 1), name TEXT NOT NULL, since TEXT NOT NULL)")
 
 
+def _migration_10(db: sqlite3.Connection) -> None:
+    """What a batch holds against the budget until it is collected, where a paged download of its results got to,
+    what a cancelled batch was billed (it has no result rows to carry it), and the server it went to."""
+    db.execute("ALTER TABLE batches ADD COLUMN reserved_usd TEXT")
+    db.execute("ALTER TABLE batches ADD COLUMN cursor TEXT")
+    db.execute("ALTER TABLE batches ADD COLUMN cost_usd TEXT")
+    db.execute("ALTER TABLE batches ADD COLUMN server TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
@@ -156,6 +165,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_7,
     _migration_8,
     _migration_9,
+    _migration_10,
 ]
 
 
@@ -367,7 +377,9 @@ class Store:
         total = ZERO_USD
         with self._lock:
             for (cost,) in self._db.execute(
-                "SELECT cost_usd FROM results WHERE cost_usd IS NOT NULL AND coalesce(server, '') = ?", (server,)
+                "SELECT cost_usd FROM results WHERE cost_usd IS NOT NULL AND coalesce(server, '') = ? UNION ALL "
+                "SELECT cost_usd FROM batches WHERE cost_usd IS NOT NULL AND coalesce(server, '') = ?",
+                (server, server),
             ):
                 total += Decimal(cost)
         return total
@@ -550,14 +562,22 @@ class Store:
 
     # -- batches --------------------------------------------------------------------------
 
-    def record_batch(self, intent_id: str, model: str, keys: dict[str, list[str]], created_s: float) -> None:
+    def record_batch(
+        self,
+        intent_id: str,
+        model: str,
+        keys: dict[str, list[str]],
+        created_s: float,
+        *,
+        reserved_usd: Decimal = ZERO_USD,
+    ) -> None:
         """A batch about to be submitted: its custom ids and the checkpoint keys they stand for, committed
         before the submit call, so a lost answer to it can be reconciled instead of submitted again."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO batches (intent_id, batch_id, model, requests, keys, state, created_at, created_s) "
-                "VALUES (?, NULL, ?, ?, ?, 'submitting', ?, ?)",
-                (intent_id, model, len(keys), json.dumps(keys), _now(), created_s),
+                "INSERT INTO batches (intent_id, batch_id, model, requests, keys, state, created_at, created_s, "
+                "reserved_usd, server) VALUES (?, NULL, ?, ?, ?, 'submitting', ?, ?, ?, ?)",
+                (intent_id, model, len(keys), json.dumps(keys), _now(), created_s, str(reserved_usd), self.server),
             )
 
     def batch_submitted(self, intent_id: str, batch_id: str) -> None:
@@ -567,21 +587,34 @@ class Store:
             )
 
     def batch_state(self, intent_id: str, state: str) -> None:
-        """`collected`, `requeued` (expired, cancelled, failed or never submitted), or `submitted`."""
+        """`collected`, `requeued` (expired, cancelled, failed or never submitted), `cancelling` (a cancel was
+        asked: still open until the batch says it ended), or `submitted`."""
         with self._lock:
             self._db.execute("UPDATE batches SET state = ? WHERE intent_id = ?", (state, intent_id))
+
+    def batch_cursor(self, intent_id: str, cursor: str | None) -> None:
+        """Where the paged download of a batch's results got to: every result before it is committed."""
+        self.flush()  # the page's answers first: a crash after this resumes after them, never before
+        with self._lock:
+            self._db.execute("UPDATE batches SET cursor = ? WHERE intent_id = ?", (cursor, intent_id))
+
+    def batch_cost(self, intent_id: str, cost_usd: Decimal) -> None:
+        """What a batch without result rows (cancelled) was billed: it counts in the job's spending."""
+        with self._lock:
+            self._db.execute("UPDATE batches SET cost_usd = ? WHERE intent_id = ?", (str(cost_usd), intent_id))
 
     def open_batches(self) -> list[dict[str, Any]]:
         """Batches submitted (or being submitted) and not yet collected, oldest first."""
         with self._lock:
             cursor = self._db.execute(
-                "SELECT intent_id, batch_id, model, requests, keys, state, created_s FROM batches "
-                "WHERE state IN ('submitting', 'submitted') ORDER BY created_s"
+                "SELECT intent_id, batch_id, model, requests, keys, state, created_s, reserved_usd, cursor "
+                "FROM batches WHERE state IN ('submitting', 'submitted', 'cancelling') ORDER BY created_s"
             )
             names = [d[0] for d in cursor.description]
             rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
         for row in rows:
             row["keys"] = json.loads(row["keys"])
+            row["reserved_usd"] = Decimal(row["reserved_usd"] or "0")
         return rows
 
     def all_batches(self) -> list[dict[str, Any]]:

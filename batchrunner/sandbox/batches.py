@@ -131,6 +131,7 @@ class BatchDesk:
                 "first_id": items[0]["id"] if items else None,
                 "last_id": items[-1]["id"] if items else None,
                 "has_more": False,
+                "x_batchrunner_sandbox": True,  # so a batch executor knows OpenRouter's shapes are served here
             }
         )
 
