@@ -1,5 +1,6 @@
 """The sandbox's Batch API: OpenRouter's shapes (judged by the official SDK's models), turnaround, price,
-partial failures, expiry, cancelling, and the body order OpenRouter insists on."""
+partial failures, expiry, cancelling, and the body order OpenRouter insists on; and the other routes the
+SDK parses with typed models (/key, a model's endpoints)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import pytest
+from openrouter import OpenRouter
 from openrouter.components import BatchListResponse, BatchObject
 
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -102,3 +105,28 @@ async def test_media_as_data_is_refused_in_batches_urls_are_not() -> None:
         url, _ = await call(sandbox, "POST", "/batches", with_image("https://cdn.example.com/a.png"))
     assert inline == 400 and "base64 and data: URIs are rejected" in refused["error"]["message"]
     assert url == 202
+
+
+@pytest.mark.filterwarnings("ignore:.*DEPRECATED:DeprecationWarning")  # the SDK's own rate_limit model warns
+async def test_key_and_model_endpoints_parse_with_the_sdks_client() -> None:
+    """The official SDK's client reads /key (with free_model_daily_requests) and a model's endpoints (with
+    native_tools, service_tier, supports_diarization, supports_tool_choice) from the sandbox without error."""
+    async with (
+        Sandbox(SandboxConfig(free_daily_cap=7)) as sandbox,
+        OpenRouter(api_key="sk-or-v1-sandbox", server_url=sandbox.base_url) as sdk,
+    ):
+        await call(
+            sandbox,
+            "POST",
+            "/chat/completions",
+            json.dumps(
+                {"model": "meta-llama/llama-3.3-70b-instruct:free", "messages": [{"role": "user", "content": "hi"}]}
+            ),
+        )
+        key = await sdk.api_keys.get_current_key_metadata_async()
+        listed = await sdk.endpoints.list_async(author="meta-llama", slug="llama-3.3-70b-instruct")
+    daily = key.data.free_model_daily_requests
+    assert (daily.limit, daily.used, daily.remaining) == (7, 1, 6)
+    first, second = listed.data.endpoints
+    assert first.supports_tool_choice.function and not second.supports_tool_choice.function, "Together takes no tools"
+    assert first.native_tools == {} and first.service_tier is None and first.supports_diarization is False

@@ -54,6 +54,7 @@ class SandboxConfig:
     report_cost: bool = True  # include usage.cost (older deployments and other servers do not)
     bill_failed_answers: bool = False  # charge empty and finish_reason "error" answers (some upstreams bill the prompt)
     free_daily_cap: int = 200
+    report_free_daily: bool = True  # /key says free_model_daily_requests (older deployments and other servers do not)
     batch_turnaround_s: float = 0.0  # how long a submitted batch takes to complete
     batch_price_factor: Decimal = Decimal("0.5")  # batch answers cost this share of the realtime price
     batch_expire_s: float | None = None  # a batch not completed this long after submission expires
@@ -211,7 +212,7 @@ class Sandbox:
             minute = self._free_minute[model]
             while minute and now - minute[0] >= 60:
                 minute.popleft()
-            if self._free_today[model] >= self.config.free_daily_cap:
+            if sum(self._free_today.values()) >= self.config.free_daily_cap:  # per account, as OpenRouter counts
                 return _error(
                     429,
                     "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day",
@@ -308,6 +309,9 @@ class Sandbox:
                 "spend_usd": usage,
             }
         data.update(budgets=[budget] if budget else [], effective_budget=budget)
+        if self.config.report_free_daily:  # the account's count, as the cap counts (all :free models together)
+            cap, used = self.config.free_daily_cap, sum(self._free_today.values())
+            data["free_model_daily_requests"] = {"limit": cap, "remaining": max(0, cap - used), "used": used}
         return web.json_response({"data": data})
 
     async def models(self, request: web.Request) -> web.Response:
