@@ -55,10 +55,18 @@ class SandboxConfig:
     bill_failed_answers: bool = False  # charge empty and finish_reason "error" answers (some upstreams bill the prompt)
     free_daily_cap: int = 200
     report_free_daily: bool = True  # /key says free_model_daily_requests (older deployments and other servers do not)
-    batch_turnaround_s: float = 0.0  # how long a submitted batch takes to complete
+    # The Batch API (batches.py says how a batch lives):
+    batch_turnaround_s: float = 0.0  # how long a submitted batch takes to complete (read each time it is looked at)
     batch_price_factor: Decimal = Decimal("0.5")  # batch answers cost this share of the realtime price
     batch_expire_s: float | None = None  # a batch not completed this long after submission expires
     no_batch_models: set[str] = field(default_factory=set)  # models the Batch API refuses (no batch endpoint)
+    batch_inline_results: bool = True  # GET /batches/{id} carries a completed batch's results (else only .../results)
+    batch_cancel_allowed: bool = True  # POST /batches/{id}/cancel works (OpenRouter enables it per organization: 403)
+    batch_cancel_delay_s: float = 0.5  # from a cancel to the provider's confirming it (the batch is then cancelled)
+    batch_cancel_status: Literal["in_progress", "cancelling"] = "in_progress"  # a batch's status until then
+    batch_fail_message: str | None = None  # batches submitted fail validation after their 202, with this message
+    batch_list_page_size: int = 20  # GET /batches' page when it asks no limit
+    batch_clock: Callable[[], float] = time.time  # the Batch API's time: a test can move it instead of waiting
     refuse_inputs: dict[str, set[str]] = field(default_factory=dict)  # model -> kinds (image, file, audio) its
     # endpoints refuse with a 404, though it lists them (as when a provider of the model lacks vision)
 
@@ -66,6 +74,8 @@ class SandboxConfig:
         unknown = set(self.faults) - set(FAULT_KINDS)
         if unknown:
             raise ValueError(f"unknown sandbox fault(s) {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+        if not 1 <= self.batch_list_page_size <= 100:  # what GET /batches?limit= takes
+            raise ValueError(f"batch_list_page_size must be from 1 to 100, not {self.batch_list_page_size}")
 
 
 @dataclass
@@ -137,7 +147,9 @@ class Sandbox:
                 web.post("/api/v1/batches", self.batches.submit),
                 web.get("/api/v1/batches", self.batches.listing),
                 web.get("/api/v1/batches/{id}", self.batches.retrieve),
-                web.delete("/api/v1/batches/{id}", self.batches.cancel),
+                web.get("/api/v1/batches/{id}/results", self.batches.results),
+                web.post("/api/v1/batches/{id}/cancel", self.batches.cancel),
+                web.delete("/api/v1/batches/{id}", self.batches.delete),
                 web.get("/sandbox/stats", self.stats_endpoint),
             ]
         )
