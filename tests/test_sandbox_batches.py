@@ -1,6 +1,6 @@
 """The sandbox's Batch API as OpenRouter documents it (judged by the official SDK's models and client): a
 batch's statuses over its turnaround, its price, partial failures, expiry, failed validation, results a page at a
-time, cancelling (billing what finished), deleting, the listing's pages, and the body order
+time, cancelling (billing what finished), deleting, the listing's pages, what the stats count, and the body order
 OpenRouter insists on; and the other routes the SDK parses with typed models (/key, a model's endpoints).
 
 Most tests move the Batch API's clock by hand (SandboxConfig(batch_clock=...)) instead of waiting.
@@ -313,7 +313,7 @@ async def test_delete_removes_an_ended_batch_and_refuses_an_open_one() -> None:
         with pytest.raises(errors.BatchErrorResponse) as missing:
             await sdk.batch.delete_async(id=done_id)
         assert missing.value.data.error.code == 404
-    assert sandbox.batches.submitted == 2 and sandbox.stats.charged_usd > 0, "billing is not erased"
+    assert sandbox.stats.batches_submitted == 2 and sandbox.stats.charged_usd > 0, "billing is not erased"
 
 
 async def test_a_batch_that_fails_validation_after_its_202() -> None:
@@ -359,3 +359,17 @@ async def test_the_listing_pages_newest_first_by_cursor_and_by_the_sdks_after() 
         for query in ("limit=0", "limit=101", "cursor=nonsense", "after=batch_missing"):
             status, refused = await call(sandbox, "GET", f"/batches?{query}")
             assert status == 400 and refused["error"]["code"] == 400, query
+
+
+async def test_stats_count_batches_requests_and_requests_submitted_again() -> None:
+    """stats count the batches accepted, the requests in them, and the requests (same custom_id and body) that
+    went in more than one batch, so a test can assert each request was submitted once."""
+    async with Sandbox() as sandbox:
+        await submit(sandbox, rows=[0, 1, 2])
+        await submit(sandbox, rows=[2, 3])
+        assert (sandbox.stats.batches_submitted, sandbox.stats.batch_requests_submitted) == (2, 5)
+        assert sandbox.stats.batch_duplicates == 1, "r2 went twice"
+        stats_url = sandbox.base_url.removesuffix("/api/v1") + "/sandbox/stats"
+        async with aiohttp.ClientSession() as session, session.get(stats_url) as response:
+            seen = await response.json()
+    assert (seen["batches_submitted"], seen["batch_requests_submitted"], seen["batch_duplicates"]) == (2, 5, 1)

@@ -30,6 +30,7 @@ opaque strings (a page's position, not a timestamp), so asking again with one gi
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 import uuid
@@ -80,6 +81,12 @@ class Batch:
     @property
     def final(self) -> bool:
         return self.status in FINAL
+
+
+def submission_key(model: str, item: dict[str, Any]) -> str:
+    """A digest of one submitted request (model, custom_id and body), for counting what is submitted twice."""
+    content = {"model": model, "custom_id": item.get("custom_id"), "body": item.get("body")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _inline_media(body: dict[str, Any]) -> bool:
@@ -186,6 +193,10 @@ class BatchDesk:
         self.batches[batch.id] = batch
         self._places[batch.id] = seq
         self.submitted += 1
+        stats = self.sandbox.stats
+        stats.batches_submitted += 1
+        stats.batch_requests_submitted += len(requests)
+        stats.batch_submissions.update(submission_key(model, item) for item in requests)
         return web.json_response(self._object(batch, results=False), status=202)
 
     async def retrieve(self, request: web.Request) -> web.Response:

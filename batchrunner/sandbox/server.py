@@ -93,6 +93,15 @@ class SandboxStats:
     incomplete: int = 0  # requests whose body stopped before its end (nothing answered, nothing billed)
     images: int = 0  # images in requests that were answered
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    batches_submitted: int = 0  # batches the Batch API accepted (deleted ones too)
+    batch_requests_submitted: int = 0  # the requests in them, all told
+    # each request submitted in a batch (batches.submission_key: model, custom_id, body) -> in how many batches
+    batch_submissions: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def batch_duplicates(self) -> int:
+        """Requests submitted again in a later batch (the same model, custom_id and body): 0 if each went once."""
+        return sum(n - 1 for n in self.batch_submissions.values())
 
 
 def request_key(body: dict[str, Any]) -> str:
@@ -359,6 +368,9 @@ class Sandbox:
                 "charged_usd": str(stats.charged_usd),
                 "max_requests_in_one_second": stats.max_requests_in_one_second,
                 "rate_limit_rps": self.rate_limit_rps(),
+                "batches_submitted": stats.batches_submitted,
+                "batch_requests_submitted": stats.batch_requests_submitted,
+                "batch_duplicates": stats.batch_duplicates,
             }
         )
 
