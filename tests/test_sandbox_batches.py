@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 from openrouter import OpenRouter, errors
 from openrouter.components import BatchDeletedObject, BatchListResponse, BatchObject, Result
 
@@ -373,3 +374,21 @@ async def test_stats_count_batches_requests_and_requests_submitted_again() -> No
         async with aiohttp.ClientSession() as session, session.get(stats_url) as response:
             seen = await response.json()
     assert (seen["batches_submitted"], seen["batch_requests_submitted"], seen["batch_duplicates"]) == (2, 5, 1)
+
+
+def test_the_sandbox_command_takes_a_batch_turnaround(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`batchrunner sandbox --batch-turnaround 600` serves batches that stay open for ten minutes (to try cancel)."""
+    from batchrunner.cli import main
+    from batchrunner.sandbox import server
+
+    served: list[SandboxConfig] = []
+
+    async def serve(config: SandboxConfig, port: int, ready: Any = None) -> None:
+        served.append(config)
+
+    monkeypatch.setattr(server, "serve", serve)
+    result = CliRunner().invoke(main, ["sandbox", "--port", "0", "--batch-turnaround", "600"])
+    assert result.exit_code == 0, result.output
+    assert served[0].batch_turnaround_s == 600
+    refused = CliRunner().invoke(main, ["sandbox", "--batch-turnaround", "-1"])
+    assert refused.exit_code == 2
