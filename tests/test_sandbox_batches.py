@@ -87,8 +87,7 @@ async def all_results(sandbox: Sandbox, batch_id: str, limit: int) -> list[dict[
 
 
 async def test_a_batch_is_answered_at_the_batch_price_in_openrouters_shapes() -> None:
-    """Submit answers 202 validating; the batch completes with one result per custom_id, costed at half the
-    realtime price; the listing carries no results; every object parses with the official SDK's models."""
+    """A batch is answered at half the realtime price, one result per custom_id, every object the SDK's shape."""
     async with Sandbox() as sandbox:
         status, submitted = await call(sandbox, "POST", "/batches", batch_body(3))
         assert status == 202 and submitted["status"] == "validating"
@@ -134,8 +133,7 @@ async def test_media_as_data_is_refused_in_batches_urls_are_not() -> None:
 
 @pytest.mark.filterwarnings("ignore:.*DEPRECATED:DeprecationWarning")  # the SDK's own rate_limit model warns
 async def test_key_and_model_endpoints_parse_with_the_sdks_client() -> None:
-    """The official SDK's client reads /key (with free_model_daily_requests) and a model's endpoints (with
-    native_tools, service_tier, supports_diarization, supports_tool_choice) from the sandbox without error."""
+    """The SDK's own client reads the sandbox's /key and a model's endpoints with every field its models require."""
     async with (
         Sandbox(SandboxConfig(free_daily_cap=7)) as sandbox,
         OpenRouter(api_key="sk-or-v1-sandbox", server_url=sandbox.base_url) as sdk,
@@ -158,8 +156,7 @@ async def test_key_and_model_endpoints_parse_with_the_sdks_client() -> None:
 
 
 async def test_a_batch_validates_runs_finalizes_and_completes_as_its_requests_finish() -> None:
-    """Over a 100 s turnaround: validating for 10 s, in_progress while its 4 requests finish at 30, 50, 70 and 90 s
-    (the counts grow), finalizing, then completed with its results; no results or usage before."""
+    """Over 100 s: validating, in_progress as its 4 requests finish (counts growing), finalizing, completed."""
     clock = Clock()
     async with Sandbox(SandboxConfig(batch_turnaround_s=100, batch_clock=clock)) as sandbox:
         batch_id = await submit(sandbox, 4)
@@ -187,8 +184,7 @@ async def test_a_batch_validates_runs_finalizes_and_completes_as_its_requests_fi
 
 
 async def test_partial_failures_and_an_expired_batch_that_bills_what_finished() -> None:
-    """A completed batch may hold failed results (one of response or error each); a batch that expires returns no
-    rows, yet its usage counts (and the sandbox bills) the requests that finished before."""
+    """A completed batch may hold failed rows; an expired one has no rows but bills the requests that finished."""
     async with Sandbox(SandboxConfig(faults={"server_error": 0.5}, seed=2)) as sandbox:
         done = await look(sandbox, await submit(sandbox, 20))
         counts = done["request_counts"]
@@ -208,9 +204,7 @@ async def test_partial_failures_and_an_expired_batch_that_bills_what_finished() 
 
 
 async def test_results_come_a_page_at_a_time_with_a_cursor_that_gives_the_same_page_again() -> None:
-    """GET /batches/{id}/results pages a completed batch's rows in submission order (the rows inline, each an SDK
-    Result); a cursor asked again gives the same page; bad limits and cursors are 400, an unknown batch 404, an
-    open one 409."""
+    """Results come a page at a time in order, the same page again for a cursor; 400 bad paging, 404, 409 open."""
     clock = Clock()
     async with Sandbox(SandboxConfig(batch_clock=clock)) as sandbox:
         batch_id = await submit(sandbox, 25)
@@ -237,8 +231,7 @@ async def test_results_come_a_page_at_a_time_with_a_cursor_that_gives_the_same_p
 
 
 async def test_results_can_be_left_out_of_the_batch_object() -> None:
-    """With batch_inline_results False a completed batch says results: null, and its rows come from the paged
-    endpoint only."""
+    """With batch_inline_results False a completed batch says results: null; the paged endpoint has its rows."""
     async with Sandbox(SandboxConfig(batch_inline_results=False)) as sandbox:
         batch_id = await submit(sandbox, 3)
         batch = await look(sandbox, batch_id)
@@ -247,9 +240,7 @@ async def test_results_can_be_left_out_of_the_batch_object() -> None:
 
 
 async def test_a_cancel_half_way_returns_no_rows_and_bills_the_half_that_finished() -> None:
-    """POST .../cancel at half the turnaround: the batch stays in_progress until the provider confirms, then is
-    cancelled with no rows, its usage the cost of the 5 requests of 10 that had finished (as billed); asking
-    again meanwhile is safe, once cancelled it is 409."""
+    """A cancel half-way: in_progress until confirmed, then cancelled, no rows, billed for the 5 of 10 finished."""
     clock = Clock()
     async with Sandbox() as twin:  # the same 10 requests, completed: what each costs
         full = await look(twin, await submit(twin, 10))
@@ -274,8 +265,7 @@ async def test_a_cancel_half_way_returns_no_rows_and_bills_the_half_that_finishe
 
 
 async def test_cancelling_status_a_provider_that_finished_first_and_a_cancel_not_enabled() -> None:
-    """With batch_cancel_status "cancelling" the batch says so (the listing, as OpenRouter's, in_progress); a
-    provider that finishes before it confirms completes the batch; without cancel enabled it is OpenRouter's 403."""
+    """Cancel says cancelling when configured, loses to a provider that finished first, and is 403 where not enabled."""
     clock = Clock()
     config = SandboxConfig(batch_turnaround_s=100, batch_cancel_status="cancelling", batch_clock=clock)
     async with Sandbox(config) as sandbox:
@@ -294,8 +284,7 @@ async def test_cancelling_status_a_provider_that_finished_first_and_a_cancel_not
 
 
 async def test_delete_removes_an_ended_batch_and_refuses_an_open_one() -> None:
-    """Through the SDK's client: DELETE of an open batch is 409 (it is not a cancel); of an ended one, the SDK's
-    BatchDeletedObject, after which the batch, its results and its place in the listing are gone (404)."""
+    """Through the SDK's client: DELETE is 409 for an open batch; an ended one is deleted, then 404 and unlisted."""
     clock = Clock()
     config = SandboxConfig(batch_turnaround_s=100, batch_cancel_delay_s=0, batch_clock=clock)
     async with Sandbox(config) as sandbox, OpenRouter(api_key="sk-or-v1-sandbox", server_url=sandbox.base_url) as sdk:
@@ -318,8 +307,7 @@ async def test_delete_removes_an_ended_batch_and_refuses_an_open_one() -> None:
 
 
 async def test_a_batch_that_fails_validation_after_its_202() -> None:
-    """With batch_fail_message a submission is accepted (202 validating), then failed with error.message: no
-    results, no usage, nothing answered or billed; deleting it says the provider never had it."""
+    """With batch_fail_message a batch accepted with a 202 fails: error.message, no rows, no usage, nothing billed."""
     async with Sandbox(SandboxConfig(batch_fail_message="requests[3].body.messages: required")) as sandbox:
         batch_id = await submit(sandbox, 4)
         failed = await look(sandbox, batch_id)
@@ -328,13 +316,13 @@ async def test_a_batch_that_fails_validation_after_its_202() -> None:
         assert failed["request_counts"] == {"total": 4, "completed": 0, "failed": 0}
         assert await all_results(sandbox, batch_id, 10) == []
         _, deleted = await call(sandbox, "DELETE", f"/batches/{batch_id}")
-        assert BatchDeletedObject.model_validate(deleted).deletion.upstream.status == "not_applicable"  # type: ignore[union-attr]
+        upstream = BatchDeletedObject.model_validate(deleted).deletion.upstream
+        assert upstream is not None and upstream.status == "not_applicable"
     assert sandbox.stats.requests == 0 and sandbox.stats.charged_usd == 0
 
 
 async def test_the_listing_pages_newest_first_by_cursor_and_by_the_sdks_after() -> None:
-    """45 batches come newest first in pages of 20, 20 and 5, each batch once, by next_cursor and by the SDK's
-    client (which pages with ?after=last_id); a limit outside 1..100 or a cursor it did not give is a 400."""
+    """45 batches list newest first, 20 a page, by next_cursor and by the SDK's ?after= paging; bad paging is 400."""
     clock = Clock()
     async with Sandbox(SandboxConfig(batch_clock=clock)) as sandbox, OpenRouter(server_url=sandbox.base_url) as sdk:
         submitted = []
@@ -363,8 +351,7 @@ async def test_the_listing_pages_newest_first_by_cursor_and_by_the_sdks_after() 
 
 
 async def test_stats_count_batches_requests_and_requests_submitted_again() -> None:
-    """stats count the batches accepted, the requests in them, and the requests (same custom_id and body) that
-    went in more than one batch, so a test can assert each request was submitted once."""
+    """stats count batches, their requests, and requests (same custom_id and body) submitted in a second batch."""
     async with Sandbox() as sandbox:
         await submit(sandbox, rows=[0, 1, 2])
         await submit(sandbox, rows=[2, 3])
