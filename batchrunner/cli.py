@@ -623,6 +623,14 @@ def _fault(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
     "rate_limit",
     help="Requests per second before 429s, or 'credits' for OpenRouter's rule (1/s per credit left).",
 )
+@click.option(
+    "--batch-turnaround",
+    "batch_turnaround_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds a submitted batch takes to complete (long enough to try status and cancel on an open batch).",
+)
 def sandbox(
     port: int,
     seed: int,
@@ -631,6 +639,7 @@ def sandbox(
     round_trip_s: float,
     credits_usd: float | None,
     rate_limit: str | None,
+    batch_turnaround_s: float,
 ) -> None:
     """Serve the simulated OpenRouter API on 127.0.0.1 until interrupted.
 
@@ -654,6 +663,7 @@ def sandbox(
         round_trip_s=round_trip_s,
         credits_usd=None if credits_usd is None else Decimal(str(credits_usd)),
         rate_limit=limit,  # type: ignore[arg-type]  # a str here is always "credits", checked above
+        batch_turnaround_s=batch_turnaround_s,
     )
 
     def ready(url: str) -> None:

@@ -163,12 +163,12 @@ async def test_status_lists_batches_cancel_requeues_and_a_missing_batch_api_subm
     from batchrunner.offline import job_status
     from batchrunner.queries import cancel_batches
 
-    async with Sandbox(SandboxConfig(batch_turnaround_s=3600)) as sandbox:
+    async with Sandbox(SandboxConfig(batch_turnaround_s=3600, batch_cancel_delay_s=0)) as sandbox:
         spec = load_spec(write_spec(input=rows_csv(tmp_path, 20), mode="batch", api={"base_url": sandbox.base_url}))
         await run_job(spec, wait=False)
         listed = job_status(spec)["batches"]
         assert [b["state"] for b in listed] == ["submitted"] and listed[0]["requests"] == 20
-        assert len(await cancel_batches(spec)) == 1
+        assert len((await cancel_batches(spec)).cancelling) == 1
         assert next(iter(sandbox.batches.batches.values())).status == "cancelled"
         sandbox.config.batch_turnaround_s = 0
         rerun = await run_job(spec)

@@ -73,7 +73,7 @@ async def test_free_model_daily_cap_defers_rows_to_tomorrow(
 ) -> None:
     """At the daily cap the run stops sending to free models, leaves their rows pending, and the next run knows."""
     monkeypatch.setattr(limits_module, "FREE_REQUESTS_PER_MINUTE", 60_000)
-    async with Sandbox() as sandbox:
+    async with Sandbox(SandboxConfig(report_free_daily=False)) as sandbox:  # /key says no count: the spec's cap
         spec = load_spec(
             write_spec(
                 models=["meta-llama/llama-3.3-70b-instruct:free"],
@@ -94,7 +94,8 @@ async def test_server_daily_cap_defers_free_rows_and_paid_models_go_on(
 ) -> None:
     """A free-models-per-day 429 from the server leaves free rows pending; the paid model's rows all finish."""
     monkeypatch.setattr(limits_module, "FREE_REQUESTS_PER_MINUTE", 60_000)
-    async with Sandbox(SandboxConfig(free_daily_cap=3)) as sandbox:
+    # a server whose /key does not say its cap, so the run learns it from the 429
+    async with Sandbox(SandboxConfig(free_daily_cap=3, report_free_daily=False)) as sandbox:
         spec = load_spec(
             write_spec(
                 models=["openai/gpt-4o-mini", "meta-llama/llama-3.3-70b-instruct:free"],

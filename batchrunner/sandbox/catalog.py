@@ -308,6 +308,10 @@ def endpoints(model: str) -> list[dict[str, Any]]:
             "uptime_last_30m": 99.9,
             "uptime_last_1d": 99.7,
             "supports_implicit_caching": slug.startswith(("openai/", "google/", "deepseek/")),
+            "supports_tool_choice": dict.fromkeys(("auto", "none", "required", "function"), "tools" in parameters),
+            "supports_diarization": False,  # a speech-to-text feature: no sandbox endpoint transcribes
+            "native_tools": {},  # no provider-native server tools (web search and the like) are simulated
+            "service_tier": None,  # standard endpoints only: no flex or priority tier
             "latency_last_30m": None,
             "throughput_last_30m": None,
         }

@@ -54,10 +54,19 @@ class SandboxConfig:
     report_cost: bool = True  # include usage.cost (older deployments and other servers do not)
     bill_failed_answers: bool = False  # charge empty and finish_reason "error" answers (some upstreams bill the prompt)
     free_daily_cap: int = 200
-    batch_turnaround_s: float = 0.0  # how long a submitted batch takes to complete
+    report_free_daily: bool = True  # /key says free_model_daily_requests (older deployments and other servers do not)
+    # The Batch API (batches.py says how a batch lives):
+    batch_turnaround_s: float = 0.0  # how long a submitted batch takes to complete (read each time it is looked at)
     batch_price_factor: Decimal = Decimal("0.5")  # batch answers cost this share of the realtime price
     batch_expire_s: float | None = None  # a batch not completed this long after submission expires
     no_batch_models: set[str] = field(default_factory=set)  # models the Batch API refuses (no batch endpoint)
+    batch_inline_results: bool = True  # GET /batches/{id} carries a completed batch's results (else only .../results)
+    batch_cancel_allowed: bool = True  # POST /batches/{id}/cancel works (OpenRouter enables it per organization: 403)
+    batch_cancel_delay_s: float = 0.5  # from a cancel to the provider's confirming it (the batch is then cancelled)
+    batch_cancel_status: Literal["in_progress", "cancelling"] = "in_progress"  # a batch's status until then
+    batch_fail_message: str | None = None  # batches submitted fail validation after their 202, with this message
+    batch_list_page_size: int = 20  # GET /batches' page when it asks no limit
+    batch_clock: Callable[[], float] = time.time  # the Batch API's time: a test can move it instead of waiting
     refuse_inputs: dict[str, set[str]] = field(default_factory=dict)  # model -> kinds (image, file, audio) its
     # endpoints refuse with a 404, though it lists them (as when a provider of the model lacks vision)
 
@@ -65,6 +74,8 @@ class SandboxConfig:
         unknown = set(self.faults) - set(FAULT_KINDS)
         if unknown:
             raise ValueError(f"unknown sandbox fault(s) {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+        if not 1 <= self.batch_list_page_size <= 100:  # what GET /batches?limit= takes
+            raise ValueError(f"batch_list_page_size must be from 1 to 100, not {self.batch_list_page_size}")
 
 
 @dataclass
@@ -82,6 +93,15 @@ class SandboxStats:
     incomplete: int = 0  # requests whose body stopped before its end (nothing answered, nothing billed)
     images: int = 0  # images in requests that were answered
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    batches_submitted: int = 0  # batches the Batch API accepted (deleted ones too)
+    batch_requests_submitted: int = 0  # the requests in them, all told
+    # each request submitted in a batch (batches.submission_key: model, custom_id, body) -> in how many batches
+    batch_submissions: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def batch_duplicates(self) -> int:
+        """Requests submitted again in a later batch (the same model, custom_id and body): 0 if each went once."""
+        return sum(n - 1 for n in self.batch_submissions.values())
 
 
 def request_key(body: dict[str, Any]) -> str:
@@ -136,7 +156,9 @@ class Sandbox:
                 web.post("/api/v1/batches", self.batches.submit),
                 web.get("/api/v1/batches", self.batches.listing),
                 web.get("/api/v1/batches/{id}", self.batches.retrieve),
-                web.delete("/api/v1/batches/{id}", self.batches.cancel),
+                web.get("/api/v1/batches/{id}/results", self.batches.results),
+                web.post("/api/v1/batches/{id}/cancel", self.batches.cancel),
+                web.delete("/api/v1/batches/{id}", self.batches.delete),
                 web.get("/sandbox/stats", self.stats_endpoint),
             ]
         )
@@ -211,7 +233,7 @@ class Sandbox:
             minute = self._free_minute[model]
             while minute and now - minute[0] >= 60:
                 minute.popleft()
-            if self._free_today[model] >= self.config.free_daily_cap:
+            if sum(self._free_today.values()) >= self.config.free_daily_cap:  # per account, as OpenRouter counts
                 return _error(
                     429,
                     "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day",
@@ -308,6 +330,9 @@ class Sandbox:
                 "spend_usd": usage,
             }
         data.update(budgets=[budget] if budget else [], effective_budget=budget)
+        if self.config.report_free_daily:  # the account's count, as the cap counts (all :free models together)
+            cap, used = self.config.free_daily_cap, sum(self._free_today.values())
+            data["free_model_daily_requests"] = {"limit": cap, "remaining": max(0, cap - used), "used": used}
         return web.json_response({"data": data})
 
     async def models(self, request: web.Request) -> web.Response:
@@ -343,6 +368,9 @@ class Sandbox:
                 "charged_usd": str(stats.charged_usd),
                 "max_requests_in_one_second": stats.max_requests_in_one_second,
                 "rate_limit_rps": self.rate_limit_rps(),
+                "batches_submitted": stats.batches_submitted,
+                "batch_requests_submitted": stats.batch_requests_submitted,
+                "batch_duplicates": stats.batch_duplicates,
             }
         )
 
