@@ -122,14 +122,13 @@ class BatchExecutor:
         except ApiError as exc:  # an earlier run's batch cannot be matched or read: stop before submitting more
             halt.stop(StopReason.BATCH_API, f"{first_line(exc)}; nothing new was submitted", exc)
             return Execution(resumed, time.monotonic() - started)
-        if waiting and not self.wait:  # a --no-wait run first collects what has ended, paying nothing new for it
-            waiting, again = await self._collect_ended(waiting, todos, states, policy, sinks, halt)
-        else:
-            again = []
-        out = {cid for opened in waiting for cid in opened.keys}  # pairs still in a batch at the API
-        queued = [key for key in todos if custom_id(key) not in out and key not in again] + again
-        if not self.wait:  # what stays at the API is this run's to leave there: only new batches are submitted
-            submitted_before, waiting = waiting, []
+        out = {cid for opened in waiting for cid in opened.keys}  # pairs already in a batch at the API
+        queued = [key for key in todos if custom_id(key) not in out]
+        still_open: list[_Open] = []
+        if not self.wait:  # a --no-wait run first collects what has ended (paying nothing new for it), then
+            # submits what is left and returns: the batches still running stay at the API for the next run
+            still_open, again = await self._collect_ended(waiting, todos, states, policy, sinks, halt)
+            queued, waiting = queued + again, []
         while (queued or waiting) and not halt.stopping:
             later: list[tuple[str, str, str]] = []  # what the budget cannot cover until batches are collected
             live: list[tuple[str, str, str]] = []  # rows of models the Batch API refused (fallback_to_realtime)
@@ -146,6 +145,13 @@ class BatchExecutor:
                     live += refused
             if live and not halt.stopping:
                 await self.realtime.execute([Batch([todos[key] for key in live], rows=len(live))], policy, sinks, halt)
+            if later and not self.wait and still_open:  # the budget is held by batches still running at the API
+                log.info(
+                    "%d pairs wait for budget held by %d batches still running; a later run submits them",
+                    len(later),
+                    len(still_open),
+                )
+                break
             if later and not waiting:  # nothing in flight: does the next request fit now?
                 first, state = todos[later[0]], states[later[0]]
                 model = policy.model_of(first, state)
@@ -156,15 +162,16 @@ class BatchExecutor:
                 queued = later
                 continue
             if not self.wait:
-                log.info(
-                    "submitted %d batches (%d still open from earlier runs); run the job again to collect them (most "
-                    "batches finish within minutes, all within 24 hours)",
-                    len(self.submitted),
-                    len(submitted_before),
-                )
                 break
             queued = await self._collect(waiting, todos, states, policy, sinks, halt) + later
             waiting = []
+        if not self.wait and (self.submitted or still_open):
+            log.info(
+                "%d batches submitted, %d still running from earlier runs; run the job again to collect them (most "
+                "batches finish within minutes, all within 24 hours)",
+                len(self.submitted),
+                len(still_open),
+            )
         return Execution(resumed, time.monotonic() - started)
 
     # -- submitting ---------------------------------------------------------------------------
@@ -220,7 +227,8 @@ class BatchExecutor:
             rest = []
         if not requests:
             return None, rest, []
-        self.store.record_batch(opened.intent_id, model, opened.keys, time.time())  # before the call: see _reopen
+        held = sum(opened.reserved.values(), Decimal(0))  # counted by every later run's budget until collected
+        self.store.record_batch(opened.intent_id, model, opened.keys, time.time(), reserved_usd=held)  # see _reopen
         try:
             submitted = await self.client.submit_batch(model, requests)
         except ApiError as exc:
