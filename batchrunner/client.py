@@ -94,6 +94,7 @@ class Client:
         self.base_url = base_url.rstrip("/")
         self.openrouter = is_openrouter(self.base_url + "/")  # its key format and hints apply
         self.sandbox = False  # the built-in sandbox (it says so in its batch listing): OpenRouter's shapes
+        self._connect_timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -252,7 +253,11 @@ class Client:
         prompt never goes to a host the job did not name."""
         session = self._require_session()
         total_s = timeout_s or self.timeout_s
-        connect = aiohttp.ClientTimeout(total=None, sock_connect=min(total_s, CONNECT_TIMEOUT_S))
+        connect = self._connect_timeouts.get(total_s)
+        if connect is None:  # one per timeout_s: the same few for a whole run
+            connect = self._connect_timeouts[total_s] = aiohttp.ClientTimeout(
+                total=None, sock_connect=min(total_s, CONNECT_TIMEOUT_S)
+            )
         url = self.base_url + path
         encoded: EncodedBody | None = None
         got_headers = False
@@ -268,18 +273,20 @@ class Client:
                         if isinstance(data, bytes) and len(data) > LARGE_BODY_BYTES:  # sent in pieces, not at once
                             data = io.BytesIO(data)
                         sent_headers["Content-Length"] = str(encoded.length)
-                    async with (
-                        _silence(total_s) if stream is not None else contextlib.nullcontext()
-                    ):  # a stream's first bytes come within the silence a stream may keep
-                        response = await session.request(
-                            method,
-                            url,
-                            data=data,
-                            headers=sent_headers,
-                            params=params,
-                            timeout=connect,
-                            allow_redirects=False,
-                        )
+                    sending = session.request(
+                        method,
+                        url,
+                        data=data,
+                        headers=sent_headers,
+                        params=params,
+                        timeout=connect,
+                        allow_redirects=False,
+                    )
+                    if stream is None:
+                        response = await sending
+                    else:  # a stream's first bytes come within the silence a stream may keep
+                        async with _silence(total_s):
+                            response = await sending
                     async with response:
                         status, headers = response.status, response.headers
                         if status in REDIRECT_STATUSES:
@@ -293,10 +300,12 @@ class Client:
                         ):
                             return await stream.read(response, idle_s=total_s, max_bytes=max_bytes), status
                         got_headers = True  # from here a failure abandons a reply the server may have billed
-                        async with (
-                            _silence(total_s) if stream is not None else contextlib.nullcontext()
-                        ):  # a stream asked for and a whole reply sent: it too may be silent at most timeout_s
-                            text = (await _read_capped(response, max_bytes)).decode("utf-8", errors="replace")
+                        if stream is None:
+                            body = await _read_capped(response, max_bytes)
+                        else:  # a stream asked for and a whole reply sent: it too may be silent at most timeout_s
+                            async with _silence(total_s):
+                                body = await _read_capped(response, max_bytes)
+                        text = body.decode("utf-8", errors="replace")
                     break
                 else:
                     raise RequestRejected(f"more than {MAX_REDIRECTS} redirects", status=status, code="redirect")

@@ -49,6 +49,7 @@ from batchrunner.records import Bill, RowResult
 from batchrunner.request import (
     MOST_BYTES_PER_TOKEN,
     NO_MEDIA,
+    PROMPT_FIELDS,
     MediaTally,
     RequestBuilder,
     RowRequest,
@@ -510,6 +511,8 @@ class RowPolicy:
         pricing = self.pricing.get(model)
         if pricing is None or not pricing.context_length or _middle_out(body):
             return
+        if most_text_tokens(body_prompt(body)) <= pricing.context_length and not any(f in body for f in PROMPT_FIELDS):
+            return  # even its most tokens fit: the common case, no closer count needed
         least = least_prompt_tokens(body_prompt(body)) + (most_field_tokens(body) // MOST_BYTES_PER_TOKEN)
         if least > pricing.context_length:
             row.last_error = RequestRejected(
