@@ -4,8 +4,14 @@ page and resumed after a crash, reservations that outlive the run, failed and ca
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -14,6 +20,7 @@ from typing import Any
 import aiohttp
 import polars as pl
 import pytest
+from conftest import run_cli
 from helpers.scripted import Reply, Scripted
 
 from batchrunner.client import Client
@@ -199,3 +206,40 @@ async def test_a_cancelled_batch_is_billed_for_what_it_finished_and_the_job_know
     assert len(done.cancelling) == 1 and billed_for_cancelled > 0
     assert rerun.report.summary.ok == 10 and sandbox.stats.batches_submitted == 2
     assert Decimal(job_status(spec)["cost_usd"]) == sandbox.stats.charged_usd
+
+
+@pytest.mark.slow
+def test_twelve_thousand_results_paged_survive_a_kill_9_mid_download(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """12,000 requests in 3 batches without inline results, read 1,000 a page; kill -9 once some pages are
+    committed and before the last: the next run reads the rest from its cursors, losing nothing and asking
+    nothing again."""
+    sandbox = sandbox_in_thread(SandboxConfig(batch_turnaround_s=0, batch_inline_results=False))
+    rows = 12_000
+    pl.DataFrame({"ticket_id": [f"T-{i}" for i in range(rows)], "text": [f"text {i}" for i in range(rows)]}).write_csv(
+        tmp_path / "many.csv"
+    )
+    job = write_spec(input="many.csv", mode="batch", batch={"poll_s": 0.1})
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(job)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = tmp_path / "out" / "result.checkpoint.sqlite"
+    committed = 0
+    deadline = time.monotonic() + 120
+    while committed < 1000 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+        with contextlib.suppress(sqlite3.Error), sqlite3.connect(checkpoint) as db:
+            committed = db.execute("SELECT count(*) FROM results WHERE status = 'ok'").fetchone()[0]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 1000 <= committed < rows, "killed mid-download"
+    final = run_cli("run", str(job), env=env)
+    assert final.returncode == 0, final.stderr[-2000:]
+    output = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert output.height == rows and (output["status"] == "ok").all()
+    assert sandbox.stats.batches_submitted == 3 and sandbox.stats.batch_duplicates == 0
