@@ -164,6 +164,26 @@ async def run_pairs(
     return RunReport(summary, rows * len(spec.models), execution.wall_s, halt.outcome, execution.resumed, results)
 
 
+def run_started(job: Path, sandbox: Sandbox, *, requests: int) -> subprocess.Popen[str]:
+    """`batchrunner run job` in its own process against `sandbox` (as cron would start it), returned once the
+    sandbox has seen `requests` requests (or 30 s have passed): for tests that then signal it."""
+    import os
+    import time
+
+    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(job)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while sandbox.stats.requests < requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return process
+
+
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`python -m batchrunner ARGS` in its own process, as cron would run it; output captured."""
     return subprocess.run(

@@ -19,7 +19,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import run_pairs
+from conftest import run_pairs, run_started
 from helpers.scripted import Reply, Scripted, answer
 
 from batchrunner.client import Client
@@ -156,13 +156,7 @@ def test_a_second_ctrl_c_records_the_requests_on_the_wire(
     the server received (and bills) leave nothing in the checkpoint, so `status` says $0 and a rerun buys them again."""
     sandbox = sandbox_in_thread(SandboxConfig(latency_s=3.0))
     job = write_spec(params={"max_tokens": 20}, concurrency=4)
-    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", "run", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 30
-    while sandbox.stats.requests < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = run_started(job, sandbox, requests=4)
     process.send_signal(signal.SIGINT)
     time.sleep(1)
     process.send_signal(signal.SIGINT)

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from conftest import run_cli, signalled_at
+from conftest import run_cli, run_started, signalled_at
 
 from batchrunner.cli import main
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -465,17 +465,7 @@ def test_labeling_example_writes_columns_typed_by_its_schema(tmp_path: Path) -> 
 def sigterm_after(job: Path, sandbox: Sandbox, *, requests: int) -> tuple[subprocess.Popen[str], str, str, float]:
     """`batchrunner run job` in its own process against `sandbox`, sent SIGTERM once the sandbox has seen
     `requests` requests: the process, its stdout and stderr, and the seconds it took to exit after the signal."""
-    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", "run", str(job)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while sandbox.stats.requests < requests and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = run_started(job, sandbox, requests=requests)
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=30)
@@ -810,18 +800,12 @@ def test_a_process_stopped_longer_than_timeout_s_pays_for_nothing_twice(
     ).write_csv(tmp_path / "many.csv")
     sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.5))
     job = write_spec(input="many.csv", concurrency=20, timeout_s=1)
-    env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", "run", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 30
-    while sandbox.stats.requests < 20 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = run_started(job, sandbox, requests=20)
     process.send_signal(signal.SIGSTOP)
     time.sleep(3)
     process.send_signal(signal.SIGCONT)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert process.returncode == 0, stderr[-2000:]
     assert sum(n - 1 for n in sandbox.stats.answered.values()) == 0 and sandbox.stats.requests == rows
 
 
