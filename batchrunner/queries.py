@@ -5,6 +5,7 @@ each model's endpoints), the model list, one model's endpoints, one generation, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -34,6 +35,8 @@ from batchrunner.runner import check_on_server, fetch_endpoints, fetch_prices, p
 from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import JobSpec, env_base_url, is_openrouter
 from batchrunner.store import Store
+
+log = logging.getLogger("batchrunner")
 
 BATCH_PRICE_SHARE = Decimal("0.5")  # what a batch typically costs, as a share of the live price
 
@@ -75,6 +78,13 @@ async def cancel_batches(spec: JobSpec, *, sandbox: SandboxConfig | None = None)
                     if batch["status"] in ENDED:
                         done.ended.append((batch_id, batch["status"]))
                         continue
+                    counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}
+                    log.warning(
+                        "cancelling batch %s: the %s requests it has finished are billed, and a cancelled batch returns "
+                        "no answers",
+                        batch_id,
+                        (counts or {}).get("completed", "unknown number of"),
+                    )
                     await connection.client.cancel_batch(batch_id)
                 except ApiError as exc:
                     if exc.status == 409:  # it ended meanwhile: collected by the next run
