@@ -398,7 +398,10 @@ class BatchExecutor:
         """An ended batch's results: inline when the batch carries them, else page by page from
         GET /batches/{id}/results, from where an earlier download stopped (its cursor is in the checkpoint)."""
         inline = batch.get("results")
-        if isinstance(inline, list):
+        found = batch.get("request_counts")
+        counts: dict[str, Any] = found if isinstance(found, dict) else {}
+        finished = sum(n for n in (counts.get("completed"), counts.get("failed")) if isinstance(n, int))
+        if isinstance(inline, list) and (inline or not finished):  # an empty list for a batch that answered: paged
             yield [r for r in inline if isinstance(r, dict)]
             return
         if batch["status"] != "completed":  # failed, expired, cancelled: no result rows to read
