@@ -368,7 +368,7 @@ class BatchExecutor:
         if batch["status"] not in ENDED:
             found = batch.get("request_counts")
             counts: dict[str, Any] = found if isinstance(found, dict) else {}
-            done = counts.get("completed", 0) + counts.get("failed", 0)
+            done = sum(n for n in (counts.get("completed"), counts.get("failed")) if isinstance(n, int))
             opened.progress = f"{batch['status']} {done}/{counts.get('total', len(opened.keys))}"
         return batch
 
