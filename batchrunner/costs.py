@@ -114,6 +114,15 @@ class Pricing:
 
 
 VARIANT_SUFFIXES = (":nitro", ":floor", ":exacto", ":thinking", ":extended", ":online")
+STANDARD_TIER = "standard"
+_TIER_NAMES = {"": STANDARD_TIER, "auto": STANDARD_TIER, "default": STANDARD_TIER, "fast": "priority"}
+
+
+def tier_of(value: Any) -> str:
+    """A `service_tier` (asked in a request, said by a response or an endpoint) by the name its price goes by:
+    the standard tier for none, `auto` or `default`; `priority` for its alias `fast`; else the name itself."""
+    name = value.lower() if isinstance(value, str) else ""
+    return _TIER_NAMES.get(name, name)
 
 
 class PriceTable:

@@ -15,6 +15,7 @@ from batchrunner.costs import (
     format_usd,
     per_million,
     plugin_allowance_usd,
+    tier_of,
     to_decimal,
     total_usd,
 )
@@ -564,3 +565,16 @@ def test_an_entry_without_an_id_is_skipped_and_the_rest_are_read() -> None:
     assert (
         "a/b" in table and table.unusable("c/d") == "its prompt price '-1' is not a number of dollars from 0 to 1,000"
     )
+
+
+def test_a_service_tier_goes_by_the_name_of_its_price() -> None:
+    """None, auto, default and standard are the standard tier; fast is priority; flex is flex, in any case."""
+    standard = [None, "", "auto", "default", "Default", "standard", 3]
+    assert [tier_of(value) for value in standard] == ["standard"] * len(standard)
+    assert [tier_of(value) for value in ("flex", "FLEX", "fast", "priority", "scale")] == [
+        "flex",
+        "flex",
+        "priority",
+        "priority",
+        "scale",
+    ]
