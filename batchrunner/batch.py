@@ -25,7 +25,7 @@ from decimal import Decimal
 from typing import Any
 
 from batchrunner.client import Client, parse_completion
-from batchrunner.costs import format_usd, to_decimal
+from batchrunner.costs import Pricing, Usage, charge, format_usd, to_decimal
 from batchrunner.errors import ApiError, Problem, RequestRejected, SpecError, TransientError, first_line
 from batchrunner.executor import Execution, count_resumed
 from batchrunner.halt import Halt, StopReason
@@ -450,7 +450,7 @@ class BatchExecutor:
                     again.append(key)
                 else:
                     sinks.add(row)
-        billed = _batch_cost(batch) if batch["status"] == "cancelled" else None
+        billed = _batch_cost(batch, policy.pricing.get(opened.model)) if batch["status"] == "cancelled" else None
         if billed:  # requests that finished before the cancel: billed, with no rows to carry the cost
             self.store.batch_cost(opened.intent_id, billed)
             log.warning(
@@ -525,10 +525,17 @@ def _batch_failure(batch: dict[str, Any]) -> ApiError | None:
     return RequestRejected(text, code="batch_failed")
 
 
-def _batch_cost(batch: dict[str, Any]) -> Decimal | None:
-    """A batch's usage.cost, as the decimal it was written as."""
+def _batch_cost(batch: dict[str, Any], pricing: Pricing | None = None) -> Decimal | None:
+    """A batch's usage.cost, as the decimal it was written as. With BYOK (usage.is_byok) that is only OpenRouter's
+    fees, and the batch object does not say what the providers billed: their part is counted as its tokens at the
+    model's live price (`pricing`), the most it can be, a batch's price being lower."""
     usage = batch.get("usage")
     cost = to_decimal(usage.get("cost")) if isinstance(usage, dict) else None
+    if isinstance(usage, dict) and usage.get("is_byok") is True:
+        tokens = [usage.get(name) for name in ("prompt_tokens", "completion_tokens")]
+        prompt, completion = (n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0 for n in tokens)
+        fees = cost if cost is not None and cost >= 0 else None
+        cost = charge(Usage(prompt, completion, cost_usd=fees, is_byok=True), pricing).cost_usd
     return cost if cost is not None and cost > 0 else None
 
 

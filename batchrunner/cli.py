@@ -631,6 +631,12 @@ def _fault(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
     show_default=True,
     help="Seconds a submitted batch takes to complete (long enough to try status and cancel on an open batch).",
 )
+@click.option(
+    "--byok",
+    is_flag=True,
+    help="Answer as through a provider key of your own: usage.cost is OpenRouter's 5% fee, the provider's price "
+    "is usage.cost_details.upstream_inference_cost.",
+)
 def sandbox(
     port: int,
     seed: int,
@@ -640,6 +646,7 @@ def sandbox(
     credits_usd: float | None,
     rate_limit: str | None,
     batch_turnaround_s: float,
+    byok: bool,
 ) -> None:
     """Serve the simulated OpenRouter API on 127.0.0.1 until interrupted.
 
@@ -664,6 +671,7 @@ def sandbox(
         credits_usd=None if credits_usd is None else Decimal(str(credits_usd)),
         rate_limit=limit,  # type: ignore[arg-type]  # a str here is always "credits", checked above
         batch_turnaround_s=batch_turnaround_s,
+        byok=byok,
     )
 
     def ready(url: str) -> None:

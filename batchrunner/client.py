@@ -70,6 +70,7 @@ class Completion:
     refusal: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     ttft_s: float | None = None  # streamed: seconds from sending to the first token
+    service_tier: str | None = None  # the tier that served it, as the response says (flex, default, priority)
 
 
 class Client:
@@ -464,7 +465,7 @@ class _Stream:
             chunk = _parse_json(data)
             if not isinstance(chunk, dict):
                 raise TransientError(f"a stream chunk that is not a JSON object: {data[:120]!r}", code="malformed")
-            for key in ("id", "model", "provider"):
+            for key in ("id", "model", "provider", "service_tier"):
                 if chunk.get(key) is not None:
                     payload[key] = chunk[key]
             if chunk.get("usage") is not None:
@@ -736,6 +737,7 @@ def _completion(payload: Any, status: int, latency_s: float) -> Completion:
         tool_calls=tool_calls,
         refusal=refusal,
         raw=payload,
+        service_tier=_text(payload.get("service_tier"), "service_tier"),
     )
 
 
@@ -746,14 +748,11 @@ def _usage(usage: Any) -> Usage:
         return Usage()
     prompt_details = _mapping(usage.get("prompt_tokens_details"))
     completion_details = _mapping(usage.get("completion_tokens_details"))
-    raw_cost = usage.get("cost")
-    cost = to_decimal(raw_cost)
-    rejected = None
-    if raw_cost is not None and cost is None:
-        rejected = f"usage.cost {str(raw_cost)[:40]!r} is not a finite number"
-    elif cost is not None and not ZERO_USD <= cost <= MAX_REPORTED_COST_USD:
-        rejected = f"usage.cost {str(raw_cost)[:40]} is {'negative' if cost < 0 else 'not believable'}"
-        cost = None
+    cost, rejected = _reported_cost(usage.get("cost"), "usage.cost")
+    upstream, upstream_rejected = _reported_cost(
+        _mapping(usage.get("cost_details")).get("upstream_inference_cost"),
+        "usage.cost_details.upstream_inference_cost",
+    )
     return Usage(
         prompt_tokens=_count(usage.get("prompt_tokens"), "usage.prompt_tokens"),
         completion_tokens=_count(usage.get("completion_tokens"), "usage.completion_tokens"),
@@ -767,7 +766,21 @@ def _usage(usage: Any) -> Usage:
         audio_tokens=_count(prompt_details.get("audio_tokens"), "usage.prompt_tokens_details.audio_tokens"),
         cost_usd=cost,
         cost_rejected=rejected,
+        is_byok=usage.get("is_byok") is True,
+        upstream_cost_usd=upstream,
+        upstream_rejected=upstream_rejected,
     )
+
+
+def _reported_cost(raw: Any, name: str) -> tuple[Decimal | None, str | None]:
+    """A reported cost as the decimal it was written as, and None with why when it is not a finite, non-negative,
+    believable number (absent: None, and no reason)."""
+    cost = to_decimal(raw)
+    if raw is not None and cost is None:
+        return None, f"{name} {str(raw)[:40]!r} is not a finite number"
+    if cost is not None and not ZERO_USD <= cost <= MAX_REPORTED_COST_USD:
+        return None, f"{name} {str(raw)[:40]} is {'negative' if cost < 0 else 'not believable'}"
+    return cost, None
 
 
 __all__ = ["Client", "Completion", "Usage", "classify", "parse_completion", "retry_after_s"]

@@ -26,8 +26,11 @@ class Usage:
     cache_write_tokens: int = 0  # prompt tokens written to the cache
     reasoning_tokens: int = 0
     audio_tokens: int = 0  # prompt tokens that were audio
-    cost_usd: Decimal | None = None  # usage.cost; None when the server does not report it
+    cost_usd: Decimal | None = None  # usage.cost; None when the server does not report it (BYOK: OpenRouter's fee)
     cost_rejected: str | None = None  # why a reported usage.cost was not used (negative, not finite, absurd)
+    is_byok: bool = False  # usage.is_byok: served through a provider key of the user's own
+    upstream_cost_usd: Decimal | None = None  # usage.cost_details.upstream_inference_cost: what the provider billed
+    upstream_rejected: str | None = None  # why a reported upstream cost was not used
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,15 @@ class Pricing:
 
 
 VARIANT_SUFFIXES = (":nitro", ":floor", ":exacto", ":thinking", ":extended", ":online")
+STANDARD_TIER = "standard"
+_TIER_NAMES = {"": STANDARD_TIER, "auto": STANDARD_TIER, "default": STANDARD_TIER, "fast": "priority"}
+
+
+def tier_of(value: Any) -> str:
+    """A `service_tier` (asked in a request, said by a response or an endpoint) by the name its price goes by:
+    the standard tier for none, `auto` or `default`; `priority` for its alias `fast`; else the name itself."""
+    name = value.lower() if isinstance(value, str) else ""
+    return _TIER_NAMES.get(name, name)
 
 
 class PriceTable:
@@ -260,6 +272,62 @@ def _or(value: Decimal | None, default: Decimal) -> Decimal:
 def per_million(price: Decimal) -> Decimal:
     """USD per token as USD per million tokens, the unit people compare prices in."""
     return (price * MILLION).normalize()
+
+
+BYOK_FEE_SHARE = Decimal("0.055")  # OpenRouter's BYOK fee, "about 5%" of the provider's price (reference §12),
+# taken as 5.5% wherever it must be assumed: in each request's reservation, and for a fee a BYOK answer leaves out
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one answer cost, and how that is known.
+
+    `cost_usd` is the whole of it. With BYOK (a provider key of the user's own) that is OpenRouter's fee
+    (usage.cost) plus what the provider billed the user's key (usage.cost_details.upstream_inference_cost),
+    which is `upstream_usd`; without BYOK, `upstream_usd` is None, as usage.cost is then the whole charge."""
+
+    cost_usd: Decimal
+    source: str  # reported (every part from usage), computed (a part or all from prices), unknown (no price)
+    upstream_usd: Decimal | None = None
+    rejected: str | None = None  # why a reported figure was set aside
+
+
+def charge(usage: Usage, pricing: Pricing | None, *, ceiling_usd: Decimal | None = None, images: int = 0) -> Charge:
+    """What `usage` cost: as reported, where the server reported it believably; else from `pricing`.
+
+    A BYOK answer's usage.cost is only OpenRouter's fee: the provider's upstream cost is added to it (never
+    when is_byok is not true: a non-BYOK answer may also list the upstream cost, as a breakdown of usage.cost).
+    A missing upstream cost is computed from prices; a missing fee is BYOK_FEE_SHARE of the upstream cost.
+    What is reported is not used when its total is above `ceiling_usd` (with BYOK, above the ceiling plus the
+    fee): a figure no price explains."""
+    byok = usage.is_byok
+    fee, upstream = usage.cost_usd, usage.upstream_cost_usd if byok else None
+    rejected = usage.cost_rejected or (usage.upstream_rejected if byok else None)
+    share = BYOK_FEE_SHARE if byok else ZERO_USD
+    said = _or(fee, ZERO_USD) + _or(upstream, ZERO_USD)
+    if ceiling_usd is not None and said > ceiling_usd * (1 + share):
+        parts = f"usage.cost {fee} with the upstream cost {upstream}" if byok else f"usage.cost {fee}"
+        fee, upstream, rejected = None, None, f"{parts} is far above what the prices allow"
+    priced = None if pricing is None else pricing.cost_usd(usage, images=images)
+    if not byok:
+        if fee is not None:  # nothing was set aside
+            return Charge(fee, "reported")
+        if priced is not None:
+            return Charge(priced, "computed", rejected=rejected)
+        return Charge(ZERO_USD, "unknown", rejected=rejected)
+    part = upstream if upstream is not None else priced
+    if part is None:  # the provider's bill is not known: the fee alone, a lower bound
+        return Charge(_or(fee, ZERO_USD), "unknown", rejected=rejected)
+    source = "reported" if fee is not None and upstream is not None else "computed"
+    return Charge(_or(fee, part * BYOK_FEE_SHARE) + part, source, part, rejected)
+
+
+def saving_usd(live_usd: Decimal, paid: Charge) -> Decimal:
+    """What an answer bought at a discount (a batch) saved against `live_usd`, its price live: for a BYOK answer
+    its whole cost is set against the live price with the same fee share, never its fee alone."""
+    if paid.upstream_usd:
+        return live_usd * paid.cost_usd / paid.upstream_usd - paid.cost_usd
+    return live_usd - paid.cost_usd
 
 
 class Budget:

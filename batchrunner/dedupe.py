@@ -96,6 +96,7 @@ def _copy(todo: Todo, paid: RowResult) -> RowResult:
         row_id=todo.request.row.id,
         model_position=todo.request.model_position,
         cost_usd=earlier.cost_usd,
+        upstream_cost_usd=earlier.upstream_usd,
         cost_source="deduped",
         billed_prompt_tokens=earlier.prompt_tokens,
         billed_completion_tokens=earlier.completion_tokens,
@@ -136,6 +137,7 @@ _ANSWER_FIELDS = (
     "reasoning_tokens",
     "generation_id",
     "provider",
+    "service_tier",
     "parsed",
     "tool_calls",
 )

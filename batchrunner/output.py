@@ -90,7 +90,8 @@ def _answers(
     answers = keys.join(stored, on=list(KEY_COLUMNS), how="inner")
     unknown = (pl.col("cost_source") == "unknown") & (pl.col("cost_usd").cast(pl.Float64) == 0)
     answers = answers.with_columns(  # an unknown cost is null, never $0
-        pl.when(unknown).then(None).otherwise(pl.col("cost_usd")).cast(RESULT_SCHEMA["cost_usd"]).alias("cost_usd")
+        pl.when(unknown).then(None).otherwise(pl.col("cost_usd")).cast(RESULT_SCHEMA["cost_usd"]).alias("cost_usd"),
+        pl.col("upstream_cost_usd").cast(RESULT_SCHEMA["upstream_cost_usd"]),
     ).with_columns(_structured_columns(answers, spec, extra))
     scored = score_columns(spec)
     keep = [*RESULT_SCHEMA, *(c for c in extra if c not in scored and c != "parsed"), "parsed"]

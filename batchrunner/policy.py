@@ -25,13 +25,17 @@ from typing import Any, TypeVar
 from batchrunner.breaker import Breaker, ServerWatch
 from batchrunner.client import Client, Completion
 from batchrunner.costs import (
+    BYOK_FEE_SHARE,
     FILE_PARSER_USD_PER_PAGE,
     ZERO_USD,
     Budget,
+    Charge,
     PriceTable,
     Usage,
+    charge,
     format_usd,
     plugin_allowance_usd,
+    saving_usd,
 )
 from batchrunner.errors import (
     ApiError,
@@ -108,6 +112,7 @@ class RowPolicy:
         pricing: PriceTable | None = None,
         budget: Budget | None = None,
         on_wait: Callable[[int], None] | None = None,
+        byok_fee: bool = False,
     ) -> None:
         self.spec = spec
         self.client = client
@@ -126,6 +131,9 @@ class RowPolicy:
         self.saved_usd = ZERO_USD  # batches: what their answers would have cost more at live prices
         self.sending: set[asyncio.Task[Any]] = set()  # the tasks whose request is on the wire (a stop's grace)
         self.underpriced = Decimal(1)  # how many times its worst case a request cost, at most: reservations scale
+        # The share of a request's worst case OpenRouter's BYOK fee may add: reserved from the first request where
+        # the server may bill BYOK (OpenRouter), else from the first BYOK answer on.
+        self.fee_share = BYOK_FEE_SHARE if byok_fee else ZERO_USD
         halt.on_stop(self._settled.set)  # wake pairs waiting for budget
 
     def sibling(self, spec: JobSpec, requests: RequestBuilder) -> RowPolicy:
@@ -143,6 +151,7 @@ class RowPolicy:
             pricing=self.pricing,
             budget=self.budget,
             on_wait=self.on_wait,
+            byok_fee=bool(self.fee_share),
         )
 
     # -- one pair ---------------------------------------------------------------------------
@@ -407,12 +416,11 @@ class RowPolicy:
             if isinstance(answer, TransientError) and row.tries < self.retry.max_attempts:
                 return None, cost
             return self._done_with_model(todo, row), cost
-        cost = self._charge(
-            row.bill, answer.usage, answer.model or model, model, answer.generation_id, media=media_tally(item.prompt)
-        )
+        paid = self._charged(answer.usage, answer.model or model, model, answer.generation_id, media_tally(item.prompt))
+        cost = self._bill(row.bill, answer.usage, paid)
         pricing = self.pricing.get(answer.model or model) or self.pricing.get(model)
         if pricing is not None:  # what the same answer costs live: the batch discount, for the summary
-            self.saved_usd += pricing.cost_usd(answer.usage) - cost
+            self.saved_usd += saving_usd(pricing.cost_usd(answer.usage), paid)
         if answer.refusal and not answer.text and not answer.tool_calls:
             row.last_error = RequestRejected(f"refusal: {answer.refusal}", code="refusal")
             row.last_answer = answer
@@ -457,37 +465,56 @@ class RowPolicy:
         *,
         media: MediaTally | None = None,
     ) -> Decimal:
-        """Add one attempt's cost and tokens to the row's bill: reported, else computed from prices, else unknown.
+        """Add one attempt's cost and tokens to the row's bill (see `_charged`); what it cost, whole."""
+        if usage is None:  # no answer, no charge
+            return ZERO_USD
+        return self._bill(bill, usage, self._charged(usage, model, requested, generation_id, media))
+
+    def _charged(
+        self,
+        usage: Usage,
+        model: str,
+        requested: str | None = None,
+        generation_id: str | None = None,
+        media: MediaTally | None = None,
+    ) -> Charge:
+        """One answer's cost: reported, else computed from prices, else unknown (costs.charge). With BYOK it is
+        OpenRouter's fee and the provider's upstream cost together.
 
         A reported cost is not used when it is not believable: negative or not a number
         (the client set it aside), or far above what the model's prices allow for the
-        tokens (ten times the worst case, plus what plugins such as web search may add)."""
-        if usage is None:  # no answer, no charge
-            return ZERO_USD
+        tokens (ten times the worst case, plus what plugins such as web search may add; the
+        whole of a BYOK answer's cost is judged, not the fee alone)."""
         pricing = self.pricing.get(model) or self.pricing.get(requested or model)
         media = media or NO_MEDIA
-        reported, rejected = usage.cost_usd, usage.cost_rejected
-        if reported is not None and pricing is not None:
+        ceiling = None
+        if pricing is not None:
             ceiling = 10 * pricing.worst_case_usd(
                 usage.prompt_tokens, usage.completion_tokens, images=media.images
             ) + self._allowance(requested or model, media)
-            if reported > ceiling:
-                reported, rejected = None, f"usage.cost {reported} is far above what {model}'s prices allow"
-        if rejected is not None:
+        paid = charge(usage, pricing, ceiling_usd=ceiling, images=media.images)
+        if paid.rejected is not None:
             log.warning(
-                "%s (generation %s): the cost is %s instead",
-                rejected,
+                "%s: %s (generation %s): the cost is %s instead",
+                model,
+                paid.rejected,
                 generation_id or "unknown",
                 "computed from prices" if pricing else "unknown",
             )
-        if reported is not None:
-            cost, source = reported, "reported"
-        elif pricing is not None:
-            cost, source = pricing.cost_usd(usage, images=media.images), "computed"
-        else:
-            cost, source = ZERO_USD, "unknown"
-        bill.add(cost, source, usage.prompt_tokens, usage.completion_tokens)
-        return cost
+        if usage.is_byok and self.fee_share < BYOK_FEE_SHARE:
+            self.fee_share = BYOK_FEE_SHARE
+            log.warning(
+                "%s answered through your own provider key (BYOK): each request now reserves its worst case plus "
+                "OpenRouter's fee (%s%%) against the budget",
+                model,
+                f"{BYOK_FEE_SHARE * 100:g}",
+            )
+        return paid
+
+    @staticmethod
+    def _bill(bill: Bill, usage: Usage, paid: Charge) -> Decimal:
+        bill.add(paid.cost_usd, paid.source, usage.prompt_tokens, usage.completion_tokens, paid.upstream_usd)
+        return paid.cost_usd
 
     def _estimate(self, bill: Bill, body: dict[str, Any], model: str, reserved: Decimal) -> Decimal:
         """Charge an attempt whose reply was abandoned (a timeout, a cap, a stop) at its worst case, marked
@@ -560,8 +587,9 @@ class RowPolicy:
             await settled.wait()
 
     def _worst_case(self, body: dict[str, Any], model: str) -> Decimal:
-        """The most one request can cost: its prompt, its max_tokens, and what plugins may add.
-        With server-side fallbacks OpenRouter may answer with any model of the chain: the dearest."""
+        """The most one request can cost: its prompt, its max_tokens, and what plugins may add, with OpenRouter's
+        BYOK fee on top where it may be billed (fee_share). With server-side fallbacks OpenRouter may answer with
+        any model of the chain: the dearest."""
         candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
         prompt = body_prompt(body)
         text_tokens, media = most_text_tokens(prompt) + most_field_tokens(body), media_tally(prompt)
@@ -577,7 +605,7 @@ class RowPolicy:
                 tokens = min(tokens, context)
             completion = self.requests.max_completion_tokens(pricing, body) * choices(body)
             worst.append(pricing.worst_case_usd(tokens, completion, images=media.images) + self._allowance(name, media))
-        return max(worst) * self.underpriced
+        return max(worst) * (1 + self.fee_share) * self.underpriced
 
     def _settle(self, reserved: Decimal, actual: Decimal) -> None:
         """Turn a reservation into what was spent. A request that cost more than its worst case means the prices
@@ -651,6 +679,7 @@ class RowPolicy:
             requested_model=item.requested_model,
             fingerprint=item.fingerprint,
             cost_usd=total.cost_usd,
+            upstream_cost_usd=total.upstream_usd,
             cost_source=total.source,
             billed_prompt_tokens=total.prompt_tokens,
             billed_completion_tokens=total.completion_tokens,
@@ -687,6 +716,7 @@ def _answer_fields(completion: Completion, *, failed: bool = False) -> dict[str,
         "ttft_s": None if completion.ttft_s is None else round(completion.ttft_s, 4),
         "generation_id": completion.generation_id,
         "provider": completion.provider,
+        "service_tier": completion.service_tier,
         "tool_calls": json.dumps(completion.tool_calls, ensure_ascii=False) if completion.tool_calls else None,
     }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from batchrunner.costs import PriceTable, to_decimal
+from batchrunner.costs import STANDARD_TIER, PriceTable, tier_of, to_decimal
 from batchrunner.dataset import Dataset, open_dataset
 from batchrunner.errors import OutputError, Problem, SpecError, first_line
 from batchrunner.judging import ANSWER, REFERENCE
@@ -368,7 +368,7 @@ def check_endpoints(spec: JobSpec, endpoints: dict[str, list[dict[str, Any]]]) -
     needed = _needed_parameters(spec, endpoints)
     problems = []
     for field, model in _answering_models(spec):
-        listed = endpoints.get(model)
+        listed = _of_tier(endpoints.get(model) or [], spec, field, model)
         if not listed:
             continue
         allowed = [endpoint for endpoint in listed if _allowed(endpoint, spec.provider or {})]
@@ -404,6 +404,25 @@ def check_endpoints(spec: JobSpec, endpoints: dict[str, list[dict[str, Any]]]) -
             )
     if problems:
         raise SpecError(problems)
+
+
+def _of_tier(listed: list[dict[str, Any]], spec: JobSpec, field: str, model: str) -> list[dict[str, Any]]:
+    """The endpoints the job's requests can be routed to by their `service_tier`: a tier's endpoints (flex,
+    priority) serve only requests that ask for that tier; a request for a tier the model has no endpoint of is
+    routed as if it had asked none, at the standard price, which a warning says."""
+    asked = tier_of(spec.params.get("service_tier"))
+    tiered = [endpoint for endpoint in listed if tier_of(endpoint.get("service_tier")) == asked]
+    if not tiered and listed and asked != STANDARD_TIER:
+        log.warning(
+            "%s: %r has no %s endpoint, so OpenRouter serves params.service_tier %s requests to it at the standard "
+            "tier and price",
+            spec.locate(field),
+            model,
+            asked,
+            spec.params.get("service_tier"),
+        )
+        return [endpoint for endpoint in listed if tier_of(endpoint.get("service_tier")) == STANDARD_TIER]
+    return tiered or listed
 
 
 def _needed_parameters(spec: JobSpec, endpoints: dict[str, list[dict[str, Any]]]) -> set[str]:

@@ -35,21 +35,24 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "billed_prompt_tokens": pl.Int64(),
     "billed_completion_tokens": pl.Int64(),
     "cost_usd": COST_DTYPE,
+    "upstream_cost_usd": COST_DTYPE,
     "cost_source": pl.String(),
     "latency_s": pl.Float64(),
     "ttft_s": pl.Float64(),
     "attempts": pl.Int64(),
     "generation_id": pl.String(),
     "provider": pl.String(),
+    "service_tier": pl.String(),
     "deduped_from": pl.String(),
 }
+MONEY_COLUMNS = ("cost_usd", "upstream_cost_usd")  # kept in the checkpoint as exact decimal text
 
 
 # What the checkpoint keeps besides the output columns: a structured answer, parsed; tool calls as JSON.
 STORED_EXTRAS: dict[str, pl.DataType] = {"parsed": pl.String(), "tool_calls": pl.String()}
 # Every stored result column with its type as the checkpoint returns it (money as exact decimal text).
 STORED_SCHEMA: dict[str, pl.DataType] = {
-    **{name: pl.String() if name == "cost_usd" else dtype for name, dtype in RESULT_SCHEMA.items()},
+    **{name: pl.String() if name in MONEY_COLUMNS else dtype for name, dtype in RESULT_SCHEMA.items()},
     **STORED_EXTRAS,
 }
 
@@ -61,17 +64,26 @@ class Bill:
     A row's bill grows across its attempts, its models and its runs: a row retried
     tomorrow starts from what it was billed today, so nothing paid for drops out."""
 
-    cost_usd: Decimal = ZERO_USD
+    cost_usd: Decimal = ZERO_USD  # the whole: with BYOK, OpenRouter's fees and the providers' bills together
     sources: set[str] = field(default_factory=set)  # reported, computed, estimated (a reply abandoned), unknown
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 0
+    upstream_usd: Decimal | None = None  # BYOK: the providers' part of cost_usd; None while no attempt was BYOK
 
-    def add(self, cost_usd: Decimal, source: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def add(
+        self,
+        cost_usd: Decimal,
+        source: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        upstream_usd: Decimal | None = None,
+    ) -> None:
         self.cost_usd += cost_usd
         self.sources.add(source)
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
+        self.upstream_usd = _plus(self.upstream_usd, upstream_usd)
 
     def plus(self, other: Bill) -> Bill:
         return Bill(
@@ -80,6 +92,7 @@ class Bill:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.attempts + other.attempts,
+            _plus(self.upstream_usd, other.upstream_usd),
         )
 
     @property
@@ -91,8 +104,13 @@ class Bill:
         return "reported"
 
 
+def _plus(a: Decimal | None, b: Decimal | None) -> Decimal | None:
+    """A sum of parts that may not be there: None only when neither is."""
+    return a if b is None else b if a is None else a + b
+
+
 _STORED = operator.attrgetter(*STORED_SCHEMA)
-_COST_AT = list(STORED_SCHEMA).index("cost_usd")
+_MONEY_AT = tuple(list(STORED_SCHEMA).index(name) for name in MONEY_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -114,13 +132,17 @@ class RowResult:
     reasoning_tokens: int = 0
     billed_prompt_tokens: int = 0  # every billed attempt's, in every run (prompt_tokens is the answer's own)
     billed_completion_tokens: int = 0
-    cost_usd: Decimal = ZERO_USD  # every billed attempt of this row, in every run, not just the last
+    cost_usd: Decimal = (
+        ZERO_USD  # every billed attempt of this row, in every run, not just the last (BYOK: fee and upstream)
+    )
+    upstream_cost_usd: Decimal | None = None  # BYOK: the providers' part of cost_usd, billed to the user's own keys
     cost_source: str = "reported"  # reported (usage.cost), computed (from /models prices), estimated, or unknown
     latency_s: float | None = None  # of the attempt that answered
     ttft_s: float | None = None  # streamed: from sending to the first token, of the attempt that answered
     attempts: int = 0  # across all models tried, in every run
     generation_id: str | None = None
     provider: str | None = None
+    service_tier: str | None = None  # the tier that served the answer, as the response says (flex, default, ...)
     fingerprint: str = ""  # of the request, for the checkpoint key (see request.py)
     fallback_used: bool = False  # answered by a model from `fallbacks`
     parsed: str | None = None  # a structured answer, parsed and validated, as JSON text
@@ -132,8 +154,10 @@ class RowResult:
     def stored(self) -> tuple[object, ...]:
         """Everything the checkpoint keeps of the result, in STORED_SCHEMA's order; money as exact text.
         (A tuple, not a dict by name: the checkpoint takes one per answer, on the event loop.)"""
-        values = _STORED(self)
-        return (*values[:_COST_AT], str(self.cost_usd), *values[_COST_AT + 1 :])
+        values = list(_STORED(self))
+        for at in _MONEY_AT:
+            values[at] = None if values[at] is None else str(values[at])
+        return tuple(values)
 
 
 class ResultSink(Protocol):
@@ -182,12 +206,14 @@ class ModelStats:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: Decimal = ZERO_USD
+    upstream_cost_usd: Decimal = ZERO_USD  # BYOK: the providers' part of cost_usd
     unpriced: int = 0  # rows with an attempt whose cost is unknown (not reported, no price)
     attempts: int = 0
     fallbacks: int = 0  # rows a fallback model answered
     deduped: int = 0  # rows answered by copying an identical request's answer: nothing sent
     dedupe_saved_usd: Decimal = ZERO_USD  # what those answers cost the rows that paid for them
     latencies_s: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row, for percentiles
+    tiers: dict[str, int] = field(default_factory=dict)  # answers by the service tier that served them
 
     def add(self, result: RowResult) -> None:
         """Count a row, and what this run was billed for it: every attempt's tokens and cost."""
@@ -195,6 +221,8 @@ class ModelStats:
             self.ok += 1
             if result.latency_s is not None:
                 self.latencies_s.append(result.latency_s)
+            if result.service_tier is not None and result.deduped_from is None:
+                self.tiers[result.service_tier] = self.tiers.get(result.service_tier, 0) + 1
         elif result.status == "failed":
             self.failed += 1
         else:
@@ -205,6 +233,7 @@ class ModelStats:
         self.cached_tokens += result.cached_tokens
         self.reasoning_tokens += result.reasoning_tokens
         self.cost_usd += bill.cost_usd
+        self.upstream_cost_usd += bill.upstream_usd or ZERO_USD
         self.unpriced += "unknown" in bill.sources
         self.attempts += bill.attempts
         self.fallbacks += result.fallback_used
@@ -232,7 +261,9 @@ class ModelStats:
             "cached_tokens": self.cached_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "cost_usd": str(self.cost_usd),
+            "upstream_cost_usd": str(self.upstream_cost_usd),
             "cost_unknown_rows": self.unpriced,
+            "service_tiers": dict(self.tiers),
             "latency_p50_s": p50,
             "latency_p95_s": p95,
             "retries": self.retries,
@@ -276,6 +307,11 @@ class Summary:
     def cost_usd(self) -> Decimal:
         return sum((stats.cost_usd for stats in self.by_model.values()), ZERO_USD)
 
+    @property
+    def upstream_cost_usd(self) -> Decimal:
+        """BYOK: the providers' part of cost_usd (billed to the user's own keys; the rest is OpenRouter's)."""
+        return sum((stats.upstream_cost_usd for stats in self.by_model.values()), ZERO_USD)
+
     unpriced = property(lambda self: self._total("unpriced"))
 
     @property
@@ -288,7 +324,7 @@ class Summary:
         lines = [
             f"rows: {self.ok} ok, {self.failed} failed, {pending} pending{earlier}",
             f"tokens: {self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion",
-            f"cost: {format_cost(self.cost_usd, self.unpriced)}",
+            f"cost: {format_cost(self.cost_usd, self.unpriced)}" + self._byok_part(),
             f"wall time: {wall_s:.1f} s{rate}",
         ]
         if self.deduped:
@@ -301,6 +337,16 @@ class Summary:
         for reason, count in sorted(self.errors.items(), key=lambda kv: -kv[1])[:5]:
             lines.append(f"failed: {count} × {reason}")
         return lines
+
+    def _byok_part(self) -> str:
+        """What of the cost the providers billed to the user's own keys (BYOK), when any did."""
+        upstream = self.upstream_cost_usd
+        if not upstream:
+            return ""
+        return (
+            f" ({format_usd(upstream)} billed by providers to your own keys (BYOK), "
+            f"{format_usd(self.cost_usd - upstream)} by OpenRouter)"
+        )
 
     def table(self) -> list[str]:
         """Per model: rows, tokens, cost, latency percentiles, retries and fallbacks, as aligned text."""
@@ -351,7 +397,8 @@ class Summary:
             "rows_failed": self.failed,
             "rows_pending": pending,
             "rows_answered_by_earlier_runs": resumed,
-            "cost_usd": str(self.cost_usd),
+            "cost_usd": str(self.cost_usd),  # the whole: with BYOK, OpenRouter's fees and the providers' bills
+            "upstream_cost_usd": str(self.upstream_cost_usd),  # BYOK: the providers' part of cost_usd
             "cost_unknown_rows": self.unpriced,  # when not 0, cost_usd is a lower bound
             "rows_deduped": self.deduped,
             "dedupe_saved_usd": str(self.dedupe_saved_usd),

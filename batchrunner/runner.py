@@ -215,6 +215,8 @@ async def run_job(
                     pricing=prices,
                     budget=budget,
                     on_wait=progress.retry if progress is not None else None,
+                    # OpenRouter may answer through the user's own provider keys (BYOK), adding its fee to their bill
+                    byok_fee=client.openrouter or (sandbox is not None and sandbox.byok),
                 )
                 background = [
                     asyncio.create_task(

@@ -155,6 +155,16 @@ def _migration_10(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE batches ADD COLUMN server TEXT")
 
 
+def _migration_11_byok_and_service_tier(db: sqlite3.Connection) -> None:
+    """BYOK: the providers' part of a row's cost (upstream_cost_usd, exact decimal text; cost_usd stays the whole);
+    and the service tier that served its answer. Each column is added only where it is missing, so the migration
+    is safe to run over a checkpoint that already has one (another branch's migration, renumbered on a merge)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+    for column in ("upstream_cost_usd", "service_tier"):
+        if column not in have:
+            db.execute(f"ALTER TABLE results ADD COLUMN {column} TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
@@ -166,6 +176,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_8,
     _migration_9,
     _migration_10,
+    _migration_11_byok_and_service_tier,
 ]
 
 
@@ -490,13 +501,28 @@ class Store:
                 marks = ",".join("?" * len(chunk))
                 query = (
                     "SELECT row_id, requested_model, fingerprint, cost_usd, cost_source, billed_prompt_tokens, "
-                    f"billed_completion_tokens, attempts, status FROM results WHERE status != 'ok' AND row_id IN ({marks})"
+                    "billed_completion_tokens, attempts, status, upstream_cost_usd FROM results "
+                    f"WHERE status != 'ok' AND row_id IN ({marks})"
                 )
-                for row_id, model, fingerprint, cost, source, prompt, completion, attempts, status in self._db.execute(
-                    query, chunk
-                ):
+                for (
+                    row_id,
+                    model,
+                    fingerprint,
+                    cost,
+                    source,
+                    prompt,
+                    completion,
+                    attempts,
+                    status,
+                    upstream,
+                ) in self._db.execute(query, chunk):
                     bill = Bill(
-                        Decimal(cost or "0"), {source or "reported"}, prompt or 0, completion or 0, attempts or 0
+                        Decimal(cost or "0"),
+                        {source or "reported"},
+                        prompt or 0,
+                        completion or 0,
+                        attempts or 0,
+                        None if upstream is None else Decimal(upstream),
                     )
                     found[(row_id, model, fingerprint)] = (status, bill)
         return found

@@ -501,3 +501,37 @@ def test_an_unreadable_retry_after_is_no_hint(value: str) -> None:
     hint = retry_after_s({"Retry-After": value})
     assert hint is None or (hint >= 0 and math.isfinite(hint))
     assert isinstance(classify(429, envelope(429), {"Retry-After": value}), RateLimited)
+
+
+def test_a_byok_answers_usage_keeps_its_fee_and_upstream_cost_apart() -> None:
+    """usage.is_byok and usage.cost_details.upstream_inference_cost are read beside usage.cost (the fee), as the
+    decimals they were written as; an upstream cost that is not a believable number is set aside, saying why; the
+    response's service_tier is the tier that served it."""
+    body = {
+        "id": "gen-1",
+        "model": "openai/gpt-4o-mini",
+        "service_tier": "flex",
+        "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": 10,
+            "completion_tokens": 2,
+            "cost": 0.0000061,
+            "is_byok": True,
+            "cost_details": {"upstream_inference_cost": 0.000122},
+        },
+    }
+    completion = parse_completion(body)
+    usage = completion.usage
+    assert (usage.cost_usd, usage.upstream_cost_usd, usage.is_byok) == (Decimal("0.0000061"), Decimal("0.000122"), True)
+    assert completion.service_tier == "flex"
+    for bad, why in (("NaN", "is not a finite number"), (-1, "is negative"), (1e9, "is not believable")):
+        body["usage"]["cost_details"] = {"upstream_inference_cost": bad}
+        aside = parse_completion(body).usage
+        assert aside.upstream_cost_usd is None and why in (aside.upstream_rejected or "")
+        assert "usage.cost_details.upstream_inference_cost" in (aside.upstream_rejected or "")
+    body["usage"] = {"prompt_tokens": 1, "completion_tokens": 1, "cost": 0.1, "is_byok": "yes", "cost_details": []}
+    plain = parse_completion(body).usage
+    assert not plain.is_byok and plain.upstream_cost_usd is None and plain.upstream_rejected is None
+    body["service_tier"] = ["flex"]
+    with pytest.raises(TransientError, match="service_tier is a list"):
+        parse_completion(body)

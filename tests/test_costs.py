@@ -7,14 +7,19 @@ from decimal import Decimal
 import pytest
 
 from batchrunner.costs import (
+    BYOK_FEE_SHARE,
     Budget,
+    Charge,
     PriceTable,
     Pricing,
     Usage,
+    charge,
     format_cost,
     format_usd,
     per_million,
     plugin_allowance_usd,
+    saving_usd,
+    tier_of,
     to_decimal,
     total_usd,
 )
@@ -564,3 +569,98 @@ def test_an_entry_without_an_id_is_skipped_and_the_rest_are_read() -> None:
     assert (
         "a/b" in table and table.unusable("c/d") == "its prompt price '-1' is not a number of dollars from 0 to 1,000"
     )
+
+
+def test_a_service_tier_goes_by_the_name_of_its_price() -> None:
+    """None, auto, default and standard are the standard tier; fast is priority; flex is flex, in any case."""
+    standard = [None, "", "auto", "default", "Default", "standard", 3]
+    assert [tier_of(value) for value in standard] == ["standard"] * len(standard)
+    assert [tier_of(value) for value in ("flex", "FLEX", "fast", "priority", "scale")] == [
+        "flex",
+        "flex",
+        "priority",
+        "priority",
+        "scale",
+    ]
+
+
+PRICED = Pricing(prompt=Decimal("0.000001"), completion=Decimal("0.000002"))  # 10 and 5 tokens: $0.00002
+TOKENS = {"prompt_tokens": 10, "completion_tokens": 5}
+AT_PRICES = Decimal("0.00002")
+
+
+def test_a_plain_answer_costs_what_it_reported_else_its_prices_else_nothing_known() -> None:
+    """Not BYOK: usage.cost is the whole (an upstream cost beside it is a breakdown of it, never added); without
+    it the prices; without those, unknown at $0."""
+    both = Usage(**TOKENS, cost_usd=Decimal("0.00003"), upstream_cost_usd=Decimal("0.00003"))
+    assert charge(both, PRICED) == Charge(Decimal("0.00003"), "reported")
+    assert charge(Usage(**TOKENS), PRICED) == Charge(AT_PRICES, "computed")
+    assert charge(Usage(**TOKENS), None) == Charge(Decimal(0), "unknown")
+    told = Usage(**TOKENS, cost_rejected="usage.cost -1 is negative")
+    assert charge(told, PRICED) == Charge(AT_PRICES, "computed", rejected="usage.cost -1 is negative")
+    assert charge(told, None).rejected == "usage.cost -1 is negative"
+    aside = Usage(**TOKENS, cost_usd=Decimal("0.00003"), upstream_rejected="its upstream cost is not a number")
+    assert charge(aside, PRICED) == Charge(Decimal("0.00003"), "reported"), "not BYOK: the upstream cost is not read"
+    assert charge(Usage(**TOKENS, upstream_rejected="x"), PRICED) == Charge(AT_PRICES, "computed")
+
+
+def test_a_byok_answer_costs_its_fee_plus_what_the_provider_billed() -> None:
+    """BYOK: the fee (usage.cost) plus the upstream cost, both reported; a missing upstream cost is the prices', a
+    missing fee BYOK_FEE_SHARE of the upstream cost (computed); with neither prices nor upstream, the fee alone is a
+    lower bound (unknown)."""
+    fee, upstream = Decimal("0.000001"), Decimal("0.00002")
+    reported = Usage(**TOKENS, cost_usd=fee, is_byok=True, upstream_cost_usd=upstream)
+    assert charge(reported, PRICED) == Charge(fee + upstream, "reported", upstream)
+    assert charge(reported, None) == Charge(fee + upstream, "reported", upstream)
+    no_upstream = Usage(**TOKENS, cost_usd=Decimal(0), is_byok=True)
+    assert charge(no_upstream, PRICED) == Charge(AT_PRICES, "computed", AT_PRICES)
+    no_fee = Usage(**TOKENS, is_byok=True, upstream_cost_usd=upstream)
+    assert charge(no_fee, None) == Charge(upstream * Decimal("1.055"), "computed", upstream)
+    assert charge(Usage(**TOKENS, is_byok=True), PRICED) == Charge(AT_PRICES * Decimal("1.055"), "computed", AT_PRICES)
+    assert charge(Usage(**TOKENS, cost_usd=fee, is_byok=True), None) == Charge(fee, "unknown")
+    assert charge(Usage(**TOKENS, is_byok=True), None) == Charge(Decimal(0), "unknown")
+    bad = Usage(**TOKENS, cost_usd=fee, is_byok=True, upstream_rejected="upstream NaN")
+    assert charge(bad, PRICED) == Charge(fee + AT_PRICES, "computed", AT_PRICES, "upstream NaN")
+    assert Decimal("0.055") == BYOK_FEE_SHARE
+
+
+def test_the_ceiling_judges_a_byok_answers_whole_cost() -> None:
+    """A reported cost above the ceiling is set aside for the prices: with BYOK, the fee plus the upstream cost is
+    judged against the ceiling plus the fee's share (a fee alone under the ceiling does not pass a total above it);
+    exactly at the ceiling is kept."""
+    ceiling = Decimal("0.0002")
+    high = Usage(**TOKENS, cost_usd=Decimal("0.0001"), is_byok=True, upstream_cost_usd=Decimal("0.0002"))
+    judged = charge(high, PRICED, ceiling_usd=ceiling)
+    assert judged == Charge(
+        AT_PRICES * Decimal("1.055"),
+        "computed",
+        AT_PRICES,
+        "usage.cost 0.0001 with the upstream cost 0.0002 is far above what the prices allow",
+    )
+    at_most = Usage(**TOKENS, cost_usd=Decimal("0.000011"), is_byok=True, upstream_cost_usd=Decimal("0.0002"))
+    assert charge(at_most, PRICED, ceiling_usd=ceiling).source == "reported"  # 0.000211 == 0.0002 x 1.055
+    plain = Usage(**TOKENS, cost_usd=ceiling)
+    assert charge(plain, PRICED, ceiling_usd=ceiling) == Charge(ceiling, "reported")
+    over = charge(Usage(**TOKENS, cost_usd=Decimal("0.00021")), PRICED, ceiling_usd=ceiling)
+    assert over == Charge(AT_PRICES, "computed", rejected="usage.cost 0.00021 is far above what the prices allow")
+    upstream_only = Usage(**TOKENS, cost_usd=Decimal("0.0001"), upstream_cost_usd=Decimal("1"))  # not BYOK
+    assert charge(upstream_only, PRICED, ceiling_usd=ceiling).source == "reported"
+    assert charge(Usage(**TOKENS, is_byok=True, upstream_cost_usd=Decimal(1)), None, ceiling_usd=ceiling).rejected
+
+
+def test_an_answers_images_are_priced_when_its_cost_is_computed() -> None:
+    """The images a request sent are part of a computed cost, BYOK or not."""
+    pricing = Pricing(prompt=Decimal("0.000001"), completion=Decimal("0.000002"), image=Decimal("0.001"))
+    assert charge(Usage(**TOKENS), pricing).cost_usd == AT_PRICES, "no images, no image price"
+    assert charge(Usage(**TOKENS), pricing, images=2).cost_usd == AT_PRICES + Decimal("0.002")
+    byok = charge(Usage(**TOKENS, cost_usd=Decimal(0), is_byok=True), pricing, images=2)
+    assert byok.upstream_usd == AT_PRICES + Decimal("0.002")
+
+
+def test_a_discount_is_set_against_the_whole_cost() -> None:
+    """What a batch answer saved: the live price less what it cost; with BYOK, the live price with the fee share it
+    paid less its whole cost (never the live price less the fee alone)."""
+    assert saving_usd(Decimal("0.0004"), Charge(Decimal("0.0001"), "reported")) == Decimal("0.0003")
+    byok = Charge(Decimal("0.000105"), "reported", Decimal("0.0001"))
+    assert saving_usd(Decimal("0.0002"), byok) == Decimal("0.000105")
+    assert saving_usd(Decimal("0.0002"), Charge(Decimal("0.00001"), "reported", Decimal(0))) == Decimal("0.00019")

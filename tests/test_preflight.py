@@ -157,6 +157,24 @@ async def test_a_model_with_no_endpoint_for_the_job_is_refused_before_any_comple
     assert warned.report.summary.ok == 12
 
 
+def test_an_endpoint_of_a_tier_serves_only_requests_asking_that_tier(caplog: pytest.LogCaptureFixture) -> None:
+    """A flex endpoint is no endpoint for a job asking no tier (its provider.only may leave it); a flex job is judged
+    by the flex endpoints, and on a model without one is warned that it is served at the standard tier and price."""
+    spec_fields = {"name": "x", "input": "in.csv", "output": "out.csv", "models": ["a/b"], "prompt": "hi"}
+    standard = {"tag": "p", "provider_name": "P", "supported_parameters": ["max_tokens"], "service_tier": None}
+    flex = {"tag": "p/flex", "provider_name": "P", "supported_parameters": ["tools"], "service_tier": "flex"}
+    needs_tools = {**spec_fields, "params": {"tools": [{"type": "function", "function": {"name": "f"}}]}}
+    with pytest.raises(SpecError, match="none of its endpoints supports tools"):
+        check_endpoints(JobSpec.model_validate(needs_tools), {"a/b": [standard, flex]})
+    flexed = {**needs_tools, "params": {**needs_tools["params"], "service_tier": "flex"}}
+    check_endpoints(JobSpec.model_validate(flexed), {"a/b": [standard, flex]})
+    with caplog.at_level("WARNING", logger="batchrunner"):
+        check_endpoints(
+            JobSpec.model_validate({**spec_fields, "params": {"service_tier": "flex"}}), {"a/b": [standard]}
+        )
+    assert "'a/b' has no flex endpoint" in caplog.text and "at the standard tier and price" in caplog.text
+
+
 def test_require_parameters_needs_every_parameter_on_one_endpoint() -> None:
     """With provider.require_parameters, a parameter no endpoint lists is missing; without it, only
     response_format and tools are routed by."""

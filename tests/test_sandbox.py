@@ -333,3 +333,91 @@ def test_the_request_check_is_built_before_the_first_request() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["1", "True"]
+
+
+async def test_byok_answers_bill_the_fee_as_usage_cost_and_the_price_as_upstream() -> None:
+    """byok=True: usage.cost is the 5% fee, cost_details.upstream_inference_cost the price, is_byok true; the
+    user's bill (charged_usd) counts both, the key's credits only the fee, /generation says the same."""
+    async with Sandbox() as plain, Sandbox(SandboxConfig(byok=True, credits_usd=Decimal(10))) as byok:
+        _, _, standard = await post(plain, chat("the same question"))
+        status, _, payload = await post(byok, chat("the same question"))
+        _, generation = await get(byok, "/generation", id=payload["id"])
+        _, key = await get(byok, "/key")
+    usage, price = payload["usage"], Decimal(str(standard["usage"]["cost"]))
+    assert status == 200 and openapi.validation_errors("ChatResult", payload) == []
+    assert usage["is_byok"] is True and standard["usage"]["is_byok"] is False
+    assert Decimal(str(usage["cost_details"]["upstream_inference_cost"])) == price
+    assert Decimal(str(usage["cost"])) == price * Decimal("0.05")
+    assert byok.stats.charged_usd == price * Decimal("1.05") and byok.stats.byok_upstream_usd == price
+    data = generation["data"]
+    assert data["is_byok"] is True and data["total_cost"] == usage["cost"]
+    assert data["upstream_inference_cost"] == usage["cost_details"]["upstream_inference_cost"]
+    assert Decimal(str(key["data"]["usage"])) == price * Decimal("0.05")
+    assert Decimal(str(key["data"]["byok_usage"])) == price
+
+
+async def test_flex_is_half_price_for_openai_and_google_and_says_so() -> None:
+    """service_tier flex: OpenAI's and Google's models answer at half the price with service_tier "flex"; a model
+    without a flex tier is served at the default tier and price; each answer says which tier served it."""
+    async with Sandbox() as sandbox:
+        costs = {}
+        for model in ("openai/gpt-4o-mini", "google/gemini-2.5-flash", "anthropic/claude-3.5-haiku"):
+            for tier in (None, "flex"):
+                extra = {"service_tier": tier} if tier else {}
+                status, _, payload = await post(sandbox, {**chat("flex?"), "model": model, **extra})
+                assert status == 200 and openapi.validation_errors("ChatResult", payload) == []
+                costs[model, tier] = (Decimal(str(payload["usage"]["cost"])), payload["service_tier"])
+    for model in ("openai/gpt-4o-mini", "google/gemini-2.5-flash"):
+        assert costs[model, "flex"] == (costs[model, None][0] / 2, "flex")
+        assert costs[model, None][1] == "default"
+    assert costs["anthropic/claude-3.5-haiku", "flex"] == costs["anthropic/claude-3.5-haiku", None]
+    assert costs["anthropic/claude-3.5-haiku", "flex"][1] == "default"
+    assert sandbox.stats.tiers == {"flex": 2, "default": 4}
+
+
+async def test_flex_endpoints_are_listed_with_their_own_price() -> None:
+    """A model with a flex tier lists a flex endpoint (tag openai/flex, service_tier flex) at half each price."""
+    async with Sandbox() as sandbox:
+        _, openai = await get(sandbox, "/models/openai/gpt-4o-mini/endpoints")
+        _, anthropic = await get(sandbox, "/models/anthropic/claude-3.5-haiku/endpoints")
+    standard, flex = openai["data"]["endpoints"]
+    assert (standard["service_tier"], flex["service_tier"], flex["tag"]) == (None, "flex", "openai/flex")
+    for key in ("prompt", "completion", "input_cache_read", "image"):
+        assert Decimal(flex["pricing"][key]) == Decimal(standard["pricing"][key]) / 2
+    assert [e["service_tier"] for e in anthropic["data"]["endpoints"]] == [None]
+
+
+async def test_the_flex_capacity_fault_is_a_429_only_for_flex_requests() -> None:
+    """faults={"flex_capacity": 1}: a flex request to a model with a flex tier gets a 429 whose availability is
+    capacity_exhausted with the service_tier constraint; other requests are answered as usual."""
+    async with Sandbox(SandboxConfig(faults={"flex_capacity": 1.0}, retry_after_s=2)) as sandbox:
+        status, headers, payload = await post(sandbox, chat(service_tier="flex"))
+        others = [
+            (await post(sandbox, body))[0]
+            for body in (chat(), {**chat(service_tier="flex"), "model": "anthropic/claude-3.5-haiku"})
+        ]
+    assert status == 429 and headers["Retry-After"] == "2" and others == [200, 200]
+    error = payload["error"]
+    assert "Flex tier capacity exhausted" in error["message"]
+    assert error["availability"]["code"] == "capacity_exhausted" and error["availability"]["retryable"] is True
+    assert error["availability"]["constraint"] == {"field": "service_tier", "detail": "flex"}
+    assert sandbox.stats.charged_usd > 0 and sandbox.stats.tiers == {"default": 2}
+
+
+def test_the_sandbox_command_takes_byok(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`batchrunner sandbox --byok` serves BYOK answers (the fee as usage.cost); without it, plain ones."""
+    from click.testing import CliRunner
+
+    from batchrunner.cli import main
+    from batchrunner.sandbox import server
+
+    served: list[SandboxConfig] = []
+
+    async def serve(config: SandboxConfig, port: int, ready: Any = None) -> None:
+        served.append(config)
+
+    monkeypatch.setattr(server, "serve", serve)
+    for args in (["--byok"], []):
+        result = CliRunner().invoke(main, ["sandbox", "--port", "0", *args])
+        assert result.exit_code == 0, result.output
+    assert [config.byok for config in served] == [True, False]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchrunner.errors import RunHalted, SpecError
-from batchrunner.records import RowResult
+from batchrunner.records import Bill, RowResult
 from batchrunner.store import MIGRATIONS, RESULT_COLUMNS, Store
 
 
@@ -246,3 +246,32 @@ def test_fresh_keeps_the_owner(tmp_path: Path) -> None:
         store.delete_all()
     with pytest.raises(SpecError, match="'triage'"):
         Store.open(path, job="labels")
+
+
+@pytest.mark.parametrize("already", [(), ("service_tier",), ("upstream_cost_usd", "service_tier")])
+def test_migration_11_adds_the_byok_and_tier_columns_only_where_missing(
+    tmp_path: Path, already: tuple[str, ...]
+) -> None:
+    """A checkpoint of schema 10 gains upstream_cost_usd and service_tier, its answers kept; a column another
+    migration already added (a branch merged with its own number 11) is left as it is, not added twice."""
+    path = tmp_path / "c.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    for number, migration in enumerate(MIGRATIONS[:10], start=1):
+        migration(db)
+        db.execute(f"PRAGMA user_version={number}")
+    for column in already:
+        db.execute(f"ALTER TABLE results ADD COLUMN {column} TEXT")
+    db.execute(
+        "INSERT INTO results (row_id, requested_model, fingerprint, row_index, model_position, answered_at, "
+        "status, cost_usd) VALUES ('id1', 'a/b', 'fp', 1, 0, '2026-01-01T00:00:00+00:00', 'failed', '0.5')"
+    )
+    db.close()
+    with Store.open(path) as store:
+        assert store.unfinished(["id1"]) == {("id1", "a/b", "fp"): ("failed", Bill(Decimal("0.5"), {"reported"}))}
+        store.add(
+            RowResult(0, "id2", 0, "a/b", "pending", fingerprint="fp", upstream_cost_usd=Decimal("0.25"), attempts=1)
+        )
+        store.flush()
+        assert store.unfinished(["id2"])[("id2", "a/b", "fp")][1].upstream_usd == Decimal("0.25")
+    columns = [row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(results)")]
+    assert columns.count("upstream_cost_usd") == columns.count("service_tier") == 1

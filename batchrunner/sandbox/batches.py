@@ -373,8 +373,8 @@ class BatchDesk:
                 "prompt_tokens": batch.prompt_tokens,
                 "completion_tokens": batch.completion_tokens,
                 "total_tokens": batch.prompt_tokens + batch.completion_tokens,
-                "cost": float(batch.cost),
-                "is_byok": False,
+                "cost": float(batch.cost),  # with BYOK, only OpenRouter's fees (the providers bill the user's keys)
+                "is_byok": self.sandbox.config.byok,
             }
         return {
             "id": batch.id,

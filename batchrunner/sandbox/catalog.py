@@ -227,6 +227,9 @@ SECOND_PROVIDER = {"meta-llama/llama-3.3-70b-instruct": ("Together", "together",
 AUTO_ROUTER = "openrouter/auto"
 AUTO_ROUTES_TO = "openai/gpt-4o-mini"
 VARIANT_SUFFIXES = (":nitro", ":floor", ":exacto", ":thinking", ":extended", ":online")
+# The flex tier (`service_tier: "flex"`): OpenAI's and Google's models, at half the price, as on OpenRouter.
+FLEX_AUTHORS = ("openai/", "google/")
+FLEX_PRICE_SHARE = Decimal("0.5")
 
 
 def base_slug(model: str) -> str:
@@ -251,6 +254,17 @@ def pricing(model: str) -> dict[str, str]:
     if slug in IMAGE_PRICES:
         prices["image"] = IMAGE_PRICES[slug]
     return prices
+
+
+def has_flex(model: str) -> bool:
+    """Whether `model` has a flex-tier endpoint (OpenAI's and Google's models; not their `:free` variants)."""
+    slug = base_slug(model)
+    return slug.startswith(FLEX_AUTHORS) and slug in MODELS
+
+
+def flex_pricing(model: str) -> dict[str, str]:
+    """The flex tier's prices: each of the standard ones at FLEX_PRICE_SHARE."""
+    return {key: str(Decimal(price) * FLEX_PRICE_SHARE) for key, price in pricing(model).items()}
 
 
 def inputs(model: str) -> tuple[str, ...]:
@@ -290,33 +304,51 @@ def endpoints(model: str) -> list[dict[str, Any]]:
     providers = [(entry["provider"], tag, "unknown" if closed else "bf16", supported_parameters(slug))]
     if slug in SECOND_PROVIDER:
         providers.append(SECOND_PROVIDER[slug])
-    return [
-        {
-            "name": f"{provider} | {slug}",
-            "model_id": slug,
-            "model_name": entry["name"],
-            "context_length": entry["context_length"],
-            "pricing": {"request": "0", **pricing(model)},
-            "provider_name": provider,
-            "tag": provider_tag,
-            "quantization": quantization,
-            "max_completion_tokens": 16384,
-            "max_prompt_tokens": None,
-            "status": 0,
-            "supported_parameters": parameters,
-            "uptime_last_5m": 100.0,
-            "uptime_last_30m": 99.9,
-            "uptime_last_1d": 99.7,
-            "supports_implicit_caching": slug.startswith(("openai/", "google/", "deepseek/")),
-            "supports_tool_choice": dict.fromkeys(("auto", "none", "required", "function"), "tools" in parameters),
-            "supports_diarization": False,  # a speech-to-text feature: no sandbox endpoint transcribes
-            "native_tools": {},  # no provider-native server tools (web search and the like) are simulated
-            "service_tier": None,  # standard endpoints only: no flex or priority tier
-            "latency_last_30m": None,
-            "throughput_last_30m": None,
-        }
-        for provider, provider_tag, quantization, parameters in providers
-    ]
+    listed = [_endpoint(slug, entry, *provider, tier=None, prices=pricing(model)) for provider in providers]
+    if has_flex(slug):  # the flex tier is an endpoint of its own, at its own price, for requests that ask it
+        first = providers[0]
+        listed.append(
+            _endpoint(slug, entry, first[0], f"{first[1]}/flex", *first[2:], tier="flex", prices=flex_pricing(slug))
+        )
+    return listed
+
+
+def _endpoint(
+    slug: str,
+    entry: dict[str, Any],
+    provider: str,
+    provider_tag: str,
+    quantization: str,
+    parameters: list[str],
+    *,
+    tier: str | None,
+    prices: dict[str, str],
+) -> dict[str, Any]:
+    """One endpoint of a model in OpenRouter's shape (the SDK's PublicEndpoint)."""
+    return {
+        "name": f"{provider}{' (' + tier + ')' if tier else ''} | {slug}",
+        "model_id": slug,
+        "model_name": entry["name"],
+        "context_length": entry["context_length"],
+        "pricing": {"request": "0", **prices},
+        "provider_name": provider,
+        "tag": provider_tag,
+        "quantization": quantization,
+        "max_completion_tokens": 16384,
+        "max_prompt_tokens": None,
+        "status": 0,
+        "supported_parameters": parameters,
+        "uptime_last_5m": 100.0,
+        "uptime_last_30m": 99.9,
+        "uptime_last_1d": 99.7,
+        "supports_implicit_caching": slug.startswith(("openai/", "google/", "deepseek/")),
+        "supports_tool_choice": dict.fromkeys(("auto", "none", "required", "function"), "tools" in parameters),
+        "supports_diarization": False,  # a speech-to-text feature: no sandbox endpoint transcribes
+        "native_tools": {},  # no provider-native server tools (web search and the like) are simulated
+        "service_tier": tier,  # None: the standard tier; "flex" for the flex tier's endpoint
+        "latency_last_30m": None,
+        "throughput_last_30m": None,
+    }
 
 
 def model_objects(created: int) -> list[dict[str, Any]]:

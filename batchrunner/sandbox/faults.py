@@ -20,5 +20,6 @@ FAULT_KINDS = (
     "hostile_error",  # a 400 whose message carries terminal escapes (title, clipboard, clear screen) and 2 MB of text
     "stream_error",  # a streamed answer that breaks halfway with an error chunk (finish_reason "error"), unbilled
     "stream_cut",  # a streamed answer whose connection closes halfway, without a finish_reason or [DONE], unbilled
+    "flex_capacity",  # a request asking service_tier flex of a model with a flex tier: 429, no flex capacity now
 )
 STREAM_FAULTS = ("stream_error", "stream_cut")

@@ -53,6 +53,11 @@ class SandboxConfig:
     record_bodies: bool = False  # keep every completion request body in stats.bodies (tests)
     report_cost: bool = True  # include usage.cost (older deployments and other servers do not)
     bill_failed_answers: bool = False  # charge empty and finish_reason "error" answers (some upstreams bill the prompt)
+    # BYOK: answers as through a provider key of the user's own. usage.cost is then only OpenRouter's fee (this
+    # share of the price), usage.cost_details.upstream_inference_cost what the provider bills (the price), and
+    # usage.is_byok true; charged_usd counts both, as the user pays both.
+    byok: bool = False
+    byok_fee_share: Decimal = Decimal("0.05")
     free_daily_cap: int = 200
     report_free_daily: bool = True  # /key says free_model_daily_requests (older deployments and other servers do not)
     # The Batch API (batches.py says how a batch lives):
@@ -86,13 +91,17 @@ class SandboxStats:
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     answered: collections.Counter[str] = field(default_factory=collections.Counter)  # request key -> 200 answers
     by_model: collections.Counter[str] = field(default_factory=collections.Counter)  # requests per `model`
-    charged_usd: Decimal = ZERO_USD  # what a real account would be billed (hostile costs aside)
+    charged_usd: Decimal = (
+        ZERO_USD  # what a real account would be billed (hostile costs aside; BYOK: fees and upstream)
+    )
     prompt_tokens: int = 0  # of every answer that was billed
     completion_tokens: int = 0
     max_requests_in_one_second: int = 0
     incomplete: int = 0  # requests whose body stopped before its end (nothing answered, nothing billed)
     images: int = 0  # images in requests that were answered
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    byok_upstream_usd: Decimal = ZERO_USD  # BYOK: the providers' part of charged_usd (billed to the user's own keys)
+    tiers: collections.Counter[str] = field(default_factory=collections.Counter)  # answers by the tier that served
     batches_submitted: int = 0  # batches the Batch API accepted (deleted ones too)
     batch_requests_submitted: int = 0  # the requests in them, all told
     # each request submitted in a batch (batches.submission_key: model, custom_id, body) -> in how many batches
@@ -192,9 +201,15 @@ class Sandbox:
     # -- accounts and limits --------------------------------------------------------------
 
     def remaining_usd(self) -> Decimal | None:
+        """The key's credits left: what OpenRouter charged comes off them (with BYOK only its fee; the provider
+        bills the user's own key)."""
         if self.config.credits_usd is None:
             return None
-        return self.config.credits_usd - self.stats.charged_usd
+        return self.config.credits_usd - self.openrouter_charged_usd()
+
+    def openrouter_charged_usd(self) -> Decimal:
+        """What OpenRouter itself charged: charged_usd without the providers' BYOK bills."""
+        return self.stats.charged_usd - self.stats.byok_upstream_usd
 
     def rate_limit_rps(self) -> float | None:
         """OpenRouter's rule: one request per second per credit remaining, 1 to 500."""
@@ -291,7 +306,8 @@ class Sandbox:
         if (denied := self._auth_error(request)) is not None:
             return denied
         remaining = self.remaining_usd()
-        usage = float(self.stats.charged_usd)
+        usage = float(self.openrouter_charged_usd())
+        byok_usage = float(self.stats.byok_upstream_usd)
         data: dict[str, Any] = {
             "label": "sk-or-v1-san...box",
             "limit": None if self.config.credits_usd is None else float(self.config.credits_usd),
@@ -301,10 +317,10 @@ class Sandbox:
             "usage_daily": usage,
             "usage_weekly": usage,
             "usage_monthly": usage,
-            "byok_usage": 0,
-            "byok_usage_daily": 0,
-            "byok_usage_weekly": 0,
-            "byok_usage_monthly": 0,
+            "byok_usage": byok_usage,
+            "byok_usage_daily": byok_usage,
+            "byok_usage_weekly": byok_usage,
+            "byok_usage_monthly": byok_usage,
             "include_byok_in_limit": False,
             "is_free_tier": False,
             "is_management_key": False,
@@ -366,6 +382,8 @@ class Sandbox:
                 "answered": sum(stats.answered.values()),
                 "answered_more_than_once": sum(1 for n in stats.answered.values() if n > 1),
                 "charged_usd": str(stats.charged_usd),
+                "byok_upstream_usd": str(stats.byok_upstream_usd),
+                "tiers": dict(stats.tiers),
                 "max_requests_in_one_second": stats.max_requests_in_one_second,
                 "rate_limit_rps": self.rate_limit_rps(),
                 "batches_submitted": stats.batches_submitted,
@@ -441,6 +459,9 @@ class Sandbox:
         self._seen[key] += 1
         if fault in STREAM_FAULTS and not streaming:
             fault = None  # a whole answer cannot break mid-stream
+        flex = body.get("service_tier") == "flex" and catalog.has_flex(chain[0])  # else served at the standard tier
+        if fault == "flex_capacity" and not flex:
+            fault = None  # only a request for the flex tier can find it full
         latency = self.config.latency_s(body) if callable(self.config.latency_s) else self.config.latency_s
         if latency > 0 and not streaming:  # a stream waits after its headers, sending keep-alives
             await asyncio.sleep(latency)
@@ -458,6 +479,8 @@ class Sandbox:
                 error_type="rate_limit_exceeded",
                 provider_name="Sandbox",
             )
+        if fault == "flex_capacity":  # flex never falls back to the default tier: the error reaches the caller
+            return _flex_capacity_error(chain[0], self.config.retry_after_s)
         if fault == "in_flight_budget":
             return _error(
                 402,
@@ -494,11 +517,17 @@ class Sandbox:
             )
         if answering == catalog.AUTO_ROUTER:
             answering = catalog.AUTO_ROUTES_TO
+        tier = "flex" if flex and catalog.has_flex(answering) else "default"
+        factor = catalog.FLEX_PRICE_SHARE if tier == "flex" else Decimal(1)
         if streaming:  # a stream that breaks is not billed: zero-completion insurance, as for an error finish
             broken = "finish_error" if fault in STREAM_FAULTS else fault
-            completion = self._completion(body, answering, chat=chat, fault=broken, key=key)
+            completion = self._completion(
+                body, answering, chat=chat, fault=broken, key=key, price_factor=factor, tier=tier
+            )
             return await self._stream(request, completion, fault, latency)
-        return web.json_response(self._completion(body, answering, chat=chat, fault=fault, key=key))
+        return web.json_response(
+            self._completion(body, answering, chat=chat, fault=fault, key=key, price_factor=factor, tier=tier)
+        )
 
     async def _stream(
         self, request: web.Request, completion: dict[str, Any], fault: str | None, latency_s: float
@@ -516,7 +545,9 @@ class Sandbox:
             step = min(KEEPALIVE_S, latency_s - waited)
             await asyncio.sleep(step)
             waited += step
-        head = {key: completion[key] for key in ("id", "provider", "model", "created")}
+        head: dict[str, Any] = {
+            key: completion[key] for key in ("id", "provider", "model", "created", "service_tier") if key in completion
+        }
         head["object"] = "chat.completion.chunk"
         choice = completion["choices"][0]
         message = choice["message"]
@@ -564,7 +595,10 @@ class Sandbox:
         fault: str | None,
         key: str,
         price_factor: Decimal = Decimal(1),
+        tier: str | None = None,
     ) -> dict[str, Any]:
+        """One answer, billed: at `price_factor` of the model's price (a batch's, or the flex tier's), and said to
+        be served at `tier` (the response's `service_tier`; None leaves it out)."""
         messages = body.get("messages") or []
         seen = senses.perceive(messages) if chat else senses.Perceived()
         prompt = " ".join([answers.last_user_text(messages), *seen.text]) if chat else body["prompt"]
@@ -606,13 +640,19 @@ class Sandbox:
         if (finish_reason == "error" or n_completion == 0) and not self.config.bill_failed_answers:
             cost = ZERO_USD  # zero-completion insurance: empty and error answers are not billed
         reported = float(cost)
+        fee = float(cost * self.config.byok_fee_share) if self.config.byok else None  # OpenRouter's part, BYOK
         self.stats.charged_usd += to_decimal(reported) or ZERO_USD
+        if fee is not None:
+            self.stats.byok_upstream_usd += to_decimal(reported) or ZERO_USD
+            self.stats.charged_usd += to_decimal(fee) or ZERO_USD
         if cost > 0:
             self.stats.images += seen.images
             self.stats.prompt_tokens += n_prompt
             self.stats.completion_tokens += n_completion
         if not fault:
             self.stats.answered[key] += 1
+        if tier is not None:
+            self.stats.tiers[tier] += 1
 
         generation_id = f"gen-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -622,14 +662,32 @@ class Sandbox:
             "total_tokens": n_prompt + n_completion,
             "prompt_tokens_details": {"cached_tokens": n_cached, "audio_tokens": seen.audio_tokens},
             "completion_tokens_details": {"reasoning_tokens": 0},
-            "is_byok": False,
+            "is_byok": fee is not None,
         }
         if self.config.report_cost:
-            usage["cost"] = {"negative_cost": -15.0, "absurd_cost": 1e30}.get(fault or "", reported)
+            usage["cost"] = {"negative_cost": -15.0, "absurd_cost": 1e30}.get(
+                fault or "", reported if fee is None else fee
+            )
+        if fee is not None:  # what the provider bills the user's own key, apart from OpenRouter's fee
+            prompt_share = catalog.cost_usd(model, n_prompt, 0, n_cached, images=seen.images) * price_factor
+            usage["cost_details"] = {
+                "upstream_inference_cost": reported,
+                "upstream_inference_prompt_cost": float(prompt_share) if cost else 0.0,
+                "upstream_inference_completions_cost": float(cost - prompt_share) if cost else 0.0,
+            }
         if fault == "huge_tokens":
             usage["prompt_tokens"] = 2**70
         self._generations[generation_id] = _generation(
-            generation_id, model, float(cost), n_prompt, n_completion, n_cached, finish_reason, created
+            generation_id,
+            model,
+            float(cost) if fee is None else fee,
+            n_prompt,
+            n_completion,
+            n_cached,
+            finish_reason,
+            created,
+            upstream_usd=None if fee is None else reported,
+            tier=tier,
         )
         choice: dict[str, Any] = {
             "index": 0,
@@ -654,7 +712,7 @@ class Sandbox:
                 "message": "Provider disconnected mid-answer",
                 "metadata": {"error_type": "provider_unavailable"},
             }
-        return {
+        answer = {
             "id": generation_id,
             "provider": catalog.provider_name(model),
             "model": model,
@@ -664,6 +722,9 @@ class Sandbox:
             "system_fingerprint": "fp_sandbox",
             "usage": usage,
         }
+        if tier is not None:
+            answer["service_tier"] = tier
+        return answer
 
     def batch_answer(self, body: dict[str, Any], model: str, price_factor: Decimal) -> dict[str, Any]:
         """One request of a batch: a chat answer at the batch price, or an error object (a seeded fault)."""
@@ -671,6 +732,8 @@ class Sandbox:
         key = request_key({**body, "model": model})
         fault = self._fault(key)
         self._seen[key] += 1
+        if fault == "flex_capacity":
+            fault = None  # a batch is not served at the flex tier
         if fault in (
             "rate_limit",
             "server_error",
@@ -739,8 +802,12 @@ def _generation(
     cached_tokens: int,
     finish_reason: str,
     created: int,
+    *,
+    upstream_usd: float | None = None,
+    tier: str | None = None,
 ) -> dict[str, Any]:
-    """What GET /generation says of one answer, in the full shape of OpenRouter's GenerationResponse."""
+    """What GET /generation says of one answer, in the full shape of OpenRouter's GenerationResponse (`cost_usd`
+    is what OpenRouter charged: with BYOK, its fee; `upstream_usd` is then what the provider billed)."""
     provider = catalog.provider_name(model)
     return {
         "id": generation_id,
@@ -750,8 +817,8 @@ def _generation(
         "total_cost": cost_usd,
         "usage": cost_usd,
         "cache_discount": None,
-        "upstream_inference_cost": None,
-        "is_byok": False,
+        "upstream_inference_cost": upstream_usd,
+        "is_byok": upstream_usd is not None,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
         "model": model,
         "provider_name": provider,
@@ -763,11 +830,11 @@ def _generation(
                 "provider_name": provider,
                 "status": 200,
                 "latency": 0,
-                "is_byok": False,
+                "is_byok": upstream_usd is not None,
             }
         ],
         "router": None,
-        "service_tier": None,
+        "service_tier": tier,
         "api_type": "completions",
         "app_id": None,
         "preset_id": None,
@@ -799,6 +866,28 @@ def _generation(
         "data_region": "global",
         "workspace_id": None,
     }
+
+
+def _flex_capacity_error(model: str, retry_after_s: float) -> web.Response:
+    """The flex tier out of capacity: a 429 with OpenRouter's availability object (capacity_exhausted, retryable,
+    its constraint the service_tier), as a flex request gets instead of a fall back to the default tier."""
+    body = {
+        "error": {
+            "code": 429,
+            "message": f"Flex tier capacity exhausted for {model}; retry later (service_tier flex does not fall "
+            "back to the default tier)",
+            "metadata": {"error_type": "provider_overloaded", "provider_name": catalog.provider_name(model)},
+            "availability": {
+                "code": "capacity_exhausted",
+                "retryable": True,
+                "retry_after": retry_after_s,
+                "requested_models": [model],
+                "constraint": {"field": "service_tier", "detail": "flex"},
+                "docs_url": "https://openrouter.ai/docs/guides/routing/service-tiers",
+            },
+        }
+    }
+    return web.json_response(body, status=429, headers={"Retry-After": f"{retry_after_s:g}"})
 
 
 def _next_utc_midnight_ms() -> int:
