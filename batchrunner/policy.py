@@ -134,6 +134,7 @@ class RowPolicy:
         # The share of a request's worst case OpenRouter's BYOK fee may add: reserved from the first request where
         # the server may bill BYOK (OpenRouter), else from the first BYOK answer on.
         self.fee_share = BYOK_FEE_SHARE if byok_fee else ZERO_USD
+        self._fee_said = byok_fee  # the fee in reservations is told once, when it is learned from an answer
         self._tiers_said: set[str] = set()  # models already warned of answers served at a tier not asked for
         halt.on_stop(self._settled.set)  # wake pairs waiting for budget
 
@@ -510,6 +511,8 @@ class RowPolicy:
             )
         if usage.is_byok and self.fee_share < BYOK_FEE_SHARE:
             self.fee_share = BYOK_FEE_SHARE
+        if usage.is_byok and self.budget is not None and not self._fee_said:
+            self._fee_said = True
             log.warning(
                 "%s answered through your own provider key (BYOK): each request now reserves its worst case plus "
                 "OpenRouter's fee (%s%%) against the budget",
