@@ -264,6 +264,16 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
         )
     say(f"  expected cost: {usd(report['expected_cost_usd'])}   worst case: {usd(report['max_cost_usd'])}")
     say(f"  as a batch (mode: batch, typically half the price): {usd(report['expected_batch_cost_usd'])}")
+    flexible = [model for model, entry in report["models"].items() if entry["flex_tier"]]
+    say(
+        f"  at the flex tier (params.service_tier: flex, slower, may find no capacity): "
+        f"{usd(report['expected_flex_cost_usd'])}"
+        + (
+            ""
+            if len(flexible) == len(report["models"])
+            else f" ({'only ' + ', '.join(flexible) if flexible else 'no model'} has a flex tier; the rest at the standard price)"
+        )
+    )
     say(f"  expected duration: {report['expected_duration_s']:g} s at {report['rate_rps']:g} requests/s")
     say(f"  ({report['prompt_tokens_note']})")
     if "media" in report:

@@ -655,6 +655,12 @@ def classify(status: int, payload: Any, headers: Any = None) -> ApiError:
         if "blocked" in message.lower() or availability:
             return RequestRejected(message, code="forbidden", **common)
         return FatalApiError(message, code="forbidden", **common)
+    if status in (429, 503) and _flex_capacity(availability):
+        return RateLimited(
+            f"{message} (service_tier flex: no capacity now; asked again later, never at the default tier)",
+            code="flex_capacity",
+            **common,
+        )
     if status == 429:
         if any(marker in f"{message} {limit_source}" for marker in FREE_DAILY_MARKERS):
             return FatalApiError(
@@ -668,6 +674,13 @@ def classify(status: int, payload: Any, headers: Any = None) -> ApiError:
     if status in REJECTED_STATUSES or 400 <= status < 500:
         return RequestRejected(message, code=str(metadata.get("error_type") or f"http_{status}"), **common)
     return TransientError(message, code=f"http_{status}", **common)
+
+
+def _flex_capacity(availability: dict[str, Any]) -> bool:
+    """Whether an availability error (capacity_exhausted, temporarily_unavailable) is the service tier's: a flex
+    request finds no flex capacity, and OpenRouter does not fall back to the default tier for it."""
+    constraint = _mapping(availability.get("constraint"))
+    return constraint.get("field") == "service_tier" and availability.get("retryable") is not False
 
 
 def parse_completion(payload: Any, *, status: int = 200, latency_s: float = 0.0) -> Completion:

@@ -157,9 +157,34 @@ class PriceTable:
         unpriced = {slug: pricing for slug, pricing in (fallback or {}).items() if self.get(slug) is None}
         self._prices.update(unpriced)
         self.overridden = sorted(set(fallback or {}) - set(unpriced))  # fallback prices the server's replaced
+        self._tiers: dict[str, dict[str, Pricing]] = {}  # model -> tier (flex, priority) -> its endpoints' price
 
     def get(self, slug: str) -> Pricing | None:
         return _by_slug(self._prices, slug)
+
+    def add_tiers(self, endpoints: Mapping[str, list[dict[str, Any]]]) -> None:
+        """The prices of each model's tier endpoints (`service_tier` flex, priority: GET /models/{model}/endpoints),
+        for answers a tier served. Of two endpoints of one tier, the dearer (by prompt and completion) is kept:
+        an answer whose cost is computed is never counted at less than it may have cost."""
+        for slug, listed in endpoints.items():
+            for endpoint in listed:
+                tier = tier_of(endpoint.get("service_tier"))
+                pricing = Pricing.from_model({"pricing": endpoint.get("pricing")})
+                if tier == STANDARD_TIER or pricing is None:
+                    continue
+                known = self._tiers.setdefault(slug, {}).get(tier)
+                if known is None or pricing.prompt + pricing.completion > known.prompt + known.completion:
+                    self._tiers[slug][tier] = pricing
+
+    def tier(self, slug: str, tier: str) -> Pricing | None:
+        """The price of `slug` at `tier` (flex, priority) as its tier endpoints list it; None when none does."""
+        tiers = _by_slug(self._tiers, slug)
+        return None if tiers is None else tiers.get(tier_of(tier))
+
+    def served(self, slug: str, tier: Any = None) -> Pricing | None:
+        """The price an answer from `slug` served at `tier` (the response's `service_tier`) is billed at: the
+        tier's endpoint price when the endpoints list one, else the model's own (standard) price."""
+        return self.tier(slug, tier) or self.get(slug)
 
     def unusable(self, slug: str) -> str | None:
         """Why the model's listed prices could not be used (its prompt price '1e400' is not ...), if they could not."""

@@ -36,6 +36,7 @@ from batchrunner.costs import (
     format_usd,
     plugin_allowance_usd,
     saving_usd,
+    tier_of,
 )
 from batchrunner.errors import (
     ApiError,
@@ -134,6 +135,8 @@ class RowPolicy:
         # The share of a request's worst case OpenRouter's BYOK fee may add: reserved from the first request where
         # the server may bill BYOK (OpenRouter), else from the first BYOK answer on.
         self.fee_share = BYOK_FEE_SHARE if byok_fee else ZERO_USD
+        self._fee_said = byok_fee  # the fee in reservations is told once, when it is learned from an answer
+        self._tiers_said: set[str] = set()  # models already warned of answers served at a tier not asked for
         halt.on_stop(self._settled.set)  # wake pairs waiting for budget
 
     def sibling(self, spec: JobSpec, requests: RequestBuilder) -> RowPolicy:
@@ -255,7 +258,8 @@ class RowPolicy:
                         continue
                     tries += 1
                     if isinstance(exc, RateLimited):  # says nothing of the model's health
-                        self.limits.rate_limited(model, upstream=bool(exc.metadata.get("provider_name")))
+                        upstream = bool(exc.metadata.get("provider_name")) or exc.code == "flex_capacity"
+                        self.limits.rate_limited(model, upstream=upstream)
                         retry_after = exc
                     elif isinstance(exc, TransientError):
                         health.failed(str(exc))
@@ -353,6 +357,7 @@ class RowPolicy:
                 model,
                 completion.generation_id,
                 media=media_tally(body_prompt(body)),
+                tier=completion.service_tier,
             ),
         )
         return completion
@@ -464,11 +469,12 @@ class RowPolicy:
         generation_id: str | None = None,
         *,
         media: MediaTally | None = None,
+        tier: str | None = None,
     ) -> Decimal:
         """Add one attempt's cost and tokens to the row's bill (see `_charged`); what it cost, whole."""
         if usage is None:  # no answer, no charge
             return ZERO_USD
-        return self._bill(bill, usage, self._charged(usage, model, requested, generation_id, media))
+        return self._bill(bill, usage, self._charged(usage, model, requested, generation_id, media, tier))
 
     def _charged(
         self,
@@ -477,9 +483,11 @@ class RowPolicy:
         requested: str | None = None,
         generation_id: str | None = None,
         media: MediaTally | None = None,
+        tier: str | None = None,
     ) -> Charge:
         """One answer's cost: reported, else computed from prices, else unknown (costs.charge). With BYOK it is
-        OpenRouter's fee and the provider's upstream cost together.
+        OpenRouter's fee and the provider's upstream cost together; an answer served at a tier (flex) is priced
+        at that tier's endpoint price when it must be computed.
 
         A reported cost is not used when it is not believable: negative or not a number
         (the client set it aside), or far above what the model's prices allow for the
@@ -492,7 +500,8 @@ class RowPolicy:
             ceiling = 10 * pricing.worst_case_usd(
                 usage.prompt_tokens, usage.completion_tokens, images=media.images
             ) + self._allowance(requested or model, media)
-        paid = charge(usage, pricing, ceiling_usd=ceiling, images=media.images)
+        served = self.pricing.tier(model, tier or "") or self.pricing.tier(requested or model, tier or "")
+        paid = charge(usage, served or pricing, ceiling_usd=ceiling, images=media.images)
         if paid.rejected is not None:
             log.warning(
                 "%s: %s (generation %s): the cost is %s instead",
@@ -503,18 +512,35 @@ class RowPolicy:
             )
         if usage.is_byok and self.fee_share < BYOK_FEE_SHARE:
             self.fee_share = BYOK_FEE_SHARE
+        if usage.is_byok and self.budget is not None and not self._fee_said:
+            self._fee_said = True
             log.warning(
                 "%s answered through your own provider key (BYOK): each request now reserves its worst case plus "
                 "OpenRouter's fee (%s%%) against the budget",
                 model,
                 f"{BYOK_FEE_SHARE * 100:g}",
             )
+        self._say_tier(requested or model, tier)
         return paid
 
     @staticmethod
     def _bill(bill: Bill, usage: Usage, paid: Charge) -> Decimal:
         bill.add(paid.cost_usd, paid.source, usage.prompt_tokens, usage.completion_tokens, paid.upstream_usd)
         return paid.cost_usd
+
+    def _say_tier(self, model: str, tier: str | None) -> None:
+        """Warn once a model when an answer was served at another tier than the job asked (params.service_tier):
+        flex asked, and the standard tier served it at its price, is never silent."""
+        asked = self.spec.params.get("service_tier")
+        if asked is None or tier is None or tier_of(tier) == tier_of(asked) or model in self._tiers_said:
+            return
+        self._tiers_said.add(model)
+        log.warning(
+            "params.service_tier %s: %s answered at the %s tier, billed at its price (service_tier column)",
+            asked,
+            model,
+            tier,
+        )
 
     def _estimate(self, bill: Bill, body: dict[str, Any], model: str, reserved: Decimal) -> Decimal:
         """Charge an attempt whose reply was abandoned (a timeout, a cap, a stop) at its worst case, marked
@@ -587,9 +613,10 @@ class RowPolicy:
             await settled.wait()
 
     def _worst_case(self, body: dict[str, Any], model: str) -> Decimal:
-        """The most one request can cost: its prompt, its max_tokens, and what plugins may add, with OpenRouter's
-        BYOK fee on top where it may be billed (fee_share). With server-side fallbacks OpenRouter may answer with
-        any model of the chain: the dearest."""
+        """The most one request can cost: its prompt, its max_tokens, and what plugins may add, at the dearer of
+        the standard tier's prices and those of the tier it asks (a flex request without a flex endpoint is served
+        at the standard ones; a priority one costs more), with OpenRouter's BYOK fee on top where it may be billed
+        (fee_share). With server-side fallbacks OpenRouter may answer with any model of the chain: the dearest."""
         candidates = self.spec.model_chain(model) if self.spec.server_fallbacks else [model]
         prompt = body_prompt(body)
         text_tokens, media = most_text_tokens(prompt) + most_field_tokens(body), media_tally(prompt)
@@ -604,7 +631,11 @@ class RowPolicy:
             if fitted and context:
                 tokens = min(tokens, context)
             completion = self.requests.max_completion_tokens(pricing, body) * choices(body)
-            worst.append(pricing.worst_case_usd(tokens, completion, images=media.images) + self._allowance(name, media))
+            tiered = self.pricing.tier(name, body.get("service_tier") or "")  # a dearer tier (priority) is its own
+            for listed in (pricing, *([tiered] if tiered is not None else [])):
+                worst.append(
+                    listed.worst_case_usd(tokens, completion, images=media.images) + self._allowance(name, media)
+                )
         return max(worst) * (1 + self.fee_share) * self.underpriced
 
     def _settle(self, reserved: Decimal, actual: Decimal) -> None:

@@ -118,7 +118,9 @@ async def estimate_job(
     store = Store.open(checkpoint, job=spec.name) if checkpoint.exists() else None
     async with connection:
         prices = await fetch_prices(connection.client, spec)
-        check_endpoints(spec, await fetch_endpoints(connection.client, spec))
+        endpoints = await fetch_endpoints(connection.client, spec)
+        check_endpoints(spec, endpoints)
+        prices.add_tiers(endpoints)  # the flex tier's own prices, where a model has one
         limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
 
     per_model = {model: _Tally() for model in spec.models}
@@ -142,6 +144,7 @@ async def estimate_job(
 
     models: dict[str, Any] = {}
     expected_total: Decimal | None = ZERO_USD
+    flex_total: Decimal | None = ZERO_USD
     worst_total: Decimal | None = ZERO_USD
     for model, counts in per_model.items():
         pricing = prices.get(model)
@@ -158,12 +161,16 @@ async def estimate_job(
             "expected_completion_tokens_per_row": round(completion, 1),
             "completion_estimate_basis": basis,
             "expected_cost_usd": None,
+            "expected_flex_cost_usd": None,
+            "flex_tier": prices.tier(model, "flex") is not None,
             "max_cost_usd": None,
         }
         if pricing is not None:
-            expected = pricing.estimate_usd(
-                counts.prompt_tokens, Decimal(str(round(completion * rows, 3))), rows
-            ) + counts.media.images * pricing.image * (1 - pricing.discount)
+            answers = Decimal(str(round(completion * rows, 3)))
+            expected = _expected_usd(pricing, counts, answers)
+            # at the flex tier's price; a model without a flex endpoint serves a flex request at its standard price
+            flex = _expected_usd(prices.tier(model, "flex") or pricing, counts, answers)
+            entry["expected_flex_cost_usd"] = str(flex.quantize(Decimal("1E-9")))
             worst = (
                 pricing.worst_case_usd(
                     counts.most_prompt_tokens, rows * requests.max_completion_tokens(pricing), rows, counts.media.images
@@ -173,9 +180,10 @@ async def estimate_job(
             entry["expected_cost_usd"] = str(expected.quantize(Decimal("1E-9")))
             entry["max_cost_usd"] = str(worst.quantize(Decimal("1E-9")))
         if entry["expected_cost_usd"] is None:
-            expected_total = worst_total = None
-        elif expected_total is not None and worst_total is not None:
+            expected_total = flex_total = worst_total = None
+        elif expected_total is not None and flex_total is not None and worst_total is not None:
             expected_total += Decimal(entry["expected_cost_usd"])
+            flex_total += Decimal(entry["expected_flex_cost_usd"])
             worst_total += Decimal(entry["max_cost_usd"])
         models[model] = entry
     requests_n = sum(entry["rows"] for entry in models.values())
@@ -188,6 +196,8 @@ async def estimate_job(
         "expected_cost_usd": None if expected_total is None else str(expected_total),
         # OpenRouter's Batch API is "typically 50% of the sync per-token price": an estimate, not a quote
         "expected_batch_cost_usd": None if expected_total is None else str(expected_total * BATCH_PRICE_SHARE),
+        # live at the flex tier (params.service_tier: flex): each model's flex endpoint price, else its standard one
+        "expected_flex_cost_usd": None if flex_total is None else str(flex_total),
         "max_cost_usd": None if worst_total is None else str(worst_total),
         "expected_duration_s": round(requests_n / rate, 3) if rate and rate != float("inf") else 0.0,
         "rate_rps": rate,
@@ -195,6 +205,13 @@ async def estimate_job(
         "models": models,
         **(_media_report(media, unsendable) if requests.has_media else {}),
     }
+
+
+def _expected_usd(pricing: Pricing, counts: _Tally, completion_tokens: Decimal) -> Decimal:
+    """What a model's requests still to do should cost at `pricing`: their prompts, the answers expected, images."""
+    return pricing.estimate_usd(counts.prompt_tokens, completion_tokens, counts.rows) + counts.media.images * (
+        pricing.image * (1 - pricing.discount)
+    )
 
 
 @dataclass

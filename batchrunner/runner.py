@@ -181,7 +181,8 @@ async def run_job(
                     checked.cancel()
                     await asyncio.gather(checked, return_exceptions=True)
                     raise
-                prices, budget, _ = await checked
+                prices, budget, endpoints = await checked
+                prices.add_tiers(endpoints)  # the flex (and priority) tiers' own prices, for answers they serve
                 return limits, key_info, prices, budget
 
             limits, key_info, prices, budget = await _unless_interrupted(start_up(), caught)

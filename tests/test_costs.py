@@ -664,3 +664,38 @@ def test_a_discount_is_set_against_the_whole_cost() -> None:
     byok = Charge(Decimal("0.000105"), "reported", Decimal("0.0001"))
     assert saving_usd(Decimal("0.0002"), byok) == Decimal("0.000105")
     assert saving_usd(Decimal("0.0002"), Charge(Decimal("0.00001"), "reported", Decimal(0))) == Decimal("0.00019")
+
+
+def endpoint(tier: object, prompt: str, completion: str = "0.000001") -> dict[str, object]:
+    return {"service_tier": tier, "pricing": {"prompt": prompt, "completion": completion}}
+
+
+def test_tier_prices_come_from_the_models_tier_endpoints() -> None:
+    """A tier's price is its endpoint's (the dearer of two), for the model and its routing variants; a tier no
+    endpoint lists, a standard endpoint, or an unusable price leave the model's own price."""
+    table = PriceTable([model("a/b", prompt="0.000002", completion="0.000004")])
+    table.add_tiers(
+        {
+            "a/b": [
+                endpoint(None, "0.000005"),
+                endpoint("default", "0.000005"),
+                endpoint("flex", "0.000001"),
+                endpoint("FLEX", "0.0000011"),
+                endpoint("flex", "0.0000009"),
+                endpoint("flex", "0.0000010", completion="0.0000011"),
+                endpoint("priority", "-1"),
+            ],
+            "c/d": [],
+        }
+    )
+    flex = table.tier("a/b", "flex")
+    assert flex is not None and flex.prompt == Decimal("0.0000011") and flex.completion == Decimal("0.000001")
+    assert table.tier("a/b:floor", "flex") == flex and table.served("a/b", "flex") == flex
+    assert table.tier("a/b", "standard") is None and table.tier("a/b", "priority") is None
+    assert table.tier("c/d", "flex") is None and table.tier("e/f", "flex") is None
+    assert table.served("a/b", "default") == table.get("a/b") == table.served("a/b")
+    assert table.served("a/b", "priority") == table.get("a/b") and table.served("e/f", "flex") is None
+    first = PriceTable([])
+    first.add_tiers({"a/b": [endpoint("flex", "0.000001", "0.000002"), endpoint("flex", "0.000002", "0.000001")]})
+    kept = first.tier("a/b", "flex")
+    assert kept is not None and kept.prompt == Decimal("0.000001"), "an equal price does not replace the first"
