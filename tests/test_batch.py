@@ -108,6 +108,7 @@ async def test_a_lost_submission_is_found_again_not_submitted_twice(
     assert second.report.summary.ok == 50 and pl.read_parquet(spec.output).height == 50
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_waiting_collects_on_the_next_run(
     write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
