@@ -420,7 +420,7 @@ async def check_on_server(
     )
     check_models(spec, prices, strict=connection.strict)
     check_endpoints(spec, endpoints)
-    return prices, plan_budget(spec, prices, max_cost_usd), endpoints
+    return prices, plan_budget(spec, prices, max_cost_usd, base_url=connection.client.base_url), endpoints
 
 
 def grace_s(spec: JobSpec) -> float:
@@ -484,7 +484,9 @@ async def ask_at_start(call: Callable[[], Awaitable[T]], retry: RetryPolicy, wha
             await asyncio.sleep(delay_s)
 
 
-def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None) -> Budget | None:
+def plan_budget(
+    spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None, *, base_url: str | None = None
+) -> Budget | None:
     """The run's budget (--max-cost wins over budget_usd); refused if a model has no price to budget with."""
     if not any(key in spec.params for key in ("max_tokens", "max_completion_tokens")):
         log.warning(
@@ -502,7 +504,7 @@ def plan_budget(spec: JobSpec, prices: PriceTable, max_cost_usd: Decimal | None)
         raise SpecError(
             Problem(
                 "budget_usd",
-                f"no prices for {named} at {spec.base_url()}/models; a budget needs them: give them under `prices:` "
+                f"no prices for {named} at {base_url or spec.base_url()}/models; a budget needs them: give them under `prices:` "
                 "({MODEL: {prompt_per_mtok_usd: ..., completion_per_mtok_usd: ...}}), or remove the budget",
             )
         )

@@ -849,3 +849,12 @@ def test_a_checkpoint_belongs_to_one_job(
     adopted = invoke("run", str(moved), env=env)
     assert adopted.exit_code == 0 and server.stats.requests == 12, adopted.output
     assert invoke("run", str(other), env=env).exit_code == 2, "adopted by the job that opened it"
+
+
+def test_a_budget_refused_under_the_sandbox_names_the_sandbox(write_spec: Callable[..., Path]) -> None:
+    """A budget with an unpriced model (the auto router) on --sandbox is refused naming the sandbox's /models, not
+    openrouter.ai's, which the run never asked."""
+    result = invoke("run", str(write_spec(models=["openrouter/auto"], budget_usd=1)), "--sandbox")
+    assert result.exit_code == 2, result.output
+    assert "budget_usd: no prices for openrouter/auto" in result.stderr and "openrouter.ai" not in result.stderr
+    assert "at http://127.0.0.1:" in result.stderr.split("budget_usd:")[1]
