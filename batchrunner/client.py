@@ -418,10 +418,9 @@ class _Stream:
     def __init__(self, started: float) -> None:
         self.started = started
         self.first_token_s: float | None = None  # monotonic time of the first content
-        self.cut = False  # the connection closed before the stream ended
 
     async def _lines(self, response: aiohttp.ClientResponse, idle_s: float, max_bytes: int) -> AsyncIterator[bytes]:
-        """The body's lines (without their ends), until it ends or the connection closes (`cut`). A line that
+        """The body's lines (without their ends), until it ends or the connection closes. A line that
         spans many chunks is kept as its pieces until its end comes: joined once, not once a chunk."""
         pieces: list[bytes] = []  # the start of a line whose end has not come yet
         received = 0
@@ -429,8 +428,7 @@ class _Stream:
             try:
                 async with _silence(idle_s):
                     chunk = await response.content.readany()
-            except (aiohttp.ClientPayloadError, ConnectionError):  # the connection closed mid-answer
-                self.cut = True
+            except (aiohttp.ClientPayloadError, ConnectionError):  # the connection closed mid-answer: read() says cut
                 return
             if not chunk:
                 break
