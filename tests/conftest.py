@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -91,34 +92,82 @@ def write_spec(tmp_path: Path, tickets_csv: Path) -> Callable[..., Path]:
     return write
 
 
-@pytest.fixture
-def sandbox_in_thread() -> Iterator[Callable[[SandboxConfig], Sandbox]]:
-    """Start sandboxes on their own event loop in a thread, for tests that drive the CLI."""
-    started: list[tuple[Sandbox, asyncio.AbstractEventLoop, threading.Thread]] = []
+class _InThreads:
+    """Servers each on its own event loop in a thread, for tests that drive the CLI in its own process; all
+    stopped when the test ends."""
 
-    def start(config: SandboxConfig) -> Sandbox:
+    def __init__(self) -> None:
+        self.started: list[tuple[asyncio.AbstractEventLoop, threading.Thread]] = []
+
+    def serve(
+        self, start: Callable[[], Coroutine[Any, Any, Any]], stop: Callable[[], Coroutine[Any, Any, Any]]
+    ) -> None:
         loop = asyncio.new_event_loop()
-        sandbox = Sandbox(config)
         ready = threading.Event()
 
         def serve() -> None:
             asyncio.set_event_loop(loop)
-            loop.run_until_complete(sandbox.start())
+            loop.run_until_complete(start())
             ready.set()
             loop.run_forever()
-            loop.run_until_complete(sandbox.stop())
+            loop.run_until_complete(stop())
             loop.close()
 
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
-        assert ready.wait(10), "sandbox did not start"
-        started.append((sandbox, loop, thread))
+        assert ready.wait(10), "the server did not start"
+        self.started.append((loop, thread))
+
+    def stop_all(self) -> None:
+        for loop, thread in self.started:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+
+
+@pytest.fixture
+def sandbox_in_thread() -> Iterator[Callable[[SandboxConfig], Sandbox]]:
+    """Start sandboxes on their own event loop in a thread, for tests that drive the CLI."""
+    threads = _InThreads()
+
+    def start(config: SandboxConfig) -> Sandbox:
+        sandbox = Sandbox(config)
+        threads.serve(sandbox.start, sandbox.stop)
         return sandbox
 
     yield start
-    for _, loop, thread in started:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    threads.stop_all()
+
+
+@pytest.fixture
+def scripted_in_thread() -> Iterator[Callable[..., Any]]:
+    """A Scripted server (tests/helpers/scripted.py) on its own event loop in a thread, for a CLI in its own process."""
+    from helpers.scripted import Scripted
+
+    threads = _InThreads()
+
+    def start(*args: Any, **kwargs: Any) -> Scripted:
+        server = Scripted(*args, **kwargs)
+        threads.serve(server.__aenter__, lambda: server.__aexit__(None, None, None))
+        return server
+
+    yield start
+    threads.stop_all()
+
+
+@pytest.fixture
+def reservations(monkeypatch: pytest.MonkeyPatch) -> list[Decimal]:
+    """Every amount a run asks the budget for (costs.Budget.reserve), in order, while the test runs."""
+    from batchrunner.costs import Budget
+
+    seen: list[Decimal] = []
+    reserve = Budget.reserve
+
+    def recording(self: Budget, amount_usd: Decimal) -> bool:
+        seen.append(amount_usd)
+        return reserve(self, amount_usd)
+
+    monkeypatch.setattr(Budget, "reserve", recording)
+    return seen
 
 
 async def run_pairs(

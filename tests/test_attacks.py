@@ -10,9 +10,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -165,36 +164,6 @@ def test_a_second_ctrl_c_records_the_requests_on_the_wire(
     with sqlite3.connect(job.parent / "out" / "result.checkpoint.sqlite") as db:
         kept = db.execute("SELECT attempts, cost_source FROM results").fetchall()
     assert len(kept) == 4 and all(row == (1, "estimated") for row in kept), kept
-
-
-@pytest.fixture
-def scripted_in_thread() -> Iterator[Callable[..., Scripted]]:
-    """A Scripted server on its own event loop in a thread, for a CLI in its own process."""
-    started: list[tuple[Scripted, asyncio.AbstractEventLoop, threading.Thread]] = []
-
-    def start(*args: Any, **kwargs: Any) -> Scripted:
-        loop = asyncio.new_event_loop()
-        server = Scripted(*args, **kwargs)
-        ready = threading.Event()
-
-        def serve() -> None:
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(server.__aenter__())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(server.__aexit__(None, None, None))
-            loop.close()
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        assert ready.wait(10)
-        started.append((server, loop, thread))
-        return server
-
-    yield start
-    for _, loop, thread in started:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 def test_sigterm_while_start_up_waits_on_a_retry_after_stops_cleanly(

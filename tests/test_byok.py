@@ -18,7 +18,7 @@ import pytest
 from helpers.scripted import Reply, Scripted, answer
 
 from batchrunner.breaker import Breaker
-from batchrunner.costs import Budget, format_usd
+from batchrunner.costs import format_usd
 from batchrunner.output import summary_path
 from batchrunner.retries import RetryPolicy
 from batchrunner.runner import run_job
@@ -80,20 +80,13 @@ async def test_a_byok_budget_counts_both_parts_and_is_never_passed(
 
 @pytest.mark.parametrize("learned", [False, True])
 async def test_each_reservation_holds_the_byok_fee_on_top_of_the_worst_case(
-    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, learned: bool
+    write_spec: Callable[..., Path], reservations: list[Decimal], learned: bool
 ) -> None:
     """Each request reserves its worst case plus 5.5% for OpenRouter's fee: from the first request where the
     server may bill BYOK (the sandbox in BYOK mode, as OpenRouter), and, on another server, from the first
     BYOK answer on (learned: concurrency 1, so every later request knows). The same job on plain answers
     reserves the worst cases alone."""
-    seen: list[Decimal] = []
-    reserve = Budget.reserve
-
-    def recording(self: Budget, amount_usd: Decimal) -> bool:
-        seen.append(amount_usd)
-        return reserve(self, amount_usd)
-
-    monkeypatch.setattr(Budget, "reserve", recording)
+    seen = reservations
     spec = load_spec(write_spec(concurrency=1))
     await run_job(spec, max_cost_usd=Decimal(100), sandbox=SandboxConfig(), fresh=True)
     plain, seen[:] = list(seen), []

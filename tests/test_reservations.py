@@ -20,7 +20,6 @@ import polars as pl
 import pytest
 from helpers.formats import strict_object
 
-from batchrunner.costs import Budget
 from batchrunner.runner import run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.sandbox.catalog import MODELS
@@ -34,20 +33,6 @@ PREAMBLE_TOKENS = 256  # the most a provider's template around a schema or tools
 LONG_ANSWER = strict_object(
     {f"category_of_part_{i}": {"type": "string", "enum": ["bug", "billing"]} for i in range(60)}
 )
-
-
-@pytest.fixture
-def reservations(monkeypatch: pytest.MonkeyPatch) -> list[Decimal]:
-    """Every amount the run asks the budget for, in order."""
-    seen: list[Decimal] = []
-    reserve = Budget.reserve
-
-    def recording(self: Budget, amount_usd: Decimal) -> bool:
-        seen.append(amount_usd)
-        return reserve(self, amount_usd)
-
-    monkeypatch.setattr(Budget, "reserve", recording)
-    return seen
 
 
 def one_row(tmp_path: Path, text: str) -> str:
