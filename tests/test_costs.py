@@ -195,12 +195,18 @@ def test_a_model_without_both_base_prices_has_no_pricing(entry: dict[str, object
         ({"context_length": 0, "top_provider": {"max_completion_tokens": 0}}, None, None),
         ({"top_provider": None}, None, None),
         ({}, None, None),
+        ({"context_length": "8000", "top_provider": {"max_completion_tokens": 500.5}}, None, None),
+        ({"context_length": True, "top_provider": {"max_completion_tokens": 10**400}}, None, None),
+        ({"context_length": -5, "top_provider": {"max_completion_tokens": -1}}, None, None),
+        ({"context_length": 100_000_001, "top_provider": {"context_length": 4000}}, None, 4000),
+        ({"context_length": 100_000_000, "top_provider": {"max_completion_tokens": 1}}, 1, 100_000_000),
     ],
 )
 def test_limits_come_from_the_model_then_its_top_provider(
     limits: dict[str, object], max_completion_tokens: int | None, context_length: int | None
 ) -> None:
-    """The model's context length wins over its top provider's; zero or missing limits are no limits."""
+    """The model's context length wins over its top provider's; zero, missing, or not a count from 1 to 100 million
+    tokens (text, a bool, negative, past 100 million) is no limit."""
     pricing = Pricing.from_model({"id": "a/b", "pricing": {"prompt": "0.000001", "completion": "0.000004"}, **limits})
     assert pricing is not None
     assert (pricing.max_completion_tokens, pricing.context_length) == (max_completion_tokens, context_length)
@@ -520,25 +526,6 @@ def test_prices_from_0_to_1000_and_discounts_from_0_to_1_are_used(prices: dict[s
     pricing = Pricing.from_model(entry)
     assert pricing is not None and PriceTable([entry]).unusable("a/b") is None
     assert pricing.worst_case_usd(1000, 500) == Decimal(expected)
-
-
-@pytest.mark.parametrize(
-    ("limits", "max_completion_tokens", "context_length"),
-    [
-        ({"context_length": "8000", "top_provider": {"max_completion_tokens": 500.5}}, None, None),
-        ({"context_length": True, "top_provider": {"max_completion_tokens": 10**400}}, None, None),
-        ({"context_length": -5, "top_provider": {"max_completion_tokens": -1}}, None, None),
-        ({"context_length": 100_000_001, "top_provider": {"context_length": 4000}}, None, 4000),
-        ({"context_length": 100_000_000, "top_provider": {"max_completion_tokens": 1}}, 1, 100_000_000),
-    ],
-)
-def test_limits_that_are_not_token_counts_are_no_limits(
-    limits: dict[str, object], max_completion_tokens: int | None, context_length: int | None
-) -> None:
-    """A context length or answer limit that is not a count from 1 to 100 million tokens is no limit."""
-    pricing = Pricing.from_model({"id": "a/b", "pricing": {"prompt": "0.000001", "completion": "0.000004"}, **limits})
-    assert pricing is not None
-    assert (pricing.max_completion_tokens, pricing.context_length) == (max_completion_tokens, context_length)
 
 
 @pytest.mark.parametrize(
