@@ -290,7 +290,7 @@ class BatchExecutor:
                     item
                     for item in listed
                     if item.get("model") == record["model"]
-                    and (item.get("request_counts") or {}).get("total") == record["requests"]
+                    and request_count(item, "total") == record["requests"]
                     and float(item.get("created_at") or 0) >= record["created_s"] - RECONCILE_WINDOW_S
                     and item["id"] not in known
                 ]
@@ -366,10 +366,8 @@ class BatchExecutor:
             log.warning("could not read batch %s (%s); trying again", opened.batch_id, exc)
             return None
         if batch["status"] not in ENDED:
-            found = batch.get("request_counts")
-            counts: dict[str, Any] = found if isinstance(found, dict) else {}
-            done = sum(n for n in (counts.get("completed"), counts.get("failed")) if isinstance(n, int))
-            opened.progress = f"{batch['status']} {done}/{counts.get('total', len(opened.keys))}"
+            total = request_count(batch, "total")
+            opened.progress = f"{batch['status']} {finished(batch)}/{total if total is not None else len(opened.keys)}"
         return batch
 
     async def _collect(
@@ -398,10 +396,9 @@ class BatchExecutor:
         """An ended batch's results: inline when the batch carries them, else page by page from
         GET /batches/{id}/results, from where an earlier download stopped (its cursor is in the checkpoint)."""
         inline = batch.get("results")
-        found = batch.get("request_counts")
-        counts: dict[str, Any] = found if isinstance(found, dict) else {}
-        finished = sum(n for n in (counts.get("completed"), counts.get("failed")) if isinstance(n, int))
-        if isinstance(inline, list) and (inline or not finished):  # an empty list for a batch that answered: paged
+        if isinstance(inline, list) and (
+            inline or not finished(batch)
+        ):  # an empty list for a batch that answered: paged
             yield [r for r in inline if isinstance(r, dict)]
             return
         if batch["status"] != "completed":  # failed, expired, cancelled: no result rows to read
@@ -494,6 +491,18 @@ class BatchExecutor:
             len(again),
         )
         return again
+
+
+def request_count(batch: dict[str, Any], name: str) -> int | None:
+    """One of a batch's request_counts (total, completed, failed), if the API gave it as a number."""
+    counts = batch.get("request_counts")
+    value = counts.get(name) if isinstance(counts, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def finished(batch: dict[str, Any]) -> int:
+    """How many of a batch's requests have finished, answered or failed."""
+    return (request_count(batch, "completed") or 0) + (request_count(batch, "failed") or 0)
 
 
 def _key(key_list: list[str]) -> tuple[str, str, str]:

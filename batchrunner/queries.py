@@ -54,7 +54,7 @@ async def cancel_batches(spec: JobSpec, *, sandbox: SandboxConfig | None = None)
     """Ask the Batch API to cancel the job's batches still running (POST .../cancel). A cancelled batch returns no
     result rows, while the requests it had finished are billed: the next run records that cost and asks its pairs
     again. A batch that has already ended is left for the next run to collect."""
-    from batchrunner.batch import ENDED
+    from batchrunner.batch import ENDED, request_count
 
     if sandbox is not None:
         raise SpecError(
@@ -78,12 +78,12 @@ async def cancel_batches(spec: JobSpec, *, sandbox: SandboxConfig | None = None)
                     if batch["status"] in ENDED:
                         done.ended.append((batch_id, batch["status"]))
                         continue
-                    counts = batch.get("request_counts") if isinstance(batch.get("request_counts"), dict) else {}
+                    completed = request_count(batch, "completed")
                     log.warning(
                         "cancelling batch %s: the %s requests it has finished are billed, and a cancelled batch returns "
                         "no answers",
                         batch_id,
-                        (counts or {}).get("completed", "unknown number of"),
+                        "unknown number of" if completed is None else completed,
                     )
                     await connection.client.cancel_batch(batch_id)
                 except ApiError as exc:
