@@ -99,6 +99,7 @@ class LiveExecutor:
                 await queue.put(None)
 
         async def worker() -> None:
+            current = asyncio.current_task()
             while not halt.stopping:
                 todo = await queue.get()
                 if todo is None:
@@ -106,7 +107,6 @@ class LiveExecutor:
                 result = await policy.answer(todo)
                 if result is not None:
                     sinks.add(result)
-                current = asyncio.current_task()
                 if current is not None and current.cancelling():  # the policy kept a bill; the cancel stands
                     raise asyncio.CancelledError
 
