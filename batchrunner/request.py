@@ -359,7 +359,7 @@ def most_field_tokens(body: dict[str, Any]) -> int:
 def choices(body: dict[str, Any]) -> int:
     """How many answers a request asks for (`n`): each is billed."""
     n = body.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    return n if isinstance(n, int) and n > 1 else 1  # True is an int, but not > 1
 
 
 MOST_BYTES_PER_TOKEN = 32  # longer than any common tokenizer's longest usual token (runs of spaces, dashes)

@@ -9,13 +9,23 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 from batchrunner import openapi
 from batchrunner.dataset import Row
 from batchrunner.media import EncodedBody, Media, encode_body
-from batchrunner.request import MOST_TOKENS_PER_IMAGE, RequestBuilder, media_tally, most_prompt_tokens
+from batchrunner.request import (
+    MOST_TOKENS_PER_IMAGE,
+    RequestBuilder,
+    choices,
+    least_prompt_tokens,
+    media_tally,
+    most_field_tokens,
+    most_prompt_tokens,
+)
 from batchrunner.spec import load_spec
 
 ROW = Row(0, "T-0", {"ticket_id": "T-0", "subject": "s", "text": "hello"})
@@ -205,3 +215,36 @@ def test_a_stream_asks_other_servers_for_its_usage(write_spec: Callable[..., Pat
         }
     unstreamed = RequestBuilder(load_spec(write_spec()), server="http://127.0.0.1:8000/v1")
     assert "stream_options" not in unstreamed.body(unstreamed.prompt(ROW), "openai/gpt-4o-mini")
+
+
+@pytest.mark.parametrize(
+    ("body", "field_tokens", "answers"),
+    [
+        ({"messages": []}, 0, 1),
+        ({"tools": [{"type": "function"}]}, len('[{"type": "function"}]') + 256, 1),
+        (
+            {"response_format": {"type": "json_object"}, "tool_choice": "auto"},
+            len('{"type": "json_object"}') + 256 + len('"auto"') + 256,
+            1,
+        ),
+        ({"tools": None, "n": 3}, 0, 3),
+        ({"n": 1}, 0, 1),
+        ({"n": True}, 0, 1),  # a bool is not a count
+        ({"n": "4"}, 0, 1),
+        ({"response_format": {"schema": "é"}}, len('{"schema": "é"}'.encode()) + 256, 1),  # bytes, not characters
+    ],
+)
+def test_what_beside_the_messages_a_worst_case_counts(body: dict[str, Any], field_tokens: int, answers: int) -> None:
+    """Tools and schemas count at their JSON's bytes plus a preamble each; `n` answers are each billed (a bool or
+    text is no count)."""
+    assert most_field_tokens(body) == field_tokens
+    assert choices(body) == answers
+
+
+@pytest.mark.parametrize(
+    ("text", "least"),
+    [("", 0), ("x" * 31, 0), ("x" * 32, 1), ("é" * 32, 2), ("🔥" * 80, 10)],
+)
+def test_a_prompts_fewest_tokens_are_its_bytes_over_32(text: str, least: int) -> None:
+    """The bound a prompt is refused by (past the context even at its fewest tokens) counts UTF-8 bytes over 32."""
+    assert least_prompt_tokens([{"role": "user", "content": text}]) == least
