@@ -6,9 +6,11 @@ committed to the checkpoint; the batch id is committed as soon as the answer com
 run that finds a batch from an earlier run collects it; one whose submit answer was lost
 (a kill, a timeout) is reconciled with the workspace's batches (same model, same number of
 requests, submitted since), so nothing is submitted twice. Batches are polled with backoff
-until they end; each result goes through the row policy (policy.RowPolicy.take), exactly as
-a live answer would: what must be asked again (a transient error, an invalid structured
-answer) goes into a later batch, and an expired or cancelled batch's pairs are asked again.
+until they end; each result is an event of its pair's flow (flow.py), exactly as a live
+answer is: what the flow asks again (a transient error, an invalid structured answer, the
+next fallback) goes into a later batch, and an expired or cancelled batch's pairs are asked
+again. A batch has no counterpart of a live pair's waits (Retry-After, the breaker's pauses,
+the budget's waiting per request): the next batch is the retry.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from batchrunner.client import Client, parse_completion
-from batchrunner.costs import Pricing, Usage, charge, format_usd, to_decimal
+from batchrunner.accounts import Accounts
+from batchrunner.client import Client, Completion, parse_completion
+from batchrunner.costs import Pricing, Usage, charge, format_usd, saving_usd, to_decimal
 from batchrunner.errors import ApiError, Problem, RequestRejected, SpecError, TransientError, first_line
-from batchrunner.executor import Execution, count_resumed
+from batchrunner.executor import Answerer, Execution, Executor, count_resumed
+from batchrunner.flow import Ask, Done, RowFlow, Verdict, Wait
 from batchrunner.halt import Halt, StopReason
-from batchrunner.pending import Batch, Todo
-from batchrunner.policy import RowPolicy, RowState
+from batchrunner.pending import Batch
 from batchrunner.records import ResultSink
 from batchrunner.store import Store
 
@@ -47,6 +50,9 @@ def custom_id(key: tuple[str, str, str]) -> str:
     return hashlib.sha256("\x1f".join(key).encode()).hexdigest()[:32]
 
 
+Key = tuple[str, str, str]
+
+
 @dataclass
 class _Open:
     """A batch this run waits for: its record, and the reservations made for it."""
@@ -60,6 +66,62 @@ class _Open:
     cursor: str | None = None  # where the paged download of its results got to (None: the start)
 
 
+@dataclass
+class _Run:
+    """One execute() call: each pair's flow, and what the run shares (the answerer's budget, the sinks, the halt)."""
+
+    answerer: Answerer
+    sinks: ResultSink
+    halt: Halt
+    flows: dict[Key, RowFlow] = field(default_factory=dict)
+
+    @property
+    def accounts(self) -> Accounts:
+        return self.answerer.rules.pricer.accounts
+
+    def ask(self, key: Key) -> Ask | None:
+        """The request a pair's flow asks next, with no wait (the next batch is its retry); None when the flow
+        finished it instead (a request refused unsent, its last model given up on): its result is kept."""
+        flow = self.flows[key]
+        while True:
+            action = flow.next()
+            if isinstance(action, Ask):
+                return action
+            if isinstance(action, Wait):
+                flow.waited()
+                continue
+            self.finish(key, action)
+            return None
+
+    def finish(self, key: Key, done: Done) -> None:
+        if done.result is not None:
+            self.sinks.add(done.result)
+        del self.flows[key]
+
+    def if_finished(self, key: Key) -> None:
+        """Keep the result of a pair whose flow has finished, and forget the flow."""
+        flow = self.flows[key]
+        if flow.finished:
+            done = flow.next()
+            assert isinstance(done, Done)
+            self.finish(key, done)
+
+    def feed(self, key: Key, answer: Completion | ApiError) -> Verdict:
+        """One result of a batch as an event of its pair's flow; a result that finishes the pair is kept."""
+        flow = self.flows[key]
+        if isinstance(answer, ApiError):
+            verdict = flow.failed(answer)
+        else:
+            verdict = flow.answered(answer)
+            pricing = self.accounts.pricing.get(answer.model or flow.model) or self.accounts.pricing.get(flow.model)
+            if pricing is not None and verdict.paid is not None:  # what it costs live: the discount, for the summary
+                self.accounts.saved_usd += saving_usd(pricing.cost_usd(answer.usage), verdict.paid)
+        if verdict.halting is not None:
+            self.halt.stop(verdict.halting.reason, verdict.halting.message, verdict.halting.error)
+        self.if_finished(key)
+        return verdict
+
+
 class BatchExecutor:
     """Submit, poll, collect, and submit again what must be asked again, until every pair is done."""
 
@@ -71,7 +133,7 @@ class BatchExecutor:
         poll_s: float = 5.0,
         max_poll_s: float = 300.0,
         wait: bool = True,
-        realtime: Any = None,
+        realtime: Executor | None = None,
     ) -> None:
         self.client = client
         self.store = store
@@ -82,89 +144,31 @@ class BatchExecutor:
         self.realtime = realtime  # an executor for the rows of a model the Batch API refuses (fallback_to_realtime)
         self.live_models: set[str] = set()
 
-    async def execute(self, work: Iterable[Batch], policy: Any, sinks: ResultSink, halt: Halt) -> Execution:
+    async def execute(self, work: Iterable[Batch], answerer: Answerer, sinks: ResultSink, halt: Halt) -> Execution:
         started = time.monotonic()
-        assert isinstance(policy, RowPolicy), "batches need the row policy's take()"
-        todos: dict[tuple[str, str, str], Todo] = {}
+        run = _Run(answerer, sinks, halt)
         resumed = 0
         for batch in work:
             resumed += count_resumed(batch, sinks)
             for todo in batch.todo:
-                failed = policy.refused(todo)  # its media cannot go in a batch (or at all): failed, unsent
-                if failed is not None:
-                    sinks.add(failed)
-                else:
-                    todos[todo.request.key] = todo
-        states = {key: policy.begin(todo) for key, todo in todos.items()}
-        listed: list[dict[str, Any]] | None = None
-        if todos or self.store.open_batches():
-            try:
-                listed = await self.client.batches()  # before anything is submitted: does this key reach it?
-            except ApiError as exc:
-                halt.stop(
-                    StopReason.BATCH_API,
-                    f"the Batch API does not answer for this key ({first_line(exc)}); nothing was submitted: "
-                    "use mode: live, or try again later",
-                    exc,
-                )
-                return Execution(resumed, time.monotonic() - started)
-            if not self._openrouters(listed):
-                raise SpecError(
-                    Problem(
-                        "mode",
-                        f"{self.client.base_url}/batches answered, but not as OpenRouter's Batch API does (its "
-                        "batches have OpenAI's fields, input_file_id, or it is not OpenRouter): batch mode needs "
-                        "OpenRouter's Batch API; use mode: live (nothing was submitted)",
-                    )
-                )
+                run.flows[todo.request.key] = answerer.rules.flow(todo)
+                run.if_finished(todo.request.key)  # its media cannot go in a batch (or at all): failed, unsent
+        listed = await self._listing(run)
+        if listed is None:
+            return Execution(resumed, time.monotonic() - started)
         try:
-            waiting = await self._reopen(todos, listed or [], policy)
+            waiting = await self._reopen(run, listed)
         except ApiError as exc:  # an earlier run's batch cannot be matched or read: stop before submitting more
             halt.stop(StopReason.BATCH_API, f"{first_line(exc)}; nothing new was submitted", exc)
             return Execution(resumed, time.monotonic() - started)
         out = {cid for opened in waiting for cid in opened.keys}  # pairs already in a batch at the API
-        queued = [key for key in todos if custom_id(key) not in out]
+        queued = [key for key in run.flows if custom_id(key) not in out]
         still_open: list[_Open] = []
         if not self.wait:  # a --no-wait run first collects what has ended (paying nothing new for it), then
             # submits what is left and returns: the batches still running stay at the API for the next run
-            still_open, again = await self._collect_ended(waiting, todos, states, policy, sinks, halt)
+            still_open, again = await self._collect_ended(waiting, run)
             queued, waiting = queued + again, []
-        while (queued or waiting) and not halt.stopping:
-            later: list[tuple[str, str, str]] = []  # what the budget cannot cover until batches are collected
-            live: list[tuple[str, str, str]] = []  # rows of models the Batch API refused (fallback_to_realtime)
-            for model, chunk in self._chunks(queued, todos, states, policy):
-                if model in self.live_models:
-                    live += [key for key, _ in chunk]
-                elif later or halt.stopping:
-                    later += [key for key, _ in chunk]
-                else:
-                    opened, rest, refused = await self._submit(model, chunk, policy, halt)
-                    if opened is not None:
-                        waiting.append(opened)
-                    later += rest
-                    live += refused
-            if live and not halt.stopping:
-                await self.realtime.execute([Batch([todos[key] for key in live], rows=len(live))], policy, sinks, halt)
-            if later and not self.wait and still_open:  # the budget is held by batches still running at the API
-                log.info(
-                    "%d pairs wait for budget held by %d batches still running; a later run submits them",
-                    len(later),
-                    len(still_open),
-                )
-                break
-            if later and not waiting:  # nothing in flight: does the next request fit now?
-                first, state = todos[later[0]], states[later[0]]
-                model = policy.model_of(first, state)
-                reserved = await policy.reserve(policy.body(first, state) | {"model": model}, model)
-                if reserved is None:  # it does not: the policy stopped the run, saying the budget is spent
-                    break
-                policy.settle(reserved, Decimal(0))  # it does (live rows settled meanwhile): go round again
-                queued = later
-                continue
-            if not self.wait:
-                break
-            queued = await self._collect(waiting, todos, states, policy, sinks, halt) + later
-            waiting = []
+        await self._rounds(run, queued, waiting, still_open)
         if not self.wait and (self.submitted or still_open):
             log.info(
                 "%d batches submitted, %d still running from earlier runs; run the job again to collect them (most "
@@ -174,57 +178,120 @@ class BatchExecutor:
             )
         return Execution(resumed, time.monotonic() - started)
 
+    async def _listing(self, run: _Run) -> list[dict[str, Any]] | None:
+        """The workspace's batches, asked before anything is submitted (does this key reach the Batch API, and is
+        it OpenRouter's?); [] when there is nothing to do; None when the run stopped (it says why)."""
+        if not run.flows and not self.store.open_batches():
+            return []
+        try:
+            listed = await self.client.batches()
+        except ApiError as exc:
+            run.halt.stop(
+                StopReason.BATCH_API,
+                f"the Batch API does not answer for this key ({first_line(exc)}); nothing was submitted: "
+                "use mode: live, or try again later",
+                exc,
+            )
+            return None
+        if not self._openrouters(listed):
+            raise SpecError(
+                Problem(
+                    "mode",
+                    f"{self.client.base_url}/batches answered, but not as OpenRouter's Batch API does (its "
+                    "batches have OpenAI's fields, input_file_id, or it is not OpenRouter): batch mode needs "
+                    "OpenRouter's Batch API; use mode: live (nothing was submitted)",
+                )
+            )
+        return listed
+
+    async def _rounds(self, run: _Run, queued: list[Key], waiting: list[_Open], still_open: list[_Open]) -> None:
+        """Submit what is queued, collect, and submit again what the flows ask again, until nothing is left."""
+        halt = run.halt
+        while (queued or waiting) and not halt.stopping:
+            later: list[Key] = []  # what the budget cannot cover until batches are collected
+            live: list[Key] = []  # rows of models the Batch API refused (fallback_to_realtime)
+            for model, chunk in self._chunks(queued, run):
+                if model in self.live_models:
+                    live += [key for key, _ in chunk]
+                elif later or halt.stopping:
+                    later += [key for key, _ in chunk]
+                else:
+                    opened, rest, refused = await self._submit(model, chunk, run)
+                    if opened is not None:
+                        waiting.append(opened)
+                    later += rest
+                    live += refused
+            if live and not halt.stopping and self.realtime is not None:
+                todos = [run.flows.pop(key).todo for key in live if key in run.flows]
+                await self.realtime.execute([Batch(todos, rows=len(todos))], run.answerer, run.sinks, halt)
+            if later and not self.wait and still_open:  # the budget is held by batches still running at the API
+                log.info(
+                    "%d pairs wait for budget held by %d batches still running; a later run submits them",
+                    len(later),
+                    len(still_open),
+                )
+                return
+            if later and not waiting:  # nothing in flight: does the next request fit now?
+                if not await self._fits(run, later):
+                    return
+                queued = later
+                continue
+            if not self.wait:
+                return
+            queued = await self._collect(waiting, run) + later
+            waiting = []
+
+    @staticmethod
+    async def _fits(run: _Run, later: list[Key]) -> bool:
+        """Whether the first pair waiting for budget fits now (live rows may have settled meanwhile); False when
+        it does not and nothing can free any: the run is stopped, saying the budget is spent."""
+        for key in later:
+            if key in run.flows and (ask := run.ask(key)) is not None:
+                if not await run.answerer.reserve(ask.reserve_usd):
+                    return False
+                run.answerer.settle(ask.reserve_usd, Decimal(0))
+                return True
+        return True
+
     # -- submitting ---------------------------------------------------------------------------
 
-    def _chunks(
-        self,
-        keys: list[tuple[str, str, str]],
-        todos: dict[tuple[str, str, str], Todo],
-        states: dict[tuple[str, str, str], RowState],
-        policy: RowPolicy,
-    ) -> Iterable[tuple[str, list[tuple[tuple[str, str, str], dict[str, Any]]]]]:
+    def _chunks(self, keys: list[Key], run: _Run) -> Iterable[tuple[str, list[tuple[Key, Ask]]]]:
         """Per model being asked (a pair's fallback once its model gave up), runs of at most MAX_REQUESTS
         requests and MAX_BYTES."""
-        by_model: dict[str, list[tuple[str, str, str]]] = {}
+        by_model: dict[str, list[tuple[Key, Ask]]] = {}
         for key in keys:
-            by_model.setdefault(policy.model_of(todos[key], states[key]), []).append(key)
-        for model, model_keys in by_model.items():
-            chunk: list[tuple[tuple[str, str, str], dict[str, Any]]] = []
+            if key in run.flows and (ask := run.ask(key)) is not None:
+                by_model.setdefault(ask.model, []).append((key, ask))
+        for model, asks in by_model.items():
+            chunk: list[tuple[Key, Ask]] = []
             size = 0
-            for key in model_keys:
-                body = policy.body(todos[key], states[key])
-                body.pop("model", None)
-                length = len(json.dumps(body, ensure_ascii=False).encode()) + 80
+            for key, ask in asks:
+                length = len(json.dumps(ask.body, ensure_ascii=False).encode()) + 80
                 if chunk and (len(chunk) >= MAX_REQUESTS or size + length > MAX_BYTES):
                     yield model, chunk
                     chunk, size = [], 0
-                chunk.append((key, body))
+                chunk.append((key, ask))
                 size += length
             if chunk:
                 yield model, chunk
 
     async def _submit(
-        self,
-        model: str,
-        chunk: list[tuple[tuple[str, str, str], dict[str, Any]]],
-        policy: RowPolicy,
-        halt: Halt,
-    ) -> tuple[_Open | None, list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+        self, model: str, chunk: list[tuple[Key, Ask]], run: _Run
+    ) -> tuple[_Open | None, list[Key], list[Key]]:
         """Submit what of `chunk` the budget covers now: (the batch, or None), the pairs left for later, and
         the pairs of a model the Batch API refused when they are to run live instead."""
         opened = _Open(f"intent-{uuid.uuid4().hex}", None, model, {})
         requests = []
-        for position, (key, body) in enumerate(chunk):
-            reserved = policy.try_reserve({**body, "model": model}, model)
-            if reserved is None:  # settles only when batches are collected: the rest waits for that
-                rest = [k for k, _ in chunk[position:]]
+        budget = run.accounts.budget
+        rest: list[Key] = []
+        for position, (key, ask) in enumerate(chunk):
+            if budget is not None and not budget.reserve(ask.reserve_usd):
+                rest = [k for k, _ in chunk[position:]]  # settles only when batches are collected: it waits
                 break
             cid = custom_id(key)
             opened.keys[cid] = list(key)
-            opened.reserved[cid] = reserved
-            requests.append({"custom_id": cid, "body": {**body, "model": model}})
-        else:
-            rest = []
+            opened.reserved[cid] = ask.reserve_usd
+            requests.append({"custom_id": cid, "body": {**ask.body, "model": model}})
         if not requests:
             return None, rest, []
         held = sum(opened.reserved.values(), Decimal(0))  # counted by every later run's budget until collected
@@ -233,37 +300,44 @@ class BatchExecutor:
             submitted = await self.client.submit_batch(model, requests)
         except ApiError as exc:
             for reserved in opened.reserved.values():
-                policy.settle(reserved, Decimal(0))
-            if isinstance(exc, TransientError):
-                log.warning(
-                    "submitting a batch of %d for %s failed (%s); it is looked for on the next run",
-                    len(requests),
-                    model,
-                    exc,
-                )
-                halt.stop(
-                    StopReason.BATCH_API,
-                    f"submitting a batch for {model} got no answer ({first_line(exc)}); the next run looks for it "
-                    "among the workspace's batches before submitting anything",
-                )
-                return None, rest, []
-            self.store.batch_state(opened.intent_id, "requeued")
-            if self.realtime is not None:
-                log.warning("the Batch API refused %s (%s): its rows run as live requests", model, first_line(exc))
-                self.live_models.add(model)
-                return None, [], [(k[0], k[1], k[2]) for k in opened.keys.values()] + rest
-            halt.stop(
-                StopReason.BATCH_API,
-                f"the Batch API refused a batch for {model} ({first_line(exc)}); set batch: {{fallback_to_realtime: "
-                "true}} to run its rows live, or use mode: live",
-                exc,
-            )
-            return None, rest, []
+                run.answerer.settle(reserved, Decimal(0))
+            return None, *self._refused(opened, exc, rest, run)
         opened.batch_id = submitted["id"]
         self.store.batch_submitted(opened.intent_id, opened.batch_id)
         self.submitted.append(opened.batch_id)
         log.info("submitted batch %s: %d requests to %s", opened.batch_id, len(requests), model)
         return opened, rest, []
+
+    def _refused(self, opened: _Open, exc: ApiError, rest: list[Key], run: _Run) -> tuple[list[Key], list[Key]]:
+        """A submit call that failed: (the pairs left for later, the pairs to run live). No answer at all: the
+        batch may have arrived, the next run looks for it. Refused: its rows run live (fallback_to_realtime)
+        or the run stops."""
+        model = opened.model
+        if isinstance(exc, TransientError):
+            log.warning(
+                "submitting a batch of %d for %s failed (%s); it is looked for on the next run",
+                len(opened.keys),
+                model,
+                exc,
+            )
+            run.halt.stop(
+                StopReason.BATCH_API,
+                f"submitting a batch for {model} got no answer ({first_line(exc)}); the next run looks for it "
+                "among the workspace's batches before submitting anything",
+            )
+            return rest, []
+        self.store.batch_state(opened.intent_id, "requeued")
+        if self.realtime is not None:
+            log.warning("the Batch API refused %s (%s): its rows run as live requests", model, first_line(exc))
+            self.live_models.add(model)
+            return [], [_key(k) for k in opened.keys.values()] + rest
+        run.halt.stop(
+            StopReason.BATCH_API,
+            f"the Batch API refused a batch for {model} ({first_line(exc)}); set batch: {{fallback_to_realtime: "
+            "true}} to run its rows live, or use mode: live",
+            exc,
+        )
+        return rest, []
 
     def _openrouters(self, listed: list[dict[str, Any]]) -> bool:
         """Whether the Batch API that answered is OpenRouter's: its URL, the sandbox's word, or batches in
@@ -272,89 +346,83 @@ class BatchExecutor:
             return False
         return self.client.openrouter or self.client.sandbox or any("request_counts" in item for item in listed)
 
-    async def _reopen(
-        self, todos: dict[tuple[str, str, str], Todo], listed: list[dict[str, Any]], policy: RowPolicy
-    ) -> list[_Open]:
+    async def _reopen(self, run: _Run, listed: list[dict[str, Any]]) -> list[_Open]:
         """Batches an earlier run submitted and did not collect, their reservations held against this run's budget
         again; a submission whose answer was lost is matched with the workspace's batches (every page: same
         model and size, created since), or else known never to have gone, once the listing has had time to show it."""
         records = self.store.open_batches()
-        if not records:
-            return []
         known = {r["batch_id"] for r in records if r["batch_id"]}
         reopened = []
+        budget = run.accounts.budget
         for record in records:
-            batch_id = record["batch_id"]
+            batch_id = record["batch_id"] or self._match(record, listed, known)
             if batch_id is None:
-                candidates = [
-                    item
-                    for item in listed
-                    if item.get("model") == record["model"]
-                    and request_count(item, "total") == record["requests"]
-                    and float(item.get("created_at") or 0) >= record["created_s"] - RECONCILE_WINDOW_S
-                    and item["id"] not in known
-                ]
-                if len(candidates) == 1:
-                    batch_id = candidates[0]["id"]
-                    known.add(batch_id)
-                    self.store.batch_submitted(record["intent_id"], batch_id)
-                    log.info("found batch %s, whose submission's answer was lost", batch_id)
-                elif not candidates and time.time() - record["created_s"] > RECONCILE_WINDOW_S:
-                    log.warning(
-                        "a batch for %s submitted at %s is not among the workspace's %d batches (every page read): "
-                        "it never arrived; its requests are submitted again",
-                        record["model"],
-                        time.strftime("%H:%M:%S", time.localtime(record["created_s"])),
-                        len(listed),
-                    )
-                    self.store.batch_state(record["intent_id"], "requeued")  # it never reached the API
-                    continue
-                elif not candidates:
-                    raise TransientError(
-                        f"a batch submitted for {record['model']} at {record['created_s']:.0f} (its answer was lost) "
-                        f"is not among the workspace's {len(listed)} batches yet; rerun in "
-                        f"{RECONCILE_WINDOW_S / 60:.0f} minutes: if it still is not there, it never arrived and is "
-                        "submitted again",
-                        code="lost_batch",
-                    )
-                else:
-                    raise TransientError(
-                        f"{len(candidates)} batches could be the one submitted for {record['model']} at "
-                        f"{record['created_s']:.0f}; cancel the wrong ones with `batchrunner cancel` and rerun",
-                        code="ambiguous_batch",
-                    )
+                continue
             opened = _Open(record["intent_id"], batch_id, record["model"], record["keys"], cursor=record["cursor"])
             held = record["reserved_usd"]
-            if held and policy.budget is not None:  # committed at the API: it counts whatever the budget says now
-                policy.budget.reserved_usd += held
+            if held and budget is not None:  # committed at the API: it counts whatever the budget says now
+                budget.reserved_usd += held
                 opened.reserved = {cid: held / len(opened.keys) for cid in opened.keys}
             reopened.append(opened)
         return reopened
 
+    def _match(self, record: dict[str, Any], listed: list[dict[str, Any]], known: set[str]) -> str | None:
+        """The batch a submission whose answer was lost became; None when it never arrived (its requests are
+        submitted again). TransientError when it cannot be told yet, or which of several it is."""
+        candidates = [
+            item
+            for item in listed
+            if item.get("model") == record["model"]
+            and request_count(item, "total") == record["requests"]
+            and float(item.get("created_at") or 0) >= record["created_s"] - RECONCILE_WINDOW_S
+            and item["id"] not in known
+        ]
+        if len(candidates) == 1:
+            batch_id = str(candidates[0]["id"])
+            known.add(batch_id)
+            self.store.batch_submitted(record["intent_id"], batch_id)
+            log.info("found batch %s, whose submission's answer was lost", batch_id)
+            return batch_id
+        if not candidates and time.time() - record["created_s"] > RECONCILE_WINDOW_S:
+            log.warning(
+                "a batch for %s submitted at %s is not among the workspace's %d batches (every page read): "
+                "it never arrived; its requests are submitted again",
+                record["model"],
+                time.strftime("%H:%M:%S", time.localtime(record["created_s"])),
+                len(listed),
+            )
+            self.store.batch_state(record["intent_id"], "requeued")  # it never reached the API
+            return None
+        if not candidates:
+            raise TransientError(
+                f"a batch submitted for {record['model']} at {record['created_s']:.0f} (its answer was lost) "
+                f"is not among the workspace's {len(listed)} batches yet; rerun in "
+                f"{RECONCILE_WINDOW_S / 60:.0f} minutes: if it still is not there, it never arrived and is "
+                "submitted again",
+                code="lost_batch",
+            )
+        raise TransientError(
+            f"{len(candidates)} batches could be the one submitted for {record['model']} at "
+            f"{record['created_s']:.0f}; cancel the wrong ones with `batchrunner cancel` and rerun",
+            code="ambiguous_batch",
+        )
+
     # -- collecting ---------------------------------------------------------------------------
 
-    async def _collect_ended(
-        self,
-        waiting: list[_Open],
-        todos: dict[tuple[str, str, str], Todo],
-        states: dict[tuple[str, str, str], RowState],
-        policy: RowPolicy,
-        sinks: ResultSink,
-        halt: Halt,
-    ) -> tuple[list[_Open], list[tuple[str, str, str]]]:
+    async def _collect_ended(self, waiting: list[_Open], run: _Run) -> tuple[list[_Open], list[Key]]:
         """One look at each open batch, no waiting: those that ended are collected (a --no-wait run's first step);
         returns the batches still open and the pairs to ask again."""
         still: list[_Open] = []
-        again: list[tuple[str, str, str]] = []
+        again: list[Key] = []
         for opened in waiting:
-            if halt.stopping:
+            if run.halt.stopping:
                 still.append(opened)
                 continue
             batch = await self._look(opened)
             if batch is None or batch["status"] not in ENDED:
                 still.append(opened)
                 continue
-            again += await self._take(opened, batch, todos, states, policy, sinks)
+            again += await self._take(opened, batch, run)
         return still, again
 
     async def _look(self, opened: _Open) -> dict[str, Any] | None:
@@ -370,22 +438,14 @@ class BatchExecutor:
             opened.progress = f"{batch['status']} {finished(batch)}/{total if total is not None else len(opened.keys)}"
         return batch
 
-    async def _collect(
-        self,
-        waiting: list[_Open],
-        todos: dict[tuple[str, str, str], Todo],
-        states: dict[tuple[str, str, str], RowState],
-        policy: RowPolicy,
-        sinks: ResultSink,
-        halt: Halt,
-    ) -> list[tuple[str, str, str]]:
-        """Poll until every batch ends; feed each result to the policy; return the pairs to ask again."""
-        again: list[tuple[str, str, str]] = []
+    async def _collect(self, waiting: list[_Open], run: _Run) -> list[Key]:
+        """Poll until every batch ends; feed each result to its flow; return the pairs to ask again."""
+        again: list[Key] = []
         delay = self.poll_s
-        while waiting and not halt.stopping:
-            waiting, ended = await self._collect_ended(waiting, todos, states, policy, sinks, halt)
+        while waiting and not run.halt.stopping:
+            waiting, ended = await self._collect_ended(waiting, run)
             again += ended
-            if waiting and not halt.stopping:
+            if waiting and not run.halt.stopping:
                 states_seen = ", ".join(f"{o.batch_id} {o.progress}" for o in waiting)
                 log.info("waiting for %d batches (%s); next look in %.0f s", len(waiting), states_seen, delay)
                 await asyncio.sleep(delay)
@@ -412,69 +472,40 @@ class BatchExecutor:
             opened.cursor = page.next_cursor
             self.store.batch_cursor(opened.intent_id, opened.cursor)  # after the page's answers are committed
 
-    async def _take(
-        self,
-        opened: _Open,
-        batch: dict[str, Any],
-        todos: dict[tuple[str, str, str], Todo],
-        states: dict[tuple[str, str, str], RowState],
-        policy: RowPolicy,
-        sinks: ResultSink,
-    ) -> list[tuple[str, str, str]]:
+    def _taken(self, opened: _Open, cid: str, run: _Run) -> Key | None:
+        """The pair a result or a missing result stands for, taken off the batch with its flow told the request
+        it was (an earlier run's batch: its model); None when no flow waits for it (answered already: a download
+        resumed, or the spec was edited since), its reservation freed."""
+        key = _key(opened.keys[cid])
+        reserved = opened.reserved.pop(cid, Decimal(0))
+        flow = run.flows.get(key)
+        if flow is None:
+            run.answerer.settle(reserved, Decimal(0))
+            return None
+        flow.sent(opened.model, reserved)
+        return key
+
+    async def _take(self, opened: _Open, batch: dict[str, Any], run: _Run) -> list[Key]:
         """One ended batch's results into the checkpoint and the summary; the pairs to ask again. A batch that
         failed fails its pairs with its message (or asks them again, if the fault is passing); a cancelled one
         has no result rows, but what it billed is recorded against the job."""
-        again: list[tuple[str, str, str]] = []
+        again: list[Key] = []
         seen: set[str] = set()
         stale = 0
-        failure = _batch_failure(batch)
         async for page in self._results(opened, batch):
             for result in page:
                 cid = result.get("custom_id")
                 if not isinstance(cid, str) or cid not in opened.keys or cid in seen:
                     continue
                 seen.add(cid)
-                key = _key(opened.keys[cid])
-                reserved = opened.reserved.pop(cid, Decimal(0))
-                todo = todos.get(key)
-                if todo is None:  # answered already (a download resumed), or the spec was edited since
-                    policy.settle(reserved, Decimal(0))
+                reserved = opened.reserved.get(cid, Decimal(0))
+                if (key := self._taken(opened, cid, run)) is None:
                     stale += 1
                     continue
-                row, cost = policy.take(todo, states[key], _answer(result))
-                policy.settle(reserved, cost)
-                if row is None:
+                run.answerer.settle(reserved, run.feed(key, _answer(result)).cost_usd)
+                if key in run.flows:
                     again.append(key)
-                else:
-                    sinks.add(row)
-        billed = _batch_cost(batch, policy.pricing.get(opened.model)) if batch["status"] == "cancelled" else None
-        if billed:  # requests that finished before the cancel: billed, with no rows to carry the cost
-            self.store.batch_cost(opened.intent_id, billed)
-            log.warning(
-                "batch %s was cancelled: %s was billed for requests that had finished",
-                opened.batch_id,
-                format_usd(billed),
-            )
-        for cid, key_list in opened.keys.items():  # no result for these: the batch ended without them
-            if cid in seen:
-                continue
-            key = _key(key_list)
-            reserved = opened.reserved.pop(cid, Decimal(0))
-            todo = todos.get(key)
-            if todo is None:
-                policy.settle(reserved, Decimal(0))
-                continue
-            if failure is not None:
-                row, _ = policy.take(todo, states[key], failure)
-                policy.settle(reserved, Decimal(0))
-                if row is not None:
-                    sinks.add(row)
-                    continue
-            else:
-                policy.settle(reserved, Decimal(0))
-            again.append(key)
-        if billed and policy.budget is not None:
-            policy.settle(Decimal(0), billed)
+        again += self._unanswered(opened, batch, seen, run)
         if stale:
             log.info(
                 "batch %s: %d answers are not kept: answered already (an earlier download), or for requests the "
@@ -490,6 +521,34 @@ class BatchExecutor:
             len(opened.keys) - len(again),
             len(again),
         )
+        return again
+
+    def _unanswered(self, opened: _Open, batch: dict[str, Any], seen: set[str], run: _Run) -> list[Key]:
+        """The pairs an ended batch has no result for: failed with a failed batch's message (or asked again, if
+        it is passing), else asked again; a cancelled batch's bill for what finished before the cancel is kept."""
+        billed = _batch_cost(batch, run.accounts.pricing.get(opened.model)) if batch["status"] == "cancelled" else None
+        if billed:  # requests that finished before the cancel: billed, with no rows to carry the cost
+            self.store.batch_cost(opened.intent_id, billed)
+            log.warning(
+                "batch %s was cancelled: %s was billed for requests that had finished",
+                opened.batch_id,
+                format_usd(billed),
+            )
+        failure = _batch_failure(batch)
+        again: list[Key] = []
+        for cid in list(opened.keys):
+            if cid in seen:
+                continue
+            reserved = opened.reserved.get(cid, Decimal(0))
+            if (key := self._taken(opened, cid, run)) is None:
+                continue
+            run.answerer.settle(reserved, Decimal(0))
+            if failure is not None:
+                run.feed(key, failure)
+            if key in run.flows:
+                again.append(key)
+        if billed and run.accounts.budget is not None:
+            run.answerer.settle(Decimal(0), billed)
         return again
 
 

@@ -3,7 +3,7 @@
 Everything that can refuse the job is checked first (preflight.py). Then the run holds the
 job's lock, opens its checkpoint, connects (connect.py), plans the rate and the budget, and
 hands the pairs still to answer (pending.py) to an executor (executor.py) with the row
-policy (policy.py), the result sinks and the run's one halt (halt.py). The output is
+answerer (live.py: each pair's flow, flow.py), the result sinks and the run's one halt (halt.py). The output is
 rebuilt from the checkpoint at every exit, complete or not.
 """
 
@@ -42,18 +42,18 @@ from batchrunner.errors import (
     SpecError,
     TransientError,
 )
-from batchrunner.executor import Executor, LiveExecutor
+from batchrunner.executor import Executor
 from batchrunner.files import write_text_atomically
 from batchrunner.halt import Halt, Stop, StopReason
 from batchrunner.judging import items as judge_items
 from batchrunner.judging import judge_spec
 from batchrunner.keylog import KeyLog
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
+from batchrunner.live import LiveAnswerer, LiveExecutor
 from batchrunner.lock import job_lock, lock_path
 from batchrunner.output import export, extend, remove_leftovers, summary_path
 from batchrunner.output import results as results_of
 from batchrunner.pending import Batch, pending
-from batchrunner.policy import RowPolicy
 from batchrunner.preflight import check_endpoints, check_models, check_output, prepare
 from batchrunner.progress import Progress
 from batchrunner.records import KeptResults, ResultSink, RowResult, Sinks, Summary
@@ -205,7 +205,7 @@ async def run_job(
                     sinks.append(progress)
                 if keep_results:
                     sinks.append(results)
-                policy = RowPolicy(
+                policy = LiveAnswerer(
                     spec,
                     client,
                     halt,
@@ -284,7 +284,7 @@ async def run_job(
                 report = RunReport(summary, total, execution.wall_s, halt.outcome, execution.resumed, results)
                 report.judging = judged
                 if spec.mode == "batch":
-                    report.batch_saved_usd = policy.saved_usd
+                    report.batch_saved_usd = policy.accounts.saved_usd
                 concurrency_hint(spec, report, limits.pacer.rate_rps)
             finally:
                 outcome = "unfinished" if report is None else "stopped" if report.stop else "finished"
@@ -340,7 +340,7 @@ async def judge(
     dataset: Any,
     requests: RequestBuilder,
     store: Store,
-    policy: RowPolicy,
+    policy: LiveAnswerer,
     executor: Executor | None,
     judging: Summary,
     keys: KeyLog | None = None,
@@ -603,7 +603,7 @@ async def _unless_interrupted(work: Awaitable[T], caught: interrupts.Interrupts)
         stop_listening()
 
 
-def _last_words(policy: RowPolicy, store: Store) -> Callable[[], None]:
+def _last_words(policy: LiveAnswerer, store: Store) -> Callable[[], None]:
     """A second Ctrl-C or SIGTERM: the requests on the wire are given up on (each recorded at its worst case: it
     may have been billed) and committed, then the process exits (interrupts.py bounds how long this may take)."""
     loop = asyncio.get_running_loop()

@@ -188,10 +188,9 @@ async def run_pairs(
     `executor` is given), without the runner around it; the RunReport keeps every result. `sandbox` is
     anything serving chat completions at its `base_url` (tests/helpers/scripted.py's Scripted too)."""
     from batchrunner.client import Client
-    from batchrunner.executor import LiveExecutor
     from batchrunner.halt import Halt
+    from batchrunner.live import LiveAnswerer, LiveExecutor
     from batchrunner.pending import pending
-    from batchrunner.policy import RowPolicy
     from batchrunner.preflight import prepare
     from batchrunner.records import KeptResults, Sinks, Summary
     from batchrunner.request import RequestBuilder
@@ -203,7 +202,9 @@ async def run_pairs(
     summary, results = Summary(), KeptResults()
 
     async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.concurrency) as client:
-        policy = RowPolicy(spec, client, halt, retry=retry or RetryPolicy.immediate(), breaker=breaker, pricing=pricing)
+        policy = LiveAnswerer(
+            spec, client, halt, retry=retry or RetryPolicy.immediate(), breaker=breaker, pricing=pricing
+        )
         sinks = Sinks(summary, *([store] if store is not None else []), results)
         work = pending(dataset, RequestBuilder(spec), store, limit=limit)
         execution = await (executor or LiveExecutor(spec.concurrency, grace_s=grace_s)).execute(

@@ -13,8 +13,9 @@ import pytest
 from conftest import run_pairs
 
 from batchrunner import preflight
-from batchrunner.executor import Execution, LiveExecutor
+from batchrunner.executor import Execution
 from batchrunner.halt import Halt, StopReason
+from batchrunner.live import LiveExecutor
 from batchrunner.output import export
 from batchrunner.pending import Todo, pending
 from batchrunner.preflight import prepare

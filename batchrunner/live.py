@@ -1,0 +1,416 @@
+"""The live driver of the row flow: each pair answered over HTTP, now, by one task of a worker pool.
+
+The flow (flow.py) decides what the pair takes; this module does what it asks, with what the
+run's pairs share: the circuit breaker and the server watch (breaker.py), the rate limit
+(limits.py), the budget's reservations (waiting for requests in flight to settle), and the
+client. Waiting (a backoff, the breaker, a slot, the budget) ends as soon as the run stops;
+only a request on the wire (a task in `sending`) gets the executor's grace.
+
+`answer()` returns the pair's RowResult (a failed row is data, not an exception), or None to
+leave it pending without a record (the run stopped, and nothing was paid for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from decimal import Decimal
+from typing import Any, Protocol, TypeVar
+
+from batchrunner.accounts import Accounts, Pricer
+from batchrunner.breaker import Breaker, ServerWatch
+from batchrunner.client import Client
+from batchrunner.costs import ZERO_USD, Budget, PriceTable
+from batchrunner.errors import ApiError, BatchrunnerError, FreeModelCapReached, MediaProblem, first_line
+from batchrunner.executor import Execution, count_resumed
+from batchrunner.flow import Ask, Done, Halting, RowFlow, Rules, Verdict, Wait
+from batchrunner.halt import Halt, StopReason
+from batchrunner.limits import Limits, is_free
+from batchrunner.pending import Batch, Todo
+from batchrunner.records import ResultSink, RowResult
+from batchrunner.request import RequestBuilder
+from batchrunner.retries import RetryPolicy
+from batchrunner.spec import JobSpec
+
+log = logging.getLogger("batchrunner")
+_T = TypeVar("_T")
+UNREACHABLE = "unreachable"  # the client's code for a request that never reached the server
+
+
+class _Stopped(Exception):
+    """Internal: the run is stopping (or free models are out for the day); leave this pair as the flow says."""
+
+
+class Settlements:
+    """Wakes the pairs waiting for budget whenever a reservation settles (or the run stops)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+
+class LiveAnswerer:
+    """Answers one pair live: `await answerer.answer(todo)`."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        client: Client,
+        halt: Halt,
+        *,
+        requests: RequestBuilder | None = None,
+        retry: RetryPolicy | None = None,
+        limits: Limits | None = None,
+        breaker: Breaker | None = None,
+        server: ServerWatch | None = None,
+        pricing: PriceTable | None = None,
+        budget: Budget | None = None,
+        on_wait: Callable[[int], None] | None = None,
+        byok_fee: bool = False,
+        accounts: Accounts | None = None,
+        settlements: Settlements | None = None,
+    ) -> None:
+        requests = requests or RequestBuilder(spec)
+        settings = spec.retry
+        retry = retry or RetryPolicy(settings.max_attempts, settings.base_delay_s, settings.max_delay_s)
+        self.accounts = accounts or Accounts.of(pricing, budget, byok_fee=byok_fee)
+        self.rules = Rules(spec, requests, retry, Pricer(spec, requests, self.accounts))
+        self.client = client
+        self.halt = halt
+        self.limits = limits or Limits(float("inf"), free_cap=spec.free_requests_per_day)
+        self.breaker = breaker or Breaker()
+        self.server = server or ServerWatch(give_up_s=spec.unreachable_timeout_s)
+        self.on_wait = on_wait  # +1 when a pair starts waiting to retry, -1 when it stops (progress)
+        self.sending: set[asyncio.Task[Any]] = set()  # the tasks whose request is on the wire (a stop's grace)
+        self.settlements = settlements or Settlements()
+        if settlements is None:
+            halt.on_stop(self.settlements.notify)  # wake pairs waiting for budget
+
+    def sibling(self, spec: JobSpec, requests: RequestBuilder) -> LiveAnswerer:
+        """An answerer for another job's requests (a judge's grades) that shares this run's client, halt,
+        rate limits, breaker, server watch, prices and budget: one run, one set of limits."""
+        sibling = LiveAnswerer(
+            spec,
+            self.client,
+            self.halt,
+            requests=requests,
+            retry=self.rules.retry,
+            limits=self.limits,
+            breaker=self.breaker,
+            server=self.server,
+            on_wait=self.on_wait,
+            accounts=self.accounts,
+            settlements=self.settlements,
+        )
+        sibling.sending = self.sending
+        return sibling
+
+    # -- one pair ---------------------------------------------------------------------------
+
+    async def answer(self, todo: Todo) -> RowResult | None:
+        """The pair's result; None leaves it pending without a record (nothing was paid for it)."""
+        flow = self.rules.flow(todo)
+        try:
+            while not isinstance(action := flow.next(), Done):
+                if self.halt.stopping:
+                    flow.stop()
+                elif isinstance(action, Wait):
+                    if not self.breaker.is_open(action.model):  # an open breaker is waited for on the next ask
+                        await self._backoff(action.delay_s)
+                    flow.waited()
+                else:
+                    await self._ask(flow, action)
+        except _Stopped:
+            flow.stop()
+        except asyncio.CancelledError:  # the run gave up on it (a stop, past the grace): keep what it was billed
+            flow.stop()
+            if flow.bill.attempts == 0:
+                raise
+        result = flow.next()
+        assert isinstance(result, Done)
+        return result.result
+
+    async def _ask(self, flow: RowFlow, ask: Ask) -> None:
+        """One request the flow asks for, under the breaker's verdict on its model."""
+        model = ask.model
+        with self.breaker.attempt(model) as health:
+            if health.skip:
+                if flow.circuit_open():
+                    return
+                failed_probes = self.breaker.failed_probes(model)
+                await self._unless_stopped(self.breaker.wait(model))
+                flow.probed(self.breaker.failed_probes(model) - failed_probes, self.breaker.last_failure(model))
+                return
+            verdict = await self._send(flow, ask)
+            if verdict is None:
+                return
+            if verdict.healthy is True:
+                health.healthy()
+            elif verdict.healthy is False:
+                health.failed(verdict.why)
+        if verdict.slow_down is not None:
+            self.limits.rate_limited(model, upstream=verdict.slow_down)
+        if verdict.halting is not None:
+            self._halt(verdict.halting, model)
+
+    async def _send(self, flow: RowFlow, ask: Ask) -> Verdict | None:
+        """The request, start to end: the server watch, the budget's reservation, the rate limit, the request,
+        and what it means (the flow's verdict; None when it never reached the server or could not be sent)."""
+        up = self.server.down_since is None  # the common case: no wait, so no tasks to watch it
+        if not up and not await self._unless_stopped(self.server.admit()):
+            self.halt.stop(
+                StopReason.SERVER_GONE,
+                f"the server has been unreachable for {self.server.give_up_s:g} s ({self.server.cause}); "
+                "rows not answered stay pending: rerun once it is back",
+            )
+            raise _Stopped
+        reserved = await self._reserve(ask.reserve_usd)
+        try:
+            await self._slot(ask.model)
+            if self.halt.stopping:  # the slot came after the stop: nothing goes out now
+                raise _Stopped
+        except BaseException:
+            self._settle(reserved, ZERO_USD)
+            raise
+        timeout_s = self.rules.spec.timeout_s * (2 if is_free(ask.model) else 1)
+        task = asyncio.current_task()
+        try:
+            if task is not None:
+                self.sending.add(task)
+            try:
+                if self.rules.spec.endpoint == "completions":
+                    completion = await self.client.text_completion(ask.body, timeout_s=timeout_s)
+                else:
+                    completion = await self.client.chat(ask.body, timeout_s=timeout_s)
+            finally:
+                self.sending.discard(task)
+        except ApiError as exc:
+            if exc.code == UNREACHABLE:  # never reached the server: not billed, not the row's fault
+                self._settle(reserved, ZERO_USD)
+                self.server.failed(str(exc))
+                flow.unreachable(exc)
+                return None
+            self.server.answered()
+            verdict = flow.failed(exc)
+            self._settle(reserved, verdict.cost_usd)
+            return verdict
+        except asyncio.CancelledError:  # given up on while on the wire: it may have been billed
+            self._settle(reserved, flow.cancelled().cost_usd)
+            raise
+        except MediaProblem as exc:  # a file changed or vanished since it was fingerprinted: never sent whole
+            self._settle(reserved, ZERO_USD)
+            flow.unsendable(exc)
+            return None
+        except BaseException:
+            self._settle(reserved, ZERO_USD)
+            raise
+        self.server.answered()
+        verdict = flow.answered(completion)
+        self._settle(reserved, verdict.cost_usd)
+        return verdict
+
+    async def _slot(self, model: str) -> None:
+        """The rate limit's next slot. A free model's can be minutes away (the stop ends that wait); any other's
+        is a fraction of a second. Free models out for the day stop the run."""
+        try:
+            await (self._unless_stopped(self.limits.acquire(model)) if is_free(model) else self.limits.acquire(model))
+        except FreeModelCapReached as cap:
+            self.halt.stop(StopReason.FREE_CAP, str(cap))
+            raise _Stopped from cap
+
+    def _halt(self, halting: Halting, model: str) -> None:
+        if halting.reason is StopReason.FREE_CAP:  # the server's daily cap: free models rest until midnight UTC
+            self.halt.stop(StopReason.FREE_CAP, str(self.limits.cap_reached(model)))
+        else:
+            self.halt.stop(halting.reason, halting.message, halting.error)
+
+    # -- the budget -------------------------------------------------------------------------
+
+    async def reserve(self, worst_usd: Decimal) -> bool:
+        """Reserve `worst_usd` against the budget, waiting for requests in flight to settle and free what they
+        did not use; False when the run stops instead (the budget is spent with nothing in flight: the run is
+        stopped, saying so)."""
+        try:
+            await self._reserve(worst_usd)
+        except _Stopped:
+            return False
+        return True
+
+    async def _reserve(self, worst_usd: Decimal) -> Decimal:
+        budget = self.accounts.budget
+        if budget is None:
+            return ZERO_USD
+        while True:
+            settled = self.settlements.event
+            if self.halt.stopping:
+                raise _Stopped
+            if budget.reserve(worst_usd):
+                return worst_usd
+            if (exhausted := self.accounts.exhausted(worst_usd)) is not None:
+                self.halt.stop(StopReason.BUDGET, exhausted)
+                raise _Stopped
+            await settled.wait()
+
+    def settle(self, reserved_usd: Decimal, actual_usd: Decimal) -> None:
+        """Turn a reservation into what was spent, and wake the pairs waiting for budget."""
+        self._settle(reserved_usd, actual_usd)
+
+    def _settle(self, reserved_usd: Decimal, actual_usd: Decimal) -> None:
+        if self.accounts.budget is None:
+            return
+        passed = self.accounts.settle(reserved_usd, actual_usd)
+        if passed is not None and not self.halt.stopping:
+            self.halt.stop(StopReason.BUDGET, passed)
+        self.settlements.notify()
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    async def _backoff(self, delay_s: float) -> None:
+        if self.on_wait is not None:
+            self.on_wait(+1)
+        try:
+            await self._unless_stopped(asyncio.sleep(delay_s))
+        finally:
+            if self.on_wait is not None:
+                self.on_wait(-1)
+
+    async def _unless_stopped(self, waiting: Coroutine[Any, Any, _T]) -> _T:
+        """Wait for `waiting` (a backoff, a breaker, a slot), but leave the pair as soon as the run stops: only
+        requests on the wire get the grace period, pairs merely waiting are released at once."""
+        if self.halt.stopping:
+            waiting.close()
+            raise _Stopped
+        task = asyncio.ensure_future(waiting)
+        stopped = asyncio.ensure_future(self.halt.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise _Stopped
+        return task.result()
+
+
+class PairAnswerer(Protocol):
+    """What the worker pool needs of an answerer (executor.Answerer has more)."""
+
+    sending: set[asyncio.Task[Any]]
+
+    def answer(self, todo: Todo) -> Awaitable[RowResult | None]: ...
+
+
+class LiveExecutor:
+    """A pool of `concurrency` workers taking pairs from a bounded queue, fed as the input is read.
+
+    Once the run stops, queued pairs are dropped, workers waiting for work leave, and requests
+    on the wire get `grace_s` to land (they are paid for); pairs merely waiting (on a backoff,
+    a breaker, the server, the rate limit, the budget) are released at once."""
+
+    def __init__(self, concurrency: int, *, grace_s: float = 30.0) -> None:
+        self.concurrency = concurrency
+        self.grace_s = grace_s
+
+    async def execute(self, work: Iterable[Batch], answerer: PairAnswerer, sinks: ResultSink, halt: Halt) -> Execution:
+        started = time.monotonic()
+        queue: asyncio.Queue[Todo | None] = asyncio.Queue(maxsize=2 * self.concurrency)
+        resumed = 0
+
+        def wake_workers() -> None:  # drop queued work, then one sentinel per worker
+            while not queue.empty():
+                queue.get_nowait()
+            for _ in range(self.concurrency):
+                queue.put_nowait(None)
+
+        async def feed() -> None:
+            nonlocal resumed
+            try:
+                for batch in work:
+                    resumed += count_resumed(batch, sinks)
+                    for todo in batch.todo:
+                        if halt.stopping:
+                            return
+                        await queue.put(todo)
+            except BatchrunnerError as exc:  # the input (or the checkpoint) failed past some row: already a sentence
+                halt.stop(StopReason.INPUT, first_line(exc))
+                return
+            except Exception as exc:  # a bug: the run still stops (workers must not wait forever), saying so
+                log.debug("preparing the next rows failed", exc_info=exc)
+                halt.stop(
+                    StopReason.INPUT,
+                    f"preparing the next rows failed ({type(exc).__name__}: {first_line(exc)}); this is a bug in "
+                    "batchrunner (rerun with -v for its trace, and please report it); answered rows are kept",
+                )
+                return
+            for _ in range(self.concurrency):
+                await queue.put(None)
+
+        async def worker() -> None:
+            current = asyncio.current_task()
+            while not halt.stopping:
+                todo = await queue.get()
+                if todo is None:
+                    return
+                result = await answerer.answer(todo)
+                if result is not None:
+                    sinks.add(result)
+                if current is not None and current.cancelling():  # the answerer kept a bill; the cancel stands
+                    raise asyncio.CancelledError
+
+        halt.on_stop(wake_workers)
+        producer = asyncio.create_task(feed())
+        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+        try:
+            await self._join(workers, halt, answerer.sending)
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+            for task in workers:
+                task.cancel()
+            # A worker cancelled mid-request records what that request may have cost (answerer.answer): let it,
+            # before the run closes the checkpoint.
+            await asyncio.gather(*workers, return_exceptions=True)
+        return Execution(resumed, time.monotonic() - started)
+
+    async def _join(self, workers: list[asyncio.Task[None]], halt: Halt, sending: set[asyncio.Task[Any]]) -> None:
+        """Wait for the workers; once the run is stopping, give requests on the wire `grace_s` to land, and
+        release at once the workers that are only waiting (for a slot, a backoff, the budget): nothing of
+        theirs was sent."""
+        pending: set[asyncio.Task[Any]] = set(workers)
+        stopped = asyncio.create_task(halt.wait())
+        try:
+            while pending and not halt.stopping:
+                done, pending = await asyncio.wait(pending | {stopped}, return_when=asyncio.FIRST_COMPLETED)
+                done.discard(stopped)
+                pending.discard(stopped)
+            waiting = pending - sending
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            pending -= waiting
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=self.grace_s)
+            if pending:
+                log.warning(
+                    "gave up on %d requests still in flight after %g s; their rows stay pending",
+                    len(pending),
+                    self.grace_s,
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            stopped.cancel()
+        for task in workers:  # a bug in a worker must not pass silently
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]  # narrowed by the test just above
