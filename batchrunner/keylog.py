@@ -24,8 +24,8 @@ import polars as pl
 
 from batchrunner.dataset import ROW_INDEX
 from batchrunner.files import identity
+from batchrunner.records import KEY_COLUMNS
 from batchrunner.request import RowRequest
-from batchrunner.store import KEY_COLUMNS
 
 log = logging.getLogger("batchrunner")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from batchrunner.errors import RunHalted, SpecError
-from batchrunner.records import Bill, RowResult
-from batchrunner.store import MIGRATIONS, RESULT_COLUMNS, Store
+from batchrunner.records import STORED_SCHEMA, Bill, RowResult
+from batchrunner.store import MIGRATIONS, Store
 
 
 def result(row: int, status: str = "ok", fingerprint: str = "fp", cost: str = "0.000123") -> RowResult:
@@ -73,7 +73,7 @@ def test_results_round_trip_exactly(tmp_path: Path) -> None:
     again = Store.open(tmp_path / "c.sqlite")
     assert again.answered(["id1", "id2"]) == {("id1", "a/b", "fp")}
     fetched = again.fetch(["id1", "id2"])
-    assert fetched.columns == ["fingerprint", "row_id", *RESULT_COLUMNS], "named columns, in one order"
+    assert fetched.columns == ["fingerprint", "row_id", *STORED_SCHEMA], "named columns, in one order"
     values = fetched.row(0, named=True)
     assert Decimal(values["cost_usd"]) == Decimal("0.000123") and values["response"] == "r1" and values["attempts"] == 2
 
