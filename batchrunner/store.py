@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import operator
 import os
 import socket
 import sqlite3
@@ -53,9 +54,9 @@ def record_columns() -> list[str]:
 
 
 def _insert(columns: Sequence[str]) -> str:
-    """The statement that writes one record, each value bound by its column's name."""
-    names, values = ", ".join(columns), ", ".join(f":{name}" for name in columns)
-    return f"INSERT OR REPLACE INTO results ({names}) VALUES ({values})"
+    """The statement that writes one record, its values in the order of `columns` (records are dicts by name;
+    flush takes each one's values in that order: SQLite binds positional values about twice as fast as named)."""
+    return f"INSERT OR REPLACE INTO results ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
 # The spill file's lines as versions before named records wrote them: positional lists of the pair, the store's
@@ -479,7 +480,8 @@ class Store:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(_insert(record_columns()), batch)
+                columns = record_columns()
+                self._db.executemany(_insert(columns), map(operator.itemgetter(*columns), batch))
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
