@@ -157,11 +157,6 @@ class RowResult:
     this_run: Bill = field(default_factory=Bill)  # what this run paid for the row (the rest, earlier runs)
     saved_usd: Decimal = ZERO_USD  # a copy: what its answer cost the row that paid (not stored)
 
-    @property
-    def key(self) -> tuple[str, str, str]:
-        """The checkpoint key (KEY_COLUMNS) its RowRequest had: carried here, never computed again."""
-        return (self.row_id, self.requested_model, self.fingerprint)
-
     def to_row(self) -> dict[str, Any]:
         """The checkpoint's record of this result, by column name: the pair (PAIR_COLUMNS) and every STORED_SCHEMA
         column, money as exact text. Read from the schema as it is, so a new column is stored once it is a field

@@ -38,8 +38,6 @@ COMMIT_INTERVAL_S = 0.2  # how often answers are committed: what a kill -9 can l
 
 log = logging.getLogger("batchrunner")
 
-__all__ = ["KEY_COLUMNS", "MIGRATIONS", "Store", "fetched_schema"]  # KEY_COLUMNS: records.py's, named here too
-
 # Row ids per `IN (...)` query: SQLite before 3.32 allows 999 parameters a statement, later 32766.
 MAX_PARAMETERS = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 RUN_COLUMNS = ("run_id", "answered_at", "server")  # what the store adds to each result's record: who, when, where

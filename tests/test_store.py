@@ -332,11 +332,12 @@ def test_the_spill_file_keeps_every_column_by_name(tmp_path: Path) -> None:
 def test_answers_to_reads_a_stored_answer_whole_committed_or_not(tmp_path: Path) -> None:
     """What dedupe copies is the whole answer by name, from the buffer before a commit and from the table after."""
     result = every_column(3, deduped_from=None)
+    request = (result.requested_model, result.fingerprint)
     with Store.open(tmp_path / "c.sqlite") as store:
         store.add(result)
-        assert RowResult.from_row(store.answers_to([result.key[1:]])[result.key[1:]]) == result, "buffered"
+        assert RowResult.from_row(store.answers_to([request])[request]) == result, "buffered"
         store.flush()
-        assert RowResult.from_row(store.answers_to([result.key[1:]])[result.key[1:]]) == result, "committed"
+        assert RowResult.from_row(store.answers_to([request])[request]) == result, "committed"
 
 
 # Spill lines as versions before named records wrote them (positional lists), one per layout they ever had:
