@@ -90,10 +90,10 @@ def _answers(
     answers = keys.join(stored, on=list(KEY_COLUMNS), how="inner")
     unknown = (pl.col("cost_source") == "unknown") & (pl.col("cost_usd").cast(pl.Float64) == 0)
     answers = (
-        answers.with_columns(pl.when(unknown).then(None).otherwise(pl.col("cost_usd")).alias("cost_usd"))
+        answers.with_columns(pl.when(unknown).then(None).otherwise(pl.col("cost_usd")).alias("cost_usd"))  # not $0
         .with_columns(pl.col(name).cast(RESULT_SCHEMA[name]) for name in MONEY_COLUMNS)  # exact text to decimals
         .with_columns(_structured_columns(answers, spec, extra))
-    )  # an unknown cost is null, never $0
+    )
     scored = score_columns(spec)
     keep = [*RESULT_SCHEMA, *(c for c in extra if c not in scored and c != "parsed"), "parsed"]
     joined = rows_frame.join(answers.select(ROW_INDEX, MODEL_POSITION, SAMPLE, *keep), on=ROW_INDEX, how="inner")
