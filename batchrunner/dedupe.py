@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from decimal import Decimal
 from typing import Any
 
-from batchrunner.costs import ZERO_USD
 from batchrunner.pending import Batch, Todo
 from batchrunner.records import Bill, ResultSink, RowResult
 from batchrunner.store import Store
@@ -110,34 +108,6 @@ def _copy(todo: Todo, paid: RowResult) -> RowResult:
 
 
 def _copy_of_stored(todo: Todo, stored: dict[str, Any]) -> RowResult:
-    """An answer the checkpoint holds for another row, for this pair."""
-    fields: dict[str, Any] = {
-        name: (stored[name] or 0) if name.endswith("_tokens") else stored[name] for name in _ANSWER_FIELDS
-    }
-    paid = RowResult(
-        row_index=0,
-        row_id=stored["row_id"],
-        model_position=todo.request.model_position,
-        requested_model=todo.request.requested_model,
-        status="ok",
-        fingerprint=todo.request.fingerprint,
-        cost_usd=Decimal(stored["cost_usd"] or "0") if stored["cost_usd"] is not None else ZERO_USD,
-        **fields,
-    )
-    return _copy(todo, paid)
-
-
-_ANSWER_FIELDS = (
-    "model",
-    "response",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "generation_id",
-    "provider",
-    "service_tier",
-    "parsed",
-    "tool_calls",
-)
+    """An answer the checkpoint holds for another row (its record by column name), for this pair: every column
+    the answer has is copied, whatever columns there are; `_copy` then makes it this pair's, at no cost."""
+    return _copy(todo, RowResult.from_row(stored))

@@ -6,6 +6,10 @@ Computing them a second time for the output doubled the cost of a run's end, and
 media file again. A KeyLog takes each batch's keys as pending() makes them and keeps them in
 small Parquet parts in a folder beside the output; the output reads them back in input order.
 
+A pair's key travels with it (RowRequest.key, then its RowResult, then its checkpoint record), but
+the pairs earlier runs answered are skipped, never become results, and reach the output only
+through this log: that is why it exists beside the carried keys.
+
 The output uses the log only when it covers every row the output is made of (the run read its
 input to the end) and the input is still the file it read (size, modification time, inode);
 otherwise the output renders the rows itself, as it always could.
@@ -24,8 +28,8 @@ import polars as pl
 
 from batchrunner.dataset import ROW_INDEX
 from batchrunner.files import identity
+from batchrunner.records import KEY_COLUMNS
 from batchrunner.request import RowRequest
-from batchrunner.store import KEY_COLUMNS
 
 log = logging.getLogger("batchrunner")
 

@@ -28,11 +28,11 @@ from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
 from batchrunner.judging import grade_keys, score_of
 from batchrunner.keylog import MODEL_POSITION, SAMPLE, KeyLog, folder_prefix, keys_frame
-from batchrunner.records import RESULT_SCHEMA, STORED_EXTRAS
+from batchrunner.records import KEY_COLUMNS, MONEY_COLUMNS, RESULT_SCHEMA, STORED_EXTRAS
 from batchrunner.request import RequestBuilder
 from batchrunner.scoring import error_column, metrics_of, score_rows
 from batchrunner.spec import JobSpec
-from batchrunner.store import KEY_COLUMNS, Store, fetched_schema
+from batchrunner.store import Store, fetched_schema
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
 
 log = logging.getLogger("batchrunner")
@@ -89,10 +89,11 @@ def _answers(
     models in spec order. `keys` maps each pair's checkpoint key to its row and model position."""
     answers = keys.join(stored, on=list(KEY_COLUMNS), how="inner")
     unknown = (pl.col("cost_source") == "unknown") & (pl.col("cost_usd").cast(pl.Float64) == 0)
-    answers = answers.with_columns(  # an unknown cost is null, never $0
-        pl.when(unknown).then(None).otherwise(pl.col("cost_usd")).cast(RESULT_SCHEMA["cost_usd"]).alias("cost_usd"),
-        pl.col("upstream_cost_usd").cast(RESULT_SCHEMA["upstream_cost_usd"]),
-    ).with_columns(_structured_columns(answers, spec, extra))
+    answers = (
+        answers.with_columns(pl.when(unknown).then(None).otherwise(pl.col("cost_usd")).alias("cost_usd"))  # not $0
+        .with_columns(pl.col(name).cast(RESULT_SCHEMA[name]) for name in MONEY_COLUMNS)  # exact text to decimals
+        .with_columns(_structured_columns(answers, spec, extra))
+    )
     scored = score_columns(spec)
     keep = [*RESULT_SCHEMA, *(c for c in extra if c not in scored and c != "parsed"), "parsed"]
     joined = rows_frame.join(answers.select(ROW_INDEX, MODEL_POSITION, SAMPLE, *keep), on=ROW_INDEX, how="inner")

@@ -2,16 +2,20 @@
 
 These records are what the row policy produces, the checkpoint keeps and the output writes;
 RESULT_SCHEMA is the one definition of an output row's result columns, by name and type:
-adding one is a RowResult field, an entry here, and a numbered migration in store.py.
+adding one is a RowResult field, an entry here, and a numbered migration in store.py. Nothing
+between the policy and the output names the columns one by one: a result becomes the checkpoint's
+record by name (RowResult.to_row), comes back from it by name (RowResult.from_row, Store.fetch),
+and the output selects RESULT_SCHEMA's columns from what the checkpoint returns.
 """
 
 from __future__ import annotations
 
-import operator
+import dataclasses
 from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import polars as pl
 
@@ -45,7 +49,8 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "service_tier": pl.String(),
     "deduped_from": pl.String(),
 }
-MONEY_COLUMNS = ("cost_usd", "upstream_cost_usd")  # kept in the checkpoint as exact decimal text
+# Kept in the checkpoint as exact decimal text: every column of COST_DTYPE, so a new money column is one entry above.
+MONEY_COLUMNS = tuple(name for name, dtype in RESULT_SCHEMA.items() if dtype == COST_DTYPE)
 
 
 # What the checkpoint keeps besides the output columns: a structured answer, parsed; tool calls as JSON.
@@ -55,6 +60,11 @@ STORED_SCHEMA: dict[str, pl.DataType] = {
     **{name: pl.String() if name in MONEY_COLUMNS else dtype for name, dtype in RESULT_SCHEMA.items()},
     **STORED_EXTRAS,
 }
+# The checkpoint key of a pair, in RowRequest.key's order: computed once, when its row is read (pending.py), and
+# carried by its RowRequest to its RowResult, the checkpoint and the output's join (keylog.py).
+KEY_COLUMNS = ("row_id", "requested_model", "fingerprint")
+# Which pair a stored record answers, besides requested_model (a result column): its key and its place in the output.
+PAIR_COLUMNS = ("row_id", "fingerprint", "row_index", "model_position")
 
 
 @dataclass
@@ -109,10 +119,6 @@ def _plus(a: Decimal | None, b: Decimal | None) -> Decimal | None:
     return a if b is None else b if a is None else a + b
 
 
-_STORED = operator.attrgetter(*STORED_SCHEMA)
-_MONEY_AT = tuple(list(STORED_SCHEMA).index(name) for name in MONEY_COLUMNS)
-
-
 @dataclass(frozen=True)
 class RowResult:
     """What happened to one input row for one requested model."""
@@ -151,13 +157,35 @@ class RowResult:
     this_run: Bill = field(default_factory=Bill)  # what this run paid for the row (the rest, earlier runs)
     saved_usd: Decimal = ZERO_USD  # a copy: what its answer cost the row that paid (not stored)
 
-    def stored(self) -> tuple[object, ...]:
-        """Everything the checkpoint keeps of the result, in STORED_SCHEMA's order; money as exact text.
-        (A tuple, not a dict by name: the checkpoint takes one per answer, on the event loop.)"""
-        values = list(_STORED(self))
-        for at in _MONEY_AT:
-            values[at] = None if values[at] is None else str(values[at])
-        return tuple(values)
+    def to_row(self) -> dict[str, Any]:
+        """The checkpoint's record of this result, by column name: the pair (PAIR_COLUMNS) and every STORED_SCHEMA
+        column, money as exact text. Read from the schema as it is, so a new column is stored once it is a field
+        and a schema entry, and no reader depends on where a column stands."""
+        row = {name: getattr(self, name) for name in (*PAIR_COLUMNS, *STORED_SCHEMA)}
+        for name in MONEY_COLUMNS:
+            if row[name] is not None:
+                row[name] = str(row[name])
+        return row
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> RowResult:
+        """A result from a record the checkpoint returns, by column name (to_row's inverse): money back to Decimal,
+        a NULL where the field has a default (a column added after the answer was stored) as that default, and
+        what is not a field (the store's own columns: run_id, server, ...) left out. Fields the checkpoint does
+        not keep (this_run, fallback_used, saved_usd) are their defaults."""
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            if item.name not in row:
+                continue
+            value = row[item.name]
+            if value is None and _has_default(item):
+                continue
+            values[item.name] = Decimal(value) if item.name in MONEY_COLUMNS and value is not None else value
+        return cls(**values)
+
+
+def _has_default(item: dataclasses.Field[Any]) -> bool:
+    return item.default is not dataclasses.MISSING or item.default_factory is not dataclasses.MISSING
 
 
 class ResultSink(Protocol):

@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import operator
 import os
 import socket
 import sqlite3
@@ -31,26 +32,69 @@ import polars as pl
 from batchrunner.costs import ZERO_USD
 from batchrunner.errors import Problem, RunHalted, SpecError
 from batchrunner.files import open_no_follow
-from batchrunner.records import STORED_SCHEMA, Bill, RowResult
+from batchrunner.records import KEY_COLUMNS, PAIR_COLUMNS, STORED_SCHEMA, Bill, RowResult
 
 COMMIT_INTERVAL_S = 0.2  # how often answers are committed: what a kill -9 can lose, beyond those in flight
 
 log = logging.getLogger("batchrunner")
 
-RESULT_COLUMNS = list(STORED_SCHEMA)  # every result column the table has, by name
-KEY_COLUMNS = ("row_id", "requested_model", "fingerprint")
-# What fetch() returns: the key's fingerprint and row id, then every stored result column.
 # Row ids per `IN (...)` query: SQLite before 3.32 allows 999 parameters a statement, later 32766.
 MAX_PARAMETERS = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 900
-_INSERT = (
-    "INSERT OR REPLACE INTO results (row_id, fingerprint, row_index, model_position, run_id, answered_at, server, "
-    + ", ".join(RESULT_COLUMNS)
-    + ") VALUES ("
-    + ", ".join("?" * (7 + len(RESULT_COLUMNS)))
-    + ")"
-)
+RUN_COLUMNS = ("run_id", "answered_at", "server")  # what the store adds to each result's record: who, when, where
 CLOSE_TRIES = 3  # commits tried at close before unsaved answers go to the spill file
 SPILL_SUFFIX = ".unsaved.jsonl"
+
+
+def record_columns() -> list[str]:
+    """Every column of a stored record, by name: the pair, the store's own, every STORED_SCHEMA column. Read from
+    the schema when asked (not frozen at import), so nothing here lists a result column."""
+    return [*PAIR_COLUMNS, *RUN_COLUMNS, *STORED_SCHEMA]
+
+
+def _insert(columns: Sequence[str]) -> str:
+    """The statement that writes one record, its values in the order of `columns` (records are dicts by name;
+    flush takes each one's values in that order: SQLite binds positional values about twice as fast as named)."""
+    return f"INSERT OR REPLACE INTO results ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+# The spill file's lines as versions before named records wrote them: positional lists of the pair, the store's
+# own columns, then the result columns of the day. Each layout has its own length, which tells them apart; the
+# file is read by the next open, perhaps by a newer batchrunner, so every layout ever written is known here.
+_RESULTS_AT_4 = (  # the result columns as of migration 4 (billed tokens), when the spill file was introduced
+    "model", "requested_model", "status", "response", "error", "finish_reason",
+    "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
+    "billed_prompt_tokens", "billed_completion_tokens",
+    "cost_usd", "cost_source", "latency_s", "attempts", "generation_id", "provider",
+)  # fmt: skip
+_AFTER_COST = _RESULTS_AT_4.index("cost_usd") + 1
+_AFTER_LATENCY = _RESULTS_AT_4.index("latency_s") + 1
+
+
+def _spilled_layout(*results: str) -> tuple[str, ...]:
+    """A positional spill line's columns, with the result columns a version had."""
+    pair_and_run = ("row_id", "fingerprint", "row_index", "model_position", "run_id", "answered_at", "server")
+    return (*pair_and_run, *results, "parsed", "tool_calls")
+
+
+_SPILLED_LAYOUTS: dict[int, tuple[str, ...]] = {
+    len(layout): layout
+    for layout in (
+        _spilled_layout(*_RESULTS_AT_4),
+        _spilled_layout(*_RESULTS_AT_4, "deduped_from"),  # migration 6
+        _spilled_layout(  # migration 7
+            *_RESULTS_AT_4[:_AFTER_LATENCY], "ttft_s", *_RESULTS_AT_4[_AFTER_LATENCY:], "deduped_from"
+        ),
+        _spilled_layout(  # migration 11, the last positional layout
+            *_RESULTS_AT_4[:_AFTER_COST],
+            "upstream_cost_usd",
+            *_RESULTS_AT_4[_AFTER_COST:_AFTER_LATENCY],
+            "ttft_s",
+            *_RESULTS_AT_4[_AFTER_LATENCY:],
+            "service_tier",
+            "deduped_from",
+        ),
+    )
+}
 
 
 def _migration_1(db: sqlite3.Connection) -> None:
@@ -198,7 +242,7 @@ class Store:
         self._db = db
         self._lock = threading.Lock()  # the connection is shared with the flush thread
         self._buffer_lock = threading.Lock()  # add() on the loop, flush() on a thread
-        self._pending: list[tuple[Any, ...]] = []
+        self._pending: list[dict[str, Any]] = []  # records by column name (RowResult.to_row and the store's own)
         self.run_id: int | None = None
         self.server = ""
         self.spilled = 0  # answers the checkpoint could not take, written to the spill file at close
@@ -285,6 +329,7 @@ class Store:
         return self.path.with_name(self.path.name + SPILL_SUFFIX)
 
     def _spill(self, error: BaseException) -> None:
+        """Write the buffered records to the spill file, one JSON object by column name a line."""
         with self._buffer_lock:
             batch, self._pending = self._pending, []
         if not batch:
@@ -317,18 +362,27 @@ class Store:
         )
 
     def _merge_spilled(self) -> None:
-        """Take in what a run could not save to the checkpoint (see `_spill`), then delete the spill file."""
+        """Take in what a run could not save to the checkpoint (see `_spill`), then delete the spill file.
+
+        A line is a record by column name, or a positional list as versions before named records wrote it (each
+        layout known by its length); a column it lacks (added since) is NULL. A line cut off by the disk
+        filling up is skipped, everything before it kept; a line of no known shape is skipped, and said so."""
         if not self.spill_path.exists():
             return
+        columns = record_columns()
         records = []
         for number, line in enumerate(self.spill_path.read_text(encoding="utf-8").splitlines(), start=1):
             try:
                 record = json.loads(line)
-            except ValueError:  # a line cut off by the disk filling up: everything before it is kept
+            except ValueError:
                 log.warning("%s: line %d is incomplete and was skipped", self.spill_path, number)
                 continue
-            if isinstance(record, list) and len(record) == 7 + len(RESULT_COLUMNS):
-                records.append(tuple(record))
+            if isinstance(record, list) and len(record) in _SPILLED_LAYOUTS:
+                record = dict(zip(_SPILLED_LAYOUTS[len(record)], record, strict=True))
+            if not isinstance(record, dict):
+                log.warning("%s: line %d is not an answer this batchrunner can read; skipped", self.spill_path, number)
+                continue
+            records.append({name: record.get(name) for name in columns})
         with self._buffer_lock:
             self._pending[:0] = records
         self.flush()
@@ -409,17 +463,9 @@ class Store:
         """Nothing to keep: those answers are already here."""
 
     def add(self, result: RowResult) -> None:
-        """Buffer a result; `flush` (or the flusher task) commits it."""
-        record = (
-            result.row_id,
-            result.fingerprint,
-            result.row_index,
-            result.model_position,
-            self.run_id,
-            _now(),
-            self.server,
-            *result.stored(),
-        )
+        """Buffer a result's record, by column name; `flush` (or the flusher task) commits it."""
+        record = result.to_row()
+        record["run_id"], record["answered_at"], record["server"] = self.run_id, _now(), self.server
         with self._buffer_lock:
             self._pending.append(record)
 
@@ -432,7 +478,8 @@ class Store:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(_INSERT, batch)
+                columns = record_columns()
+                self._db.executemany(_insert(columns), map(operator.itemgetter(*columns), batch))
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -496,35 +543,15 @@ class Store:
         """The status ("failed" or "pending") and bill of these rows' unanswered records, by checkpoint key:
         a retry starts from the bill."""
         found: dict[tuple[str, str, str], tuple[str, Bill]] = {}
+        names = (*KEY_COLUMNS, "status", *_BILL_COLUMNS)
         with self._reading():
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
-                query = (
-                    "SELECT row_id, requested_model, fingerprint, cost_usd, cost_source, billed_prompt_tokens, "
-                    "billed_completion_tokens, attempts, status, upstream_cost_usd FROM results "
-                    f"WHERE status != 'ok' AND row_id IN ({marks})"
-                )
-                for (
-                    row_id,
-                    model,
-                    fingerprint,
-                    cost,
-                    source,
-                    prompt,
-                    completion,
-                    attempts,
-                    status,
-                    upstream,
-                ) in self._db.execute(query, chunk):
-                    bill = Bill(
-                        Decimal(cost or "0"),
-                        {source or "reported"},
-                        prompt or 0,
-                        completion or 0,
-                        attempts or 0,
-                        None if upstream is None else Decimal(upstream),
-                    )
-                    found[(row_id, model, fingerprint)] = (status, bill)
+                query = f"SELECT {', '.join(names)} FROM results WHERE status != 'ok' AND row_id IN ({marks})"
+                for values in self._db.execute(query, chunk):
+                    record = dict(zip(names, values, strict=True))
+                    key = (record["row_id"], record["requested_model"], record["fingerprint"])
+                    found[key] = (record["status"], _bill(record))
         return found
 
     def answers_by_server(self) -> dict[str, int]:
@@ -545,18 +572,18 @@ class Store:
 
     def answers_to(self, requests: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
         """The stored answer (any row's, `status: ok`, not itself a copy) to each (requested model, fingerprint),
-        as its row id and stored columns: what dedupe copies instead of asking again. Answers not yet
-        committed are seen too, so an answer is never asked for twice in the gap before a commit."""
+        as its record by column name (PAIR_COLUMNS and STORED_SCHEMA's; RowResult.from_row reads it): what
+        dedupe copies instead of asking again. Answers not yet committed are seen too, so an answer is never
+        asked for twice in the gap before a commit."""
         wanted = set(requests)
         found: dict[tuple[str, str], dict[str, Any]] = {}
-        names = ["row_id", "fingerprint", *RESULT_COLUMNS]
+        names = [*PAIR_COLUMNS, *STORED_SCHEMA]
         with self._buffer_lock:
             buffered = list(self._pending)
-        for record in buffered:  # (row_id, fingerprint, row_index, model_position, run_id, answered_at, server, ...)
-            values = dict(zip(RESULT_COLUMNS, record[7:], strict=True))
-            key = (values["requested_model"], record[1])
-            if key in wanted and values["status"] == "ok" and values["deduped_from"] is None:
-                found.setdefault(key, {"row_id": record[0], "fingerprint": record[1], **values})
+        for record in buffered:
+            key = (record["requested_model"], record["fingerprint"])
+            if key in wanted and record["status"] == "ok" and record["deduped_from"] is None:
+                found.setdefault(key, {name: record[name] for name in names})
         fingerprints = sorted({fingerprint for model, fingerprint in wanted if (model, fingerprint) not in found})
         with self._reading():
             for chunk in _chunks(fingerprints, MAX_PARAMETERS):
@@ -574,8 +601,9 @@ class Store:
 
     def fetch(self, row_ids: Sequence[str]) -> pl.DataFrame:
         """Every answered or failed record of these rows (not the unfinished ones), as a frame with named
-        columns: `fingerprint`, `row_id` and the RESULT_COLUMNS (money as exact decimal text)."""
-        names = ["fingerprint", "row_id", *RESULT_COLUMNS]
+        columns: fetched_schema()'s, `fingerprint`, `row_id` and STORED_SCHEMA's (money as exact decimal text)."""
+        schema = fetched_schema()
+        names = list(schema)
         rows: list[tuple[Any, ...]] = []
         with self._lock:
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
@@ -583,7 +611,6 @@ class Store:
                 rows += self._db.execute(
                     f"SELECT {', '.join(names)} FROM results WHERE status != 'pending' AND row_id IN ({marks})", chunk
                 ).fetchall()
-        schema = fetched_schema()
         return pl.DataFrame(rows, schema=schema, orient="row")
 
     # -- batches --------------------------------------------------------------------------
@@ -695,6 +722,30 @@ def _unusable(path: Path, exc: BaseException) -> SpecError:
     else:
         fix = "check the file and its folder, or point `checkpoint:` elsewhere"
     return SpecError(Problem("checkpoint", f"{path}: cannot use it as the checkpoint ({detail}); {fix}"))
+
+
+# What a retry starts from: the columns of a row's whole bill (records.Bill), every attempt in every run.
+_BILL_COLUMNS = (
+    "cost_usd",
+    "cost_source",
+    "billed_prompt_tokens",
+    "billed_completion_tokens",
+    "attempts",
+    "upstream_cost_usd",
+)
+
+
+def _bill(record: dict[str, Any]) -> Bill:
+    """A row's whole bill from its stored record, by column name (a NULL, from before a column was kept, as none)."""
+    upstream = record["upstream_cost_usd"]
+    return Bill(
+        Decimal(record["cost_usd"] or "0"),
+        {record["cost_source"] or "reported"},
+        record["billed_prompt_tokens"] or 0,
+        record["billed_completion_tokens"] or 0,
+        record["attempts"] or 0,
+        None if upstream is None else Decimal(upstream),
+    )
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:

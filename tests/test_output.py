@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -10,9 +11,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from batchrunner import dedupe as dedupe_module
+from batchrunner import store as store_module
+from batchrunner.dedupe import Dedupe
 from batchrunner.output import export
+from batchrunner.pending import Batch, Todo
 from batchrunner.preflight import prepare
-from batchrunner.records import RowResult
+from batchrunner.records import RESULT_SCHEMA, STORED_SCHEMA, KeptResults, RowResult
 from batchrunner.request import RequestBuilder
 from batchrunner.spec import load_spec
 from batchrunner.store import Store
@@ -119,3 +124,46 @@ def test_a_bytes_column_is_kept_and_base64_where_the_format_holds_only_text(
     frame = {".parquet": pl.read_parquet, ".csv": pl.read_csv, ".jsonl": pl.read_ndjson}[suffix](target)
     expected = photo if suffix == ".parquet" else base64.b64encode(photo).decode()
     assert frame["photo"].to_list() == [expected, expected]
+
+
+def test_a_new_result_column_needs_a_field_a_schema_entry_and_a_migration_only(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result column added as records.py says (a RowResult field, its RESULT_SCHEMA entry, a numbered migration) is
+    stored, copied whole by dedupe and written to the output in its schema place, with no edit to store or output."""
+
+    @dataclasses.dataclass(frozen=True)
+    class WithNovel(RowResult):
+        novel: str | None = None  # the new field
+
+    monkeypatch.setitem(RESULT_SCHEMA, "novel", pl.String())  # its schema entry
+    monkeypatch.setitem(STORED_SCHEMA, "novel", pl.String())  # as records.py derives STORED_SCHEMA at import
+    add_novel = [lambda db: db.execute("ALTER TABLE results ADD COLUMN novel TEXT")]  # the numbered migration
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, *add_novel])
+    monkeypatch.setattr(dedupe_module, "RowResult", WithNovel)  # the field would be RowResult's own
+    spec = load_spec(write_spec(models=["a/one"]))
+    requests = RequestBuilder(spec)
+    rows = next(prepare(spec).batches())[:4]
+    with Store.open(spec.checkpoint_path()) as store:
+        for request in requests.for_rows(rows[:3]):
+            store.add(
+                WithNovel(
+                    request.row.index,
+                    request.row.id,
+                    request.model_position,
+                    request.requested_model,
+                    "ok",
+                    fingerprint=request.fingerprint,
+                    novel=f"new {request.row.id}",
+                )
+            )
+        store.flush()
+        assert export(prepare(spec), requests, store, tmp_path / "out.parquet") == 3
+        twin = dataclasses.replace(next(requests.for_rows(rows[:1])), row=rows[3])  # asks what row 0 asked
+        copies = KeptResults()
+        list(Dedupe(store, copies).work([Batch([Todo(twin)])]))
+    frame = pl.read_parquet(tmp_path / "out.parquet")
+    assert frame.columns[-len(RESULT_SCHEMA) :] == list(RESULT_SCHEMA) and frame.columns[-1] == "novel"
+    assert frame["novel"].to_list() == ["new T-0", "new T-1", "new T-2"]
+    (copy,) = copies
+    assert isinstance(copy, WithNovel) and (copy.row_id, copy.deduped_from, copy.novel) == ("T-3", "T-0", "new T-0")

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import polars as pl
 import pytest
 
 from batchrunner.errors import RunHalted, SpecError
-from batchrunner.records import Bill, RowResult
-from batchrunner.store import MIGRATIONS, RESULT_COLUMNS, Store
+from batchrunner.records import MONEY_COLUMNS, RESULT_SCHEMA, STORED_EXTRAS, STORED_SCHEMA, Bill, RowResult
+from batchrunner.store import MIGRATIONS, Store
 
 
 def result(row: int, status: str = "ok", fingerprint: str = "fp", cost: str = "0.000123") -> RowResult:
@@ -73,7 +77,7 @@ def test_results_round_trip_exactly(tmp_path: Path) -> None:
     again = Store.open(tmp_path / "c.sqlite")
     assert again.answered(["id1", "id2"]) == {("id1", "a/b", "fp")}
     fetched = again.fetch(["id1", "id2"])
-    assert fetched.columns == ["fingerprint", "row_id", *RESULT_COLUMNS], "named columns, in one order"
+    assert fetched.columns == ["fingerprint", "row_id", *STORED_SCHEMA], "named columns, in one order"
     values = fetched.row(0, named=True)
     assert Decimal(values["cost_usd"]) == Decimal("0.000123") and values["response"] == "r1" and values["attempts"] == 2
 
@@ -275,3 +279,125 @@ def test_migration_11_adds_the_byok_and_tier_columns_only_where_missing(
         assert store.unfinished(["id2"])[("id2", "a/b", "fp")][1].upstream_usd == Decimal("0.25")
     columns = [row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(results)")]
     assert columns.count("upstream_cost_usd") == columns.count("service_tier") == 1
+
+
+def every_column(row: int, **fields: Any) -> RowResult:
+    """A result with a value of its own in every stored column, made from the schema: a column added to
+    RESULT_SCHEMA (or STORED_EXTRAS) is in it with no edit here."""
+    values: dict[str, Any] = {}
+    for number, (name, dtype) in enumerate({**RESULT_SCHEMA, **STORED_EXTRAS}.items(), start=1):
+        if name in MONEY_COLUMNS:
+            values[name] = Decimal(number) / 1000 + row
+        elif dtype == pl.Int64():
+            values[name] = 10 * number + row
+        elif dtype == pl.Float64():
+            values[name] = number + row + 0.25
+        else:
+            values[name] = f"{name}-{row}"
+    values["status"] = "ok"
+    return RowResult(row_index=row, row_id=f"id{row}", model_position=row, fingerprint=f"fp{row}", **values | fields)
+
+
+def test_every_stored_column_is_written_and_read_back_by_name(tmp_path: Path) -> None:
+    """Each STORED_SCHEMA column, whatever the schema holds, goes into the checkpoint and comes back under its own name,
+    and RowResult.from_row rebuilds the very result from what fetch returns."""
+    result = every_column(1)
+    with Store.open(tmp_path / "c.sqlite") as store:
+        store.add(result)
+    with Store.open(tmp_path / "c.sqlite") as again:
+        fetched = again.fetch(["id1"]).row(0, named=True)
+    assert fetched == {name: value for name, value in result.to_row().items() if name in fetched}
+    assert set(fetched) == {"fingerprint", "row_id", *STORED_SCHEMA}
+    assert RowResult.from_row({**fetched, "row_index": 1, "model_position": 1}) == result
+
+
+def test_the_spill_file_keeps_every_column_by_name(tmp_path: Path) -> None:
+    """Answers a full disk left are spilled as JSON objects by column name, every stored column in them, and the next
+    open merges them whole."""
+    result = every_column(2)
+    store = Store.open(tmp_path / "c.sqlite")
+    store.begin_run()
+    store.add(result)
+    store._spill(sqlite3.OperationalError("database or disk is full"))
+    store.close()
+    (line,) = store.spill_path.read_text().splitlines()
+    spilled = json.loads(line)
+    assert spilled == {**result.to_row(), "run_id": store.run_id, "answered_at": spilled["answered_at"], "server": ""}
+    with Store.open(tmp_path / "c.sqlite") as again:
+        assert not again.spill_path.exists()
+        fetched = again.fetch(["id2"]).row(0, named=True)
+    assert RowResult.from_row({**fetched, "row_index": 2, "model_position": 2}) == result
+
+
+def test_answers_to_reads_a_stored_answer_whole_committed_or_not(tmp_path: Path) -> None:
+    """What dedupe copies is the whole answer by name, from the buffer before a commit and from the table after."""
+    result = every_column(3, deduped_from=None)
+    request = (result.requested_model, result.fingerprint)
+    with Store.open(tmp_path / "c.sqlite") as store:
+        store.add(result)
+        assert RowResult.from_row(store.answers_to([request])[request]) == result, "buffered"
+        store.flush()
+        assert RowResult.from_row(store.answers_to([request])[request]) == result, "committed"
+
+
+# Spill lines as versions before named records wrote them (positional lists), one per layout they ever had:
+# row_id, fingerprint, row_index, model_position, run_id, answered_at, server, then the result columns of the day.
+_OLD = ["id1", "fp", 1, 0, 3, "2026-01-01T00:00:00+00:00", ""]
+_ANSWER = ["a/b", "a/b", "ok", "answer", None, "stop", 10, 2, 1, 0, 12, 3]  # model .. billed_completion_tokens
+_PARSED_AND_TOOL_CALLS = ['{"x": 1}', '[{"id": "call-1"}]']  # the last two columns of every layout
+_SPILLED_BY_EARLIER_VERSIONS = {
+    "migration 4": [*_OLD, *_ANSWER, "0.5", "reported", 0.75, 2, "gen-1", "prov"],
+    "migration 6": [*_OLD, *_ANSWER, "0.5", "reported", 0.75, 2, "gen-1", "prov", "id0"],
+    "migration 7": [*_OLD, *_ANSWER, "0.5", "reported", 0.75, 0.25, 2, "gen-1", "prov", "id0"],
+    "migration 11": [*_OLD, *_ANSWER, "0.5", "0.4", "reported", 0.75, 0.25, 2, "gen-1", "prov", "flex", "id0"],
+}
+
+
+@pytest.mark.parametrize("version", list(_SPILLED_BY_EARLIER_VERSIONS))
+def test_a_spill_file_of_an_earlier_version_is_merged_column_by_column(tmp_path: Path, version: str) -> None:
+    """A positional spill line of any earlier layout lands in the right columns (the columns it did not have yet are
+    NULL); before, any layout but the newest was dropped without a word, answers paid for and lost."""
+    path = tmp_path / "c.sqlite"
+    Store.open(path).close()
+    spill = path.with_name(path.name + ".unsaved.jsonl")
+    spill.write_text(json.dumps([*_SPILLED_BY_EARLIER_VERSIONS[version], *_PARSED_AND_TOOL_CALLS]) + "\n")
+    with Store.open(path) as store:
+        assert not spill.exists()
+        fetched = store.fetch(["id1"]).row(0, named=True)
+        assert store.unfinished(["id1"]) == {} and store.answered(["id1"]) == {("id1", "a/b", "fp")}
+    assert {name: fetched[name] for name in ("response", "finish_reason", "cached_tokens", "billed_prompt_tokens")} == {
+        "response": "answer",
+        "finish_reason": "stop",
+        "cached_tokens": 1,
+        "billed_prompt_tokens": 12,
+    }
+    assert (fetched["cost_usd"], fetched["cost_source"], fetched["latency_s"], fetched["attempts"]) == (
+        "0.5",
+        "reported",
+        0.75,
+        2,
+    )
+    assert [fetched["generation_id"], fetched["provider"], fetched["parsed"], fetched["tool_calls"]] == [
+        "gen-1",
+        "prov",
+        *_PARSED_AND_TOOL_CALLS,
+    ]
+    later = {
+        "deduped_from": "id0" if version != "migration 4" else None,
+        "ttft_s": 0.25 if version in ("migration 7", "migration 11") else None,
+        "upstream_cost_usd": "0.4" if version == "migration 11" else None,
+        "service_tier": "flex" if version == "migration 11" else None,
+    }
+    assert {name: fetched[name] for name in later} == later
+
+
+def test_a_spill_line_of_no_known_shape_is_skipped_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A line that is neither a record by name nor a known positional layout is skipped with a warning naming it;
+    the other lines are merged."""
+    path = tmp_path / "c.sqlite"
+    Store.open(path).close()
+    good = {**every_column(4).to_row(), "run_id": None, "answered_at": "2026-01-01T00:00:00+00:00", "server": ""}
+    path.with_name(path.name + ".unsaved.jsonl").write_text(f"{json.dumps(good)}\n[1, 2, 3]\n")
+    with caplog.at_level(logging.WARNING, logger="batchrunner"), Store.open(path) as store:
+        assert store.fetch(["id4"]).height == 1
+    assert "line 2 is not an answer this batchrunner can read" in caplog.text
