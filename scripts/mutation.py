@@ -1,12 +1,14 @@
-"""Mutation-test the money module: how many deliberate bugs in batchrunner/costs.py do its tests catch?
+"""Mutation-test the pure modules: how many deliberate bugs in costs.py and flow.py do their tests catch?
 
-Line coverage says a line ran; it does not say a wrong price, a flipped comparison or a dropped discount
-would fail a test. mutmut plants such bugs (mutants) in costs.py one at a time and runs tests/test_costs.py
-against each (settings under [tool.mutmut] in pyproject.toml). The score is killed / total: a mutant that
-survives, or that no test even reaches, counts against it. Run it from the repo root:
+Line coverage says a line ran; it does not say a wrong price, a flipped comparison, a dropped retry or a
+fallback never taken would fail a test. mutmut plants such bugs (mutants) in one module at a time and runs
+that module's table-driven tests against each (settings under [tool.mutmut] in pyproject.toml; the module
+and its tests are set per target here): costs.py against tests/test_costs.py, flow.py (the row flow)
+against its scenario table, tests/test_flow.py. The score is killed / total: a mutant that survives, or
+that no test even reaches, counts against it. Run it from the repo root:
 
     pip install -e '.[test,mutation]'
-    python scripts/mutation.py [--min-score 90]
+    python scripts/mutation.py [--min-score 90] [costs] [flow]
 
 It works in a temporary copy of the repo (mutmut writes a mutants/ folder), prints the score and the diff of
 every mutant not killed, and exits 1 when the score is below --min-score.
@@ -24,7 +26,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COPIED = ("batchrunner", "tests", "pyproject.toml")  # what mutmut and tests/test_costs.py need
+COPIED = ("batchrunner", "tests", "pyproject.toml")  # what mutmut and the tests need
+# target -> (the module mutated, the tests run against each mutant)
+TARGETS = {
+    "costs": ("batchrunner/costs.py", "tests/test_costs.py"),
+    "flow": ("batchrunner/flow.py", "tests/test_flow.py"),
+}
 
 
 def mutmut(workdir: Path, *args: str) -> str:
@@ -40,7 +47,18 @@ def mutmut(workdir: Path, *args: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-score", type=float, default=90.0, help="the lowest passing score, in %% (default 90)")
+    parser.add_argument("targets", nargs="*", help=f"what to mutate, of {', '.join(TARGETS)} (default: all)")
     args = parser.parse_args()
+    if unknown := set(args.targets) - set(TARGETS):
+        parser.error(f"no target {', '.join(sorted(unknown))}: choose from {', '.join(TARGETS)}")
+    failed = 0
+    for target in args.targets or list(TARGETS):
+        failed |= score(target, *TARGETS[target], args.min_score)
+    return failed
+
+
+def score(target: str, module: str, tests: str, min_score: float) -> int:
+    """Mutate `module`, run `tests` against each mutant; print the survivors and the score; 1 if below."""
     with tempfile.TemporaryDirectory(prefix="batchrunner-mutation-") as tmp:
         workdir = Path(tmp)
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "mutants")
@@ -50,6 +68,11 @@ def main() -> int:
                 shutil.copytree(source, workdir / name, ignore=ignore)
             else:
                 shutil.copy2(source, workdir / name)
+        config = workdir / "pyproject.toml"
+        text = config.read_text()
+        text = text.replace('only_mutate = ["batchrunner/costs.py"]', f'only_mutate = ["{module}"]')
+        text = text.replace('selection = ["tests/test_costs.py"]', f'selection = ["{tests}"]')
+        config.write_text(text)
         started = time.monotonic()
         mutmut(workdir, "run")
         elapsed = time.monotonic() - started
@@ -61,9 +84,11 @@ def main() -> int:
             if name:
                 print(mutmut(workdir, "show", name))
     killed, total = stats["killed"], stats["total"]
-    score = 100 * killed / total if total else 0.0
-    print(f"mutation score: {killed}/{total} killed = {score:.1f}% (minimum {args.min_score:g}%) in {elapsed:.0f}s")
-    return 0 if score >= args.min_score else 1
+    percent = 100 * killed / total if total else 0.0
+    print(
+        f"{target}: mutation score {killed}/{total} killed = {percent:.1f}% (minimum {min_score:g}%) in {elapsed:.0f}s"
+    )
+    return 0 if percent >= min_score else 1
 
 
 if __name__ == "__main__":
