@@ -148,7 +148,7 @@ def run(
     """
     from batchrunner.progress import Progress
     from batchrunner.report import score_text
-    from batchrunner.runner import run_job
+    from batchrunner.runner import RunSettings, run_job
     from batchrunner.sandbox import SandboxConfig
     from batchrunner.spec import load_spec
 
@@ -183,13 +183,15 @@ def run(
             outcome = asyncio.run(
                 run_job(
                     spec,
-                    limit=limit,
-                    sandbox=SandboxConfig() if sandbox else None,
-                    progress_factory=Progress,
-                    on_start=banner,
-                    fresh=fresh,
-                    max_cost_usd=None if max_cost_usd is None else Decimal(str(max_cost_usd)),
-                    wait=not no_wait,
+                    RunSettings(
+                        limit=limit,
+                        sandbox=SandboxConfig() if sandbox else None,
+                        progress_factory=Progress,
+                        on_start=banner,
+                        fresh=fresh,
+                        max_cost_usd=None if max_cost_usd is None else Decimal(str(max_cost_usd)),
+                        wait=not no_wait,
+                    ),
                 )
             )
         except OSError as error:  # a full disk, a read-only folder: say so, keep what the checkpoint holds
