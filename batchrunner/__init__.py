@@ -4,8 +4,8 @@ The command line (`batchrunner run job.yaml`) is the main interface; this is the
 surface for using it from Python. Everything not listed here is internal.
 
     import asyncio
-    from batchrunner import SandboxConfig, load_spec, run_job
-    outcome = asyncio.run(run_job(load_spec("jobs/quickstart.yaml"), sandbox=SandboxConfig()))
+    from batchrunner import RunSettings, SandboxConfig, load_spec, run_job
+    outcome = asyncio.run(run_job(load_spec("jobs/quickstart.yaml"), RunSettings(sandbox=SandboxConfig())))
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from batchrunner.errors import (
 )
 
 if TYPE_CHECKING:
-    from batchrunner.runner import Outcome, run_job
+    from batchrunner.runner import Outcome, RunSettings, run_job
     from batchrunner.sandbox import Sandbox, SandboxConfig
     from batchrunner.spec import JobSpec, load_spec
 
 _LAZY = {  # imported on first use: `import batchrunner` (and the CLI's start-up) stays light
     "Outcome": "batchrunner.runner",
+    "RunSettings": "batchrunner.runner",
     "run_job": "batchrunner.runner",
     "Sandbox": "batchrunner.sandbox",
     "SandboxConfig": "batchrunner.sandbox",
@@ -68,6 +69,7 @@ __all__ = [
     "RateLimited",
     "RequestRejected",
     "RunHalted",
+    "RunSettings",
     "Sandbox",
     "SandboxConfig",
     "SpecError",

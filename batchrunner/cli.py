@@ -26,6 +26,7 @@ from batchrunner.files import write_text_atomically
 from batchrunner.sandbox.faults import FAULT_KINDS
 
 if TYPE_CHECKING:
+    from batchrunner.runner import Outcome
     from batchrunner.spec import JobSpec
 
 # Each command imports what it needs when it runs: `--help` and `status` start in a fraction of the
@@ -147,8 +148,7 @@ def run(
     With --dry-run, print the requests instead, and the estimate, sending nothing.
     """
     from batchrunner.progress import Progress
-    from batchrunner.report import score_text
-    from batchrunner.runner import run_job
+    from batchrunner.runner import RunSettings, run_job
     from batchrunner.sandbox import SandboxConfig
     from batchrunner.spec import load_spec
 
@@ -161,40 +161,50 @@ def run(
             _dry_run(spec, rows=limit or 3, sandbox=sandbox, fmt=fmt)
             return
         if fresh and not yes and spec.checkpoint_path().exists():
-            if not sys.stdin.isatty():
-                raise SpecError(
-                    f"--fresh deletes every stored answer in {spec.checkpoint_path()}; add --yes to confirm"
-                )
-            with interrupts.paused():  # Ctrl-C at the question aborts it at once
-                confirmed = click.confirm(
-                    f"--fresh deletes every stored answer in {spec.checkpoint_path()}. Continue?", err=True
-                )
-            if not confirmed:
-                sys.exit(EXIT_INVALID)
-
-        def banner(sandbox_url: str | None) -> None:
-            if sandbox_url:
-                say(
-                    f"SANDBOX: answers are simulated by batchrunner's built-in OpenRouter-compatible server at {sandbox_url}; nothing is sent to OpenRouter and nothing is billed.",
-                    err=True,
-                )
-
+            _confirm_fresh(spec.checkpoint_path())
         try:
             outcome = asyncio.run(
                 run_job(
                     spec,
-                    limit=limit,
-                    sandbox=SandboxConfig() if sandbox else None,
-                    progress_factory=Progress,
-                    on_start=banner,
-                    fresh=fresh,
-                    max_cost_usd=None if max_cost_usd is None else Decimal(str(max_cost_usd)),
-                    wait=not no_wait,
+                    RunSettings(
+                        limit=limit,
+                        sandbox=SandboxConfig() if sandbox else None,
+                        progress_factory=Progress,
+                        on_start=_sandbox_banner,
+                        fresh=fresh,
+                        max_cost_usd=None if max_cost_usd is None else Decimal(str(max_cost_usd)),
+                        wait=not no_wait,
+                    ),
                 )
             )
         except OSError as error:  # a full disk, a read-only folder: say so, keep what the checkpoint holds
             say(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
             sys.exit(EXIT_STOPPED)
+    _say_outcome(spec, outcome, sandbox=sandbox)
+
+
+def _confirm_fresh(checkpoint: Path) -> None:
+    """--fresh deletes every stored answer: asked first on a terminal (exit 2 if declined), refused elsewhere
+    unless --yes says so."""
+    if not sys.stdin.isatty():
+        raise SpecError(f"--fresh deletes every stored answer in {checkpoint}; add --yes to confirm")
+    with interrupts.paused():  # Ctrl-C at the question aborts it at once
+        confirmed = click.confirm(f"--fresh deletes every stored answer in {checkpoint}. Continue?", err=True)
+    if not confirmed:
+        sys.exit(EXIT_INVALID)
+
+
+def _sandbox_banner(sandbox_url: str | None) -> None:
+    """Said once the sandbox is up, so nobody mistakes its simulated answers for real ones."""
+    if sandbox_url:
+        say(
+            f"SANDBOX: answers are simulated by batchrunner's built-in OpenRouter-compatible server at {sandbox_url}; nothing is sent to OpenRouter and nothing is billed.",
+            err=True,
+        )
+
+
+def _say_outcome(spec: JobSpec, outcome: Outcome, *, sandbox: bool) -> None:
+    """The run's summary, its scores, and its one exit code (the run's Stop, a failed row, or all well)."""
     report = outcome.report
     if outcome.output_rows is None:
         say(f"{spec.name}: the output could not be written (see above); the checkpoint has every answer", err=True)
@@ -211,6 +221,7 @@ def run(
         )
     if spec.evaluate is not None and outcome.output_rows is not None:
         from batchrunner.offline import evaluation
+        from batchrunner.report import score_text
 
         with _exit_codes():
             for model in evaluation(spec, sandbox=sandbox).models:

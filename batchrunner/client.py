@@ -254,26 +254,14 @@ class Client:
         prompt never goes to a host the job did not name."""
         session = self._require_session()
         total_s = timeout_s or self.timeout_s
-        connect = self._connect_timeouts.get(total_s)
-        if connect is None:  # one per timeout_s: the same few for a whole run
-            connect = self._connect_timeouts[total_s] = aiohttp.ClientTimeout(
-                total=None, sock_connect=min(total_s, CONNECT_TIMEOUT_S)
-            )
+        connect = self._connect_timeout(total_s)
         url = self.base_url + path
         encoded: EncodedBody | None = None
         got_headers = False
         try:
             async with within(self.stream_max_s if stream is not None else total_s):
                 for _ in range(MAX_REDIRECTS + 1):
-                    # A body's files are streamed into it as base64 (media.py), never built whole in memory.
-                    encoded = encode_body(json_body) if json_body is not None else None
-                    data: Any = raw_body.encode() if raw_body is not None else None
-                    sent_headers = {}
-                    if encoded is not None:
-                        data = encoded.chunks() if encoded.streamed else encoded.whole()
-                        if isinstance(data, bytes) and len(data) > LARGE_BODY_BYTES:  # sent in pieces, not at once
-                            data = io.BytesIO(data)
-                        sent_headers["Content-Length"] = str(encoded.length)
+                    encoded, data, sent_headers = _request_body(json_body, raw_body)
                     sending = session.request(
                         method,
                         url,
@@ -310,29 +298,54 @@ class Client:
                     break
                 else:
                     raise RequestRejected(f"more than {MAX_REDIRECTS} redirects", status=status, code="redirect")
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never reached the server
-            detail = str(exc) or type(exc).__name__
-            raise TransientError(f"cannot connect: {detail}", code="unreachable") from None
-        except _StreamSilent:
-            raise TransientError(
-                f"the stream was silent for {total_s:g} s (timeout_s)", code="timeout", abandoned=True
+        except (_StreamSilent, TimeoutError, aiohttp.ClientError, HttpProcessingError) as exc:
+            raise self._failure(
+                exc, total_s, streaming=stream is not None, encoded=encoded, got_headers=got_headers
             ) from None
-        except TimeoutError:
-            if stream is not None:  # not retried: the same answer would take as long again, and be paid again
-                raise RequestRejected(
+        return self._payload(status, text, headers), status
+
+    def _connect_timeout(self, total_s: float) -> aiohttp.ClientTimeout:
+        """aiohttp's timeout for a request of `total_s`: only connecting is bounded by it (clock.within bounds the
+        whole, in running time). One per timeout_s: the same few for a whole run."""
+        connect = self._connect_timeouts.get(total_s)
+        if connect is None:
+            connect = self._connect_timeouts[total_s] = aiohttp.ClientTimeout(
+                total=None, sock_connect=min(total_s, CONNECT_TIMEOUT_S)
+            )
+        return connect
+
+    def _failure(
+        self, exc: BaseException, total_s: float, *, streaming: bool, encoded: EncodedBody | None, got_headers: bool
+    ) -> Exception:
+        """The error a request's failure is, as the rest of batchrunner knows errors (errors.py): told apart in the
+        order they were caught in, most specific first (a connect timeout is a TimeoutError and a ClientError too).
+        `got_headers`: the reply had begun, so the server may have billed an answer this abandons."""
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):  # never reached the server
+            detail = str(exc) or type(exc).__name__
+            return TransientError(f"cannot connect: {detail}", code="unreachable")
+        if isinstance(exc, _StreamSilent):
+            return TransientError(
+                f"the stream was silent for {total_s:g} s (timeout_s)", code="timeout", abandoned=True
+            )
+        if isinstance(exc, TimeoutError):
+            if streaming:  # not retried: the same answer would take as long again, and be paid again
+                return RequestRejected(
                     f"the stream went on past {self.stream_max_s:g} s (stream_max_s)",
                     code="stream_too_long",
                     abandoned=True,
-                ) from None
-            raise TransientError(f"no answer within {total_s:g} s", code="timeout", abandoned=True) from None
-        except aiohttp.ClientError as exc:  # dropped connections, refused connections, bad payloads
+                )
+            return TransientError(f"no answer within {total_s:g} s", code="timeout", abandoned=True)
+        if isinstance(exc, aiohttp.ClientError):  # dropped connections, refused connections, bad payloads
             if encoded is not None and encoded.failure is not None:  # a file could not be sent: the body stopped short
-                raise encoded.failure from None
+                return encoded.failure
             detail = str(exc) or type(exc).__name__
-            raise TransientError(f"connection failed: {detail}", code="connection", abandoned=got_headers) from None
-        except HttpProcessingError as exc:  # a reply that is not HTTP as aiohttp reads it (a header line too long)
-            detail = first_line(exc) or type(exc).__name__
-            raise TransientError(f"the reply is not valid HTTP ({detail})", code="bad_reply", abandoned=True) from None
+            return TransientError(f"connection failed: {detail}", code="connection", abandoned=got_headers)
+        # a reply that is not HTTP as aiohttp reads it (a header line too long)
+        detail = first_line(exc) or type(exc).__name__
+        return TransientError(f"the reply is not valid HTTP ({detail})", code="bad_reply", abandoned=True)
+
+    def _payload(self, status: int, text: str, headers: Any) -> Any:
+        """A whole reply's JSON, or the error its status says (classified once, here)."""
         payload = _parse_json(text)
         if status >= 400 or status < 200:
             error = classify(status, payload, headers)
@@ -343,7 +356,7 @@ class Client:
             raise TransientError(
                 f"HTTP {status} with a body that is not JSON: {text[:120]!r}", status=status, code="bad_body"
             )
-        return payload, status
+        return payload
 
     def _redirected(self, url: str, status: int, location: str | None) -> str:
         """Where a redirect points, if it stays on the base URL's origin; else the request's error, naming it."""
@@ -357,6 +370,23 @@ class Client:
                 code="redirect",
             )
         return target
+
+
+def _request_body(
+    json_body: dict[str, Any] | None, raw_body: str | None
+) -> tuple[EncodedBody | None, Any, dict[str, str]]:
+    """What a request sends: the encoded JSON body (None for a raw one), the data aiohttp sends, its headers. A
+    body's files are streamed into it as base64 (media.py), never built whole in memory; made afresh for each
+    redirect, as a stream is read once."""
+    encoded = encode_body(json_body) if json_body is not None else None
+    data: Any = raw_body.encode() if raw_body is not None else None
+    sent_headers = {}
+    if encoded is not None:
+        data = encoded.chunks() if encoded.streamed else encoded.whole()
+        if isinstance(data, bytes) and len(data) > LARGE_BODY_BYTES:  # sent in pieces, not at once
+            data = io.BytesIO(data)
+        sent_headers["Content-Length"] = str(encoded.length)
+    return encoded, data, sent_headers
 
 
 class _StreamSilent(Exception):

@@ -13,7 +13,8 @@ from typing import Any
 
 from batchrunner.client import Client
 from batchrunner.connect import Connection
-from batchrunner.costs import FILE_PARSER_USD_PER_PAGE, ZERO_USD, Pricing, per_million
+from batchrunner.costs import FILE_PARSER_USD_PER_PAGE, ZERO_USD, PriceTable, Pricing, per_million
+from batchrunner.dataset import Dataset
 from batchrunner.errors import ApiError, Problem, RunHalted, SpecError, first_line
 from batchrunner.media import Media
 from batchrunner.offline import existing_checkpoint
@@ -122,21 +123,8 @@ async def estimate_job(
         check_endpoints(spec, endpoints)
         prices.add_tiers(endpoints)  # the flex tier's own prices, where a model has one
         limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
-
-    per_model = {model: _Tally() for model in spec.models}
-    asked: set[tuple[str, str]] = set()  # distinct requests (dedupe): each is sent once
     try:
-        for batch in pending(dataset, requests, store, limit=limit, batch_size=20_000):
-            keys = {(todo.request.requested_model, todo.request.fingerprint) for todo in batch.todo}
-            stored = store.answers_to(keys - asked) if spec.dedupe and store is not None else {}
-            for todo in batch.todo:
-                request = todo.request
-                key = (request.requested_model, request.fingerprint)
-                if spec.dedupe and request.problem is None and (key in asked or key in stored):
-                    per_model[request.requested_model].copies += 1  # answered by a copy: nothing sent
-                    continue
-                asked.add(key)
-                per_model[request.requested_model].add(request, prices.get(request.requested_model))
+        per_model = _tally_pending(spec, dataset, requests, store, prices, limit=limit)
         history = store.completion_tokens_by_model() if store else {}
     finally:
         if store is not None:
@@ -147,38 +135,7 @@ async def estimate_job(
     flex_total: Decimal | None = ZERO_USD
     worst_total: Decimal | None = ZERO_USD
     for model, counts in per_model.items():
-        pricing = prices.get(model)
-        answered_n, answered_tokens = history.get(model, (0, 0))
-        if answered_n >= 10:
-            completion, basis = answered_tokens / answered_n, f"the average of {answered_n} answers so far"
-        else:
-            completion, basis = expected_completion_tokens(spec, pricing)
-        rows = counts.rows
-        entry: dict[str, Any] = {
-            "rows": rows,
-            "deduplicated_rows": counts.copies,
-            "estimated_prompt_tokens": counts.prompt_tokens,
-            "expected_completion_tokens_per_row": round(completion, 1),
-            "completion_estimate_basis": basis,
-            "expected_cost_usd": None,
-            "expected_flex_cost_usd": None,
-            "flex_tier": prices.tier(model, "flex") is not None,
-            "max_cost_usd": None,
-        }
-        if pricing is not None:
-            answers = Decimal(str(round(completion * rows, 3)))
-            expected = _expected_usd(pricing, counts, answers)
-            # at the flex tier's price; a model without a flex endpoint serves a flex request at its standard price
-            flex = _expected_usd(prices.tier(model, "flex") or pricing, counts, answers)
-            entry["expected_flex_cost_usd"] = str(flex.quantize(Decimal("1E-9")))
-            worst = (
-                pricing.worst_case_usd(
-                    counts.most_prompt_tokens, rows * requests.max_completion_tokens(pricing), rows, counts.media.images
-                )
-                + counts.media.most_pages() * FILE_PARSER_USD_PER_PAGE
-            )
-            entry["expected_cost_usd"] = str(expected.quantize(Decimal("1E-9")))
-            entry["max_cost_usd"] = str(worst.quantize(Decimal("1E-9")))
+        entry = _model_estimate(spec, requests, prices, model, counts, history.get(model, (0, 0)))
         if entry["expected_cost_usd"] is None:
             expected_total = flex_total = worst_total = None
         elif expected_total is not None and flex_total is not None and worst_total is not None:
@@ -205,6 +162,78 @@ async def estimate_job(
         "models": models,
         **(_media_report(media, unsendable) if requests.has_media else {}),
     }
+
+
+def _tally_pending(
+    spec: JobSpec,
+    dataset: Dataset,
+    requests: RequestBuilder,
+    store: Store | None,
+    prices: PriceTable,
+    *,
+    limit: int | None,
+) -> dict[str, _Tally]:
+    """Per requested model, the pairs still to send and their tokens; with dedupe, a pair whose request another
+    pair asks, or whose answer the checkpoint holds, is counted as a copy (nothing sent)."""
+    per_model = {model: _Tally() for model in spec.models}
+    asked: set[tuple[str, str]] = set()  # distinct requests (dedupe): each is sent once
+    for batch in pending(dataset, requests, store, limit=limit, batch_size=20_000):
+        keys = {(todo.request.requested_model, todo.request.fingerprint) for todo in batch.todo}
+        stored = store.answers_to(keys - asked) if spec.dedupe and store is not None else {}
+        for todo in batch.todo:
+            request = todo.request
+            key = (request.requested_model, request.fingerprint)
+            if spec.dedupe and request.problem is None and (key in asked or key in stored):
+                per_model[request.requested_model].copies += 1  # answered by a copy: nothing sent
+                continue
+            asked.add(key)
+            per_model[request.requested_model].add(request, prices.get(request.requested_model))
+    return per_model
+
+
+def _model_estimate(
+    spec: JobSpec,
+    requests: RequestBuilder,
+    prices: PriceTable,
+    model: str,
+    counts: _Tally,
+    history: tuple[int, int],
+) -> dict[str, Any]:
+    """One model's part of the estimate: its requests, tokens, and expected, flex and worst-case costs (None
+    without a price). `history`: (answers so far, their completion tokens), the best guess once there are 10."""
+    pricing = prices.get(model)
+    answered_n, answered_tokens = history
+    if answered_n >= 10:
+        completion, basis = answered_tokens / answered_n, f"the average of {answered_n} answers so far"
+    else:
+        completion, basis = expected_completion_tokens(spec, pricing)
+    rows = counts.rows
+    entry: dict[str, Any] = {
+        "rows": rows,
+        "deduplicated_rows": counts.copies,
+        "estimated_prompt_tokens": counts.prompt_tokens,
+        "expected_completion_tokens_per_row": round(completion, 1),
+        "completion_estimate_basis": basis,
+        "expected_cost_usd": None,
+        "expected_flex_cost_usd": None,
+        "flex_tier": prices.tier(model, "flex") is not None,
+        "max_cost_usd": None,
+    }
+    if pricing is not None:
+        answers = Decimal(str(round(completion * rows, 3)))
+        expected = _expected_usd(pricing, counts, answers)
+        # at the flex tier's price; a model without a flex endpoint serves a flex request at its standard price
+        flex = _expected_usd(prices.tier(model, "flex") or pricing, counts, answers)
+        entry["expected_flex_cost_usd"] = str(flex.quantize(Decimal("1E-9")))
+        worst = (
+            pricing.worst_case_usd(
+                counts.most_prompt_tokens, rows * requests.max_completion_tokens(pricing), rows, counts.media.images
+            )
+            + counts.media.most_pages() * FILE_PARSER_USD_PER_PAGE
+        )
+        entry["expected_cost_usd"] = str(expected.quantize(Decimal("1E-9")))
+        entry["max_cost_usd"] = str(worst.quantize(Decimal("1E-9")))
+    return entry
 
 
 def _expected_usd(pricing: Pricing, counts: _Tally, completion_tokens: Decimal) -> Decimal:

@@ -21,7 +21,7 @@ from batchrunner.dataset import Row
 from batchrunner.errors import MediaProblem
 from batchrunner.media import MIB, Media, MediaLimitsBytes, MediaReader, audio_format
 from batchrunner.prompt import MEDIA_PARTS, MediaValue, PromptTemplate
-from batchrunner.spec import SANDBOX_SERVER, JobSpec
+from batchrunner.spec import REQUEST_KEYS, SANDBOX_SERVER, JobSpec
 from batchrunner.structured import repair_prompt, resolve_ref
 
 DEFAULT_MAX_COMPLETION_TOKENS = 16_384  # when neither the spec nor /models says
@@ -74,15 +74,8 @@ class RequestBuilder:
         """Per requested model: a hash already fed with everything but the prompt."""
         digests = {}
         for model in self.spec.models:
-            shape: dict[str, Any] = {
-                "endpoint": self.spec.endpoint,
-                "cache_system_prompt": self.spec.cache_system_prompt,
-                "server_fallbacks": self.spec.server_fallbacks,
-                "chain": self.spec.model_chain(model),
-                "params": self.spec.params,
-                "provider": self.spec.provider,
-                "response_format": self.spec.response_format,
-            }
+            shape: dict[str, Any] = {key: getattr(self.spec, key) for key in REQUEST_KEYS}
+            shape["chain"] = self.spec.model_chain(model)  # CHAIN_KEYS; PROMPT_KEYS are hashed as the prompt
             if self.server:  # OpenRouter's answers keep the fingerprints they had before servers were told apart
                 shape["server"] = self.server
             digests[model] = hashlib.sha256(_canonical(shape))

@@ -31,22 +31,10 @@ from batchrunner.dataset import Dataset
 from batchrunner.files import identity
 from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder
-from batchrunner.spec import JobSpec
+from batchrunner.spec import RUN_ONLY_KEYS, JobSpec
 from batchrunner.store import MIGRATIONS, Store
 
 COMPLETE = "complete"  # the checkpoint's record of the last run that left every pair answered
-NOT_REQUEST_SHAPING = {  # spec fields that change how a run goes, never which pairs there are or the output
-    "concurrency",
-    "timeout_s",
-    "unreachable_timeout_s",
-    "rate_limit",
-    "free_requests_per_day",
-    "retry",
-    "budget_usd",
-    "prices",  # what computed costs and reservations use, for answers still to come
-    "batch",
-    "mode",
-}
 
 
 @dataclass(frozen=True)
@@ -80,7 +68,7 @@ def job_state(spec: JobSpec, requests: RequestBuilder, dataset: Dataset) -> JobS
     except OSError:
         return None
     shape = {
-        "spec": spec.model_dump(mode="json", exclude=NOT_REQUEST_SHAPING),
+        "spec": spec.model_dump(mode="json", exclude=set(RUN_ONLY_KEYS)),
         "server": requests.server,
         "columns": [*RESULT_SCHEMA, len(MIGRATIONS)],
         "input_columns": [[name, str(dtype)] for name, dtype in dataset.frame.collect_schema().items()],

@@ -1,10 +1,14 @@
-"""One run of a job, start to finish: check, connect, execute, write the output.
+"""One run of a job, start to finish, in four phases, each a function of its own:
 
-Everything that can refuse the job is checked first (preflight.py). Then the run holds the
-job's lock, opens its checkpoint, connects (connect.py), plans the rate and the budget, and
-hands the pairs still to answer (pending.py) to an executor (executor.py) with the row
-answerer (live.py: each pair's flow, flow.py), the result sinks and the run's one halt (halt.py). The output is
-rebuilt from the checkpoint at every exit, complete or not.
+- plan (`plan_run`): everything that can refuse the job without the server (preflight.py, the key), before
+  the lock, the checkpoint or a connection is opened;
+- open (`open_run`, then `recall`): holding the job's lock, connected (connect.py), the server's terms (the
+  rate, the prices, the budget), the checkpoint and what it recalls of earlier runs (rerun.py);
+- execute (`execute_run`): the pairs still to answer (pending.py) handed to an executor (executor.py) with the
+  answerer (live.py; each pair's rules are its flow, flow.py), the result sinks and the run's one halt (halt.py); then the judges' grades;
+- write (`write_run`): the output rebuilt from the checkpoint at every exit, complete or not; the summary.
+
+What a run may change beside its spec is one `RunSettings`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.connect import Connection
 from batchrunner.costs import Budget, PriceTable, format_usd
+from batchrunner.dataset import Dataset
 from batchrunner.dedupe import Dedupe
 from batchrunner.errors import (
     ApiError,
@@ -58,7 +63,7 @@ from batchrunner.preflight import check_endpoints, check_models, check_output, p
 from batchrunner.progress import Progress
 from batchrunner.records import KeptResults, ResultSink, RowResult, Sinks, Summary
 from batchrunner.request import RequestBuilder
-from batchrunner.rerun import LastRun, forget, job_state, last_run, mark_complete
+from batchrunner.rerun import JobState, LastRun, forget, job_state, last_run, mark_complete
 from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import JobSpec, RateLimit
@@ -114,30 +119,100 @@ class Outcome:
     unsaved: int = 0  # answers the checkpoint could not take (in its spill file, for the next run, or lost)
 
 
-async def run_job(
-    spec: JobSpec,
-    *,
-    limit: int | None = None,
-    sandbox: SandboxConfig | None = None,
-    retry: RetryPolicy | None = None,
-    progress_factory: Callable[..., Progress] | None = None,
-    on_start: Callable[[str | None], None] | None = None,
-    credit_refresh_s: float = 5.0,
-    fresh: bool = False,
-    flush_s: float = COMMIT_INTERVAL_S,
-    breaker: Breaker | None = None,
-    max_cost_usd: Decimal | None = None,
-    executor: Executor | None = None,
-    keep_results: bool = False,
-    wait: bool = True,
-) -> Outcome:
-    """Run `spec`; with `sandbox`, against an in-process sandbox instead of the spec's base URL; with
-    `executor`, scheduled by it instead of the live worker pool.
+@dataclass(frozen=True)
+class RunSettings:
+    """How one run goes, beside what its spec says: the command line's options and the seams tests drive.
 
-    Pairs already answered in the checkpoint are not sent again; the output is rebuilt from
-    the checkpoint at every exit, complete or not.
+    One object, not fourteen keywords, so each phase takes what it reads and a caller names only what it changes.
     """
-    if sandbox is not None and spec.mode == "batch" and not wait:
+
+    limit: int | None = None  # only the first rows of the input
+    sandbox: SandboxConfig | None = None  # answered by an in-process sandbox instead of the spec's base URL
+    retry: RetryPolicy | None = None  # instead of the spec's `retry:` (tests: no waiting)
+    progress_factory: Callable[..., Progress] | None = None  # the progress display, given the pairs to do
+    on_start: Callable[[str | None], None] | None = None  # told the sandbox's URL (or None) once connected
+    credit_refresh_s: float = 5.0  # how often the key's credits are read again while the run spends them
+    fresh: bool = False  # delete every stored answer first
+    flush_s: float = COMMIT_INTERVAL_S  # how often the checkpoint commits
+    breaker: Breaker | None = None  # instead of the answerer's own circuit breaker
+    max_cost_usd: Decimal | None = None  # --max-cost: wins over the spec's budget_usd
+    executor: Executor | None = None  # instead of the live pool (or, in batch mode, the Batch API)
+    keep_results: bool = False  # every RowResult kept in the report (tests)
+    wait: bool = True  # batch mode: wait for the batches to end (False: --no-wait)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A job that nothing could refuse before it is opened: what every later phase reads and none changes."""
+
+    spec: JobSpec
+    settings: RunSettings
+    dataset: Dataset
+    connection: Connection  # made (the key checked), not yet connected
+    requests: RequestBuilder
+    rows: int  # input rows the run reads (--limit)
+
+    @property
+    def total(self) -> int:
+        """The (row, model, sample) pairs the run sets out to do."""
+        return self.rows * len(self.spec.models) * self.spec.samples
+
+    @property
+    def sandbox_url(self) -> str | None:
+        return self.connection.sandbox.base_url if self.connection.sandbox else None
+
+
+@dataclass(frozen=True)
+class ServerTerms:
+    """What start-up learned from the server: the rate, the key's credits, the prices, the budget."""
+
+    limits: Limits
+    key_info: dict[str, Any] | None
+    prices: PriceTable
+    budget: Budget | None
+
+
+@dataclass
+class Opened:
+    """The run's checkpoint and what it has recorded: the write phase reads it at every exit, however the
+    phases after the open one ended, so what they learn is kept here as soon as it is known."""
+
+    store: Store
+    state: JobState | None  # the job as rerun.py records it; None with --limit or when it cannot be known
+    known: LastRun | None = None  # what the last complete run left that still holds
+    keylog: KeyLog | None = None  # each row's keys, kept for the output
+    summary: Summary = field(default_factory=Summary)
+    judging: Summary = field(default_factory=Summary)  # grading's cost, reported apart from the answers' own
+    results: KeptResults = field(default_factory=KeptResults)
+
+
+async def run_job(spec: JobSpec, settings: RunSettings | None = None) -> Outcome:
+    """Run `spec` as `settings` say (by default: against the spec's server, with the live worker pool).
+
+    Four phases: plan (refuse the job before anything is opened), open (the lock, the server's terms, the
+    checkpoint), execute (answer the pairs left, then grade them) and write (the output, rebuilt from the
+    checkpoint at every exit, complete or not; the summary). Pairs already answered are not sent again.
+    """
+    plan = plan_run(spec, settings if settings is not None else RunSettings())
+    report: RunReport | None = None
+    with interrupts.caught() as caught, job_lock(lock_path(spec.checkpoint_path())):
+        if removed := remove_leftovers(spec.output):  # a killed run's or export's; none is live while we hold the lock
+            log.info("removed what a killed run left beside %s: %s", spec.output, ", ".join(removed))
+        async with plan.connection:
+            terms, opened = await open_run(plan, caught)
+            try:
+                recall(plan, opened)
+                report = await execute_run(plan, terms, opened, caught)
+            finally:
+                written = write_run(plan, opened, report, caught)
+    assert report is not None
+    return Outcome(report, spec.output, written, plan.sandbox_url, opened.store.spilled + opened.store.lost)
+
+
+def plan_run(spec: JobSpec, settings: RunSettings) -> Plan:
+    """Everything that can refuse the job without the server (SpecError, exit 2): checked before the lock, the
+    checkpoint or a connection is opened, so a refused job leaves nothing behind."""
+    if settings.sandbox is not None and spec.mode == "batch" and not settings.wait:
         raise SpecError(
             Problem(
                 "--no-wait",
@@ -153,186 +228,229 @@ async def run_job(
             "no id_column: rows are known by their position, so a row inserted, deleted or reordered in the input "
             "re-sends every row after it; set id_column to a column that identifies each row"
         )
-    connection = Connection(spec, sandbox=sandbox)  # checks the key: refused before anything is opened
-    checkpoint = spec.checkpoint_path()
+    connection = Connection(spec, sandbox=settings.sandbox)  # checks the key: refused before anything is opened
     requests = RequestBuilder(spec, server=connection.server)
+    rows = dataset.rows if settings.limit is None else min(settings.limit, dataset.rows)
+    return Plan(spec, settings, dataset, connection, requests, rows)
+
+
+async def open_run(plan: Plan, caught: interrupts.Interrupts) -> tuple[ServerTerms, Opened]:
+    """Ask the server its terms (given up on at the first Ctrl-C: nothing has been sent), then open the
+    checkpoint, once nothing else can refuse the job: only another job's checkpoint still can."""
+    if plan.settings.on_start is not None:
+        plan.settings.on_start(plan.sandbox_url)
+    terms = await _unless_interrupted(ask_terms(plan), caught)
+    store = Store.open(plan.spec.checkpoint_path(), server=plan.requests.server, job=plan.spec.name)
+    state = job_state(plan.spec, plan.requests, plan.dataset) if plan.settings.limit is None else None
+    return terms, Opened(store, state)
+
+
+async def ask_terms(plan: Plan) -> ServerTerms:
+    """The key, the model list and the endpoints, asked for at once (one round trip, not three); the key's
+    verdict still comes first, then the models' and the endpoints', as when asked in turn."""
+    spec, settings, connection = plan.spec, plan.settings, plan.connection
+    checked = asyncio.ensure_future(check_on_server(spec, connection, settings.max_cost_usd, settings.retry))
+    try:
+        limits, key_info = await plan_limits(
+            spec, connection.client, connection.key, count_free_usage=settings.sandbox is None, retry=settings.retry
+        )
+    except BaseException:
+        checked.cancel()
+        await asyncio.gather(checked, return_exceptions=True)
+        raise
+    prices, budget, endpoints = await checked
+    prices.add_tiers(endpoints)  # the flex (and priority) tiers' own prices, for answers they serve
+    return ServerTerms(limits, key_info, prices, budget)
+
+
+def recall(plan: Plan, opened: Opened) -> None:
+    """What the checkpoint says of earlier runs (--fresh forgets it all): the last complete run's, which this
+    run forgets until it ends the same way, and a key log for the rows this run will read."""
+    store, limit = opened.store, plan.settings.limit
+    if plan.settings.fresh:
+        store.delete_all()
+    opened.known = known = last_run(store, plan.spec, opened.state, plan.dataset)  # unchanged, or grown
+    forget(store)  # until this run ends the same way
+    store.begin_run()
+    if limit is None and (known is None or known.grown):  # each row's keys, kept for the output
+        first = known.rows if known is not None and known.grown else 0
+        opened.keylog = KeyLog(plan.spec.output, plan.spec.input, first_row=first, rows=plan.rows)
+
+
+async def execute_run(plan: Plan, terms: ServerTerms, opened: Opened, caught: interrupts.Interrupts) -> RunReport:
+    """Answer the pairs left through the executor, then grade the answers (judge metrics); the first Ctrl-C
+    stops dispatch, a second records what is on the wire and quits."""
+    spec, settings, store = plan.spec, plan.settings, opened.store
     halt = Halt()
-    summary = Summary()
-    judging = Summary()  # what grading the answers cost, reported apart from the answers' own cost
-    results = KeptResults()
-    report: RunReport | None = None
-    with interrupts.caught() as caught, job_lock(lock_path(checkpoint)):
-        if removed := remove_leftovers(spec.output):  # a killed run's or export's; none is live while we hold the lock
-            log.info("removed what a killed run left beside %s: %s", spec.output, ", ".join(removed))
-        async with connection:
-            client = connection.client
-            if on_start is not None:
-                on_start(connection.sandbox.base_url if connection.sandbox else None)
+    progress = settings.progress_factory(plan.total, summary=opened.summary) if settings.progress_factory else None
+    policy = answerer_of(plan, terms, halt, progress)
+    background = _background(plan, terms, store, halt, progress)
+    restore = _stop_on_signal(halt, caught)
+    caught.before_quitting(_last_words(policy, store))
+    try:
+        executor = settings.executor or default_executor(spec, store, plan.connection.client, wait=settings.wait)
+        work, into = _work(plan, opened, progress)
+        execution = await executor.execute(work, policy, into, halt)
+        judged = await judge(spec, plan.dataset, plan.requests, store, policy, executor, opened.judging, opened.keylog)
+    finally:
+        restore()
+        caught.before_quitting(None)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if progress is not None:
+            progress.close()
+    report = RunReport(opened.summary, plan.total, execution.wall_s, halt.outcome, execution.resumed, opened.results)
+    report.judging = judged
+    if spec.mode == "batch":
+        report.batch_saved_usd = policy.accounts.saved_usd
+    concurrency_hint(spec, report, terms.limits.pacer.rate_rps)
+    return report
 
-            async def start_up() -> tuple[Limits, dict[str, Any] | None, PriceTable, Budget | None]:
-                # The key, the model list and the endpoints are asked for at once (one round trip, not three); the
-                # key's verdict still comes first, then the models' and the endpoints', as when asked in turn.
-                checked = asyncio.ensure_future(check_on_server(spec, connection, max_cost_usd, retry))
-                try:
-                    limits, key_info = await plan_limits(
-                        spec, client, connection.key, count_free_usage=sandbox is None, retry=retry
-                    )
-                except BaseException:
-                    checked.cancel()
-                    await asyncio.gather(checked, return_exceptions=True)
-                    raise
-                prices, budget, endpoints = await checked
-                prices.add_tiers(endpoints)  # the flex (and priority) tiers' own prices, for answers they serve
-                return limits, key_info, prices, budget
 
-            limits, key_info, prices, budget = await _unless_interrupted(start_up(), caught)
-            # Opened once nothing else can refuse the job: only another job's checkpoint still can.
-            store = Store.open(checkpoint, server=requests.server, job=spec.name)
-            state = job_state(spec, requests, dataset) if limit is None else None
-            known: LastRun | None = None
-            keylog: KeyLog | None = None
-            try:
-                if fresh:
-                    store.delete_all()
-                known = last_run(store, spec, state, dataset)  # unchanged, or grown, since a complete run
-                forget(store)  # until this run ends the same way
-                store.begin_run()
-                rows = dataset.rows if limit is None else min(limit, dataset.rows)
-                total = rows * len(spec.models) * spec.samples
-                progress = progress_factory(total, summary=summary) if progress_factory else None
-                sinks: list[ResultSink] = [summary, store]
-                if progress is not None:
-                    sinks.append(progress)
-                if keep_results:
-                    sinks.append(results)
-                policy = LiveAnswerer(
-                    spec,
-                    client,
-                    halt,
-                    requests=requests,
-                    retry=retry,
-                    limits=limits,
-                    breaker=breaker,
-                    pricing=prices,
-                    budget=budget,
-                    on_wait=progress.retry if progress is not None else None,
-                    # OpenRouter may answer through the user's own provider keys (BYOK), adding its fee to their bill
-                    byok_fee=client.openrouter or (sandbox is not None and sandbox.byok),
-                )
-                background = [
-                    asyncio.create_task(
-                        store.flush_every(
-                            flush_s,
-                            lambda exc: halt.stop(
-                                StopReason.CHECKPOINT,
-                                f"cannot write the checkpoint ({exc}); free disk space and rerun",
-                            ),
-                        )
-                    )
-                ]
-                if progress is not None:
-                    background.append(asyncio.create_task(progress.heartbeat()))
-                if key_info is not None and key_info.get("limit_remaining") is not None:
-                    background.append(asyncio.create_task(follow_credits(client, limits, credit_refresh_s)))
-                restore = _stop_on_signal(halt, caught)
-                caught.before_quitting(_last_words(policy, store))
-                try:
-                    if executor is None:
-                        from batchrunner.batch import BatchExecutor  # batch mode's machinery, when it is asked for
+def answerer_of(plan: Plan, terms: ServerTerms, halt: Halt, progress: Progress | None) -> LiveAnswerer:
+    """How each pair is answered, with the server's terms and the run's retry and breaker."""
+    client, sandbox = plan.connection.client, plan.settings.sandbox
+    return LiveAnswerer(
+        plan.spec,
+        client,
+        halt,
+        requests=plan.requests,
+        retry=plan.settings.retry,
+        limits=terms.limits,
+        breaker=plan.settings.breaker,
+        pricing=terms.prices,
+        budget=terms.budget,
+        on_wait=progress.retry if progress is not None else None,
+        # OpenRouter may answer through the user's own provider keys (BYOK), adding its fee to their bill
+        byok_fee=client.openrouter or (sandbox is not None and sandbox.byok),
+    )
 
-                        executor = (
-                            BatchExecutor(
-                                client,
-                                store,
-                                poll_s=spec.batch.poll_s,
-                                max_poll_s=spec.batch.max_poll_s,
-                                wait=wait,
-                                realtime=LiveExecutor(spec.concurrency) if spec.batch.fallback_to_realtime else None,
-                            )
-                            if spec.mode == "batch"
-                            else LiveExecutor(spec.concurrency, grace_s=grace_s(spec))
-                        )
-                    first = known.rows if known is not None and known.grown else 0
-                    if limit is None and (known is None or known.grown):  # each row's keys, kept for the output
-                        keylog = KeyLog(spec.output, spec.input, first_row=first, rows=rows)
-                    record = keylog.record if keylog is not None else None
-                    work: Iterable[Batch] = pending(dataset, requests, store, limit=limit, start=first, on_keys=record)
-                    if known is not None:  # the rows the last complete run answered are not read again
-                        earlier = Batch([], collections.Counter(known.answered), known.rows)
-                        if known.grown:
-                            log.info(
-                                "%d rows appended since the last complete run: only they are read", rows - known.rows
-                            )
-                            work = itertools.chain([earlier], work)
-                        else:
-                            log.info("nothing to send: the input and the spec are as the last complete run left them")
-                            work = [earlier]
-                    into: ResultSink = Sinks(*sinks)
-                    if spec.dedupe:  # identical requests sent once: the copies wait for, or take, an answer
-                        dedupe = Dedupe(store, into)
-                        work, into = dedupe.work(work), dedupe
-                    execution = await executor.execute(work, policy, into, halt)
-                    judged = await judge(spec, dataset, requests, store, policy, executor, judging, keylog)
-                finally:
-                    restore()
-                    caught.before_quitting(None)
-                    for task in background:
-                        task.cancel()
-                    await asyncio.gather(*background, return_exceptions=True)
-                    if progress is not None:
-                        progress.close()
-                report = RunReport(summary, total, execution.wall_s, halt.outcome, execution.resumed, results)
-                report.judging = judged
-                if spec.mode == "batch":
-                    report.batch_saved_usd = policy.accounts.saved_usd
-                concurrency_hint(spec, report, limits.pacer.rate_rps)
-            finally:
-                outcome = "unfinished" if report is None else "stopped" if report.stop else "finished"
-                store.end_run(outcome, ok=summary.ok, failed=summary.failed, cost_usd=summary.cost_usd)
-                started = time.monotonic()
-                written: int | None = None
-                try:
-                    if known is not None and known.output_unchanged and not known.grown and summary.done == 0:
-                        written = known.written  # the output is the file the last run wrote: not rewritten
-                        log.info("%s is unchanged since the last complete run: not rewritten", spec.output)
-                    elif known is not None and known.output_unchanged and known.grown:  # add the new rows' answers
-                        added = extend(dataset, requests, store, spec.output, start=known.rows, keys=keylog)
-                        if added is not None:
-                            written = known.written + added
-                            log.info("added %d rows to %s in %.1f s", added, spec.output, time.monotonic() - started)
-                    if written is None:
-                        written = export(dataset, requests, store, spec.output, keys=keylog)
-                        log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
-                    if report is not None and report.stop is None and report.pending == 0 and summary.failed == 0:
-                        answered = {model: rows * spec.samples for model in spec.models}
-                        mark_complete(store, spec, state, answered, written)
-                except (OutputError, OSError) as exc:  # the answers are safe: say how to get the file
-                    log.error("%s; every answer is in the checkpoint: fix that and run `batchrunner export`", exc)
-                finally:
-                    if keylog is not None:
-                        keylog.close()
-                store.close()
-                if report is not None and report.stop is None and caught.received is not None:
-                    # after dispatch ended: the output was written in full all the same, and the run stops here
-                    message = f"{caught.received.name} while the output was being written (it was written in full)"
-                    report.stop = Stop(StopReason.INTERRUPTED, message)
-                if report is not None:
-                    summary_json = report.summary.to_json(
-                        wall_s=report.wall_s,
-                        pending=report.pending,
-                        resumed=report.resumed,
-                        stopped=report.stop.message if report.stop else None,
-                    )
-                    if report.batch_saved_usd is not None:
-                        summary_json["batch_saved_usd"] = str(report.batch_saved_usd)
-                    if report.judging is not None:
-                        summary_json["grading"] = report.judging.to_json(
-                            wall_s=report.wall_s, pending=0, resumed=0, stopped=None
-                        )
-                    write_json(summary_path(spec.output), {"job": spec.name, **summary_json})
-    assert report is not None
-    sandbox_url = connection.sandbox.base_url if connection.sandbox else None
-    return Outcome(report, spec.output, written, sandbox_url, store.spilled + store.lost)
+
+def default_executor(spec: JobSpec, store: Store, client: Client, *, wait: bool) -> Executor:
+    """The live worker pool, or in batch mode the Batch API (with the pool for what falls back to it)."""
+    if spec.mode != "batch":
+        return LiveExecutor(spec.concurrency, grace_s=grace_s(spec))
+    from batchrunner.batch import BatchExecutor  # batch mode's machinery, when it is asked for
+
+    return BatchExecutor(
+        client,
+        store,
+        poll_s=spec.batch.poll_s,
+        max_poll_s=spec.batch.max_poll_s,
+        wait=wait,
+        realtime=LiveExecutor(spec.concurrency) if spec.batch.fallback_to_realtime else None,
+    )
+
+
+def _background(
+    plan: Plan, terms: ServerTerms, store: Store, halt: Halt, progress: Progress | None
+) -> list[asyncio.Task[None]]:
+    """What runs beside the executor: the checkpoint's commits, the progress line, the key's credits."""
+
+    def cannot_commit(exc: BaseException) -> None:
+        halt.stop(StopReason.CHECKPOINT, f"cannot write the checkpoint ({exc}); free disk space and rerun")
+
+    background = [asyncio.create_task(store.flush_every(plan.settings.flush_s, cannot_commit))]
+    if progress is not None:
+        background.append(asyncio.create_task(progress.heartbeat()))
+    if terms.key_info is not None and terms.key_info.get("limit_remaining") is not None:
+        client, refresh_s = plan.connection.client, plan.settings.credit_refresh_s
+        background.append(asyncio.create_task(follow_credits(client, terms.limits, refresh_s)))
+    return background
+
+
+def _work(plan: Plan, opened: Opened, progress: Progress | None) -> tuple[Iterable[Batch], ResultSink]:
+    """The pairs left to answer, and where their results go (the summary, the checkpoint, the progress line,
+    the kept results; with dedupe, copies of a request wait for its answer)."""
+    spec, store, known, keylog = plan.spec, opened.store, opened.known, opened.keylog
+    sinks: list[ResultSink] = [opened.summary, store]
+    if progress is not None:
+        sinks.append(progress)
+    if plan.settings.keep_results:
+        sinks.append(opened.results)
+    first = known.rows if known is not None and known.grown else 0
+    record = keylog.record if keylog is not None else None
+    work: Iterable[Batch] = pending(
+        plan.dataset, plan.requests, store, limit=plan.settings.limit, start=first, on_keys=record
+    )
+    if known is not None:  # the rows the last complete run answered are not read again
+        earlier = Batch([], collections.Counter(known.answered), known.rows)
+        if known.grown:
+            log.info("%d rows appended since the last complete run: only they are read", plan.rows - known.rows)
+            work = itertools.chain([earlier], work)
+        else:
+            log.info("nothing to send: the input and the spec are as the last complete run left them")
+            work = [earlier]
+    into: ResultSink = Sinks(*sinks)
+    if spec.dedupe:  # identical requests sent once: the copies wait for, or take, an answer
+        dedupe = Dedupe(store, into)
+        work, into = dedupe.work(work), dedupe
+    return work, into
+
+
+def write_run(plan: Plan, opened: Opened, report: RunReport | None, caught: interrupts.Interrupts) -> int | None:
+    """The run's end, at every exit: the checkpoint told how it ended, the output rebuilt from it (complete or
+    not) and the summary JSON; the output's rows, or None when it could not be written."""
+    summary = opened.summary
+    outcome = "unfinished" if report is None else "stopped" if report.stop else "finished"
+    opened.store.end_run(outcome, ok=summary.ok, failed=summary.failed, cost_usd=summary.cost_usd)
+    try:
+        written = write_output(plan, opened, report)
+    finally:
+        if opened.keylog is not None:
+            opened.keylog.close()
+    opened.store.close()
+    if report is not None and report.stop is None and caught.received is not None:
+        # after dispatch ended: the output was written in full all the same, and the run stops here
+        message = f"{caught.received.name} while the output was being written (it was written in full)"
+        report.stop = Stop(StopReason.INTERRUPTED, message)
+    if report is not None:
+        write_json(summary_path(plan.spec.output), {"job": plan.spec.name, **summary_json(report)})
+    return written
+
+
+def write_output(plan: Plan, opened: Opened, report: RunReport | None) -> int | None:
+    """The output from the checkpoint: kept when it is the last complete run's and nothing changed, extended
+    when rows were only appended, else written whole; a complete run is recorded (rerun.py). An output that
+    cannot be written is logged (the answers are safe in the checkpoint) and None returned."""
+    spec, dataset, requests, store = plan.spec, plan.dataset, plan.requests, opened.store
+    known, keylog, summary = opened.known, opened.keylog, opened.summary
+    started = time.monotonic()
+    written: int | None = None
+    try:
+        if known is not None and known.output_unchanged and not known.grown and summary.done == 0:
+            written = known.written  # the output is the file the last run wrote: not rewritten
+            log.info("%s is unchanged since the last complete run: not rewritten", spec.output)
+        elif known is not None and known.output_unchanged and known.grown:  # add the new rows' answers
+            added = extend(dataset, requests, store, spec.output, start=known.rows, keys=keylog)
+            if added is not None:
+                written = known.written + added
+                log.info("added %d rows to %s in %.1f s", added, spec.output, time.monotonic() - started)
+        if written is None:
+            written = export(dataset, requests, store, spec.output, keys=keylog)
+            log.info("wrote %d rows to %s in %.1f s", written, spec.output, time.monotonic() - started)
+        if report is not None and report.stop is None and report.pending == 0 and summary.failed == 0:
+            answered = {model: plan.rows * spec.samples for model in spec.models}
+            mark_complete(store, spec, opened.state, answered, written)
+    except (OutputError, OSError) as exc:  # the answers are safe: say how to get the file
+        log.error("%s; every answer is in the checkpoint: fix that and run `batchrunner export`", exc)
+    return written
+
+
+def summary_json(report: RunReport) -> dict[str, Any]:
+    """The run's summary as the JSON file beside the output says it (grading and the batch discount apart)."""
+    found = report.summary.to_json(
+        wall_s=report.wall_s,
+        pending=report.pending,
+        resumed=report.resumed,
+        stopped=report.stop.message if report.stop else None,
+    )
+    if report.batch_saved_usd is not None:
+        found["batch_saved_usd"] = str(report.batch_saved_usd)
+    if report.judging is not None:
+        found["grading"] = report.judging.to_json(wall_s=report.wall_s, pending=0, resumed=0, stopped=None)
+    return found
 
 
 async def judge(

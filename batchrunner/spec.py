@@ -51,14 +51,40 @@ MAX_SPEC_NODES = 100_000  # values in a spec once YAML aliases are expanded
 MAX_SPEC_DEPTH = 64  # levels of nesting (a deep JSON schema needs a dozen)
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
+# What shapes a request, and so a pair's fingerprint, said once: request.RequestBuilder fingerprints these,
+# rerun.py tells them from RUN_ONLY_KEYS, JobSpec.request_body sends them. A new key of JobSpec belongs in one
+# of these or in RUN_ONLY_KEYS, or is read by neither (test_spec checks that no key is in two).
+# The keys that render the prompt (JobSpec.prompt_template): fingerprinted as the prompt they render.
+PROMPT_KEYS = ("system", "prompt", "messages", "images", "files", "audio", "image_detail")
+# The keys that name the models: fingerprinted as the chain a requested model is answered by (model_chain).
+CHAIN_KEYS = ("models", "fallbacks")
+# The rest of a request: each fingerprinted as it is written.
+REQUEST_KEYS = ("endpoint", "cache_system_prompt", "server_fallbacks", "params", "provider", "response_format")
+REQUEST_SHAPING_KEYS = frozenset({*PROMPT_KEYS, *CHAIN_KEYS, *REQUEST_KEYS})
+BODY_KEYS = ("provider", "response_format")  # sent in a request's body under their own names
+# The keys that change how a run goes, never which pairs there are, what they ask or the output: a rerun that
+# changed only these still skips what the last complete run answered without reading it (rerun.py).
+RUN_ONLY_KEYS = frozenset(
+    {
+        "concurrency",
+        "timeout_s",
+        "unreachable_timeout_s",
+        "rate_limit",
+        "free_requests_per_day",
+        "retry",
+        "budget_usd",
+        "prices",  # what computed costs and reservations use, for answers still to come
+        "batch",
+        "mode",
+    }
+)
 # Request fields the spec sets through its own keys, so `params` may not set them too.
 SPEC_OWNED_FIELDS = {
     "model": "models",
     "models": "models and fallbacks",
     "messages": "system/prompt or messages",
     "prompt": "prompt",
-    "provider": "provider",
-    "response_format": "response_format",
+    **{key: key for key in BODY_KEYS},
 }
 
 Slug = Annotated[str, Field(min_length=1, pattern=r"^\S+$")]
@@ -547,10 +573,9 @@ class JobSpec(_Strict):
             rest = [m for m in self.fallbacks if m != model]
             if rest:
                 body["models"] = [model, *rest]
-        if self.provider is not None:
-            body["provider"] = self.provider
-        if self.response_format is not None:
-            body["response_format"] = self.response_format
+        for key in BODY_KEYS:
+            if (value := getattr(self, key)) is not None:
+                body[key] = value
         return body
 
     def answer_column(self) -> str:

@@ -31,7 +31,7 @@ import polars as pl
 import yaml
 
 from batchrunner import client
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.spec import load_spec
 
 SENT: list[float] = []  # when each completion request left the pacer, in this process
@@ -105,7 +105,7 @@ def one_run(rate: int, seconds: float, latency_s: float, folder: Path) -> dict[s
             )
         )
         SENT.clear()
-        outcome = asyncio.run(run_job(load_spec(spec_path), fresh=True))  # each repeat from scratch
+        outcome = asyncio.run(run_job(load_spec(spec_path), RunSettings(fresh=True)))  # each repeat from scratch
         stats = json.loads(urllib.request.urlopen(base + "/sandbox/stats").read())
     finally:
         process.terminate()

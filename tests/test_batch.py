@@ -19,7 +19,7 @@ from conftest import run_cli
 
 from batchrunner.client import Client
 from batchrunner.errors import SpecError, TransientError
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 
@@ -166,7 +166,7 @@ async def test_status_lists_batches_cancel_requeues_and_a_missing_batch_api_subm
 
     async with Sandbox(SandboxConfig(batch_turnaround_s=3600, batch_cancel_delay_s=0)) as sandbox:
         spec = load_spec(write_spec(input=rows_csv(tmp_path, 20), mode="batch", api={"base_url": sandbox.base_url}))
-        await run_job(spec, wait=False)
+        await run_job(spec, RunSettings(wait=False))
         listed = job_status(spec)["batches"]
         assert [b["state"] for b in listed] == ["submitted"] and listed[0]["requests"] == 20
         assert len((await cancel_batches(spec)).cancelling) == 1
@@ -201,7 +201,7 @@ async def test_a_budget_in_batch_mode_submits_what_fits_and_never_goes_over(
     collects, submits more, and stops (exit 3, saying so) only when nothing is out and the next does not fit."""
     async with Sandbox() as sandbox:
         spec = load_spec(write_spec(input=rows_csv(tmp_path, 300), mode="batch", api={"base_url": sandbox.base_url}))
-        outcome = await run_job(spec, max_cost_usd=Decimal("0.002"))
+        outcome = await run_job(spec, RunSettings(max_cost_usd=Decimal("0.002")))
     assert sandbox.batches.submitted >= 2, "the budget was used in several rounds"
     assert sandbox.stats.charged_usd <= Decimal("0.002")
     assert outcome.report.stop is not None and "budget of $0.002 reached" in outcome.report.stop.message

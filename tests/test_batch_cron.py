@@ -27,7 +27,7 @@ from batchrunner.client import Client
 from batchrunner.errors import SpecError
 from batchrunner.offline import job_status
 from batchrunner.queries import cancel_batches
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import JobSpec, load_spec
 
@@ -58,12 +58,12 @@ async def test_no_wait_runs_collect_what_ended_and_submit_each_request_once(
     clock = Clock()
     async with Sandbox(SandboxConfig(batch_turnaround_s=600, batch_clock=clock)) as sandbox:
         spec = batch_job(write_spec, tmp_path, sandbox, 20)
-        first = await run_job(spec, wait=False)
+        first = await run_job(spec, RunSettings(wait=False))
         clock.now_s += 60
-        second = await run_job(spec, wait=False)
+        second = await run_job(spec, RunSettings(wait=False))
         clock.now_s += 600
-        third = await run_job(spec, wait=False)
-        fourth = await run_job(spec, wait=False)
+        third = await run_job(spec, RunSettings(wait=False))
+        fourth = await run_job(spec, RunSettings(wait=False))
     assert [run.report.summary.ok for run in (first, second, third, fourth)] == [0, 0, 20, 0]
     assert sandbox.stats.batches_submitted == 1 and sandbox.stats.batch_requests_submitted == 20
     assert sandbox.stats.batch_duplicates == 0
@@ -78,10 +78,10 @@ async def test_cancel_of_an_ended_batch_collects_it_and_buys_nothing_again(
     clock = Clock()
     async with Sandbox(SandboxConfig(batch_turnaround_s=60, batch_clock=clock)) as sandbox:
         spec = batch_job(write_spec, tmp_path, sandbox, 10)
-        await run_job(spec, wait=False)
+        await run_job(spec, RunSettings(wait=False))
         clock.now_s += 120
         done = await cancel_batches(spec)
-        rerun = await run_job(spec, wait=False)
+        rerun = await run_job(spec, RunSettings(wait=False))
     assert done.cancelling == [] and [status for _, status in done.ended] == ["completed"]
     assert rerun.report.summary.ok == 10 and sandbox.stats.batches_submitted == 1
 
@@ -93,7 +93,7 @@ async def test_a_lost_submission_is_found_on_a_later_page_of_the_listing(
     page holds 20): found on the second page and collected, never submitted again (before: 20 re-sent)."""
     async with Sandbox(SandboxConfig(batch_turnaround_s=0)) as sandbox:
         spec = batch_job(write_spec, tmp_path, sandbox, 20)
-        await run_job(spec, wait=False)
+        await run_job(spec, RunSettings(wait=False))
         with sqlite3.connect(spec.checkpoint_path()) as db:  # as if the submit call's answer never came back
             db.execute("UPDATE batches SET batch_id = NULL, state = 'submitting'")
         async with aiohttp.ClientSession() as session:
@@ -145,7 +145,7 @@ async def test_no_wait_with_the_built_in_sandbox_is_refused(write_spec: Callable
     async with Sandbox() as sandbox:
         spec = batch_job(write_spec, tmp_path, sandbox, 5)
     with pytest.raises(SpecError, match="batchrunner sandbox --port"):
-        await run_job(spec, sandbox=SandboxConfig(), wait=False)
+        await run_job(spec, RunSettings(sandbox=SandboxConfig(), wait=False))
 
 
 async def test_a_batch_api_that_is_not_openrouters_is_refused_before_submitting(
@@ -167,10 +167,10 @@ async def test_no_wait_runs_never_commit_more_than_the_budget(write_spec: Callab
     clock = Clock()
     async with Sandbox(SandboxConfig(batch_turnaround_s=3600, batch_clock=clock)) as sandbox:
         spec = batch_job(write_spec, tmp_path, sandbox, 300, budget_usd=0.002)
-        await run_job(spec, wait=False)
+        await run_job(spec, RunSettings(wait=False))
         first = sandbox.stats.batch_requests_submitted
         for _ in range(2):
-            await run_job(spec, wait=False)
+            await run_job(spec, RunSettings(wait=False))
     assert 0 < first < 300 and sandbox.stats.batch_requests_submitted == first
 
 
@@ -196,7 +196,7 @@ async def test_a_cancelled_batch_is_billed_for_what_it_finished_and_the_job_know
     config = SandboxConfig(batch_turnaround_s=100, batch_clock=clock, batch_cancel_delay_s=0)
     async with Sandbox(config) as sandbox:
         spec = batch_job(write_spec, tmp_path, sandbox, 10)
-        await run_job(spec, wait=False)
+        await run_job(spec, RunSettings(wait=False))
         clock.now_s += 50
         done = await cancel_batches(spec)
         billed_for_cancelled = sandbox.stats.charged_usd

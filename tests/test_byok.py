@@ -21,7 +21,7 @@ from batchrunner.breaker import Breaker
 from batchrunner.costs import format_usd
 from batchrunner.output import summary_path
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 from batchrunner.store import Store
@@ -70,7 +70,7 @@ async def test_a_byok_budget_counts_both_parts_and_is_never_passed(
         spec = load_spec(
             write_spec(input=rows_csv(tmp_path, 300), models=["openai/gpt-4o"], api={"base_url": sandbox.base_url})
         )
-        outcome = await run_job(spec, max_cost_usd=Decimal("0.05"))
+        outcome = await run_job(spec, RunSettings(max_cost_usd=Decimal("0.05")))
     report = outcome.report
     assert report.halted and "budget of $0.05 reached" in report.halted
     assert 0 < report.pending < 300
@@ -88,14 +88,14 @@ async def test_each_reservation_holds_the_byok_fee_on_top_of_the_worst_case(
     reserves the worst cases alone."""
     seen = reservations
     spec = load_spec(write_spec(concurrency=1))
-    await run_job(spec, max_cost_usd=Decimal(100), sandbox=SandboxConfig(), fresh=True)
+    await run_job(spec, RunSettings(max_cost_usd=Decimal(100), sandbox=SandboxConfig(), fresh=True))
     plain, seen[:] = list(seen), []
     if learned:  # another server that answers BYOK: the fee is learned from its first answer
         async with Sandbox(SandboxConfig(byok=True)) as sandbox:
             spec = load_spec(write_spec(concurrency=1, api={"base_url": sandbox.base_url}))
-            await run_job(spec, max_cost_usd=Decimal(100), fresh=True)
+            await run_job(spec, RunSettings(max_cost_usd=Decimal(100), fresh=True))
     else:  # the in-process sandbox in BYOK mode: known before the first request
-        await run_job(spec, max_cost_usd=Decimal(100), sandbox=SandboxConfig(byok=True), fresh=True)
+        await run_job(spec, RunSettings(max_cost_usd=Decimal(100), sandbox=SandboxConfig(byok=True), fresh=True))
     assert len(plain) == len(seen) == 12
     fee = [Decimal(1) if learned and i == 0 else Decimal("1.055") for i in range(12)]
     assert seen == [worst * share for worst, share in zip(plain, fee, strict=True)]
@@ -167,7 +167,7 @@ async def test_a_byok_pending_rows_bill_is_kept_whole_across_runs(write_spec: Ca
     config = SandboxConfig(byok=True, faults={"empty": 1.0}, bill_failed_answers=True)
     async with Sandbox(config) as sandbox:
         spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, retry={"max_attempts": 2}))
-        first = await run_job(spec, retry=RetryPolicy.immediate(2), breaker=Breaker(threshold=1000))
+        first = await run_job(spec, RunSettings(retry=RetryPolicy.immediate(2), breaker=Breaker(threshold=1000)))
         with Store.open(spec.checkpoint_path()) as store:
             earlier = store.unfinished([f"T-{i}" for i in range(12)])
         config.faults.clear()
@@ -210,7 +210,7 @@ async def test_a_cancelled_byok_batch_counts_what_the_providers_billed_too(
     config = SandboxConfig(byok=True, batch_turnaround_s=100, batch_clock=clock, batch_cancel_delay_s=0)
     async with Sandbox(config) as sandbox:
         spec = load_spec(write_spec(mode="batch", api={"base_url": sandbox.base_url}))
-        await run_job(spec, wait=False)
+        await run_job(spec, RunSettings(wait=False))
         clock.now_s += 50
         assert len((await cancel_batches(spec)).cancelling) == 1
         cancelled_upstream = sandbox.stats.byok_upstream_usd  # at the batch price, half the live one

@@ -12,7 +12,7 @@ from helpers.formats import strict_object
 
 from batchrunner.queries import estimate_job
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 
@@ -103,7 +103,7 @@ async def test_copies_of_a_failed_request_fail_with_it(write_spec: Callable[...,
                 api={"base_url": sandbox.base_url},
             )
         )
-        outcome = await run_job(spec, retry=RetryPolicy.immediate(max_attempts=2))
+        outcome = await run_job(spec, RunSettings(retry=RetryPolicy.immediate(max_attempts=2)))
     assert sandbox.stats.requests == 4  # two distinct requests, two attempts each
     output = pl.read_parquet(spec.output)
     assert (output["status"] == "failed").all() and outcome.report.summary.failed == 5
@@ -143,7 +143,7 @@ async def test_a_stop_while_the_paid_request_is_in_flight_leaves_its_copies_pend
                 api={"base_url": sandbox.base_url},
             )
         )
-        outcome = await run_job(spec, max_cost_usd=Decimal("0.0003"))
+        outcome = await run_job(spec, RunSettings(max_cost_usd=Decimal("0.0003")))
     assert outcome.report.halted and "budget" in outcome.report.halted
     with sqlite3.connect(spec.checkpoint_path()) as db:
         records = {row[0]: row[1:] for row in db.execute("SELECT row_id, status, deduped_from, cost_usd FROM results")}

@@ -21,7 +21,7 @@ from batchrunner.pending import Todo, pending
 from batchrunner.preflight import prepare
 from batchrunner.records import KeptResults, RowResult
 from batchrunner.request import RequestBuilder
-from batchrunner.runner import RunReport, run_job
+from batchrunner.runner import RunReport, RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import JobSpec, load_spec
 from batchrunner.store import Store
@@ -144,15 +144,14 @@ async def test_a_job_runs_the_same_through_another_executor(write_spec: Callable
     async with Sandbox() as sandbox:
         spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
         sequential = OneAtATime()
-        first = await run_job(spec, executor=sequential)
+        first = await run_job(spec, RunSettings(executor=sequential))
         sequential_output = pl.read_parquet(spec.output)
-        again = await run_job(spec, executor=OneAtATime())
+        again = await run_job(spec, RunSettings(executor=OneAtATime()))
         live_spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, output="live/result.parquet"))
         await run_job(live_spec)
         budgeted = await run_job(
             load_spec(write_spec(api={"base_url": sandbox.base_url}, output="budget/result.parquet")),
-            executor=OneAtATime(),
-            max_cost_usd=Decimal("0.0001"),
+            RunSettings(executor=OneAtATime(), max_cost_usd=Decimal("0.0001")),
         )
     assert first.report.summary.ok == 12 and sequential.answered == [f"T-{i}" for i in range(12)]
     assert again.report.resumed == 12 and again.report.summary.done == 0

@@ -21,7 +21,7 @@ from batchrunner.client import classify
 from batchrunner.errors import RateLimited
 from batchrunner.queries import estimate_job
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 
@@ -84,7 +84,7 @@ async def test_a_flex_capacity_error_is_asked_again_and_never_answered_at_full_p
         spec = load_spec(
             write_spec(input=rows.name, params=params, retry={"max_attempts": 3}, api={"base_url": sandbox.base_url})
         )
-        outcome = await run_job(spec, retry=RetryPolicy.immediate(3))
+        outcome = await run_job(spec, RunSettings(retry=RetryPolicy.immediate(3)))
     output = pl.read_parquet(spec.output)
     ok, failed = output.filter(pl.col("status") == "ok"), output.filter(pl.col("status") == "failed")
     assert sandbox.stats.statuses[429] > 0 and len(sandbox.stats.bodies) == sandbox.stats.requests
@@ -153,6 +153,6 @@ async def test_a_request_for_a_dearer_tier_reserves_at_its_price(
             spec = load_spec(
                 write_spec(params={"max_tokens": 50, "service_tier": tier}, api={"base_url": server.base_url})
             )
-            await run_job(spec, max_cost_usd=Decimal(1), fresh=True)
+            await run_job(spec, RunSettings(max_cost_usd=Decimal(1), fresh=True))
             reserved[tier] = seen.pop()
     assert reserved["flex"] == reserved["default"] and reserved["priority"] == 2 * reserved["default"]

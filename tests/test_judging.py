@@ -30,7 +30,7 @@ async def test_a_judge_grades_each_sample_once_and_each_answer_keeps_its_own_gra
     answer (a score on every output row), and a rerun asks for none again."""
     import polars as pl
 
-    from batchrunner.runner import run_job
+    from batchrunner.runner import RunSettings, run_job
     from batchrunner.sandbox import Sandbox, SandboxConfig
 
     rubric = "Ticket: {text}\nAnswer: {answer}\nGrade it."
@@ -38,9 +38,9 @@ async def test_a_judge_grades_each_sample_once_and_each_answer_keeps_its_own_gra
     async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
         spec_path = write_spec(samples=3, dedupe=False, evaluate={"metric": metric}, api={"base_url": sandbox.base_url})
         spec = load_spec(spec_path)
-        first = await run_job(spec, limit=5)
+        first = await run_job(spec, RunSettings(limit=5))
         graded = [body for body in sandbox.stats.bodies if body["model"] == "openai/gpt-4o"]
-        again = await run_job(spec, limit=5)
+        again = await run_job(spec, RunSettings(limit=5))
     assert sandbox.stats.by_model["openai/gpt-4o-mini"] == 15
     assert len(graded) == 15, "one grade per answer, not one per answer and sample of the judge"
     assert sandbox.stats.by_model["openai/gpt-4o"] == 15, "a rerun asks for no grade again"

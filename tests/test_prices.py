@@ -13,7 +13,7 @@ import pytest
 from helpers.scripted import Reply, Scripted, answer
 
 from batchrunner.errors import SpecError
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 
@@ -48,7 +48,9 @@ async def test_spec_prices_compute_costs_and_reserve_the_budget(write_spec: Call
         computed = await run_job(load_spec(write_spec(budget_usd=5, prices=priced("2", "8"), api=api)))
         assert len(server.bodies) == 12
         dear = load_spec(write_spec(prices=priced("1000000", "1000000"), api=api, output="out/dear.parquet"))
-        stopped = await run_job(dear, max_cost_usd=Decimal(1))  # $1 a token: 50 answer tokens do not fit $1
+        stopped = await run_job(
+            dear, RunSettings(max_cost_usd=Decimal(1))
+        )  # $1 a token: 50 answer tokens do not fit $1
         assert len(server.bodies) == 12, "nothing was sent past the budget"
     output = pl.read_parquet(computed.output_path)
     assert set(output["cost_source"]) == {"computed"}

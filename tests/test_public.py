@@ -20,6 +20,7 @@ def test_all_is_pinned() -> None:
         "RateLimited",
         "RequestRejected",
         "RunHalted",
+        "RunSettings",
         "Sandbox",
         "SandboxConfig",
         "SpecError",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from batchrunner.dataset import open_dataset
 from batchrunner.queries import estimate_job
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 
@@ -23,7 +23,9 @@ async def test_estimate_is_within_a_factor_of_two_and_its_worst_case_holds(tmp_p
         spec = load_spec(job, overrides=overrides)
         estimate = await estimate_job(spec, limit=60, sandbox=SandboxConfig())
         async with Sandbox() as sandbox:
-            await run_job(load_spec(job, overrides={**overrides, "api": {"base_url": sandbox.base_url}}), limit=60)
+            await run_job(
+                load_spec(job, overrides={**overrides, "api": {"base_url": sandbox.base_url}}), RunSettings(limit=60)
+            )
         actual = sandbox.stats.charged_usd
         expected, worst = Decimal(estimate["expected_cost_usd"]), Decimal(estimate["max_cost_usd"])
         rows = min(60, open_dataset(spec.input, id_column=spec.id_column).rows)

@@ -26,7 +26,7 @@ from batchrunner.request import (
     most_field_tokens,
     most_prompt_tokens,
 )
-from batchrunner.spec import load_spec
+from batchrunner.spec import BODY_KEYS, REQUEST_KEYS, REQUEST_SHAPING_KEYS, RUN_ONLY_KEYS, JobSpec, load_spec
 
 ROW = Row(0, "T-0", {"ticket_id": "T-0", "subject": "s", "text": "hello"})
 
@@ -248,3 +248,63 @@ def test_what_beside_the_messages_a_worst_case_counts(body: dict[str, Any], fiel
 def test_a_prompts_fewest_tokens_are_its_bytes_over_32(text: str, least: int) -> None:
     """The bound a prompt is refused by (past the context even at its fewest tokens) counts UTF-8 bytes over 32."""
     assert least_prompt_tokens([{"role": "user", "content": text}]) == least
+
+
+def test_what_shapes_a_request_is_said_once_and_names_the_specs_keys() -> None:
+    """spec.py's request-shaping keys and run-only keys are JobSpec's own keys, and no key is both."""
+    assert set(JobSpec.model_fields) >= REQUEST_SHAPING_KEYS | RUN_ONLY_KEYS
+    assert not REQUEST_SHAPING_KEYS & RUN_ONLY_KEYS
+    assert set(BODY_KEYS) <= set(REQUEST_KEYS)
+
+
+SHAPING_CHANGES: list[dict[str, Any]] = [
+    {"endpoint": "completions"},
+    {"cache_system_prompt": True},
+    {"server_fallbacks": True, "fallbacks": ["openai/gpt-4o"]},
+    {"params": {"max_tokens": 6}},
+    {"provider": {"order": ["openai"]}},
+    {"response_format": {"type": "json_object"}},
+    {"fallbacks": ["openai/gpt-4o"]},
+    {"system": "Be brief."},
+    {"prompt": "Tell {text}"},
+]
+RUN_ONLY_CHANGES: list[dict[str, Any]] = [
+    {"concurrency": 3},
+    {"timeout_s": 9},
+    {"unreachable_timeout_s": 9},
+    {"rate_limit": {"requests_per_second": 2}},
+    {"free_requests_per_day": 9},
+    {"retry": {"max_attempts": 2}},
+    {"budget_usd": 3},
+    {"prices": {"openai/gpt-4o-mini": {"prompt_per_mtok_usd": 1, "completion_per_mtok_usd": 2}}},
+    {"batch": {"poll_s": 5}},
+    {"mode": "batch"},
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "shapes"),
+    [(c, True) for c in SHAPING_CHANGES] + [(c, False) for c in RUN_ONLY_CHANGES],
+    ids=[next(iter(c)) for c in SHAPING_CHANGES] + [f"run-only {next(iter(c))}" for c in RUN_ONLY_CHANGES],
+)
+def test_a_request_shaping_key_changes_the_fingerprint_and_a_run_only_key_does_not(
+    tmp_path: Path, changes: dict[str, Any], shapes: bool
+) -> None:
+    """Each request-shaping key (spec.py) asks a pair anew when changed; each run-only key leaves its answer stored."""
+    assert set(changes) <= (REQUEST_SHAPING_KEYS if shapes else RUN_ONLY_KEYS)
+    (tmp_path / "in.csv").write_text("id,text\n1,hi\n")
+    base = {
+        "name": "fp",
+        "input": "in.csv",
+        "output": "out.parquet",
+        "models": ["openai/gpt-4o-mini"],
+        "prompt": "Say {text}",
+        "params": {"max_tokens": 5},
+    }
+
+    def key(spec: dict[str, Any]) -> str:
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        builder = RequestBuilder(load_spec(tmp_path / "job.yaml"))
+        return builder.fingerprint(builder.prompt(Row(0, "1", {"id": "1", "text": "hi"})), "openai/gpt-4o-mini")
+
+    assert (key(base) != key({**base, **changes})) is shapes

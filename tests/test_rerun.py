@@ -11,7 +11,7 @@ import pytest
 from batchrunner.offline import export_job
 from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 
@@ -149,12 +149,12 @@ async def test_a_run_that_left_failures_or_ran_a_limit_is_not_complete(
     """Failed rows are asked again by the next run, and a --limit run says nothing of the rows it did not read."""
     async with Sandbox(SandboxConfig(faults={"hostile_error": 1.0})) as sandbox:  # a 400 for every request
         spec = load_spec(write_spec(retry={"max_attempts": 1}, api={"base_url": sandbox.base_url}))
-        await run_job(spec, retry=RetryPolicy.immediate(max_attempts=1))
-        await run_job(spec, retry=RetryPolicy.immediate(max_attempts=1))
+        await run_job(spec, RunSettings(retry=RetryPolicy.immediate(max_attempts=1)))
+        await run_job(spec, RunSettings(retry=RetryPolicy.immediate(max_attempts=1)))
     assert sandbox.stats.requests == 24, "the failed rows were asked again"
     async with Sandbox() as sandbox:
         spec = load_spec(write_spec(checkpoint="out/limited.sqlite", api={"base_url": sandbox.base_url}))
-        await run_job(spec, limit=5)
+        await run_job(spec, RunSettings(limit=5))
         outcome = await run_job(spec)
     assert sandbox.stats.requests == 12 and outcome.report.resumed == 5
 

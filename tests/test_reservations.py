@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 from helpers.formats import strict_object
 
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.sandbox.catalog import MODELS
 from batchrunner.spec import load_spec
@@ -60,7 +60,7 @@ async def run_one(spec_path: Path) -> tuple[Any, Sandbox]:
     async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
         spec = load_spec(spec_path)
         spec = spec.model_copy(update={"api": spec.api.model_copy(update={"base_url": sandbox.base_url})})
-        outcome = await run_job(spec, max_cost_usd=ROOMY_BUDGET_USD)
+        outcome = await run_job(spec, RunSettings(max_cost_usd=ROOMY_BUDGET_USD))
     return outcome, sandbox
 
 

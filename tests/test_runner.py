@@ -28,7 +28,7 @@ from batchrunner.limits import Limits
 from batchrunner.offline import job_status
 from batchrunner.preflight import api_key, prepare
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import follow_credits, run_job
+from batchrunner.runner import RunSettings, follow_credits, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 from batchrunner.store import Store
@@ -50,7 +50,7 @@ async def test_the_rate_comes_from_the_credits_and_no_429_follows(
     config = SandboxConfig(rate_limit="credits", credits_usd=Decimal("100.5"))
     async with Sandbox(config) as sandbox:
         spec = load_spec(write_spec(input=rows_csv(tmp_path, 200), concurrency=16, api={"base_url": sandbox.base_url}))
-        outcome = await run_job(spec, retry=RetryPolicy.immediate())
+        outcome = await run_job(spec, RunSettings(retry=RetryPolicy.immediate()))
     assert outcome.report.summary.ok == 200
     assert "rate limit: 100 requests/s (100.50 credits remaining" in caplog.text
     assert sandbox.stats.statuses[429] == 0
@@ -186,7 +186,9 @@ async def test_failed_rows_are_retried_on_the_next_run(write_spec: Callable[...,
     down = SandboxConfig(down_models={"openai/gpt-4o-mini"})
     async with Sandbox(down) as sandbox:
         spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, retry={"max_attempts": 1}))
-        first = (await run_job(spec, retry=RetryPolicy.immediate(1), breaker=Breaker(threshold=1000))).report
+        first = (
+            await run_job(spec, RunSettings(retry=RetryPolicy.immediate(1), breaker=Breaker(threshold=1000)))
+        ).report
         assert first.summary.failed == 12
         down.down_models.clear()
         second = (await run_job(spec)).report
@@ -207,7 +209,7 @@ async def test_costs_add_up_to_what_was_charged(write_spec: Callable[..., Path],
                 api={"base_url": sandbox.base_url},
             )
         )
-        outcome = await run_job(spec, retry=RetryPolicy.immediate(8))
+        outcome = await run_job(spec, RunSettings(retry=RetryPolicy.immediate(8)))
     output = pl.read_parquet(spec.output)
     assert outcome.report.summary.ok == 24
     assert sandbox.stats.statuses[200] > 24, "some attempts failed and were billed"
@@ -228,7 +230,7 @@ async def test_budget_is_never_exceeded_and_mostly_used(write_spec: Callable[...
                 api={"base_url": sandbox.base_url},
             )
         )
-        outcome = await run_job(spec, max_cost_usd=Decimal("0.05"))
+        outcome = await run_job(spec, RunSettings(max_cost_usd=Decimal("0.05")))
     report = outcome.report
     assert report.halted and "budget of $0.05 reached" in report.halted
     assert 0 < report.pending < 300
@@ -410,7 +412,7 @@ async def test_cut_off_repairs_are_reserved_and_stay_within_the_budget(
                 api={"base_url": sandbox.base_url},
             )
         )
-        outcome = await run_job(spec, max_cost_usd=Decimal("0.002"))
+        outcome = await run_job(spec, RunSettings(max_cost_usd=Decimal("0.002")))
     assert outcome.report.halted and "budget" in outcome.report.halted
     assert sandbox.stats.charged_usd <= Decimal("0.002")
     assert outcome.report.summary.cost_usd == sandbox.stats.charged_usd
@@ -431,7 +433,7 @@ async def test_a_run_stopped_mid_row_records_the_attempts_it_paid_for(
                 api={"base_url": sandbox.base_url},
             )
         )
-        outcome = await run_job(spec, max_cost_usd=Decimal("0.0015"))
+        outcome = await run_job(spec, RunSettings(max_cost_usd=Decimal("0.0015")))
     assert outcome.report.halted
     with Store.open(spec.checkpoint_path()) as store:
         pending = {key: bill for key, (_, bill) in store.unfinished([f"T-{i}" for i in range(200)]).items()}
@@ -455,7 +457,7 @@ async def test_a_budget_is_not_stranded_by_the_reservations_in_flight(
                 api={"base_url": sandbox.base_url},
             )
         )
-        outcome = await run_job(spec, max_cost_usd=Decimal("0.02"))
+        outcome = await run_job(spec, RunSettings(max_cost_usd=Decimal("0.02")))
     assert outcome.report.halted and "budget of $0.02 reached" in outcome.report.halted
     assert Decimal("0.016") <= sandbox.stats.charged_usd <= Decimal("0.02")
 
@@ -483,7 +485,7 @@ async def test_malformed_replies_are_retried_and_every_answer_is_saved(write_spe
     config = SandboxConfig(faults={"huge_tokens": 0.2, "content_object": 0.2}, seed=1)
     async with Sandbox(config) as sandbox:
         spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
-        outcome = await run_job(spec, retry=RetryPolicy.immediate(10))
+        outcome = await run_job(spec, RunSettings(retry=RetryPolicy.immediate(10)))
     assert outcome.report.summary.ok == 12
     assert sandbox.stats.requests > 12, "some replies were malformed"
     assert pl.read_parquet(spec.output)["prompt_tokens"].max() < 1000
@@ -494,7 +496,9 @@ async def test_a_retried_row_keeps_what_its_failed_attempts_cost(write_spec: Cal
     config = SandboxConfig(faults={"empty": 1.0}, bill_failed_answers=True)
     async with Sandbox(config) as sandbox:
         spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, retry={"max_attempts": 2}))
-        first = (await run_job(spec, retry=RetryPolicy.immediate(2), breaker=Breaker(threshold=1000))).report
+        first = (
+            await run_job(spec, RunSettings(retry=RetryPolicy.immediate(2), breaker=Breaker(threshold=1000)))
+        ).report
         charged_first = sandbox.stats.charged_usd
         config.faults.clear()
         await run_job(spec)
@@ -735,7 +739,7 @@ async def test_a_model_that_takes_no_images_is_refused_before_anything_is_sent(t
     rows = copy_shapes(tmp_path, 2)
     job = image_job(tmp_path, rows, models=["deepseek/deepseek-chat-v3-0324"])
     with pytest.raises(SpecError) as caught:
-        await run_job(load_spec(job), sandbox=SandboxConfig())
+        await run_job(load_spec(job), RunSettings(sandbox=SandboxConfig()))
     assert not (tmp_path / "out" / "photos.checkpoint.sqlite").exists()  # refused before the checkpoint opened
     message = str(caught.value)
     assert "job.yaml:" in message and "models[0]" in message
@@ -829,7 +833,7 @@ async def test_a_streamed_run_with_broken_streams_ends_every_row_with_costs_equa
                 api={"base_url": sandbox.base_url},
             )
         )
-        outcome = await run_job(spec, retry=RetryPolicy.immediate(max_attempts=3))
+        outcome = await run_job(spec, RunSettings(retry=RetryPolicy.immediate(max_attempts=3)))
     output = pl.read_parquet(spec.output)
     assert output.height == 60 and outcome.report.pending == 0
     assert sandbox.stats.statuses[200] > 60, "broken streams were asked again"
@@ -885,7 +889,7 @@ async def test_a_prompt_longer_than_the_context_is_reserved_at_what_it_would_be_
     pl.DataFrame({"ticket_id": [f"T-{i}" for i in range(4)], "text": texts}).write_csv(tmp_path / "long.csv")
     async with Sandbox() as sandbox:
         spec = load_spec(write_spec(input="long.csv", prompt="{text}", api={"base_url": sandbox.base_url}))
-        outcome = await run_job(spec, max_cost_usd=Decimal("0.05"))
+        outcome = await run_job(spec, RunSettings(max_cost_usd=Decimal("0.05")))
     assert sandbox.stats.requests == 2 and sandbox.stats.charged_usd <= Decimal("0.05")
     output = pl.read_parquet(spec.output).sort("ticket_id")
     assert output["status"].to_list() == ["ok", "failed", "failed", "ok"]

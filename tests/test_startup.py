@@ -11,7 +11,7 @@ import pytest
 from helpers.scripted import Reply, Scripted
 
 from batchrunner.retries import RetryPolicy
-from batchrunner.runner import run_job
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.spec import load_spec
 
 MODEL = "openai/gpt-4o-mini"
@@ -36,7 +36,7 @@ async def test_key_and_models_are_asked_again_after_a_429_a_5xx_and_a_dropped_co
     }
     async with Scripted(gets=gets) as server:
         spec = load_spec(write_spec(budget_usd=1, api={"base_url": server.base_url}))
-        outcome = await run_job(spec, retry=NO_WAIT)
+        outcome = await run_job(spec, RunSettings(retry=NO_WAIT))
     assert outcome.report.stop is None and outcome.report.summary.ok == 12
     assert server.gets_of("/key") == 2 and server.gets_of("/models") == 3
     key_times = [at for path, at in server.got if path == "/key"]
@@ -52,7 +52,7 @@ async def test_a_server_that_is_not_openrouter_is_not_given_openrouters_rate(
     caplog.set_level(logging.INFO, logger="batchrunner")
     async with Scripted(gets={"/key": [Reply(429, BUSY)], "/models": [Reply(200, {"data": [PRICED]})]}) as server:
         spec = load_spec(write_spec(api={"base_url": server.base_url}))
-        outcome = await run_job(spec, retry=NO_WAIT)
+        outcome = await run_job(spec, RunSettings(retry=NO_WAIT))
     assert outcome.report.stop is None and outcome.report.summary.ok == 12
     assert 1 < server.gets_of("/key") <= 5, "asked a few times, not once, not forever"
     assert "rate limit: none" in caplog.text and "surge" not in caplog.text

@@ -407,6 +407,56 @@ class Sandbox:
     async def _respond(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         if (denied := self._auth_error(request)) is not None:
             return denied
+        body = await self._request_body(request, chat=chat)
+        if isinstance(body, web.StreamResponse):
+            return body
+        streaming = body.get("stream") is True
+        chain = [m for m in [body.get("model"), *(body.get("models") or [])] if isinstance(m, str)]
+        if not chain:
+            return _error(400, "No model specified", error_type="invalid_request")
+        self.stats.by_model[chain[0]] += 1
+        if (refused := self._refused(body, chain, chat=chat)) is not None:
+            return refused
+
+        key = request_key(body)
+        fault = self._fault(key)
+        self._seen[key] += 1
+        if fault in STREAM_FAULTS and not streaming:
+            fault = None  # a whole answer cannot break mid-stream
+        flex = body.get("service_tier") == "flex" and catalog.has_flex(chain[0])  # else served at the standard tier
+        if fault == "flex_capacity" and not flex:
+            fault = None  # only a request for the flex tier can find it full
+        latency = self.config.latency_s(body) if callable(self.config.latency_s) else self.config.latency_s
+        if latency > 0 and not streaming:  # a stream waits after its headers, sending keep-alives
+            await asyncio.sleep(latency)
+        if (faulty := self._fault_response(request, fault, chain[0])) is not None:
+            return faulty
+
+        answering = next((m for m in chain if m not in self.config.down_models), None)
+        if answering is None:
+            return _error(
+                502,
+                f"Provider returned error: {chain[0]} is down (simulated)",
+                error_type="provider_unavailable",
+                provider_name=catalog.provider_name(chain[0]),
+            )
+        if answering == catalog.AUTO_ROUTER:
+            answering = catalog.AUTO_ROUTES_TO
+        tier = "flex" if flex and catalog.has_flex(answering) else "default"
+        factor = catalog.FLEX_PRICE_SHARE if tier == "flex" else Decimal(1)
+        if streaming:  # a stream that breaks is not billed: zero-completion insurance, as for an error finish
+            broken = "finish_error" if fault in STREAM_FAULTS else fault
+            completion = self._completion(
+                body, answering, chat=chat, fault=broken, key=key, price_factor=factor, tier=tier
+            )
+            return await self._stream(request, completion, fault, latency)
+        return web.json_response(
+            self._completion(body, answering, chat=chat, fault=fault, key=key, price_factor=factor, tier=tier)
+        )
+
+    async def _request_body(self, request: web.Request, *, chat: bool) -> dict[str, Any] | web.StreamResponse:
+        """The request's JSON body, valid as OpenRouter's ChatRequest (chat) or with a prompt string; else the
+        400 OpenRouter answers (or 499 when the client stopped sending)."""
         try:
             text = await request.text()
         except (ConnectionError, aiohttp.ClientPayloadError):
@@ -420,8 +470,7 @@ class Sandbox:
             return _error(400, "Request body must be a JSON object", error_type="invalid_request")
         if self.config.record_bodies:
             self.stats.bodies.append(body)
-        streaming = body.get("stream") is True
-        if streaming and not chat:
+        if body.get("stream") is True and not chat:
             return _error(
                 400, "Invalid request: stream: the sandbox streams chat answers only", error_type="invalid_request"
             )
@@ -433,17 +482,16 @@ class Sandbox:
                 return _error(400, f"Invalid request: {where}: {message}", error_type="invalid_request")
         elif not isinstance(body.get("prompt"), str):
             return _error(400, "Invalid request: prompt: a string is required", error_type="invalid_request")
+        return body
 
-        chain = [m for m in [body.get("model"), *(body.get("models") or [])] if isinstance(m, str)]
-        if not chain:
-            return _error(400, "No model specified", error_type="invalid_request")
-        self.stats.by_model[chain[0]] += 1
+    def _refused(self, body: dict[str, Any], chain: list[str], *, chat: bool) -> web.Response | None:
+        """Why a valid request is not answered before any fault is drawn: an unlisted model, an input the model
+        cannot take, no credits left, the rate limit; None when it is answered."""
         for model in chain:
             if not catalog.is_listed(model):
                 return _error(400, f"{model} is not a valid model ID", error_type="invalid_request")
         if chat and (refused := self._refused_input(body, chain[0])) is not None:
             return refused
-
         remaining = self.remaining_usd()
         if remaining is not None and remaining <= 0:
             return _error(
@@ -451,21 +499,11 @@ class Sandbox:
                 "Insufficient credits. Add more using https://openrouter.ai/settings/credits",
                 error_type="payment_required",
             )
-        if (limited := self._rate_limited(chain[0])) is not None:
-            return limited
+        return self._rate_limited(chain[0])
 
-        key = request_key(body)
-        fault = self._fault(key)
-        self._seen[key] += 1
-        if fault in STREAM_FAULTS and not streaming:
-            fault = None  # a whole answer cannot break mid-stream
-        flex = body.get("service_tier") == "flex" and catalog.has_flex(chain[0])  # else served at the standard tier
-        if fault == "flex_capacity" and not flex:
-            fault = None  # only a request for the flex tier can find it full
-        latency = self.config.latency_s(body) if callable(self.config.latency_s) else self.config.latency_s
-        if latency > 0 and not streaming:  # a stream waits after its headers, sending keep-alives
-            await asyncio.sleep(latency)
-
+    def _fault_response(self, request: web.Request, fault: str | None, model: str) -> web.Response | None:
+        """The reply a drawn fault makes of the request, as OpenRouter's own failures look; None when the fault
+        (or none) leaves it to be answered."""
         retry_headers = {"Retry-After": f"{self.config.retry_after_s:g}"}
         if fault == "drop":
             if request.transport is not None:
@@ -480,7 +518,7 @@ class Sandbox:
                 provider_name="Sandbox",
             )
         if fault == "flex_capacity":  # flex never falls back to the default tier: the error reaches the caller
-            return _flex_capacity_error(chain[0], self.config.retry_after_s)
+            return _flex_capacity_error(model, self.config.retry_after_s)
         if fault == "in_flight_budget":
             return _error(
                 402,
@@ -506,28 +544,7 @@ class Sandbox:
                     "user_id": "user_sandbox",
                 }
             )
-
-        answering = next((m for m in chain if m not in self.config.down_models), None)
-        if answering is None:
-            return _error(
-                502,
-                f"Provider returned error: {chain[0]} is down (simulated)",
-                error_type="provider_unavailable",
-                provider_name=catalog.provider_name(chain[0]),
-            )
-        if answering == catalog.AUTO_ROUTER:
-            answering = catalog.AUTO_ROUTES_TO
-        tier = "flex" if flex and catalog.has_flex(answering) else "default"
-        factor = catalog.FLEX_PRICE_SHARE if tier == "flex" else Decimal(1)
-        if streaming:  # a stream that breaks is not billed: zero-completion insurance, as for an error finish
-            broken = "finish_error" if fault in STREAM_FAULTS else fault
-            completion = self._completion(
-                body, answering, chat=chat, fault=broken, key=key, price_factor=factor, tier=tier
-            )
-            return await self._stream(request, completion, fault, latency)
-        return web.json_response(
-            self._completion(body, answering, chat=chat, fault=fault, key=key, price_factor=factor, tier=tier)
-        )
+        return None
 
     async def _stream(
         self, request: web.Request, completion: dict[str, Any], fault: str | None, latency_s: float
@@ -604,22 +621,7 @@ class Sandbox:
         prompt = " ".join([answers.last_user_text(messages), *seen.text]) if chat else body["prompt"]
         n_prompt = answers.prompt_tokens(messages) if chat else answers.count_tokens(prompt)
         n_prompt += seen.tokens + seen.audio_tokens
-        response_format = body.get("response_format") or {}
-        kind = response_format.get("type")
-        if kind == "json_schema":
-            schema = (response_format.get("json_schema") or {}).get("schema") or {}
-            text = answers.json_text(answers.schema_answer(model, prompt, schema))
-        elif kind == "json_object":
-            text = answers.json_text({"answer": answers.text_answer(model, prompt)})
-        else:
-            text = answers.text_answer(model, prompt)
-        if fault == "invalid_json":
-            text = text[: max(1, len(text) // 2)]
-        if fault == "schema_violation" and kind == "json_schema":
-            value = json.loads(text)
-            if isinstance(value, dict) and value:
-                value.pop(next(iter(value)))
-            text = answers.json_text(value if isinstance(value, dict) else {})
+        text = _answer_text(body, model, prompt, fault)
         tool_calls = self._tool_calls(body, model, prompt) if chat and fault is None else None
         if tool_calls:
             text = ""
@@ -640,15 +642,7 @@ class Sandbox:
         if (finish_reason == "error" or n_completion == 0) and not self.config.bill_failed_answers:
             cost = ZERO_USD  # zero-completion insurance: empty and error answers are not billed
         reported = float(cost)
-        fee = float(cost * self.config.byok_fee_share) if self.config.byok else None  # OpenRouter's part, BYOK
-        self.stats.charged_usd += to_decimal(reported) or ZERO_USD
-        if fee is not None:
-            self.stats.byok_upstream_usd += to_decimal(reported) or ZERO_USD
-            self.stats.charged_usd += to_decimal(fee) or ZERO_USD
-        if cost > 0:
-            self.stats.images += seen.images
-            self.stats.prompt_tokens += n_prompt
-            self.stats.completion_tokens += n_completion
+        fee = self._charge(cost, images=seen.images, prompt_tokens=n_prompt, completion_tokens=n_completion)
         if not fault:
             self.stats.answered[key] += 1
         if tier is not None:
@@ -656,27 +650,8 @@ class Sandbox:
 
         generation_id = f"gen-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        usage: dict[str, Any] = {
-            "prompt_tokens": n_prompt,
-            "completion_tokens": n_completion,
-            "total_tokens": n_prompt + n_completion,
-            "prompt_tokens_details": {"cached_tokens": n_cached, "audio_tokens": seen.audio_tokens},
-            "completion_tokens_details": {"reasoning_tokens": 0},
-            "is_byok": fee is not None,
-        }
-        if self.config.report_cost:
-            usage["cost"] = {"negative_cost": -15.0, "absurd_cost": 1e30}.get(
-                fault or "", reported if fee is None else fee
-            )
-        if fee is not None:  # what the provider bills the user's own key, apart from OpenRouter's fee
-            prompt_share = catalog.cost_usd(model, n_prompt, 0, n_cached, images=seen.images) * price_factor
-            usage["cost_details"] = {
-                "upstream_inference_cost": reported,
-                "upstream_inference_prompt_cost": float(prompt_share) if cost else 0.0,
-                "upstream_inference_completions_cost": float(cost - prompt_share) if cost else 0.0,
-            }
-        if fault == "huge_tokens":
-            usage["prompt_tokens"] = 2**70
+        prompt_share = catalog.cost_usd(model, n_prompt, 0, n_cached, images=seen.images) * price_factor
+        usage = self._usage(n_prompt, n_completion, n_cached, seen.audio_tokens, cost, prompt_share, fee, fault)
         self._generations[generation_id] = _generation(
             generation_id,
             model,
@@ -689,36 +664,13 @@ class Sandbox:
             upstream_usd=None if fee is None else reported,
             tier=tier,
         )
-        choice: dict[str, Any] = {
-            "index": 0,
-            "finish_reason": finish_reason,
-            "native_finish_reason": finish_reason,
-            "logprobs": None,
-        }
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-            if fault == "refusal":
-                choice["message"].update(content=None, refusal="I can't help with that request.")
-            if fault == "content_object":
-                choice["message"]["content"] = {"text": text}
-            if tool_calls:
-                choice["message"].update(content=None, tool_calls=tool_calls)
-                choice["finish_reason"] = choice["native_finish_reason"] = "tool_calls"
-        else:
-            choice["text"] = text
-        if finish_reason == "error":
-            choice["error"] = {
-                "code": 502,
-                "message": "Provider disconnected mid-answer",
-                "metadata": {"error_type": "provider_unavailable"},
-            }
         answer = {
             "id": generation_id,
             "provider": catalog.provider_name(model),
             "model": model,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
-            "choices": [choice],
+            "choices": [_choice(text, finish_reason, chat=chat, fault=fault, tool_calls=tool_calls)],
             "system_fingerprint": "fp_sandbox",
             "usage": usage,
         }
@@ -760,6 +712,53 @@ class Sandbox:
         return self._completion(
             {**body, "model": model}, model, chat=True, fault=fault, key=key, price_factor=price_factor
         )
+
+    def _charge(self, cost: Decimal, *, images: int, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """Count an answer's bill in the stats (with BYOK, the provider's part and OpenRouter's fee); returns the
+        fee (None without BYOK). A free answer's tokens and images are not counted as billed."""
+        reported = float(cost)
+        fee = float(cost * self.config.byok_fee_share) if self.config.byok else None  # OpenRouter's part, BYOK
+        self.stats.charged_usd += to_decimal(reported) or ZERO_USD
+        if fee is not None:
+            self.stats.byok_upstream_usd += to_decimal(reported) or ZERO_USD
+            self.stats.charged_usd += to_decimal(fee) or ZERO_USD
+        if cost > 0:
+            self.stats.images += images
+            self.stats.prompt_tokens += prompt_tokens
+            self.stats.completion_tokens += completion_tokens
+        return fee
+
+    def _usage(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        audio_tokens: int,
+        cost: Decimal,
+        prompt_share: Decimal,
+        fee: float | None,
+        fault: str | None,
+    ) -> dict[str, Any]:
+        """The answer's usage as OpenRouter reports it: tokens, the cost when the sandbox reports it (absurd with
+        the cost faults), and with BYOK the provider's bill (`prompt_share`: the prompt's part of `cost`)."""
+        reported = float(cost)
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": audio_tokens},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+            "is_byok": fee is not None,
+        }
+        if self.config.report_cost:
+            usage["cost"] = {"negative_cost": -15.0, "absurd_cost": 1e30}.get(
+                fault or "", reported if fee is None else fee
+            )
+        if fee is not None:  # what the provider bills the user's own key, apart from OpenRouter's fee
+            usage["cost_details"] = _upstream_cost(cost, prompt_share)
+        if fault == "huge_tokens":
+            usage["prompt_tokens"] = 2**70
+        return usage
 
     @staticmethod
     def _tool_calls(body: dict[str, Any], model: str, prompt: str) -> list[dict[str, Any]] | None:
@@ -866,6 +865,68 @@ def _generation(
         "data_region": "global",
         "workspace_id": None,
     }
+
+
+def _answer_text(body: dict[str, Any], model: str, prompt: str, fault: str | None) -> str:
+    """The answer's text as the request's response_format shapes it (a schema's object, a JSON object, prose),
+    cut short by an `invalid_json` fault or missing a property with `schema_violation`."""
+    response_format = body.get("response_format") or {}
+    kind = response_format.get("type")
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema") or {}
+        text = answers.json_text(answers.schema_answer(model, prompt, schema))
+    elif kind == "json_object":
+        text = answers.json_text({"answer": answers.text_answer(model, prompt)})
+    else:
+        text = answers.text_answer(model, prompt)
+    if fault == "invalid_json":
+        text = text[: max(1, len(text) // 2)]
+    if fault == "schema_violation" and kind == "json_schema":
+        value = json.loads(text)
+        if isinstance(value, dict) and value:
+            value.pop(next(iter(value)))
+        text = answers.json_text(value if isinstance(value, dict) else {})
+    return text
+
+
+def _upstream_cost(cost: Decimal, prompt_share: Decimal) -> dict[str, float]:
+    """usage.cost_details with BYOK: what the provider bills the user's own key, split into prompt and answer."""
+    return {
+        "upstream_inference_cost": float(cost),
+        "upstream_inference_prompt_cost": float(prompt_share) if cost else 0.0,
+        "upstream_inference_completions_cost": float(cost - prompt_share) if cost else 0.0,
+    }
+
+
+def _choice(
+    text: str, finish_reason: str, *, chat: bool, fault: str | None, tool_calls: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    """The answer's one choice: a chat message (a refusal, an object for content, tool calls, as the fault and
+    the tools say) or a completion's text; an error finish carries the error OpenRouter puts beside it."""
+    choice: dict[str, Any] = {
+        "index": 0,
+        "finish_reason": finish_reason,
+        "native_finish_reason": finish_reason,
+        "logprobs": None,
+    }
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        if fault == "refusal":
+            choice["message"].update(content=None, refusal="I can't help with that request.")
+        if fault == "content_object":
+            choice["message"]["content"] = {"text": text}
+        if tool_calls:
+            choice["message"].update(content=None, tool_calls=tool_calls)
+            choice["finish_reason"] = choice["native_finish_reason"] = "tool_calls"
+    else:
+        choice["text"] = text
+    if finish_reason == "error":
+        choice["error"] = {
+            "code": 502,
+            "message": "Provider disconnected mid-answer",
+            "metadata": {"error_type": "provider_unavailable"},
+        }
+    return choice
 
 
 def _flex_capacity_error(model: str, retry_after_s: float) -> web.Response:
