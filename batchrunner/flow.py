@@ -222,7 +222,7 @@ class RowFlow:
         ask = self._in_flight()
         self.bill.attempts += 1
         self.last_error = TransientError(
-            "the run stopped with this request in flight (it may have been billed)", code="abandoned", abandoned=True
+            "the run stopped with this request in flight (it may have been billed)", code="abandoned"
         )
         cost_usd = self._estimated(ask)
         self.stop()
@@ -232,7 +232,9 @@ class RowFlow:
         """The run stops: a pair that was billed stays pending with its bill, one that was not leaves no record."""
         if self._done is _OPEN:
             self._done = (
-                self._result(status="pending", error=one_line(self.last_error or "the run stopped"))
+                self._result(
+                    status="pending", error=one_line(self.last_error or "the run stopped")
+                )  # pragma: no mutate (a billed pair has an error)
                 if self.bill.attempts
                 else None
             )
@@ -281,29 +283,28 @@ class RowFlow:
         ask = self._in_flight()
         self.bill.attempts += 1
         self.last_error = error
+        paid = None
         if error.abandoned and error.usage is None:
-            verdict = Verdict(self._estimated(ask))
+            cost_usd = self._estimated(ask)
         elif error.usage is not None:
-            usage = error.usage
-            paid = self.rules.pricer.charged(usage, ask.model, media=media_tally(body_prompt(ask.body)))
-            self._add(paid, usage.prompt_tokens, usage.completion_tokens)
-            verdict = Verdict(paid.cost_usd, paid)
+            paid = self.rules.pricer.charged(error.usage, ask.model, media=media_tally(body_prompt(ask.body)))
+            self._add(paid, error.usage.prompt_tokens, error.usage.completion_tokens)
+            cost_usd = paid.cost_usd
         else:
-            verdict = Verdict()
+            cost_usd = ZERO_USD
         if isinstance(error, FatalApiError):  # the account's problem, not the pair's: the run stops
             reason = StopReason.FREE_CAP if error.code == "free_daily_cap" else StopReason.ACCOUNT
             self.stop()
-            return Verdict(verdict.cost_usd, verdict.paid, halting=Halting(reason, str(error), error))
+            return Verdict(cost_usd, paid, halting=Halting(reason, str(error), error))
         self.tries += 1
         if isinstance(error, RateLimited):  # says nothing of the model's health
             upstream = bool(error.metadata.get("provider_name")) or error.code == "flex_capacity"
-            verdict = Verdict(verdict.cost_usd, verdict.paid, slow_down=upstream)
+            verdict = Verdict(cost_usd, paid, slow_down=upstream)
         elif isinstance(error, TransientError):
-            verdict = Verdict(verdict.cost_usd, verdict.paid, healthy=False, why=str(error))
+            verdict = Verdict(cost_usd, paid, healthy=False, why=str(error))
         else:  # RequestRejected: another model may take it; a 404 is the model's problem
-            healthy = False if error.status == 404 else None
             self._give_up()
-            return Verdict(verdict.cost_usd, verdict.paid, healthy=healthy, why=str(error))
+            return Verdict(cost_usd, paid, healthy=False if error.status == 404 else None, why=str(error))
         if self.tries < self.rules.retry.max_attempts:
             self.delay_s = self.rules.retry.delay_s(self.tries, error.retry_after_s)
         else:
@@ -314,7 +315,7 @@ class RowFlow:
 
     def _in_flight(self) -> Ask:
         ask = self.asked
-        assert ask is not None, "an answer or an error for a request never asked"
+        assert ask is not None, "an answer or an error for a request never asked"  # pragma: no mutate
         self.asked = None
         return ask
 
@@ -332,7 +333,7 @@ class RowFlow:
         twice the room if it was cut off), while repairs remain; then the model gave up."""
         self.last_error = RequestRejected(f"invalid structured output: {exc}", code="invalid_output")
         self.last_answer = completion
-        log.debug("row %s: %s answered invalid JSON (%s)", self.request.row.id, ask.model, exc)
+        log.debug("row %s: %s answered invalid JSON (%s)", self.request.row.id, ask.model, exc)  # pragma: no mutate
         if self.repairs >= self.rules.spec.repair.same_model:
             self._give_up()
             return
@@ -344,7 +345,7 @@ class RowFlow:
     def _give_up(self) -> None:
         """This model is done with the pair: its next fallback, else the pair failed (with the answer that was
         refused or invalid, if there was one)."""
-        log.debug("row %s: %s gave up: %s", self.request.row.id, self.model, self.last_error)
+        log.debug("row %s: %s gave up: %s", self.request.row.id, self.model, self.last_error)  # pragma: no mutate
         self.delay_s = None
         if self.position + 1 < len(self.chain):
             self.position, self.tries, self.repairs, self.body = self.position + 1, 0, 0, None
@@ -352,7 +353,7 @@ class RowFlow:
         answer = self.last_answer
         self._done = self._result(
             status="failed",
-            error=one_line(self.last_error or "no model answered"),
+            error=one_line(self.last_error or "no model answered"),  # pragma: no mutate (always set)
             **({} if answer is None else answer_fields(answer, failed=True)),
         )
 

@@ -32,7 +32,7 @@ from batchrunner.errors import (
     RequestRejected,
     TransientError,
 )
-from batchrunner.flow import Ask, Done, RowFlow, Rules, Verdict, Wait
+from batchrunner.flow import Ask, Done, Halting, RowFlow, Rules, Verdict, Wait, answer_fields
 from batchrunner.halt import StopReason
 from batchrunner.pending import Todo
 from batchrunner.records import Bill, RowResult
@@ -62,9 +62,16 @@ PRICES = [
 # -- events -------------------------------------------------------------------------------------
 
 
-def ok(text: str = "fine", *, model: str = "", finish: str = "stop", refusal: str | None = None) -> Completion:
+def ok(
+    text: str = "fine",
+    *,
+    model: str = "",
+    finish: str = "stop",
+    refusal: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> Completion:
     usage = Usage(10, 5, cost_usd=Decimal("0.00003"))  # what the prices say
-    return Completion(text, model, finish, usage, "gen-1", "P", 0.1, refusal=refusal)
+    return Completion(text, model, finish, usage, "gen-1", "P", 0.1, tool_calls=tool_calls, refusal=refusal)
 
 
 def e503(retry_after_s: float | None = None, **more: Any) -> TransientError:
@@ -72,6 +79,7 @@ def e503(retry_after_s: float | None = None, **more: Any) -> TransientError:
 
 
 E429 = RateLimited("HTTP 429: slow down", status=429, code="rate_limited")
+E429_FLEX = RateLimited("HTTP 429: no flex capacity", status=429, code="flex_capacity")
 E429_UPSTREAM = RateLimited("HTTP 429", status=429, code="rate_limited", metadata={"provider_name": "P"})
 E400 = RequestRejected("HTTP 400: bad request", status=400, code="bad_request")
 E404 = RequestRejected("HTTP 404: no such model", status=404, code="not_found")
@@ -81,6 +89,15 @@ UNREACHABLE = TransientError("connection refused", code="unreachable")
 TIMED_OUT = TransientError("timed out", code="timeout", abandoned=True)
 BILLED_ERROR = TransientError(
     "HTTP 502: cut off", status=502, code="upstream", usage=Usage(10, 3, cost_usd=Decimal("0.000022"))
+)
+BYOK = Completion(
+    "fine",
+    "",
+    "stop",
+    Usage(10, 5, cost_usd=Decimal("0.0000015"), is_byok=True, upstream_cost_usd=Decimal("0.00003")),
+    "gen-2",
+    "P",
+    0.1,
 )
 VALID = ok('{"label": "x"}')
 INVALID = ok('{"label": 3}')
@@ -92,6 +109,7 @@ class Open:
     """The breaker skips the model; without a fallback the pair waits while `probes` other probes fail."""
 
     probes: int = 0
+    cause: str = "down"
 
 
 STOP, CANCEL, VANISH = "stop", "cancel", "vanish"
@@ -110,7 +128,8 @@ class Drove:
 
 
 def drive(flow: RowFlow, script: list[Any]) -> Drove:
-    """Do what the flow asks, answering each request with the next scripted event, until it is done."""
+    """Do what the flow asks, answering each request with the next scripted event, until it is done; every
+    verdict is checked against what its event means (`_check_verdict`)."""
     trace: list[str] = []
     verdicts: list[Verdict] = []
     asks: list[Ask] = []
@@ -119,31 +138,61 @@ def drive(flow: RowFlow, script: list[Any]) -> Drove:
         action = flow.next()
         if isinstance(action, Done):
             assert next(events, None) is None, "the flow finished before the script did"
+            if action.result is not None:
+                assert action.result.this_run.cost_usd == sum((v.cost_usd for v in verdicts), Decimal(0))
             return Drove(action.result, trace, verdicts, asks, flow)
         if isinstance(action, Wait):
+            assert action.model == flow.model
             trace.append(f"wait {action.delay_s:g}")
             flow.waited()
             continue
         event = next(events)
         asks.append(action)
+        assert action.has_fallback == (action.model != flow.chain[-1])
         trace.append(action.model)
         if isinstance(event, Open):
-            trace[-1] += " skipped"
-            if not flow.circuit_open():
-                flow.probed(event.probes, "down")
+            moved_on = flow.circuit_open()
+            trace[-1] += " skipped" if moved_on else " waited"
+            if not moved_on:
+                flow.probed(event.probes, event.cause)
         elif isinstance(event, Completion):
-            verdicts.append(flow.answered(event))
+            verdicts.append(_check_verdict(flow.answered(event), event))
         elif isinstance(event, ApiError) and event.code == "unreachable":
             flow.unreachable(event)
         elif isinstance(event, ApiError):
-            verdicts.append(flow.failed(event))
+            verdicts.append(_check_verdict(flow.failed(event), event))
         elif event == STOP:
             flow.stop()
         elif event == CANCEL:
             verdicts.append(flow.cancelled())
+            assert verdicts[-1].paid is None and verdicts[-1].healthy is None
         elif event == VANISH:
             flow.unsendable(MediaProblem("photo.png changed since it was read"))
     raise AssertionError("the flow never finished")
+
+
+def _check_verdict(verdict: Verdict, event: Completion | ApiError) -> Verdict:
+    """What an answer or an error must tell the drivers: the breaker's news, a slow-down, a stop, its cost."""
+    if isinstance(event, Completion):
+        assert (verdict.healthy, verdict.why, verdict.slow_down, verdict.halting) == (True, "", None, None)
+        assert verdict.paid is not None and verdict.paid.cost_usd == verdict.cost_usd
+        return verdict
+    if event.usage is not None:
+        assert verdict.paid is not None and verdict.paid.cost_usd == verdict.cost_usd > 0
+    else:
+        assert verdict.paid is None and (verdict.cost_usd > 0) == event.abandoned
+    if isinstance(event, FatalApiError):
+        reason = StopReason.FREE_CAP if event.code == "free_daily_cap" else StopReason.ACCOUNT
+        assert verdict.halting == Halting(reason, str(event), event)
+        assert (verdict.healthy, verdict.slow_down) == (None, None)
+    elif isinstance(event, RateLimited):
+        upstream = bool(event.metadata.get("provider_name")) or event.code == "flex_capacity"
+        assert (verdict.healthy, verdict.why, verdict.slow_down, verdict.halting) == (None, "", upstream, None)
+    else:
+        sick = isinstance(event, TransientError) or event.status == 404
+        assert (verdict.healthy, verdict.why) == (False if sick else None, str(event))
+        assert (verdict.slow_down, verdict.halting) == (None, None)
+    return verdict
 
 
 def make_flow(
@@ -185,7 +234,8 @@ class Scenario:
     status: str | None  # None: no record (left pending, nothing paid)
     trace: list[str]
     attempts: int = 0
-    error: str = ""  # the result's error column contains this
+    error: str | None = None  # the result's error column, exactly
+    code: str | None = None  # the code of the pair's last error (what a summary or a report may count by)
     settings: dict[str, Any] = field(default_factory=dict)
     check: Callable[[Drove], None] | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -232,8 +282,8 @@ def _seeded(drove: Drove) -> None:
 
 SCENARIOS = [
     Scenario("answered at once", [ok()], "ok", [A], 1, check=_result(response="fine", fallback_used=False)),
-    Scenario("a 503 is retried after a backoff", [e503(), ok()], "ok", [A, "wait 0", A], 2),
-    Scenario("Retry-After is the backoff", [e503(retry_after_s=7), ok()], "ok", [A, "wait 7", A], 2),
+    Scenario("a 503 is retried after a backoff", [e503(), ok()], "ok", [A, "wait 0", A], 2, code="upstream"),
+    Scenario("Retry-After is the backoff", [e503(retry_after_s=7), ok()], "ok", [A, "wait 7", A], 2, code="upstream"),
     Scenario(
         "OpenRouter's 429 slows the run, not the model's health",
         [E429, ok()],
@@ -241,6 +291,7 @@ SCENARIOS = [
         [A, "wait 0", A],
         2,
         check=_verdict(0, slow_down=False, healthy=None),
+        code="rate_limited",
     ),
     Scenario(
         "a provider's 429 slows only its model",
@@ -249,6 +300,7 @@ SCENARIOS = [
         [A, "wait 0", A],
         2,
         check=_verdict(0, slow_down=True),
+        code="rate_limited",
     ),
     Scenario(
         "a transient error counts against the model's health",
@@ -257,6 +309,7 @@ SCENARIOS = [
         [A, "wait 0", A],
         2,
         check=_verdict(0, healthy=False),
+        code="upstream",
     ),
     Scenario(
         "transient errors to the last attempt fail the pair",
@@ -264,7 +317,8 @@ SCENARIOS = [
         "failed",
         [A, "wait 0", A, "wait 0", A],
         3,
-        "overloaded",
+        "HTTP 503: overloaded",
+        code="upstream",
     ),
     Scenario(
         "transient errors to the last attempt hand the pair to its fallback",
@@ -274,8 +328,9 @@ SCENARIOS = [
         4,
         settings=WITH_FALLBACK,
         check=_result(fallback_used=True, model=F),
+        code="upstream",
     ),
-    Scenario("a rejected request is not retried", [E400], "failed", [A], 1, "bad request"),
+    Scenario("a rejected request is not retried", [E400], "failed", [A], 1, "HTTP 400: bad request", "bad_request"),
     Scenario(
         "a rejected request goes to the fallback at once",
         [E400, ok(model=F)],
@@ -284,6 +339,7 @@ SCENARIOS = [
         2,
         settings=WITH_FALLBACK,
         check=_verdict(0, healthy=None),
+        code="bad_request",
     ),
     Scenario(
         "a 404 is the model's problem: its health hears of it",
@@ -293,6 +349,7 @@ SCENARIOS = [
         2,
         settings=WITH_FALLBACK,
         check=_verdict(0, healthy=False),
+        code="not_found",
     ),
     Scenario(
         "a revoked key stops the run; the pair stays pending with its bill",
@@ -300,7 +357,8 @@ SCENARIOS = [
         "pending",
         [A],
         1,
-        "key revoked",
+        "HTTP 401: key revoked",
+        "unauthorized",
         check=lambda d: _halted(d, StopReason.ACCOUNT),
     ),
     Scenario(
@@ -309,6 +367,8 @@ SCENARIOS = [
         "pending",
         [A],
         1,
+        "HTTP 429: free models per day",
+        "free_daily_cap",
         check=lambda d: _halted(d, StopReason.FREE_CAP),
     ),
     Scenario(
@@ -317,6 +377,7 @@ SCENARIOS = [
         "ok",
         [A, A],
         1,
+        code="unreachable",
     ),
     Scenario(
         "a refusal goes to the fallback",
@@ -325,6 +386,7 @@ SCENARIOS = [
         [A, F],
         2,
         settings=WITH_FALLBACK,
+        code="refusal",
     ),
     Scenario(
         "a refusal with no fallback fails, keeping the refusal's text",
@@ -333,6 +395,7 @@ SCENARIOS = [
         [A],
         1,
         "refusal: I cannot",
+        "refusal",
         check=_result(response="I cannot"),
     ),
     Scenario(
@@ -343,6 +406,7 @@ SCENARIOS = [
         2,
         settings=STRUCTURED,
         check=lambda d: (_repair_told_what_was_wrong(d), _result(parsed='{"label": "x"}')(d)),
+        code="invalid_output",
     ),
     Scenario(
         "a cut-off structured answer is repaired with twice max_tokens, reserved",
@@ -353,6 +417,7 @@ SCENARIOS = [
         settings=STRUCTURED,
         options={"budget_usd": "1"},
         check=_cut_off_gets_twice_the_room,
+        code="invalid_output",
     ),
     Scenario(
         "invalid past the repairs: the fallback",
@@ -362,6 +427,7 @@ SCENARIOS = [
         3,
         settings={**STRUCTURED, **WITH_FALLBACK},
         check=_result(fallback_used=True),
+        code="invalid_output",
     ),
     Scenario(
         "invalid past the repairs with no fallback fails, keeping the answer",
@@ -369,7 +435,8 @@ SCENARIOS = [
         "failed",
         [A, A],
         2,
-        "invalid structured output",
+        "invalid structured output: fails the schema at label: 3 is not of type 'string'",
+        "invalid_output",
         settings=STRUCTURED,
         check=_result(response='{"label": 3}'),
     ),
@@ -380,6 +447,7 @@ SCENARIOS = [
         [A, A, "wait 0", A, "wait 0", A],
         4,
         settings=STRUCTURED,
+        code="upstream",
     ),
     Scenario(
         "no repairs when none are allowed",
@@ -387,6 +455,8 @@ SCENARIOS = [
         "failed",
         [A],
         1,
+        "invalid structured output: fails the schema at label: 3 is not of type 'string'",
+        "invalid_output",
         settings={"response_format": SCHEMA, "repair": {"same_model": 0}},
     ),
     Scenario(
@@ -396,21 +466,24 @@ SCENARIOS = [
         [f"{A} skipped", F],
         1,
         settings=WITH_FALLBACK,
+        code="circuit_open",
     ),
     Scenario(
         "an open circuit with no fallback waits; failed probes count as attempts",
         [Open(probes=2), ok()],
         "ok",
-        [f"{A} skipped", A],
+        [f"{A} waited", A],
         1,
+        code="circuit_open",
     ),
     Scenario(
         "an open circuit whose probes all failed fails the pair",
         [Open(probes=3)],
         "failed",
-        [f"{A} skipped"],
+        [f"{A} waited"],
         0,
-        "every probe of it failed (last: down)",
+        "a/model is unavailable: every probe of it failed (last: down)",
+        "circuit_open",
     ),
     Scenario("a stop before anything was paid leaves no record", [STOP], None, [A]),
     Scenario(
@@ -419,7 +492,8 @@ SCENARIOS = [
         "pending",
         [A, "wait 0", A],
         1,
-        "cut off",
+        "HTTP 502: cut off",
+        "upstream",
         check=_result(cost_usd=Decimal("0.000022"), billed_completion_tokens=3),
     ),
     Scenario(
@@ -428,7 +502,8 @@ SCENARIOS = [
         "pending",
         [A],
         1,
-        "in flight",
+        "the run stopped with this request in flight (it may have been billed)",
+        "abandoned",
         options={"budget_usd": "1"},
         check=lambda d: (_result(cost_source="estimated")(d), _estimate_is_reservation(d)),
     ),
@@ -439,6 +514,7 @@ SCENARIOS = [
         [A, "wait 0", A],
         2,
         check=lambda d: _sources(d, {"estimated", "reported"}),
+        code="timeout",
     ),
     Scenario(
         "an error's reported usage is billed",
@@ -447,6 +523,7 @@ SCENARIOS = [
         [A, "wait 0", A],
         2,
         check=_result(cost_usd=Decimal("0.000052"), billed_prompt_tokens=20),
+        code="upstream",
     ),
     Scenario(
         "a row whose media cannot be sent fails, unsent",
@@ -457,14 +534,23 @@ SCENARIOS = [
         "photo.png is missing",
         options={"problem": "photo.png is missing"},
     ),
-    Scenario("a file that changed before it was sent fails the pair", [VANISH], "failed", [A], 0, "changed since"),
+    Scenario(
+        "a file that changed before it was sent fails the pair",
+        [VANISH],
+        "failed",
+        [A],
+        0,
+        "photo.png changed since it was read",
+    ),
     Scenario(
         "a prompt longer than the context is refused unsent, then its fallback too",
         [],
         "failed",
         [],
         0,
-        "more than f/fallback's context",
+        "the prompt is at least 3,125 tokens, more than f/fallback's context of 2,000 (nothing was sent): shorten it, or "
+        "ask for params.transforms: [middle-out]",
+        "context_length",
         settings=WITH_FALLBACK,
         options={"prompt": "word " * 20_000},
     ),
@@ -483,7 +569,9 @@ SCENARIOS = [
         "failed",
         [],
         0,
-        "more than the whole budget",
+        "this request could cost up to $0.000429, more than the whole budget of $0.0001 (nothing was sent): shorten "
+        "the prompt or lower max_tokens",
+        "over_budget",
         options={"budget_usd": "0.0001"},
     ),
     Scenario(
@@ -514,7 +602,169 @@ SCENARIOS = [
         options={"sample": 1},
         check=_seeded,
     ),
+    Scenario(
+        "a fallback gets attempts of its own",
+        [e503(), e503(), e503(), e503(), e503(), ok(model=F)],
+        "ok",
+        [A, "wait 0", A, "wait 0", A, F, "wait 0", F, "wait 0", F],
+        6,
+        code="upstream",
+        settings=WITH_FALLBACK,
+    ),
+    Scenario(
+        "a fallback gets repairs of its own",
+        [INVALID, INVALID, INVALID, ok('{"label": "y"}', model=F)],
+        "ok",
+        [A, A, F, F],
+        4,
+        code="invalid_output",
+        settings={**STRUCTURED, **WITH_FALLBACK},
+    ),
+    Scenario(
+        "two repairs allowed: two asked",
+        [INVALID, INVALID, VALID],
+        "ok",
+        [A, A, A],
+        3,
+        code="invalid_output",
+        settings={"response_format": SCHEMA, "repair": {"same_model": 2}},
+    ),
+    Scenario(
+        "a cut-off answer past its repairs fails, saying it was cut off",
+        [CUT_OFF, CUT_OFF],
+        "failed",
+        [A, A],
+        2,
+        "invalid structured output: cut off at max_tokens before the JSON was complete (Unterminated string "
+        "starting at: line 1 column 11 (char 10))",
+        "invalid_output",
+        settings=STRUCTURED,
+        check=lambda d: _repair_says(d, "cut off"),
+    ),
+    Scenario(
+        "failed probes add to the attempts already made",
+        [e503(), Open(probes=2)],
+        "failed",
+        [A, "wait 0", f"{A} waited"],
+        1,
+        "a/model is unavailable: every probe of it failed (last: down)",
+        "circuit_open",
+    ),
+    Scenario(
+        "probes that failed for no known reason say only that",
+        [Open(probes=3, cause="")],
+        "failed",
+        [f"{A} waited"],
+        0,
+        "a/model is unavailable: every probe of it failed",
+        "circuit_open",
+    ),
+    Scenario(
+        "a stop after a skipped model keeps why it was skipped",
+        [BILLED_ERROR, Open(), STOP],
+        "pending",
+        [A, "wait 0", f"{A} skipped", F],
+        1,
+        "a/model skipped: it keeps failing (circuit open)",
+        "circuit_open",
+        settings=WITH_FALLBACK,
+    ),
+    Scenario(
+        "a stop after an unreachable server keeps that error",
+        [BILLED_ERROR, UNREACHABLE, STOP],
+        "pending",
+        [A, "wait 0", A, A],
+        1,
+        "connection refused",
+        "unreachable",
+    ),
+    Scenario(
+        "a cancel after a failed attempt counts both",
+        [e503(), CANCEL],
+        "pending",
+        [A, "wait 0", A],
+        2,
+        "the run stopped with this request in flight (it may have been billed)",
+        "abandoned",
+        options={"budget_usd": "1"},
+        check=lambda d: _result(billed_prompt_tokens=0, billed_completion_tokens=0)(d),
+    ),
+    Scenario(
+        "an answer with text and a refusal note is an answer",
+        [ok("fine", refusal="partly")],
+        "ok",
+        [A],
+        1,
+        check=_result(response="fine"),
+    ),
+    Scenario(
+        "a tool call with no text is an answer, not a refusal",
+        [ok("", refusal="none", tool_calls=[{"id": "c1"}])],
+        "ok",
+        [A],
+        1,
+        check=_result(tool_calls='[{"id": "c1"}]'),
+    ),
+    Scenario(
+        "without server fallbacks, an answer naming a fallback model is not a fallback used",
+        [ok(model=F)],
+        "ok",
+        [A],
+        1,
+        settings=WITH_FALLBACK,
+        check=_result(fallback_used=False),
+    ),
+    Scenario(
+        "a structured answer keeps its text as written",
+        [ok('{"label": "café"}')],
+        "ok",
+        [A],
+        1,
+        settings=STRUCTURED,
+        check=_result(parsed='{"label": "café"}', response='{"label": "café"}'),
+    ),
+    Scenario(
+        "an unstructured answer has nothing parsed",
+        [ok()],
+        "ok",
+        [A],
+        1,
+        check=_result(parsed=None),
+    ),
+    Scenario(
+        "the flex tier's 429 slows only the model",
+        [E429_FLEX, ok()],
+        "ok",
+        [A, "wait 0", A],
+        2,
+        code="flex_capacity",
+        check=_verdict(0, slow_down=True),
+    ),
+    Scenario(
+        "a BYOK answer's provider part is kept beside the whole",
+        [BYOK],
+        "ok",
+        [A],
+        1,
+        check=_result(upstream_cost_usd=Decimal("0.00003"), cost_usd=Decimal("0.0000315")),
+    ),
 ]
+
+
+def _check_identity(result: RowResult, flow: RowFlow) -> None:
+    """Every result names its pair as the request did: row, model position, requested model, fingerprint."""
+    request = flow.request
+    assert (result.row_index, result.row_id, result.model_position, result.requested_model, result.fingerprint) == (
+        request.row.index,
+        request.row.id,
+        request.model_position,
+        request.requested_model,
+        request.fingerprint,
+    )
+
+
+def _repair_says(drove: Drove, words: str) -> None:
+    assert words in drove.asks[1].body["messages"][-1]["content"]
 
 
 def _halted(drove: Drove, reason: StopReason) -> None:
@@ -540,7 +790,9 @@ def test_scenario(scenario: Scenario) -> None:
     else:
         assert drove.result is not None and drove.result.status == scenario.status
         assert drove.result.attempts == scenario.attempts
-        assert scenario.error in (drove.result.error or "")
+        assert drove.result.error == scenario.error
+        _check_identity(drove.result, drove.flow)
+    assert (drove.flow.last_error.code if drove.flow.last_error else None) == scenario.code
     if scenario.check is not None:
         scenario.check(drove)
 
@@ -593,3 +845,119 @@ def test_no_request_body_is_shared_between_asks() -> None:
     drove = drive(make_flow(STRUCTURED), [INVALID, VALID])
     assert json.dumps(drove.asks[0].body) != json.dumps(drove.asks[1].body)
     assert len(drove.asks[0].body["messages"]) + 2 == len(drove.asks[1].body["messages"])
+
+
+def test_an_answer_fills_every_answer_column() -> None:
+    """The columns an answer fills, each from its own field: a swapped or dropped one shows here."""
+    usage = Usage(11, 7, cached_tokens=3, reasoning_tokens=2, cost_usd=Decimal("0.000039"))
+    completion = Completion(
+        "fine",
+        A,
+        "stop",
+        usage,
+        "gen-9",
+        "Prov",
+        0.123456,
+        tool_calls=[{"id": "ü"}],
+        ttft_s=0.054321,
+        service_tier="flex",
+    )
+    drove = drive(make_flow(), [completion])
+    assert drove.result is not None
+    fields = {name: getattr(drove.result, name) for name in answer_fields(completion)}
+    assert fields == {
+        "response": "fine",
+        "model": A,
+        "finish_reason": "stop",
+        "prompt_tokens": 11,
+        "completion_tokens": 7,
+        "cached_tokens": 3,
+        "reasoning_tokens": 2,
+        "latency_s": 0.1235,
+        "ttft_s": 0.0543,
+        "generation_id": "gen-9",
+        "provider": "Prov",
+        "service_tier": "flex",
+        "tool_calls": '[{"id": "ü"}]',
+    }
+    assert answer_fields(ok("", refusal="no"), failed=True)["response"] == "no"
+    assert answer_fields(ok("", refusal="no"))["response"] == ""
+    assert answer_fields(ok())["ttft_s"] is None and answer_fields(ok())["model"] is None
+
+
+class SpyPricer(Pricer):
+    """A Pricer that records what each charge was asked with."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.calls: list[tuple[Any, ...]] = []
+
+    def charged(self, usage: Usage, model: str, *args: Any, **named: Any) -> Any:
+        self.calls.append((usage, model, *args, *named.values()))
+        return super().charged(usage, model, *args, **named)
+
+
+def test_each_charge_names_the_model_that_answered_the_one_asked_and_what_was_sent() -> None:
+    """An answer is priced as the model that served it (else the one asked), at the tier that served it, with
+    the media the request carried; an error's usage as the model asked."""
+    flow = make_flow()
+    spy = SpyPricer(flow.rules.spec, flow.rules.requests, flow.rules.pricer.accounts)
+    flow.rules.pricer = spy
+    served = Completion("x", F, "stop", Usage(1, 1), "gen-3", None, 0.1, service_tier="flex")
+    drive(flow, [BILLED_ERROR, served])
+    (error_usage, error_model, *error_rest), (usage, model, requested, generation_id, media, tier) = spy.calls
+    assert (error_usage, error_model) == (BILLED_ERROR.usage, A) and error_rest[-1].images == 0
+    assert (usage, model, requested, generation_id, tier) == (served.usage, F, A, "gen-3", "flex")
+    assert media is not None and media.images == 0
+    nameless = make_flow()
+    nameless.rules.pricer = spy
+    drive(nameless, [ok(model="")])
+    assert spy.calls[-1][1:3] == (A, A), "an answer that names no model is priced as the model asked"
+
+
+SENT = [  # (the model an earlier run's batch went to, what it answered) -> (status, model, fallback_used, has one)
+    ((A, ok(model=A)), ("ok", A, False, True)),
+    ((F, ok(model=F)), ("ok", F, True, False)),
+    (("gone/model", ok(model="gone/model")), ("ok", "gone/model", False, True)),
+]
+
+
+@pytest.mark.parametrize(("sent", "expected"), SENT)
+def test_an_answer_to_a_request_an_earlier_run_sent_is_taken_as_that_models(
+    sent: tuple[str, Completion], expected: tuple[str, str, bool, bool]
+) -> None:
+    """A batch an earlier run submitted to a fallback is taken as the fallback's answer (its place in the chain);
+    one to a model the spec no longer names is still taken, on the pair's current model."""
+    model, answer = sent
+    flow = make_flow(WITH_FALLBACK)
+    flow.sent(model, Decimal(0))
+    assert flow.asked is not None and flow.asked.model == model
+    assert flow.asked.has_fallback == expected[3]
+    flow.answered(answer)
+    done = flow.next()
+    assert isinstance(done, Done) and done.result is not None
+    assert (done.result.status, done.result.model, done.result.fallback_used) == expected[:3]
+
+
+def test_the_request_this_run_asked_is_the_one_taken() -> None:
+    """sent() for the model just asked keeps that request (a repair's body), not a fresh one."""
+    flow = make_flow(STRUCTURED)
+    drive_until_ask = flow.next()
+    assert isinstance(drive_until_ask, Ask)
+    flow.answered(INVALID)
+    repair = flow.next()
+    assert isinstance(repair, Ask)
+    flow.sent(A, repair.reserve_usd)
+    assert flow.asked is repair
+    flow.answered(INVALID)
+    assert flow.repairs == 1 and flow.finished
+
+
+def test_a_fallback_taken_from_an_earlier_batch_starts_its_attempts_and_repairs_afresh() -> None:
+    """Moving to the model an earlier run's batch went to resets that model's attempts and repairs."""
+    flow = make_flow({**STRUCTURED, **WITH_FALLBACK})
+    flow.next()
+    flow.answered(INVALID)  # a repair due on A
+    flow.sent(F, Decimal(0))
+    assert (flow.position, flow.tries, flow.repairs) == (1, 0, 0)
+    assert flow.asked is not None and "messages" in flow.asked.body and len(flow.asked.body["messages"]) == 1
