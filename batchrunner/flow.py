@@ -230,14 +230,13 @@ class RowFlow:
 
     def stop(self) -> None:
         """The run stops: a pair that was billed stays pending with its bill, one that was not leaves no record."""
-        if self._done is _OPEN:
-            self._done = (
-                self._result(
-                    status="pending", error=one_line(self.last_error or "the run stopped")
-                )  # pragma: no mutate (a billed pair has an error)
-                if self.bill.attempts
-                else None
-            )
+        if self._done is not _OPEN:
+            return
+        if not self.bill.attempts:
+            self._done = None
+            return
+        why = self.last_error or "the run stopped"  # pragma: no mutate (a billed pair always has an error)
+        self._done = self._result(status="pending", error=one_line(why))
 
     def answered(self, completion: Completion) -> Verdict:
         """An answer to the request asked: billed; then refused, invalid (repaired), or the pair's result."""

@@ -32,7 +32,7 @@ from batchrunner.errors import (
     RequestRejected,
     TransientError,
 )
-from batchrunner.flow import Ask, Done, Halting, RowFlow, Rules, Verdict, Wait, answer_fields
+from batchrunner.flow import Ask, Done, Halting, RowFlow, Rules, Verdict, Wait, answer_fields, one_line
 from batchrunner.halt import StopReason
 from batchrunner.pending import Todo
 from batchrunner.records import Bill, RowResult
@@ -90,6 +90,12 @@ TIMED_OUT = TransientError("timed out", code="timeout", abandoned=True)
 BILLED_ERROR = TransientError(
     "HTTP 502: cut off", status=502, code="upstream", usage=Usage(10, 3, cost_usd=Decimal("0.000022"))
 )
+BILLED = Usage(10, 3, cost_usd=Decimal("0.000022"))
+BILLED_REJECTION = RequestRejected(
+    "HTTP 400: context too long for this provider", status=400, code="bad_request", usage=BILLED
+)
+BILLED_429 = RateLimited("HTTP 429: slow down", status=429, code="rate_limited", usage=BILLED)
+BILLED_401 = FatalApiError("HTTP 401: key revoked mid-stream", status=401, code="unauthorized", usage=BILLED)
 BYOK = Completion(
     "fine",
     "",
@@ -149,6 +155,7 @@ def drive(flow: RowFlow, script: list[Any]) -> Drove:
         event = next(events)
         asks.append(action)
         assert action.has_fallback == (action.model != flow.chain[-1])
+        assert action.body["model"] == action.model, "the body asks the model the action names"
         trace.append(action.model)
         if isinstance(event, Open):
             moved_on = flow.circuit_open()
@@ -166,7 +173,7 @@ def drive(flow: RowFlow, script: list[Any]) -> Drove:
         elif event == CANCEL:
             verdicts.append(flow.cancelled())
             assert verdicts[-1].paid is None and verdicts[-1].healthy is None
-        elif event == VANISH:
+        elif event == VANISH:  # a file the row names changed since it was read
             flow.unsendable(MediaProblem("photo.png changed since it was read"))
     raise AssertionError("the flow never finished")
 
@@ -748,6 +755,45 @@ SCENARIOS = [
         1,
         check=_result(upstream_cost_usd=Decimal("0.00003"), cost_usd=Decimal("0.0000315")),
     ),
+    Scenario(
+        "two repairs allowed, then the model gave up",
+        [INVALID, INVALID, INVALID],
+        "failed",
+        [A, A, A],
+        3,
+        "invalid structured output: fails the schema at label: 3 is not of type 'string'",
+        "invalid_output",
+        settings={"response_format": SCHEMA, "repair": {"same_model": 2}},
+    ),
+    Scenario(
+        "a rejected request that was billed keeps its bill",
+        [BILLED_REJECTION],
+        "failed",
+        [A],
+        1,
+        "HTTP 400: context too long for this provider",
+        "bad_request",
+        check=_result(cost_usd=Decimal("0.000022")),
+    ),
+    Scenario(
+        "a 429 that was billed keeps its bill",
+        [BILLED_429, ok()],
+        "ok",
+        [A, "wait 0", A],
+        2,
+        code="rate_limited",
+        check=_result(cost_usd=Decimal("0.000052")),
+    ),
+    Scenario(
+        "a revoked key's billed attempt keeps its bill",
+        [BILLED_401],
+        "pending",
+        [A],
+        1,
+        "HTTP 401: key revoked mid-stream",
+        "unauthorized",
+        check=_result(cost_usd=Decimal("0.000022")),
+    ),
 ]
 
 
@@ -883,6 +929,13 @@ def test_an_answer_fills_every_answer_column() -> None:
     assert answer_fields(ok("", refusal="no"), failed=True)["response"] == "no"
     assert answer_fields(ok("", refusal="no"))["response"] == ""
     assert answer_fields(ok())["ttft_s"] is None and answer_fields(ok())["model"] is None
+    assert answer_fields(ok())["tool_calls"] is None
+
+
+def test_an_error_is_one_line_of_at_most_500_characters() -> None:
+    """The error column holds one line: whitespace runs become one space, and it is cut at 500 characters."""
+    assert one_line("a\n  b\tc") == "a b c"
+    assert one_line("x" * 600) == "x" * 500
 
 
 class SpyPricer(Pricer):
@@ -930,8 +983,9 @@ def test_an_answer_to_a_request_an_earlier_run_sent_is_taken_as_that_models(
     one to a model the spec no longer names is still taken, on the pair's current model."""
     model, answer = sent
     flow = make_flow(WITH_FALLBACK)
-    flow.sent(model, Decimal(0))
-    assert flow.asked is not None and flow.asked.model == model
+    flow.sent(model, Decimal("0.25"))
+    assert flow.asked is not None and flow.asked.model == model and flow.asked.reserve_usd == Decimal("0.25")
+    assert flow.asked.body["model"] == model and flow.todo.request is flow.request
     assert flow.asked.has_fallback == expected[3]
     flow.answered(answer)
     done = flow.next()
@@ -960,4 +1014,12 @@ def test_a_fallback_taken_from_an_earlier_batch_starts_its_attempts_and_repairs_
     flow.answered(INVALID)  # a repair due on A
     flow.sent(F, Decimal(0))
     assert (flow.position, flow.tries, flow.repairs) == (1, 0, 0)
+    assert flow.asked is not None and flow.asked.body["model"] == F
     assert flow.asked is not None and "messages" in flow.asked.body and len(flow.asked.body["messages"]) == 1
+
+
+def test_an_earlier_runs_request_for_a_later_sample_keeps_its_seed() -> None:
+    """sent() rebuilds the request an earlier run's batch carried for sample 1 with that sample's seed."""
+    flow = make_flow({"samples": 2, "params": {"max_tokens": 100, "seed": 7}}, sample=1)
+    flow.sent(A, Decimal(0))
+    assert flow.asked is not None and flow.asked.body["seed"] == 8
