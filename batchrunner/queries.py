@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from batchrunner.accounts import Accounts, Pricer
 from batchrunner.client import Client
 from batchrunner.connect import Connection
-from batchrunner.costs import FILE_PARSER_USD_PER_PAGE, ZERO_USD, PriceTable, Pricing, per_million
+from batchrunner.costs import ZERO_USD, PriceTable, Pricing, per_million
 from batchrunner.dataset import Dataset
 from batchrunner.errors import ApiError, Problem, RunHalted, SpecError, first_line
 from batchrunner.media import Media
@@ -30,7 +31,6 @@ from batchrunner.request import (
     estimated_prompt_tokens,
     expected_completion_tokens,
     media_tally,
-    most_prompt_tokens,
 )
 from batchrunner.runner import check_on_server, fetch_endpoints, fetch_prices, plan_limits
 from batchrunner.sandbox import SandboxConfig
@@ -109,8 +109,9 @@ async def estimate_job(
 
     Prompt tokens are estimated without a tokenizer (about four characters a token); the
     expected answer length comes from this job's answers so far, else from the response
-    schema, else half of max_tokens. The worst case prices every prompt byte as a token and
-    every answer at max_tokens.
+    schema, else half of max_tokens. The worst case is the sum of what each request would reserve
+    against a budget (accounts.Pricer.worst_case: every prompt byte a token, every answer at
+    max_tokens, plugins, PDF pages, the dearer tier, OpenRouter's BYOK fee): one definition.
     """
     dataset = prepare(spec)
     connection = Connection(spec, sandbox=sandbox, timeout_s=60)
@@ -123,8 +124,11 @@ async def estimate_job(
         check_endpoints(spec, endpoints)
         prices.add_tiers(endpoints)  # the flex tier's own prices, where a model has one
         limits, _ = await plan_limits(spec, connection.client, connection.key, count_free_usage=False)
+        # the run's own worst case: with OpenRouter's BYOK fee where the server may bill it (runner.answerer_of)
+        byok_fee = connection.client.openrouter or (sandbox is not None and sandbox.byok)
     try:
-        per_model = _tally_pending(spec, dataset, requests, store, prices, limit=limit)
+        pricer = Pricer(spec, requests, Accounts.of(prices, byok_fee=byok_fee))
+        per_model = _tally_pending(spec, dataset, requests, store, pricer, limit=limit)
         history = store.completion_tokens_by_model() if store else {}
     finally:
         if store is not None:
@@ -169,7 +173,7 @@ def _tally_pending(
     dataset: Dataset,
     requests: RequestBuilder,
     store: Store | None,
-    prices: PriceTable,
+    pricer: Pricer,
     *,
     limit: int | None,
 ) -> dict[str, _Tally]:
@@ -187,7 +191,7 @@ def _tally_pending(
                 per_model[request.requested_model].copies += 1  # answered by a copy: nothing sent
                 continue
             asked.add(key)
-            per_model[request.requested_model].add(request, prices.get(request.requested_model))
+            per_model[request.requested_model].add(request, pricer)
     return per_model
 
 
@@ -225,14 +229,9 @@ def _model_estimate(
         # at the flex tier's price; a model without a flex endpoint serves a flex request at its standard price
         flex = _expected_usd(prices.tier(model, "flex") or pricing, counts, answers)
         entry["expected_flex_cost_usd"] = str(flex.quantize(Decimal("1E-9")))
-        worst = (
-            pricing.worst_case_usd(
-                counts.most_prompt_tokens, rows * requests.max_completion_tokens(pricing), rows, counts.media.images
-            )
-            + counts.media.most_pages() * FILE_PARSER_USD_PER_PAGE
-        )
         entry["expected_cost_usd"] = str(expected.quantize(Decimal("1E-9")))
-        entry["max_cost_usd"] = str(worst.quantize(Decimal("1E-9")))
+        if counts.worst_usd is not None:
+            entry["max_cost_usd"] = str(counts.worst_usd.quantize(Decimal("1E-9")))
     return entry
 
 
@@ -249,19 +248,24 @@ class _Tally:
 
     rows: int = 0
     prompt_tokens: int = 0
-    most_prompt_tokens: int = 0
+    worst_usd: Decimal | None = ZERO_USD  # what the requests would reserve against a budget; None: a model unpriced
     unsendable: int = 0  # rows whose media cannot be sent: they fail, unsent and unpaid
     copies: int = 0  # rows whose request another row (or the checkpoint) answers: copied, not sent
     media: MediaTally = field(default_factory=MediaTally)
 
-    def add(self, request: RowRequest, pricing: Pricing | None) -> None:
+    def add(self, request: RowRequest, pricer: Pricer) -> None:
         if request.problem is not None:
             self.unsendable += 1
             return
         self.rows += 1
         self.prompt_tokens += estimated_prompt_tokens(request.prompt)
-        most = most_prompt_tokens(request.prompt)
-        self.most_prompt_tokens += min(most, pricing.context_length or most) if pricing else most
+        if self.worst_usd is not None:
+            model = request.requested_model
+            body = pricer.requests.body(request.prompt, model, request.sample)
+            try:
+                self.worst_usd += pricer.worst_case(body, model)
+            except KeyError:  # a model of its chain has no price: no worst case
+                self.worst_usd = None
         if isinstance(request.prompt, list):
             self.media = self.media.plus(media_tally(request.prompt))
 

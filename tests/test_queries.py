@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from batchrunner.dataset import open_dataset
 from batchrunner.queries import estimate_job
+from batchrunner.retries import RetryPolicy
 from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
@@ -34,3 +36,19 @@ async def test_estimate_is_within_a_factor_of_two_and_its_worst_case_holds(tmp_p
         assert actual / 2 <= expected <= actual * 2, (job.name, expected, actual)
         assert worst >= actual, (job.name, worst, actual)
         assert estimate["expected_duration_s"] > 0
+
+
+async def test_the_estimates_worst_case_is_what_the_run_reserves(write_spec: Any, reservations: list[Decimal]) -> None:
+    """One definition of a request's worst case: the estimate's max_cost_usd is the sum of what the run then
+    reserves against its budget, request by request, web search's allowance included (it was left out)."""
+    job = write_spec(
+        params={"max_tokens": 50, "plugins": [{"id": "web", "max_results": 3}]},
+        budget_usd=10,
+        rate_limit={"requests_per_second": 1000},
+    )
+    estimate = await estimate_job(load_spec(job), sandbox=SandboxConfig())
+    async with Sandbox() as sandbox:
+        spec = load_spec(job, overrides={"api": {"base_url": sandbox.base_url}})
+        await run_job(spec, RunSettings(retry=RetryPolicy.immediate()))
+    assert len(reservations) == estimate["rows"] > 0
+    assert Decimal(estimate["max_cost_usd"]) == sum(reservations, Decimal(0)).quantize(Decimal("1E-9"))
