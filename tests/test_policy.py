@@ -1,4 +1,4 @@
-"""The row policy over real loopback HTTP: retries, the breaker, fallbacks, repairs, halts, prompt release."""
+"""The live driver of the row flow over real loopback HTTP: retries, the breaker, fallbacks, repairs, halts, prompt release."""
 
 from __future__ import annotations
 
