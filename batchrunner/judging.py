@@ -31,8 +31,20 @@ JUDGE_SYSTEM = (
 )  # a template like any system prompt: literal braces doubled
 
 
+# What of the job's request a grade keeps: its provider routing (a data policy, an order, ignored
+# providers bind the grades as they bind the answers); image_detail shapes no grade, which sends no image.
+# Every other key that shapes a request (spec.REQUEST_SHAPING_KEYS) is set by judge_spec: test_judging
+# checks that a new one is decided here.
+INHERITED = frozenset({"provider", "image_detail"})
+
+
 def judge_spec(spec: JobSpec, rule: MetricSettings) -> JobSpec:
     """The job a judge runs: its model, the rubric as the prompt, a grade as a structured answer."""
+    return spec.model_copy(update=judge_overrides(rule))
+
+
+def judge_overrides(rule: MetricSettings) -> dict[str, Any]:
+    """The spec keys a judge's job sets (judge_spec), whatever the job's own."""
     judge = rule.judge
     assert judge is not None, "judge_spec takes a judge metric"
     schema = {
@@ -44,28 +56,26 @@ def judge_spec(spec: JobSpec, rule: MetricSettings) -> JobSpec:
         "required": ["grade", "reason"],
         "additionalProperties": False,
     }
-    return spec.model_copy(
-        update={
-            "models": [judge.model],
-            "fallbacks": [],
-            "server_fallbacks": False,
-            "system": JUDGE_SYSTEM.replace("SCALE", str(judge.scale)),
-            "prompt": judge.rubric,
-            "messages": None,
-            "images": [],  # a grade is asked of the answer and the rubric's columns, in text
-            "files": [],
-            "audio": [],
-            "endpoint": "chat",
-            "params": {"temperature": 0, "max_tokens": 200},
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": "grade", "strict": True, "schema": schema},
-            },
-            "evaluate": None,
-            "cache_system_prompt": False,
-            "samples": 1,  # one grade per answer: the answers' samples are items of their own
-        }
-    )
+    return {
+        "models": [judge.model],
+        "fallbacks": [],
+        "server_fallbacks": False,
+        "system": JUDGE_SYSTEM.replace("SCALE", str(judge.scale)),
+        "prompt": judge.rubric,
+        "messages": None,
+        "images": [],  # a grade is asked of the answer and the rubric's columns, in text
+        "files": [],
+        "audio": [],
+        "endpoint": "chat",
+        "params": {"temperature": 0, "max_tokens": 200},
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "grade", "strict": True, "schema": schema},
+        },
+        "evaluate": None,
+        "cache_system_prompt": False,
+        "samples": 1,  # one grade per answer: the answers' samples are items of their own
+    }
 
 
 class Items:

@@ -6,8 +6,8 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from batchrunner.judging import judge_spec
-from batchrunner.spec import load_spec
+from batchrunner.judging import INHERITED, judge_overrides, judge_spec
+from batchrunner.spec import REQUEST_SHAPING_KEYS, load_spec
 
 
 def test_a_judge_of_an_image_job_is_asked_in_text(write_spec: Callable[..., Path]) -> None:
@@ -51,3 +51,13 @@ async def test_a_judge_grades_each_sample_once_and_each_answer_keeps_its_own_gra
         assert len({row_id for (row_id,) in kept}) == 15, "each answer's grade is kept under its own key"
     output = pl.read_parquet(spec.output)
     assert output.height == 15 and output["score"].null_count() == 0, "every answer has its grade"
+
+
+def test_every_key_that_shapes_a_request_is_decided_for_a_judge(write_spec: Callable[..., Path]) -> None:
+    """A judge's job sets every request-shaping key of the spec, or names it as kept from the job (INHERITED):
+    a key added to spec.REQUEST_SHAPING_KEYS cannot reach the grades unexamined."""
+    spec = load_spec(write_spec(evaluate={"metric": {"judge": {"model": "openai/gpt-4o", "rubric": "{answer}"}}}))
+    assert spec.evaluate is not None
+    overrides = judge_overrides(spec.evaluate.judges()[0])
+    assert set(overrides) | INHERITED >= REQUEST_SHAPING_KEYS
+    assert not INHERITED & set(overrides)
