@@ -98,6 +98,14 @@ class _Run:
             self.sinks.add(done.result)
         del self.flows[key]
 
+    def keep_bills(self) -> None:
+        """The run ends with pairs unfinished (it stopped, or left them in batches for the next run): one this run
+        paid for (an answer to repair, an error to ask again) is kept pending with its bill, as a live pair is,
+        so nothing paid for drops out of the checkpoint; the next run starts it from that bill."""
+        for key, flow in list(self.flows.items()):
+            flow.stop()
+            self.if_finished(key)
+
     def if_finished(self, key: Key) -> None:
         """Keep the result of a pair whose flow has finished, and forget the flow."""
         flow = self.flows[key]
@@ -153,14 +161,23 @@ class BatchExecutor:
             for todo in batch.todo:
                 run.flows[todo.request.key] = answerer.rules.flow(todo)
                 run.if_finished(todo.request.key)  # its media cannot go in a batch (or at all): failed, unsent
+        try:
+            await self._run(run)
+        finally:
+            run.keep_bills()
+        return Execution(resumed, time.monotonic() - started)
+
+    async def _run(self, run: _Run) -> None:
+        """The pairs' flows through the Batch API: reopen what earlier runs left, collect, submit, until done."""
+        halt = run.halt
         listed = await self._listing(run)
         if listed is None:
-            return Execution(resumed, time.monotonic() - started)
+            return
         try:
             waiting = await self._reopen(run, listed)
         except ApiError as exc:  # an earlier run's batch cannot be matched or read: stop before submitting more
             halt.stop(StopReason.BATCH_API, f"{first_line(exc)}; nothing new was submitted", exc)
-            return Execution(resumed, time.monotonic() - started)
+            return
         out = {cid for opened in waiting for cid in opened.keys}  # pairs already in a batch at the API
         queued = [key for key in run.flows if custom_id(key) not in out]
         still_open: list[_Open] = []
@@ -176,7 +193,6 @@ class BatchExecutor:
                 len(self.submitted),
                 len(still_open),
             )
-        return Execution(resumed, time.monotonic() - started)
 
     async def _listing(self, run: _Run) -> list[dict[str, Any]] | None:
         """The workspace's batches, asked before anything is submitted (does this key reach the Batch API, and is

@@ -22,6 +22,7 @@ from batchrunner.errors import SpecError, TransientError
 from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
+from batchrunner.store import Store
 
 
 def rows_csv(tmp_path: Path, n: int) -> str:
@@ -339,3 +340,37 @@ async def test_image_urls_go_into_batches_as_they_are(write_spec: Callable[..., 
     assert outcome.report.summary.ok == 5 and sandbox.stats.images == 5
     urls = sorted(r["body"]["messages"][0]["content"][1]["image_url"]["url"] for r in submitted)
     assert urls == [f"https://cdn.example.com/{i}.png" for i in range(5)]
+
+
+async def test_a_batch_run_stopped_between_repairs_keeps_what_the_invalid_answers_cost(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Every answer comes back invalid and is to be repaired in a later batch, but the budget stops the run first:
+    the answers paid for are kept, each pair pending with its bill, so the checkpoint's spend is what the server
+    charged (they were dropped: a rerun's budget and `status` did not count them, nor did the run's summary)."""
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string"}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    async with Sandbox(SandboxConfig(faults={"invalid_json": 1.0})) as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 40),
+                mode="batch",
+                repair={"same_model": 3},
+                response_format={"type": "json_schema", "json_schema": {"name": "t", "strict": True, "schema": schema}},
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec, RunSettings(max_cost_usd=Decimal("0.0006")))
+    assert outcome.report.stop is not None and outcome.report.stop.reason.name == "BUDGET"
+    store = Store.open(spec.checkpoint_path(), job=spec.name)
+    try:
+        unfinished = store.unfinished([f"T-{i}" for i in range(40)])
+        assert store.spent_usd(spec.server(sandbox=False)) == sandbox.stats.charged_usd > 0
+    finally:
+        store.close()
+    assert any(status == "pending" and bill.attempts > 0 for status, bill in unfinished.values())
+    assert outcome.report.summary.cost_usd == sandbox.stats.charged_usd
