@@ -1,11 +1,14 @@
 """batchrunner: run a dataset of prompts through LLMs on OpenRouter as a batch job.
 
-The command line (`batchrunner run job.yaml`) is the main interface; this is the public
-surface for using it from Python. Everything not listed here is internal.
+The command line (`batchrunner run job.yaml`) and this Python API do the same things; the command
+line prints what these functions return (api.py says how outcomes are told). Everything not
+listed in __all__ is internal.
 
-    import asyncio
-    from batchrunner import RunSettings, SandboxConfig, load_spec, run_job
-    outcome = asyncio.run(run_job(load_spec("jobs/quickstart.yaml"), RunSettings(sandbox=SandboxConfig())))
+    import batchrunner
+    result = batchrunner.run("jobs/quickstart.yaml", sandbox=True)
+    result.frame, result.summary.cost_usd, result.stop, result.exit_code
+
+    result = await batchrunner.arun({"name": "x", "input": "in.csv", ...})  # in a notebook or async code
 """
 
 from __future__ import annotations
@@ -27,11 +30,25 @@ from batchrunner.errors import (
 )
 
 if TYPE_CHECKING:
+    from batchrunner.api import RunResult, aestimate, arun, estimate, job_spec, report, run, status
+    from batchrunner.halt import Stop, StopReason
+    from batchrunner.records import Summary
     from batchrunner.runner import Outcome, RunSettings, run_job
     from batchrunner.sandbox import Sandbox, SandboxConfig
     from batchrunner.spec import JobSpec, load_spec
 
 _LAZY = {  # imported on first use: `import batchrunner` (and the CLI's start-up) stays light
+    "RunResult": "batchrunner.api",
+    "aestimate": "batchrunner.api",
+    "arun": "batchrunner.api",
+    "estimate": "batchrunner.api",
+    "job_spec": "batchrunner.api",
+    "report": "batchrunner.api",
+    "run": "batchrunner.api",
+    "status": "batchrunner.api",
+    "Stop": "batchrunner.halt",
+    "StopReason": "batchrunner.halt",
+    "Summary": "batchrunner.records",
     "Outcome": "batchrunner.runner",
     "RunSettings": "batchrunner.runner",
     "run_job": "batchrunner.runner",
@@ -69,12 +86,23 @@ __all__ = [
     "RateLimited",
     "RequestRejected",
     "RunHalted",
+    "RunResult",
     "RunSettings",
     "Sandbox",
     "SandboxConfig",
     "SpecError",
+    "Stop",
+    "StopReason",
+    "Summary",
     "TransientError",
     "__version__",
+    "aestimate",
+    "arun",
+    "estimate",
+    "job_spec",
     "load_spec",
+    "report",
+    "run",
     "run_job",
+    "status",
 ]

@@ -32,6 +32,7 @@ class StopReason(enum.Enum):
     INPUT = "input"  # the rows still to do could not be prepared during the run (the input or the checkpoint failed)
     BATCH_API = "batch_api"  # a batch submission got no answer: the next run reconciles it
     FREE_CAP = "free_cap"  # a deferral: free models are out for the day, the others go on
+    NOT_STARTED = "not_started"  # the run could not start (another run holds the job, no network): nothing was sent
 
 
 @dataclass(frozen=True)

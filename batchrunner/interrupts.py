@@ -32,7 +32,10 @@ Listener = Callable[[signal.Signals], None]
 class Interrupts:
     """The first SIGINT or SIGTERM of a command, once it has come, and who is told of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, hard_exit: bool = True) -> None:
+        # A second signal ends the process (the CLI); without hard_exit (the Python API: a notebook's kernel, an
+        # application's process) it gives up on the requests in flight and the run returns at once instead.
+        self.hard_exit = hard_exit
         self.received: signal.Signals | None = None
         self._listeners: list[Listener] = []
         self._last_words: Callable[[], None] | None = None
@@ -57,6 +60,11 @@ class Interrupts:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         received = signal.Signals(signum)
+        if self.received is not None and not self.hard_exit:  # the second, in a process that must live on
+            os.write(2, f"{received.name} again: giving up on the requests in flight; the run returns now\n".encode())
+            if self._last_words is not None:
+                self._last_words()
+            return
         if self.received is not None:  # the second: the user wants out now
             line = (
                 f"{received.name} again: quitting at once (exit 3); the checkpoint keeps every answer it had "
@@ -74,6 +82,11 @@ class Interrupts:
         for listener in list(self._listeners):
             listener(received)
 
+    def quit(self) -> None:
+        """After a second signal's last words: exit at once (hard_exit), else nothing (the run is returning)."""
+        if self.hard_exit:
+            quit_now()
+
 
 def quit_now() -> NoReturn:
     """Exit at once (a second signal), exit 3."""
@@ -84,7 +97,7 @@ _held: Interrupts | None = None  # the Interrupts of the `caught()` block the pr
 
 
 @contextlib.contextmanager
-def caught() -> Iterator[Interrupts]:
+def caught(*, hard_exit: bool = True) -> Iterator[Interrupts]:
     """SIGINT and SIGTERM recorded for the block, the handlers before it put back after it. Reentrant: a block
     inside another shares the outer one's Interrupts. Outside the main thread nothing can be installed (and
     signals go to the main thread): the Interrupts then never receives one."""
@@ -92,7 +105,7 @@ def caught() -> Iterator[Interrupts]:
     if _held is not None:
         yield _held
         return
-    interrupts = Interrupts()
+    interrupts = Interrupts(hard_exit=hard_exit)
     previous: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
     with contextlib.suppress(ValueError):  # not the main thread
         for signum in SIGNALS:

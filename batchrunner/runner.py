@@ -133,6 +133,7 @@ class RunSettings:
     on_start: Callable[[str | None], None] | None = None  # told the sandbox's URL (or None) once connected
     credit_refresh_s: float = 5.0  # how often the key's credits are read again while the run spends them
     fresh: bool = False  # delete every stored answer first
+    hard_exit: bool = True  # a second Ctrl-C or SIGTERM ends the process (the CLI); else the run returns (the API)
     flush_s: float = COMMIT_INTERVAL_S  # how often the checkpoint commits
     breaker: Breaker | None = None  # instead of the answerer's own circuit breaker
     max_cost_usd: Decimal | None = None  # --max-cost: wins over the spec's budget_usd
@@ -195,7 +196,7 @@ async def run_job(spec: JobSpec, settings: RunSettings | None = None) -> Outcome
     """
     plan = plan_run(spec, settings if settings is not None else RunSettings())
     report: RunReport | None = None
-    with interrupts.caught() as caught, job_lock(lock_path(spec.checkpoint_path())):
+    with interrupts.caught(hard_exit=plan.settings.hard_exit) as caught, job_lock(lock_path(spec.checkpoint_path())):
         if removed := remove_leftovers(spec.output):  # a killed run's or export's; none is live while we hold the lock
             log.info("removed what a killed run left beside %s: %s", spec.output, ", ".join(removed))
         async with plan.connection:
@@ -286,7 +287,7 @@ async def execute_run(plan: Plan, terms: ServerTerms, opened: Opened, caught: in
     policy = answerer_of(plan, terms, halt, progress)
     background = _background(plan, terms, store, halt, progress)
     restore = _stop_on_signal(halt, caught)
-    caught.before_quitting(_last_words(policy, store))
+    caught.before_quitting(_last_words(policy, store, caught))
     try:
         executor = settings.executor or default_executor(spec, store, plan.connection.client, wait=settings.wait)
         work, into = _work(plan, opened, progress)
@@ -721,7 +722,7 @@ async def _unless_interrupted(work: Awaitable[T], caught: interrupts.Interrupts)
         stop_listening()
 
 
-def _last_words(policy: LiveAnswerer, store: Store) -> Callable[[], None]:
+def _last_words(policy: LiveAnswerer, store: Store, caught: interrupts.Interrupts) -> Callable[[], None]:
     """A second Ctrl-C or SIGTERM: the requests on the wire are given up on (each recorded at its worst case: it
     may have been billed) and committed, then the process exits (interrupts.py bounds how long this may take)."""
     loop = asyncio.get_running_loop()
@@ -734,7 +735,7 @@ def _last_words(policy: LiveAnswerer, store: Store) -> Callable[[], None]:
             await asyncio.wait(wire, timeout=1.0)
         with contextlib.suppress(Exception):
             store.flush()
-        interrupts.quit_now()
+        caught.quit()
 
     def last_words() -> None:  # in the signal handler: the loop may be waiting in select
         loop.call_soon_threadsafe(lambda: loop.create_task(record_and_quit()))

@@ -7,11 +7,12 @@ so the CLI can refuse the job (exit 2) before a single request is sent.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
@@ -716,7 +717,34 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None, send
             Problem(str(path), "a job spec is a YAML mapping of keys such as name, input, output, models, prompt")
         )
 
-    folder = path.parent
+    return _resolved(data, root, str(path), path.parent, overrides=overrides, sending=sending)
+
+
+def spec_from_mapping(
+    data: Mapping[str, Any],
+    *,
+    folder: str | Path = ".",
+    overrides: dict[str, Any] | None = None,
+    sending: bool = True,
+) -> JobSpec:
+    """A job spec given as a dict (the Python API), checked exactly as a file is; its relative paths resolve
+    against `folder` (the current directory by default). Problems are named `job: <field>`."""
+    if not isinstance(data, Mapping):
+        raise SpecError(Problem("job", "a job spec is a mapping of keys such as name, input, output, models, prompt"))
+    return _resolved(copy.deepcopy(dict(data)), None, "job", Path(folder), overrides=overrides, sending=sending)
+
+
+def _resolved(
+    data: dict[str, Any],
+    root: yaml.Node | None,
+    label: str,
+    folder: Path,
+    *,
+    overrides: dict[str, Any] | None,
+    sending: bool,
+) -> JobSpec:
+    """Validate a spec's data (paths resolved against `folder`, `overrides` applied) into a JobSpec; every
+    problem named by `label` and, when `root` (its YAML) is known, the line."""
     for key in ("input", "output", "checkpoint"):
         if isinstance(data.get(key), str):
             data[key] = os.path.normpath(folder / data[key])
@@ -730,7 +758,7 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None, send
     def where(loc: tuple[str | int, ...]) -> str:
         line = _line_of(root, loc)
         field = _dotted(loc)
-        return f"{path}:{line}: {field}" if line else f"{path}: {field}"
+        return f"{label}:{line}: {field}" if line else f"{label}: {field}"
 
     try:
         spec = JobSpec.model_validate(data)

@@ -1,0 +1,254 @@
+"""The Python API: what the command line does, as functions that return values.
+
+    import batchrunner
+    result = batchrunner.run("jobs/quickstart.yaml", sandbox=True, limit=20)
+    result.frame            # the output, as a polars DataFrame
+    result.summary.cost_usd # exact, in Decimal
+    result.stop             # None, or why the run stopped early (halt.Stop: a reason and a sentence)
+
+A job is a spec file, a dict with the same keys (its relative paths resolve against the current
+directory), or a JobSpec. The keywords are the command line's options.
+
+One rule for outcomes, the command line's exit codes as values: a job that cannot start (exit 2:
+a bad spec, input or option) raises SpecError, from the one error tree (errors.py); a run that
+stopped early for a reason to act on or wait out (exit 3: budget, credits, the daily cap, an
+interrupt, the server gone, another run holding the job) returns, its `stop` saying why; failed rows
+are rows (exit 1 when there are any). `result.exit_code` is the code the command line exits with.
+
+`arun` is `run` as a coroutine, for code that already has an event loop (a notebook: Jupyter runs
+one, where asyncio.run fails; an async pipeline). `run` works there too, and off the main thread:
+it then runs the job on a thread of its own. Ctrl-C stops a run cleanly as on the command line (on
+the main thread, where Python lets a handler be installed); a second one gives up on the requests
+in flight and returns, rather than ending the process as the command line does.
+
+The command line is a thin layer over these functions (cli.py): it prints what they return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import os
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from batchrunner.errors import Problem, RunHalted, SpecError
+from batchrunner.halt import Stop, StopReason
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from batchrunner.records import Summary
+    from batchrunner.report import Report
+    from batchrunner.runner import Outcome
+    from batchrunner.spec import JobSpec
+
+    JobLike = str | os.PathLike[str] | Mapping[str, Any] | JobSpec  # a spec file, its keys as a dict, or a JobSpec
+
+T = TypeVar("T")
+EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3  # the command line's exit codes
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How one run ended: the output, the summary, and why it stopped early if it did."""
+
+    spec: JobSpec
+    output_path: Path
+    output_rows: int | None  # None: the output could not be written (the checkpoint has every answer)
+    summary: Summary  # this run's answers: counts, tokens, exact cost, per requested model
+    stop: Stop | None  # why the run stopped early (or deferred rows, for free models' daily cap); None: it did not
+    pending: int  # pairs still to answer: a rerun continues with them
+    resumed: int  # pairs earlier runs had answered, not sent again
+    wall_s: float
+    unsaved: int = 0  # answers the checkpoint could not take (a full disk): in its spill file for the next run
+    grading: Summary | None = None  # what grading the answers with a judge cost, apart from the answers
+    batch_saved_usd: Decimal | None = None  # batch mode: the discount against the same answers at live prices
+    sandbox_url: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every pair answered (or failed), the output written: nothing left for a rerun."""
+        return self.exit_code in (EXIT_OK, EXIT_SOME_FAILED)
+
+    @property
+    def exit_code(self) -> int:
+        """The command line's exit code for this run: 3 stopped early (or its output or checkpoint not
+        written), else 1 if some rows failed, else 0."""
+        if self.stop is not None or self.output_rows is None or self.unsaved:
+            return EXIT_STOPPED
+        return EXIT_SOME_FAILED if self.summary.failed else EXIT_OK
+
+    @functools.cached_property
+    def frame(self) -> pl.DataFrame | None:
+        """The output file, read back (Parquet as written; CSV and JSONL with polars' type inference); None
+        when it could not be written."""
+        if self.output_rows is None:
+            return None
+        import polars as pl
+
+        suffix = self.output_path.suffix.lower()
+        if suffix == ".parquet":
+            return pl.read_parquet(self.output_path)
+        if suffix == ".csv":
+            return pl.read_csv(self.output_path)
+        return pl.read_ndjson(self.output_path)
+
+
+def job_spec(
+    job: JobLike,
+    *,
+    input: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    concurrency: int | None = None,
+    mode: str | None = None,
+    sending: bool = True,
+) -> JobSpec:
+    """A JobSpec from a spec file, a dict or a JobSpec, with the command line's overrides applied; SpecError
+    naming every problem."""
+    from batchrunner.spec import JobSpec, load_spec, spec_from_mapping
+
+    overrides = {
+        key: str(value) if isinstance(value, os.PathLike) else value
+        for key, value in {"input": input, "output": output, "concurrency": concurrency, "mode": mode}.items()
+        if value is not None
+    }
+    if isinstance(job, JobSpec):
+        return job.model_copy(update=overrides) if overrides else job
+    if isinstance(job, Mapping):
+        return spec_from_mapping(job, overrides=overrides, sending=sending)
+    if isinstance(job, str | os.PathLike):
+        return load_spec(Path(job), overrides=overrides, sending=sending)
+    raise SpecError(Problem("job", f"a job is a spec file's path, a dict or a JobSpec, not {type(job).__name__}"))
+
+
+async def arun(
+    job: JobLike,
+    *,
+    sandbox: bool = False,
+    limit: int | None = None,
+    max_cost: Decimal | float | str | None = None,
+    fresh: bool = False,
+    wait: bool = True,
+    input: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    concurrency: int | None = None,
+    mode: str | None = None,
+    progress: bool = False,
+    hard_exit: bool = False,
+) -> RunResult:
+    """Run a job (see the module's docstring); `progress` shows the progress bar (on a terminal) or log lines.
+
+    `max_cost` caps this run's spend in USD (the command line's --max-cost); `fresh` deletes every stored answer
+    first; `wait=False` is batch mode's --no-wait."""
+    from batchrunner.runner import RunSettings, run_job
+    from batchrunner.sandbox import SandboxConfig
+
+    spec = job_spec(job, input=input, output=output, concurrency=concurrency, mode=mode)
+    settings = RunSettings(
+        limit=limit,
+        sandbox=SandboxConfig() if sandbox else None,
+        progress_factory=_progress() if progress else None,
+        fresh=fresh,
+        max_cost_usd=_usd(max_cost),
+        wait=wait,
+        hard_exit=hard_exit,
+    )
+    try:
+        outcome = await run_job(spec, settings)
+    except RunHalted as halted:  # it could not start, for a passing reason: another run holds the job, no network
+        return RunResult(spec, spec.output, None, _empty_summary(), Stop(StopReason.NOT_STARTED, str(halted)), 0, 0, 0)
+    return _result(spec, outcome)
+
+
+def run(job: JobLike, **options: Any) -> RunResult:
+    """`arun`, waited for: from plain code, from inside a running event loop, and off the main thread."""
+    return _blocking(arun(job, **options))
+
+
+async def aestimate(job: JobLike, *, limit: int | None = None, sandbox: bool = False) -> dict[str, Any]:
+    """What the rows still to do should cost and take, sending no completion (`batchrunner estimate --json`)."""
+    from batchrunner.queries import estimate_job
+    from batchrunner.sandbox import SandboxConfig
+
+    return await estimate_job(job_spec(job), limit=limit, sandbox=SandboxConfig() if sandbox else None)
+
+
+def estimate(job: JobLike, *, limit: int | None = None, sandbox: bool = False) -> dict[str, Any]:
+    """`aestimate`, waited for."""
+    return _blocking(aestimate(job, limit=limit, sandbox=sandbox))
+
+
+def status(job: JobLike, *, sandbox: bool = False) -> dict[str, Any]:
+    """What the job's checkpoint holds (`batchrunner status --json`); reads files only, sends nothing."""
+    from batchrunner.offline import job_status
+
+    return job_status(job_spec(job, sending=False), sandbox=sandbox)
+
+
+def report(job: JobLike, *, sandbox: bool = False) -> Report:
+    """The evaluation report of an `evaluate:` job from its checkpoint: per model, scores with intervals, cost and
+    latency, and paired comparisons (`batchrunner report`); sends nothing."""
+    from batchrunner.offline import evaluation
+
+    return evaluation(job_spec(job, sending=False), sandbox=sandbox)
+
+
+# -- internals ------------------------------------------------------------------------------------
+
+
+def _result(spec: JobSpec, outcome: Outcome) -> RunResult:
+    report = outcome.report
+    return RunResult(
+        spec=spec,
+        output_path=outcome.output_path,
+        output_rows=outcome.output_rows,
+        summary=report.summary,
+        stop=report.stop,
+        pending=report.pending,
+        resumed=report.resumed,
+        wall_s=report.wall_s,
+        unsaved=outcome.unsaved,
+        grading=report.judging,
+        batch_saved_usd=report.batch_saved_usd,
+        sandbox_url=outcome.sandbox_url,
+    )
+
+
+def _empty_summary() -> Summary:
+    from batchrunner.records import Summary
+
+    return Summary()
+
+
+def _usd(amount: Decimal | float | str | None) -> Decimal | None:
+    """A money amount as the exact Decimal it was written as (a float through its shortest repr)."""
+    if amount is None:
+        return None
+    from batchrunner.costs import to_decimal
+
+    value = to_decimal(amount)
+    if value is None or value < 0:
+        raise SpecError(Problem("max_cost", f"{amount!r} is not an amount of USD; give a number such as 2.50"))
+    return value
+
+
+def _progress() -> Any:
+    from batchrunner.progress import Progress
+
+    return Progress
+
+
+def _blocking(work: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to its end from synchronous code: with asyncio.run when no event loop runs in this
+    thread, else (a notebook, an async application) on a thread of its own, whose loop it gets."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(work)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchrunner") as pool:
+        return pool.submit(asyncio.run, work).result()
