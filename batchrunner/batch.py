@@ -484,7 +484,11 @@ class BatchExecutor:
             if waiting and not run.halt.stopping:
                 states_seen = ", ".join(f"{o.batch_id} {o.progress}" for o in waiting)
                 log.info("waiting for %d batches (%s); next look in %.0f s", len(waiting), states_seen, delay)
-                await asyncio.sleep(delay)
+                stopped = asyncio.ensure_future(run.halt.wait())  # a stop ends the wait between looks at once
+                try:
+                    await asyncio.wait({stopped}, timeout=delay)
+                finally:
+                    stopped.cancel()
                 delay = min(self.max_poll_s, delay * 2)
         return again
 

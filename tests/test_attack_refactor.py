@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import pytest
 
 from batchrunner.runner import run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -52,3 +56,42 @@ async def test_a_fallback_run_live_keeps_its_batch_bill_and_its_place_in_the_cha
     assert output["attempts"].to_list() == [2] * 3
     assert sum(output["cost_usd"].to_list()) == sandbox.stats.charged_usd > 0
     assert outcome.report.summary.cost_usd == sandbox.stats.charged_usd
+
+
+async def test_a_stop_while_batches_are_polled_ends_the_run_at_once(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop (Ctrl-C) while the run waits between looks at its batches ends the wait at once: it slept out the
+    whole poll interval (up to max_poll_s, 5 minutes) before stopping."""
+    from batchrunner.batch import BatchExecutor
+    from batchrunner.halt import StopReason
+
+    look = BatchExecutor._look
+
+    async def look_then_stop(self: BatchExecutor, opened: Any) -> Any:
+        batch = await look(self, opened)
+        asyncio.get_running_loop().call_later(0.2, halts[0].stop, StopReason.INTERRUPTED, "Ctrl-C")
+        return batch
+
+    execute = BatchExecutor.execute
+    halts: list[Any] = []
+
+    async def keeping_halt(self: BatchExecutor, work: Any, answerer: Any, sinks: Any, halt: Any) -> Any:
+        halts.append(halt)
+        return await execute(self, work, answerer, sinks, halt)
+
+    monkeypatch.setattr(BatchExecutor, "_look", look_then_stop)
+    monkeypatch.setattr(BatchExecutor, "execute", keeping_halt)
+    async with Sandbox(SandboxConfig(batch_turnaround_s=3600)) as sandbox:
+        spec = load_spec(
+            write_spec(
+                input=rows_csv(tmp_path, 3),
+                mode="batch",
+                batch={"poll_s": 60, "max_poll_s": 60},
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        started = time.monotonic()
+        outcome = await asyncio.wait_for(run_job(spec), 30)
+    assert outcome.report.stop is not None
+    assert time.monotonic() - started < 10, "the stop waited out the poll interval"
