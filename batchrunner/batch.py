@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -33,8 +33,8 @@ from batchrunner.errors import ApiError, Problem, RequestRejected, SpecError, Tr
 from batchrunner.executor import Answerer, Execution, Executor, count_resumed
 from batchrunner.flow import Ask, Done, RowFlow, Verdict, Wait
 from batchrunner.halt import Halt, StopReason
-from batchrunner.pending import Batch
-from batchrunner.records import ResultSink
+from batchrunner.pending import Batch, Todo
+from batchrunner.records import ResultSink, RowResult
 from batchrunner.store import Store
 
 log = logging.getLogger("batchrunner")
@@ -128,6 +128,26 @@ class _Run:
             self.halt.stop(verdict.halting.reason, verdict.halting.message, verdict.halting.error)
         self.if_finished(key)
         return verdict
+
+
+class _Continuing:
+    """The run's answerer for the pairs a batch hands to the live executor (fallback_to_realtime): each continues
+    its flow, with what its batches were billed and the model of the chain it had come to."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.answerer = run.answerer
+        self.rules = run.answerer.rules
+        self.sending = run.answerer.sending
+
+    def answer(self, todo: Todo, flow: RowFlow | None = None) -> Awaitable[RowResult | None]:
+        return self.answerer.answer(todo, self.run.flows.pop(todo.request.key, flow))
+
+    async def reserve(self, worst_usd: Decimal) -> bool:
+        return await self.answerer.reserve(worst_usd)
+
+    def settle(self, reserved_usd: Decimal, actual_usd: Decimal) -> None:
+        self.answerer.settle(reserved_usd, actual_usd)
 
 
 class BatchExecutor:
@@ -238,8 +258,8 @@ class BatchExecutor:
                     later += rest
                     live += refused
             if live and not halt.stopping and self.realtime is not None:
-                todos = [run.flows.pop(key).todo for key in live if key in run.flows]
-                await self.realtime.execute([Batch(todos, rows=len(todos))], run.answerer, run.sinks, halt)
+                todos = [run.flows[key].todo for key in live if key in run.flows]
+                await self.realtime.execute([Batch(todos, rows=len(todos))], _Continuing(run), run.sinks, halt)
             if later and not self.wait and still_open:  # the budget is held by batches still running at the API
                 log.info(
                     "%d pairs wait for budget held by %d batches still running; a later run submits them",
@@ -464,7 +484,11 @@ class BatchExecutor:
             if waiting and not run.halt.stopping:
                 states_seen = ", ".join(f"{o.batch_id} {o.progress}" for o in waiting)
                 log.info("waiting for %d batches (%s); next look in %.0f s", len(waiting), states_seen, delay)
-                await asyncio.sleep(delay)
+                stopped = asyncio.ensure_future(run.halt.wait())  # a stop ends the wait between looks at once
+                try:
+                    await asyncio.wait({stopped}, timeout=delay)
+                finally:
+                    stopped.cancel()
                 delay = min(self.max_poll_s, delay * 2)
         return again
 

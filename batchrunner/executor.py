@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
-from batchrunner.flow import Rules
+from batchrunner.flow import RowFlow, Rules
 from batchrunner.halt import Halt
 from batchrunner.pending import Batch, Todo
 from batchrunner.records import ResultSink, RowResult
@@ -30,7 +30,9 @@ class Answerer(Protocol):
     # The tasks whose request is on the wire now: once a run stops, only they get the grace period.
     sending: set[asyncio.Task[Any]]
 
-    def answer(self, todo: Todo) -> Awaitable[RowResult | None]: ...
+    def answer(self, todo: Todo, flow: RowFlow | None = None) -> Awaitable[RowResult | None]:
+        """The pair answered live: a new flow, or `flow`, one another executor started (its bill, its model)."""
+        ...
 
     async def reserve(self, worst_usd: Decimal) -> bool:
         """Reserve against the budget, waiting for settlements; False when the run stopped instead."""

@@ -113,9 +113,10 @@ class LiveAnswerer:
 
     # -- one pair ---------------------------------------------------------------------------
 
-    async def answer(self, todo: Todo) -> RowResult | None:
-        """The pair's result; None leaves it pending without a record (nothing was paid for it)."""
-        flow = self.rules.flow(todo)
+    async def answer(self, todo: Todo, flow: RowFlow | None = None) -> RowResult | None:
+        """The pair's result; None leaves it pending without a record (nothing was paid for it). `flow` continues
+        one another executor started (a batch's pair run live: its bill and its place in the chain kept)."""
+        flow = flow or self.rules.flow(todo)
         try:
             while not isinstance(action := flow.next(), Done):
                 if self.halt.stopping:
