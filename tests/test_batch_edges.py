@@ -1,4 +1,4 @@
-"""Edges of the row-flow refactor found by a hostile review: each test failed before its fix."""
+"""Edges of the Batch API executor found by a hostile review of the row flow: each test failed before its fix."""
 
 from __future__ import annotations
 
