@@ -42,8 +42,8 @@ from batchrunner.halt import Stop, StopReason
 if TYPE_CHECKING:
     import polars as pl
 
+    from batchrunner.evaluation import Report
     from batchrunner.records import Summary
-    from batchrunner.report import Report
     from batchrunner.runner import Outcome
     from batchrunner.spec import JobSpec
 

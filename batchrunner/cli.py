@@ -220,8 +220,8 @@ def _say_outcome(spec: JobSpec, outcome: Outcome, *, sandbox: bool) -> None:
             f"  grading: {grading.ok} grades, {grading.failed} failed, cost {format_cost(grading.cost_usd, grading.unpriced)}"
         )
     if spec.evaluate is not None and outcome.output_rows is not None:
+        from batchrunner.evaluation import score_text
         from batchrunner.offline import evaluation
-        from batchrunner.report import score_text
 
         with _exit_codes():
             for model in evaluation(spec, sandbox=sandbox).models:
@@ -493,8 +493,8 @@ def cancel(job: Path, sandbox: bool) -> None:
 @_stoppable
 def score(job: Path, sandbox: bool) -> None:
     """Score JOB's answers again (after editing its `evaluate:` block) and rewrite the output. Sends nothing."""
+    from batchrunner.evaluation import score_text
     from batchrunner.offline import evaluation, export_job
-    from batchrunner.report import score_text
     from batchrunner.spec import load_spec
 
     logs.configure()
@@ -535,8 +535,8 @@ def report(job: Path, fmt: str, out_path: Path | None, by: str | None, sandbox: 
 
     Sends nothing. HTML to look at (charts and a row explorer, one file that opens anywhere),
     markdown for CI logs and pull requests, JSON for scripts."""
+    from batchrunner.evaluation import to_markdown
     from batchrunner.offline import evaluation, report_html
-    from batchrunner.report import to_markdown
     from batchrunner.spec import load_spec
 
     logs.configure()

@@ -19,11 +19,11 @@ from batchrunner import interrupts
 from batchrunner.costs import ZERO_USD
 from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import Problem, RunHalted, SpecError
+from batchrunner.evaluation import Report, build, gather
 from batchrunner.lock import job_lock, lock_path
 from batchrunner.output import export, remove_leftovers, results, rows_in, score_columns
 from batchrunner.pending import pending
 from batchrunner.preflight import prepare
-from batchrunner.report import Report, build, gather
 from batchrunner.report_html import render
 from batchrunner.request import RequestBuilder
 from batchrunner.rerun import job_state, last_run

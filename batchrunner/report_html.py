@@ -17,7 +17,7 @@ from typing import Any
 
 import polars as pl
 
-from batchrunner.report import ModelFigures, Report, score_text
+from batchrunner.evaluation import ModelFigures, Report, score_text
 
 MAX_ROWS = 5000
 ANSWER_CHARS = 160

@@ -51,3 +51,16 @@ def test_every_public_error_is_in_the_one_tree() -> None:
         if name.endswith(("Error", "Reached", "Halted", "Limited", "Rejected"))
     ]
     assert errors and all(issubclass(error, BatchrunnerError) for error in errors)
+
+
+def test_no_submodule_shadows_a_public_name() -> None:
+    """Once every module of the package is imported, each public name is still what __all__ promises, never a
+    submodule of the same name (`batchrunner.report` was the module report.py, not the function)."""
+    import importlib
+    import pkgutil
+    import types
+
+    for module in pkgutil.walk_packages(batchrunner.__path__, "batchrunner."):
+        if module.name != "batchrunner.__main__":
+            importlib.import_module(module.name)
+    assert [name for name in batchrunner.__all__ if isinstance(getattr(batchrunner, name), types.ModuleType)] == []

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchrunner.cli import main
-from batchrunner.report import build, mcnemar_p, mean_interval, to_markdown, wilson
+from batchrunner.evaluation import build, mcnemar_p, mean_interval, to_markdown, wilson
 
 REPO = Path(__file__).resolve().parent.parent
 
