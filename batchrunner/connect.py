@@ -44,7 +44,7 @@ class Connection:
             spec.server(sandbox=sandbox is not None) if spec else (SANDBOX_SERVER if sandbox is not None else "")
         )
         self._timeout_s = timeout_s or (spec.timeout_s if spec else 60.0)
-        self._max_connections = max_connections or (spec.concurrency if spec else 16)
+        self._max_connections = max_connections or (spec.most_in_flight if spec else 16)
         self.sandbox: Sandbox | None = None
         self._client: Client | None = None
 

@@ -21,8 +21,9 @@ from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
 from batchrunner.accounts import Accounts, Pricer
+from batchrunner.adaptive import Aimd
 from batchrunner.breaker import Breaker, ServerWatch
-from batchrunner.client import Client
+from batchrunner.client import Client, Completion
 from batchrunner.costs import ZERO_USD, Budget, PriceTable
 from batchrunner.errors import ApiError, BatchrunnerError, FreeModelCapReached, MediaProblem, first_line
 from batchrunner.executor import Execution, count_resumed
@@ -38,6 +39,7 @@ from batchrunner.spec import JobSpec
 log = logging.getLogger("batchrunner")
 _T = TypeVar("_T")
 UNREACHABLE = "unreachable"  # the client's code for a request that never reached the server
+OVERLOADED = (429, 503)  # what a server sheds load with: concurrency: auto halves its limit
 
 
 class _Stopped(Exception):
@@ -53,6 +55,32 @@ class Settlements:
     def notify(self) -> None:
         self.event.set()
         self.event = asyncio.Event()
+
+
+class InFlight:
+    """The requests on the wire, held to an adaptive limit (`concurrency: auto`, adaptive.Aimd): a request waits
+    for a place before it is sent, and tells how it went when it is back."""
+
+    def __init__(self, aimd: Aimd) -> None:
+        self.aimd = aimd
+        self.sending = 0
+        self._changed = asyncio.Event()
+
+    async def enter(self) -> None:
+        while self.sending >= self.aimd.allowed:
+            changed = self._changed
+            await changed.wait()
+        self.sending += 1
+
+    def leave(self, *, latency_s: float | None = None, overloaded: bool = False) -> None:
+        """A request is back: an answer's latency, or an overload (429, 503), teaches the limit."""
+        self.sending -= 1
+        if overloaded:
+            self.aimd.overloaded()
+        elif latency_s is not None:
+            self.aimd.answered(latency_s)
+        self._changed.set()
+        self._changed = asyncio.Event()
 
 
 class LiveAnswerer:
@@ -75,6 +103,7 @@ class LiveAnswerer:
         byok_fee: bool = False,
         accounts: Accounts | None = None,
         settlements: Settlements | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
         requests = requests or RequestBuilder(spec)
         settings = spec.retry
@@ -88,6 +117,7 @@ class LiveAnswerer:
         self.server = server or ServerWatch(give_up_s=spec.unreachable_timeout_s)
         self.on_wait = on_wait  # +1 when a pair starts waiting to retry, -1 when it stops (progress)
         self.sending: set[asyncio.Task[Any]] = set()  # the tasks whose request is on the wire (a stop's grace)
+        self.in_flight = in_flight  # concurrency: auto
         self.settlements = settlements or Settlements()
         if settlements is None:
             halt.on_stop(self.settlements.notify)  # wake pairs waiting for budget
@@ -107,6 +137,7 @@ class LiveAnswerer:
             on_wait=self.on_wait,
             accounts=self.accounts,
             settlements=self.settlements,
+            in_flight=self.in_flight,
         )
         sibling.sending = self.sending
         return sibling
@@ -176,6 +207,8 @@ class LiveAnswerer:
             await self._slot(ask.model)
             if self.halt.stopping:  # the slot came after the stop: nothing goes out now
                 raise _Stopped
+            if self.in_flight is not None:  # concurrency: auto, a place among the requests on the wire
+                await self._unless_stopped(self.in_flight.enter())
         except BaseException:
             self._settle(reserved, ZERO_USD)
             raise
@@ -185,10 +218,7 @@ class LiveAnswerer:
             if task is not None:
                 self.sending.add(task)
             try:
-                if self.rules.spec.endpoint == "completions":
-                    completion = await self.client.text_completion(ask.body, timeout_s=timeout_s)
-                else:
-                    completion = await self.client.chat(ask.body, timeout_s=timeout_s)
+                completion = await self._request(ask.body, timeout_s)
             finally:
                 self.sending.discard(task)
         except ApiError as exc:
@@ -215,6 +245,23 @@ class LiveAnswerer:
         verdict = flow.answered(completion)
         self._settle(reserved, verdict.cost_usd)
         return verdict
+
+    async def _request(self, body: dict[str, Any], timeout_s: float) -> Completion:
+        """The request on the wire; with `concurrency: auto`, its place given back with what it teaches."""
+        chat = self.rules.spec.endpoint != "completions"
+        in_flight = self.in_flight
+        if in_flight is None:
+            return await (self.client.chat if chat else self.client.text_completion)(body, timeout_s=timeout_s)
+        try:
+            completion = await (self.client.chat if chat else self.client.text_completion)(body, timeout_s=timeout_s)
+        except ApiError as exc:
+            in_flight.leave(overloaded=exc.status in OVERLOADED)
+            raise
+        except BaseException:
+            in_flight.leave()
+            raise
+        in_flight.leave(latency_s=completion.latency_s)
+        return completion
 
     async def _slot(self, model: str) -> None:
         """The rate limit's next slot. A free model's can be minutes away (the stop ends that wait); any other's

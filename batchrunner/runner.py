@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from batchrunner import interrupts
+from batchrunner.adaptive import Aimd
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.connect import Connection
@@ -54,7 +55,7 @@ from batchrunner.judging import items as judge_items
 from batchrunner.judging import judge_spec
 from batchrunner.keylog import KeyLog
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
-from batchrunner.live import LiveAnswerer, LiveExecutor
+from batchrunner.live import InFlight, LiveAnswerer, LiveExecutor
 from batchrunner.lock import job_lock, lock_path
 from batchrunner.output import export, extend, remove_leftovers, summary_path
 from batchrunner.output import results as results_of
@@ -90,6 +91,7 @@ class RunReport:
     results: list[RowResult] = field(default_factory=list)  # only with keep_results
     judging: Summary | None = None  # the judge metrics' grades, when the job has any
     batch_saved_usd: Decimal | None = None  # batch mode: the discount against live prices
+    concurrency: tuple[int, int] | None = None  # concurrency: auto, the limit it ended at and the most it reached
 
     @property
     def pending(self) -> int:
@@ -305,7 +307,12 @@ async def execute_run(plan: Plan, terms: ServerTerms, opened: Opened, caught: in
     report.judging = judged
     if spec.mode == "batch":
         report.batch_saved_usd = policy.accounts.saved_usd
-    concurrency_hint(spec, report, terms.limits.pacer.rate_rps)
+    if policy.in_flight is not None:
+        aimd = policy.in_flight.aimd
+        report.concurrency = (aimd.allowed, aimd.reached)
+        log.info("concurrency: auto ended at %d in flight (the most it reached: %d)", aimd.allowed, aimd.reached)
+    else:
+        concurrency_hint(spec, report, terms.limits.pacer.rate_rps)
     return report
 
 
@@ -325,13 +332,14 @@ def answerer_of(plan: Plan, terms: ServerTerms, halt: Halt, progress: Progress |
         on_wait=progress.retry if progress is not None else None,
         # OpenRouter may answer through the user's own provider keys (BYOK), adding its fee to their bill
         byok_fee=client.openrouter or (sandbox is not None and sandbox.byok),
+        in_flight=InFlight(Aimd(plan.spec.max_concurrency)) if plan.spec.adaptive else None,
     )
 
 
 def default_executor(spec: JobSpec, store: Store, client: Client, *, wait: bool) -> Executor:
     """The live worker pool, or in batch mode the Batch API (with the pool for what falls back to it)."""
     if spec.mode != "batch":
-        return LiveExecutor(spec.concurrency, grace_s=grace_s(spec))
+        return LiveExecutor(spec.most_in_flight, grace_s=grace_s(spec))
     from batchrunner.batch import BatchExecutor  # batch mode's machinery, when it is asked for
 
     return BatchExecutor(
@@ -340,7 +348,7 @@ def default_executor(spec: JobSpec, store: Store, client: Client, *, wait: bool)
         poll_s=spec.batch.poll_s,
         max_poll_s=spec.batch.max_poll_s,
         wait=wait,
-        realtime=LiveExecutor(spec.concurrency) if spec.batch.fallback_to_realtime else None,
+        realtime=LiveExecutor(spec.most_in_flight) if spec.batch.fallback_to_realtime else None,
     )
 
 
@@ -451,6 +459,8 @@ def summary_json(report: RunReport) -> dict[str, Any]:
         found["batch_saved_usd"] = str(report.batch_saved_usd)
     if report.judging is not None:
         found["grading"] = report.judging.to_json(wall_s=report.wall_s, pending=0, resumed=0, stopped=None)
+    if report.concurrency is not None:
+        found["concurrency"] = {"ended_at": report.concurrency[0], "most": report.concurrency[1]}
     return found
 
 
@@ -478,7 +488,7 @@ async def judge(
         answers = judge_items(spec, results_of(dataset, requests, store, row_index=True, keys=keys), dataset.columns)
         log.info("judging %d answers with %s", answers.rows, judged.models[0])
         grader = policy.sibling(judged, graders)
-        await (executor or LiveExecutor(spec.concurrency)).execute(
+        await (executor or LiveExecutor(spec.most_in_flight)).execute(
             pending(answers, graders, store), grader, Sinks(judging, store), policy.halt
         )
     return judging
@@ -488,16 +498,16 @@ def concurrency_hint(spec: JobSpec, report: RunReport, pace_rps: float) -> None:
     """Say so when `concurrency` and not the rate limit held the run back: by Little's law,
     requests in flight / latency is the most a run can do."""
     latencies = sorted(s for stats in report.summary.by_model.values() for s in stats.latencies_s)
-    if report.summary.done < 4 * spec.concurrency or not latencies or report.wall_s <= 0 or math.isinf(pace_rps):
+    if report.summary.done < 4 * spec.most_in_flight or not latencies or report.wall_s <= 0 or math.isinf(pace_rps):
         return
     latency_s = latencies[len(latencies) // 2]
-    ceiling_rps = spec.concurrency / latency_s if latency_s > 0 else float("inf")
+    ceiling_rps = spec.most_in_flight / latency_s if latency_s > 0 else float("inf")
     if ceiling_rps < 0.5 * pace_rps:
         wanted = min(4096, int(pace_rps * latency_s * 1.2) + 1)
         log.info(
             "concurrency %d held the run to about %.0f requests/s (answers take %.1f s); the rate limit allows %.0f/s: "
             "concurrency: %d would use it",
-            spec.concurrency,
+            spec.most_in_flight,
             ceiling_rps,
             latency_s,
             pace_rps,
@@ -668,9 +678,11 @@ async def plan_limits(
         else:
             rps, why = rate_from_key(key_info)
     if math.isinf(rps):
-        log.info("rate limit: none (%s); only concurrency limits the run: at most %d in flight", why, spec.concurrency)
+        log.info(
+            "rate limit: none (%s); only concurrency limits the run: at most %d in flight", why, spec.most_in_flight
+        )
     else:
-        log.info("rate limit: %g requests/s (%s); at most %d in flight", rps, why, spec.concurrency)
+        log.info("rate limit: %g requests/s (%s); at most %d in flight", rps, why, spec.most_in_flight)
     usage = (
         FreeUsage.load(state_dir(), api_key)
         if any(m.endswith(":free") for m in [*spec.models, *spec.fallbacks])

@@ -68,6 +68,7 @@ BODY_KEYS = ("provider", "response_format")  # sent in a request's body under th
 RUN_ONLY_KEYS = frozenset(
     {
         "concurrency",
+        "max_concurrency",
         "timeout_s",
         "unreachable_timeout_s",
         "rate_limit",
@@ -392,7 +393,8 @@ class JobSpec(_Strict):
     params: dict[str, Any] = {}
     provider: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    concurrency: Annotated[int, Field(ge=1, le=4096)] = 16
+    concurrency: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = 16
+    max_concurrency: Annotated[int, Field(ge=1, le=4096)] = 64  # the ceiling of `concurrency: auto`
     endpoint: Literal["chat", "completions"] = "chat"
     timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0  # per request; doubled for :free
     unreachable_timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = (
@@ -560,6 +562,16 @@ class JobSpec(_Strict):
         """Where `field` is written: "job.yaml:7: prompt", or the field alone for a spec built in code."""
         return self._locate(field) if self._locate is not None else field
 
+    @property
+    def adaptive(self) -> bool:
+        """`concurrency: auto`: the requests in flight are learned from the server's answers (adaptive.py)."""
+        return self.concurrency == "auto"
+
+    @property
+    def most_in_flight(self) -> int:
+        """The most requests in flight: `concurrency`, or with `auto` its ceiling, `max_concurrency`."""
+        return self.max_concurrency if self.concurrency == "auto" else self.concurrency
+
     def model_chain(self, model: str) -> list[str]:
         """The models a row requested for `model` may be answered by, in order."""
         return [model, *(f for f in self.fallbacks if f != model)]
@@ -623,7 +635,8 @@ FIELD_HELP = {  # each top-level key's description in the JSON Schema (`batchrun
     "params": "Request parameters: any of OpenRouter's ChatRequest fields (temperature, max_tokens, seed, tools, stream, ...).",
     "provider": "OpenRouter provider routing (order, only, ignore, sort, require_parameters, max_price, ...).",
     "response_format": "Structured answers: {type: json_schema, json_schema: {name, strict, schema}} or {type: json_object}.",
-    "concurrency": "Most requests in flight.",
+    "concurrency": "Most requests in flight; `auto` finds it (for servers that publish no limit), up to max_concurrency.",
+    "max_concurrency": "The most requests in flight `concurrency: auto` may reach (default 64).",
     "endpoint": "chat (default) or completions (then `prompt` is the raw prompt).",
     "timeout_s": "Seconds a request may take (for streams: may stay silent); doubled for :free models.",
     "unreachable_timeout_s": "Stop the run when the server has refused every connection this long.",

@@ -201,13 +201,13 @@ async def run_pairs(
     halt = halt or Halt()
     summary, results = Summary(), KeptResults()
 
-    async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.concurrency) as client:
+    async with Client(sandbox.base_url, api_key=api_key, max_connections=spec.most_in_flight) as client:
         policy = LiveAnswerer(
             spec, client, halt, retry=retry or RetryPolicy.immediate(), breaker=breaker, pricing=pricing
         )
         sinks = Sinks(summary, *([store] if store is not None else []), results)
         work = pending(dataset, RequestBuilder(spec), store, limit=limit)
-        execution = await (executor or LiveExecutor(spec.concurrency, grace_s=grace_s)).execute(
+        execution = await (executor or LiveExecutor(spec.most_in_flight, grace_s=grace_s)).execute(
             work, policy, sinks, halt
         )
     rows = dataset.rows if limit is None else min(limit, dataset.rows)

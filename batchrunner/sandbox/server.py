@@ -72,6 +72,9 @@ class SandboxConfig:
     batch_fail_message: str | None = None  # batches submitted fail validation after their 202, with this message
     batch_list_page_size: int = 20  # GET /batches' page when it asks no limit
     batch_clock: Callable[[], float] = time.time  # the Batch API's time: a test can move it instead of waiting
+    # A self-hosted server's capacity: the completions it works on at once; one more is shed with a 503 (what
+    # `concurrency: auto` must find without being told)
+    capacity: int | None = None
     refuse_inputs: dict[str, set[str]] = field(default_factory=dict)  # model -> kinds (image, file, audio) its
     # endpoints refuse with a 404, though it lists them (as when a provider of the model lacks vision)
 
@@ -98,6 +101,8 @@ class SandboxStats:
     completion_tokens: int = 0
     max_requests_in_one_second: int = 0
     incomplete: int = 0  # requests whose body stopped before its end (nothing answered, nothing billed)
+    most_in_flight: int = 0  # the most completions requests the server held at once
+    shed: int = 0  # requests over `capacity`, answered 503
     images: int = 0  # images in requests that were answered
     bodies: list[dict[str, Any]] = field(default_factory=list)
     byok_upstream_usd: Decimal = ZERO_USD  # BYOK: the providers' part of charged_usd (billed to the user's own keys)
@@ -133,6 +138,7 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.stats = SandboxStats()
         self._seen: collections.Counter[str] = collections.Counter()
+        self._working = 0  # completions requests being answered now (capacity)
         self._window: collections.deque[float] = collections.deque()  # admit times in the last second
         self._free_minute: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._free_today: collections.Counter[str] = collections.Counter()
@@ -400,7 +406,21 @@ class Sandbox:
 
     async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         self.stats.requests += 1
-        response = await self._respond(request, chat=chat)
+        self._working += 1
+        try:
+            self.stats.most_in_flight = max(self.stats.most_in_flight, self._working)
+            capacity = self.config.capacity
+            if capacity is not None and self._working > capacity:  # over capacity: shed at once, as a busy server does
+                self.stats.shed += 1
+                response: web.StreamResponse = _error(
+                    503,
+                    "the server is overloaded: too many requests in flight",
+                    {"Retry-After": f"{self.config.retry_after_s:g}"},
+                )
+            else:
+                response = await self._respond(request, chat=chat)
+        finally:
+            self._working -= 1
         self.stats.statuses[response.status] += 1
         return response
 
