@@ -203,13 +203,17 @@ class LiveAnswerer:
             )
             raise _Stopped
         reserved = await self._reserve(ask.reserve_usd)
+        entered = False
         try:
+            if self.in_flight is not None:  # concurrency: auto, a place among the requests on the wire, then its slot
+                await self._unless_stopped(self.in_flight.enter())
+                entered = True
             await self._slot(ask.model)
             if self.halt.stopping:  # the slot came after the stop: nothing goes out now
                 raise _Stopped
-            if self.in_flight is not None:  # concurrency: auto, a place among the requests on the wire
-                await self._unless_stopped(self.in_flight.enter())
         except BaseException:
+            if entered and self.in_flight is not None:
+                self.in_flight.leave()
             self._settle(reserved, ZERO_USD)
             raise
         timeout_s = self.rules.spec.timeout_s * (2 if is_free(ask.model) else 1)
