@@ -1,7 +1,7 @@
 """The command line: arguments in, exit codes out. Nothing else lives here.
 
 Exit codes: 0 every row answered; 1 finished but some rows failed; 2 invalid spec, input or
-arguments (nothing was sent); 3 stopped early for a reason to act on or wait out
+arguments (nothing was sent; for `generation`, an id the server does not know); 3 stopped early for a reason to act on or wait out
 (credits, budget, key, interrupt), and rerunning continues.
 """
 
