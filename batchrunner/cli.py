@@ -1,7 +1,7 @@
 """The command line: arguments in, exit codes out. Nothing else lives here.
 
 Exit codes: 0 every row answered; 1 finished but some rows failed; 2 invalid spec, input or
-arguments (nothing was sent); 3 stopped early for a reason to act on or wait out
+arguments (nothing was sent; for `generation`, an id the server does not know); 3 stopped early for a reason to act on or wait out
 (credits, budget, key, interrupt), and rerunning continues.
 """
 
@@ -12,14 +12,14 @@ import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from batchrunner import interrupts, logs
+from batchrunner import interrupts, jsontext, logs
 from batchrunner.costs import format_cost, format_usd
 from batchrunner.errors import OutputError, Problem, RunHalted, SpecError
 from batchrunner.files import write_text_atomically
@@ -42,17 +42,22 @@ def say(text: str, *, err: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def _exit_codes() -> Iterator[None]:
-    """Turn the errors a user acts on into a message and an exit code, never a traceback."""
+def _exit_codes(*, job: bool = True) -> Iterator[None]:
+    """Turn the errors a user acts on into a message and an exit code, never a traceback.
+
+    `job`: the command runs or reads a job, so a refusal is "the job was not started". A command without one
+    (models, generation, init) says only what was wrong: it has no job to start, and it may have asked the
+    server already (an unknown generation id is known only once the server said so)."""
     try:
         yield
     except SpecError as error:
-        say("error: the job was not started (nothing was sent):", err=True)
+        if job:
+            say("error: the job was not started (nothing was sent):", err=True)
         for problem in error.problems:
-            say(f"  {problem}", err=True)
+            say(f"  {problem}" if job else f"error: {problem}", err=True)
         sys.exit(EXIT_INVALID)
     except RunHalted as error:
-        say(f"stopped before sending anything: {error}", err=True)
+        say(f"stopped before sending anything: {error}" if job else f"error: {error}", err=True)
         sys.exit(EXIT_STOPPED)
     except OutputError as error:
         say(f"error: {error}; the checkpoint keeps every answer", err=True)
@@ -81,6 +86,37 @@ def _stopped_after_writing(path: Path, rows: int) -> None:
             f"stopped early: {stop.name} while {path} was being written (it was written in full: {rows} rows)", err=True
         )
         sys.exit(EXIT_STOPPED)
+
+
+def echo_json(value: object, **options: Any) -> None:
+    """Print `value` as strict JSON (jsontext: no Infinity or NaN, which other programs cannot parse); JSON
+    escapes control characters itself, so outside text in it cannot drive the terminal."""
+    click.echo(jsontext.dumps(value, indent=1, **options))
+
+
+class _Option(click.Option):
+    """An option whose old spellings (`aliases`) still work but are not shown in --help: one spelling per
+    concept across every command (issue #26: --json for JSON, --output for a path), and the scripts written
+    against the old one keep working for a release."""
+
+    def __init__(self, param_decls: Sequence[str], *, aliases: Sequence[str] = (), **attrs: Any) -> None:
+        super().__init__([*param_decls, *aliases], **attrs)
+        self.aliases = tuple(aliases)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        shown = self.opts
+        self.opts = [name for name in shown if name not in self.aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+def _json_or(fmt: str | None, as_json: bool) -> bool:
+    """Whether JSON was asked, by --json or by the hidden old `--format json`; the two disagreeing is a usage error."""
+    if fmt is not None and as_json and fmt != "json":
+        raise click.UsageError(f"--json and --format {fmt} ask for different outputs; give only --json")
+    return as_json or fmt == "json"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,9 +157,8 @@ def main() -> None:
     is_flag=True,
     help="Print the exact requests of the first rows still to do (--limit, default 3), send nothing.",
 )
-@click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Of --dry-run."
-)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (or, with --dry-run, the requests) as JSON.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), hidden=True)  # before --json: kept a release
 @_stoppable
 def run(
     job: Path,
@@ -140,7 +175,8 @@ def run(
     verbose: bool,
     log_json: bool,
     dry_run: bool,
-    fmt: str,
+    as_json: bool,
+    fmt: str | None,
 ) -> None:
     """Run JOB (a YAML job spec) and write its output file.
 
@@ -152,13 +188,14 @@ def run(
     from batchrunner.sandbox import SandboxConfig
     from batchrunner.spec import load_spec
 
+    as_json = _json_or(fmt, as_json)
     logs.configure(verbose=verbose, json_lines=log_json)
     with _exit_codes():
         spec = load_spec(
             job, overrides=_overrides(input=input_path, output=output_path, concurrency=concurrency, mode=mode)
         )
         if dry_run:
-            _dry_run(spec, rows=limit or 3, sandbox=sandbox, fmt=fmt)
+            _dry_run(spec, rows=limit or 3, sandbox=sandbox, as_json=as_json)
             return
         if fresh and not yes and spec.checkpoint_path().exists():
             _confirm_fresh(spec.checkpoint_path())
@@ -180,7 +217,7 @@ def run(
         except OSError as error:  # a full disk, a read-only folder: say so, keep what the checkpoint holds
             say(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
             sys.exit(EXIT_STOPPED)
-    _say_outcome(spec, outcome, sandbox=sandbox)
+    _say_outcome(spec, outcome, sandbox=sandbox, as_json=as_json)
 
 
 def _confirm_fresh(checkpoint: Path) -> None:
@@ -203,8 +240,23 @@ def _sandbox_banner(sandbox_url: str | None) -> None:
         )
 
 
-def _say_outcome(spec: JobSpec, outcome: Outcome, *, sandbox: bool) -> None:
-    """The run's summary, its scores, and its one exit code (the run's Stop, a failed row, or all well)."""
+def _say_outcome(spec: JobSpec, outcome: Outcome, *, sandbox: bool, as_json: bool = False) -> None:
+    """The run's summary and its one exit code; with `as_json` the summary is one JSON object on stdout, the
+    summary file's (a script reads it there; why a run stopped is on stderr either way)."""
+    if as_json:
+        from batchrunner.runner import summary_json
+
+        written = None if outcome.output_rows is None else str(outcome.output_path)
+        echo_json(
+            {"job": spec.name, "output": written, "output_rows": outcome.output_rows, **summary_json(outcome.report)}
+        )
+    else:
+        _say_summary(spec, outcome, sandbox=sandbox)
+    _exit_after(outcome)
+
+
+def _say_summary(spec: JobSpec, outcome: Outcome, *, sandbox: bool) -> None:
+    """The summary as text: where the output went, rows, cost, retries, discounts, grading and scores."""
     report = outcome.report
     if outcome.output_rows is None:
         say(f"{spec.name}: the output could not be written (see above); the checkpoint has every answer", err=True)
@@ -226,6 +278,11 @@ def _say_outcome(spec: JobSpec, outcome: Outcome, *, sandbox: bool) -> None:
         with _exit_codes():
             for model in evaluation(spec, sandbox=sandbox).models:
                 say(f"  score {model.model}: {score_text(model)}")
+
+
+def _exit_after(outcome: Outcome) -> None:
+    """The run's one exit code: its Stop (said on stderr), a failed row, or all well."""
+    report = outcome.report
     late = interrupts.received()  # Ctrl-C or SIGTERM after the run's report was made: while this was printed
     if report.stop is not None or outcome.output_rows is None or outcome.unsaved or late is not None:
         if report.stop is not None:
@@ -255,12 +312,9 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
     with _exit_codes():
         report = asyncio.run(estimate_job(load_spec(job), limit=limit, sandbox=SandboxConfig() if sandbox else None))
     if as_json:
-        click.echo(json.dumps(report, indent=1))  # JSON escapes control characters itself
+        echo_json(report)
         return
-
-    def usd(value: str | None) -> str:
-        return "unknown (no prices)" if value is None else format_usd(Decimal(value))
-
+    usd = _usd_or_unknown
     say(f"{report['job']}: {report['rows']} requests to send")
     for model, entry in report["models"].items():
         say(
@@ -285,7 +339,10 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
             else f" ({'only ' + ', '.join(flexible) if flexible else 'no model'} has a flex tier; the rest at the standard price)"
         )
     )
-    say(f"  expected duration: {report['expected_duration_s']:g} s at {report['rate_rps']:g} requests/s")
+    if report["rate_rps"] is None:  # a server without GET /key: there is no rate to divide by
+        say("  expected duration: unknown (no rate limit known: only concurrency and the server's speed limit the run)")
+    else:
+        say(f"  expected duration: {report['expected_duration_s']:g} s at {report['rate_rps']:g} requests/s")
     say(f"  ({report['prompt_tokens_note']})")
     if "media" in report:
         media = report["media"]
@@ -299,6 +356,11 @@ def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None
                 f"  {media['rows_that_cannot_be_sent']:,} rows cannot be sent (a missing or unusable file): they will fail, unpaid"
             )
         say(f"  ({report['media_note']})")
+
+
+def _usd_or_unknown(value: object) -> str:
+    """An amount of the estimate (a Decimal's text), or why there is none (None): the server lists no prices."""
+    return "unknown (no prices)" if value is None else format_usd(Decimal(str(value)))
 
 
 @main.command()
@@ -315,11 +377,11 @@ def models(search: str | None, free: bool, endpoints_of: str | None, sandbox: bo
     logs.configure()
     config = SandboxConfig() if sandbox else None
     if endpoints_of is not None:
-        with _exit_codes():
+        with _exit_codes(job=False):
             rows = asyncio.run(list_endpoints(endpoints_of, sandbox=config))
         _table(rows)
         return
-    with _exit_codes():
+    with _exit_codes(job=False):
         listing = asyncio.run(list_models(search=search, free_only=free, sandbox=config))
     width = max((len(m["id"]) for m in listing), default=5)
     say(f"{'model'.ljust(width)}  {'prompt $/M':>11}  {'compl. $/M':>11}  {'context':>9}")
@@ -331,23 +393,25 @@ def models(search: str | None, free: bool, endpoints_of: str | None, sandbox: bo
 @main.command()
 @click.argument("generation_id")
 @click.option("--json", "as_json", is_flag=True, help="Print OpenRouter's record as JSON.")
-def generation(generation_id: str, as_json: bool) -> None:
+@click.option("--sandbox", is_flag=True, help="Look up an answer of a --sandbox run, at the sandbox.")
+def generation(generation_id: str, as_json: bool, sandbox: bool) -> None:
     """What OpenRouter kept for one answer (GET /generation): native tokens, cost, provider, latency.
-    GENERATION_ID is the output's generation_id column. Needs $OPENROUTER_API_KEY."""
+    GENERATION_ID is the output's generation_id column. Needs $OPENROUTER_API_KEY (not with --sandbox)."""
     from batchrunner.queries import lookup_generation
+    from batchrunner.sandbox import SandboxConfig
 
     logs.configure()
-    with _exit_codes():
-        record = asyncio.run(lookup_generation(generation_id))
+    with _exit_codes(job=False):
+        record = asyncio.run(lookup_generation(generation_id, sandbox=SandboxConfig() if sandbox else None))
     if as_json:
-        click.echo(json.dumps(record, indent=1))
+        echo_json(record)
         return
     for key, value in record.items():
         if value is not None and not isinstance(value, (dict, list)):
             say(f"{key}: {value}")
 
 
-def _dry_run(spec: JobSpec, *, rows: int, sandbox: bool, fmt: str) -> None:
+def _dry_run(spec: JobSpec, *, rows: int, sandbox: bool, as_json: bool) -> None:
     """The requests the first rows would send, then the estimate (when prices can be read)."""
     from batchrunner.queries import dry_run, estimate_job
     from batchrunner.sandbox import SandboxConfig
@@ -359,8 +423,8 @@ def _dry_run(spec: JobSpec, *, rows: int, sandbox: bool, fmt: str) -> None:
         )
     except (SpecError, RunHalted) as exc:  # no key yet, or no server: the requests are still worth seeing
         estimate = f"not available ({str(exc).strip().splitlines()[-1].strip()})"
-    if fmt == "json":
-        click.echo(json.dumps({"requests": shown, "estimate": estimate, "sent": 0}, indent=1, ensure_ascii=False))
+    if as_json:
+        echo_json({"requests": shown, "estimate": estimate, "sent": 0}, ensure_ascii=False)
         return
     say(f"{spec.name}: the first {rows} row(s) still to do would send (dry run: nothing is sent)")
     for entry in shown:
@@ -375,11 +439,15 @@ def _dry_run(spec: JobSpec, *, rows: int, sandbox: bool, fmt: str) -> None:
                 say(line)
     if not shown:
         say("nothing: every row is answered (see `batchrunner status`)")
+    say("")  # a line of its own: say() shows a newline inside its text as an escape
     if isinstance(estimate, str):
-        say(f"\nestimate: {estimate}")
+        say(f"estimate: {estimate}")
+    elif estimate["expected_cost_usd"] is None:
+        say(f"estimate: {estimate['rows']} requests, cost unknown (no prices: give them under `prices:`)")
     else:
         say(
-            f"\nestimate: {estimate['rows']} requests, expected {estimate['expected_cost_usd']} USD, worst case {estimate['max_cost_usd']} USD"
+            f"estimate: {estimate['rows']} requests, expected {_usd_or_unknown(estimate['expected_cost_usd'])}, "
+            f"worst case {_usd_or_unknown(estimate['max_cost_usd'])}"
         )
 
 
@@ -406,12 +474,21 @@ def schema() -> None:
     """Print the JSON Schema of a job spec (for editors: `# yaml-language-server: $schema=...`)."""
     from batchrunner.spec import json_schema
 
-    click.echo(json.dumps(json_schema(), indent=1))
+    echo_json(json_schema())
 
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("job.yaml"), show_default=True)
+@click.option(
+    "--output",
+    "out_path",
+    cls=_Option,
+    aliases=["--out"],  # before issue #26: kept, hidden, for a release
+    type=click.Path(path_type=Path),
+    default=Path("job.yaml"),
+    show_default=True,
+    help="Write the spec here.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing spec.")
 def init(data: Path, out_path: Path, force: bool) -> None:
     """Write a commented starter job spec for DATA (a .csv, .parquet or .jsonl file): its columns read,
@@ -419,9 +496,9 @@ def init(data: Path, out_path: Path, force: bool) -> None:
     from batchrunner.starter import starter_spec
 
     logs.configure()
-    with _exit_codes():
+    with _exit_codes(job=False):
         if out_path.exists() and not force:
-            raise SpecError(Problem(str(out_path), "exists; choose another --out, or add --force to overwrite it"))
+            raise SpecError(Problem(str(out_path), "exists; choose another --output, or add --force to overwrite it"))
         text = starter_spec(data, out_path)
         write_text_atomically(out_path, text)
     say(f"wrote {out_path}; try: batchrunner run {out_path} --sandbox  (or --dry-run to see the requests)")
@@ -514,23 +591,22 @@ def score(job: Path, sandbox: bool) -> None:
 
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts instead of HTML.")
+@click.option("--markdown", is_flag=True, help="Markdown for CI logs and pull requests instead of HTML.")
+@click.option("--format", "fmt", type=click.Choice(["html", "md", "json"]), hidden=True)  # before --json: a release
 @click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["html", "md", "json"]),
-    default="html",
-    show_default=True,
-    help="One self-contained HTML file, markdown, or JSON.",
-)
-@click.option(
-    "--out",
+    "--output",
     "out_path",
+    cls=_Option,
+    aliases=["--out"],  # before issue #26: kept, hidden, for a release
     type=click.Path(path_type=Path),
     help="Write here (default: HTML beside the output, else stdout).",
 )
 @click.option("--by", "by", help="Also chart the scores by this input column (HTML).")
 @click.option("--sandbox", is_flag=True, help="Report the sandbox's simulated answers instead of the real ones.")
-def report(job: Path, fmt: str, out_path: Path | None, by: str | None, sandbox: bool) -> None:
+def report(
+    job: Path, as_json: bool, markdown: bool, fmt: str | None, out_path: Path | None, by: str | None, sandbox: bool
+) -> None:
     """Compare JOB's models from its checkpoint: scores with 95% intervals, paired differences, cost, latency.
 
     Sends nothing. HTML to look at (charts and a row explorer, one file that opens anywhere),
@@ -539,6 +615,7 @@ def report(job: Path, fmt: str, out_path: Path | None, by: str | None, sandbox: 
     from batchrunner.offline import evaluation, report_html
     from batchrunner.spec import load_spec
 
+    fmt = _report_format(fmt, as_json=as_json, markdown=markdown)
     logs.configure()
     with _exit_codes():
         spec = load_spec(job, sending=False)
@@ -547,12 +624,20 @@ def report(job: Path, fmt: str, out_path: Path | None, by: str | None, sandbox: 
             out_path = out_path or spec.output.with_name(spec.output.stem + ".report.html")
         else:
             figures = evaluation(spec, sandbox=sandbox)
-            text = json.dumps(figures.to_json(), indent=1) if fmt == "json" else to_markdown(figures)
+            text = jsontext.dumps(figures.to_json(), indent=1) if fmt == "json" else to_markdown(figures)
     if out_path is None:
         click.echo(text, nl=False)  # markdown and JSON of our own making; outside text is escaped in them
     else:
         write_text_atomically(out_path, text)
         say(f"{spec.name}: wrote the report to {out_path}")
+
+
+def _report_format(fmt: str | None, *, as_json: bool, markdown: bool) -> str:
+    """html, md or json, from --json, --markdown or the hidden old --format; two that disagree are a usage error."""
+    asked = {name for name, given in (("json", as_json), ("md", markdown)) if given} | ({fmt} if fmt else set())
+    if len(asked) > 1:
+        raise click.UsageError("give one of --json and --markdown (or neither, for HTML)")
+    return asked.pop() if asked else "html"
 
 
 @main.command()
@@ -568,7 +653,7 @@ def status(job: Path, as_json: bool, sandbox: bool) -> None:
     with _exit_codes():
         report = job_status(load_spec(job, sending=False), sandbox=sandbox)
     if as_json:
-        click.echo(json.dumps(report, indent=1))  # JSON escapes control characters itself
+        echo_json(report)
         return
     say(f"{report['job']}: checkpoint {report['checkpoint']}, answers from {report['server']}")
     others = report["elsewhere"]

@@ -6,11 +6,12 @@ never installs handlers as a library; the CLI calls `configure` once.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 import time
+
+from batchrunner.jsontext import dumps
 
 MAX_MESSAGE_CHARS = 2000  # a log line or printed message longer than this is cut: a 10 MB error is not logged per row
 # Characters that move the cursor, rewrite the title or the clipboard, clear the screen, or forge log lines:
@@ -52,7 +53,7 @@ class JsonFormatter(logging.Formatter):
         event.update({k: v for k, v in record.__dict__.items() if k not in self._standard})
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)
-        return json.dumps(event, default=str)
+        return dumps(event, default=str)  # strict: a collector's parser takes no Infinity
 
 
 class _AboveTheBar(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]  # generic over its stream in some typeshed versions

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -149,6 +150,7 @@ async def estimate_job(
         models[model] = entry
     requests_n = sum(entry["rows"] for entry in models.values())
     rate = limits.pacer.rate_rps
+    limited = 0 < rate < math.inf
     media = next(iter(per_model.values())).media if per_model else MediaTally()  # every model sends the same
     unsendable = next(iter(per_model.values())).unsendable if per_model else 0
     return {
@@ -160,8 +162,10 @@ async def estimate_job(
         # live at the flex tier (params.service_tier: flex): each model's flex endpoint price, else its standard one
         "expected_flex_cost_usd": None if flex_total is None else str(flex_total),
         "max_cost_usd": None if worst_total is None else str(worst_total),
-        "expected_duration_s": round(requests_n / rate, 3) if rate and rate != float("inf") else 0.0,
-        "rate_rps": rate,
+        # null when no rate limit is known (a server without GET /key): then only concurrency and the server's
+        # speed bound the run, which nothing here measures; never Infinity (not JSON) nor "0 s"
+        "expected_duration_s": round(requests_n / rate, 3) if limited else None,
+        "rate_rps": rate if limited else None,
         "prompt_tokens_note": "estimated without a tokenizer: about 4 characters a token",
         "models": models,
         **(_media_report(media, unsendable) if requests.has_media else {}),
@@ -353,8 +357,14 @@ async def list_endpoints(model: str, *, sandbox: SandboxConfig | None = None) ->
     return rows
 
 
-async def lookup_generation(generation_id: str) -> dict[str, Any]:
-    """GET /generation?id=: what OpenRouter kept of one answer. Uses $OPENROUTER_API_KEY."""
+async def lookup_generation(generation_id: str, *, sandbox: SandboxConfig | None = None) -> dict[str, Any]:
+    """GET /generation?id=: what OpenRouter (or, with `sandbox`, the sandbox) kept of one answer. Uses
+    $OPENROUTER_API_KEY. An id the server does not know is the user's input, not the server's trouble: a
+    SpecError (exit 2) saying so; the sandbox's ids carry their record, so a sandbox started for this one
+    lookup knows every answer an earlier --sandbox run was given."""
+    if sandbox is not None:
+        async with Connection(None, sandbox=sandbox, timeout_s=60) as connection:
+            return await _generation(connection.client, generation_id, "the sandbox")
     key = os.environ.get("OPENROUTER_API_KEY", "").strip()
     base_url = env_base_url()
     if not key and is_openrouter(base_url):
@@ -362,10 +372,24 @@ async def lookup_generation(generation_id: str) -> dict[str, Any]:
             Problem("OPENROUTER_API_KEY", "is not set; GET /generation needs the key that made the request")
         )
     async with Client(base_url, api_key=key or None, timeout_s=60) as client:
-        try:
-            return await client.generation(generation_id)
-        except ApiError as exc:
-            raise RunHalted(f"could not read generation {generation_id!r} at {base_url}: {exc}") from exc
+        return await _generation(client, generation_id, base_url)
+
+
+async def _generation(client: Client, generation_id: str, where: str) -> dict[str, Any]:
+    """One GET /generation; a 404 is the id's fault (SpecError), any other failure the server's (RunHalted)."""
+    try:
+        return await client.generation(generation_id)
+    except ApiError as exc:
+        if exc.status == 404:
+            raise SpecError(
+                Problem(
+                    "GENERATION_ID",
+                    f"{where} has no generation {generation_id!r}: give one from the output's generation_id "
+                    "column (add --sandbox for a --sandbox run's; OpenRouter may take a few seconds to record "
+                    "a new answer)",
+                )
+            ) from exc
+        raise RunHalted(f"could not read generation {generation_id!r} at {where}: {exc}") from exc
 
 
 def dry_run(spec: JobSpec, *, rows: int, server: str) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 
+from batchrunner import jsontext
 from batchrunner.evaluation import ModelFigures, Report, score_text
 
 MAX_ROWS = 5000
@@ -57,7 +58,9 @@ def render(
         _chart("Failed rows by kind of error", _errors(report, colour)),
         _explorer(models),
     ]
-    data_json = json.dumps(payload, ensure_ascii=False).replace("<", "\\u003c").replace("\u2028", "\\u2028")
+    data_json = jsontext.dumps(
+        payload, ensure_ascii=False
+    )  # JSON.parse reads it: strict.replace("<", "\\u003c").replace("\u2028", "\\u2028")
     return (
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         f"<title>{html.escape(report.job)}: model comparison</title>"

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import math
 import signal
@@ -30,7 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from batchrunner import interrupts
+from batchrunner import interrupts, jsontext
 from batchrunner.adaptive import Aimd
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
@@ -642,7 +641,7 @@ def plan_budget(
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    write_text_atomically(path, json.dumps(data, indent=1, default=str) + "\n")
+    write_text_atomically(path, jsontext.dumps(data, indent=1, default=str) + "\n")  # strict JSON, for any reader
 
 
 async def plan_limits(

@@ -735,7 +735,8 @@ def test_endpoints_and_generation_lookups(sandbox_in_thread: Callable[[SandboxCo
     assert f"id: {answer['id']}" in shown.stdout and "model: openai/gpt-4o-mini" in shown.stdout
     assert "tokens_prompt:" in shown.stdout and "total_cost:" in shown.stdout
     missing = invoke("generation", "gen-nope", env=env)
-    assert missing.exit_code == 3 and "could not read generation 'gen-nope'" in missing.stderr
+    # an id the server does not know is the user's input (exit 2), not a stop (tests/test_cli_convention.py)
+    assert missing.exit_code == 2 and "has no generation 'gen-nope'" in missing.stderr
 
 
 def test_sigterm_cancels_streams_in_flight_at_once(

@@ -12,13 +12,15 @@ that same request was seen, so a run's faults do not depend on the order request
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import hashlib
 import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -373,7 +375,10 @@ class Sandbox:
     async def generation(self, request: web.Request) -> web.Response:
         if (denied := self._auth_error(request)) is not None:
             return denied
-        found = self._generations.get(request.query.get("id", ""))
+        asked = request.query.get("id", "")
+        found = self._generations.get(asked)
+        if found is None and (facts := GenerationFacts.carried_by(asked)) is not None:
+            found = facts.record(asked)  # an answer of another sandbox's (an earlier --sandbox run's)
         if found is None:
             return _error(404, "Resource not found")
         return web.json_response({"data": found})
@@ -668,12 +673,10 @@ class Sandbox:
         if tier is not None:
             self.stats.tiers[tier] += 1
 
-        generation_id = f"gen-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         prompt_share = catalog.cost_usd(model, n_prompt, 0, n_cached, images=seen.images) * price_factor
         usage = self._usage(n_prompt, n_completion, n_cached, seen.audio_tokens, cost, prompt_share, fee, fault)
-        self._generations[generation_id] = _generation(
-            generation_id,
+        facts = GenerationFacts(
             model,
             float(cost) if fee is None else fee,
             n_prompt,
@@ -681,9 +684,11 @@ class Sandbox:
             n_cached,
             finish_reason,
             created,
-            upstream_usd=None if fee is None else reported,
-            tier=tier,
+            None if fee is None else reported,
+            tier,
         )
+        generation_id = facts.generation_id()
+        self._generations[generation_id] = facts.record(generation_id)
         answer = {
             "id": generation_id,
             "provider": catalog.provider_name(model),
@@ -810,6 +815,64 @@ class Sandbox:
             self._cached_prefixes.add(key)
             return 0
         return answers.prompt_tokens(system)
+
+
+@dataclass(frozen=True)
+class GenerationFacts:
+    """What GET /generation says of one answer, carried in the answer's id (`generation_id`): the built-in
+    sandbox ends with the command that started it, so `batchrunner generation --sandbox ID` asks a new one, which
+    reads the record from the id (a random part keeps every id distinct, as OpenRouter's are)."""
+
+    model: str
+    cost_usd: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    finish_reason: str
+    created: int
+    upstream_usd: float | None
+    tier: str | None
+
+    def generation_id(self) -> str:
+        facts = json.dumps(astuple(self), separators=(",", ":")).encode()
+        return f"gen-{uuid.uuid4().hex[:12]}-{base64.urlsafe_b64encode(facts).decode().rstrip('=')}"
+
+    @classmethod
+    def carried_by(cls, generation_id: str) -> GenerationFacts | None:
+        """The facts an id of `generation_id()`'s carries; None for any other id (an unknown one: a 404)."""
+        packed = generation_id.removeprefix("gen-").partition("-")[2]
+        try:
+            facts = cls(*json.loads(base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4))))
+        except (ValueError, TypeError, binascii.Error):  # not base64, not JSON, not nine values
+            return None
+        numbers = (facts.cost_usd, facts.prompt_tokens, facts.completion_tokens, facts.cached_tokens, facts.created)
+        if not (
+            isinstance(facts.model, str)
+            and isinstance(facts.finish_reason, str)
+            and all(_is_number(n) for n in numbers)
+            and (facts.upstream_usd is None or _is_number(facts.upstream_usd))
+            and (facts.tier is None or isinstance(facts.tier, str))
+        ):
+            return None
+        return facts
+
+    def record(self, generation_id: str) -> dict[str, Any]:
+        return _generation(
+            generation_id,
+            self.model,
+            self.cost_usd,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            self.finish_reason,
+            self.created,
+            upstream_usd=self.upstream_usd,
+            tier=self.tier,
+        )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _generation(
