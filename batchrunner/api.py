@@ -30,27 +30,26 @@ import asyncio
 import concurrent.futures
 import functools
 import os
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from batchrunner.errors import Problem, RunHalted, SpecError
-from batchrunner.halt import Stop, StopReason
+from batchrunner.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, Problem, RunHalted, SpecError
 
 if TYPE_CHECKING:
     import polars as pl
 
     from batchrunner.evaluation import Report
+    from batchrunner.halt import Stop
     from batchrunner.records import Summary
-    from batchrunner.runner import Outcome
+    from batchrunner.runner import RunReport
     from batchrunner.spec import JobSpec
 
     JobLike = str | os.PathLike[str] | Mapping[str, Any] | JobSpec  # a spec file, its keys as a dict, or a JobSpec
 
 T = TypeVar("T")
-EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3  # the command line's exit codes
 
 
 @dataclass(frozen=True)
@@ -60,15 +59,55 @@ class RunResult:
     spec: JobSpec
     output_path: Path
     output_rows: int | None  # None: the output could not be written (the checkpoint has every answer)
-    summary: Summary  # this run's answers: counts, tokens, exact cost, per requested model
-    stop: Stop | None  # why the run stopped early (or deferred rows, for free models' daily cap); None: it did not
-    pending: int  # pairs still to answer: a rerun continues with them
-    resumed: int  # pairs earlier runs had answered, not sent again
-    wall_s: float
+    report: RunReport  # the run's own account (runner.py); what follows reads it
     unsaved: int = 0  # answers the checkpoint could not take (a full disk): in its spill file for the next run
-    grading: Summary | None = None  # what grading the answers with a judge cost, apart from the answers
-    batch_saved_usd: Decimal | None = None  # batch mode: the discount against the same answers at live prices
     sandbox_url: str | None = None
+
+    @property
+    def summary(self) -> Summary:
+        """This run's answers: counts, tokens, exact cost, latency, per requested model (`.by_model`)."""
+        return self.report.summary
+
+    @property
+    def stop(self) -> Stop | None:
+        """Why the run stopped early (or deferred rows: free models' daily cap); None when it did not."""
+        return self.report.stop
+
+    @property
+    def pending(self) -> int:
+        """Pairs still to answer: a rerun continues with them."""
+        return self.report.pending
+
+    @property
+    def resumed(self) -> int:
+        """Pairs earlier runs had answered, not sent again."""
+        return self.report.resumed
+
+    @property
+    def wall_s(self) -> float:
+        return self.report.wall_s
+
+    @property
+    def grading(self) -> Summary | None:
+        """What grading the answers with a judge cost, apart from the answers' own cost."""
+        return self.report.judging
+
+    @property
+    def batch_saved_usd(self) -> Decimal | None:
+        """Batch mode: the discount against the same answers at live prices."""
+        return self.report.batch_saved_usd
+
+    @property
+    def concurrency(self) -> tuple[int, int] | None:
+        """concurrency: auto, the limit it ended at and the most it reached."""
+        return self.report.concurrency
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as `run --json` prints it and the summary file beside the output holds it."""
+        from batchrunner.runner import summary_json
+
+        written = None if self.output_rows is None else str(self.output_path)
+        return {"job": self.spec.name, "output": written, "output_rows": self.output_rows, **summary_json(self.report)}
 
     @property
     def complete(self) -> bool:
@@ -140,11 +179,13 @@ async def arun(
     mode: str | None = None,
     progress: bool = False,
     hard_exit: bool = False,
+    on_start: Callable[[str | None], None] | None = None,
 ) -> RunResult:
     """Run a job (see the module's docstring); `progress` shows the progress bar (on a terminal) or log lines.
 
     `max_cost` caps this run's spend in USD (the command line's --max-cost); `fresh` deletes every stored answer
-    first; `wait=False` is batch mode's --no-wait."""
+    first; `wait=False` is batch mode's --no-wait; `on_start` is told the built-in sandbox's URL once it is up
+    (None for a real server); `hard_exit` makes a second Ctrl-C end the process, as on the command line."""
     from batchrunner.runner import RunSettings, run_job
     from batchrunner.sandbox import SandboxConfig
 
@@ -157,12 +198,15 @@ async def arun(
         max_cost_usd=_usd(max_cost),
         wait=wait,
         hard_exit=hard_exit,
+        on_start=on_start,
     )
     try:
         outcome = await run_job(spec, settings)
     except RunHalted as halted:  # it could not start, for a passing reason: another run holds the job, no network
-        return RunResult(spec, spec.output, None, _empty_summary(), Stop(StopReason.NOT_STARTED, str(halted)), 0, 0, 0)
-    return _result(spec, outcome)
+        return RunResult(spec, spec.output, None, _not_started(str(halted)))
+    return RunResult(
+        spec, outcome.output_path, outcome.output_rows, outcome.report, outcome.unsaved, outcome.sandbox_url
+    )
 
 
 def run(job: JobLike, **options: Any) -> RunResult:
@@ -201,28 +245,12 @@ def report(job: JobLike, *, sandbox: bool = False) -> Report:
 # -- internals ------------------------------------------------------------------------------------
 
 
-def _result(spec: JobSpec, outcome: Outcome) -> RunResult:
-    report = outcome.report
-    return RunResult(
-        spec=spec,
-        output_path=outcome.output_path,
-        output_rows=outcome.output_rows,
-        summary=report.summary,
-        stop=report.stop,
-        pending=report.pending,
-        resumed=report.resumed,
-        wall_s=report.wall_s,
-        unsaved=outcome.unsaved,
-        grading=report.judging,
-        batch_saved_usd=report.batch_saved_usd,
-        sandbox_url=outcome.sandbox_url,
-    )
-
-
-def _empty_summary() -> Summary:
+def _not_started(message: str) -> RunReport:
+    from batchrunner.halt import Stop, StopReason
     from batchrunner.records import Summary
+    from batchrunner.runner import RunReport
 
-    return Summary()
+    return RunReport(Summary(), 0, 0.0, Stop(StopReason.NOT_STARTED, message))
 
 
 def _usd(amount: Decimal | float | str | None) -> Decimal | None:

@@ -21,18 +21,23 @@ import click
 
 from batchrunner import interrupts, jsontext, logs
 from batchrunner.costs import format_cost, format_usd
-from batchrunner.errors import OutputError, Problem, RunHalted, SpecError
+from batchrunner.errors import (
+    EXIT_INVALID,
+    EXIT_STOPPED,
+    OutputError,
+    Problem,
+    RunHalted,
+    SpecError,
+)
 from batchrunner.files import write_text_atomically
 from batchrunner.sandbox.faults import FAULT_KINDS
 
 if TYPE_CHECKING:
-    from batchrunner.runner import Outcome
+    from batchrunner.api import RunResult
     from batchrunner.spec import JobSpec
 
 # Each command imports what it needs when it runs: `--help` and `status` start in a fraction of the
 # time importing everything (aiohttp, polars, jsonschema) would take. See bench/startup.py.
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 
 
 def say(text: str, *, err: bool = False) -> None:
@@ -183,41 +188,33 @@ def run(
     Answers are checkpointed as they arrive; rerunning skips what is already answered.
     With --dry-run, print the requests instead, and the estimate, sending nothing.
     """
-    from batchrunner.progress import Progress
-    from batchrunner.runner import RunSettings, run_job
-    from batchrunner.sandbox import SandboxConfig
-    from batchrunner.spec import load_spec
+    from batchrunner import api
 
     as_json = _json_or(fmt, as_json)
     logs.configure(verbose=verbose, json_lines=log_json)
     with _exit_codes():
-        spec = load_spec(
-            job, overrides=_overrides(input=input_path, output=output_path, concurrency=concurrency, mode=mode)
-        )
+        spec = api.job_spec(job, input=input_path, output=output_path, concurrency=concurrency, mode=mode)
         if dry_run:
             _dry_run(spec, rows=limit or 3, sandbox=sandbox, as_json=as_json)
             return
         if fresh and not yes and spec.checkpoint_path().exists():
             _confirm_fresh(spec.checkpoint_path())
         try:
-            outcome = asyncio.run(
-                run_job(
-                    spec,
-                    RunSettings(
-                        limit=limit,
-                        sandbox=SandboxConfig() if sandbox else None,
-                        progress_factory=Progress,
-                        on_start=_sandbox_banner,
-                        fresh=fresh,
-                        max_cost_usd=None if max_cost_usd is None else Decimal(str(max_cost_usd)),
-                        wait=not no_wait,
-                    ),
-                )
+            result = api.run(
+                spec,
+                sandbox=sandbox,
+                limit=limit,
+                max_cost=max_cost_usd,
+                fresh=fresh,
+                wait=not no_wait,
+                progress=True,
+                hard_exit=True,  # a second Ctrl-C ends the process at once
+                on_start=_sandbox_banner,
             )
         except OSError as error:  # a full disk, a read-only folder: say so, keep what the checkpoint holds
             say(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
             sys.exit(EXIT_STOPPED)
-    _say_outcome(spec, outcome, sandbox=sandbox, as_json=as_json)
+    _say_outcome(result, sandbox=sandbox, as_json=as_json)
 
 
 def _confirm_fresh(checkpoint: Path) -> None:
@@ -240,61 +237,66 @@ def _sandbox_banner(sandbox_url: str | None) -> None:
         )
 
 
-def _say_outcome(spec: JobSpec, outcome: Outcome, *, sandbox: bool, as_json: bool = False) -> None:
+def _say_outcome(result: RunResult, *, sandbox: bool, as_json: bool = False) -> None:
     """The run's summary and its one exit code; with `as_json` the summary is one JSON object on stdout, the
     summary file's (a script reads it there; why a run stopped is on stderr either way)."""
+    from batchrunner.halt import StopReason
+
+    stop = result.stop
+    if stop is not None and stop.reason is StopReason.NOT_STARTED:
+        say(f"stopped before sending anything: {stop.message}", err=True)
+        sys.exit(EXIT_STOPPED)
     if as_json:
-        from batchrunner.runner import summary_json
-
-        written = None if outcome.output_rows is None else str(outcome.output_path)
-        echo_json(
-            {"job": spec.name, "output": written, "output_rows": outcome.output_rows, **summary_json(outcome.report)}
-        )
+        echo_json(result.to_json())
     else:
-        _say_summary(spec, outcome, sandbox=sandbox)
-    _exit_after(outcome)
+        _say_summary(result, sandbox=sandbox)
+    _exit_after(result)
 
 
-def _say_summary(spec: JobSpec, outcome: Outcome, *, sandbox: bool) -> None:
+def _say_summary(result: RunResult, *, sandbox: bool) -> None:
     """The summary as text: where the output went, rows, cost, retries, discounts, grading and scores."""
-    report = outcome.report
-    if outcome.output_rows is None:
+    spec, summary = result.spec, result.summary
+    if result.output_rows is None:
         say(f"{spec.name}: the output could not be written (see above); the checkpoint has every answer", err=True)
     else:
-        say(f"{spec.name}: wrote {outcome.output_rows} rows to {outcome.output_path}")
-    for line in report.summary.lines(wall_s=report.wall_s, pending=report.pending, resumed=report.resumed):
+        say(f"{spec.name}: wrote {result.output_rows} rows to {result.output_path}")
+    for line in summary.lines(wall_s=result.wall_s, pending=result.pending, resumed=result.resumed):
         say(f"  {line}")
-    if report.batch_saved_usd is not None and report.batch_saved_usd > 0:
-        say(f"  batch discount: {format_usd(report.batch_saved_usd)} less than the same answers at live prices")
-    if report.judging is not None:
-        grading = report.judging
+    if result.batch_saved_usd is not None and result.batch_saved_usd > 0:
+        say(f"  batch discount: {format_usd(result.batch_saved_usd)} less than the same answers at live prices")
+    if result.concurrency is not None:
+        ended, most = result.concurrency
+        say(f"  concurrency: auto, ended at {ended} in flight (the most it reached: {most})")
+    if result.grading is not None:
+        grading = result.grading
         say(
             f"  grading: {grading.ok} grades, {grading.failed} failed, cost {format_cost(grading.cost_usd, grading.unpriced)}"
         )
-    if spec.evaluate is not None and outcome.output_rows is not None:
+    if spec.evaluate is not None and result.output_rows is not None:
+        from batchrunner import api
         from batchrunner.evaluation import score_text
-        from batchrunner.offline import evaluation
 
         with _exit_codes():
-            for model in evaluation(spec, sandbox=sandbox).models:
+            for model in api.report(spec, sandbox=sandbox).models:
                 say(f"  score {model.model}: {score_text(model)}")
 
 
-def _exit_after(outcome: Outcome) -> None:
-    """The run's one exit code: its Stop (said on stderr), a failed row, or all well."""
-    report = outcome.report
+def _exit_after(result: RunResult) -> None:
+    """The run's one exit code (RunResult.exit_code: its Stop, said on stderr; a failed row; or all well), and 3
+    for a Ctrl-C or SIGTERM that came while the summary was printed."""
     late = interrupts.received()  # Ctrl-C or SIGTERM after the run's report was made: while this was printed
-    if report.stop is not None or outcome.output_rows is None or outcome.unsaved or late is not None:
-        if report.stop is not None:
-            reason = report.stop.message
-        elif late is not None and outcome.output_rows is not None and not outcome.unsaved:
+    code = result.exit_code
+    if code == EXIT_STOPPED or late is not None:
+        if result.stop is not None:
+            reason = result.stop.message
+        elif late is not None and result.output_rows is not None and not result.unsaved:
             reason = f"{late.name} after the output was written"
         else:
-            reason = "the output was not written" if outcome.output_rows is None else "the checkpoint was not written"
+            reason = "the output was not written" if result.output_rows is None else "the checkpoint was not written"
         say(f"stopped early: {reason}", err=True)
-        say(f"{report.pending} rows are pending; rerun the same command to continue once that is resolved.", err=True)
+        say(f"{result.pending} rows are pending; rerun the same command to continue once that is resolved.", err=True)
         sys.exit(EXIT_STOPPED)
-    sys.exit(EXIT_SOME_FAILED if report.summary.failed else EXIT_OK)
+    sys.exit(code)
 
 
 @main.command()
@@ -304,13 +306,11 @@ def _exit_after(outcome: Outcome) -> None:
 @click.option("--sandbox", is_flag=True, help="Price with the sandbox's catalog instead of OpenRouter's.")
 def estimate(job: Path, limit: int | None, as_json: bool, sandbox: bool) -> None:
     """Estimate the cost and duration of JOB's remaining rows, without sending a completion."""
-    from batchrunner.queries import estimate_job
-    from batchrunner.sandbox import SandboxConfig
-    from batchrunner.spec import load_spec
+    from batchrunner import api
 
     logs.configure()
     with _exit_codes():
-        report = asyncio.run(estimate_job(load_spec(job), limit=limit, sandbox=SandboxConfig() if sandbox else None))
+        report = api.estimate(job, limit=limit, sandbox=sandbox)
     if as_json:
         echo_json(report)
         return
@@ -611,19 +611,19 @@ def report(
 
     Sends nothing. HTML to look at (charts and a row explorer, one file that opens anywhere),
     markdown for CI logs and pull requests, JSON for scripts."""
+    from batchrunner import api
     from batchrunner.evaluation import to_markdown
-    from batchrunner.offline import evaluation, report_html
-    from batchrunner.spec import load_spec
+    from batchrunner.offline import report_html
 
     fmt = _report_format(fmt, as_json=as_json, markdown=markdown)
     logs.configure()
     with _exit_codes():
-        spec = load_spec(job, sending=False)
+        spec = api.job_spec(job, sending=False)
         if fmt == "html":
             text = report_html(spec, sandbox=sandbox, by=by)
             out_path = out_path or spec.output.with_name(spec.output.stem + ".report.html")
         else:
-            figures = evaluation(spec, sandbox=sandbox)
+            figures = api.report(spec, sandbox=sandbox)
             text = jsontext.dumps(figures.to_json(), indent=1) if fmt == "json" else to_markdown(figures)
     if out_path is None:
         click.echo(text, nl=False)  # markdown and JSON of our own making; outside text is escaped in them
@@ -646,12 +646,11 @@ def _report_format(fmt: str | None, *, as_json: bool, markdown: bool) -> str:
 @click.option("--sandbox", is_flag=True, help="Count the sandbox's simulated answers instead of the real ones.")
 def status(job: Path, as_json: bool, sandbox: bool) -> None:
     """Show JOB's progress: done, failed and pending per model, cost so far, last run. Sends nothing."""
-    from batchrunner.offline import job_status
-    from batchrunner.spec import load_spec
+    from batchrunner import api
 
     logs.configure()
     with _exit_codes():
-        report = job_status(load_spec(job, sending=False), sandbox=sandbox)
+        report = api.status(job, sandbox=sandbox)
     if as_json:
         echo_json(report)
         return

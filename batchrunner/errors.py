@@ -28,6 +28,11 @@ from dataclasses import dataclass, field
 
 from batchrunner.costs import Usage
 
+# The command line's exit codes, the one rule of outcomes (the Python API's RunResult.exit_code says the same):
+# 0 every row answered; 1 finished, some rows failed; 2 the job cannot start (nothing was sent); 3 stopped early
+# for a reason to act on or wait out, and rerunning continues.
+EXIT_OK, EXIT_SOME_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+
 
 class BatchrunnerError(Exception):
     """Base of every error batchrunner raises on purpose."""

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import NoReturn
 
+from batchrunner.errors import EXIT_STOPPED
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-EXIT_STOPPED = 3  # the CLI's exit code for a run stopped early (cli.py)
 QUIT_WITHIN_S = 3.0  # after a second signal, the process exits within this, whatever its last words were doing
 
 Listener = Callable[[signal.Signals], None]
