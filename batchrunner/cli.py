@@ -23,6 +23,7 @@ from batchrunner import interrupts, jsontext, logs
 from batchrunner.costs import format_cost, format_usd
 from batchrunner.errors import (
     EXIT_INVALID,
+    EXIT_SOME_FAILED,
     EXIT_STOPPED,
     OutputError,
     Problem,
@@ -34,6 +35,7 @@ from batchrunner.sandbox.faults import FAULT_KINDS
 
 if TYPE_CHECKING:
     from batchrunner.api import RunResult
+    from batchrunner.evaluation import Report
     from batchrunner.spec import JobSpec
 
 # Each command imports what it needs when it runs: `--help` and `status` start in a fraction of the
@@ -604,32 +606,68 @@ def score(job: Path, sandbox: bool) -> None:
 )
 @click.option("--by", "by", help="Also chart the scores by this input column (HTML).")
 @click.option("--sandbox", is_flag=True, help="Report the sandbox's simulated answers instead of the real ones.")
+@click.option(
+    "--fail-under",
+    type=float,
+    help="Exit 1 when a model's score is under this (0 to 1): a gate for CI. See --strict, --model, --junit.",
+)
+@click.option("--strict", is_flag=True, help="With --fail-under: gate on the 95% interval's lower bound.")
+@click.option("--model", "gated", multiple=True, help="With --fail-under: gate only this model (repeatable).")
+@click.option("--junit", type=click.Path(path_type=Path), help="With --fail-under: write the gates as JUnit XML here.")
 def report(
-    job: Path, as_json: bool, markdown: bool, fmt: str | None, out_path: Path | None, by: str | None, sandbox: bool
+    job: Path,
+    as_json: bool,
+    markdown: bool,
+    fmt: str | None,
+    out_path: Path | None,
+    by: str | None,
+    sandbox: bool,
+    fail_under: float | None,
+    strict: bool,
+    gated: tuple[str, ...],
+    junit: Path | None,
 ) -> None:
     """Compare JOB's models from its checkpoint: scores with 95% intervals, paired differences, cost, latency.
 
     Sends nothing. HTML to look at (charts and a row explorer, one file that opens anywhere),
-    markdown for CI logs and pull requests, JSON for scripts."""
+    markdown for CI logs and pull requests, JSON for scripts. With --fail-under it is a CI gate:
+    exit 1 when a model's score (with --strict, its interval's lower bound) is under the threshold."""
     from batchrunner import api
     from batchrunner.evaluation import to_markdown
     from batchrunner.offline import report_html
 
     fmt = _report_format(fmt, as_json=as_json, markdown=markdown)
+    if fail_under is None and (strict or gated or junit):
+        raise click.UsageError("--strict, --model and --junit go with --fail-under")
     logs.configure()
     with _exit_codes():
         spec = api.job_spec(job, sending=False)
+        figures = api.report(spec, sandbox=sandbox)
         if fmt == "html":
             text = report_html(spec, sandbox=sandbox, by=by)
             out_path = out_path or spec.output.with_name(spec.output.stem + ".report.html")
         else:
-            figures = api.report(spec, sandbox=sandbox)
             text = jsontext.dumps(figures.to_json(), indent=1) if fmt == "json" else to_markdown(figures)
-    if out_path is None:
-        click.echo(text, nl=False)  # markdown and JSON of our own making; outside text is escaped in them
-    else:
-        write_text_atomically(out_path, text)
-        say(f"{spec.name}: wrote the report to {out_path}")
+        if out_path is None:
+            click.echo(text, nl=False)  # markdown and JSON of our own making; outside text is escaped in them
+        else:
+            write_text_atomically(out_path, text)
+            say(f"{spec.name}: wrote the report to {out_path}", err=fail_under is not None)
+        if fail_under is not None:
+            _gate(spec.name, figures, fail_under, strict=strict, models=list(gated), junit=junit)
+
+
+def _gate(job: str, figures: Report, threshold: float, *, strict: bool, models: list[str], junit: Path | None) -> None:
+    """The CI gate: each gated model's verdict on stderr, JUnit XML if asked, and exit 1 when one is under."""
+    from batchrunner.gates import gates, junit_xml
+
+    verdicts = gates(figures, threshold, models=models or None, strict=strict)
+    for gate in verdicts:
+        say(f"{'pass' if gate.passed else 'FAIL'}: {gate.sentence()}", err=True)
+    if junit is not None:
+        write_text_atomically(junit, junit_xml(job, verdicts))
+    if not all(gate.passed for gate in verdicts):
+        sys.exit(EXIT_SOME_FAILED)
 
 
 def _report_format(fmt: str | None, *, as_json: bool, markdown: bool) -> str:
