@@ -30,7 +30,7 @@ import asyncio
 import concurrent.futures
 import functools
 import os
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -143,7 +143,7 @@ def job_spec(
     *,
     input: str | os.PathLike[str] | None = None,
     output: str | os.PathLike[str] | None = None,
-    concurrency: int | None = None,
+    concurrency: int | str | None = None,
     mode: str | None = None,
     sending: bool = True,
 ) -> JobSpec:
@@ -175,8 +175,11 @@ async def arun(
     wait: bool = True,
     input: str | os.PathLike[str] | None = None,
     output: str | os.PathLike[str] | None = None,
-    concurrency: int | None = None,
+    concurrency: int | str | None = None,
     mode: str | None = None,
+    where: str | None = None,
+    ids: Iterable[str] | None = None,
+    retry_failed: bool = False,
     progress: bool = False,
     hard_exit: bool = False,
     on_start: Callable[[str | None], None] | None = None,
@@ -185,7 +188,10 @@ async def arun(
 
     `max_cost` caps this run's spend in USD (the command line's --max-cost); `fresh` deletes every stored answer
     first; `wait=False` is batch mode's --no-wait; `on_start` is told the built-in sandbox's URL once it is up
-    (None for a real server); `hard_exit` makes a second Ctrl-C end the process, as on the command line."""
+    (None for a real server); `hard_exit` makes a second Ctrl-C end the process, as on the command line.
+    A slice of the job: `where` (a SQL condition over the input columns), `ids` (the rows with these ids),
+    `retry_failed` (only the pairs whose last attempt failed); such a run is never the complete run a later one
+    may skip reading after."""
     from batchrunner.runner import RunSettings, run_job
     from batchrunner.sandbox import SandboxConfig
 
@@ -199,6 +205,9 @@ async def arun(
         wait=wait,
         hard_exit=hard_exit,
         on_start=on_start,
+        where=where,
+        ids=None if ids is None else frozenset(str(item) for item in ids),
+        retry_failed=retry_failed,
     )
     try:
         outcome = await run_job(spec, settings)

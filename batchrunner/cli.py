@@ -141,7 +141,11 @@ def main() -> None:
     "--output", "output_path", type=click.Path(path_type=Path), help="Output file instead of the spec's `output`."
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Run only the first N rows.")
-@click.option("--concurrency", type=click.IntRange(1, 4096), help="Most requests in flight.")
+@click.option(
+    "--concurrency",
+    callback=lambda _context, _param, value: _concurrency(value),
+    help="Most requests in flight (1 to 4096), or auto to find it.",
+)
 @click.option(
     "--sandbox", is_flag=True, help="Run against the built-in simulated OpenRouter: no key, no network, no cost."
 )
@@ -156,6 +160,11 @@ def main() -> None:
 )
 @click.option("--no-wait", is_flag=True, help="Batch mode: submit and exit; the next run collects the answers.")
 @click.option("--fresh", is_flag=True, help="Forget the checkpoint and start over (asks first).")
+@click.option("--retry-failed", is_flag=True, help="Ask again only the rows that failed.")
+@click.option("--where", help="Only the input rows this SQL condition selects, e.g. \"tier = 'pro'\".")
+@click.option(
+    "--ids", "ids_file", type=click.Path(path_type=Path), help="Only the rows whose ids this file lists, one a line."
+)
 @click.option("--yes", is_flag=True, help="Do not ask before --fresh deletes stored answers.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every retry and fallback.")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per event on stderr, for log collectors.")
@@ -172,12 +181,15 @@ def run(
     input_path: Path | None,
     output_path: Path | None,
     limit: int | None,
-    concurrency: int | None,
+    concurrency: int | str | None,
     sandbox: bool,
     max_cost_usd: float | None,
     mode: str | None,
     no_wait: bool,
     fresh: bool,
+    retry_failed: bool,
+    where: str | None,
+    ids_file: Path | None,
     yes: bool,
     verbose: bool,
     log_json: bool,
@@ -209,6 +221,9 @@ def run(
                 max_cost=max_cost_usd,
                 fresh=fresh,
                 wait=not no_wait,
+                where=where,
+                ids=None if ids_file is None else _ids(ids_file),
+                retry_failed=retry_failed,
                 progress=True,
                 hard_exit=True,  # a second Ctrl-C ends the process at once
                 on_start=_sandbox_banner,
@@ -217,6 +232,24 @@ def run(
             say(f"error: {error}; answers received so far are in the checkpoint, rerun to continue", err=True)
             sys.exit(EXIT_STOPPED)
     _say_outcome(result, sandbox=sandbox, as_json=as_json)
+
+
+def _concurrency(value: str | None) -> int | str | None:
+    """--concurrency: a number from 1 to 4096, or auto."""
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or not 1 <= int(value) <= 4096:
+        raise click.BadParameter(f"{value!r} is neither a number from 1 to 4096 nor auto")
+    return int(value)
+
+
+def _ids(path: Path) -> frozenset[str]:
+    """The ids an --ids file lists, one a line (blank lines and lines starting with # are skipped)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(Problem("--ids", f"cannot read {path}: {exc}")) from None
+    return frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
 
 def _confirm_fresh(checkpoint: Path) -> None:

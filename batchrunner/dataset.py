@@ -13,6 +13,7 @@ checkpoint key is made of. Parquet files carry their own types and are read as t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -60,6 +61,11 @@ class Dataset:
                 row_id = index if self.id_column is None else values[self.id_column]
                 rows.append(Row(index, str(row_id), values))
             yield chunk, rows
+
+    def only(self, where: pl.Expr, rows: int) -> Dataset:
+        """The rows `where` selects (run --where, --ids), each keeping its place in the input (ROW_INDEX): what a
+        sliced run reads, while its output is still made of every row."""
+        return dataclasses.replace(self, frame=self.frame.filter(where), rows=rows)
 
     def batches(self, *, limit: int | None = None, batch_size: int = 2048, start: int = 0) -> Iterator[list[Row]]:
         """The rows in input order from row `start`, `batch_size` at a time."""

@@ -60,6 +60,7 @@ def pending(
     batch_size: int = BATCH_ROWS,
     start: int = 0,
     on_keys: Callable[[list[RowRequest], int], None] | None = None,
+    failed_only: bool = False,
 ) -> Iterator[Batch]:
     """The pairs of the input (its first `limit` rows; from row `start`) that the checkpoint has no answer
     for, batch by batch. `on_keys` hears each batch's pairs, answered or not, and its row count (a KeyLog)."""
@@ -79,9 +80,9 @@ def pending(
         first = read == start
         read += len(rows)
         if first and len(rows) > FIRST_BATCH_ROWS:  # the first requests go out before the rest are rendered
-            yield _batch(rows[:FIRST_BATCH_ROWS], requests, store, on_keys)
+            yield _batch(rows[:FIRST_BATCH_ROWS], requests, store, on_keys, failed_only)
             rows = rows[FIRST_BATCH_ROWS:]
-        yield _batch(rows, requests, store, on_keys)
+        yield _batch(rows, requests, store, on_keys, failed_only)
 
 
 def _batch(
@@ -89,6 +90,7 @@ def _batch(
     requests: RequestBuilder,
     store: Store | None,
     on_keys: Callable[[list[RowRequest], int], None] | None,
+    failed_only: bool = False,
 ) -> Batch:
     """These rows' pairs, less those the checkpoint has answered for the spec as it is now."""
     ids = [row.id for row in rows]
@@ -104,7 +106,8 @@ def _batch(
             batch.answered[request.requested_model] += 1
         elif key in unfinished:
             status, bill = unfinished[key]
-            batch.todo.append(Todo(request, bill, status))
-        else:
+            if status == "failed" or not failed_only:
+                batch.todo.append(Todo(request, bill, status))
+        elif not failed_only:
             batch.todo.append(Todo(request))
     return batch

@@ -7,6 +7,7 @@ A job refused here costs nothing: each problem is a SpecError naming the field a
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -16,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from batchrunner.costs import STANDARD_TIER, PriceTable, tier_of, to_decimal
-from batchrunner.dataset import Dataset, open_dataset
+from batchrunner.dataset import ROW_INDEX, Dataset, open_dataset
 from batchrunner.errors import OutputError, Problem, SpecError, first_line
 from batchrunner.judging import ANSWER, REFERENCE
 from batchrunner.output import extra_columns, probe_output, score_columns, summary_path
@@ -481,3 +482,33 @@ def _allowed(endpoint: dict[str, Any], provider: dict[str, Any]) -> bool:
         if price is not None and limit is not None and price * 1_000_000 > limit:
             return False
     return True
+
+
+def select_rows(
+    dataset: Dataset, spec: JobSpec, *, limit: int | None, where: str | None, ids: frozenset[str] | None
+) -> Dataset:
+    """The input rows --where (a SQL WHERE clause over the input columns, in polars' SQL) and --ids select, among
+    the first --limit rows; a clause polars cannot read, or that names no column of the input, is refused
+    (SpecError) before anything is opened. CSV and JSONL cells are text: compare them as text, or CAST them."""
+    conditions = []
+    if where is not None:
+        try:
+            conditions.append(pl.sql_expr(where))
+        except Exception as exc:  # polars' SQL parser raises several kinds; all mean the same to the user
+            raise SpecError(
+                Problem("--where", f"{where!r} is not a SQL condition polars reads: {first_line(exc)}")
+            ) from None
+    if ids is not None:
+        column = pl.col(spec.id_column) if spec.id_column else pl.col(ROW_INDEX)
+        conditions.append(column.cast(pl.String).is_in(sorted(ids)))
+    condition = pl.all_horizontal(conditions)
+    frame = dataset.frame if limit is None else dataset.frame.head(limit)
+    try:
+        rows = int(frame.filter(condition).select(pl.len()).collect().item())
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise SpecError(
+            Problem("--where", f"{where!r}: {first_line(exc)} (the input's columns: {', '.join(dataset.columns)})")
+        ) from None
+    if rows == 0:
+        log.warning("--where/--ids select no row of %s: nothing to send", dataset.path.name)
+    return dataclasses.replace(dataset, frame=frame).only(condition, rows)

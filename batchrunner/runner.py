@@ -59,7 +59,7 @@ from batchrunner.lock import job_lock, lock_path
 from batchrunner.output import export, extend, remove_leftovers, summary_path
 from batchrunner.output import results as results_of
 from batchrunner.pending import Batch, pending
-from batchrunner.preflight import check_endpoints, check_models, check_output, prepare
+from batchrunner.preflight import check_endpoints, check_models, check_output, prepare, select_rows
 from batchrunner.progress import Progress
 from batchrunner.records import KeptResults, ResultSink, RowResult, Sinks, Summary
 from batchrunner.request import RequestBuilder
@@ -134,6 +134,9 @@ class RunSettings:
     on_start: Callable[[str | None], None] | None = None  # told the sandbox's URL (or None) once connected
     credit_refresh_s: float = 5.0  # how often the key's credits are read again while the run spends them
     fresh: bool = False  # delete every stored answer first
+    where: str | None = None  # only the input rows this SQL WHERE clause selects (--where)
+    ids: frozenset[str] | None = None  # only the input rows with these ids (--ids)
+    retry_failed: bool = False  # only the pairs whose last attempt failed (--retry-failed)
     hard_exit: bool = True  # a second Ctrl-C or SIGTERM ends the process (the CLI); else the run returns (the API)
     flush_s: float = COMMIT_INTERVAL_S  # how often the checkpoint commits
     breaker: Breaker | None = None  # instead of the answerer's own circuit breaker
@@ -152,12 +155,25 @@ class Plan:
     dataset: Dataset
     connection: Connection  # made (the key checked), not yet connected
     requests: RequestBuilder
-    rows: int  # input rows the run reads (--limit)
+    rows: int  # input rows the run reads (--limit, --where, --ids)
+    source: Dataset  # what the run reads: the input, or the rows --where and --ids select (the output is all rows)
 
     @property
     def total(self) -> int:
         """The (row, model, sample) pairs the run sets out to do."""
         return self.rows * len(self.spec.models) * self.spec.samples
+
+    @property
+    def partial(self) -> bool:
+        """The run reads a part of the job (--limit, --where, --ids, --retry-failed): it can never be the complete
+        run a later one skips reading after, and its keys cover only what it read."""
+        settings = self.settings
+        return (
+            settings.limit is not None
+            or settings.where is not None
+            or settings.ids is not None
+            or (settings.retry_failed)
+        )
 
     @property
     def sandbox_url(self) -> str | None:
@@ -233,7 +249,11 @@ def plan_run(spec: JobSpec, settings: RunSettings) -> Plan:
     connection = Connection(spec, sandbox=settings.sandbox)  # checks the key: refused before anything is opened
     requests = RequestBuilder(spec, server=connection.server)
     rows = dataset.rows if settings.limit is None else min(settings.limit, dataset.rows)
-    return Plan(spec, settings, dataset, connection, requests, rows)
+    source = dataset
+    if settings.where is not None or settings.ids is not None:
+        source = select_rows(dataset, spec, limit=settings.limit, where=settings.where, ids=settings.ids)
+        rows = source.rows
+    return Plan(spec, settings, dataset, connection, requests, rows, source)
 
 
 async def open_run(plan: Plan, caught: interrupts.Interrupts) -> tuple[ServerTerms, Opened]:
@@ -243,7 +263,7 @@ async def open_run(plan: Plan, caught: interrupts.Interrupts) -> tuple[ServerTer
         plan.settings.on_start(plan.sandbox_url)
     terms = await _unless_interrupted(ask_terms(plan), caught)
     store = Store.open(plan.spec.checkpoint_path(), server=plan.requests.server, job=plan.spec.name)
-    state = job_state(plan.spec, plan.requests, plan.dataset) if plan.settings.limit is None else None
+    state = job_state(plan.spec, plan.requests, plan.dataset) if not plan.partial else None
     return terms, Opened(store, state)
 
 
@@ -268,13 +288,13 @@ async def ask_terms(plan: Plan) -> ServerTerms:
 def recall(plan: Plan, opened: Opened) -> None:
     """What the checkpoint says of earlier runs (--fresh forgets it all): the last complete run's, which this
     run forgets until it ends the same way, and a key log for the rows this run will read."""
-    store, limit = opened.store, plan.settings.limit
+    store = opened.store
     if plan.settings.fresh:
         store.delete_all()
     opened.known = known = last_run(store, plan.spec, opened.state, plan.dataset)  # unchanged, or grown
     forget(store)  # until this run ends the same way
     store.begin_run()
-    if limit is None and (known is None or known.grown):  # each row's keys, kept for the output
+    if not plan.partial and (known is None or known.grown):  # each row's keys, kept for the output
         first = known.rows if known is not None and known.grown else 0
         opened.keylog = KeyLog(plan.spec.output, plan.spec.input, first_row=first, rows=plan.rows)
 
@@ -379,8 +399,15 @@ def _work(plan: Plan, opened: Opened, progress: Progress | None) -> tuple[Iterab
         sinks.append(opened.results)
     first = known.rows if known is not None and known.grown else 0
     record = keylog.record if keylog is not None else None
+    limit = None if plan.source is not plan.dataset else plan.settings.limit  # a selection applied it already
     work: Iterable[Batch] = pending(
-        plan.dataset, plan.requests, store, limit=plan.settings.limit, start=first, on_keys=record
+        plan.source,
+        plan.requests,
+        store,
+        limit=limit,
+        start=first,
+        on_keys=record,
+        failed_only=plan.settings.retry_failed,
     )
     if known is not None:  # the rows the last complete run answered are not read again
         earlier = Batch([], collections.Counter(known.answered), known.rows)
