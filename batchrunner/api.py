@@ -41,6 +41,7 @@ from batchrunner.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, Problem,
 if TYPE_CHECKING:
     import polars as pl
 
+    from batchrunner.compare import Comparison
     from batchrunner.evaluation import Report
     from batchrunner.halt import Stop
     from batchrunner.records import Summary
@@ -249,6 +250,27 @@ def report(job: JobLike, *, sandbox: bool = False) -> Report:
     from batchrunner.offline import evaluation
 
     return evaluation(job_spec(job, sending=False), sandbox=sandbox)
+
+
+def compare(job: JobLike, baseline: str, *, sandbox: bool = False) -> Comparison:
+    """The job's answers now against a baseline (`batchrunner report --baseline`): `run:N` or a date (runs this
+    job recorded), another job's spec (.yaml), or an output file an earlier run wrote. Sends nothing."""
+    from batchrunner import snapshots
+    from batchrunner.compare import compare as compared
+    from batchrunner.dataset import ROW_INDEX
+    from batchrunner.offline import evaluation_data
+
+    spec = job_spec(job, sending=False)
+    figures, now = evaluation_data(spec, sandbox=sandbox)
+    if baseline.endswith((".yaml", ".yml")):
+        other = job_spec(baseline, sending=False)
+        label, before = f"{other.name} ({baseline})", evaluation_data(other, sandbox=sandbox)[1]
+    else:
+        label, before = snapshots.baseline(spec, baseline)
+    id_column = spec.id_column if spec.id_column and spec.id_column in before.columns else ROW_INDEX
+    return compared(
+        now, before, id_column=id_column, score_column=figures.score_column, after_label="now", before_label=label
+    )
 
 
 # -- internals ------------------------------------------------------------------------------------

@@ -647,6 +647,10 @@ def score(job: Path, sandbox: bool) -> None:
 @click.option("--strict", is_flag=True, help="With --fail-under: gate on the 95% interval's lower bound.")
 @click.option("--model", "gated", multiple=True, help="With --fail-under: gate only this model (repeatable).")
 @click.option("--junit", type=click.Path(path_type=Path), help="With --fail-under: write the gates as JUnit XML here.")
+@click.option(
+    "--baseline",
+    help="Compare with run:N, a date (YYYY-MM-DD), another job's spec or an earlier output file (markdown or --json).",
+)
 def report(
     job: Path,
     as_json: bool,
@@ -659,6 +663,7 @@ def report(
     strict: bool,
     gated: tuple[str, ...],
     junit: Path | None,
+    baseline: str | None,
 ) -> None:
     """Compare JOB's models from its checkpoint: scores with 95% intervals, paired differences, cost, latency.
 
@@ -676,7 +681,12 @@ def report(
     with _exit_codes():
         spec = api.job_spec(job, sending=False)
         figures = api.report(spec, sandbox=sandbox)
-        if fmt == "html":
+        if baseline is not None:  # the comparison instead of the report: markdown for a pull request, or JSON
+            from batchrunner.compare import to_markdown as comparison_markdown
+
+            comparison = api.compare(spec, baseline, sandbox=sandbox)
+            text = jsontext.dumps(comparison.to_json(), indent=1) if fmt == "json" else comparison_markdown(comparison)
+        elif fmt == "html":
             text = report_html(spec, sandbox=sandbox, by=by)
             out_path = out_path or spec.output.with_name(spec.output.stem + ".report.html")
         else:
@@ -749,6 +759,9 @@ def status(job: Path, as_json: bool, sandbox: bool) -> None:
     last = report["last_run"]
     if last:
         say(f"  last run: started {last['started_at']}, {last['outcome'] or 'running or killed'}")
+    if recorded := report["recorded_runs"]:
+        shown = ", ".join(f"run:{r['run']} ({r['finished_at'][:16].replace('T', ' ')} UTC)" for r in recorded[-5:])
+        say(f"  recorded runs, to compare with `report --baseline`: {shown}")
 
 
 def _fault(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from batchrunner import interrupts
+from batchrunner import interrupts, snapshots
 from batchrunner.costs import ZERO_USD
 from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import Problem, RunHalted, SpecError
@@ -203,4 +203,9 @@ def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
         "runs": len(runs),
         "last_run": runs[-1] if runs else None,
         "batches": batches,
+        # complete evaluation runs kept for `report --baseline run:N` (snapshots.py)
+        "recorded_runs": [
+            {"run": snapshot.number, "finished_at": snapshot.finished.isoformat()}
+            for snapshot in snapshots.listed(spec)
+        ],
     }

@@ -29,7 +29,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from batchrunner import interrupts, jsontext
+import polars as pl
+
+from batchrunner import interrupts, jsontext, snapshots
 from batchrunner.adaptive import Aimd
 from batchrunner.breaker import Breaker
 from batchrunner.client import Client
@@ -432,6 +434,9 @@ def write_run(plan: Plan, opened: Opened, report: RunReport | None, caught: inte
     opened.store.end_run(outcome, ok=summary.ok, failed=summary.failed, cost_usd=summary.cost_usd)
     try:
         written = write_output(plan, opened, report)
+        complete = report is not None and report.stop is None and report.pending == 0 and not plan.partial
+        if written is not None and complete and plan.spec.evaluate is not None and summary.done:
+            snapshot_run(plan, opened)
     finally:
         if opened.keylog is not None:
             opened.keylog.close()
@@ -443,6 +448,21 @@ def write_run(plan: Plan, opened: Opened, report: RunReport | None, caught: inte
     if report is not None:
         write_json(summary_path(plan.spec.output), {"job": plan.spec.name, **summary_json(report)})
     return written
+
+
+def snapshot_run(plan: Plan, opened: Opened) -> None:
+    """Keep what this complete evaluation run answered, to be compared with later (snapshots.py); a run whose
+    record cannot be written is still a complete run (the answers are in the checkpoint)."""
+    from batchrunner.evaluation import gather
+    from batchrunner.output import score_columns
+
+    try:
+        frame = gather(results_of(plan.dataset, plan.requests, opened.store, row_index=True, keys=opened.keylog))
+        scores = [name for name, dtype in score_columns(plan.spec).items() if dtype == pl.Float64()]
+        kept = snapshots.record(plan.spec, frame, scores)
+        log.info("recorded this run as %s, for `report --baseline run:%d` later", kept.label, kept.number)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        log.warning("could not record this run for later comparison (%s); its answers are in the checkpoint", exc)
 
 
 def write_output(plan: Plan, opened: Opened, report: RunReport | None) -> int | None:
