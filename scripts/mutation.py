@@ -31,6 +31,8 @@ COPIED = ("batchrunner", "tests", "pyproject.toml")  # what mutmut and the tests
 TARGETS = {
     "costs": ("batchrunner/costs.py", "tests/test_costs.py"),
     "flow": ("batchrunner/flow.py", "tests/test_flow.py"),
+    "adaptive": ("batchrunner/adaptive.py", "tests/test_adaptive.py"),
+    "gates": ("batchrunner/gates.py", "tests/test_gates.py"),
 }
 
 
