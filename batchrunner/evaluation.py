@@ -176,10 +176,19 @@ def _model(frame: pl.DataFrame, model: str, score_column: str | None, id_column:
         latency_p95_s=_percentile(latencies, 0.95),
         prompt_tokens=int(frame["billed_prompt_tokens"].sum()),
         completion_tokens=int(frame["billed_completion_tokens"].sum()),
-        retries=int(frame["attempts"].sum()) - rows,
+        retries=retries(frame),
         fallbacks=frame.filter(pl.col("model").is_not_null() & (pl.col("model") != pl.col("requested_model"))).height,
         errors=errors,
     )
+
+
+def retries(frame: pl.DataFrame) -> int:
+    """Attempts beyond the first, summed over the rows that were sent. A dedupe copy (or a row whose answer
+    came without a request) has 0 attempts: "attempts minus rows" counted it as -1 retry, so a deduplicated
+    job showed a negative count."""
+    if frame.is_empty() or "attempts" not in frame.columns:
+        return 0
+    return int(frame.select((pl.col("attempts").fill_null(0) - 1).clip(lower_bound=0).sum()).item())
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:

@@ -311,3 +311,12 @@ def test_samples_are_averaged_per_row_before_intervals() -> None:
     assert a.score.high - a.score.low == pytest.approx(0.0)
     assert report.pairs[0].rows == rows and report.pairs[0].difference.mean == pytest.approx(1 / 3)
     assert any("mean of its samples" in note for note in report.notes)
+
+
+def test_retries_count_only_attempts_past_the_first_of_rows_that_were_sent() -> None:
+    """Dedupe copies have 0 attempts: they count no retry (the count was attempts minus rows, negative here)."""
+    frame = answers([0, 1, 2, 3], ["a"] * 4, [1.0, 1.0, 0.0, 1.0], attempts=[1, 3, 0, 0])
+    report = build("job", frame, id_column="row", score_column="score")
+    assert report.models[0].retries == 2
+    assert report.to_json()["models"][0]["retries"] == 2
+    assert "| 2 | 0 |" in to_markdown(report)
