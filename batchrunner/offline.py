@@ -19,7 +19,7 @@ from batchrunner import interrupts
 from batchrunner.costs import ZERO_USD
 from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import Problem, RunHalted, SpecError
-from batchrunner.evaluation import Report, build, gather
+from batchrunner.evaluation import Report, build, enum_labels, gather
 from batchrunner.lock import job_lock, lock_path
 from batchrunner.output import export, remove_leftovers, results, rows_in, score_columns
 from batchrunner.pending import pending
@@ -135,7 +135,17 @@ def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl
     scores = [name for name, dtype in score_columns(spec).items() if dtype == pl.Float64()]
     with Store.open(checkpoint, job=spec.name) as store:
         data = gather(results(dataset, requests, store, row_index=True))
-    return build(spec.name, data, id_column=ROW_INDEX, score_column=scores[0] if scores else None), data
+    evaluate = spec.evaluate
+    figures = build(
+        spec.name,
+        data,
+        id_column=ROW_INDEX,
+        score_column=scores[0] if scores else None,
+        reference=evaluate.reference if evaluate else None,
+        answer_column=spec.answer_column() if evaluate else None,
+        labels=enum_labels(spec.response_format, evaluate.field if evaluate else None),
+    )
+    return figures, data
 
 
 def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) -> str:

@@ -320,3 +320,72 @@ def test_retries_count_only_attempts_past_the_first_of_rows_that_were_sent() -> 
     assert report.models[0].retries == 2
     assert report.to_json()["models"][0]["retries"] == 2
     assert "| 2 | 0 |" in to_markdown(report)
+
+
+def test_an_enum_answer_with_a_reference_gets_a_confusion_matrix_in_json_and_markdown() -> None:
+    """References are rows, answers columns; an answer outside the enum is (other), a failed row (no answer)."""
+    from batchrunner.evaluation import enum_labels
+
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"schema": {"properties": {"category": {"type": "string", "enum": ["bug", "billing"]}}}},
+    }
+    labels = enum_labels(response_format, "category")
+    assert labels == ["bug", "billing"] and enum_labels(response_format, "urgency") is None
+    frame = answers(
+        [0, 1, 2, 3, 4],
+        ["a"] * 5,
+        [1.0, 0.0, 1.0, 0.0, 0.0],
+        expected=["bug", "bug", "billing", "billing", "billing"],
+        answer=["bug", "billing", " Billing", "refund", None],
+        status=["ok"] * 4 + ["failed"],
+    )
+    report = build(
+        "job", frame, id_column="row", score_column="score", reference="expected", answer_column="answer", labels=labels
+    )
+    matrix = report.to_json()["models"][0]["confusion"]
+    assert matrix["references"] == ["bug", "billing"]
+    assert matrix["answers"] == ["bug", "billing", "(other)", "(no answer)"]
+    assert matrix["counts"] == [[1, 1, 0, 0], [0, 1, 1, 1]]
+    markdown = to_markdown(report)
+    assert "## Confusion matrix: a" in markdown and "| billing | 0 | 1 | 1 | 1 |" in markdown
+    assert build("job", frame, id_column="row", score_column="score").models[0].confusion is None
+
+
+def recommendation_for(scores: dict[str, tuple[int, str]], rows: int = 200) -> Any:
+    """The recommendation of models given as name -> (rows right of `rows`, cost per row); right rows come first,
+    so the models agree as much as their scores allow."""
+    frames = [
+        answers(list(range(rows)), [m] * rows, [1.0] * right + [0.0] * (rows - right), cost_usd=[cost] * rows)
+        for m, (right, cost) in scores.items()
+    ]
+    return build("job", frames, id_column="row", score_column="score").recommendation
+
+
+def test_the_recommendation_names_the_cheapest_model_not_significantly_worse_and_its_saving() -> None:
+    """A cheap model 1 point behind the best is chosen, saving the cost difference per 1,000 rows; when every
+    cheaper model is significantly worse, or the best is also the cheapest, it says "none" and why."""
+    chosen = recommendation_for({"best": (180, "0.01"), "close": (178, "0.002"), "poor": (100, "0.0001")})
+    assert chosen.model == "close" and chosen.best == "best" and chosen.saving_per_1k_rows_usd == "8.000000"
+    assert chosen.sentence == (
+        "cheapest model not significantly worse than the best (best): close, saving $8.00 per 1,000 rows"
+    )
+    worse = recommendation_for({"best": (180, "0.01"), "poor": (100, "0.0001")})
+    assert worse.model is None and worse.sentence.endswith("none; every cheaper model is significantly worse")
+    cheapest = recommendation_for({"best": (180, "0.0001"), "dear": (179, "0.01")})
+    assert cheapest.model is None and "none; the best, best, is also the cheapest" in cheapest.sentence
+    report = build("job", answers([0], ["a"], [1.0]), id_column="row", score_column="score")
+    assert report.to_json()["recommendation"]["sentence"].endswith("is the only model scored")
+    assert "**Recommendation**: " in to_markdown(report)
+    assert build("job", answers([0], ["a"], [1.0]), id_column="row", score_column=None).recommendation is None
+
+
+def test_slices_get_the_same_intervals_as_the_overall_scores() -> None:
+    """Each (slice, model) has Wilson's interval over its rows: 9 of 10 right is 0.9 (0.596 to 0.982)."""
+    from batchrunner.evaluation import by_slice
+
+    frame = answers(list(range(20)), ["a"] * 20, [1.0] * 9 + [0.0] + [1.0] * 10, tier=["free"] * 10 + ["pro"] * 10)
+    slices = {(s.value, s.model): s for s in by_slice(frame, "tier", "row", "score")}
+    free = slices[("free", "a")]
+    assert free.rows == 10 and free.score == wilson(9, 10)
+    assert free.score.low == pytest.approx(0.596, abs=1e-3) and slices[("pro", "a")].score.mean == 1.0
