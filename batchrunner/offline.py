@@ -127,8 +127,9 @@ def evaluation(spec: JobSpec, *, sandbox: bool = False) -> Report:
     return evaluation_data(spec, sandbox=sandbox)[0]
 
 
-def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl.DataFrame]:
-    """The report's figures and the rows they come from (the output, with each row's input position)."""
+def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl.DataFrame, list[str]]:
+    """The report's figures, the rows they come from (the output, with each row's input position) and the input's
+    own columns (what the models were shown, for the row explorer)."""
     dataset = prepare(spec)
     checkpoint = existing_checkpoint(spec)
     requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox))
@@ -145,15 +146,16 @@ def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl
         answer_column=spec.answer_column() if evaluate else None,
         labels=enum_labels(spec.response_format, evaluate.field if evaluate else None),
     )
-    return figures, data
+    return figures, data, dataset.columns
 
 
 def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) -> str:
     """The self-contained HTML report (report_html.py) of the job's checkpoint."""
-    figures, data = evaluation_data(spec, sandbox=sandbox)
+    figures, data, inputs = evaluation_data(spec, sandbox=sandbox)
     if by is not None and by not in data.columns:
         raise SpecError(Problem("--by", f"{by!r} is not an input column; the input has: {', '.join(data.columns)}"))
     evaluate = spec.evaluate
+    shown = {spec.id_column, evaluate.reference if evaluate else None}  # already their own columns
     return render(
         figures,
         data,
@@ -161,6 +163,7 @@ def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) 
         reference=evaluate.reference if evaluate else None,
         answer_column=spec.answer_column(),
         by=by,
+        inputs=[column for column in inputs if column not in shown],
     )
 
 
