@@ -68,9 +68,8 @@ def render(
         _confusions(report),
         _explorer(models),
     ]
-    data_json = jsontext.dumps(
-        payload, ensure_ascii=False
-    )  # JSON.parse reads it: strict.replace("<", "\\u003c").replace("\u2028", "\\u2028")
+    # JSON.parse reads it (strict JSON); "<" escaped so no cell can close the script element ("</script>")
+    data_json = jsontext.dumps(payload, ensure_ascii=False).replace("<", "\\u003c").replace("\u2028", "\\u2028")
     return (
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         f"<title>{html.escape(report.job)}: model comparison</title>"

@@ -389,3 +389,81 @@ def test_slices_get_the_same_intervals_as_the_overall_scores() -> None:
     free = slices[("free", "a")]
     assert free.rows == 10 and free.score == wilson(9, 10)
     assert free.score.low == pytest.approx(0.596, abs=1e-3) and slices[("pro", "a")].score.mean == 1.0
+
+
+def rendered(frame: pl.DataFrame, **options: Any) -> str:
+    """The HTML report of `frame` (answers in `answer`, ids in `row`), with the figures build gives it."""
+    from batchrunner.report_html import render
+
+    figures = build(
+        "job",
+        frame,
+        id_column="row",
+        score_column="score",
+        reference=options.pop("reference", None),
+        answer_column="answer",
+        labels=options.pop("labels", None),
+    )
+    return render(figures, frame, id_column="row", reference=None, answer_column="answer", **options)
+
+
+LONG = "meta-llama/llama-3.1-8b-instruct-with-a-long-suffix"
+
+
+def test_the_html_charts_have_round_ticks_with_units_and_full_model_names() -> None:
+    """Latency ticks are 0, 0.2, ... ms (not 0.015625), cost ticks are in dollars, and every model name is written
+    whole in each chart (the slice legend cut it at 22 characters)."""
+    from batchrunner.report_html import nice_ticks
+
+    assert nice_ticks(0, 0.078125) == [0.0, 0.02, 0.04, 0.06, 0.08]
+    assert nice_ticks(0, 1) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    n = 40
+    frame = answers(
+        list(range(n)) * 2,
+        ["a"] * n + [LONG] * n,
+        [1.0, 0.0] * n,
+        answer=["x"] * 2 * n,
+        latency_s=[0.0005, 0.0007] * n,
+        cost_usd=["0.00001", "0.00008"] * n,
+        tier=["free", "pro"] * n,
+    )
+    page = rendered(frame, by="tier")
+    assert ">0.2 ms</text>" in page and "0.015625" not in page
+    assert ">$0.02</text>" in page or ">$0.04</text>" in page
+    assert page.count(f">{LONG}</text>") >= 3, "the score, latency and slice charts name the model in full"
+    assert "anthropic/claude-3.5-h<" not in page and f"{LONG[:22]}<" not in page
+
+
+def test_the_slice_bars_carry_their_95_percent_interval() -> None:
+    """Each (slice, model) bar has a whisker from its interval's low to high end."""
+    frame = answers(list(range(20)), ["a"] * 20, [1.0, 0.0] * 10, answer=["x"] * 20, tier=["free", "pro"] * 10)
+    page = rendered(frame, by="tier")
+    assert page.count("class=whisker") == 2 and "Score by tier, with its 95% interval" in page
+
+
+def test_the_html_shows_retries_recommendation_and_confusion_matrix() -> None:
+    """Dedupe copies give no negative retries; the recommendation and each model's confusion matrix are shown."""
+    frame = answers(
+        [0, 1, 2, 3] * 2,
+        ["a"] * 4 + ["b"] * 4,
+        [1.0, 1.0, 0.0, 1.0] * 2,
+        attempts=[1, 1, 0, 0] * 2,
+        answer=["bug", "billing", "bug", "bug"] * 2,
+        expected=["bug", "billing", "billing", "bug"] * 2,
+    )
+    page = rendered(frame, reference="expected", labels=["bug", "billing"])
+    assert "<td>-2</td>" not in page and "<td>0</td><td>0</td></tr>" in page
+    assert "<strong>Recommendation</strong>: cheapest model not significantly worse than the best" in page
+    assert page.count("<div class=confusion>") == 2 and "<td class=diag>2</td>" in page
+
+
+def test_the_row_explorer_carries_each_rows_input_escaped_and_capped() -> None:
+    """The input columns go into the explorer's data, cut to INPUT_CHARS in all, never able to end the script."""
+    from batchrunner.report_html import INPUT_CHARS
+
+    frame = answers([0, 1], ["a", "a"], [1.0, 0.0], answer=["x", "y"], text=["</script><b>hi", "z" * 2000])
+    page = rendered(frame, inputs=["text"])
+    data = json.loads(page.split("<script type=application/json id=data>")[1].split("</script>")[0])
+    assert data["rows"][0]["in"] == [["text", "</script><b>hi"]]
+    assert len(data["rows"][1]["in"][0][1]) == INPUT_CHARS and data["rows"][1]["in"][0][1].endswith("…")
+    assert "'input'" in page, "the explorer has an input column"
