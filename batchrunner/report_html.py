@@ -24,7 +24,7 @@ from batchrunner.evaluation import ModelFigures, Report, by_slice, money, score_
 MAX_ROWS = 5000
 ANSWER_CHARS = 160
 INPUT_CHARS = 400  # of all a row's input columns together, in the explorer
-SLICE_CHARS = 48  # a --by value longer than this is cut in the chart (its full text in a tooltip)
+SLICE_CHARS = 80  # a --by value longer than this is cut in the chart (its full text in a tooltip)
 WIDTH, ROW_HEIGHT, PLOT = 640, 34, 380  # PLOT: the width of a chart's plot area; its margins fit the labels
 FONT = "DejaVu Sans, Verdana, Geneva, sans-serif"  # wide fonts: text_width's estimate holds for narrower ones
 COLOURS = ["#3b6fb6", "#d0743c", "#3c9d5d", "#9b59b6", "#c0392b", "#16a085", "#7f8c8d", "#b7950b"]

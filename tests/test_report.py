@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -178,6 +180,92 @@ def test_the_html_report_renders_in_a_browser_and_its_filters_work(tmp_path: Pat
     assert 'data-shown="1"' in dom("q=T-10007")
     focused = dom("row=T-10042")
     assert 'id="row-T-10042" class="focus"' in focused, "a permalink opens the row's page, highlighted"
+    laid_out = geometry(page)
+    assert laid_out["texts"] > 40 and laid_out["svgs"] >= 4
+    assert laid_out["overlaps"] == [] and laid_out["cut"] == [] and laid_out["negative"] == []
+    assert sorted(laid_out["named"]) == sorted(output["requested_model"].unique().to_list())
+
+
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu"]
+GEOMETRY = r"""<script>(function(){
+  var out = {overlaps: [], cut: [], negative: [], named: [], texts: 0, svgs: 0};
+  document.querySelectorAll('section.chart svg').forEach(function(svg, k){
+    out.svgs++;
+    var box = svg.getBoundingClientRect(), texts = Array.prototype.slice.call(svg.querySelectorAll('text'));
+    var rects = texts.map(function(t){ return t.getBoundingClientRect(); });
+    texts.forEach(function(t, i){
+      var r = rects[i], name = k + ': ' + t.textContent; out.texts++;
+      if (r.width === 0 || r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.top < box.top - 0.5 ||
+          r.bottom > box.bottom + 0.5 || t.getComputedTextLength() > Math.max(r.width, r.height) + 1 || /…$/.test(t.textContent)) out.cut.push(name);
+      for (var j = i + 1; j < texts.length; j++) {
+        var o = rects[j], w = Math.min(r.right, o.right) - Math.max(r.left, o.left), h = Math.min(r.bottom, o.bottom) - Math.max(r.top, o.top);
+        if (w > 0.5 && h > 0.5) out.overlaps.push(name + ' | ' + texts[j].textContent);
+      }
+      if (k === 0 && t.getAttribute('text-anchor') === 'end' && /\//.test(t.textContent)) out.named.push(t.textContent);
+    });
+  });
+  document.querySelectorAll('table.figures td, .confusion td').forEach(function(td){
+    if (/^[-\u2212]\s*\d/.test(td.textContent.trim())) out.negative.push(td.textContent);
+  });
+  document.body.setAttribute('data-geometry', JSON.stringify(out));
+})();</script>"""
+
+
+def geometry(page: Path) -> dict[str, Any]:
+    """Lays `page` out in headless Chromium and measures each chart's text labels: pairs whose boxes overlap,
+    labels outside their chart (cut) or ending in an ellipsis, the score chart's model names, and any negative count
+    in the models table or a confusion matrix."""
+    measured = page.with_name(page.stem + ".measured.html")
+    measured.write_text(page.read_text().replace("</body>", GEOMETRY + "</body>"))
+    shown = subprocess.run(
+        [*CHROMIUM, "--window-size=1280,2000", "--dump-dom", measured.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found = re.search(r'data-geometry="([^"]*)"', shown.stdout)
+    assert found is not None, shown.stdout[-2000:]
+    return dict(json.loads(html.unescape(found.group(1))))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_long_names_failures_and_dedupe_copies_lay_out_without_cut_or_overlapping_labels(tmp_path: Path) -> None:
+    """A report with long model names, long error kinds, slices, close points on the cost chart and dedupe copies
+    (0 attempts), measured in Chromium: no label overlaps another or leaves its chart, no count is negative."""
+    from batchrunner.report_html import render
+
+    n = 60
+    models = [LONG, "anthropic/claude-3.5-haiku", "openai/gpt-4o-mini-2024-07-18", "x/tiny"]
+    frame = answers(
+        list(range(n)) * 4,
+        [m for m in models for _ in range(n)],
+        [float((i + k) % (k + 2) != 0) for k in range(4) for i in range(n)],
+        status=(["ok"] * (n - 6) + ["failed"] * 6) * 4,
+        error=([None] * (n - 6) + ["HTTP 502: the upstream provider returned an error page"] * 3 + ["timeout"] * 3) * 4,
+        attempts=([1] * (n - 10) + [0] * 10) * 4,
+        cost_usd=[c for c in ("0.0001", "0.00011", "0.002", "0.0000001") for _ in range(n)],
+        latency_s=[0.015625 * (1 + i % 7) for i in range(4 * n)],
+        tier=["a rather long customer tier name, longer than most", "pro", "free"] * (4 * n // 3),
+        answer=["bug"] * 4 * n,
+        expected=["bug", "billing"] * 2 * n,
+    )
+    figures = build(
+        "long",
+        frame,
+        id_column="row",
+        score_column="score",
+        reference="expected",
+        answer_column="answer",
+        labels=["bug", "billing"],
+    )
+    page = tmp_path / "long.html"
+    page.write_text(render(figures, frame, id_column="row", reference="expected", answer_column="answer", by="tier"))
+    laid_out = geometry(page)
+    assert laid_out["svgs"] == 5 and laid_out["texts"] > 60
+    assert laid_out["overlaps"] == [] and laid_out["cut"] == [] and laid_out["negative"] == []
+    assert sorted(laid_out["named"]) == sorted(models), "every model named in full in the score chart"
 
 
 JUDGED = """
