@@ -418,37 +418,44 @@ def _cost_score(report: Report, colour: dict[str, str]) -> str:
             f"<circle class=dot cx={x(cost):.1f} cy={y(score):.1f} r=7 fill={colour[model]}{ring}>"
             f"<title>{html.escape(model)}</title></circle>"
         )
+    plot: Box = (left, 0, right, bottom)
     for cost, score, model in points:  # each number beside its dot, where it runs into no other label or dot
-        text = str(number[model])
-        w, cx, cy = text_width(text, 11), x(cost), y(score)
-        spots = [(cx + 10, cy - 6), (cx - 10 - w, cy - 6), (cx + 10, cy - 22), (cx - 10 - w, cy - 22)]
-        spots += [(cx + 10, cy + 8), (cx - 10 - w, cy + 8), (cx - w / 2, cy - 24), (cx - w / 2, cy + 10)]
-        spots += [(cx + 10 + 12 * k, cy - 6 - 16 * j) for j in range(-3, 4) for k in range(1, 4)]
-        for sx, sy in spots:
-            box = (sx - 1, sy - 1, sx + w + 1, sy + 14)
-            fits = left < box[0] and box[2] < right and box[1] >= 0 and box[3] < bottom
-            if fits and not any(_overlaps(box, other) for other in taken + dots):
-                break
-        taken.append(box)
-        parts.append(_label(sx, sy + 11, text, size=11, extra=" font-weight=600"))
+        parts.append(_place(str(number[model]), x(cost), y(score), plot, taken, dots))
     legend_top = bottom + 50
+    legend, legend_width = _numbered_legend(figures, number, colour, left, legend_top)
+    parts.append(legend)
+    return _svg(legend_top + len(figures) * 18, "".join(parts), legend_width)
+
+
+def _place(text: str, cx: float, cy: float, plot: Box, taken: list[Box], dots: list[Box]) -> str:
+    """`text` beside the dot at (cx, cy): the first of the spots around it that stays in `plot` and runs into no
+    label in `taken` nor any dot; the box it takes is added to `taken`."""
+    w = text_width(text, 11)
+    spots = [(cx + 10, cy - 6), (cx - 10 - w, cy - 6), (cx + 10, cy - 22), (cx - 10 - w, cy - 22)]
+    spots += [(cx + 10, cy + 8), (cx - 10 - w, cy + 8), (cx - w / 2, cy - 24), (cx - w / 2, cy + 10)]
+    spots += [(cx + 10 + 12 * k, cy - 6 - 16 * j) for j in range(-3, 4) for k in range(1, 4)]
+    for sx, sy in spots:
+        box = (sx - 1, sy - 1, sx + w + 1, sy + 14)
+        fits = plot[0] < box[0] and box[2] < plot[2] and box[1] >= plot[1] and box[3] < plot[3]
+        if fits and not any(_overlaps(box, other) for other in taken + dots):
+            break
+    taken.append(box)
+    return _label(sx, sy + 11, text, size=11, extra=" font-weight=600")
+
+
+def _numbered_legend(
+    figures: list[ModelFigures], number: dict[str, int], colour: dict[str, str], left: float, top: float
+) -> tuple[str, float]:
+    """The cost chart's legend: a line per model with its number, full name, cost per 1,000 rows and score; the
+    markup and the width it needs."""
+    parts, width = [], float(WIDTH)
     for i, m in enumerate(figures):
-        ly = legend_top + i * 18
-        assert m.score is not None
-        parts.append(f"<circle cx={left + 6} cy={ly - 4} r=5 fill={colour[m.model]} />")
-        parts.append(
-            _label(
-                left + 16,
-                ly,
-                f"{number[m.model]}  {m.model}: {money(m.cost_per_1k_rows_usd or 0)} per 1,000 rows, {score_text(m)}",
-                size=11,
-            )
-        )
-    legend_width = max(
-        left + 16 + text_width(f"{number[m.model]}  {m.model}: $0.000000 per 1,000 rows, {score_text(m)}", 11) + 8
-        for m in figures
-    )
-    return _svg(legend_top + len(figures) * 18, "".join(parts), max(WIDTH, legend_width))
+        y = top + i * 18
+        text = f"{number[m.model]}  {m.model}: {money(m.cost_per_1k_rows_usd or 0)} per 1,000 rows, {score_text(m)}"
+        parts.append(f"<circle cx={left + 6} cy={y - 4} r=5 fill={colour[m.model]} />")
+        parts.append(_label(left + 16, y, text, size=11))
+        width = max(width, left + 16 + text_width(text, 11) + 8)
+    return "".join(parts), width
 
 
 def _latency(data: pl.DataFrame, models: list[str], colour: dict[str, str]) -> str:
