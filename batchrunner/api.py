@@ -261,7 +261,7 @@ def compare(job: JobLike, baseline: str, *, sandbox: bool = False) -> Comparison
     from batchrunner.offline import evaluation_data
 
     spec = job_spec(job, sending=False)
-    figures, now = evaluation_data(spec, sandbox=sandbox)
+    figures, now, _ = evaluation_data(spec, sandbox=sandbox)
     if baseline.endswith((".yaml", ".yml")):
         other = job_spec(baseline, sending=False)
         label, before = f"{other.name} ({baseline})", evaluation_data(other, sandbox=sandbox)[1]

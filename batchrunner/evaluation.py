@@ -18,6 +18,8 @@ from typing import Any
 import polars as pl
 
 Z95 = 1.959964
+OTHER = "(other)"  # an answer (or reference) outside the enum, in a confusion matrix
+NO_ANSWER = "(no answer)"  # a failed row, or an answer without the field
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,18 @@ class ModelFigures:
     retries: int
     fallbacks: int
     errors: dict[str, int] = field(default_factory=dict)  # error class -> rows
+    confusion: Confusion | None = None  # enum answers with a reference: reference x answer counts
+
+
+@dataclass
+class Confusion:
+    """Counts of (reference, answer) for an enum-valued answer: where a model's mistakes go, which an
+    accuracy alone hides. References are the rows, answers the columns; a value outside the enum is
+    OTHER, a failed or empty answer NO_ANSWER."""
+
+    references: list[str]
+    answers: list[str]
+    counts: list[list[int]]  # counts[i][j]: rows whose reference is references[i], answered answers[j]
 
 
 @dataclass
@@ -61,12 +75,34 @@ class PairFigures:
 
 
 @dataclass
+class Recommendation:
+    """The choice the report is read for: the cheapest model the paired comparison cannot tell is worse than
+    the best one, and what it saves. `model` is None when no cheaper model qualifies (then `sentence` says why)."""
+
+    best: str
+    model: str | None
+    saving_per_1k_rows_usd: str | None
+    sentence: str
+
+
+@dataclass
+class SliceFigures:
+    """One model's score on the rows whose `by` column has one value, with its 95% interval."""
+
+    value: str
+    model: str
+    rows: int
+    score: Interval
+
+
+@dataclass
 class Report:
     job: str
     score_column: str | None
     models: list[ModelFigures]
     pairs: list[PairFigures]
     notes: list[str]
+    recommendation: Recommendation | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,13 +147,37 @@ def gather(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat(collected, how="vertical_relaxed") if collected else pl.DataFrame()
 
 
+def enum_labels(response_format: dict[str, Any] | None, field_name: str | None) -> list[str] | None:
+    """The values a structured answer's `field_name` may take, when its schema says `enum` (a classification):
+    then the report shows each model's confusion matrix. None for free answers."""
+    if not response_format or not field_name or response_format.get("type") != "json_schema":
+        return None
+    schema = (response_format.get("json_schema") or {}).get("schema") or {}
+    prop = (schema.get("properties") or {}).get(field_name) if isinstance(schema, dict) else None
+    values = prop.get("enum") if isinstance(prop, dict) else None
+    return [str(v) for v in values] if isinstance(values, list) and values else None
+
+
 def build(
-    job: str, frames: pl.DataFrame | Iterable[pl.DataFrame], *, id_column: str, score_column: str | None
+    job: str,
+    frames: pl.DataFrame | Iterable[pl.DataFrame],
+    *,
+    id_column: str,
+    score_column: str | None,
+    reference: str | None = None,
+    answer_column: str | None = None,
+    labels: list[str] | None = None,
 ) -> Report:
-    """The report's figures from the output frames of an evaluation (or any multi-model) job."""
+    """The report's figures from the output frames of an evaluation (or any multi-model) job. With `labels` (the
+    answer field's enum), a `reference` and an `answer_column`, each model also gets its confusion matrix."""
     data = frames if isinstance(frames, pl.DataFrame) else gather(frames)
     models = [] if data.is_empty() else list(dict.fromkeys(data["requested_model"].to_list()))
     figures = [_model(data.filter(pl.col("requested_model") == m), m, score_column, id_column) for m in models]
+    if labels and reference and answer_column and {reference, answer_column} <= set(data.columns):
+        for figure in figures:
+            figure.confusion = confusion(
+                data.filter(pl.col("requested_model") == figure.model), reference, answer_column, labels
+            )
     pairs = []
     if score_column is not None:
         for i, a in enumerate(models):
@@ -135,7 +195,100 @@ def build(
     if figures and score_column and all(f.binary for f in figures) and figures[0].scored:
         n = figures[0].scored
         notes.append(f"With {n} rows, an accuracy near 50% is known to within about ±{100 / math.sqrt(n):.0f} points.")
-    return Report(job, score_column, figures, pairs, notes)
+    return Report(job, score_column, figures, pairs, notes, recommend(figures, pairs))
+
+
+def confusion(frame: pl.DataFrame, reference: str, answer: str, labels: list[str]) -> Confusion:
+    """Reference x answer counts over the rows that have a reference (each sample counts). Values are matched to
+    the enum ignoring case and surrounding space, as `exact` compares them by default."""
+    by_key = {label.strip().casefold(): label for label in labels}
+
+    def place(value: Any, ok: bool) -> str:
+        if not ok or value is None or (isinstance(value, str) and not value.strip()):
+            return NO_ANSWER
+        return by_key.get(str(value).strip().casefold(), OTHER)
+
+    counts: dict[tuple[str, str], int] = {}
+    for record in frame.select(reference, answer, "status").iter_rows(named=True):
+        if record[reference] is None:
+            continue
+        key = (place(record[reference], True), place(record[answer], record["status"] == "ok"))
+        counts[key] = counts.get(key, 0) + 1
+    seen_refs = {r for r, _ in counts}
+    seen_answers = {a for _, a in counts}
+    references = labels + [OTHER] * (OTHER in seen_refs)
+    answers = labels + [v for v in (OTHER, NO_ANSWER) if v in seen_answers]
+    return Confusion(references, answers, [[counts.get((r, a), 0) for a in answers] for r in references])
+
+
+def recommend(models: list[ModelFigures], pairs: list[PairFigures]) -> Recommendation | None:
+    """The cheapest model not significantly worse than the best (by the paired 95% interval the sentences use),
+    and its saving per 1,000 rows; when there is none, the sentence says why. None without scores."""
+    scored = [m for m in models if m.score is not None and m.cost_per_1k_rows_usd is not None]
+    if not scored:
+        return None
+
+    def cost(m: ModelFigures) -> Decimal:
+        return Decimal(m.cost_per_1k_rows_usd or "0")
+
+    best = max(scored, key=lambda m: (m.score.mean if m.score else 0.0, -cost(m)))
+    head = "cheapest model not significantly worse than the best"
+    cheaper = [m for m in scored if cost(m) < cost(best)]
+    if not cheaper:
+        what = "the only model scored" if len(scored) == 1 else "also the cheapest"
+        return Recommendation(best.model, None, None, f"{head}: none; the best, {best.model}, is {what}")
+    by_pair = {(p.a, p.b): p.difference for p in pairs} | {
+        (p.b, p.a): Interval(-p.difference.mean, -p.difference.high, -p.difference.low) for p in pairs
+    }
+    compared = [m for m in cheaper if (best.model, m.model) in by_pair]
+    close = [m for m in compared if by_pair[(best.model, m.model)].low <= 0]  # best - m: 0 inside the interval
+    if not close:
+        why = "every cheaper model is significantly worse" if compared else "no cheaper model shares scored rows"
+        if compared and len(compared) < len(cheaper):
+            why = "every cheaper model compared is significantly worse (some share no scored rows)"
+        return Recommendation(best.model, None, None, f"{head} ({best.model}): none; {why}")
+    choice = min(close, key=lambda m: (cost(m), -(m.score.mean if m.score else 0.0)))
+    saving = cost(best) - cost(choice)
+    return Recommendation(
+        best.model,
+        choice.model,
+        str(saving),
+        f"{head} ({best.model}): {choice.model}, saving {money(saving)} per 1,000 rows",
+    )
+
+
+def money(value: Decimal | str | float) -> str:
+    """Dollars with the digits a small figure needs: $12.50, $0.0123, $0.000042 (never $0.00 for a real cost)."""
+    amount = Decimal(str(value))
+    if amount == 0:
+        return "$0"
+    if amount.copy_abs() >= 1:
+        return f"${amount:,.2f}"
+    text = f"{amount:.{min(8, 2 - amount.copy_abs().adjusted())}f}"  # three significant digits
+    while text.endswith("0") and len(text.split(".")[1]) > 2:
+        text = text[:-1]
+    return "$" + text
+
+
+def by_slice(data: pl.DataFrame, by: str, id_column: str, score_column: str, *, most: int = 20) -> list[SliceFigures]:
+    """Each model's score on each value of `by` (the first `most` values, sorted), with the same 95% intervals
+    as the overall figures (Wilson's for 0/1 scores): a slice of 12 rows is not read like one of 1,200."""
+    if data.is_empty() or by not in data.columns:
+        return []
+    values = sorted({str(v) for v in data[by].to_list()})[:most]
+    found = []
+    keyed = data.with_columns(pl.col(by).cast(pl.String).alias("__slice"))
+    for value in values:
+        part = keyed.filter(pl.col("__slice") == value)
+        for model in dict.fromkeys(part["requested_model"].to_list()):
+            scores = _per_row(part.filter(pl.col("requested_model") == model), id_column, score_column)
+            values_ = scores[score_column].drop_nulls().to_list()
+            if not values_:
+                continue
+            binary = all(s in (0.0, 1.0) for s in values_)
+            interval = wilson(sum(values_), len(values_)) if binary else mean_interval(values_)
+            found.append(SliceFigures(value, model, len(values_), interval))
+    return found
 
 
 def _per_row(frame: pl.DataFrame, id_column: str, score: str) -> pl.DataFrame:
@@ -176,10 +329,19 @@ def _model(frame: pl.DataFrame, model: str, score_column: str | None, id_column:
         latency_p95_s=_percentile(latencies, 0.95),
         prompt_tokens=int(frame["billed_prompt_tokens"].sum()),
         completion_tokens=int(frame["billed_completion_tokens"].sum()),
-        retries=int(frame["attempts"].sum()) - rows,
+        retries=retries(frame),
         fallbacks=frame.filter(pl.col("model").is_not_null() & (pl.col("model") != pl.col("requested_model"))).height,
         errors=errors,
     )
+
+
+def retries(frame: pl.DataFrame) -> int:
+    """Attempts beyond the first, summed over the rows that were sent. A dedupe copy (or a row whose answer
+    came without a request) has 0 attempts: "attempts minus rows" counted it as -1 retry, so a deduplicated
+    job showed a negative count."""
+    if frame.is_empty() or "attempts" not in frame.columns:
+        return 0
+    return int(frame.select((pl.col("attempts").fill_null(0) - 1).clip(lower_bound=0).sum()).item())
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
@@ -237,12 +399,30 @@ def to_markdown(report: Report) -> str:
             f"{_usd(m.cost_per_1k_rows_usd)} | {_usd(m.cost_per_correct_usd)} | {_seconds(m.latency_p50_s)} | "
             f"{_seconds(m.latency_p95_s)} | {m.retries} | {m.fallbacks} |"
         )
+    if report.recommendation is not None:
+        lines += ["", f"**Recommendation**: {report.recommendation.sentence}."]
     if report.pairs:
         lines += ["", "## Is the difference real?", ""]
         lines += [f"- {pair.sentence}" for pair in report.pairs]
+    for m in report.models:
+        if m.confusion is not None:
+            lines += ["", f"## Confusion matrix: {m.model}", "", *confusion_markdown(m.confusion)]
     if report.notes:
         lines += ["", *(f"_{note}_" for note in report.notes)]
     return "\n".join(lines) + "\n"
+
+
+def confusion_markdown(matrix: Confusion) -> list[str]:
+    """A confusion matrix as a markdown table: a row per reference, a column per answer."""
+    head = "| reference \\ answer | " + " | ".join(_cell(a) for a in matrix.answers) + " |"
+    lines = [head, "|---|" + "---:|" * len(matrix.answers)]
+    for reference, counts in zip(matrix.references, matrix.counts, strict=True):
+        lines.append(f"| {_cell(reference)} | " + " | ".join(str(c) for c in counts) + " |")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def score_text(model: ModelFigures) -> str:

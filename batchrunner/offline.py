@@ -19,7 +19,7 @@ from batchrunner import interrupts, snapshots
 from batchrunner.costs import ZERO_USD
 from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import Problem, RunHalted, SpecError
-from batchrunner.evaluation import Report, build, gather
+from batchrunner.evaluation import Report, build, enum_labels, gather
 from batchrunner.lock import job_lock, lock_path
 from batchrunner.output import export, remove_leftovers, results, rows_in, score_columns
 from batchrunner.pending import pending
@@ -127,23 +127,35 @@ def evaluation(spec: JobSpec, *, sandbox: bool = False) -> Report:
     return evaluation_data(spec, sandbox=sandbox)[0]
 
 
-def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl.DataFrame]:
-    """The report's figures and the rows they come from (the output, with each row's input position)."""
+def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl.DataFrame, list[str]]:
+    """The report's figures, the rows they come from (the output, with each row's input position) and the input's
+    own columns (what the models were shown, for the row explorer)."""
     dataset = prepare(spec)
     checkpoint = existing_checkpoint(spec)
     requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox))
     scores = [name for name, dtype in score_columns(spec).items() if dtype == pl.Float64()]
     with Store.open(checkpoint, job=spec.name) as store:
         data = gather(results(dataset, requests, store, row_index=True))
-    return build(spec.name, data, id_column=ROW_INDEX, score_column=scores[0] if scores else None), data
+    evaluate = spec.evaluate
+    figures = build(
+        spec.name,
+        data,
+        id_column=ROW_INDEX,
+        score_column=scores[0] if scores else None,
+        reference=evaluate.reference if evaluate else None,
+        answer_column=spec.answer_column() if evaluate else None,
+        labels=enum_labels(spec.response_format, evaluate.field if evaluate else None),
+    )
+    return figures, data, dataset.columns
 
 
 def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) -> str:
     """The self-contained HTML report (report_html.py) of the job's checkpoint."""
-    figures, data = evaluation_data(spec, sandbox=sandbox)
+    figures, data, inputs = evaluation_data(spec, sandbox=sandbox)
     if by is not None and by not in data.columns:
         raise SpecError(Problem("--by", f"{by!r} is not an input column; the input has: {', '.join(data.columns)}"))
     evaluate = spec.evaluate
+    shown = {spec.id_column, evaluate.reference if evaluate else None}  # already their own columns
     return render(
         figures,
         data,
@@ -151,6 +163,7 @@ def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) 
         reference=evaluate.reference if evaluate else None,
         answer_column=spec.answer_column(),
         by=by,
+        inputs=[column for column in inputs if column not in shown],
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -178,6 +180,92 @@ def test_the_html_report_renders_in_a_browser_and_its_filters_work(tmp_path: Pat
     assert 'data-shown="1"' in dom("q=T-10007")
     focused = dom("row=T-10042")
     assert 'id="row-T-10042" class="focus"' in focused, "a permalink opens the row's page, highlighted"
+    laid_out = geometry(page)
+    assert laid_out["texts"] > 40 and laid_out["svgs"] >= 4
+    assert laid_out["overlaps"] == [] and laid_out["cut"] == [] and laid_out["negative"] == []
+    assert sorted(laid_out["named"]) == sorted(output["requested_model"].unique().to_list())
+
+
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu"]
+GEOMETRY = r"""<script>(function(){
+  var out = {overlaps: [], cut: [], negative: [], named: [], texts: 0, svgs: 0};
+  document.querySelectorAll('section.chart svg').forEach(function(svg, k){
+    out.svgs++;
+    var box = svg.getBoundingClientRect(), texts = Array.prototype.slice.call(svg.querySelectorAll('text'));
+    var rects = texts.map(function(t){ return t.getBoundingClientRect(); });
+    texts.forEach(function(t, i){
+      var r = rects[i], name = k + ': ' + t.textContent; out.texts++;
+      if (r.width === 0 || r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.top < box.top - 0.5 ||
+          r.bottom > box.bottom + 0.5 || t.getComputedTextLength() > Math.max(r.width, r.height) + 1 || /…$/.test(t.textContent)) out.cut.push(name);
+      for (var j = i + 1; j < texts.length; j++) {
+        var o = rects[j], w = Math.min(r.right, o.right) - Math.max(r.left, o.left), h = Math.min(r.bottom, o.bottom) - Math.max(r.top, o.top);
+        if (w > 0.5 && h > 0.5) out.overlaps.push(name + ' | ' + texts[j].textContent);
+      }
+      if (k === 0 && t.getAttribute('text-anchor') === 'end' && /\//.test(t.textContent)) out.named.push(t.textContent);
+    });
+  });
+  document.querySelectorAll('table.figures td, .confusion td').forEach(function(td){
+    if (/^[-\u2212]\s*\d/.test(td.textContent.trim())) out.negative.push(td.textContent);
+  });
+  document.body.setAttribute('data-geometry', JSON.stringify(out));
+})();</script>"""
+
+
+def geometry(page: Path) -> dict[str, Any]:
+    """Lays `page` out in headless Chromium and measures each chart's text labels: pairs whose boxes overlap,
+    labels outside their chart (cut) or ending in an ellipsis, the score chart's model names, and any negative count
+    in the models table or a confusion matrix."""
+    measured = page.with_name(page.stem + ".measured.html")
+    measured.write_text(page.read_text().replace("</body>", GEOMETRY + "</body>"))
+    shown = subprocess.run(
+        [*CHROMIUM, "--window-size=1280,2000", "--dump-dom", measured.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found = re.search(r'data-geometry="([^"]*)"', shown.stdout)
+    assert found is not None, shown.stdout[-2000:]
+    return dict(json.loads(html.unescape(found.group(1))))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_long_names_failures_and_dedupe_copies_lay_out_without_cut_or_overlapping_labels(tmp_path: Path) -> None:
+    """A report with long model names, long error kinds, slices, close points on the cost chart and dedupe copies
+    (0 attempts), measured in Chromium: no label overlaps another or leaves its chart, no count is negative."""
+    from batchrunner.report_html import render
+
+    n = 60
+    models = [LONG, "anthropic/claude-3.5-haiku", "openai/gpt-4o-mini-2024-07-18", "x/tiny"]
+    frame = answers(
+        list(range(n)) * 4,
+        [m for m in models for _ in range(n)],
+        [float((i + k) % (k + 2) != 0) for k in range(4) for i in range(n)],
+        status=(["ok"] * (n - 6) + ["failed"] * 6) * 4,
+        error=([None] * (n - 6) + ["HTTP 502: the upstream provider returned an error page"] * 3 + ["timeout"] * 3) * 4,
+        attempts=([1] * (n - 10) + [0] * 10) * 4,
+        cost_usd=[c for c in ("0.0001", "0.00011", "0.002", "0.0000001") for _ in range(n)],
+        latency_s=[0.015625 * (1 + i % 7) for i in range(4 * n)],
+        tier=["a rather long customer tier name, longer than most", "pro", "free"] * (4 * n // 3),
+        answer=["bug"] * 4 * n,
+        expected=["bug", "billing"] * 2 * n,
+    )
+    figures = build(
+        "long",
+        frame,
+        id_column="row",
+        score_column="score",
+        reference="expected",
+        answer_column="answer",
+        labels=["bug", "billing"],
+    )
+    page = tmp_path / "long.html"
+    page.write_text(render(figures, frame, id_column="row", reference="expected", answer_column="answer", by="tier"))
+    laid_out = geometry(page)
+    assert laid_out["svgs"] == 5 and laid_out["texts"] > 60
+    assert laid_out["overlaps"] == [] and laid_out["cut"] == [] and laid_out["negative"] == []
+    assert sorted(laid_out["named"]) == sorted(models), "every model named in full in the score chart"
 
 
 JUDGED = """
@@ -311,3 +399,159 @@ def test_samples_are_averaged_per_row_before_intervals() -> None:
     assert a.score.high - a.score.low == pytest.approx(0.0)
     assert report.pairs[0].rows == rows and report.pairs[0].difference.mean == pytest.approx(1 / 3)
     assert any("mean of its samples" in note for note in report.notes)
+
+
+def test_retries_count_only_attempts_past_the_first_of_rows_that_were_sent() -> None:
+    """Dedupe copies have 0 attempts: they count no retry (the count was attempts minus rows, negative here)."""
+    frame = answers([0, 1, 2, 3], ["a"] * 4, [1.0, 1.0, 0.0, 1.0], attempts=[1, 3, 0, 0])
+    report = build("job", frame, id_column="row", score_column="score")
+    assert report.models[0].retries == 2
+    assert report.to_json()["models"][0]["retries"] == 2
+    assert "| 2 | 0 |" in to_markdown(report)
+
+
+def test_an_enum_answer_with_a_reference_gets_a_confusion_matrix_in_json_and_markdown() -> None:
+    """References are rows, answers columns; an answer outside the enum is (other), a failed row (no answer)."""
+    from batchrunner.evaluation import enum_labels
+
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"schema": {"properties": {"category": {"type": "string", "enum": ["bug", "billing"]}}}},
+    }
+    labels = enum_labels(response_format, "category")
+    assert labels == ["bug", "billing"] and enum_labels(response_format, "urgency") is None
+    frame = answers(
+        [0, 1, 2, 3, 4],
+        ["a"] * 5,
+        [1.0, 0.0, 1.0, 0.0, 0.0],
+        expected=["bug", "bug", "billing", "billing", "billing"],
+        answer=["bug", "billing", " Billing", "refund", None],
+        status=["ok"] * 4 + ["failed"],
+    )
+    report = build(
+        "job", frame, id_column="row", score_column="score", reference="expected", answer_column="answer", labels=labels
+    )
+    matrix = report.to_json()["models"][0]["confusion"]
+    assert matrix["references"] == ["bug", "billing"]
+    assert matrix["answers"] == ["bug", "billing", "(other)", "(no answer)"]
+    assert matrix["counts"] == [[1, 1, 0, 0], [0, 1, 1, 1]]
+    markdown = to_markdown(report)
+    assert "## Confusion matrix: a" in markdown and "| billing | 0 | 1 | 1 | 1 |" in markdown
+    assert build("job", frame, id_column="row", score_column="score").models[0].confusion is None
+
+
+def recommendation_for(scores: dict[str, tuple[int, str]], rows: int = 200) -> Any:
+    """The recommendation of models given as name -> (rows right of `rows`, cost per row); right rows come first,
+    so the models agree as much as their scores allow."""
+    frames = [
+        answers(list(range(rows)), [m] * rows, [1.0] * right + [0.0] * (rows - right), cost_usd=[cost] * rows)
+        for m, (right, cost) in scores.items()
+    ]
+    return build("job", frames, id_column="row", score_column="score").recommendation
+
+
+def test_the_recommendation_names_the_cheapest_model_not_significantly_worse_and_its_saving() -> None:
+    """A cheap model 1 point behind the best is chosen, saving the cost difference per 1,000 rows; when every
+    cheaper model is significantly worse, or the best is also the cheapest, it says "none" and why."""
+    chosen = recommendation_for({"best": (180, "0.01"), "close": (178, "0.002"), "poor": (100, "0.0001")})
+    assert chosen.model == "close" and chosen.best == "best" and chosen.saving_per_1k_rows_usd == "8.000000"
+    assert chosen.sentence == (
+        "cheapest model not significantly worse than the best (best): close, saving $8.00 per 1,000 rows"
+    )
+    worse = recommendation_for({"best": (180, "0.01"), "poor": (100, "0.0001")})
+    assert worse.model is None and worse.sentence.endswith("none; every cheaper model is significantly worse")
+    cheapest = recommendation_for({"best": (180, "0.0001"), "dear": (179, "0.01")})
+    assert cheapest.model is None and "none; the best, best, is also the cheapest" in cheapest.sentence
+    report = build("job", answers([0], ["a"], [1.0]), id_column="row", score_column="score")
+    assert report.to_json()["recommendation"]["sentence"].endswith("is the only model scored")
+    assert "**Recommendation**: " in to_markdown(report)
+    assert build("job", answers([0], ["a"], [1.0]), id_column="row", score_column=None).recommendation is None
+
+
+def test_slices_get_the_same_intervals_as_the_overall_scores() -> None:
+    """Each (slice, model) has Wilson's interval over its rows: 9 of 10 right is 0.9 (0.596 to 0.982)."""
+    from batchrunner.evaluation import by_slice
+
+    frame = answers(list(range(20)), ["a"] * 20, [1.0] * 9 + [0.0] + [1.0] * 10, tier=["free"] * 10 + ["pro"] * 10)
+    slices = {(s.value, s.model): s for s in by_slice(frame, "tier", "row", "score")}
+    free = slices[("free", "a")]
+    assert free.rows == 10 and free.score == wilson(9, 10)
+    assert free.score.low == pytest.approx(0.596, abs=1e-3) and slices[("pro", "a")].score.mean == 1.0
+
+
+def rendered(frame: pl.DataFrame, **options: Any) -> str:
+    """The HTML report of `frame` (answers in `answer`, ids in `row`), with the figures build gives it."""
+    from batchrunner.report_html import render
+
+    figures = build(
+        "job",
+        frame,
+        id_column="row",
+        score_column="score",
+        reference=options.pop("reference", None),
+        answer_column="answer",
+        labels=options.pop("labels", None),
+    )
+    return render(figures, frame, id_column="row", reference=None, answer_column="answer", **options)
+
+
+LONG = "meta-llama/llama-3.1-8b-instruct-with-a-long-suffix"
+
+
+def test_the_html_charts_have_round_ticks_with_units_and_full_model_names() -> None:
+    """Latency ticks are 0, 0.2, ... ms (not 0.015625), cost ticks are in dollars, and every model name is written
+    whole in each chart (the slice legend cut it at 22 characters)."""
+    from batchrunner.report_html import nice_ticks
+
+    assert nice_ticks(0, 0.078125) == [0.0, 0.02, 0.04, 0.06, 0.08]
+    assert nice_ticks(0, 1) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    n = 40
+    frame = answers(
+        list(range(n)) * 2,
+        ["a"] * n + [LONG] * n,
+        [1.0, 0.0] * n,
+        answer=["x"] * 2 * n,
+        latency_s=[0.0005, 0.0007] * n,
+        cost_usd=["0.00001", "0.00008"] * n,
+        tier=["free", "pro"] * n,
+    )
+    page = rendered(frame, by="tier")
+    assert ">0.2 ms</text>" in page and "0.015625" not in page
+    assert ">$0.02</text>" in page or ">$0.04</text>" in page
+    assert page.count(f">{LONG}</text>") >= 3, "the score, latency and slice charts name the model in full"
+    assert "anthropic/claude-3.5-h<" not in page and f"{LONG[:22]}<" not in page
+
+
+def test_the_slice_bars_carry_their_95_percent_interval() -> None:
+    """Each (slice, model) bar has a whisker from its interval's low to high end."""
+    frame = answers(list(range(20)), ["a"] * 20, [1.0, 0.0] * 10, answer=["x"] * 20, tier=["free", "pro"] * 10)
+    page = rendered(frame, by="tier")
+    assert page.count("class=whisker") == 2 and "Score by tier, with its 95% interval" in page
+
+
+def test_the_html_shows_retries_recommendation_and_confusion_matrix() -> None:
+    """Dedupe copies give no negative retries; the recommendation and each model's confusion matrix are shown."""
+    frame = answers(
+        [0, 1, 2, 3] * 2,
+        ["a"] * 4 + ["b"] * 4,
+        [1.0, 1.0, 0.0, 1.0] * 2,
+        attempts=[1, 1, 0, 0] * 2,
+        answer=["bug", "billing", "bug", "bug"] * 2,
+        expected=["bug", "billing", "billing", "bug"] * 2,
+    )
+    page = rendered(frame, reference="expected", labels=["bug", "billing"])
+    assert "<td>-2</td>" not in page and "<td>0</td><td>0</td></tr>" in page
+    assert "<strong>Recommendation</strong>: cheapest model not significantly worse than the best" in page
+    assert page.count("<div class=confusion>") == 2 and "<td class=diag>2</td>" in page
+
+
+def test_the_row_explorer_carries_each_rows_input_escaped_and_capped() -> None:
+    """The input columns go into the explorer's data, cut to INPUT_CHARS in all, never able to end the script."""
+    from batchrunner.report_html import INPUT_CHARS
+
+    frame = answers([0, 1], ["a", "a"], [1.0, 0.0], answer=["x", "y"], text=["</script><b>hi", "z" * 2000])
+    page = rendered(frame, inputs=["text"])
+    data = json.loads(page.split("<script type=application/json id=data>")[1].split("</script>")[0])
+    assert data["rows"][0]["in"] == [["text", "</script><b>hi"]]
+    assert len(data["rows"][1]["in"][0][1]) == INPUT_CHARS and data["rows"][1]["in"][0][1].endswith("…")
+    assert "'input'" in page, "the explorer has an input column"
