@@ -114,6 +114,13 @@ class KeptRecord:
         )
 
 
+def usd_text(amount: Decimal | None) -> str | None:
+    """An exact amount as plain decimal text, without trailing zeros or an exponent ("0", never "0E-7")."""
+    if amount is None:
+        return None
+    return "0" if amount == 0 else f"{amount.normalize():f}"
+
+
 def _count(*values: Any) -> int | None:
     """The first of `values` that is a whole number of tokens."""
     for value in values:
@@ -149,9 +156,9 @@ class RowAudit:
             "model": self.row.requested_model,
             "generation_id": self.row.generation_id,
             "verdict": self.verdict,
-            "recorded_cost_usd": None if self.row.cost_usd is None else str(self.row.cost_usd),
-            "kept_cost_usd": None if kept is None or kept.cost_usd is None else str(kept.cost_usd),
-            "drift_usd": str(self.drift_usd),
+            "recorded_cost_usd": usd_text(self.row.cost_usd),
+            "kept_cost_usd": None if kept is None else usd_text(kept.cost_usd),
+            "drift_usd": usd_text(self.drift_usd),
             "cost_source": self.row.cost_source,
             "recorded_tokens": [self.row.prompt_tokens, self.row.completion_tokens],
             "kept_tokens": None if kept is None else [kept.prompt_tokens, kept.completion_tokens],
@@ -238,7 +245,7 @@ class ModelAudit:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            name: str(value) if isinstance(value, Decimal) else value
+            name: usd_text(value) if isinstance(value, Decimal) else value
             for name, value in ((name, getattr(self, name)) for name in self.__dataclass_fields__)
         }
 

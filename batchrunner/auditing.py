@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchrunner import interrupts
-from batchrunner.audit import Audit, KeptRecord, RecordedRow, Tolerance, audit
+from batchrunner.audit import Audit, KeptRecord, RecordedRow, Tolerance, audit, usd_text
 from batchrunner.client import Client
 from batchrunner.connect import Connection
 from batchrunner.errors import (
@@ -31,6 +31,7 @@ from batchrunner.errors import (
     Problem,
     RateLimited,
     RequestRejected,
+    RunHalted,
     SpecError,
     TransientError,
     first_line,
@@ -99,11 +100,11 @@ class AuditOutcome:
             "asked": self.asked,
             "known_before": self.known_before,
             "tolerance": str(self.tolerance),
-            "allowed_drift_usd": str(self.tolerance.allowed_usd(total.kept_usd)),
+            "allowed_drift_usd": usd_text(self.tolerance.allowed_usd(total.kept_usd)),
             "exceeds_tolerance": self.exceeds,
             "stopped": self.stopped,
             "total": total.to_json(),
-            "models": {model: entry.to_json() for model, entry in self.audit.models.items()},
+            "models": {model: self.audit.models[model].to_json() for model in sorted(self.audit.models)},
             "differing_rows": [item.to_json() for item in self.audit.differing()],
             "unknown_generations": [item.row.generation_id for item in self.audit.rows if item.kept is None],
         }
@@ -173,8 +174,8 @@ async def _look_up(
                 for generation_id in lagging:
                     store.record_audit(generation_id, "unknown", None)
                 stopped = lookups.stopped
-        except ApiError as exc:  # GET /key, before any lookup: the server is not there, or refuses the key
-            stopped = f"could not read the key's rate limit at {spec.base_url()}: {first_line(exc)}"
+        except (ApiError, RunHalted) as exc:  # GET /key, before any lookup: the server is gone, or refuses the key
+            stopped = f"could not start the lookups: {first_line(exc)}"
         finally:
             stop_listening()
         if stop.is_set() and stopped is None:
