@@ -831,7 +831,7 @@ def audit(job: Path, sample: int | None, seed: int, tolerance: str, as_json: boo
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--tolerance") from None
     logs.configure()
-    with _exit_codes():
+    with _exit_codes(job=False):  # an audit starts no job: "the job was not started" would mislead
         settings = AuditSettings(
             sample=sample, seed=seed, tolerance=allowed, sandbox=SandboxConfig() if sandbox else None
         )

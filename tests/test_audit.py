@@ -400,3 +400,40 @@ def test_answers_of_another_server_are_not_audited(write_spec: Callable[..., Pat
     result = invoke("audit", str(job), "--sandbox")
     assert result.exit_code == 0, result.output
     assert len(asked) == 12 and "12 of 12 answered rows audited" in result.stdout
+
+
+def test_a_later_sandbox_answers_for_an_earlier_ones_ids_the_same_way(
+    sandbox_in_thread: Callable[[SandboxConfig], Sandbox],
+) -> None:
+    """The built-in sandbox ends with its command: a new one, given the same seed, makes the same generations
+    drift and lag (decided by the seed and the id), from the answer's own time."""
+    import time
+
+    from batchrunner.errors import RequestRejected
+    from batchrunner.sandbox.server import GenerationFacts
+
+    facts = GenerationFacts("openai/gpt-4o-mini", 0.0001, 10, 5, 0, "stop", int(time.time()), None, None)
+    ids = [facts.generation_id() for _ in range(40)]
+    clock = Clock()
+    config = SandboxConfig(
+        seed=2, generation_drift_share=0.5, generation_lag_share=0.5, generation_lag_s=60, generation_clock=clock
+    )
+    later = sandbox_in_thread(config)
+
+    async def look_up() -> dict[str, Decimal | None]:
+        found: dict[str, Decimal | None] = {}
+        async with Client(later.base_url, api_key=KEY) as client:
+            for generation_id in ids:
+                try:
+                    found[generation_id] = KeptRecord.from_generation(await client.generation(generation_id)).cost_usd
+                except RequestRejected as exc:
+                    assert exc.status == 404
+                    found[generation_id] = None
+        return found
+
+    now = asyncio.run(look_up())
+    assert {g for g, cost in now.items() if cost is None} == {g for g in ids if config.lags(g)}
+    clock.shift_s = 120
+    after = asyncio.run(look_up())
+    assert all(cost == Decimal("0.0001") + (Decimal("0.00001") if config.drifts(g) else 0) for g, cost in after.items())
+    assert 0 < sum(config.drifts(g) for g in ids) < len(ids)
