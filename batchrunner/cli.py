@@ -845,6 +845,9 @@ def audit(job: Path, sample: int | None, seed: int, tolerance: str, as_json: boo
     sys.exit(outcome.exit_code)
 
 
+AUDIT_ROWS_SHOWN = 20  # the rows that differ listed in text; --json lists them all
+
+
 def _say_audit(report: dict[str, Any]) -> None:
     """The audit for people: per model, what was checked, what differs, the drift; then the rows that differ."""
     total = report["total"]
@@ -872,12 +875,15 @@ def _say_audit(report: dict[str, Any]) -> None:
             say(f"    {entry['other_attempts']} row(s) billed other attempts too: tokens compared, not the cost")
         if entry["unpriced"]:
             say(f"    {entry['unpriced']} row(s) without a recorded cost: tokens compared, not the cost")
-    for row in report["differing_rows"]:
+    differing = report["differing_rows"]
+    for row in differing[:AUDIT_ROWS_SHOWN]:
         say(
             f"  {row['verdict']}: row {row['row_id']} ({row['model']}, {row['generation_id']}): cost recorded "
             f"{_exact_usd(row['recorded_cost_usd'])}, kept {_exact_usd(row['kept_cost_usd'])}; tokens recorded "
             f"{row['recorded_tokens'][0]}/{row['recorded_tokens'][1]}, kept {row['kept_tokens'][0]}/{row['kept_tokens'][1]}"
         )
+    if len(differing) > AUDIT_ROWS_SHOWN:
+        say(f"  ... and {len(differing) - AUDIT_ROWS_SHOWN} more rows (--json lists them all)")
     verdict = "more than" if report["exceeds_tolerance"] else "within"
     say(
         f"drift: {_exact_usd(total['drift_usd'])} (recorded minus kept; {_exact_usd(total['absolute_drift_usd'])} "
