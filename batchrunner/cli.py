@@ -886,5 +886,102 @@ def _overrides(
     return result
 
 
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--sample", type=click.IntRange(min=1), help="Audit N rows drawn at random (seeded) instead of all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The seed of --sample's draw.")
+@click.option(
+    "--tolerance",
+    default="0.0001",
+    show_default=True,
+    metavar="USD|PCT%",
+    help="The absolute drift accepted: USD (0.0001) or a share of what OpenRouter kept (1%); more exits 1.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the audit as one JSON object.")
+@click.option("--sandbox", is_flag=True, help="Audit a --sandbox run's answers, at the sandbox.")
+@_stoppable
+def audit(job: Path, sample: int | None, seed: int, tolerance: str, as_json: bool, sandbox: bool) -> None:
+    """Check JOB's recorded costs and tokens against what OpenRouter kept of each answer (GET /generation).
+
+    Exit 0 when the drift is within --tolerance, 1 when it is more, 2 for a bad job or arguments, 3 stopped early
+    (rerun to ask the rest: what was audited is kept in the checkpoint)."""
+    from batchrunner.audit import Tolerance
+    from batchrunner.auditing import AuditSettings, audit_job
+    from batchrunner.sandbox import SandboxConfig
+    from batchrunner.spec import load_spec
+
+    try:
+        allowed = Tolerance.parse(tolerance)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tolerance") from None
+    logs.configure()
+    with _exit_codes(job=False):  # an audit starts no job: "the job was not started" would mislead
+        settings = AuditSettings(
+            sample=sample, seed=seed, tolerance=allowed, sandbox=SandboxConfig() if sandbox else None
+        )
+        outcome = asyncio.run(audit_job(load_spec(job), settings))
+    if as_json:
+        echo_json(outcome.to_json())
+    else:
+        _say_audit(outcome.to_json())
+    if outcome.stopped is not None:
+        say(f"stopped early: {outcome.stopped}", err=True)
+    sys.exit(outcome.exit_code)
+
+
+AUDIT_ROWS_SHOWN = 20  # the rows that differ listed in text; --json lists them all
+
+
+def _say_audit(report: dict[str, Any]) -> None:
+    """The audit for people: per model, what was checked, what differs, the drift; then the rows that differ."""
+    total = report["total"]
+    sampled = f" (a sample of {report['sample']})" if report["sample"] is not None else ""
+    say(
+        f"{report['job']}: {total['rows']} of {report['rows_answered']} answered rows audited{sampled}; "
+        f"{report['asked']} looked up now, {report['known_before']} known from earlier audits"
+    )
+    for model, entry in report["models"].items():
+        line = (
+            f"  {model}: {entry['checked']} checked, {entry['mismatched']} differ "
+            f"({entry['cost_mismatches']} in cost, {entry['token_mismatches']} in tokens), "
+            f"drift {_exact_usd(entry['drift_usd'])} (recorded {_exact_usd(entry['recorded_usd'])}, "
+            f"OpenRouter kept {_exact_usd(entry['kept_usd'])})"
+        )
+        if entry["unknown"]:
+            line += f", {entry['unknown']} not yet known to OpenRouter (asked again by the next audit)"
+        say(line)
+        if entry["estimated"]:
+            say(
+                f"    {entry['estimated']} row(s) with an estimated cost (a reply abandoned): recorded "
+                f"{_exact_usd(entry['estimated_recorded_usd'])}, OpenRouter kept {_exact_usd(entry['estimated_kept_usd'])}"
+            )
+        if entry["other_attempts"]:
+            say(f"    {entry['other_attempts']} row(s) billed other attempts too: tokens compared, not the cost")
+        if entry["unpriced"]:
+            say(f"    {entry['unpriced']} row(s) without a recorded cost: tokens compared, not the cost")
+    differing = report["differing_rows"]
+    for row in differing[:AUDIT_ROWS_SHOWN]:
+        say(
+            f"  {row['verdict']}: row {row['row_id']} ({row['model']}, {row['generation_id']}): cost recorded "
+            f"{_exact_usd(row['recorded_cost_usd'])}, kept {_exact_usd(row['kept_cost_usd'])}; tokens recorded "
+            f"{row['recorded_tokens'][0]}/{row['recorded_tokens'][1]}, kept {row['kept_tokens'][0]}/{row['kept_tokens'][1]}"
+        )
+    if len(differing) > AUDIT_ROWS_SHOWN:
+        say(f"  ... and {len(differing) - AUDIT_ROWS_SHOWN} more rows (--json lists them all)")
+    verdict = "more than" if report["exceeds_tolerance"] else "within"
+    say(
+        f"drift: {_exact_usd(total['drift_usd'])} (recorded minus kept; {_exact_usd(total['absolute_drift_usd'])} "
+        f"without signs), {verdict} the tolerance of {report['tolerance']} (${report['allowed_drift_usd']})"
+    )
+
+
+def _exact_usd(value: str | None) -> str:
+    """An exact amount of USD as text, every digit kept (drift is often a fraction of a micro-dollar)."""
+    if value is None:
+        return "unknown"
+    amount = Decimal(value)
+    return f"-${-amount:f}" if amount < 0 else f"${amount:f}"
+
+
 if __name__ == "__main__":  # `python -m batchrunner.cli`: last, once every helper a command uses is defined
     main()

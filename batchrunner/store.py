@@ -209,6 +209,21 @@ def _migration_11_byok_and_service_tier(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE results ADD COLUMN {column} TEXT")
 
 
+def _migration_12_audits(db: sqlite3.Connection) -> None:
+    """What `batchrunner audit` learned of each generation (what OpenRouter kept, as audit.KeptRecord's JSON; or
+    that it had no record yet), so a rerun asks only what is left and an interrupted audit keeps what it did.
+    IF NOT EXISTS: safe over a checkpoint that has the table from another branch's migration, renumbered."""
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS audits (
+            generation_id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            kept TEXT,
+            asked_at TEXT NOT NULL,
+            tries INTEGER NOT NULL DEFAULT 1
+        )"""
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
@@ -221,6 +236,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_9,
     _migration_10,
     _migration_11_byok_and_service_tier,
+    _migration_12_audits,
 ]
 
 
@@ -613,6 +629,49 @@ class Store:
                 ).fetchall()
         return pl.DataFrame(rows, schema=schema, orient="row")
 
+    # -- audits (batchrunner audit) --------------------------------------------------------
+
+    def audit_rows(self, server: str = "") -> list[dict[str, Any]]:
+        """The records `audit` checks, by column name: the rows `server` answered ("" OpenRouter, as for answers
+        from before servers were recorded) that carry a generation id and paid for it (a dedupe copy, which
+        names the row that paid, is left out), in a fixed order (by generation id) for a reproducible sample."""
+        names = (
+            "generation_id",
+            "row_id",
+            "requested_model",
+            "cost_usd",
+            "cost_source",
+            "prompt_tokens",
+            "completion_tokens",
+            "billed_prompt_tokens",
+            "billed_completion_tokens",
+            "attempts",
+        )
+        with self._reading():
+            rows = self._db.execute(
+                f"SELECT {', '.join(names)} FROM results WHERE generation_id IS NOT NULL AND deduped_from IS NULL "
+                "AND status != 'pending' AND coalesce(server, '') = ? ORDER BY generation_id, row_id",
+                (server,),
+            ).fetchall()
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def audited(self) -> dict[str, tuple[str, str | None]]:
+        """What earlier audits learned: generation id -> (state, what was kept as JSON text). State "found" is
+        final; "unknown" (no record yet) is asked again."""
+        with self._reading():
+            rows = self._db.execute("SELECT generation_id, state, kept FROM audits").fetchall()
+        return {generation_id: (state, kept) for generation_id, state, kept in rows}
+
+    def record_audit(self, generation_id: str, state: str, kept: str | None) -> None:
+        """Keep what one lookup learned, committed at once: an audit stopped half-way keeps every answer it had."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO audits (generation_id, state, kept, asked_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (generation_id) DO UPDATE SET state = excluded.state, kept = excluded.kept, "
+                "asked_at = excluded.asked_at, tries = tries + 1",
+                (generation_id, state, kept, _now()),
+            )
+
     # -- batches --------------------------------------------------------------------------
 
     def record_batch(
@@ -684,6 +743,7 @@ class Store:
             self._db.execute("DELETE FROM results")
             self._db.execute("DELETE FROM runs")
             self._db.execute("DELETE FROM meta")
+            self._db.execute("DELETE FROM audits")
 
 
 def fetched_schema() -> dict[str, pl.DataType]:

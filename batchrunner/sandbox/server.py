@@ -79,6 +79,22 @@ class SandboxConfig:
     capacity: int | None = None
     refuse_inputs: dict[str, set[str]] = field(default_factory=dict)  # model -> kinds (image, file, audio) its
     # endpoints refuse with a 404, though it lists them (as when a provider of the model lacks vision)
+    # GET /generation's records, made to disagree with the answers (for `batchrunner audit`). Which generations
+    # is decided by the seed and the id alone (`drifts`, `lags`), so a sandbox started later (the built-in
+    # one ends with its command) answers for an earlier one's ids the same way.
+    generation_drift_share: float = 0.0  # the share of generations whose kept cost differs from usage.cost...
+    generation_drift_usd: Decimal = Decimal("0.00001")  # ...by this much (kept = reported + this)
+    generation_lag_share: float = 0.0  # the share of generations whose record comes late: 404 until...
+    generation_lag_s: float = 0.0  # ...this long after the answer was created (OpenRouter's lag, much longer)
+    generation_clock: Callable[[], float] = time.time  # /generation's time: a test can move it instead of waiting
+
+    def drifts(self, generation_id: str) -> bool:
+        """Whether the sandbox's record of this generation keeps another cost than its answer reported."""
+        return answers.seeded_rng(self.seed, "drift", generation_id).random() < self.generation_drift_share
+
+    def lags(self, generation_id: str) -> bool:
+        """Whether this generation's record comes `generation_lag_s` after its answer (a 404 until then)."""
+        return answers.seeded_rng(self.seed, "lag", generation_id).random() < self.generation_lag_share
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULT_KINDS)
@@ -145,6 +161,7 @@ class Sandbox:
         self._free_minute: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._free_today: collections.Counter[str] = collections.Counter()
         self._generations: dict[str, dict[str, Any]] = {}
+        self._created: dict[str, float] = {}  # generation id -> when its answer was made (generation_clock)
         self._cached_prefixes: set[tuple[str, str]] = set()  # (model, system prompt) seen: served from the cache
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -381,6 +398,21 @@ class Sandbox:
             found = facts.record(asked)  # an answer of another sandbox's (an earlier --sandbox run's)
         if found is None:
             return _error(404, "Resource not found")
+        return self._kept(asked, found)
+
+    def _kept(self, generation_id: str, found: dict[str, Any]) -> web.Response:
+        """A generation's record as the config makes it disagree: not there yet (a 404 while it lags), or with
+        another cost than its answer reported (the difference added to OpenRouter's part, `total_cost`)."""
+        config = self.config
+        created = self._created.get(generation_id)
+        if created is None:  # another sandbox's answer: from its record's time, to the second
+            facts = GenerationFacts.carried_by(generation_id)
+            created = float(facts.created) if facts is not None else 0.0
+        if config.lags(generation_id) and config.generation_clock() < created + config.generation_lag_s:
+            return _error(404, "Resource not found")
+        if config.drifts(generation_id):
+            kept = (to_decimal(found["total_cost"]) or ZERO_USD) + config.generation_drift_usd
+            found = {**found, "total_cost": float(kept), "usage": float(kept)}
         return web.json_response({"data": found})
 
     async def stats_endpoint(self, request: web.Request) -> web.Response:
@@ -689,6 +721,7 @@ class Sandbox:
         )
         generation_id = facts.generation_id()
         self._generations[generation_id] = facts.record(generation_id)
+        self._created[generation_id] = self.config.generation_clock()
         answer = {
             "id": generation_id,
             "provider": catalog.provider_name(model),
