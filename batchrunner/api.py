@@ -191,7 +191,7 @@ async def arun(
 
     spec = job_spec(job, input=input, output=output, concurrency=concurrency, mode=mode)
     settings = RunSettings(
-        limit=limit,
+        limit=_rows(limit),
         sandbox=SandboxConfig() if sandbox else None,
         progress_factory=_progress() if progress else None,
         fresh=fresh,
@@ -219,7 +219,7 @@ async def aestimate(job: JobLike, *, limit: int | None = None, sandbox: bool = F
     from batchrunner.queries import estimate_job
     from batchrunner.sandbox import SandboxConfig
 
-    return await estimate_job(job_spec(job), limit=limit, sandbox=SandboxConfig() if sandbox else None)
+    return await estimate_job(job_spec(job), limit=_rows(limit), sandbox=SandboxConfig() if sandbox else None)
 
 
 def estimate(job: JobLike, *, limit: int | None = None, sandbox: bool = False) -> dict[str, Any]:
@@ -251,6 +251,13 @@ def _not_started(message: str) -> RunReport:
     from batchrunner.runner import RunReport
 
     return RunReport(Summary(), 0, 0.0, Stop(StopReason.NOT_STARTED, message))
+
+
+def _rows(limit: int | None) -> int | None:
+    """`limit` as the command line's --limit takes it: a whole number of rows, at least one."""
+    if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+        return limit
+    raise SpecError(Problem("limit", f"{limit!r} is not a number of rows; give a whole number, at least 1"))
 
 
 def _usd(amount: Decimal | float | str | None) -> Decimal | None:
