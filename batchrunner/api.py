@@ -265,10 +265,16 @@ def _usd(amount: Decimal | float | str | None) -> Decimal | None:
     if amount is None:
         return None
     from batchrunner.costs import to_decimal
+    from batchrunner.spec import MAX_BUDGET_USD
 
     value = to_decimal(amount)
-    if value is None or value < 0:
-        raise SpecError(Problem("max_cost", f"{amount!r} is not an amount of USD; give a number such as 2.50"))
+    if value is None or not 0 < value <= MAX_BUDGET_USD:  # budget_usd's bounds: 0 spends nothing, 1e300 is no amount
+        raise SpecError(
+            Problem(
+                "max_cost",
+                f"{amount!r} is not an amount of USD; give a number above 0, such as 2.50, at most {MAX_BUDGET_USD:,}",
+            )
+        )
     return value
 
 

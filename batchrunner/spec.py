@@ -50,6 +50,7 @@ OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 SANDBOX_SERVER = "sandbox"
 MAX_SPEC_NODES = 100_000  # values in a spec once YAML aliases are expanded
 MAX_SPEC_DEPTH = 64  # levels of nesting (a deep JSON schema needs a dozen)
+MAX_BUDGET_USD = 1_000_000  # the most `budget_usd` (or --max-cost, max_cost=) may say
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
 # What shapes a request, and so a pair's fingerprint, said once: request.RequestBuilder fingerprints these,
@@ -408,7 +409,7 @@ class JobSpec(_Strict):
     rate_limit: Literal["auto"] | RateLimit = "auto"
     free_requests_per_day: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     retry: RetrySettings = RetrySettings()
-    budget_usd: Annotated[Decimal, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | None = None  # most a run may spend
+    budget_usd: Annotated[Decimal, Field(gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False)] | None = None  # most a run may spend
     prices: dict[Slug, ModelPrices] = {}  # for models the server does not price
     cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
     repair: RepairSettings = RepairSettings()
