@@ -4,6 +4,10 @@ written against."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,7 @@ import pytest
 from conftest import run_cli
 
 import batchrunner
+from batchrunner.sandbox import Sandbox, SandboxConfig
 
 
 def job_dict(tickets_csv: Path, tmp_path: Path, **changes: Any) -> dict[str, Any]:
@@ -54,3 +59,36 @@ def test_the_cli_refuses_a_huge_max_cost_with_exit_2(write_spec: Any) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "max_cost" in done.stderr
+
+
+def test_ctrl_c_stops_a_main_thread_run_while_another_runs_on_a_thread(
+    tickets_csv: Path, tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """A run on a worker thread (which cannot install signal handlers) must not take the main thread's run's:
+    Ctrl-C then stops the main thread's run cleanly (INTERRUPTED, exit 3) instead of raising KeyboardInterrupt."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=1.0))
+    jobs = {
+        name: job_dict(tickets_csv, tmp_path / name, name=name, concurrency=2, api={"base_url": sandbox.base_url})
+        for name in ("background", "foreground")
+    }
+    script = textwrap.dedent(
+        f"""
+        import os, signal, threading, time
+        import batchrunner
+        jobs = {jobs!r}
+        started = threading.Event()
+        background = threading.Thread(target=batchrunner.run, args=(jobs["background"],), kwargs={{"on_start": lambda _: started.set()}})
+        background.start()
+        started.wait(30)
+        kick = lambda _: threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            result = batchrunner.run(jobs["foreground"], on_start=kick)
+            print("returned", result.stop.reason.name if result.stop else None, result.exit_code, flush=True)
+        except BaseException as exc:
+            print("raised", type(exc).__name__, flush=True)
+        background.join()
+        """
+    )
+    env = {**os.environ, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert "returned INTERRUPTED 3" in done.stdout, (done.stdout, done.stderr[-2000:])
