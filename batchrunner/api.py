@@ -124,8 +124,8 @@ class RunResult:
 
     @functools.cached_property
     def frame(self) -> pl.DataFrame | None:
-        """The output file, read back (Parquet as written; CSV and JSONL with polars' type inference); None
-        when it could not be written."""
+        """The output file, read back (Parquet as written; CSV and JSONL with polars' type inference, a CSV's over
+        every row); None when it could not be written."""
         if self.output_rows is None:
             return None
         import polars as pl
@@ -133,8 +133,8 @@ class RunResult:
         suffix = self.output_path.suffix.lower()
         if suffix == ".parquet":
             return pl.read_parquet(self.output_path)
-        if suffix == ".csv":
-            return pl.read_csv(self.output_path)
+        if suffix == ".csv":  # every row's types read, not the first 100's: a column may turn to text at row 101
+            return pl.read_csv(self.output_path, infer_schema_length=None)
         return pl.read_ndjson(self.output_path)
 
 

@@ -92,3 +92,14 @@ def test_ctrl_c_stops_a_main_thread_run_while_another_runs_on_a_thread(
     env = {**os.environ, "OPENROUTER_API_KEY": "sk-or-v1-test"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert "returned INTERRUPTED 3" in done.stdout, (done.stdout, done.stderr[-2000:])
+
+
+def test_the_frame_of_a_csv_output_whose_column_turns_from_numbers_to_text(tmp_path: Path) -> None:
+    """RunResult.frame reads a CSV output whose column holds numbers for its first 100 rows and then text (polars
+    infers the type from 100 rows by default, then raised ComputeError: a traceback for a run that went well)."""
+    rows = tmp_path / "rows.csv"
+    rows.write_text("id,text\n" + "".join(f"{i},{i}\n" for i in range(150)) + "150,abc\n")
+    job = job_dict(rows, tmp_path, id_column="id", prompt="{text}", output=str(tmp_path / "out" / "result.csv"))
+    result = batchrunner.run(job, sandbox=True)
+    assert result.exit_code == 0
+    assert result.frame is not None and result.frame.height == 151 and result.frame["text"][-1] == "abc"
