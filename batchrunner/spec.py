@@ -409,7 +409,9 @@ class JobSpec(_Strict):
     rate_limit: Literal["auto"] | RateLimit = "auto"
     free_requests_per_day: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     retry: RetrySettings = RetrySettings()
-    budget_usd: Annotated[Decimal, Field(gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False)] | None = None  # most a run may spend
+    budget_usd: Annotated[Decimal, Field(gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False)] | None = (
+        None  # most a run may spend
+    )
     prices: dict[Slug, ModelPrices] = {}  # for models the server does not price
     cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
     repair: RepairSettings = RepairSettings()
