@@ -15,7 +15,10 @@ import pytest
 from conftest import run_cli
 
 import batchrunner
+from batchrunner.adaptive import Aimd
+from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.spec import load_spec
 
 
 def job_dict(tickets_csv: Path, tmp_path: Path, **changes: Any) -> dict[str, Any]:
@@ -103,3 +106,32 @@ def test_the_frame_of_a_csv_output_whose_column_turns_from_numbers_to_text(tmp_p
     result = batchrunner.run(job, sandbox=True)
     assert result.exit_code == 0
     assert result.frame is not None and result.frame.height == 151 and result.frame["text"][-1] == "abc"
+
+
+async def test_auto_falls_to_one_in_flight_when_the_server_sheds_every_request(
+    write_spec: Callable[..., Path],
+) -> None:
+    """concurrency: auto against a server that sheds every request (429): overloads from requests sent after a cut are
+    a new signal, so the limit falls to its floor of 1; counting only answers toward the next cut held it at half
+    its start for as long as no answer came."""
+    async with Sandbox(SandboxConfig(faults={"rate_limit": 1.0}, retry_after_s=0)) as sandbox:
+        spec = load_spec(
+            write_spec(
+                concurrency="auto",
+                max_concurrency=8,
+                retry={"max_attempts": 3, "base_delay_s": 0, "max_delay_s": 0},
+                api={"base_url": sandbox.base_url},
+            )
+        )
+        outcome = await run_job(spec, RunSettings())
+    assert outcome.report.summary.failed == 12 and sandbox.stats.requests == 36
+    assert outcome.report.concurrency == (1, 4)
+
+
+def test_a_slow_server_at_capacity_halves_the_limit_again() -> None:
+    """Aimd: after a cut, overloads keep coming with no answer between (the server is slow and full): a window of
+    them halves the limit again, down to the floor."""
+    aimd = Aimd(64, start=8)
+    for _ in range(1 + 4 + 1 + 2 + 1):  # a cut to 4, a window of 4 overloads, a cut to 2, a window of 2, a cut to 1
+        aimd.overloaded()
+    assert aimd.allowed == 1
