@@ -149,7 +149,7 @@ def job_spec(
 ) -> JobSpec:
     """A JobSpec from a spec file, a dict or a JobSpec, with the command line's overrides applied; SpecError
     naming every problem."""
-    from batchrunner.spec import JobSpec, load_spec, spec_from_mapping
+    from batchrunner.spec import JobSpec, load_spec, spec_from_mapping, with_overrides
 
     overrides = {
         key: str(value) if isinstance(value, os.PathLike) else value
@@ -157,7 +157,7 @@ def job_spec(
         if value is not None
     }
     if isinstance(job, JobSpec):
-        return job.model_copy(update=overrides) if overrides else job
+        return with_overrides(job, overrides) if overrides else job
     if isinstance(job, Mapping):
         return spec_from_mapping(job, overrides=overrides, sending=sending)
     if isinstance(job, str | os.PathLike):

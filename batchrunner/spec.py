@@ -750,6 +750,22 @@ def spec_from_mapping(
     return _resolved(copy.deepcopy(dict(data)), None, "job", Path(folder), overrides=overrides, sending=sending)
 
 
+def with_overrides(spec: JobSpec, overrides: dict[str, Any]) -> JobSpec:
+    """`spec` with top-level keys replaced (the command line's options, given to the Python API with a JobSpec),
+    checked as a spec's keys are; its checkpoint stays where the job keeps it. Problems are named `job: <field>`."""
+    data = {name: getattr(spec, name) for name in JobSpec.model_fields} | overrides
+    try:
+        changed = JobSpec.model_validate(data)
+    except ValidationError as exc:
+
+        def where(loc: tuple[str | int, ...]) -> str:
+            return f"job: {_dotted(loc)}"
+
+        raise SpecError(_by_line([_problem(error, where) for error in _without_union_noise(exc.errors())])) from None
+    changed._locate = spec._locate
+    return changed
+
+
 def _resolved(
     data: dict[str, Any],
     root: yaml.Node | None,

@@ -135,3 +135,26 @@ def test_a_slow_server_at_capacity_halves_the_limit_again() -> None:
     for _ in range(1 + 4 + 1 + 2 + 1):  # a cut to 4, a window of 4 overloads, a cut to 2, a window of 2, a cut to 1
         aimd.overloaded()
     assert aimd.allowed == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [({"concurrency": 0}, "concurrency"), ({"output": "out/result.txt"}, "output"), ({"mode": "bogus"}, "mode")],
+)
+def test_options_on_a_jobspec_are_checked_as_on_a_dict(
+    tickets_csv: Path, tmp_path: Path, override: dict[str, Any], named: str
+) -> None:
+    """The command line's options given with a JobSpec are checked as with a dict or a file: concurrency=0 ran no
+    worker and returned exit 0 with every row pending, output="x.txt" raised AttributeError, mode="bogus" ran."""
+    spec = batchrunner.job_spec(job_dict(tickets_csv, tmp_path))
+    with pytest.raises(batchrunner.SpecError, match=f"job: {named}"):
+        batchrunner.run(spec, sandbox=True, **override)
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_on_a_jobspec_keep_its_checkpoint(tickets_csv: Path, tmp_path: Path) -> None:
+    """A valid override on a JobSpec (output elsewhere, concurrency) still runs, the checkpoint where the job keeps it."""
+    spec = batchrunner.job_spec(job_dict(tickets_csv, tmp_path))
+    result = batchrunner.run(spec, sandbox=True, concurrency=2, output=tmp_path / "elsewhere.csv", limit=3)
+    assert result.exit_code == 0 and result.output_path == tmp_path / "elsewhere.csv"
+    assert result.spec.checkpoint_path() == spec.checkpoint_path() and result.spec.concurrency == 2
