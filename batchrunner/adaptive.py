@@ -5,7 +5,8 @@ requests in flight leaves the GPU idle, too many queues them (latency climbs) un
 sheds load with 429 or 503. The limit is found as TCP finds a link's capacity, additive increase,
 multiplicative decrease (AIMD): each window of `limit` answers whose latency holds (within
 `latency_tolerance` of the best seen) raises the limit by one; a 429 or 503 halves it, at most
-once per window (one overload sheds many requests at once: it is one signal, not many). The
+once per window of `limit` answers or overloads (one overload sheds many requests at once: it is
+one signal, not many). The
 limit stays between `floor` and the ceiling the spec sets (`max_concurrency`).
 
 No clock and no asyncio: the driver (live.py) reports each answer's latency and each overload,
@@ -55,8 +56,11 @@ class Aimd:
             self._since_change = 0
 
     def overloaded(self) -> None:
-        """A 429 or 503: halve the limit, once per window (the other requests of the same burst say the same)."""
+        """A 429 or 503: halve the limit, once per window (the other requests of the same burst say the same). The
+        window counts overloads as well as answers: sheds keep coming from requests sent at the halved limit when no
+        answer comes back in between (a slow server at capacity), and they are a new signal."""
         if self._since_cut is not None and self._since_cut < self.allowed:
+            self._since_cut += 1
             return
         self.limit = max(float(self.floor), self.limit / 2)
         self._since_change = 0

@@ -125,8 +125,8 @@ class RunResult:
 
     @functools.cached_property
     def frame(self) -> pl.DataFrame | None:
-        """The output file, read back (Parquet as written; CSV and JSONL with polars' type inference); None
-        when it could not be written."""
+        """The output file, read back (Parquet as written; CSV and JSONL with polars' type inference, a CSV's over
+        every row); None when it could not be written."""
         if self.output_rows is None:
             return None
         import polars as pl
@@ -134,8 +134,8 @@ class RunResult:
         suffix = self.output_path.suffix.lower()
         if suffix == ".parquet":
             return pl.read_parquet(self.output_path)
-        if suffix == ".csv":
-            return pl.read_csv(self.output_path)
+        if suffix == ".csv":  # every row's types read, not the first 100's: a column may turn to text at row 101
+            return pl.read_csv(self.output_path, infer_schema_length=None)
         return pl.read_ndjson(self.output_path)
 
 
@@ -150,7 +150,7 @@ def job_spec(
 ) -> JobSpec:
     """A JobSpec from a spec file, a dict or a JobSpec, with the command line's overrides applied; SpecError
     naming every problem."""
-    from batchrunner.spec import JobSpec, load_spec, spec_from_mapping
+    from batchrunner.spec import JobSpec, load_spec, spec_from_mapping, with_overrides
 
     overrides = {
         key: str(value) if isinstance(value, os.PathLike) else value
@@ -158,7 +158,7 @@ def job_spec(
         if value is not None
     }
     if isinstance(job, JobSpec):
-        return job.model_copy(update=overrides) if overrides else job
+        return with_overrides(job, overrides) if overrides else job
     if isinstance(job, Mapping):
         return spec_from_mapping(job, overrides=overrides, sending=sending)
     if isinstance(job, str | os.PathLike):
@@ -198,7 +198,7 @@ async def arun(
 
     spec = job_spec(job, input=input, output=output, concurrency=concurrency, mode=mode)
     settings = RunSettings(
-        limit=limit,
+        limit=_rows(limit),
         sandbox=SandboxConfig() if sandbox else None,
         progress_factory=_progress() if progress else None,
         fresh=fresh,
@@ -229,7 +229,7 @@ async def aestimate(job: JobLike, *, limit: int | None = None, sandbox: bool = F
     from batchrunner.queries import estimate_job
     from batchrunner.sandbox import SandboxConfig
 
-    return await estimate_job(job_spec(job), limit=limit, sandbox=SandboxConfig() if sandbox else None)
+    return await estimate_job(job_spec(job), limit=_rows(limit), sandbox=SandboxConfig() if sandbox else None)
 
 
 def estimate(job: JobLike, *, limit: int | None = None, sandbox: bool = False) -> dict[str, Any]:
@@ -284,15 +284,28 @@ def _not_started(message: str) -> RunReport:
     return RunReport(Summary(), 0, 0.0, Stop(StopReason.NOT_STARTED, message))
 
 
+def _rows(limit: int | None) -> int | None:
+    """`limit` as the command line's --limit takes it: a whole number of rows, at least one."""
+    if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+        return limit
+    raise SpecError(Problem("limit", f"{limit!r} is not a number of rows; give a whole number, at least 1"))
+
+
 def _usd(amount: Decimal | float | str | None) -> Decimal | None:
     """A money amount as the exact Decimal it was written as (a float through its shortest repr)."""
     if amount is None:
         return None
     from batchrunner.costs import to_decimal
+    from batchrunner.spec import MAX_BUDGET_USD
 
     value = to_decimal(amount)
-    if value is None or value < 0:
-        raise SpecError(Problem("max_cost", f"{amount!r} is not an amount of USD; give a number such as 2.50"))
+    if value is None or not 0 < value <= MAX_BUDGET_USD:  # budget_usd's bounds: 0 spends nothing, 1e300 is no amount
+        raise SpecError(
+            Problem(
+                "max_cost",
+                f"{amount!r} is not an amount of USD; give a number above 0, such as 2.50, at most {MAX_BUDGET_USD:,}",
+            )
+        )
     return value
 
 

@@ -101,16 +101,19 @@ _held: Interrupts | None = None  # the Interrupts of the `caught()` block the pr
 def caught(*, hard_exit: bool = True) -> Iterator[Interrupts]:
     """SIGINT and SIGTERM recorded for the block, the handlers before it put back after it. Reentrant: a block
     inside another shares the outer one's Interrupts. Outside the main thread nothing can be installed (and
-    signals go to the main thread): the Interrupts then never receives one."""
+    signals go to the main thread): the Interrupts then never receives one, and is the thread's own (a run on a
+    worker thread must not take, or lend, the main thread's)."""
     global _held
+    if threading.current_thread() is not threading.main_thread():
+        yield Interrupts(hard_exit=hard_exit)
+        return
     if _held is not None:
         yield _held
         return
     interrupts = Interrupts(hard_exit=hard_exit)
     previous: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
-    with contextlib.suppress(ValueError):  # not the main thread
-        for signum in SIGNALS:
-            previous[signum] = signal.signal(signum, interrupts._on_signal)
+    for signum in SIGNALS:
+        previous[signum] = signal.signal(signum, interrupts._on_signal)
     _held = interrupts
     try:
         yield interrupts

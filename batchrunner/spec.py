@@ -50,6 +50,7 @@ OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 SANDBOX_SERVER = "sandbox"
 MAX_SPEC_NODES = 100_000  # values in a spec once YAML aliases are expanded
 MAX_SPEC_DEPTH = 64  # levels of nesting (a deep JSON schema needs a dozen)
+MAX_BUDGET_USD = 1_000_000  # the most `budget_usd` (or --max-cost, max_cost=) may say
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
 # What shapes a request, and so a pair's fingerprint, said once: request.RequestBuilder fingerprints these,
@@ -408,7 +409,9 @@ class JobSpec(_Strict):
     rate_limit: Literal["auto"] | RateLimit = "auto"
     free_requests_per_day: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     retry: RetrySettings = RetrySettings()
-    budget_usd: Annotated[Decimal, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | None = None  # most a run may spend
+    budget_usd: Annotated[Decimal, Field(gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False)] | None = (
+        None  # most a run may spend
+    )
     prices: dict[Slug, ModelPrices] = {}  # for models the server does not price
     cache_system_prompt: bool = False  # mark the system message for prompt caching (cache_control)
     repair: RepairSettings = RepairSettings()
@@ -745,6 +748,22 @@ def spec_from_mapping(
     if not isinstance(data, Mapping):
         raise SpecError(Problem("job", "a job spec is a mapping of keys such as name, input, output, models, prompt"))
     return _resolved(copy.deepcopy(dict(data)), None, "job", Path(folder), overrides=overrides, sending=sending)
+
+
+def with_overrides(spec: JobSpec, overrides: dict[str, Any]) -> JobSpec:
+    """`spec` with top-level keys replaced (the command line's options, given to the Python API with a JobSpec),
+    checked as a spec's keys are; its checkpoint stays where the job keeps it. Problems are named `job: <field>`."""
+    data = {name: getattr(spec, name) for name in JobSpec.model_fields} | overrides
+    try:
+        changed = JobSpec.model_validate(data)
+    except ValidationError as exc:
+
+        def where(loc: tuple[str | int, ...]) -> str:
+            return f"job: {_dotted(loc)}"
+
+        raise SpecError(_by_line([_problem(error, where) for error in _without_union_noise(exc.errors())])) from None
+    changed._locate = spec._locate
+    return changed
 
 
 def _resolved(
