@@ -66,11 +66,15 @@ class InFlight:
         self.sending = 0
         self._changed = asyncio.Event()
 
-    async def enter(self) -> None:
-        while self.sending >= self.aimd.allowed:
-            changed = self._changed
-            await changed.wait()
+    async def enter(self, halt: Halt) -> bool:
+        """Wait for a place and take it; False (none taken) when the run stops first. The place is taken after the
+        last await, so a task cancelled while it waits holds none."""
+        while self.sending >= self.aimd.allowed and not halt.stopping:
+            await self._changed.wait()
+        if halt.stopping:
+            return False
         self.sending += 1
+        return True
 
     def leave(self, *, latency_s: float | None = None, overloaded: bool = False) -> None:
         """A request is back: an answer's latency, or an overload (429, 503), teaches the limit."""
@@ -79,6 +83,10 @@ class InFlight:
             self.aimd.overloaded()
         elif latency_s is not None:
             self.aimd.answered(latency_s)
+        self.wake()
+
+    def wake(self) -> None:
+        """Let the requests waiting for a place look again (a place freed, the limit changed, the run stopping)."""
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -121,6 +129,8 @@ class LiveAnswerer:
         self.settlements = settlements or Settlements()
         if settlements is None:
             halt.on_stop(self.settlements.notify)  # wake pairs waiting for budget
+            if in_flight is not None:
+                halt.on_stop(in_flight.wake)  # and those waiting for a place on the wire
 
     def sibling(self, spec: JobSpec, requests: RequestBuilder) -> LiveAnswerer:
         """An answerer for another job's requests (a judge's grades) that shares this run's client, halt,
@@ -206,7 +216,8 @@ class LiveAnswerer:
         entered = False
         try:
             if self.in_flight is not None:  # concurrency: auto, a place among the requests on the wire, then its slot
-                await self._unless_stopped(self.in_flight.enter())
+                if not await self.in_flight.enter(self.halt):
+                    raise _Stopped
                 entered = True
             await self._slot(ask.model)
             if self.halt.stopping:  # the slot came after the stop: nothing goes out now

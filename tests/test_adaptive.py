@@ -74,3 +74,28 @@ async def test_auto_settles_near_a_capacity_the_server_keeps_secret(
     assert sandbox.stats.shed < 0.1 * sandbox.stats.requests, (sandbox.stats.shed, sandbox.stats.requests)
     summary = json.loads(spec.output.with_name("result.summary.json").read_text())
     assert summary["concurrency"] == {"ended_at": ended, "most": most}
+
+
+async def test_a_place_is_never_held_by_a_request_cancelled_or_stopped_while_it_waits() -> None:
+    """live.InFlight: a waiter cancelled while it waits takes no place; a stop wakes every waiter without one; a
+    place given back lets the next in."""
+    import asyncio
+
+    from batchrunner.halt import Halt, StopReason
+    from batchrunner.live import InFlight
+
+    halt = Halt()
+    in_flight = InFlight(Aimd(1, start=1))
+    halt.on_stop(in_flight.wake)
+    assert await in_flight.enter(halt) and in_flight.sending == 1
+    cancelled = asyncio.ensure_future(in_flight.enter(halt))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    in_flight.leave(latency_s=0.1)  # the place freed as the cancel lands
+    await asyncio.gather(cancelled, return_exceptions=True)
+    assert in_flight.sending == 0, "the cancelled waiter must not hold the place"
+    assert await in_flight.enter(halt)
+    waiting = [asyncio.ensure_future(in_flight.enter(halt)) for _ in range(3)]
+    await asyncio.sleep(0)
+    halt.stop(StopReason.INTERRUPTED, "stop")
+    assert await asyncio.gather(*waiting) == [False, False, False] and in_flight.sending == 1
