@@ -119,6 +119,20 @@ class _Option(click.Option):
             self.opts = shown
 
 
+def _output_option(help_text: str, *, default: Path | None = None) -> Callable[[Callable[..., Any]], Any]:
+    """`--output PATH` (as `out_path`), with the spelling before issue #26, `--out`, kept hidden for a release."""
+    return click.option(
+        "--output",
+        "out_path",
+        cls=_Option,
+        aliases=["--out"],
+        type=click.Path(path_type=Path),
+        default=default,
+        show_default=default is not None,
+        help=help_text,
+    )
+
+
 def _json_or(fmt: str | None, as_json: bool) -> bool:
     """Whether JSON was asked, by --json or by the hidden old `--format json`; the two disagreeing is a usage error."""
     if fmt is not None and as_json and fmt != "json":
@@ -514,16 +528,7 @@ def schema() -> None:
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option(
-    "--output",
-    "out_path",
-    cls=_Option,
-    aliases=["--out"],  # before issue #26: kept, hidden, for a release
-    type=click.Path(path_type=Path),
-    default=Path("job.yaml"),
-    show_default=True,
-    help="Write the spec here.",
-)
+@_output_option("Write the spec here.", default=Path("job.yaml"))
 @click.option("--force", is_flag=True, help="Overwrite an existing spec.")
 def init(data: Path, out_path: Path, force: bool) -> None:
     """Write a commented starter job spec for DATA (a .csv, .parquet or .jsonl file): its columns read,
@@ -629,14 +634,7 @@ def score(job: Path, sandbox: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts instead of HTML.")
 @click.option("--markdown", is_flag=True, help="Markdown for CI logs and pull requests instead of HTML.")
 @click.option("--format", "fmt", type=click.Choice(["html", "md", "json"]), hidden=True)  # before --json: a release
-@click.option(
-    "--output",
-    "out_path",
-    cls=_Option,
-    aliases=["--out"],  # before issue #26: kept, hidden, for a release
-    type=click.Path(path_type=Path),
-    help="Write here (default: HTML beside the output, else stdout).",
-)
+@_output_option("Write here (default: HTML beside the output, else stdout).")
 @click.option("--by", "by", help="Also chart the scores by this input column (HTML).")
 @click.option("--sandbox", is_flag=True, help="Report the sandbox's simulated answers instead of the real ones.")
 @click.option(

@@ -13,25 +13,13 @@ from typing import Any
 
 import pytest
 from conftest import run_cli
+from test_api import job_dict
 
 import batchrunner
 from batchrunner.adaptive import Aimd
 from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
-
-
-def job_dict(tickets_csv: Path, tmp_path: Path, **changes: Any) -> dict[str, Any]:
-    return {
-        "name": "api-attack",
-        "input": str(tickets_csv),
-        "id_column": "ticket_id",
-        "output": str(tmp_path / "out" / "result.parquet"),
-        "models": ["openai/gpt-4o-mini"],
-        "prompt": "Ticket {ticket_id}: {text}",
-        "params": {"temperature": 0, "max_tokens": 50},
-        **changes,
-    }
 
 
 @pytest.mark.parametrize("limit", [0, -1, 2.5, "3", True])
