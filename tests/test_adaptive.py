@@ -31,6 +31,9 @@ AIMD_CASES = [  # (ceiling, start, events, the limit after, the most reached)
     (64, 8, [SHED] + [FAST] * 5 + [SHED], 2, 8),  # a window after a cut, an overload cuts again
     (64, 2, [SHED, FAST, FAST, SHED], 1, 2),
     (64, 1, [SHED], 1, 1),  # never below the floor of one
+    (64, 8, [SHED] * 6, 2, 8),  # overloads count toward the window too: a server shedding everything is cut again
+    (64, 8, [SHED] + [FAST] * 3, 4, 8),  # after a cut, a whole window of answers (4) before it climbs
+    (64, 8, [FAST] * 8 + [FAST] * 9, 10, 10),  # the best latency holds when an answer equals it
 ]
 
 
