@@ -101,5 +101,7 @@ def test_report_baseline_against_a_recorded_run_a_date_and_an_output_file(tmp_pa
     output = next((tmp_path / "out").glob("ticket_eval*.csv"), None) or next((tmp_path / "out").glob("*.parquet"))
     same = json.loads(run_cli("report", job, "--sandbox", "--json", "--baseline", str(output), env=env).stdout)
     assert all(m["now_wrong_count"] == m["now_right_count"] == 0 for m in same["models"])
+    other = json.loads(run_cli("report", job, "--sandbox", "--json", "--baseline", job, env=env).stdout)
+    assert other["before"].startswith("ticket-eval (") and all(m["change"]["mean"] == 0 for m in other["models"])
     unknown = run_cli("report", job, "--sandbox", "--baseline", "run:9", env=env)
     assert unknown.returncode == 2 and "run:9: no such run" in unknown.stderr and "run:1" in unknown.stderr
