@@ -241,6 +241,14 @@ def cli_page() -> str:
         "prints them. `python -m batchrunner ...` (and `python -m batchrunner.cli ...`) is the same;",
         "`batchrunner --version` prints the version.",
         "",
+        "One spelling per concept in every command: `--json` prints one JSON object on stdout for scripts (strict",
+        "JSON: a number that is not finite, such as an unlimited rate, is `null`; so are summary.json and",
+        "`--log-json` lines), `--output PATH` is where a command writes, `--sandbox` points it at the simulated",
+        "OpenRouter. `run --json` prints the summary (the summary file's object); with `--dry-run`, the requests and",
+        "the estimate. The spellings before (`--format text|json` of `run --dry-run`, `--format html|md|json` of",
+        "`report`, `--out` of `init` and `report`) still work for a release, hidden from `--help` and from this page",
+        "(`tests/test_cli_convention.py` holds every command to this).",
+        "",
         "## Exit codes",
         "",
         "| code | meaning |",
@@ -254,7 +262,9 @@ def cli_page() -> str:
         "",
         f"`audit` has its own {errors.EXIT_OK} and {errors.EXIT_SOME_FAILED}: {errors.EXIT_OK} when the costs it "
         f"checked drift from what OpenRouter kept by no more than `--tolerance`, {errors.EXIT_SOME_FAILED} when "
-        f"they drift by more; {errors.EXIT_INVALID} and {errors.EXIT_STOPPED} as above. `report --fail-under` exits "
+        f"they drift by more; {errors.EXIT_INVALID} and {errors.EXIT_STOPPED} as above (a job never run, a bad "
+        "`--tolerance` or `--sample`; Ctrl-C or the server gone, what was audited kept for the rerun). "
+        f"`report --fail-under` exits "
         f"{errors.EXIT_SOME_FAILED} when a gated model is under the threshold.",
     ]
     for name in cli_main.list_commands(ctx):
