@@ -205,7 +205,7 @@ def _help(command: click.Command) -> str:
 
 
 def _command(name: str, command: click.Command, ctx: click.Context) -> list[str]:
-    sub = click.Context(command, info_name=name, parent=ctx)
+    sub = command.context_class(command, info_name=name, parent=ctx, **command.context_settings)
     usage = " ".join(["batchrunner", name, *command.collect_usage_pieces(sub)])
     lines = ["", f"## {name}", "", "```", usage, "```", "", _help(command), ""]
     arguments = [p for p in command.params if isinstance(p, click.Argument)]
@@ -228,7 +228,8 @@ def _command(name: str, command: click.Command, ctx: click.Context) -> list[str]
 
 
 def cli_page() -> str:
-    ctx = click.Context(cli_main, info_name="batchrunner")
+    # As click makes them for `batchrunner COMMAND --help`: the group's settings (-h as --help) inherited.
+    ctx = cli_main.context_class(cli_main, info_name="batchrunner", **cli_main.context_settings)
     assert isinstance(cli_main, click.Group)
     lines = [
         "# Commands",

@@ -3,6 +3,7 @@ links stay inside a clone."""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import re
 from pathlib import Path
@@ -19,12 +20,13 @@ def _generator():
 
 
 def test_generated_reference_pages_are_current() -> None:
-    stale = [
-        str(path.relative_to(ROOT))
-        for path, text in _generator().pages().items()
-        if not path.exists() or path.read_text(encoding="utf-8") != text
-    ]
-    assert not stale, f"{', '.join(stale)} differ from the code: run python scripts/docs_reference.py"
+    stale = []
+    for path, text in _generator().pages().items():
+        committed = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        if committed != text.splitlines():
+            diff = difflib.unified_diff(committed, text.splitlines(), "committed", "generated", n=0, lineterm="")
+            stale.append(f"{path.relative_to(ROOT)}:\n" + "\n".join(list(diff)[:12]))
+    assert not stale, "run python scripts/docs_reference.py; the pages differ from the code:\n" + "\n".join(stale)
 
 
 def test_every_output_column_is_described() -> None:
