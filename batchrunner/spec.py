@@ -100,9 +100,9 @@ class _Strict(BaseModel):
 class ApiSettings(_Strict):
     """Where requests go and how they authenticate."""
 
-    base_url: str | None = None
-    api_key_env: str = "OPENROUTER_API_KEY"
-    headers: dict[str, str] = {}
+    base_url: str | None = None  # default: $OPENROUTER_BASE_URL, else https://openrouter.ai/api/v1
+    api_key_env: str = "OPENROUTER_API_KEY"  # the environment variable holding the key
+    headers: dict[str, str] = {}  # sent with every request, e.g. HTTP-Referer, X-OpenRouter-Title
 
     @field_validator("headers")
     @classmethod
@@ -158,8 +158,8 @@ def env_base_url() -> str:
 class RateLimit(_Strict):
     """An explicit rate instead of the one OpenRouter's credit rule gives."""
 
-    requests_per_second: Annotated[float, Field(gt=0, le=10_000, allow_inf_nan=False)] | None = None
-    requests_per_minute: Annotated[float, Field(gt=0, le=600_000, allow_inf_nan=False)] | None = None
+    requests_per_second: Annotated[float, Field(gt=0, le=10_000, allow_inf_nan=False)] | None = None  # one of the two
+    requests_per_minute: Annotated[float, Field(gt=0, le=600_000, allow_inf_nan=False)] | None = None  # one of the two
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RateLimit:
@@ -179,9 +179,9 @@ class RateLimit(_Strict):
 class RetrySettings(_Strict):
     """How hard to try one model before its fallbacks: attempts, and backoff between them."""
 
-    max_attempts: Annotated[int, Field(ge=1, le=50)] = 5
-    base_delay_s: Annotated[float, Field(ge=0, le=3_600, allow_inf_nan=False)] = 1.0
-    max_delay_s: Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)] = 60.0
+    max_attempts: Annotated[int, Field(ge=1, le=50)] = 5  # requests per model, the first included
+    base_delay_s: Annotated[float, Field(ge=0, le=3_600, allow_inf_nan=False)] = 1.0  # first backoff; doubles
+    max_delay_s: Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)] = 60.0  # the longest backoff
 
 
 class RepairSettings(_Strict):
@@ -196,7 +196,7 @@ MetricName = Literal["exact", "numeric", "f1", "regex", "contains", "json_match"
 class JudgeSettings(_Strict):
     """Another model grades each answer with a rubric you write (see judging.py)."""
 
-    model: Slug
+    model: Slug  # the grading model (listed, and priced when there is a budget)
     rubric: Annotated[str, Field(min_length=1)]  # a template: {answer}, {reference} and the input columns
     scale: Annotated[int, Field(ge=2, le=100)] = 5  # grades 1..scale; the score is (grade - 1) / (scale - 1)
 
@@ -206,13 +206,13 @@ class MetricSettings(_Strict):
 
     metric: MetricName | None = None  # may be left out when `python:` names the function
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$", max_length=40)] | None = None  # column score_<name>
-    ignore_case: bool = True
-    strip: bool = True
+    ignore_case: bool = True  # text comparisons ignore case
+    strip: bool = True  # surrounding whitespace ignored
     normalize: bool = False  # unicode NFKC, punctuation removed, whitespace collapsed
-    abs_tol: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    rel_tol: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
+    abs_tol: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0  # numeric: the absolute difference accepted
+    rel_tol: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0  # numeric: the relative difference accepted
     python: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None  # module:function
-    judge: JudgeSettings | None = None
+    judge: JudgeSettings | None = None  # another model grades the answer (metric judge)
 
     @model_validator(mode="after")
     def _python_names_a_function(self) -> MetricSettings:

@@ -1,4 +1,4 @@
-"""The benchmarks still run (tiny sizes): a README figure must come from a script that works."""
+"""The benchmarks still run (tiny sizes): a figure in docs/performance.md must come from a script that works."""
 
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ def test_overrides_replace_keys(write_spec: Callable[..., Path]) -> None:
 
 
 def test_example_jobs_are_valid() -> None:
-    """Every job in jobs/ loads: the examples in the README stay true."""
+    """Every job in jobs/ loads: the examples in the README and docs stay true."""
     jobs = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs").glob("*.yaml"))
     assert len(jobs) >= 3
     for job in jobs:
