@@ -445,7 +445,7 @@ class JobSpec(_Strict):
     @classmethod
     def _local_checkpoint(cls, value: Any) -> Any:
         """The checkpoint is SQLite, which needs a local file it can lock and write in place: never a URL."""
-        if is_url(value) or (isinstance(value, Path) and str(value).startswith("s3:/")):
+        if is_url(value):
             raise ValueError(
                 "the checkpoint is a local SQLite file; give a local path (the output may be an s3:// URL)"
             )
@@ -843,7 +843,7 @@ def _resolved(
         # The checkpoint belongs to the job, not to where one run writes: --output does not move it. It is
         # local: an s3:// output's is beside the spec.
         if is_url(data["output"]):
-            stem = Path(data["output"].rpartition("/")[2]).stem
+            stem = Path(data["output"]).stem
             data["checkpoint"] = os.path.normpath(folder / f"{stem}.checkpoint.sqlite")
         else:
             output = Path(data["output"])

@@ -40,8 +40,10 @@ STORAGE_OPTION_KEYS = frozenset(
 
 
 def is_url(value: object) -> bool:
-    """Whether a spec value names a URL (any scheme) rather than a local path."""
-    return isinstance(value, str) and URL_PATTERN.match(value) is not None
+    """Whether a spec value names a URL (any scheme) rather than a local path; `s3:/b/k` too, what a command
+    line's `--output s3://b/k` becomes once made a Path (which keeps one slash)."""
+    text = str(value) if isinstance(value, str | Path) else ""
+    return URL_PATTERN.match(text) is not None or text.startswith("s3:/")
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,9 @@ Location = Path | ObjectURL  # where a job's input or output is
 def as_location(value: Any) -> Any:
     """A spec value as a Location where it names a URL: an `s3://` string, or a Path made from one on the command
     line (`Path("s3://b/k")` reads `s3:/b/k`); anything else unchanged, for pydantic to judge."""
-    if isinstance(value, Path) and str(value).startswith("s3:/") and not str(value).startswith("s3://"):
-        value = "s3://" + str(value)[len("s3:/") :]
-    if is_url(value):
-        return ObjectURL.parse(value)
-    return value
+    if not is_url(value):
+        return value
+    text = str(value)
+    if text.startswith("s3:/") and not text.startswith("s3://"):
+        text = "s3://" + text[len("s3:/") :]
+    return ObjectURL.parse(text)

@@ -270,3 +270,62 @@ def test_a_failed_upload_leaves_no_object_and_no_unfinished_upload(s3: Any, endp
         _sink(rows.map_batches(boom, streamable=True), url)
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/")
     assert [u for u in s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) if u["Initiated"] >= since] == []
+
+
+def test_the_command_line_takes_an_s3_output(
+    s3: Any, job: Callable[..., Path], tmp_path: Path, write_spec: Callable[..., Path]
+) -> None:
+    """`run --output s3://...` (click hands a Path, `s3:/...`) writes the object; the checkpoint stays local."""
+    from click.testing import CliRunner
+
+    from batchrunner.cli import main
+
+    put(s3, "in/tickets.parquet", tickets())
+    path = job(output=str(tmp_path / "local.parquet"))
+    result = CliRunner().invoke(main, ["run", str(path), "--sandbox", "--output", f"s3://{BUCKET}/out/cli.csv"])
+    assert result.exit_code == 0, result.output
+    assert read(s3, "out/cli.csv").height == 12
+    assert (tmp_path / "local.checkpoint.sqlite").exists() and not (tmp_path / "local.parquet").exists()
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_reading_and_writing_large_objects(s3: Any, endpoint: str, tmp_path: Path) -> None:
+    """An input 10 times larger (100,000 against 10,000 rows of 1 KB) costs the read-through and write-back under
+    twice the peak memory, measured in a process of its own (moto keeps its objects in this one)."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import resource, sys, json, polars as pl
+from pathlib import Path
+from batchrunner.dataset import open_dataset
+from batchrunner.output import _sink
+from batchrunner.urls import ObjectURL
+options = json.loads(sys.argv[2])
+url = ObjectURL.parse(sys.argv[1]).bound(options, Path("."))
+dataset = open_dataset(url, id_column="ticket_id")
+rows = sum(len(batch) for batch in dataset.batches(batch_size=2048))
+_sink(dataset.frame, url.with_name("copy-" + url.name))
+print(json.dumps({"rows": rows, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+    peaks = {}
+    for rows in (10_000, 100_000):
+        frame = tickets(rows).with_columns(pl.col("text").str.pad_end(1000, "x"))
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer, row_group_size=5_000)  # polars decodes a row group whole, local or remote
+        s3.put_object(Bucket=BUCKET, Key=f"in/big-{rows}.parquet", Body=buffer.getvalue())
+        found = subprocess.run(
+            [sys.executable, "-c", script, f"s3://{BUCKET}/in/big-{rows}.parquet", json.dumps(options(endpoint))],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result = json.loads(found.stdout.strip().splitlines()[-1])
+        assert result["rows"] == rows
+        peaks[rows] = result["peak_mb"]
+    print(peaks)
+    # measured 2026-12-06: 199 MB and 311 MB (a local file of 100,000 rows: 329 MB with the frame built in-process);
+    # not flat yet: the read-through's id and digest pass grows with the rows. Ten times the input, under twice
+    # the memory: what is held is not the object.
+    assert peaks[100_000] < 2 * peaks[10_000], peaks
