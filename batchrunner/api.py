@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from batchrunner.records import Summary
     from batchrunner.runner import RunReport
     from batchrunner.spec import JobSpec
+    from batchrunner.urls import Location
 
     JobLike = str | os.PathLike[str] | Mapping[str, Any] | JobSpec  # a spec file, its keys as a dict, or a JobSpec
 
@@ -58,7 +59,7 @@ class RunResult:
     """How one run ended: the output, the summary, and why it stopped early if it did."""
 
     spec: JobSpec
-    output_path: Path
+    output_path: Location  # a local file or an s3:// object
     output_rows: int | None  # None: the output could not be written (the checkpoint has every answer)
     report: RunReport  # the run's own account (runner.py); what follows reads it
     unsaved: int = 0  # answers the checkpoint could not take (a full disk): in its spill file for the next run
@@ -131,12 +132,15 @@ class RunResult:
             return None
         import polars as pl
 
+        from batchrunner.dataset import source
+
         suffix = self.output_path.suffix.lower()
+        where, options = source(self.output_path)  # an s3:// output read with the spec's storage options
         if suffix == ".parquet":
-            return pl.read_parquet(self.output_path)
+            return pl.read_parquet(where, storage_options=options)
         if suffix == ".csv":  # every row's types read, not the first 100's: a column may turn to text at row 101
-            return pl.read_csv(self.output_path, infer_schema_length=None)
-        return pl.read_ndjson(self.output_path)
+            return pl.read_csv(where, infer_schema_length=None, storage_options=options)
+        return pl.read_ndjson(where, storage_options=options)
 
 
 def job_spec(

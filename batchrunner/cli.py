@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from batchrunner.api import RunResult
     from batchrunner.evaluation import Report
     from batchrunner.spec import JobSpec
+    from batchrunner.urls import Location
 
 # Each command imports what it needs when it runs: `--help` and `status` start in a fraction of the
 # time importing everything (aiohttp, polars, jsonschema) would take. See bench/startup.py.
@@ -86,7 +87,7 @@ def _stoppable(command: Callable[..., None]) -> Callable[..., None]:
     return stoppable
 
 
-def _stopped_after_writing(path: Path, rows: int) -> None:
+def _stopped_after_writing(path: Location, rows: int) -> None:
     """Exit 3 when Ctrl-C or SIGTERM came while `path` was being written, which was finished all the same."""
     if (stop := interrupts.received()) is not None:
         say(
@@ -686,7 +687,10 @@ def report(
             text = jsontext.dumps(comparison.to_json(), indent=1) if fmt == "json" else comparison_markdown(comparison)
         elif fmt == "html":
             text = report_html(spec, sandbox=sandbox, by=by)
-            out_path = out_path or spec.output.with_name(spec.output.stem + ".report.html")
+            from batchrunner.output import local_of
+
+            local = local_of(spec.output)  # an s3:// output's report goes beside the checkpoint
+            out_path = out_path or local.with_name(local.stem + ".report.html")
         else:
             text = jsontext.dumps(figures.to_json(), indent=1) if fmt == "json" else to_markdown(figures)
         if out_path is None:

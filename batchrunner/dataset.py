@@ -9,6 +9,10 @@ CSV and JSONL cells are read as text, as written: `02134` stays `02134`, a `1` s
 when a `2.5` is appended below it, and nothing decided by inferring types from the first
 rows can fail at row 12,001. What the user wrote is what the model sees and what the
 checkpoint key is made of. Parquet files carry their own types and are read as they are.
+
+The input may be an object (or a glob of objects) in S3: polars' own scans read it, streamed as a local file
+is, with the spec's storage options; objectstore.py asks first whether it is there and readable, so a missing
+bucket, object or credential is a SpecError naming the fix, not a traceback half-way through a scan.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from typing import Any
 
 import polars as pl
 
+from batchrunner import objectstore
 from batchrunner.errors import Problem, SpecError, first_line
+from batchrunner.urls import Location, ObjectURL
 
 ROW_INDEX = "__batchrunner_row"  # the row's 0-based position in the input
 
@@ -39,7 +45,7 @@ class Row:
 class Dataset:
     """An input file, opened lazily."""
 
-    path: Path
+    path: Location
     id_column: str | None
     frame: pl.LazyFrame  # the input with ROW_INDEX prepended
     columns: list[str]  # the input's own columns, in order
@@ -95,21 +101,30 @@ def _digest_text(sums: tuple[Any, ...]) -> str:
     return "-".join(f"{value:x}" for value in sums)
 
 
-def scan(path: Path) -> pl.LazyFrame:
-    """A lazy scan of a CSV, Parquet or JSONL file, chosen by its extension; CSV and JSONL cells as text."""
+def source(path: Location) -> tuple[str | Path, dict[str, str] | None]:
+    """What polars' scans take for `path`: the file, or the URL with its storage options."""
+    if isinstance(path, ObjectURL):
+        return path.url, objectstore.polars_options(path)
+    return path, None
+
+
+def scan(path: Location) -> pl.LazyFrame:
+    """A lazy scan of a CSV, Parquet or JSONL file (or object), chosen by its extension; CSV and JSONL cells as
+    text."""
     suffix = path.suffix.lower()
+    where, options = source(path)
     if suffix == ".csv":
-        return pl.scan_csv(path, infer_schema=False)
+        return pl.scan_csv(where, infer_schema=False, storage_options=options)
     if suffix == ".parquet":
-        return pl.scan_parquet(path)
+        return pl.scan_parquet(where, storage_options=options)
     if suffix in (".jsonl", ".ndjson"):
         # Every key of every line, then every value as its JSON text (nested values too).
-        names = pl.scan_ndjson(path, infer_schema_length=None).collect_schema().names()
-        return pl.scan_ndjson(path, schema=dict.fromkeys(names, pl.String()))
+        names = pl.scan_ndjson(where, infer_schema_length=None, storage_options=options).collect_schema().names()
+        return pl.scan_ndjson(where, schema=dict.fromkeys(names, pl.String()), storage_options=options)
     raise SpecError(Problem("input", f"unsupported input format {suffix!r}; use .csv, .parquet, .jsonl or .ndjson"))
 
 
-def _unreadable(path: Path, exc: BaseException) -> SpecError:
+def _unreadable(path: Location, exc: BaseException) -> SpecError:
     detail = first_line(exc)
     if "utf-8" in detail.lower() or "utf8" in detail.lower():
         fix = "it is not UTF-8 text; re-save it as UTF-8"
@@ -120,12 +135,14 @@ def _unreadable(path: Path, exc: BaseException) -> SpecError:
     return SpecError(Problem("input", f"{path}: cannot read it as {path.suffix} ({detail}); {fix}"))
 
 
-def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
+def open_dataset(path: Location, *, id_column: str | None) -> Dataset:
     """Open `path` and check what the job needs of it; raise SpecError otherwise."""
-    if not path.exists():
+    if isinstance(path, ObjectURL):
+        objectstore.objects(path)  # there, and readable with these credentials: else a SpecError naming the fix
+    elif not path.exists():
         raise SpecError(Problem("input", f"{path}: no such file; check `input` in the spec or pass --input"))
     try:
-        if path.suffix.lower() in (".jsonl", ".ndjson"):  # before polars, which fails on some of them
+        if isinstance(path, Path) and path.suffix.lower() in (".jsonl", ".ndjson"):  # before polars (see there)
             _refuse_lone_surrogates(path)
         frame = scan(path)
         columns = list(frame.collect_schema().names())
@@ -149,11 +166,12 @@ def open_dataset(path: Path, *, id_column: str | None) -> Dataset:
     return Dataset(path, id_column, indexed, columns, rows, digest)
 
 
-def _header_problems(path: Path) -> list[Problem]:
+def _header_problems(path: Location) -> list[Problem]:
     """A CSV header that names a column twice: polars would rename the second (`text_duplicated_0`) and `{text}`
     would quietly mean the first, so it is refused. The header is read as polars reads it (quotes, separators),
     as a row of plain values; empty names are left alone (no placeholder can name them)."""
-    header = pl.scan_csv(path, has_header=False, infer_schema=False, n_rows=1).collect()
+    where, options = source(path)
+    header = pl.scan_csv(where, has_header=False, infer_schema=False, n_rows=1, storage_options=options).collect()
     names = list(header.row(0)) if header.height else []
     problems = []
     for name in dict.fromkeys(n for n in names if n):
@@ -240,7 +258,7 @@ def _lone_half(value: Any) -> str | None:
     return None
 
 
-def _read_through(path: Path, frame: pl.LazyFrame, id_column: str | None) -> tuple[int, int, list[Any], str]:
+def _read_through(path: Location, frame: pl.LazyFrame, id_column: str | None) -> tuple[int, int, list[Any], str]:
     """One pass over every cell of the input (with ROW_INDEX): (rows, null ids, some duplicated ids, the
     rows' digest).
 

@@ -15,6 +15,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from batchrunner.urls import Location, ObjectURL
 
 
 def umask_mode(mode: int = 0o666) -> int:
@@ -57,9 +60,14 @@ def open_no_follow(path: Path, flags: int, mode: int = 0o666) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
 
 
-def identity(path: Path) -> list[int] | None:
+def identity(path: Location) -> list[Any] | None:
     """A file as the filesystem knows it (size, modification time to the nanosecond, inode), to tell later
-    whether it is still the same file; None when there is none. A list, as it is kept in JSON records."""
+    whether it is still the same file; None when there is none. A list, as it is kept in JSON records.
+    An object in S3 has no inode or mtime to trust: its identity is its URL, ETag, version and size (a HEAD)."""
+    if isinstance(path, ObjectURL):
+        from batchrunner import objectstore  # boto3 only for jobs that name objects
+
+        return objectstore.identity(path)
     try:
         found = os.stat(path)
     except OSError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -22,6 +21,7 @@ from batchrunner.dataset import ROW_INDEX, Row
 from batchrunner.keylog import SAMPLE
 from batchrunner.request import RequestBuilder
 from batchrunner.spec import JobSpec, MetricSettings
+from batchrunner.urls import Location
 
 SEPARATOR = "\x1f"  # between the row id and the answering model in a grade's checkpoint id
 ANSWER, REFERENCE = "answer", "reference"
@@ -81,7 +81,7 @@ def judge_overrides(rule: MetricSettings) -> dict[str, Any]:
 class Items:
     """The answers to grade, shaped as an input (pending.py reads it like a Dataset)."""
 
-    def __init__(self, rows: list[Row], path: Path) -> None:
+    def __init__(self, rows: list[Row], path: Location) -> None:
         self._rows = rows
         self.path = path
         self.rows = len(rows)

@@ -11,7 +11,7 @@ the pairs earlier runs answered are skipped, never become results, and reach the
 through this log: that is why it exists beside the carried keys.
 
 The output uses the log only when it covers every row the output is made of (the run read its
-input to the end) and the input is still the file it read (size, modification time, inode);
+input to the end) and the input is still the file it read (size, modification time, inode; an object's ETag and size);
 otherwise the output renders the rows itself, as it always could.
 """
 
@@ -30,6 +30,7 @@ from batchrunner.dataset import ROW_INDEX
 from batchrunner.files import identity
 from batchrunner.records import KEY_COLUMNS
 from batchrunner.request import RowRequest
+from batchrunner.urls import Location, ObjectURL
 
 log = logging.getLogger("batchrunner")
 
@@ -43,7 +44,7 @@ KEYS_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def folder_prefix(beside: Path) -> str:
+def folder_prefix(beside: Path | ObjectURL) -> str:
     """A key log's folder is named this and eight random characters (output.remove_leftovers finds a killed run's)."""
     return f".{beside.name}.keys."
 
@@ -64,7 +65,9 @@ def keys_frame(requests: Iterable[RowRequest]) -> pl.DataFrame:
 class KeyLog:
     """The keys of input rows `first_row` to `rows - 1`, as pending() makes them. Close it to remove its parts."""
 
-    def __init__(self, beside: Path, source: Path, *, first_row: int, rows: int) -> None:
+    def __init__(self, beside: Location, source: Location, *, first_row: int, rows: int) -> None:
+        if isinstance(beside, ObjectURL):  # kept locally, beside the checkpoint
+            beside = beside.local()
         beside.parent.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix=folder_prefix(beside), dir=beside.parent))
         self.source = source

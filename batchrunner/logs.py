@@ -83,3 +83,5 @@ def configure(*, verbose: bool = False, json_lines: bool = False) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    for chatty in ("botocore", "boto3", "urllib3", "s3transfer"):  # s3:// jobs: every signed request, at DEBUG
+        logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -5,6 +5,11 @@ joined with its stored answers and written as a part file, and the parts are the
 into the target format. Memory stays bounded by the batch size, not the dataset. The
 target is replaced atomically (a temporary file, then a rename), so a reader or a crash
 never sees half a file.
+
+An output in S3 (`s3://...`) is written by polars' sink as one multipart upload, completed only when the
+last row is written: the object at the key is the old one or the new one, whole. A sink that fails is
+never completed (its upload is aborted here); its parts and key log are kept locally, beside the checkpoint
+(ObjectURL.local). S3 has no append: rows added to a remote output rewrite it (extend returns None).
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from batchrunner.dataset import ROW_INDEX, Dataset
+from batchrunner import objectstore
+from batchrunner.dataset import ROW_INDEX, Dataset, source
 from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
 from batchrunner.judging import grade_keys, score_of
@@ -34,13 +41,20 @@ from batchrunner.scoring import error_column, metrics_of, score_rows
 from batchrunner.spec import JobSpec
 from batchrunner.store import Store, fetched_schema
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
+from batchrunner.urls import Location, ObjectURL
 
 log = logging.getLogger("batchrunner")
+UPLOAD_CLOCK_SKEW = timedelta(minutes=5)  # the store's clock may be ahead of ours: uploads begun since then are ours
 
 
-def summary_path(output: Path) -> Path:
-    """out/triage.parquet -> out/triage.summary.json"""
+def summary_path(output: Location) -> Location:
+    """out/triage.parquet -> out/triage.summary.json (s3://b/triage.parquet -> s3://b/triage.summary.json)"""
     return output.with_name(output.stem + ".summary.json")
+
+
+def local_of(path: Location) -> Path:
+    """Where the output's temporaries go: beside it, or for an s3:// output beside the checkpoint."""
+    return path.local() if isinstance(path, ObjectURL) else path
 
 
 def extra_columns(spec: JobSpec) -> dict[str, pl.DataType]:
@@ -195,13 +209,15 @@ PART = re.compile(r"(\d{8}|empty)\.parquet|tail\.(csv|jsonl|ndjson)")  # what _w
 RANDOM = "[a-z0-9_]{8}"  # the eight characters tempfile's mkdtemp and mkstemp add to a prefix
 
 
-def remove_leftovers(path: Path) -> list[str]:
+def remove_leftovers(output: Location) -> list[str]:
     """Remove what a killed run or export of the output `path` left beside it, and return the names removed:
     parts folders (`.result.parquet.k2_9abcd`, `.result.parquet.keys.k2_9abcd`) holding nothing but parts,
     temporary copies of the output and its summary (`.result.parquet.k2_9abcd.tmp`), the probe. Only names
     batchrunner makes, owned by this user, never through a symlink; a folder holding anything else is left.
 
-    Call it holding the job's lock (lock.py): then no live run or export of the job is using what it removes."""
+    Call it holding the job's lock (lock.py): then no live run or export of the job is using what it removes.
+    For an s3:// output, its temporaries beside the checkpoint (an unfinished upload is aborted as it fails)."""
+    path = local_of(output)
     name, summary = re.escape(path.name), re.escape(summary_path(path).name)
     folders = re.compile(rf"({re.escape(_parts_prefix(path))}|{re.escape(folder_prefix(path))}){RANDOM}")
     files = re.compile(rf"\.({name}|{summary})\.{RANDOM}\.tmp|\.{re.escape(path.stem)}\.probe{re.escape(path.suffix)}")
@@ -243,7 +259,7 @@ def export(
     dataset: Dataset,
     requests: RequestBuilder,
     store: Store,
-    path: Path,
+    path: Location,
     *,
     batch_size: int = 20_000,
     keys: KeyLog | None = None,
@@ -255,8 +271,9 @@ def export(
     their prompt or params) are left out: they are pending. `check` is called with the number of rows
     about to be written, before `path` is replaced: it may refuse by raising, and `path` is left as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parts = Path(tempfile.mkdtemp(prefix=_parts_prefix(path), dir=path.parent))
+    local = local_of(path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    parts = Path(tempfile.mkdtemp(prefix=_parts_prefix(local), dir=local.parent))
     try:
         written = _write_parts(results(dataset, requests, store, batch_size=batch_size, keys=keys), parts)
         if check is not None:
@@ -281,14 +298,18 @@ def _write_parts(frames: Iterable[pl.DataFrame], folder: Path) -> int:
 
 
 def extend(
-    dataset: Dataset, requests: RequestBuilder, store: Store, path: Path, *, start: int, keys: KeyLog | None = None
+    dataset: Dataset, requests: RequestBuilder, store: Store, path: Location, *, start: int, keys: KeyLog | None = None
 ) -> int | None:
     """Add the answers of input rows from `start` on to the end of `path`, an output of the same job's rows
     before them, instead of rewriting it; return the rows added. None when `path` cannot be extended
     (its columns are not what the new rows' are): then it must be rewritten with `export`.
 
     Parquet is rewritten as the old file's row groups followed by the new rows (no row is rebuilt from
-    the checkpoint); CSV and JSONL are copied and appended to. Atomic as `export` is."""
+    the checkpoint); CSV and JSONL are copied and appended to. Atomic as `export` is.
+
+    An object in S3 cannot be appended to: it is rewritten whole by `export` (None)."""
+    if isinstance(path, ObjectURL):
+        return None
     parts = Path(tempfile.mkdtemp(prefix=_parts_prefix(path), dir=path.parent))
     try:
         added = _write_parts(results(dataset, requests, store, start=start, keys=keys), parts)
@@ -322,18 +343,19 @@ def extend(
         shutil.rmtree(parts, ignore_errors=True)
 
 
-def rows_in(path: Path) -> int | None:
+def rows_in(path: Location) -> int | None:
     """How many rows an output file holds: 0 when there is no file, None when it cannot be read as its format."""
-    if not path.exists():
+    if not (objectstore.exists(path) if isinstance(path, ObjectURL) else path.exists()):
         return 0
     suffix = path.suffix.lower()
+    where, options = source(path)
     try:
         if suffix == ".parquet":
-            frame = pl.scan_parquet(path)
+            frame = pl.scan_parquet(where, storage_options=options)
         elif suffix == ".csv":
-            frame = pl.scan_csv(path, infer_schema=False)
+            frame = pl.scan_csv(where, infer_schema=False, storage_options=options)
         else:
-            frame = pl.scan_ndjson(path, infer_schema_length=None)
+            frame = pl.scan_ndjson(where, infer_schema_length=None, storage_options=options)
         return int(frame.select(pl.len()).collect().item())
     except (pl.exceptions.PolarsError, OSError):
         return None
@@ -345,9 +367,14 @@ def _empty(dataset: Dataset, spec: JobSpec) -> pl.DataFrame:
     return _answers(dataset.frame.head(0).collect(), keys_frame([]), stored, spec, extra_columns(spec))
 
 
-def probe_output(dataset: Dataset, spec: JobSpec, path: Path) -> None:
+def probe_output(dataset: Dataset, spec: JobSpec, output: Location) -> None:
     """Write the output's columns, without rows, beside `path` and remove it: a folder that cannot be
-    written or a column the format cannot hold is found before any request is paid for."""
+    written or a column the format cannot hold is found before any request is paid for. For an s3:// output
+    the columns are probed locally (beside the checkpoint) and the bucket by an empty object put and deleted
+    (objectstore.check_writable: SpecError naming the fix)."""
+    if isinstance(output, ObjectURL):
+        objectstore.check_writable(output)
+    path = local_of(output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
@@ -384,15 +411,29 @@ def _as_json_text(frame: pl.LazyFrame) -> pl.LazyFrame:
     return frame.with_columns([encode(name) for name in nested]) if nested else frame
 
 
-def _sink(frame: pl.LazyFrame, path: Path) -> None:
-    """Stream `frame` into `path` in the format its extension names, atomically."""
-    suffix = path.suffix.lower()
+def _sink(frame: pl.LazyFrame, path: Location) -> None:
+    """Stream `frame` into `path` in the format its extension names, atomically: a local file through a temporary
+    renamed over it; an object by polars' multipart upload, which S3 makes visible only once completed (and which
+    polars completes only after the last row), aborted here when the sink fails."""
+    if isinstance(path, ObjectURL):
+        since = datetime.now(UTC) - UPLOAD_CLOCK_SKEW
+        try:
+            _sink_as(frame, path.url, path.suffix, objectstore.polars_options(path))
+        except BaseException:
+            objectstore.abort_uploads(path, since)
+            raise
+        return
     with replacing(path) as temporary:
-        if suffix == ".parquet":  # in row groups small enough to read back one at a time (extend, readers)
-            frame.sink_parquet(temporary, row_group_size=ROW_GROUP_ROWS)
-        elif suffix == ".csv":
-            _as_json_text(_as_text(frame)).sink_csv(temporary)
-        elif suffix in (".jsonl", ".ndjson"):
-            _as_text(frame).sink_ndjson(temporary)
-        else:
-            raise ValueError(f"unsupported output format {suffix!r}")
+        _sink_as(frame, temporary, path.suffix, None)
+
+
+def _sink_as(frame: pl.LazyFrame, target: str | Path, suffix: str, options: dict[str, str] | None) -> None:
+    suffix = suffix.lower()
+    if suffix == ".parquet":  # in row groups small enough to read back one at a time (extend, readers)
+        frame.sink_parquet(target, row_group_size=ROW_GROUP_ROWS, storage_options=options)
+    elif suffix == ".csv":
+        _as_json_text(_as_text(frame)).sink_csv(target, storage_options=options)
+    elif suffix in (".jsonl", ".ndjson"):
+        _as_text(frame).sink_ndjson(target, storage_options=options)
+    else:
+        raise ValueError(f"unsupported output format {suffix!r}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from batchrunner.dataset import Row
@@ -19,6 +18,7 @@ from batchrunner.errors import RunHalted, first_line
 from batchrunner.records import Bill
 from batchrunner.request import RequestBuilder, RowRequest
 from batchrunner.store import Store
+from batchrunner.urls import Location
 
 BATCH_ROWS = 8192  # input rows per batch: one checkpoint query each, memory bounded by it
 FIRST_BATCH_ROWS = 256  # the first batch is split: rendering 8,192 rows first delayed the first request ~0.1 s
@@ -46,7 +46,7 @@ class Batch:
 class Source(Protocol):
     """What pending() reads rows from: an input file (dataset.Dataset), or answers to grade (judging.Items)."""
 
-    path: Path
+    path: Location
 
     def batches(self, *, limit: int | None = None, batch_size: int = ..., start: int = 0) -> Iterator[list[Row]]: ...
 

@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -26,6 +25,7 @@ from batchrunner.records import RESULT_SCHEMA
 from batchrunner.scoring import load_function, metrics_of
 from batchrunner.spec import JobSpec, MetricSettings, is_openrouter
 from batchrunner.structured import Mode, strict_mode_warnings
+from batchrunner.urls import Location, ObjectURL
 
 log = logging.getLogger("batchrunner")
 
@@ -202,9 +202,12 @@ def check_files(spec: JobSpec) -> None:
         raise SpecError(problems)
 
 
-def same_file(a: Path, b: Path) -> bool:
+def same_file(a: Location, b: Location) -> bool:
     """Whether two paths name one file: the same inode if both exist, else the same resolved path,
-    compared without case (a case-insensitive filesystem would make them one file)."""
+    compared without case (a case-insensitive filesystem would make them one file). An object is only ever
+    the same object (keys are case-sensitive), never a local file."""
+    if isinstance(a, ObjectURL) or isinstance(b, ObjectURL):
+        return a == b
     try:
         if os.path.samefile(a, b):
             return True
@@ -217,6 +220,8 @@ def check_output(spec: JobSpec, dataset: Dataset) -> None:
     """The output can be created in its folder, in its format, with every column it will have."""
     try:
         probe_output(dataset, spec, spec.output)
+    except SpecError as exc:  # the bucket's answer (objectstore.check_writable), named by the spec's line
+        raise SpecError([Problem(spec.locate(p.where), p.message) for p in exc.problems]) from None
     except (OutputError, OSError) as exc:
         raise SpecError(
             Problem(

@@ -62,7 +62,7 @@ class RequestBuilder:
         self.has_media = bool(self.template.media_kinds)
         limits = spec.media_limits_mb
         self.media = media or MediaReader(  # reads the files a row names (media.py does that I/O, not this module)
-            spec.input.parent,
+            spec.input_folder(),
             limits=MediaLimitsBytes(
                 *(int(getattr(limits, kind) * MIB) for kind in ("image", "file", "audio", "video"))
             ),

@@ -6,7 +6,8 @@ cost as much as the input's size; instead, a run that leaves every pair answered
 the checkpoint what it left (`mark_complete`), and the next run compares (`last_run`):
 
 - **unchanged**: the spec's request-shaping fields, the server and the input file as the
-  filesystem knows it (size, times to the nanosecond, inode) are as recorded: no row is read,
+  filesystem knows it (size, times to the nanosecond, inode; an object in S3: its ETag, version and
+  size) are as recorded: no row is read,
   nothing is sent, and the output, if still the file that run wrote, is kept;
 - **grown**: the same spec and server, and the input's first rows are the rows that run
   answered, in the same places (a digest of their content with their positions: Parquet,
@@ -33,6 +34,7 @@ from batchrunner.records import RESULT_SCHEMA
 from batchrunner.request import RequestBuilder
 from batchrunner.spec import RUN_ONLY_KEYS, JobSpec
 from batchrunner.store import MIGRATIONS, Store
+from batchrunner.urls import ObjectURL
 
 COMPLETE = "complete"  # the checkpoint's record of the last run that left every pair answered
 
@@ -63,10 +65,16 @@ def job_state(spec: JobSpec, requests: RequestBuilder, dataset: Dataset) -> JobS
     change on their own), judges (graded after the answers)."""
     if requests.has_media or (spec.evaluate is not None and spec.evaluate.judges()):
         return None
-    try:
-        found = os.stat(spec.input)
-    except OSError:
-        return None
+    if isinstance(spec.input, ObjectURL):  # its URL (no credentials), ETag, version and size, by a HEAD
+        if (known := identity(spec.input)) is None:
+            return None
+        where: list[Any] = known
+    else:
+        try:
+            found = os.stat(spec.input)
+        except OSError:
+            return None
+        where = [str(spec.input.resolve()), found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino]
     shape = {
         "spec": spec.model_dump(mode="json", exclude=set(RUN_ONLY_KEYS)),
         "server": requests.server,
@@ -76,7 +84,7 @@ def job_state(spec: JobSpec, requests: RequestBuilder, dataset: Dataset) -> JobS
     }
     whole = {
         **shape,
-        "input": [str(spec.input.resolve()), found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino],
+        "input": where,
     }
     return JobState(_digest(whole), _digest(shape), dataset.rows, dataset.digest)
 

@@ -26,7 +26,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, TypeVar
 
 import polars as pl
@@ -70,6 +69,7 @@ from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import JobSpec, RateLimit
 from batchrunner.store import COMMIT_INTERVAL_S, Store
+from batchrunner.urls import Location, ObjectURL
 
 log = logging.getLogger("batchrunner")
 T = TypeVar("T")
@@ -116,7 +116,7 @@ class RunReport:
 @dataclass
 class Outcome:
     report: RunReport
-    output_path: Path
+    output_path: Location
     output_rows: int | None  # None when the output could not be written (the checkpoint has the answers)
     sandbox_url: str | None = None
     unsaved: int = 0  # answers the checkpoint could not take (in its spill file, for the next run, or lost)
@@ -687,8 +687,17 @@ def plan_budget(
     return Budget(limit)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    write_text_atomically(path, jsontext.dumps(data, indent=1, default=str) + "\n")  # strict JSON, for any reader
+def write_json(path: Location, data: dict[str, Any]) -> None:
+    text = jsontext.dumps(data, indent=1, default=str) + "\n"  # strict JSON, for any reader
+    if isinstance(path, ObjectURL):  # the summary of an s3:// output, beside it: one PUT, whole or absent
+        from batchrunner import objectstore
+
+        try:
+            objectstore.put_text(path, text)
+        except Exception as exc:  # botocore's errors: the answers and the output are safe, only the summary is lost
+            log.error("could not write the summary %s (%s); the output and the checkpoint are written", path, exc)
+    else:
+        write_text_atomically(path, text)
 
 
 async def plan_limits(

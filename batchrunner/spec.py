@@ -43,6 +43,7 @@ from batchrunner.prompt import (
     parse_template,
 )
 from batchrunner.structured import schema_problems
+from batchrunner.urls import STORAGE_OPTION_KEYS, Location, ObjectURL, as_location, is_url
 
 log = logging.getLogger("batchrunner")
 
@@ -79,6 +80,7 @@ RUN_ONLY_KEYS = frozenset(
         "prices",  # what computed costs and reservations use, for answers still to come
         "batch",
         "mode",
+        "storage_options",  # how the data is reached (credentials among them), never what it is: never hashed or kept
     }
 )
 # Request fields the spec sets through its own keys, so `params` may not set them too.
@@ -377,10 +379,13 @@ class JobSpec(_Strict):
     """A batch job, as written in YAML. Paths are already resolved against the spec's folder."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)]
-    input: Path
+    input: Location  # a local file, or an s3:// URL (a glob of objects too)
     id_column: str | None = None
-    output: Path
-    checkpoint: Path | None = None  # the SQLite checkpoint store; default: beside the output
+    output: Location  # a local file, or an s3:// URL
+    checkpoint: Path | None = None  # the SQLite checkpoint store, always local; default: beside the output
+    # polars' (object_store's) options for s3:// input and output (credentials, region, endpoint); unset keys come
+    # from the AWS_* environment. Kept out of repr and of every dump (rerun's state, JSON): it may hold a secret.
+    storage_options: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
     models: list[Slug] = Field(min_length=1)
     fallbacks: list[Slug] = []
     system: str | None = None
@@ -430,9 +435,54 @@ class JobSpec(_Strict):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("input", "output", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> Any:
+        """An s3:// URL as an ObjectURL (a malformed one, or another scheme, refused naming the fix)."""
+        return as_location(value)
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _local_checkpoint(cls, value: Any) -> Any:
+        """The checkpoint is SQLite, which needs a local file it can lock and write in place: never a URL."""
+        if is_url(value):
+            raise ValueError(
+                "the checkpoint is a local SQLite file; give a local path (the output may be an s3:// URL)"
+            )
+        return value
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _storage_options(cls, value: Any) -> Any:
+        """polars' option names only (a misspelt key would be ignored or fail at the end of the run), each value
+        as text (what polars takes: `aws_allow_http: true` is "true"). Values are never quoted in a message."""
+        if not isinstance(value, Mapping):
+            return value
+        unknown = sorted(str(key) for key in value if key not in STORAGE_OPTION_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown storage option(s) {', '.join(map(repr, unknown))}; use {', '.join(sorted(STORAGE_OPTION_KEYS))}"
+            )
+        return {
+            str(key): (str(item).lower() if isinstance(item, bool) else str(item))
+            for key, item in value.items()
+            if item is not None
+        }
+
+    @model_validator(mode="after")
+    def _bind_objects(self) -> JobSpec:
+        """Give an s3:// input or output the spec's storage options and the checkpoint's folder for its
+        temporaries (both travel with the URL, outside its text)."""
+        scratch = self.checkpoint_path().parent
+        for name in ("input", "output"):
+            value = getattr(self, name)
+            if isinstance(value, ObjectURL):
+                object.__setattr__(self, name, value.bound(self.storage_options, scratch))
+        return self
+
     @field_validator("input", "output")
     @classmethod
-    def _file_format(cls, value: Path, info: ValidationInfo) -> Path:
+    def _file_format(cls, value: Location, info: ValidationInfo) -> Location:
         """Only formats polars reads (input) or writes (output), named by the file's extension."""
         allowed = INPUT_SUFFIXES if info.field_name == "input" else OUTPUT_SUFFIXES
         if value.suffix.lower() not in allowed:
@@ -600,8 +650,16 @@ class JobSpec(_Strict):
         return self.output_prefix + field if field else "response"
 
     def checkpoint_path(self) -> Path:
-        """out/triage.parquet -> out/triage.checkpoint.sqlite, unless `checkpoint` says where."""
-        return self.checkpoint or self.output.with_name(self.output.stem + ".checkpoint.sqlite")
+        """out/triage.parquet -> out/triage.checkpoint.sqlite, unless `checkpoint` says where; for an s3:// output
+        (a JobSpec made without load_spec, which puts it beside the spec), triage.checkpoint.sqlite here."""
+        if self.checkpoint is not None:
+            return self.checkpoint
+        name = self.output.stem + ".checkpoint.sqlite"
+        return Path(name) if isinstance(self.output, ObjectURL) else self.output.with_name(name)
+
+    def input_folder(self) -> Path:
+        """Where a row's relative media paths start: the input's folder, or for an s3:// input the checkpoint's."""
+        return self.input.parent if isinstance(self.input, Path) else self.checkpoint_path().parent
 
     def pricing(self) -> dict[str, Pricing]:
         """The spec's prices (`prices:`), per model, for a costs.PriceTable."""
@@ -621,10 +679,11 @@ class JobSpec(_Strict):
 
 FIELD_HELP = {  # each top-level key's description in the JSON Schema (`batchrunner schema`), for editors
     "name": "The job's name: letters, digits, . _ - (used in logs and the summary).",
-    "input": "The input file (.csv, .parquet, .jsonl, .ndjson), relative to this spec's folder.",
+    "input": "The input file (.csv, .parquet, .jsonl, .ndjson), relative to this spec's folder, or an s3:// URL (a glob too).",
     "id_column": "A column whose values identify each row (unique, never empty); default: the row's position.",
-    "output": "The output file (.parquet, .csv, .jsonl), relative to this spec's folder.",
-    "checkpoint": "The SQLite checkpoint; default: beside the output, named after it.",
+    "output": "The output file (.parquet, .csv, .jsonl), relative to this spec's folder, or an s3:// URL.",
+    "checkpoint": "The SQLite checkpoint, a local path; default: beside the output, named after it (beside the spec for an s3:// output).",
+    "storage_options": "For s3:// input and output: polars' options (aws_access_key_id, aws_secret_access_key, aws_region, aws_endpoint_url, ...); unset ones come from the AWS_* environment.",
     "models": "One model slug or a list; each row is asked of each (e.g. openai/gpt-4o-mini).",
     "fallbacks": "Models tried in order for a row whose model fails.",
     "system": "The system message (a template over the row's columns).",
@@ -778,12 +837,17 @@ def _resolved(
     """Validate a spec's data (paths resolved against `folder`, `overrides` applied) into a JobSpec; every
     problem named by `label` and, when `root` (its YAML) is known, the line."""
     for key in ("input", "output", "checkpoint"):
-        if isinstance(data.get(key), str):
+        if isinstance(data.get(key), str) and not is_url(data[key]):
             data[key] = os.path.normpath(folder / data[key])
     if isinstance(data.get("output"), str) and data.get("checkpoint") is None:
-        # The checkpoint belongs to the job, not to where one run writes: --output does not move it.
-        output = Path(data["output"])
-        data["checkpoint"] = str(output.with_name(output.stem + ".checkpoint.sqlite"))
+        # The checkpoint belongs to the job, not to where one run writes: --output does not move it. It is
+        # local: an s3:// output's is beside the spec.
+        if is_url(data["output"]):
+            stem = Path(data["output"]).stem
+            data["checkpoint"] = os.path.normpath(folder / f"{stem}.checkpoint.sqlite")
+        else:
+            output = Path(data["output"])
+            data["checkpoint"] = str(output.with_name(output.stem + ".checkpoint.sqlite"))
     for key, value in (overrides or {}).items():
         data[key] = value
 

@@ -1,0 +1,151 @@
+"""Where a job's data may live besides local files: objects in S3-compatible storage, named by `s3://` URLs.
+
+Pure: no I/O (objectstore.py does that). An `ObjectURL` is what the spec's `input` or `output` holds
+when it names an object (or, for the input, a glob of objects). Its text (`str()`, the spec's JSON, the
+checkpoint's records, every message) is the URL alone; the credentials it is read with travel beside it
+(`options`, never compared, printed or serialised), so nothing that names the data can leak them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
+
+SCHEME = "s3://"
+URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # any scheme: one other than s3 is refused, not a path
+GLOB_CHARS = "*?["
+# The spec's `storage_options:` are polars' (object_store's) names, passed to polars as they are; objectstore.py
+# maps them to boto3's for the HEAD and LIST requests polars does not expose. One set of names for users.
+STORAGE_OPTION_KEYS = frozenset(
+    {
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "aws_region",
+        "aws_endpoint_url",
+        "aws_allow_http",
+        "aws_virtual_hosted_style_request",
+        "aws_skip_signature",
+        "aws_request_payer",
+    }
+)
+
+
+def is_url(value: object) -> bool:
+    """Whether a spec value names a URL (any scheme) rather than a local path; `s3:/b/k` too, what a command
+    line's `--output s3://b/k` becomes once made a Path (which keeps one slash)."""
+    text = str(value) if isinstance(value, str | Path) else ""
+    return URL_PATTERN.match(text) is not None or text.startswith("s3:/")
+
+
+@dataclass(frozen=True)
+class ObjectURL:
+    """An object (or a glob of objects) in S3-compatible storage.
+
+    `options` are the storage options it is read and written with, and `scratch` the local folder its
+    temporaries go to (the checkpoint's): both set by the spec, neither part of its identity or its text."""
+
+    url: str
+    options: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    scratch: Path = field(default=Path("."), compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> ObjectURL:
+        """`s3://bucket/key`; ValueError naming the fix for anything else (credentials in the URL included:
+        a URL is printed and stored, so it must never hold them)."""
+        if not text.startswith(SCHEME):
+            scheme = text.split("://", 1)[0]
+            raise ValueError(f"{scheme}:// is not supported; use a local path or an s3:// URL")
+        rest = text[len(SCHEME) :]
+        bucket, _, key = rest.partition("/")
+        if "@" in bucket or ":" in bucket:
+            raise ValueError(
+                "an s3:// URL holds no credentials (it is printed and stored); give them in storage_options "
+                "or the AWS_* environment variables"
+            )
+        if not bucket or not key or key.endswith("/"):
+            raise ValueError(f"{text!r} names no object; write s3://BUCKET/PATH/FILE.parquet")
+        return cls(text)
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def bucket(self) -> str:
+        return self.url[len(SCHEME) :].partition("/")[0]
+
+    @property
+    def key(self) -> str:
+        return self.url[len(SCHEME) :].partition("/")[2]
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.key).name
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.key).suffix
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.key).stem
+
+    @property
+    def has_glob(self) -> bool:
+        return any(char in self.key for char in GLOB_CHARS)
+
+    def with_name(self, name: str) -> ObjectURL:
+        """The object named `name` beside this one (its summary, its probe)."""
+        folder = self.key.rpartition("/")[0]
+        return dataclasses.replace(self, url=f"{SCHEME}{self.bucket}/{folder + '/' if folder else ''}{name}")
+
+    def bound(self, options: Mapping[str, str], scratch: Path) -> ObjectURL:
+        """The same URL, read and written with `options`, its temporaries in `scratch`."""
+        return dataclasses.replace(self, options=dict(options), scratch=scratch)
+
+    def local(self) -> Path:
+        """The local stand-in for this object: its temporaries (parts, key log, probe) are named after it here."""
+        return self.scratch / self.name
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: type[Any], handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        """Validated from a URL string (or kept as given); serialised as its URL alone, never its options."""
+        return core_schema.no_info_plain_validator_function(
+            cls._validate, serialization=core_schema.plain_serializer_function_ser_schema(str)
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"type": "string", "pattern": "^s3://", "description": "An s3://BUCKET/KEY URL."}
+
+    @classmethod
+    def _validate(cls, value: Any) -> ObjectURL:
+        if isinstance(value, ObjectURL):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        raise ValueError("expected an s3:// URL")
+
+
+Location = Path | ObjectURL  # where a job's input or output is
+
+
+def as_location(value: Any) -> Any:
+    """A spec value as a Location where it names a URL: an `s3://` string, or a Path made from one on the command
+    line (`Path("s3://b/k")` reads `s3:/b/k`); anything else unchanged, for pydantic to judge."""
+    if not is_url(value):
+        return value
+    text = str(value)
+    if text.startswith("s3:/") and not text.startswith("s3://"):
+        text = "s3://" + text[len("s3:/") :]
+    return ObjectURL.parse(text)

@@ -1,0 +1,331 @@
+"""Inputs and outputs in object storage (s3:// URLs), against a real S3 server on loopback (moto in server mode):
+read and written by polars' own cloud I/O, the checkpoint local, reruns keyed by the object's ETag, the
+credentials never written anywhere, and every problem a SpecError naming the fix before anything is sent."""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+
+from batchrunner import objectstore  # noqa: E402
+from batchrunner.errors import SpecError  # noqa: E402
+from batchrunner.output import _sink  # noqa: E402
+from batchrunner.runner import RunSettings, run_job  # noqa: E402
+from batchrunner.sandbox import SandboxConfig  # noqa: E402
+from batchrunner.spec import load_spec  # noqa: E402
+from batchrunner.urls import ObjectURL  # noqa: E402
+
+KEY_ID = "AKIAEXAMPLEKEYID0001"
+SECRET = "s3cr3t-Never-Written-Anywhere-9f8e7d"  # grepped for in everything a run leaves
+BUCKET = "data"
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    """A moto S3 server on a free loopback port, for this module's tests."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(endpoint: str) -> Iterator[Any]:
+    """A boto3 client and an empty bucket (emptied again after the test)."""
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name="us-east-1"
+    )
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        client.delete_object(Bucket=BUCKET, Key=item["Key"])
+    client.delete_bucket(Bucket=BUCKET)
+
+
+def options(endpoint: str) -> dict[str, str]:
+    return {
+        "aws_access_key_id": KEY_ID,
+        "aws_secret_access_key": SECRET,
+        "aws_region": "us-east-1",
+        "aws_endpoint_url": endpoint,
+    }
+
+
+def tickets(rows: int = 12) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"ticket_id": [f"T-{i}" for i in range(rows)], "text": [f"ticket text number {i}" for i in range(rows)]}
+    )
+
+
+def put(client: Any, key: str, frame: pl.DataFrame) -> None:
+    """Upload `frame` as `key`, in the format its extension names."""
+    buffer = io.BytesIO()
+    if key.endswith(".parquet"):
+        frame.write_parquet(buffer)
+    elif key.endswith(".csv"):
+        frame.write_csv(buffer)
+    else:
+        frame.write_ndjson(buffer)
+    client.put_object(Bucket=BUCKET, Key=key, Body=buffer.getvalue())
+
+
+def read(client: Any, key: str) -> pl.DataFrame:
+    body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    if key.endswith(".parquet"):
+        return pl.read_parquet(io.BytesIO(body))
+    if key.endswith(".csv"):
+        return pl.read_csv(io.BytesIO(body))
+    return pl.read_ndjson(io.BytesIO(body))
+
+
+@pytest.fixture
+def job(tmp_path: Path, endpoint: str) -> Callable[..., Path]:
+    """Write a spec reading and writing s3:// URLs (the storage options in it unless told otherwise)."""
+
+    def write(**changes: Any) -> Path:
+        spec: dict[str, Any] = {
+            "name": "s3-job",
+            "input": f"s3://{BUCKET}/in/tickets.parquet",
+            "id_column": "ticket_id",
+            "output": f"s3://{BUCKET}/out/result.parquet",
+            "storage_options": options(endpoint),
+            "models": ["openai/gpt-4o-mini"],
+            "prompt": "Ticket {ticket_id}: {text}",
+            "params": {"temperature": 0, "max_tokens": 20},
+        }
+        spec.update(changes)
+        spec = {key: value for key, value in spec.items() if value is not None}
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return path
+
+    return write
+
+
+async def run(path: Path) -> Any:
+    return await run_job(load_spec(path), RunSettings(sandbox=SandboxConfig()))
+
+
+async def test_parquet_in_and_out_of_s3_with_the_checkpoint_beside_the_spec(
+    s3: Any, job: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An s3:// Parquet input is answered into an s3:// Parquet output, its summary beside it; the checkpoint is local."""
+    put(s3, "in/tickets.parquet", tickets())
+    outcome = await run(job())
+    assert outcome.report.summary.ok == 12 and outcome.output_rows == 12
+    output = read(s3, "out/result.parquet")
+    assert output["ticket_id"].to_list() == [f"T-{i}" for i in range(12)]
+    assert output["status"].to_list() == ["ok"] * 12
+    summary = s3.get_object(Bucket=BUCKET, Key="out/result.summary.json")["Body"].read()
+    assert b'"s3-job"' in summary
+    assert (tmp_path / "result.checkpoint.sqlite").exists()
+    names = {item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert names == {"in/tickets.parquet", "out/result.parquet", "out/result.summary.json"}  # no probe left
+
+
+async def test_a_rerun_skips_what_is_answered_and_appended_rows_rewrite_the_output(
+    s3: Any, job: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rerun of an unchanged object sends nothing and keeps the output; rows appended are the only ones sent."""
+    caplog.set_level(logging.INFO, logger="batchrunner")
+    put(s3, "in/tickets.parquet", tickets())
+    path = job()
+    await run(path)
+    etag = s3.head_object(Bucket=BUCKET, Key="out/result.parquet")["ETag"]
+    again = await run(path)
+    assert again.report.summary.done == 0 and again.output_rows == 12
+    assert "unchanged since the last complete run" in caplog.text
+    assert s3.head_object(Bucket=BUCKET, Key="out/result.parquet")["ETag"] == etag
+    put(s3, "in/tickets.parquet", tickets(15))  # three rows appended: a new object, a new ETag
+    grown = await run(path)
+    assert grown.report.summary.done == 3 and grown.output_rows == 15
+    assert read(s3, "out/result.parquet")["ticket_id"].to_list() == [f"T-{i}" for i in range(15)]
+
+
+async def test_the_secret_is_never_in_the_checkpoint_the_logs_or_the_output(
+    s3: Any, job: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a run and a rerun, no file under the job's folder, no log line and no object holds the secret key."""
+    caplog.set_level(logging.DEBUG)
+    put(s3, "in/tickets.parquet", tickets())
+    path = job()
+    await run(path)
+    await run(path)
+    assert SECRET not in caplog.text
+    secret = SECRET.encode()
+    for file in tmp_path.rglob("*"):
+        if file.is_file() and file != path:
+            assert secret not in file.read_bytes(), file
+    for item in s3.list_objects_v2(Bucket=BUCKET)["Contents"]:
+        assert secret not in s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read(), item["Key"]
+    spec = load_spec(path)
+    assert SECRET not in repr(spec) and SECRET not in str(spec.input) and SECRET not in spec.model_dump_json()
+
+
+async def test_a_csv_glob_read_and_jsonl_written_with_credentials_from_the_environment(
+    s3: Any, job: Callable[..., Path], endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no storage_options, AWS_* variables reach the store; a glob reads every matching CSV object."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }.items():
+        monkeypatch.setenv(name, value)
+    objectstore._cached_client.cache_clear()
+    put(s3, "in/part-1.csv", tickets(5))
+    put(s3, "in/part-2.csv", tickets(12).slice(5))
+    outcome = await run(
+        job(input=f"s3://{BUCKET}/in/part-*.csv", output=f"s3://{BUCKET}/out/r.jsonl", storage_options=None)
+    )
+    assert outcome.report.summary.ok == 12
+    assert sorted(read(s3, "out/r.jsonl")["ticket_id"].to_list()) == sorted(f"T-{i}" for i in range(12))
+
+
+@pytest.mark.parametrize(
+    ("where", "fix"),
+    [
+        ("s3://nobucket/in/tickets.parquet", "the bucket 'nobucket' does not exist"),
+        (f"s3://{BUCKET}/in/missing.parquet", "no such object"),
+        (f"s3://{BUCKET}/nothing/*.parquet", "no object matches"),
+    ],
+)
+async def test_a_missing_bucket_object_or_match_is_refused_naming_the_fix(
+    s3: Any, job: Callable[..., Path], where: str, fix: str
+) -> None:
+    """A missing bucket, object or glob match is a SpecError at the spec's input line, before anything is sent."""
+    with pytest.raises(SpecError) as caught:
+        await run(job(input=where))
+    assert fix in str(caught.value) and "input" in str(caught.value)
+
+
+async def test_a_wrong_endpoint_or_a_missing_output_bucket_is_refused(s3: Any, job: Callable[..., Path]) -> None:
+    """A port nothing listens on names aws_endpoint_url; an output bucket that does not exist is refused too."""
+    put(s3, "in/tickets.parquet", tickets())
+    wrong = {**options("http://127.0.0.1:1"), "aws_access_key_id": KEY_ID}
+    with pytest.raises(SpecError, match="aws_endpoint_url"):
+        await run(job(storage_options=wrong))
+    with pytest.raises(SpecError, match="the bucket 'elsewhere' does not exist"):
+        await run(job(output="s3://elsewhere/out/result.parquet"))
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/")
+
+
+def test_a_denied_key_names_the_permission_to_grant() -> None:
+    """A 403 from the store says the credentials may not read the object and what to grant, never a traceback."""
+    from botocore.exceptions import ClientError
+
+    denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "HeadObject")
+    problem = objectstore._problem(ObjectURL.parse("s3://b/k.parquet"), denied, "input")
+    assert "access denied" in str(problem) and "s3:GetObject" in str(problem)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"checkpoint": "s3://data/job.sqlite"}, "the checkpoint is a local SQLite file"),
+        ({"input": "s3://KEY:SECRET@data/in.parquet"}, "holds no credentials"),
+        ({"input": "gs://data/in.parquet"}, "gs:// is not supported"),
+        ({"storage_options": {"aws_secret_key": "x"}}, "unknown storage option(s) 'aws_secret_key'"),
+    ],
+)
+def test_what_a_spec_may_not_say_about_object_storage(
+    job: Callable[..., Path], changes: dict[str, Any], message: str
+) -> None:
+    """A remote checkpoint, credentials in a URL, another scheme or a misspelt option are refused as the spec is read."""
+    with pytest.raises(SpecError) as caught:
+        load_spec(job(**changes))
+    assert message in str(caught.value) and "SECRET" not in str(caught.value)
+
+
+def test_a_failed_upload_leaves_no_object_and_no_unfinished_upload(s3: Any, endpoint: str) -> None:
+    """A sink that fails half-way leaves the key as it was (absent here) and its multipart upload aborted."""
+    url = ObjectURL.parse(f"s3://{BUCKET}/out/broken.parquet").bound(options(endpoint), Path("."))
+    seen = [0]
+
+    def boom(frame: pl.DataFrame) -> pl.DataFrame:
+        seen[0] += frame.height
+        if seen[0] > 1_500_000:
+            raise RuntimeError("disk on fire")
+        return frame
+
+    rows = pl.select(i=pl.int_range(2_000_000)).with_columns(s=pl.col("i").hash(7).cast(pl.String)).lazy()
+    since = datetime.now(UTC)
+    with pytest.raises(Exception, match="disk on fire"):
+        _sink(rows.map_batches(boom, streamable=True), url)
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/")
+    assert [u for u in s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) if u["Initiated"] >= since] == []
+
+
+def test_the_command_line_takes_an_s3_output(
+    s3: Any, job: Callable[..., Path], tmp_path: Path, write_spec: Callable[..., Path]
+) -> None:
+    """`run --output s3://...` (click hands a Path, `s3:/...`) writes the object; the checkpoint stays local."""
+    from click.testing import CliRunner
+
+    from batchrunner.cli import main
+
+    put(s3, "in/tickets.parquet", tickets())
+    path = job(output=str(tmp_path / "local.parquet"))
+    result = CliRunner().invoke(main, ["run", str(path), "--sandbox", "--output", f"s3://{BUCKET}/out/cli.csv"])
+    assert result.exit_code == 0, result.output
+    assert read(s3, "out/cli.csv").height == 12
+    assert (tmp_path / "local.checkpoint.sqlite").exists() and not (tmp_path / "local.parquet").exists()
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_reading_and_writing_large_objects(s3: Any, endpoint: str, tmp_path: Path) -> None:
+    """An input 10 times larger (100,000 against 10,000 rows of 1 KB) costs the read-through and write-back under
+    twice the peak memory, measured in a process of its own (moto keeps its objects in this one)."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import resource, sys, json, polars as pl
+from pathlib import Path
+from batchrunner.dataset import open_dataset
+from batchrunner.output import _sink
+from batchrunner.urls import ObjectURL
+options = json.loads(sys.argv[2])
+url = ObjectURL.parse(sys.argv[1]).bound(options, Path("."))
+dataset = open_dataset(url, id_column="ticket_id")
+rows = sum(len(batch) for batch in dataset.batches(batch_size=2048))
+_sink(dataset.frame, url.with_name("copy-" + url.name))
+print(json.dumps({"rows": rows, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+    peaks = {}
+    for rows in (10_000, 100_000):
+        frame = tickets(rows).with_columns(pl.col("text").str.pad_end(1000, "x"))
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer, row_group_size=5_000)  # polars decodes a row group whole, local or remote
+        s3.put_object(Bucket=BUCKET, Key=f"in/big-{rows}.parquet", Body=buffer.getvalue())
+        found = subprocess.run(
+            [sys.executable, "-c", script, f"s3://{BUCKET}/in/big-{rows}.parquet", json.dumps(options(endpoint))],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result = json.loads(found.stdout.strip().splitlines()[-1])
+        assert result["rows"] == rows
+        peaks[rows] = result["peak_mb"]
+    print(peaks)
+    # measured 2026-12-06: 199 MB and 311 MB (a local file of 100,000 rows: 329 MB with the frame built in-process);
+    # not flat yet: the read-through's id and digest pass grows with the rows. Ten times the input, under twice
+    # the memory: what is held is not the object.
+    assert peaks[100_000] < 2 * peaks[10_000], peaks
