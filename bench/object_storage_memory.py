@@ -1,0 +1,129 @@
+"""Memory of reading and writing through S3: peak RSS by phase, for N rows of 1 KB, remote (moto) and local.
+
+Each size is measured in a fresh process (moto keeps its objects in this one), which opens the input
+(open_dataset: the checking pass), reads every row in batches of 2,048 as the run does, then sinks the
+input to an output beside it (the multipart upload for s3://). The peak after each phase is the process's VmHWM
+(not ru_maxrss: Linux keeps the forking parent's peak across exec), which is monotonic: a later phase's figure includes the earlier ones.
+
+    python bench/object_storage_memory.py [--rows 10000,100000] [--local]
+
+Prints one line per size and place (rows, where, peak MB after open / batches / sink), then the ratio of the
+largest size's final peak to the smallest's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import polars as pl
+
+MEASURE = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from batchrunner.dataset import open_dataset
+    from batchrunner.output import _sink
+    from batchrunner.urls import ObjectURL
+    def peak():
+        # VmHWM: this program's own high-water mark. ru_maxrss would carry the parent's RSS at fork over exec.
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    where, options = sys.argv[1], json.loads(sys.argv[2])
+    path = ObjectURL.parse(where).bound(options, Path(sys.argv[3])) if where.startswith("s3://") else Path(where)
+    found = {"start": peak()}
+    dataset = open_dataset(path, id_column="ticket_id")
+    found["open"] = peak()
+    found["rows"] = sum(len(batch) for batch in dataset.batches(batch_size=2048))
+    found["batches"] = peak()
+    _sink(dataset.frame, path.with_name("copy-" + path.name))
+    found["sink"] = peak()
+    print(json.dumps(found))
+    """
+)
+KEY_ID, SECRET, BUCKET = "AKIABENCH", "bench-secret", "bench"
+
+
+def frame(rows: int) -> pl.DataFrame:
+    """`rows` rows of ~1 KB: an id and a text padded to 1,000 characters."""
+    ids = pl.int_range(rows, eager=True).cast(pl.String)
+    return pl.DataFrame({"ticket_id": "T-" + ids, "text": ("ticket text number " + ids).str.pad_end(1000, "x")})
+
+
+def measure(where: str, options: dict[str, str], scratch: Path) -> dict[str, float]:
+    found = subprocess.run(
+        [sys.executable, "-c", MEASURE, where, json.dumps(options), str(scratch)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(found.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="10000,100000")
+    parser.add_argument("--local", action="store_true", help="measure a local Parquet file of each size too")
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.rows.split(",")]
+
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {
+        "aws_access_key_id": KEY_ID,
+        "aws_secret_access_key": SECRET,
+        "aws_region": "us-east-1",
+        "aws_endpoint_url": endpoint,
+    }
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name="us-east-1"
+    )
+    client.create_bucket(Bucket=BUCKET)
+    peaks: dict[tuple[str, int], float] = {}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            scratch = Path(folder)
+            print("rows  where  open_mb  batches_mb  sink_mb")
+            for rows in sizes:
+                buffer = io.BytesIO()
+                frame(rows).write_parquet(buffer, row_group_size=5_000)
+                client.put_object(Bucket=BUCKET, Key=f"in/big-{rows}.parquet", Body=buffer.getvalue())
+                places = [("s3", f"s3://{BUCKET}/in/big-{rows}.parquet")]
+                if args.local:
+                    local = scratch / f"big-{rows}.parquet"
+                    local.write_bytes(buffer.getvalue())
+                    places.append(("local", str(local)))
+                for name, where in places:
+                    found = measure(where, options, scratch)
+                    assert found["rows"] == rows, found
+                    peaks[name, rows] = found["sink"]
+                    print(f"{rows} {name} {found['open']:.0f} {found['batches']:.0f} {found['sink']:.0f}")
+    finally:
+        server.stop()
+    for name in ("s3", "local"):
+        if (name, sizes[0]) in peaks:
+            ratio = peaks[name, sizes[-1]] / peaks[name, sizes[0]]
+            print(f"{name}: peak {peaks[name, sizes[0]]:.0f} MB at {sizes[0]} rows, "
+                  f"{peaks[name, sizes[-1]]:.0f} MB at {sizes[-1]} rows, ratio {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
