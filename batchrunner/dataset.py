@@ -17,13 +17,14 @@ bucket, object or credential is a SpecError naming the fix, not a traceback half
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import polars as pl
 
@@ -142,7 +143,7 @@ def open_dataset(path: Location, *, id_column: str | None) -> Dataset:
     elif not path.exists():
         raise SpecError(Problem("input", f"{path}: no such file; check `input` in the spec or pass --input"))
     try:
-        if isinstance(path, Path) and path.suffix.lower() in (".jsonl", ".ndjson"):  # before polars (see there)
+        if path.suffix.lower() in (".jsonl", ".ndjson"):  # before polars (see there), local or remote
             _refuse_lone_surrogates(path)
         frame = scan(path)
         columns = list(frame.collect_schema().names())
@@ -196,40 +197,54 @@ SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # \ud800 to 
 SCAN_BYTES = 8 << 20
 
 
-def _refuse_lone_surrogates(path: Path) -> None:
+def _refuse_lone_surrogates(path: Location) -> None:
     """A JSON string may hold half of a UTF-16 surrogate pair (`"bad\\ud800x"`), which no text can hold: polars
     reads a lone high half as NUL (`bad\\x00x`, a changed id) and fails on a lone low half. Such values are refused,
     naming each line and column. The file is searched in blocks of whole lines for escapes in the surrogate
     range; only a line with one is parsed (json, which keeps lone halves), to tell a lone half from a pair or
     an escaped backslash."""
     problems: list[Problem] = []
-    line = 1  # the number of the first line in `block`
-    carry = b""
-    with path.open("rb") as handle:
-        while True:
-            read = handle.read(SCAN_BYTES)
-            block = carry + read
-            cut = block.rfind(b"\n") + 1 if read else len(block)  # whole lines; the rest waits for the next read
-            if read and cut == 0:
-                carry = block
-                continue
-            block, carry = block[:cut], block[cut:]
-            at = 0
-            while (found := SURROGATE_ESCAPE.search(block, at)) is not None:
-                start = block.rfind(b"\n", 0, found.start()) + 1
-                end = block.find(b"\n", found.end())
-                end = len(block) if end < 0 else end
-                number = line + block.count(b"\n", 0, start)
-                problems += [Problem("input", f"{path}:{number}: {what}") for what in _lone_halves(block[start:end])]
-                at = end
-            line += block.count(b"\n")
-            if not read:
-                break
+    if isinstance(path, ObjectURL):  # each object in turn, its body streamed in blocks (polars could not say)
+        for found in objectstore.objects(path):
+            where = path.with_key(found["key"])
+            with contextlib.closing(objectstore.body(where)) as handle:
+                problems += _lone_surrogates_in(where, handle)
+    else:
+        with path.open("rb") as handle:
+            problems = _lone_surrogates_in(path, handle)
     if problems:
         shown = problems[:5]
         if len(problems) > len(shown):
             shown.append(Problem("input", f"{path}: and {len(problems) - len(shown)} more such values"))
         raise SpecError(shown)
+
+
+def _lone_surrogates_in(path: Location, handle: BinaryIO) -> list[Problem]:
+    """The lone surrogates in one file or object, read from `handle` SCAN_BYTES at a time: memory is a block,
+    whatever the size."""
+    problems: list[Problem] = []
+    line = 1  # the number of the first line in `block`
+    carry = b""
+    while True:
+        read = handle.read(SCAN_BYTES)
+        block = carry + read
+        cut = block.rfind(b"\n") + 1 if read else len(block)  # whole lines; the rest waits for the next read
+        if read and cut == 0:
+            carry = block
+            continue
+        block, carry = block[:cut], block[cut:]
+        at = 0
+        while (found := SURROGATE_ESCAPE.search(block, at)) is not None:
+            start = block.rfind(b"\n", 0, found.start()) + 1
+            end = block.find(b"\n", found.end())
+            end = len(block) if end < 0 else end
+            number = line + block.count(b"\n", 0, start)
+            problems += [Problem("input", f"{path}:{number}: {what}") for what in _lone_halves(block[start:end])]
+            at = end
+        line += block.count(b"\n")
+        if not read:
+            break
+    return problems
 
 
 def _lone_halves(line: bytes) -> list[str]:

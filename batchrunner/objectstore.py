@@ -140,6 +140,15 @@ def check_writable(url: ObjectURL, field: str = "output") -> None:
         log.warning("could not delete the probe %s (%s); delete it by hand", probe, _first(exc))
 
 
+def body(url: ObjectURL) -> Any:
+    """The object's body as a stream (botocore's StreamingBody: read(n), close()), for the checks polars cannot
+    make, read a block at a time; SpecError naming the fix when it cannot be had."""
+    try:
+        return _client(url).get_object(Bucket=url.bucket, Key=url.key)["Body"]
+    except Exception as exc:
+        raise _problem(url, exc, "input") from None
+
+
 def put_text(url: ObjectURL, text: str) -> None:
     """One object, in a single PUT: it appears whole or not at all."""
     _client(url).put_object(Bucket=url.bucket, Key=url.key, Body=text.encode("utf-8"))

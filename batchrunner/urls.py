@@ -107,6 +107,10 @@ class ObjectURL:
         folder = self.key.rpartition("/")[0]
         return dataclasses.replace(self, url=f"{SCHEME}{self.bucket}/{folder + '/' if folder else ''}{name}")
 
+    def with_key(self, key: str) -> ObjectURL:
+        """The object at `key` in this bucket (one that a glob matched), with the same options."""
+        return dataclasses.replace(self, url=f"{SCHEME}{self.bucket}/{key}")
+
     def bound(self, options: Mapping[str, str], scratch: Path) -> ObjectURL:
         """The same URL, read and written with `options`, its temporaries in `scratch`."""
         return dataclasses.replace(self, options=dict(options), scratch=scratch)

@@ -226,6 +226,21 @@ async def test_a_wrong_endpoint_or_a_missing_output_bucket_is_refused(s3: Any, j
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/")
 
 
+async def test_a_remote_jsonl_input_with_a_lone_surrogate_is_refused_naming_the_object_and_line(
+    s3: Any, job: Callable[..., Path]
+) -> None:
+    """A lone UTF-16 half in an object of a JSONL glob is refused as in a local file, naming the object and line."""
+    put(s3, "in/part-1.jsonl", tickets(3))
+    good = b'{"ticket_id": "T-3", "text": "a pair \\ud83d\\ude00 is fine"}\n'
+    bad = b'{"ticket_id": "T-4", "text": "half \\ud800 of a pair"}\n'
+    s3.put_object(Bucket=BUCKET, Key="in/part-2.jsonl", Body=good + bad)
+    with pytest.raises(SpecError) as caught:
+        await run(job(input=f"s3://{BUCKET}/in/part-*.jsonl"))
+    message = str(caught.value)
+    assert f"s3://{BUCKET}/in/part-2.jsonl:2" in message and "'text'" in message and "\\ud800" in message
+    assert "part-1" not in message and ":1:" not in message
+
+
 def test_a_denied_key_names_the_permission_to_grant() -> None:
     """A 403 from the store says the credentials may not read the object and what to grant, never a traceback."""
     from botocore.exceptions import ClientError
