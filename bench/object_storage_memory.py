@@ -121,8 +121,10 @@ def main() -> None:
     for name in ("s3", "local"):
         if (name, sizes[0]) in peaks:
             ratio = peaks[name, sizes[-1]] / peaks[name, sizes[0]]
-            print(f"{name}: peak {peaks[name, sizes[0]]:.0f} MB at {sizes[0]} rows, "
-                  f"{peaks[name, sizes[-1]]:.0f} MB at {sizes[-1]} rows, ratio {ratio:.2f}")
+            print(
+                f"{name}: peak {peaks[name, sizes[0]]:.0f} MB at {sizes[0]} rows, "
+                f"{peaks[name, sizes[-1]]:.0f} MB at {sizes[-1]} rows, ratio {ratio:.2f}"
+            )
 
 
 if __name__ == "__main__":

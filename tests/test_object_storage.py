@@ -4,9 +4,15 @@ credentials never written anywhere, and every problem a SpecError naming the fix
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -312,7 +318,7 @@ def test_memory_stays_flat_reading_and_writing_large_objects(s3: Any, endpoint: 
     import sys
 
     script = """
-import resource, sys, json, polars as pl
+import sys, json, polars as pl
 from pathlib import Path
 from batchrunner.dataset import open_dataset
 from batchrunner.output import _sink
@@ -322,7 +328,9 @@ url = ObjectURL.parse(sys.argv[1]).bound(options, Path("."))
 dataset = open_dataset(url, id_column="ticket_id")
 rows = sum(len(batch) for batch in dataset.batches(batch_size=2048))
 _sink(dataset.frame, url.with_name("copy-" + url.name))
-print(json.dumps({"rows": rows, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+status = Path("/proc/self/status").read_text()  # VmHWM: ru_maxrss keeps the forking parent's peak over exec
+peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+print(json.dumps({"rows": rows, "peak_mb": peak}))
 """
     peaks = {}
     for rows in (10_000, 100_000):
@@ -344,3 +352,97 @@ print(json.dumps({"rows": rows, "peak_mb": resource.getrusage(resource.RUSAGE_SE
     # not flat yet: the read-through's id and digest pass grows with the rows. Ten times the input, under twice
     # the memory: what is held is not the object.
     assert peaks[100_000] < 2 * peaks[10_000], peaks
+
+
+class KillingProxy:
+    """A TCP relay to the S3 server that SIGKILLs `victim` the moment a request for a multipart upload's part
+    (`?partNumber=`) comes through, and drops that request: the kill lands while the upload is in progress."""
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.removeprefix("http://").partition(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.victim: int | None = None
+        self.killed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, watch: bool) -> None:
+        tail = b""
+        try:
+            while data := source.recv(65536):
+                if watch and b"partNumber=" in tail + data and self.victim is not None:
+                    os.kill(self.victim, signal.SIGKILL)
+                    self.killed.set()
+                    break
+                tail = data[-32:]
+                target.sendall(data)
+        except OSError:
+            pass
+        for end in (source, target):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.slow
+async def test_a_kill_during_the_outputs_upload_leaves_the_previous_output_whole(
+    s3: Any, job: Callable[..., Path], endpoint: str
+) -> None:
+    """SIGKILL while a rerun's multipart upload of the output is in progress: the old object is untouched, the
+    upload is left unfinished (never completed), and the next run succeeds and replaces the output."""
+    rows = tickets(300).with_columns(pl.col("text").str.pad_end(1000, "."))  # a 300 KB CSV output
+    put(s3, "in/tickets.parquet", rows)
+    output = {"output": f"s3://{BUCKET}/out/result.csv"}
+    first = await run(job(**output))
+    assert first.report.summary.ok == 300
+    before = s3.get_object(Bucket=BUCKET, Key="out/result.csv")
+    old_etag, old_body = before["ETag"], before["Body"].read()
+
+    proxy = KillingProxy(endpoint)
+    try:
+        path = job(**output, prompt="Again, ticket {ticket_id}: {text}", storage_options=options(proxy.url))
+        # parts of 64 KB (polars' default is far larger): the 300 KB output is a multipart upload of several
+        env = {**os.environ, "POLARS_UPLOAD_CHUNK_SIZE": str(64 * 1024)}
+        child = subprocess.Popen(
+            [sys.executable, "-m", "batchrunner", "run", str(path), "--sandbox"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        proxy.victim = child.pid
+        _, errors = child.communicate(timeout=60)
+        assert proxy.killed.is_set() and child.returncode == -signal.SIGKILL, errors.decode()[-2000:]
+    finally:
+        proxy.close()
+
+    after = s3.get_object(Bucket=BUCKET, Key="out/result.csv")
+    assert after["ETag"] == old_etag and after["Body"].read() == old_body  # whole, and the old one
+    assert pl.read_csv(io.BytesIO(old_body))["ticket_id"].to_list() == [f"T-{i}" for i in range(300)]
+    unfinished = s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+    assert [upload["Key"] for upload in unfinished] == ["out/result.csv"]  # begun, never completed
+
+    again = await run(job(**output, prompt="Again, ticket {ticket_id}: {text}"))
+    assert again.report.summary.failed == 0 and again.output_rows == 300
+    rewritten = s3.get_object(Bucket=BUCKET, Key="out/result.csv")
+    assert rewritten["ETag"] != old_etag
+    assert pl.read_csv(io.BytesIO(rewritten["Body"].read()))["status"].to_list() == ["ok"] * 300
+    for upload in unfinished:
+        s3.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
