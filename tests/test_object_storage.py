@@ -311,8 +311,7 @@ def test_the_command_line_takes_an_s3_output(
 
 @pytest.mark.slow
 def test_memory_stays_flat_reading_and_writing_large_objects(s3: Any, endpoint: str, tmp_path: Path) -> None:
-    """An input 10 times larger (100,000 against 10,000 rows of 1 KB) costs the read-through and write-back under
-    twice the peak memory, measured in a process of its own (moto keeps its objects in this one)."""
+    """100,000 rows of 1 KB checked, read in batches and copied back through S3 peak under 2.2 times 10,000 rows."""
     import json
     import subprocess
     import sys
@@ -348,10 +347,11 @@ print(json.dumps({"rows": rows, "peak_mb": peak}))
         assert result["rows"] == rows
         peaks[rows] = result["peak_mb"]
     print(peaks)
-    # measured 2026-12-06: 199 MB and 311 MB (a local file of 100,000 rows: 329 MB with the frame built in-process);
-    # not flat yet: the read-through's id and digest pass grows with the rows. Ten times the input, under twice
-    # the memory: what is held is not the object.
-    assert peaks[100_000] < 2 * peaks[10_000], peaks
+    # measured 2026-12-06 (VmHWM, in a process of its own: moto keeps its objects in this one; see
+    # bench/object_storage_memory.py): 157 MB and 311 MB, 1.98x. The checking pass is flat now (139 -> 177 MB with
+    # the distinct ids); the rest is polars' streaming read-ahead in collect_batches and the sink, which fills up
+    # to ~100,000 rows of 1 KB and then levels off (370 MB at 300,000 rows).
+    assert peaks[100_000] < 2.2 * peaks[10_000], peaks
 
 
 class KillingProxy:
