@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -152,6 +153,51 @@ def body(url: ObjectURL) -> Any:
 def put_text(url: ObjectURL, text: str) -> None:
     """One object, in a single PUT: it appears whole or not at all."""
     _client(url).put_object(Bucket=url.bucket, Key=url.key, Body=text.encode("utf-8"))
+
+
+STAGED = ".staged-"  # the prefix of an output's staging object, beside it: `.staged-<uuid>-<name>`
+
+
+def staging(url: ObjectURL) -> ObjectURL:
+    """A fresh key beside `url` to write the output to first (see `publish`)."""
+    folder, _, name = url.key.rpartition("/")
+    return url.with_key(f"{folder + '/' if folder else ''}{STAGED}{uuid.uuid4().hex}-{name}")
+
+
+def publish(staged: ObjectURL, final: ObjectURL) -> None:
+    """Make the staged object the final one: a server-side copy (S3 makes a copied object visible whole, at once;
+    boto3 copies a large one in parts, completed last), then the staging object deleted. polars' own multipart
+    upload is not trusted to be all or nothing: a sink that failed half-way was seen to complete it, leaving a
+    truncated object at the key (tests/test_object_storage.py)."""
+    client = _client(final)
+    client.copy({"Bucket": staged.bucket, "Key": staged.key}, final.bucket, final.key)
+    discard(staged)
+
+
+def discard(url: ObjectURL) -> None:
+    """Delete an object batchrunner made (a staging object), quietly: the output's own outcome is what counts."""
+    try:
+        _client(url).delete_object(Bucket=url.bucket, Key=url.key)
+    except Exception as exc:
+        log.warning("could not delete %s (%s); delete it by hand", url, _first(exc))
+
+
+def discard_staged(final: ObjectURL) -> list[str]:
+    """Delete the staging objects a killed run left beside `final` (call it holding the job's lock)."""
+    folder, _, name = final.key.rpartition("/")
+    prefix = f"{folder + '/' if folder else ''}{STAGED}"
+    removed = []
+    try:
+        listed = _client(final).list_objects_v2(Bucket=final.bucket, Prefix=prefix).get("Contents", [])
+    except Exception as exc:
+        log.warning("could not list what a killed run left beside %s (%s)", final, _first(exc))
+        return []
+    for item in listed:
+        key = str(item["Key"])
+        if key.endswith(f"-{name}") and len(key) == len(prefix) + 32 + 1 + len(name):
+            discard(final.with_key(key))
+            removed.append(key)
+    return removed
 
 
 def abort_uploads(url: ObjectURL, since: datetime) -> None:

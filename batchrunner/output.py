@@ -413,15 +413,19 @@ def _as_json_text(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 def _sink(frame: pl.LazyFrame, path: Location) -> None:
     """Stream `frame` into `path` in the format its extension names, atomically: a local file through a temporary
-    renamed over it; an object by polars' multipart upload, which S3 makes visible only once completed (and which
-    polars completes only after the last row), aborted here when the sink fails."""
-    if isinstance(path, ObjectURL):
+    renamed over it; an object through a staging object beside it, copied over it on the server once whole (a
+    failed sink's upload aborted and its staging object deleted): the key holds the old object or the new one."""
+    if isinstance(path, ObjectURL):  # written beside the key first, then copied over it whole (objectstore.publish)
+        objectstore.discard_staged(path)  # what a killed run left (the job's lock is held)
+        staged = objectstore.staging(path)
         since = datetime.now(UTC) - UPLOAD_CLOCK_SKEW
         try:
-            _sink_as(frame, path.url, path.suffix, objectstore.polars_options(path))
+            _sink_as(frame, staged.url, path.suffix, objectstore.polars_options(staged))
         except BaseException:
-            objectstore.abort_uploads(path, since)
+            objectstore.abort_uploads(staged, since)
+            objectstore.discard(staged)
             raise
+        objectstore.publish(staged, path)
         return
     with replacing(path) as temporary:
         _sink_as(frame, temporary, path.suffix, None)

@@ -293,6 +293,19 @@ def test_a_failed_upload_leaves_no_object_and_no_unfinished_upload(s3: Any, endp
     assert [u for u in s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) if u["Initiated"] >= since] == []
 
 
+def test_a_staging_object_a_killed_run_left_is_removed_by_the_next_write(s3: Any, endpoint: str) -> None:
+    """A kill after polars completed the staging upload and before the copy leaves `.staged-<id>-<name>` beside the
+    output: the next write of that output deletes it (and only what batchrunner names so), then publishes."""
+    url = ObjectURL.parse(f"s3://{BUCKET}/out/kept.csv").bound(options(endpoint), Path("."))
+    left = f"out/.staged-{'a' * 32}-kept.csv"
+    s3.put_object(Bucket=BUCKET, Key=left, Body=b"half")
+    s3.put_object(Bucket=BUCKET, Key="out/.staged-notours-kept.csv", Body=b"someone else's")
+    _sink(pl.LazyFrame({"x": [1, 2]}), url)
+    keys = sorted(item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/")["Contents"])
+    assert "out/kept.csv" in keys and left not in keys and "out/.staged-notours-kept.csv" in keys
+    assert read(s3, "out/kept.csv")["x"].to_list() == [1, 2]
+
+
 def test_the_command_line_takes_an_s3_output(
     s3: Any, job: Callable[..., Path], tmp_path: Path, write_spec: Callable[..., Path]
 ) -> None:
@@ -437,12 +450,14 @@ async def test_a_kill_during_the_outputs_upload_leaves_the_previous_output_whole
     assert after["ETag"] == old_etag and after["Body"].read() == old_body  # whole, and the old one
     assert pl.read_csv(io.BytesIO(old_body))["ticket_id"].to_list() == [f"T-{i}" for i in range(300)]
     unfinished = s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
-    assert [upload["Key"] for upload in unfinished] == ["out/result.csv"]  # begun, never completed
+    staged = [upload["Key"] for upload in unfinished]  # begun beside the output, never completed
+    assert len(staged) == 1 and staged[0].startswith("out/.staged-") and staged[0].endswith("-result.csv")
 
     again = await run(job(**output, prompt="Again, ticket {ticket_id}: {text}"))
     assert again.report.summary.failed == 0 and again.output_rows == 300
     rewritten = s3.get_object(Bucket=BUCKET, Key="out/result.csv")
     assert rewritten["ETag"] != old_etag
     assert pl.read_csv(io.BytesIO(rewritten["Body"].read()))["status"].to_list() == ["ok"] * 300
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/.staged-"), "no staging object is left"
     for upload in unfinished:
         s3.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
