@@ -92,6 +92,16 @@ class Breaker:
     def failed_probes(self, model: str) -> int:
         return self._circuit(model).failed_probes
 
+    def probe_in_s(self, model: str) -> float | None:
+        """Without deciding anything (a pool asks this of each endpoint before it picks one): 0 when a request to
+        `model` may go now (closed, or a probe is due), the seconds until a probe may go, or None while one is out."""
+        circuit = self._circuit(model)
+        if circuit.open_until is None:
+            return 0.0
+        if circuit.probing:
+            return None
+        return max(0.0, circuit.open_until - self._clock())
+
     def attempt(self, model: str) -> Attempt:
         """The breaker's verdict for one request to `model`, releasing itself (see Attempt)."""
         return Attempt(self, model)
@@ -202,6 +212,22 @@ class ServerWatch:
             self.down_since = None
         self._probing = False
         self._notify()
+
+    def probe_in_s(self) -> float | None:
+        """Without taking anything (a pool asks this of each endpoint before it picks one): 0 when a request may go
+        now (up, or a probe is due), the seconds until the next probe, or None while a probe is out."""
+        if self.down_since is None:
+            return 0.0
+        if self._probing:
+            return None
+        return max(0.0, self._next_probe - self._clock())
+
+    def take(self) -> None:
+        """A pool sends a request here now: while the server is down, it is the probe (probe_in_s said one is due);
+        unlike `admit`, a server given up on is still probed, as a pool waits for it while others answer."""
+        if self.down_since is not None:
+            self._probing = True
+            self._next_probe = self._clock() + self.probe_every_s
 
     @property
     def gave_up(self) -> bool:
