@@ -175,8 +175,14 @@ class ServerWatch:
     turns true and the run stops (rows stay pending, exit 3). The clock is injectable."""
 
     def __init__(
-        self, *, give_up_s: float = 60.0, probe_every_s: float = 1.0, clock: Callable[[], float] = running_s
+        self,
+        *,
+        give_up_s: float = 60.0,
+        probe_every_s: float = 1.0,
+        clock: Callable[[], float] = running_s,
+        endpoint: str | None = None,
     ) -> None:
+        self.endpoint = endpoint  # one server of a pool (pool.py): its rows go to the others while it is down
         self.give_up_s = give_up_s
         self.probe_every_s = probe_every_s
         self._clock = clock
@@ -196,11 +202,16 @@ class ServerWatch:
         if self.down_since is None:
             self.down_since = now
             self._next_probe = now + self.probe_every_s
-            log.warning(
-                "cannot reach the server (%s): rows wait for it; the run stops if it stays unreachable for %g s",
-                cause,
-                self.give_up_s,
-            )
+            if self.endpoint is not None:
+                log.warning(
+                    "cannot reach %s (%s): its rows go to the other endpoints while it is probed", self.endpoint, cause
+                )
+            else:
+                log.warning(
+                    "cannot reach the server (%s): rows wait for it; the run stops if it stays unreachable for %g s",
+                    cause,
+                    self.give_up_s,
+                )
         self.cause = cause
         self._probing = False
         self._notify()
@@ -208,7 +219,7 @@ class ServerWatch:
     def answered(self) -> None:
         """The server answered (anything, even an error): it is there."""
         if self.down_since is not None:
-            log.info("the server answers again after %.0f s", self._clock() - self.down_since)
+            log.info("%s answers again after %.0f s", self.endpoint or "the server", self._clock() - self.down_since)
             self.down_since = None
         self._probing = False
         self._notify()

@@ -370,8 +370,8 @@ def pool_of(plan: Plan) -> Pool | None:
     give_up_s = plan.spec.unreachable_timeout_s
     return Pool(
         [
-            Endpoint(display_url(url), client, cap, Breaker(), ServerWatch(give_up_s=give_up_s))
-            for url, client, cap in clients
+            Endpoint(shown, client, cap, Breaker(), ServerWatch(give_up_s=give_up_s, endpoint=shown))
+            for shown, client, cap in ((display_url(url), client, cap) for url, client, cap in clients)
         ]
     )
 

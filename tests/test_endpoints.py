@@ -80,6 +80,23 @@ async def test_an_endpoint_stopped_mid_run_drains_to_the_other(write_spec: Calla
     assert "endpoints" in result.summary.to_json(wall_s=1.0, pending=0, resumed=0, stopped=None)
 
 
+async def test_a_5xx_storm_opens_that_endpoints_circuit_and_its_rows_go_elsewhere(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An endpoint whose model answers 502 every time has its own circuit opened: every row is answered by the
+    other, none failed, and the failing one's errors are counted on its line."""
+    async with (
+        Sandbox(SandboxConfig(down_models={"openai/gpt-4o-mini"})) as broken,
+        Sandbox(SandboxConfig(latency_s=0.005)) as healthy,
+    ):
+        result = await api.arun(pool_spec(write_spec, tmp_path, 40, [broken.base_url, healthy.base_url]))
+    assert result.exit_code == 0 and result.summary.ok == 40
+    assert sum(broken.stats.answered.values()) == 0 and sum(healthy.stats.answered.values()) == 40
+    stats = result.summary.endpoints
+    assert stats[broken.base_url].ok == 0 and stats[broken.base_url].errors >= 5
+    assert stats[broken.base_url].errors < 40, "its circuit opened: it was not asked for every row"
+
+
 async def test_every_endpoint_gone_stops_the_run_as_server_gone(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
