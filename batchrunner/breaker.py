@@ -92,6 +92,16 @@ class Breaker:
     def failed_probes(self, model: str) -> int:
         return self._circuit(model).failed_probes
 
+    def probe_in_s(self, model: str) -> float | None:
+        """Without deciding anything (a pool asks this of each endpoint before it picks one): 0 when a request to
+        `model` may go now (closed, or a probe is due), the seconds until a probe may go, or None while one is out."""
+        circuit = self._circuit(model)
+        if circuit.open_until is None:
+            return 0.0
+        if circuit.probing:
+            return None
+        return max(0.0, circuit.open_until - self._clock())
+
     def attempt(self, model: str) -> Attempt:
         """The breaker's verdict for one request to `model`, releasing itself (see Attempt)."""
         return Attempt(self, model)
@@ -165,8 +175,14 @@ class ServerWatch:
     turns true and the run stops (rows stay pending, exit 3). The clock is injectable."""
 
     def __init__(
-        self, *, give_up_s: float = 60.0, probe_every_s: float = 1.0, clock: Callable[[], float] = running_s
+        self,
+        *,
+        give_up_s: float = 60.0,
+        probe_every_s: float = 1.0,
+        clock: Callable[[], float] = running_s,
+        endpoint: str | None = None,
     ) -> None:
+        self.endpoint = endpoint  # one server of a pool (pool.py): its rows go to the others while it is down
         self.give_up_s = give_up_s
         self.probe_every_s = probe_every_s
         self._clock = clock
@@ -186,11 +202,16 @@ class ServerWatch:
         if self.down_since is None:
             self.down_since = now
             self._next_probe = now + self.probe_every_s
-            log.warning(
-                "cannot reach the server (%s): rows wait for it; the run stops if it stays unreachable for %g s",
-                cause,
-                self.give_up_s,
-            )
+            if self.endpoint is not None:
+                log.warning(
+                    "cannot reach %s (%s): its rows go to the other endpoints while it is probed", self.endpoint, cause
+                )
+            else:
+                log.warning(
+                    "cannot reach the server (%s): rows wait for it; the run stops if it stays unreachable for %g s",
+                    cause,
+                    self.give_up_s,
+                )
         self.cause = cause
         self._probing = False
         self._notify()
@@ -198,10 +219,26 @@ class ServerWatch:
     def answered(self) -> None:
         """The server answered (anything, even an error): it is there."""
         if self.down_since is not None:
-            log.info("the server answers again after %.0f s", self._clock() - self.down_since)
+            log.info("%s answers again after %.0f s", self.endpoint or "the server", self._clock() - self.down_since)
             self.down_since = None
         self._probing = False
         self._notify()
+
+    def probe_in_s(self) -> float | None:
+        """Without taking anything (a pool asks this of each endpoint before it picks one): 0 when a request may go
+        now (up, or a probe is due), the seconds until the next probe, or None while a probe is out."""
+        if self.down_since is None:
+            return 0.0
+        if self._probing:
+            return None
+        return max(0.0, self._next_probe - self._clock())
+
+    def take(self) -> None:
+        """A pool sends a request here now: while the server is down, it is the probe (probe_in_s said one is due);
+        unlike `admit`, a server given up on is still probed, as a pool waits for it while others answer."""
+        if self.down_since is not None:
+            self._probing = True
+            self._next_probe = self._clock() + self.probe_every_s
 
     @property
     def gave_up(self) -> bool:

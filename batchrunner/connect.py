@@ -4,6 +4,10 @@
 is opened); `async with` it starts the sandbox when asked for, opens the HTTP client, and
 knows the server's identity for the checkpoint (spec.server()). `run`, `estimate` and
 `models` all connect through it; `status` and `export` only need the identity.
+
+With a pool (`api.endpoints`, not under --sandbox) it opens one client per endpoint, each with its own key and
+its cap of connections (`endpoint_clients`); `client` is the first endpoint's, which answers the start-up
+questions (the key, the models) for the pool.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ class Connection:
         self.key: str | None
         if sandbox is not None:
             self.base_url, self.key = "", SANDBOX_KEY
+        elif spec is not None and spec.api.endpoints:  # a pool: the first endpoint's key asks the start-up questions
+            self.base_url = spec.base_url()
+            self.key = api_key(spec, self.base_url, endpoint=0)
         elif spec is not None:
             self.base_url = spec.base_url()
             self.key = api_key(spec, self.base_url)
@@ -47,6 +54,13 @@ class Connection:
         self._max_connections = max_connections or (spec.most_in_flight if spec else 16)
         self.sandbox: Sandbox | None = None
         self._client: Client | None = None
+        # A pool's endpoints: (URL, key, cap), each key checked now, as the one above is
+        self._pool = (
+            [(url, api_key(spec, url, endpoint=i), cap) for i, (url, cap) in enumerate(spec.endpoint_caps())]
+            if spec is not None and sandbox is None
+            else []
+        )
+        self.endpoint_clients: list[tuple[str, Client, int]] = []  # (URL, its client, its cap), once connected
 
     @property
     def client(self) -> Client:
@@ -64,28 +78,44 @@ class Connection:
             self.sandbox = Sandbox(self._sandbox_config)
             self.base_url = await self.sandbox.start()
         try:
-            self._client = await Client(
-                self.base_url,
-                api_key=self.key,
-                headers=self.spec.api.headers if self.spec else None,
-                timeout_s=self._timeout_s,
-                max_connections=self._max_connections,
-                stream_max_s=self.spec.stream_max_s if self.spec else 3600.0,
-                max_reply_bytes=int(self.spec.max_reply_mb * 2**20) if self.spec else MAX_REPLY_BYTES,
-            ).__aenter__()
+            if self._pool:
+                for url, key, cap in self._pool:
+                    client = await self._open(url, key, cap)
+                    self.endpoint_clients.append((url, client, cap))
+                self._client = self.endpoint_clients[0][1]
+            else:
+                self._client = await self._open(self.base_url, self.key, self._max_connections)
         except BaseException:
+            await self._close_clients(None, None, None)
             await self._stop_sandbox()
             raise
         self._client.sandbox = self.sandbox is not None
         return self
 
+    async def _open(self, base_url: str, key: str | None, max_connections: int) -> Client:
+        return await Client(
+            base_url,
+            api_key=key,
+            headers=self.spec.api.headers if self.spec else None,
+            timeout_s=self._timeout_s,
+            max_connections=max_connections,
+            stream_max_s=self.spec.stream_max_s if self.spec else 3600.0,
+            max_reply_bytes=int(self.spec.max_reply_mb * 2**20) if self.spec else MAX_REPLY_BYTES,
+        ).__aenter__()
+
+    async def _close_clients(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        clients = [client for _, client, _ in self.endpoint_clients] or ([self._client] if self._client else [])
+        self.endpoint_clients, self._client = [], None
+        for client in clients:
+            await client.__aexit__(kind, error, trace)
+
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         try:
-            if self._client is not None:
-                await self._client.__aexit__(kind, error, trace)
-                self._client = None
+            await self._close_clients(kind, error, trace)
         finally:
             await self._stop_sandbox()
 

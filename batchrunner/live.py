@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -31,6 +32,7 @@ from batchrunner.flow import Ask, Done, Halting, RowFlow, Rules, Verdict, Wait
 from batchrunner.halt import Halt, StopReason
 from batchrunner.limits import Limits, is_free
 from batchrunner.pending import Batch, Todo
+from batchrunner.pool import Endpoint, NoEndpoint, Pool
 from batchrunner.records import ResultSink, RowResult
 from batchrunner.request import RequestBuilder
 from batchrunner.retries import RetryPolicy
@@ -112,6 +114,7 @@ class LiveAnswerer:
         accounts: Accounts | None = None,
         settlements: Settlements | None = None,
         in_flight: InFlight | None = None,
+        pool: Pool | None = None,
     ) -> None:
         requests = requests or RequestBuilder(spec)
         settings = spec.retry
@@ -126,11 +129,14 @@ class LiveAnswerer:
         self.on_wait = on_wait  # +1 when a pair starts waiting to retry, -1 when it stops (progress)
         self.sending: set[asyncio.Task[Any]] = set()  # the tasks whose request is on the wire (a stop's grace)
         self.in_flight = in_flight  # concurrency: auto
+        self.pool = pool  # api.endpoints: where each request goes (pool.py); None, the one server of `client`
         self.settlements = settlements or Settlements()
         if settlements is None:
             halt.on_stop(self.settlements.notify)  # wake pairs waiting for budget
             if in_flight is not None:
                 halt.on_stop(in_flight.wake)  # and those waiting for a place on the wire
+            if pool is not None:
+                halt.on_stop(pool.notify)  # and those waiting for an endpoint
 
     def sibling(self, spec: JobSpec, requests: RequestBuilder) -> LiveAnswerer:
         """An answerer for another job's requests (a judge's grades) that shares this run's client, halt,
@@ -148,6 +154,7 @@ class LiveAnswerer:
             accounts=self.accounts,
             settlements=self.settlements,
             in_flight=self.in_flight,
+            pool=self.pool,
         )
         sibling.sending = self.sending
         return sibling
@@ -158,16 +165,19 @@ class LiveAnswerer:
         """The pair's result; None leaves it pending without a record (nothing was paid for it). `flow` continues
         one another executor started (a batch's pair run live: its bill and its place in the chain kept)."""
         flow = flow or self.rules.flow(todo)
+        served: str | None = None  # with a pool: the endpoint that last answered one of this pair's requests
         try:
             while not isinstance(action := flow.next(), Done):
                 if self.halt.stopping:
                     flow.stop()
                 elif isinstance(action, Wait):
-                    if not self.breaker.is_open(action.model):  # an open breaker is waited for on the next ask
-                        await self._backoff(action.delay_s)
+                    if self.pool is not None or not self.breaker.is_open(action.model):  # an open breaker is waited
+                        await self._backoff(action.delay_s)  # for on the next ask (a pool's: on its endpoints)
                     flow.waited()
-                else:
+                elif self.pool is None:
                     await self._ask(flow, action)
+                else:
+                    served = await self._ask_pool(self.pool, flow, action) or served
         except _Stopped:
             flow.stop()
         except asyncio.CancelledError:  # the run gave up on it (a stop, past the grace): keep what it was billed
@@ -176,6 +186,8 @@ class LiveAnswerer:
                 raise
         result = flow.next()
         assert isinstance(result, Done)
+        if served is not None and result.result is not None:
+            return dataclasses.replace(result.result, endpoint=served)
         return result.result
 
     async def _ask(self, flow: RowFlow, ask: Ask) -> None:
@@ -200,6 +212,96 @@ class LiveAnswerer:
             self.limits.rate_limited(model, upstream=verdict.slow_down)
         if verdict.halting is not None:
             self._halt(verdict.halting, model)
+
+    async def _ask_pool(self, pool: Pool, flow: RowFlow, ask: Ask) -> str | None:
+        """One request the flow asks for, sent to the pool's least busy endpoint that may take it (pool.py), under
+        that endpoint's breaker; the endpoint's URL when the request reached it. The budget's reservation and the
+        rate limit's slot come first, so the endpoint is chosen when the request can go at once."""
+        model = ask.model
+        reserved = await self._reserve(ask.reserve_usd)
+        try:
+            await self._slot(model)
+            taken = None if self.halt.stopping else await pool.take(model, self.halt)
+        except BaseException:
+            self._settle(reserved, ZERO_USD)
+            raise
+        if not isinstance(taken, Endpoint):
+            self._settle(reserved, ZERO_USD)
+            if taken is None:  # the run is stopping
+                raise _Stopped
+            if taken is NoEndpoint.GONE:
+                causes = "; ".join(e.server.cause for e in pool)
+                self.halt.stop(
+                    StopReason.SERVER_GONE,
+                    f"every endpoint has been unreachable for {self.rules.spec.unreachable_timeout_s:g} s ({causes}); "
+                    "rows not answered stay pending: rerun once one is back",
+                )
+                raise _Stopped
+            if flow.circuit_open():  # every endpoint's circuit for the model is open: its fallback, if it has one
+                return None
+            failed_probes = pool.failed_probes(model)
+            await self._unless_stopped(pool.wait_circuits(model))
+            flow.probed(pool.failed_probes(model) - failed_probes, pool.last_failure(model))
+            return None
+        try:
+            with taken.breaker.attempt(model) as health:
+                verdict = await self._send_to(taken, flow, ask, reserved)
+                if verdict is None:
+                    return None
+                if verdict.healthy is True:
+                    health.healthy()
+                elif verdict.healthy is False:
+                    health.failed(verdict.why)
+        finally:
+            pool.give_back(taken)
+        if verdict.slow_down is not None:
+            self.limits.rate_limited(model, upstream=verdict.slow_down)
+        if verdict.halting is not None:
+            self._halt(verdict.halting, model)
+        return taken.url
+
+    async def _send_to(self, endpoint: Endpoint, flow: RowFlow, ask: Ask, reserved: Decimal) -> Verdict | None:
+        """The request on the wire to one endpoint of a pool, and what it means (as `_send`, with the endpoint's
+        own server watch and counts): None when it never reached the endpoint (the pair asks again, elsewhere)."""
+        client, stats = endpoint.client, endpoint.stats
+        chat = client.chat if self.rules.spec.endpoint != "completions" else client.text_completion
+        timeout_s = self.rules.spec.timeout_s * (2 if is_free(ask.model) else 1)
+        task = asyncio.current_task()
+        stats.requests += 1
+        try:
+            if task is not None:
+                self.sending.add(task)
+            try:
+                completion = await chat(ask.body, timeout_s=timeout_s)
+            finally:
+                self.sending.discard(task)
+        except ApiError as exc:
+            stats.errors += 1
+            if exc.code == UNREACHABLE:  # never reached the endpoint: not billed, not an attempt, not its breaker's
+                self._settle(reserved, ZERO_USD)
+                endpoint.server.failed(f"{endpoint.url}: {exc}")
+                flow.unreachable(exc)
+                return None
+            endpoint.server.answered()
+            verdict = flow.failed(exc)
+            self._settle(reserved, verdict.cost_usd)
+            return verdict
+        except asyncio.CancelledError:  # given up on while on the wire: it may have been billed
+            stats.errors += 1
+            self._settle(reserved, flow.cancelled().cost_usd)
+            raise
+        except MediaProblem as exc:  # a file changed or vanished since it was fingerprinted: never sent whole
+            self._settle(reserved, ZERO_USD)
+            flow.unsendable(exc)
+            return None
+        except BaseException:
+            self._settle(reserved, ZERO_USD)
+            raise
+        stats.ok += 1
+        endpoint.server.answered()
+        verdict = flow.answered(completion)
+        self._settle(reserved, verdict.cost_usd)
+        return verdict
 
     async def _send(self, flow: RowFlow, ask: Ask) -> Verdict | None:
         """The request, start to end: the server watch, the budget's reservation, the rate limit, the request,

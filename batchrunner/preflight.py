@@ -30,20 +30,24 @@ from batchrunner.urls import Location, ObjectURL
 log = logging.getLogger("batchrunner")
 
 
-def api_key(spec: JobSpec, base_url: str) -> str | None:
-    """The key from the environment; SpecError when OpenRouter needs one and it is missing or malformed."""
-    env = spec.api.api_key_env
+def api_key(spec: JobSpec, base_url: str, *, endpoint: int | None = None) -> str | None:
+    """The key from the environment; SpecError when OpenRouter needs one and it is missing or malformed. For a
+    pool's `endpoint` (its index in api.endpoints), its own api_key_env if it names one, which must then be set:
+    a variable named for one server and left unset is a mistake, not a server without keys."""
+    own = spec.api.endpoints[endpoint].api_key_env if spec.api.endpoints and endpoint is not None else None
+    env = own or spec.api.api_key_env
+    field = spec.locate(f"api.endpoints[{endpoint}].api_key_env") if own else "api.api_key_env"
     key = os.environ.get(env, "").strip()
     if any(ord(char) < 32 or ord(char) == 127 for char in key):
-        raise SpecError(
-            Problem("api.api_key_env", f"${env} contains a line break or control character; set it to the key alone")
-        )
+        raise SpecError(Problem(field, f"${env} contains a line break or control character; set it to the key alone"))
+    if own and not key:
+        raise SpecError(Problem(field, f"${env} is not set; export it, or remove api_key_env from this endpoint"))
     openrouter = is_openrouter(base_url)
     if not key:
         if openrouter:
             raise SpecError(
                 Problem(
-                    "api.api_key_env",
+                    field,
                     f"${env} is not set; create a key at https://openrouter.ai/settings/keys and `export {env}=sk-or-v1-...`, or try the job on the sandbox with --sandbox",
                 )
             )
@@ -51,7 +55,7 @@ def api_key(spec: JobSpec, base_url: str) -> str | None:
     if openrouter and not key.startswith("sk-or-v1-"):
         raise SpecError(
             Problem(
-                "api.api_key_env",
+                field,
                 f"${env} does not look like an OpenRouter key (they start with sk-or-v1-); check the variable",
             )
         )

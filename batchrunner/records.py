@@ -48,6 +48,7 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "provider": pl.String(),
     "service_tier": pl.String(),
     "deduped_from": pl.String(),
+    "endpoint": pl.String(),
 }
 # Kept in the checkpoint as exact decimal text: every column of COST_DTYPE, so a new money column is one entry above.
 MONEY_COLUMNS = tuple(name for name, dtype in RESULT_SCHEMA.items() if dtype == COST_DTYPE)
@@ -154,6 +155,7 @@ class RowResult:
     parsed: str | None = None  # a structured answer, parsed and validated, as JSON text
     tool_calls: str | None = None  # the answer's tool calls, as JSON text
     deduped_from: str | None = None  # the row whose identical request paid for this answer (dedupe)
+    endpoint: str | None = None  # a pool's (api.endpoints) server that last answered the row's requests; else None
     this_run: Bill = field(default_factory=Bill)  # what this run paid for the row (the rest, earlier runs)
     saved_usd: Decimal = ZERO_USD  # a copy: what its answer cost the row that paid (not stored)
 
@@ -302,11 +304,25 @@ class ModelStats:
 
 
 @dataclass
+class EndpointStats:
+    """What one server of a pool (api.endpoints) was asked and how it answered: counted per request, not per row,
+    so an endpoint that went away shows the requests it refused."""
+
+    requests: int = 0
+    ok: int = 0  # answered (an answer the flow then judges, refusals and invalid ones too)
+    errors: int = 0  # an error status, a dropped connection, or never reached
+
+    def to_json(self) -> dict[str, int]:
+        return {"requests": self.requests, "ok": self.ok, "errors": self.errors}
+
+
+@dataclass
 class Summary:
     """Totals of a run, per requested model and overall; cost exact in Decimal."""
 
     by_model: dict[str, ModelStats] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)  # first words of each error -> count
+    endpoints: dict[str, EndpointStats] = field(default_factory=dict)  # a pool's, by URL (the pool updates them)
 
     def resumed(self, count: int) -> None:
         """Pairs answered by earlier runs are counted by the run report, not here."""
@@ -362,6 +378,8 @@ class Summary:
             )
         if len(self.by_model) > 1 or any(s.fallbacks or s.retries or s.cached_tokens for s in self.by_model.values()):
             lines += self.table()
+        for url, stats in self.endpoints.items():
+            lines.append(f"endpoint {url}: {stats.requests} requests, {stats.ok} ok, {stats.errors} errors")
         for reason, count in sorted(self.errors.items(), key=lambda kv: -kv[1])[:5]:
             lines.append(f"failed: {count} × {reason}")
         return lines
@@ -420,7 +438,7 @@ class Summary:
         ]
 
     def to_json(self, *, wall_s: float, pending: int, resumed: int, stopped: str | None) -> dict[str, object]:
-        return {
+        found: dict[str, object] = {
             "rows_ok": self.ok,
             "rows_failed": self.failed,
             "rows_pending": pending,
@@ -435,3 +453,6 @@ class Summary:
             "models": {model: stats.to_json() for model, stats in self.by_model.items()},
             "errors": self.errors,
         }
+        if self.endpoints:  # a pool's: requests, ok and errors per server
+            found["endpoints"] = {url: stats.to_json() for url, stats in self.endpoints.items()}
+        return found

@@ -32,7 +32,7 @@ import polars as pl
 
 from batchrunner import interrupts, jsontext, snapshots
 from batchrunner.adaptive import Aimd
-from batchrunner.breaker import Breaker
+from batchrunner.breaker import Breaker, ServerWatch
 from batchrunner.client import Client
 from batchrunner.connect import Connection
 from batchrunner.costs import Budget, PriceTable, format_usd
@@ -60,6 +60,7 @@ from batchrunner.lock import job_lock, lock_path
 from batchrunner.output import export, extend, remove_leftovers, summary_path
 from batchrunner.output import results as results_of
 from batchrunner.pending import Batch, pending
+from batchrunner.pool import Endpoint, Pool, display_url
 from batchrunner.preflight import check_endpoints, check_models, check_output, prepare, select_rows
 from batchrunner.progress import Progress
 from batchrunner.records import KeptResults, ResultSink, RowResult, Sinks, Summary
@@ -308,6 +309,8 @@ async def execute_run(plan: Plan, terms: ServerTerms, opened: Opened, caught: in
     halt = Halt()
     progress = settings.progress_factory(plan.total, summary=opened.summary) if settings.progress_factory else None
     policy = answerer_of(plan, terms, halt, progress)
+    if policy.pool is not None:  # the summary's line per endpoint: the pool's own counts, as they grow
+        opened.summary.endpoints = policy.pool.stats
     background = _background(plan, terms, store, halt, progress)
     restore = _stop_on_signal(halt, caught)
     caught.before_quitting(_last_words(policy, store, caught))
@@ -354,6 +357,22 @@ def answerer_of(plan: Plan, terms: ServerTerms, halt: Halt, progress: Progress |
         # OpenRouter may answer through the user's own provider keys (BYOK), adding its fee to their bill
         byok_fee=client.openrouter or (sandbox is not None and sandbox.byok),
         in_flight=InFlight(Aimd(plan.spec.max_concurrency)) if plan.spec.adaptive else None,
+        pool=pool_of(plan),
+    )
+
+
+def pool_of(plan: Plan) -> Pool | None:
+    """The spec's pool of endpoints (api.endpoints), each with its own breaker and server watch; None for one
+    server, whose path stays as it was."""
+    clients = plan.connection.endpoint_clients
+    if not clients:
+        return None
+    give_up_s = plan.spec.unreachable_timeout_s
+    return Pool(
+        [
+            Endpoint(shown, client, cap, Breaker(), ServerWatch(give_up_s=give_up_s, endpoint=shown))
+            for shown, client, cap in ((display_url(url), client, cap) for url, client, cap in clients)
+        ]
     )
 
 

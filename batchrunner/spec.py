@@ -99,12 +99,57 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class EndpointSettings(_Strict):
+    """One server of a pool (`api.endpoints`): its URL, the requests it takes at once, the variable of its key."""
+
+    base_url: str  # the server's base URL, e.g. http://gpu-1:8000/v1
+    concurrency: Annotated[int, Field(ge=1, le=4096)] | None = None  # default: the spec's `concurrency`
+    api_key_env: str | None = None  # default: api.api_key_env
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if problem := base_url_problem(value):
+            raise ValueError(problem)
+        return value.rstrip("/")
+
+
 class ApiSettings(_Strict):
     """Where requests go and how they authenticate."""
 
     base_url: str | None = None  # default: $OPENROUTER_BASE_URL, else https://openrouter.ai/api/v1
     api_key_env: str = "OPENROUTER_API_KEY"  # the environment variable holding the key
     headers: dict[str, str] = {}  # sent with every request, e.g. HTTP-Referer, X-OpenRouter-Title
+    endpoints: list[EndpointSettings] | None = None  # a pool of servers (or URLs) answering the same models
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _urls_or_mappings(cls, value: Any) -> Any:
+        """A bare URL is an endpoint with the defaults: `endpoints: [http://a:8000/v1, http://b:8000/v1]`."""
+        if isinstance(value, list):
+            return [{"base_url": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _distinct(cls, value: list[EndpointSettings] | None) -> list[EndpointSettings] | None:
+        """Two entries for one server would double its share and its cap: name each server once."""
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("an empty pool; list at least one endpoint, or remove `endpoints`")
+        seen: set[str] = set()
+        for endpoint in value:
+            if endpoint.base_url in seen:
+                raise ValueError(f"{endpoint.base_url} is listed twice; name each server once")
+            seen.add(endpoint.base_url)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ApiSettings:
+        if self.endpoints is not None and self.base_url is not None:
+            raise ValueError("give either base_url or endpoints, not both (a pool of one is `endpoints: [URL]`)")
+        return self
 
     @field_validator("headers")
     @classmethod
@@ -492,6 +537,17 @@ class JobSpec(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _pool(self) -> JobSpec:
+        """A pool is live requests at fixed caps: the Batch API is one server's, and `auto` learns one server."""
+        if not self.api.endpoints:
+            return self
+        if self.mode == "batch":
+            raise ValueError("mode batch submits to one server; use api.base_url, or mode live with api.endpoints")
+        if self.concurrency == "auto":
+            raise ValueError("concurrency: auto learns one server's limit; give a number (or each endpoint's)")
+        return self
+
+    @model_validator(mode="after")
     def _batchable(self) -> JobSpec:
         """What the Batch API cannot take, refused before anything is sent."""
         if self.mode != "batch":
@@ -622,7 +678,10 @@ class JobSpec(_Strict):
 
     @property
     def most_in_flight(self) -> int:
-        """The most requests in flight: `concurrency`, or with `auto` its ceiling, `max_concurrency`."""
+        """The most requests in flight: `concurrency`, or with `auto` its ceiling, `max_concurrency`; with a pool,
+        every endpoint's cap together."""
+        if self.api.endpoints:
+            return sum(cap for _, cap in self.endpoint_caps())
         return self.max_concurrency if self.concurrency == "auto" else self.concurrency
 
     def model_chain(self, model: str) -> list[str]:
@@ -666,7 +725,17 @@ class JobSpec(_Strict):
         return {model: prices.pricing() for model, prices in self.prices.items()}
 
     def base_url(self) -> str:
+        """Where requests go; with a pool (`api.endpoints`) its first endpoint, which also answers the start-up
+        questions (the key, the models) and names the server in the checkpoint."""
+        if self.api.endpoints:
+            return self.api.endpoints[0].base_url
         return self.api.base_url or env_base_url()
+
+    def endpoint_caps(self) -> list[tuple[str, int]]:
+        """Each pool endpoint's URL and the requests it takes at once (its own `concurrency`, else the spec's);
+        empty without a pool."""
+        default = self.concurrency if isinstance(self.concurrency, int) else self.max_concurrency
+        return [(e.base_url, e.concurrency or default) for e in self.api.endpoints or ()]
 
     def server(self, *, sandbox: bool) -> str:
         """Who answers this job's requests, as the checkpoint tells answers apart: "" for OpenRouter,
@@ -718,7 +787,7 @@ FIELD_HELP = {  # each top-level key's description in the JSON Schema (`batchrun
     "dedupe": "Send identical requests once and copy the answer to each row (deduped_from).",
     "samples": "Ask each (row, model) this many times (a `sample` column; seed + i each).",
     "output_prefix": "Put before each structured-answer column's name.",
-    "api": "Where requests go (base_url), the variable holding the key, and extra headers.",
+    "api": "Where requests go (base_url, or a pool of endpoints), the variable holding the key, and extra headers.",
 }
 ONE_OR_MANY = ("models", "fallbacks", "images", "files", "audio")
 

@@ -224,6 +224,12 @@ def _migration_12_audits(db: sqlite3.Connection) -> None:
     )
 
 
+def _migration_13_endpoint(db: sqlite3.Connection) -> None:
+    """Which server of a pool (api.endpoints) answered a row. Added only where missing, as migration 11 is."""
+    if "endpoint" not in {row[1] for row in db.execute("PRAGMA table_info(results)")}:
+        db.execute("ALTER TABLE results ADD COLUMN endpoint TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
@@ -237,6 +243,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_10,
     _migration_11_byok_and_service_tier,
     _migration_12_audits,
+    _migration_13_endpoint,
 ]
 
 

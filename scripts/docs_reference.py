@@ -307,6 +307,8 @@ COLUMN_MEANINGS = {
     "server does not say",
     "deduped_from": "a copied answer: the row whose identical request paid for it (`cost_usd` 0, `cost_source` "
     "`deduped`)",
+    "endpoint": "with a pool (`api.endpoints`): the base URL of the endpoint that answered the row's last request "
+    "to reach a server (no credentials); null for one server",
 }
 
 
