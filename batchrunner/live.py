@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from batchrunner.accounts import Accounts, Pricer
 from batchrunner.adaptive import Aimd
-from batchrunner.breaker import Breaker, ServerWatch
+from batchrunner.breaker import Attempt, Breaker, ServerWatch
 from batchrunner.client import Client, Completion
 from batchrunner.costs import ZERO_USD, Budget, PriceTable
 from batchrunner.errors import ApiError, BatchrunnerError, FreeModelCapReached, MediaProblem, first_line
@@ -204,14 +204,8 @@ class LiveAnswerer:
             verdict = await self._send(flow, ask)
             if verdict is None:
                 return
-            if verdict.healthy is True:
-                health.healthy()
-            elif verdict.healthy is False:
-                health.failed(verdict.why)
-        if verdict.slow_down is not None:
-            self.limits.rate_limited(model, upstream=verdict.slow_down)
-        if verdict.halting is not None:
-            self._halt(verdict.halting, model)
+            _tell_breaker(health, verdict)
+        self._heed(verdict, model)
 
     async def _ask_pool(self, pool: Pool, flow: RowFlow, ask: Ask) -> str | None:
         """One request the flow asks for, sent to the pool's least busy endpoint that may take it (pool.py), under
@@ -245,49 +239,54 @@ class LiveAnswerer:
             return None
         try:
             with taken.breaker.attempt(model) as health:
-                verdict = await self._send_to(taken, flow, ask, reserved)
+                verdict = await self._exchange(flow, ask, reserved, taken.client, taken.server, taken)
                 if verdict is None:
                     return None
-                if verdict.healthy is True:
-                    health.healthy()
-                elif verdict.healthy is False:
-                    health.failed(verdict.why)
+                _tell_breaker(health, verdict)
         finally:
             pool.give_back(taken)
-        if verdict.slow_down is not None:
-            self.limits.rate_limited(model, upstream=verdict.slow_down)
-        if verdict.halting is not None:
-            self._halt(verdict.halting, model)
+        self._heed(verdict, model)
         return taken.url
 
-    async def _send_to(self, endpoint: Endpoint, flow: RowFlow, ask: Ask, reserved: Decimal) -> Verdict | None:
-        """The request on the wire to one endpoint of a pool, and what it means (as `_send`, with the endpoint's
-        own server watch and counts): None when it never reached the endpoint (the pair asks again, elsewhere)."""
-        client, stats = endpoint.client, endpoint.stats
-        chat = client.chat if self.rules.spec.endpoint != "completions" else client.text_completion
+    async def _exchange(
+        self,
+        flow: RowFlow,
+        ask: Ask,
+        reserved: Decimal,
+        client: Client,
+        server: ServerWatch,
+        endpoint: Endpoint | None = None,
+    ) -> Verdict | None:
+        """The request on the wire (its reservation made, its slot taken) and what it means, told to the flow: the
+        verdict, or None when it never reached the server (not billed, not an attempt: the pair asks again; with
+        a pool, elsewhere) or could not be sent. `server` is the server's watch (an endpoint's own, in a pool)."""
         timeout_s = self.rules.spec.timeout_s * (2 if is_free(ask.model) else 1)
+        stats = endpoint.stats if endpoint is not None else None
         task = asyncio.current_task()
-        stats.requests += 1
+        if stats is not None:
+            stats.requests += 1
         try:
             if task is not None:
                 self.sending.add(task)
             try:
-                completion = await chat(ask.body, timeout_s=timeout_s)
+                completion = await self._request(client, ask.body, timeout_s)
             finally:
                 self.sending.discard(task)
         except ApiError as exc:
-            stats.errors += 1
-            if exc.code == UNREACHABLE:  # never reached the endpoint: not billed, not an attempt, not its breaker's
+            if stats is not None:
+                stats.errors += 1
+            if exc.code == UNREACHABLE:  # never reached the server: not billed, not the row's fault
                 self._settle(reserved, ZERO_USD)
-                endpoint.server.failed(f"{endpoint.url}: {exc}")
+                server.failed(str(exc) if endpoint is None else f"{endpoint.url}: {exc}")
                 flow.unreachable(exc)
                 return None
-            endpoint.server.answered()
+            server.answered()
             verdict = flow.failed(exc)
             self._settle(reserved, verdict.cost_usd)
             return verdict
         except asyncio.CancelledError:  # given up on while on the wire: it may have been billed
-            stats.errors += 1
+            if stats is not None:
+                stats.errors += 1
             self._settle(reserved, flow.cancelled().cost_usd)
             raise
         except MediaProblem as exc:  # a file changed or vanished since it was fingerprinted: never sent whole
@@ -297,8 +296,9 @@ class LiveAnswerer:
         except BaseException:
             self._settle(reserved, ZERO_USD)
             raise
-        stats.ok += 1
-        endpoint.server.answered()
+        if stats is not None:
+            stats.ok += 1
+        server.answered()
         verdict = flow.answered(completion)
         self._settle(reserved, verdict.cost_usd)
         return verdict
@@ -329,48 +329,16 @@ class LiveAnswerer:
                 self.in_flight.leave()
             self._settle(reserved, ZERO_USD)
             raise
-        timeout_s = self.rules.spec.timeout_s * (2 if is_free(ask.model) else 1)
-        task = asyncio.current_task()
-        try:
-            if task is not None:
-                self.sending.add(task)
-            try:
-                completion = await self._request(ask.body, timeout_s)
-            finally:
-                self.sending.discard(task)
-        except ApiError as exc:
-            if exc.code == UNREACHABLE:  # never reached the server: not billed, not the row's fault
-                self._settle(reserved, ZERO_USD)
-                self.server.failed(str(exc))
-                flow.unreachable(exc)
-                return None
-            self.server.answered()
-            verdict = flow.failed(exc)
-            self._settle(reserved, verdict.cost_usd)
-            return verdict
-        except asyncio.CancelledError:  # given up on while on the wire: it may have been billed
-            self._settle(reserved, flow.cancelled().cost_usd)
-            raise
-        except MediaProblem as exc:  # a file changed or vanished since it was fingerprinted: never sent whole
-            self._settle(reserved, ZERO_USD)
-            flow.unsendable(exc)
-            return None
-        except BaseException:
-            self._settle(reserved, ZERO_USD)
-            raise
-        self.server.answered()
-        verdict = flow.answered(completion)
-        self._settle(reserved, verdict.cost_usd)
-        return verdict
+        return await self._exchange(flow, ask, reserved, self.client, self.server)
 
-    async def _request(self, body: dict[str, Any], timeout_s: float) -> Completion:
+    async def _request(self, client: Client, body: dict[str, Any], timeout_s: float) -> Completion:
         """The request on the wire; with `concurrency: auto`, its place given back with what it teaches."""
-        chat = self.rules.spec.endpoint != "completions"
+        send = client.chat if self.rules.spec.endpoint != "completions" else client.text_completion
         in_flight = self.in_flight
         if in_flight is None:
-            return await (self.client.chat if chat else self.client.text_completion)(body, timeout_s=timeout_s)
+            return await send(body, timeout_s=timeout_s)
         try:
-            completion = await (self.client.chat if chat else self.client.text_completion)(body, timeout_s=timeout_s)
+            completion = await send(body, timeout_s=timeout_s)
         except ApiError as exc:
             in_flight.leave(overloaded=exc.status in OVERLOADED)
             raise
@@ -388,6 +356,14 @@ class LiveAnswerer:
         except FreeModelCapReached as cap:
             self.halt.stop(StopReason.FREE_CAP, str(cap))
             raise _Stopped from cap
+
+    def _heed(self, verdict: Verdict, model: str) -> None:
+        """What an attempt means for the whole run: a 429 slows the pace (the run's, or an upstream's model's), a
+        fatal error stops the run."""
+        if verdict.slow_down is not None:
+            self.limits.rate_limited(model, upstream=verdict.slow_down)
+        if verdict.halting is not None:
+            self._halt(verdict.halting, model)
 
     def _halt(self, halting: Halting, model: str) -> None:
         if halting.reason is StopReason.FREE_CAP:  # the server's daily cap: free models rest until midnight UTC
@@ -464,6 +440,14 @@ class LiveAnswerer:
         if task.cancelled():
             raise _Stopped
         return task.result()
+
+
+def _tell_breaker(health: Attempt, verdict: Verdict) -> None:
+    """The breaker hears what the attempt said of the model's health: answered, failed, or nothing."""
+    if verdict.healthy is True:
+        health.healthy()
+    elif verdict.healthy is False:
+        health.failed(verdict.why)
 
 
 class PairAnswerer(Protocol):
