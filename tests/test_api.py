@@ -154,7 +154,7 @@ def test_a_second_ctrl_c_returns_from_run_instead_of_ending_the_process(
 ) -> None:
     """In a program using the API (a notebook's kernel), a second Ctrl-C gives up on the requests in flight and
     run() returns, recording them at their estimate, where the command line would exit at once."""
-    sandbox = sandbox_in_thread(SandboxConfig(latency_s=5.0))
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=3.0))
     job = write_spec(concurrency=4, api={"base_url": sandbox.base_url})
     script = textwrap.dedent(
         f"""

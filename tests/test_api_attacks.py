@@ -58,9 +58,9 @@ def test_ctrl_c_stops_a_main_thread_run_while_another_runs_on_a_thread(
     """A run on a worker thread (which cannot install signal handlers) must not take the main thread's run's:
     Ctrl-C then stops the main thread's run cleanly (INTERRUPTED, exit 3) instead of raising KeyboardInterrupt."""
     sandbox = sandbox_in_thread(SandboxConfig(latency_s=1.0))
-    jobs = {
-        name: job_dict(tickets_csv, tmp_path / name, name=name, concurrency=2, api={"base_url": sandbox.base_url})
-        for name in ("background", "foreground")
+    jobs = {  # the background run answers its 12 rows at once (1 s); the foreground one is Ctrl-C'd 1.5 s in
+        name: job_dict(tickets_csv, tmp_path / name, name=name, concurrency=width, api={"base_url": sandbox.base_url})
+        for name, width in (("background", 12), ("foreground", 2))
     }
     script = textwrap.dedent(
         f"""
