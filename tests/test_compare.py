@@ -72,7 +72,9 @@ def test_report_baseline_against_a_recorded_run_a_date_and_an_output_file(tmp_pa
     env = {**os.environ, "OPENROUTER_API_KEY": ""}
     spec_text = (tmp_path / "jobs" / "ticket_eval.yaml").read_text().replace("concurrency: 32", "concurrency: 8")
     (tmp_path / "jobs" / "ticket_eval.yaml").write_text(spec_text)
-    tickets = tmp_path / "sample_data" / "tickets.csv"  # 60 rows: a complete run of them is recorded (a --limit's is not)
+    tickets = (
+        tmp_path / "sample_data" / "tickets.csv"
+    )  # 60 rows: a complete run of them is recorded (a --limit's is not)
     tickets.write_text("".join(tickets.read_text().splitlines(keepends=True)[:61]))
     assert run_cli("run", job, "--sandbox", env=env).returncode in (0, 1)
     status = json.loads(run_cli("status", job, "--sandbox", "--json", env=env).stdout)
