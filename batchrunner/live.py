@@ -245,6 +245,11 @@ class LiveAnswerer:
                 _tell_breaker(health, verdict)
         finally:
             pool.give_back(taken)
+        if verdict.halting is not None and verdict.halting.reason is StopReason.ACCOUNT:  # which server's key
+            halting = dataclasses.replace(
+                verdict.halting, message=f"{taken.url} (api.endpoints, its api_key_env): {verdict.halting.message}"
+            )
+            verdict = dataclasses.replace(verdict, halting=halting)
         self._heed(verdict, model)
         return taken.url
 

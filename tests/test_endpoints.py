@@ -189,3 +189,19 @@ def test_bad_pools_exit_2_naming_the_field(
     result = CliRunner().invoke(main, ["run", str(write_spec(api=api_settings))], catch_exceptions=False)
     assert result.exit_code == 2, result.output
     assert expected in result.stderr
+
+
+async def test_one_endpoints_refused_key_stops_the_run_naming_that_endpoint(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 401 from one endpoint of a pool stops the run (exit 3, rows pending) with a sentence naming that endpoint."""
+    monkeypatch.setenv("POOL_TEST_WRONG_KEY", "sk-or-v1-wrong")
+    async with (
+        Sandbox(SandboxConfig(latency_s=0.01)) as good,
+        Sandbox(SandboxConfig(require_key=True, api_key="sk-or-v1-right")) as revoked,
+    ):
+        endpoints = [good.base_url, {"base_url": revoked.base_url, "api_key_env": "POOL_TEST_WRONG_KEY"}]
+        result = await api.arun(pool_spec(write_spec, tmp_path, 30, endpoints))
+    assert result.stop is not None and result.stop.reason is StopReason.ACCOUNT and result.exit_code == 3
+    assert result.summary.failed == 0 and result.pending > 0
+    assert revoked.base_url in result.stop.message and "\n" not in result.stop.message
