@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import time
 import uuid
 from datetime import datetime
 from typing import Any
@@ -180,6 +181,26 @@ def discard(url: ObjectURL) -> None:
         _client(url).delete_object(Bucket=url.bucket, Key=url.key)
     except Exception as exc:
         log.warning("could not delete %s (%s); delete it by hand", url, _first(exc))
+
+
+SETTLE_S = 3.0  # how long a failed sink's late upload is waited for, to be deleted (see settle_failed)
+
+
+def settle_failed(staged: ObjectURL, since: datetime) -> None:
+    """After a sink to `staged` failed: abort its unfinished upload and delete the staging object, watching for
+    SETTLE_S. polars' sink raises as soon as a part of it fails, while its upload may still be completing in the
+    background (seen under load: the staging object appeared after the failure); what appears later still never
+    reaches the output's key, and the next write of the output deletes it (discard_staged)."""
+    deadline = time.monotonic() + SETTLE_S
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        abort_uploads(staged, since)
+        if exists(staged):
+            discard(staged)
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= SETTLE_S / 3:  # nothing appeared for a while: settled
+            return
+        time.sleep(0.1)
 
 
 def discard_staged(final: ObjectURL) -> list[str]:

@@ -422,8 +422,7 @@ def _sink(frame: pl.LazyFrame, path: Location) -> None:
         try:
             _sink_as(frame, staged.url, path.suffix, objectstore.polars_options(staged))
         except BaseException:
-            objectstore.abort_uploads(staged, since)
-            objectstore.discard(staged)
+            objectstore.settle_failed(staged, since)
             raise
         objectstore.publish(staged, path)
         return
