@@ -224,6 +224,13 @@ class ServerWatch:
         self._probing = False
         self._notify()
 
+    def release(self) -> None:
+        """The probe this task was given did not reach the server (the run stopped, a file changed, it was
+        cancelled): another may go, rather than every row waiting for an answer that never comes."""
+        if self._probing:
+            self._probing = False
+            self._notify()
+
     def probe_in_s(self) -> float | None:
         """Without taking anything (a pool asks this of each endpoint before it picks one): 0 when a request may go
         now (up, or a probe is due), the seconds until the next probe, or None while a probe is out."""

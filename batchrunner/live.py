@@ -244,6 +244,7 @@ class LiveAnswerer:
                     return None
                 _tell_breaker(health, verdict)
         finally:
+            taken.server.release()  # a probe that never reached the endpoint lets another go (else a no-op)
             pool.give_back(taken)
         if verdict.halting is not None and verdict.halting.reason is StopReason.ACCOUNT:  # which server's key
             halting = dataclasses.replace(
@@ -319,6 +320,15 @@ class LiveAnswerer:
                 "rows not answered stay pending: rerun once it is back",
             )
             raise _Stopped
+        if up or self.server.down_since is None:
+            return await self._reserve_and_send(flow, ask)
+        try:  # this request is the server's probe: if it never reaches the server, another must be let go
+            return await self._reserve_and_send(flow, ask)
+        finally:
+            self.server.release()  # (a no-op once the server answered or refused it)
+
+    async def _reserve_and_send(self, flow: RowFlow, ask: Ask) -> Verdict | None:
+        """The budget's reservation, a place on the wire (concurrency: auto), the rate limit's slot, the request."""
         reserved = await self._reserve(ask.reserve_usd)
         entered = False
         try:

@@ -94,6 +94,25 @@ async def test_server_watch_probes_one_at_a_time_and_gives_up_after_its_timeout(
     assert watch.cause == "connection refused"
 
 
+async def test_a_probe_that_never_reached_the_server_lets_another_go() -> None:
+    """A probe given up before it was sent (the run stopping, a file changed, a cancel) is released: the requests
+    waiting for the server's answer are let go as the next probe, instead of waiting until the run gives up."""
+    now = [0.0]
+    watch = ServerWatch(give_up_s=60, probe_every_s=1.0, clock=lambda: now[0])
+    watch.failed("connection refused")
+    now[0] = 1.0
+    assert await watch.admit(), "the probe"
+    waiter = asyncio.create_task(watch.admit())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    now[0] = 2.0
+    watch.release()  # the probe never went
+    assert await asyncio.wait_for(waiter, 1), "the next request is the probe now"
+    watch.answered()
+    watch.release()  # after an answer: nothing to release
+    assert watch.probe_in_s() == 0.0
+
+
 async def test_a_stopped_process_is_not_time_the_server_was_unreachable() -> None:
     """The server watch and the breaker count running time (clock.py): a process suspended past give_up_s, here
     a loop blocked for 1.5 s, neither gives up on a server that failed just before nor ends a model's pause."""
