@@ -209,7 +209,8 @@ def discard_staged(final: ObjectURL) -> list[str]:
     prefix = f"{folder + '/' if folder else ''}{STAGED}"
     removed = []
     try:
-        listed = _client(final).list_objects_v2(Bucket=final.bucket, Prefix=prefix).get("Contents", [])
+        pages = _client(final).get_paginator("list_objects_v2").paginate(Bucket=final.bucket, Prefix=prefix)
+        listed = [item for page in pages for item in page.get("Contents", [])]  # every page: 1,000 a page
     except Exception as exc:
         log.warning("could not list what a killed run left beside %s (%s)", final, _first(exc))
         return []
@@ -227,7 +228,8 @@ def abort_uploads(url: ObjectURL, since: datetime) -> None:
     a lifecycle rule removes them). The job's lock means no other run of the job is writing there."""
     try:
         client = _client(url)
-        found = client.list_multipart_uploads(Bucket=url.bucket, Prefix=url.key).get("Uploads", [])
+        pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=url.bucket, Prefix=url.key)
+        found = [upload for page in pages for upload in page.get("Uploads", [])]
         for upload in found:
             if upload["Key"] == url.key and upload["Initiated"] >= since:
                 client.abort_multipart_upload(Bucket=url.bucket, Key=url.key, UploadId=upload["UploadId"])
