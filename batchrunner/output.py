@@ -424,7 +424,11 @@ def _sink(frame: pl.LazyFrame, path: Location) -> None:
         except BaseException:
             objectstore.settle_failed(staged, since)
             raise
-        objectstore.publish(staged, path)
+        try:
+            objectstore.publish(staged, path)
+        except Exception as exc:  # botocore's errors: the old output stands, the answers are in the checkpoint
+            objectstore.discard(staged)
+            raise OutputError(f"could not put the output in place at {path}: {first_line(exc)}") from exc
         return
     with replacing(path) as temporary:
         _sink_as(frame, temporary, path.suffix, None)

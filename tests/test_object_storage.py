@@ -26,7 +26,7 @@ boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
 
 from batchrunner import objectstore  # noqa: E402
-from batchrunner.errors import SpecError  # noqa: E402
+from batchrunner.errors import OutputError, SpecError  # noqa: E402
 from batchrunner.output import _sink  # noqa: E402
 from batchrunner.runner import RunSettings, run_job  # noqa: E402
 from batchrunner.sandbox import SandboxConfig  # noqa: E402
@@ -304,6 +304,27 @@ def test_a_staging_object_a_killed_run_left_is_removed_by_the_next_write(s3: Any
     keys = sorted(item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/")["Contents"])
     assert "out/kept.csv" in keys and left not in keys and "out/.staged-notours-kept.csv" in keys
     assert read(s3, "out/kept.csv")["x"].to_list() == [1, 2]
+
+
+def test_a_copy_the_storage_refuses_is_an_output_error_and_the_old_output_stands(
+    s3: Any, endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server-side copy that puts a staged output in place fails (a policy, a network error): an OutputError
+    (one sentence; the run says `batchrunner export`), never botocore's traceback; the old output is untouched
+    and the staging object deleted."""
+    from botocore.exceptions import ClientError
+
+    url = ObjectURL.parse(f"s3://{BUCKET}/out/guarded.csv").bound(options(endpoint), Path("."))
+    s3.put_object(Bucket=BUCKET, Key="out/guarded.csv", Body=b"x\n1\n")
+
+    def refused(staged: ObjectURL, final: ObjectURL) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "CopyObject")
+
+    monkeypatch.setattr(objectstore, "publish", refused)
+    with pytest.raises(OutputError, match=r"could not put the output in place at s3://data/out/guarded\.csv"):
+        _sink(pl.LazyFrame({"x": [2, 3]}), url)
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/")["Contents"]]
+    assert keys == ["out/guarded.csv"] and read(s3, "out/guarded.csv")["x"].to_list() == [1]
 
 
 def test_the_command_line_takes_an_s3_output(
