@@ -218,9 +218,16 @@ def run_started(job: Path, sandbox: Sandbox, *, requests: int) -> subprocess.Pop
     """`batchrunner run job` in its own process against `sandbox` (as cron would start it), returned once the
     sandbox has seen `requests` requests (or 30 s have passed): for tests that then signal it."""
     import os
-    import time
 
     env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    return run_until(job, env, lambda: sandbox.stats.requests >= requests)
+
+
+def run_until(job: Path, env: dict[str, str], started: Callable[[], bool]) -> subprocess.Popen[str]:
+    """`batchrunner run job` in its own process, returned once `started()` says it has got far enough (or 30 s
+    have passed): for tests that then signal it at that point."""
+    import time
+
     process = subprocess.Popen(
         [sys.executable, "-m", "batchrunner", "run", str(job)],
         env=env,
@@ -229,7 +236,7 @@ def run_started(job: Path, sandbox: Sandbox, *, requests: int) -> subprocess.Pop
         text=True,
     )
     deadline = time.monotonic() + 30
-    while sandbox.stats.requests < requests and time.monotonic() < deadline:
+    while not started() and time.monotonic() < deadline:
         time.sleep(0.01)
     return process
 

@@ -8,8 +8,6 @@ import asyncio
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -18,7 +16,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import run_pairs, run_started
+from conftest import run_pairs, run_started, run_until
 from helpers.scripted import Reply, Scripted, answer
 
 from batchrunner.client import Client
@@ -175,16 +173,7 @@ def test_sigterm_while_start_up_waits_on_a_retry_after_stops_cleanly(
     server = scripted_in_thread(gets={"/models": [busy]})
     job = write_spec(api={"base_url": server.base_url})
     env = {**os.environ, "OPENROUTER_API_KEY": ""}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", "run", str(job)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while server.gets_of("/models") < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = run_until(job, env, lambda: server.gets_of("/models") >= 1)
     time.sleep(0.3)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
