@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from conftest import run_cli, run_started, signalled_at
+from conftest import run_cli, run_started, run_until, signalled_at
 
 from batchrunner.cli import main
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -626,17 +626,8 @@ def test_a_server_killed_mid_run_stops_the_run_with_exit_3(write_spec: Callable[
         base_url = ready.split(" at ")[1].split()[0]
         spec_path = write_spec(input="many.csv", concurrency=4, unreachable_timeout_s=1)
         env = {**os.environ, "OPENROUTER_BASE_URL": base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
-        run = subprocess.Popen(
-            [sys.executable, "-m", "batchrunner", "run", str(spec_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
         checkpoint = tmp_path / "out" / "result.checkpoint.sqlite"
-        deadline = time.monotonic() + 30
-        while not checkpoint.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        run = run_until(spec_path, env, checkpoint.exists)
         time.sleep(0.5)
     finally:
         server.kill()
