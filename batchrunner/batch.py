@@ -31,7 +31,7 @@ from batchrunner.client import Client, Completion, parse_completion
 from batchrunner.costs import Pricing, Usage, charge, format_usd, saving_usd, to_decimal
 from batchrunner.errors import ApiError, Problem, RequestRejected, SpecError, TransientError, first_line
 from batchrunner.executor import Answerer, Execution, Executor, count_resumed
-from batchrunner.flow import Ask, Done, RowFlow, Verdict, Wait
+from batchrunner.flow import Ask, RowFlow, Verdict, Wait
 from batchrunner.halt import Halt, StopReason
 from batchrunner.pending import Batch, Todo
 from batchrunner.records import ResultSink, RowResult
@@ -90,13 +90,8 @@ class _Run:
             if isinstance(action, Wait):
                 flow.waited()
                 continue
-            self.finish(key, action)
+            self.if_finished(key)
             return None
-
-    def finish(self, key: Key, done: Done) -> None:
-        if done.result is not None:
-            self.sinks.add(done.result)
-        del self.flows[key]
 
     def keep_bills(self) -> None:
         """The run ends with pairs unfinished (it stopped, or left them in batches for the next run): one this run
@@ -110,9 +105,9 @@ class _Run:
         """Keep the result of a pair whose flow has finished, and forget the flow."""
         flow = self.flows[key]
         if flow.finished:
-            done = flow.next()
-            assert isinstance(done, Done)
-            self.finish(key, done)
+            if flow.result is not None:
+                self.sinks.add(flow.result)
+            del self.flows[key]
 
     def feed(self, key: Key, answer: Completion | ApiError) -> Verdict:
         """One result of a batch as an event of its pair's flow; a result that finishes the pair is kept."""

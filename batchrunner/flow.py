@@ -148,6 +148,13 @@ class RowFlow:
     def finished(self) -> bool:
         return self._done is not _OPEN
 
+    @property
+    def result(self) -> RowResult | None:
+        """A finished pair's result (what `Done` carries): None leaves it pending without a record."""
+        assert self._done is not _OPEN, "the pair is not finished"
+        result: RowResult | None = self._done
+        return result
+
     # -- the next action -----------------------------------------------------------------------
 
     def next(self) -> Action:

@@ -184,11 +184,10 @@ class LiveAnswerer:
             flow.stop()
             if flow.bill.attempts == 0:
                 raise
-        result = flow.next()
-        assert isinstance(result, Done)
-        if served is not None and result.result is not None:
-            return dataclasses.replace(result.result, endpoint=served)
-        return result.result
+        result = flow.result
+        if served is not None and result is not None:
+            return dataclasses.replace(result, endpoint=served)
+        return result
 
     async def _ask(self, flow: RowFlow, ask: Ask) -> None:
         """One request the flow asks for, under the breaker's verdict on its model."""
