@@ -7,7 +7,6 @@ A job refused here costs nothing: each problem is a SpecError naming the field a
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import logging
 import os
@@ -511,13 +510,14 @@ def select_rows(
         column = pl.col(spec.id_column) if spec.id_column else pl.col(ROW_INDEX)
         conditions.append(column.cast(pl.String).is_in(sorted(ids)))
     condition = pl.all_horizontal(conditions)
-    frame = dataset.frame if limit is None else dataset.frame.head(limit)
+    if limit is not None:  # the first --limit rows: by their place in the input, as a window reads them
+        condition = condition & (pl.col(ROW_INDEX) < limit)
     try:
-        rows = int(frame.filter(condition).select(pl.len()).collect().item())
+        rows = int(dataset.frame.filter(condition).select(pl.len()).collect().item())
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise SpecError(
             Problem("--where", f"{where!r}: {first_line(exc)} (the input's columns: {', '.join(dataset.columns)})")
         ) from None
     if rows == 0:
         log.warning("--where/--ids select no row of %s: nothing to send", dataset.path.name)
-    return dataclasses.replace(dataset, frame=frame).only(condition, rows)
+    return dataset.only(condition, rows)

@@ -27,15 +27,26 @@ import polars as pl
 
 MEASURE = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, tempfile, threading, time
     from pathlib import Path
+    import polars as pl
     from batchrunner.dataset import open_dataset
-    from batchrunner.output import _sink
+    from batchrunner.output import _sink, _write_parts
     from batchrunner.urls import ObjectURL
+    def status(field):
+        text = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith(field + ":"))) / 1024
+    anon = {"peak": 0.0}
+    def sample():  # RssAnon has no high-water mark of its own: sampled every 2 ms
+        while True:
+            anon["peak"] = max(anon["peak"], status("RssAnon"))
+            time.sleep(0.002)
+    threading.Thread(target=sample, daemon=True).start()
     def peak():
-        # VmHWM: this program's own high-water mark. ru_maxrss would carry the parent's RSS at fork over exec.
-        status = Path("/proc/self/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+        # VmHWM: this program's own high-water mark (ru_maxrss would carry the parent's RSS at fork over exec),
+        # and the sampled peak of anonymous memory (VmHWM also counts file pages mapped, which are the page cache's)
+        anon["peak"] = max(anon["peak"], status("RssAnon"))
+        return [status("VmHWM"), anon["peak"]]
     where, options = sys.argv[1], json.loads(sys.argv[2])
     path = ObjectURL.parse(where).bound(options, Path(sys.argv[3])) if where.startswith("s3://") else Path(where)
     found = {"start": peak()}
@@ -43,12 +54,15 @@ MEASURE = textwrap.dedent(
     found["open"] = peak()
     found["rows"] = sum(len(batch) for batch in dataset.batches(batch_size=2048))
     found["batches"] = peak()
-    _sink(dataset.frame, path.with_name("copy-" + path.name))
+    with tempfile.TemporaryDirectory(dir=sys.argv[3]) as parts:  # as output.export writes: parts, then one sink
+        _write_parts((chunk for chunk, _ in dataset.chunks(batch_size=20_000)), Path(parts))
+        _sink(pl.scan_parquet(Path(parts) / "*.parquet"), path.with_name("copy-" + path.name))
     found["sink"] = peak()
     print(json.dumps(found))
     """
 )
 KEY_ID, SECRET, BUCKET = "AKIABENCH", "bench-secret", "bench"
+PHASES = ("open", "batches", "sink")
 
 
 def frame(rows: int) -> pl.DataFrame:
@@ -57,14 +71,14 @@ def frame(rows: int) -> pl.DataFrame:
     return pl.DataFrame({"ticket_id": "T-" + ids, "text": ("ticket text number " + ids).str.pad_end(1000, "x")})
 
 
-def measure(where: str, options: dict[str, str], scratch: Path) -> dict[str, float]:
+def measure(where: str, options: dict[str, str], scratch: Path) -> dict[str, list[float]]:
     found = subprocess.run(
         [sys.executable, "-c", MEASURE, where, json.dumps(options), str(scratch)],
         capture_output=True,
         text=True,
         check=True,
     )
-    result: dict[str, float] = json.loads(found.stdout.strip().splitlines()[-1])
+    result: dict[str, list[float]] = json.loads(found.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -101,7 +115,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as folder:
             scratch = Path(folder)
-            print("rows  where  open_mb  batches_mb  sink_mb")
+            print("rows  where  open_mb  batches_mb  sink_mb  (each: peak RSS / peak anonymous)")
             for rows in sizes:
                 buffer = io.BytesIO()
                 frame(rows).write_parquet(buffer, row_group_size=5_000)
@@ -114,15 +128,16 @@ def main() -> None:
                 for name, where in places:
                     found = measure(where, options, scratch)
                     assert found["rows"] == rows, found
-                    peaks[name, rows] = found["sink"]
-                    print(f"{rows} {name} {found['open']:.0f} {found['batches']:.0f} {found['sink']:.0f}")
+                    peaks[name, rows] = found["sink"][1]
+                    shown = "  ".join(f"{found[phase][0]:.0f}/{found[phase][1]:.0f}" for phase in PHASES)
+                    print(f"{rows} {name}  {shown}")
     finally:
         server.stop()
     for name in ("s3", "local"):
         if (name, sizes[0]) in peaks:
             ratio = peaks[name, sizes[-1]] / peaks[name, sizes[0]]
             print(
-                f"{name}: peak {peaks[name, sizes[0]]:.0f} MB at {sizes[0]} rows, "
+                f"{name}: peak anonymous memory {peaks[name, sizes[0]]:.0f} MB at {sizes[0]} rows, "
                 f"{peaks[name, sizes[-1]]:.0f} MB at {sizes[-1]} rows, ratio {ratio:.2f}"
             )
 

@@ -186,3 +186,73 @@ def test_a_jsonl_value_with_a_lone_surrogate_is_refused_naming_its_line_and_colu
         f"input: {path}:5: the value of 'text' holds \\udc00, a lone UTF-16 surrogate that no text can hold, so it "
         "could not be kept as written; write the character it stands for (or remove it) on that line",
     ]
+
+
+WINDOW_CASES = [  # (limit, start, batch_size, selected): every boundary a window, a batch or a slice can fall on
+    (None, 0, 7, False),
+    (None, 0, 5, False),
+    (None, 13, 4, False),
+    (20, 3, 6, False),
+    (5, 0, 100, False),
+    (None, 49, 3, False),
+    (None, 50, 3, False),
+    (None, 0, 4, True),
+    (None, 2, 3, True),
+    (11, 1, 2, True),
+    (40, 0, 100, True),
+]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+@pytest.mark.parametrize(("limit", "start", "batch_size", "selected"), WINDOW_CASES)
+def test_rows_read_in_windows_are_the_rows_a_whole_read_gives(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    suffix: str,
+    limit: int | None,
+    start: int,
+    batch_size: int,
+    selected: bool,
+) -> None:
+    """Reading a Parquet input by slices of a few rows (and a CSV one in batches) gives the same rows, ids and
+    places, in the same batches, as cutting the whole input does, whatever the limit, start and selection."""
+    monkeypatch.setattr(dataset, "WINDOW_ROWS", 4)
+    path = tmp_path / f"in{suffix}"
+    whole = pl.DataFrame({"id": [f"r{n}" for n in range(50)], "text": [f"t{n % 7}" for n in range(50)]})
+    whole.write_parquet(path, row_group_size=6) if suffix == ".parquet" else whole.write_csv(path)
+    opened = open_dataset(path, id_column="id")
+    expected = list(range(50))
+    if selected:
+        opened = opened.only(pl.col("text") != "t3", rows=0)
+        expected = [n for n in expected if n % 7 != 3]
+    expected = expected[:limit][start:]
+    batches = list(opened.batches(limit=limit, batch_size=batch_size, start=start))
+    assert [[row.index for row in batch] for batch in batches] == [
+        expected[at : at + batch_size] for at in range(0, len(expected), batch_size)
+    ]
+    assert [row.id for batch in batches for row in batch] == [f"r{n}" for n in expected]
+    assert all(row.values == {"id": f"r{row.index}", "text": f"t{row.index % 7}"} for b in batches for row in b)
+
+
+def test_a_parquet_input_is_decoded_a_window_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Parquet input is never handed to polars' batched reader, which decodes ahead of a slow reader until it
+    holds the whole input (pola-rs/polars#28569): every frame collected from it is one window of rows."""
+    path = tmp_path / "in.parquet"
+    pl.DataFrame({"id": [str(n) for n in range(100)]}).write_parquet(path, row_group_size=10)
+    opened = open_dataset(path, id_column="id")
+    collected: list[int] = []
+    real_collect = pl.LazyFrame.collect
+
+    def collect(frame: pl.LazyFrame, *args: object, **kwargs: object) -> pl.DataFrame:
+        found = real_collect(frame, *args, **kwargs)  # type: ignore[arg-type]
+        collected.append(found.height)
+        return found
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("collect_batches decodes ahead of its reader")
+
+    monkeypatch.setattr(pl.LazyFrame, "collect", collect)
+    monkeypatch.setattr(pl.LazyFrame, "collect_batches", refused)
+    monkeypatch.setattr(dataset, "WINDOW_ROWS", 16)
+    assert sum(len(batch) for batch in opened.batches(batch_size=8)) == 100
+    assert collected and max(collected) <= 16
