@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
@@ -115,6 +115,7 @@ class LiveAnswerer:
         settlements: Settlements | None = None,
         in_flight: InFlight | None = None,
         pool: Pool | None = None,
+        governor: Governor | None = None,
     ) -> None:
         requests = requests or RequestBuilder(spec)
         settings = spec.retry
@@ -131,6 +132,7 @@ class LiveAnswerer:
         self.in_flight = in_flight  # concurrency: auto
         self.pool = pool  # api.endpoints: where each request goes (pool.py); None, the one server of `client`
         self.settlements = settlements or Settlements()
+        self.governor = governor  # the budget held elsewhere (a worker process's parent); None: `accounts.budget`
         if settlements is None:
             halt.on_stop(self.settlements.notify)  # wake pairs waiting for budget
             if in_flight is not None:
@@ -398,6 +400,10 @@ class LiveAnswerer:
         return True
 
     async def _reserve(self, worst_usd: Decimal) -> Decimal:
+        if self.governor is not None:
+            if not await self.governor.reserve(worst_usd):
+                raise _Stopped
+            return worst_usd
         budget = self.accounts.budget
         if budget is None:
             return ZERO_USD
@@ -417,6 +423,9 @@ class LiveAnswerer:
         self._settle(reserved_usd, actual_usd)
 
     def _settle(self, reserved_usd: Decimal, actual_usd: Decimal) -> None:
+        if self.governor is not None:
+            self.governor.settle(reserved_usd, actual_usd)
+            return
         if self.accounts.budget is None:
             return
         passed = self.accounts.settle(reserved_usd, actual_usd)
@@ -464,6 +473,15 @@ def _tell_breaker(health: Attempt, verdict: Verdict) -> None:
         health.failed(verdict.why)
 
 
+class Governor(Protocol):
+    """The budget's reservations when another process holds the budget (processes.Parent, in a worker): the
+    holder's own LiveAnswerer decides (reserve waits for settlements, or says the run stopped)."""
+
+    async def reserve(self, worst_usd: Decimal) -> bool: ...
+
+    def settle(self, reserved_usd: Decimal, actual_usd: Decimal) -> None: ...
+
+
 class PairAnswerer(Protocol):
     """What the worker pool needs of an answerer (executor.Answerer has more)."""
 
@@ -483,7 +501,9 @@ class LiveExecutor:
         self.concurrency = concurrency
         self.grace_s = grace_s
 
-    async def execute(self, work: Iterable[Batch], answerer: PairAnswerer, sinks: ResultSink, halt: Halt) -> Execution:
+    async def execute(
+        self, work: Iterable[Batch] | AsyncIterable[Batch], answerer: PairAnswerer, sinks: ResultSink, halt: Halt
+    ) -> Execution:
         started = time.monotonic()
         queue: asyncio.Queue[Todo | None] = asyncio.Queue(maxsize=2 * self.concurrency)
         resumed = 0
@@ -494,10 +514,18 @@ class LiveExecutor:
             for _ in range(self.concurrency):
                 queue.put_nowait(None)
 
+        async def batches() -> AsyncIterator[Batch]:  # what the input gives, or what a parent hands over
+            if isinstance(work, AsyncIterable):
+                async for batch in work:
+                    yield batch
+            else:
+                for batch in work:
+                    yield batch
+
         async def feed() -> None:
             nonlocal resumed
             try:
-                for batch in work:
+                async for batch in batches():
                     resumed += count_resumed(batch, sinks)
                     for todo in batch.todo:
                         if halt.stopping:

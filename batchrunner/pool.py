@@ -25,6 +25,7 @@ from batchrunner.breaker import Breaker, ServerWatch
 from batchrunner.client import Client
 from batchrunner.halt import Halt
 from batchrunner.records import EndpointStats
+from batchrunner.spec import JobSpec
 
 MAX_WAIT_S = 1.0  # a pair waiting for an endpoint looks again at least this often (probes and cooldowns fall due)
 
@@ -148,3 +149,15 @@ class Pool:
 
     def __iter__(self) -> Iterator[Endpoint]:
         return iter(self.endpoints)
+
+
+def pool_of(spec: JobSpec, clients: Sequence[tuple[str, Client, int]]) -> Pool:
+    """The spec's pool (api.endpoints) over these clients (URL, client, cap), each endpoint with its own breaker
+    and server watch."""
+    give_up_s = spec.unreachable_timeout_s
+    return Pool(
+        [
+            Endpoint(shown, client, cap, Breaker(), ServerWatch(give_up_s=give_up_s, endpoint=shown))
+            for shown, client, cap in ((display_url(url), client, cap) for url, client, cap in clients)
+        ]
+    )

@@ -32,7 +32,7 @@ import polars as pl
 
 from batchrunner import interrupts, jsontext, snapshots
 from batchrunner.adaptive import Aimd
-from batchrunner.breaker import Breaker, ServerWatch
+from batchrunner.breaker import Breaker
 from batchrunner.client import Client
 from batchrunner.connect import Connection
 from batchrunner.costs import Budget, PriceTable, format_usd
@@ -60,7 +60,8 @@ from batchrunner.lock import job_lock, lock_path
 from batchrunner.output import export, extend, remove_leftovers, summary_path
 from batchrunner.output import results as results_of
 from batchrunner.pending import Batch, pending
-from batchrunner.pool import Endpoint, Pool, display_url
+from batchrunner.pool import Pool
+from batchrunner.pool import pool_of as make_pool
 from batchrunner.preflight import check_endpoints, check_models, check_output, prepare, select_rows
 from batchrunner.progress import Progress
 from batchrunner.records import KeptResults, ResultSink, RowResult, Sinks, Summary
@@ -315,7 +316,9 @@ async def execute_run(plan: Plan, terms: ServerTerms, opened: Opened, caught: in
     restore = _stop_on_signal(halt, caught)
     caught.before_quitting(_last_words(policy, store, caught))
     try:
-        executor = settings.executor or default_executor(spec, store, plan.connection.client, wait=settings.wait)
+        executor = settings.executor or default_executor(
+            spec, store, plan.connection.client, wait=settings.wait, connection=plan.connection
+        )
         work, into = _work(plan, opened, progress)
         execution = await executor.execute(work, policy, into, halt)
         judged = await judge(spec, plan.dataset, plan.requests, store, policy, executor, opened.judging, opened.keylog)
@@ -365,19 +368,19 @@ def pool_of(plan: Plan) -> Pool | None:
     """The spec's pool of endpoints (api.endpoints), each with its own breaker and server watch; None for one
     server, whose path stays as it was."""
     clients = plan.connection.endpoint_clients
-    if not clients:
-        return None
-    give_up_s = plan.spec.unreachable_timeout_s
-    return Pool(
-        [
-            Endpoint(shown, client, cap, Breaker(), ServerWatch(give_up_s=give_up_s, endpoint=shown))
-            for shown, client, cap in ((display_url(url), client, cap) for url, client, cap in clients)
-        ]
-    )
+    return make_pool(plan.spec, clients) if clients else None
 
 
-def default_executor(spec: JobSpec, store: Store, client: Client, *, wait: bool) -> Executor:
-    """The live worker pool, or in batch mode the Batch API (with the pool for what falls back to it)."""
+def default_executor(
+    spec: JobSpec, store: Store, client: Client, *, wait: bool, connection: Connection | None = None
+) -> Executor:
+    """The live worker pool (with `workers: N`, in N processes), or in batch mode the Batch API (with the pool for
+    what falls back to it)."""
+    if spec.workers > 1 and connection is not None:
+        from batchrunner.processes import ProcessExecutor  # multiprocessing's machinery, when it is asked for
+
+        sandbox_url = connection.base_url if connection.sandbox is not None else None
+        return ProcessExecutor(spec.workers, sandbox_url=sandbox_url, server=connection.server, grace_s=grace_s(spec))
     if spec.mode != "batch":
         return LiveExecutor(spec.most_in_flight, grace_s=grace_s(spec))
     from batchrunner.batch import BatchExecutor  # batch mode's machinery, when it is asked for

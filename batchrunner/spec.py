@@ -71,6 +71,7 @@ RUN_ONLY_KEYS = frozenset(
     {
         "concurrency",
         "max_concurrency",
+        "workers",
         "timeout_s",
         "unreachable_timeout_s",
         "rate_limit",
@@ -446,6 +447,7 @@ class JobSpec(_Strict):
     response_format: dict[str, Any] | None = None
     concurrency: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = 16
     max_concurrency: Annotated[int, Field(ge=1, le=4096)] = 64  # the ceiling of `concurrency: auto`
+    workers: Annotated[int, Field(ge=1, le=256)] = 1  # processes answering pairs (processes.py): every core
     endpoint: Literal["chat", "completions"] = "chat"
     timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0  # per request; doubled for :free
     unreachable_timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = (
@@ -474,6 +476,11 @@ class JobSpec(_Strict):
     output_prefix: str = ""  # put before each structured-answer column's name
     api: ApiSettings = ApiSettings()
     _locate: Callable[[str], str] | None = PrivateAttr(default=None)  # field -> "file:line: field"
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """A spec pickles (to a worker process) without `_locate`, a closure over the YAML it was read from."""
+        state = super().__getstate__()
+        return {**state, "__pydantic_private__": {**(state.get("__pydantic_private__") or {}), "_locate": None}}
 
     @field_validator("models", "fallbacks", "images", "files", "audio", mode="before")
     @classmethod
@@ -545,6 +552,13 @@ class JobSpec(_Strict):
             raise ValueError("mode batch submits to one server; use api.base_url, or mode live with api.endpoints")
         if self.concurrency == "auto":
             raise ValueError("concurrency: auto learns one server's limit; give a number (or each endpoint's)")
+        return self
+
+    @model_validator(mode="after")
+    def _workers(self) -> JobSpec:
+        """Worker processes send live requests: the Batch API's submits and polls are one process's."""
+        if self.workers > 1 and self.mode == "batch":
+            raise ValueError("mode batch submits from one process; remove `workers` or use mode live")
         return self
 
     @model_validator(mode="after")
@@ -768,6 +782,7 @@ FIELD_HELP = {  # each top-level key's description in the JSON Schema (`batchrun
     "response_format": "Structured answers: {type: json_schema, json_schema: {name, strict, schema}} or {type: json_object}.",
     "concurrency": "Most requests in flight; `auto` finds it (for servers that publish no limit), up to max_concurrency.",
     "max_concurrency": "The most requests in flight `concurrency: auto` may reach (default 64).",
+    "workers": "Processes answering pairs (default 1): for a server faster than one core can keep busy; concurrency is shared among them.",
     "endpoint": "chat (default) or completions (then `prompt` is the raw prompt).",
     "timeout_s": "Seconds a request may take (for streams: may stay silent); doubled for :free models.",
     "unreachable_timeout_s": "Stop the run when the server has refused every connection this long.",

@@ -126,8 +126,9 @@ def bare(url: str, rows: int, concurrency: int) -> dict[str, float]:
     return json.loads(done.stdout)
 
 
-def ours(url: str, rows: int, folder: Path, max_tokens: int = 5) -> dict[str, float]:
-    """`batchrunner run` in a fresh process: wall from start to exit, its CPU time (from wait4)."""
+def ours(url: str, rows: int, folder: Path, max_tokens: int = 5, workers: int = 1) -> dict[str, float]:
+    """`batchrunner run` in a fresh process: wall from start to exit, its CPU time (from wait4: with its worker
+    processes, which it waits for)."""
     for stale in folder.glob("out*"):
         stale.unlink()
     job = folder / "job.yaml"
@@ -142,6 +143,7 @@ def ours(url: str, rows: int, folder: Path, max_tokens: int = 5) -> dict[str, fl
                 "prompt": "Classify: {text}",
                 "params": {"max_tokens": max_tokens},
                 "concurrency": 64,
+                "workers": workers,
                 "rate_limit": {"requests_per_second": 10_000},
                 "api": {"base_url": url + "/v1"},
             }

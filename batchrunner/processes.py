@@ -1,0 +1,759 @@
+"""Every core of one machine: `workers: N` answers a run's pairs in N processes (the process executor).
+
+One asyncio process saturates one core: rendering, the flow, HTTP and JSON for each pair. With `workers: N`
+the run's own process (the parent) stays what it was, and N worker processes do the answering:
+
+- the parent reads the input, renders each pair and knows which are left (pending.py), owns the checkpoint
+  (the one writer), the summary, the progress line, dedupe and the run's halt, and holds the run's rate limit
+  and budget. It hands the pairs to the workers over a socket each, the least busy first, a bounded number
+  ahead of what each has answered;
+- each worker drives every pair it is handed through its flow with its own client, breaker and server watch
+  (a live.LiveAnswerer in a live.LiveExecutor: the same driver as one process), and asks the parent for each
+  request's budget reservation and rate-limit slot. The parent grants them with its own answerer (reserve,
+  settle, the rate limit's acquire): the rule is written once, in live.py and limits.py, and this module only
+  carries the questions and answers. A run with no budget and no finite rate asks nothing per request.
+- every result goes back to the parent, every FLUSH_S, which stores it as a one-process run would.
+
+What a kill costs. A worker killed (kill -9, the OOM killer): the parent hears its socket close; the pairs it
+held go to the other workers (and a new worker takes its place); what it had on the wire may have been billed
+and is asked again, and so are the answers it had not handed back yet (at most FLUSH_S of them); the
+reservations it held are counted as spent, so the budget holds whatever it had paid. The parent killed: each
+worker hears its socket close and quits at once; the checkpoint holds what the parent committed, as after a
+kill of a one-process run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from batchrunner.connect import SANDBOX_KEY, Connection
+from batchrunner.costs import ZERO_USD, PriceTable
+from batchrunner.errors import ApiError, BatchrunnerError, FreeModelCapReached, first_line
+from batchrunner.executor import Answerer, Execution, count_resumed
+from batchrunner.halt import Halt, Stop, StopReason
+from batchrunner.limits import is_free, next_utc_midnight
+from batchrunner.live import LiveAnswerer, LiveExecutor
+from batchrunner.pending import Batch, Todo
+from batchrunner.pool import Pool, pool_of
+from batchrunner.records import EndpointStats, ResultSink, RowResult
+from batchrunner.request import RequestBuilder
+from batchrunner.retries import RetryPolicy
+from batchrunner.spec import JobSpec
+
+log = logging.getLogger("batchrunner")
+
+FLUSH_S = 0.02  # a worker hands its results back this often: what a kill -9 of a worker can lose, at most
+FLUSH_RESULTS = 256  # ...or as soon as it has this many
+AHEAD = 2  # pairs handed to a worker beyond what it can have on the wire: its queue never runs dry
+SEND_AT_ONCE = 64  # pairs in one message to a worker
+SLOTS_AT_ONCE = 32  # rate-limit slots asked for at once, at most (each used as it arrives: no burst held back)
+FINISH_S = 10.0  # after the grace for requests on the wire: how long a worker may take to say it finished
+MAX_DEATHS_PER_WORKER = 2  # more workers than this (times N) dying ends the run: something kills them
+
+
+# -- what parent and workers say to each other ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Work:
+    """Pairs for a worker, each with the parent's number for it."""
+
+    todos: list[tuple[int, Todo]]
+
+
+@dataclass(frozen=True)
+class NoMoreWork:
+    """The input is read: a worker finishes what it holds and ends."""
+
+
+@dataclass(frozen=True)
+class Halted:
+    """The run stops (parent to workers), or a worker stopped it (worker to parent)."""
+
+    reason: StopReason
+    message: str
+    error: ApiError | None = None
+
+
+@dataclass(frozen=True)
+class Reserve:
+    ask: int
+    worst_usd: Decimal
+
+
+@dataclass(frozen=True)
+class Slot:
+    ask: int
+    model: str
+    count: int  # slots wanted: the worker's requests waiting for one
+
+
+@dataclass(frozen=True)
+class Granted:
+    """The answer to a Reserve or a Slot: `ok` False means the run stopped instead (or free models are out)."""
+
+    ask: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Settle:
+    reserved_usd: Decimal
+    actual_usd: Decimal
+
+
+@dataclass(frozen=True)
+class SlowDown:
+    model: str
+    upstream: bool
+
+
+@dataclass(frozen=True)
+class CapReached:
+    model: str
+
+
+@dataclass(frozen=True)
+class Results:
+    """Pairs a worker finished: each pair's number and its result (None: left pending, nothing recorded)."""
+
+    done: list[tuple[int, RowResult | None]]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A worker's last message: what it asked of each endpoint of a pool (the summary's lines)."""
+
+    endpoints: dict[str, EndpointStats]
+
+
+class Channel:
+    """Messages over a stream socket: a 4-byte length, then the pickled message. Both ends are this program."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def over(cls, sock: socket.socket) -> Channel:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return cls(reader, writer)
+
+    def send(self, message: object) -> None:
+        if self.writer.is_closing():
+            return
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.writer.write(len(data).to_bytes(4, "big") + data)
+
+    async def receive(self) -> object | None:
+        """The next message; None once the other end is gone."""
+        try:
+            size = int.from_bytes(await self.reader.readexactly(4), "big")
+            return pickle.loads(await self.reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+# -- the worker's side ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker process is started with: the job (its share of the concurrency) and how to reach its server."""
+
+    spec: JobSpec
+    number: int
+    server: str  # the fingerprint's server (spec.server()): the worker's requests are keyed as the parent's
+    sandbox_url: str | None  # a sandbox the parent started; None: the spec's server (or pool), keys from the env
+    retry: RetryPolicy
+    prices: PriceTable | None
+    budgeted: bool  # each request's reservation is the parent's
+    paced: bool  # the rate limit is finite: each request's slot is the parent's
+    byok_fee: bool
+    grace_s: float
+    log_level: int
+
+
+def share(spec: JobSpec, workers: int, number: int) -> JobSpec:
+    """Worker `number`'s share of the spec's concurrency (and of each pool endpoint's): together, the spec's."""
+
+    def part(total: int) -> int:
+        return max(1, total // workers + (1 if number < total % workers else 0))
+
+    update: dict[str, Any] = {"workers": 1, "max_concurrency": part(spec.max_concurrency)}
+    if isinstance(spec.concurrency, int):
+        update["concurrency"] = part(spec.concurrency)
+    if spec.api.endpoints:
+        caps = [cap for _, cap in spec.endpoint_caps()]
+        endpoints = [
+            e.model_copy(update={"concurrency": part(cap)}) for e, cap in zip(spec.api.endpoints, caps, strict=True)
+        ]
+        update["api"] = spec.api.model_copy(update={"endpoints": endpoints})
+    return spec.model_copy(update=update)
+
+
+def worker_main(sock: socket.socket, setup: WorkerSetup) -> None:
+    """A worker process: answer what the parent hands over until it says there is no more (or is gone).
+
+    Ctrl-C and SIGTERM are the parent's to act on (it tells the workers); a worker never acts on them itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=setup.log_level, format=f"worker {setup.number}: %(message)s")
+    logging.getLogger("batchrunner").addFilter(_ParentSays())
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(sock, setup))
+
+
+class _ParentSays(logging.Filter):
+    """What the parent prints for the whole run (that it stops, and why) is not printed again by each worker."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("stopping:")
+
+
+class Parent:
+    """The worker's end of the parent's rate limit and budget: duck-typed as limits.Limits for the answerer,
+    and the budget's reservations as its governor. Questions go out numbered; answers wake their askers."""
+
+    def __init__(self, channel: Channel, setup: WorkerSetup) -> None:
+        self.channel, self.setup = channel, setup
+        self._asked: dict[int, asyncio.Future[bool]] = {}
+        self._next = 0
+        self.free_cap = setup.spec.free_requests_per_day
+        self.free_cap_reached: FreeModelCapReached | None = None
+        self._slots: dict[str, _Slots] = {}
+
+    async def _ask(self, message: Reserve | Slot) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._asked[message.ask] = future
+        self.channel.send(message)
+        try:
+            return await future
+        finally:
+            self._asked.pop(message.ask, None)
+
+    def _number(self) -> int:
+        self._next += 1
+        return self._next
+
+    def answered(self, granted: Granted) -> None:
+        future = self._asked.get(granted.ask)
+        if future is not None and not future.done():
+            future.set_result(granted.ok)
+
+    def gone(self) -> None:
+        for future in self._asked.values():
+            if not future.done():
+                future.set_result(False)
+
+    # the budget (live.LiveAnswerer's governor)
+    async def reserve(self, worst_usd: Decimal) -> bool:
+        if not self.setup.budgeted:
+            return True
+        return await self._ask(Reserve(self._number(), worst_usd))
+
+    def settle(self, reserved_usd: Decimal, actual_usd: Decimal) -> None:
+        if self.setup.budgeted:
+            self.channel.send(Settle(reserved_usd, actual_usd))
+
+    # the rate limit (limits.Limits' methods the answerer calls)
+    async def acquire(self, model: str) -> None:
+        """A slot of the parent's rate limit for `model`. Slots are asked for as many requests as wait for one
+        (SLOTS_AT_ONCE at most), one question at a time per model: each slot is used as it arrives, so a worker
+        never holds slots to spend in a burst later."""
+        if not self.setup.paced and not is_free(model):
+            return
+        if self.free_cap_reached is not None and is_free(model):
+            raise self.free_cap_reached
+        slots = self._slots.setdefault(model, _Slots())
+        if slots.left:
+            slots.left -= 1
+            return
+        slots.waiting += 1
+        try:
+            while not slots.left:
+                if slots.asking is None:
+                    wanted = min(slots.waiting, SLOTS_AT_ONCE) if not is_free(model) else 1
+                    slots.asking = (asyncio.ensure_future(self._ask(Slot(self._number(), model, wanted))), wanted)
+                asking, count = slots.asking
+                given = await asyncio.shield(asking)
+                if slots.asking is not None and slots.asking[0] is asking:  # the first to see the answer counts it
+                    slots.asking = None
+                    slots.left += count if given else 0
+                if not given:
+                    raise self.cap_reached(model)
+        finally:
+            slots.waiting -= 1
+        slots.left -= 1
+
+    def rate_limited(self, model: str, *, upstream: bool) -> None:
+        self.channel.send(SlowDown(model, upstream))
+
+    def cap_reached(self, model: str) -> FreeModelCapReached:
+        if self.free_cap_reached is None:
+            self.free_cap_reached = FreeModelCapReached(model, self.free_cap, next_utc_midnight())
+            self.channel.send(CapReached(model))
+        return self.free_cap_reached
+
+
+@dataclass
+class _Slots:
+    """A worker's slots of the rate limit for one model: those given and not yet used, and the question out."""
+
+    left: int = 0
+    waiting: int = 0
+    asking: tuple[asyncio.Future[bool], int] | None = None  # the question out, and the slots it asks for
+
+
+class Outbox:
+    """The results a worker hands back: gathered, then sent every FLUSH_S (or FLUSH_RESULTS at once)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.done: list[tuple[int, RowResult | None]] = []
+
+    def add(self, number: int, result: RowResult | None) -> None:
+        self.done.append((number, result))
+        if len(self.done) >= FLUSH_RESULTS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.done:
+            self.channel.send(Results(self.done))
+            self.done = []
+
+    async def every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.flush()
+
+
+class _Numbered:
+    """The worker's answerer as its LiveExecutor sees it: each pair's result goes to the outbox under the
+    parent's number for it (none goes to the executor's sinks)."""
+
+    def __init__(self, answerer: LiveAnswerer, outbox: Outbox) -> None:
+        self.answerer, self.outbox = answerer, outbox
+        self.sending = answerer.sending
+        self.numbers: dict[int, int] = {}  # id(todo) -> the parent's number
+
+    async def answer(self, todo: Todo) -> RowResult | None:
+        result = await self.answerer.answer(todo)
+        self.outbox.add(self.numbers.pop(id(todo)), result)
+        return None
+
+
+class _NoSinks:
+    """The worker's results go to the outbox (_Numbered); the executor's sinks hear nothing."""
+
+    def add(self, result: RowResult) -> None:  # pragma: no cover - _Numbered returns None
+        raise AssertionError("a worker's results go to its outbox")
+
+    def resumed(self, count: int) -> None:
+        pass
+
+
+async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
+    channel = await Channel.over(sock)
+    halt = Halt()
+    parent = Parent(channel, setup)
+    outbox = Outbox(channel)
+    halt.on_stop(lambda: _tell_parent(channel, halt))
+    async with _connected(setup) as (client, pool):
+        answerer = LiveAnswerer(
+            setup.spec,
+            client,
+            halt,
+            requests=RequestBuilder(setup.spec, server=setup.server),
+            retry=setup.retry,
+            limits=parent,  # type: ignore[arg-type]  # duck-typed: acquire, rate_limited, cap_reached
+            pricing=setup.prices,
+            byok_fee=setup.byok_fee,
+            governor=parent,
+            pool=pool,
+        )
+        numbered = _Numbered(answerer, outbox)
+        inbox: asyncio.Queue[Batch | None] = asyncio.Queue()
+        listening = asyncio.create_task(_listen(channel, parent, halt, inbox, numbered))
+        flushing = asyncio.create_task(outbox.every(FLUSH_S))
+        try:
+            executor = LiveExecutor(setup.spec.most_in_flight, grace_s=setup.grace_s)
+            await executor.execute(_batches(inbox), numbered, _NoSinks(), halt)
+        finally:
+            flushing.cancel()
+            listening.cancel()
+            await asyncio.gather(flushing, listening, return_exceptions=True)
+        if halt.deferred is not None:
+            _send_stop(channel, halt.deferred)
+        outbox.flush()
+        channel.send(Finished(pool.stats if pool is not None else {}))
+    await channel.writer.drain()
+    await channel.close()
+
+
+def _tell_parent(channel: Channel, halt: Halt) -> None:
+    if halt.stopped is not None:
+        _send_stop(channel, halt.stopped)
+
+
+def _send_stop(channel: Channel, stop: Stop) -> None:
+    error = stop.error
+    if error is not None:
+        try:  # an error that does not survive the trip goes as its sentence alone
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            error = None
+    channel.send(Halted(stop.reason, stop.message, error))
+
+
+async def _batches(inbox: asyncio.Queue[Batch | None]) -> AsyncIterator[Batch]:
+    while (batch := await inbox.get()) is not None:
+        yield batch
+
+
+async def _listen(
+    channel: Channel, parent: Parent, halt: Halt, inbox: asyncio.Queue[Batch | None], numbered: _Numbered
+) -> None:
+    """What the parent says, as it arrives: pairs, answers to questions, the run's stop, the end of the work."""
+    while True:
+        message = await channel.receive()
+        if message is None:  # the parent is gone (killed): nothing of ours can be stored; quit at once
+            parent.gone()
+            os._exit(1)
+        if isinstance(message, Granted):
+            parent.answered(message)
+        elif isinstance(message, Work):
+            for number, todo in message.todos:
+                numbered.numbers[id(todo)] = number
+            inbox.put_nowait(Batch([todo for _, todo in message.todos]))
+        elif isinstance(message, Halted):
+            halt.stop(message.reason, message.message, message.error)
+            inbox.put_nowait(None)
+        elif isinstance(message, NoMoreWork):
+            inbox.put_nowait(None)
+
+
+@contextlib.asynccontextmanager
+async def _connected(setup: WorkerSetup) -> AsyncIterator[tuple[Any, Pool | None]]:
+    """The worker's own client (and pool): to the parent's sandbox, or as the spec says, keys from the env."""
+    if setup.sandbox_url is not None:
+        from batchrunner.client import Client
+
+        spec = setup.spec
+        async with Client(
+            setup.sandbox_url,
+            api_key=SANDBOX_KEY,
+            headers=spec.api.headers,
+            timeout_s=spec.timeout_s,
+            max_connections=spec.most_in_flight,
+            stream_max_s=spec.stream_max_s,
+            max_reply_bytes=int(spec.max_reply_mb * 2**20),
+        ) as client:
+            client.sandbox = True
+            yield client, None
+        return
+    async with Connection(setup.spec) as connection:
+        clients = connection.endpoint_clients
+        yield connection.client, pool_of(setup.spec, clients) if clients else None
+
+
+# -- the parent's side ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    number: int
+    process: multiprocessing.process.BaseProcess
+    channel: Channel
+    room: int  # pairs it may hold at once
+    held: dict[int, Todo] = field(default_factory=dict)
+    reserved_usd: Decimal = ZERO_USD  # its reservations not yet settled
+    finished: bool = False
+    listening: asyncio.Task[None] | None = None
+
+
+class ProcessExecutor:
+    """`workers: N`: the pairs answered in N worker processes; the parent stores, paces and budgets them."""
+
+    def __init__(self, workers: int, *, sandbox_url: str | None, server: str, grace_s: float = 30.0) -> None:
+        self.workers = workers
+        self.sandbox_url = sandbox_url
+        self.server = server
+        self.grace_s = grace_s
+        self.deaths = 0
+
+    async def execute(self, work: Iterable[Batch], answerer: Answerer, sinks: ResultSink, halt: Halt) -> Execution:
+        if not isinstance(answerer, LiveAnswerer):
+            raise TypeError("the process executor answers live: it needs the run's LiveAnswerer")
+        run = _Crew(self, answerer, sinks, halt)
+        return await run.execute(work)
+
+
+class _Crew:
+    """One execute(): the workers, what each holds, and the questions they ask."""
+
+    def __init__(self, executor: ProcessExecutor, answerer: LiveAnswerer, sinks: ResultSink, halt: Halt) -> None:
+        self.executor, self.answerer, self.sinks, self.halt = executor, answerer, sinks, halt
+        self.crew: dict[int, _Worker] = {}
+        self.context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loop
+        self.changed = asyncio.Event()  # a worker has room again, finished or died
+        self.again: list[tuple[int, Todo]] = []  # the pairs a dead worker held, handed out first
+        self.next_number = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.lost_results = 0
+
+    def setup(self, number: int) -> WorkerSetup:
+        answerer, executor = self.answerer, self.executor
+        spec = answerer.rules.spec
+        limits = answerer.limits
+        return WorkerSetup(
+            spec=share(spec, executor.workers, number % executor.workers),
+            number=number,
+            server=executor.server,
+            sandbox_url=executor.sandbox_url,
+            retry=answerer.rules.retry,
+            prices=answerer.accounts.pricing,
+            budgeted=answerer.accounts.budget is not None,
+            paced=limits.pacer.rate_rps != float("inf"),
+            byok_fee=answerer.accounts.fee_share > 0,
+            grace_s=executor.grace_s,
+            log_level=logging.getLogger("batchrunner").getEffectiveLevel(),
+        )
+
+    async def start(self, number: int) -> _Worker:
+        ours, theirs = socket.socketpair()
+        setup = self.setup(number)
+        process = self.context.Process(target=worker_main, args=(theirs, setup), name=f"batchrunner-worker-{number}")
+        process.daemon = True
+        await asyncio.get_running_loop().run_in_executor(None, process.start)
+        theirs.close()
+        worker = _Worker(number, process, await Channel.over(ours), room=setup.spec.most_in_flight * AHEAD)
+        worker.listening = asyncio.create_task(self.listen(worker))
+        self.crew[number] = worker
+        return worker
+
+    async def execute(self, work: Iterable[Batch]) -> Execution:
+        started = time.monotonic()
+        resumed = 0
+        self.halt.on_stop(self.tell_stop)
+        try:
+            for number in range(self.executor.workers):
+                await self.start(number)
+            try:
+                for batch in work:
+                    resumed += count_resumed(batch, self.sinks)
+                    await self.hand_out(batch.todo)
+                    if self.halt.stopping:
+                        break
+                while self.again and not self.halt.stopping:  # a worker died with pairs: they are handed out
+                    await self.hand_out([])
+            except BatchrunnerError as exc:  # the input (or the checkpoint) failed past some row
+                self.halt.stop(StopReason.INPUT, first_line(exc))
+            for worker in self.alive():
+                worker.channel.send(NoMoreWork())
+            await self.wait_finished()
+        finally:
+            await self.close()
+        if self.lost_results:
+            log.warning(
+                "%d pairs a worker held when it died were handed to the others; what it had on the wire may have "
+                "been paid for and was asked again",
+                self.lost_results,
+            )
+        return Execution(resumed, time.monotonic() - started)
+
+    def alive(self) -> list[_Worker]:
+        return [worker for worker in self.crew.values() if not worker.finished]
+
+    async def hand_out(self, todos: list[Todo]) -> None:
+        """Each pair (the dead workers' first) to the worker holding least for its room, waiting for room."""
+        queue = [*self.again, *((self._number(), todo) for todo in todos)]
+        self.again = []
+        going: dict[int, list[tuple[int, Todo]]] = {}
+        at = 0
+        while at < len(queue):
+            if self.halt.stopping:
+                return
+            workers = [w for w in self.alive() if len(w.held) < w.room]
+            if not workers:
+                self._send(going)
+                going = {}
+                if not self.alive():
+                    await self.replace_lost()
+                self.changed.clear()
+                await self.changed.wait()
+                queue = [*self.again, *queue[at:]]
+                self.again, at = [], 0
+                continue
+            worker = min(workers, key=lambda w: len(w.held) / w.room)
+            number, todo = queue[at]
+            worker.held[number] = todo
+            going.setdefault(worker.number, []).append((number, todo))
+            if len(going[worker.number]) >= SEND_AT_ONCE:
+                self._send({worker.number: going.pop(worker.number)})
+            at += 1
+        self._send(going)
+
+    def _number(self) -> int:
+        self.next_number += 1
+        return self.next_number
+
+    def _send(self, going: dict[int, list[tuple[int, Todo]]]) -> None:
+        for number, todos in going.items():
+            worker = self.crew.get(number)
+            if worker is None or worker.finished:  # it died meanwhile: its pairs are in `again` already
+                continue
+            worker.channel.send(Work(todos))
+
+    async def listen(self, worker: _Worker) -> None:
+        """One worker's messages, until it finishes or its socket closes."""
+        channel = worker.channel
+        while (message := await channel.receive()) is not None:
+            if isinstance(message, Results):
+                for number, result in message.done:
+                    worker.held.pop(number, None)
+                    if result is not None:
+                        self.sinks.add(result)
+                self.changed.set()
+            elif isinstance(message, Reserve):
+                self._serve(worker, self._reserve(worker, message))
+            elif isinstance(message, Settle):
+                worker.reserved_usd -= message.reserved_usd
+                self.answerer.settle(message.reserved_usd, message.actual_usd)
+            elif isinstance(message, Slot):
+                self._serve(worker, self._slot(worker, message))
+            elif isinstance(message, SlowDown):
+                self.answerer.limits.rate_limited(message.model, upstream=message.upstream)
+            elif isinstance(message, CapReached):
+                self.answerer.limits.cap_reached(message.model)
+            elif isinstance(message, Halted):
+                self.halt.stop(message.reason, message.message, message.error)
+            elif isinstance(message, Finished):
+                self._count_endpoints(message.endpoints)
+                worker.finished = True
+                self.changed.set()
+                return
+        self.died(worker)
+
+    def _serve(self, worker: _Worker, answering: Any) -> None:
+        task = asyncio.create_task(answering)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _reserve(self, worker: _Worker, ask: Reserve) -> None:
+        ok = await self.answerer.reserve(ask.worst_usd)
+        if ok and worker.finished:  # it died while waiting: nothing of this reservation was spent
+            self.answerer.settle(ask.worst_usd, ZERO_USD)
+            return
+        if ok:
+            worker.reserved_usd += ask.worst_usd
+        worker.channel.send(Granted(ask.ask, ok))
+
+    async def _slot(self, worker: _Worker, ask: Slot) -> None:
+        """`count` slots of the run's rate limit (its own pacing: limits.Limits.acquire), given when all are due."""
+        try:
+            for _ in range(ask.count):
+                await self.answerer.limits.acquire(ask.model)
+        except FreeModelCapReached:
+            worker.channel.send(Granted(ask.ask, False))
+            return
+        worker.channel.send(Granted(ask.ask, True))
+
+    def _count_endpoints(self, endpoints: dict[str, EndpointStats]) -> None:
+        pool = self.answerer.pool
+        if pool is None:
+            return
+        for url, stats in endpoints.items():
+            mine = pool.stats.get(url)
+            if mine is not None:
+                for name in ("requests", "ok", "errors"):
+                    setattr(mine, name, getattr(mine, name) + getattr(stats, name))
+
+    def died(self, worker: _Worker) -> None:
+        """A worker's socket closed before it finished: what it held is handed out again, what it reserved is
+        counted as spent (it may have been, on the wire), and unless the run is ending a new worker starts."""
+        worker.finished = True
+        worker.process.join(timeout=1)
+        code = worker.process.exitcode
+        log.warning(
+            "worker %d ended unexpectedly (%s) holding %d pairs; they go to the other workers",
+            worker.number,
+            f"signal {-code}" if code is not None and code < 0 else f"exit code {code}",
+            len(worker.held),
+        )
+        if worker.reserved_usd:
+            self.answerer.settle(worker.reserved_usd, worker.reserved_usd)
+            worker.reserved_usd = ZERO_USD
+        self.lost_results += len(worker.held)
+        self.again.extend(worker.held.items())
+        worker.held = {}
+        self.executor.deaths += 1
+        if self.executor.deaths > MAX_DEATHS_PER_WORKER * self.executor.workers:
+            self.halt.stop(
+                StopReason.INPUT,
+                f"{self.executor.deaths} worker processes ended unexpectedly (the last: exit code {code}); "
+                "something is killing them (memory? see the system log); answered rows are kept, rerun to go on",
+            )
+        elif not self.halt.stopping:
+            self._serve(worker, self._replace(worker.number))
+        self.changed.set()
+
+    async def _replace(self, dead: int) -> None:
+        await self.start(max(self.crew) + 1)
+        self.changed.set()
+
+    async def replace_lost(self) -> None:
+        """No worker is alive and pairs wait (each died): a new one, unless the run is stopping."""
+        if not self.halt.stopping and not self.tasks:
+            await self.start(max(self.crew) + 1)
+
+    def tell_stop(self) -> None:
+        stop = self.halt.stopped
+        if stop is None:
+            return
+        for worker in self.alive():
+            _send_stop(worker.channel, stop)
+        self.changed.set()
+
+    async def wait_finished(self) -> None:
+        """Until every worker said it finished (or died); past the grace and FINISH_S, they are killed."""
+        deadline = time.monotonic() + self.executor.grace_s + FINISH_S
+        while self.alive() or self.tasks:
+            if time.monotonic() > deadline:
+                for worker in self.alive():
+                    worker.process.kill()
+                break
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout=0.5)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for worker in self.crew.values():
+            if worker.listening is not None and worker.listening is not asyncio.current_task():
+                worker.listening.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker.listening
+            await worker.channel.close()
+            if worker.process.is_alive():
+                await asyncio.get_running_loop().run_in_executor(None, worker.process.join, 5)
+            if worker.process.is_alive():
+                worker.process.kill()

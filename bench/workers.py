@@ -1,0 +1,58 @@
+"""`workers: N` against a server that keeps up: rows/s for 1, 2 (and more, where there are the cores) worker
+processes beside the bare aiohttp loop, against the same zero-latency server in its own process (speed.py's).
+
+    python bench/workers.py [--rows 20000] [--repeats 3] [--workers 1,2]
+
+Prints, per count of workers, the median rows/s, CPU-ms per row (the run's processes together) and the ratio
+to one worker and to the bare loop. On a machine whose cores are fewer than the workers plus the server (this
+one has 2), the workers share cores with the server and each other: the ratio says what the parent's
+coordination costs rather than what more cores would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from speed import bare, ours, start_server  # bench/ is on sys.path when a bench script runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", default="1,2")
+    args = parser.parse_args()
+    counts = [int(count) for count in args.workers.split(",")]
+    server, url = start_server()
+    runs: dict[str, list[dict[str, float]]] = {"bare loop": [], **{f"workers {n}": [] for n in counts}}
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            lines = ["id,text", *(f"r{i},the app crashes when I export report {i}" for i in range(args.rows))]
+            (folder / "input.csv").write_text("\n".join(lines) + "\n")
+            for _ in range(args.repeats):  # interleaved: the machine's load falls on every contender alike
+                runs["bare loop"].append(bare(url, args.rows, 64))
+                for count in counts:
+                    runs[f"workers {count}"].append(ours(url, args.rows, folder, workers=count))
+    finally:
+        server.terminate()
+        server.wait()
+    print(f"bench/workers.py: {args.rows:,} rows, medians of {args.repeats}, {os.cpu_count()} cores")
+    print("what          rows/s  cpu_ms/row  vs_1_worker  vs_bare_loop")
+    rates = {name: statistics.median(args.rows / run["wall_s"] for run in found) for name, found in runs.items()}
+    one = rates.get("workers 1")
+    for name, found in runs.items():
+        cpu = statistics.median(1000 * run["cpu_s"] / args.rows for run in found)
+        versus_one = f"{rates[name] / one:.2f}" if one and name != "bare loop" else "-"
+        print(
+            f"{name.replace(' ', '_'):<13} {rates[name]:>7.0f} {cpu:>10.3f} {versus_one:>12} "
+            f"{rates[name] / rates['bare loop']:>13.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
