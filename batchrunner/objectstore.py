@@ -117,8 +117,24 @@ def _cached_store(
         provider = _boto3_provider(config)
         return S3Store(bucket, config=config, client_options=client, retry_config=retry, credential_provider=provider)
     if scheme == "gs":
+        if _gcs_base_url(config, env).startswith("http://"):  # an emulator named in the service account key
+            client["allow_http"] = True
         return GCSStore(bucket, config=config, client_options=client, retry_config=retry)
     return AzureStore(bucket, config=config, client_options=client, retry_config=retry)
+
+
+def _gcs_base_url(config: dict[str, Any], env: dict[str, str]) -> str:
+    """The `gcs_base_url` a service account key names (object_store's way to an emulator), or ""."""
+    import json
+    from pathlib import Path
+
+    key = config.get("google_service_account_key") or env.get("GOOGLE_SERVICE_ACCOUNT_KEY")
+    path = config.get("google_service_account") or env.get("GOOGLE_SERVICE_ACCOUNT")
+    try:
+        text = key or (Path(path).read_text(encoding="utf-8") if path else "{}")
+        return str(json.loads(text).get("gcs_base_url") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""  # object_store says what is wrong with it
 
 
 def _boto3_provider(config: dict[str, Any]) -> Any:
@@ -396,7 +412,12 @@ def _first(exc: BaseException) -> str:
     return QUERY.sub("", text.splitlines()[0]) if text else type(exc).__name__
 
 
-NOT_FOUND_BUCKET = ("NoSuchBucket", "ContainerNotFound", "The specified bucket does not exist")
+NOT_FOUND_BUCKET = (
+    "NoSuchBucket",  # S3, GCS
+    "ContainerNotFound",  # Azure
+    "The specified bucket does not exist",
+    "no bucket named",  # fake-gcs-server (a 500 where GCS answers 404)
+)
 REFUSED_CREDENTIALS = (
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
@@ -442,8 +463,12 @@ def _problem(url: ObjectURL, exc: BaseException, field: str, *, writing: bool = 
     )
     kind = _kind(exc)
     container = "container" if scheme == "az" else "bucket"
-    if kind == "not_found" and not _bucket_exists(url):
-        kind = "no_bucket"
+    if kind in ("not_found", "denied"):  # a HEAD's 404 or 403 has no body to say why: a LIST's has
+        listing = _listing_kind(url)
+        if listing in ("no_bucket", "not_found"):
+            kind = "no_bucket"
+        elif listing == "credentials":
+            kind = "credentials"
     if kind == "no_bucket":
         message = f"{url}: the {container} {url.bucket!r} does not exist at this endpoint; check the URL" + (
             ", aws_region or aws_endpoint_url" if scheme == "s3" else f" and {where}"
@@ -464,14 +489,13 @@ def _problem(url: ObjectURL, exc: BaseException, field: str, *, writing: bool = 
     return SpecError(Problem(field, message))
 
 
-def _bucket_exists(url: ObjectURL) -> bool:
-    """A HEAD's 404 cannot say whether the bucket or the object is missing: ask for the bucket's first objects.
-    Only a store that says the bucket is missing makes this False (a LIST the credentials may not make is no
-    sign that the bucket is gone)."""
+def _listing_kind(url: ObjectURL) -> str | None:
+    """What a LIST of the bucket's first objects says is wrong (None when it works): a HEAD's 404 cannot tell a
+    missing bucket from a missing object, nor its 403 a wrong key from a missing grant (a HEAD has no body)."""
     import obstore
 
     try:
         next(iter(obstore.list(_store(url), chunk_size=1)), None)
     except Exception as exc:
-        return _kind(exc) not in ("no_bucket", "not_found")
-    return True
+        return _kind(exc)
+    return None
