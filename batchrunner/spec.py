@@ -43,7 +43,15 @@ from batchrunner.prompt import (
     parse_template,
 )
 from batchrunner.structured import schema_problems
-from batchrunner.urls import STORAGE_OPTION_KEYS, Location, ObjectURL, as_location, is_url
+from batchrunner.urls import (
+    OUTPUT_SCHEMES,
+    STORAGE_OPTION_KEYS,
+    Location,
+    ObjectURL,
+    as_location,
+    is_url,
+    scheme_of_option,
+)
 
 log = logging.getLogger("batchrunner")
 
@@ -425,12 +433,12 @@ class JobSpec(_Strict):
     """A batch job, as written in YAML. Paths are already resolved against the spec's folder."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)]
-    input: Location  # a local file, or an s3:// URL (a glob of objects too)
+    input: Location  # a local file, or an s3://, gs://, az:// or hf:// URL (a glob of objects too)
     id_column: str | None = None
-    output: Location  # a local file, or an s3:// URL
+    output: Location  # a local file, or an s3://, gs:// or az:// URL
     checkpoint: Path | None = None  # the SQLite checkpoint store, always local; default: beside the output
-    # polars' (object_store's) options for s3:// input and output (credentials, region, endpoint); unset keys come
-    # from the AWS_* environment. Kept out of repr and of every dump (rerun's state, JSON): it may hold a secret.
+    # polars' (object_store's) options for object storage input and output (credentials, region, endpoint); unset
+    # keys come from the store's environment (AWS_*, GOOGLE_*, AZURE_*). Kept out of repr and of every dump (rerun's state, JSON): it may hold a secret.
     storage_options: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
     models: list[Slug] = Field(min_length=1)
     fallbacks: list[Slug] = []
@@ -490,7 +498,8 @@ class JobSpec(_Strict):
     @field_validator("input", "output", mode="before")
     @classmethod
     def _url(cls, value: Any) -> Any:
-        """An s3:// URL as an ObjectURL (a malformed one, or another scheme, refused naming the fix)."""
+        """An s3:// (gs://, az://, hf://) URL as an ObjectURL (a malformed one, or another scheme, refused naming
+        the fix)."""
         return as_location(value)
 
     @field_validator("checkpoint", mode="before")
@@ -499,7 +508,7 @@ class JobSpec(_Strict):
         """The checkpoint is SQLite, which needs a local file it can lock and write in place: never a URL."""
         if is_url(value):
             raise ValueError(
-                "the checkpoint is a local SQLite file; give a local path (the output may be an s3:// URL)"
+                "the checkpoint is a local SQLite file; give a local path (the output may be an s3://, gs:// or az:// URL)"
             )
         return value
 
@@ -524,7 +533,22 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _bind_objects(self) -> JobSpec:
         """Give an s3:// input or output the spec's storage options and the checkpoint's folder for its
-        temporaries (both travel with the URL, outside its text)."""
+        temporaries (both travel with the URL, outside its text). A storage option for a store no URL of the job
+        is in is refused: it would be silently unused (a gs:// job given aws_region), or a sign of the wrong store."""
+        if isinstance(self.output, ObjectURL) and self.output.scheme not in OUTPUT_SCHEMES:
+            raise ValueError(
+                f"output: {self.output.scheme}:// is read-only here; write the output to a local path or an "
+                "s3://, gs:// or az:// URL"
+            )
+        schemes = {value.scheme for value in (self.input, self.output) if isinstance(value, ObjectURL)}
+        for key in sorted(self.storage_options):
+            scheme = scheme_of_option(key)
+            if scheme not in schemes:
+                named = ", ".join(f"{name}://" for name in sorted(schemes)) or "no object storage URL"
+                raise ValueError(
+                    f"storage_options: {key!r} is for {scheme}:// URLs, and this job's input and output name "
+                    f"{named}; remove it, or use that store's options"
+                )
         scratch = self.checkpoint_path().parent
         for name in ("input", "output"):
             value = getattr(self, name)
@@ -762,11 +786,11 @@ class JobSpec(_Strict):
 
 FIELD_HELP = {  # each top-level key's description in the JSON Schema (`batchrunner schema`), for editors
     "name": "The job's name: letters, digits, . _ - (used in logs and the summary).",
-    "input": "The input file (.csv, .parquet, .jsonl, .ndjson), relative to this spec's folder, or an s3:// URL (a glob too).",
+    "input": "The input file (.csv, .parquet, .jsonl, .ndjson), relative to this spec's folder, or an s3://, gs://, az:// or hf:// URL (a glob too).",
     "id_column": "A column whose values identify each row (unique, never empty); default: the row's position.",
-    "output": "The output file (.parquet, .csv, .jsonl), relative to this spec's folder, or an s3:// URL.",
-    "checkpoint": "The SQLite checkpoint, a local path; default: beside the output, named after it (beside the spec for an s3:// output).",
-    "storage_options": "For s3:// input and output: polars' options (aws_access_key_id, aws_secret_access_key, aws_region, aws_endpoint_url, ...); unset ones come from the AWS_* environment.",
+    "output": "The output file (.parquet, .csv, .jsonl), relative to this spec's folder, or an s3://, gs:// or az:// URL.",
+    "checkpoint": "The SQLite checkpoint, a local path; default: beside the output, named after it (beside the spec for an object storage output).",
+    "storage_options": "For object storage input and output: polars' options (aws_access_key_id, aws_region, aws_endpoint_url, google_service_account, azure_storage_account_name, azure_endpoint, ...), each for its store's URLs; unset ones come from the environment (AWS_*, GOOGLE_*, AZURE_*).",
     "models": "One model slug or a list; each row is asked of each (e.g. openai/gpt-4o-mini).",
     "fallbacks": "Models tried in order for a row whose model fails.",
     "system": "The system message (a template over the row's columns).",

@@ -194,7 +194,6 @@ async def test_a_csv_glob_read_and_jsonl_written_with_credentials_from_the_envir
         "AWS_ENDPOINT_URL": endpoint,
     }.items():
         monkeypatch.setenv(name, value)
-    objectstore._cached_client.cache_clear()
     put(s3, "in/part-1.csv", tickets(5))
     put(s3, "in/part-2.csv", tickets(12).slice(5))
     outcome = await run(
@@ -248,10 +247,11 @@ async def test_a_remote_jsonl_input_with_a_lone_surrogate_is_refused_naming_the_
 
 
 def test_a_denied_key_names_the_permission_to_grant() -> None:
-    """A 403 from the store says the credentials may not read the object and what to grant, never a traceback."""
-    from botocore.exceptions import ClientError
+    """A 403 from the store (obstore's PermissionDeniedError) says the credentials may not read the object and what
+    to grant, never a traceback."""
+    from obstore.exceptions import PermissionDeniedError
 
-    denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "HeadObject")
+    denied = PermissionDeniedError("Error performing HEAD http://s3/b/k.parquet - Server returned 403: AccessDenied")
     problem = objectstore._problem(ObjectURL.parse("s3://b/k.parquet"), denied, "input")
     assert "access denied" in str(problem) and "s3:GetObject" in str(problem)
 
@@ -261,7 +261,7 @@ def test_a_denied_key_names_the_permission_to_grant() -> None:
     [
         ({"checkpoint": "s3://data/job.sqlite"}, "the checkpoint is a local SQLite file"),
         ({"input": "s3://KEY:SECRET@data/in.parquet"}, "holds no credentials"),
-        ({"input": "gs://data/in.parquet"}, "gs:// is not supported"),
+        ({"input": "ftp://data/in.parquet"}, "ftp:// is not supported"),
         ({"storage_options": {"aws_secret_key": "x"}}, "unknown storage option(s) 'aws_secret_key'"),
     ],
 )
