@@ -87,8 +87,7 @@ class Accounts:
         if not actual_usd > reserved_usd > 0:
             return None
         ratio = actual_usd / reserved_usd
-        if ratio > self.underpriced:
-            self.underpriced = ratio
+        if self.learn(reserved_usd, actual_usd):
             log.warning(
                 "a request cost %s, %.1f times its worst case at the model's prices: they are too low (a stale "
                 "prices: entry?); later requests reserve that many times more",
@@ -101,6 +100,15 @@ class Accounts:
                 f"requests cost up to {ratio:.1f} times what the model's prices allow; check its prices"
             )
         return None
+
+    def learn(self, reserved_usd: Decimal, actual_usd: Decimal) -> bool:
+        """What a settled request teaches about prices: one that cost more than its worst case scales later
+        reservations by as much (True when this is news). A worker process whose budget its parent holds learns
+        here too, so its reservations scale as the parent's would."""
+        if not actual_usd > reserved_usd > 0 or actual_usd / reserved_usd <= self.underpriced:
+            return False
+        self.underpriced = actual_usd / reserved_usd
+        return True
 
     def exhausted(self, worst_usd: Decimal) -> str | None:
         """Why the run stops when a request's worst case does not fit and nothing in flight can free any."""

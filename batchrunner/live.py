@@ -132,7 +132,9 @@ class LiveAnswerer:
         self.in_flight = in_flight  # concurrency: auto
         self.pool = pool  # api.endpoints: where each request goes (pool.py); None, the one server of `client`
         self.settlements = settlements or Settlements()
-        self.governor = governor  # the budget held elsewhere (a worker process's parent); None: `accounts.budget`
+        # The budget held elsewhere (a worker process's parent): reservations and settlements go there, while
+        # `budget` is a copy of its limit, for the flow's worst cases and refusals. None: `accounts.budget`.
+        self.governor = governor
         if settlements is None:
             halt.on_stop(self.settlements.notify)  # wake pairs waiting for budget
             if in_flight is not None:
@@ -423,7 +425,8 @@ class LiveAnswerer:
         self._settle(reserved_usd, actual_usd)
 
     def _settle(self, reserved_usd: Decimal, actual_usd: Decimal) -> None:
-        if self.governor is not None:
+        if self.governor is not None:  # the budget is the governor's; what prices teach is learned here too
+            self.accounts.learn(reserved_usd, actual_usd)
             self.governor.settle(reserved_usd, actual_usd)
             return
         if self.accounts.budget is None:

@@ -33,13 +33,13 @@ import pickle
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from batchrunner.connect import SANDBOX_KEY, Connection
-from batchrunner.costs import ZERO_USD, PriceTable
+from batchrunner.costs import ZERO_USD, Budget, PriceTable
 from batchrunner.errors import ApiError, BatchrunnerError, FreeModelCapReached, first_line
 from batchrunner.executor import Answerer, Execution, count_resumed
 from batchrunner.halt import Halt, Stop, StopReason
@@ -60,7 +60,7 @@ AHEAD = 2  # pairs handed to a worker beyond what it can have on the wire: its q
 SEND_AT_ONCE = 64  # pairs in one message to a worker
 SLOTS_AT_ONCE = 32  # rate-limit slots asked for at once, at most (each used as it arrives: no burst held back)
 FINISH_S = 10.0  # after the grace for requests on the wire: how long a worker may take to say it finished
-MAX_DEATHS_PER_WORKER = 2  # more workers than this (times N) dying ends the run: something kills them
+MAX_DEATHS_PER_WORKER = 2  # more deaths than this (times N) end the run: something is killing the workers
 
 
 # -- what parent and workers say to each other ----------------------------------------------------------------
@@ -183,7 +183,7 @@ class WorkerSetup:
     sandbox_url: str | None  # a sandbox the parent started; None: the spec's server (or pool), keys from the env
     retry: RetryPolicy
     prices: PriceTable | None
-    budgeted: bool  # each request's reservation is the parent's
+    budget_usd: Decimal | None  # the run's budget, whose reservations are the parent's
     paced: bool  # the rate limit is finite: each request's slot is the parent's
     byok_fee: bool
     grace_s: float
@@ -264,12 +264,12 @@ class Parent:
 
     # the budget (live.LiveAnswerer's governor)
     async def reserve(self, worst_usd: Decimal) -> bool:
-        if not self.setup.budgeted:
+        if self.setup.budget_usd is None:
             return True
         return await self._ask(Reserve(self._number(), worst_usd))
 
     def settle(self, reserved_usd: Decimal, actual_usd: Decimal) -> None:
-        if self.setup.budgeted:
+        if self.setup.budget_usd is not None:
             self.channel.send(Settle(reserved_usd, actual_usd))
 
     # the rate limit (limits.Limits' methods the answerer calls)
@@ -384,6 +384,7 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
             retry=setup.retry,
             limits=parent,  # type: ignore[arg-type]  # duck-typed: acquire, rate_limited, cap_reached
             pricing=setup.prices,
+            budget=Budget(setup.budget_usd) if setup.budget_usd is not None else None,  # its limit: worst cases
             byok_fee=setup.byok_fee,
             governor=parent,
             pool=pool,
@@ -403,8 +404,16 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
             _send_stop(channel, halt.deferred)
         outbox.flush()
         channel.send(Finished(pool.stats if pool is not None else {}))
-    await channel.writer.drain()
+    # The parent closes its end once it has read Finished; till then what it sends is read and dropped (a socket
+    # closed with unread data in it resets the connection, and the parent would lose our last messages).
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_drain(channel), timeout=FINISH_S)
     await channel.close()
+
+
+async def _drain(channel: Channel) -> None:
+    while await channel.receive() is not None:
+        pass
 
 
 def _tell_parent(channel: Channel, halt: Halt) -> None:
@@ -478,13 +487,16 @@ async def _connected(setup: WorkerSetup) -> AsyncIterator[tuple[Any, Pool | None
 
 @dataclass
 class _Worker:
-    number: int
+    number: int  # in the order started (a worker that takes a dead one's place gets a new number)
+    part: int  # which share of the concurrency it has (share()): a dead worker's place takes its part
     process: multiprocessing.process.BaseProcess
     channel: Channel
     room: int  # pairs it may hold at once
     held: dict[int, Todo] = field(default_factory=dict)
     reserved_usd: Decimal = ZERO_USD  # its reservations not yet settled
-    finished: bool = False
+    answered: int = 0
+    ending: bool = False  # told there is no more work: it finishes what it holds
+    finished: bool = False  # said it finished, or died
     listening: asyncio.Task[None] | None = None
 
 
@@ -496,13 +508,11 @@ class ProcessExecutor:
         self.sandbox_url = sandbox_url
         self.server = server
         self.grace_s = grace_s
-        self.deaths = 0
 
     async def execute(self, work: Iterable[Batch], answerer: Answerer, sinks: ResultSink, halt: Halt) -> Execution:
         if not isinstance(answerer, LiveAnswerer):
             raise TypeError("the process executor answers live: it needs the run's LiveAnswerer")
-        run = _Crew(self, answerer, sinks, halt)
-        return await run.execute(work)
+        return await _Crew(self, answerer, sinks, halt).execute(work)
 
 
 class _Crew:
@@ -515,66 +525,74 @@ class _Crew:
         self.changed = asyncio.Event()  # a worker has room again, finished or died
         self.again: list[tuple[int, Todo]] = []  # the pairs a dead worker held, handed out first
         self.next_number = 0
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.lost_results = 0
+        self.tasks: set[asyncio.Task[None]] = set()  # answering the workers' questions
+        self.starting = 0  # workers being started
+        self.started = 0  # workers started, all told
+        self.deaths = 0
+        self.handed_again = 0
 
-    def setup(self, number: int) -> WorkerSetup:
+    def setup(self, number: int, part: int) -> WorkerSetup:
         answerer, executor = self.answerer, self.executor
-        spec = answerer.rules.spec
-        limits = answerer.limits
         return WorkerSetup(
-            spec=share(spec, executor.workers, number % executor.workers),
+            spec=share(answerer.rules.spec, executor.workers, part),
             number=number,
             server=executor.server,
             sandbox_url=executor.sandbox_url,
             retry=answerer.rules.retry,
             prices=answerer.accounts.pricing,
-            budgeted=answerer.accounts.budget is not None,
-            paced=limits.pacer.rate_rps != float("inf"),
+            budget_usd=answerer.accounts.budget.limit_usd if answerer.accounts.budget is not None else None,
+            paced=answerer.limits.pacer.rate_rps != float("inf"),
             byok_fee=answerer.accounts.fee_share > 0,
             grace_s=executor.grace_s,
             log_level=logging.getLogger("batchrunner").getEffectiveLevel(),
         )
 
-    async def start(self, number: int) -> _Worker:
-        ours, theirs = socket.socketpair()
-        setup = self.setup(number)
-        process = self.context.Process(target=worker_main, args=(theirs, setup), name=f"batchrunner-worker-{number}")
-        process.daemon = True
-        await asyncio.get_running_loop().run_in_executor(None, process.start)
-        theirs.close()
-        worker = _Worker(number, process, await Channel.over(ours), room=setup.spec.most_in_flight * AHEAD)
-        worker.listening = asyncio.create_task(self.listen(worker))
+    async def start(self, part: int) -> None:
+        """A worker process with share `part` of the concurrency, listened to from now on."""
+        number = self.started
+        self.started += 1
+        self.starting += 1
+        try:
+            ours, theirs = socket.socketpair()
+            setup = self.setup(number, part)
+            process = self.context.Process(
+                target=worker_main, args=(theirs, setup), name=f"batchrunner-worker-{number}"
+            )
+            process.daemon = True  # a parent that exits takes its workers along
+            await asyncio.get_running_loop().run_in_executor(None, process.start)
+            theirs.close()
+            channel = await Channel.over(ours)
+        finally:
+            self.starting -= 1
+        worker = _Worker(number, part, process, channel, room=setup.spec.most_in_flight * AHEAD)
         self.crew[number] = worker
-        return worker
+        worker.listening = asyncio.create_task(self.listen(worker))
+        self.changed.set()
 
     async def execute(self, work: Iterable[Batch]) -> Execution:
         started = time.monotonic()
         resumed = 0
         self.halt.on_stop(self.tell_stop)
         try:
-            for number in range(self.executor.workers):
-                await self.start(number)
+            await asyncio.gather(*(self.start(part) for part in range(self.executor.workers)))
             try:
                 for batch in work:
                     resumed += count_resumed(batch, self.sinks)
                     await self.hand_out(batch.todo)
                     if self.halt.stopping:
                         break
-                while self.again and not self.halt.stopping:  # a worker died with pairs: they are handed out
-                    await self.hand_out([])
             except BatchrunnerError as exc:  # the input (or the checkpoint) failed past some row
                 self.halt.stop(StopReason.INPUT, first_line(exc))
-            for worker in self.alive():
-                worker.channel.send(NoMoreWork())
-            await self.wait_finished()
+            await self.finish()
         finally:
             await self.close()
-        if self.lost_results:
+        answered = ", ".join(f"{w.answered}" for w in self.crew.values())
+        log.info("the %d worker processes answered %s pairs", len(self.crew), answered)
+        if self.handed_again:
             log.warning(
-                "%d pairs a worker held when it died were handed to the others; what it had on the wire may have "
-                "been paid for and was asked again",
-                self.lost_results,
+                "%d pairs that workers held when they died went to other workers; what was on a dead worker's wire "
+                "may have been paid for and was asked again",
+                self.handed_again,
             )
         return Execution(resumed, time.monotonic() - started)
 
@@ -582,7 +600,7 @@ class _Crew:
         return [worker for worker in self.crew.values() if not worker.finished]
 
     async def hand_out(self, todos: list[Todo]) -> None:
-        """Each pair (the dead workers' first) to the worker holding least for its room, waiting for room."""
+        """Each pair (what dead workers held first) to the worker holding least for its room, waiting for room."""
         queue = [*self.again, *((self._number(), todo) for todo in todos)]
         self.again = []
         going: dict[int, list[tuple[int, Todo]]] = {}
@@ -590,18 +608,16 @@ class _Crew:
         while at < len(queue):
             if self.halt.stopping:
                 return
-            workers = [w for w in self.alive() if len(w.held) < w.room]
-            if not workers:
+            open_ = [w for w in self.alive() if not w.ending and len(w.held) < w.room]
+            if not open_:
                 self._send(going)
                 going = {}
-                if not self.alive():
-                    await self.replace_lost()
                 self.changed.clear()
                 await self.changed.wait()
-                queue = [*self.again, *queue[at:]]
+                queue = [*self.again, *queue[at:]]  # a worker that died meanwhile gave back what it held
                 self.again, at = [], 0
                 continue
-            worker = min(workers, key=lambda w: len(w.held) / w.room)
+            worker = min(open_, key=lambda w: len(w.held) / w.room)
             number, todo = queue[at]
             worker.held[number] = todo
             going.setdefault(worker.number, []).append((number, todo))
@@ -616,10 +632,34 @@ class _Crew:
 
     def _send(self, going: dict[int, list[tuple[int, Todo]]]) -> None:
         for number, todos in going.items():
-            worker = self.crew.get(number)
-            if worker is None or worker.finished:  # it died meanwhile: its pairs are in `again` already
-                continue
-            worker.channel.send(Work(todos))
+            worker = self.crew[number]
+            if not worker.finished:  # (one that died meanwhile gave them back: they are in `again`)
+                worker.channel.send(Work(todos))
+
+    async def finish(self) -> None:
+        """The input is read: hand out what dead workers gave back, tell each worker to finish what it holds,
+        and wait until each has (or died). Once the run stops, a worker has the grace for requests on its wire and
+        FINISH_S more to say it finished, then it is killed."""
+        deadline: float | None = None
+        while True:
+            if self.again and not self.halt.stopping:
+                await self.hand_out([])
+            for worker in self.alive():
+                if not worker.ending:
+                    worker.ending = True
+                    worker.channel.send(NoMoreWork())
+            if not self.alive() and not self.starting and not (self.again and not self.halt.stopping):
+                return
+            if self.halt.stopping and deadline is None:
+                deadline = time.monotonic() + self.executor.grace_s + FINISH_S
+            if deadline is not None and time.monotonic() > deadline:
+                for worker in self.alive():
+                    log.warning("worker %d did not finish in time after the stop: killed", worker.number)
+                    worker.process.kill()
+                return
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout=0.5)
 
     async def listen(self, worker: _Worker) -> None:
         """One worker's messages, until it finishes or its socket closes."""
@@ -629,15 +669,16 @@ class _Crew:
                 for number, result in message.done:
                     worker.held.pop(number, None)
                     if result is not None:
+                        worker.answered += 1
                         self.sinks.add(result)
                 self.changed.set()
             elif isinstance(message, Reserve):
-                self._serve(worker, self._reserve(worker, message))
+                self._serve(self._reserve(worker, message))
             elif isinstance(message, Settle):
                 worker.reserved_usd -= message.reserved_usd
                 self.answerer.settle(message.reserved_usd, message.actual_usd)
             elif isinstance(message, Slot):
-                self._serve(worker, self._slot(worker, message))
+                self._serve(self._slot(worker, message))
             elif isinstance(message, SlowDown):
                 self.answerer.limits.rate_limited(message.model, upstream=message.upstream)
             elif isinstance(message, CapReached):
@@ -647,16 +688,19 @@ class _Crew:
             elif isinstance(message, Finished):
                 self._count_endpoints(message.endpoints)
                 worker.finished = True
+                worker.held = {}  # what it still held when it stopped stays pending, as in one process
                 self.changed.set()
+                await channel.close()  # the worker waits for this to exit (see _serve)
                 return
         self.died(worker)
 
-    def _serve(self, worker: _Worker, answering: Any) -> None:
+    def _serve(self, answering: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(answering)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _reserve(self, worker: _Worker, ask: Reserve) -> None:
+        """A reservation against the run's budget (the parent's answerer waits for settlements, or stops)."""
         ok = await self.answerer.reserve(ask.worst_usd)
         if ok and worker.finished:  # it died while waiting: nothing of this reservation was spent
             self.answerer.settle(ask.worst_usd, ZERO_USD)
@@ -676,6 +720,7 @@ class _Crew:
         worker.channel.send(Granted(ask.ask, True))
 
     def _count_endpoints(self, endpoints: dict[str, EndpointStats]) -> None:
+        """A worker's requests to each endpoint of a pool, added to the parent's (the summary's lines)."""
         pool = self.answerer.pool
         if pool is None:
             return
@@ -687,68 +732,44 @@ class _Crew:
 
     def died(self, worker: _Worker) -> None:
         """A worker's socket closed before it finished: what it held is handed out again, what it reserved is
-        counted as spent (it may have been, on the wire), and unless the run is ending a new worker starts."""
+        counted as spent (it may have been, on the wire), and unless the run is stopping a new worker takes its
+        part. Workers dying again and again (MAX_DEATHS_PER_WORKER each) stop the run instead."""
         worker.finished = True
         worker.process.join(timeout=1)
         code = worker.process.exitcode
-        log.warning(
-            "worker %d ended unexpectedly (%s) holding %d pairs; they go to the other workers",
-            worker.number,
-            f"signal {-code}" if code is not None and code < 0 else f"exit code {code}",
-            len(worker.held),
-        )
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        log.warning("worker %d ended unexpectedly (%s) holding %d pairs", worker.number, how, len(worker.held))
         if worker.reserved_usd:
             self.answerer.settle(worker.reserved_usd, worker.reserved_usd)
             worker.reserved_usd = ZERO_USD
-        self.lost_results += len(worker.held)
+        self.handed_again += len(worker.held)
         self.again.extend(worker.held.items())
         worker.held = {}
-        self.executor.deaths += 1
-        if self.executor.deaths > MAX_DEATHS_PER_WORKER * self.executor.workers:
+        self.deaths += 1
+        if self.deaths > MAX_DEATHS_PER_WORKER * self.executor.workers:
             self.halt.stop(
                 StopReason.INPUT,
-                f"{self.executor.deaths} worker processes ended unexpectedly (the last: exit code {code}); "
-                "something is killing them (memory? see the system log); answered rows are kept, rerun to go on",
+                f"{self.deaths} worker processes ended unexpectedly (the last: {how}); something is killing them "
+                "(memory? see the system log); answered rows are kept: rerun to go on",
             )
         elif not self.halt.stopping:
-            self._serve(worker, self._replace(worker.number))
+            self._serve(self.start(worker.part))
         self.changed.set()
-
-    async def _replace(self, dead: int) -> None:
-        await self.start(max(self.crew) + 1)
-        self.changed.set()
-
-    async def replace_lost(self) -> None:
-        """No worker is alive and pairs wait (each died): a new one, unless the run is stopping."""
-        if not self.halt.stopping and not self.tasks:
-            await self.start(max(self.crew) + 1)
 
     def tell_stop(self) -> None:
+        """The run stops: every worker is told (each lets its requests on the wire land, then finishes)."""
         stop = self.halt.stopped
-        if stop is None:
-            return
-        for worker in self.alive():
-            _send_stop(worker.channel, stop)
+        if stop is not None:
+            for worker in self.alive():
+                _send_stop(worker.channel, stop)
         self.changed.set()
-
-    async def wait_finished(self) -> None:
-        """Until every worker said it finished (or died); past the grace and FINISH_S, they are killed."""
-        deadline = time.monotonic() + self.executor.grace_s + FINISH_S
-        while self.alive() or self.tasks:
-            if time.monotonic() > deadline:
-                for worker in self.alive():
-                    worker.process.kill()
-                break
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), timeout=0.5)
 
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for worker in self.crew.values():
-            if worker.listening is not None and worker.listening is not asyncio.current_task():
+            if worker.listening is not None:
                 worker.listening.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await worker.listening
