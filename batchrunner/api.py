@@ -150,6 +150,7 @@ def job_spec(
     output: str | os.PathLike[str] | None = None,
     concurrency: int | str | None = None,
     mode: str | None = None,
+    workers: int | None = None,
     sending: bool = True,
 ) -> JobSpec:
     """A JobSpec from a spec file, a dict or a JobSpec, with the command line's overrides applied; SpecError
@@ -158,7 +159,13 @@ def job_spec(
 
     overrides = {
         key: str(value) if isinstance(value, os.PathLike) else value
-        for key, value in {"input": input, "output": output, "concurrency": concurrency, "mode": mode}.items()
+        for key, value in {
+            "input": input,
+            "output": output,
+            "concurrency": concurrency,
+            "mode": mode,
+            "workers": workers,
+        }.items()
         if value is not None
     }
     if isinstance(job, JobSpec):
@@ -182,6 +189,7 @@ async def arun(
     output: str | os.PathLike[str] | None = None,
     concurrency: int | str | None = None,
     mode: str | None = None,
+    workers: int | None = None,
     where: str | None = None,
     ids: Iterable[str] | None = None,
     retry_failed: bool = False,
@@ -200,7 +208,7 @@ async def arun(
     from batchrunner.runner import RunSettings, run_job
     from batchrunner.sandbox import SandboxConfig
 
-    spec = job_spec(job, input=input, output=output, concurrency=concurrency, mode=mode)
+    spec = job_spec(job, input=input, output=output, concurrency=concurrency, mode=mode, workers=workers)
     settings = RunSettings(
         limit=_rows(limit),
         sandbox=SandboxConfig() if sandbox else None,

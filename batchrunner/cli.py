@@ -162,6 +162,11 @@ def main() -> None:
     help="Most requests in flight (1 to 4096), or auto to find it.",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1, max=256),
+    help="Processes answering pairs (overrides workers): for a server faster than one core can keep busy.",
+)
+@click.option(
     "--sandbox", is_flag=True, help="Run against the built-in simulated OpenRouter: no key, no network, no cost."
 )
 @click.option(
@@ -197,6 +202,7 @@ def run(
     output_path: Path | None,
     limit: int | None,
     concurrency: int | str | None,
+    workers: int | None,
     sandbox: bool,
     max_cost_usd: float | None,
     mode: str | None,
@@ -222,7 +228,9 @@ def run(
     as_json = _json_or(fmt, as_json)
     logs.configure(verbose=verbose, json_lines=log_json)
     with _exit_codes():
-        spec = api.job_spec(job, input=input_path, output=output_path, concurrency=concurrency, mode=mode)
+        spec = api.job_spec(
+            job, input=input_path, output=output_path, concurrency=concurrency, mode=mode, workers=workers
+        )
         if dry_run:
             _dry_run(spec, rows=limit or 3, sandbox=sandbox, as_json=as_json)
             return
