@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from batchrunner.errors import Problem, SpecError
@@ -277,6 +278,13 @@ def put_text(url: ObjectURL, text: str) -> None:
 
 
 STAGED = ".staged-"  # the prefix of an output's staging object, beside it: `.staged-<uuid>-<name>`
+
+
+def upload(url: ObjectURL, local: Path) -> None:
+    """A local file put at `url`: obstore uploads a large one in parts, completed only once every part is in."""
+    import obstore
+
+    obstore.put(_store(url, "output"), url.key, local)
 
 
 def staging(url: ObjectURL) -> ObjectURL:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from polars.io.plugins import register_io_source
 
 from batchrunner import objectstore
 from batchrunner.dataset import ROW_INDEX, Dataset, source
@@ -280,12 +281,39 @@ def export(
             check(written)
         if not any(parts.iterdir()):  # an empty input still gets a file with the right columns
             _empty(dataset, requests.spec).write_parquet(parts / "empty.parquet")
-        _sink(pl.scan_parquet(parts / "*.parquet"), path)
+        _sink(_of_parts(parts, path.suffix), path)
     except pl.exceptions.PolarsError as exc:  # polars' errors stop here, as aiohttp's stop in client.py
         raise OutputError(f"could not write {path}: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return written
+
+
+def _of_parts(folder: Path, suffix: str) -> pl.LazyFrame:
+    """The parts in `folder`, in order, as what the output is written from. A Parquet output is sunk from a
+    source that reads one part at a time: polars' scan of the parts decodes ahead of its sink (measured, sinking
+    1,000,000 rows of 1 KB: 209 MB of anonymous memory, against 177 MB for 300,000 rows and 1,000,000 alike
+    part by part). A text output is written a window at a time (_write_text), which the scan's slices serve."""
+    files = sorted(folder.glob("*.parquet"))
+    if suffix.lower() != ".parquet" or not files:
+        return pl.scan_parquet(folder / "*.parquet")
+
+    def parts(
+        with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _batch: int | None
+    ) -> Iterator[pl.DataFrame]:
+        left = n_rows
+        for file in files:
+            part = pl.read_parquet(file, columns=with_columns)
+            if predicate is not None:
+                part = part.filter(predicate)
+            if left is not None:
+                part = part.head(left)
+                left -= part.height
+            yield part
+            if left is not None and left <= 0:
+                return
+
+    return register_io_source(parts, schema=pl.read_parquet_schema(files[0]), is_pure=True)
 
 
 def _write_parts(frames: Iterable[pl.DataFrame], folder: Path) -> int:
@@ -325,13 +353,10 @@ def extend(
             return added
         tail = parts / f"tail{suffix}"
         if suffix == ".csv":
-            text = _as_json_text(_as_text(new))
             with path.open(encoding="utf-8", newline="") as old_file:
-                if old_file.readline() != text.head(0).collect().write_csv():
+                if old_file.readline() != _as_json_text(_as_text(new)).head(0).collect().write_csv():
                     return None  # not the columns the new rows have
-            text.sink_csv(tail, include_header=False)
-        else:
-            _as_text(new).sink_ndjson(tail)
+        _write_text(new, tail, suffix, header=False)
         with replacing(path) as temporary, tail.open("rb") as source:
             shutil.copyfile(path, temporary)
             with temporary.open("ab") as target:
@@ -420,18 +445,49 @@ def _sink(frame: pl.LazyFrame, path: Location) -> None:
         staged = objectstore.staging(path)
         since = datetime.now(UTC) - UPLOAD_CLOCK_SKEW
         try:
-            _sink_as(frame, staged.url, path.suffix, objectstore.polars_options(staged))
+            if path.suffix.lower() in TEXT_SUFFIXES:  # written here a window at a time, then uploaded in parts
+                with tempfile.TemporaryDirectory(dir=path.scratch, prefix=".upload-") as folder:
+                    local = Path(folder) / path.name
+                    _write_text(frame, local, path.suffix)
+                    objectstore.upload(staged, local)
+            else:
+                _sink_as(frame, staged.url, path.suffix, objectstore.polars_options(staged))
         except BaseException:
             objectstore.settle_failed(staged, since)
             raise
         try:
             objectstore.publish(staged, path)
-        except Exception as exc:  # botocore's errors: the old output stands, the answers are in the checkpoint
+        except Exception as exc:  # the store's errors: the old output stands, the answers are in the checkpoint
             objectstore.discard(staged)
             raise OutputError(f"could not put the output in place at {path}: {first_line(exc)}") from exc
         return
     with replacing(path) as temporary:
-        _sink_as(frame, temporary, path.suffix, None)
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            _write_text(frame, temporary, path.suffix)
+        else:
+            _sink_as(frame, temporary, path.suffix, None)
+
+
+TEXT_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+
+
+def _write_text(frame: pl.LazyFrame, target: Path, suffix: str, *, header: bool = True) -> None:
+    """`frame` as CSV or JSONL text in `target`, ROW_GROUP_ROWS rows at a time (each a slice the scan of the
+    parts decodes alone). polars' text sinks decode their source ahead of the writer until they hold most of it
+    (measured: 415 MB of anonymous memory writing 300,000 rows of 1 KB as CSV, pola-rs/polars#28569)."""
+    csv = suffix.lower() == ".csv"
+    text = _as_json_text(_as_text(frame)) if csv else _as_text(frame)
+    with target.open("wb") as handle:
+        offset = 0
+        while True:
+            window = text.slice(offset, ROW_GROUP_ROWS).collect()
+            if csv:
+                window.write_csv(handle, include_header=header and offset == 0)
+            else:
+                window.write_ndjson(handle)
+            if window.height < ROW_GROUP_ROWS:
+                return
+            offset += ROW_GROUP_ROWS
 
 
 def _sink_as(frame: pl.LazyFrame, target: str | Path, suffix: str, options: dict[str, str] | None) -> None:

@@ -5,7 +5,7 @@ Each size is measured in a fresh process (moto keeps its objects in this one), w
 input to an output beside it (the multipart upload for s3://). The peak after each phase is the process's VmHWM
 (not ru_maxrss: Linux keeps the forking parent's peak across exec), which is monotonic: a later phase's figure includes the earlier ones.
 
-    python bench/object_storage_memory.py [--rows 10000,100000] [--local]
+    python bench/object_storage_memory.py [--rows 10000,100000] [--local] [--formats parquet,csv,jsonl]
 
 Prints one line per size and place (rows, where, peak MB after open / batches / sink), then the ratio of the
 largest size's final peak to the smallest's.
@@ -85,7 +85,8 @@ def measure(where: str, options: dict[str, str], scratch: Path) -> dict[str, lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="10000,100000")
-    parser.add_argument("--local", action="store_true", help="measure a local Parquet file of each size too")
+    parser.add_argument("--local", action="store_true", help="measure a local file of each size too")
+    parser.add_argument("--formats", default="parquet", help="input formats, of parquet, csv and jsonl")
     args = parser.parse_args()
     sizes = [int(size) for size in args.rows.split(",")]
 
@@ -116,15 +117,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             scratch = Path(folder)
             print("rows  where  open_mb  batches_mb  sink_mb  (each: peak RSS / peak anonymous)")
-            for rows in sizes:
+            for rows, suffix in ((rows, suffix) for suffix in args.formats.split(",") for rows in sizes):
                 buffer = io.BytesIO()
-                frame(rows).write_parquet(buffer, row_group_size=5_000)
-                client.put_object(Bucket=BUCKET, Key=f"in/big-{rows}.parquet", Body=buffer.getvalue())
-                places = [("s3", f"s3://{BUCKET}/in/big-{rows}.parquet")]
+                if suffix == "parquet":
+                    frame(rows).write_parquet(buffer, row_group_size=5_000)
+                else:
+                    frame(rows).write_csv(buffer) if suffix == "csv" else frame(rows).write_ndjson(buffer)
+                client.put_object(Bucket=BUCKET, Key=f"in/big-{rows}.{suffix}", Body=buffer.getvalue())
+                places = [(f"s3-{suffix}", f"s3://{BUCKET}/in/big-{rows}.{suffix}")]
                 if args.local:
-                    local = scratch / f"big-{rows}.parquet"
+                    local = scratch / f"big-{rows}.{suffix}"
                     local.write_bytes(buffer.getvalue())
-                    places.append(("local", str(local)))
+                    places.append((f"local-{suffix}", str(local)))
                 for name, where in places:
                     found = measure(where, options, scratch)
                     assert found["rows"] == rows, found
@@ -133,7 +137,7 @@ def main() -> None:
                     print(f"{rows} {name}  {shown}")
     finally:
         server.stop()
-    for name in ("s3", "local"):
+    for name in sorted({name for name, _ in peaks}):
         if (name, sizes[0]) in peaks:
             ratio = peaks[name, sizes[-1]] / peaks[name, sizes[0]]
             print(

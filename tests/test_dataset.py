@@ -256,3 +256,56 @@ def test_a_parquet_input_is_decoded_a_window_at_a_time(tmp_path: Path, monkeypat
     monkeypatch.setattr(dataset, "WINDOW_ROWS", 16)
     assert sum(len(batch) for batch in opened.batches(batch_size=8)) == 100
     assert collected and max(collected) <= 16
+
+
+TRICKY_CSV = [  # each a CSV whose records a naive cut at newlines would get wrong, or whose edges polars trims
+    'id,text\n1,"a\nb"\n2,"c ""quoted""\nd"\n3,plain\n',
+    '\ufeffid,text\r\n1,crlf\r\n2,"x\r\ny"\r\n',
+    'id,text\n1,a\n\n2,b\n\n\n3,c',
+    'id,text\n1,a\n\n',
+    'id,"multi\nline header"\n1,"a,b"\n2,""\n3,\n',
+    'id,text\n' + "".join(f'{n},"{"q" * (n % 13)}\n{n}"\n' for n in range(200)),
+    'id,text\n1,"""\n"""\n2,"\n\n"\n',
+    "id,text\n",
+]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 64, 1 << 20])
+@pytest.mark.parametrize("content", TRICKY_CSV)
+def test_a_csv_read_in_blocks_is_the_csv_polars_reads_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, block_bytes: int
+) -> None:
+    """A CSV read a few bytes at a time (records cut only at newlines outside quotes, the header before each
+    block) gives the rows, cells, row count and digest that polars' reading of the whole file gives, quoted
+    newlines, CRLF, a BOM, blank lines and a missing final newline included."""
+    path = tmp_path / "in.csv"
+    path.write_text(content, encoding="utf-8")
+    whole = pl.read_csv(path, infer_schema=False)
+    expected_digest = open_dataset(path, id_column=None).digest  # (read in blocks of the default size)
+    monkeypatch.setattr(dataset, "CSV_BLOCK_BYTES", block_bytes)
+    opened = open_dataset(path, id_column=None)
+    rows = [row.values for batch in opened.batches(batch_size=5) for row in batch]
+    assert rows == whole.to_dicts()
+    assert opened.rows == whole.height
+    assert opened.digest == expected_digest
+    assert opened.digests(2, 3) == open_dataset(path, id_column=None).digests(2, 3)
+
+
+def test_a_csv_is_never_parsed_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CSV input is parsed a block at a time: polars' scan, which holds the whole file in memory as it reads,
+    never reads its rows (its first line alone, for the header)."""
+    path = tmp_path / "in.csv"
+    path.write_text("id,text\n" + "".join(f"{n},text {n}\n" for n in range(2000)))
+    monkeypatch.setattr(dataset, "CSV_BLOCK_BYTES", 1000)
+    parsed: list[int] = []
+    read_csv = pl.read_csv
+
+    def counting(source: object, *args: object, **kwargs: object) -> pl.DataFrame:
+        found = read_csv(source, *args, **kwargs)  # type: ignore[arg-type]
+        parsed.append(found.height)
+        return found
+
+    monkeypatch.setattr(pl, "read_csv", counting)
+    opened = open_dataset(path, id_column="id")
+    assert sum(len(batch) for batch in opened.batches(batch_size=100)) == 2000
+    assert parsed and max(parsed) < 100
