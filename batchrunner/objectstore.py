@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import os
 import re
 import time
 import uuid
@@ -280,11 +281,17 @@ def put_text(url: ObjectURL, text: str) -> None:
 STAGED = ".staged-"  # the prefix of an output's staging object, beside it: `.staged-<uuid>-<name>`
 
 
+UPLOAD_PART_BYTES = 5 << 20  # obstore's part size (S3's smallest); POLARS_UPLOAD_CHUNK_SIZE sets it, as for polars
+
+
 def upload(url: ObjectURL, local: Path) -> None:
-    """A local file put at `url`: obstore uploads a large one in parts, completed only once every part is in."""
+    """A local file put at `url`: larger than a part, it is a multipart upload, completed only once every part is
+    in (a failed one is aborted by settle_failed). The part size is polars' own setting when given, so that one
+    knob sizes every upload of an output."""
     import obstore
 
-    obstore.put(_store(url, "output"), url.key, local)
+    part = int(os.environ.get("POLARS_UPLOAD_CHUNK_SIZE") or UPLOAD_PART_BYTES)
+    obstore.put(_store(url, "output"), url.key, local, chunk_size=part)
 
 
 def staging(url: ObjectURL) -> ObjectURL:
