@@ -102,7 +102,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class Granted:
-    """The answer to a Reserve or a Slot: `ok` False means the run stopped instead (or free models are out)."""
+    """The answer to a Reserve, or one slot of a Slot (one Granted for each, as it comes due): `ok` False means
+    the run stopped instead (or free models are out)."""
 
     ask: int
     ok: bool
@@ -238,6 +239,7 @@ class Parent:
         self.free_cap = setup.spec.free_requests_per_day
         self.free_cap_reached: FreeModelCapReached | None = None
         self._slots: dict[str, _Slots] = {}
+        self._slot_asks: dict[int, str] = {}  # the Slot questions out: their number -> their model
 
     async def _ask(self, message: Reserve | Slot) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -253,6 +255,16 @@ class Parent:
         return self._next
 
     def answered(self, granted: Granted) -> None:
+        model = self._slot_asks.get(granted.ask)
+        if model is not None:  # one slot of a Slot question (the parent grants them one at a time), or its refusal
+            slots = self._slots[model]
+            slots.owed = slots.owed - 1 if granted.ok else 0
+            slots.left += 1 if granted.ok else 0
+            slots.refused = slots.refused or not granted.ok
+            if not slots.owed:
+                del self._slot_asks[granted.ask]
+            slots.wake()
+            return
         future = self._asked.get(granted.ask)
         if future is not None and not future.done():
             future.set_result(granted.ok)
@@ -261,6 +273,9 @@ class Parent:
         for future in self._asked.values():
             if not future.done():
                 future.set_result(False)
+        for slots in self._slots.values():
+            slots.refused = True
+            slots.wake()
 
     # the budget (live.LiveAnswerer's governor)
     async def reserve(self, worst_usd: Decimal) -> bool:
@@ -275,29 +290,25 @@ class Parent:
     # the rate limit (limits.Limits' methods the answerer calls)
     async def acquire(self, model: str) -> None:
         """A slot of the parent's rate limit for `model`. Slots are asked for as many requests as wait for one
-        (SLOTS_AT_ONCE at most), one question at a time per model: each slot is used as it arrives, so a worker
-        never holds slots to spend in a burst later."""
+        (SLOTS_AT_ONCE at most), one question at a time per model, and the parent grants them one by one as its
+        pace allows: each is used as it arrives, so a worker never holds slots to spend in a burst later (a
+        group granted at once went out at once, over the account's rate)."""
         if not self.setup.paced and not is_free(model):
             return
         if self.free_cap_reached is not None and is_free(model):
             raise self.free_cap_reached
         slots = self._slots.setdefault(model, _Slots())
-        if slots.left:
-            slots.left -= 1
-            return
         slots.waiting += 1
         try:
             while not slots.left:
-                if slots.asking is None:
-                    wanted = min(slots.waiting, SLOTS_AT_ONCE) if not is_free(model) else 1
-                    slots.asking = (asyncio.ensure_future(self._ask(Slot(self._number(), model, wanted))), wanted)
-                asking, count = slots.asking
-                given = await asyncio.shield(asking)
-                if slots.asking is not None and slots.asking[0] is asking:  # the first to see the answer counts it
-                    slots.asking = None
-                    slots.left += count if given else 0
-                if not given:
+                if slots.refused:
                     raise self.cap_reached(model)
+                if not slots.owed:
+                    slots.owed = min(slots.waiting, SLOTS_AT_ONCE) if not is_free(model) else 1
+                    ask = self._number()
+                    self._slot_asks[ask] = model
+                    self.channel.send(Slot(ask, model, slots.owed))
+                await slots.arrived.wait()
         finally:
             slots.waiting -= 1
         slots.left -= 1
@@ -314,11 +325,19 @@ class Parent:
 
 @dataclass
 class _Slots:
-    """A worker's slots of the rate limit for one model: those given and not yet used, and the question out."""
+    """A worker's slots of the rate limit for one model: those given and not yet used, and those asked for and
+    not yet given (one question out at a time)."""
 
     left: int = 0
     waiting: int = 0
-    asking: tuple[asyncio.Future[bool], int] | None = None  # the question out, and the slots it asks for
+    owed: int = 0
+    refused: bool = False  # the parent said no (free models are out for the day)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wake(self) -> None:
+        """Let the requests waiting for a slot look again."""
+        self.arrived.set()
+        self.arrived = asyncio.Event()
 
 
 class Outbox:
@@ -710,14 +729,14 @@ class _Crew:
         worker.channel.send(Granted(ask.ask, ok))
 
     async def _slot(self, worker: _Worker, ask: Slot) -> None:
-        """`count` slots of the run's rate limit (its own pacing: limits.Limits.acquire), given when all are due."""
+        """`count` slots of the run's rate limit (its own pacing: limits.Limits.acquire), each granted as it
+        comes due: slots granted together would be sent together, a burst over the pace."""
         try:
             for _ in range(ask.count):
                 await self.answerer.limits.acquire(ask.model)
+                worker.channel.send(Granted(ask.ask, True))
         except FreeModelCapReached:
             worker.channel.send(Granted(ask.ask, False))
-            return
-        worker.channel.send(Granted(ask.ask, True))
 
     def _count_endpoints(self, endpoints: dict[str, EndpointStats]) -> None:
         """A worker's requests to each endpoint of a pool, added to the parent's (the summary's lines)."""
