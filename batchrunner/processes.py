@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from batchrunner.adaptive import Aimd
 from batchrunner.connect import SANDBOX_KEY, Connection
 from batchrunner.costs import ZERO_USD, Budget, PriceTable
 from batchrunner.errors import ApiError, BatchrunnerError, FreeModelCapReached, first_line
 from batchrunner.executor import Answerer, Execution, count_resumed
 from batchrunner.halt import Halt, Stop, StopReason
 from batchrunner.limits import is_free, next_utc_midnight
-from batchrunner.live import LiveAnswerer, LiveExecutor
+from batchrunner.live import InFlight, LiveAnswerer, LiveExecutor
 from batchrunner.pending import Batch, Todo
 from batchrunner.pool import Pool, pool_of
 from batchrunner.records import EndpointStats, ResultSink, RowResult
@@ -135,9 +136,11 @@ class Results:
 
 @dataclass(frozen=True)
 class Finished:
-    """A worker's last message: what it asked of each endpoint of a pool (the summary's lines)."""
+    """A worker's last message: what it asked of each endpoint of a pool (the summary's lines), and with
+    `concurrency: auto` where its in-flight limit ended and the most it reached."""
 
     endpoints: dict[str, EndpointStats]
+    concurrency: tuple[int, int] | None = None
 
 
 class Channel:
@@ -189,6 +192,9 @@ class WorkerSetup:
     byok_fee: bool
     grace_s: float
     log_level: int
+    # concurrency: auto, the in-flight limit this worker starts at (its share of one process's start; each worker
+    # learns its own limit from what it sees, as one process does); None: its concurrency is fixed
+    in_flight_start: int | None = None
 
 
 def share(spec: JobSpec, workers: int, number: int) -> JobSpec:
@@ -394,6 +400,10 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
     parent = Parent(channel, setup)
     outbox = Outbox(channel)
     halt.on_stop(lambda: _tell_parent(channel, halt))
+    in_flight = None
+    if setup.in_flight_start is not None:  # concurrency: auto (without it, a worker sends max_concurrency regardless)
+        in_flight = InFlight(Aimd(setup.spec.max_concurrency, start=setup.in_flight_start))
+        halt.on_stop(in_flight.wake)
     async with _connected(setup) as (client, pool):
         answerer = LiveAnswerer(
             setup.spec,
@@ -407,6 +417,7 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
             byok_fee=setup.byok_fee,
             governor=parent,
             pool=pool,
+            in_flight=in_flight,
         )
         numbered = _Numbered(answerer, outbox)
         inbox: asyncio.Queue[Batch | None] = asyncio.Queue()
@@ -422,7 +433,8 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
         if halt.deferred is not None:
             _send_stop(channel, halt.deferred)
         outbox.flush()
-        channel.send(Finished(pool.stats if pool is not None else {}))
+        concurrency = (in_flight.aimd.allowed, in_flight.aimd.reached) if in_flight is not None else None
+        channel.send(Finished(pool.stats if pool is not None else {}, concurrency))
     # The parent closes its end once it has read Finished; till then what it sends is read and dropped (a socket
     # closed with unread data in it resets the connection, and the parent would lose our last messages).
     with contextlib.suppress(TimeoutError):
@@ -549,9 +561,13 @@ class _Crew:
         self.started = 0  # workers started, all told
         self.deaths = 0
         self.handed_again = 0
+        self.concurrency: dict[int, tuple[int, int]] = {}  # concurrency: auto, each worker's end (allowed, reached)
 
     def setup(self, number: int, part: int) -> WorkerSetup:
         answerer, executor = self.answerer, self.executor
+        start = None
+        if answerer.in_flight is not None:
+            start = max(1, answerer.in_flight.aimd.start // executor.workers)
         return WorkerSetup(
             spec=share(answerer.rules.spec, executor.workers, part),
             number=number,
@@ -564,6 +580,7 @@ class _Crew:
             byok_fee=answerer.accounts.fee_share > 0,
             grace_s=executor.grace_s,
             log_level=logging.getLogger("batchrunner").getEffectiveLevel(),
+            in_flight_start=start,
         )
 
     async def start(self, part: int) -> None:
@@ -605,6 +622,7 @@ class _Crew:
             await self.finish()
         finally:
             await self.close()
+        self._count_concurrency()
         answered = ", ".join(f"{w.answered}" for w in self.crew.values())
         log.info("the %d worker processes answered %s pairs", len(self.crew), answered)
         if self.handed_again:
@@ -706,6 +724,8 @@ class _Crew:
                 self.halt.stop(message.reason, message.message, message.error)
             elif isinstance(message, Finished):
                 self._count_endpoints(message.endpoints)
+                if message.concurrency is not None:
+                    self.concurrency[worker.number] = message.concurrency
                 worker.finished = True
                 worker.held = {}  # what it still held when it stopped stays pending, as in one process
                 self.changed.set()
@@ -737,6 +757,14 @@ class _Crew:
                 worker.channel.send(Granted(ask.ask, True))
         except FreeModelCapReached:
             worker.channel.send(Granted(ask.ask, False))
+
+    def _count_concurrency(self) -> None:
+        """concurrency: auto, the workers' in-flight limits added up in the parent's (the summary's line): each
+        worker learned its own, the parent's never sent a request."""
+        in_flight = self.answerer.in_flight
+        if in_flight is not None and self.concurrency:
+            in_flight.aimd.limit = float(sum(allowed for allowed, _ in self.concurrency.values()))
+            in_flight.aimd.reached = sum(reached for _, reached in self.concurrency.values())
 
     def _count_endpoints(self, endpoints: dict[str, EndpointStats]) -> None:
         """A worker's requests to each endpoint of a pool, added to the parent's (the summary's lines)."""
