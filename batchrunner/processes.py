@@ -60,6 +60,7 @@ FLUSH_RESULTS = 256  # ...or as soon as it has this many
 AHEAD = 2  # pairs handed to a worker beyond what it can have on the wire: its queue never runs dry
 SEND_AT_ONCE = 64  # pairs in one message to a worker
 SLOTS_AT_ONCE = 32  # rate-limit slots asked for at once, at most (each used as it arrives: no burst held back)
+GIVE_UP_S = 0.5  # a second Ctrl-C: how long a worker waits for its cancelled requests' records (the parent, 0.8 s)
 FINISH_S = 10.0  # after the grace for requests on the wire: how long a worker may take to say it finished
 MAX_DEATHS_PER_WORKER = 2  # more deaths than this (times N) end the run: something is killing the workers
 
@@ -86,6 +87,17 @@ class Halted:
     reason: StopReason
     message: str
     error: ApiError | None = None
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """A second Ctrl-C (parent to workers): give up on the requests on the wire, each recorded at its worst case
+    (it may have been billed), and hand the records back at once (the worker answers GaveUp once sent)."""
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """A worker's answer to GiveUp: the records of the requests it gave up on are sent (before this)."""
 
 
 @dataclass(frozen=True)
@@ -471,6 +483,7 @@ async def _listen(
     channel: Channel, parent: Parent, halt: Halt, inbox: asyncio.Queue[Batch | None], numbered: _Numbered
 ) -> None:
     """What the parent says, as it arrives: pairs, answers to questions, the run's stop, the end of the work."""
+    giving_up: set[asyncio.Task[None]] = set()
     while True:
         message = await channel.receive()
         if message is None:  # the parent is gone (killed): nothing of ours can be stored; quit at once
@@ -487,6 +500,20 @@ async def _listen(
             inbox.put_nowait(None)
         elif isinstance(message, NoMoreWork):
             inbox.put_nowait(None)
+        elif isinstance(message, GiveUp):
+            giving_up.add(asyncio.create_task(_give_up(channel, numbered)))
+
+
+async def _give_up(channel: Channel, numbered: _Numbered) -> None:
+    """A second Ctrl-C: the requests on the wire are cancelled (the answerer records each at its worst case, as
+    runner._last_words does in one process), and their records go to the parent before GaveUp says so."""
+    wire = list(numbered.sending)
+    for task in wire:
+        task.cancel()
+    if wire:
+        await asyncio.wait(wire, timeout=GIVE_UP_S)
+    numbered.outbox.flush()
+    channel.send(GaveUp())
 
 
 @contextlib.asynccontextmanager
@@ -528,6 +555,7 @@ class _Worker:
     answered: int = 0
     ending: bool = False  # told there is no more work: it finishes what it holds
     finished: bool = False  # said it finished, or died
+    gave_up: bool = False  # answered GiveUp: the records of its wire are sent
     listening: asyncio.Task[None] | None = None
 
 
@@ -561,6 +589,7 @@ class _Crew:
         self.started = 0  # workers started, all told
         self.deaths = 0
         self.handed_again = 0
+        self.over = asyncio.Event()  # execute() is over: no wire left to give up on (on_the_wire)
         self.concurrency: dict[int, tuple[int, int]] = {}  # concurrency: auto, each worker's end (allowed, reached)
 
     def setup(self, number: int, part: int) -> WorkerSetup:
@@ -609,6 +638,8 @@ class _Crew:
         started = time.monotonic()
         resumed = 0
         self.halt.on_stop(self.tell_stop)
+        wire = asyncio.create_task(self.on_the_wire())
+        self.answerer.sending.add(wire)
         try:
             await asyncio.gather(*(self.start(part) for part in range(self.executor.workers)))
             try:
@@ -621,6 +652,9 @@ class _Crew:
                 self.halt.stop(StopReason.INPUT, first_line(exc))
             await self.finish()
         finally:
+            self.answerer.sending.discard(wire)
+            self.over.set()
+            await asyncio.gather(wire, return_exceptions=True)
             await self.close()
         self._count_concurrency()
         answered = ", ".join(f"{w.answered}" for w in self.crew.values())
@@ -632,6 +666,23 @@ class _Crew:
                 self.handed_again,
             )
         return Execution(resumed, time.monotonic() - started)
+
+    async def on_the_wire(self) -> None:
+        """The workers' requests on the wire, as the parent's answerer sees them: a task in its `sending`, which a
+        second Ctrl-C cancels (runner._last_words: it then waits a second, commits and quits). Cancelled, it has
+        each worker give up on its wire and send back the records (each request at its worst case: it may have
+        been billed), and waits for them: without it, what the workers had on the wire was paid for and lost."""
+        try:
+            await self.over.wait()
+        except asyncio.CancelledError:
+            for worker in self.alive():
+                worker.channel.send(GiveUp())
+            deadline = time.monotonic() + GIVE_UP_S + 0.3
+            while any(not w.gave_up for w in self.alive()) and (left := deadline - time.monotonic()) > 0:
+                self.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), timeout=left)
+            raise
 
     def alive(self) -> list[_Worker]:
         return [worker for worker in self.crew.values() if not worker.finished]
@@ -722,6 +773,9 @@ class _Crew:
                 self.answerer.limits.cap_reached(message.model)
             elif isinstance(message, Halted):
                 self.halt.stop(message.reason, message.message, message.error)
+            elif isinstance(message, GaveUp):
+                worker.gave_up = True
+                self.changed.set()
             elif isinstance(message, Finished):
                 self._count_endpoints(message.endpoints)
                 if message.concurrency is not None:

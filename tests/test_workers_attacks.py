@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import run_until
 from test_workers import env_for, job
 
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -50,3 +56,32 @@ def test_concurrency_auto_finds_the_servers_capacity_with_workers(
     assert done.returncode == 0, done.stderr
     assert pl.read_parquet(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 150
     assert sandbox.stats.shed <= 60, f"{sandbox.stats.shed} requests shed"  # one process: ~7; two learners: ~20
+
+
+def _stored_cost(checkpoint: Path) -> Decimal:
+    """What the checkpoint's records say was (or may have been) paid, every record counted."""
+    with contextlib.closing(sqlite3.connect(checkpoint)) as db:
+        return sum(
+            (Decimal(c) for (c,) in db.execute("SELECT cost_usd FROM results WHERE cost_usd IS NOT NULL")), Decimal(0)
+        )
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_records_what_the_workers_had_on_the_wire(
+    tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """Ctrl-C twice with workers: the requests the workers had on the wire are recorded at their worst case (they
+    may have been billed), as one process records its own, so the checkpoint holds at least what the server
+    charged (the parent's last words once knew nothing of the workers' wire: it was lost, paid for)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=1.0))
+    process = run_until(job(tmp_path, 100), env_for(sandbox), lambda: sandbox.stats.requests >= 12)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 3, stderr
+    assert "Traceback" not in stderr
+    time.sleep(1.5)  # the requests the run gave up on land at the server, and are charged
+    assert sandbox.stats.charged_usd > 0
+    assert _stored_cost(tmp_path / "out.checkpoint.sqlite") >= sandbox.stats.charged_usd
