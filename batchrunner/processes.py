@@ -33,6 +33,7 @@ import pickle
 import signal
 import socket
 import time
+import traceback
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -147,6 +148,14 @@ class Results:
 
 
 @dataclass(frozen=True)
+class Failed:
+    """A bug raised in a worker (worker to parent), with its trace: the run ends on it as one process's does,
+    and no worker is started into the same bug again."""
+
+    trace: str
+
+
+@dataclass(frozen=True)
 class Finished:
     """A worker's last message: what it asked of each endpoint of a pool (the summary's lines), and with
     `concurrency: auto` where its in-flight limit ended and the most it reached."""
@@ -184,6 +193,14 @@ class Channel:
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
+
+
+class WorkerFailed(RuntimeError):
+    """A bug raised in a worker process, raised again in the parent as one process's bug would be: its message is
+    the worker's trace."""
+
+    def __init__(self, trace: str) -> None:
+        super().__init__(f"in a worker process:\n{trace.rstrip()}")
 
 
 # -- the worker's side ------------------------------------------------------------------------------------------
@@ -438,6 +455,8 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
         try:
             executor = LiveExecutor(setup.spec.most_in_flight, grace_s=setup.grace_s)
             await executor.execute(_batches(inbox), numbered, _NoSinks(), halt)
+        except Exception:  # a bug: told to the parent, which raises it (a worker's exit would look like a kill)
+            channel.send(Failed(traceback.format_exc()))
         finally:
             flushing.cancel()
             listening.cancel()
@@ -589,6 +608,7 @@ class _Crew:
         self.started = 0  # workers started, all told
         self.deaths = 0
         self.handed_again = 0
+        self.bug: str | None = None  # the trace of a bug a worker raised (Failed): execute() raises it
         self.over = asyncio.Event()  # execute() is over: no wire left to give up on (on_the_wire)
         self.concurrency: dict[int, tuple[int, int]] = {}  # concurrency: auto, each worker's end (allowed, reached)
 
@@ -656,6 +676,8 @@ class _Crew:
             self.over.set()
             await asyncio.gather(wire, return_exceptions=True)
             await self.close()
+        if self.bug is not None:
+            raise WorkerFailed(self.bug)
         self._count_concurrency()
         answered = ", ".join(f"{w.answered}" for w in self.crew.values())
         log.info("the %d worker processes answered %s pairs", len(self.crew), answered)
@@ -773,6 +795,12 @@ class _Crew:
                 self.answerer.limits.cap_reached(message.model)
             elif isinstance(message, Halted):
                 self.halt.stop(message.reason, message.message, message.error)
+            elif isinstance(message, Failed):
+                if self.bug is None:
+                    self.bug = message.trace
+                    self.halt.stop(
+                        StopReason.INPUT, f"a worker process failed: {message.trace.strip().splitlines()[-1]}"
+                    )
             elif isinstance(message, GaveUp):
                 worker.gave_up = True
                 self.changed.set()

@@ -85,3 +85,52 @@ def test_a_second_ctrl_c_records_what_the_workers_had_on_the_wire(
     time.sleep(1.5)  # the requests the run gave up on land at the server, and are charged
     assert sandbox.stats.charged_usd > 0
     assert _stored_cost(tmp_path / "out.checkpoint.sqlite") >= sandbox.stats.charged_usd
+
+
+WORKER_BUG = """
+import builtins, multiprocessing, sys
+
+_import = builtins.__import__
+
+
+def _patched(name, *args, **kwargs):
+    module = _import(name, *args, **kwargs)
+    flow = sys.modules.get("batchrunner.flow")
+    if hasattr(flow, "RowFlow") and not getattr(flow, "_bug", False):
+        flow._bug = True
+        answered = flow.RowFlow.answered
+
+        def buggy(self, completion):
+            if multiprocessing.current_process().name.startswith("batchrunner-worker"):
+                raise RuntimeError("a bug in a worker")
+            return answered(self, completion)
+
+        flow.RowFlow.answered = buggy
+    return module
+
+
+builtins.__import__ = _patched
+"""
+
+
+@pytest.mark.slow
+def test_a_bug_in_a_worker_ends_the_run_as_a_bug_in_one_process_does(
+    tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """A bug raised in the workers ends the run as one process's does (exit 1, the bug's own trace once), not as
+    workers killed by the system (exit 3, "memory?", which a scheduler reruns for ever), with workers restarted
+    into the same bug and a traceback each."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(WORKER_BUG)
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.01))
+    done = subprocess.run(
+        [sys.executable, "-m", "batchrunner", "run", str(job(tmp_path, 40))],
+        env={**env_for(sandbox), "PYTHONPATH": str(tmp_path / "inject")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "RuntimeError: a bug in a worker" in done.stderr
+    assert "memory?" not in done.stderr and "ended unexpectedly" not in done.stderr
+    assert done.stderr.count('raise RuntimeError("a bug in a worker")') == 1, done.stderr  # one trace, not one a worker
