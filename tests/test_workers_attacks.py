@@ -134,3 +134,26 @@ def test_a_bug_in_a_worker_ends_the_run_as_a_bug_in_one_process_does(
     assert "RuntimeError: a bug in a worker" in done.stderr
     assert "memory?" not in done.stderr and "ended unexpectedly" not in done.stderr
     assert done.stderr.count('raise RuntimeError("a bug in a worker")') == 1, done.stderr  # one trace, not one a worker
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="multiprocessing's spawn re-imports the parent's main script in each worker (its top level runs again "
+    "unless guarded); a fix starts workers without it (their own `python -m`, or hiding __main__ from spawn)",
+)
+def test_a_script_calling_run_with_workers_runs_once(
+    tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """A script that calls batchrunner.run() with workers, without `if __name__ == "__main__"` (as the API's
+    examples do), runs once: spawn re-imports the main script in every worker, so its top level ran again in each
+    (here, its print: three times for two workers)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.01))
+    spec = job(tmp_path, 20)
+    script = tmp_path / "script.py"
+    script.write_text(f"import batchrunner\nbatchrunner.run({str(spec)!r})\nprint('the script ran')\n")
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env_for(sandbox), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("the script ran") == 1, done.stdout
