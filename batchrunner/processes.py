@@ -33,18 +33,20 @@ import pickle
 import signal
 import socket
 import time
+import traceback
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from batchrunner.adaptive import Aimd
 from batchrunner.connect import SANDBOX_KEY, Connection
 from batchrunner.costs import ZERO_USD, Budget, PriceTable
 from batchrunner.errors import ApiError, BatchrunnerError, FreeModelCapReached, first_line
 from batchrunner.executor import Answerer, Execution, count_resumed
 from batchrunner.halt import Halt, Stop, StopReason
 from batchrunner.limits import is_free, next_utc_midnight
-from batchrunner.live import LiveAnswerer, LiveExecutor
+from batchrunner.live import InFlight, LiveAnswerer, LiveExecutor
 from batchrunner.pending import Batch, Todo
 from batchrunner.pool import Pool, pool_of
 from batchrunner.records import EndpointStats, ResultSink, RowResult
@@ -59,6 +61,7 @@ FLUSH_RESULTS = 256  # ...or as soon as it has this many
 AHEAD = 2  # pairs handed to a worker beyond what it can have on the wire: its queue never runs dry
 SEND_AT_ONCE = 64  # pairs in one message to a worker
 SLOTS_AT_ONCE = 32  # rate-limit slots asked for at once, at most (each used as it arrives: no burst held back)
+GIVE_UP_S = 0.5  # a second Ctrl-C: how long a worker waits for its cancelled requests' records (the parent, 0.8 s)
 FINISH_S = 10.0  # after the grace for requests on the wire: how long a worker may take to say it finished
 MAX_DEATHS_PER_WORKER = 2  # more deaths than this (times N) end the run: something is killing the workers
 
@@ -88,6 +91,17 @@ class Halted:
 
 
 @dataclass(frozen=True)
+class GiveUp:
+    """A second Ctrl-C (parent to workers): give up on the requests on the wire, each recorded at its worst case
+    (it may have been billed), and hand the records back at once (the worker answers GaveUp once sent)."""
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """A worker's answer to GiveUp: the records of the requests it gave up on are sent (before this)."""
+
+
+@dataclass(frozen=True)
 class Reserve:
     ask: int
     worst_usd: Decimal
@@ -102,7 +116,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class Granted:
-    """The answer to a Reserve or a Slot: `ok` False means the run stopped instead (or free models are out)."""
+    """The answer to a Reserve, or one slot of a Slot (one Granted for each, as it comes due): `ok` False means
+    the run stopped instead (or free models are out)."""
 
     ask: int
     ok: bool
@@ -133,10 +148,20 @@ class Results:
 
 
 @dataclass(frozen=True)
+class Failed:
+    """A bug raised in a worker (worker to parent), with its trace: the run ends on it as one process's does,
+    and no worker is started into the same bug again."""
+
+    trace: str
+
+
+@dataclass(frozen=True)
 class Finished:
-    """A worker's last message: what it asked of each endpoint of a pool (the summary's lines)."""
+    """A worker's last message: what it asked of each endpoint of a pool (the summary's lines), and with
+    `concurrency: auto` where its in-flight limit ended and the most it reached."""
 
     endpoints: dict[str, EndpointStats]
+    concurrency: tuple[int, int] | None = None
 
 
 class Channel:
@@ -170,6 +195,14 @@ class Channel:
             await self.writer.wait_closed()
 
 
+class WorkerFailed(RuntimeError):
+    """A bug raised in a worker process, raised again in the parent as one process's bug would be: its message is
+    the worker's trace."""
+
+    def __init__(self, trace: str) -> None:
+        super().__init__(f"in a worker process:\n{trace.rstrip()}")
+
+
 # -- the worker's side ------------------------------------------------------------------------------------------
 
 
@@ -188,6 +221,9 @@ class WorkerSetup:
     byok_fee: bool
     grace_s: float
     log_level: int
+    # concurrency: auto, the in-flight limit this worker starts at (its share of one process's start; each worker
+    # learns its own limit from what it sees, as one process does); None: its concurrency is fixed
+    in_flight_start: int | None = None
 
 
 def share(spec: JobSpec, workers: int, number: int) -> JobSpec:
@@ -238,6 +274,7 @@ class Parent:
         self.free_cap = setup.spec.free_requests_per_day
         self.free_cap_reached: FreeModelCapReached | None = None
         self._slots: dict[str, _Slots] = {}
+        self._slot_asks: dict[int, str] = {}  # the Slot questions out: their number -> their model
 
     async def _ask(self, message: Reserve | Slot) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -253,6 +290,16 @@ class Parent:
         return self._next
 
     def answered(self, granted: Granted) -> None:
+        model = self._slot_asks.get(granted.ask)
+        if model is not None:  # one slot of a Slot question (the parent grants them one at a time), or its refusal
+            slots = self._slots[model]
+            slots.owed = slots.owed - 1 if granted.ok else 0
+            slots.left += 1 if granted.ok else 0
+            slots.refused = slots.refused or not granted.ok
+            if not slots.owed:
+                del self._slot_asks[granted.ask]
+            slots.wake()
+            return
         future = self._asked.get(granted.ask)
         if future is not None and not future.done():
             future.set_result(granted.ok)
@@ -261,6 +308,9 @@ class Parent:
         for future in self._asked.values():
             if not future.done():
                 future.set_result(False)
+        for slots in self._slots.values():
+            slots.refused = True
+            slots.wake()
 
     # the budget (live.LiveAnswerer's governor)
     async def reserve(self, worst_usd: Decimal) -> bool:
@@ -275,29 +325,25 @@ class Parent:
     # the rate limit (limits.Limits' methods the answerer calls)
     async def acquire(self, model: str) -> None:
         """A slot of the parent's rate limit for `model`. Slots are asked for as many requests as wait for one
-        (SLOTS_AT_ONCE at most), one question at a time per model: each slot is used as it arrives, so a worker
-        never holds slots to spend in a burst later."""
+        (SLOTS_AT_ONCE at most), one question at a time per model, and the parent grants them one by one as its
+        pace allows: each is used as it arrives, so a worker never holds slots to spend in a burst later (a
+        group granted at once went out at once, over the account's rate)."""
         if not self.setup.paced and not is_free(model):
             return
         if self.free_cap_reached is not None and is_free(model):
             raise self.free_cap_reached
         slots = self._slots.setdefault(model, _Slots())
-        if slots.left:
-            slots.left -= 1
-            return
         slots.waiting += 1
         try:
             while not slots.left:
-                if slots.asking is None:
-                    wanted = min(slots.waiting, SLOTS_AT_ONCE) if not is_free(model) else 1
-                    slots.asking = (asyncio.ensure_future(self._ask(Slot(self._number(), model, wanted))), wanted)
-                asking, count = slots.asking
-                given = await asyncio.shield(asking)
-                if slots.asking is not None and slots.asking[0] is asking:  # the first to see the answer counts it
-                    slots.asking = None
-                    slots.left += count if given else 0
-                if not given:
+                if slots.refused:
                     raise self.cap_reached(model)
+                if not slots.owed:
+                    slots.owed = min(slots.waiting, SLOTS_AT_ONCE) if not is_free(model) else 1
+                    ask = self._number()
+                    self._slot_asks[ask] = model
+                    self.channel.send(Slot(ask, model, slots.owed))
+                await slots.arrived.wait()
         finally:
             slots.waiting -= 1
         slots.left -= 1
@@ -314,11 +360,19 @@ class Parent:
 
 @dataclass
 class _Slots:
-    """A worker's slots of the rate limit for one model: those given and not yet used, and the question out."""
+    """A worker's slots of the rate limit for one model: those given and not yet used, and those asked for and
+    not yet given (one question out at a time)."""
 
     left: int = 0
     waiting: int = 0
-    asking: tuple[asyncio.Future[bool], int] | None = None  # the question out, and the slots it asks for
+    owed: int = 0
+    refused: bool = False  # the parent said no (free models are out for the day)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wake(self) -> None:
+        """Let the requests waiting for a slot look again."""
+        self.arrived.set()
+        self.arrived = asyncio.Event()
 
 
 class Outbox:
@@ -375,6 +429,10 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
     parent = Parent(channel, setup)
     outbox = Outbox(channel)
     halt.on_stop(lambda: _tell_parent(channel, halt))
+    in_flight = None
+    if setup.in_flight_start is not None:  # concurrency: auto (without it, a worker sends max_concurrency regardless)
+        in_flight = InFlight(Aimd(setup.spec.max_concurrency, start=setup.in_flight_start))
+        halt.on_stop(in_flight.wake)
     async with _connected(setup) as (client, pool):
         answerer = LiveAnswerer(
             setup.spec,
@@ -388,6 +446,7 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
             byok_fee=setup.byok_fee,
             governor=parent,
             pool=pool,
+            in_flight=in_flight,
         )
         numbered = _Numbered(answerer, outbox)
         inbox: asyncio.Queue[Batch | None] = asyncio.Queue()
@@ -396,6 +455,8 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
         try:
             executor = LiveExecutor(setup.spec.most_in_flight, grace_s=setup.grace_s)
             await executor.execute(_batches(inbox), numbered, _NoSinks(), halt)
+        except Exception:  # a bug: told to the parent, which raises it (a worker's exit would look like a kill)
+            channel.send(Failed(traceback.format_exc()))
         finally:
             flushing.cancel()
             listening.cancel()
@@ -403,7 +464,8 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
         if halt.deferred is not None:
             _send_stop(channel, halt.deferred)
         outbox.flush()
-        channel.send(Finished(pool.stats if pool is not None else {}))
+        concurrency = (in_flight.aimd.allowed, in_flight.aimd.reached) if in_flight is not None else None
+        channel.send(Finished(pool.stats if pool is not None else {}, concurrency))
     # The parent closes its end once it has read Finished; till then what it sends is read and dropped (a socket
     # closed with unread data in it resets the connection, and the parent would lose our last messages).
     with contextlib.suppress(TimeoutError):
@@ -440,6 +502,7 @@ async def _listen(
     channel: Channel, parent: Parent, halt: Halt, inbox: asyncio.Queue[Batch | None], numbered: _Numbered
 ) -> None:
     """What the parent says, as it arrives: pairs, answers to questions, the run's stop, the end of the work."""
+    giving_up: set[asyncio.Task[None]] = set()
     while True:
         message = await channel.receive()
         if message is None:  # the parent is gone (killed): nothing of ours can be stored; quit at once
@@ -456,6 +519,20 @@ async def _listen(
             inbox.put_nowait(None)
         elif isinstance(message, NoMoreWork):
             inbox.put_nowait(None)
+        elif isinstance(message, GiveUp):
+            giving_up.add(asyncio.create_task(_give_up(channel, numbered)))
+
+
+async def _give_up(channel: Channel, numbered: _Numbered) -> None:
+    """A second Ctrl-C: the requests on the wire are cancelled (the answerer records each at its worst case, as
+    runner._last_words does in one process), and their records go to the parent before GaveUp says so."""
+    wire = list(numbered.sending)
+    for task in wire:
+        task.cancel()
+    if wire:
+        await asyncio.wait(wire, timeout=GIVE_UP_S)
+    numbered.outbox.flush()
+    channel.send(GaveUp())
 
 
 @contextlib.asynccontextmanager
@@ -497,6 +574,7 @@ class _Worker:
     answered: int = 0
     ending: bool = False  # told there is no more work: it finishes what it holds
     finished: bool = False  # said it finished, or died
+    gave_up: bool = False  # answered GiveUp: the records of its wire are sent
     listening: asyncio.Task[None] | None = None
 
 
@@ -530,9 +608,15 @@ class _Crew:
         self.started = 0  # workers started, all told
         self.deaths = 0
         self.handed_again = 0
+        self.bug: str | None = None  # the trace of a bug a worker raised (Failed): execute() raises it
+        self.over = asyncio.Event()  # execute() is over: no wire left to give up on (on_the_wire)
+        self.concurrency: dict[int, tuple[int, int]] = {}  # concurrency: auto, each worker's end (allowed, reached)
 
     def setup(self, number: int, part: int) -> WorkerSetup:
         answerer, executor = self.answerer, self.executor
+        start = None
+        if answerer.in_flight is not None:
+            start = max(1, answerer.in_flight.aimd.start // executor.workers)
         return WorkerSetup(
             spec=share(answerer.rules.spec, executor.workers, part),
             number=number,
@@ -545,6 +629,7 @@ class _Crew:
             byok_fee=answerer.accounts.fee_share > 0,
             grace_s=executor.grace_s,
             log_level=logging.getLogger("batchrunner").getEffectiveLevel(),
+            in_flight_start=start,
         )
 
     async def start(self, part: int) -> None:
@@ -573,6 +658,8 @@ class _Crew:
         started = time.monotonic()
         resumed = 0
         self.halt.on_stop(self.tell_stop)
+        wire = asyncio.create_task(self.on_the_wire())
+        self.answerer.sending.add(wire)
         try:
             await asyncio.gather(*(self.start(part) for part in range(self.executor.workers)))
             try:
@@ -585,7 +672,13 @@ class _Crew:
                 self.halt.stop(StopReason.INPUT, first_line(exc))
             await self.finish()
         finally:
+            self.answerer.sending.discard(wire)
+            self.over.set()
+            await asyncio.gather(wire, return_exceptions=True)
             await self.close()
+        if self.bug is not None:
+            raise WorkerFailed(self.bug)
+        self._count_concurrency()
         answered = ", ".join(f"{w.answered}" for w in self.crew.values())
         log.info("the %d worker processes answered %s pairs", len(self.crew), answered)
         if self.handed_again:
@@ -595,6 +688,23 @@ class _Crew:
                 self.handed_again,
             )
         return Execution(resumed, time.monotonic() - started)
+
+    async def on_the_wire(self) -> None:
+        """The workers' requests on the wire, as the parent's answerer sees them: a task in its `sending`, which a
+        second Ctrl-C cancels (runner._last_words: it then waits a second, commits and quits). Cancelled, it has
+        each worker give up on its wire and send back the records (each request at its worst case: it may have
+        been billed), and waits for them: without it, what the workers had on the wire was paid for and lost."""
+        try:
+            await self.over.wait()
+        except asyncio.CancelledError:
+            for worker in self.alive():
+                worker.channel.send(GiveUp())
+            deadline = time.monotonic() + GIVE_UP_S + 0.3
+            while any(not w.gave_up for w in self.alive()) and (left := deadline - time.monotonic()) > 0:
+                self.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), timeout=left)
+            raise
 
     def alive(self) -> list[_Worker]:
         return [worker for worker in self.crew.values() if not worker.finished]
@@ -685,8 +795,19 @@ class _Crew:
                 self.answerer.limits.cap_reached(message.model)
             elif isinstance(message, Halted):
                 self.halt.stop(message.reason, message.message, message.error)
+            elif isinstance(message, Failed):
+                if self.bug is None:
+                    self.bug = message.trace
+                    self.halt.stop(
+                        StopReason.INPUT, f"a worker process failed: {message.trace.strip().splitlines()[-1]}"
+                    )
+            elif isinstance(message, GaveUp):
+                worker.gave_up = True
+                self.changed.set()
             elif isinstance(message, Finished):
                 self._count_endpoints(message.endpoints)
+                if message.concurrency is not None:
+                    self.concurrency[worker.number] = message.concurrency
                 worker.finished = True
                 worker.held = {}  # what it still held when it stopped stays pending, as in one process
                 self.changed.set()
@@ -710,14 +831,22 @@ class _Crew:
         worker.channel.send(Granted(ask.ask, ok))
 
     async def _slot(self, worker: _Worker, ask: Slot) -> None:
-        """`count` slots of the run's rate limit (its own pacing: limits.Limits.acquire), given when all are due."""
+        """`count` slots of the run's rate limit (its own pacing: limits.Limits.acquire), each granted as it
+        comes due: slots granted together would be sent together, a burst over the pace."""
         try:
             for _ in range(ask.count):
                 await self.answerer.limits.acquire(ask.model)
+                worker.channel.send(Granted(ask.ask, True))
         except FreeModelCapReached:
             worker.channel.send(Granted(ask.ask, False))
-            return
-        worker.channel.send(Granted(ask.ask, True))
+
+    def _count_concurrency(self) -> None:
+        """concurrency: auto, the workers' in-flight limits added up in the parent's (the summary's line): each
+        worker learned its own, the parent's never sent a request."""
+        in_flight = self.answerer.in_flight
+        if in_flight is not None and self.concurrency:
+            in_flight.aimd.limit = float(sum(allowed for allowed, _ in self.concurrency.values()))
+            in_flight.aimd.reached = sum(reached for _, reached in self.concurrency.values())
 
     def _count_endpoints(self, endpoints: dict[str, EndpointStats]) -> None:
         """A worker's requests to each endpoint of a pool, added to the parent's (the summary's lines)."""

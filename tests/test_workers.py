@@ -249,9 +249,10 @@ def test_requests_waiting_for_slots_each_get_one_without_spinning(seed: int) -> 
             await asyncio.sleep(0)
             while answered < len(wire.sent):
                 message, answered = wire.sent[answered], answered + 1
-                for _ in range(rng.randrange(3)):
-                    await asyncio.sleep(0)
-                parent.answered(Granted(message.ask, True))
+                for _ in range(message.count):  # one Granted per slot, each at its own moment
+                    for _ in range(rng.randrange(3)):
+                        await asyncio.sleep(0)
+                    parent.answered(Granted(message.ask, True))
 
     async def request(number: int) -> None:
         for _ in range(rng.randrange(20)):
