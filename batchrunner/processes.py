@@ -32,6 +32,8 @@ import os
 import pickle
 import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Coroutine, Iterable
@@ -578,6 +580,32 @@ class _Worker:
     listening: asyncio.Task[None] | None = None
 
 
+def _started(process: multiprocessing.process.BaseProcess) -> None:
+    """Start a worker without the main script: spawn would import it again in the worker (a script calling
+    batchrunner.run() without `if __name__ == "__main__"` would run its top level again in each), and a worker needs
+    nothing of it (what it runs, and what it is handed, is batchrunner's)."""
+    with _STARTING:  # one start at a time: another would save (and put back) what this one hid
+        _start_hidden(process)
+
+
+_STARTING = threading.Lock()
+
+
+def _start_hidden(process: multiprocessing.process.BaseProcess) -> None:
+    main = sys.modules.get("__main__")
+    hidden: dict[str, Any] = {
+        name: main.__dict__[name] for name in ("__spec__", "__file__") if main and name in main.__dict__
+    }
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__["__spec__"] = None
+        process.start()
+    finally:
+        if main is not None:
+            main.__dict__.update(hidden)
+
+
 class ProcessExecutor:
     """`workers: N`: the pairs answered in N worker processes; the parent stores, paces and budgets them."""
 
@@ -644,7 +672,7 @@ class _Crew:
                 target=worker_main, args=(theirs, setup), name=f"batchrunner-worker-{number}"
             )
             process.daemon = True  # a parent that exits takes its workers along
-            await asyncio.get_running_loop().run_in_executor(None, process.start)
+            await asyncio.get_running_loop().run_in_executor(None, _started, process)
             theirs.close()
             channel = await Channel.over(ours)
         finally:
@@ -813,6 +841,8 @@ class _Crew:
                 self.changed.set()
                 await channel.close()  # the worker waits for this to exit (see _serve)
                 return
+        # its exit code, for the message: the process ends as its socket closes (waited for off the loop)
+        await asyncio.get_running_loop().run_in_executor(None, worker.process.join, 1)
         self.died(worker)
 
     def _serve(self, answering: Coroutine[Any, Any, None]) -> None:
@@ -864,7 +894,6 @@ class _Crew:
         counted as spent (it may have been, on the wire), and unless the run is stopping a new worker takes its
         part. Workers dying again and again (MAX_DEATHS_PER_WORKER each) stop the run instead."""
         worker.finished = True
-        worker.process.join(timeout=1)
         code = worker.process.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         log.warning("worker %d ended unexpectedly (%s) holding %d pairs", worker.number, how, len(worker.held))

@@ -261,10 +261,10 @@ def test_a_parquet_input_is_decoded_a_window_at_a_time(tmp_path: Path, monkeypat
 TRICKY_CSV = [  # each a CSV whose records a naive cut at newlines would get wrong, or whose edges polars trims
     'id,text\n1,"a\nb"\n2,"c ""quoted""\nd"\n3,plain\n',
     '\ufeffid,text\r\n1,crlf\r\n2,"x\r\ny"\r\n',
-    'id,text\n1,a\n\n2,b\n\n\n3,c',
-    'id,text\n1,a\n\n',
+    "id,text\n1,a\n\n2,b\n\n\n3,c",
+    "id,text\n1,a\n\n",
     'id,"multi\nline header"\n1,"a,b"\n2,""\n3,\n',
-    'id,text\n' + "".join(f'{n},"{"q" * (n % 13)}\n{n}"\n' for n in range(200)),
+    "id,text\n" + "".join(f'{n},"{"q" * (n % 13)}\n{n}"\n' for n in range(200)),
     'id,text\n1,"""\n"""\n2,"\n\n"\n',
     "id,text\n",
 ]

@@ -137,11 +137,6 @@ def test_a_bug_in_a_worker_ends_the_run_as_a_bug_in_one_process_does(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="multiprocessing's spawn re-imports the parent's main script in each worker (its top level runs again "
-    "unless guarded); a fix starts workers without it (their own `python -m`, or hiding __main__ from spawn)",
-)
 def test_a_script_calling_run_with_workers_runs_once(
     tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
