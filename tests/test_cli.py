@@ -328,6 +328,7 @@ def test_log_json_emits_one_object_per_line(write_spec: Callable[..., Path]) -> 
     assert any("rate limit" in e["message"] for e in events)
 
 
+@pytest.mark.slow  # a few seconds of runs in their own processes: the long set (CI's second step)
 def test_kill_9_never_loses_or_repeats_more_than_was_in_flight(
     write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:

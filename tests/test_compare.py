@@ -62,6 +62,7 @@ def test_only_rows_both_runs_answered_are_paired() -> None:
     assert result.models[0].rows == 2 and result.models[0].now_right == ["r1"]
 
 
+@pytest.mark.slow  # a few seconds of runs in their own processes: the long set (CI's second step)
 def test_report_baseline_against_a_recorded_run_a_date_and_an_output_file(tmp_path: Path) -> None:
     """A complete evaluation run is recorded (status lists it); `report --baseline run:1` with run 1 edited to
     say two rows were right and served by another model reports exactly that; a date and an earlier output file

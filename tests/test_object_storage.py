@@ -482,3 +482,43 @@ async def test_a_kill_during_the_outputs_upload_leaves_the_previous_output_whole
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/.staged-"), "no staging object is left"
     for upload in unfinished:
         s3.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+def test_credentials_from_an_aws_profile_read_and_write(
+    s3: Any, job: Callable[..., Path], tmp_path: Path, endpoint: str
+) -> None:
+    """With no keys in the spec or the environment, AWS_PROFILE names the profile (in the shared credentials
+    file) whose keys read the input and write the output, as the AWS CLI's would; a profile that is not there is
+    exit 2 naming it, before anything is sent. (moto takes any key: this proves the profile is found and used.)"""
+    put(s3, "in/tickets.parquet", tickets())
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text(f"[labeling]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    env |= {
+        "AWS_PROFILE": "labeling",
+        "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ALLOW_HTTP": "true",
+    }
+    path = job(storage_options=None)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchrunner", "run", str(path), "--sandbox"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert read(s3, "out/result.parquet")["ticket_id"].to_list() == [f"T-{i}" for i in range(12)]
+    wrong = subprocess.run(
+        [sys.executable, "-m", "batchrunner", "run", str(path), "--sandbox"],
+        env={**env, "AWS_PROFILE": "nobody"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 2, wrong.stderr
+    assert "Traceback" not in wrong.stderr and SECRET not in wrong.stderr
+    assert "profile (nobody) could not be found" in wrong.stderr and "input" in wrong.stderr
