@@ -73,6 +73,13 @@ class Completion:
     service_tier: str | None = None  # the tier that served it, as the response says (flex, default, priority)
 
 
+def _object_of(payload: Any) -> dict[str, Any]:
+    """A start-up answer's object: its `data` (or the payload itself, as older servers answer) when that is a JSON
+    object; {} for any other shape, a server that said nothing we can read (never an AttributeError later)."""
+    data = payload.get("data", payload) if isinstance(payload, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
 class Client:
     """An async client for OpenRouter or any OpenAI-compatible server.
 
@@ -136,12 +143,13 @@ class Client:
             if exc.status != 404:
                 raise
             payload, _ = await self._get("/auth/key")
-        return payload.get("data", payload) if isinstance(payload, dict) else {}
+        return _object_of(payload)
 
     async def models(self) -> list[dict[str, Any]]:
         """GET /models: every model with its pricing (USD per token, as strings)."""
         payload, _ = await self._get("/models")
-        return list(payload.get("data", [])) if isinstance(payload, dict) else []
+        data = payload.get("data") if isinstance(payload, dict) else None
+        return [model for model in data if isinstance(model, dict)] if isinstance(data, list) else []
 
     async def endpoints(self, model: str) -> list[dict[str, Any]]:
         """GET /models/{author}/{slug}/endpoints: the providers that serve `model`, with what each supports."""
@@ -153,7 +161,7 @@ class Client:
     async def generation(self, generation_id: str) -> dict[str, Any]:
         """GET /generation?id=...: the stats OpenRouter kept for one generation."""
         payload, _ = await self._get("/generation", params={"id": generation_id})
-        return payload.get("data", payload) if isinstance(payload, dict) else {}
+        return _object_of(payload)
 
     # -- the Batch API ----------------------------------------------------------------------
 

@@ -535,3 +535,23 @@ def test_a_byok_answers_usage_keeps_its_fee_and_upstream_cost_apart() -> None:
     body["service_tier"] = ["flex"]
     with pytest.raises(TransientError, match="service_tier is a list"):
         parse_completion(body)
+
+
+@pytest.mark.parametrize(
+    ("key", "models", "generation"),
+    [
+        ({"data": []}, {"data": {}}, {"data": "x"}),
+        ({"data": "x"}, {"data": ["a", 1, None]}, {"data": []}),
+        ([], [], []),
+        ({"data": None}, {"data": None}, {"data": None}),
+    ],
+)
+async def test_start_up_answers_of_the_wrong_shape_read_as_nothing_known(key: Any, models: Any, generation: Any) -> None:
+    """A server whose GET /key, /models or /generation answers JSON of another shape (`data` a list where an
+    object belongs, a string, a list of non-objects) reads as a server that said nothing: no key info, no models,
+    no generation, never an AttributeError half-way through the start (one such server crashed every run)."""
+    gets = {"/key": [Reply(200, key)], "/models": [Reply(200, models)], "/generation": [Reply(200, generation)]}
+    async with Scripted(gets=gets) as server, Client(server.base_url) as client:
+        assert await client.key_info() == {}
+        assert await client.models() == []
+        assert await client.generation("gen-1") == {}
