@@ -93,15 +93,7 @@ class Connection:
         return self
 
     async def _open(self, base_url: str, key: str | None, max_connections: int) -> Client:
-        return await Client(
-            base_url,
-            api_key=key,
-            headers=self.spec.api.headers if self.spec else None,
-            timeout_s=self._timeout_s,
-            max_connections=max_connections,
-            stream_max_s=self.spec.stream_max_s if self.spec else 3600.0,
-            max_reply_bytes=int(self.spec.max_reply_mb * 2**20) if self.spec else MAX_REPLY_BYTES,
-        ).__aenter__()
+        return await client_for(self.spec, base_url, key, max_connections, timeout_s=self._timeout_s).__aenter__()
 
     async def _close_clients(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
@@ -122,3 +114,18 @@ class Connection:
     async def _stop_sandbox(self) -> None:
         if self.sandbox is not None:
             await self.sandbox.stop()
+
+
+def client_for(
+    spec: JobSpec | None, base_url: str, key: str | None, max_connections: int, *, timeout_s: float | None = None
+) -> Client:
+    """A client to `base_url` with the spec's headers, timeouts and reply cap (not yet opened: `async with` it)."""
+    return Client(
+        base_url,
+        api_key=key,
+        headers=spec.api.headers if spec else None,
+        timeout_s=timeout_s or (spec.timeout_s if spec else 60.0),
+        max_connections=max_connections,
+        stream_max_s=spec.stream_max_s if spec else 3600.0,
+        max_reply_bytes=int(spec.max_reply_mb * 2**20) if spec else MAX_REPLY_BYTES,
+    )

@@ -23,7 +23,7 @@ import functools
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -158,23 +158,28 @@ def _in_blocks(path: Location) -> bool:
     return not any(char in str(path) for char in "*?[")
 
 
-def _csv_source(
-    path: Location, with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _batch: int | None
-) -> Iterator[pl.DataFrame]:
-    """A CSV input as a polars source (register_io_source), block by block: what the checking pass and the
-    digests read."""
-    left = n_rows
-    for frame in _csv_frames(path):
-        if with_columns is not None:
-            frame = frame.select(with_columns)
-        if predicate is not None:
-            frame = frame.filter(predicate)
-        if left is not None:
-            frame = frame.head(left)
-            left -= frame.height
-        yield frame
-        if left is not None and left <= 0:
-            return
+def polars_source(frames: Callable[[], Iterator[pl.DataFrame]], schema: pl.Schema) -> pl.LazyFrame:
+    """A LazyFrame that polars reads from `frames()` as they come (register_io_source), with the projection, the
+    filter and the row cap polars pushes to a source applied to each: what polars' own scans would read, one
+    bounded frame at a time (its scans decode ahead of their reader)."""
+
+    def read(
+        with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _batch: int | None
+    ) -> Iterator[pl.DataFrame]:
+        left = n_rows
+        for frame in frames():
+            if with_columns is not None:
+                frame = frame.select(with_columns)
+            if predicate is not None:
+                frame = frame.filter(predicate)
+            if left is not None:
+                frame = frame.head(left)
+                left -= frame.height
+            yield frame
+            if left is not None and left <= 0:
+                return
+
+    return register_io_source(read, schema=schema, is_pure=True)
 
 
 def _csv_frames(path: Location) -> Iterator[pl.DataFrame]:
@@ -301,7 +306,7 @@ def scan(path: Location) -> pl.LazyFrame:
         if not _in_blocks(path):
             return whole
         schema = whole.collect_schema()  # the header (and polars' errors for a file with none) as a scan says
-        return register_io_source(functools.partial(_csv_source, path), schema=schema, is_pure=True)
+        return polars_source(functools.partial(_csv_frames, path), schema)
     if suffix == ".parquet":
         return pl.scan_parquet(where, storage_options=options)
     if suffix in (".jsonl", ".ndjson"):

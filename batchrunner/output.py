@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from polars.io.plugins import register_io_source
 
 from batchrunner import objectstore
-from batchrunner.dataset import ROW_INDEX, Dataset, source
+from batchrunner.dataset import ROW_INDEX, Dataset, polars_source, source
 from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing
 from batchrunner.judging import grade_keys, score_of
@@ -297,23 +296,7 @@ def _of_parts(folder: Path, suffix: str) -> pl.LazyFrame:
     files = sorted(folder.glob("*.parquet"))
     if suffix.lower() != ".parquet" or not files:
         return pl.scan_parquet(folder / "*.parquet")
-
-    def parts(
-        with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _batch: int | None
-    ) -> Iterator[pl.DataFrame]:
-        left = n_rows
-        for file in files:
-            part = pl.read_parquet(file, columns=with_columns)
-            if predicate is not None:
-                part = part.filter(predicate)
-            if left is not None:
-                part = part.head(left)
-                left -= part.height
-            yield part
-            if left is not None and left <= 0:
-                return
-
-    return register_io_source(parts, schema=pl.read_parquet_schema(files[0]), is_pure=True)
+    return polars_source(lambda: (pl.read_parquet(file) for file in files), pl.Schema(pl.read_parquet_schema(files[0])))
 
 
 def _write_parts(frames: Iterable[pl.DataFrame], folder: Path) -> int:

@@ -42,7 +42,7 @@ from decimal import Decimal
 from typing import Any
 
 from batchrunner.adaptive import Aimd
-from batchrunner.connect import SANDBOX_KEY, Connection
+from batchrunner.connect import SANDBOX_KEY, Connection, client_for
 from batchrunner.costs import ZERO_USD, Budget, PriceTable
 from batchrunner.errors import ApiError, BatchrunnerError, FreeModelCapReached, first_line
 from batchrunner.executor import Answerer, Execution, count_resumed
@@ -541,18 +541,8 @@ async def _give_up(channel: Channel, numbered: _Numbered) -> None:
 async def _connected(setup: WorkerSetup) -> AsyncIterator[tuple[Any, Pool | None]]:
     """The worker's own client (and pool): to the parent's sandbox, or as the spec says, keys from the env."""
     if setup.sandbox_url is not None:
-        from batchrunner.client import Client
-
         spec = setup.spec
-        async with Client(
-            setup.sandbox_url,
-            api_key=SANDBOX_KEY,
-            headers=spec.api.headers,
-            timeout_s=spec.timeout_s,
-            max_connections=spec.most_in_flight,
-            stream_max_s=spec.stream_max_s,
-            max_reply_bytes=int(spec.max_reply_mb * 2**20),
-        ) as client:
+        async with client_for(spec, setup.sandbox_url, SANDBOX_KEY, spec.most_in_flight) as client:
             client.sandbox = True
             yield client, None
         return
