@@ -546,7 +546,9 @@ def test_a_byok_answers_usage_keeps_its_fee_and_upstream_cost_apart() -> None:
         ({"data": None}, {"data": None}, {"data": None}),
     ],
 )
-async def test_start_up_answers_of_the_wrong_shape_read_as_nothing_known(key: Any, models: Any, generation: Any) -> None:
+async def test_start_up_answers_of_the_wrong_shape_read_as_nothing_known(
+    key: Any, models: Any, generation: Any
+) -> None:
     """A server whose GET /key, /models or /generation answers JSON of another shape (`data` a list where an
     object belongs, a string, a list of non-objects) reads as a server that said nothing: no key info, no models,
     no generation, never an AttributeError half-way through the start (one such server crashed every run)."""
