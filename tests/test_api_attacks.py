@@ -52,6 +52,7 @@ def test_the_cli_refuses_a_huge_max_cost_with_exit_2(write_spec: Any) -> None:
     assert "Traceback" not in done.stderr and "max_cost" in done.stderr
 
 
+@pytest.mark.slow  # seconds of runs in their own processes: the long set (CI's second step)
 def test_ctrl_c_stops_a_main_thread_run_while_another_runs_on_a_thread(
     tickets_csv: Path, tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:

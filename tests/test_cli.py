@@ -610,6 +610,7 @@ def test_nested_columns_reach_a_csv_output_as_json_text(write_spec: Callable[...
     assert all(isinstance(json.loads(v), list) for v in frame["labels"].to_list())
 
 
+@pytest.mark.slow  # seconds of runs in their own processes: the long set (CI's second step)
 def test_a_server_killed_mid_run_stops_the_run_with_exit_3(write_spec: Callable[..., Path], tmp_path: Path) -> None:
     """The sandbox in its own process is killed mid-run: the run stops within its unreachable timeout
     (plus the grace), exits 3 naming the cause, and leaves the unanswered rows pending, not failed."""
@@ -752,6 +753,7 @@ def test_sigterm_cancels_streams_in_flight_at_once(
     assert Decimal(status["cost_usd"]) == sum(Decimal(row[3]) for row in kept)
 
 
+@pytest.mark.slow  # seconds of runs in their own processes: the long set (CI's second step)
 def test_sigterm_releases_rows_waiting_on_the_rate_limit_at_once(
     write_spec: Callable[..., Path], sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
