@@ -207,8 +207,12 @@ def _csv_blocks(path: Location, *, header_only: bool = False) -> Iterator[tuple[
                 continue
             block, carry = data[:end], data[end:]
             if header is None:
-                first = _first_record_end(block)
-                header, block = block[:first].removeprefix(b"\xef\xbb\xbf"), block[first:]
+                block = block.removeprefix(BOM)
+                if read and _blank_lines_end(block) == len(block):
+                    carry = data  # only the blank lines polars skips before a header: the header is yet to come
+                    continue
+                first = _first_record_end(block, _blank_lines_end(block))
+                header, block = block[:first], block[first:]
                 if header_only:
                     yield header, b""
                     return
@@ -232,9 +236,27 @@ def _records_end(data: bytes) -> int:
     return 0
 
 
-def _first_record_end(data: bytes) -> int:
-    """Where the first record of `data` (the header) ends: after its first newline outside quotes."""
-    at, quotes = 0, 0
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which polars drops from the start of a CSV
+
+
+def _blank_lines_end(data: bytes) -> int:
+    """Where the empty lines (`\\n` or `\\r\\n`, nothing else) at the start of `data` end: polars skips them
+    before a CSV's header, so the header is the first record after them (a cut after them alone would make a
+    blank line the header of every block)."""
+    at = 0
+    while True:
+        if data.startswith(b"\n", at):
+            at += 1
+        elif data.startswith(b"\r\n", at):
+            at += 2
+        else:
+            return at
+
+
+def _first_record_end(data: bytes, at: int = 0) -> int:
+    """Where the first record of `data` from `at` (the header, after the blank lines before it) ends: after its
+    first newline outside quotes."""
+    quotes = 0
     while (newline := data.find(b"\n", at)) >= 0:
         quotes += data.count(b'"', at, newline)
         at = newline + 1
@@ -364,6 +386,7 @@ def _header_problems(path: Location) -> list[Problem]:
     as a row of plain values; empty names are left alone (no placeholder can name them)."""
     if _in_blocks(path):  # its first record alone (polars' scan would read the whole file to give one row)
         first = next(_csv_blocks(path, header_only=True), (b"", b""))[0]
+        first = first[_blank_lines_end(first) :]  # (polars skips them before a header, but not without one)
         header = (
             pl.read_csv(io.BytesIO(first), has_header=False, infer_schema=False) if first.strip() else pl.DataFrame()
         )

@@ -1,0 +1,52 @@
+"""Hostile inputs for the windowed reading: each read in blocks must give what polars' whole scan gave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from batchrunner import dataset
+from batchrunner.dataset import ROW_INDEX, open_dataset
+from batchrunner.errors import SpecError
+
+
+def old_reading(path: Path) -> tuple[list[str], list[tuple[Any, ...]]] | None:
+    """The reading before windows: polars' scan of the whole file, with positions; None when it refused it."""
+    try:
+        frame = pl.scan_csv(path, infer_schema=False).with_row_index(ROW_INDEX).collect()
+    except pl.exceptions.PolarsError:
+        return None
+    return frame.columns, frame.rows()
+
+
+def new_reading(path: Path, block_bytes: int, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[Any], int]:
+    """The reading in blocks of `block_bytes`: the columns, every row of every chunk, and the checked count."""
+    monkeypatch.setattr(dataset, "CSV_BLOCK_BYTES", block_bytes)
+    opened = open_dataset(path, id_column=None)
+    rows = [row for chunk, _ in opened.chunks(batch_size=3) for row in chunk.rows()]
+    return [ROW_INDEX, *opened.columns], rows, opened.rows
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 5, 64, 8 << 20])
+@pytest.mark.parametrize("blank", ["\n", "\r\n", "\n\r\n\n", "\ufeff\n"])
+def test_blank_lines_before_the_header_are_skipped_in_every_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blank: str, block_bytes: int
+) -> None:
+    """Empty lines before a CSV's header (which polars skips) are not taken as the header of every block."""
+    path = tmp_path / "in.csv"
+    path.write_text(blank + "id,text\n" + "".join(f"{n},t{n}\n" for n in range(30)), encoding="utf-8")
+    expected = old_reading(path)
+    assert expected is not None
+    columns, rows, count = new_reading(path, block_bytes, monkeypatch)
+    assert (columns, rows) == expected and count == 30
+
+
+def test_a_header_naming_a_column_twice_after_a_blank_line_is_refused(tmp_path: Path) -> None:
+    """A blank first line does not hide a header that names a column twice (read as text_duplicated_0)."""
+    path = tmp_path / "in.csv"
+    path.write_text("\nid,text,text\n1,a,b\n")
+    with pytest.raises(SpecError, match="'text' twice"):
+        open_dataset(path, id_column="id")
