@@ -50,3 +50,38 @@ def test_a_header_naming_a_column_twice_after_a_blank_line_is_refused(tmp_path: 
     path.write_text("\nid,text,text\n1,a,b\n")
     with pytest.raises(SpecError, match="'text' twice"):
         open_dataset(path, id_column="id")
+
+
+def test_a_quote_left_open_in_a_large_csv_is_refused_naming_its_line_without_holding_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quote left open near the top of a CSV is refused, naming its line, once the record it opens outgrows
+    CSV_RECORD_BYTES, instead of the rest of the file being gathered into one record in memory."""
+    monkeypatch.setattr(dataset, "CSV_BLOCK_BYTES", 64)
+    monkeypatch.setattr(dataset, "CSV_RECORD_BYTES", 1000)
+    path = tmp_path / "in.csv"
+    path.write_text('id,text\n0,fine\n1,"oops\n' + "".join(f"{n},text {n}\n" for n in range(2, 500)))
+    with pytest.raises(SpecError, match=r"in\.csv: the record starting on line 3 runs on for more than 0 MB"):
+        open_dataset(path, id_column="id")
+
+
+def test_a_record_longer_than_a_block_is_searched_for_its_end_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a record that spans many blocks searches each block once for its end (not the whole record again
+    at every read, which made a quote left open in a large file quadratic), and still reads it whole."""
+    monkeypatch.setattr(dataset, "CSV_BLOCK_BYTES", 64)
+    path = tmp_path / "in.csv"
+    long = "line\n" * 4000
+    path.write_text(f'id,text\n1,"{long}"\n2,b\n')
+    searched: list[int] = []
+    records_end = dataset._records_end
+
+    def counting(data: bytes, *args: int) -> int:
+        searched.append(len(data) - (args[0] if args else 0))
+        return records_end(data, *args)
+
+    monkeypatch.setattr(dataset, "_records_end", counting)
+    opened = open_dataset(path, id_column="id")
+    assert [row.values["text"] for rows in opened.batches() for row in rows] == [long, "b"]
+    assert sum(searched) <= 4 * path.stat().st_size  # the checks, the ids, the rows and the header
