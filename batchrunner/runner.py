@@ -753,7 +753,13 @@ async def plan_limits(
             else:  # OpenRouter's limits are OpenRouter's: another server's are not known
                 rps, why = math.inf, f"{client.base_url} did not say the key's limits ({exc}), and it is not OpenRouter"
         else:
-            rps, why = rate_from_key(key_info)
+            if not key_info and not client.openrouter:  # an answer of no shape we know (client.key_info): said nothing
+                rps, why = (
+                    math.inf,
+                    f"{client.base_url} answered GET /key with nothing we read, and it is not OpenRouter",
+                )
+            else:
+                rps, why = rate_from_key(key_info)
     if math.isinf(rps):
         log.info(
             "rate limit: none (%s); only concurrency limits the run: at most %d in flight", why, spec.most_in_flight

@@ -897,3 +897,17 @@ async def test_a_prompt_longer_than_the_context_is_reserved_at_what_it_would_be_
     assert "more than the whole budget of $0.05 (nothing was sent)" in over_budget
     assert "more than openai/gpt-4o-mini's context of 128,000" in past_context
     assert output["attempts"].to_list() == [1, 0, 0, 1] and outcome.report.summary.cost_usd == sandbox.stats.charged_usd
+
+
+@pytest.mark.parametrize("answer", [{"data": []}, {"data": "unlimited"}, {"data": {}}])
+async def test_a_server_answering_key_with_nothing_we_read_is_not_paced_as_openrouter(
+    write_spec: Callable[..., Path], answer: dict[str, Any]
+) -> None:
+    """A server that is not OpenRouter and answers GET /key with JSON of no shape we know has said nothing of a
+    rate limit: the run is not paced at OpenRouter's surge limit (500/s) as if it were a key without a credit limit."""
+    from helpers.scripted import Reply, Scripted
+
+    async with Scripted(gets={"/key": [Reply(200, answer)]}) as server, Client(server.base_url) as client:
+        spec = load_spec(write_spec(api={"base_url": server.base_url}))
+        limits, _ = await runner_module.plan_limits(spec, client, None)
+    assert limits.pacer.rate_rps == float("inf")
