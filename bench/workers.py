@@ -25,6 +25,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument(
+        "--unpaced",
+        action="store_true",
+        help="no rate_limit in the job (a self-hosted server publishes none): workers ask their parent for no slots",
+    )
     args = parser.parse_args()
     counts = [int(count) for count in args.workers.split(",")]
     server, url = start_server()
@@ -37,11 +42,13 @@ def main() -> None:
             for _ in range(args.repeats):  # interleaved: the machine's load falls on every contender alike
                 runs["bare loop"].append(bare(url, args.rows, 64))
                 for count in counts:
-                    runs[f"workers {count}"].append(ours(url, args.rows, folder, workers=count))
+                    rate = None if args.unpaced else 10_000
+                    runs[f"workers {count}"].append(ours(url, args.rows, folder, workers=count, rate_rps=rate))
     finally:
         server.terminate()
         server.wait()
-    print(f"bench/workers.py: {args.rows:,} rows, medians of {args.repeats}, {os.cpu_count()} cores")
+    paced = "no rate limit" if args.unpaced else "a rate limit that never binds (slots asked of the parent)"
+    print(f"bench/workers.py: {args.rows:,} rows, medians of {args.repeats}, {os.cpu_count()} cores, {paced}")
     print("what          rows/s  cpu_ms/row  vs_1_worker  vs_bare_loop")
     rates = {name: statistics.median(args.rows / run["wall_s"] for run in found) for name, found in runs.items()}
     one = rates.get("workers 1")
