@@ -138,6 +138,13 @@ class SlowDown:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """A worker's pairs waiting to retry: +1 as one starts waiting, -1 as it stops (the progress line's count)."""
+
+    delta: int
+
+
+@dataclass(frozen=True)
 class CapReached:
     model: str
 
@@ -447,6 +454,7 @@ async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
             budget=Budget(setup.budget_usd) if setup.budget_usd is not None else None,  # its limit: worst cases
             byok_fee=setup.byok_fee,
             governor=parent,
+            on_wait=lambda delta: channel.send(Waiting(delta)),  # the parent's progress line counts them
             pool=pool,
             in_flight=in_flight,
         )
@@ -809,6 +817,9 @@ class _Crew:
                 self._serve(self._slot(worker, message))
             elif isinstance(message, SlowDown):
                 self.answerer.limits.rate_limited(message.model, upstream=message.upstream)
+            elif isinstance(message, Waiting):
+                if self.answerer.on_wait is not None:
+                    self.answerer.on_wait(message.delta)
             elif isinstance(message, CapReached):
                 self.answerer.limits.cap_reached(message.model)
             elif isinstance(message, Halted):

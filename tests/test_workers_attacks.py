@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 from conftest import run_until
 from test_workers import env_for, job
 
+from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import Sandbox, SandboxConfig
 
 
@@ -152,3 +154,27 @@ def test_a_script_calling_run_with_workers_runs_once(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("the script ran") == 1, done.stdout
+
+
+async def test_the_progress_line_counts_the_pairs_waiting_to_retry_in_workers(tmp_path: Path) -> None:
+    """Pairs a worker holds back to retry (a 429's Retry-After) are counted as waiting on the parent's progress
+    line, as one process counts its own, and the count is back at zero when the run ends."""
+    from batchrunner.progress import Progress
+    from batchrunner.runner import RunSettings, run_job
+    from batchrunner.spec import load_spec
+
+    seen: list[int] = []
+
+    class Watching(Progress):
+        def retry(self, delta: int) -> None:
+            super().retry(delta)
+            seen.append(self.retrying)
+
+    def factory(total: int, **kwargs: Any) -> Progress:
+        return Watching(total, interactive=False, **kwargs)
+
+    config = SandboxConfig(faults={"rate_limit": 0.3}, retry_after_s=0.05)
+    settings = RunSettings(sandbox=config, progress_factory=factory, retry=RetryPolicy(5, 0.01, 0.05))
+    outcome = await run_job(load_spec(job(tmp_path, 60)), settings)
+    assert outcome.report.summary.ok == 60
+    assert seen and max(seen) > 0 and seen[-1] == 0
