@@ -6,6 +6,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from batchrunner.dataset import open_dataset
 from batchrunner.queries import estimate_job
 from batchrunner.retries import RetryPolicy
@@ -14,6 +16,7 @@ from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
 
 
+@pytest.mark.slow  # seconds of paced or multi-process runs: the long set (CI's second step)
 async def test_estimate_is_within_a_factor_of_two_and_its_worst_case_holds(tmp_path: Path) -> None:
     """For each example job: expected cost within 2x of what the sandbox charged; worst case never below it."""
     jobs = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs").glob("*.yaml"))

@@ -40,6 +40,7 @@ def rows_csv(tmp_path: Path, n: int) -> str:
     return path.name
 
 
+@pytest.mark.slow  # seconds of paced or multi-process runs: the long set (CI's second step)
 async def test_the_rate_comes_from_the_credits_and_no_429_follows(
     write_spec: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -443,6 +444,7 @@ async def test_a_run_stopped_mid_row_records_the_attempts_it_paid_for(
     assert Decimal(job_status(spec)["cost_usd"]) == sandbox.stats.charged_usd
 
 
+@pytest.mark.slow  # seconds of paced or multi-process runs: the long set (CI's second step)
 async def test_a_budget_is_not_stranded_by_the_reservations_in_flight(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -848,6 +850,7 @@ async def test_a_streamed_run_with_broken_streams_ends_every_row_with_costs_equa
     assert cost <= sandbox.stats.charged_usd + int(estimated["attempts"].sum()) * most_per_cut
 
 
+@pytest.mark.slow  # seconds of paced or multi-process runs: the long set (CI's second step)
 async def test_the_key_the_models_and_the_endpoints_are_asked_for_in_one_round_trip(
     write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -156,6 +156,7 @@ def test_a_script_calling_run_with_workers_runs_once(
     assert done.stdout.count("the script ran") == 1, done.stdout
 
 
+@pytest.mark.slow  # seconds of paced or multi-process runs: the long set (CI's second step)
 async def test_the_progress_line_counts_the_pairs_waiting_to_retry_in_workers(tmp_path: Path) -> None:
     """Pairs a worker holds back to retry (a 429's Retry-After) are counted as waiting on the parent's progress
     line, as one process counts its own, and the count is back at zero when the run ends."""
