@@ -232,7 +232,7 @@ def check_writable(url: ObjectURL, field: str = "output") -> None:
     try:
         obstore.delete(store, probe.key)
     except Exception as exc:  # a policy may allow putting but not deleting: the run can still write its output
-        log.warning("could not delete the probe %s (%s); delete it by hand", probe, _first(exc))
+        log.warning("could not delete the probe %s (%s); delete it by hand", probe, said(exc))
 
 
 class _Body:
@@ -323,7 +323,7 @@ def discard(url: ObjectURL) -> None:
     try:
         obstore.delete(_store(url, "output"), url.key)
     except Exception as exc:
-        log.warning("could not delete %s (%s); delete it by hand", url, _first(exc))
+        log.warning("could not delete %s (%s); delete it by hand", url, said(exc))
 
 
 SETTLE_S = 3.0  # how long a failed sink's late upload is waited for, to be deleted (see settle_failed)
@@ -356,7 +356,7 @@ def discard_staged(final: ObjectURL) -> list[str]:
     try:  # the output's folder alone, not what is below it (object_store lists by folder, every page)
         listed = obstore.list_with_delimiter(_store(final, "output"), prefix=folder or None)["objects"]
     except Exception as exc:
-        log.warning("could not list what a killed run left beside %s (%s)", final, _first(exc))
+        log.warning("could not list what a killed run left beside %s (%s)", final, said(exc))
         return []
     for item in listed:
         key = str(item["path"])
@@ -382,7 +382,7 @@ def abort_uploads(url: ObjectURL, since: datetime) -> None:
             if upload["Key"] == url.key and upload["Initiated"] >= since:
                 client.abort_multipart_upload(Bucket=url.bucket, Key=url.key, UploadId=upload["UploadId"])
     except Exception as exc:  # the output's own error is the one to report
-        log.warning("could not abort the unfinished upload to %s (%s)", url, _first(exc))
+        log.warning("could not abort the unfinished upload to %s (%s)", url, said(exc))
 
 
 # boto3's names for polars' options, for the two S3 requests object_store cannot make (listing and aborting
@@ -421,7 +421,7 @@ def _cached_client(options: tuple[tuple[str, str], ...], environment: tuple[tupl
 QUERY = re.compile(r"\?[^\s)]*")  # a URL's query string: where a SAS token or a signature would be
 
 
-def _first(exc: BaseException) -> str:
+def said(exc: BaseException) -> str:
     """The first line of an error, without any URL's query string: safe to print."""
     text = str(exc).strip()
     return QUERY.sub("", text.splitlines()[0]) if text else type(exc).__name__
@@ -498,9 +498,9 @@ def _problem(url: ObjectURL, exc: BaseException, field: str, *, writing: bool = 
     elif kind == "region":
         message = f"{url}: the bucket is in another region; set aws_region in storage_options or AWS_REGION"
     elif kind == "unreachable":
-        message = f"{url}: cannot reach {STORE_NAMES[scheme]} ({_first(exc)}); check {where}, and that the server is up"
+        message = f"{url}: cannot reach {STORE_NAMES[scheme]} ({said(exc)}); check {where}, and that the server is up"
     else:
-        message = f"{url}: {_first(exc)}; check the URL, the endpoint and the credentials ({credentials})"
+        message = f"{url}: {said(exc)}; check the URL, the endpoint and the credentials ({credentials})"
     return SpecError(Problem(field, message))
 
 

@@ -432,7 +432,10 @@ def _sink(frame: pl.LazyFrame, path: Location) -> None:
                 with tempfile.TemporaryDirectory(dir=path.scratch, prefix=".upload-") as folder:
                     local = Path(folder) / path.name
                     _write_text(frame, local, path.suffix)
-                    objectstore.upload(staged, local)
+                    try:
+                        objectstore.upload(staged, local)
+                    except Exception as exc:  # the store's errors, not all OSErrors: one sentence, never a trace
+                        raise OutputError(f"could not upload the output to {path}: {objectstore.said(exc)}") from exc
             else:
                 _sink_as(frame, staged.url, path.suffix, objectstore.polars_options(staged))
         except BaseException:
@@ -442,7 +445,7 @@ def _sink(frame: pl.LazyFrame, path: Location) -> None:
             objectstore.publish(staged, path)
         except Exception as exc:  # the store's errors: the old output stands, the answers are in the checkpoint
             objectstore.discard(staged)
-            raise OutputError(f"could not put the output in place at {path}: {first_line(exc)}") from exc
+            raise OutputError(f"could not put the output in place at {path}: {objectstore.said(exc)}") from exc
         return
     with replacing(path) as temporary:
         if path.suffix.lower() in TEXT_SUFFIXES:

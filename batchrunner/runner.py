@@ -716,8 +716,12 @@ def write_json(path: Location, data: dict[str, Any]) -> None:
 
         try:
             objectstore.put_text(path, text)
-        except Exception as exc:  # botocore's errors: the answers and the output are safe, only the summary is lost
-            log.error("could not write the summary %s (%s); the output and the checkpoint are written", path, exc)
+        except Exception as exc:  # the store's errors: the answers and the output are safe, only the summary is lost
+            log.error(
+                "could not write the summary %s (%s); the output and the checkpoint are written",
+                path,
+                objectstore.said(exc),
+            )
     else:
         write_text_atomically(path, text)
 

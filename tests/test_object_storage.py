@@ -522,3 +522,23 @@ def test_credentials_from_an_aws_profile_read_and_write(
     assert wrong.returncode == 2, wrong.stderr
     assert "Traceback" not in wrong.stderr and SECRET not in wrong.stderr
     assert "profile (nobody) could not be found" in wrong.stderr and "input" in wrong.stderr
+
+
+def test_an_upload_the_store_refuses_is_an_output_error(
+    s3: Any, endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload of a CSV output fails with one of obstore's errors that is not an OSError (a network error after
+    its retries): an OutputError naming the output (the run logs it and says `batchrunner export`), never a
+    traceback past the write phase; the old output stands."""
+    import obstore
+
+    url = ObjectURL.parse(f"s3://{BUCKET}/out/kept.csv").bound(options(endpoint), Path("."))
+    s3.put_object(Bucket=BUCKET, Key="out/kept.csv", Body=b"x\n1\n")
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise obstore.exceptions.GenericError("Generic S3 error: error sending request")
+
+    monkeypatch.setattr(obstore, "put", refused)
+    with pytest.raises(OutputError, match=r"could not upload the output to s3://data/out/kept\.csv: Generic S3"):
+        _sink(pl.LazyFrame({"x": [2, 3]}), url)
+    assert read(s3, "out/kept.csv")["x"].to_list() == [1]
