@@ -28,13 +28,12 @@ from typing import Any
 
 import polars as pl
 import pytest
-import yaml
 
 obstore = pytest.importorskip("obstore")
 
+from helpers.stores import as_bytes, run, spec_writer, tickets  # noqa: E402
+
 from batchrunner.errors import SpecError  # noqa: E402
-from batchrunner.runner import RunSettings, run_job  # noqa: E402
-from batchrunner.sandbox import SandboxConfig  # noqa: E402
 from batchrunner.spec import load_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,47 +60,6 @@ def wait_for(port: int, process: subprocess.Popen[bytes], what: str) -> None:
             time.sleep(0.05)
     process.kill()
     pytest.fail(f"{what} did not listen on {port} within 20 s")
-
-
-def tickets(rows: int = 12) -> pl.DataFrame:
-    return pl.DataFrame(
-        {"ticket_id": [f"T-{i}" for i in range(rows)], "text": [f"ticket text number {i}" for i in range(rows)]}
-    )
-
-
-def as_bytes(frame: pl.DataFrame, key: str) -> bytes:
-    buffer = io.BytesIO()
-    if key.endswith(".parquet"):
-        frame.write_parquet(buffer)
-    else:
-        frame.write_csv(buffer)
-    return buffer.getvalue()
-
-
-async def run(path: Path) -> Any:
-    return await run_job(load_spec(path), RunSettings(sandbox=SandboxConfig()))
-
-
-def spec_writer(tmp_path: Path, defaults: dict[str, Any]) -> Callable[..., Path]:
-    def write(**changes: Any) -> Path:
-        spec: dict[str, Any] = {
-            "name": "cloud-job",
-            "id_column": "ticket_id",
-            "models": ["openai/gpt-4o-mini"],
-            "prompt": "Ticket {ticket_id}: {text}",
-            "params": {"temperature": 0, "max_tokens": 20},
-            **defaults,
-        }
-        spec.update(changes)
-        spec = {key: value for key, value in spec.items() if value is not None}
-        path = tmp_path / "job.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        return path
-
-    return write
-
-
-# ---------------------------------------------------------------- Azure Blob Storage (Azurite)
 
 
 def azurite_binary() -> str | None:

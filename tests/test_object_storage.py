@@ -20,16 +20,15 @@ from typing import Any
 
 import polars as pl
 import pytest
-import yaml
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
 
+from helpers.stores import as_bytes, run, spec_writer, tickets  # noqa: E402
+
 from batchrunner import objectstore  # noqa: E402
 from batchrunner.errors import OutputError, SpecError  # noqa: E402
 from batchrunner.output import _sink  # noqa: E402
-from batchrunner.runner import RunSettings, run_job  # noqa: E402
-from batchrunner.sandbox import SandboxConfig  # noqa: E402
 from batchrunner.spec import load_spec  # noqa: E402
 from batchrunner.urls import ObjectURL  # noqa: E402
 
@@ -72,22 +71,9 @@ def options(endpoint: str) -> dict[str, str]:
     }
 
 
-def tickets(rows: int = 12) -> pl.DataFrame:
-    return pl.DataFrame(
-        {"ticket_id": [f"T-{i}" for i in range(rows)], "text": [f"ticket text number {i}" for i in range(rows)]}
-    )
-
-
 def put(client: Any, key: str, frame: pl.DataFrame) -> None:
     """Upload `frame` as `key`, in the format its extension names."""
-    buffer = io.BytesIO()
-    if key.endswith(".parquet"):
-        frame.write_parquet(buffer)
-    elif key.endswith(".csv"):
-        frame.write_csv(buffer)
-    else:
-        frame.write_ndjson(buffer)
-    client.put_object(Bucket=BUCKET, Key=key, Body=buffer.getvalue())
+    client.put_object(Bucket=BUCKET, Key=key, Body=as_bytes(frame, key))
 
 
 def read(client: Any, key: str) -> pl.DataFrame:
@@ -103,28 +89,15 @@ def read(client: Any, key: str) -> pl.DataFrame:
 def job(tmp_path: Path, endpoint: str) -> Callable[..., Path]:
     """Write a spec reading and writing s3:// URLs (the storage options in it unless told otherwise)."""
 
-    def write(**changes: Any) -> Path:
-        spec: dict[str, Any] = {
+    return spec_writer(
+        tmp_path,
+        {
             "name": "s3-job",
             "input": f"s3://{BUCKET}/in/tickets.parquet",
-            "id_column": "ticket_id",
             "output": f"s3://{BUCKET}/out/result.parquet",
             "storage_options": options(endpoint),
-            "models": ["openai/gpt-4o-mini"],
-            "prompt": "Ticket {ticket_id}: {text}",
-            "params": {"temperature": 0, "max_tokens": 20},
-        }
-        spec.update(changes)
-        spec = {key: value for key, value in spec.items() if value is not None}
-        path = tmp_path / "job.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        return path
-
-    return write
-
-
-async def run(path: Path) -> Any:
-    return await run_job(load_spec(path), RunSettings(sandbox=SandboxConfig()))
+        },
+    )
 
 
 async def test_parquet_in_and_out_of_s3_with_the_checkpoint_beside_the_spec(
