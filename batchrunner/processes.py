@@ -285,7 +285,8 @@ class Parent:
         self._slots: dict[str, _Slots] = {}
         self._slot_asks: dict[int, str] = {}  # the Slot questions out: their number -> their model
 
-    async def _ask(self, message: Reserve | Slot) -> bool:
+    async def _ask(self, message: Reserve) -> bool:
+        """A reservation asked of the parent, waited for (slots are counted as they come instead: `answered`)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._asked[message.ask] = future
         self.channel.send(message)
