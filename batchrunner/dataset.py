@@ -240,6 +240,13 @@ def _csv_blocks(path: Location, *, header_only: bool = False) -> Iterator[tuple[
                 return
 
 
+def _csv_header(path: Location) -> bytes:
+    """A CSV input's header record, read alone, without the blank lines before it (polars skips them before a
+    header, but reads them as rows when told the file has none)."""
+    first = next(_csv_blocks(path, header_only=True), (b"", b""))[0]
+    return first[_blank_lines_end(first) :]
+
+
 def _records_end(data: bytes, start: int = 0, quotes: int = 0) -> int:
     """Where the last whole record of `data` ends (after its newline): 0 when no newline of `data` from `start`
     is outside quotes. `data` starts at a record's start, and holds `quotes` quotes before `start`."""
@@ -342,10 +349,11 @@ def scan(path: Location) -> pl.LazyFrame:
     suffix = path.suffix.lower()
     where, options = source(path)
     if suffix == ".csv":
-        whole = pl.scan_csv(where, infer_schema=False, storage_options=options)
         if not _in_blocks(path):
-            return whole
-        schema = whole.collect_schema()  # the header (and polars' errors for a file with none) as a scan says
+            return pl.scan_csv(where, infer_schema=False, storage_options=options)
+        # The columns from the header record alone, as polars reads a header (its error for a file with none):
+        # a scan's schema would read the whole file for it, and download a whole object.
+        schema = pl.read_csv(io.BytesIO(_csv_header(path)), infer_schema=False, n_rows=0).schema
         return polars_source(functools.partial(_csv_frames, path), schema)
     if suffix == ".parquet":
         return pl.scan_parquet(where, storage_options=options)
@@ -403,8 +411,7 @@ def _header_problems(path: Location) -> list[Problem]:
     would quietly mean the first, so it is refused. The header is read as polars reads it (quotes, separators),
     as a row of plain values; empty names are left alone (no placeholder can name them)."""
     if _in_blocks(path):  # its first record alone (polars' scan would read the whole file to give one row)
-        first = next(_csv_blocks(path, header_only=True), (b"", b""))[0]
-        first = first[_blank_lines_end(first) :]  # (polars skips them before a header, but not without one)
+        first = _csv_header(path)
         header = (
             pl.read_csv(io.BytesIO(first), has_header=False, infer_schema=False) if first.strip() else pl.DataFrame()
         )

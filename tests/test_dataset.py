@@ -309,3 +309,18 @@ def test_a_csv_is_never_parsed_whole(tmp_path: Path, monkeypatch: pytest.MonkeyP
     opened = open_dataset(path, id_column="id")
     assert sum(len(batch) for batch in opened.batches(batch_size=100)) == 2000
     assert parsed and max(parsed) < 100
+
+
+def test_a_csv_is_never_handed_to_polars_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening, checking and reading a CSV input never calls polars' CSV scan: even for the columns, a scan reads
+    the whole file (and downloads a whole object from S3, GCS or Azure) before it says what they are."""
+    path = tmp_path / "in.csv"
+    path.write_text("id,text\n" + "".join(f"{n},text {n}\n" for n in range(50)))
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("polars' scan_csv reads the whole input")
+
+    monkeypatch.setattr(pl, "scan_csv", refused)
+    opened = open_dataset(path, id_column="id")
+    assert opened.columns == ["id", "text"] and opened.rows == 50
+    assert sum(len(batch) for batch in opened.batches(batch_size=16)) == 50
