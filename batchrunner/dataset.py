@@ -343,9 +343,9 @@ def source(path: Location) -> tuple[str | Path, dict[str, str] | None]:
     return path, None
 
 
-def scan(path: Location) -> pl.LazyFrame:
+def scan(path: Location, *, header: bytes | None = None) -> pl.LazyFrame:
     """A lazy scan of a CSV, Parquet or JSONL file (or object), chosen by its extension; CSV and JSONL cells as
-    text."""
+    text. `header`: a CSV's header record, when the caller has read it already (_csv_header)."""
     suffix = path.suffix.lower()
     where, options = source(path)
     if suffix == ".csv":
@@ -353,7 +353,8 @@ def scan(path: Location) -> pl.LazyFrame:
             return pl.scan_csv(where, infer_schema=False, storage_options=options)
         # The columns from the header record alone, as polars reads a header (its error for a file with none):
         # a scan's schema would read the whole file for it, and download a whole object.
-        schema = pl.read_csv(io.BytesIO(_csv_header(path)), infer_schema=False, n_rows=0).schema
+        first = _csv_header(path) if header is None else header
+        schema = pl.read_csv(io.BytesIO(first), infer_schema=False, n_rows=0).schema
         return polars_source(functools.partial(_csv_frames, path), schema)
     if suffix == ".parquet":
         return pl.scan_parquet(where, storage_options=options)
@@ -384,9 +385,11 @@ def open_dataset(path: Location, *, id_column: str | None) -> Dataset:
     try:
         if path.suffix.lower() in (".jsonl", ".ndjson"):  # before polars (see there), local or remote
             _refuse_lone_surrogates(path)
-        frame = scan(path)
+        csv = path.suffix.lower() == ".csv"
+        header = _csv_header(path) if csv and _in_blocks(path) else None  # read once, for the columns and the check
+        frame = scan(path, header=header)
         columns = list(frame.collect_schema().names())
-        problems = _header_problems(path) if path.suffix.lower() == ".csv" else []
+        problems = _header_problems(path, header) if csv else []
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
 
@@ -406,12 +409,13 @@ def open_dataset(path: Location, *, id_column: str | None) -> Dataset:
     return Dataset(path, id_column, indexed, columns, rows, digest)
 
 
-def _header_problems(path: Location) -> list[Problem]:
+def _header_problems(path: Location, first: bytes | None) -> list[Problem]:
     """A CSV header that names a column twice: polars would rename the second (`text_duplicated_0`) and `{text}`
     would quietly mean the first, so it is refused. The header is read as polars reads it (quotes, separators),
-    as a row of plain values; empty names are left alone (no placeholder can name them)."""
-    if _in_blocks(path):  # its first record alone (polars' scan would read the whole file to give one row)
-        first = _csv_header(path)
+    as a row of plain values; empty names are left alone (no placeholder can name them). `first` is the header
+    record as _csv_header read it (polars' scan would read the whole file to give one row); None where polars
+    reads the input (a glob, hf://)."""
+    if first is not None:
         header = (
             pl.read_csv(io.BytesIO(first), has_header=False, infer_schema=False) if first.strip() else pl.DataFrame()
         )
