@@ -151,6 +151,8 @@ def job_spec(
     concurrency: int | str | None = None,
     mode: str | None = None,
     workers: int | None = None,
+    executor: str | None = None,
+    ray_address: str | None = None,
     sending: bool = True,
 ) -> JobSpec:
     """A JobSpec from a spec file, a dict or a JobSpec, with the command line's overrides applied; SpecError
@@ -165,6 +167,8 @@ def job_spec(
             "concurrency": concurrency,
             "mode": mode,
             "workers": workers,
+            "executor": executor,
+            "ray_address": ray_address,
         }.items()
         if value is not None
     }
@@ -190,6 +194,8 @@ async def arun(
     concurrency: int | str | None = None,
     mode: str | None = None,
     workers: int | None = None,
+    executor: str | None = None,
+    ray_address: str | None = None,
     where: str | None = None,
     ids: Iterable[str] | None = None,
     retry_failed: bool = False,
@@ -208,7 +214,16 @@ async def arun(
     from batchrunner.runner import RunSettings, run_job
     from batchrunner.sandbox import SandboxConfig
 
-    spec = job_spec(job, input=input, output=output, concurrency=concurrency, mode=mode, workers=workers)
+    spec = job_spec(
+        job,
+        input=input,
+        output=output,
+        concurrency=concurrency,
+        mode=mode,
+        workers=workers,
+        executor=executor,
+        ray_address=ray_address,
+    )
     settings = RunSettings(
         limit=_rows(limit),
         sandbox=SandboxConfig() if sandbox else None,

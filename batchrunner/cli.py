@@ -167,6 +167,12 @@ def main() -> None:
     help="Processes answering pairs (overrides workers): for a server faster than one core can keep busy.",
 )
 @click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    help="Where the workers run: processes of this machine, or Ray actors of a cluster (overrides executor).",
+)
+@click.option("--ray-address", help="With --executor ray: the Ray cluster to join, e.g. auto (overrides ray_address).")
+@click.option(
     "--sandbox", is_flag=True, help="Run against the built-in simulated OpenRouter: no key, no network, no cost."
 )
 @click.option(
@@ -203,6 +209,8 @@ def run(
     limit: int | None,
     concurrency: int | str | None,
     workers: int | None,
+    executor: str | None,
+    ray_address: str | None,
     sandbox: bool,
     max_cost_usd: float | None,
     mode: str | None,
@@ -229,7 +237,14 @@ def run(
     logs.configure(verbose=verbose, json_lines=log_json)
     with _exit_codes():
         spec = api.job_spec(
-            job, input=input_path, output=output_path, concurrency=concurrency, mode=mode, workers=workers
+            job,
+            input=input_path,
+            output=output_path,
+            concurrency=concurrency,
+            mode=mode,
+            workers=workers,
+            executor=executor,
+            ray_address=ray_address,
         )
         if dry_run:
             _dry_run(spec, rows=limit or 3, sandbox=sandbox, as_json=as_json)

@@ -39,7 +39,7 @@ import traceback
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from batchrunner.adaptive import Aimd
 from batchrunner.connect import SANDBOX_KEY, Connection, client_for
@@ -233,6 +233,9 @@ class WorkerSetup:
     # concurrency: auto, the in-flight limit this worker starts at (its share of one process's start; each worker
     # learns its own limit from what it sees, as one process does); None: its concurrency is fixed
     in_flight_start: int | None = None
+    # environment variables the worker sets before it connects (the API keys, OPENROUTER_BASE_URL): a worker on
+    # another machine (cluster.py) does not have the parent's environment; a worker process here inherits it
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def share(spec: JobSpec, workers: int, number: int) -> JobSpec:
@@ -262,7 +265,11 @@ def worker_main(sock: socket.socket, setup: WorkerSetup) -> None:
     logging.basicConfig(level=setup.log_level, format=f"worker {setup.number}: %(message)s")
     logging.getLogger("batchrunner").addFilter(_ParentSays())
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(sock, setup))
+        asyncio.run(_serve_socket(sock, setup))
+
+
+async def _serve_socket(sock: socket.socket, setup: WorkerSetup) -> None:
+    await _serve(await Channel.over(sock), setup)
 
 
 class _ParentSays(logging.Filter):
@@ -433,8 +440,9 @@ class _NoSinks:
         pass
 
 
-async def _serve(sock: socket.socket, setup: WorkerSetup) -> None:
-    channel = await Channel.over(sock)
+async def _serve(channel: Channel, setup: WorkerSetup) -> None:
+    """Answer what the parent at the other end of `channel` hands over, until it says there is no more."""
+    os.environ.update(setup.env)
     halt = Halt()
     parent = Parent(channel, setup)
     outbox = Outbox(channel)
@@ -563,11 +571,67 @@ async def _connected(setup: WorkerSetup) -> AsyncIterator[tuple[Any, Pool | None
 # -- the parent's side ----------------------------------------------------------------------------------------
 
 
+class Hand(Protocol):
+    """A worker as its parent holds it, however it was started: a process of this machine (here) or a Ray actor
+    (cluster.py). The parent talks to it over its Channel; this is for its end."""
+
+    def alive(self) -> bool: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout_s: float) -> None:
+        """Wait (blocking: off the loop) for the worker to end, `timeout_s` at most."""
+        ...
+
+    def ended(self) -> str:
+        """How it ended, for the log: "killed by signal 9", "exit code 1"."""
+        ...
+
+
+class Launcher(Protocol):
+    """How an executor of this protocol starts its workers: ProcessExecutor (processes here), cluster.RayExecutor."""
+
+    workers: int
+    server: str
+    grace_s: float
+    kind: str  # what its workers are called in the log: "worker processes", "Ray workers"
+
+    sandbox_url: str | None  # a sandbox the parent started, which the workers reach
+
+    def setup_env(self) -> dict[str, str]:
+        """The environment a worker needs and may not have (WorkerSetup.env)."""
+        ...
+
+    async def launch(self, setup: WorkerSetup) -> tuple[Hand, Channel]:
+        """A worker started with `setup`, and the parent's channel to it."""
+        ...
+
+
+class _Process:
+    """A worker process of this machine (multiprocessing, spawned)."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self.process = process
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def wait(self, timeout_s: float) -> None:
+        self.process.join(timeout_s)
+
+    def ended(self) -> str:
+        code = self.process.exitcode
+        return f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+
+
 @dataclass
 class _Worker:
     number: int  # in the order started (a worker that takes a dead one's place gets a new number)
     part: int  # which share of the concurrency it has (share()): a dead worker's place takes its part
-    process: multiprocessing.process.BaseProcess
+    hand: Hand
     channel: Channel
     room: int  # pairs it may hold at once
     held: dict[int, Todo] = field(default_factory=dict)
@@ -613,20 +677,41 @@ class ProcessExecutor:
         self.sandbox_url = sandbox_url
         self.server = server
         self.grace_s = grace_s
+        self.context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loop
+        self.kind = "worker processes"
+
+    def setup_env(self) -> dict[str, str]:
+        return {}  # a worker process inherits the parent's environment
 
     async def execute(self, work: Iterable[Batch], answerer: Answerer, sinks: ResultSink, halt: Halt) -> Execution:
-        if not isinstance(answerer, LiveAnswerer):
-            raise TypeError("the process executor answers live: it needs the run's LiveAnswerer")
-        return await _Crew(self, answerer, sinks, halt).execute(work)
+        return await crew_execute(self, work, answerer, sinks, halt)
+
+    async def launch(self, setup: WorkerSetup) -> tuple[Hand, Channel]:
+        ours, theirs = socket.socketpair()
+        process = self.context.Process(
+            target=worker_main, args=(theirs, setup), name=f"batchrunner-worker-{setup.number}"
+        )
+        process.daemon = True  # a parent that exits takes its workers along
+        await asyncio.get_running_loop().run_in_executor(None, _started, process)
+        theirs.close()
+        return _Process(process), await Channel.over(ours)
+
+
+async def crew_execute(
+    launcher: Launcher, work: Iterable[Batch], answerer: Answerer, sinks: ResultSink, halt: Halt
+) -> Execution:
+    """Answer the run's pairs in `launcher.workers` workers it starts, the parent storing, pacing and budgeting."""
+    if not isinstance(answerer, LiveAnswerer):
+        raise TypeError("workers answer live: they need the run's LiveAnswerer")
+    return await _Crew(launcher, answerer, sinks, halt).execute(work)
 
 
 class _Crew:
     """One execute(): the workers, what each holds, and the questions they ask."""
 
-    def __init__(self, executor: ProcessExecutor, answerer: LiveAnswerer, sinks: ResultSink, halt: Halt) -> None:
+    def __init__(self, executor: Launcher, answerer: LiveAnswerer, sinks: ResultSink, halt: Halt) -> None:
         self.executor, self.answerer, self.sinks, self.halt = executor, answerer, sinks, halt
         self.crew: dict[int, _Worker] = {}
-        self.context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loop
         self.changed = asyncio.Event()  # a worker has room again, finished or died
         self.again: list[tuple[int, Todo]] = []  # the pairs a dead worker held, handed out first
         self.next_number = 0
@@ -657,6 +742,7 @@ class _Crew:
             grace_s=executor.grace_s,
             log_level=logging.getLogger("batchrunner").getEffectiveLevel(),
             in_flight_start=start,
+            env=executor.setup_env(),
         )
 
     async def start(self, part: int) -> None:
@@ -665,18 +751,11 @@ class _Crew:
         self.started += 1
         self.starting += 1
         try:
-            ours, theirs = socket.socketpair()
             setup = self.setup(number, part)
-            process = self.context.Process(
-                target=worker_main, args=(theirs, setup), name=f"batchrunner-worker-{number}"
-            )
-            process.daemon = True  # a parent that exits takes its workers along
-            await asyncio.get_running_loop().run_in_executor(None, _started, process)
-            theirs.close()
-            channel = await Channel.over(ours)
+            hand, channel = await self.executor.launch(setup)
         finally:
             self.starting -= 1
-        worker = _Worker(number, part, process, channel, room=setup.spec.most_in_flight * AHEAD)
+        worker = _Worker(number, part, hand, channel, room=setup.spec.most_in_flight * AHEAD)
         self.crew[number] = worker
         worker.listening = asyncio.create_task(self.listen(worker))
         self.changed.set()
@@ -707,7 +786,7 @@ class _Crew:
             raise WorkerFailed(self.bug)
         self._count_concurrency()
         answered = ", ".join(f"{w.answered}" for w in self.crew.values())
-        log.info("the %d worker processes answered %s pairs", len(self.crew), answered)
+        log.info("the %d %s answered %s pairs", len(self.crew), self.executor.kind, answered)
         if self.handed_again:
             log.warning(
                 "%d pairs that workers held when they died went to other workers; what was on a dead worker's wire "
@@ -792,7 +871,7 @@ class _Crew:
             if deadline is not None and time.monotonic() > deadline:
                 for worker in self.alive():
                     log.warning("worker %d did not finish in time after the stop: killed", worker.number)
-                    worker.process.kill()
+                    worker.hand.kill()
                 return
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -843,8 +922,8 @@ class _Crew:
                 self.changed.set()
                 await channel.close()  # the worker waits for this to exit (see _serve)
                 return
-        # its exit code, for the message: the process ends as its socket closes (waited for off the loop)
-        await asyncio.get_running_loop().run_in_executor(None, worker.process.join, 1)
+        # how it ended, for the message: the process ends as its socket closes (waited for off the loop)
+        await asyncio.get_running_loop().run_in_executor(None, worker.hand.wait, 1)
         self.died(worker)
 
     def _serve(self, answering: Coroutine[Any, Any, None]) -> None:
@@ -896,8 +975,7 @@ class _Crew:
         counted as spent (it may have been, on the wire), and unless the run is stopping a new worker takes its
         part. Workers dying again and again (MAX_DEATHS_PER_WORKER each) stop the run instead."""
         worker.finished = True
-        code = worker.process.exitcode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        how = worker.hand.ended()
         log.warning("worker %d ended unexpectedly (%s) holding %d pairs", worker.number, how, len(worker.held))
         if worker.reserved_usd:
             self.answerer.settle(worker.reserved_usd, worker.reserved_usd)
@@ -934,7 +1012,7 @@ class _Crew:
                 with contextlib.suppress(asyncio.CancelledError):
                     await worker.listening
             await worker.channel.close()
-            if worker.process.is_alive():
-                await asyncio.get_running_loop().run_in_executor(None, worker.process.join, 5)
-            if worker.process.is_alive():
-                worker.process.kill()
+            if worker.hand.alive():
+                await asyncio.get_running_loop().run_in_executor(None, worker.hand.wait, 5)
+            if worker.hand.alive():
+                worker.hand.kill()

@@ -243,6 +243,10 @@ def plan_run(spec: JobSpec, settings: RunSettings) -> Plan:
                 "OPENROUTER_BASE_URL at it (without --sandbox)",
             )
         )
+    if spec.executor == "ray":
+        from batchrunner.cluster import ray_module
+
+        ray_module(spec)  # Ray is installed (an optional extra), or the job is refused now, naming the fix
     dataset = prepare(spec)
     check_output(spec, dataset)
     if spec.id_column is None:
@@ -374,8 +378,15 @@ def pool_of(plan: Plan) -> Pool | None:
 def default_executor(
     spec: JobSpec, store: Store, client: Client, *, wait: bool, connection: Connection | None = None
 ) -> Executor:
-    """The live worker pool (with `workers: N`, in N processes), or in batch mode the Batch API (with the pool for
-    what falls back to it)."""
+    """The live worker pool (with `workers: N`, in N processes; with `executor: ray`, in Ray actors), or in batch
+    mode the Batch API (with the pool for what falls back to it)."""
+    if spec.executor == "ray" and connection is not None:
+        from batchrunner.cluster import RayExecutor  # Ray, an optional extra: imported when it is asked for
+
+        sandbox_url = connection.base_url if connection.sandbox is not None else None
+        return RayExecutor(
+            spec, address=spec.ray_address, sandbox_url=sandbox_url, server=connection.server, grace_s=grace_s(spec)
+        )
     if spec.workers > 1 and connection is not None:
         from batchrunner.processes import ProcessExecutor  # multiprocessing's machinery, when it is asked for
 

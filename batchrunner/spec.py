@@ -80,6 +80,8 @@ RUN_ONLY_KEYS = frozenset(
         "concurrency",
         "max_concurrency",
         "workers",
+        "executor",
+        "ray_address",
         "timeout_s",
         "unreachable_timeout_s",
         "rate_limit",
@@ -456,6 +458,11 @@ class JobSpec(_Strict):
     concurrency: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = 16
     max_concurrency: Annotated[int, Field(ge=1, le=4096)] = 64  # the ceiling of `concurrency: auto`
     workers: Annotated[int, Field(ge=1, le=256)] = 1  # processes answering pairs (processes.py): every core
+    # where workers run: processes of this machine (processes.py), or Ray actors of a cluster (cluster.py)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: Annotated[str, Field(min_length=1)] | None = (
+        None  # the Ray cluster to join; none: RAY_ADDRESS or a new one here
+    )
     endpoint: Literal["chat", "completions"] = "chat"
     timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0  # per request; doubled for :free
     unreachable_timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = (
@@ -583,6 +590,10 @@ class JobSpec(_Strict):
         """Worker processes send live requests: the Batch API's submits and polls are one process's."""
         if self.workers > 1 and self.mode == "batch":
             raise ValueError("mode batch submits from one process; remove `workers` or use mode live")
+        if self.executor == "ray" and self.mode == "batch":
+            raise ValueError("mode batch submits from one process; remove `executor: ray` or use mode live")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError("ray_address is the cluster of `executor: ray`; add `executor: ray` or remove it")
         return self
 
     @model_validator(mode="after")
@@ -807,6 +818,8 @@ FIELD_HELP = {  # each top-level key's description in the JSON Schema (`batchrun
     "concurrency": "Most requests in flight; `auto` finds it (for servers that publish no limit), up to max_concurrency.",
     "max_concurrency": "The most requests in flight `concurrency: auto` may reach (default 64).",
     "workers": "Processes answering pairs (default 1): for a server faster than one core can keep busy; concurrency is shared among them.",
+    "executor": "Where the workers run: local (default: processes of this machine) or ray (Ray actors of a cluster; the `ray` extra).",
+    "ray_address": "executor: ray, the cluster to join (auto, ray://host:10001); default: RAY_ADDRESS, else a cluster of this machine.",
     "endpoint": "chat (default) or completions (then `prompt` is the raw prompt).",
     "timeout_s": "Seconds a request may take (for streams: may stay silent); doubled for :free models.",
     "unreachable_timeout_s": "Stop the run when the server has refused every connection this long.",

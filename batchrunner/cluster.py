@@ -1,0 +1,289 @@
+"""Ray, for a cluster: `executor: ray` answers a run's pairs in Ray actors, on as many machines as the cluster has.
+
+The workers speak processes.py's protocol, unchanged; only how they are started and reached differs. The run's
+own process (the driver, the parent of processes.py) stays what it is with `workers: N`: it reads the input,
+renders the pairs, knows which are left, dedupes, holds the one rate limit and the one budget (the governor:
+every worker's reservation and rate-limit slot is granted by it, with the rules of live.py and limits.py), and is
+the checkpoint's one writer (the ledger: every answer paid for is stored there as it arrives, and a pair the
+checkpoint holds is never handed to a worker again, by this run or a rerun). Each worker is a Ray actor that
+connects back to the driver over TCP and drives the pairs it is handed through their flows with its own client:
+the same LiveExecutor and LiveAnswerer as one process.
+
+Why a connection of our own and not actor calls: the protocol asks the driver a question per request (a
+reservation, a slot), and Ray's actor calls top out at a few thousand a second; a socket carries tens of
+thousands, and the processes.py code that answers them is tested already. The connection is the driver's: it
+listens on the node's address (loopback when the cluster is this machine's) and takes a connection only after it
+sends the 32 random bytes the driver gave that actor (before anything it sends is unpickled). The worker's API
+keys (and OPENROUTER_BASE_URL) go to it over that connection, never in an actor's arguments: Ray keeps those.
+
+What a kill costs is what it costs with `workers: N`: an actor that dies (killed, its node lost) has its pairs
+handed to a new actor, what it had on the wire may have been billed and is asked again; the driver killed takes
+its actors along (Ray ends a job's actors with its driver; each also quits as its connection closes), and a rerun
+goes on from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from batchrunner.errors import BatchrunnerError, Problem, SpecError
+from batchrunner.executor import Answerer, Execution
+from batchrunner.halt import Halt
+from batchrunner.pending import Batch
+from batchrunner.processes import Channel, Hand, WorkerSetup, _ParentSays, _serve, crew_execute
+from batchrunner.records import ResultSink
+from batchrunner.spec import JobSpec
+
+log = logging.getLogger("batchrunner")
+
+TOKEN_BYTES = 32
+HELLO_S = 10.0  # a connection that has not said its token by then is closed
+CONNECT_S = 3.0  # a cluster's address that takes no connection by then is not a cluster to join
+START_S = 120.0
+DEATH_NEWS_S = 5.0  # how long Ray may take to say an actor died, once its connection closed  # an actor that has not connected by then: the cluster has no room for it (or cannot start it)
+
+
+def ray_module(spec: JobSpec) -> Any:
+    """Ray, imported when a run asks for it (an optional extra), or a SpecError saying how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise SpecError(
+            Problem(
+                spec.locate("executor"),
+                "executor: ray needs Ray, which is not installed here: pip install 'batchrunner[ray]' "
+                "(or remove `executor: ray` to answer on this machine)",
+            )
+        ) from exc
+    return ray
+
+
+def worker_env(spec: JobSpec) -> dict[str, str]:
+    """The environment a worker on another machine needs to reach the spec's server(s): the key of each (the
+    variables the spec names) and OPENROUTER_BASE_URL, as this process has them."""
+    names = {spec.api.api_key_env, "OPENROUTER_BASE_URL"}
+    names |= {endpoint.api_key_env for endpoint in spec.api.endpoints or () if endpoint.api_key_env}
+    return {name: os.environ[name] for name in sorted(names) if name in os.environ}
+
+
+class RayExecutor:
+    """`executor: ray`: the pairs answered in `workers` Ray actors; the driver stores, paces and budgets them."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        address: str | None,
+        sandbox_url: str | None,
+        server: str,
+        grace_s: float = 30.0,
+    ) -> None:
+        self.spec = spec
+        self.workers = spec.workers
+        self.address = address
+        self.sandbox_url = sandbox_url
+        self.server = server
+        self.grace_s = grace_s
+        self.kind = "Ray workers"
+        self._waiting: dict[bytes, asyncio.Future[Channel]] = {}
+        self._server: asyncio.Server | None = None
+        self._host = "127.0.0.1"
+        self._actor: Any = None
+
+    def setup_env(self) -> dict[str, str]:
+        return worker_env(self.spec)
+
+    async def execute(self, work: Iterable[Batch], answerer: Answerer, sinks: ResultSink, halt: Halt) -> Execution:
+        ray = ray_module(self.spec)
+        await self._join(ray)
+        self._server = await asyncio.start_server(self._hello, self._host, 0)
+        try:
+            return await crew_execute(self, work, answerer, sinks, halt)
+        finally:
+            self._server.close()
+            for future in self._waiting.values():
+                future.cancel()
+
+    async def _join(self, ray: Any) -> None:
+        """Join the cluster at `address` (or RAY_ADDRESS, or the one `ray start` made here), or start one on this
+        machine for the run; a cluster that does not answer is said at once (Ray itself would wait minutes)."""
+        if not ray.is_initialized():
+            address = self._reachable(ray)
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise self._unjoinable(self.address or os.environ.get("RAY_ADDRESS") or "", exc) from exc
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cpus < self.workers:  # each actor takes a CPU: the others would wait for room that never comes
+            raise SpecError(
+                Problem(
+                    self.spec.locate("workers"),
+                    f"{self.workers} Ray workers need a CPU each, and the Ray cluster has {cpus}: lower workers "
+                    "(or add nodes to the cluster)",
+                )
+            )
+        if _is_local(ray):
+            self._host = "127.0.0.1"
+        else:  # workers on other machines reach the driver at its node's address
+            self._host = ray.util.get_node_ip_address()
+        self._actor = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(RayWorker)
+
+    async def launch(self, setup: WorkerSetup) -> tuple[Hand, Channel]:
+        """An actor started with `setup`: it connects to the driver with its token, then is sent `setup`."""
+        assert self._server is not None and self._actor is not None
+        token = secrets.token_bytes(TOKEN_BYTES)
+        connected: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = connected
+        port = self._server.sockets[0].getsockname()[1]
+        actor = self._actor.options(name=None, scheduling_strategy="SPREAD").remote()
+        ref = actor.serve.remote(self._host, port, token, setup.number, setup.log_level)
+        hand = ActorHand(actor, ref)
+        try:
+            done, _ = await asyncio.wait({connected, hand.over}, timeout=START_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiting.pop(token, None)
+        if connected not in done:
+            hand.kill()
+            connected.cancel()
+            why = hand.ended() if hand.over in done else f"none connected within {START_S:.0f} s"
+            raise RayStartFailed(
+                f"a Ray worker could not be started ({why}); the cluster needs a free CPU for each worker "
+                f"(workers: {self.workers}): lower workers, or add nodes"
+            )
+        channel = connected.result()
+        channel.send(setup)
+        hand.watch(channel)
+        return hand, channel
+
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection to the driver: kept only if its first bytes are a token handed to an actor now starting."""
+        with contextlib.suppress(Exception):
+            token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), timeout=HELLO_S)
+            for expected, future in list(self._waiting.items()):
+                if hmac.compare_digest(token, expected) and not future.done():
+                    sock = writer.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    future.set_result(Channel(reader, writer))
+                    return
+        writer.close()
+
+    def _reachable(self, ray: Any) -> str | None:
+        """The address to hand ray.init: the one given (or RAY_ADDRESS) if its cluster answers, else a SpecError
+        now; with none given, the cluster `ray start` recorded on this machine if it still answers, else "local"
+        (a new cluster here: a record left by a cluster that was killed would have Ray wait on it for minutes)."""
+        given = self.address or os.environ.get("RAY_ADDRESS") or None
+        if given is not None and given.startswith("ray://"):  # Ray Client: its server answers at host:port
+            target: str | None = given.removeprefix("ray://")
+        else:
+            try:
+                target = ray._private.services.canonicalize_bootstrap_address(given)
+            except Exception as exc:  # "auto" with no cluster here, a malformed address
+                raise self._unjoinable(given or "auto", exc) from exc
+        if target is None:
+            return "local" if given is None else given
+        host, _, port = target.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S):
+                pass
+        except (OSError, ValueError) as exc:
+            if given is None:
+                log.warning(
+                    "the Ray cluster this machine last started (%s) does not answer: starting one here for the run",
+                    target,
+                )
+                return "local"
+            raise self._unjoinable(given, exc) from exc
+        return given
+
+    def _unjoinable(self, where: str, exc: BaseException) -> SpecError:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return SpecError(
+            Problem(
+                self.spec.locate("ray_address") if self.address else "RAY_ADDRESS",
+                f"no Ray cluster could be joined at {where or 'this machine'} ({first}); start one "
+                "(`ray start --head`) or fix the address",
+            )
+        )
+
+
+class RayStartFailed(BatchrunnerError):
+    """A Ray worker could not be started: the cluster has no room for it, or failed to start it."""
+
+
+def _is_local(ray: Any) -> bool:
+    """Whether every node of the cluster is this machine (then the driver listens on loopback alone)."""
+    here = ray.util.get_node_ip_address()
+    return all(node.get("NodeManagerAddress") == here for node in ray.nodes() if node.get("Alive"))
+
+
+class ActorHand:
+    """A worker that is a Ray actor, as the driver holds it: its `serve` call's result says when it ended."""
+
+    def __init__(self, actor: Any, ref: Any) -> None:
+        self.actor, self.ref = actor, ref
+        self.over: asyncio.Future[Any] = asyncio.wrap_future(ref.future())
+
+    def watch(self, channel: Channel) -> None:
+        """An actor that ended (killed, its node lost) closes its connection: a lost node may never say so on the
+        socket itself, and the driver would wait on it for ever."""
+        self.over.add_done_callback(lambda _: channel.writer.transport.abort())
+
+    def alive(self) -> bool:
+        return not self.over.done()
+
+    def kill(self) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor, no_restart=True)
+
+    def wait(self, timeout_s: float) -> None:
+        """Wait for the actor's end: at least DEATH_NEWS_S, the time Ray may take to learn of a death (its
+        connection to the driver closes first) and say why."""
+        import ray
+
+        ray.wait([self.ref], timeout=max(timeout_s, DEATH_NEWS_S))
+
+    def ended(self) -> str:
+        if not self.over.done():
+            return f"its connection closed; Ray had not said why within {DEATH_NEWS_S:.0f} s: its node lost?"
+        error = self.over.exception()
+        if error is None:
+            return "it returned"
+        text = str(error).strip().splitlines()
+        return f"its Ray actor died: {type(error).__name__}" + (f", {text[0][:200]}" if text else "")
+
+
+class RayWorker:
+    """The actor: one worker of processes.py's protocol, connected to the driver over TCP."""
+
+    def serve(self, host: str, port: int, token: bytes, number: int, log_level: int) -> None:
+        with contextlib.suppress(ValueError):  # Ctrl-C and SIGTERM are the driver's to act on (as in processes.py)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        logging.basicConfig(level=log_level, format=f"worker {number}: %(message)s", force=True)
+        logging.getLogger("batchrunner").addFilter(_ParentSays())
+        asyncio.run(_connect_and_serve(host, port, token))
+
+
+async def _connect_and_serve(host: str, port: int, token: bytes) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    writer.write(token)
+    channel = Channel(reader, writer)
+    setup = await channel.receive()
+    if not isinstance(setup, WorkerSetup):  # the driver is gone before it said anything
+        return
+    await _serve(channel, setup)
