@@ -35,11 +35,11 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from batchrunner.errors import BatchrunnerError, Problem, SpecError
+from batchrunner.errors import Problem, SpecError
 from batchrunner.executor import Answerer, Execution
 from batchrunner.halt import Halt
 from batchrunner.pending import Batch
-from batchrunner.processes import Channel, Hand, WorkerSetup, _ParentSays, _serve, crew_execute
+from batchrunner.processes import Channel, Hand, WorkerSetup, WorkerStartFailed, _ParentSays, _serve, crew_execute
 from batchrunner.records import ResultSink
 from batchrunner.spec import JobSpec
 
@@ -154,10 +154,11 @@ class RayExecutor:
         if connected not in done:
             hand.kill()
             connected.cancel()
-            why = hand.ended() if hand.over in done else f"none connected within {START_S:.0f} s"
-            raise RayStartFailed(
-                f"a Ray worker could not be started ({why}); the cluster needs a free CPU for each worker "
-                f"(workers: {self.workers}): lower workers, or add nodes"
+            if hand.over in done:
+                raise WorkerStartFailed(f"a Ray worker ended as it started ({hand.ended()})")
+            raise WorkerStartFailed(
+                f"no Ray worker connected to the driver at {self._host}:{port} within {START_S:.0f} s: the cluster "
+                "has no free CPU for it, or its nodes cannot reach this machine at that address"
             )
         channel = connected.result()
         channel.send(setup)
@@ -214,10 +215,6 @@ class RayExecutor:
                 "(`ray start --head`) or fix the address",
             )
         )
-
-
-class RayStartFailed(BatchrunnerError):
-    """A Ray worker could not be started: the cluster has no room for it, or failed to start it."""
 
 
 def _is_local(ray: Any) -> bool:

@@ -204,6 +204,10 @@ class Channel:
             await self.writer.wait_closed()
 
 
+class WorkerStartFailed(BatchrunnerError):
+    """A launcher could not start a worker (cluster.py: the cluster had no room for it, or it never connected)."""
+
+
 class WorkerFailed(RuntimeError):
     """A bug raised in a worker process, raised again in the parent as one process's bug would be: its message is
     the worker's trace."""
@@ -750,11 +754,17 @@ class _Crew:
         number = self.started
         self.started += 1
         self.starting += 1
+        failed: BaseException | None = None
         try:
             setup = self.setup(number, part)
             hand, channel = await self.executor.launch(setup)
+        except (WorkerStartFailed, OSError) as exc:
+            failed = exc
         finally:
             self.starting -= 1
+        if failed is not None:
+            self.unstarted(failed)
+            return
         worker = _Worker(number, part, hand, channel, room=setup.spec.most_in_flight * AHEAD)
         self.crew[number] = worker
         worker.listening = asyncio.create_task(self.listen(worker))
@@ -992,6 +1002,17 @@ class _Crew:
             )
         elif not self.halt.stopping:
             self._serve(self.start(worker.part))
+        self.changed.set()
+
+    def unstarted(self, exc: BaseException) -> None:
+        """A worker could not be started (the cluster has no room, or cannot be reached; the system refused a
+        process): the run goes on with the others, or, with none left, stops (what is answered is kept)."""
+        log.warning("a worker could not be started: %s", first_line(exc))
+        if not self.alive() and not self.starting:
+            self.halt.stop(
+                StopReason.INPUT,
+                f"no worker could be started ({first_line(exc)}); answered rows are kept: rerun to go on",
+            )
         self.changed.set()
 
     def tell_stop(self) -> None:

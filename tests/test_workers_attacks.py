@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import sqlite3
@@ -179,3 +180,23 @@ async def test_the_progress_line_counts_the_pairs_waiting_to_retry_in_workers(tm
     outcome = await run_job(load_spec(job(tmp_path, 60)), settings)
     assert outcome.report.summary.ok == 60
     assert seen and max(seen) > 0 and seen[-1] == 0
+
+
+async def test_a_run_whose_workers_cannot_be_started_stops_saying_why(tmp_path: Path) -> None:
+    """No worker can be started (a Ray cluster with no room, a system refusing processes): the run stops with the
+    reason (exit 3, nothing lost), instead of a traceback or waiting for ever for a worker to hand pairs to."""
+    from batchrunner.halt import StopReason
+    from batchrunner.processes import ProcessExecutor, WorkerSetup, WorkerStartFailed
+    from batchrunner.runner import RunSettings, run_job
+    from batchrunner.spec import load_spec
+
+    class Refusing(ProcessExecutor):
+        async def launch(self, setup: WorkerSetup) -> Any:
+            raise WorkerStartFailed("the cluster has no room")
+
+    settings = RunSettings(sandbox=SandboxConfig(), executor=Refusing(2, sandbox_url=None, server="s"))
+    outcome = await asyncio.wait_for(run_job(load_spec(job(tmp_path, 20)), settings), timeout=30)
+    stop = outcome.report.stop
+    assert stop is not None and stop.reason is StopReason.INPUT
+    assert "no worker could be started (the cluster has no room)" in stop.message
+    assert outcome.report.summary.ok == 0
