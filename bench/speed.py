@@ -127,10 +127,16 @@ def bare(url: str, rows: int, concurrency: int) -> dict[str, float]:
 
 
 def ours(
-    url: str, rows: int, folder: Path, max_tokens: int = 5, workers: int = 1, rate_rps: float | None = 10_000
+    url: str,
+    rows: int,
+    folder: Path,
+    max_tokens: int = 5,
+    workers: int = 1,
+    rate_rps: float | None = 10_000,
+    executor: str = "local",
 ) -> dict[str, float]:
     """`batchrunner run` in a fresh process: wall from start to exit, its CPU time (from wait4: with its worker
-    processes, which it waits for)."""
+    processes, which it waits for; Ray's actors are the cluster's processes, not counted)."""
     for stale in folder.glob("out*"):
         stale.unlink()
     job = folder / "job.yaml"
@@ -146,6 +152,7 @@ def ours(
                 "params": {"max_tokens": max_tokens},
                 "concurrency": 64,
                 "workers": workers,
+                **({"executor": executor} if executor != "local" else {}),
                 "api": {"base_url": url + "/v1"},
                 # a rate that never binds (rows are never held back); None: no rate_limit key, so none is known
                 **({"rate_limit": {"requests_per_second": rate_rps}} if rate_rps is not None else {}),
