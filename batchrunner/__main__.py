@@ -1,5 +1,5 @@
 """`python -m batchrunner` is the `batchrunner` command."""
 
-from batchrunner.cli import main
+from batchrunner.cli import entry
 
-main()
+entry()

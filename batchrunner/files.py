@@ -5,7 +5,8 @@ under a name no one can predict (`mkstemp`), then renamed over the target, so a 
 planted at the target or at a temporary name is replaced, never written through. Files we
 open in place (the lock, the spill file) are opened with O_NOFOLLOW. New files get the
 permissions the process umask allows, like any other tool's, not mkstemp's private 0600.
-`identity` tells whether a file is still the one a run read or wrote.
+`identity` tells whether a file is still the one a run read or wrote; `summary_path` names the summary beside an
+output.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from batchrunner.urls import Location, ObjectURL
+
+
+def summary_path(output: Location) -> Location:
+    """out/triage.parquet -> out/triage.summary.json (s3://b/triage.parquet -> s3://b/triage.summary.json)"""
+    return output.with_name(output.stem + ".summary.json")
 
 
 def umask_mode(mode: int = 0o666) -> int:

@@ -3,6 +3,10 @@
 These read the spec, the input and the checkpoint, and send nothing; they import nothing of
 HTTP, so `batchrunner status` starts quickly. What asks the server (estimate, models,
 endpoints, generations, cancelling batches) is in queries.py.
+
+What reads the input or the answers (polars, dataset.py, output.py, the report) is imported by the function that
+does: `status` of a job the last complete run left unchanged reads only the spec, the input's stat and the
+checkpoint (rerun.unchanged), and imports no polars.
 """
 
 from __future__ import annotations
@@ -10,25 +14,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from batchrunner import interrupts, snapshots
 from batchrunner.costs import ZERO_USD
-from batchrunner.dataset import ROW_INDEX, Dataset
 from batchrunner.errors import Problem, RunHalted, SpecError
-from batchrunner.evaluation import Report, build, enum_labels, gather
-from batchrunner.lock import job_lock, lock_path
-from batchrunner.output import export, remove_leftovers, results, rows_in, score_columns
-from batchrunner.pending import pending
-from batchrunner.preflight import prepare
-from batchrunner.report_html import render
-from batchrunner.request import RequestBuilder
-from batchrunner.rerun import job_state, last_run
+from batchrunner.preflight import check_files, warn_of_schema
+from batchrunner.rerun import COMPLETE, unchanged
 from batchrunner.spec import SANDBOX_SERVER, JobSpec
 from batchrunner.store import Store
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from batchrunner.dataset import Dataset
+    from batchrunner.evaluation import Report
 
 log = logging.getLogger("batchrunner")
 
@@ -82,6 +84,10 @@ def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
     first removes what a killed run or export left beside the output. An export with no answers for this server
     never replaces an output that holds rows (after a --sandbox run, the sandbox's answers): SpecError naming the
     file and whose the checkpoint's answers are."""
+    from batchrunner.lock import job_lock, lock_path
+    from batchrunner.output import remove_leftovers
+    from batchrunner.preflight import prepare
+
     dataset = prepare(spec)
     checkpoint = existing_checkpoint(spec)
     server = spec.server(sandbox=sandbox)
@@ -93,6 +99,9 @@ def export_job(spec: JobSpec, *, sandbox: bool = False) -> int:
 
 def _export(spec: JobSpec, dataset: Dataset, checkpoint: Path, server: str) -> int:
     """export_job's work, under the job's lock."""
+    from batchrunner.output import export, rows_in
+    from batchrunner.request import RequestBuilder
+
     store = Store.open(checkpoint, job=spec.name)
     try:
         others = elsewhere(store.answers_by_server(), server)
@@ -130,6 +139,14 @@ def evaluation(spec: JobSpec, *, sandbox: bool = False) -> Report:
 def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl.DataFrame, list[str]]:
     """The report's figures, the rows they come from (the output, with each row's input position) and the input's
     own columns (what the models were shown, for the row explorer)."""
+    import polars as pl
+
+    from batchrunner.dataset import ROW_INDEX
+    from batchrunner.evaluation import build, enum_labels, gather
+    from batchrunner.output import results, score_columns
+    from batchrunner.preflight import prepare
+    from batchrunner.request import RequestBuilder
+
     dataset = prepare(spec)
     checkpoint = existing_checkpoint(spec)
     requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox))
@@ -151,6 +168,9 @@ def evaluation_data(spec: JobSpec, *, sandbox: bool = False) -> tuple[Report, pl
 
 def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) -> str:
     """The self-contained HTML report (report_html.py) of the job's checkpoint."""
+    from batchrunner.dataset import ROW_INDEX
+    from batchrunner.report_html import render
+
     figures, data, inputs = evaluation_data(spec, sandbox=sandbox)
     if by is not None and by not in data.columns:
         raise SpecError(Problem("--by", f"{by!r} is not an input column; the input has: {', '.join(data.columns)}"))
@@ -169,56 +189,120 @@ def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) 
 
 def job_status(spec: JobSpec, *, sandbox: bool = False) -> dict[str, Any]:
     """Done, failed and pending per model for the job's server (the sandbox with `sandbox`), what the
-    checkpoint holds from other servers, cost so far and the last run, without sending anything."""
-    dataset = prepare(spec)
-    requests = RequestBuilder(spec, server=spec.server(sandbox=sandbox))
+    checkpoint holds from other servers, cost so far and the last run, without sending anything.
+
+    When the checkpoint's record says the last complete run left the job as it is (rerun.unchanged), the counts
+    are that record's, and the input is not read; otherwise every row the record does not cover is read and
+    rendered, and the checkpoint says which pairs are answered. Both say the same of the same files."""
+    server = spec.server(sandbox=sandbox)
     checkpoint = spec.checkpoint_path()
-    per_model = {model: {"ok": 0, "failed": 0, "pending": 0} for model in spec.models}
-    runs: list[dict[str, Any]] = []
-    batches: list[dict[str, Any]] = []
-    spent = ZERO_USD
-    unpriced = 0
-    by_server: dict[str, int] = {}
-    store = Store.open(checkpoint, job=spec.name) if checkpoint.exists() else None
-    try:
-        known = last_run(store, spec, job_state(spec, requests, dataset), dataset) if store is not None else None
-        start = 0 if known is None else known.rows  # rows the last complete run answered, as they still are
-        for model, count in (known.answered if known is not None else {}).items():
-            if model in per_model:
-                per_model[model]["ok"] += count
-        for batch in pending(dataset, requests, store, batch_size=20_000, start=start):
-            for model, count in batch.answered.items():
-                per_model[model]["ok"] += count
-            for todo in batch.todo:
-                state = "failed" if todo.earlier_status == "failed" else "pending"
-                per_model[todo.request.requested_model][state] += 1
-        if store is not None:
-            runs = store.runs()
-            batches = store.all_batches()
-            spent = store.spent_usd(requests.server)
-            unpriced = store.unpriced(requests.server)
-            by_server = store.answers_by_server()
-    finally:
-        if store is not None:
-            store.close()
-    others = elsewhere(by_server, requests.server)
+    counts = _counted_unread(spec, server) or _counted(spec, server)
+    others = elsewhere(counts.by_server, server)
     return {
         "job": spec.name,
         "checkpoint": str(checkpoint),
-        "server": requests.server or "openrouter",
-        "models": per_model,
+        "server": server or "openrouter",
+        "models": counts.per_model,
         "answers_from_other_servers": {
-            (server or "openrouter"): n for server, n in by_server.items() if server != requests.server
+            (name or "openrouter"): n for name, n in counts.by_server.items() if name != server
         },
         "elsewhere": None if others is None else {**dataclasses.asdict(others), "how": others.how()},
-        "cost_usd": str(spent),
-        "cost_unknown_rows": unpriced,  # when not 0, cost_usd is a lower bound
-        "runs": len(runs),
-        "last_run": runs[-1] if runs else None,
-        "batches": batches,
+        "cost_usd": str(counts.spent),
+        "cost_unknown_rows": counts.unpriced,  # when not 0, cost_usd is a lower bound
+        "runs": len(counts.runs),
+        "last_run": counts.runs[-1] if counts.runs else None,
+        "batches": counts.batches,
         # complete evaluation runs kept for `report --baseline run:N` (snapshots.py)
         "recorded_runs": [
             {"run": snapshot.number, "finished_at": snapshot.finished.isoformat()}
             for snapshot in snapshots.listed(spec)
         ],
     }
+
+
+@dataclass
+class _Counts:
+    """What `status` counts: pairs per model and state, and what the checkpoint holds besides."""
+
+    per_model: dict[str, dict[str, int]]
+    runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    batches: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    spent: Decimal = ZERO_USD
+    unpriced: int = 0
+    by_server: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> _Counts:
+        return cls({model: {"ok": 0, "failed": 0, "pending": 0} for model in spec.models})
+
+    def answered(self, answered: dict[str, int]) -> None:
+        for model, count in answered.items():
+            if model in self.per_model:
+                self.per_model[model]["ok"] += count
+
+    def held(self, store: Store, server: str) -> None:
+        """What the checkpoint holds besides the pairs: runs, batches, cost, answers by server."""
+        self.runs = store.runs()
+        self.batches = store.all_batches()
+        self.spent = store.spent_usd(server)
+        self.unpriced = store.unpriced(server)
+        self.by_server = store.answers_by_server()
+
+
+def _counted_unread(spec: JobSpec, server: str) -> _Counts | None:
+    """`status`'s counts without reading the input (nor importing polars), when the checkpoint's record of the
+    last complete run says the job is as that run left it (rerun.unchanged: every pair answered, none failed or
+    pending); None when it cannot be sure, and `_counted` reads the input. What `prepare` would say of the job
+    is said here as well: it checks the files and warns of the schema as `prepare` does; the input's own checks
+    passed for the run that left the record, on this input and spec, unless a Python metric (imported from
+    elsewhere) is involved, which goes the long way. A checkpoint `Store.open` refuses goes the long way too,
+    so that its problem is told after the input's, as there."""
+    checkpoint = spec.checkpoint_path()
+    evaluate = spec.evaluate
+    if not checkpoint.exists() or (evaluate is not None and any(r.kind == "python" for r in evaluate.rules())):
+        return None
+    if unchanged(Store.peek(checkpoint, COMPLETE), spec, server) is None:
+        return None
+    check_files(spec)
+    warn_of_schema(spec)
+    try:
+        store = Store.open(checkpoint, job=spec.name)
+    except SpecError:
+        return None
+    with store:
+        if (known := unchanged(store.meta(COMPLETE), spec, server)) is None:  # a run began since the peek
+            return None
+        counts = _Counts.of(spec)
+        counts.answered(known.answered)
+        counts.held(store, server)
+    return counts
+
+
+def _counted(spec: JobSpec, server: str) -> _Counts:
+    """`status`'s counts, reading every input row the checkpoint's record does not cover."""
+    from batchrunner.pending import pending
+    from batchrunner.preflight import prepare
+    from batchrunner.request import RequestBuilder
+    from batchrunner.rerun import job_state, last_run
+
+    dataset = prepare(spec)
+    requests = RequestBuilder(spec, server=server)
+    checkpoint = spec.checkpoint_path()
+    counts = _Counts.of(spec)
+    store = Store.open(checkpoint, job=spec.name) if checkpoint.exists() else None
+    try:
+        known = last_run(store, spec, job_state(spec, requests, dataset), dataset) if store is not None else None
+        start = 0 if known is None else known.rows  # rows the last complete run answered, as they still are
+        counts.answered(known.answered if known is not None else {})
+        for batch in pending(dataset, requests, store, batch_size=20_000, start=start):
+            for model, count in batch.answered.items():
+                counts.per_model[model]["ok"] += count
+            for todo in batch.todo:
+                state = "failed" if todo.earlier_status == "failed" else "pending"
+                counts.per_model[todo.request.requested_model][state] += 1
+        if store is not None:
+            counts.held(store, requests.server)
+    finally:
+        if store is not None:
+            store.close()
+    return counts

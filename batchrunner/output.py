@@ -32,7 +32,7 @@ import polars as pl
 from batchrunner import objectstore
 from batchrunner.dataset import ROW_INDEX, Dataset, polars_source, source
 from batchrunner.errors import OutputError, first_line
-from batchrunner.files import replacing
+from batchrunner.files import replacing, summary_path
 from batchrunner.judging import grade_keys, score_of
 from batchrunner.keylog import MODEL_POSITION, SAMPLE, KeyLog, folder_prefix, keys_frame
 from batchrunner.records import KEY_COLUMNS, MONEY_COLUMNS, RESULT_SCHEMA, STORED_EXTRAS
@@ -45,11 +45,6 @@ from batchrunner.urls import Location, ObjectURL
 
 log = logging.getLogger("batchrunner")
 UPLOAD_CLOCK_SKEW = timedelta(minutes=5)  # the store's clock may be ahead of ours: uploads begun since then are ours
-
-
-def summary_path(output: Location) -> Location:
-    """out/triage.parquet -> out/triage.summary.json (s3://b/triage.parquet -> s3://b/triage.summary.json)"""
-    return output.with_name(output.stem + ".summary.json")
 
 
 def local_of(path: Location) -> Path:

@@ -10,21 +10,21 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from batchrunner.costs import STANDARD_TIER, PriceTable, tier_of, to_decimal
-from batchrunner.dataset import ROW_INDEX, Dataset, open_dataset
 from batchrunner.errors import OutputError, Problem, SpecError, first_line
-from batchrunner.judging import ANSWER, REFERENCE
-from batchrunner.output import extra_columns, probe_output, score_columns, summary_path
+from batchrunner.files import summary_path
 from batchrunner.prompt import TemplateError, parse_template
-from batchrunner.records import RESULT_SCHEMA
-from batchrunner.scoring import load_function, metrics_of
 from batchrunner.spec import JobSpec, MetricSettings, is_openrouter
 from batchrunner.structured import Mode, strict_mode_warnings
 from batchrunner.urls import Location, ObjectURL
+
+if TYPE_CHECKING:
+    from batchrunner.dataset import Dataset
+
+# What reads the input (polars, dataset.py, output.py) is imported by the checks that read it: `status` makes the
+# checks of the spec alone (check_files, warn_of_schema) without importing polars (offline.job_status)
 
 log = logging.getLogger("batchrunner")
 
@@ -63,6 +63,10 @@ def api_key(spec: JobSpec, base_url: str, *, endpoint: int | None = None) -> str
 
 def prepare(spec: JobSpec) -> Dataset:
     """Check the job's files and open the input, read to its end, against the spec: columns, ids, clashes."""
+    from batchrunner.dataset import open_dataset
+    from batchrunner.output import extra_columns, score_columns
+    from batchrunner.records import RESULT_SCHEMA
+
     check_files(spec)
     try:
         dataset = open_dataset(spec.input, id_column=spec.id_column)
@@ -96,17 +100,26 @@ def prepare(spec: JobSpec) -> Dataset:
                 f"schema properties {', '.join(map(repr, clashing))} would be output columns that already exist; set output_prefix (e.g. output_prefix: label_)",
             )
         )
-    if spec.response_format:
-        for warning in strict_mode_warnings(Mode.of(spec.response_format).schema or {}):
-            log.warning("response_format: %s", warning)
+    warn_of_schema(spec)
     check_evaluation(spec, dataset.columns)
     check_media(spec, dataset)
     return dataset
 
 
+def warn_of_schema(spec: JobSpec) -> None:
+    """What a response_format's schema asks that a strict server may refuse, as warnings (a run goes on)."""
+    if spec.response_format:
+        for warning in strict_mode_warnings(Mode.of(spec.response_format).schema or {}):
+            log.warning("response_format: %s", warning)
+
+
 def check_evaluation(spec: JobSpec, input_columns: list[str]) -> None:
     """An `evaluate:` block names an input column, a property the answers have, metrics that can run,
     and score columns no other column is named like."""
+    from batchrunner.judging import ANSWER, REFERENCE
+    from batchrunner.output import extra_columns, score_columns
+    from batchrunner.scoring import load_function, metrics_of
+
     evaluate = spec.evaluate
     if evaluate is None:
         return
@@ -221,6 +234,8 @@ def same_file(a: Location, b: Location) -> bool:
 
 def check_output(spec: JobSpec, dataset: Dataset) -> None:
     """The output can be created in its folder, in its format, with every column it will have."""
+    from batchrunner.output import probe_output
+
     try:
         probe_output(dataset, spec, spec.output)
     except SpecError as exc:  # the bucket's answer (objectstore.check_writable), named by the spec's line
@@ -302,6 +317,8 @@ def check_media(spec: JobSpec, dataset: Dataset) -> None:
     """What can be known of the media columns before anything is sent: their type, audio given as URLs
     (OpenRouter takes audio as data only), and, in batch mode, anything but https URLs (the Batch API
     refuses file content). A missing or unusable file is a problem of its row alone: it fails, unsent."""
+    import polars as pl
+
     problems = []
     schema = dataset.frame.collect_schema()
     for field, kind, template in spec.media_fields():
@@ -498,6 +515,10 @@ def select_rows(
     """The input rows --where (a SQL WHERE clause over the input columns, in polars' SQL) and --ids select, among
     the first --limit rows; a clause polars cannot read, or that names no column of the input, is refused
     (SpecError) before anything is opened. CSV and JSONL cells are text: compare them as text, or CAST them."""
+    import polars as pl
+
+    from batchrunner.dataset import ROW_INDEX
+
     conditions = []
     if where is not None:
         try:

@@ -16,25 +16,34 @@ the checkpoint what it left (`mark_complete`), and the next run compares (`last_
 
 Anything else (an edit, a row inserted or removed, media files, judges, a `--limit` run)
 goes the long way: every row is read, and the checkpoint says which are answered.
+
+`batchrunner status` asks the same question without reading the input at all (`unchanged`): the record also
+holds the job's state in terms known before the input is opened (`unread`: the spec, the server, the input
+file's identity, the checkpoint's schema, the versions of batchrunner and polars, which decide how the input is
+read), so an unchanged job is told from the record and the input's stat, without importing polars. This module
+imports polars only where a state is made from a read input (`job_state`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
-
-from batchrunner.dataset import Dataset
 from batchrunner.files import identity
-from batchrunner.records import RESULT_SCHEMA
-from batchrunner.request import RequestBuilder
-from batchrunner.spec import RUN_ONLY_KEYS, JobSpec
-from batchrunner.store import MIGRATIONS, Store
+from batchrunner.spec import RUN_ONLY_KEYS
+from batchrunner.store import MIGRATIONS
 from batchrunner.urls import ObjectURL
+
+if TYPE_CHECKING:
+    from batchrunner.dataset import Dataset
+    from batchrunner.request import RequestBuilder
+    from batchrunner.spec import JobSpec
+    from batchrunner.store import Store
 
 COMPLETE = "complete"  # the checkpoint's record of the last run that left every pair answered
 
@@ -47,6 +56,7 @@ class JobState:
     shape: str  # the same without the input file: what must hold for appended rows to be all that changed
     rows: int  # the input's rows
     digest: str  # the content of every row, with its position (Dataset.digests)
+    unread: str  # `whole`, in terms known without reading the input (`unread_state`): what `status` compares
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,41 @@ class LastRun:
 def job_state(spec: JobSpec, requests: RequestBuilder, dataset: Dataset) -> JobState | None:
     """The job's state now; None when it cannot be known without reading every row: media files (they
     change on their own), judges (graded after the answers)."""
-    if requests.has_media or (spec.evaluate is not None and spec.evaluate.judges()):
+    import polars as pl
+
+    from batchrunner.records import RESULT_SCHEMA
+
+    if (known := _unread(spec, requests.server)) is None:
+        return None
+    spec_fields, where, unread = known
+    shape = {
+        "spec": spec_fields,
+        "server": requests.server,
+        "columns": [*RESULT_SCHEMA, len(MIGRATIONS)],
+        "input_columns": [[name, str(dtype)] for name, dtype in dataset.frame.collect_schema().items()],
+        "polars": pl.__version__,  # whose row hash the digest is
+    }
+    whole = {
+        **shape,
+        "input": where,
+    }
+    return JobState(_digest(whole), _digest(shape), dataset.rows, dataset.digest, unread)
+
+
+def unread_state(spec: JobSpec, server: str) -> str | None:
+    """The job's state as far as it is known without reading the input (the `unread` of `job_state`, which
+    `unchanged` compares); None when `job_state` would be None."""
+    known = _unread(spec, server)
+    return None if known is None else known[2]
+
+
+def _unread(spec: JobSpec, server: str) -> tuple[dict[str, Any], list[Any], str] | None:
+    """The spec's request-shaping fields, the input's identity, and the digest of those with everything else
+    that decides the input's rows and the checkpoint's columns without reading them: the server, the checkpoint's
+    schema (a result column is added by a migration), and the versions of batchrunner and polars (how a file is
+    read into columns). None when the job's state cannot be known without reading every row: media files (they
+    change on their own), judges (graded after the answers), an input that cannot be found."""
+    if spec.prompt_template().media_kinds or (spec.evaluate is not None and spec.evaluate.judges()):
         return None
     if isinstance(spec.input, ObjectURL):  # its URL (no credentials), ETag, version and size, by a HEAD
         if (known := identity(spec.input)) is None:
@@ -75,34 +119,24 @@ def job_state(spec: JobSpec, requests: RequestBuilder, dataset: Dataset) -> JobS
         except OSError:
             return None
         where = [str(spec.input.resolve()), found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino]
-    shape = {
-        "spec": spec.model_dump(mode="json", exclude=set(RUN_ONLY_KEYS)),
-        "server": requests.server,
-        "columns": [*RESULT_SCHEMA, len(MIGRATIONS)],
-        "input_columns": [[name, str(dtype)] for name, dtype in dataset.frame.collect_schema().items()],
-        "polars": pl.__version__,  # whose row hash the digest is
-    }
-    whole = {
-        **shape,
+    spec_fields = spec.model_dump(mode="json", exclude=set(RUN_ONLY_KEYS))
+    unread = {
+        "spec": spec_fields,
+        "server": server,
+        "schema": len(MIGRATIONS),
+        "versions": [_version("batchrunner"), _version("polars")],
         "input": where,
     }
-    return JobState(_digest(whole), _digest(shape), dataset.rows, dataset.digest)
+    return spec_fields, where, _digest(unread)
 
 
 def last_run(store: Store, spec: JobSpec, state: JobState | None, dataset: Dataset) -> LastRun | None:
     """What the last complete run left, if the job is as it left it (unchanged) or only has rows appended
     (grown); None otherwise, or when there was none."""
-    if state is None:
+    if state is None or (record := _record(store.meta(COMPLETE))) is None:
         return None
-    try:  # a record that is not what this module writes (edited, damaged) is no record: the long way is safe
-        record = json.loads(store.meta(COMPLETE) or "null")
-        answered = {str(model): int(count) for model, count in dict(record["answered"]).items()}
-        written = int(record["written"])
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    output_unchanged = record.get("output") == identity(spec.output)
-    if record.get("state") == state.whole:
-        return LastRun(state.rows, answered, written, output_unchanged, grown=False)
+    if _unchanged(record, state.unread, state.whole):
+        return _left(record, spec, state.rows, grown=False)
     rows = record.get("rows")
     if (
         record.get("shape") == state.shape
@@ -110,8 +144,46 @@ def last_run(store: Store, spec: JobSpec, state: JobState | None, dataset: Datas
         and 0 < rows < state.rows
         and dataset.digests(rows)[0] == record.get("digest")
     ):
-        return LastRun(rows, answered, written, output_unchanged, grown=True)
+        return _left(record, spec, rows, grown=True)
     return None
+
+
+def unchanged(recorded: str | None, spec: JobSpec, server: str) -> LastRun | None:
+    """What `last_run` says of a job the last complete run left unchanged, told without reading the input (for
+    `status`): `recorded` is the checkpoint's record (`Store.meta(COMPLETE)`, or `Store.peek`). None when that
+    cannot be told so (no record, one written before `unread` was kept, anything changed): then only `last_run`,
+    after reading the input, can tell (rows appended, or the long way)."""
+    if (record := _record(recorded)) is None or not isinstance(rows := record.get("rows"), int):
+        return None
+    if not _unchanged(record, unread_state(spec, server)):
+        return None
+    return _left(record, spec, rows, grown=False)
+
+
+def _unchanged(record: dict[str, Any], unread: str | None, whole: str | None = None) -> bool:
+    """The job is as the record's run left it: its whole state is as recorded, or its unread state is (known
+    without reading the input; the same whenever the whole state is, since the input's columns follow from the
+    input file, the spec and the versions it holds). The one rule of `last_run` and `unchanged`."""
+    if whole is not None and record.get("state") == whole:
+        return True
+    return unread is not None and record.get("unread") == unread
+
+
+def _record(recorded: str | None) -> dict[str, Any] | None:
+    """The record `mark_complete` wrote, its counts read; None for none, or for one that is not what this module
+    writes (edited, damaged): no record, and the long way is safe."""
+    try:
+        record = json.loads(recorded or "null")
+        answered = {str(model): int(count) for model, count in dict(record["answered"]).items()}
+        return {**record, "answered": answered, "written": int(record["written"])}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _left(record: dict[str, Any], spec: JobSpec, rows: int, *, grown: bool) -> LastRun:
+    """What the last complete run left, from its record (read by `_record`)."""
+    output_unchanged = record.get("output") == identity(spec.output)
+    return LastRun(rows, record["answered"], record["written"], output_unchanged, grown=grown)
 
 
 def mark_complete(store: Store, spec: JobSpec, state: JobState | None, answered: dict[str, int], written: int) -> None:
@@ -123,6 +195,7 @@ def mark_complete(store: Store, spec: JobSpec, state: JobState | None, answered:
             "shape": state.shape,
             "rows": state.rows,
             "digest": state.digest,
+            "unread": state.unread,
             "answered": answered,
             "written": written,
             "output": identity(spec.output),
@@ -133,6 +206,14 @@ def mark_complete(store: Store, spec: JobSpec, state: JobState | None, answered:
 def forget(store: Store) -> None:
     """Until this run ends with every pair answered, no run has."""
     store.set_meta(COMPLETE, None)
+
+
+@functools.cache
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:  # a source tree never installed: the other parts still tell a change
+        return None
 
 
 def _digest(value: object) -> str:

@@ -49,7 +49,7 @@ from batchrunner.errors import (
     TransientError,
 )
 from batchrunner.executor import Executor
-from batchrunner.files import write_text_atomically
+from batchrunner.files import summary_path, write_text_atomically
 from batchrunner.halt import Halt, Stop, StopReason
 from batchrunner.judging import items as judge_items
 from batchrunner.judging import judge_spec
@@ -57,7 +57,7 @@ from batchrunner.keylog import KeyLog
 from batchrunner.limits import SURGE_LIMIT_RPS, FreeUsage, Limits, rate_from_key, state_dir
 from batchrunner.live import InFlight, LiveAnswerer, LiveExecutor
 from batchrunner.lock import job_lock, lock_path
-from batchrunner.output import export, extend, remove_leftovers, summary_path
+from batchrunner.output import export, extend, remove_leftovers
 from batchrunner.output import results as results_of
 from batchrunner.pending import Batch, pending
 from batchrunner.pool import Pool

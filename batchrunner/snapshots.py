@@ -15,13 +15,15 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
-
-from batchrunner.dataset import ROW_INDEX, scan
 from batchrunner.errors import Problem, SpecError
 from batchrunner.files import replacing
-from batchrunner.spec import JobSpec
+
+if TYPE_CHECKING:  # polars where a snapshot is written or read: `status` lists them without it
+    import polars as pl
+
+    from batchrunner.spec import JobSpec
 
 KEPT = ("requested_model", "sample", "status", "model", "provider", "cost_usd", "latency_s")
 NAME = re.compile(r"(\d+)-(\d{8}T\d{6}Z)\.parquet")
@@ -56,6 +58,8 @@ def listed(spec: JobSpec) -> list[Snapshot]:
 
 def record(spec: JobSpec, frame: pl.DataFrame, score_columns: list[str], now: dt.datetime | None = None) -> Snapshot:
     """Keep what a complete run answered (the output frame with ROW_INDEX) as the job's next snapshot."""
+    from batchrunner.dataset import ROW_INDEX
+
     now = now or dt.datetime.now(dt.UTC)
     earlier = listed(spec)
     number = earlier[-1].number + 1 if earlier else 1
@@ -71,6 +75,10 @@ def baseline(spec: JobSpec, token: str, *, current: pl.DataFrame | None = None) 
     """What `--baseline` names, as (a label, its frame with ROW_INDEX): `run:N`, a date `YYYY-MM-DD` (the last
     snapshot finished that day or before), or an output file (.parquet, .csv, .jsonl) an earlier run wrote.
     (Another job's spec is read by the caller, which knows how to build a job's results.)"""
+    import polars as pl
+
+    from batchrunner.dataset import ROW_INDEX, scan
+
     snapshots = listed(spec)
     if token.startswith("run:"):
         wanted = token.removeprefix("run:")
@@ -105,6 +113,8 @@ def baseline(spec: JobSpec, token: str, *, current: pl.DataFrame | None = None) 
 
 def _typed(frame: pl.DataFrame) -> pl.DataFrame:
     """A CSV or JSONL output read back as text: its numbers as numbers, for the comparison."""
+    import polars as pl
+
     casts = {
         column: pl.Float64
         for column in frame.columns

@@ -25,14 +25,19 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from batchrunner.costs import ZERO_USD
 from batchrunner.errors import Problem, RunHalted, SpecError
 from batchrunner.files import open_no_follow
-from batchrunner.records import KEY_COLUMNS, PAIR_COLUMNS, STORED_SCHEMA, Bill, RowResult
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from batchrunner.records import Bill, RowResult
+
+# polars and records.py (whose column types are polars') are imported by what reads or writes results, not at
+# import: `batchrunner status` opens the checkpoint and counts without them (offline.job_status)
 
 COMMIT_INTERVAL_S = 0.2  # how often answers are committed: what a kill -9 can lose, beyond those in flight
 
@@ -48,6 +53,8 @@ SPILL_SUFFIX = ".unsaved.jsonl"
 def record_columns() -> list[str]:
     """Every column of a stored record, by name: the pair, the store's own, every STORED_SCHEMA column. Read from
     the schema when asked (not frozen at import), so nothing here lists a result column."""
+    from batchrunner.records import PAIR_COLUMNS, STORED_SCHEMA
+
     return [*PAIR_COLUMNS, *RUN_COLUMNS, *STORED_SCHEMA]
 
 
@@ -440,6 +447,22 @@ class Store:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    @staticmethod
+    def peek(path: Path, key: str) -> str | None:
+        """A fact about the job (`meta`), read without opening the checkpoint as `open` does: read-only, so no
+        migration, owner or spilled answer is written. None when there is none, or it cannot be read so."""
+        try:
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        except (OSError, ValueError, sqlite3.Error):
+            return None
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error:
+            return None
+        finally:
+            db.close()
+        return None if row is None else str(row[0])
+
     def set_meta(self, key: str, value: str | None) -> None:
         """Set (or, with None, forget) a fact about the job."""
         with self._lock:
@@ -565,6 +588,8 @@ class Store:
     def unfinished(self, row_ids: Sequence[str]) -> dict[tuple[str, str, str], tuple[str, Bill]]:
         """The status ("failed" or "pending") and bill of these rows' unanswered records, by checkpoint key:
         a retry starts from the bill."""
+        from batchrunner.records import KEY_COLUMNS
+
         found: dict[tuple[str, str, str], tuple[str, Bill]] = {}
         names = (*KEY_COLUMNS, "status", *_BILL_COLUMNS)
         with self._reading():
@@ -598,6 +623,8 @@ class Store:
         as its record by column name (PAIR_COLUMNS and STORED_SCHEMA's; RowResult.from_row reads it): what
         dedupe copies instead of asking again. Answers not yet committed are seen too, so an answer is never
         asked for twice in the gap before a commit."""
+        from batchrunner.records import PAIR_COLUMNS, STORED_SCHEMA
+
         wanted = set(requests)
         found: dict[tuple[str, str], dict[str, Any]] = {}
         names = [*PAIR_COLUMNS, *STORED_SCHEMA]
@@ -625,6 +652,8 @@ class Store:
     def fetch(self, row_ids: Sequence[str]) -> pl.DataFrame:
         """Every answered or failed record of these rows (not the unfinished ones), as a frame with named
         columns: fetched_schema()'s, `fingerprint`, `row_id` and STORED_SCHEMA's (money as exact decimal text)."""
+        import polars as pl
+
         schema = fetched_schema()
         names = list(schema)
         rows: list[tuple[Any, ...]] = []
@@ -755,6 +784,10 @@ class Store:
 
 def fetched_schema() -> dict[str, pl.DataType]:
     """The columns, with their types, of the frame fetch() returns."""
+    import polars as pl
+
+    from batchrunner.records import STORED_SCHEMA
+
     return {"fingerprint": pl.String(), "row_id": pl.String(), **STORED_SCHEMA}
 
 
@@ -804,6 +837,8 @@ _BILL_COLUMNS = (
 
 def _bill(record: dict[str, Any]) -> Bill:
     """A row's whole bill from its stored record, by column name (a NULL, from before a column was kept, as none)."""
+    from batchrunner.records import Bill
+
     upstream = record["upstream_cost_usd"]
     return Bill(
         Decimal(record["cost_usd"] or "0"),

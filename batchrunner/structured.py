@@ -11,9 +11,10 @@ import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
+if TYPE_CHECKING:  # polars is imported where a column type is made: spec.py (and `status`) check schemas without it
+    import polars as pl
 
 FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n?\s*```\s*$", re.DOTALL)
 
@@ -154,6 +155,8 @@ def _kind(node: dict[str, Any]) -> str | None:
 def polars_type(node: Any, root: dict[str, Any]) -> pl.DataType:
     """string → String (an all-string enum → Enum), integer → Int64, number → Float64, boolean →
     Boolean, array → List, object with properties → Struct; anything whose shape varies → JSON text."""
+    import polars as pl
+
     node = resolve_ref(node, root)
     kind = _kind(node)
     if kind == "string":
@@ -181,6 +184,8 @@ def _instance(dtype: Any) -> pl.DataType:
 
 def typed_value(value: Any, dtype: pl.DataType) -> Any:
     """A parsed JSON value shaped for its column: JSON text where the column holds JSON text."""
+    import polars as pl
+
     if value is None:
         return None
     if isinstance(dtype, pl.String) and not isinstance(value, str):

@@ -19,7 +19,7 @@ from helpers.scripted import Reply, Scripted, answer
 
 from batchrunner.breaker import Breaker
 from batchrunner.costs import format_usd
-from batchrunner.output import summary_path
+from batchrunner.files import summary_path
 from batchrunner.retries import RetryPolicy
 from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig

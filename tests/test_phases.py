@@ -11,8 +11,8 @@ import pytest
 
 from batchrunner import interrupts
 from batchrunner.errors import SpecError
+from batchrunner.files import summary_path
 from batchrunner.lock import lock_path
-from batchrunner.output import summary_path
 from batchrunner.runner import Opened, RunSettings, plan_run, run_job, write_run
 from batchrunner.sandbox import Sandbox, SandboxConfig
 from batchrunner.spec import load_spec
