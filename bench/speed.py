@@ -7,7 +7,7 @@ both against the same zero-latency OpenAI-compatible server in its own process, 
 - `batchrunner`: `batchrunner run` of an N-row job (start-up, read, template, send, parse, checkpoint,
   write the output) in a fresh process, wall time from start to exit, CPU time of the process.
 
-    python bench/speed.py [--rows 20000] [--repeats 3]
+    python bench/speed.py [--rows 20000] [--repeats 3] [--long-rows 3000] [--long-only]
 
 Prints rows/s and CPU-ms per row for each (medians), and batchrunner's ratio to the bare loop.
 """
@@ -181,7 +181,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-rows", type=int, default=3_000, help="rows of 16k-token answers (0: skip)")
+    parser.add_argument("--long-only", action="store_true", help="only the 16k-token answers (and their bare loop)")
     args = parser.parse_args()
+    if args.long_only:
+        long_answers(args.long_rows, args.repeats, None)
+        return
     server, url = start_server()
     try:
         with tempfile.TemporaryDirectory() as scratch:
@@ -215,7 +219,7 @@ def main() -> None:
         long_answers(args.long_rows, args.repeats, rates)
 
 
-def long_answers(rows: int, repeats: int, short: dict[str, float]) -> None:
+def long_answers(rows: int, repeats: int, short: dict[str, float] | None) -> None:
     """16k-token answers (64 KB each) at concurrency 64: how much of the short-answer rate each keeps."""
     server, url = start_server(answer_chars=16_384 * 4)
     try:
@@ -223,8 +227,10 @@ def long_answers(rows: int, repeats: int, short: dict[str, float]) -> None:
             folder = Path(scratch)
             lines = ["id,text", *(f"r{i},write a long report {i}" for i in range(rows))]
             (folder / "input.csv").write_text("\n".join(lines) + "\n")
-            bare_runs = [bare(url, rows, 64) for _ in range(repeats)]
-            our_runs = [ours(url, rows, folder, max_tokens=20_000) for _ in range(repeats)]
+            bare_runs, our_runs = [], []
+            for _ in range(repeats):  # side by side, so a change in the machine's load touches both alike
+                bare_runs.append(bare(url, rows, 64))
+                our_runs.append(ours(url, rows, folder, max_tokens=20_000))
     finally:
         server.terminate()
         server.wait()
@@ -235,10 +241,14 @@ def long_answers(rows: int, repeats: int, short: dict[str, float]) -> None:
         f"16k-token answers, {rows:,} rows: bare_loop {bare_rate:.0f} rows/s, "
         f"batchrunner {our_rate:.0f} rows/s end to end, {in_run:.0f} in the run"
     )
+    at_short = (
+        f" (at short answers {short['batchrunner'] / short['bare loop']:.2f}, {short['in run'] / short['bare loop']:.2f})"
+        if short
+        else ""
+    )
     print(
         f"ratio batchrunner/bare_loop at 16k tokens {our_rate / bare_rate:.2f} end to end, {in_run / bare_rate:.2f} "
-        f"in the run (at short answers {short['batchrunner'] / short['bare loop']:.2f}, "
-        f"{short['in run'] / short['bare loop']:.2f})"
+        f"in the run{at_short}"
     )
 
 

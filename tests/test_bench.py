@@ -60,6 +60,13 @@ def test_speed_bench_compares_with_the_bare_loop() -> None:
     assert lines[5].startswith("ratio batchrunner/bare_loop ") and "at 16k tokens" in lines[-1]
 
 
+def test_speed_bench_long_only_prints_the_long_answers_beside_their_bare_loop() -> None:
+    """bench/speed.py --long-only measures only the 16k-token answers and the bare loop beside them."""
+    lines = run_bench("speed.py", "--long-only", "--repeats", "1", "--long-rows", "30")
+    assert lines[0].startswith("16k-token answers, 30 rows: bare_loop ")
+    assert lines[-1].startswith("ratio batchrunner/bare_loop at 16k tokens ") and "short" not in lines[-1]
+
+
 def test_startup_bench_times_each_command() -> None:
     """bench/startup.py runs --help, a 10-row sandbox job and status, each in a fresh process, then the 10-row job
     against a sandbox 0.1 s away."""
