@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -401,3 +406,39 @@ def test_a_spill_line_of_no_known_shape_is_skipped_and_said(tmp_path: Path, capl
     with caplog.at_level(logging.WARNING, logger="batchrunner"), Store.open(path) as store:
         assert store.fetch(["id4"]).height == 1
     assert "line 2 is not an answer this batchrunner can read" in caplog.text
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from batchrunner.records import RowResult
+from batchrunner.store import Store
+store = Store.open(Path(sys.argv[1]))
+text = "answer " * 9000  # ~64 KB: a commit of a few of these takes long enough to be killed in
+for batch in range(1000):
+    for i in range(8):
+        store.add(RowResult(i, f"b{batch}-{i}", 0, "a/b", "ok", response=f"{batch}-{i} {text}", fingerprint="fp"))
+    store.flush()
+    print(batch, flush=True)  # every answer of this batch is committed
+"""
+
+
+@pytest.mark.parametrize("after", [1, 3, 6])
+def test_a_writer_killed_mid_commit_keeps_every_committed_answer(tmp_path: Path, after: int) -> None:
+    """kill -9 of a process committing long answers, at a moment of its commits: every answer a returned commit
+    holds is there, whole, and the checkpoint opens intact (the commit cut off is whole or absent)."""
+    path = tmp_path / "c.sqlite"
+    with subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True) as writer:
+        assert writer.stdout is not None
+        committed = -1
+        while committed < after:
+            committed = int(writer.stdout.readline())
+        os.kill(writer.pid, signal.SIGKILL)  # mid-commit of batch `committed + 1`, or just before or after it
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = dict(db.execute("SELECT row_id, response FROM results").fetchall())
+    for batch in range(committed + 1):
+        for i in range(8):
+            assert stored[f"b{batch}-{i}"].startswith(f"{batch}-{i} answer ") and len(stored[f"b{batch}-{i}"]) > 60_000
+    partial = {row_id.split("-")[0] for row_id in stored} - {f"b{batch}" for batch in range(committed + 1)}
+    assert len(partial) <= 1 and all(sum(r.startswith(b + "-") for r in stored) == 8 for b in partial)
