@@ -4,7 +4,9 @@ One SQLite file per job (WAL mode, synchronous=FULL): the results, keyed by (row
 requested model, fingerprint), with everything needed to rebuild the output without a
 request, and a row per run. Answers are buffered and committed by one writer in short
 transactions (every COMMIT_INTERVAL_S, off the event loop), so a kill -9 loses at most the
-requests in flight and the last fraction of a second of answers, and a reboot no more.
+requests in flight and the last fraction of a second of answers, and a reboot no more
+(docs/guarantees.md, the durability contract). Reads go through a second connection: WAL lets
+it read the last commit while the writer commits the next, so a read never waits on a commit.
 
 Schema changes are numbered migrations, applied in order when the store opens.
 """
@@ -267,10 +269,14 @@ def _timestamp(epoch_s: int) -> str:
 class Store:
     """A job's checkpoint file. Use `Store.open(path)`; one writer, many short transactions."""
 
-    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, db: sqlite3.Connection, reader: sqlite3.Connection | None = None) -> None:
         self.path = path
-        self._db = db
-        self._lock = threading.Lock()  # the connection is shared with the flush thread
+        self._db = db  # the writer: commits (the flush thread's), and every write
+        self._lock = threading.Lock()  # the writer is shared with the flush thread
+        # The reader: every query, beside the writer (WAL), so none waits on a commit; each query a snapshot of the
+        # last commit (a read transaction ends with its statement: every query here is read to its end).
+        self._reader = db if reader is None else reader
+        self._read_lock = threading.Lock() if reader is not None else self._lock
         self._buffer_lock = threading.Lock()  # add() on the loop, flush() on a thread
         self._pending: list[dict[str, Any]] = []  # records by column name (RowResult.to_row and the store's own)
         self.run_id: int | None = None
@@ -327,7 +333,14 @@ class Store:
             if isinstance(exc, SpecError):
                 raise
             raise _unusable(path, exc) from None
-        store = cls(path, db)
+        try:
+            reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            reader.execute("PRAGMA busy_timeout=5000")
+            reader.execute("PRAGMA query_only=1")
+        except (OSError, sqlite3.Error) as exc:
+            db.close()
+            raise _unusable(path, exc) from None
+        store = cls(path, db, reader)
         store.server = server
         store._merge_spilled()
         return store
@@ -350,6 +363,8 @@ class Store:
                     time.sleep(0.2)
                     continue
                 self._spill(exc)
+        with self._read_lock, contextlib.suppress(sqlite3.Error):
+            self._reader.close()  # first: the writer, closing last, folds the WAL into the file and removes it
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()
 
@@ -443,8 +458,8 @@ class Store:
             log.warning("could not record the end of the run in %s (%s)", self.path, exc)
 
     def meta(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     @staticmethod
@@ -472,8 +487,8 @@ class Store:
                 self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def runs(self) -> list[dict[str, Any]]:
-        with self._lock:
-            cursor = self._db.execute("SELECT * FROM runs ORDER BY run_id")
+        with self._read_lock:
+            cursor = self._reader.execute("SELECT * FROM runs ORDER BY run_id")
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
@@ -486,19 +501,20 @@ class Store:
         whole bill (a retried row starts from what it was billed before), so the sum counts
         every billed attempt once."""
         total = ZERO_USD
-        with self._lock:
-            for (cost,) in self._db.execute(
+        with self._read_lock:
+            costs = self._reader.execute(
                 "SELECT cost_usd FROM results WHERE cost_usd IS NOT NULL AND coalesce(server, '') = ? UNION ALL "
                 "SELECT cost_usd FROM batches WHERE cost_usd IS NOT NULL AND coalesce(server, '') = ?",
                 (server, server),
-            ):
-                total += Decimal(cost)
+            ).fetchall()
+        for (cost,) in costs:
+            total += Decimal(cost)
         return total
 
     def unpriced(self, server: str = "") -> int:
         """Answers from `server` with an attempt whose cost is unknown: while not 0, spent_usd is a lower bound."""
-        with self._lock:
-            row = self._db.execute(
+        with self._read_lock:
+            row = self._reader.execute(
                 "SELECT count(*) FROM results WHERE cost_source = 'unknown' AND coalesce(server, '') = ?", (server,)
             ).fetchone()
         return int(row[0])
@@ -564,9 +580,9 @@ class Store:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
-        """The lock, for the queries a run makes as it reads its rows; a checkpoint that fails them mid-run (a
+        """The reader, for the queries a run makes as it reads its rows; a checkpoint that fails them mid-run (a
         disk error) stops the run with a sentence naming it, not as an input or internal error."""
-        with self._lock:
+        with self._read_lock:
             try:
                 yield
             except sqlite3.Error as exc:
@@ -582,7 +598,7 @@ class Store:
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 query = f"SELECT row_id, requested_model, fingerprint FROM results WHERE status = 'ok' AND row_id IN ({marks})"
-                found.update(self._db.execute(query, chunk).fetchall())
+                found.update(self._reader.execute(query, chunk).fetchall())
         return found
 
     def unfinished(self, row_ids: Sequence[str]) -> dict[tuple[str, str, str], tuple[str, Bill]]:
@@ -596,7 +612,7 @@ class Store:
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
                 query = f"SELECT {', '.join(names)} FROM results WHERE status != 'ok' AND row_id IN ({marks})"
-                for values in self._db.execute(query, chunk):
+                for values in self._reader.execute(query, chunk).fetchall():
                     record = dict(zip(names, values, strict=True))
                     key = (record["row_id"], record["requested_model"], record["fingerprint"])
                     found[key] = (record["status"], _bill(record))
@@ -604,16 +620,16 @@ class Store:
 
     def answers_by_server(self) -> dict[str, int]:
         """How many answers each server gave ("" is OpenRouter; answers from before servers were recorded count as it)."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 "SELECT coalesce(server, ''), count(*) FROM results WHERE status = 'ok' GROUP BY 1"
             ).fetchall()
         return {server: int(n) for server, n in rows}
 
     def completion_tokens_by_model(self) -> dict[str, tuple[int, int]]:
         """(answers, completion tokens) per requested model: how long this job's answers run."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 "SELECT requested_model, count(*), sum(completion_tokens) FROM results WHERE status = 'ok' GROUP BY requested_model"
             ).fetchall()
         return {model: (int(n), int(total or 0)) for model, n, total in rows}
@@ -642,7 +658,7 @@ class Store:
                     f"SELECT {', '.join(names)} FROM results WHERE fingerprint IN ({marks}) "
                     "AND status = 'ok' AND deduped_from IS NULL"
                 )
-                for row in self._db.execute(query, chunk):
+                for row in self._reader.execute(query, chunk).fetchall():
                     values = dict(zip(names, row, strict=True))
                     key = (values["requested_model"], values["fingerprint"])
                     if key in wanted:
@@ -657,10 +673,10 @@ class Store:
         schema = fetched_schema()
         names = list(schema)
         rows: list[tuple[Any, ...]] = []
-        with self._lock:
+        with self._read_lock:
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
-                rows += self._db.execute(
+                rows += self._reader.execute(
                     f"SELECT {', '.join(names)} FROM results WHERE status != 'pending' AND row_id IN ({marks})", chunk
                 ).fetchall()
         return pl.DataFrame(rows, schema=schema, orient="row")
@@ -684,7 +700,7 @@ class Store:
             "attempts",
         )
         with self._reading():
-            rows = self._db.execute(
+            rows = self._reader.execute(
                 f"SELECT {', '.join(names)} FROM results WHERE generation_id IS NOT NULL AND deduped_from IS NULL "
                 "AND status != 'pending' AND coalesce(server, '') = ? ORDER BY generation_id, row_id",
                 (server,),
@@ -695,7 +711,7 @@ class Store:
         """What earlier audits learned: generation id -> (state, what was kept as JSON text). State "found" is
         final; "unknown" (no record yet) is asked again."""
         with self._reading():
-            rows = self._db.execute("SELECT generation_id, state, kept FROM audits").fetchall()
+            rows = self._reader.execute("SELECT generation_id, state, kept FROM audits").fetchall()
         return {generation_id: (state, kept) for generation_id, state, kept in rows}
 
     def record_audit(self, generation_id: str, state: str, kept: str | None) -> None:
@@ -753,8 +769,8 @@ class Store:
 
     def open_batches(self) -> list[dict[str, Any]]:
         """Batches submitted (or being submitted) and not yet collected, oldest first."""
-        with self._lock:
-            cursor = self._db.execute(
+        with self._read_lock:
+            cursor = self._reader.execute(
                 "SELECT intent_id, batch_id, model, requests, keys, state, created_s, reserved_usd, cursor "
                 "FROM batches WHERE state IN ('submitting', 'submitted', 'cancelling') ORDER BY created_s"
             )
@@ -767,8 +783,8 @@ class Store:
 
     def all_batches(self) -> list[dict[str, Any]]:
         """Every batch this job submitted, for `status`."""
-        with self._lock:
-            cursor = self._db.execute(
+        with self._read_lock:
+            cursor = self._reader.execute(
                 "SELECT intent_id, batch_id, model, requests, state, created_at FROM batches ORDER BY created_s"
             )
             names = [d[0] for d in cursor.description]

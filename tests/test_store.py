@@ -11,6 +11,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -203,7 +205,7 @@ def test_a_checkpoint_that_fails_a_query_mid_run_stops_the_run_naming_it(tmp_pat
     """The queries a run makes as it reads its rows turn a SQLite failure into a RunHalted naming the checkpoint and
     the fix (a sentence and exit 3), not an error blamed on the input or a traceback."""
     store = Store.open(tmp_path / "c.sqlite")
-    store._db.close()  # the connection fails from here on, as a disk error would make it
+    store._reader.close()  # the connection fails from here on, as a disk error would make it
     for query in (
         lambda: store.answered(["a"]),
         lambda: store.unfinished(["a"]),
@@ -442,3 +444,40 @@ def test_a_writer_killed_mid_commit_keeps_every_committed_answer(tmp_path: Path,
             assert stored[f"b{batch}-{i}"].startswith(f"{batch}-{i} answer ") and len(stored[f"b{batch}-{i}"]) > 60_000
     partial = {row_id.split("-")[0] for row_id in stored} - {f"b{batch}" for batch in range(committed + 1)}
     assert len(partial) <= 1 and all(sum(r.startswith(b + "-") for r in stored) == 8 for b in partial)
+
+
+def test_a_read_during_a_long_commit_does_not_wait_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queries a run makes (answered, unfinished, fetch, answers_to, meta, the spending) answer at once while
+    the flush thread is mid-commit, from the last commit, not waiting for the one in progress."""
+    store = Store.open(tmp_path / "c.sqlite")
+    store.add(result(1))
+    store.flush()
+    real, inserted, release = store._db, threading.Event(), threading.Event()
+
+    class SlowCommit:  # a commit held open between its inserts and its COMMIT for as long as the test says
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def executemany(self, *args: Any) -> object:
+            done = real.executemany(*args)
+            inserted.set()
+            release.wait(5)
+            return done
+
+    monkeypatch.setattr(store, "_db", SlowCommit())
+    store.add(result(2))
+    flusher = threading.Thread(target=store.flush)
+    flusher.start()
+    assert inserted.wait(5)
+    started = time.monotonic()
+    assert store.answered(["id1", "id2"]) == {("id1", "a/b", "fp")}
+    assert store.unfinished(["id1", "id2"]) == {}
+    assert store.fetch(["id1", "id2"])["row_id"].to_list() == ["id1"]
+    assert set(store.answers_to([("a/b", "fp")])) == {("a/b", "fp")}
+    assert store.meta("anything") is None and store.spent_usd() == Decimal("0.000123")
+    waited = time.monotonic() - started
+    release.set()
+    flusher.join()
+    assert waited < 1, f"the reads waited {waited:.1f} s for the commit"
+    assert store.answered(["id1", "id2"]) == {("id1", "a/b", "fp"), ("id2", "a/b", "fp")}
+    store.close()
