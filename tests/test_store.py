@@ -481,3 +481,22 @@ def test_a_read_during_a_long_commit_does_not_wait_for_it(tmp_path: Path, monkey
     assert waited < 1, f"the reads waited {waited:.1f} s for the commit"
     assert store.answered(["id1", "id2"]) == {("id1", "a/b", "fp"), ("id2", "a/b", "fp")}
     store.close()
+
+
+def test_a_new_checkpoint_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """A new checkpoint is made with PAGE_SIZE pages (a long answer in few pages); one made with SQLite's default
+    4 KB pages keeps them and its answers, and takes new ones."""
+    from batchrunner.store import PAGE_SIZE
+
+    new, old = tmp_path / "new.sqlite", tmp_path / "old.sqlite"
+    Store.open(new).close()
+    _legacy_checkpoint(old)
+    with Store.open(old) as store:
+        store.add(result(2))
+    with contextlib.closing(sqlite3.connect(new)) as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE > 4096
+    with contextlib.closing(sqlite3.connect(old)) as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with Store.open(old) as store:
+        assert store.answered(["id1", "id2"]) == {("id1", "a/b", "fp"), ("id2", "a/b", "fp")}
