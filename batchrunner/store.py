@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 # A new checkpoint's page: a 64 KB answer takes 4 pages, not 16 (SQLite's default, 4 KB) chained page by page: its
 # commit and its read back for the output cost a third less (bench/speed.py --long-only).
 PAGE_SIZE = 16_384
+FETCH_ROWS = 256  # records fetch() holds as Python values at a time
 COMMIT_INTERVAL_S = 0.2  # how often answers are committed: what a kill -9 can lose, beyond those in flight
 
 log = logging.getLogger("batchrunner")
@@ -671,19 +672,34 @@ class Store:
 
     def fetch(self, row_ids: Sequence[str]) -> pl.DataFrame:
         """Every answered or failed record of these rows (not the unfinished ones), as a frame with named
-        columns: fetched_schema()'s, `fingerprint`, `row_id` and STORED_SCHEMA's (money as exact decimal text)."""
+        columns: fetched_schema()'s, `fingerprint`, `row_id` and STORED_SCHEMA's (money as exact decimal text).
+
+        Read FETCH_ROWS records at a time, each slice into its columns (a Series from a list is built in one
+        pass; a frame from rows takes them apart value by value): the answers of a slice are Python strings only
+        until the slice is a frame, so long answers are not all held twice (3,000 of 64 KB: 0.30-0.39 s and
+        644 MB peak whole, 0.27-0.35 s and 481 MB by slices)."""
         import polars as pl
 
         schema = fetched_schema()
         names = list(schema)
-        rows: list[tuple[Any, ...]] = []
+        frames = [pl.DataFrame(schema=schema)]
         with self._read_lock:
             for chunk in _chunks(row_ids, MAX_PARAMETERS):
                 marks = ",".join("?" * len(chunk))
-                rows += self._reader.execute(
+                cursor = self._reader.execute(
                     f"SELECT {', '.join(names)} FROM results WHERE status != 'pending' AND row_id IN ({marks})", chunk
-                ).fetchall()
-        return pl.DataFrame(rows, schema=schema, orient="row")
+                )
+                try:
+                    while rows := cursor.fetchmany(FETCH_ROWS):
+                        columns = zip(*rows, strict=True)
+                        frames.append(
+                            pl.DataFrame(
+                                [pl.Series(n, v, dtype=t) for (n, t), v in zip(schema.items(), columns, strict=True)]
+                            )
+                        )
+                finally:
+                    cursor.close()  # a query left half-read would hold its snapshot: later reads would not see commits
+        return pl.concat(frames, rechunk=False)
 
     # -- audits (batchrunner audit) --------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import pytest
 
 from batchrunner.errors import RunHalted, SpecError
 from batchrunner.records import MONEY_COLUMNS, RESULT_SCHEMA, STORED_EXTRAS, STORED_SCHEMA, Bill, RowResult
-from batchrunner.store import MIGRATIONS, Store
+from batchrunner.store import MIGRATIONS, Store, fetched_schema
 
 
 def result(row: int, status: str = "ok", fingerprint: str = "fp", cost: str = "0.000123") -> RowResult:
@@ -500,3 +501,33 @@ def test_a_new_checkpoint_has_large_pages_and_an_old_one_keeps_its_own(tmp_path:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     with Store.open(old) as store:
         assert store.answered(["id1", "id2"]) == {("id1", "a/b", "fp"), ("id2", "a/b", "fp")}
+
+
+def test_fetch_by_slices_returns_every_answer_as_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fetch() read a few records at a time and column by column gives the frame read whole gave: long answers
+    (ASCII, non-ASCII, a NUL inside), empty and missing ones, money text and numbers, byte for byte, in every
+    slice and chunk of ids."""
+    import batchrunner.store as store_module
+
+    monkeypatch.setattr(store_module, "FETCH_ROWS", 7)
+    monkeypatch.setattr(store_module, "MAX_PARAMETERS", 23)
+    texts = ["ok " * 22_000, "é漢🙂 " * 9_000, "a\x00b", "", None]
+    store = Store.open(tmp_path / "c.sqlite")
+    for row in range(60):
+        status = "failed" if row % 11 == 3 else "pending" if row % 13 == 5 else "ok"
+        answer = dataclasses.replace(
+            result(row, status, cost=f"0.{row:012d}"), response=texts[row % len(texts)], latency_s=row / 7
+        )
+        store.add(answer)
+    store.flush()
+    ids = [f"id{row}" for row in range(62)]
+    got = store.fetch(ids)
+    with contextlib.closing(sqlite3.connect(tmp_path / "c.sqlite")) as db:
+        names = list(fetched_schema())
+        rows = db.execute(f"SELECT {', '.join(names)} FROM results WHERE status != 'pending'").fetchall()
+    whole = pl.DataFrame(rows, schema=fetched_schema(), orient="row")
+    assert got.schema == whole.schema and got.height == whole.height == 55  # 5 of the 60 are unfinished
+    assert got.sort("row_id").equals(whole.sort("row_id"), null_equal=True)
+    by_id = dict(zip(got["row_id"], got["response"], strict=True))
+    assert all(by_id[f"id{row}"] == texts[row % len(texts)] for row in range(60) if f"id{row}" in by_id)
+    assert store.fetch([]).schema == whole.schema and store.fetch(["nobody"]).height == 0
