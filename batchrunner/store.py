@@ -558,21 +558,27 @@ class Store:
         return len(batch)
 
     async def flush_every(self, interval_s: float, on_error: Callable[[Exception], None] | None = None) -> None:
-        """Commit buffered answers every `interval_s`, off the event loop, until cancelled.
+        """Commit buffered answers every `interval_s` (from the start of one commit to the next), off the event
+        loop, until cancelled.
 
         A failed commit (a full disk, or anything else) keeps the answers buffered and is
         tried again; `on_error` hears of it, so the run stops paying for answers it cannot
         keep. This task never dies of an error: a dead flusher would save nothing more."""
         import asyncio  # here, not at the top: commands that only read the checkpoint never need it
 
+        took = 0.0
         try:
             while True:
-                await asyncio.sleep(interval_s)
+                # a commit that took the interval or longer (long answers) is followed by the next at once: what
+                # arrived meanwhile is already due, and the flush thread's idle time would only grow the backlog
+                await asyncio.sleep(max(0.0, interval_s - took))
+                started = time.monotonic()
                 try:
                     await asyncio.to_thread(self.flush)
                 except Exception as exc:
                     if on_error is not None:
                         on_error(exc)
+                took = time.monotonic() - started
         finally:
             with contextlib.suppress(Exception):
                 self.flush()

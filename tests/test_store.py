@@ -173,6 +173,33 @@ def test_an_older_checkpoint_is_migrated_keeping_its_answers(tmp_path: Path) -> 
     assert store.answered(["id2"]) == {("id2", "a/b", "fp")}
 
 
+async def test_a_commit_longer_than_the_interval_is_followed_by_the_next_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a commit takes the interval or longer (long answers), the flusher starts the next one at once instead of
+    idling another interval while the backlog grows; a quick commit is still followed by the interval's wait."""
+    store = Store.open(tmp_path / "c.sqlite")
+    commits: list[tuple[float, float]] = []
+
+    def flush(slow: float = 0.15) -> int:
+        started = time.monotonic()
+        time.sleep(slow if len(commits) == 0 else 0)
+        commits.append((started, time.monotonic()))
+        return 0
+
+    monkeypatch.setattr(store, "flush", flush)
+    flusher = asyncio.create_task(store.flush_every(0.15))
+    while len(commits) < 3:
+        await asyncio.sleep(0.01)
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
+    (_, slow_end), (quick_start, _), (next_start, _) = commits[:3]
+    assert quick_start - slow_end < 0.08, "after a slow commit, the next began at once"
+    assert next_start - quick_start > 0.1, "after a quick one, the interval is kept"
+    store.close()
+
+
 async def test_a_full_disk_keeps_answers_buffered_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A commit that fails (disk full) keeps the answers in the buffer, tells the run, and succeeds once it can."""
     store = Store.open(tmp_path / "c.sqlite")
