@@ -32,7 +32,8 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from batchrunner.errors import Problem, SpecError
@@ -119,7 +120,8 @@ class RayExecutor:
         if not ray.is_initialized():
             address = self._reachable(ray)
             try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+                with _signals_kept():
+                    ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise self._unjoinable(self.address or os.environ.get("RAY_ADDRESS") or "", exc) from exc
         cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -215,6 +217,22 @@ class RayExecutor:
                 "(`ray start --head`) or fix the address",
             )
         )
+
+
+@contextlib.contextmanager
+def _signals_kept() -> Iterator[None]:
+    """The run's own SIGINT and SIGTERM handlers (interrupts.py), put back after ray.init: it sets a SIGTERM handler
+    that exits at once (and its core worker one that dumps a native stack), so a SIGTERM to the driver lost the
+    answers on the wire, paid for, and exited 15 instead of stopping as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (Ray sets none outside the main thread)
+        return
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _is_local(ray: Any) -> bool:

@@ -332,3 +332,22 @@ async def test_a_stranger_at_the_drivers_port_is_dropped_unread() -> None:
     await writer.wait_closed()
     server.close()
     await server.wait_closed()
+
+
+@pytest.mark.slow
+@needs_ray
+def test_sigterm_to_the_driver_stops_the_run_as_ctrl_c_does(
+    tmp_path: Path, cluster: str, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """SIGTERM to the driver lets the requests on the wire land and exits 3, every answer paid for stored (ray.init
+    put its own SIGTERM handler in place of the run's: exit 15, a native stack dump, the wire's answers lost)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.3))
+    process = run_until(ray_job(tmp_path, 400), env_on(sandbox, cluster), lambda: sandbox.stats.requests >= 60)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 3, stderr
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr
+    assert "stopping: SIGTERM" in stderr
+    time.sleep(1)  # what was on the wire lands at the server, and is charged
+    stored = pl.read_parquet(tmp_path / "out.parquet")["cost_usd"].cast(pl.Decimal(scale=12)).sum()
+    assert stored == sandbox.stats.charged_usd
