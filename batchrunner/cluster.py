@@ -33,6 +33,7 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -99,6 +100,7 @@ class RayExecutor:
         self._server: asyncio.Server | None = None
         self._host = "127.0.0.1"
         self._actor: Any = None
+        self._gcs = ""  # the cluster's head (host:port), once joined
 
     def setup_env(self) -> dict[str, str]:
         return worker_env(self.spec)
@@ -138,6 +140,17 @@ class RayExecutor:
         else:  # workers on other machines reach the driver at its node's address
             self._host = ray.util.get_node_ip_address()
         self._actor = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(RayWorker)
+        self._gcs = ray.get_runtime_context().gcs_address
+
+    def _cluster_answers(self) -> bool:
+        """Whether the cluster's head (its GCS) still takes a connection: a cluster stopped mid-run takes the actors
+        along, and new ones would wait for it until Ray ends the driver (60 s on, exit 1, nothing written)."""
+        host, _, port = self._gcs.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S):
+                return True
+        except (OSError, ValueError):
+            return False
 
     async def launch(self, setup: WorkerSetup) -> tuple[Hand, Channel]:
         """An actor started with `setup`: it connects to the driver with its token, then is sent `setup`."""
@@ -149,13 +162,27 @@ class RayExecutor:
         actor = self._actor.options(name=None, scheduling_strategy="SPREAD").remote()
         ref = actor.serve.remote(self._host, port, token, setup.number, setup.log_level)
         hand = ActorHand(actor, ref)
+        deadline = time.monotonic() + START_S
+        gone = False
         try:
-            done, _ = await asyncio.wait({connected, hand.over}, timeout=START_S, return_when=asyncio.FIRST_COMPLETED)
+            while True:  # the cluster asked now and then: an actor it lost with its head never connects
+                done, _ = await asyncio.wait(
+                    {connected, hand.over}, timeout=CONNECT_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done or time.monotonic() > deadline:
+                    break
+                if gone := not await asyncio.get_running_loop().run_in_executor(None, self._cluster_answers):
+                    break
         finally:
             self._waiting.pop(token, None)
         if connected not in done:
-            hand.kill()
             connected.cancel()
+            if gone:  # (ray.kill would wait on the lost cluster)
+                raise WorkerStartFailed(
+                    f"the Ray cluster at {self._gcs} no longer answers (stopped, or its head node lost): start it "
+                    "again and rerun"
+                )
+            hand.kill()
             if hand.over in done:
                 raise WorkerStartFailed(f"a Ray worker ended as it started ({hand.ended()})")
             raise WorkerStartFailed(
@@ -247,6 +274,9 @@ class ActorHand:
     def __init__(self, actor: Any, ref: Any) -> None:
         self.actor, self.ref = actor, ref
         self.over: asyncio.Future[Any] = asyncio.wrap_future(ref.future())
+        # its end read even when nobody asks how it ended (an actor given up on as it started): else asyncio logs
+        # "Future exception was never retrieved" with Ray's error, an ERROR line after the run's last words
+        self.over.add_done_callback(lambda over: over.cancelled() or over.exception())
 
     def watch(self, channel: Channel) -> None:
         """An actor that ended (killed, its node lost) closes its connection: a lost node may never say so on the

@@ -8,6 +8,7 @@ where Ray is not installed (it is an optional extra)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import pickle
@@ -36,14 +37,15 @@ HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'batchrunner[ray]')")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Ray cluster of this machine (`ray start --head`, 4 CPUs, on loopback), its address; stopped after."""
+@contextlib.contextmanager
+def ray_cluster(logs: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A Ray cluster of this machine (`ray start --head`, 4 CPUs, on loopback): its address and its head process
+    (the leader of its process group); stopped after."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
+    log = (logs / "head.log").open("w")
     # its own temporary folder (short: it holds Unix sockets), so that it records itself there and not as this
     # machine's latest cluster, which a run given no address would join after it is gone
     temp = tempfile.mkdtemp(prefix="br-ray-")
@@ -63,15 +65,27 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     while "ray stop" not in Path(log.name).read_text() and time.monotonic() < deadline:  # its "started" lines
         assert head.poll() is None, Path(log.name).read_text()
         time.sleep(0.2)
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-    log.close()
-    shutil.rmtree(temp, ignore_errors=True)
+        yield address, head
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        with contextlib.suppress(ProcessLookupError):  # what of the group outlived its leader
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The module's Ray cluster (ray_cluster), its address."""
+    with ray_cluster(tmp_path_factory.mktemp("ray")) as (address, _):
+        yield address
 
 
 def env_on(sandbox: Sandbox, address: str) -> dict[str, str]:
@@ -351,3 +365,26 @@ def test_sigterm_to_the_driver_stops_the_run_as_ctrl_c_does(
     time.sleep(1)  # what was on the wire lands at the server, and is charged
     stored = pl.read_parquet(tmp_path / "out.parquet")["cost_usd"].cast(pl.Decimal(scale=12)).sum()
     assert stored == sandbox.stats.charged_usd
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_ray_cluster_lost_mid_run_stops_the_run_saying_so(
+    tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """The whole cluster killed mid-run (its actors with it): the driver stops within seconds, exit 3 naming the
+    cluster, the output written with what was answered (it waited for new actors that never came until Ray
+    ended the process after 60 s: exit 1, Ray's message, no output)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.3))
+    with ray_cluster(tmp_path) as (address, head):
+        spec = ray_job(tmp_path, 400)
+        process = run_until(spec, env_on(sandbox, address), lambda: sandbox.stats.requests >= 60)
+        os.killpg(head.pid, signal.SIGKILL)
+        started = time.monotonic()
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 3, stderr
+    assert time.monotonic() - started < 40, stderr
+    assert "the Ray cluster at" in stderr and "no longer answers" in stderr
+    assert "Traceback" not in stderr and "Failed to connect to GCS" not in stderr and "never retrieved" not in stderr
+    output = pl.read_parquet(tmp_path / "out.parquet")
+    assert (output["status"] == "ok").sum() >= 60 - 16  # what was answered, less what the actors had not handed back
