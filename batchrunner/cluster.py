@@ -173,6 +173,9 @@ class RayExecutor:
                     break
                 if gone := not await asyncio.get_running_loop().run_in_executor(None, self._cluster_answers):
                     break
+        except asyncio.CancelledError:  # the run stopped while it waited: the actor would take a CPU for nothing
+            hand.kill()
+            raise
         finally:
             self._waiting.pop(token, None)
         if connected not in done:

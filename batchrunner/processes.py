@@ -757,7 +757,17 @@ class _Crew:
         failed: BaseException | None = None
         try:
             setup = self.setup(number, part)
-            hand, channel = await self.executor.launch(setup)
+            launching = asyncio.ensure_future(self.executor.launch(setup))
+            stopped = asyncio.ensure_future(self.halt.wait())
+            try:  # an actor may wait minutes for room on a cluster: a stop (Ctrl-C) meanwhile needs no worker
+                await asyncio.wait({launching, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+            if not launching.done():
+                launching.cancel()
+                await asyncio.gather(launching, return_exceptions=True)
+                return
+            hand, channel = launching.result()
         except (WorkerStartFailed, OSError) as exc:
             failed = exc
         finally:
@@ -795,8 +805,9 @@ class _Crew:
         if self.bug is not None:
             raise WorkerFailed(self.bug)
         self._count_concurrency()
-        answered = ", ".join(f"{w.answered}" for w in self.crew.values())
-        log.info("the %d %s answered %s pairs", len(self.crew), self.executor.kind, answered)
+        if self.crew:  # (none started: nothing to say)
+            answered = ", ".join(f"{w.answered}" for w in self.crew.values())
+            log.info("the %d %s answered %s pairs", len(self.crew), self.executor.kind, answered)
         if self.handed_again:
             log.warning(
                 "%d pairs that workers held when they died went to other workers; what was on a dead worker's wire "

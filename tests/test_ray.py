@@ -388,3 +388,49 @@ def test_a_ray_cluster_lost_mid_run_stops_the_run_saying_so(
     assert "Traceback" not in stderr and "Failed to connect to GCS" not in stderr and "never retrieved" not in stderr
     output = pl.read_parquet(tmp_path / "out.parquet")
     assert (output["status"] == "ok").sum() >= 60 - 16  # what was answered, less what the actors had not handed back
+
+
+HOG = """
+import sys, time, ray
+ray.init(address=sys.argv[1], include_dashboard=False)
+@ray.remote(num_cpus=1)
+class Hog:
+    def ping(self):
+        return 1
+hogs = [Hog.remote() for _ in range(int(sys.argv[2]))]
+ray.get([hog.ping.remote() for hog in hogs])
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ctrl_c_while_the_cluster_has_no_room_for_the_actors_stops_at_once(
+    tmp_path: Path, cluster: str, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """Every CPU of the cluster taken by another job: Ctrl-C stops the run within seconds (exit 3, nothing sent),
+    not once the actors waiting for a CPU have been given up on, 120 s later."""
+    sandbox = sandbox_in_thread(SandboxConfig())
+    env = env_on(sandbox, cluster)
+    hog = subprocess.Popen([sys.executable, "-c", HOG, cluster, "4"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout is not None and hog.stdout.readline().strip() == "holding"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batchrunner", "run", str(ray_job(tmp_path, 20))],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(8)  # the driver has joined the cluster, and its actors wait for a CPU
+        process.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        _, stderr = process.communicate(timeout=150)
+    finally:
+        hog.kill()
+        hog.communicate()
+    assert process.returncode == 3, stderr
+    assert time.monotonic() - stopped < 20, stderr
+    assert "stopping: SIGINT" in stderr and "Traceback" not in stderr
+    assert sandbox.stats.requests == 0
