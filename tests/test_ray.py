@@ -434,3 +434,27 @@ def test_ctrl_c_while_the_cluster_has_no_room_for_the_actors_stops_at_once(
     assert time.monotonic() - stopped < 20, stderr
     assert "stopping: SIGINT" in stderr and "Traceback" not in stderr
     assert sandbox.stats.requests == 0
+
+
+@pytest.mark.slow
+@needs_ray
+def test_an_actor_waiting_for_room_does_not_hold_up_the_one_that_started(
+    tmp_path: Path, cluster: str, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """Three of the cluster's four CPUs taken by another job, two workers asked for: the one actor that starts
+    answers every row at once, and the run ends without waiting for the other (it used to wait for both before
+    handing out a pair: 120 s idle, then the run went on with one)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.01))
+    env = env_on(sandbox, cluster)
+    hog = subprocess.Popen([sys.executable, "-c", HOG, cluster, "3"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout is not None and hog.stdout.readline().strip() == "holding"
+        started = time.monotonic()
+        done = run(ray_job(tmp_path, 100), env)
+    finally:
+        hog.kill()
+        hog.communicate()
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 45, done.stderr
+    assert "the 1 Ray workers answered 100 pairs" in done.stderr and "Traceback" not in done.stderr
+    assert sandbox.stats.requests == 100 and max(sandbox.stats.answered.values()) == 1
