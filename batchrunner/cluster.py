@@ -198,16 +198,19 @@ class RayExecutor:
         return hand, channel
 
     async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A connection to the driver: kept only if its first bytes are a token handed to an actor now starting."""
-        with contextlib.suppress(Exception):
-            token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), timeout=HELLO_S)
-            for expected, future in list(self._waiting.items()):
-                if hmac.compare_digest(token, expected) and not future.done():
-                    sock = writer.get_extra_info("socket")
-                    if sock is not None:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                    future.set_result(Channel(reader, writer))
-                    return
+        """A connection to the driver: kept only if its first bytes are a token handed to an actor now starting.
+        With none starting it is closed at once: a stranger's idle connections, each kept HELLO_S, ran the driver
+        out of file descriptors."""
+        if self._waiting:
+            with contextlib.suppress(Exception):
+                token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), timeout=HELLO_S)
+                for expected, future in list(self._waiting.items()):
+                    if hmac.compare_digest(token, expected) and not future.done():
+                        sock = writer.get_extra_info("socket")
+                        if sock is not None:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                        future.set_result(Channel(reader, writer))
+                        return
         writer.close()
 
     def _reachable(self, ray: Any) -> str | None:

@@ -458,3 +458,23 @@ def test_an_actor_waiting_for_room_does_not_hold_up_the_one_that_started(
     assert time.monotonic() - started < 45, done.stderr
     assert "the 1 Ray workers answered 100 pairs" in done.stderr and "Traceback" not in done.stderr
     assert sandbox.stats.requests == 100 and max(sandbox.stats.answered.values()) == 1
+
+
+async def test_a_connection_when_no_actor_is_starting_is_closed_at_once() -> None:
+    """With no actor starting, a connection to the driver's port is closed at once, unread: a stranger's idle
+    connections were each kept HELLO_S, and a thousand of them ran the driver out of file descriptors
+    (`socket.accept() out of system resource` tracebacks, and no new connection to the API or a new actor)."""
+    from batchrunner.cluster import RayExecutor
+
+    spec = spec_from_mapping(
+        {"name": "j", "input": "in.csv", "output": "out.csv", "models": ["m/x"], "prompt": "{x}", "executor": "ray"}
+    )
+    executor = RayExecutor(spec, address=None, sandbox_url=None, server="s")
+    server = await asyncio.start_server(executor._hello, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(), timeout=2) == b""  # closed by the driver, not after HELLO_S
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
