@@ -123,6 +123,7 @@ class RayExecutor:
             address = self._reachable(ray)
             try:
                 with _signals_kept():
+                    _off_stdout(ray)
                     ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise self._unjoinable(self.address or os.environ.get("RAY_ADDRESS") or "", exc) from exc
@@ -266,6 +267,23 @@ def _signals_kept() -> Iterator[None]:
     finally:
         for signum, handler in kept.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _off_stdout(ray: Any) -> None:
+    """What Ray prints in the driver (its "(raylet) A worker died" messages, an actor's prints) goes to stderr, as
+    the run's own log does: stdout is the summary's (`run --json` prints one JSON object there, which a script
+    parses). Ray's driver prints them with one function, looked up as it prints (its error messages' thread) or as
+    it starts (its actors' log thread): replaced before ray.init."""
+    worker = ray._private.worker
+    printing = worker.print_to_stdstream
+    if getattr(printing, "to_stderr", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        printing({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr.to_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
 
 
 def _is_local(ray: Any) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import pickle
 import shutil
@@ -478,3 +479,28 @@ async def test_a_connection_when_no_actor_is_starting_is_closed_at_once() -> Non
     await writer.wait_closed()
     server.close()
     await server.wait_closed()
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_says_nothing_on_stdout_where_the_summary_is_json(
+    tmp_path: Path, cluster: str, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """`run --json` with an actor killed mid-run: stdout is the summary's JSON alone (Ray printed its "(raylet) A
+    worker died" message there, and a script parsing the summary failed)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.1))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(ray_job(tmp_path, 200)), "--json"],
+        env=env_on(sandbox, cluster),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while (len(victims := actors()) < 2 or sandbox.stats.requests < 40) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(victims[0], signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr
+    assert "ended unexpectedly" in stderr
+    assert json.loads(stdout)["rows_ok"] == 200, stdout
