@@ -32,7 +32,9 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from batchrunner.errors import Problem, SpecError
@@ -98,6 +100,7 @@ class RayExecutor:
         self._server: asyncio.Server | None = None
         self._host = "127.0.0.1"
         self._actor: Any = None
+        self._gcs = ""  # the cluster's head (host:port), once joined
 
     def setup_env(self) -> dict[str, str]:
         return worker_env(self.spec)
@@ -119,7 +122,9 @@ class RayExecutor:
         if not ray.is_initialized():
             address = self._reachable(ray)
             try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+                with _signals_kept():
+                    _off_stdout(ray)
+                    ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise self._unjoinable(self.address or os.environ.get("RAY_ADDRESS") or "", exc) from exc
         cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -136,6 +141,17 @@ class RayExecutor:
         else:  # workers on other machines reach the driver at its node's address
             self._host = ray.util.get_node_ip_address()
         self._actor = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(RayWorker)
+        self._gcs = ray.get_runtime_context().gcs_address
+
+    def _cluster_answers(self) -> bool:
+        """Whether the cluster's head (its GCS) still takes a connection: a cluster stopped mid-run takes the actors
+        along, and new ones would wait for it until Ray ends the driver (60 s on, exit 1, nothing written)."""
+        host, _, port = self._gcs.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S):
+                return True
+        except (OSError, ValueError):
+            return False
 
     async def launch(self, setup: WorkerSetup) -> tuple[Hand, Channel]:
         """An actor started with `setup`: it connects to the driver with its token, then is sent `setup`."""
@@ -147,13 +163,30 @@ class RayExecutor:
         actor = self._actor.options(name=None, scheduling_strategy="SPREAD").remote()
         ref = actor.serve.remote(self._host, port, token, setup.number, setup.log_level)
         hand = ActorHand(actor, ref)
+        deadline = time.monotonic() + START_S
+        gone = False
         try:
-            done, _ = await asyncio.wait({connected, hand.over}, timeout=START_S, return_when=asyncio.FIRST_COMPLETED)
+            while True:  # the cluster asked now and then: an actor it lost with its head never connects
+                done, _ = await asyncio.wait(
+                    {connected, hand.over}, timeout=CONNECT_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done or time.monotonic() > deadline:
+                    break
+                if gone := not await asyncio.get_running_loop().run_in_executor(None, self._cluster_answers):
+                    break
+        except asyncio.CancelledError:  # the run stopped while it waited: the actor would take a CPU for nothing
+            hand.kill()
+            raise
         finally:
             self._waiting.pop(token, None)
         if connected not in done:
-            hand.kill()
             connected.cancel()
+            if gone:  # (ray.kill would wait on the lost cluster)
+                raise WorkerStartFailed(
+                    f"the Ray cluster at {self._gcs} no longer answers (stopped, or its head node lost): start it "
+                    "again and rerun"
+                )
+            hand.kill()
             if hand.over in done:
                 raise WorkerStartFailed(f"a Ray worker ended as it started ({hand.ended()})")
             raise WorkerStartFailed(
@@ -166,16 +199,19 @@ class RayExecutor:
         return hand, channel
 
     async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A connection to the driver: kept only if its first bytes are a token handed to an actor now starting."""
-        with contextlib.suppress(Exception):
-            token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), timeout=HELLO_S)
-            for expected, future in list(self._waiting.items()):
-                if hmac.compare_digest(token, expected) and not future.done():
-                    sock = writer.get_extra_info("socket")
-                    if sock is not None:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                    future.set_result(Channel(reader, writer))
-                    return
+        """A connection to the driver: kept only if its first bytes are a token handed to an actor now starting.
+        With none starting it is closed at once: a stranger's idle connections, each kept HELLO_S, ran the driver
+        out of file descriptors."""
+        if self._waiting:
+            with contextlib.suppress(Exception):
+                token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), timeout=HELLO_S)
+                for expected, future in list(self._waiting.items()):
+                    if hmac.compare_digest(token, expected) and not future.done():
+                        sock = writer.get_extra_info("socket")
+                        if sock is not None:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                        future.set_result(Channel(reader, writer))
+                        return
         writer.close()
 
     def _reachable(self, ray: Any) -> str | None:
@@ -217,6 +253,39 @@ class RayExecutor:
         )
 
 
+@contextlib.contextmanager
+def _signals_kept() -> Iterator[None]:
+    """The run's own SIGINT and SIGTERM handlers (interrupts.py), put back after ray.init: it sets a SIGTERM handler
+    that exits at once (and its core worker one that dumps a native stack), so a SIGTERM to the driver lost the
+    answers on the wire, paid for, and exited 15 instead of stopping as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (Ray sets none outside the main thread)
+        return
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _off_stdout(ray: Any) -> None:
+    """What Ray prints in the driver (its "(raylet) A worker died" messages, an actor's prints) goes to stderr, as
+    the run's own log does: stdout is the summary's (`run --json` prints one JSON object there, which a script
+    parses). Ray's driver prints them with one function, looked up as it prints (its error messages' thread) or as
+    it starts (its actors' log thread): replaced before ray.init."""
+    worker = ray._private.worker
+    printing = worker.print_to_stdstream
+    if getattr(printing, "to_stderr", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        printing({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr.to_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
+
+
 def _is_local(ray: Any) -> bool:
     """Whether every node of the cluster is this machine (then the driver listens on loopback alone)."""
     here = ray.util.get_node_ip_address()
@@ -229,6 +298,9 @@ class ActorHand:
     def __init__(self, actor: Any, ref: Any) -> None:
         self.actor, self.ref = actor, ref
         self.over: asyncio.Future[Any] = asyncio.wrap_future(ref.future())
+        # its end read even when nobody asks how it ended (an actor given up on as it started): else asyncio logs
+        # "Future exception was never retrieved" with Ray's error, an ERROR line after the run's last words
+        self.over.add_done_callback(lambda over: over.cancelled() or over.exception())
 
     def watch(self, channel: Channel) -> None:
         """An actor that ended (killed, its node lost) closes its connection: a lost node may never say so on the

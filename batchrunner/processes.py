@@ -757,9 +757,25 @@ class _Crew:
         failed: BaseException | None = None
         try:
             setup = self.setup(number, part)
-            hand, channel = await self.executor.launch(setup)
+            launching = asyncio.ensure_future(self.executor.launch(setup))
+            stopped = asyncio.ensure_future(self.halt.wait())
+            try:  # an actor may wait minutes for room on a cluster: a stop (Ctrl-C) meanwhile needs no worker
+                await asyncio.wait({launching, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # (cancelled too: the run's work was done by the others first, see finish)
+                stopped.cancel()
+                if not launching.done():
+                    launching.cancel()
+                    await asyncio.gather(launching, return_exceptions=True)
+            if launching.cancelled():
+                return
+            hand, channel = launching.result()
         except (WorkerStartFailed, OSError) as exc:
             failed = exc
+        except Exception:  # a bug: the run ends on it as on a worker's (execute raises it), not waiting for ever
+            if self.bug is None:
+                self.bug = traceback.format_exc()
+                self.halt.stop(StopReason.INPUT, f"a worker could not be started: {self.bug.strip().splitlines()[-1]}")
+            return
         finally:
             self.starting -= 1
         if failed is not None:
@@ -777,7 +793,8 @@ class _Crew:
         wire = asyncio.create_task(self.on_the_wire())
         self.answerer.sending.add(wire)
         try:
-            await asyncio.gather(*(self.start(part) for part in range(self.executor.workers)))
+            for part in range(self.executor.workers):  # pairs go to each as it starts (hand_out waits for one)
+                self._serve(self.start(part))
             try:
                 for batch in work:
                     resumed += count_resumed(batch, self.sinks)
@@ -795,8 +812,9 @@ class _Crew:
         if self.bug is not None:
             raise WorkerFailed(self.bug)
         self._count_concurrency()
-        answered = ", ".join(f"{w.answered}" for w in self.crew.values())
-        log.info("the %d %s answered %s pairs", len(self.crew), self.executor.kind, answered)
+        if self.crew:  # (none started: nothing to say)
+            answered = ", ".join(f"{w.answered}" for w in self.crew.values())
+            log.info("the %d %s answered %s pairs", len(self.crew), self.executor.kind, answered)
         if self.handed_again:
             log.warning(
                 "%d pairs that workers held when they died went to other workers; what was on a dead worker's wire "
@@ -874,7 +892,8 @@ class _Crew:
                 if not worker.ending:
                     worker.ending = True
                     worker.channel.send(NoMoreWork())
-            if not self.alive() and not self.starting and not (self.again and not self.halt.stopping):
+            # (a worker still starting is not waited for unless pairs wait for it: close() cancels its start)
+            if not self.alive() and not (self.again and not self.halt.stopping):
                 return
             if self.halt.stopping and deadline is None:
                 deadline = time.monotonic() + self.executor.grace_s + FINISH_S

@@ -8,7 +8,9 @@ where Ray is not installed (it is an optional extra)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import json
 import os
 import pickle
 import shutil
@@ -36,14 +38,15 @@ HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'batchrunner[ray]')")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Ray cluster of this machine (`ray start --head`, 4 CPUs, on loopback), its address; stopped after."""
+@contextlib.contextmanager
+def ray_cluster(logs: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A Ray cluster of this machine (`ray start --head`, 4 CPUs, on loopback): its address and its head process
+    (the leader of its process group); stopped after."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
+    log = (logs / "head.log").open("w")
     # its own temporary folder (short: it holds Unix sockets), so that it records itself there and not as this
     # machine's latest cluster, which a run given no address would join after it is gone
     temp = tempfile.mkdtemp(prefix="br-ray-")
@@ -63,15 +66,27 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     while "ray stop" not in Path(log.name).read_text() and time.monotonic() < deadline:  # its "started" lines
         assert head.poll() is None, Path(log.name).read_text()
         time.sleep(0.2)
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-    log.close()
-    shutil.rmtree(temp, ignore_errors=True)
+        yield address, head
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        with contextlib.suppress(ProcessLookupError):  # what of the group outlived its leader
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The module's Ray cluster (ray_cluster), its address."""
+    with ray_cluster(tmp_path_factory.mktemp("ray")) as (address, _):
+        yield address
 
 
 def env_on(sandbox: Sandbox, address: str) -> dict[str, str]:
@@ -332,3 +347,160 @@ async def test_a_stranger_at_the_drivers_port_is_dropped_unread() -> None:
     await writer.wait_closed()
     server.close()
     await server.wait_closed()
+
+
+@pytest.mark.slow
+@needs_ray
+def test_sigterm_to_the_driver_stops_the_run_as_ctrl_c_does(
+    tmp_path: Path, cluster: str, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """SIGTERM to the driver lets the requests on the wire land and exits 3, every answer paid for stored (ray.init
+    put its own SIGTERM handler in place of the run's: exit 15, a native stack dump, the wire's answers lost)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.3))
+    process = run_until(ray_job(tmp_path, 400), env_on(sandbox, cluster), lambda: sandbox.stats.requests >= 60)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 3, stderr
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr
+    assert "stopping: SIGTERM" in stderr
+    time.sleep(1)  # what was on the wire lands at the server, and is charged
+    stored = pl.read_parquet(tmp_path / "out.parquet")["cost_usd"].cast(pl.Decimal(scale=12)).sum()
+    assert stored == sandbox.stats.charged_usd
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_ray_cluster_lost_mid_run_stops_the_run_saying_so(
+    tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """The whole cluster killed mid-run (its actors with it): the driver stops within seconds, exit 3 naming the
+    cluster, the output written with what was answered (it waited for new actors that never came until Ray
+    ended the process after 60 s: exit 1, Ray's message, no output)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.3))
+    with ray_cluster(tmp_path) as (address, head):
+        spec = ray_job(tmp_path, 400)
+        process = run_until(spec, env_on(sandbox, address), lambda: sandbox.stats.requests >= 60)
+        os.killpg(head.pid, signal.SIGKILL)
+        started = time.monotonic()
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 3, stderr
+    assert time.monotonic() - started < 40, stderr
+    assert "the Ray cluster at" in stderr and "no longer answers" in stderr
+    assert "Traceback" not in stderr and "Failed to connect to GCS" not in stderr and "never retrieved" not in stderr
+    output = pl.read_parquet(tmp_path / "out.parquet")
+    assert (output["status"] == "ok").sum() >= 60 - 16  # what was answered, less what the actors had not handed back
+
+
+HOG = """
+import sys, time, ray
+ray.init(address=sys.argv[1], include_dashboard=False)
+@ray.remote(num_cpus=1)
+class Hog:
+    def ping(self):
+        return 1
+hogs = [Hog.remote() for _ in range(int(sys.argv[2]))]
+ray.get([hog.ping.remote() for hog in hogs])
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ctrl_c_while_the_cluster_has_no_room_for_the_actors_stops_at_once(
+    tmp_path: Path, cluster: str, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """Every CPU of the cluster taken by another job: Ctrl-C stops the run within seconds (exit 3, nothing sent),
+    not once the actors waiting for a CPU have been given up on, 120 s later."""
+    sandbox = sandbox_in_thread(SandboxConfig())
+    env = env_on(sandbox, cluster)
+    hog = subprocess.Popen([sys.executable, "-c", HOG, cluster, "4"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout is not None and hog.stdout.readline().strip() == "holding"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batchrunner", "run", str(ray_job(tmp_path, 20))],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(8)  # the driver has joined the cluster, and its actors wait for a CPU
+        process.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        _, stderr = process.communicate(timeout=150)
+    finally:
+        hog.kill()
+        hog.communicate()
+    assert process.returncode == 3, stderr
+    assert time.monotonic() - stopped < 20, stderr
+    assert "stopping: SIGINT" in stderr and "Traceback" not in stderr
+    assert sandbox.stats.requests == 0
+
+
+@pytest.mark.slow
+@needs_ray
+def test_an_actor_waiting_for_room_does_not_hold_up_the_one_that_started(
+    tmp_path: Path, cluster: str, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """Three of the cluster's four CPUs taken by another job, two workers asked for: the one actor that starts
+    answers every row at once, and the run ends without waiting for the other (it used to wait for both before
+    handing out a pair: 120 s idle, then the run went on with one)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.01))
+    env = env_on(sandbox, cluster)
+    hog = subprocess.Popen([sys.executable, "-c", HOG, cluster, "3"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout is not None and hog.stdout.readline().strip() == "holding"
+        started = time.monotonic()
+        done = run(ray_job(tmp_path, 100), env)
+    finally:
+        hog.kill()
+        hog.communicate()
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 45, done.stderr
+    assert "the 1 Ray workers answered 100 pairs" in done.stderr and "Traceback" not in done.stderr
+    assert sandbox.stats.requests == 100 and max(sandbox.stats.answered.values()) == 1
+
+
+async def test_a_connection_when_no_actor_is_starting_is_closed_at_once() -> None:
+    """With no actor starting, a connection to the driver's port is closed at once, unread: a stranger's idle
+    connections were each kept HELLO_S, and a thousand of them ran the driver out of file descriptors
+    (`socket.accept() out of system resource` tracebacks, and no new connection to the API or a new actor)."""
+    from batchrunner.cluster import RayExecutor
+
+    spec = spec_from_mapping(
+        {"name": "j", "input": "in.csv", "output": "out.csv", "models": ["m/x"], "prompt": "{x}", "executor": "ray"}
+    )
+    executor = RayExecutor(spec, address=None, sandbox_url=None, server="s")
+    server = await asyncio.start_server(executor._hello, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(), timeout=2) == b""  # closed by the driver, not after HELLO_S
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_says_nothing_on_stdout_where_the_summary_is_json(
+    tmp_path: Path, cluster: str, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """`run --json` with an actor killed mid-run: stdout is the summary's JSON alone (Ray printed its "(raylet) A
+    worker died" message there, and a script parsing the summary failed)."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.1))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(ray_job(tmp_path, 200)), "--json"],
+        env=env_on(sandbox, cluster),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while (len(victims := actors()) < 2 or sandbox.stats.requests < 40) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(victims[0], signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr
+    assert "ended unexpectedly" in stderr
+    assert json.loads(stdout)["rows_ok"] == 200, stdout
