@@ -66,19 +66,24 @@ class Dataset:
         `batch_size` rows at a time: each chunk as a frame and as Rows.
 
         Memory is a window of rows, whatever the input's size: see `_windows`."""
-        whole = self.frame if self.whole is None else self.whole
-        skip = start if self.selection is None else 0  # a selection's rows are counted after it is applied
-        windows = _windows(whole, self.path, skip=skip, window_rows=max(batch_size, WINDOW_ROWS))
-        if self.selection is not None:
-            selection = self.selection
-            windows = (window.filter(selection) for window in windows)
-        for chunk in _rebatched(_between(windows, skip, start, limit), batch_size):
+        for chunk in self.frames(limit=limit, batch_size=batch_size, start=start):
             rows = []
             for values in chunk.iter_rows(named=True):
                 index = values.pop(ROW_INDEX)
                 row_id = index if self.id_column is None else values[self.id_column]
                 rows.append(Row(index, str(row_id), values))
             yield chunk, rows
+
+    def frames(self, *, limit: int | None = None, batch_size: int = 2048, start: int = 0) -> Iterator[pl.DataFrame]:
+        """The chunks of `chunks` as frames alone (with ROW_INDEX): for a reader that needs no Row objects (the
+        output, whose keys come from the run's KeyLog), which cost more than the reading itself."""
+        whole = self.frame if self.whole is None else self.whole
+        skip = start if self.selection is None else 0  # a selection's rows are counted after it is applied
+        windows = _windows(whole, self.path, skip=skip, window_rows=max(batch_size, WINDOW_ROWS))
+        if self.selection is not None:
+            selection = self.selection
+            windows = (window.filter(selection) for window in windows)
+        yield from _rebatched(_between(windows, skip, start, limit), batch_size)
 
     def only(self, where: pl.Expr, rows: int) -> Dataset:
         """The rows `where` selects (run --where, --ids), each keeping its place in the input (ROW_INDEX): what a

@@ -34,7 +34,7 @@ from batchrunner.dataset import ROW_INDEX, Dataset, polars_source, source
 from batchrunner.errors import OutputError, first_line
 from batchrunner.files import replacing, summary_path
 from batchrunner.judging import grade_keys, score_of
-from batchrunner.keylog import MODEL_POSITION, SAMPLE, KeyLog, folder_prefix, keys_frame
+from batchrunner.keylog import MODEL_POSITION, SAMPLE, KeyCursor, KeyLog, folder_prefix, keys_frame
 from batchrunner.records import KEY_COLUMNS, MONEY_COLUMNS, RESULT_SCHEMA, STORED_EXTRAS
 from batchrunner.request import RequestBuilder
 from batchrunner.scoring import error_column, metrics_of, score_rows
@@ -160,15 +160,27 @@ def results(
     if requests.has_media:  # each row's files are hashed again to find its key; bytes cells are held per batch
         batch_size = min(batch_size, MEDIA_EXPORT_ROWS)
     cursor = keys.cursor() if keys is not None and keys.covers(start) else None
-    for frame, rows in dataset.chunks(batch_size=batch_size, start=start):
-        stored = store.fetch([row.id for row in rows])
-        known = cursor.upto(rows[-1].index) if cursor is not None else keys_frame(requests.for_rows(rows))
+    for frame, known in _keyed(dataset, requests, cursor, batch_size=batch_size, start=start):
+        stored = store.fetch(known["row_id"].unique(maintain_order=True).to_list())
         answers = _answers(frame, known, stored, spec, extra, row_index=row_index or bool(judges))
         for rule, column in zip(judges, _judge_columns(spec) if judges else [], strict=True):
             answers = answers.with_columns(
                 _grades(answers, spec, rule, requests.server, dataset.columns, store).alias(column)
             )
         yield answers if row_index or not judges else answers.drop(ROW_INDEX)
+
+
+def _keyed(
+    dataset: Dataset, requests: RequestBuilder, cursor: KeyCursor | None, *, batch_size: int, start: int
+) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    """Each input batch with its pairs' keys: read from the run's KeyLog (`cursor`), the frames alone (a Row
+    object for each row cost more than reading it: 0.39 s of 200,000 rows' 0.45), or computed again from Rows."""
+    if cursor is not None:
+        for frame in dataset.frames(batch_size=batch_size, start=start):
+            yield frame, cursor.upto(frame[ROW_INDEX][-1])
+        return
+    for frame, rows in dataset.chunks(batch_size=batch_size, start=start):
+        yield frame, keys_frame(requests.for_rows(rows))
 
 
 def _judge_columns(spec: JobSpec) -> list[str]:

@@ -80,10 +80,12 @@ def test_startup_bench_times_each_command() -> None:
 
 
 def test_workers_bench_prints_a_line_per_count_of_workers() -> None:
-    """bench/workers.py prints rows/s, CPU-ms a row and the ratios to one worker and to the bare loop for each
-    count of workers, with and without a rate limit."""
+    """bench/workers.py prints rows/s (from start to exit, and in the run), CPU-ms a row and the ratios to one
+    worker and to the bare loop for each count of workers, with and without a rate limit."""
     for unpaced in ([], ["--unpaced"]):
         lines = run_bench("workers.py", "--rows", "200", "--repeats", "1", "--workers", "1,2", *unpaced)
+        assert lines[1].split() == ["what", "rows/s", "run_rows/s", "cpu_ms/row", "vs_1_worker", "vs_bare_loop"]
         rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
         assert set(rows) == {"bare_loop", "workers_1", "workers_2"}
-        assert rows["workers_1"][2] == "1.00" and float(rows["workers_2"][0]) > 0
+        assert rows["workers_1"][3] == "1.00" and float(rows["workers_2"][0]) > 0 and float(rows["workers_2"][1]) > 0
+        assert rows["bare_loop"][1] == "-"  # the bare loop has no run apart from its start-up

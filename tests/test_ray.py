@@ -218,6 +218,11 @@ def test_the_driver_killed_takes_its_actors_along_and_a_rerun_finishes(
     assert rerun.returncode == 0, rerun.stderr
     assert pl.read_parquet(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 300
     assert paid_twice(sandbox) <= 8 + 16, f"{paid_twice(sandbox)} answers paid twice"
+    local = tmp_path / "local"
+    local.mkdir()
+    assert run(job(local, 300, workers=1), env_on(sandbox, cluster)).returncode == 0
+    ours, theirs = (pl.read_parquet(path / "out.parquet").select(COMPARED) for path in (tmp_path, local))
+    assert ours.equals(theirs)  # the killed and rerun job's output is an uninterrupted local run's
 
 
 @pytest.mark.slow
