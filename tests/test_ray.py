@@ -509,3 +509,26 @@ def test_ray_says_nothing_on_stdout_where_the_summary_is_json(
     assert process.returncode == 0, stderr
     assert "ended unexpectedly" in stderr
     assert json.loads(stdout)["rows_ok"] == 200, stdout
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_script_that_joined_a_cluster_runs_its_job_there(
+    tmp_path: Path, cluster: str, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """From Python, in a script that called ray.init() itself, `run(job, executor="ray")` answers on that cluster
+    (joined once: Ray refuses a second init) and returns exit code 0 with every row."""
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.005))
+    spec = job(tmp_path, 50)
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import ray, batchrunner\n"
+        f"ray.init(address={cluster!r})\n"
+        f"result = batchrunner.run({str(spec)!r}, executor='ray')\n"
+        "print('exit', result.exit_code, result.summary.ok)\n"
+    )
+    env = {key: value for key, value in env_on(sandbox, cluster).items() if key != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "exit 0 50" in done.stdout
+    assert sandbox.stats.requests == 50
