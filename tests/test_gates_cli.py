@@ -6,8 +6,12 @@ import os
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
+from click.testing import CliRunner
 from conftest import run_cli
+
+from batchrunner.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,18 +24,25 @@ def test_report_fail_under_exits_1_and_writes_junit(tmp_path: Path) -> None:
     job = str(tmp_path / "jobs" / "ticket_eval.yaml")
     env = {**os.environ, "OPENROUTER_API_KEY": ""}
     assert run_cli("run", job, "--sandbox", "--limit", "40", env=env).returncode in (0, 1)
-    low = run_cli("report", job, "--sandbox", "--json", "--fail-under", "0.0", env=env)
+
+    def report(*args: str, env: dict[str, str]) -> Any:
+        """`batchrunner report ARGS` in this process (a fresh interpreter for each cost most of the test)."""
+        done = CliRunner().invoke(main, ["report", *args], env=env, catch_exceptions=False)
+        done.returncode = done.exit_code
+        return done
+
+    low = report(job, "--sandbox", "--json", "--fail-under", "0.0", env=env)
     assert low.returncode == 0, low.stderr
     assert low.stderr.count("pass: ") >= 2
     junit = tmp_path / "gates.xml"
-    high = run_cli("report", job, "--sandbox", "--json", "--fail-under", "1.0", "--junit", str(junit), env=env)
+    high = report(job, "--sandbox", "--json", "--fail-under", "1.0", "--junit", str(junit), env=env)
     assert high.returncode == 1 and "FAIL: " in high.stderr
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite is not None and int(suite.get("failures") or 0) >= 1
     scores = [line.split(", ")[1].split(" ")[0] for line in low.stderr.splitlines() if line.startswith("pass: ")]
     between = min(float(score) for score in scores) - 0.0001
-    plain = run_cli("report", job, "--sandbox", "--json", "--fail-under", f"{between}", env=env)
-    strict = run_cli("report", job, "--sandbox", "--json", "--fail-under", f"{between}", "--strict", env=env)
+    plain = report(job, "--sandbox", "--json", "--fail-under", f"{between}", env=env)
+    strict = report(job, "--sandbox", "--json", "--fail-under", f"{between}", "--strict", env=env)
     assert (plain.returncode, strict.returncode) == (0, 1), (plain.stderr, strict.stderr)
-    orphan = run_cli("report", job, "--sandbox", "--strict", env=env)
+    orphan = report(job, "--sandbox", "--strict", env=env)
     assert orphan.returncode == 2 and "go with --fail-under" in orphan.stderr
