@@ -66,6 +66,7 @@ def workers_of(pid: int) -> list[int]:
     return [child for child in children(pid) if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text()]
 
 
+@pytest.mark.slow  # spawns two interpreters: seconds of CPU, in the long set
 def test_two_workers_answer_every_row_once_and_both_take_part(
     tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:
@@ -88,6 +89,7 @@ def test_two_workers_answer_every_row_once_and_both_take_part(
     assert len(counts) == 2 and sum(counts) == 300 and min(counts) > 0
 
 
+@pytest.mark.slow  # spawns two interpreters: seconds of CPU, in the long set
 def test_the_budget_holds_across_workers(tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]) -> None:
     """Two workers under one budget spend no more than it: the run stops on the budget (exit 3) with what the
     server charged within it."""
