@@ -136,6 +136,17 @@ class RayExecutor:
                     "(or add nodes to the cluster)",
                 )
             )
+        free = int(ray.available_resources().get("CPU", 0))
+        if free < self.workers:  # another job holds them: said now, not after START_S of silence
+            log.warning(
+                "the Ray cluster has %d free CPUs of %d: %d of the %d Ray workers wait for room (up to %.0f s each); "
+                "the others answer meanwhile",
+                free,
+                cpus,
+                self.workers - free,
+                self.workers,
+                START_S,
+            )
         if _is_local(ray):
             self._host = "127.0.0.1"
         else:  # workers on other machines reach the driver at its node's address

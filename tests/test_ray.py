@@ -464,6 +464,7 @@ def test_an_actor_waiting_for_room_does_not_hold_up_the_one_that_started(
     assert time.monotonic() - started < 45, done.stderr
     assert "the 1 Ray workers answered 100 pairs" in done.stderr and "Traceback" not in done.stderr
     assert sandbox.stats.requests == 100 and max(sandbox.stats.answered.values()) == 1
+    assert "the Ray cluster has 1 free CPUs of 4: 1 of the 2 Ray workers wait for room" in done.stderr  # said at once
 
 
 async def test_a_connection_when_no_actor_is_starting_is_closed_at_once() -> None:
