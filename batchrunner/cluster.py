@@ -50,8 +50,8 @@ log = logging.getLogger("batchrunner")
 TOKEN_BYTES = 32
 HELLO_S = 10.0  # a connection that has not said its token by then is closed
 CONNECT_S = 3.0  # a cluster's address that takes no connection by then is not a cluster to join
-START_S = 120.0
-DEATH_NEWS_S = 5.0  # how long Ray may take to say an actor died, once its connection closed  # an actor that has not connected by then: the cluster has no room for it (or cannot start it)
+START_S = 120.0  # an actor that has not connected by then: the cluster has no room for it (or cannot start it)
+DEATH_NEWS_S = 5.0  # how long Ray may take to say an actor died, once its connection closed
 
 
 def ray_module(spec: JobSpec) -> Any:
@@ -126,7 +126,7 @@ class RayExecutor:
                     _off_stdout(ray)
                     ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise self._unjoinable(self.address or os.environ.get("RAY_ADDRESS") or "", exc) from exc
+                raise self._unjoinable(self._given() or "", exc) from exc
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cpus < self.workers:  # each actor takes a CPU: the others would wait for room that never comes
             raise SpecError(
@@ -157,12 +157,11 @@ class RayExecutor:
     def _cluster_answers(self) -> bool:
         """Whether the cluster's head (its GCS) still takes a connection: a cluster stopped mid-run takes the actors
         along, and new ones would wait for it until Ray ends the driver (60 s on, exit 1, nothing written)."""
-        host, _, port = self._gcs.rpartition(":")
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S):
-                return True
+            _connect(self._gcs)
         except (OSError, ValueError):
             return False
+        return True
 
     async def launch(self, setup: WorkerSetup) -> tuple[Hand, Channel]:
         """An actor started with `setup`: it connects to the driver with its token, then is sent `setup`."""
@@ -218,9 +217,7 @@ class RayExecutor:
                 token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), timeout=HELLO_S)
                 for expected, future in list(self._waiting.items()):
                     if hmac.compare_digest(token, expected) and not future.done():
-                        sock = writer.get_extra_info("socket")
-                        if sock is not None:
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                        _keep_alive(writer)
                         future.set_result(Channel(reader, writer))
                         return
         writer.close()
@@ -229,7 +226,7 @@ class RayExecutor:
         """The address to hand ray.init: the one given (or RAY_ADDRESS) if its cluster answers, else a SpecError
         now; with none given, the cluster `ray start` recorded on this machine if it still answers, else "local"
         (a new cluster here: a record left by a cluster that was killed would have Ray wait on it for minutes)."""
-        given = self.address or os.environ.get("RAY_ADDRESS") or None
+        given = self._given()
         if given is not None and given.startswith("ray://"):  # Ray Client: its server answers at host:port
             target: str | None = given.removeprefix("ray://")
         else:
@@ -239,10 +236,8 @@ class RayExecutor:
                 raise self._unjoinable(given or "auto", exc) from exc
         if target is None:
             return "local" if given is None else given
-        host, _, port = target.rpartition(":")
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S):
-                pass
+            _connect(target)
         except (OSError, ValueError) as exc:
             if given is None:
                 log.warning(
@@ -253,6 +248,10 @@ class RayExecutor:
             raise self._unjoinable(given, exc) from exc
         return given
 
+    def _given(self) -> str | None:
+        """The cluster the run was told to join: `ray_address`, else RAY_ADDRESS; None: Ray's own rule finds one."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
+
     def _unjoinable(self, where: str, exc: BaseException) -> SpecError:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return SpecError(
@@ -262,6 +261,21 @@ class RayExecutor:
                 "(`ray start --head`) or fix the address",
             )
         )
+
+
+def _connect(address: str) -> None:
+    """Connect to `address` (host:port) and hang up: OSError (or ValueError for no port) when nothing takes the
+    connection within CONNECT_S."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S):
+        pass
+
+
+def _keep_alive(writer: asyncio.StreamWriter) -> None:
+    """TCP keepalive on a driver-actor connection: a peer whose machine vanished is found out by the kernel."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 @contextlib.contextmanager
@@ -358,9 +372,7 @@ class RayWorker:
 
 async def _connect_and_serve(host: str, port: int, token: bytes) -> None:
     reader, writer = await asyncio.open_connection(host, port)
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    _keep_alive(writer)
     writer.write(token)
     channel = Channel(reader, writer)
     setup = await channel.receive()

@@ -295,8 +295,7 @@ def _counted(spec: JobSpec, server: str) -> _Counts:
         start = 0 if known is None else known.rows  # rows the last complete run answered, as they still are
         counts.answered(known.answered if known is not None else {})
         for batch in pending(dataset, requests, store, batch_size=20_000, start=start):
-            for model, count in batch.answered.items():
-                counts.per_model[model]["ok"] += count
+            counts.answered(batch.answered)
             for todo in batch.todo:
                 state = "failed" if todo.earlier_status == "failed" else "pending"
                 counts.per_model[todo.request.requested_model][state] += 1

@@ -273,14 +273,14 @@ def _timestamp(epoch_s: int) -> str:
 class Store:
     """A job's checkpoint file. Use `Store.open(path)`; one writer, many short transactions."""
 
-    def __init__(self, path: Path, db: sqlite3.Connection, reader: sqlite3.Connection | None = None) -> None:
+    def __init__(self, path: Path, db: sqlite3.Connection, reader: sqlite3.Connection) -> None:
         self.path = path
         self._db = db  # the writer: commits (the flush thread's), and every write
         self._lock = threading.Lock()  # the writer is shared with the flush thread
         # The reader: every query, beside the writer (WAL), so none waits on a commit; each query a snapshot of the
         # last commit (a read transaction ends with its statement: every query here is read to its end).
-        self._reader = db if reader is None else reader
-        self._read_lock = threading.Lock() if reader is not None else self._lock
+        self._reader = reader
+        self._read_lock = threading.Lock()
         self._buffer_lock = threading.Lock()  # add() on the loop, flush() on a thread
         self._pending: list[dict[str, Any]] = []  # records by column name (RowResult.to_row and the store's own)
         self.run_id: int | None = None
@@ -464,8 +464,7 @@ class Store:
 
     def meta(self, key: str) -> str | None:
         with self._read_lock:
-            row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+            return _meta_in(self._reader, key)
 
     @staticmethod
     def peek(path: Path, key: str) -> str | None:
@@ -476,12 +475,11 @@ class Store:
         except (OSError, ValueError, sqlite3.Error):
             return None
         try:
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return _meta_in(db, key)
         except sqlite3.Error:
             return None
         finally:
             db.close()
-        return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str | None) -> None:
         """Set (or, with None, forget) a fact about the job."""
@@ -822,6 +820,12 @@ class Store:
             self._db.execute("DELETE FROM runs")
             self._db.execute("DELETE FROM meta")
             self._db.execute("DELETE FROM audits")
+
+
+def _meta_in(db: sqlite3.Connection, key: str) -> str | None:
+    """A fact about the job from the meta table, through `db`: the store's reader, or `peek`'s read-only one."""
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def fetched_schema() -> dict[str, pl.DataType]:
