@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,26 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [sys.executable, "-m", "batchrunner", *args], env=env, capture_output=True, text=True, check=False
     )
+
+
+@dataclass
+class Ran:
+    """What a CLI call run in this process left: its exit code and its two streams."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_here(*args: str, env: dict[str, str]) -> Ran:
+    """`batchrunner ARGS` in this process (click's runner): for tests of what a command says and exits with, where
+    a fresh interpreter (most of such a test's time) proves nothing; signals and imports still want run_cli."""
+    from click.testing import CliRunner
+
+    from batchrunner.cli import main
+
+    done = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return Ran(done.exit_code, done.stdout, done.stderr)
 
 
 def signalled_at(at: str, signals: list[signal.Signals], *args: str) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import cli_here
 
 import batchrunner
 from batchrunner.halt import StopReason
@@ -54,7 +54,7 @@ def test_a_job_from_a_dict_runs_on_the_sandbox_and_its_frame_is_the_clis_output(
     cli_job = tmp_path / "cli" / "job.yaml"
     cli_job.parent.mkdir()
     cli_job.write_text(yaml.safe_dump(job_dict(tickets_csv, tmp_path / "cli")))
-    done = run_cli("run", str(cli_job), "--sandbox", env={**os.environ, "OPENROUTER_API_KEY": ""})
+    done = cli_here("run", str(cli_job), "--sandbox", env={**os.environ, "OPENROUTER_API_KEY": ""})
     assert done.returncode == 0, done.stderr
     by_cli = pl.read_parquet(tmp_path / "cli" / "out" / "result.parquet")
     assert result.frame.drop(VARYING).equals(by_cli.drop(VARYING))

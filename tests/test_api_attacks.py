@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli
+from conftest import cli_here
 from test_api import job_dict
 
 import batchrunner
@@ -45,7 +45,7 @@ def test_a_max_cost_the_spec_would_refuse_raises_spec_error(tickets_csv: Path, t
 
 def test_the_cli_refuses_a_huge_max_cost_with_exit_2(write_spec: Any) -> None:
     """`run --max-cost 1e300` exits 2 with one sentence, not a decimal.InvalidOperation traceback."""
-    done = run_cli(
+    done = cli_here(
         "run", str(write_spec()), "--sandbox", "--max-cost", "1e300", env={**os.environ, "OPENROUTER_API_KEY": ""}
     )
     assert done.returncode == 2, done.stderr

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from conftest import run_cli, run_started, run_until, signalled_at
+from conftest import cli_here, run_cli, run_started, run_until, signalled_at
 
 from batchrunner.cli import main
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -749,7 +749,7 @@ def test_sigterm_cancels_streams_in_flight_at_once(
         kept = db.execute("SELECT status, attempts, cost_source, cost_usd FROM results").fetchall()
     assert len(kept) == 4 and all(row[:3] == ("pending", 1, "estimated") and Decimal(row[3]) > 0 for row in kept)
     env = {**os.environ, "OPENROUTER_BASE_URL": sandbox.base_url, "OPENROUTER_API_KEY": "sk-or-v1-test"}
-    status = json.loads(run_cli("status", str(job), "--json", env=env).stdout)
+    status = json.loads(cli_here("status", str(job), "--json", env=env).stdout)
     assert Decimal(status["cost_usd"]) == sum(Decimal(row[3]) for row in kept)
 
 

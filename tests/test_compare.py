@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import run_cli
+from conftest import cli_here
 
 from batchrunner.compare import compare, to_markdown
 
@@ -77,8 +77,8 @@ def test_report_baseline_against_a_recorded_run_a_date_and_an_output_file(tmp_pa
         tmp_path / "sample_data" / "tickets.csv"
     )  # 60 rows: a complete run of them is recorded (a --limit's is not)
     tickets.write_text("".join(tickets.read_text().splitlines(keepends=True)[:61]))
-    assert run_cli("run", job, "--sandbox", env=env).returncode in (0, 1)
-    status = json.loads(run_cli("status", job, "--sandbox", "--json", env=env).stdout)
+    assert cli_here("run", job, "--sandbox", env=env).returncode in (0, 1)
+    status = json.loads(cli_here("status", job, "--sandbox", "--json", env=env).stdout)
     assert [r["run"] for r in status["recorded_runs"]] == [1]
     (runs,) = list((tmp_path / "out").glob("*.runs"))
     (snapshot,) = list(runs.glob("1-*.parquet"))
@@ -94,19 +94,19 @@ def test_report_baseline_against_a_recorded_run_a_date_and_an_output_file(tmp_pa
         model=pl.when(flipped).then(pl.lit("old/model")).otherwise(pl.col("model")),
     )
     edited.write_parquet(snapshot)
-    done = run_cli("report", job, "--sandbox", "--json", "--baseline", "run:1", env=env)
+    done = cli_here("report", job, "--sandbox", "--json", "--baseline", "run:1", env=env)
     assert done.returncode == 0, done.stderr
     compared = json.loads(done.stdout)
     changed = next(m for m in compared["models"] if m["model"] == model)
     assert changed["now_wrong_count"] == 2 and changed["now_right_count"] == 0 and changed["served_moved"] == 2
     assert all(m["now_wrong_count"] == 0 for m in compared["models"] if m["model"] != model)
     finished = status["recorded_runs"][0]["finished_at"][:10]
-    by_date = run_cli("report", job, "--sandbox", "--baseline", finished, env=env)
+    by_date = cli_here("report", job, "--sandbox", "--baseline", finished, env=env)
     assert by_date.returncode == 0 and "## now against run:1" in by_date.stdout
     output = next((tmp_path / "out").glob("ticket_eval*.csv"), None) or next((tmp_path / "out").glob("*.parquet"))
-    same = json.loads(run_cli("report", job, "--sandbox", "--json", "--baseline", str(output), env=env).stdout)
+    same = json.loads(cli_here("report", job, "--sandbox", "--json", "--baseline", str(output), env=env).stdout)
     assert all(m["now_wrong_count"] == m["now_right_count"] == 0 for m in same["models"])
-    other = json.loads(run_cli("report", job, "--sandbox", "--json", "--baseline", job, env=env).stdout)
+    other = json.loads(cli_here("report", job, "--sandbox", "--json", "--baseline", job, env=env).stdout)
     assert other["before"].startswith("ticket-eval (") and all(m["change"]["mean"] == 0 for m in other["models"])
-    unknown = run_cli("report", job, "--sandbox", "--baseline", "run:9", env=env)
+    unknown = cli_here("report", job, "--sandbox", "--baseline", "run:9", env=env)
     assert unknown.returncode == 2 and "run:9: no such run" in unknown.stderr and "run:1" in unknown.stderr

@@ -6,12 +6,8 @@ import os
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
-from click.testing import CliRunner
-from conftest import run_cli
-
-from batchrunner.cli import main
+from conftest import Ran, cli_here
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,13 +19,10 @@ def test_report_fail_under_exits_1_and_writes_junit(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "sample_data", tmp_path / "sample_data")
     job = str(tmp_path / "jobs" / "ticket_eval.yaml")
     env = {**os.environ, "OPENROUTER_API_KEY": ""}
-    assert run_cli("run", job, "--sandbox", "--limit", "40", env=env).returncode in (0, 1)
+    assert cli_here("run", job, "--sandbox", "--limit", "40", env=env).returncode in (0, 1)
 
-    def report(*args: str, env: dict[str, str]) -> Any:
-        """`batchrunner report ARGS` in this process (a fresh interpreter for each cost most of the test)."""
-        done = CliRunner().invoke(main, ["report", *args], env=env, catch_exceptions=False)
-        done.returncode = done.exit_code
-        return done
+    def report(*args: str, env: dict[str, str]) -> Ran:
+        return cli_here("report", *args, env=env)
 
     low = report(job, "--sandbox", "--json", "--fail-under", "0.0", env=env)
     assert low.returncode == 0, low.stderr

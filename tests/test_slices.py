@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
-from conftest import run_cli
+from conftest import cli_here
 
 from batchrunner.runner import RunSettings, run_job
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -49,10 +49,10 @@ def test_ids_and_a_bad_where_through_the_cli(write_spec: Callable[..., Path], tm
     ids = tmp_path / "ids.txt"
     ids.write_text("# the two to redo\nT-1\n\nT-5\n")
     env = {**os.environ, "OPENROUTER_API_KEY": ""}
-    done = run_cli("run", str(job), "--sandbox", "--ids", str(ids), "--json", env=env)
+    done = cli_here("run", str(job), "--sandbox", "--ids", str(ids), "--json", env=env)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert (summary["rows_ok"], summary["rows_pending"]) == (2, 0)
     for clause, said in (("tier = = 'x'", "not a SQL condition"), ("tier = 'pro'", "the input's columns")):
-        refused = run_cli("run", str(job), "--sandbox", "--where", clause, env=env)
+        refused = cli_here("run", str(job), "--sandbox", "--where", clause, env=env)
         assert refused.returncode == 2 and "--where" in refused.stderr and said in refused.stderr, refused.stderr

@@ -202,7 +202,9 @@ class Sandbox:
         # Build the request check before the first request, not during it: a first answer that stalls while
         # jsonschema loads would bunch the requests behind it into one second and trip the rate limit.
         openapi.warm_up("ChatRequest")
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # stopping gives requests still being answered a moment, not aiohttp's minute: a test double that a
+        # test stops mid-answer (its client killed) should not hold the test for its slowest reply
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.25)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
