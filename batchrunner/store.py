@@ -24,6 +24,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 # A new checkpoint's page: a 64 KB answer takes 4 pages, not 16 (SQLite's default, 4 KB) chained page by page: its
 # commit and its read back for the output cost a third less (bench/speed.py --long-only).
 PAGE_SIZE = 16_384
-FETCH_ROWS = 256  # records fetch() holds as Python values at a time
 COMMIT_INTERVAL_S = 0.2  # how often answers are committed: what a kill -9 can lose, beyond those in flight
 
 log = logging.getLogger("batchrunner")
@@ -281,6 +281,8 @@ class Store:
         # last commit (a read transaction ends with its statement: every query here is read to its end).
         self._reader = reader
         self._read_lock = threading.Lock()
+        self._columnar: tuple[Any, Any] | None = None  # ADBC's database and connection, for fetch(), once used
+        self._columnar_lock = threading.Lock()
         self._buffer_lock = threading.Lock()  # add() on the loop, flush() on a thread
         self._pending: list[dict[str, Any]] = []  # records by column name (RowResult.to_row and the store's own)
         self.run_id: int | None = None
@@ -368,6 +370,10 @@ class Store:
                     time.sleep(0.2)
                     continue
                 self._spill(exc)
+        with self._columnar_lock, contextlib.suppress(Exception):  # ADBC's errors are its own
+            if self._columnar is not None:
+                for handle in reversed(self._columnar):
+                    handle.close()
         with self._read_lock, contextlib.suppress(sqlite3.Error):
             self._reader.close()  # first: the writer, closing last, folds the WAL into the file and removes it
         with self._lock, contextlib.suppress(sqlite3.Error):
@@ -588,13 +594,19 @@ class Store:
             return len(self._pending)
 
     @contextlib.contextmanager
-    def _reading(self) -> Iterator[None]:
-        """The reader, for the queries a run makes as it reads its rows; a checkpoint that fails them mid-run (a
-        disk error) stops the run with a sentence naming it, not as an input or internal error."""
-        with self._read_lock:
+    def _reading(self, *, columnar: bool = False) -> Iterator[None]:
+        """The reader (or, `columnar`, fetch()'s), for the queries a run makes as it reads its rows; a checkpoint
+        that fails them mid-run (a disk error) stops the run with a sentence naming it, not as an input or internal
+        error."""
+        errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+        if columnar:
+            import adbc_driver_manager
+
+            errors = (adbc_driver_manager.Error, *errors)
+        with self._columnar_lock if columnar else self._read_lock:
             try:
                 yield
-            except sqlite3.Error as exc:
+            except errors as exc:
                 raise RunHalted(
                     f"cannot read the checkpoint {self.path} ({str(exc).strip() or type(exc).__name__}); "
                     "check the disk, then rerun"
@@ -678,32 +690,36 @@ class Store:
         """Every answered or failed record of these rows (not the unfinished ones), as a frame with named
         columns: fetched_schema()'s, `fingerprint`, `row_id` and STORED_SCHEMA's (money as exact decimal text).
 
-        Read FETCH_ROWS records at a time, each slice into its columns (a Series from a list is built in one
-        pass; a frame from rows takes them apart value by value): the answers of a slice are Python strings only
-        until the slice is a frame, so long answers are not all held twice (3,000 of 64 KB: 0.30-0.39 s and
-        644 MB peak whole, 0.27-0.35 s and 481 MB by slices)."""
+        Read as columns (ADBC's SQLite driver: Arrow batches straight into polars), never as a Python value per
+        cell: the output of a run is made of every stored answer, and building each as a Python string, then a
+        list, then a Series was most of an output's time (bench/resume.py, bench/speed.py --long-only). The ids
+        go in as one JSON array (json_each): no limit on how many, no statement per chunk."""
         import polars as pl
 
         schema = fetched_schema()
-        names = list(schema)
-        frames = [pl.DataFrame(schema=schema)]
-        with self._read_lock:
-            for chunk in _chunks(row_ids, MAX_PARAMETERS):
-                marks = ",".join("?" * len(chunk))
-                cursor = self._reader.execute(
-                    f"SELECT {', '.join(names)} FROM results WHERE status != 'pending' AND row_id IN ({marks})", chunk
+        with self._reading(columnar=True):
+            statement = self._columnar_statement()
+            try:
+                statement.set_sql_query(
+                    _typed_select(schema, "status != 'pending' AND row_id IN (SELECT value FROM json_each(?))")
                 )
-                try:
-                    while rows := cursor.fetchmany(FETCH_ROWS):
-                        columns = zip(*rows, strict=True)
-                        frames.append(
-                            pl.DataFrame(
-                                [pl.Series(n, v, dtype=t) for (n, t), v in zip(schema.items(), columns, strict=True)]
-                            )
-                        )
-                finally:
-                    cursor.close()  # a query left half-read would hold its snapshot: later reads would not see commits
-        return pl.concat(frames, rechunk=False)
+                statement.bind_stream(pl.DataFrame({"ids": [json.dumps(list(row_ids))]}))
+                stream, _ = statement.execute_query()
+                frame = pl.DataFrame(stream)
+            finally:
+                statement.close()  # a statement left open holds its snapshot: later reads would not see commits
+        return frame.slice(1).cast(pl.Schema(schema))  # the first row is _typed_select's, to type the columns
+
+    def _columnar_statement(self) -> Any:
+        """The columnar reader (ADBC), opened at its first use, read-only beside the writer (WAL) as the reader
+        is; closed before the writer (close())."""
+        import adbc_driver_manager
+        import adbc_driver_sqlite
+
+        if self._columnar is None:
+            database = adbc_driver_sqlite.connect(f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro")
+            self._columnar = (database, adbc_driver_manager.AdbcConnection(database))
+        return adbc_driver_manager.AdbcStatement(self._columnar[1])
 
     # -- audits (batchrunner audit) --------------------------------------------------------
 
@@ -894,6 +910,19 @@ def _bill(record: dict[str, Any]) -> Bill:
         record["attempts"] or 0,
         None if upstream is None else Decimal(upstream),
     )
+
+
+def _typed_select(schema: dict[str, pl.DataType], where: str) -> str:
+    """A query of the results table whose columns come out with their schema's types, for ADBC: its SQLite driver
+    types a column by the first values it reads (NULLs first made a text column an integer one, and the first text
+    an error). Each value is CAST to its column's type, and a first row of one value of each type leads the rows
+    (the caller drops it)."""
+    import polars as pl
+
+    sql_types = {pl.String(): ("TEXT", "''"), pl.Int64(): ("INTEGER", "0"), pl.Float64(): ("REAL", "0.0")}
+    first = ", ".join(f"{sql_types[dtype][1]} AS {name}" for name, dtype in schema.items())
+    cast = ", ".join(f"CAST({name} AS {sql_types[dtype][0]})" for name, dtype in schema.items())
+    return f"SELECT {first} UNION ALL SELECT {cast} FROM results WHERE {where}"
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:

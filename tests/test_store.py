@@ -530,14 +530,11 @@ def test_a_new_checkpoint_has_large_pages_and_an_old_one_keeps_its_own(tmp_path:
         assert store.answered(["id1", "id2"]) == {("id1", "a/b", "fp"), ("id2", "a/b", "fp")}
 
 
-def test_fetch_by_slices_returns_every_answer_as_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fetch() read a few records at a time and column by column gives the frame read whole gave: long answers
-    (ASCII, non-ASCII, a NUL inside), empty and missing ones, money text and numbers, byte for byte, in every
-    slice and chunk of ids."""
-    import batchrunner.store as store_module
-
-    monkeypatch.setattr(store_module, "FETCH_ROWS", 7)
-    monkeypatch.setattr(store_module, "MAX_PARAMETERS", 23)
+def test_fetch_as_columns_returns_every_answer_as_stored(tmp_path: Path) -> None:
+    """fetch() read as columns (ADBC) gives the frame sqlite3 reads row by row: long answers (ASCII, non-ASCII, a
+    NUL inside), empty and missing ones, money text and numbers, byte for byte; and a column whose first
+    thousands of values are NULL (an error column of answered rows) keeps its type when text follows (ADBC's
+    SQLite driver types a column by the first values it reads)."""
     texts = ["ok " * 22_000, "é漢🙂 " * 9_000, "a\x00b", "", None]
     store = Store.open(tmp_path / "c.sqlite")
     for row in range(60):
@@ -546,14 +543,18 @@ def test_fetch_by_slices_returns_every_answer_as_stored(tmp_path: Path, monkeypa
             result(row, status, cost=f"0.{row:012d}"), response=texts[row % len(texts)], latency_s=row / 7
         )
         store.add(answer)
+    for row in range(60, 3060):  # thousands of rows with no error, then failed ones with an error's text
+        store.add(result(row) if row < 3000 else dataclasses.replace(result(row, "failed"), error=f"HTTP 400 ({row})"))
     store.flush()
-    ids = [f"id{row}" for row in range(62)]
+    ids = [f"id{row}" for row in range(3062)]
     got = store.fetch(ids)
     with contextlib.closing(sqlite3.connect(tmp_path / "c.sqlite")) as db:
         names = list(fetched_schema())
         rows = db.execute(f"SELECT {', '.join(names)} FROM results WHERE status != 'pending'").fetchall()
     whole = pl.DataFrame(rows, schema=fetched_schema(), orient="row")
-    assert got.schema == whole.schema and got.height == whole.height == 55  # 5 of the 60 are unfinished
+    assert got.schema == whole.schema and got.height == whole.height == 3055  # 5 of the first 60 are unfinished
+    late = got.filter(pl.col("row_id").is_in([f"id{row}" for row in range(3000, 3060)]))
+    assert late.height == 60 and late["error"].null_count() == 0
     assert got.sort("row_id").equals(whole.sort("row_id"), null_equal=True)
     by_id = dict(zip(got["row_id"], got["response"], strict=True))
     assert all(by_id[f"id{row}"] == texts[row % len(texts)] for row in range(60) if f"id{row}" in by_id)
