@@ -559,3 +559,16 @@ def test_fetch_as_columns_returns_every_answer_as_stored(tmp_path: Path) -> None
     by_id = dict(zip(got["row_id"], got["response"], strict=True))
     assert all(by_id[f"id{row}"] == texts[row % len(texts)] for row in range(60) if f"id{row}" in by_id)
     assert store.fetch([]).schema == whole.schema and store.fetch(["nobody"]).height == 0
+
+
+def test_a_checkpoint_whose_path_has_uri_characters_is_read_as_columns(tmp_path: Path) -> None:
+    """fetch() opens the checkpoint again by URI (read-only): a path with ?, #, % and spaces is still that file,
+    and closing leaves no WAL behind (the columnar reader is closed before the writer folds it in)."""
+    folder = tmp_path / "we?ird #dir% 'é"
+    folder.mkdir()
+    store = Store.open(folder / "c?#%.sqlite")
+    store.add(result(1))
+    store.flush()
+    assert store.fetch(["id1"]).select("row_id", "response").rows() == [("id1", "r1")]
+    store.close()
+    assert sorted(path.name for path in folder.iterdir()) == ["c?#%.sqlite"]
