@@ -149,6 +149,7 @@ def test_estimate_status_and_report_return_values(tickets_csv: Path, tmp_path: P
     assert [model.model for model in report.models] == ["openai/gpt-4o-mini"]
 
 
+@pytest.mark.slow  # a script in its own interpreter, signalled twice: the long set (CI's second step)
 def test_a_second_ctrl_c_returns_from_run_instead_of_ending_the_process(
     write_spec: Callable[..., Path], sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:

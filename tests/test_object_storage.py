@@ -457,6 +457,7 @@ async def test_a_kill_during_the_outputs_upload_leaves_the_previous_output_whole
         s3.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
 
 
+@pytest.mark.slow  # two runs in their own interpreters: the long set (CI's second step)
 def test_credentials_from_an_aws_profile_read_and_write(
     s3: Any, job: Callable[..., Path], tmp_path: Path, endpoint: str
 ) -> None:
