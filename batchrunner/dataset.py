@@ -67,12 +67,16 @@ class Dataset:
 
         Memory is a window of rows, whatever the input's size: see `_windows`."""
         for chunk in self.frames(limit=limit, batch_size=batch_size, start=start):
-            rows = []
-            for values in chunk.iter_rows(named=True):
-                index = values.pop(ROW_INDEX)
-                row_id = index if self.id_column is None else values[self.id_column]
-                rows.append(Row(index, str(row_id), values))
-            yield chunk, rows
+            yield chunk, self.rows_of(chunk)
+
+    def rows_of(self, chunk: pl.DataFrame) -> list[Row]:
+        """A chunk of `frames` as Rows."""
+        rows = []
+        for values in chunk.iter_rows(named=True):
+            index = values.pop(ROW_INDEX)
+            row_id = index if self.id_column is None else values[self.id_column]
+            rows.append(Row(index, str(row_id), values))
+        return rows
 
     def frames(self, *, limit: int | None = None, batch_size: int = 2048, start: int = 0) -> Iterator[pl.DataFrame]:
         """The chunks of `chunks` as frames alone (with ROW_INDEX): for a reader that needs no Row objects (the

@@ -78,8 +78,9 @@ class KeyLog:
         self._parts: list[Path] = []
         self._broken = False
 
-    def record(self, requests: list[RowRequest], rows: int) -> None:
-        """One batch of `rows` input rows, whose pairs are `requests` (answered or not), in input order.
+    def record(self, keys: pl.DataFrame, rows: int) -> None:
+        """One batch of `rows` input rows, whose pairs' keys (answered or not; KEYS_SCHEMA) are `keys`, in input
+        order.
 
         A part that cannot be written (a full disk) ends the log, never the run: the output then computes
         the keys itself."""
@@ -87,7 +88,7 @@ class KeyLog:
             return
         part = self.folder / f"{len(self._parts):08d}.parquet"
         try:
-            keys_frame(requests).write_parquet(part)
+            keys.write_parquet(part)
         except (OSError, pl.exceptions.PolarsError) as exc:
             log.debug("the key log stops at row %d (%s); the output will compute keys itself", self._covered, exc)
             self._broken = True

@@ -301,10 +301,18 @@ def recall(plan: Plan, opened: Opened) -> None:
         store.delete_all()
     opened.known = known = last_run(store, plan.spec, opened.state, plan.dataset)  # unchanged, or grown
     forget(store)  # until this run ends the same way
-    store.begin_run()
+    store.begin_run(settled_state(plan, opened))
     if not plan.partial and (known is None or known.grown):  # each row's keys, kept for the output
         first = known.rows if known is not None and known.grown else 0
         opened.keylog = KeyLog(plan.spec.output, plan.spec.input, first_row=first, rows=plan.rows)
+
+
+def settled_state(plan: Plan, opened: Opened) -> str | None:
+    """The job's state, for the checkpoint to record with this run and for pending() to take the answers of runs
+    in the same state by position (Store.settled); None when an answer this run stores may have a key computed
+    for the job in another state (a batch made by an earlier run, collected by this one) or when the state is
+    not known (media, judges, a run of a part of the job)."""
+    return opened.state.unread if opened.state is not None and plan.spec.mode != "batch" else None
 
 
 async def execute_run(plan: Plan, terms: ServerTerms, opened: Opened, caught: interrupts.Interrupts) -> RunReport:
@@ -443,6 +451,7 @@ def _work(plan: Plan, opened: Opened, progress: Progress | None) -> tuple[Iterab
         start=first,
         on_keys=record,
         failed_only=plan.settings.retry_failed,
+        settled_state=settled_state(plan, opened),
     )
     if known is not None:  # the rows the last complete run answered are not read again
         earlier = Batch([], collections.Counter(known.answered), known.rows)

@@ -243,6 +243,14 @@ def _migration_13_endpoint(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE results ADD COLUMN endpoint TEXT")
 
 
+def _migration_14_run_states(db: sqlite3.Connection) -> None:
+    """Each run's state of the job (rerun.unread_state), and the results by input position: a rerun of the job as
+    a killed run left it knows that run's answers by position without rendering their rows (Store.settled)."""
+    if "state" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:  # only where missing, as 11 and 13
+        db.execute("ALTER TABLE runs ADD COLUMN state TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS results_by_position ON results (row_index)")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
@@ -257,6 +265,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_11_byok_and_service_tier,
     _migration_12_audits,
     _migration_13_endpoint,
+    _migration_14_run_states,
 ]
 
 
@@ -447,10 +456,13 @@ class Store:
 
     # -- runs -------------------------------------------------------------------------------
 
-    def begin_run(self) -> int:
+    def begin_run(self, state: str | None = None) -> int:
+        """Record a run's start; `state` (rerun.unread_state) only when every answer it stores has a key computed
+        for the job in that state, by this run (see `settled`)."""
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO runs (started_at, pid, host) VALUES (?, ?, ?)", (_now(), os.getpid(), socket.gethostname())
+                "INSERT INTO runs (started_at, pid, host, state) VALUES (?, ?, ?, ?)",
+                (_now(), os.getpid(), socket.gethostname(), state),
             )
         self.run_id = int(cursor.lastrowid or 0)
         return self.run_id
@@ -696,14 +708,36 @@ class Store:
         go in as one JSON array (json_each): no limit on how many, no statement per chunk."""
         import polars as pl
 
-        schema = fetched_schema()
+        where = "status != 'pending' AND row_id IN (SELECT value FROM json_each(?))"
+        return self._columns(fetched_schema(), where, pl.DataFrame({"ids": [json.dumps(list(row_ids))]}))
+
+    def settled(self, state: str, first_row: int, last_row: int) -> pl.DataFrame:
+        """The answers to input rows `first_row` to `last_row` stored by runs of the job in `state` (runs whose
+        every answer's key was computed for the job in that state: Store.begin_run), by position: `row_index`,
+        `model_position`, `row_id`, `requested_model`, `fingerprint`. With the job in that state still, each is the
+        answer to the pair at its position, known without rendering the row."""
+        import polars as pl
+
+        schema = {
+            "row_index": pl.Int64(),
+            "model_position": pl.Int64(),
+            "row_id": pl.String(),
+            "requested_model": pl.String(),
+            "fingerprint": pl.String(),
+        }
+        where = "row_index BETWEEN ? AND ? AND status = 'ok' AND run_id IN (SELECT run_id FROM runs WHERE state = ?)"
+        params = pl.DataFrame({"first": [first_row], "last": [last_row], "state": [state]})
+        return self._columns(schema, where, params)
+
+    def _columns(self, schema: dict[str, pl.DataType], where: str, params: pl.DataFrame) -> pl.DataFrame:
+        """The `schema` columns of the results `where` selects (its ? bound to `params`' one row), read as columns."""
+        import polars as pl
+
         with self._reading(columnar=True):
             statement = self._columnar_statement()
             try:
-                statement.set_sql_query(
-                    _typed_select(schema, "status != 'pending' AND row_id IN (SELECT value FROM json_each(?))")
-                )
-                statement.bind_stream(pl.DataFrame({"ids": [json.dumps(list(row_ids))]}))
+                statement.set_sql_query(_typed_select(schema, where))
+                statement.bind_stream(params)
                 stream, _ = statement.execute_query()
                 frame = pl.DataFrame(stream)
             finally:

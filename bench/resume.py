@@ -2,16 +2,20 @@
 (and to write the output), and its peak memory, for 100k and 1M rows; and a rerun after 1% more rows
 were appended.
 
-The checkpoint is filled directly (as if every row had been answered by a run that was killed before it
-could record that it finished). Each measured rerun runs in a fresh process, so its peak RSS is its own:
-- `cold`: the first rerun reads, renders and hashes every row to find nothing left, and writes the output;
+The checkpoint is filled directly, as a run killed before it could record that it finished leaves it (its
+answers, and the job's state it recorded as it began). Each measured rerun runs in a fresh process, so its peak
+RSS is its own:
+- `killed`: the first rerun after that kill: it reads every row, takes the killed run's answers by position
+  (the job is in the state that run recorded) without rendering a row, and writes the output;
+- `cold`: the same with answers from runs of no recorded state (a checkpoint from before states were recorded,
+  or runs of a part of the job): every row is read, rendered and hashed to find nothing left;
 - `unchanged`: later reruns, after one that left nothing to do, know it without reading a row and keep
   the output (medians of --repeats);
 - `appended`: 1% more rows appended to the input: only they are sent (the sandbox has no rate limit),
   and `overhead s` is the whole rerun minus the time the sends took.
 
 `status s` is `batchrunner status` in a fresh process just before that rerun: with no record of a
-complete run (cold) it reads every row; with one, only the rows appended since.
+complete run (killed, cold) it reads and renders every row; with one, only the rows appended since.
 
     python bench/resume.py [--rows 100000,1000000] [--repeats 3]
 """
@@ -19,7 +23,9 @@ complete run (cold) it reads every row; with one, only the rows appended since.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -37,6 +43,7 @@ from throughput import start_sandbox
 from batchrunner.preflight import prepare
 from batchrunner.records import RowResult
 from batchrunner.request import RequestBuilder
+from batchrunner.rerun import unread_state
 from batchrunner.spec import load_spec
 from batchrunner.store import Store
 
@@ -91,6 +98,7 @@ def prepare_job(folder: Path, rows: int, base_url: str, *, answered: bool = True
     spec = load_spec(spec_path)
     requests = RequestBuilder(spec, server=spec.server(sandbox=False))
     store = Store.open(spec.checkpoint_path())
+    store.begin_run(unread_state(spec, requests.server))  # as the killed run recorded it as it began
     for batch in prepare(spec).batches(batch_size=50_000):
         for row in batch:
             fingerprint = requests.fingerprint(requests.prompt(row), "openai/gpt-4o-mini")
@@ -135,11 +143,14 @@ def main() -> None:
                 started = time.monotonic()
                 spec_path = prepare_job(Path(tmp), rows, base_url + "/api/v1")
                 setup_s = time.monotonic() - started
-                before = status_s(spec_path)
-                cold = measure(spec_path)
-                cold["status_s"] = before
-                assert cold["resumed"] == rows and cold["sent"] == 0, cold
-                report(rows, "cold", setup_s, cold)
+                for kind in ("killed", "cold"):
+                    if kind == "cold":
+                        forget_states(spec_path)
+                    before = status_s(spec_path)
+                    first = measure(spec_path)
+                    first["status_s"] = before
+                    assert first["resumed"] == rows and first["sent"] == 0, first
+                    report(rows, kind, setup_s, first)
                 runs = [{"status_s": status_s(spec_path), **measure(spec_path)} for _ in range(args.repeats)]
                 assert all(r["resumed"] == rows and r["sent"] == 0 for r in runs), runs
                 report(rows, "unchanged", setup_s, {key: statistics.median(r[key] for r in runs) for key in runs[0]})
@@ -156,6 +167,14 @@ def main() -> None:
     finally:
         sandbox.terminate()
         sandbox.wait()
+
+
+def forget_states(spec_path: Path) -> None:
+    """The checkpoint as runs of no recorded state leave it: no record of a complete run, no run's state."""
+    with contextlib.closing(sqlite3.connect(load_spec(spec_path).checkpoint_path())) as db:
+        db.execute("DELETE FROM meta WHERE key = 'complete'")
+        db.execute("UPDATE runs SET state = NULL")
+        db.commit()
 
 
 def status_s(spec_path: Path) -> float:

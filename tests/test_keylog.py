@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from batchrunner.dataset import ROW_INDEX, Row
-from batchrunner.keylog import KeyLog
+from batchrunner.keylog import KeyLog, keys_frame
 from batchrunner.request import RowRequest
 from batchrunner.runner import run_job
 from batchrunner.sandbox import Sandbox
@@ -32,7 +32,7 @@ def test_the_cursor_gives_each_run_of_rows_its_keys_whatever_the_part_boundaries
     source.write_text("x\n")
     log = KeyLog(tmp_path / "out.parquet", source, first_row=0, rows=21)
     for first in range(0, 21, 7):
-        log.record(requests_for(range(first, first + 7)), 7)
+        log.record(keys_frame(requests_for(range(first, first + 7))), 7)
     assert log.covers(0) and not log.covers(3)
     cursor = log.cursor()
     taken = [cursor.upto(last) for last in range(4, 21, 5)] + [cursor.upto(20)]
@@ -50,10 +50,10 @@ def test_a_log_that_misses_rows_or_whose_input_changed_is_not_used(tmp_path: Pat
     source = tmp_path / "in.csv"
     source.write_text("x\n")
     short = KeyLog(tmp_path / "out.parquet", source, first_row=0, rows=10)
-    short.record(requests_for(range(6)), 6)
+    short.record(keys_frame(requests_for(range(6))), 6)
     assert not short.covers(0)
     whole = KeyLog(tmp_path / "out.parquet", source, first_row=0, rows=6)
-    whole.record(requests_for(range(6)), 6)
+    whole.record(keys_frame(requests_for(range(6))), 6)
     assert whole.covers(0)
     source.write_text("x\ny\n")
     assert not whole.covers(0)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -227,3 +230,91 @@ async def test_status_of_a_complete_job_reads_only_rows_appended_since(
     status = job_status(spec)
     assert status["models"] == {"openai/gpt-4o-mini": {"ok": 12, "failed": 0, "pending": 3}}
     assert sorted(rendered_rows) == ["T-12", "T-13", "T-14"]
+
+
+def rendered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the rows RequestBuilder.for_rows renders from now on (each time it is asked)."""
+    seen: list[str] = []
+    original = RequestBuilder.for_rows
+
+    def counting(self: RequestBuilder, rows: Any) -> Any:
+        rows = list(rows)
+        seen.extend(row.id for row in rows)
+        return original(self, rows)
+
+    monkeypatch.setattr(RequestBuilder, "for_rows", counting)
+    return seen
+
+
+def killed_before_it_finished(checkpoint: Path, *, lost: list[str] = ()) -> None:  # type: ignore[assignment]
+    """The checkpoint as a run killed after storing its answers (but not that it was complete) leaves it: without
+    the record of a complete run, and without the answers to `lost` (never stored: on the wire at the kill)."""
+    with contextlib.closing(sqlite3.connect(checkpoint)) as db:
+        db.execute("DELETE FROM meta WHERE key = 'complete'")
+        db.executemany("DELETE FROM results WHERE row_id = ?", [(row_id,) for row_id in lost])
+        db.commit()
+
+
+async def test_the_first_rerun_after_a_kill_renders_only_the_rows_left(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun of the job as a killed run left it (the same spec, server and input) takes that run's answers by
+    position without rendering their rows: only the rows whose answers were lost are rendered and sent, and the
+    output is the uninterrupted run's, two models a row."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(
+            write_spec(api={"base_url": sandbox.base_url}, models=["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"])
+        )
+        await run_job(spec)
+        whole = pl.read_parquet(spec.output).drop("latency_s", "ttft_s")
+        killed_before_it_finished(spec.checkpoint_path(), lost=["T-3", "T-7"])
+        seen = rendered(monkeypatch)
+        outcome = await run_job(spec)
+    assert sorted(seen) == ["T-3", "T-7"] and sandbox.stats.requests == 24 + 4
+    assert outcome.report.resumed == 20 and outcome.report.pending == 0
+    again = pl.read_parquet(spec.output).drop("latency_s", "ttft_s")
+    assert again.drop("response", "generation_id").equals(whole.drop("response", "generation_id"))
+
+
+async def test_answers_of_a_run_of_the_job_in_another_state_are_not_taken_by_position(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the input is edited (one row's text) the killed run's answers are no longer known by position: every
+    row is rendered, the edited row is asked again, the others are found by their keys."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        killed_before_it_finished(spec.checkpoint_path())
+        write_tickets(tmp_path / "tickets.csv", range(12), edited=5)
+        seen = rendered(monkeypatch)
+        outcome = await run_job(spec)
+    assert len(seen) == 12 and sandbox.stats.requests == 13 and outcome.report.resumed == 11
+
+
+async def test_a_row_answered_under_another_id_at_its_position_is_rendered(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer stored for another row id at a row's position (a checkpoint edited by hand, or a bug) does not
+    count for the row there now: it is rendered and found or asked by its own key."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+        killed_before_it_finished(spec.checkpoint_path())
+        with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
+            db.execute("UPDATE results SET row_id = 'T-99' WHERE row_id = 'T-4'")
+            db.commit()
+        seen = rendered(monkeypatch)
+        await run_job(spec)
+    assert seen == ["T-4"]  # (its request is the one answered: dedupe copies that answer, nothing is sent)
+    assert pl.read_parquet(spec.output)["status"].to_list() == ["ok"] * 12
+
+
+async def test_a_batch_mode_run_records_no_state(write_spec: Callable[..., Path]) -> None:
+    """A batch-mode run may store answers whose keys an earlier run computed (a batch it collects), so the
+    checkpoint records no state for it and a rerun takes none of its answers by position."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, mode="batch"))
+        await run_job(spec)
+    with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
+        states = db.execute("SELECT state FROM runs").fetchall()
+    assert states == [(None,)]
