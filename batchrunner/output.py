@@ -14,6 +14,7 @@ never completed (its upload is aborted here); its parts and key log are kept loc
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -160,14 +161,41 @@ def results(
     if requests.has_media:  # each row's files are hashed again to find its key; bytes cells are held per batch
         batch_size = min(batch_size, MEDIA_EXPORT_ROWS)
     cursor = keys.cursor() if keys is not None and keys.covers(start) else None
-    for frame, known in _keyed(dataset, requests, cursor, batch_size=batch_size, start=start):
-        stored = store.fetch(known["row_id"].unique(maintain_order=True).to_list())
+    for frame, known, stored in _fetched(_keyed(dataset, requests, cursor, batch_size=batch_size, start=start), store):
         answers = _answers(frame, known, stored, spec, extra, row_index=row_index or bool(judges))
         for rule, column in zip(judges, _judge_columns(spec) if judges else [], strict=True):
             answers = answers.with_columns(
                 _grades(answers, spec, rule, requests.server, dataset.columns, store).alias(column)
             )
         yield answers if row_index or not judges else answers.drop(ROW_INDEX)
+
+
+FETCH_AHEAD_MAX_BYTES = 256 * 2**20  # a batch's answers are fetched while the last is written, if it was under this
+
+
+def _fetched(
+    keyed: Iterator[tuple[pl.DataFrame, pl.DataFrame]], store: Store
+) -> Iterator[tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]]:
+    """Each input batch and its keys with their stored answers, each batch's answers fetched on a thread while the
+    batch before it is joined and written: SQLite's reads (in C, without the GIL) beside polars' and Python's work
+    on the other core. A batch whose answers took more than FETCH_AHEAD_MAX_BYTES is not followed by a fetch ahead
+    (long answers: two batches of them at once would double the output's peak)."""
+
+    def fetch(known: pl.DataFrame) -> pl.DataFrame:
+        return store.fetch(known["row_id"].unique(maintain_order=True).to_list())
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner-fetch") as pool:
+        previous: tuple[pl.DataFrame, pl.DataFrame, concurrent.futures.Future[pl.DataFrame]] | None = None
+        for frame, known in keyed:
+            if previous is None:
+                previous = (frame, known, pool.submit(fetch, known))
+                continue
+            stored = previous[2].result()
+            ahead = pool.submit(fetch, known) if stored.estimated_size() <= FETCH_AHEAD_MAX_BYTES else None
+            yield previous[0], previous[1], stored
+            previous = (frame, known, ahead if ahead is not None else pool.submit(fetch, known))
+        if previous is not None:
+            yield previous[0], previous[1], previous[2].result()
 
 
 def _keyed(

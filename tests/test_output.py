@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import threading
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 
 from batchrunner import dedupe as dedupe_module
+from batchrunner import output as output_module
 from batchrunner import store as store_module
 from batchrunner.dedupe import Dedupe
 from batchrunner.output import export
@@ -167,3 +170,51 @@ def test_a_new_result_column_needs_a_field_a_schema_entry_and_a_migration_only(
     assert frame["novel"].to_list() == ["new T-0", "new T-1", "new T-2"]
     (copy,) = copies
     assert isinstance(copy, WithNovel) and (copy.row_id, copy.deduped_from, copy.novel) == ("T-3", "T-0", "new T-0")
+
+
+class Fetching:
+    """A store whose fetch says when it starts (an event per batch), and can fail for one batch."""
+
+    def __init__(self, failing: str | None = None) -> None:
+        self.failing = failing
+        self.started = {name: threading.Event() for name in "abc"}
+
+    def fetch(self, row_ids: list[str]) -> pl.DataFrame:
+        self.started[row_ids[0]].set()
+        if row_ids[0] == self.failing:
+            raise store_module.RunHalted("cannot read the checkpoint")
+        return pl.DataFrame({"row_id": row_ids, "response": [f"answer to {r}" for r in row_ids]})
+
+
+def batches_of(names: str) -> Any:
+    for name in names:
+        yield pl.DataFrame({"n": [1]}), pl.DataFrame({"row_id": [name]})
+
+
+@pytest.mark.parametrize("ahead_bytes", [output_module.FETCH_AHEAD_MAX_BYTES, 0])
+def test_answers_are_fetched_a_batch_ahead_in_order_unless_a_batch_was_large(
+    monkeypatch: pytest.MonkeyPatch, ahead_bytes: int
+) -> None:
+    """Each batch comes with its own answers, in input order; the next batch's fetch has started by the time a
+    batch is handed on, except after a batch whose answers were over FETCH_AHEAD_MAX_BYTES (two at once would
+    double the peak): then it starts only once that batch has been used."""
+    monkeypatch.setattr(output_module, "FETCH_AHEAD_MAX_BYTES", ahead_bytes)
+    store = Fetching()
+    used = []
+    for _, known, stored in output_module._fetched(batches_of("abc"), store):  # type: ignore[arg-type]
+        name = known["row_id"][0]
+        assert stored["response"].to_list() == [f"answer to {name}"]
+        following = {"a": "b", "b": "c"}.get(name)
+        if following is not None:
+            assert store.started[following].wait(5 if ahead_bytes else 0.2) is bool(ahead_bytes)
+        used.append(name)
+    assert used == ["a", "b", "c"]
+
+
+def test_a_fetch_that_fails_ahead_fails_at_its_own_batch() -> None:
+    """A checkpoint read that fails on the thread is raised where its batch is taken, after the batches before it."""
+    used = []
+    with pytest.raises(store_module.RunHalted, match="cannot read"):
+        for _, known, _ in output_module._fetched(batches_of("abc"), Fetching(failing="b")):  # type: ignore[arg-type]
+            used.append(known["row_id"][0])
+    assert used == ["a"]
