@@ -318,3 +318,24 @@ async def test_a_batch_mode_run_records_no_state(write_spec: Callable[..., Path]
     with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
         states = db.execute("SELECT state FROM runs").fetchall()
     assert states == [(None,)]
+
+
+async def test_a_parquet_input_with_binary_ids_runs(write_spec: Callable[..., Path], tmp_path: Path) -> None:
+    """A Parquet input whose id column is binary (UUIDs as 16 raw bytes, as Spark and pyarrow write them) runs as it
+    did before runs recorded their state: the id as text is str() of its value, never polars' cast of the column
+    (which fails on bytes that are not UTF-8); a rerun after a kill sends only what was lost."""
+    ids = [bytes([0xFF, i]) * 8 for i in range(12)]
+    pl.DataFrame({"uid": ids, "text": [f"ticket text number {i}" for i in range(12)]}).write_parquet(
+        tmp_path / "tickets.parquet"
+    )
+    async with Sandbox() as sandbox:
+        spec = load_spec(
+            write_spec(
+                api={"base_url": sandbox.base_url}, input="tickets.parquet", id_column="uid", prompt="Ticket: {text}"
+            )
+        )
+        await run_job(spec)
+        killed_before_it_finished(spec.checkpoint_path(), lost=[str(ids[3])])
+        outcome = await run_job(spec)
+    assert sandbox.stats.requests == 13 and outcome.report.resumed == 11
+    assert pl.read_parquet(spec.output)["status"].to_list() == ["ok"] * 12
