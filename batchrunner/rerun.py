@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
@@ -106,7 +107,8 @@ def _unread(spec: JobSpec, server: str) -> tuple[dict[str, Any], list[Any], str]
     that decides the input's rows and the checkpoint's columns without reading them: the server, the checkpoint's
     schema (a result column is added by a migration), and the versions of batchrunner and polars (how a file is
     read into columns). None when the job's state cannot be known without reading every row: media files (they
-    change on their own), judges (graded after the answers), an input that cannot be found."""
+    change on their own), judges (graded after the answers), an input that cannot be found or is no one file (a
+    folder of Parquet files keeps its size, times and inode when a file in it is rewritten)."""
     if spec.prompt_template().media_kinds or (spec.evaluate is not None and spec.evaluate.judges()):
         return None
     if isinstance(spec.input, ObjectURL):  # its URL (no credentials), ETag, version and size, by a HEAD
@@ -117,6 +119,8 @@ def _unread(spec: JobSpec, server: str) -> tuple[dict[str, Any], list[Any], str]
         try:
             found = os.stat(spec.input)
         except OSError:
+            return None
+        if not stat.S_ISREG(found.st_mode):  # a folder (of Parquet parts): its stat holds when a part is rewritten
             return None
         where = [str(spec.input.resolve()), found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino]
     spec_fields = spec.model_dump(mode="json", exclude=set(RUN_ONLY_KEYS))

@@ -339,3 +339,22 @@ async def test_a_parquet_input_with_binary_ids_runs(write_spec: Callable[..., Pa
         outcome = await run_job(spec)
     assert sandbox.stats.requests == 13 and outcome.report.resumed == 11
     assert pl.read_parquet(spec.output)["status"].to_list() == ["ok"] * 12
+
+
+async def test_a_part_of_a_parquet_folder_rewritten_after_a_kill_is_asked_again(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An input that is a folder of Parquet files (as Spark writes one): a part file rewritten in place leaves the
+    folder's size, times and inode as they were, so the folder's stat is no identity of the rows in it. After a
+    killed run, the edited row is asked again and the output holds the answer to its new text, not the old one."""
+    folder = tmp_path / "tickets.parquet"
+    folder.mkdir()
+    write_tickets(folder / "part-0.parquet", range(12))
+    async with Sandbox(SandboxConfig(record_bodies=True)) as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}, input="tickets.parquet"))
+        await run_job(spec)
+        killed_before_it_finished(spec.checkpoint_path())
+        write_tickets(folder / "part-0.parquet", range(12), edited=5)
+        await run_job(spec)
+    asked = [body["messages"][-1]["content"] for body in sandbox.stats.bodies]
+    assert len(asked) == 13 and asked[-1] == "Ticket T-5: ticket text number 5 (edited)"
