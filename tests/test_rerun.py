@@ -358,3 +358,57 @@ async def test_a_part_of_a_parquet_folder_rewritten_after_a_kill_is_asked_again(
         await run_job(spec)
     asked = [body["messages"][-1]["content"] for body in sandbox.stats.bodies]
     assert len(asked) == 13 and asked[-1] == "Ticket T-5: ticket text number 5 (edited)"
+
+
+def test_the_rerun_after_a_real_kill_9_asks_only_what_was_not_stored(
+    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+) -> None:
+    """`batchrunner run` killed with SIGKILL mid-run (two models a row): the rerun asks exactly the pairs the
+    checkpoint had no answer for, and its output holds each row's own answers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from batchrunner.sandbox.answers import text_answer
+
+    models = ["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"]
+    write_tickets(tmp_path / "tickets.csv", range(400))
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.01, record_bodies=True))
+    job = write_spec(api={"base_url": sandbox.base_url}, models=models, concurrency=8)
+    env = {**os.environ, "OPENROUTER_API_KEY": "sk-or-v1-test"}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(job)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 60
+    while sandbox.stats.requests < 300 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=30)
+    spec = load_spec(job)
+    with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
+        stored = set(db.execute("SELECT row_id, requested_model FROM results WHERE status = 'ok'").fetchall())
+        states = [state for (state,) in db.execute("SELECT state FROM runs")]
+    assert 0 < len(stored) < 800 and len(states) == 1 and states[0] is not None
+    before = len(sandbox.stats.bodies)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchrunner", "run", str(job)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    asked = {
+        (body["messages"][-1]["content"].split(":")[0].removeprefix("Ticket "), body["model"])
+        for body in sandbox.stats.bodies[before:]
+    }
+    assert len(sandbox.stats.bodies) - before == len(asked)  # nothing asked twice in the rerun
+    assert asked == {(f"T-{i}", model) for i in range(400) for model in models} - stored
+    with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
+        assert [state for (state,) in db.execute("SELECT state FROM runs")] == states * 2  # taken by position
+    output = pl.read_parquet(spec.output)
+    assert output.height == 800 and output["status"].to_list() == ["ok"] * 800
+    for row in output.iter_rows(named=True):
+        assert row["response"] == text_answer(row["model"], f"Ticket {row['ticket_id']}: {row['text']}")
