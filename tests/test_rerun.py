@@ -360,11 +360,22 @@ async def test_a_part_of_a_parquet_folder_rewritten_after_a_kill_is_asked_again(
     assert len(asked) == 13 and asked[-1] == "Ticket T-5: ticket text number 5 (edited)"
 
 
+@pytest.mark.slow  # `batchrunner run` in its own interpreter, killed, and run again: the long set
+@pytest.mark.parametrize(
+    ("changes", "repeat"),
+    [({}, 400), ({"workers": 2}, 400), ({"prompt": "Ticket: {text}"}, 37)],
+    ids=["live", "workers", "dedupe"],
+)
 def test_the_rerun_after_a_real_kill_9_asks_only_what_was_not_stored(
-    write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
+    write_spec: Callable[..., Path],
+    tmp_path: Path,
+    sandbox_in_thread: Callable[[SandboxConfig], Sandbox],
+    changes: dict[str, Any],
+    repeat: int,
 ) -> None:
-    """`batchrunner run` killed with SIGKILL mid-run (two models a row): the rerun asks exactly the pairs the
-    checkpoint had no answer for, and its output holds each row's own answers."""
+    """`batchrunner run` killed with SIGKILL mid-run (two models a row; in worker processes; with rows asking the
+    same thing, deduped): the rerun asks exactly the requests the checkpoint had no answer to, each once, and its
+    output holds each row's own answers."""
     import os
     import signal
     import subprocess
@@ -374,9 +385,15 @@ def test_the_rerun_after_a_real_kill_9_asks_only_what_was_not_stored(
     from batchrunner.sandbox.answers import text_answer
 
     models = ["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"]
-    write_tickets(tmp_path / "tickets.csv", range(400))
-    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.01, record_bodies=True))
-    job = write_spec(api={"base_url": sandbox.base_url}, models=models, concurrency=8)
+    rows = 400
+    texts = {f"T-{i}": f"ticket text number {i % repeat}" for i in range(rows)}
+    pl.DataFrame({"ticket_id": list(texts), "subject": "s", "text": list(texts.values())}).write_csv(
+        tmp_path / "tickets.csv"
+    )
+    template = changes.get("prompt", "Ticket {ticket_id}: {text}")
+    prompt = {row_id: template.format(ticket_id=row_id, text=text) for row_id, text in texts.items()}
+    sandbox = sandbox_in_thread(SandboxConfig(latency_s=0.05, record_bodies=True))
+    job = write_spec(api={"base_url": sandbox.base_url}, models=models, concurrency=8, **changes)
     env = {**os.environ, "OPENROUTER_API_KEY": "sk-or-v1-test"}
     run = subprocess.Popen(
         [sys.executable, "-m", "batchrunner", "run", str(job)],
@@ -386,29 +403,29 @@ def test_the_rerun_after_a_real_kill_9_asks_only_what_was_not_stored(
         cwd=tmp_path,
     )
     deadline = time.monotonic() + 60
-    while sandbox.stats.requests < 300 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while len(sandbox.stats.bodies) < min(300, repeat) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.3)  # a commit or more of the answers
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=30)
+    time.sleep(0.5)  # worker processes, orphaned, end with their parent
     spec = load_spec(job)
     with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
         stored = set(db.execute("SELECT row_id, requested_model FROM results WHERE status = 'ok'").fetchall())
         states = [state for (state,) in db.execute("SELECT state FROM runs")]
-    assert 0 < len(stored) < 800 and len(states) == 1 and states[0] is not None
+    assert 0 < len(stored) < rows * 2 and len(states) == 1 and states[0] is not None
+    answered = {(prompt[row_id], model) for row_id, model in stored}
     before = len(sandbox.stats.bodies)
     done = subprocess.run(
         [sys.executable, "-m", "batchrunner", "run", str(job)], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
-    asked = {
-        (body["messages"][-1]["content"].split(":")[0].removeprefix("Ticket "), body["model"])
-        for body in sandbox.stats.bodies[before:]
-    }
-    assert len(sandbox.stats.bodies) - before == len(asked)  # nothing asked twice in the rerun
-    assert asked == {(f"T-{i}", model) for i in range(400) for model in models} - stored
+    asked = [(body["messages"][-1]["content"], body["model"]) for body in sandbox.stats.bodies[before:]]
+    assert len(asked) == len(set(asked))  # nothing asked twice in the rerun
+    assert set(asked) == {(text, model) for text in set(prompt.values()) for model in models} - answered
     with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
         assert [state for (state,) in db.execute("SELECT state FROM runs")] == states * 2  # taken by position
     output = pl.read_parquet(spec.output)
-    assert output.height == 800 and output["status"].to_list() == ["ok"] * 800
+    assert output.height == rows * 2 and output["status"].to_list() == ["ok"] * rows * 2
     for row in output.iter_rows(named=True):
-        assert row["response"] == text_answer(row["model"], f"Ticket {row['ticket_id']}: {row['text']}")
+        assert row["response"] == text_answer(row["model"], prompt[row["ticket_id"]])
