@@ -291,10 +291,12 @@ def _counted(spec: JobSpec, server: str) -> _Counts:
     counts = _Counts.of(spec)
     store = Store.open(checkpoint, job=spec.name) if checkpoint.exists() else None
     try:
-        known = last_run(store, spec, job_state(spec, requests, dataset), dataset) if store is not None else None
+        job = job_state(spec, requests, dataset)
+        known = last_run(store, spec, job, dataset) if store is not None else None
         start = 0 if known is None else known.rows  # rows the last complete run answered, as they still are
         counts.answered(known.answered if known is not None else {})
-        for batch in pending(dataset, requests, store, batch_size=20_000, start=start):
+        settled = job.unread if job is not None else None  # a killed run's answers by position, as a run takes them
+        for batch in pending(dataset, requests, store, batch_size=20_000, start=start, settled_state=settled):
             counts.answered(batch.answered)
             for todo in batch.todo:
                 state = "failed" if todo.earlier_status == "failed" else "pending"

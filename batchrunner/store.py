@@ -508,10 +508,14 @@ class Store:
                 self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def runs(self) -> list[dict[str, Any]]:
+        """Each run's record, as `status` shows it: its state (begin_run) is the checkpoint's own, not shown."""
         with self._read_lock:
             cursor = self._reader.execute("SELECT * FROM runs ORDER BY run_id")
             names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            records = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        for record in records:
+            record.pop("state", None)
+        return records
 
     def spent_usd(self, server: str = "") -> Decimal:
         """What this checkpoint's answers from `server` cost ("" is OpenRouter), failed and unfinished

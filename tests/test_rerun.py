@@ -429,3 +429,26 @@ def test_the_rerun_after_a_real_kill_9_asks_only_what_was_not_stored(
     assert output.height == rows * 2 and output["status"].to_list() == ["ok"] * rows * 2
     for row in output.iter_rows(named=True):
         assert row["response"] == text_answer(row["model"], prompt[row["ticket_id"]])
+
+
+async def test_status_after_a_kill_counts_as_reading_every_row_does_without_rendering_them(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status` of a job a killed run left takes that run's answers by position, as the rerun would: the counts
+    are those of reading and rendering every row (the answers lost are pending), and only the rows lost are
+    rendered."""
+    from batchrunner.offline import job_status
+
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec)
+    killed_before_it_finished(spec.checkpoint_path(), lost=["T-2"])
+    seen = rendered(monkeypatch)
+    fast = job_status(spec)
+    assert seen == ["T-2"]
+    with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
+        db.execute("UPDATE runs SET state = NULL")
+        db.commit()
+    slow = job_status(spec)
+    assert len(seen) == 1 + 12 and fast == slow
+    assert fast["models"]["openai/gpt-4o-mini"]["ok"] == 11 and fast["models"]["openai/gpt-4o-mini"]["pending"] == 1
