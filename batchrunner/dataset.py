@@ -124,7 +124,9 @@ def _digest_text(sums: tuple[Any, ...]) -> str:
     return "-".join(f"{value:x}" for value in sums)
 
 
-WINDOW_ROWS = 16_384  # rows of a Parquet input decoded at a time (16 MB at 1 KB a row)
+WINDOW_ROWS = 16_384  # rows of a Parquet input decoded at a time at least (16 MB at 1 KB a row)
+WINDOW_BYTES = 16 << 20  # ... and as many more as fit in this, once the first window tells how long rows are
+MAX_WINDOW_ROWS = 1 << 20
 
 
 def _windows(frame: pl.LazyFrame, path: Location, *, skip: int, window_rows: int) -> Iterator[pl.DataFrame]:
@@ -144,14 +146,19 @@ def _windows(frame: pl.LazyFrame, path: Location, *, skip: int, window_rows: int
         source = frame.slice(skip) if skip else frame
         yield from source.collect_batches(chunk_size=window_rows)
         return
-    offset = skip
+    offset, rows = skip, window_rows
     while True:
-        window = frame.slice(offset, window_rows).collect()
+        window = frame.slice(offset, rows).collect()
         if window.height:
             yield window
-        if window.height < window_rows:
+        if window.height < rows:
             return
-        offset += window_rows
+        offset += rows
+        # the next window as many rows as WINDOW_BYTES holds: a slice decodes every row group it touches whole, so
+        # 16,384-row windows of short rows decoded each group of 262,144 (polars' default) sixteen times
+        rows = max(
+            window_rows, min(MAX_WINDOW_ROWS, WINDOW_BYTES * window.height // max(int(window.estimated_size()), 1))
+        )
 
 
 CSV_BLOCK_BYTES = 8 << 20  # a CSV input is parsed this many bytes of whole records at a time
