@@ -14,7 +14,6 @@ never completed (its upload is aborted here); its parts and key log are kept loc
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import logging
@@ -40,7 +39,7 @@ from batchrunner.records import KEY_COLUMNS, MONEY_COLUMNS, RESULT_SCHEMA, STORE
 from batchrunner.request import RequestBuilder
 from batchrunner.scoring import error_column, metrics_of, score_rows
 from batchrunner.spec import JobSpec
-from batchrunner.store import Store, fetched_schema
+from batchrunner.store import Store, fetched_schema, read_ahead
 from batchrunner.structured import InvalidAnswer, Mode, column_types, parse_answer, typed_value
 from batchrunner.urls import Location, ObjectURL
 
@@ -176,26 +175,18 @@ FETCH_AHEAD_MAX_BYTES = 256 * 2**20  # a batch's answers are fetched while the l
 def _fetched(
     keyed: Iterator[tuple[pl.DataFrame, pl.DataFrame]], store: Store
 ) -> Iterator[tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]]:
-    """Each input batch and its keys with their stored answers, each batch's answers fetched on a thread while the
-    batch before it is joined and written: SQLite's reads (in C, without the GIL) beside polars' and Python's work
-    on the other core. A batch whose answers took more than FETCH_AHEAD_MAX_BYTES is not followed by a fetch ahead
-    (long answers: two batches of them at once would double the output's peak)."""
+    """Each input batch and its keys with their stored answers, fetched a batch ahead (store.read_ahead) unless
+    a batch's answers took more than FETCH_AHEAD_MAX_BYTES (long answers: two batches of them at once would
+    double the output's peak)."""
 
-    def fetch(known: pl.DataFrame) -> pl.DataFrame:
-        return store.fetch(known["row_id"].unique(maintain_order=True).to_list())
+    def fetch(batch: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+        return store.fetch(batch[1]["row_id"].unique(maintain_order=True).to_list())
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner-fetch") as pool:
-        previous: tuple[pl.DataFrame, pl.DataFrame, concurrent.futures.Future[pl.DataFrame]] | None = None
-        for frame, known in keyed:
-            if previous is None:
-                previous = (frame, known, pool.submit(fetch, known))
-                continue
-            stored = previous[2].result()
-            ahead = pool.submit(fetch, known) if stored.estimated_size() <= FETCH_AHEAD_MAX_BYTES else None
-            yield previous[0], previous[1], stored
-            previous = (frame, known, ahead if ahead is not None else pool.submit(fetch, known))
-        if previous is not None:
-            yield previous[0], previous[1], previous[2].result()
+    def small(stored: pl.DataFrame) -> bool:
+        return stored.estimated_size() <= FETCH_AHEAD_MAX_BYTES
+
+    for (frame, known), stored in read_ahead(keyed, fetch, ahead_after=small):
+        yield frame, known, stored
 
 
 def _keyed(

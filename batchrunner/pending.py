@@ -20,7 +20,7 @@ from batchrunner.errors import RunHalted, first_line
 from batchrunner.keylog import KEYS_SCHEMA, MODEL_POSITION, SAMPLE, keys_frame
 from batchrunner.records import KEY_COLUMNS, Bill
 from batchrunner.request import RequestBuilder, RowRequest
-from batchrunner.store import Store
+from batchrunner.store import Store, read_ahead
 from batchrunner.urls import Location
 
 BATCH_ROWS = 8192  # input rows per batch: one checkpoint query each, memory bounded by it
@@ -78,8 +78,9 @@ def pending(
     one_pair_a_model = requests.spec.samples == 1 and not requests.has_media and not failed_only
     if settled_state is not None and store is not None and isinstance(dataset, Dataset) and one_pair_a_model:
         settled = _Settled(dataset, store, settled_state, len(requests.spec.models))
-        for frame in _read(dataset.path, dataset.frames(limit=limit, batch_size=batch_size, start=start)):
-            yield settled.batch(frame, requests, on_keys)
+        frames = _read(dataset.path, dataset.frames(limit=limit, batch_size=batch_size, start=start))
+        for frame, found in read_ahead(frames, settled.found):
+            yield settled.batch(frame, found, requests, on_keys)
         return
     for rows in _read(dataset.path, dataset.batches(limit=limit, batch_size=batch_size, start=start)):
         yield _batch(rows, requests, store, on_keys, failed_only)
@@ -152,15 +153,25 @@ class _Settled:
     state: str
     models: int
 
+    def found(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """What runs in that state stored for `frame`'s rows (read ahead of the batch before: store.read_ahead)."""
+        if frame.is_empty():
+            return frame
+        positions = frame[ROW_INDEX]
+        return self.store.settled(self.state, int(positions[0]), int(positions[-1]))
+
     def batch(
-        self, frame: pl.DataFrame, requests: RequestBuilder, on_keys: Callable[[pl.DataFrame, int], None] | None
+        self,
+        frame: pl.DataFrame,
+        found: pl.DataFrame,
+        requests: RequestBuilder,
+        on_keys: Callable[[pl.DataFrame, int], None] | None,
     ) -> Batch:
-        """The batch of `frame`'s rows: those whose every pair was answered in that state are answered, their
-        keys the stored ones; the others go the way of every row (_batch)."""
+        """The batch of `frame`'s rows: those whose every pair was answered in that state (`found`) are answered,
+        their keys the stored ones; the others go the way of every row (_batch)."""
         if frame.is_empty():
             return _batch([], requests, self.store, on_keys)
         positions = frame[ROW_INDEX]
-        found = self.store.settled(self.state, int(positions[0]), int(positions[-1]))
         if found.is_empty():  # nothing stored in this state here (a first run): every row goes the long way
             return _batch(self.dataset.rows_of(frame), requests, self.store, on_keys)
         rows = pl.DataFrame(

@@ -13,6 +13,7 @@ Schema changes are numbered migrations, applied in order when the store opens.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import functools
@@ -28,7 +29,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from batchrunner.costs import ZERO_USD
 from batchrunner.errors import Problem, RunHalted, SpecError
@@ -48,6 +49,8 @@ PAGE_SIZE = 16_384
 COMMIT_INTERVAL_S = 0.2  # how often answers are committed: what a kill -9 can lose, beyond those in flight
 
 log = logging.getLogger("batchrunner")
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Row ids per `IN (...)` query: SQLite before 3.32 allows 999 parameters a statement, later 32766.
 MAX_PARAMETERS = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 900
@@ -948,6 +951,27 @@ def _bill(record: dict[str, Any]) -> Bill:
         record["attempts"] or 0,
         None if upstream is None else Decimal(upstream),
     )
+
+
+def read_ahead(
+    items: Iterable[T], read: Callable[[T], R], *, ahead_after: Callable[[R], bool] = lambda _: True
+) -> Iterator[tuple[T, R]]:
+    """Each item with `read(item)`, read on a thread one item ahead of its use: the checkpoint's reads (SQLite
+    and ADBC, in C without the GIL) beside polars' and Python's work on the item before, on the other core. After
+    a result `ahead_after` refuses (a large one), the next is read only once that item has been used. A read's
+    error is raised where its item is taken, after the items before it."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner-read") as pool:
+        previous: tuple[T, concurrent.futures.Future[R]] | None = None
+        for item in items:
+            if previous is None:
+                previous = (item, pool.submit(read, item))
+                continue
+            result = previous[1].result()
+            ahead = pool.submit(read, item) if ahead_after(result) else None
+            yield previous[0], result
+            previous = (item, ahead if ahead is not None else pool.submit(read, item))
+        if previous is not None:
+            yield previous[0], previous[1].result()
 
 
 def _typed_select(schema: dict[str, pl.DataType], where: str) -> str:
