@@ -232,20 +232,6 @@ async def test_status_of_a_complete_job_reads_only_rows_appended_since(
     assert sorted(rendered_rows) == ["T-12", "T-13", "T-14"]
 
 
-def rendered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The ids of the rows RequestBuilder.for_rows renders from now on (each time it is asked)."""
-    seen: list[str] = []
-    original = RequestBuilder.for_rows
-
-    def counting(self: RequestBuilder, rows: Any) -> Any:
-        rows = list(rows)
-        seen.extend(row.id for row in rows)
-        return original(self, rows)
-
-    monkeypatch.setattr(RequestBuilder, "for_rows", counting)
-    return seen
-
-
 def killed_before_it_finished(checkpoint: Path, *, lost: list[str] = ()) -> None:  # type: ignore[assignment]
     """The checkpoint as a run killed after storing its answers (but not that it was complete) leaves it: without
     the record of a complete run, and without the answers to `lost` (never stored: on the wire at the kill)."""
@@ -256,7 +242,7 @@ def killed_before_it_finished(checkpoint: Path, *, lost: list[str] = ()) -> None
 
 
 async def test_the_first_rerun_after_a_kill_renders_only_the_rows_left(
-    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    write_spec: Callable[..., Path], rendered_rows: list[str]
 ) -> None:
     """A rerun of the job as a killed run left it (the same spec, server and input) takes that run's answers by
     position without rendering their rows: only the rows whose answers were lost are rendered and sent, and the
@@ -268,7 +254,8 @@ async def test_the_first_rerun_after_a_kill_renders_only_the_rows_left(
         await run_job(spec)
         whole = pl.read_parquet(spec.output).drop("latency_s", "ttft_s")
         killed_before_it_finished(spec.checkpoint_path(), lost=["T-3", "T-7"])
-        seen = rendered(monkeypatch)
+        seen = rendered_rows
+        seen.clear()  # from here on
         outcome = await run_job(spec)
     assert sorted(seen) == ["T-3", "T-7"] and sandbox.stats.requests == 24 + 4
     assert outcome.report.resumed == 20 and outcome.report.pending == 0
@@ -277,7 +264,7 @@ async def test_the_first_rerun_after_a_kill_renders_only_the_rows_left(
 
 
 async def test_answers_of_a_run_of_the_job_in_another_state_are_not_taken_by_position(
-    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    write_spec: Callable[..., Path], tmp_path: Path, rendered_rows: list[str]
 ) -> None:
     """After the input is edited (one row's text) the killed run's answers are no longer known by position: every
     row is rendered, the edited row is asked again, the others are found by their keys."""
@@ -286,13 +273,14 @@ async def test_answers_of_a_run_of_the_job_in_another_state_are_not_taken_by_pos
         await run_job(spec)
         killed_before_it_finished(spec.checkpoint_path())
         write_tickets(tmp_path / "tickets.csv", range(12), edited=5)
-        seen = rendered(monkeypatch)
+        seen = rendered_rows
+        seen.clear()  # from here on
         outcome = await run_job(spec)
     assert len(seen) == 12 and sandbox.stats.requests == 13 and outcome.report.resumed == 11
 
 
 async def test_a_row_answered_under_another_id_at_its_position_is_rendered(
-    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    write_spec: Callable[..., Path], rendered_rows: list[str]
 ) -> None:
     """An answer stored for another row id at a row's position (a checkpoint edited by hand, or a bug) does not
     count for the row there now: it is rendered and found or asked by its own key."""
@@ -303,7 +291,8 @@ async def test_a_row_answered_under_another_id_at_its_position_is_rendered(
         with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
             db.execute("UPDATE results SET row_id = 'T-99' WHERE row_id = 'T-4'")
             db.commit()
-        seen = rendered(monkeypatch)
+        seen = rendered_rows
+        seen.clear()  # from here on
         await run_job(spec)
     assert seen == ["T-4"]  # (its request is the one answered: dedupe copies that answer, nothing is sent)
     assert pl.read_parquet(spec.output)["status"].to_list() == ["ok"] * 12
@@ -432,7 +421,7 @@ def test_the_rerun_after_a_real_kill_9_asks_only_what_was_not_stored(
 
 
 async def test_status_after_a_kill_counts_as_reading_every_row_does_without_rendering_them(
-    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    write_spec: Callable[..., Path], rendered_rows: list[str]
 ) -> None:
     """`status` of a job a killed run left takes that run's answers by position, as the rerun would: the counts
     are those of reading and rendering every row (the answers lost are pending), and only the rows lost are
@@ -443,7 +432,8 @@ async def test_status_after_a_kill_counts_as_reading_every_row_does_without_rend
         spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
         await run_job(spec)
     killed_before_it_finished(spec.checkpoint_path(), lost=["T-2"])
-    seen = rendered(monkeypatch)
+    seen = rendered_rows
+    seen.clear()  # from here on
     fast = job_status(spec)
     assert seen == ["T-2"]
     with contextlib.closing(sqlite3.connect(spec.checkpoint_path())) as db:
