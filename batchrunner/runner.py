@@ -66,7 +66,7 @@ from batchrunner.preflight import check_endpoints, check_models, check_output, p
 from batchrunner.progress import Progress
 from batchrunner.records import KeptResults, ResultSink, RowResult, Sinks, Summary
 from batchrunner.request import RequestBuilder
-from batchrunner.rerun import JobState, LastRun, forget, job_state, last_run, mark_complete
+from batchrunner.rerun import JobState, LastRun, forget, job_state, last_run, mark_complete, unread_state
 from batchrunner.retries import RetryPolicy
 from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import JobSpec, RateLimit
@@ -203,6 +203,7 @@ class Opened:
     state: JobState | None  # the job as rerun.py records it; None with --limit or when it cannot be known
     known: LastRun | None = None  # what the last complete run left that still holds
     keylog: KeyLog | None = None  # each row's keys, kept for the output
+    settled: str | None = None  # the state recorded with this run, in which earlier runs' answers are taken (recall)
     summary: Summary = field(default_factory=Summary)
     judging: Summary = field(default_factory=Summary)  # grading's cost, reported apart from the answers' own
     results: KeptResults = field(default_factory=KeptResults)
@@ -301,7 +302,8 @@ def recall(plan: Plan, opened: Opened) -> None:
         store.delete_all()
     opened.known = known = last_run(store, plan.spec, opened.state, plan.dataset)  # unchanged, or grown
     forget(store)  # until this run ends the same way
-    store.begin_run(settled_state(plan, opened))
+    opened.settled = settled_state(plan, opened)
+    store.begin_run(opened.settled)
     if not plan.partial and (known is None or known.grown):  # each row's keys, kept for the output
         first = known.rows if known is not None and known.grown else 0
         opened.keylog = KeyLog(plan.spec.output, plan.spec.input, first_row=first, rows=plan.rows)
@@ -311,8 +313,13 @@ def settled_state(plan: Plan, opened: Opened) -> str | None:
     """The job's state, for the checkpoint to record with this run and for pending() to take the answers of runs
     in the same state by position (Store.settled); None when an answer this run stores may have a key computed
     for the job in another state (a batch made by an earlier run, collected by this one) or when the state is
-    not known (media, judges, a run of a part of the job)."""
-    return opened.state.unread if opened.state is not None and plan.spec.mode != "batch" else None
+    not known (media, judges). A run of a part of the job (--limit, --where, --ids, --retry-failed) has one too:
+    its rows keep their places in the input, and their keys are the job's."""
+    if plan.spec.mode == "batch":
+        return None
+    if opened.state is not None:
+        return opened.state.unread
+    return unread_state(plan.spec, plan.requests.server) if plan.partial else None
 
 
 async def execute_run(plan: Plan, terms: ServerTerms, opened: Opened, caught: interrupts.Interrupts) -> RunReport:
@@ -451,7 +458,7 @@ def _work(plan: Plan, opened: Opened, progress: Progress | None) -> tuple[Iterab
         start=first,
         on_keys=record,
         failed_only=plan.settings.retry_failed,
-        settled_state=settled_state(plan, opened),
+        settled_state=opened.settled,
     )
     if known is not None:  # the rows the last complete run answered are not read again
         earlier = Batch([], collections.Counter(known.answered), known.rows)

@@ -442,3 +442,28 @@ async def test_status_after_a_kill_counts_as_reading_every_row_does_without_rend
     slow = job_status(spec)
     assert len(seen) == 1 + 12 and fast == slow
     assert fast["models"]["openai/gpt-4o-mini"]["ok"] == 11 and fast["models"]["openai/gpt-4o-mini"]["pending"] == 1
+
+
+@pytest.mark.parametrize(
+    ("part", "answered"),
+    [
+        (RunSettings(limit=5), [f"T-{i}" for i in range(5)]),
+        (RunSettings(ids=frozenset({"T-3", "T-8"})), ["T-3", "T-8"]),
+        (RunSettings(where="ticket_id IN ('T-1', 'T-10')"), ["T-1", "T-10"]),
+    ],
+    ids=["limit", "ids", "where"],
+)
+async def test_a_run_of_part_of_the_job_is_taken_by_position_by_the_whole_run_after_it(
+    write_spec: Callable[..., Path], rendered_rows: list[str], part: RunSettings, answered: list[str]
+) -> None:
+    """A run of a part of the job (--limit, --ids, --where) records the job's state too: its rows keep their places
+    in the input, so the whole run after it renders and sends only the other rows."""
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec, part)
+        assert sandbox.stats.requests == len(answered)
+        rendered_rows.clear()
+        outcome = await run_job(spec)
+    assert sorted(rendered_rows) == sorted(f"T-{i}" for i in range(12) if f"T-{i}" not in answered)
+    assert sandbox.stats.requests == 12 and outcome.report.resumed == len(answered)
+    assert pl.read_parquet(spec.output)["status"].to_list() == ["ok"] * 12
