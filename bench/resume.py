@@ -8,7 +8,7 @@ RSS is its own:
 - `killed`: the first rerun after that kill: it reads every row, takes the killed run's answers by position
   (the job is in the state that run recorded) without rendering a row, and writes the output;
 - `cold`: the same with answers from runs of no recorded state (a checkpoint from before states were recorded,
-  or runs of a part of the job): every row is read, rendered and hashed to find nothing left;
+  or answers from batch mode): every row is read, rendered and hashed to find nothing left;
 - `unchanged`: later reruns, after one that left nothing to do, know it without reading a row and keep
   the output (medians of --repeats);
 - `appended`: 1% more rows appended to the input: only they are sent (the sandbox has no rate limit),
