@@ -56,6 +56,9 @@ class Dataset:
 
     rows: int  # how many rows the input has (counted by the checking pass)
     digest: str = ""  # of every row's content with its position (see digests), from the checking pass
+    row_bytes: int | None = (
+        None  # a Parquet input's longest row, in bytes (the checking pass): how long its windows are
+    )
     whole: pl.LazyFrame | None = None  # after `only`: the whole input, read in windows with `selection` applied
     selection: pl.Expr | None = None
 
@@ -83,7 +86,7 @@ class Dataset:
         output, whose keys come from the run's KeyLog), which cost more than the reading itself."""
         whole = self.frame if self.whole is None else self.whole
         skip = start if self.selection is None else 0  # a selection's rows are counted after it is applied
-        windows = _windows(whole, self.path, skip=skip, window_rows=max(batch_size, WINDOW_ROWS))
+        windows = _windows(whole, self.path, skip=skip, window_rows=_window_rows(batch_size, self.row_bytes))
         if self.selection is not None:
             selection = self.selection
             windows = (window.filter(selection) for window in windows)
@@ -125,7 +128,7 @@ def _digest_text(sums: tuple[Any, ...]) -> str:
 
 
 WINDOW_ROWS = 16_384  # rows of a Parquet input decoded at a time at least (16 MB at 1 KB a row)
-WINDOW_BYTES = 16 << 20  # ... and as many more as fit in this, once the first window tells how long rows are
+WINDOW_BYTES = 16 << 20  # ... and as many more as fit in this at the input's longest row (_window_rows)
 MAX_WINDOW_ROWS = 1 << 20
 
 
@@ -146,19 +149,26 @@ def _windows(frame: pl.LazyFrame, path: Location, *, skip: int, window_rows: int
         source = frame.slice(skip) if skip else frame
         yield from source.collect_batches(chunk_size=window_rows)
         return
-    offset, rows = skip, window_rows
+    offset = skip
     while True:
-        window = frame.slice(offset, rows).collect()
+        window = frame.slice(offset, window_rows).collect()
         if window.height:
             yield window
-        if window.height < rows:
+        if window.height < window_rows:
             return
-        offset += rows
-        # the next window as many rows as WINDOW_BYTES holds: a slice decodes every row group it touches whole, so
-        # 16,384-row windows of short rows decoded each group of 262,144 (polars' default) sixteen times
-        rows = max(
-            window_rows, min(MAX_WINDOW_ROWS, WINDOW_BYTES * window.height // max(int(window.estimated_size()), 1))
-        )
+        offset += window_rows
+
+
+def _window_rows(batch_size: int, row_bytes: int | None) -> int:
+    """How many rows of a Parquet input are decoded at a time: at least WINDOW_ROWS (and a batch), and as many
+    more as WINDOW_BYTES holds of the input's longest row. A slice decodes every row group it touches whole, so
+    short rows in 16,384-row windows decoded each of polars' default 262,144-row groups sixteen times (1M rows:
+    4 s of an 11 s rerun). The longest row, not the first window's: rows short at first and long later made a
+    guess from the first window hold 58 MB where 16 MB was meant (found by a hostile review)."""
+    rows = max(batch_size, WINDOW_ROWS)
+    if row_bytes is None:
+        return rows
+    return max(rows, min(MAX_WINDOW_ROWS, WINDOW_BYTES // max(row_bytes, 1)))
 
 
 CSV_BLOCK_BYTES = 8 << 20  # a CSV input is parsed this many bytes of whole records at a time
@@ -419,10 +429,10 @@ def open_dataset(path: Location, *, id_column: str | None) -> Dataset:
         raise SpecError(problems)
 
     indexed = frame.with_row_index(ROW_INDEX)
-    rows, nulls, duplicated, digest = _read_through(path, indexed, id_column)
+    read = _read_through(path, indexed, id_column)
     if id_column is not None:
-        _check_ids(id_column, nulls, duplicated)
-    return Dataset(path, id_column, indexed, columns, rows, digest)
+        _check_ids(id_column, read.nulls, read.duplicated)
+    return Dataset(path, id_column, indexed, columns, read.rows, read.digest, row_bytes=read.row_bytes)
 
 
 def _header_problems(path: Location, first: bytes | None) -> list[Problem]:
@@ -538,16 +548,46 @@ def _lone_half(value: Any) -> str | None:
     return None
 
 
-def _read_through(path: Location, frame: pl.LazyFrame, id_column: str | None) -> tuple[int, int, list[Any], str]:
-    """One pass over every cell of the input (with ROW_INDEX): (rows, null ids, some duplicated ids, the
-    rows' digest).
+@dataclass(frozen=True)
+class _ReadThrough:
+    """What the checking pass learned of every cell."""
+
+    rows: int
+    nulls: int  # rows without an id
+    duplicated: list[Any]  # some ids that repeat
+    digest: str  # of every row's content with its position
+    row_bytes: int | None  # a Parquet input's longest row in bytes; None for other inputs, or a column of no known size
+
+
+def _row_bytes(schema: pl.Schema) -> pl.Expr | None:
+    """A row's size in bytes, an upper bound: text and bytes as long as they are, any other scalar 8 bytes, and
+    None when a column's size is not known without walking it (lists, structs)."""
+    sizes = []
+    for name, dtype in schema.items():
+        if dtype == pl.String:
+            sizes.append(pl.col(name).str.len_bytes().fill_null(0))
+        elif dtype == pl.Binary:
+            sizes.append(pl.col(name).bin.size().fill_null(0))
+        elif dtype.is_nested() or dtype == pl.Object:
+            return None
+        else:
+            sizes.append(pl.lit(8))
+    return pl.sum_horizontal(sizes).max() if sizes else None
+
+
+def _read_through(path: Location, frame: pl.LazyFrame, id_column: str | None) -> _ReadThrough:
+    """One pass over every cell of the input (with ROW_INDEX): its rows, null ids, some duplicated ids, the rows'
+    digest and (Parquet) its longest row.
 
     Reading every column to the end here is what makes a file that breaks at its last
     row fail now, before the first request, instead of after thousands were paid for."""
+    schema = frame.collect_schema()
+    longest = _row_bytes(schema) if path.suffix.lower() == ".parquet" else None
     checks = [
         pl.len().alias("__rows"),
-        *(pl.col(c).null_count().alias(f"__cell{i}") for i, c in enumerate(frame.collect_schema().names())),
+        *(pl.col(c).null_count().alias(f"__cell{i}") for i, c in enumerate(schema.names())),
         *(expression.sum().alias(f"__digest{i}") for i, expression in enumerate(_HASHES)),
+        *([longest.alias("__row_bytes")] if longest is not None else []),
     ]
     try:
         found = frame.select(checks).collect(engine="streaming").row(0, named=True)
@@ -568,7 +608,8 @@ def _read_through(path: Location, frame: pl.LazyFrame, id_column: str | None) ->
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
     digest = _digest_text(tuple(found[f"__digest{i}"] for i in range(len(_HASHES))))
-    return int(found["__rows"]), nulls, duplicated, digest
+    row_bytes = found.get("__row_bytes")
+    return _ReadThrough(int(found["__rows"]), nulls, duplicated, digest, None if row_bytes is None else int(row_bytes))
 
 
 def _check_ids(id_column: str, nulls: int, duplicated: list[Any]) -> None:
