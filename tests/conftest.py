@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -267,6 +268,21 @@ def cli_here(*args: str, env: dict[str, str]) -> Ran:
 
     done = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
     return Ran(done.exit_code, done.stdout, done.stderr)
+
+
+def modules_loaded(args: Sequence[str], modules: Sequence[str]) -> tuple[str, list[str]]:
+    """`batchrunner ARGS` in a fresh interpreter: what it printed, and which of `modules` (or their submodules) it
+    imported on the way: for the commands whose start-up must not pay for what they do not use."""
+    probe = (
+        "import json, sys\n"
+        "from batchrunner.cli import main\n"
+        f"sys.argv = ['batchrunner', *{list(args)!r}]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if any(m == n or m.startswith(n + '.') for n in {list(modules)!r}))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    *printed, loaded = done.stdout.strip().splitlines()
+    return "\n".join(printed), json.loads(loaded)
 
 
 def signalled_at(at: str, signals: list[signal.Signals], *args: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from conftest import cli_here, run_cli, run_started, run_until, signalled_at
+from conftest import cli_here, modules_loaded, run_cli, run_started, run_until, signalled_at
 
 from batchrunner.cli import main
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -233,15 +233,9 @@ def test_commands_that_read_files_import_only_what_they_need(write_spec: Callabl
     is for commands that send): each costs start-up time a command that reads two files should not pay."""
     spec_path = write_spec()
     assert invoke("run", str(spec_path), "--sandbox").exit_code == 0
-    probe = (
-        "import sys\n"
-        "from batchrunner.cli import main\n"
-        f"sys.argv = ['batchrunner', {command!r}, {str(spec_path)!r}, '--sandbox']\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('aiohttp', 'jsonschema', 'batchrunner.sandbox.server', 'batchrunner.client') if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert "12" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+    unwanted = ["aiohttp", "jsonschema", "batchrunner.sandbox.server", "batchrunner.client"]
+    printed, loaded = modules_loaded([command, str(spec_path), "--sandbox"], unwanted)
+    assert "12" in printed and loaded == [], printed
 
 
 def test_sandbox_answers_never_stand_in_for_real_ones(

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -326,39 +326,33 @@ def test_without_ray_installed_a_ray_job_is_refused_naming_the_extra(
 async def test_a_stranger_at_the_drivers_port_is_dropped_unread() -> None:
     """The driver's port takes a connection only with a token it handed an actor: a stranger's bytes (here a
     pickle that would create a file) are never unpickled, and the connection is closed."""
-    from batchrunner.cluster import TOKEN_BYTES, RayExecutor
+    from batchrunner.cluster import TOKEN_BYTES
 
-    spec = spec_from_mapping(
-        {"name": "j", "input": "in.csv", "output": "out.csv", "models": ["m/x"], "prompt": "{x}", "executor": "ray"}
-    )
-    executor = RayExecutor(spec, address=None, sandbox_url=None, server="s")
+    executor = ray_executor()
     token = b"t" * TOKEN_BYTES
     expected: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     executor._waiting[token] = expected
-    server = await asyncio.start_server(executor._hello, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    marker = Path(f"/tmp/batchrunner-pickle-ran-{os.getpid()}")
+    async with drivers_port(executor) as port:
+        marker = Path(f"/tmp/batchrunner-pickle-ran-{os.getpid()}")
 
-    class Evil:
-        def __reduce__(self) -> tuple[Any, ...]:
-            return (open, (str(marker), "w"))
+        class Evil:
+            def __reduce__(self) -> tuple[Any, ...]:
+                return (open, (str(marker), "w"))
 
-    payload = pickle.dumps(Evil())
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"x" * TOKEN_BYTES + len(payload).to_bytes(4, "big") + payload)
-    await writer.drain()
-    assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # closed by the driver
-    assert not expected.done() and not marker.exists()
-    writer.close()
-    await writer.wait_closed()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(token)
-    channel = await asyncio.wait_for(expected, timeout=5)  # the actor's own connection is taken
-    await channel.close()
-    writer.close()
-    await writer.wait_closed()
-    server.close()
-    await server.wait_closed()
+        payload = pickle.dumps(Evil())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x" * TOKEN_BYTES + len(payload).to_bytes(4, "big") + payload)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # closed by the driver
+        assert not expected.done() and not marker.exists()
+        writer.close()
+        await writer.wait_closed()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(token)
+        channel = await asyncio.wait_for(expected, timeout=5)  # the actor's own connection is taken
+        await channel.close()
+        writer.close()
+        await writer.wait_closed()
 
 
 @pytest.mark.slow
@@ -478,20 +472,33 @@ async def test_a_connection_when_no_actor_is_starting_is_closed_at_once() -> Non
     """With no actor starting, a connection to the driver's port is closed at once, unread: a stranger's idle
     connections were each kept HELLO_S, and a thousand of them ran the driver out of file descriptors
     (`socket.accept() out of system resource` tracebacks, and no new connection to the API or a new actor)."""
+
+    async with drivers_port(ray_executor()) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), timeout=2) == b""  # closed by the driver, not after HELLO_S
+        writer.close()
+        await writer.wait_closed()
+
+
+def ray_executor() -> Any:
+    """A RayExecutor of a minimal job, for what its driver's port does (no cluster is joined)."""
     from batchrunner.cluster import RayExecutor
 
     spec = spec_from_mapping(
         {"name": "j", "input": "in.csv", "output": "out.csv", "models": ["m/x"], "prompt": "{x}", "executor": "ray"}
     )
-    executor = RayExecutor(spec, address=None, sandbox_url=None, server="s")
+    return RayExecutor(spec, address=None, sandbox_url=None, server="s")
+
+
+@contextlib.asynccontextmanager
+async def drivers_port(executor: Any) -> AsyncIterator[int]:
+    """The driver's port on loopback, served by `executor`'s greeting of connecting actors; closed after."""
     server = await asyncio.start_server(executor._hello, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await asyncio.wait_for(reader.read(), timeout=2) == b""  # closed by the driver, not after HELLO_S
-    writer.close()
-    await writer.wait_closed()
-    server.close()
-    await server.wait_closed()
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.slow

@@ -4,13 +4,12 @@ reading the input or importing polars, and saying exactly what reading the input
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import modules_loaded
 
 from batchrunner import offline
 from batchrunner.cli import main
@@ -85,14 +84,7 @@ def test_status_of_a_complete_job_imports_no_polars(write_spec: Callable[..., Pa
     the modules that read the input or the answers, and counts every pair answered."""
     spec_path = write_spec()
     assert invoke("run", str(spec_path), "--sandbox").exit_code == 0
-    probe = (
-        "import sys\n"
-        "from batchrunner.cli import main\n"
-        f"sys.argv = ['batchrunner', 'status', {str(spec_path)!r}, '--sandbox']\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'polars'"
-        " or m in ('batchrunner.dataset', 'batchrunner.output', 'batchrunner.records', 'batchrunner.request')))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert "12 ok, 0 failed, 0 pending" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+    unwanted = ["polars", "batchrunner.dataset", "batchrunner.output", "batchrunner.records", "batchrunner.request"]
+    printed, loaded = modules_loaded(["status", str(spec_path), "--sandbox"], unwanted)
+    assert "12 ok, 0 failed, 0 pending" in printed
+    assert loaded == [], printed
