@@ -56,9 +56,8 @@ class Dataset:
 
     rows: int  # how many rows the input has (counted by the checking pass)
     digest: str = ""  # of every row's content with its position (see digests), from the checking pass
-    row_bytes: int | None = (
-        None  # a Parquet input's longest row, in bytes (the checking pass): how long its windows are
-    )
+    # a Parquet input's longest row, in bytes (the checking pass): how long its windows are (_window_rows)
+    row_bytes: int | None = None
     whole: pl.LazyFrame | None = None  # after `only`: the whole input, read in windows with `selection` applied
     selection: pl.Expr | None = None
 

@@ -749,7 +749,10 @@ class Store:
                 frame = pl.DataFrame(stream)
             finally:
                 statement.close()  # a statement left open holds its snapshot: later reads would not see commits
-        return frame.slice(1).cast(pl.Schema(schema))  # the first row is _typed_select's, to type the columns
+        typing = frame.get_column(TYPING_ROW)
+        if frame.is_empty() or typing[0] != 1 or typing.sum() != 1:  # SQLite promises no order without ORDER BY
+            raise RunHalted(f"cannot read the checkpoint {self.path} (its rows came out of order); rerun")
+        return frame.slice(1).drop(TYPING_ROW).cast(pl.Schema(schema))  # less _typed_select's first row
 
     def _columnar_statement(self) -> Any:
         """The columnar reader (ADBC), opened at its first use, read-only beside the writer (WAL) as the reader
@@ -974,6 +977,9 @@ def read_ahead(
             yield previous[0], previous[1].result()
 
 
+TYPING_ROW = "__typing_row"  # a column of _typed_select's: 1 in the row that types the columns, 0 in the records
+
+
 def _typed_select(schema: dict[str, pl.DataType], where: str) -> str:
     """A query of the results table whose columns come out with their schema's types, for ADBC: its SQLite driver
     types a column by the first values it reads (NULLs first made a text column an integer one, and the first text
@@ -983,8 +989,9 @@ def _typed_select(schema: dict[str, pl.DataType], where: str) -> str:
 
     sql_types = {pl.String(): ("TEXT", "''"), pl.Int64(): ("INTEGER", "0"), pl.Float64(): ("REAL", "0.0")}
     first = ", ".join(f"{sql_types[dtype][1]} AS {name}" for name, dtype in schema.items())
-    cast = ", ".join(f"CAST({name} AS {sql_types[dtype][0]})" for name, dtype in schema.items())
-    return f"SELECT {first} UNION ALL SELECT {cast} FROM results WHERE {where}"
+    cast = ", ".join(f"CAST({name} AS {sql_types[dtype][0]}) AS {name}" for name, dtype in schema.items())
+    # TYPING_ROW marks the first row, for the caller to see it is first: a row taken for it would be an answer lost
+    return f"SELECT 1 AS {TYPING_ROW}, {first} UNION ALL SELECT 0 AS {TYPING_ROW}, {cast} FROM results WHERE {where}"
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:

@@ -572,3 +572,27 @@ def test_a_checkpoint_whose_path_has_uri_characters_is_read_as_columns(tmp_path:
     assert store.fetch(["id1"]).select("row_id", "response").rows() == [("id1", "r1")]
     store.close()
     assert sorted(path.name for path in folder.iterdir()) == ["c?#%.sqlite"]
+
+
+def test_rows_out_of_order_from_sqlite_stop_the_read_rather_than_lose_an_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row that types the columns for ADBC is dropped as the first: should SQLite ever return it elsewhere (it
+    promises no order without ORDER BY), the read stops naming the checkpoint instead of dropping an answer."""
+    import batchrunner.store as store_module
+
+    store = Store.open(tmp_path / "c.sqlite")
+    store.add(result(1))
+    store.add(result(2))
+    store.flush()
+    assert sorted(store.fetch(["id1", "id2"])["row_id"]) == ["id1", "id2"]
+    typed = store_module._typed_select
+
+    def typing_row_last(schema: Any, where: str) -> str:
+        head, tail = typed(schema, where).split(" UNION ALL ")
+        return f"{tail} UNION ALL {head}"
+
+    monkeypatch.setattr(store_module, "_typed_select", typing_row_last)
+    with pytest.raises(RunHalted, match="came out of order"):
+        store.fetch(["id1", "id2"])
+    store.close()
