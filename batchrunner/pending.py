@@ -76,7 +76,13 @@ def pending(
     if requests.has_media:
         batch_size = min(batch_size, MEDIA_BATCH_ROWS)
     one_pair_a_model = requests.spec.samples == 1 and not requests.has_media and not failed_only
-    if settled_state is not None and store is not None and isinstance(dataset, Dataset) and one_pair_a_model:
+    if (
+        settled_state is not None
+        and store is not None
+        and isinstance(dataset, Dataset)
+        and one_pair_a_model
+        and store.ran_in(settled_state)  # else nothing is settled (a first run): no query a batch
+    ):
         settled = _Settled(dataset, store, settled_state, len(requests.spec.models))
         frames = _read(dataset.path, dataset.frames(limit=limit, batch_size=batch_size, start=start))
         for frame, found in read_ahead(frames, settled.found):

@@ -470,6 +470,14 @@ class Store:
         self.run_id = int(cursor.lastrowid or 0)
         return self.run_id
 
+    def ran_in(self, state: str) -> bool:
+        """Whether a run before this one recorded `state` (begin_run): only then can `settled` find anything."""
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT 1 FROM runs WHERE state = ? AND run_id IS NOT ? LIMIT 1", (state, self.run_id)
+            ).fetchone()
+        return row is not None
+
     def end_run(self, outcome: str, *, ok: int, failed: int, cost_usd: Decimal) -> None:
         """Record how the run ended; a checkpoint that cannot be written is left to `close`, not raised."""
         try:

@@ -467,3 +467,26 @@ async def test_a_run_of_part_of_the_job_is_taken_by_position_by_the_whole_run_af
     assert sorted(rendered_rows) == sorted(f"T-{i}" for i in range(12) if f"T-{i}" not in answered)
     assert sandbox.stats.requests == 12 and outcome.report.resumed == len(answered)
     assert pl.read_parquet(spec.output)["status"].to_list() == ["ok"] * 12
+
+
+async def test_a_first_run_asks_the_checkpoint_for_no_answers_by_position(
+    write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no earlier run in the job's state nothing can be taken by position, so a first run makes no such
+    query (nor loads the columnar reader for it, before its first request); the next run does."""
+    from batchrunner.store import Store
+
+    asked: list[int] = []
+    settled = Store.settled
+
+    def counted(self: Store, state: str, first_row: int, last_row: int) -> Any:
+        asked.append(first_row)
+        return settled(self, state, first_row, last_row)
+
+    monkeypatch.setattr(Store, "settled", counted)
+    async with Sandbox() as sandbox:
+        spec = load_spec(write_spec(api={"base_url": sandbox.base_url}))
+        await run_job(spec, RunSettings(limit=5))
+        assert asked == []
+        await run_job(spec)
+    assert asked and sandbox.stats.requests == 12
