@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -1046,7 +1047,14 @@ def _request_problems(spec: JobSpec, where: Any, *, against_schema: bool = True)
     """Check params, provider and response_format: against OpenRouter's ChatRequest schema when the job
     goes to OpenRouter; another server takes parameters OpenRouter does not know (llama.cpp's
     `cache_prompt`, vLLM's `guided_json`), so there an unknown key is a warning and is sent."""
-    problems = []
+    problems = [
+        Problem(where(loc), "not a finite number: JSON has no NaN or infinity, so no server can read it; give a number")
+        for loc in _non_finite(
+            {"params": spec.params, "provider": spec.provider, "response_format": spec.response_format}
+        )
+    ]
+    if problems:
+        return problems
     known = openapi.request_fields()
     strict = is_openrouter(spec.base_url())
     for key in spec.params:
@@ -1081,6 +1089,17 @@ def _request_problems(spec: JobSpec, where: Any, *, against_schema: bool = True)
         prefix = () if top in ("provider", "response_format") else ("params",)
         problems.append(Problem(where(prefix + loc), message))
     return problems
+
+
+def _non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Where a request's fields hold NaN or an infinity (YAML's .nan, .inf): a body with one is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [loc]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _non_finite(item, (*loc, str(key)))]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in _non_finite(item, (*loc, index))]
+    return []
 
 
 def is_openrouter(base_url: str) -> bool:

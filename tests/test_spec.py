@@ -78,6 +78,32 @@ def test_params_of_the_wrong_type_are_refused_by_the_openapi_schema(write_spec: 
     assert "params.temperature" in message and "'hot' is not of type" in message
 
 
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"params": {"temperature": float("nan")}}, "params.temperature"),
+        ({"params": {"logit_bias": {"50256": float("-inf")}}}, "params.logit_bias.50256"),
+        ({"params": {"stop": ["x"], "top_p": float("inf")}}, "params.top_p"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "number", "maximum": float("nan")}},
+                }
+            },
+            "response_format.json_schema.schema.maximum",
+        ),
+    ],
+)
+def test_a_number_json_cannot_carry_is_refused_naming_it(
+    write_spec: Callable[..., Path], changes: dict[str, object], field: str
+) -> None:
+    """YAML's .nan and .inf in a request's fields are refused before a request: the body would not be JSON (the
+    schema's number check lets NaN through, and every row would fail at the server)."""
+    message = problems(write_spec(**changes))
+    assert f"{field}: not a finite number" in message
+
+
 def test_provider_is_checked_against_the_openapi_schema(write_spec: Callable[..., Path]) -> None:
     """An unknown provider.sort value is named with OpenRouter's allowed values."""
     message = problems(write_spec(provider={"sort": "cheapest"}))
