@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
+import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 from batchrunner.clock import within
@@ -302,7 +303,6 @@ class Client:
                         else:  # a stream asked for and a whole reply sent: it too may be silent at most timeout_s
                             async with _silence(total_s):
                                 body = await _read_capped(response, max_bytes)
-                        text = body.decode("utf-8", errors="replace")
                     break
                 else:
                     raise RequestRejected(f"more than {MAX_REDIRECTS} redirects", status=status, code="redirect")
@@ -310,7 +310,7 @@ class Client:
             raise self._failure(
                 exc, total_s, streaming=stream is not None, encoded=encoded, got_headers=got_headers
             ) from None
-        return self._payload(status, text, headers), status
+        return self._payload(status, body, headers), status
 
     def _connect_timeout(self, total_s: float) -> aiohttp.ClientTimeout:
         """aiohttp's timeout for a request of `total_s`: only connecting is bounded by it (clock.within bounds the
@@ -352,9 +352,9 @@ class Client:
         detail = first_line(exc) or type(exc).__name__
         return TransientError(f"the reply is not valid HTTP ({detail})", code="bad_reply", abandoned=True)
 
-    def _payload(self, status: int, text: str, headers: Any) -> Any:
+    def _payload(self, status: int, body: bytes, headers: Any) -> Any:
         """A whole reply's JSON, or the error its status says (classified once, here)."""
-        payload = _parse_json(text)
+        payload = _parse_json(body)
         if status >= 400 or status < 200:
             error = classify(status, payload, headers)
             if error.code == "auth" and self.openrouter:
@@ -362,7 +362,9 @@ class Client:
             raise error
         if payload is None:
             raise TransientError(
-                f"HTTP {status} with a body that is not JSON: {text[:120]!r}", status=status, code="bad_body"
+                f"HTTP {status} with a body that is not JSON: {body[:120].decode('utf-8', errors='replace')!r}",
+                status=status,
+                code="bad_body",
             )
         return payload
 
@@ -585,11 +587,21 @@ def _batch_object(payload: Any) -> dict[str, Any]:
     return payload
 
 
-def _parse_json(text: str) -> Any:
+def _parse_json(body: bytes | str) -> Any:
     """JSON from a body that OpenRouter may precede with whitespace keep-alives; None if it is not
-    JSON, or nested too deeply to parse."""
+    JSON, or nested too deeply to parse.
+
+    orjson reads a reply 2-3x as fast as the standard library (bench/speed.py's 400-byte and 64 KB
+    answers); what it refuses (bytes that are not UTF-8, a lone surrogate's escape, NaN, a number past a
+    double, nesting past 1,024) goes to json as before, which reads more of it. Where both read a body
+    they agree, but for whole numbers past 64 bits, which orjson reads as floats: no field batchrunner
+    takes from a reply can hold one (a token count or cost that large is refused either way)."""
     try:
-        return json.loads(text)
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body)
     except (ValueError, RecursionError):
         return None
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import orjson
+
 from batchrunner.errors import MediaProblem
 
 KINDS = ("image", "file", "audio", "video")
@@ -348,7 +350,9 @@ class EncodedBody:
 
 
 _MARKER = f"\ue000media-{uuid.uuid4().hex}-"  # stands for a Media in the JSON text; no prompt can guess it
-_HOLE = re.compile(f'"{re.escape(_MARKER)}(\\d+)"')
+_HOLE = re.compile(f'"{re.escape(_MARKER)}(\\d+)"'.encode())
+# what orjson would write natively but json does not: left to `default`, as json leaves them (a Media is a dataclass)
+_AS_JSON_WRITES = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def encode_body(body: dict[str, Any]) -> EncodedBody:
@@ -361,16 +365,19 @@ def encode_body(body: dict[str, Any]) -> EncodedBody:
             return f"{_MARKER}{len(found) - 1}"
         raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
-    text = json.dumps(body, ensure_ascii=False, default=hole)
+    try:  # orjson: 10x as fast as json for a request's body, the same JSON but for spaces and what it refuses
+        data = orjson.dumps(body, default=hole, option=_AS_JSON_WRITES)
+    except orjson.JSONEncodeError:  # a number past 64 bits, a key that is not a string: as json writes them
+        found.clear()
+        data = json.dumps(body, ensure_ascii=False, default=hole).encode()
     if not found:
-        data = text.encode()
         return EncodedBody([data], len(data))
     parts: list[bytes | Media] = []
-    pieces = _HOLE.split(text)
+    pieces = _HOLE.split(data)
     for position, piece in enumerate(pieces):
         if position % 2:
             parts.append(found[int(piece)])
         elif piece:
-            parts.append(piece.encode())
+            parts.append(piece)
     length = sum(len(p) if isinstance(p, bytes) else p.encoded_length for p in parts)
     return EncodedBody(parts, length)

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from helpers.scripted import Reply, Scripted
 
-from batchrunner.client import Client, classify, parse_completion, retry_after_s
+from batchrunner.client import Client, _parse_json, classify, parse_completion, retry_after_s
 from batchrunner.errors import FatalApiError, MediaProblem, RateLimited, RequestRejected, TransientError
 from batchrunner.media import MediaReader
 from batchrunner.sandbox import Sandbox, SandboxConfig
@@ -280,6 +280,30 @@ def test_an_unbelievable_reported_cost_is_set_aside_with_the_reason(cost: Any) -
     usage = parse_completion(answer(cost=cost)).usage
     assert usage.cost_usd is None and usage.cost_rejected and "usage.cost" in usage.cost_rejected
     assert parse_completion(answer(cost=0.00001)).usage.cost_usd == Decimal("0.00001")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a": 1, "a": 2}',  # a repeated key: the last
+        b'  \n\n{"a": [1.5, -0.0, 1e-400, "\\u00e9\\/\\u0000"]}',  # keep-alive whitespace first
+        b'{"a": NaN, "b": 1e400}',  # not JSON; Python's parser reads it
+        b'{"a": "\\ud800"}',  # a lone surrogate's escape
+        b'{"a": "\xff\xfe"}',  # bytes that are not UTF-8: replaced
+        b"[" * 2_000 + b"]" * 2_000,  # past both parsers' depth
+        b'{"a": 1}garbage',
+        b"\xef\xbb\xbf{}",
+        b"",
+    ],
+)
+def test_a_reply_reads_as_the_standard_library_reads_it(body: bytes) -> None:
+    """The fast parser changes nothing a reply means: what it refuses is read by json as before, and what it reads
+    is what json reads (a NaN, a lone surrogate, bytes that are not UTF-8 included)."""
+    try:
+        expected = json.loads(body.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):
+        expected = None
+    assert repr(_parse_json(body)) == repr(expected)
 
 
 async def test_a_body_nested_too_deeply_to_parse_is_a_bad_body() -> None:

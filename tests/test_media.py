@@ -172,6 +172,40 @@ def test_a_body_without_files_is_one_piece() -> None:
     assert encoded.length == len(encoded.whole())
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "n": 2**70, "messages": []},  # past 64 bits: orjson refuses it
+        {"model": "m", "metadata": {1: "x"}, "messages": []},  # a key that is not a string
+        {"model": "m", "messages": [{"role": "user", "content": 'quotes " \\ \u2028 \x00 \u00e9 \U0001f600'}]},
+    ],
+)
+def test_a_body_is_the_json_the_standard_library_writes(body: dict[str, Any]) -> None:
+    """However the body is written (orjson, or json for what orjson refuses), it is the same JSON json.dumps writes,
+    to the value."""
+    encoded = encode_body(body)
+    assert json.loads(encoded.whole()) == json.loads(json.dumps(body))
+    assert encoded.length == len(encoded.whole())
+
+
+def test_a_file_is_streamed_in_place_whichever_encoder_wrote_the_body(tmp_path: Path) -> None:
+    """A body json must write (a number past 64 bits) still has its file streamed in place, not serialized as a
+    dataclass's fields."""
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"a" * 100)
+    image = MediaReader(tmp_path).resolve("image", "a.png", column=None)
+    for extra in ({}, {"seed": 2**70}):
+        body = {
+            "model": "m",
+            **extra,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}],
+        }
+        encoded = encode_body(body)
+        data = asyncio.run(collect(encoded))
+        assert len(data) == encoded.length
+        url = json.loads(data)["messages"][0]["content"][0]["image_url"]["url"]
+        assert url == "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"a" * 100).decode()
+
+
 @pytest.mark.parametrize("change", ["replace", "remove"])
 def test_a_file_changed_after_its_fingerprint_never_goes_out_whole(tmp_path: Path, change: str) -> None:
     """A file replaced (or removed) between fingerprint and send: the stream stops short of its end, and says so."""
