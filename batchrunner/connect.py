@@ -13,11 +13,15 @@ questions (the key, the models) for the pool.
 from __future__ import annotations
 
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from batchrunner.client import MAX_REPLY_BYTES, Client
 from batchrunner.preflight import api_key
-from batchrunner.sandbox import Sandbox, SandboxConfig
+from batchrunner.sandbox import SandboxConfig
 from batchrunner.spec import SANDBOX_SERVER, JobSpec, env_base_url
+
+if TYPE_CHECKING:
+    from batchrunner.sandbox import Sandbox
 
 SANDBOX_KEY = "sk-or-v1-sandbox-not-a-real-key"
 
@@ -75,6 +79,8 @@ class Connection:
 
     async def __aenter__(self) -> Connection:
         if self._sandbox_config is not None:
+            from batchrunner.sandbox import Sandbox  # only a sandboxed run imports the server
+
             self.sandbox = Sandbox(self._sandbox_config)
             self.base_url = await self.sandbox.start()
         try:

@@ -238,6 +238,18 @@ def test_commands_that_read_files_import_only_what_they_need(write_spec: Callabl
     assert "12" in printed and loaded == [], printed
 
 
+def test_a_run_against_a_server_imports_no_sandbox(
+    write_spec: Callable[..., Path], sandbox_in_thread: Callable[[SandboxConfig], Sandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run sent to a server (not --sandbox) imports neither the sandbox's server nor aiohttp's web server: start-up
+    every real run paid for a type's sake (~25 ms)."""
+    real = sandbox_in_thread(SandboxConfig())  # stands in for OpenRouter, in this process
+    monkeypatch.setenv("OPENROUTER_BASE_URL", real.base_url)
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-v1-test")
+    printed, loaded = modules_loaded(["run", str(write_spec())], ["batchrunner.sandbox.server", "aiohttp.web"])
+    assert "12 ok" in printed and loaded == [], printed
+
+
 def test_sandbox_answers_never_stand_in_for_real_ones(
     write_spec: Callable[..., Path], tmp_path: Path, sandbox_in_thread: Callable[[SandboxConfig], Sandbox]
 ) -> None:

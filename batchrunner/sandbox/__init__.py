@@ -11,12 +11,17 @@ from typing import TYPE_CHECKING, Any
 from batchrunner.sandbox.faults import FAULT_KINDS
 
 if TYPE_CHECKING:
-    from batchrunner.sandbox.server import Sandbox, SandboxConfig, SandboxStats, request_key, serve
+    from batchrunner.sandbox.config import SandboxConfig
+    from batchrunner.sandbox.server import Sandbox, SandboxStats, request_key, serve
 
 __all__ = ["FAULT_KINDS", "Sandbox", "SandboxConfig", "SandboxStats", "request_key", "serve"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "SandboxConfig":  # the settings alone: a run without a sandbox names the type, no server imported
+        from batchrunner.sandbox import config
+
+        return config.SandboxConfig
     if name in __all__:
         from batchrunner.sandbox import server
 
