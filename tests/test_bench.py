@@ -56,8 +56,9 @@ def test_speed_bench_compares_with_the_bare_loop() -> None:
     lines = run_bench("speed.py", "--rows", "300", "--repeats", "1", "--long-rows", "30")
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:5]}
     assert set(rows) == {"server_alone", "bare_loop", "batchrunner"}
-    assert all(float(rate) > 0 and float(cpu) > 0 for rate, cpu in rows.values())
+    assert all(float(rate) > 0 and float(cpu) > 0 and float(server) >= 0 for rate, cpu, server in rows.values())
     assert lines[5].startswith("ratio batchrunner/bare_loop ") and "at 16k tokens" in lines[-1]
+    assert lines[6].startswith("CPU a row bounds batchrunner at ")
 
 
 def test_speed_bench_long_only_prints_the_long_answers_beside_their_bare_loop() -> None:
