@@ -239,7 +239,9 @@ def test_commands_that_read_files_import_only_what_they_need(write_spec: Callabl
 
 
 def test_a_run_against_a_server_imports_no_sandbox(
-    write_spec: Callable[..., Path], sandbox_in_thread: Callable[[SandboxConfig], Sandbox], monkeypatch: pytest.MonkeyPatch
+    write_spec: Callable[..., Path],
+    sandbox_in_thread: Callable[[SandboxConfig], Sandbox],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A run sent to a server (not --sandbox) imports neither the sandbox's server nor aiohttp's web server: start-up
     every real run paid for a type's sake (~25 ms)."""
