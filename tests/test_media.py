@@ -189,6 +189,24 @@ def test_a_body_is_the_json_the_standard_library_writes(body: dict[str, Any]) ->
     assert encoded.length == len(encoded.whole())
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "temperature": float("nan"), "messages": []},
+        {"model": "m", "logit_bias": {"50256": float("-inf")}, "messages": []},
+        {"model": "m", "top_p": float("inf"), "stop": [None], "messages": []},
+    ],
+)
+def test_a_number_json_cannot_carry_is_never_sent_as_null(body: dict[str, Any]) -> None:
+    """NaN and the infinities go out as json writes them (which a server refuses, unpaid), never as the null orjson
+    writes for them: null is another request (the server's default temperature), answered and paid for. A JobSpec
+    made in Python (`batchrunner.run(JobSpec(...))`) is not put through the spec file's check that refuses them.
+    Found by writing odd values with orjson and with json and comparing what they decode to."""
+    encoded = encode_body(body)
+    assert repr(json.loads(encoded.whole())) == repr(json.loads(json.dumps(body)))
+    assert encoded.length == len(encoded.whole())
+
+
 def test_a_file_is_streamed_in_place_whichever_encoder_wrote_the_body(tmp_path: Path) -> None:
     """A body json must write (a number past 64 bits) still has its file streamed in place, not serialized as a
     dataclass's fields."""
