@@ -928,6 +928,9 @@ def spec_from_mapping(
     against `folder` (the current directory by default). Problems are named `job: <field>`."""
     if not isinstance(data, Mapping):
         raise SpecError(Problem("job", "a job spec is a mapping of keys such as name, input, output, models, prompt"))
+    _check_expansion(  # as a file is: past these, copying and checking it passes Python's stack, or never ends
+        data, _values_in, lambda _: "job", hint="(one value shared many times?); build it plainly"
+    )
     return _resolved(copy.deepcopy(dict(data)), None, "job", Path(folder), overrides=overrides, sending=sending)
 
 
@@ -1001,36 +1004,58 @@ def _resolved(
 def _check_size(path: Path, root: yaml.Node | None) -> None:
     """Refuse a spec whose aliases expand it past MAX_SPEC_NODES values, or nested past MAX_SPEC_DEPTH:
     `&a [*b, *b, ...]` ten levels deep is a few lines that expand to billions of values."""
-    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values once expanded, depth): each node measured once
 
-    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
-        if depth > MAX_SPEC_DEPTH:
-            raise SpecError(
-                Problem(f"{path}:{node.start_mark.line + 1}", f"nested deeper than {MAX_SPEC_DEPTH} levels")
-            )
-        if id(node) in sizes:
-            return sizes[id(node)]
-        children: list[yaml.Node] = []
+    def children(node: yaml.Node) -> list[yaml.Node]:
         if isinstance(node, yaml.MappingNode):
-            children = [part for pair in node.value for part in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = list(node.value)
-        size, deepest = 1, 0
-        for child in children:
-            child_size, child_depth = measure(child, depth + 1)
-            size, deepest = size + child_size, max(deepest, child_depth + 1)
-            if size > MAX_SPEC_NODES:
-                raise SpecError(
-                    Problem(
-                        f"{path}:{node.start_mark.line + 1}",
-                        f"the spec expands to more than {MAX_SPEC_NODES:,} values (YAML aliases?); write it out plainly",
-                    )
-                )
-        sizes[id(node)] = (size, deepest)
-        return size, deepest
+            return [part for pair in node.value for part in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
     if root is not None:
-        measure(root, 0)
+        _check_expansion(
+            root,
+            children,
+            lambda node: f"{path}:{node.start_mark.line + 1}",
+            hint="(YAML aliases?); write it out plainly",
+        )
+
+
+def _values_in(value: Any) -> list[Any]:
+    """A dict job's values inside `value` (a mapping's keys and values, a list's items), as _check_size's nodes."""
+    if isinstance(value, Mapping):
+        return [part for pair in value.items() for part in pair]
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def _check_expansion(
+    root: Any, children: Callable[[Any], list[Any]], where: Callable[[Any], str], *, hint: str
+) -> None:
+    """Refuse a spec (a file's YAML nodes, or a dict job's values) nested past MAX_SPEC_DEPTH or holding itself, or
+    expanding past MAX_SPEC_NODES values: each shared part is measured once (its size and height kept), so a tree of
+    2^40 paths over 40 parts takes 40 steps, not 2^40."""
+    measured: dict[int, tuple[int, int]] = {}  # id -> (values once expanded, levels below)
+    on_path: set[int] = set()
+
+    def measure(node: Any, depth: int) -> tuple[int, int]:
+        known = measured.get(id(node))
+        if known is None:
+            if depth > MAX_SPEC_DEPTH or id(node) in on_path:
+                raise SpecError(Problem(where(node), f"nested deeper than {MAX_SPEC_DEPTH} levels"))
+            on_path.add(id(node))
+            size, height = 1, 0
+            for child in children(node):
+                child_size, child_height = measure(child, depth + 1)
+                size, height = size + child_size, max(height, child_height + 1)
+                if size > MAX_SPEC_NODES:
+                    raise SpecError(
+                        Problem(where(node), f"the spec expands to more than {MAX_SPEC_NODES:,} values {hint}")
+                    )
+            on_path.discard(id(node))
+            known = measured[id(node)] = (size, height)
+        if depth + known[1] > MAX_SPEC_DEPTH:
+            raise SpecError(Problem(where(node), f"nested deeper than {MAX_SPEC_DEPTH} levels"))
+        return known
+
+    measure(root, 0)
 
 
 def _by_line(problems: list[Problem]) -> list[Problem]:
@@ -1047,16 +1072,22 @@ def _request_problems(spec: JobSpec, where: Any, *, against_schema: bool = True)
     """Check params, provider and response_format: against OpenRouter's ChatRequest schema when the job
     goes to OpenRouter; another server takes parameters OpenRouter does not know (llama.cpp's
     `cache_prompt`, vLLM's `guided_json`), so there an unknown key is a warning and is sent."""
-    problems = [
-        Problem(where(loc), "not a finite number: JSON has no NaN or infinity, so no server can read it; give a number")
-        for loc in _non_finite(
-            {"params": spec.params, "provider": spec.provider, "response_format": spec.response_format}
-        )
-    ]
+    strict = is_openrouter(spec.base_url())
+    problems = []
+    requested = {"params": spec.params, "provider": spec.provider, "response_format": spec.response_format}
+    for loc in _non_finite(requested):
+        if strict:  # OpenRouter reads JSON: every row would be refused
+            problems.append(Problem(where(loc), "not a finite number: JSON has no NaN or infinity; give a number"))
+        else:  # Python's servers (vLLM) read -Infinity as json writes it: a job that ran there still does
+            log.warning(
+                "%s: not a finite number, which JSON has not; sent as Python's json writes it (NaN, Infinity), "
+                "which %s may refuse",
+                where(loc),
+                spec.base_url(),
+            )
     if problems:
         return problems
     known = openapi.request_fields()
-    strict = is_openrouter(spec.base_url())
     for key in spec.params:
         if key in SPEC_OWNED_FIELDS:
             problems.append(

@@ -34,6 +34,49 @@ def test_a_limit_the_cli_refuses_raises_spec_error(tickets_csv: Path, tmp_path: 
     assert not (tmp_path / "out").exists()
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+def _holds_itself() -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object"}
+    schema["properties"] = {"again": schema}
+    return schema
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": _nested(1_000)}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": _holds_itself()}},
+    ],
+    ids=["1000-levels", "holds-itself"],
+)
+def test_a_job_dict_nested_past_a_files_depth_raises_spec_error(
+    tickets_csv: Path, tmp_path: Path, response_format: dict[str, Any]
+) -> None:
+    """A dict job nested 1,000 levels (or holding itself) is refused as a file that deep is, with SpecError naming
+    the job: copying it passed Python's stack (a RecursionError traceback)."""
+    job = {**job_dict(tickets_csv, tmp_path), "response_format": response_format}
+    with pytest.raises(batchrunner.SpecError, match="nested deeper than 64 levels"):
+        batchrunner.run(job, sandbox=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_job_dict_sharing_one_value_many_times_is_refused_at_once(tickets_csv: Path, tmp_path: Path) -> None:
+    """A value shared by both branches of each of 40 levels (2^40 values once expanded, 40 lists) is refused as a
+    file's YAML aliases are, measured once a list: walking it (the NaN check, the copy, json) never ended."""
+    shared: Any = "x"
+    for _ in range(40):
+        shared = [shared, shared]
+    job = {**job_dict(tickets_csv, tmp_path), "params": {"metadata": {"deep": shared}}}
+    with pytest.raises(batchrunner.SpecError, match="expands to more than 100,000 values"):
+        batchrunner.run(job, sandbox=True)
+
+
 @pytest.mark.parametrize("max_cost", [0, "0", "-0", "1e300", 1e300, "2000000"])
 def test_a_max_cost_the_spec_would_refuse_raises_spec_error(tickets_csv: Path, tmp_path: Path, max_cost: Any) -> None:
     """max_cost is held to budget_usd's bounds (more than 0, at most 1,000,000 USD): zero is the CLI's refused

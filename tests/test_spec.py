@@ -104,6 +104,16 @@ def test_a_number_json_cannot_carry_is_refused_naming_it(
     assert f"{field}: not a finite number" in message
 
 
+def test_a_number_json_cannot_carry_is_sent_to_another_server_with_a_warning(
+    write_spec: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another server may be Python's (vLLM reads -Infinity as json writes it): the job still loads, and the log
+    names the field."""
+    path = write_spec(params={"logit_bias": {"50256": float("-inf")}}, api={"base_url": "http://127.0.0.1:9/v1"})
+    assert load_spec(path).params["logit_bias"] == {"50256": float("-inf")}
+    assert "params.logit_bias.50256: not a finite number" in caplog.text
+
+
 def test_provider_is_checked_against_the_openapi_schema(write_spec: Callable[..., Path]) -> None:
     """An unknown provider.sort value is named with OpenRouter's allowed values."""
     message = problems(write_spec(provider={"sort": "cheapest"}))
