@@ -5,8 +5,8 @@ JSON.parse, jq, Go's encoding/json): an unlimited rate (`rate_rps: inf`) made `e
 outside Python. Everything batchrunner prints or writes as JSON for a script, a browser or a log collector goes
 through `dumps`: a non-finite number becomes null (unknown, unlimited: the field's meaning says which), and
 allow_nan=False makes one missed here an error at once rather than a file nobody else can read. (The
-checkpoint's own JSON, read back only by batchrunner, and request bodies, whose bytes are fingerprinted, are
-not this module's.)
+checkpoint's own JSON, read back only by batchrunner, and request bodies are not written by `dumps`; `non_finite`
+finds what a request must not hold.)
 """
 
 from __future__ import annotations
@@ -25,6 +25,19 @@ def finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite(item) for item in value]
     return value
+
+
+def non_finite(value: Any, at: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Where `value` holds NaN or an infinity (YAML's .nan and .inf, a float from Python), as paths of keys and
+    indexes: a request holding one is not JSON (json writes `NaN`, orjson `null`), so the spec refuses it and a
+    body holding one is written as json writes it."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [at]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in non_finite(item, (*at, str(key)))]
+    if isinstance(value, list | tuple):
+        return [found for index, item in enumerate(value) for found in non_finite(item, (*at, index))]
+    return []
 
 
 def dumps(value: Any, **options: Any) -> str:

@@ -19,7 +19,6 @@ import base64
 import binascii
 import hashlib
 import json
-import math
 import os
 import re
 import stat
@@ -32,6 +31,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from batchrunner.errors import MediaProblem
+from batchrunner.jsontext import non_finite
 
 KINDS = ("image", "file", "audio", "video")
 MIB = 1024 * 1024
@@ -356,28 +356,13 @@ _HOLE = re.compile(f'"{re.escape(_MARKER)}(\\d+)"'.encode())
 _AS_JSON_WRITES = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
-def _non_finite(data: bytes, body: dict[str, Any]) -> bool:
+def _holds_non_finite(data: bytes, body: dict[str, Any]) -> bool:
     """Whether `body`, which orjson wrote as `data`, holds NaN or an infinity: orjson writes them as null, so the
-    values are walked only if `data` holds a null value (or text that looks like one)."""
+    values are looked through only if `data` holds a null value (or text that looks like one)."""
     at = data.find(b"null")
     while at != -1 and data[at - 1] not in b":,[":  # "null" in a string ("type": ["string", "null"])
         at = data.find(b"null", at + 4)
-    if at == -1:
-        return False
-    stack: list[Any] = [body]
-    while stack:
-        value = stack.pop()
-        kind = type(value)
-        if kind is str:
-            continue
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                return True
-        elif isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, list | tuple):
-            stack.extend(value)
-    return False
+    return at != -1 and bool(non_finite(body))
 
 
 def encode_body(body: dict[str, Any]) -> EncodedBody:
@@ -397,7 +382,7 @@ def encode_body(body: dict[str, Any]) -> EncodedBody:
         data = None
     # orjson writes NaN and the infinities as null, another request (a server's default temperature), answered and
     # paid for: json writes them as before, a body the server refuses
-    if data is None or _non_finite(data, body):
+    if data is None or _holds_non_finite(data, body):
         found.clear()
         data = json.dumps(body, ensure_ascii=False, default=hole).encode()
     if not found:

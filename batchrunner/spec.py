@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from pydantic import (
 from batchrunner import openapi
 from batchrunner.costs import Pricing
 from batchrunner.errors import Problem, SpecError
+from batchrunner.jsontext import non_finite
 from batchrunner.prompt import (
     MEDIA_PARTS,
     MessageTemplate,
@@ -1075,7 +1075,7 @@ def _request_problems(spec: JobSpec, where: Any, *, against_schema: bool = True)
     strict = is_openrouter(spec.base_url())
     problems = []
     requested = {"params": spec.params, "provider": spec.provider, "response_format": spec.response_format}
-    for loc in _non_finite(requested):
+    for loc in non_finite(requested):
         if strict:  # OpenRouter reads JSON: every row would be refused
             problems.append(Problem(where(loc), "not a finite number: JSON has no NaN or infinity; give a number"))
         else:  # Python's servers (vLLM) read -Infinity as json writes it: a job that ran there still does
@@ -1120,17 +1120,6 @@ def _request_problems(spec: JobSpec, where: Any, *, against_schema: bool = True)
         prefix = () if top in ("provider", "response_format") else ("params",)
         problems.append(Problem(where(prefix + loc), message))
     return problems
-
-
-def _non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
-    """Where a request's fields hold NaN or an infinity (YAML's .nan, .inf): a body with one is not JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return [loc]
-    if isinstance(value, dict):
-        return [found for key, item in value.items() for found in _non_finite(item, (*loc, str(key)))]
-    if isinstance(value, list):
-        return [found for index, item in enumerate(value) for found in _non_finite(item, (*loc, index))]
-    return []
 
 
 def is_openrouter(base_url: str) -> bool:
