@@ -86,6 +86,7 @@ class Dataset:
         whole = self.frame if self.whole is None else self.whole
         skip = start if self.selection is None else 0  # a selection's rows are counted after it is applied
         windows = _windows(whole, self.path, skip=skip, window_rows=_window_rows(batch_size, self.row_bytes))
+        windows = _checked_columns(windows, [ROW_INDEX, *self.columns])
         if self.selection is not None:
             selection = self.selection
             windows = (window.filter(selection) for window in windows)
@@ -156,6 +157,17 @@ def _windows(frame: pl.LazyFrame, path: Location, *, skip: int, window_rows: int
         if window.height < window_rows:
             return
         offset += window_rows
+
+
+def _checked_columns(windows: Iterator[pl.DataFrame], columns: list[str]) -> Iterator[pl.DataFrame]:
+    """`windows`, refused (a polars error, as a scan's would be) once one has other columns than the input had
+    when it was checked: the file was replaced under the run (a CSV is read again with its own header)."""
+    for window in windows:
+        if window.columns != columns:
+            raise pl.exceptions.ColumnNotFoundError(
+                f"the input's columns changed since it was checked (now: {', '.join(window.columns[1:])})"
+            )
+        yield window
 
 
 def _window_rows(batch_size: int, row_bytes: int | None) -> int:

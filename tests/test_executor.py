@@ -118,6 +118,30 @@ async def test_an_input_unreadable_midway_stops_the_run_instead_of_hanging(
     assert report.summary.done >= read - 2 * spec.concurrency, "rows read before the bad one were answered"
 
 
+def test_an_input_rewritten_with_other_columns_after_its_check_stops_the_run_without_a_traceback(
+    write_spec: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input replaced, between its check and the send, by a file without a column the prompt names (another
+    export landing as the cron run starts) stops the run naming the input, exit 3, as an unreadable one does:
+    before, a KeyError from the prompt's rendering ("a bug in batchrunner") and a traceback from the output."""
+    import batchrunner
+    from batchrunner import runner
+
+    spec_path = write_spec()
+    real_prepare = runner.prepare
+
+    def prepare_then_replace(spec: JobSpec) -> Any:
+        dataset = real_prepare(spec)
+        (tmp_path / "tickets.csv").write_text("ticket_id,body\nT-0,other\n")
+        return dataset
+
+    monkeypatch.setattr(runner, "prepare", prepare_then_replace)
+    result = batchrunner.run(spec_path, sandbox=True)
+    assert result.exit_code == 3
+    assert result.stop is not None and "tickets.csv" in result.stop.message
+    assert "bug" not in result.stop.message and "columns" in result.stop.message
+
+
 class OneAtATime:
     """A second executor, written here to prove the seam is real: it answers every pair in turn, no pool."""
 
