@@ -59,6 +59,7 @@ class Dataset:
     # a Parquet input's longest row, in bytes (the checking pass): how long its windows are (_window_rows)
     row_bytes: int | None = None
     whole: pl.LazyFrame | None = None  # after `only`: the whole input, read in windows with `selection` applied
+    checked_rows: int | None = None  # the whole input's rows as the checking pass counted them (None: `rows`)
     selection: pl.Expr | None = None
 
     def chunks(
@@ -86,7 +87,8 @@ class Dataset:
         whole = self.frame if self.whole is None else self.whole
         skip = start if self.selection is None else 0  # a selection's rows are counted after it is applied
         windows = _windows(whole, self.path, skip=skip, window_rows=_window_rows(batch_size, self.row_bytes))
-        windows = _checked_columns(windows, [ROW_INDEX, *self.columns])
+        checked = self.rows if self.checked_rows is None else self.checked_rows
+        windows = _as_checked(windows, [ROW_INDEX, *self.columns], checked, skip=skip)
         if self.selection is not None:
             selection = self.selection
             windows = (window.filter(selection) for window in windows)
@@ -97,7 +99,10 @@ class Dataset:
         sliced run reads, while its output is still made of every row."""
         whole = self.frame if self.whole is None else self.whole
         selection = where if self.selection is None else self.selection & where
-        return dataclasses.replace(self, frame=whole.filter(selection), rows=rows, whole=whole, selection=selection)
+        checked = self.rows if self.checked_rows is None else self.checked_rows
+        return dataclasses.replace(
+            self, frame=whole.filter(selection), rows=rows, whole=whole, selection=selection, checked_rows=checked
+        )
 
     def batches(self, *, limit: int | None = None, batch_size: int = 2048, start: int = 0) -> Iterator[list[Row]]:
         """The rows in input order from row `start`, `batch_size` at a time."""
@@ -159,15 +164,33 @@ def _windows(frame: pl.LazyFrame, path: Location, *, skip: int, window_rows: int
         offset += window_rows
 
 
-def _checked_columns(windows: Iterator[pl.DataFrame], columns: list[str]) -> Iterator[pl.DataFrame]:
-    """`windows`, refused (a polars error, as a scan's would be) once one has other columns than the input had
-    when it was checked: the file was replaced under the run (a CSV is read again with its own header)."""
+def _as_checked(
+    windows: Iterator[pl.DataFrame], columns: list[str], rows: int, *, skip: int = 0
+) -> Iterator[pl.DataFrame]:
+    """`windows` as the checking pass saw the input: its columns and its `rows` rows. The file changed under the
+    run if a window has other columns (a CSV is read again with its own header) or the rows end early (it was
+    emptied or cut short): refused, a polars error as a scan's would be. Rows past `rows` (appended since) were
+    not checked (a duplicate or empty id would go out): they are left for the next run, which checks them.
+    `skip`: the rows before the first window, not read."""
+    seen = skip
     for window in windows:
         if window.columns != columns:
             raise pl.exceptions.ColumnNotFoundError(
                 f"the input's columns changed since it was checked (now: {', '.join(window.columns[1:])})"
             )
+        if window.height and window[ROW_INDEX][-1] >= rows:  # positions are the input's own, from 0
+            window = window.filter(pl.col(ROW_INDEX) < rows)
+            if window.height:
+                yield window
+            return
+        if window.height:
+            seen = window[ROW_INDEX][-1] + 1
         yield window
+    if seen < rows:
+        raise pl.exceptions.NoDataError(
+            f"the input has fewer rows than when it was checked ({rows:,}; it ends after {seen:,}): it changed "
+            "under the run"
+        )
 
 
 def _window_rows(batch_size: int, row_bytes: int | None) -> int:

@@ -142,6 +142,59 @@ def test_an_input_rewritten_with_other_columns_after_its_check_stops_the_run_wit
     assert "bug" not in result.stop.message and "columns" in result.stop.message
 
 
+def _prepared_then(monkeypatch: pytest.MonkeyPatch, edit: Callable[[], None]) -> None:
+    """`edit` the input right after the run's checking pass (runner.prepare), before anything is sent."""
+    from batchrunner import runner
+
+    real_prepare = runner.prepare
+
+    def prepare_then_edit(spec: JobSpec) -> Any:
+        dataset = real_prepare(spec)
+        edit()
+        return dataset
+
+    monkeypatch.setattr(runner, "prepare", prepare_then_edit)
+
+
+@pytest.mark.parametrize("left", [1, 2, 0])  # lines of the file left: its header, one row, nothing
+def test_an_input_cut_short_after_its_check_stops_the_run_with_exit_3(
+    write_spec: Callable[..., Path], tickets_csv: Path, monkeypatch: pytest.MonkeyPatch, left: int
+) -> None:
+    """An input emptied or cut short between its check and the send (an export being rewritten as the cron run
+    starts) stops the run naming the input, exit 3: before, the run exited 0, "every row answered" to a scheduler,
+    with the rows it never read pending."""
+    import batchrunner
+
+    spec_path = write_spec()
+    kept = "".join(tickets_csv.read_text().splitlines(keepends=True)[:left])
+    _prepared_then(monkeypatch, lambda: tickets_csv.write_text(kept))
+    result = batchrunner.run(spec_path, sandbox=True)
+    assert result.exit_code == 3, result
+    assert result.stop is not None and "tickets.csv" in result.stop.message
+    assert "fewer rows than when it was checked" in result.stop.message
+
+
+def test_rows_appended_after_the_check_wait_for_the_next_run_which_checks_them(
+    write_spec: Callable[..., Path], tickets_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows appended between the check and the send were never checked (here a duplicate id): this run sends
+    and writes only the rows it checked; the next run checks the new ones and refuses the duplicate, exit 2.
+    Before: the duplicate was sent, paid for and written twice under one id."""
+    import batchrunner
+
+    spec_path = write_spec()
+    checked = tickets_csv.read_text()
+    first_id = checked.splitlines()[1].split(",")[0]
+    _prepared_then(monkeypatch, lambda: tickets_csv.write_text(checked + f"{first_id},appended again\nT-new,new\n"))
+    result = batchrunner.run(spec_path, sandbox=True)
+    assert result.exit_code == 0 and result.summary.ok == 12
+    output = pl.read_parquet(spec_path.parent / "out" / "result.parquet")
+    assert output.height == 12 and output["ticket_id"].n_unique() == 12
+    monkeypatch.undo()
+    with pytest.raises(batchrunner.SpecError, match="ticket_id"):
+        batchrunner.run(spec_path, sandbox=True)
+
+
 class OneAtATime:
     """A second executor, written here to prove the seam is real: it answers every pair in turn, no pool."""
 
