@@ -50,6 +50,14 @@ def gates(report: Report, threshold: float, *, models: list[str] | None = None, 
         raise SpecError(
             Problem("--model", f"{', '.join(unknown)}: not in the report; it has {', '.join(figures) or 'no model'}")
         )
+    if not figures:  # no verdict at all would pass every gate: a gate must measure something
+        raise SpecError(
+            Problem(
+                "--fail-under",
+                "no model has answers in this report: nothing to gate; run the job first (a --sandbox run's "
+                "answers are gated with --sandbox)",
+            )
+        )
     return [_gate(figures[name], threshold, strict) for name in (models or list(figures))]
 
 

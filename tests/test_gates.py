@@ -67,6 +67,16 @@ def test_a_gate_that_cannot_be_judged_is_refused(
     assert (problem.where, problem.message) == (where, message)
 
 
+def test_a_report_of_no_model_is_not_a_passed_gate() -> None:
+    """A report with a score column and no model (the job not run yet, or run only on the sandbox) has nothing to
+    gate: SpecError (exit 2), not an empty list of verdicts that all() passes (before: exit 0)."""
+    with pytest.raises(SpecError) as refused:
+        gates(Report("eval", "score", [], [], []), 0.5)
+    (problem,) = refused.value.problems
+    assert problem.where == "--fail-under"
+    assert problem.message.startswith("no model has answers in this report: nothing to gate")
+
+
 def test_the_ends_of_the_scale_are_thresholds() -> None:
     """0 and 1 are thresholds a gate takes (1: every row right)."""
     assert [g.passed for g in gates(REPORT, 1.0)] == [False, False, False]

@@ -39,3 +39,18 @@ def test_report_fail_under_exits_1_and_writes_junit(tmp_path: Path) -> None:
     assert (plain.returncode, strict.returncode) == (0, 1), (plain.stderr, strict.stderr)
     orphan = report(job, "--sandbox", "--strict", env=env)
     assert orphan.returncode == 2 and "go with --fail-under" in orphan.stderr
+
+
+def test_a_gate_over_a_report_of_no_model_is_refused(tmp_path: Path) -> None:
+    """README's CI gate copied after a --sandbox run: `report --fail-under` without --sandbox reads the real
+    answers, of which there are none. Before: an empty report and exit 0, a gate passed with nothing measured.
+    Now exit 2, saying there is nothing to gate and how the sandbox's answers are gated."""
+    shutil.copytree(ROOT / "jobs", tmp_path / "jobs")
+    shutil.copytree(ROOT / "sample_data", tmp_path / "sample_data")
+    job = str(tmp_path / "jobs" / "ticket_eval.yaml")
+    env = {**os.environ, "OPENROUTER_API_KEY": ""}
+    assert cli_here("run", job, "--sandbox", "--limit", "20", env=env).returncode in (0, 1)
+    gated = cli_here("report", job, "--markdown", "--fail-under", "0.85", "--strict", env=env)
+    assert gated.returncode == 2, gated.stderr
+    assert "--fail-under: no model has answers in this report: nothing to gate" in gated.stderr
+    assert "--sandbox" in gated.stderr
