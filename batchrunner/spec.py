@@ -111,12 +111,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _variable_name(value: str | None) -> str | None:
+    """`api_key_env` names an environment variable: a value that cannot be one is most likely the key itself, which
+    is refused without repeating it (the key is never printed)."""
+    if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError(
+            "not an environment variable's name (letters, digits and _): it names the variable that holds the key, "
+            "e.g. OPENROUTER_API_KEY; a key is never read from the spec: remove it and export it in that variable"
+        )
+    return value
+
+
 class EndpointSettings(_Strict):
     """One server of a pool (`api.endpoints`): its URL, the requests it takes at once, the variable of its key."""
 
     base_url: str  # the server's base URL, e.g. http://gpu-1:8000/v1
     concurrency: Annotated[int, Field(ge=1, le=4096)] | None = None  # default: the spec's `concurrency`
     api_key_env: str | None = None  # default: api.api_key_env
+
+    _api_key_env = field_validator("api_key_env")(_variable_name)
 
     @field_validator("base_url")
     @classmethod
@@ -133,6 +146,8 @@ class ApiSettings(_Strict):
     api_key_env: str = "OPENROUTER_API_KEY"  # the environment variable holding the key
     headers: dict[str, str] = {}  # sent with every request, e.g. HTTP-Referer, X-OpenRouter-Title
     endpoints: list[EndpointSettings] | None = None  # a pool of servers (or URLs) answering the same models
+
+    _api_key_env = field_validator("api_key_env")(_variable_name)
 
     @field_validator("endpoints", mode="before")
     @classmethod
@@ -1146,9 +1161,18 @@ def _without_union_noise(errors: list[Any]) -> list[Any]:
     return kept
 
 
+KEY_NAMES = {"api_key", "apikey", "key", "openrouter_api_key", "openrouter_key", "token", "api_token", "secret"}
+
+
 def _problem(error: Any, where: Any) -> Problem:
     loc = tuple(error["loc"])
     if error["type"] == "extra_forbidden":
+        if str(loc[-1]).lower().replace("-", "_") in KEY_NAMES:  # `api_key: sk-or-v1-...`: no hint leads it in
+            return Problem(
+                where(loc),
+                "unknown key; a key is never read from the spec (it is committed and shared): remove it and export "
+                "it as OPENROUTER_API_KEY (or the variable api.api_key_env names)",
+            )
         parent = _fields_at(loc[:-1])
         hint = difflib.get_close_matches(str(loc[-1]), parent, n=1)
         fix = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(parent)}"

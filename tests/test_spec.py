@@ -252,3 +252,33 @@ def test_media_mistakes_name_the_field(write_spec: Callable[..., Path]) -> None:
     assert "a system message takes text parts only, not image_url" in system
     lonely = problems(write_spec(prompt=None, messages=[{"role": "system", "content": "hi"}], images=["photo"]))
     assert "`messages` has none" in lonely
+
+
+KEY = "sk-or-v1-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "api", [{"api_key_env": KEY}, {"endpoints": [{"base_url": "http://a:1/v1", "api_key_env": KEY}]}]
+)
+def test_a_key_written_as_api_key_env_is_refused_without_printing_it(
+    write_spec: Callable[..., Path], api: dict[str, object]
+) -> None:
+    """A newcomer told `api.api_key: unknown key; did you mean 'api_key_env'?` writes the key there. Before, the
+    run said `$sk-or-v1-... is not set ... export sk-or-v1-...=sk-or-v1-...`: the key printed on stderr (and
+    into a cron log), which the README promises never happens. Now the spec is refused naming the field, saying
+    it holds a variable's name, and the value is not repeated."""
+    message = problems(write_spec(api=api))
+    assert "api_key_env: not an environment variable's name" in message
+    assert KEY not in message and "sk-or-v1-0123" not in message
+
+
+@pytest.mark.parametrize("text", ["api_key: KEY\n", "api: {api_key: KEY}\n", "openrouter_api_key: KEY\n"])
+def test_a_key_in_the_spec_is_refused_saying_where_keys_go(write_spec: Callable[..., Path], text: str) -> None:
+    """`api_key: sk-or-v1-...` in the spec. Before: `unknown key; did you mean 'api'?` (then 'api_key_env'), a
+    hint that leads the key into the spec. Now: keys are read from the environment only, and which variable."""
+    path = write_spec("name: x\ninput: t.csv\noutput: o.csv\nmodels: [a/b]\nprompt: hi\n" + text.replace("KEY", KEY))
+    message = problems(path)
+    assert f"{path}:6:" in message
+    assert "a key is never read from the spec" in message and "OPENROUTER_API_KEY" in message
+    assert "did you mean" not in message
+    assert KEY not in message
