@@ -426,6 +426,10 @@ def scan(path: Location, *, header: bytes | None = None) -> pl.LazyFrame:
 
 
 def _unreadable(path: Location, exc: BaseException) -> SpecError:
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    if jsonl and isinstance(path, Path) and (bad := _first_bad_line(path)) is not None:  # polars names no line
+        number, what = bad
+        return SpecError(Problem("input", f"{path}:{number}: {what}"))
     detail = first_line(exc)
     if "utf-8" in detail.lower() or "utf8" in detail.lower():
         fix = "it is not UTF-8 text; re-save it as UTF-8"
@@ -434,6 +438,31 @@ def _unreadable(path: Location, exc: BaseException) -> SpecError:
     else:
         fix = "fix the file, or check that its extension names its format"
     return SpecError(Problem("input", f"{path}: cannot read it as {path.suffix} ({detail}); {fix}"))
+
+
+ONE_OBJECT = "; each line must be one JSON object: fix or remove that line"
+
+
+def _first_bad_line(path: Path) -> tuple[int, str] | None:
+    """The first line of a local JSONL file that is not one JSON object (blank lines are skipped, as polars skips
+    them): its number and what it is; None when every line is one. Read a line at a time, once polars has refused
+    the file."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+            except UnicodeDecodeError:
+                return number, "not UTF-8 text; re-save the file as UTF-8"
+            except json.JSONDecodeError as exc:
+                return number, f"not JSON ({exc.msg} at column {exc.colno}){ONE_OBJECT}"
+            except (ValueError, RecursionError) as exc:
+                return number, f"not JSON ({first_line(exc)}){ONE_OBJECT}"
+            if not isinstance(value, dict):
+                kind = "an array" if isinstance(value, list) else "a single value"
+                return number, f"not a JSON object but {kind}{ONE_OBJECT}"
+    return None
 
 
 def open_dataset(path: Location, *, id_column: str | None) -> Dataset:

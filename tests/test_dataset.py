@@ -379,3 +379,29 @@ def test_a_csv_is_never_handed_to_polars_scan(tmp_path: Path, monkeypatch: pytes
     opened = open_dataset(path, id_column="id")
     assert opened.columns == ["id", "text"] and opened.rows == 50
     assert sum(len(batch) for batch in opened.batches(batch_size=16)) == 50
+
+
+@pytest.mark.parametrize(
+    ("lines", "number", "what"),
+    [
+        (['{"id": 1, "text": "a"}', '{"id": 2, "text": "b"}', "garbage"], 3, "not JSON"),
+        (['{"id": 1, "text": "a"}', "garbage", '{"id": 2, "text": "b"}'], 2, "not JSON"),
+        (['{"id": 1, "text": "a"}', "", '{"id": 2, "text": "b"}', '{"id": 3, "text": "c'], 4, "not JSON"),
+        (['{"id": 1, "text": "a"},', '{"id": 2, "text": "b"},'], 1, "not JSON"),
+        (['{"id": 1, "text": "a"}', "[1, 2]"], 2, "not a JSON object"),
+    ],
+)
+def test_a_jsonl_line_that_is_not_a_json_object_is_refused_naming_its_line(
+    tmp_path: Path, lines: list[str], number: int, what: str
+) -> None:
+    """A JSONL input with a garbage line (a trailing one, a cut-off last line, a comma after each object) is
+    refused naming that line, as the README promises of a bad input. Before: polars' own words alone, such as
+    `InternalError(TapeError) at character 0 ('g')`, which name no line of a file of a million."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines))
+    with pytest.raises(SpecError) as refused:
+        open_dataset(path, id_column="id")
+    (problem,) = refused.value.problems
+    assert problem.where == "input"
+    assert problem.message.startswith(f"{path}:{number}: {what}")
+    assert "each line must be one JSON object" in problem.message
