@@ -482,6 +482,14 @@ def open_dataset(path: Location, *, id_column: str | None) -> Dataset:
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise _unreadable(path, exc) from None
 
+    if csv and len(columns) == 1 and (separator := _other_separator(columns[0])) is not None:
+        raise SpecError(
+            Problem(
+                "input",
+                f"{path}: its header is one column, {columns[0]!r}: the file is separated by {separator}, and a .csv "
+                "is read as separated by commas; re-save it with commas (or as .parquet or .jsonl)",
+            )
+        )
     if ROW_INDEX in columns:
         problems.append(Problem("input", f"the column name {ROW_INDEX!r} is reserved; rename it"))
     if id_column is not None and id_column not in columns:
@@ -496,6 +504,12 @@ def open_dataset(path: Location, *, id_column: str | None) -> Dataset:
     if id_column is not None:
         _check_ids(id_column, read.nulls, read.duplicated)
     return Dataset(path, id_column, indexed, columns, read.rows, read.digest, row_bytes=read.row_bytes)
+
+
+def _other_separator(name: str) -> str | None:
+    """How a CSV whose header is this one name is separated, when by something else than commas (a European
+    spreadsheet's export: `id;text`)."""
+    return next((label for char, label in ((";", "';'"), ("\t", "tabs"), ("|", "'|'")) if char in name), None)
 
 
 def _header_problems(path: Location, first: bytes | None) -> list[Problem]:

@@ -405,3 +405,23 @@ def test_a_jsonl_line_that_is_not_a_json_object_is_refused_naming_its_line(
     assert problem.where == "input"
     assert problem.message.startswith(f"{path}:{number}: {what}")
     assert "each line must be one JSON object" in problem.message
+
+
+@pytest.mark.parametrize(("separator", "named"), [(";", "';'"), ("\t", "tabs")])
+@pytest.mark.parametrize("id_column", ["id", None])
+def test_a_csv_separated_by_semicolons_or_tabs_is_refused_saying_so(
+    tmp_path: Path, separator: str, named: str, id_column: str | None
+) -> None:
+    """A European spreadsheet's CSV export (`id;text`) is one column to a comma reader. Before: `'id' is not an
+    input column; the input has: id;text`, an 'id' the user can see in the list, or the job ran with every
+    prompt's placeholder missing. Now the input is refused saying it is separated by something else, and the fix."""
+    path = tmp_path / "in.csv"
+    path.write_text(f"id{separator}text\n1{separator}a\n2{separator}b\n")
+    with pytest.raises(SpecError) as refused:
+        open_dataset(path, id_column=id_column)
+    (problem,) = refused.value.problems
+    assert problem.where == "input"
+    assert f"separated by {named}" in problem.message and "re-save it with commas" in problem.message
+    one = tmp_path / "one.csv"
+    one.write_text('text\n"semi; colons, tabs\t"\n')  # a lone column whose name has none is a column
+    assert open_dataset(one, id_column=None).columns == ["text"]
