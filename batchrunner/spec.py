@@ -898,6 +898,9 @@ def _parse_field(where: str, text: str) -> Template:
 # -- loading ------------------------------------------------------------------------------
 
 
+DATA_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson", ".tsv", ".xlsx", ".xls")  # inputs, not specs
+
+
 def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None, sending: bool = True) -> JobSpec:
     """Read, validate and resolve a job spec file; raise SpecError listing every problem.
 
@@ -907,6 +910,16 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None, send
     against OpenRouter's ChatRequest schema, which costs them a jsonschema import and a
     validator build for a check that only matters to a request."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(Problem(str(path), "a folder, not a job spec; give the spec's file (a .yaml)"))
+    if path.suffix.lower() in DATA_SUFFIXES:  # `batchrunner run data.csv`: no YAML or codec error says why
+        raise SpecError(
+            Problem(
+                str(path),
+                f"a data file, not a job spec (YAML naming the input, the models and the prompt); write one for it "
+                f"with `batchrunner init {path}`, then run that",
+            )
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -282,3 +282,20 @@ def test_a_key_in_the_spec_is_refused_saying_where_keys_go(write_spec: Callable[
     assert "a key is never read from the spec" in message and "OPENROUTER_API_KEY" in message
     assert "did you mean" not in message
     assert KEY not in message
+
+
+@pytest.mark.parametrize("name", ["tickets.csv", "reviews.parquet", "rows.jsonl", "sheet.xlsx"])
+def test_a_data_file_given_as_the_job_is_refused_pointing_at_init(tmp_path: Path, name: str) -> None:
+    """`batchrunner run data.csv`, the newcomer's first guess. Before: 'malformed YAML: mapping values are not
+    allowed here' (a CSV), or a codec's 'can't decode byte 0x80' (Parquet). Now: it is a data file, and init
+    writes a spec for it."""
+    path = tmp_path / name
+    path.write_bytes(b"id,text\n1,a: b\n" if name.endswith(".csv") else b"PAR1\x80\x00\xff")
+    message = problems(path)
+    assert f"{path}: a data file, not a job spec" in message
+    assert f"batchrunner init {path}" in message
+
+
+def test_a_folder_given_as_the_job_is_refused_saying_so(tmp_path: Path) -> None:
+    """`batchrunner run jobs`: before, '[Errno 21] Is a directory'; now it says a job is one spec file."""
+    assert f"{tmp_path}: a folder, not a job spec; give the spec's file" in problems(tmp_path)
