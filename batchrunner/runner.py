@@ -244,6 +244,14 @@ def plan_run(spec: JobSpec, settings: RunSettings) -> Plan:
                 "OPENROUTER_BASE_URL at it (without --sandbox)",
             )
         )
+    if spec.mode != "batch" and not settings.wait:  # ignored, the job ran live at twice a batch's price
+        raise SpecError(
+            Problem(
+                "--no-wait",
+                "goes with batch mode, which submits and leaves the answers to the next run; a live run has no "
+                "batch to wait for: add --mode batch (or `mode: batch` in the spec), or drop --no-wait",
+            )
+        )
     if spec.executor == "ray":
         from batchrunner.cluster import ray_module
 

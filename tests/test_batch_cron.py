@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import polars as pl
 import pytest
-from conftest import run_cli
+from conftest import cli_here, run_cli
 from helpers.scripted import Reply, Scripted
 
 from batchrunner.client import Client
@@ -243,3 +243,17 @@ def test_twelve_thousand_results_paged_survive_a_kill_9_mid_download(
     output = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert output.height == rows and (output["status"] == "ok").all()
     assert sandbox.stats.batches_submitted == 3 and sandbox.stats.batch_duplicates == 0
+
+
+def test_no_wait_in_a_live_run_is_refused_before_anything_is_sent(
+    write_spec: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`run job.yaml --no-wait` without `--mode batch` (or `mode: batch`): before, the flag was ignored and the
+    whole job ran live, at twice the price a batch would cost, when the user meant to submit and leave. Now exit 2
+    naming --no-wait and the fix, before a request, a lock or a checkpoint."""
+    spec = write_spec()
+    env = {**os.environ, "OPENROUTER_API_KEY": ""}
+    refused = cli_here("run", str(spec), "--sandbox", "--no-wait", env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "--no-wait: goes with batch mode" in refused.stderr and "--mode batch" in refused.stderr
+    assert not (tmp_path / "out").exists()
