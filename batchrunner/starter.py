@@ -4,10 +4,12 @@ text columns guessed, every choice commented so the user knows what to change.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import polars as pl
+import yaml
 
 from batchrunner.dataset import open_dataset, scan
 from batchrunner.errors import Problem, SpecError
@@ -30,7 +32,7 @@ def starter_spec(data: Path, spec_path: Path) -> str:
     name = "".join(c if c.isalnum() or c in "._-" else "-" for c in data.stem).strip("-._") or "job"
     prompt = "\n".join(f"  {column.replace('_', ' ').capitalize()}: {{{column}}}" for column in texts)
     id_line = (
-        f"id_column: {id_column}              # unique and never empty in {data.name}: rows are known by it"
+        f"id_column: {_scalar(id_column)}              # unique and never empty in {data.name}: rows are known by it"
         if id_column
         else "# id_column: ...             # no unique column found: rows are known by their position, so inserting\n"
         "                             # or reordering rows re-sends those after it; add an id column if you can"
@@ -41,7 +43,7 @@ def starter_spec(data: Path, spec_path: Path) -> str:
 #   batchrunner run {spec_path.name} --sandbox
 #   batchrunner run {spec_path.name} --dry-run       (the exact requests, sent nowhere)
 name: {name}
-input: {relative.as_posix()}
+input: {_scalar(relative.as_posix())}
 {id_line}
 output: out/{name}.parquet
 models: [openai/gpt-4o-mini]      # `batchrunner models` lists them with prices
@@ -72,6 +74,17 @@ budget_usd: 5.00                  # the most one run may spend
 """
 
 
+def _scalar(text: str) -> str:
+    """`text` as a YAML value on a line of its own (a comment may follow): plain where YAML reads it back as this
+    text, else double-quoted (a JSON string is one). A column named `#id`, `yes`, `null`, `123` or `id: x` would
+    otherwise be a comment, a boolean, null, a number or a mapping."""
+    try:
+        plain = "#" not in text and yaml.safe_load(f"key: {text}") == {"key": text}
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(text, ensure_ascii=False)
+
+
 def _id_column(data: Path, columns: list[str]) -> str | None:
     """The first column that is unique and never empty, preferring one named like an id."""
     frame = scan(data)
@@ -92,7 +105,7 @@ def _text_columns(sample: pl.DataFrame, *, exclude: set[str]) -> list[str]:
     """Columns of prose: strings of several words on average (codes, numbers and ids are left out)."""
     found = []
     for column, dtype in sample.schema.items():
-        if column in exclude or dtype != pl.String():
+        if column in exclude or dtype != pl.String() or "{" in column or "}" in column:  # no {placeholder} names it
             continue
         values = [v for v in sample[column].to_list() if isinstance(v, str) and v.strip()]
         if not values or all(_is_number(v) for v in values):
@@ -100,7 +113,14 @@ def _text_columns(sample: pl.DataFrame, *, exclude: set[str]) -> list[str]:
         words = sum(len(v.split()) for v in values) / len(values)
         if words >= 2:
             found.append(column)
-    return found or [c for c, d in sample.schema.items() if d == pl.String() and c not in exclude][:1]
+    return (
+        found
+        or [
+            c
+            for c, d in sample.schema.items()
+            if d == pl.String() and c not in exclude and "{" not in c and "}" not in c
+        ][:1]
+    )
 
 
 def _is_number(text: str) -> bool:

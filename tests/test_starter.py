@@ -72,6 +72,36 @@ def test_init_without_a_unique_column_says_rows_are_known_by_position(tmp_path: 
     assert "# id_column:" in text and "by their position" in text and "{note}" in text
 
 
+@pytest.mark.parametrize("id_name", ["#id", "id: x", "- id", "{id}", "'id", "yes", "null", "123", "*id", "%id", "@id"])
+def test_init_writes_a_valid_spec_whatever_the_id_columns_name(tmp_path: Path, id_name: str) -> None:
+    """A column name YAML reads as something else (a comment, a mapping, a boolean, null, a number, an alias) is
+    written quoted. Before: `id_column: #id` loaded as no id column at all, `yes` as true, `id: x` as malformed
+    YAML: the starter failed to validate, or ran keyed by position, where the guide says it works unedited."""
+    from batchrunner.spec import load_spec
+
+    data = tmp_path / "in #1: data.parquet"
+    pl.DataFrame({id_name: ["a", "b"], "body": ["the app is slow today", "a crash on start"]}).write_parquet(data)
+    made = invoke("init", str(data), "--output", str(tmp_path / "job.yaml"))
+    assert made.exit_code == 0, made.output
+    spec = load_spec(tmp_path / "job.yaml")
+    assert (spec.id_column, spec.input) == (id_name, data)
+    assert "{body}" in (spec.prompt or "")
+
+
+def test_init_leaves_out_of_the_prompt_a_column_no_placeholder_can_name(tmp_path: Path) -> None:
+    """A text column named with a brace (`notes {raw}`) cannot be a {placeholder}: before, init wrote it into the
+    prompt and the starter was refused ('{' is not closed). Now the prompt names the other text columns."""
+    from batchrunner.spec import load_spec
+
+    data = tmp_path / "in.csv"
+    pl.DataFrame(
+        {"id": ["a", "b"], "notes {raw}": ["the app is slow", "it crashes a lot"], "body": ["one two", "three four"]}
+    ).write_csv(data)
+    made = invoke("init", str(data), "--output", str(tmp_path / "job.yaml"))
+    assert made.exit_code == 0, made.output
+    assert (load_spec(tmp_path / "job.yaml").prompt or "").endswith("Body: {body}")
+
+
 def test_the_packaged_schema_is_what_the_generator_makes_and_every_example_fits_it() -> None:
     """batchrunner/schemas/job.schema.json equals `batchrunner schema` (regenerate it when the spec changes), every
     job in jobs/ points at it and validates against it, and a misspelt key does not."""
