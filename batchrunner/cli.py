@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import errno
 import functools
 import gc
 import json
@@ -801,6 +802,8 @@ def _fault(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
             raise click.BadParameter(f"{value!r}: write KIND=PROBABILITY, e.g. rate_limit=0.1") from None
         if kind not in FAULT_KINDS:
             raise click.BadParameter(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        if not 0 <= faults[kind] <= 1:  # NaN too
+            raise click.BadParameter(f"{value!r}: P is a probability from 0 to 1, e.g. rate_limit=0.1")
     return faults
 
 
@@ -893,8 +896,14 @@ def sandbox(
     def ready(url: str) -> None:
         say(f"sandbox: serving a simulated OpenRouter API at {url} (Ctrl-C to stop)", err=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, port, ready))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(config, port, ready))
+    except OSError as error:  # the port taken (a sandbox already serving there) or not ours to bind
+        taken = error.errno == errno.EADDRINUSE
+        why = "is in use" if taken else f"cannot be served ({error.strerror or error})"
+        say(f"error: 127.0.0.1:{port} {why}: choose another --port (--port 0 picks a free one)", err=True)
+        sys.exit(EXIT_INVALID)
 
 
 def _overrides(

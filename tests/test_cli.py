@@ -175,6 +175,41 @@ def test_sandbox_command_refuses_unknown_faults() -> None:
     assert result.exit_code == 2 and "known: rate_limit" in result.output
 
 
+@pytest.mark.parametrize("probability", ["2", "-0.5", "nan"])
+def test_sandbox_command_refuses_a_fault_probability_outside_0_to_1(probability: str) -> None:
+    """`--fault rate_limit=2` is no probability: before, the sandbox served with it (every request faulted, or
+    none for a negative one); now a usage error naming the range."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "batchrunner", "sandbox", "--port", "0", "--fault", f"rate_limit={probability}"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"rate_limit={probability} was taken: the sandbox served with it")
+    assert done.returncode == 2 and "a probability from 0 to 1" in done.stderr, done.stderr
+
+
+def test_sandbox_command_on_a_port_in_use_says_so_without_a_traceback() -> None:
+    """`batchrunner sandbox --port P` while P is taken (a sandbox already running): before, OSError's traceback;
+    now exit 2, one sentence naming the port and the fix."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "batchrunner", "sandbox", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"127.0.0.1:{port} is in use" in done.stderr and "--port" in done.stderr
+
+
 def test_free_daily_cap_exits_3_naming_the_reset(
     write_spec: Callable[..., Path],
     sandbox_in_thread: Callable[[SandboxConfig], Sandbox],
