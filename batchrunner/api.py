@@ -294,6 +294,14 @@ def compare(job: JobLike, baseline: str, *, sandbox: bool = False) -> Comparison
         label, before = f"{other.name} ({baseline})", evaluation_data(other, sandbox=sandbox)[1]
     else:
         label, before = snapshots.baseline(spec, baseline)
+    if figures.score_column is not None and figures.score_column not in before.columns:
+        raise SpecError(
+            Problem(
+                "--baseline",
+                f"{label}: has no {figures.score_column} column to compare (a job without this evaluate: metric); "
+                "give a run of this evaluation",
+            )
+        )
     id_column = spec.id_column if spec.id_column and spec.id_column in before.columns else ROW_INDEX
     return compared(
         now, before, id_column=id_column, score_column=figures.score_column, after_label="now", before_label=label

@@ -75,6 +75,17 @@ def _exit_codes(*, job: bool = True) -> Iterator[None]:
         sys.exit(EXIT_STOPPED)
 
 
+def _write_file(path: Path, text: str, option: str) -> None:
+    """A file a command was asked to write (--output, --junit): a folder it cannot be written in is a SpecError
+    naming the option (exit 2), never a traceback."""
+    try:
+        write_text_atomically(path, text)
+    except OSError as error:
+        raise SpecError(
+            Problem(option, f"cannot write {path} ({error.strerror or error}); choose a folder you can write to")
+        ) from None
+
+
 def _stoppable(command: Callable[..., None]) -> Callable[..., None]:
     """A command that writes files: Ctrl-C and SIGTERM are a stop with exit 3 and a sentence, never a kill (143)
     or a traceback, from its first line to its exit (interrupts.py)."""
@@ -567,7 +578,7 @@ def init(data: Path, out_path: Path, force: bool) -> None:
         if out_path.exists() and not force:
             raise SpecError(Problem(str(out_path), "exists; choose another --output, or add --force to overwrite it"))
         text = starter_spec(data, out_path)
-        write_text_atomically(out_path, text)
+        _write_file(out_path, text, "--output")
     say(f"wrote {out_path}; try: batchrunner run {out_path} --sandbox  (or --dry-run to see the requests)")
 
 
@@ -722,7 +733,7 @@ def report(
         if out_path is None:
             click.echo(text, nl=False)  # markdown and JSON of our own making; outside text is escaped in them
         else:
-            write_text_atomically(out_path, text)
+            _write_file(out_path, text, "--output")
             say(f"{spec.name}: wrote the report to {out_path}", err=fail_under is not None)
         if fail_under is not None:
             _gate(spec.name, figures, fail_under, strict=strict, models=list(gated), junit=junit)
@@ -736,7 +747,7 @@ def _gate(job: str, figures: Report, threshold: float, *, strict: bool, models: 
     for gate in verdicts:
         say(f"{'pass' if gate.passed else 'FAIL'}: {gate.sentence()}", err=True)
     if junit is not None:
-        write_text_atomically(junit, junit_xml(job, verdicts))
+        _write_file(junit, junit_xml(job, verdicts), "--junit")
     if not all(gate.passed for gate in verdicts):
         sys.exit(EXIT_SOME_FAILED)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from batchrunner.errors import Problem, SpecError
+from batchrunner.errors import Problem, SpecError, first_line
 from batchrunner.files import replacing
 
 if TYPE_CHECKING:  # polars where a snapshot is written or read: `status` lists them without it
@@ -71,6 +71,9 @@ def record(spec: JobSpec, frame: pl.DataFrame, score_columns: list[str], now: dt
     return Snapshot(number, now, path)
 
 
+OUTPUT_COLUMNS = ("requested_model", "status", "model", "provider", "cost_usd", "latency_s")  # what compare reads
+
+
 def baseline(spec: JobSpec, token: str, *, current: pl.DataFrame | None = None) -> tuple[str, pl.DataFrame]:
     """What `--baseline` names, as (a label, its frame with ROW_INDEX): `run:N`, a date `YYYY-MM-DD` (the last
     snapshot finished that day or before), or an output file (.parquet, .csv, .jsonl) an earlier run wrote.
@@ -99,7 +102,19 @@ def baseline(spec: JobSpec, token: str, *, current: pl.DataFrame | None = None) 
     if path.suffix.lower() in (".parquet", ".csv", ".jsonl", ".ndjson"):
         if not path.exists():
             raise SpecError(Problem("--baseline", f"{path}: no such file"))
-        frame = scan(path).collect()
+        try:
+            frame = scan(path).collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise SpecError(Problem("--baseline", f"{path}: cannot read it ({first_line(exc)})")) from None
+        lacking = [column for column in OUTPUT_COLUMNS if column not in frame.columns]
+        if lacking:  # the input, or another tool's file: compare would fail on the first column it reads
+            raise SpecError(
+                Problem(
+                    "--baseline",
+                    f"{path}: not an output batchrunner wrote (no {', '.join(lacking)} column); give an earlier "
+                    "run's output file, run:N or a date",
+                )
+            )
         # An output file is in input order: its position is the row's, as in the job's own frames
         return str(path), _typed(frame.with_row_index(ROW_INDEX))
     raise SpecError(

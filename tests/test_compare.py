@@ -110,3 +110,26 @@ def test_report_baseline_against_a_recorded_run_a_date_and_an_output_file(tmp_pa
     assert other["before"].startswith("ticket-eval (") and all(m["change"]["mean"] == 0 for m in other["models"])
     unknown = cli_here("report", job, "--sandbox", "--baseline", "run:9", env=env)
     assert unknown.returncode == 2 and "run:9: no such run" in unknown.stderr and "run:1" in unknown.stderr
+
+
+def test_a_baseline_file_that_is_not_an_output_is_refused_naming_what_it_lacks(tmp_path: Path) -> None:
+    """`report --baseline sample_data/tickets.csv` (the input, not an output): before, polars' ColumnNotFoundError
+    traceback ('unable to find column "requested_model"'). Now exit 2 naming the file and what it lacks; a file
+    that cannot be read at all is refused the same way."""
+    shutil.copytree(ROOT / "jobs", tmp_path / "jobs")
+    shutil.copytree(ROOT / "sample_data", tmp_path / "sample_data")
+    job = str(tmp_path / "jobs" / "ticket_eval.yaml")
+    env = {**os.environ, "OPENROUTER_API_KEY": ""}
+    assert cli_here("run", job, "--sandbox", "--limit", "10", env=env).returncode in (0, 1)
+    tickets = str(tmp_path / "sample_data" / "tickets.csv")
+    refused = cli_here("report", job, "--sandbox", "--baseline", tickets, env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert f"--baseline: {tickets}: not an output batchrunner wrote (no requested_model" in refused.stderr
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    unreadable = cli_here("report", job, "--sandbox", "--baseline", str(broken), env=env)
+    assert unreadable.returncode == 2 and f"--baseline: {broken}: cannot read it" in unreadable.stderr
+    quick = str(tmp_path / "jobs" / "quickstart.yaml")  # an output of a job that scores nothing
+    assert cli_here("run", quick, "--sandbox", "--limit", "10", env=env).returncode == 0
+    unscored = cli_here("report", job, "--sandbox", "--baseline", str(tmp_path / "out" / "quickstart.csv"), env=env)
+    assert unscored.returncode == 2 and "has no score column to compare" in unscored.stderr, unscored.stderr
