@@ -609,7 +609,16 @@ def export(job: Path, output_path: Path | None, sandbox: bool) -> None:
     logs.configure()
     with _exit_codes():
         spec = load_spec(job, overrides=_overrides(input=None, output=output_path, concurrency=None), sending=False)
-        written = export_job(spec, sandbox=sandbox)
+        try:
+            written = export_job(spec, sandbox=sandbox)
+        except OSError as error:  # a folder that cannot be made or written (a full disk: exit 3, wait it out)
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            say(
+                f"error: cannot write {spec.output} ({error.strerror or error}); the checkpoint keeps every answer: "
+                + ("free some space and rerun" if full else "choose a folder you can write to (--output) and rerun"),
+                err=True,
+            )
+            sys.exit(EXIT_STOPPED if full else EXIT_INVALID)
     say(f"{spec.name}: wrote {written} rows to {spec.output}")
     _stopped_after_writing(spec.output, written)
 

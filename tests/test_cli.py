@@ -901,8 +901,9 @@ def test_a_budget_refused_under_the_sandbox_names_the_sandbox(write_spec: Callab
 def test_a_report_or_a_starter_spec_that_cannot_be_written_is_exit_2_not_a_traceback(
     write_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """`init --output`, `report --output` and `report --junit` into a folder no one can write (here /proc, which
-    no file can be made in, root or not): before, FileNotFoundError's traceback; now exit 2 naming the option."""
+    """`init --output`, `report --output`, `report --junit` and `export --output` into a folder no one can write
+    (here /proc, which no file can be made in, root or not): before, FileNotFoundError's traceback; now exit 2
+    naming the option."""
     spec = write_spec(evaluate={"reference": "text", "metric": "exact"})
     env = {**os.environ, "OPENROUTER_API_KEY": ""}
     assert cli_here("run", str(spec), "--sandbox", env=env).returncode in (0, 1)
@@ -911,6 +912,7 @@ def test_a_report_or_a_starter_spec_that_cannot_be_written_is_exit_2_not_a_trace
         (("init", data, "--output", "/proc/job.yaml"), "--output"),
         (("report", str(spec), "--sandbox", "--output", "/proc/report.html"), "--output"),
         (("report", str(spec), "--sandbox", "--json", "--fail-under", "0", "--junit", "/proc/gates.xml"), "--junit"),
+        (("export", str(spec), "--sandbox", "--output", "/proc/out.csv"), "error"),
     ]:
         done = cli_here(*args, env=env)
         assert done.returncode == 2, (args, done.stderr)
