@@ -74,7 +74,10 @@ def test_a_report_of_no_model_is_not_a_passed_gate() -> None:
         gates(Report("eval", "score", [], [], []), 0.5)
     (problem,) = refused.value.problems
     assert problem.where == "--fail-under"
-    assert problem.message.startswith("no model has answers in this report: nothing to gate")
+    assert problem.message == (
+        "no model has answers in this report: nothing to gate; run the job first (a --sandbox run's answers are "
+        "gated with --sandbox)"
+    )
 
 
 def test_the_ends_of_the_scale_are_thresholds() -> None:
