@@ -677,7 +677,11 @@ def classify(status: int, payload: Any, headers: Any = None) -> ApiError:
     """The one place an error answer becomes a kind of ApiError (see errors.py)."""
     error = _error_object(payload)
     metadata = _mapping(error.get("metadata"))
-    message = str(error.get("message") or f"HTTP {status}")
+    said = str(error.get("message") or _plain_message(payload) or "")
+    if status == 404 and not error and said in ("", "Not Found"):  # the path is not there, not the model
+        message = "HTTP 404, no such path: check api.base_url (an OpenAI-compatible server's ends in /v1)"
+    else:
+        message = said or f"HTTP {status}"
     raw = metadata.get("raw")
     if raw and isinstance(raw, str) and raw not in message:
         message = f"{message}: {raw[:200]}"
@@ -722,6 +726,15 @@ def classify(status: int, payload: Any, headers: Any = None) -> ApiError:
     if status in REJECTED_STATUSES or 400 <= status < 500:
         return RequestRejected(message, code=str(metadata.get("error_type") or f"http_{status}"), **common)
     return TransientError(message, code=f"http_{status}", **common)
+
+
+def _plain_message(payload: Any) -> str | None:
+    """What an error answer without OpenRouter's `error` object says: vLLM's top-level `message` ("The model `x`
+    does not exist."), FastAPI's `detail`."""
+    if not isinstance(payload, dict):
+        return None
+    said = payload.get("message") or payload.get("detail")
+    return said[:500] if isinstance(said, str) and said.strip() else None
 
 
 def _flex_capacity(availability: dict[str, Any]) -> bool:

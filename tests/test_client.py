@@ -76,6 +76,33 @@ def test_classify_maps_each_status(status: int, payload: Any, kind: type, code: 
     assert error.status == status
 
 
+@pytest.mark.parametrize(
+    ("status", "payload", "message"),
+    [
+        (404, None, "HTTP 404, no such path: check api.base_url (an OpenAI-compatible server's ends in /v1)"),
+        (
+            404,
+            {"detail": "Not Found"},
+            "HTTP 404, no such path: check api.base_url (an OpenAI-compatible server's ends in /v1)",
+        ),
+        (404, envelope(404, "No endpoints found for x:free."), "No endpoints found for x:free."),
+        (
+            404,
+            {"object": "error", "message": "The model `x` does not exist.", "code": 404},
+            "The model `x` does not exist.",
+        ),
+        (400, {"detail": "max_tokens must be at least 1"}, "max_tokens must be at least 1"),
+        (500, None, "HTTP 500"),
+    ],
+    ids=["no-body", "fastapi-not-found", "openrouter-model", "vllm-model", "fastapi-detail", "nothing-said"],
+)
+def test_an_error_says_what_the_server_said_or_where_to_look(status: int, payload: Any, message: str) -> None:
+    """An error without OpenRouter's `error` object keeps what the server said (vLLM's `message`, FastAPI's
+    `detail`: before, a bare "HTTP 404"), and a 404 that says nothing else names the likely cause, a base URL
+    without /v1 (before: "HTTP 404" on every row)."""
+    assert classify(status, payload).message == message
+
+
 def test_classify_keeps_provider_raw_message() -> None:
     """OpenRouter's generic 'Provider returned error' keeps metadata.raw, which says why."""
     assert "upstream said no" in str(classify(502, envelope(502, "Provider returned error", raw="upstream said no")))
