@@ -172,8 +172,9 @@ def report_html(spec: JobSpec, *, sandbox: bool = False, by: str | None = None) 
     from batchrunner.report_html import render
 
     figures, data, inputs = evaluation_data(spec, sandbox=sandbox)
-    if by is not None and by not in data.columns:
-        raise SpecError(Problem("--by", f"{by!r} is not an input column; the input has: {', '.join(data.columns)}"))
+    columns = [column for column in data.columns if column != ROW_INDEX]  # batchrunner's own is no one's to name
+    if by is not None and by not in columns:
+        raise SpecError(Problem("--by", f"{by!r} is not a column of the output; it has: {', '.join(columns)}"))
     evaluate = spec.evaluate
     shown = {spec.id_column, evaluate.reference if evaluate else None}  # already their own columns
     return render(

@@ -536,8 +536,11 @@ def select_rows(
     try:
         rows = int(dataset.frame.filter(condition).select(pl.len()).collect().item())
     except (pl.exceptions.PolarsError, OSError) as exc:
+        said = first_line(exc).split("; valid columns:")[
+            0
+        ]  # polars' list holds batchrunner's own column: ours does not
         raise SpecError(
-            Problem("--where", f"{where!r}: {first_line(exc)} (the input's columns: {', '.join(dataset.columns)})")
+            Problem("--where", f"{where!r}: {said} (the input's columns: {', '.join(dataset.columns)})")
         ) from None
     if rows == 0:
         log.warning("--where/--ids select no row of %s: nothing to send", dataset.path.name)

@@ -139,6 +139,21 @@ def test_score_rescoring_after_an_edit_to_evaluate_sends_nothing(tmp_path: Path)
     assert status["runs"] == 1, "scoring is not a run"
 
 
+def test_a_by_column_the_output_lacks_is_refused_naming_only_the_users_columns(tmp_path: Path) -> None:
+    """report --by a column the output lacks (or batchrunner's own row-position column) is exit 2 listing the
+    output's columns, without the internal one: before, it was listed as an input column, and could be charted."""
+    spec = tmp_path / "ticket_eval.yaml"
+    text = (REPO / "jobs" / "ticket_eval.yaml").read_text()
+    spec.write_text(text.replace("../sample_data/", f"{REPO}/sample_data/").replace("../out/", "out/"))
+    runner = CliRunner()
+    assert runner.invoke(main, ["run", str(spec), "--sandbox", "--limit", "5"]).exit_code == 0
+    for by in ("tier", "__batchrunner_row"):
+        refused = runner.invoke(main, ["report", str(spec), "--sandbox", "--by", by])
+        assert refused.exit_code == 2, refused.output
+        assert f"--by: {by!r} is not a column of the output; it has: ticket_id" in refused.output
+        assert "__batchrunner_row," not in refused.output
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_the_html_report_renders_in_a_browser_and_its_filters_work(tmp_path: Path) -> None:

@@ -56,3 +56,4 @@ def test_ids_and_a_bad_where_through_the_cli(write_spec: Callable[..., Path], tm
     for clause, said in (("tier = = 'x'", "not a SQL condition"), ("tier = 'pro'", "the input's columns")):
         refused = cli_here("run", str(job), "--sandbox", "--where", clause, env=env)
         assert refused.returncode == 2 and "--where" in refused.stderr and said in refused.stderr, refused.stderr
+        assert "__batchrunner_row" not in refused.stderr  # batchrunner's own column is not the user's to name
