@@ -409,6 +409,11 @@ def probe_output(dataset: Dataset, spec: JobSpec, output: Location) -> None:
     if isinstance(output, ObjectURL):
         objectstore.check_writable(output)
     path = local_of(output)
+    made = []  # the folders the probe makes, deepest first: removed after it (a check leaves no trace; the run
+    for folder in (path.parent, *path.parent.parents):  # makes them again when it writes)
+        if folder.exists():
+            break
+        made.append(folder)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
@@ -420,6 +425,10 @@ def probe_output(dataset: Dataset, spec: JobSpec, output: Location) -> None:
             probe.unlink(missing_ok=True)
     except pl.exceptions.PolarsError as exc:
         raise OutputError(first_line(exc)) from exc
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # something else wrote there meanwhile (a run): it stays
+                folder.rmdir()
 
 
 def _as_text(frame: pl.LazyFrame) -> pl.LazyFrame:

@@ -273,6 +273,16 @@ def test_commands_that_read_files_import_only_what_they_need(write_spec: Callabl
     assert "12" in printed and loaded == [], printed
 
 
+def test_validate_leaves_no_folder_behind_and_run_still_writes_there(write_spec: Callable[..., Path]) -> None:
+    """`validate` checks that the output can be written without leaving the folders it made for the check (a new
+    user's `validate` left an empty out/ folder); `run` then makes them and writes its output there."""
+    spec_path = write_spec(output="new/deeper/result.parquet")
+    assert invoke("validate", str(spec_path), "--sandbox").exit_code == 0
+    assert not (spec_path.parent / "new").exists()
+    assert invoke("run", str(spec_path), "--sandbox").exit_code == 0
+    assert pl.read_parquet(spec_path.parent / "new" / "deeper" / "result.parquet").height == 12
+
+
 def test_a_run_against_a_server_imports_no_sandbox(
     write_spec: Callable[..., Path],
     sandbox_in_thread: Callable[[SandboxConfig], Sandbox],
