@@ -252,6 +252,13 @@ def plan_run(spec: JobSpec, settings: RunSettings) -> Plan:
                 "batch to wait for: add --mode batch (or `mode: batch` in the spec), or drop --no-wait",
             )
         )
+    if settings.fresh and settings.retry_failed:  # --fresh deletes the failures --retry-failed would retry
+        raise SpecError(
+            Problem(
+                "--retry-failed",
+                "retries the failed rows the checkpoint holds, and --fresh deletes the checkpoint first: use one",
+            )
+        )
     if spec.executor == "ray":
         from batchrunner.cluster import ray_module
 

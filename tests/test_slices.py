@@ -42,6 +42,19 @@ async def test_where_runs_the_rows_it_selects_and_a_later_run_the_rest(write_spe
         assert sandbox.stats.requests == 12 and rest.report.resumed == 3 and rest.report.summary.ok == 9
 
 
+def test_retry_failed_with_fresh_is_refused_before_the_checkpoint_is_touched(write_spec: Callable[..., Path]) -> None:
+    """--retry-failed retries the failures the checkpoint holds and --fresh deletes them first: together, exit 2
+    naming both, the stored answers kept. Before: the checkpoint deleted, and a retry of nothing."""
+    job = write_spec()
+    env = {**os.environ, "OPENROUTER_API_KEY": ""}
+    assert cli_here("run", str(job), "--sandbox", "--limit", "3", env=env).returncode == 0
+    refused = cli_here("run", str(job), "--sandbox", "--retry-failed", "--fresh", "--yes", env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "--retry-failed: retries the failed rows" in refused.stderr and "--fresh" in refused.stderr
+    status = json.loads(cli_here("status", str(job), "--sandbox", "--json", env=env).stdout)
+    assert status["models"]["openai/gpt-4o-mini"]["ok"] == 3, "the stored answers are kept"
+
+
 def test_ids_and_a_bad_where_through_the_cli(write_spec: Callable[..., Path], tmp_path: Path) -> None:
     """--ids FILE sends the rows listed (comments and blank lines skipped); a --where polars cannot read, or
     naming no column of the input, is refused before anything is sent (exit 2, naming --where)."""
