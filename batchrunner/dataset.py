@@ -75,11 +75,23 @@ class Dataset:
     def rows_of(self, chunk: pl.DataFrame) -> list[Row]:
         """A chunk of `frames` as Rows."""
         rows = []
-        for values in chunk.iter_rows(named=True):
-            index = values.pop(ROW_INDEX)
-            row_id = index if self.id_column is None else values[self.id_column]
-            rows.append(Row(index, str(row_id), values))
+        for row_id, values in zip(self.ids_of(chunk).to_list(), chunk.iter_rows(named=True), strict=True):
+            rows.append(Row(values.pop(ROW_INDEX), row_id, values))
         return rows
+
+    def ids_of(self, chunk: pl.DataFrame) -> pl.Series:
+        """The ids of a chunk's rows, as text: the id column's value as str() writes it (a text column as it is),
+        or the row's position. Not polars' cast: it writes some types otherwise (a datetime, a boolean) and fails
+        on others (bytes that are not UTF-8, as UUIDs are stored)."""
+        column = chunk[ROW_INDEX] if self.id_column is None else chunk[self.id_column]
+        if column.dtype == pl.String and not column.has_nulls():
+            return column
+        return pl.Series([str(value) for value in column.to_list()], dtype=pl.String)
+
+    @property
+    def checked_input_rows(self) -> int:
+        """The whole input's rows as the checking pass counted them (`rows`, until `only` selects some)."""
+        return self.rows if self.checked_rows is None else self.checked_rows
 
     def frames(self, *, limit: int | None = None, batch_size: int = 2048, start: int = 0) -> Iterator[pl.DataFrame]:
         """The chunks of `chunks` as frames alone (with ROW_INDEX): for a reader that needs no Row objects (the
@@ -87,8 +99,7 @@ class Dataset:
         whole = self.frame if self.whole is None else self.whole
         skip = start if self.selection is None else 0  # a selection's rows are counted after it is applied
         windows = _windows(whole, self.path, skip=skip, window_rows=_window_rows(batch_size, self.row_bytes))
-        checked = self.rows if self.checked_rows is None else self.checked_rows
-        windows = _as_checked(windows, [ROW_INDEX, *self.columns], checked, skip=skip)
+        windows = _as_checked(windows, [ROW_INDEX, *self.columns], self.checked_input_rows, skip=skip)
         if self.selection is not None:
             selection = self.selection
             windows = (window.filter(selection) for window in windows)
@@ -99,9 +110,13 @@ class Dataset:
         sliced run reads, while its output is still made of every row."""
         whole = self.frame if self.whole is None else self.whole
         selection = where if self.selection is None else self.selection & where
-        checked = self.rows if self.checked_rows is None else self.checked_rows
         return dataclasses.replace(
-            self, frame=whole.filter(selection), rows=rows, whole=whole, selection=selection, checked_rows=checked
+            self,
+            frame=whole.filter(selection),
+            rows=rows,
+            whole=whole,
+            selection=selection,
+            checked_rows=self.checked_input_rows,
         )
 
     def batches(self, *, limit: int | None = None, batch_size: int = 2048, start: int = 0) -> Iterator[list[Row]]:

@@ -181,7 +181,7 @@ class _Settled:
         if found.is_empty():  # nothing stored in this state here (a first run): every row goes the long way
             return _batch(self.dataset.rows_of(frame), requests, self.store, on_keys)
         rows = pl.DataFrame(
-            {"row_index": positions.cast(pl.Int64), "id": self._ids(frame)},
+            {"row_index": positions.cast(pl.Int64), "id": self.dataset.ids_of(frame)},
             schema={"row_index": pl.Int64, "id": pl.String},
         )
         whole = (  # the row there now is the row answered (its id), and every model's pair has its one answer
@@ -200,12 +200,3 @@ class _Settled:
         )
         rest = self.dataset.rows_of(frame.filter(~pl.col(ROW_INDEX).cast(pl.Int64).is_in(whole.implode())))
         return _batch(rest, requests, self.store, on_keys, answered_keys=keys, answered_rows=frame.height - len(rest))
-
-    def _ids(self, frame: pl.DataFrame) -> pl.Series:
-        """The ids of `frame`'s rows as Row.id has them (Dataset.rows_of: str() of the value): polars' cast of a
-        column to text differs for some types (a datetime, a boolean) and fails for others (bytes that are not
-        UTF-8, as UUIDs are stored), so only a text column is taken as it is."""
-        column = frame[ROW_INDEX] if self.dataset.id_column is None else frame[self.dataset.id_column]
-        if column.dtype == pl.String:
-            return column
-        return pl.Series([str(value) for value in column.to_list()], dtype=pl.String)

@@ -536,9 +536,8 @@ def select_rows(
     try:
         rows = int(dataset.frame.filter(condition).select(pl.len()).collect().item())
     except (pl.exceptions.PolarsError, OSError) as exc:
-        said = first_line(exc).split("; valid columns:")[
-            0
-        ]  # polars' list holds batchrunner's own column: ours does not
+        # polars' list of valid columns holds batchrunner's own row-position column: the input's own follow
+        said = first_line(exc).split("; valid columns:")[0]
         raise SpecError(
             Problem("--where", f"{where!r}: {said} (the input's columns: {', '.join(dataset.columns)})")
         ) from None

@@ -105,7 +105,7 @@ def _text_columns(sample: pl.DataFrame, *, exclude: set[str]) -> list[str]:
     """Columns of prose: strings of several words on average (codes, numbers and ids are left out)."""
     found = []
     for column, dtype in sample.schema.items():
-        if column in exclude or dtype != pl.String() or "{" in column or "}" in column:  # no {placeholder} names it
+        if column in exclude or dtype != pl.String() or not _nameable(column):
             continue
         values = [v for v in sample[column].to_list() if isinstance(v, str) and v.strip()]
         if not values or all(_is_number(v) for v in values):
@@ -113,14 +113,12 @@ def _text_columns(sample: pl.DataFrame, *, exclude: set[str]) -> list[str]:
         words = sum(len(v.split()) for v in values) / len(values)
         if words >= 2:
             found.append(column)
-    return (
-        found
-        or [
-            c
-            for c, d in sample.schema.items()
-            if d == pl.String() and c not in exclude and "{" not in c and "}" not in c
-        ][:1]
-    )
+    return found or [c for c, d in sample.schema.items() if d == pl.String() and c not in exclude and _nameable(c)][:1]
+
+
+def _nameable(column: str) -> bool:
+    """Whether a prompt's {placeholder} can name the column (a name with a brace cannot)."""
+    return "{" not in column and "}" not in column
 
 
 def _is_number(text: str) -> bool:
